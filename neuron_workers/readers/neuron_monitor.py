@@ -1,0 +1,633 @@
+"""neuron-monitor reports -> compact samples, and job attribution (pure, Django-free).
+
+The host agent runs `neuron-monitor -c <config>` (config from `monitor_config`),
+feeds each stdout line to `parse_report`, and publishes the compact sample to a
+Redis stream (DESIGN.md §5). Roll-ups, live endpoints and charts read that
+sample, so its shape below is a contract: add keys if needed, never rename or
+change the meaning of one.
+
+Compact sample ("Report"), JSON-serializable, all dict keys are strings::
+
+    {"ts": float,                 # unix seconds: the ts argument, else time.time()
+     "kind": "neuron",            # "host" for OS samples (os_sampler.sample_os)
+     "cores": {"<core_id>": {     # only cores some runtime reports; {} when idle
+         "util": float,           # percent 0-100; max over runtimes on that core
+         "mem": int | None,       # device bytes: sum of neuroncore_memory_usage
+                                  # breakdown over runtimes; None if not reported
+         "flops": int | None,     # max over runtimes; None on old tools
+         "v3d": {"nc_v3.0": float, ...} | None}},  # Trn2 physical-core util
+     "runtimes": [{
+         "tag": str,              # NEURON_PROCESS_TAG, or the pid as a string
+         "pid": int,
+         "job_id": int | None,    # from a "job-<id>" tag, else None
+         "cores": [int],          # sorted: cores in use or holding its memory
+         "util": {"<core_id>": float},
+         "host_mem": int | None, "device_mem": int | None,  # bytes
+         "lat_p50": float | None, "lat_p99": float | None,  # seconds, total_latency
+         "completed": int,        # executions completed OK in the period
+         "errors": int,           # executions that did not complete OK
+         "vcpu_user": float | None, "vcpu_system": float | None,  # percent
+         "error": str}],          # "" when fine
+     "vcpu": {"user": float, "system": float, "idle": float} | None,  # percent
+     "per_cpu": {"<cpu_idx>": float} | None,   # busy percent = 100 - idle - io_wait
+     "mem": {"total": int, "used": int} | None,  # host bytes
+     "ecc": {"mem_corrected": int, "mem_uncorrected": int,
+             "sram_corrected": int, "sram_uncorrected": int} | None,  # summed over devices
+     "hw": {"device_count": int, "cores_per_device": int,
+            "device_type": str | None, "core_version": str | None},
+     "instance_type": str | None,
+     "errors": [str],             # "<group>: <message>" for host-level errors
+     "replay": True}              # only on samples produced by `replay()`
+
+Sources for the input format are neuron.md §1.4-§1.6; quirks handled here are
+cited where they are handled. Nothing here imports Django, torch or redis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict
+
+__all__ = [
+    "CoreSample",
+    "JobPlacement",
+    "MalformedReport",
+    "Report",
+    "RuntimeSample",
+    "attribute",
+    "dump_sample",
+    "empty_hw",
+    "iter_reports",
+    "job_id_from_tag",
+    "monitor_config",
+    "parse_report",
+    "replay",
+]
+
+
+class MalformedReport(ValueError):
+    """A line that is not a neuron-monitor report. The agent logs it and skips it."""
+
+
+class CoreSample(TypedDict):
+    util: float
+    mem: int | None
+    flops: int | None
+    v3d: dict[str, float] | None
+
+
+class RuntimeSample(TypedDict):
+    tag: str
+    pid: int
+    job_id: int | None
+    cores: list[int]
+    util: dict[str, float]
+    host_mem: int | None
+    device_mem: int | None
+    lat_p50: float | None
+    lat_p99: float | None
+    completed: int
+    errors: int
+    vcpu_user: float | None
+    vcpu_system: float | None
+    error: str
+
+
+class Report(TypedDict):
+    ts: float
+    kind: str
+    cores: dict[str, CoreSample]
+    runtimes: list[RuntimeSample]
+    vcpu: dict[str, float] | None
+    per_cpu: dict[str, float] | None
+    mem: dict[str, int] | None
+    ecc: dict[str, int] | None
+    hw: dict[str, Any]
+    instance_type: str | None
+    errors: list[str]
+    replay: NotRequired[bool]
+
+
+def empty_hw() -> dict[str, Any]:
+    """The "hw" value of a host without Neuron hardware information."""
+    return {"device_count": 0, "cores_per_device": 0, "device_type": None, "core_version": None}
+
+
+# --------------------------------------------------------------------------
+# Parsing one report
+# --------------------------------------------------------------------------
+
+_JOB_TAG_RE = re.compile(r"job-([0-9]+)")
+
+# execution_summary keys other than "completed": each counts executions that
+# did not complete cleanly in the period (neuron.md §1.4, execution_stats).
+_FAILED_EXECUTION_KEYS = (
+    "completed_with_err",
+    "completed_with_num_err",
+    "timed_out",
+    "incorrect_input",
+    "failed_to_queue",
+)
+
+
+def job_id_from_tag(tag: object) -> int | None:
+    """42 for the tag "job-42"; None for anything else (pid tags, custom tags).
+
+    The runner sets NEURON_PROCESS_TAG=job-<id> (DESIGN.md §2); without a tag
+    neuron-monitor uses the pid (neuron.md §1.3).
+    """
+    if not isinstance(tag, str):
+        return None
+    match = _JOB_TAG_RE.fullmatch(tag)
+    return int(match.group(1)) if match else None
+
+
+def parse_report(line: str | bytes, ts: float | None = None) -> Report | None:
+    """Turn one neuron-monitor JSON report line into a compact sample.
+
+    Returns None for a blank line. Raises MalformedReport (with a short reason)
+    for anything that is not a report object of the documented shape. Every
+    group is optional (the config decides which are present, and periods can
+    differ per group, neuron.md §1.2); only the top level must be an object
+    with at least one known report key.
+    """
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise MalformedReport(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedReport(f"not a JSON object but {type(data).__name__}")
+    if not _REPORT_KEYS.intersection(data):
+        raise MalformedReport("no neuron-monitor report keys")
+    try:
+        return _build_sample(data, time.time() if ts is None else float(ts))
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        # A group of the wrong type (e.g. a list where an object belongs).
+        raise MalformedReport(f"unexpected structure: {type(exc).__name__}: {exc}") from None
+
+
+_REPORT_KEYS = frozenset(
+    {"neuron_runtime_data", "system_data", "instance_info", "neuron_hardware_info"}
+)
+
+
+def _build_sample(data: dict[str, Any], ts: float) -> Report:
+    cores: dict[str, CoreSample] = {}
+    runtimes = [_runtime(rt, cores) for rt in data.get("neuron_runtime_data") or ()]
+    system = data.get("system_data") or {}
+    hw_info = data.get("neuron_hardware_info") or {}
+    instance = data.get("instance_info") or {}
+    return {
+        "ts": ts,
+        "kind": "neuron",
+        "cores": cores,
+        "runtimes": runtimes,
+        "vcpu": _vcpu(system.get("vcpu_usage")),
+        "per_cpu": _per_cpu(system.get("vcpu_usage")),
+        "mem": _host_mem(system.get("memory_info")),
+        "ecc": _ecc(system.get("neuron_hw_counters")),
+        "hw": _hw(hw_info),
+        "instance_type": instance.get("instance_type") or None,
+        "errors": _host_errors(system, hw_info, instance),
+    }
+
+
+def _runtime(rt: dict[str, Any], cores: dict[str, CoreSample]) -> RuntimeSample:
+    """One neuron_runtime_data[] entry; also merges its cores into `cores`."""
+    report = rt.get("report") or {}
+    counters = report.get("neuroncore_counters") or {}
+    memory = report.get("memory_used") or {}
+    stats = report.get("execution_stats") or {}
+    vcpu = (report.get("neuron_runtime_vcpu_usage") or {}).get("vcpu_usage") or {}
+    used = memory.get("neuron_runtime_used_bytes") or {}
+    pid = int(rt.get("pid") or 0)
+    # An untagged app's tag is its pid (neuron.md §1.3); keep it a string.
+    tag = str(rt.get("neuron_runtime_tag") or pid)
+
+    util = _merge_core_counters(counters.get("neuroncores_in_use") or {}, cores)
+    mem_cores = _merge_core_memory(
+        (used.get("usage_breakdown") or {}).get("neuroncore_memory_usage") or {}, cores
+    )
+    lat_p50, lat_p99 = _latency(stats.get("latency_stats"))
+    completed, failed = _executions(stats.get("execution_summary"))
+    return {
+        "tag": tag,
+        "pid": pid,
+        "job_id": job_id_from_tag(tag),
+        "cores": sorted({int(c) for c in util} | {int(c) for c in mem_cores}),
+        "util": util,
+        "host_mem": used.get("host"),
+        "device_mem": used.get("neuron_device"),
+        "lat_p50": lat_p50,
+        "lat_p99": lat_p99,
+        "completed": completed,
+        "errors": failed,
+        "vcpu_user": vcpu.get("user"),
+        "vcpu_system": vcpu.get("system"),
+        "error": _runtime_error(rt, report),
+    }
+
+
+def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample]) -> dict[str, float]:
+    """Per-core util of one runtime, merged into the host-wide `cores` by max.
+
+    Several runtimes can report the same core; CloudWatch had to take the max
+    per core (neuron.md §1.7 and §5.3), and flops are treated the same way.
+    Keys are NeuronCore indices as strings, treated as global ids (neuron.md
+    §6 lists this as unconfirmed under NEURON_RT_VISIBLE_CORES).
+    `flops` and `v3d` are optional: old tools lack flops, only Trn2 has v3d.
+    """
+    util: dict[str, float] = {}
+    for key, counter in in_use.items():
+        value = float(counter.get("neuroncore_utilization") or 0.0)
+        flops = counter.get("flops")
+        v3d = counter.get("v3d")
+        v3d_util = (
+            {name: float(phys.get("neuroncore_utilization") or 0.0) for name, phys in v3d.items()}
+            if v3d
+            else None
+        )
+        util[key] = value
+        core = cores.get(key)
+        if core is None:
+            cores[key] = {"util": value, "mem": None, "flops": flops, "v3d": v3d_util}
+            continue
+        core["util"] = max(core["util"], value)
+        if flops is not None:
+            core["flops"] = flops if core["flops"] is None else max(core["flops"], flops)
+        if v3d_util:
+            core["v3d"] = _max_merge(core["v3d"], v3d_util)
+    return util
+
+
+def _merge_core_memory(breakdown: dict[str, Any], cores: dict[str, CoreSample]) -> dict[str, int]:
+    """Per-core device bytes of one runtime, added into the host-wide `cores`.
+
+    Memory adds up across runtimes (each allocates its own). A core that holds
+    memory but is not in neuroncores_in_use was idle in the period: util 0.
+    """
+    per_core: dict[str, int] = {}
+    for key, parts in breakdown.items():
+        total = sum(parts.values())
+        per_core[key] = total
+        core = cores.get(key)
+        if core is None:
+            cores[key] = {"util": 0.0, "mem": total, "flops": None, "v3d": None}
+        else:
+            core["mem"] = total if core["mem"] is None else core["mem"] + total
+    return per_core
+
+
+def _max_merge(old: dict[str, float] | None, new: dict[str, float]) -> dict[str, float]:
+    if not old:
+        return new
+    merged = dict(old)
+    for name, value in new.items():
+        merged[name] = max(merged.get(name, value), value)
+    return merged
+
+
+def _latency(latency_stats: Any) -> tuple[float | None, float | None]:
+    """p50/p99 of total_latency in seconds; None when no model ran (it is null)."""
+    total = (latency_stats or {}).get("total_latency")
+    if not total:
+        return None, None
+    return total.get("p50"), total.get("p99")
+
+
+def _executions(summary: Any) -> tuple[int, int]:
+    if not summary:
+        return 0, 0
+    failed = sum(int(summary.get(key) or 0) for key in _FAILED_EXECUTION_KEYS)
+    return int(summary.get("completed") or 0), failed
+
+
+def _runtime_error(rt: dict[str, Any], report: dict[str, Any]) -> str:
+    """The runtime's error, else its groups' errors as "<group>: <message>"."""
+    if rt.get("error"):
+        return str(rt["error"])
+    return "; ".join(
+        f"{name}: {group['error']}"
+        for name, group in report.items()
+        if isinstance(group, dict) and group.get("error")
+    )
+
+
+def _vcpu(group: Any) -> dict[str, float] | None:
+    average = (group or {}).get("average_usage")
+    if not average:
+        return None
+    return {
+        "user": float(average.get("user") or 0.0),
+        "system": float(average.get("system") or 0.0),
+        "idle": float(average.get("idle") or 0.0),
+    }
+
+
+def _per_cpu(group: Any) -> dict[str, float] | None:
+    usage = (group or {}).get("usage_data")
+    if not usage:
+        return None
+    # io_wait is idle time waiting on I/O, so it is not "busy" (same rule as
+    # os_sampler, so host and neuron samples chart the same quantity).
+    return {
+        idx: round(max(0.0, 100.0 - (cpu.get("idle") or 0.0) - (cpu.get("io_wait") or 0.0)), 2)
+        for idx, cpu in usage.items()
+    }
+
+
+def _host_mem(group: Any) -> dict[str, int] | None:
+    if not group or group.get("memory_total_bytes") is None:
+        return None
+    return {"total": int(group["memory_total_bytes"]), "used": int(group.get("memory_used_bytes") or 0)}
+
+
+def _ecc(group: Any) -> dict[str, int] | None:
+    """ECC counts summed over devices; None when the group is absent or the
+    driver is unreachable (neuron_devices is null in containers, neuron.md §1.4)."""
+    devices = (group or {}).get("neuron_devices")
+    if devices is None:
+        return None
+    ecc = {"mem_corrected": 0, "mem_uncorrected": 0, "sram_corrected": 0, "sram_uncorrected": 0}
+    for dev in devices:
+        ecc["mem_corrected"] += int(dev.get("mem_ecc_corrected") or 0)
+        ecc["mem_uncorrected"] += int(dev.get("mem_ecc_uncorrected") or 0)
+        ecc["sram_corrected"] += int(dev.get("sram_ecc_corrected") or 0)
+        ecc["sram_uncorrected"] += int(dev.get("sram_ecc_uncorrected") or 0)
+    return ecc
+
+
+def _hw(info: dict[str, Any]) -> dict[str, Any]:
+    # Old tools print only the two counts (neuron.md §1.6); the rest is optional.
+    return {
+        "device_count": int(info.get("neuron_device_count") or 0),
+        "cores_per_device": int(info.get("neuroncore_per_device_count") or 0),
+        "device_type": info.get("neuron_device_type") or None,
+        "core_version": info.get("neuroncore_version") or None,
+    }
+
+
+def _host_errors(system: dict[str, Any], hw_info: dict[str, Any], instance: dict[str, Any]) -> list[str]:
+    errors = [
+        f"{name}: {group['error']}"
+        for name, group in system.items()
+        if isinstance(group, dict) and group.get("error")
+    ]
+    # A hardware-info error usually means the driver is missing (neuron.md §1.4).
+    if hw_info.get("error"):
+        errors.append(f"neuron_hardware_info: {hw_info['error']}")
+    if instance.get("error"):
+        errors.append(f"instance_info: {instance['error']}")
+    return errors
+
+
+# --------------------------------------------------------------------------
+# Attribution of runtimes to jobs
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobPlacement:
+    """A job placed on this host: its id, runner pid (if known), assigned cores."""
+
+    job_id: int
+    pid: int | None
+    cores: list[int] = field(default_factory=list)
+
+
+def attribute(sample: Report, jobs: Iterable[JobPlacement]) -> dict[str, Any]:
+    """Map the runtimes of one sample to the jobs placed on the host.
+
+    Matching order per runtime: its "job-<id>" tag; else its pid; else the job
+    whose assigned cores overlap the runtime's cores most (ties: lowest id).
+    A runtime whose tag names a job that is not in `jobs` is NOT matched by pid
+    or cores: it is a leftover process of another job (neuron.md §5.1, cores
+    held by dead or leftover processes) and is reported as unattributed.
+
+    Returns::
+
+        {"by_job": {job_id: {"cores": {"<core>": CoreSample},
+                             "lat_p50", "lat_p99",        # worst over its runtimes
+                             "completed", "errors",       # summed
+                             "host_mem", "device_mem",    # summed, None if unknown
+                             "runtimes": int}},
+         "unattributed": [{"tag", "pid", "job_id", "cores", "reason"}],
+         "idle_allocated": {job_id: [assigned cores with 0 util]}}
+
+    `by_job` holds only jobs with at least one runtime; `idle_allocated` only
+    jobs with at least one idle assigned core. Job ids are int keys (json.dumps
+    turns them into strings). `reason` is "unknown_job" (tagged for a job not
+    placed here) or "no_match" (no tag, pid or core overlap): an orphan.
+    """
+    placements = list(jobs)
+    by_id = {job.job_id: job for job in placements}
+    by_pid = {job.pid: job for job in placements if job.pid is not None}
+    by_job: dict[int, dict[str, Any]] = {}
+    unattributed: list[dict[str, Any]] = []
+    for runtime in sample["runtimes"]:
+        job, reason = _match(runtime, by_id, by_pid, placements)
+        if job is None:
+            unattributed.append(_orphan(runtime, reason))
+        else:
+            _add_runtime(by_job.setdefault(job.job_id, _empty_job_usage()), runtime, sample["cores"])
+    return {
+        "by_job": by_job,
+        "unattributed": unattributed,
+        "idle_allocated": _idle_allocated(placements, sample["cores"]),
+    }
+
+
+def _match(
+    runtime: RuntimeSample,
+    by_id: dict[int, JobPlacement],
+    by_pid: dict[int, JobPlacement],
+    placements: list[JobPlacement],
+) -> tuple[JobPlacement | None, str]:
+    if runtime["job_id"] is not None:
+        job = by_id.get(runtime["job_id"])
+        return job, "" if job else "unknown_job"
+    if runtime["pid"] in by_pid:
+        return by_pid[runtime["pid"]], ""
+    held = set(runtime["cores"])
+    best, best_overlap = None, 0
+    for job in sorted(placements, key=lambda j: j.job_id):
+        overlap = len(held.intersection(job.cores))
+        if overlap > best_overlap:
+            best, best_overlap = job, overlap
+    return best, "" if best else "no_match"
+
+
+def _orphan(runtime: RuntimeSample, reason: str) -> dict[str, Any]:
+    return {
+        "tag": runtime["tag"],
+        "pid": runtime["pid"],
+        "job_id": runtime["job_id"],
+        "cores": list(runtime["cores"]),
+        "reason": reason,
+    }
+
+
+def _empty_job_usage() -> dict[str, Any]:
+    return {
+        "cores": {},
+        "lat_p50": None,
+        "lat_p99": None,
+        "completed": 0,
+        "errors": 0,
+        "host_mem": None,
+        "device_mem": None,
+        "runtimes": 0,
+    }
+
+
+def _add_runtime(usage: dict[str, Any], runtime: RuntimeSample, cores: dict[str, CoreSample]) -> None:
+    """Fold one runtime into a job's usage (a job can run several processes,
+    e.g. one runtime per data-parallel worker, all with the same tag)."""
+    for core in runtime["cores"]:
+        key = str(core)
+        if key in cores:
+            usage["cores"][key] = cores[key]
+    usage["lat_p50"] = _max_opt(usage["lat_p50"], runtime["lat_p50"])
+    usage["lat_p99"] = _max_opt(usage["lat_p99"], runtime["lat_p99"])
+    usage["completed"] += runtime["completed"]
+    usage["errors"] += runtime["errors"]
+    usage["host_mem"] = _sum_opt(usage["host_mem"], runtime["host_mem"])
+    usage["device_mem"] = _sum_opt(usage["device_mem"], runtime["device_mem"])
+    usage["runtimes"] += 1
+
+
+def _idle_allocated(placements: list[JobPlacement], cores: dict[str, CoreSample]) -> dict[int, list[int]]:
+    idle: dict[int, list[int]] = {}
+    for job in placements:
+        quiet = [c for c in sorted(job.cores) if not (cores.get(str(c)) or {}).get("util")]
+        if quiet:
+            idle[job.job_id] = quiet
+    return idle
+
+
+def _max_opt(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
+
+
+def _sum_opt(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+# --------------------------------------------------------------------------
+# Streams, replay and config
+# --------------------------------------------------------------------------
+
+OnError = Callable[[MalformedReport, "str | bytes"], None]
+
+
+def iter_reports(
+    stream: Iterable[str | bytes],
+    on_error: OnError | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Iterator[Report]:
+    """Yield a sample per report line of `stream` (a file, a pipe, a list).
+
+    Blank lines are skipped silently. Malformed lines are skipped and passed to
+    `on_error(exc, line)`, so the caller can count and log them; one bad line
+    must never stop the live stream. Each sample is stamped with `clock()`.
+    """
+    for line in stream:
+        try:
+            sample = parse_report(line, ts=clock())
+        except MalformedReport as exc:
+            if on_error is not None:
+                on_error(exc, line)
+            continue
+        if sample is not None:
+            yield sample
+
+
+def replay(
+    path: str | Path,
+    period: float = 1.0,
+    pace: bool = True,
+    loop: bool = False,
+    on_error: OnError | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.time,
+) -> Iterator[Report]:
+    """Replay a recorded .jsonl of reports as live samples, marked "replay": True.
+
+    Reports are yielded `period` seconds apart when `pace` (neuron-monitor
+    prints one report per period, 1 s in our config; recorded files carry no
+    timestamps), each stamped with the current time so charts treat them as
+    live. `loop` starts again at the end (a demo or dev host without Neuron).
+    Pacing is against a schedule, so slow consumers do not accumulate drift.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    next_at = time.monotonic()
+    while True:
+        for sample in iter_reports(lines, on_error=on_error, clock=clock):
+            if pace:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    sleep(delay)
+                next_at += period
+            sample["replay"] = True
+            yield sample
+        if not loop or not lines:
+            return
+
+
+_DURATION_RE = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$")
+
+
+def monitor_config(
+    period: str = "1s",
+    tag_filter: str = ".*",
+    hw_counters_period: str | None = None,
+) -> dict[str, Any]:
+    """The neuron-monitor config the agent writes and passes with `-c`.
+
+    Same groups as the documented example (neuron.md §1.2): every app-level
+    group for every app matching `tag_filter`, plus vcpu_usage, memory_info and
+    neuron_hw_counters. The documented example polls neuron_hw_counters every
+    2 s; by default we keep it at `period` so every sample carries ECC counts
+    (a report only holds the groups that were due, neuron.md §1.1).
+    """
+    for value in (period, hw_counters_period):
+        if value is not None and not _DURATION_RE.match(value):
+            raise ValueError(f"not a duration like '1s' or '500ms': {value!r}")
+    hw_counters: dict[str, str] = {"type": "neuron_hw_counters"}
+    if hw_counters_period is not None:
+        hw_counters = {"period": hw_counters_period, "type": "neuron_hw_counters"}
+    return {
+        "period": period,
+        "neuron_runtimes": [
+            {
+                "tag_filter": tag_filter,
+                "metrics": [
+                    {"type": "neuroncore_counters"},
+                    {"type": "memory_used"},
+                    {"type": "neuron_runtime_vcpu_usage"},
+                    {"type": "execution_stats"},
+                ],
+            }
+        ],
+        "system_metrics": [
+            {"type": "vcpu_usage"},
+            {"type": "memory_info"},
+            hw_counters,
+        ],
+    }
+
+
+def dump_sample(sample: Report) -> str:
+    """Compact JSON of a sample, as published to the Redis stream."""
+    return json.dumps(sample, separators=(",", ":"))

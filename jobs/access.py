@@ -1,0 +1,75 @@
+"""Team-scoped fetches. Every view and API endpoint that takes an id goes through
+these, so another team's object is a 404 — never a 403 or a leak."""
+from __future__ import annotations
+
+from django.db.models import QuerySet
+from django.http import Http404
+
+from jobs.models import Dataset, Job, Membership, ModelAsset, Role, Team
+
+ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.MANAGER: 2}
+
+
+class Forbidden(Exception):
+    """The user can see the object but their role does not allow the action."""
+
+
+def teams_of(user) -> QuerySet[Team]:
+    if not user.is_authenticated:
+        return Team.objects.none()
+    if user.is_staff:
+        return Team.objects.all()
+    return Team.objects.filter(memberships__user=user)
+
+
+def role_in(user, team: Team) -> str | None:
+    if user.is_staff:
+        return Role.MANAGER
+    return Membership.objects.filter(team=team, user=user).values_list("role", flat=True).first()
+
+
+def get_team(user, slug: str) -> Team:
+    team = teams_of(user).filter(slug=slug).first()
+    if team is None:
+        raise Http404("No such team")
+    return team
+
+
+def require_role(user, team: Team, role: str) -> None:
+    have = role_in(user, team)
+    if have is None:
+        raise Http404("No such team")
+    if ROLE_RANK[have] < ROLE_RANK[role]:
+        raise Forbidden(f"your role in team {team.slug} is {have}; this needs {role}")
+
+
+def jobs_of(user) -> QuerySet[Job]:
+    return Job.objects.filter(team__in=teams_of(user))
+
+
+def get_job(user, job_id: int) -> Job:
+    job = jobs_of(user).select_related("team", "user", "host", "model", "dataset", "output_model").filter(pk=job_id).first()
+    if job is None:
+        raise Http404("No such job")
+    return job
+
+
+def get_model(user, model_id: int) -> ModelAsset:
+    model = ModelAsset.objects.filter(team__in=teams_of(user), pk=model_id).select_related("team", "parent").first()
+    if model is None:
+        raise Http404("No such model")
+    return model
+
+
+def get_dataset(user, dataset_id: int) -> Dataset:
+    dataset = Dataset.objects.filter(team__in=teams_of(user), pk=dataset_id).first()
+    if dataset is None:
+        raise Http404("No such dataset")
+    return dataset
+
+
+def can_cancel(user, job: Job) -> bool:
+    role = role_in(user, job.team)
+    if role == Role.MANAGER:
+        return True
+    return role == Role.MEMBER and job.user_id == user.pk

@@ -1,0 +1,190 @@
+"""Worker-side bookkeeping around one job run: claim, build the runner payload,
+supervise the child, record the outcome. Called by the thin Celery task
+neuron_workers.run_job on the job's host."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from jobs import states, storage
+from jobs.models import Artifact, Host, Job, JobLogChunk, JobMetric, Kind, ModelAsset
+from jobs.services import model_register
+
+log = logging.getLogger(__name__)
+S = Job.Status
+RETRYABLE = {"crashed"}  # failures worth another attempt; bad input or a compile error is not
+
+
+def host_name() -> str:
+    return settings.HOST_NAME or socket.gethostname()
+
+
+def build_payload(job: Job, workdir: Path) -> dict:
+    inputs: dict = {}
+    if job.model_id:
+        inputs["model_path"] = str(storage.abs_path(job.model.path))
+        inputs["model_format"] = job.model.format
+    if job.dataset_id:
+        inputs["dataset_path"] = str(storage.abs_path(job.dataset.path))
+        inputs["dataset_format"] = job.dataset.format
+    return {
+        "job_id": job.pk, "kind": job.kind, "backend": job.host.backend if job.host else "cpu",
+        "spec": job.spec, "workdir": str(workdir), "inputs": inputs, "cores": job.core_range,
+        "env": {
+            "NEURON_RT_VISIBLE_CORES": job.core_range or "",
+            "NEURON_PROCESS_TAG": f"job-{job.pk}",
+            # The cpu backend uses as many threads as the job was given cores.
+            "OMP_NUM_THREADS": str(job.cores), "NEURONDECK_JOB_CORES": str(job.cores),
+        },
+    }
+
+
+class JobRecorder:
+    """The supervisor's callbacks: heartbeats, cancel checks, log and metric sinks."""
+
+    def __init__(self, job: Job, host_id: int):
+        self.job_id, self.host_id = job.pk, host_id
+        self.log_base = job.log_bytes
+        self.log_end = job.log_bytes
+        self.metrics: list[JobMetric] = []
+
+    def heartbeat(self) -> None:
+        Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id).update(heartbeat_at=timezone.now())
+        self.flush_metrics()
+
+    def should_cancel(self) -> bool:
+        # Stop when cancelled, and also when the job is no longer ours (reaped and
+        # requeued after a long stall): it must never run twice at once.
+        return not Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
+                                      cancel_requested=False).exists()
+
+    def on_log(self, offset: int, text: str) -> None:
+        self.append_log(text, self.log_base + offset)
+
+    def append_log(self, text: str, at: int | None = None) -> None:
+        at = self.log_end if at is None else at
+        JobLogChunk.objects.get_or_create(job_id=self.job_id, offset=at, defaults={"text": text})
+        self.log_end = at + len(text.encode("utf-8"))
+        Job.objects.filter(pk=self.job_id).update(log_bytes=self.log_end)
+
+    def on_metric(self, row: dict) -> None:
+        step = row.get("step")
+        if not isinstance(step, int):
+            return
+        for name, value in row.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.metrics.append(JobMetric(job_id=self.job_id, step=step, name=name[:40], value=float(value)))
+        if len(self.metrics) >= 200:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if self.metrics:
+            JobMetric.objects.bulk_create(self.metrics)
+            self.metrics = []
+
+
+def run(job_id: int) -> str:
+    """Claim and run `job_id` on this host. Returns what happened (for logs/tests)."""
+    from neuron_workers.supervisor import supervise
+
+    host = Host.objects.filter(name=host_name()).first()
+    if host is None:
+        log.error("job %s: this worker's host %s is not registered (is the agent running?)", job_id, host_name())
+        return "no_host"
+    if not states.mark_running(job_id, host.pk, pid=os.getpid()):
+        return "not_claimed"  # a duplicate delivery, a cancelled job, or another host's job
+    job = Job.objects.select_related("host", "model", "dataset", "team", "user").get(pk=job_id)
+    workdir = storage.job_dir(job.pk) / f"attempt-{job.attempts}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    recorder = JobRecorder(job, host.pk)
+    recorder.append_log(f"=== attempt {job.attempts} on {host.name} cores {job.core_range} ===\n")
+    payload = build_payload(job, workdir)
+    mode = settings.RUNNER_MODE or ("exec" if payload["backend"] == "neuron" else "fork")
+    outcome = supervise(
+        payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
+        on_log=recorder.on_log, on_metric=recorder.on_metric, max_runtime_s=job.max_runtime_s,
+        grace_s=settings.JOB_KILL_GRACE_S,
+        on_start=lambda pid: Job.objects.filter(pk=job.pk).update(worker_pid=pid),
+    )
+    recorder.flush_metrics()
+    return record_outcome(job, outcome, workdir)
+
+
+def record_outcome(job: Job, outcome, workdir: Path) -> str:
+    status = outcome.status
+    if status == "succeeded":
+        try:
+            with transaction.atomic():
+                output = register_outputs(job, outcome.result or {}, workdir)
+                done = states.mark_finished(job.pk, S.SUCCEEDED, result=outcome.result or {}, output_model=output,
+                                            message=f"succeeded in {outcome.duration_s:.1f} s")
+                if not done:
+                    transaction.set_rollback(True)  # cancelled or reaped meanwhile: register nothing
+        except Exception as exc:  # never leave a finished child's job running
+            log.exception("job %s: recording outputs failed", job.pk)
+            states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
+                                 message=f"recording outputs failed: {exc}")
+            return "failed"
+        return "succeeded"
+    fresh = Job.objects.filter(pk=job.pk).values("cancel_requested", "attempts", "max_attempts").first() or {}
+    if status == "cancelled" or fresh.get("cancel_requested"):
+        states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request")
+        return "cancelled"
+    if status == "timed_out":
+        states.mark_finished(job.pk, S.FAILED, failure="timed_out",
+                             reason=f"exceeded max runtime of {job.max_runtime_s} s",
+                             message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL")
+        return "timed_out"
+    code = outcome.error_code or "error"
+    reason = outcome.error or "the job failed"
+    if code in RETRYABLE and fresh.get("attempts", 0) < fresh.get("max_attempts", 1):
+        states.requeue(job.pk, sources=(S.RUNNING,), kind="retry",
+                       message=f"attempt {fresh['attempts']} {code}: {reason}; retrying")
+        from jobs.services import kick_dispatch
+
+        transaction.on_commit(kick_dispatch)
+        return "requeued"
+    if code in RETRYABLE:
+        reason = f"{reason} (gave up after {fresh.get('attempts')} attempts)"
+    states.mark_finished(job.pk, S.FAILED, failure=code, reason=reason, message=reason)
+    return "failed"
+
+
+def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None:
+    artifacts = workdir / "artifacts"
+    rows = []
+    if artifacts.is_dir():
+        for path in sorted(artifacts.iterdir()):
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+            rows.append(Artifact(job=job, name=path.name, path=storage.rel_path(path), size_bytes=size, is_dir=path.is_dir()))
+    for extra in ("log.txt", "metrics.jsonl"):
+        if (workdir / extra).is_file():
+            rows.append(Artifact(job=job, name=extra, path=storage.rel_path(workdir / extra),
+                                 size_bytes=(workdir / extra).stat().st_size))
+    Artifact.objects.bulk_create(rows)
+    base = job.model
+    if job.kind == Kind.FINETUNE and (artifacts / "checkpoint").is_dir():
+        from jobs.uploads import model_meta
+
+        name = job.spec.get("output_name") or f"{base.name}-ft"
+        return model_register(team=job.team, user=job.user, name=name, path=artifacts / "checkpoint",
+                              meta={**model_meta(artifacts / "checkpoint"), "final_loss": result.get("final_loss"),
+                                    "steps": result.get("steps")},
+                              parent=base, source_job=job)
+    if job.kind == Kind.COMPILE and artifacts.is_dir():
+        fmt = ModelAsset.Format.TORCHSCRIPT if job.family == "cpu" else ModelAsset.Format.NEURON
+        meta = {**(base.meta or {}), "batch_size": job.spec.get("batch_size"),
+                "sequence_length": job.spec.get("sequence_length"), "target": job.family,
+                "compiler_options": job.spec.get("compiler_options", []),
+                **{k: result.get(k) for k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95", "compiler_version")}}
+        return model_register(team=job.team, user=job.user, name=f"{base.name}-{job.family}", path=artifacts,
+                              meta=meta, fmt=fmt, parent=base, source_job=job,
+                              compile_key=job.spec.get("compile_key", ""))
+    return None

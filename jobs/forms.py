@@ -1,0 +1,187 @@
+"""Forms only validate. The same forms check HTML submissions and API JSON bodies,
+so a bad field gets the same message, named after the field, in both."""
+from __future__ import annotations
+
+import json
+
+from django import forms
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from jobs.models import Dataset, Family, Kind, ModelAsset, Team
+
+MAX_PROMPTS = 1000
+MAX_PROMPT_CHARS = 8192
+
+
+class TeamScopedForm(forms.Form):
+    """A form whose model/dataset choices are limited to one team."""
+
+    def __init__(self, *args, team: Team, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.team = team
+        for name, field in self.fields.items():
+            if isinstance(field, forms.ModelChoiceField):
+                field.queryset = field.queryset.filter(team=team)
+
+
+class JobBaseForm(TeamScopedForm):
+    family = forms.ChoiceField(choices=Family.choices, initial=Family.CPU)
+    cores = forms.IntegerField(min_value=1, max_value=128, initial=1)
+    max_runtime_s = forms.IntegerField(min_value=1, max_value=30 * 24 * 3600, required=False,
+                                       help_text="Stop the job after this many seconds (default: the team's limit).")
+
+    kind: str = ""
+    model_error = "Select a model of your team."
+
+    def spec(self) -> dict:
+        """The validated spec stored on the Job (JSON-serializable)."""
+        data = {k: v for k, v in self.cleaned_data.items() if k not in ("family", "cores", "max_runtime_s")}
+        for key, value in list(data.items()):
+            if isinstance(value, (ModelAsset, Dataset)):
+                data[f"{key}_id"] = value.pk
+                del data[key]
+        return data
+
+
+class CompileForm(JobBaseForm):
+    kind = Kind.COMPILE
+    model = forms.ModelChoiceField(queryset=ModelAsset.objects.filter(format=ModelAsset.Format.HF),
+                                   error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
+    batch_size = forms.IntegerField(min_value=1, max_value=64, initial=1)
+    sequence_length = forms.IntegerField(min_value=1, max_value=8192, initial=32)
+    compiler_options = forms.CharField(required=False, help_text="Allow-listed neuronx-cc flags, e.g. --model-type=transformer -O2")
+
+    def clean_compiler_options(self) -> list[str]:
+        from neuron_workers.backends.compiler_options import CompilerOptionError, validate_compiler_options
+
+        raw = self.cleaned_data.get("compiler_options") or ""
+        options = raw if isinstance(raw, list) else raw.split()
+        if not all(isinstance(o, str) for o in options):
+            raise ValidationError("compiler_options must be strings")
+        try:
+            return validate_compiler_options(options, self.data.get("family") or Family.CPU)
+        except CompilerOptionError as exc:
+            raise ValidationError(str(exc)) from None
+
+    def clean(self):
+        data = super().clean()
+        model, seq = data.get("model"), data.get("sequence_length")
+        if model and seq:
+            limit = (model.meta or {}).get("max_positions")
+            if limit and seq > limit:
+                self.add_error("sequence_length", f"sequence_length {seq} is longer than the model's {limit} positions")
+        return data
+
+
+class FinetuneForm(JobBaseForm):
+    kind = Kind.FINETUNE
+    model = forms.ModelChoiceField(queryset=ModelAsset.objects.filter(format=ModelAsset.Format.HF),
+                                   error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
+    dataset = forms.ModelChoiceField(queryset=Dataset.objects.all(),
+                                     error_messages={"invalid_choice": "Unknown dataset: select a dataset of your team."})
+    steps = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
+    epochs = forms.IntegerField(min_value=1, max_value=1000, required=False)
+    learning_rate = forms.FloatField(min_value=1e-8, max_value=1.0, initial=1e-3)
+    batch_size = forms.IntegerField(min_value=1, max_value=512, initial=4)
+    sequence_length = forms.IntegerField(min_value=2, max_value=8192, initial=64)
+    seed = forms.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
+
+    def clean(self):
+        data = super().clean()
+        if not self.errors and not data.get("steps") and not data.get("epochs"):
+            self.add_error("steps", "Give steps or epochs (a positive number).")
+        return data
+
+
+class PromptsField(forms.Field):
+    """Prompts as a list of strings, or text with one prompt per line."""
+
+    def to_python(self, value):
+        if value in (None, "", []):
+            return []
+        if isinstance(value, str):
+            return [line for line in value.splitlines() if line.strip()]
+        if isinstance(value, list) and all(isinstance(p, str) for p in value):
+            return value
+        raise ValidationError("prompts must be a list of strings or text with one prompt per line")
+
+    def validate(self, value):
+        if len(value) > MAX_PROMPTS:
+            raise ValidationError(f"at most {MAX_PROMPTS} prompts per job (got {len(value)})")
+        for i, prompt in enumerate(value, 1):
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise ValidationError(f"prompt {i} is longer than {MAX_PROMPT_CHARS} characters")
+
+
+def parse_prompts_jsonl(raw: bytes) -> list[str]:
+    """Prompts from a JSONL upload: each line an object with a "prompt" (or "text") string."""
+    prompts: list[str] = []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("prompts_file is not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"prompts_file line {number} is not valid JSON ({exc.msg})") from None
+        prompt = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(prompt, str):
+            raise ValidationError(f'prompts_file line {number} needs a "prompt" string')
+        prompts.append(prompt)
+    return prompts
+
+
+class InferenceForm(JobBaseForm):
+    kind = Kind.INFERENCE
+    model = forms.ModelChoiceField(queryset=ModelAsset.objects.all(),
+                                   error_messages={"invalid_choice": "Unknown model: select a model or compiled artifact of your team."})
+    prompts = PromptsField(required=False, widget=forms.Textarea(attrs={"rows": 4}),
+                           help_text="One prompt per line.")
+    prompts_file = forms.FileField(required=False, help_text="Or a JSONL file with a \"prompt\" per line.")
+    max_new_tokens = forms.IntegerField(min_value=1, max_value=4096, initial=16)
+    temperature = forms.FloatField(min_value=0.0, max_value=5.0, initial=0.0)
+    seed = forms.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
+
+    def clean(self):
+        data = super().clean()
+        upload = data.pop("prompts_file", None)
+        if upload is not None:
+            if upload.size > 10 * 1024 * 1024:
+                self.add_error("prompts_file", "prompts_file is larger than 10 MiB")
+                return data
+            try:
+                data["prompts"] = list(data.get("prompts") or []) + parse_prompts_jsonl(upload.read())
+            except ValidationError as exc:
+                self.add_error("prompts_file", exc)
+                return data
+        if not self.errors and not data.get("prompts"):
+            self.add_error("prompts", "Give at least one prompt.")
+        elif len(data.get("prompts") or []) > MAX_PROMPTS:
+            self.add_error("prompts", f"at most {MAX_PROMPTS} prompts per job")
+        model = data.get("model")
+        if model and model.is_compiled and data.get("prompts"):
+            batch = (model.meta or {}).get("batch_size", 1)
+            if batch != 1:
+                self.add_error("model", f"compiled artifact has batch size {batch}; inference runs one prompt at a time")
+        return data
+
+
+JOB_FORMS: dict[str, type[JobBaseForm]] = {Kind.COMPILE: CompileForm, Kind.FINETUNE: FinetuneForm, Kind.INFERENCE: InferenceForm}
+
+
+class ModelUploadForm(forms.Form):
+    name = forms.SlugField(max_length=120)
+    file = forms.FileField(help_text="A zip of a Hugging Face-format model folder (config.json + weights).")
+
+
+class DatasetUploadForm(forms.Form):
+    name = forms.CharField(max_length=120)
+    file = forms.FileField(help_text="JSONL with a \"text\" field per line, or CSV with a \"text\" column.")
+
+
+def upload_limit() -> int:
+    return settings.MAX_UPLOAD_BYTES

@@ -1,0 +1,428 @@
+"""NeuronDeck's records. PostgreSQL is the source of truth: a Job row exists before
+any message is sent, and every state change is a row update plus a JobEvent
+(see jobs.states, the one module that changes Job.status)."""
+from __future__ import annotations
+
+import hashlib
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Family(models.TextChoices):
+    INF2 = "inf2", "Inferentia2"
+    TRN1 = "trn1", "Trainium"
+    TRN2 = "trn2", "Trainium2"
+    CPU = "cpu", "CPU"
+
+
+class Kind(models.TextChoices):
+    COMPILE = "compile", "Compile"
+    FINETUNE = "finetune", "Fine-tune"
+    INFERENCE = "inference", "Inference"
+
+
+class Role(models.TextChoices):
+    VIEWER = "viewer", "Viewer"
+    MEMBER = "member", "Member"
+    MANAGER = "manager", "Manager"
+
+
+class Team(models.Model):
+    slug = models.SlugField(unique=True, max_length=64)
+    name = models.CharField(max_length=120)
+    time_zone = models.CharField(max_length=64, default="UTC")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="teams")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Membership(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="uniq_membership")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+
+class TeamQuota(models.Model):
+    """Per-team hard limits, checked at submit."""
+
+    team = models.OneToOneField(Team, on_delete=models.CASCADE, related_name="quota")
+    monthly_core_hours = models.FloatField(default=1000.0)  # NeuronCore-hours per calendar month
+    max_runtime_s = models.PositiveIntegerField(default=24 * 3600)
+    max_pending = models.PositiveIntegerField(default=100)
+    allowed_kinds = models.JSONField(default=list)  # empty = all kinds
+
+    def allows(self, kind: str) -> bool:
+        return not self.allowed_kinds or kind in self.allowed_kinds
+
+
+class FamilyQuota(models.Model):
+    """Per team and family: guaranteed cores and how far the team may borrow idle ones."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="family_quotas")
+    family = models.CharField(max_length=8, choices=Family.choices)
+    guaranteed_cores = models.PositiveIntegerField(default=0)
+    borrow_limit = models.PositiveIntegerField(default=0)  # extra cores beyond the guarantee
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "family"], name="uniq_family_quota")]
+
+    @property
+    def max_cores(self) -> int:
+        return self.guaranteed_cores + self.borrow_limit
+
+
+class AuditEntry(models.Model):
+    """Who changed what on a team (quota or membership), old → new."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="audit")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    subject = models.CharField(max_length=120)  # e.g. "quota.monthly_core_hours", "family.trn1.guaranteed_cores", "member.bob"
+    old = models.CharField(max_length=200, blank=True)
+    new = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+
+class ApiToken(models.Model):
+    """A per-user API token. Only a SHA-256 of it is stored; it is shown once."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=80)
+    prefix = models.CharField(max_length=12)
+    digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    @staticmethod
+    def hash(raw: str) -> str:
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class Host(models.Model):
+    class State(models.TextChoices):
+        ONLINE = "online", "Online"
+        DRAINING = "draining", "Draining"
+        OFFLINE = "offline", "Offline"
+
+    name = models.CharField(max_length=120, unique=True)
+    instance_type = models.CharField(max_length=40, blank=True)
+    family = models.CharField(max_length=8, choices=Family.choices, default=Family.CPU)
+    device_count = models.PositiveIntegerField(default=0)
+    core_ids = models.JSONField(default=list)  # NeuronCore ids (CPU hosts: job slots)
+    device_memory_bytes = models.BigIntegerField(default=0)
+    memory_bytes = models.BigIntegerField(default=0)
+    backend = models.CharField(max_length=16, default="cpu")
+    inventory = models.JSONField(default=dict)  # the parsed neuron-ls output
+    state = models.CharField(max_length=10, choices=State.choices, default=State.ONLINE, db_index=True)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    registered_at = models.DateTimeField(default=timezone.now)
+    replay = models.BooleanField(default=False)  # metrics come from a recorded file
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"host.{self.name}"
+
+    @property
+    def core_count(self) -> int:
+        return len(self.core_ids)
+
+
+class ModelAsset(models.Model):
+    """A registered model version: uploaded, fine-tuned or compiled. Lineage through parent."""
+
+    class Format(models.TextChoices):
+        HF = "hf", "Hugging Face folder"
+        TORCHSCRIPT = "torchscript", "TorchScript (compiled, cpu)"
+        NEURON = "neuron", "Neuron compiled (TorchScript + NEFF)"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="models")
+    name = models.CharField(max_length=120)
+    version = models.PositiveIntegerField(default=1)
+    format = models.CharField(max_length=16, choices=Format.choices, default=Format.HF)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    source_job = models.ForeignKey("Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    path = models.CharField(max_length=500)  # relative to STORAGE_ROOT
+    digest = models.CharField(max_length=64, blank=True, db_index=True)
+    size_bytes = models.BigIntegerField(default=0)
+    meta = models.JSONField(default=dict)  # compile shapes/target/options, architecture, ...
+    compile_key = models.CharField(max_length=64, blank=True, db_index=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "-version"]
+        constraints = [models.UniqueConstraint(fields=["team", "name", "version"], name="uniq_model_version")]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.format != self.Format.HF
+
+
+class Dataset(models.Model):
+    class Format(models.TextChoices):
+        JSONL = "jsonl", "JSONL"
+        CSV = "csv", "CSV"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=120)
+    format = models.CharField(max_length=8, choices=Format.choices)
+    path = models.CharField(max_length=500)
+    rows = models.PositiveIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Job(models.Model):
+    """A unit of work. Status changes only through jobs.states."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="jobs")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    spec = models.JSONField(default=dict)
+    family = models.CharField(max_length=8, choices=Family.choices, default=Family.CPU)
+    cores = models.PositiveIntegerField(default=1)
+    priority = models.IntegerField(default=0)
+    model = models.ForeignKey(ModelAsset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    output_model = models.ForeignKey(ModelAsset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    max_runtime_s = models.PositiveIntegerField(default=24 * 3600)
+    max_attempts = models.PositiveIntegerField(default=3)
+    attempts = models.PositiveIntegerField(default=0)
+
+    # placement (set when queued, cleared when requeued)
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    core_start = models.IntegerField(null=True, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker_pid = models.IntegerField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+
+    reason_code = models.CharField(max_length=40, blank=True)  # why pending / why failed
+    reason = models.TextField(blank=True)
+    failure = models.CharField(max_length=40, blank=True)  # error, timed_out, worker_lost, crashed, ...
+    result = models.JSONField(default=dict, blank=True)
+    cache_hit = models.BooleanField(default=False)
+    log_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["team", "-id"], name="job_team_recent"),
+            models.Index(fields=["team", "status"], name="job_team_status"),
+            models.Index(fields=["status", "priority", "id"], name="job_dispatch_order", condition=Q(status="pending")),
+            models.Index(fields=["host", "status"], name="job_host_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} ({self.kind}, {self.status})"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def core_range(self) -> str | None:
+        """NEURON_RT_VISIBLE_CORES form: "4" or "4-7"."""
+        if self.core_start is None:
+            return None
+        end = self.core_start + self.cores - 1
+        return str(self.core_start) if end == self.core_start else f"{self.core_start}-{end}"
+
+    @property
+    def core_list(self) -> list[int]:
+        if self.core_start is None:
+            return []
+        return list(range(self.core_start, self.core_start + self.cores))
+
+
+class JobEvent(models.Model):
+    """The job's timeline: every state change and notable fact, who and when."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    kind = models.CharField(max_length=40)  # status name, or "preempted", "cache_hit", "requeued", ...
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+
+class CoreAllocation(models.Model):
+    """One row per NeuronCore held by a job. The unique (host, core) constraint is
+    what makes it impossible for two jobs to hold the same core, whatever races."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="allocations")
+    core = models.IntegerField()
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="allocations")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    family = models.CharField(max_length=8, choices=Family.choices)
+    borrowed = models.BooleanField(default=False)  # beyond the team's guarantee: may be preempted
+    since = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["host", "core"], name="one_job_per_core")]
+        indexes = [models.Index(fields=["team", "family"], name="alloc_team_family")]
+
+
+class JobAttempt(models.Model):
+    """One allocation interval of a job (cores × time). Usage is derived from these;
+    a preempted or requeued attempt counts for the time it held its cores."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_rows")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    family = models.CharField(max_length=8, choices=Family.choices)
+    instance_type = models.CharField(max_length=40, blank=True)
+    host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")
+    number = models.PositiveIntegerField()
+    cores = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)  # null = still holding cores
+    core_seconds = models.FloatField(default=0)  # set when the attempt ends
+    outcome = models.CharField(max_length=20, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "number"], name="uniq_attempt")]
+        indexes = [models.Index(fields=["team", "started_at"], name="attempt_team_start")]
+
+
+class JobLogChunk(models.Model):
+    """The job log, kept in the database so it outlives the host that wrote it."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks")
+    offset = models.BigIntegerField()  # byte offset of this chunk in the whole log
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["offset"]
+        constraints = [models.UniqueConstraint(fields=["job", "offset"], name="uniq_log_chunk")]
+
+
+class JobMetric(models.Model):
+    """Structured progress from the job itself (loss per step, ...)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
+    step = models.IntegerField()
+    name = models.CharField(max_length=40)
+    value = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["job", "name", "step"], name="metric_job_name_step")]
+
+
+class Artifact(models.Model):
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="artifacts")
+    name = models.CharField(max_length=300)  # relative path under the job's artifacts dir
+    path = models.CharField(max_length=500)  # relative to STORAGE_ROOT
+    size_bytes = models.BigIntegerField(default=0)
+    is_dir = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["name"]
+
+
+class MetricMinute(models.Model):
+    """Per-minute roll-up of live utilization, per job core (or per host core when
+    job is null), kept after the Redis stream has moved on."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="+")
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="metric_minutes")
+    minute = models.DateTimeField()
+    core = models.IntegerField(default=-1)  # -1 = host-level (vCPU / memory)
+    util_mean = models.FloatField(default=0)
+    util_peak = models.FloatField(default=0)
+    mem_bytes = models.BigIntegerField(default=0)
+    lat_p50 = models.FloatField(null=True, blank=True)
+    lat_p99 = models.FloatField(null=True, blank=True)
+    errors = models.IntegerField(default=0)
+    samples = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["host", "job", "minute", "core"], name="uniq_metric_minute")]
+        indexes = [models.Index(fields=["job", "minute"], name="mm_job_minute")]
+
+
+class UsageDaily(models.Model):
+    """Usage rolled up per team / day / user / kind / family for dashboards."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    family = models.CharField(max_length=8, choices=Family.choices)
+    instance_type = models.CharField(max_length=40, blank=True)
+    core_seconds = models.FloatField(default=0)
+    used_core_seconds = models.FloatField(default=0)  # core_seconds × measured utilization
+    cost_usd = models.FloatField(default=0)
+    jobs = models.IntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["team", "day"], name="usage_team_day")]
+
+
+class InstancePrice(models.Model):
+    instance_type = models.CharField(max_length=40, unique=True)
+    usd_per_hour = models.FloatField()
+    cores = models.PositiveIntegerField()
+
+    @property
+    def usd_per_core_hour(self) -> float:
+        return self.usd_per_hour / max(self.cores, 1)
+
+
+class KindPriority(models.Model):
+    """Admin-adjustable scheduling priority per job kind (higher goes first)."""
+
+    kind = models.CharField(max_length=16, choices=Kind.choices, unique=True)
+    priority = models.IntegerField()

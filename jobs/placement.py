@@ -1,0 +1,80 @@
+"""Pure NeuronCore placement: which host and which contiguous core range.
+
+Neuron requires a job's cores to be a contiguous set (NEURON_RT_VISIBLE_CORES takes
+a range; neuron.md §5.2 "Neuron cores are not contiguous"). We place best-fit: the
+smallest free run that holds the request, preferring hosts that are already busy,
+so large requests are not starved by fragments spread across the fleet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HostSlots:
+    host_id: int
+    name: str
+    family: str
+    core_ids: tuple[int, ...]
+    used: frozenset[int] = field(default_factory=frozenset)
+    draining: bool = False
+
+    @property
+    def free(self) -> int:
+        return len(self.core_ids) - len(self.used)
+
+
+@dataclass(frozen=True)
+class Placement:
+    host_id: int
+    core_start: int
+    cores: int
+
+
+def free_runs(host: HostSlots) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive free core ids as (start, length)."""
+    runs: list[tuple[int, int]] = []
+    start, length, prev = None, 0, None
+    for core in sorted(host.core_ids):
+        if core in host.used:
+            if start is not None:
+                runs.append((start, length))
+            start, length, prev = None, 0, None
+            continue
+        if start is not None and prev is not None and core == prev + 1:
+            length += 1
+        else:
+            if start is not None:
+                runs.append((start, length))
+            start, length = core, 1
+        prev = core
+    if start is not None:
+        runs.append((start, length))
+    return runs
+
+
+def place(hosts: list[HostSlots], family: str, cores: int) -> Placement | None:
+    """Best-fit contiguous placement on a non-draining host of `family`, or None."""
+    best: tuple[tuple, Placement] | None = None
+    for host in hosts:
+        if host.family != family or host.draining or host.free < cores:
+            continue
+        for start, length in free_runs(host):
+            if length < cores:
+                continue
+            # Smallest fitting run first, then the busiest host, then the lowest core.
+            score = (length, host.free, host.host_id, start)
+            if best is None or score < best[0]:
+                best = (score, Placement(host.host_id, start, cores))
+    return best[1] if best else None
+
+
+def largest_request(hosts: list[HostSlots], family: str) -> int:
+    """The largest contiguous request any (non-offline) host of `family` could ever hold."""
+    sizes = [max((n for _, n in free_runs(HostSlots(h.host_id, h.name, h.family, h.core_ids))), default=0)
+             for h in hosts if h.family == family]
+    return max(sizes, default=0)
+
+
+def core_range(start: int, count: int) -> str:
+    return str(start) if count == 1 else f"{start}-{start + count - 1}"

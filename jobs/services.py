@@ -1,0 +1,257 @@
+"""Writes that span models or have side effects: submit, cancel, uploads, outcomes.
+Status changes go through jobs.states; messages are sent only after commit."""
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import timedelta
+from importlib import metadata
+
+from django.db import transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from jobs import access, states, storage
+from jobs.forms import JobBaseForm
+from jobs.models import (
+    AuditEntry, Dataset, Family, Host, Job, JobAttempt, Kind, KindPriority, ModelAsset, Role, Team, TeamQuota,
+)
+from jobs.placement import HostSlots, largest_request
+from jobs.policy import SubmitLimits, SubmitState, check_submit
+from jobs.uploads import UploadError, dir_digest, extract_model_zip, validate_dataset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KIND_PRIORITY = {Kind.INFERENCE: 30, Kind.COMPILE: 20, Kind.FINETUNE: 10}
+
+
+class SubmitRefused(Exception):
+    """A submission refused by a hard limit: a 4xx with a reason code and a sentence."""
+
+    def __init__(self, code: str, message: str, field: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.code, self.message, self.field, self.status = code, message, field, status
+
+
+# --- teams ------------------------------------------------------------------------
+
+def team_create(*, slug: str, name: str, actor=None) -> Team:
+    with transaction.atomic():
+        team = Team.objects.create(slug=slug, name=name)
+        TeamQuota.objects.create(team=team)
+        for family in Family.values:
+            team.family_quotas.create(family=family, guaranteed_cores=8 if family == Family.CPU else 0,
+                                      borrow_limit=8 if family == Family.CPU else 32)
+        AuditEntry.objects.create(team=team, actor=actor, subject="team", old="", new=f"created {slug}")
+    return team
+
+
+def membership_set(*, team: Team, user, role: str, actor=None) -> None:
+    with transaction.atomic():
+        existing = team.memberships.select_for_update().filter(user=user).first()
+        old = existing.role if existing else ""
+        if existing:
+            existing.role = role
+            existing.save(update_fields=["role"])
+        else:
+            team.memberships.create(user=user, role=role)
+        if old != role:
+            AuditEntry.objects.create(team=team, actor=actor, subject=f"member.{user.username}", old=old, new=role)
+
+
+# --- submit -----------------------------------------------------------------------
+
+def month_start(now=None):
+    now = timezone.localtime(now or timezone.now())
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def core_hours_this_month(team_id: int) -> float:
+    """NeuronCore-hours from attempts this month: closed ones summed in the database,
+    open ones (still holding cores) counted up to now."""
+    start, now = month_start(), timezone.now()
+    attempts = JobAttempt.objects.filter(team_id=team_id, started_at__gte=start)
+    closed = attempts.filter(ended_at__isnull=False).aggregate(s=Sum("core_seconds"))["s"] or 0.0
+    open_s = sum(a.cores * (now - a.started_at).total_seconds()
+                 for a in attempts.filter(ended_at__isnull=True).only("cores", "started_at"))
+    return (closed + open_s) / 3600.0
+
+
+def kind_priority(kind: str) -> int:
+    row = KindPriority.objects.filter(kind=kind).values_list("priority", flat=True).first()
+    return row if row is not None else DEFAULT_KIND_PRIORITY.get(kind, 0)
+
+
+def compiler_version(family: str) -> str:
+    """The compiler identity that goes into the compile cache key: torch for the cpu
+    backend; for Neuron families, what that family's hosts report (neuronx-cc)."""
+    if family == Family.CPU:
+        try:
+            return f"torch-{metadata.version('torch')}"
+        except metadata.PackageNotFoundError:
+            return "torch-unknown"
+    versions = {(h.inventory or {}).get("compiler_version") for h in Host.objects.filter(family=family)}
+    versions.discard(None)
+    return sorted(versions)[-1] if versions else "neuronx-cc-unknown"
+
+
+def compile_cache_key(model: ModelAsset, spec: dict, family: str) -> str:
+    from neuron_workers.backends.compiler_options import compile_cache_key as key
+
+    backend = "cpu" if family == Family.CPU else "neuron"
+    return key(model.digest, spec["batch_size"], spec["sequence_length"], spec.get("compiler_options") or [],
+               backend, compiler_version(family), family)
+
+
+def _check_capacity(family: str, cores: int) -> None:
+    hosts = [HostSlots(h.pk, h.name, h.family, tuple(h.core_ids)) for h in Host.objects.filter(family=family)]
+    largest = largest_request(hosts, family)
+    if cores > largest:
+        if not hosts:
+            raise SubmitRefused("no_hosts_of_family", f"no {family} host is registered; choose another family", "family")
+        raise SubmitRefused("request_too_large",
+                            f"no {family} host can ever hold {cores} contiguous cores; the largest available is {largest}",
+                            "cores")
+
+
+def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
+    """Create a pending job from a valid form, or raise SubmitRefused.
+
+    The team row is locked for the check-and-insert, so concurrent submissions of
+    the same team are serialized and cannot together exceed max_pending or the
+    budget (PostgreSQL: SELECT … FOR UPDATE; SQLite: IMMEDIATE transactions)."""
+    try:
+        access.require_role(user, team, Role.MEMBER)
+    except access.Forbidden as exc:
+        raise SubmitRefused("forbidden", str(exc), status=403) from None
+    data = form.cleaned_data
+    kind, family, cores = form.kind, data["family"], data["cores"]
+    spec = form.spec()
+    _check_capacity(family, cores)
+    cache_hit = None
+    if kind == Kind.COMPILE:
+        spec["compile_key"] = compile_cache_key(data["model"], spec, family)
+        cache_hit = ModelAsset.objects.filter(team=team, compile_key=spec["compile_key"]).first()
+
+    with transaction.atomic():
+        quota = TeamQuota.objects.select_for_update().get(team=team)
+        Team.objects.select_for_update().filter(pk=team.pk).first()
+        runtime = data.get("max_runtime_s") or quota.max_runtime_s
+        decision = check_submit(
+            team.slug, kind, runtime,
+            SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
+            SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), core_hours_this_month(team.pk)),
+        )
+        if not decision.ok:
+            raise SubmitRefused(decision.code, decision.sentence,
+                                "max_runtime_s" if decision.code == "runtime_too_long" else None)
+        job = Job.objects.create(
+            team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
+            priority=kind_priority(kind), model=data.get("model"), dataset=data.get("dataset"),
+            max_runtime_s=runtime, max_attempts=_max_attempts(), reason_code="submitted",
+            reason="waiting for the scheduler",
+        )
+        states.event(job.pk, "pending", f"submitted by {user.username}", actor=user)
+        if cache_hit is not None:
+            _finish_as_cache_hit(job, cache_hit)
+        else:
+            transaction.on_commit(kick_dispatch)
+    job.refresh_from_db()
+    return job
+
+
+def _max_attempts() -> int:
+    from django.conf import settings
+
+    return settings.JOB_MAX_ATTEMPTS
+
+
+def _finish_as_cache_hit(job: Job, artifact: ModelAsset) -> None:
+    result = {"cache_hit": True, "artifact_model_id": artifact.pk, "artifact": str(artifact),
+              "source_job_id": artifact.source_job_id, **{k: v for k, v in (artifact.meta or {}).items()
+                                                            if k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95")}}
+    states.mark_finished(job.pk, Job.Status.SUCCEEDED, sources=(Job.Status.PENDING,),
+                         message=f"compile cache hit: {artifact} (from job {artifact.source_job_id})",
+                         result=result, cache_hit=True, output_model=artifact)
+
+
+def kick_dispatch() -> None:
+    """Wake the scheduler. Bursts of submissions coalesce into one dispatch run via a
+    short-lived Redis flag; if Redis is down the periodic dispatch picks the job up."""
+    from webapp.celery import app
+    from jobs import live
+
+    try:
+        if live.redis().set("nd:dispatch:kick", 1, nx=True, ex=5):
+            app.send_task("jobs.dispatch", queue="scheduler")
+    except Exception as exc:  # the job row is committed; losing the wake-up only delays it
+        log.warning("could not wake the scheduler (%s); the periodic dispatch will place the job", exc)
+
+
+# --- cancel -----------------------------------------------------------------------
+
+def job_cancel(*, job: Job, user) -> bool:
+    """Cancel is a database fact: pending/queued jobs end now; a running job's worker
+    sees cancel_requested and stops it (or the reaper does, if the worker is gone).
+    Works with Redis down. Returns False if the job had already finished."""
+    if not access.can_cancel(user, job):
+        raise access.Forbidden("only the job's owner or a team manager can cancel it")
+    with transaction.atomic():
+        updated = Job.objects.filter(pk=job.pk, status__in=[*Job.ACTIVE, Job.Status.PENDING]).update(cancel_requested=True)
+        if not updated:
+            return False
+        done = states.mark_finished(job.pk, Job.Status.CANCELLED, sources=(Job.Status.PENDING, Job.Status.QUEUED),
+                                    message=f"cancelled by {user.username}", actor=user, failure="cancelled")
+        if not done:
+            states.event(job.pk, "cancel_requested", f"cancel requested by {user.username}", actor=user)
+    return True
+
+
+# --- models and datasets ----------------------------------------------------------
+
+def model_upload(*, team: Team, user, name: str, upload) -> ModelAsset:
+    """Register an uploaded HF-format zip as the next version of `name`. Raises UploadError."""
+    dest = storage.new_model_dir(team.slug)
+    try:
+        meta = extract_model_zip(upload, dest)
+        digest, size = dir_digest(dest)
+    except Exception:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return model_register(team=team, user=user, name=name, path=dest, meta=meta, digest=digest, size=size)
+
+
+def model_register(*, team: Team, user, name: str, path, meta: dict, digest: str = "", size: int = 0,
+                   fmt: str = ModelAsset.Format.HF, parent: ModelAsset | None = None, source_job: Job | None = None,
+                   compile_key: str = "") -> ModelAsset:
+    if not digest:
+        digest, size = dir_digest(path)
+    with transaction.atomic():
+        Team.objects.select_for_update().filter(pk=team.pk).first()  # serialize version numbers
+        last = ModelAsset.objects.filter(team=team, name=name).order_by("-version").values_list("version", flat=True).first()
+        return ModelAsset.objects.create(
+            team=team, name=name, version=(last or 0) + 1, format=fmt, parent=parent, source_job=source_job,
+            path=storage.rel_path(path), digest=digest, size_bytes=size, meta=meta, created_by=user,
+            compile_key=compile_key,
+        )
+
+
+def dataset_upload(*, team: Team, user, name: str, upload) -> Dataset:
+    ext = "csv" if (upload.name or "").lower().endswith(".csv") else "jsonl"
+    dest = storage.new_dataset_path(team.slug, ext)
+    try:
+        fmt, rows = validate_dataset(upload, dest)
+    except UploadError:
+        dest.unlink(missing_ok=True)
+        raise
+    return Dataset.objects.create(team=team, name=name, format=fmt, path=storage.rel_path(dest), rows=rows,
+                                  size_bytes=dest.stat().st_size, created_by=user)
+
+
+def host_set_state(*, host: Host, state: str, actor=None) -> None:
+    Host.objects.filter(pk=host.pk).update(state=state)
+    log.info("host %s set to %s by %s", host.name, state, actor)
+
+
+def stale_cutoff(seconds: int):
+    return timezone.now() - timedelta(seconds=seconds)

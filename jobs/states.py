@@ -1,0 +1,139 @@
+"""The one module that changes Job.status.
+
+Every transition is a conditional UPDATE (`WHERE id = … AND status IN (…)`) so two
+processes racing on the same job cannot both win: the loser sees 0 rows changed
+and does nothing. Each successful transition writes a JobEvent in the same
+transaction. Releasing a job's cores happens here too, exactly once, in the same
+transaction as the transition that ends its attempt.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from jobs.models import CoreAllocation, Job, JobAttempt, JobEvent
+
+S = Job.Status
+
+# from-state(s) -> to-state; the closed set of legal moves.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    S.PENDING: (S.QUEUED, S.CANCELLED, S.FAILED),
+    S.QUEUED: (S.RUNNING, S.PENDING, S.CANCELLED, S.FAILED),
+    S.RUNNING: (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING),
+    S.SUCCEEDED: (),
+    S.FAILED: (),
+    S.CANCELLED: (),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def _check(sources: Iterable[str], target: str) -> tuple[str, ...]:
+    sources = tuple(sources)
+    for source in sources:
+        if target not in TRANSITIONS[source]:
+            raise IllegalTransition(f"{source} -> {target} is not a job transition")
+    return sources
+
+
+def event(job_id: int, kind: str, message: str = "", actor=None, **data: Any) -> JobEvent:
+    return JobEvent.objects.create(job_id=job_id, kind=kind, message=message, actor=actor, data=data)
+
+
+def transition(
+    job_id: int,
+    sources: Iterable[str],
+    target: str,
+    *,
+    message: str = "",
+    actor=None,
+    event_data: dict | None = None,
+    extra_filter: dict | None = None,
+    **fields: Any,
+) -> bool:
+    """Move job `job_id` from any of `sources` to `target`, setting `fields`.
+
+    Returns True if this call made the change (exactly one row updated), False if
+    the job was not in a source state (someone else got there first)."""
+    sources = _check(sources, target)
+    with transaction.atomic():
+        changed = Job.objects.filter(pk=job_id, status__in=sources, **(extra_filter or {})).update(
+            status=target, **fields
+        )
+        if not changed:
+            return False
+        if target in Job.FINISHED or target == S.PENDING:
+            _release(job_id, outcome=target if target in Job.FINISHED else "requeued")
+        event(job_id, target, message, actor, **(event_data or {}))
+    return True
+
+
+def _release(job_id: int, outcome: str) -> int:
+    """Free the job's cores and close its open attempt. Runs inside the transition's
+    transaction, so it happens exactly once per attempt whichever of finish, cancel,
+    timeout, preemption or reaping gets there first."""
+    now = timezone.now()
+    for attempt in JobAttempt.objects.filter(job_id=job_id, ended_at__isnull=True):
+        attempt.ended_at = now
+        attempt.outcome = outcome
+        attempt.core_seconds = attempt.cores * max((now - attempt.started_at).total_seconds(), 0.0)
+        attempt.save(update_fields=["ended_at", "outcome", "core_seconds"])
+    deleted, _ = CoreAllocation.objects.filter(job_id=job_id).delete()
+    return deleted
+
+
+def mark_queued(job: Job, host_id: int, core_start: int, reason: str = "") -> bool:
+    now = timezone.now()
+    return transition(
+        job.pk, [S.PENDING], S.QUEUED,
+        message=reason or "placed",
+        host_id=host_id, core_start=core_start, queued_at=now, reason_code="", reason="",
+    )
+
+
+def mark_running(job_id: int, host_id: int, pid: int | None = None) -> bool:
+    """The worker's claim: queued → running for this host only. A second delivery of
+    the same run message (or a delivery to another host) changes nothing."""
+    now = timezone.now()
+    with transaction.atomic():
+        claimed = transition(
+            job_id, [S.QUEUED], S.RUNNING,
+            extra_filter={"host_id": host_id, "cancel_requested": False},
+            started_at=now, heartbeat_at=now, worker_pid=pid, attempts=F("attempts") + 1,
+        )
+        if claimed:
+            job = Job.objects.select_related("host").get(pk=job_id)
+            JobAttempt.objects.create(
+                job=job, team_id=job.team_id, user_id=job.user_id, kind=job.kind, family=job.family,
+                instance_type=job.host.instance_type if job.host else "", host_id=host_id,
+                number=job.attempts, cores=job.cores, started_at=now,
+            )
+    return claimed
+
+
+def mark_finished(job_id: int, target: str, *, sources=(S.RUNNING,), message: str = "", actor=None,
+                  failure: str = "", result: dict | None = None, reason: str = "", **fields: Any) -> bool:
+    return transition(
+        job_id, sources, target, message=message, actor=actor,
+        finished_at=timezone.now(), failure=failure, reason=reason,
+        reason_code=failure, **({"result": result} if result is not None else {}), **fields,
+    )
+
+
+def requeue(job_id: int, *, sources=(S.RUNNING, S.QUEUED), message: str, kind: str = "requeued",
+            actor=None, event_data: dict | None = None) -> bool:
+    """Back to pending (worker lost with attempts left, preempted, lost message)."""
+    with transaction.atomic():
+        moved = transition(
+            job_id, sources, S.PENDING, message=message, actor=actor, event_data=event_data,
+            host_id=None, core_start=None, queued_at=None, started_at=None, heartbeat_at=None,
+            worker_pid=None, reason_code=kind, reason=message,
+        )
+        if moved and kind != "requeued":
+            event(job_id, kind, message, actor, **(event_data or {}))
+    return moved

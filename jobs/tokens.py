@@ -1,0 +1,27 @@
+"""Per-user API tokens: shown once at creation, stored as a SHA-256 digest."""
+from __future__ import annotations
+
+import secrets
+
+from django.utils import timezone
+
+from jobs.models import ApiToken
+
+PREFIX = "nd_"
+
+
+def token_create(*, user, name: str) -> tuple[str, ApiToken]:
+    raw = PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(user=user, name=name[:80] or "token", prefix=raw[:10], digest=ApiToken.hash(raw))
+    return raw, token
+
+
+def token_user(raw: str):
+    """The active user owning token `raw`, or None."""
+    if not raw or not raw.startswith(PREFIX):
+        return None
+    token = ApiToken.objects.select_related("user").filter(digest=ApiToken.hash(raw)).first()
+    if token is None or not token.user.is_active:
+        return None
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+    return token.user

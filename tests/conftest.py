@@ -1,0 +1,166 @@
+"""The fixed cast and the real components every test shares.
+
+Cast: alice manages team "vision" and bob is a member of it; charlie manages
+team "audio" and has no access to vision; vera is a viewer in vision; admin is staff.
+So every permission test reads "charlie gets 404".
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+PASSWORD = "pw-for-tests-1"
+
+
+@pytest.fixture(autouse=True)
+def _storage(settings, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "storage"
+    root.mkdir(exist_ok=True)
+    settings.STORAGE_ROOT = root
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from neuron_workers.backends.tinymodel import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-gpt")
+
+
+@pytest.fixture(scope="session")
+def demo_dataset_file(tmp_path_factory) -> Path:
+    from neuron_workers.backends.tinymodel import create_demo_dataset
+
+    return create_demo_dataset(tmp_path_factory.mktemp("data") / "demo.jsonl", rows=64)
+
+
+@pytest.fixture
+def cast(db, django_user_model):
+    from jobs.models import Role
+    from jobs.services import membership_set, team_create
+
+    users = {name: django_user_model.objects.create_user(name, f"{name}@example.com", PASSWORD)
+             for name in ("alice", "bob", "charlie", "vera")}
+    users["admin"] = django_user_model.objects.create_superuser("admin", "admin@example.com", PASSWORD)
+    vision = team_create(slug="vision", name="Vision")
+    audio = team_create(slug="audio", name="Audio")
+    membership_set(team=vision, user=users["alice"], role=Role.MANAGER)
+    membership_set(team=vision, user=users["bob"], role=Role.MEMBER)
+    membership_set(team=vision, user=users["vera"], role=Role.VIEWER)
+    membership_set(team=audio, user=users["charlie"], role=Role.MANAGER)
+    return type("Cast", (), {**users, "vision": vision, "audio": audio})
+
+
+@pytest.fixture
+def cpu_host(db):
+    """The host the test worker serves (NEURONDECK_HOST=test-host)."""
+    from django.utils import timezone
+
+    from jobs.models import Host
+
+    return Host.objects.create(name="test-host", family="cpu", core_ids=list(range(4)), backend="cpu",
+                               memory_bytes=8 << 30, last_heartbeat=timezone.now())
+
+
+@pytest.fixture
+def tiny_model(cast, tiny_model_dir):
+    from jobs.services import model_register
+    from jobs.uploads import model_meta
+
+    dest = Path(os.environ.get("STORAGE_ROOT", "/tmp")) / "unused"
+    from django.conf import settings
+
+    dest = Path(settings.STORAGE_ROOT) / "models" / "vision" / "tiny"
+    if not dest.exists():
+        shutil.copytree(tiny_model_dir, dest)
+    return model_register(team=cast.vision, user=cast.alice, name="tiny-gpt", path=dest, meta=model_meta(dest))
+
+
+@pytest.fixture
+def dataset(cast, demo_dataset_file):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from jobs.services import dataset_upload
+
+    upload = SimpleUploadedFile("demo.jsonl", demo_dataset_file.read_bytes())
+    return dataset_upload(team=cast.vision, user=cast.alice, name="demo", upload=upload)
+
+
+def api_client(user):
+    """A Django test client authenticated with a fresh API token of `user`."""
+    from django.test import Client
+
+    from jobs.tokens import token_create
+
+    raw, _ = token_create(user=user, name="tests")
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+
+# --- a real Celery worker --------------------------------------------------------
+
+def _worker_env(storage_root: Path) -> dict:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        STORAGE_ROOT=str(storage_root), NEURONDECK_HOST="test-host", PYTHONPATH=str(ROOT),
+        HEARTBEAT_S="1", DB_CONN_MAX_AGE="0",
+    )
+    return env
+
+
+@pytest.fixture
+def celery_worker_proc(transactional_db, settings, _storage, tmp_path):
+    """A real `celery worker` serving the scheduler queue and host.test-host, against
+    the test database. Yields the Popen; stops it (and its children) afterwards."""
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-Q", "scheduler,host.test-host",
+         "--pool", "threads", "-c", "4", "--without-heartbeat", "--without-gossip", "--without-mingle",
+         "-n", f"test-{os.getpid()}@%h", "--loglevel", "INFO"],
+        cwd=ROOT, env=_worker_env(_storage), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    from jobs.live import redis
+
+    redis().flushdb()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if b"ready" in (tmp_path / "worker.log").read_bytes():
+            break
+        if proc.poll() is not None:
+            raise RuntimeError((tmp_path / "worker.log").read_text())
+        time.sleep(0.1)
+    else:
+        raise RuntimeError("celery worker did not start:\n" + (tmp_path / "worker.log").read_text())
+    proc.log_path = tmp_path / "worker.log"
+    yield proc
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log.close()
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -1,0 +1,64 @@
+"""Submission, dispatch placement and cancel against real PostgreSQL (no worker)."""
+import pytest
+
+from jobs import scheduler
+from jobs.forms import InferenceForm
+from jobs.models import CoreAllocation, Job
+from jobs.services import SubmitRefused, job_cancel, job_submit
+
+
+def submit_inference(team, user, model, **extra):
+    form = InferenceForm(data={"model": model.pk, "prompts": "hello", "max_new_tokens": 4, "temperature": 0,
+                               "family": "cpu", "cores": 1, **extra}, team=team)
+    assert form.is_valid(), form.errors
+    return job_submit(team=team, user=user, form=form)
+
+
+def test_it_creates_a_pending_job_with_an_event(cast, tiny_model, cpu_host):
+    job = submit_inference(cast.vision, cast.bob, tiny_model)
+    assert job.status == Job.Status.PENDING
+    assert list(job.events.values_list("kind", flat=True)) == ["pending"]
+
+
+def test_dispatch_places_jobs_on_distinct_contiguous_cores(cast, tiny_model, cpu_host):
+    jobs = [submit_inference(cast.vision, cast.bob, tiny_model, cores=2) for _ in range(3)]
+    report = scheduler.dispatch()
+    assert len(report.placed) == 2 and report.waiting == 1
+    placed = Job.objects.filter(status=Job.Status.QUEUED).order_by("core_start")
+    assert [j.core_range for j in placed] == ["0-1", "2-3"]
+    assert CoreAllocation.objects.count() == 4
+    waiting = Job.objects.get(status=Job.Status.PENDING)
+    assert waiting.reason_code == "no_free_cores_of_family"
+    assert waiting.pk == jobs[2].pk
+
+
+def test_it_refuses_a_request_no_host_can_ever_hold(cast, tiny_model, cpu_host):
+    with pytest.raises(SubmitRefused) as exc:
+        submit_inference(cast.vision, cast.bob, tiny_model, cores=5)
+    assert exc.value.code == "request_too_large" and "largest available is 4" in exc.value.message
+    assert not Job.objects.exists()
+
+
+def test_a_viewer_cannot_submit(cast, tiny_model, cpu_host):
+    with pytest.raises(SubmitRefused) as exc:
+        submit_inference(cast.vision, cast.vera, tiny_model)
+    assert exc.value.status == 403
+
+
+def test_another_teams_model_is_an_unknown_model(cast, tiny_model, cpu_host):
+    form = InferenceForm(data={"model": tiny_model.pk, "prompts": "x", "max_new_tokens": 4, "temperature": 0,
+                               "family": "cpu", "cores": 1}, team=cast.audio)
+    assert not form.is_valid()
+    assert "Unknown model" in form.errors["model"][0]
+
+
+def test_cancel_of_a_queued_job_frees_its_cores_once(cast, tiny_model, cpu_host):
+    job = submit_inference(cast.vision, cast.bob, tiny_model)
+    scheduler.dispatch()
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED
+    assert job_cancel(job=job, user=cast.bob)
+    job.refresh_from_db()
+    assert job.status == Job.Status.CANCELLED and job.cancel_requested
+    assert not CoreAllocation.objects.exists()
+    assert not job_cancel(job=job, user=cast.bob)

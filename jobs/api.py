@@ -1,0 +1,35 @@
+"""The JSON API (/api/v1/), documented by the OpenAPI schema at /api/v1/openapi.json
+and browsable at /api/v1/docs. One NinjaAPI; each area adds its own Router."""
+from __future__ import annotations
+
+from django.http import HttpRequest
+from ninja import NinjaAPI
+from ninja.security import HttpBearer, django_auth
+
+from jobs.tokens import token_user
+
+
+class TokenAuth(HttpBearer):
+    """`Authorization: Bearer nd_…` with a per-user API token."""
+
+    def authenticate(self, request: HttpRequest, token: str):
+        user = token_user(token)
+        if user is not None:
+            request.user = user
+        return user
+
+
+api = NinjaAPI(title="NeuronDeck API", version="1", urls_namespace="api", auth=[TokenAuth(), django_auth],
+               docs_url="/docs")
+
+
+def _add_routers() -> None:
+    from jobs import api_jobs, api_live, api_teams, api_usage
+
+    api.add_router("", api_jobs.router)
+    api.add_router("", api_live.router)
+    api.add_router("", api_teams.router)
+    api.add_router("", api_usage.router)
+
+
+_add_routers()

@@ -190,7 +190,17 @@ def test_it_returns_a_cpu_inventory_for_empty_output(monkeypatch: pytest.MonkeyP
         assert not inv.is_neuron
 
 
-@pytest.mark.parametrize("text", ["not json", "{\"neuron_device\": 0}", "[1, 2]", "[{\"nc"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        '{"neuron_device": 0}',
+        "[1, 2]",
+        '[{"nc',
+        '[{"neuron_device": 0, "neuroncore_ids": ["a"]}]',
+        '[{"neuron_device": 0, "nc_count": 2, "neuron_processes": [7]}]',
+    ],
+)
 def test_it_rejects_output_that_is_not_a_device_array(text: str) -> None:
     with pytest.raises(NeuronLsError):
         parse_neuron_ls(text)

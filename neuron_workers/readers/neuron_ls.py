@@ -313,7 +313,10 @@ def parse_neuron_ls(
     if not raw:
         return cpu_inventory(instance_type=instance_type, host_memory_bytes=host_memory_bytes)
 
-    devices = _devices_from_raw(raw)
+    try:
+        devices = _devices_from_raw(raw)
+    except (TypeError, ValueError, AttributeError) as exc:  # e.g. "nc_count": "two"
+        raise NeuronLsError(f"unexpected neuron-ls device entry: {exc}") from None
     core_ids = sorted(c for d in devices for c in d.core_ids)
     lnc = _first_int(raw, "logical_neuroncore_config")
     family = family_for_instance_type(instance_type) or _guess_family(devices, lnc)

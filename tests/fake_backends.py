@@ -1,0 +1,110 @@
+"""Tiny backends for supervisor/runner tests, loaded as ``tests.fake_backends:Name``.
+
+They follow the real backend contract (``run(ctx) -> dict``, ``JobFailed`` for
+user-facing failures) but do no ML work, so tests exercise process handling
+only: start-up, logs, metrics, signals, crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from neuron_workers.backends.base import JobContext, JobFailed
+
+
+class OkBackend:
+    """Returns at once with what the child saw (env, cwd, pid, pgid)."""
+
+    def run(self, ctx: JobContext) -> dict:
+        ctx.log(f"ok job {ctx.job_id} starting")
+        (ctx.workdir / "artifacts" / "out.txt").write_text("done")
+        return {
+            "job_id": ctx.job_id,
+            "visible_cores": os.environ.get("NEURON_RT_VISIBLE_CORES"),
+            "process_tag": os.environ.get("NEURON_PROCESS_TAG"),
+            "ctx_cores": ctx.cores,
+            "cwd": os.getcwd(),
+            "pid": os.getpid(),
+            "pgid": os.getpgrp(),
+            "sid": os.getsid(0),
+            "echo": ctx.spec.get("echo"),
+        }
+
+
+class SleepBackend:
+    """Sleeps ``spec["seconds"]`` in small steps, logging and emitting metrics.
+
+    spec keys:
+      seconds         total sleep (default 1)
+      step_s          sleep per step (default 0.05)
+      lines           extra log lines to print up front (default 0)
+      line            text of those lines (default "line")
+      honour_stop     poll ctx.should_stop() and raise JobFailed("cancelled") (default True)
+      ignore_sigterm  set SIGTERM to SIG_IGN (and never poll should_stop)
+      grandchild      spawn a child process (which ignores SIGTERM too if
+                      ignore_sigterm) and write its pid to workdir/grandchild.pid
+      ready_file      touch workdir/<ready_file> once running
+    """
+
+    def run(self, ctx: JobContext) -> dict:
+        spec = ctx.spec
+        ignore = bool(spec.get("ignore_sigterm"))
+        honour = bool(spec.get("honour_stop", True)) and not ignore
+        if ignore:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for i in range(int(spec.get("lines", 0))):
+            print(f"{spec.get('line', 'line')} {i}")
+        sys.stdout.flush()
+        if spec.get("grandchild"):
+            trap = "trap '' TERM; " if ignore else ""
+            child = subprocess.Popen(["sh", "-c", f"{trap}sleep 300"])
+            Path(ctx.workdir, "grandchild.pid").write_text(str(child.pid))
+        if spec.get("ready_file"):
+            Path(ctx.workdir, spec["ready_file"]).touch()
+        seconds = float(spec.get("seconds", 1))
+        step_s = float(spec.get("step_s", 0.05))
+        started = time.monotonic()
+        step = 0
+        while time.monotonic() - started < seconds:
+            if honour and ctx.should_stop():
+                ctx.log(f"stopping at step {step}")
+                raise JobFailed("cancelled", f"stopped at step {step}")
+            ctx.metric({"step": step, "loss": 1.0 / (step + 1)})
+            ctx.log(f"step {step}")
+            step += 1
+            time.sleep(step_s)
+        return {"steps": step}
+
+
+class CrashBackend:
+    """Dies in the way ``spec["how"]`` says: exit | raise | sigkill | segv | fail | oom."""
+
+    def run(self, ctx: JobContext) -> dict:
+        how = ctx.spec.get("how", "exit")
+        ctx.log(f"about to crash via {how}")
+        if how == "exit":
+            os._exit(int(ctx.spec.get("code", 3)))
+        if how == "raise":
+            raise RuntimeError("boom")
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if how == "fail":
+            raise JobFailed(ctx.spec.get("code", "bad_input"), ctx.spec.get("message", "bad spec"))
+        if how == "oom":
+            raise MemoryError()
+        time.sleep(5)
+        return {}
+
+
+class BadResultBackend:
+    """Returns something that is not a dict."""
+
+    def run(self, ctx: JobContext) -> list:
+        return [1, 2, 3]

@@ -1,0 +1,35 @@
+# NeuronDeck. `make run` sets up and starts everything; `make test` runs the suite.
+PY ?= python3.11
+VENV := .venv
+BIND ?= 127.0.0.1:8000
+NEURONDECK_HOST ?= $(shell hostname)
+NEURONDECK_CPU_SLOTS ?= 4
+export BIND NEURONDECK_HOST NEURONDECK_CPU_SLOTS
+
+.PHONY: install run test bench migrate
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+migrate: install
+	$(VENV)/bin/python manage.py migrate --noinput
+
+run: migrate
+	$(VENV)/bin/python manage.py seed_demo
+	$(VENV)/bin/python manage.py ensure_redis
+	@echo ""
+	@echo "NeuronDeck is starting at http://$(BIND)/  (host $(NEURONDECK_HOST), $(NEURONDECK_CPU_SLOTS) CPU job slots)"
+	@echo "Log in as admin, alice or bob with password 'neurondeck'. Ctrl-C stops everything."
+	@echo ""
+	$(VENV)/bin/honcho -f webapp/Procfile -d . start
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done

@@ -1,0 +1,210 @@
+"""Hugging Face model, tokenizer and compiled-artifact helpers shared by the backends.
+
+This is a backend module, so it imports torch at module level; the registry in
+`__init__.py` never imports it eagerly. Loading failures become
+`JobFailed("bad_input")` because a model path that does not load is a user input
+problem, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .base import JobFailed
+
+ARTIFACT_NAME = "model.pt"
+META_NAME = "compile_meta.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class LogitsOnly(torch.nn.Module):
+    """Wrap a causal LM so forward(input_ids) -> logits, a shape both tracers accept.
+
+    We build the causal attention mask here as an explicit 4-D additive float mask.
+    Left to itself, transformers >= 4.5x builds the mask with torch.vmap, which
+    torch.jit.trace in torch 2.13 cannot record ("unordered_map::at"); a 4-D mask
+    is passed through as-is by transformers' masking utils. Inputs are never
+    padded on the left, so a pure causal mask is exact: logits at position i only
+    depend on tokens 0..i, which is what lets fixed-shape inference right-pad.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
+        allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        mask = torch.zeros(length, length, dtype=torch.float32, device=input_ids.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        mask = mask[None, None].expand(batch, 1, length, length)
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=True).logits
+
+
+def load_causal_lm(path: Path) -> Any:
+    """Load a fresh float32 HF causal LM from a local folder (never remote code, never the network)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobFailed("bad_input", f"could not load a causal LM from {path}: {exc}") from exc
+
+
+def load_tokenizer(path: Path) -> Any:
+    """Load the tokenizer stored with a model (or in an artifact's tokenizer/ folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise JobFailed("bad_input", f"could not load a tokenizer from {path}: {exc}") from exc
+
+
+def max_positions(model: Any) -> int | None:
+    """The model's maximum sequence length, if its config states one."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_sequence_length(model: Any, sequence_length: int) -> None:
+    """bad_input if sequence_length exceeds the model's position table."""
+    limit = max_positions(model)
+    if limit is not None and sequence_length > limit:
+        raise JobFailed("bad_input", f"sequence_length {sequence_length} exceeds the model's {limit} positions")
+
+
+def token_ids(tokenizer: Any) -> tuple[int, int]:
+    """(eos_id, pad_id) for a tokenizer; pad falls back to eos like HF generate does."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise JobFailed("bad_input", "the model's tokenizer defines no end-of-sequence token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(eos), int(pad)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt without special tokens; an empty prompt starts from eos.
+
+    add_special_tokens=False matters: ByT5-style tokenizers append eos, and a
+    causal LM prompted with a trailing eos would start a new document.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids) or [token_ids(tokenizer)[0]]
+
+
+# ---------------------------------------------------------------- in-process cache
+
+# Inference jobs on small models are dominated by load time (~10 ms for the tiny
+# model, seconds for real ones), and a host worker runs many of them in a row. We
+# keep a few loaded models keyed by path + file signature so edits invalidate it.
+_CACHE_SIZE = 4
+_cache: OrderedDict[tuple, Any] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _signature(path: Path) -> tuple:
+    """(name, size, mtime_ns) of the files directly in `path` (or of `path` itself)."""
+    entries = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in entries)
+
+
+def cached(kind: str, path: Path, loader: Any) -> Any:
+    """Return loader(path), memoised per (kind, path, file signature); LRU of _CACHE_SIZE.
+
+    Only for objects used read-only (eval-mode models under inference_mode, jit
+    modules, tokenizers); training always loads a fresh model.
+    """
+    key = (kind, str(path.resolve()), _signature(path))
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    value = loader(path)
+    with _cache_lock:
+        _cache[key] = value
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return value
+
+
+def clear_cache() -> None:
+    """Drop every cached model (tests; memory pressure)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _load_eval_model(path: Path) -> Any:
+    return load_causal_lm(path).eval()
+
+
+def cached_hf_model(path: Path) -> tuple[Any, Any]:
+    """(eval model, tokenizer) for an HF folder, from the in-process cache."""
+    return cached("hf-model", path, _load_eval_model), cached("tokenizer", path, load_tokenizer)
+
+
+# ---------------------------------------------------------------- compiled artifacts
+
+
+def artifact_paths(model_path: Path) -> tuple[Path, Path, Path]:
+    """(model.pt, compile_meta.json, tokenizer/) for an artifact dir or a model.pt file.
+
+    Accepting the file as well lets the web app point at either; the meta and
+    tokenizer are always expected beside the artifact, where compile wrote them.
+    """
+    artifact = model_path / ARTIFACT_NAME if model_path.is_dir() else model_path
+    folder = artifact.parent
+    return artifact, folder / META_NAME, folder / TOKENIZER_DIR
+
+
+def read_compile_meta(meta_path: Path) -> dict:
+    """Parse compile_meta.json, checking the fields inference relies on."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise JobFailed("bad_input", f"compiled artifact has no readable {META_NAME} at {meta_path}: {exc}") from exc
+    for key in ("batch_size", "sequence_length", "eos_token_id", "pad_token_id"):
+        if not isinstance(meta.get(key), int):
+            raise JobFailed("bad_input", f"{meta_path} lacks integer field {key!r}")
+    return meta
+
+
+def save_tokenizer(tokenizer: Any, dest: Path) -> None:
+    """Save the tokenizer files so inference can decode without the source model."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(dest)
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it alone).
+
+    Tiny models run faster on one thread (no OpenMP fan-out per matmul), and
+    restoring the old value keeps an in-process runner's other work unaffected.
+    """
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    count = max(1, min(count, os.cpu_count() or 1))
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

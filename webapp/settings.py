@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "ninja",  # so /api/v1/docs uses the Swagger UI files ninja ships, not its CDN template
     "jobs",
 ]
 MIDDLEWARE = [

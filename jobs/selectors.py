@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from django.db.models import F, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.db.models.functions import Mod
 
 from jobs import storage
@@ -31,6 +31,19 @@ def team_jobs(team: Team, *, status: str = "", kind: str = "") -> QuerySet[Job]:
     if kind:
         jobs = jobs.filter(kind=kind)
     return jobs.order_by("-id")
+
+
+def queue_position(job: Job) -> int | None:
+    """1-based place of a pending job in the dispatcher's order for its family
+    (jobs.scheduler.pending_order: higher priority first, then submission order);
+    None unless the job is pending. One COUNT query over the partial pending index."""
+    if job.status != Job.Status.PENDING:
+        return None
+    ahead = Job.objects.filter(
+        Q(priority__gt=job.priority) | Q(priority=job.priority, pk__lt=job.pk),
+        status=Job.Status.PENDING, family=job.family, cancel_requested=False,
+    ).count()
+    return ahead + 1
 
 
 def job_events(job: Job, *, after_id: int = 0) -> list[JobEvent]:

@@ -64,6 +64,9 @@ class TeamQuota(models.Model):
     max_runtime_s = models.PositiveIntegerField(default=24 * 3600)
     max_pending = models.PositiveIntegerField(default=100)
     allowed_kinds = models.JSONField(default=list)  # empty = all kinds
+    # Fair-share weight: the scheduler orders teams by decayed recent usage / share,
+    # so a team with share 2 may use twice as much before it yields to a team with 1.
+    share = models.PositiveIntegerField(default=1)
 
     def allows(self, kind: str) -> bool:
         return not self.allowed_kinds or kind in self.allowed_kinds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobs.placement import HostSlots, Placement, place
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -78,4 +80,96 @@ def check_dispatch(team: str, family: str, cores: int, fam: FamilyState) -> Deci
         False, "waiting_for_quota",
         f"needs {cores} {family} cores; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed; "
         f"{fam.fleet_free} are free in the fleet",
+    )
+
+
+def check_budget(team: str, core_hours_used: float, monthly_core_hours: float) -> Decision:
+    """At dispatch: a team whose monthly NeuronCore-hours are spent starts nothing new
+    (jobs already admitted keep waiting rather than being refused after the fact)."""
+    if core_hours_used >= monthly_core_hours:
+        return Decision(
+            False, "budget_exhausted",
+            f"team {team} has used {core_hours_used:.1f} of its {monthly_core_hours:g} NeuronCore-hours this month; "
+            "the job waits until an admin raises the budget or the month ends",
+        )
+    return Decision.admit()
+
+
+# --- preemption of borrowed cores ------------------------------------------------
+
+@dataclass(frozen=True)
+class Borrower:
+    """A running or queued job of another team that holds cores beyond its guarantee."""
+
+    job_id: int
+    team_id: int
+    host_id: int
+    cores: tuple[int, ...]
+    since: float  # when it got the cores (a timestamp); newest is preempted first
+
+
+def choose_victims(hosts: list[HostSlots], family: str, cores: int,
+                   borrowers: list[Borrower]) -> tuple[list[Borrower], Placement] | None:
+    """Which borrowing jobs to preempt so that `cores` contiguous cores of `family`
+    fit: newest first, just enough. Returns (victims, placement) or None when even
+    preempting every borrower would not make room (then nobody is preempted).
+
+    Greedy newest-first until the request fits, then a pruning pass spares every
+    victim (oldest first) whose cores turn out not to be needed — e.g. a borrower on
+    another host that the greedy pass took before the one that made the run."""
+    by_host = {h.host_id: h for h in hosts if h.family == family}
+
+    def fits(chosen: list[Borrower]) -> Placement | None:
+        freed: dict[int, set[int]] = {}
+        for victim in chosen:
+            freed.setdefault(victim.host_id, set()).update(victim.cores)
+        trial = [HostSlots(h.host_id, h.name, h.family, h.core_ids, h.used - frozenset(freed.get(h.host_id, ())),
+                           h.draining) for h in by_host.values()]
+        return place(trial, family, cores)
+
+    candidates = sorted((b for b in borrowers if b.host_id in by_host),
+                        key=lambda b: (b.since, b.job_id), reverse=True)
+    chosen: list[Borrower] = []
+    spot = None
+    for victim in candidates:
+        chosen.append(victim)
+        spot = fits(chosen)
+        if spot is not None:
+            break
+    if spot is None:
+        return None
+    for victim in sorted(chosen, key=lambda b: (b.since, b.job_id)):
+        rest = [c for c in chosen if c is not victim]
+        trial = fits(rest)
+        if trial is not None:
+            chosen, spot = rest, trial
+    return chosen, spot
+
+
+def check_hosts(family: str, cores: int, fleet: list[HostSlots]) -> Decision:
+    """Is there any online host of `family` that could hold the request at all?
+    (`fleet`: the family's hosts that are not offline.)"""
+    if not fleet:
+        return Decision(False, "no_hosts_of_family", f"needs {cores} {family} cores; no {family} host is online")
+    large = [h for h in fleet if len(h.core_ids) >= cores]
+    if large and all(h.draining for h in large):
+        names = ", ".join(h.name for h in large[:3]) + (" …" if len(large) > 3 else "")
+        return Decision(False, "host_draining",
+                        f"needs {cores} {family} cores; every {family} host large enough is draining ({names})")
+    return Decision.admit()
+
+
+def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
+    """The quota allows the job but no host has a free contiguous run for it now."""
+    if fam.fleet_free < cores:
+        return Decision(
+            False, "no_free_cores_of_family",
+            f"needs {cores} {family} cores; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed"
+            + (f" (+{fam.borrow_limit} borrowable)" if fam.borrow_limit else "")
+            + f"; only {fam.fleet_free} of {fam.fleet_total} are free in the fleet",
+        )
+    return Decision(
+        False, "no_free_cores_of_family",
+        f"needs {cores} contiguous {family} cores; {fam.fleet_free} of {fam.fleet_total} are free in the fleet "
+        "but no host has a free run that long",
     )

@@ -138,6 +138,12 @@ JOB_MAX_ATTEMPTS = envint("JOB_MAX_ATTEMPTS", 3)
 JOB_KILL_GRACE_S = envint("JOB_KILL_GRACE_S", 10)
 RUNNER_MODE = os.environ.get("RUNNER_MODE", "")  # "", "fork" or "exec"; "" = by backend
 METRICS_STREAM_MAXLEN = envint("METRICS_STREAM_MAXLEN", 3600)
+# Fair share: usage decays with this half-life; each queued job is charged this many
+# expected core-seconds per core while the queue is ordered (so bursts interleave);
+# team usage is recomputed at most this often per process.
+FAIRSHARE_HALF_LIFE_H = float(os.environ.get("FAIRSHARE_HALF_LIFE_H", "168"))
+FAIRSHARE_QUEUE_CHARGE_S = envint("FAIRSHARE_QUEUE_CHARGE_S", 3600)
+FAIRSHARE_CACHE_S = float(os.environ.get("FAIRSHARE_CACHE_S", "5"))
 
 # --- Celery -------------------------------------------------------------------
 # Settings chosen for multi-hour jobs:

@@ -130,7 +130,9 @@ class Host(models.Model):
     core_ids = models.JSONField(default=list)  # NeuronCore ids (CPU hosts: job slots)
     device_memory_bytes = models.BigIntegerField(default=0)
     memory_bytes = models.BigIntegerField(default=0)
-    backend = models.CharField(max_length=16, default="cpu")
+    # A registry name ("cpu", "neuron") or a dotted "module:Class" path (out-of-tree
+    # backends; the fault tests point a host at tests.fake_backends).
+    backend = models.CharField(max_length=120, default="cpu")
     inventory = models.JSONField(default=dict)  # the parsed neuron-ls output
     state = models.CharField(max_length=10, choices=State.choices, default=State.ONLINE, db_index=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from django.db.models import F, Q, QuerySet
+from django.db.models import F, QuerySet
 from django.db.models.functions import Mod
 
 from jobs import storage
@@ -34,16 +34,23 @@ def team_jobs(team: Team, *, status: str = "", kind: str = "") -> QuerySet[Job]:
 
 
 def queue_position(job: Job) -> int | None:
-    """1-based place of a pending job in the dispatcher's order for its family
-    (jobs.scheduler.pending_order: higher priority first, then submission order);
-    None unless the job is pending. One COUNT query over the partial pending index."""
+    """1-based place of a pending job among the pending jobs of its family, in the
+    order the dispatcher works (jobs.scheduler.pending_order, whatever rule that
+    applies); None unless the job is pending. Orders the whole pending queue, since
+    an order such as fair share can depend on the other families' jobs too."""
     if job.status != Job.Status.PENDING:
         return None
-    ahead = Job.objects.filter(
-        Q(priority__gt=job.priority) | Q(priority=job.priority, pk__lt=job.pk),
-        status=Job.Status.PENDING, family=job.family, cancel_requested=False,
-    ).count()
-    return ahead + 1
+    from jobs.scheduler import pending_order
+
+    pending = Job.objects.filter(status=Job.Status.PENDING, cancel_requested=False).only(
+        "id", "team_id", "user_id", "kind", "family", "cores", "priority", "created_at")
+    position = 0
+    for other in pending_order(list(pending)):
+        if other.family == job.family:
+            position += 1
+            if other.pk == job.pk:
+                return position
+    return None
 
 
 def job_events(job: Job, *, after_id: int = 0) -> list[JobEvent]:

@@ -261,6 +261,9 @@ class Job(models.Model):
             models.Index(fields=["team", "status"], name="job_team_status"),
             models.Index(fields=["status", "priority", "id"], name="job_dispatch_order", condition=Q(status="pending")),
             models.Index(fields=["host", "status"], name="job_host_status"),
+            # usage roll-up and live usage: jobs finished since the watermark
+            models.Index(fields=["finished_at"], name="job_finished"),
+            models.Index(fields=["team", "finished_at"], name="job_team_finished"),
         ]
 
     def __str__(self) -> str:
@@ -339,7 +342,12 @@ class JobAttempt(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["job", "number"], name="uniq_attempt")]
-        indexes = [models.Index(fields=["team", "started_at"], name="attempt_team_start")]
+        indexes = [
+            models.Index(fields=["team", "started_at"], name="attempt_team_start"),
+            # usage roll-up and live usage: open attempts (ended_at IS NULL) and recent ends
+            models.Index(fields=["ended_at"], name="attempt_ended"),
+            models.Index(fields=["team", "ended_at"], name="attempt_team_ended"),
+        ]
 
 
 class JobLogChunk(models.Model):
@@ -398,8 +406,36 @@ class MetricMinute(models.Model):
         indexes = [models.Index(fields=["job", "minute"], name="mm_job_minute")]
 
 
-class UsageDaily(models.Model):
-    """Usage rolled up per team / day / user / kind / family for dashboards."""
+class UsageTotals(models.Model):
+    """The additive measures every usage roll-up row carries (see jobs.usage.Totals,
+    which mirrors these fields; the two must stay in step).
+
+    Allocated core-seconds split three ways: `used` (the measured part × its
+    measured utilization), idle (measured − used) and unknown (core_seconds −
+    measured: no utilization sample covered it). Cost is priced when folded, with
+    the price in effect then, like a bill."""
+
+    core_seconds = models.FloatField(default=0)  # allocated NeuronCores × seconds
+    measured_core_seconds = models.FloatField(default=0)  # allocated core-seconds with a utilization measurement
+    used_core_seconds = models.FloatField(default=0)  # measured core-seconds × measured utilization
+    cost_usd = models.FloatField(default=0)
+    idle_cost_usd = models.FloatField(default=0)  # (measured − used) core-seconds × price
+    unpriced_core_seconds = models.FloatField(default=0)  # on instance types without a price
+    jobs_succeeded = models.IntegerField(default=0)  # counted on the day the job finished
+    jobs_failed = models.IntegerField(default=0)
+    jobs_cancelled = models.IntegerField(default=0)
+    attempts_interrupted = models.IntegerField(default=0)  # preempted or requeued attempts
+    wait_count = models.IntegerField(default=0)  # queue waits, counted on the day of the first start
+    wait_sum_s = models.FloatField(default=0)
+    wait_sketch = models.JSONField(default=dict, blank=True)  # {bucket: count}, see jobs.usage.WaitSketch
+
+    class Meta:
+        abstract = True
+
+
+class UsageDaily(UsageTotals):
+    """Usage per team / day (in the team's time zone) / user / kind / family /
+    instance type, folded incrementally by jobs.usage_rollup."""
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
     day = models.DateField()
@@ -407,13 +443,70 @@ class UsageDaily(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices)
     family = models.CharField(max_length=8, choices=Family.choices)
     instance_type = models.CharField(max_length=40, blank=True)
-    core_seconds = models.FloatField(default=0)
-    used_core_seconds = models.FloatField(default=0)  # core_seconds × measured utilization
-    cost_usd = models.FloatField(default=0)
-    jobs = models.IntegerField(default=0)
 
     class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "day", "user", "kind", "family", "instance_type"],
+                                               name="uniq_usage_daily", nulls_distinct=False)]
         indexes = [models.Index(fields=["team", "day"], name="usage_team_day")]
+
+
+class UsageTeamDay(UsageTotals):
+    """Per team and (team-local) day: the site page's team table without reading
+    every UsageDaily row of every team."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "day"], name="uniq_usage_team_day")]
+        indexes = [models.Index(fields=["day"], name="usage_teamday_day")]
+
+
+class UsageSiteDaily(UsageTotals):
+    """All teams summed per day (each team's own local day) / kind / family /
+    instance type: the site page's charts in a few hundred rows per quarter."""
+
+    day = models.DateField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    family = models.CharField(max_length=8, choices=Family.choices)
+    instance_type = models.CharField(max_length=40, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["day", "kind", "family", "instance_type"],
+                                               name="uniq_usage_site_daily")]
+
+
+class JobUsage(models.Model):
+    """One job's folded usage (for "top jobs by cost") and the roll-up's progress on
+    it: attempts numbered <= attempt_folded are fully folded; attempt
+    attempt_folded + 1 is folded up to folded_until (null = not at all);
+    outcome_folded says its finish was counted."""
+
+    job = models.OneToOneField(Job, primary_key=True, on_delete=models.CASCADE, related_name="usage")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()  # team-local day of the job's latest folded activity
+    instance_type = models.CharField(max_length=40, blank=True)  # of the latest folded attempt
+    core_seconds = models.FloatField(default=0)
+    measured_core_seconds = models.FloatField(default=0)
+    used_core_seconds = models.FloatField(default=0)
+    cost_usd = models.FloatField(default=0)
+    idle_cost_usd = models.FloatField(default=0)
+    attempt_folded = models.PositiveIntegerField(default=0)
+    folded_until = models.DateTimeField(null=True, blank=True)
+    outcome_folded = models.BooleanField(default=False)
+
+    class Meta:
+        indexes = [models.Index(fields=["team", "day"], name="jobusage_team_day"),
+                   models.Index(models.F("cost_usd").desc(), name="jobusage_cost")]
+
+
+class UsageRollupState(models.Model):
+    """The roll-up's watermark (a single row): everything that ended at or before
+    `cutoff` has been folded; pages compute the rest live."""
+
+    cutoff = models.DateTimeField(null=True, blank=True)
+    ran_at = models.DateTimeField(null=True, blank=True)
+    folded_pieces = models.BigIntegerField(default=0)  # attempt pieces folded, ever (for monitoring)
 
 
 class InstancePrice(models.Model):

@@ -1,0 +1,45 @@
+"""Pure Plotly figure builders: series in, a figure dict (JSON-ready) out.
+
+Templates hand the dict to the browser with `json_script`; the page's script only
+draws it with the locally served Plotly.js. No Django, no database here."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
+ACCENT = "#2563eb"
+
+
+def base_layout(title: str, x_title: str, y_title: str) -> dict:
+    """The layout every NeuronDeck chart shares: small margins, system font, no title bar clutter."""
+    return {
+        "title": {"text": title, "font": {"size": 14}},
+        "font": {"family": FONT, "size": 12},
+        "margin": {"l": 56, "r": 16, "t": 40, "b": 44},
+        "height": 300,
+        "xaxis": {"title": {"text": x_title}, "zeroline": False},
+        "yaxis": {"title": {"text": y_title}, "zeroline": False},
+        "showlegend": False,
+        "paper_bgcolor": "rgba(0,0,0,0)",
+        "plot_bgcolor": "rgba(0,0,0,0)",
+    }
+
+
+def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Training loss") -> dict:
+    """A line chart of loss per step. Steps and losses must have the same length;
+    an empty series gives an empty chart with an annotation instead of an error."""
+    if len(steps) != len(losses):
+        raise ValueError(f"steps ({len(steps)}) and losses ({len(losses)}) differ in length")
+    layout = base_layout(title, "step", "loss")
+    if not steps:
+        layout["annotations"] = [{"text": "no loss recorded yet", "showarrow": False,
+                                  "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]
+    return {
+        "data": [{
+            "type": "scatter", "mode": "lines+markers" if len(steps) <= 60 else "lines",
+            "x": list(steps), "y": [float(v) for v in losses], "name": "loss",
+            "line": {"color": ACCENT, "width": 2}, "marker": {"size": 4},
+            "hovertemplate": "step %{x}<br>loss %{y:.4f}<extra></extra>",
+        }],
+        "layout": layout,
+    }

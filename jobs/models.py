@@ -402,7 +402,12 @@ class MetricMinute(models.Model):
     samples = models.IntegerField(default=0)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["host", "job", "minute", "core"], name="uniq_metric_minute")]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "job", "minute", "core"], name="uniq_metric_minute"),
+            # NULLs are distinct in the constraint above, so host rows (job null) need their own.
+            models.UniqueConstraint(fields=["host", "minute", "core"], condition=Q(job__isnull=True),
+                                    name="uniq_host_metric_minute"),
+        ]
         indexes = [models.Index(fields=["job", "minute"], name="mm_job_minute")]
 
 

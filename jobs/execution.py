@@ -51,19 +51,23 @@ class JobRecorder:
 
     def __init__(self, job: Job, host_id: int):
         self.job_id, self.host_id = job.pk, host_id
+        # The attempt number pins "ours": a job preempted and placed again on this
+        # same host is running here, but as another attempt that is not ours.
+        self.attempt = job.attempts
         self.log_base = job.log_bytes
         self.log_end = job.log_bytes
         self.metrics: list[JobMetric] = []
 
     def heartbeat(self) -> None:
-        Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id).update(heartbeat_at=timezone.now())
+        Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
+                           attempts=self.attempt).update(heartbeat_at=timezone.now())
         self.flush_metrics()
 
     def should_cancel(self) -> bool:
         # Stop when cancelled, and also when the job is no longer ours (reaped and
         # requeued after a long stall): it must never run twice at once.
         return not Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
-                                      cancel_requested=False).exists()
+                                      attempts=self.attempt, cancel_requested=False).exists()
 
     def on_log(self, offset: int, text: str) -> None:
         self.append_log(text, self.log_base + offset)
@@ -119,33 +123,43 @@ def run(job_id: int) -> str:
 
 def record_outcome(job: Job, outcome, workdir: Path) -> str:
     status = outcome.status
+    # Record only over this very attempt. A job preempted (or reaped and requeued)
+    # while its child ran is no longer ours: it is pending again, or already queued
+    # or running as a later attempt, and whatever this child did must not finish it.
+    # The check up front skips registering outputs; `mine` in every conditional
+    # UPDATE below closes the race with a preemption landing right after it.
+    mine = {"host_id": job.host_id, "attempts": job.attempts}
+    if not Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).exists():
+        log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
+                 job.pk, job.attempts)
+        return "superseded"
     if status == "succeeded":
         try:
             with transaction.atomic():
                 output = register_outputs(job, outcome.result or {}, workdir)
                 done = states.mark_finished(job.pk, S.SUCCEEDED, result=outcome.result or {}, output_model=output,
-                                            message=f"succeeded in {outcome.duration_s:.1f} s")
+                                            message=f"succeeded in {outcome.duration_s:.1f} s", extra_filter=mine)
                 if not done:
                     transaction.set_rollback(True)  # cancelled or reaped meanwhile: register nothing
         except Exception as exc:  # never leave a finished child's job running
             log.exception("job %s: recording outputs failed", job.pk)
             states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
-                                 message=f"recording outputs failed: {exc}")
+                                 message=f"recording outputs failed: {exc}", extra_filter=mine)
             return "failed"
         return "succeeded"
     fresh = Job.objects.filter(pk=job.pk).values("cancel_requested", "attempts", "max_attempts").first() or {}
     if status == "cancelled" or fresh.get("cancel_requested"):
-        states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request")
+        states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
         return "cancelled"
     if status == "timed_out":
         states.mark_finished(job.pk, S.FAILED, failure="timed_out",
                              reason=f"exceeded max runtime of {job.max_runtime_s} s",
-                             message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL")
+                             message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL", extra_filter=mine)
         return "timed_out"
     code = outcome.error_code or "error"
     reason = outcome.error or "the job failed"
     if code in RETRYABLE and fresh.get("attempts", 0) < fresh.get("max_attempts", 1):
-        states.requeue(job.pk, sources=(S.RUNNING,), kind="retry",
+        states.requeue(job.pk, sources=(S.RUNNING,), kind="retry", extra_filter=mine,
                        message=f"attempt {fresh['attempts']} {code}: {reason}; retrying")
         from jobs.services import kick_dispatch
 
@@ -153,7 +167,7 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
         return "requeued"
     if code in RETRYABLE:
         reason = f"{reason} (gave up after {fresh.get('attempts')} attempts)"
-    states.mark_finished(job.pk, S.FAILED, failure=code, reason=reason, message=reason)
+    states.mark_finished(job.pk, S.FAILED, failure=code, reason=reason, message=reason, extra_filter=mine)
     return "failed"
 
 

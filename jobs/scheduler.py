@@ -2,32 +2,45 @@
 workers, lost messages and silent hosts. Both are safe to run concurrently with
 themselves and with workers: dispatchers serialize on the host rows, every status
 change is a conditional UPDATE, and the (host, core) unique constraint makes a
-double allocation impossible."""
+double allocation impossible.
+
+Dispatch order is jobs.fairshare.fair_order (kind priority, then fair share, then
+submission). Admission per job is jobs.policy (budget, hosts, the team's guaranteed
+and borrowable cores); a team that needs its guarantee back preempts other teams'
+borrowing jobs, newest first, just enough (jobs.policy.choose_victims)."""
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Iterable, TypeVar
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Case, Value, When
 from django.utils import timezone
 
 from jobs import states
-from jobs.models import CoreAllocation, FamilyQuota, Host, Job
-from jobs.placement import HostSlots, core_range, place
-from jobs.policy import FamilyState, check_dispatch
+from jobs.fairshare import QueueItem, fair_order
+from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
+from jobs.placement import HostSlots, Placement, core_range, place
+from jobs.policy import (
+    Borrower, Decision, FamilyState, check_budget, check_dispatch, check_hosts, choose_victims, no_room,
+)
 from jobs.services import stale_cutoff
 
 log = logging.getLogger(__name__)
 S = Job.Status
-DISPATCH_BATCH = 500
+PENDING_SCAN = 5000  # pending jobs ordered per run; beyond that the oldest wait for the next run
+T = TypeVar("T")
 
 
 @dataclass
 class DispatchReport:
     placed: list[int]
     waiting: int
+    preempted: list[int] = field(default_factory=list)
 
 
 def send_run(job_id: int, queue: str) -> None:
@@ -39,71 +52,241 @@ def send_run(job_id: int, queue: str) -> None:
         log.warning("could not send job %s to %s (%s); the reaper will re-send it", job_id, queue, exc)
 
 
-def pending_order(jobs: list[Job]) -> list[Job]:
-    """Priority first (by kind, admin-adjustable), then submission order."""
-    return sorted(jobs, key=lambda j: (-j.priority, j.pk))
+def pending_order(jobs: Iterable[T]) -> list[T]:
+    """`jobs` (anything with pk, team_id, kind, family, cores, created_at) in dispatch
+    order: kind priority (KindPriority, admin-adjustable), then fair share (decayed
+    team usage / share, bursts interleaved), then submission order."""
+    from jobs.selectors_teams import decayed_usage_by_team, kind_priorities, team_shares
+
+    jobs = list(jobs)
+    prio = kind_priorities()
+    items = [QueueItem(j.pk, j.team_id, prio.get(j.kind, 0), j.cores, j.family, j.created_at) for j in jobs]
+    by_id = {j.pk: j for j in jobs}
+    ordered = fair_order(items, decayed_usage_by_team(), team_shares(), float(settings.FAIRSHARE_QUEUE_CHARGE_S))
+    return [by_id[i.job_id] for i in ordered]
+
+
+@dataclass
+class PendingRow:
+    """What dispatch needs of a pending job (specs and logs are never loaded)."""
+
+    pk: int
+    team_id: int
+    team_slug: str
+    kind: str
+    family: str
+    cores: int
+    created_at: datetime
+    reason_code: str
+    reason: str
+
+
+def pending_rows(limit: int = PENDING_SCAN) -> list[PendingRow]:
+    fields = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason")
+    rows = (Job.objects.filter(status=S.PENDING, cancel_requested=False).order_by("id")
+            .values_list(*fields)[:limit])
+    return [PendingRow(*row) for row in rows]
+
+
+class Fleet:
+    """The cores of every non-offline host and who holds them, for one dispatch run
+    (read after the host rows are locked, so no other dispatcher changes it)."""
+
+    def __init__(self, hosts: list[Host]):
+        self.hosts = {h.pk: h for h in hosts}
+        self.used: dict[int, set[int]] = defaultdict(set)
+        self.team_use: dict[tuple[int, str], int] = defaultdict(int)
+        self.borrowers: dict[int, Borrower] = {}
+        self.family_of: dict[int, str] = {}
+        cores: dict[int, list[int]] = defaultdict(list)
+        for host_id, core, job_id, team_id, family, borrowed, since in CoreAllocation.objects.values_list(
+                "host_id", "core", "job_id", "team_id", "family", "borrowed", "since"):
+            self.used[host_id].add(core)
+            self.team_use[(team_id, family)] += 1
+            if borrowed:
+                cores[job_id].append(core)
+                self.borrowers[job_id] = Borrower(job_id, team_id, host_id, (), since.timestamp())
+                self.family_of[job_id] = family
+        for job_id, b in self.borrowers.items():
+            self.borrowers[job_id] = Borrower(b.job_id, b.team_id, b.host_id, tuple(sorted(cores[job_id])), b.since)
+
+    def slots(self, family: str) -> list[HostSlots]:
+        return [HostSlots(h.pk, h.name, h.family, tuple(h.core_ids), frozenset(self.used[h.pk]),
+                          h.state == Host.State.DRAINING) for h in self.hosts.values() if h.family == family]
+
+    def take(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
+        self.used[spot.host_id].update(range(spot.core_start, spot.core_start + job.cores))
+        self.team_use[(job.team_id, job.family)] += job.cores
+        if borrowed:
+            self.borrowers[job.pk] = Borrower(job.pk, job.team_id, spot.host_id,
+                                              tuple(range(spot.core_start, spot.core_start + job.cores)),
+                                              timezone.now().timestamp())
+            self.family_of[job.pk] = job.family
+
+    def give_back(self, victim: Borrower) -> None:
+        self.used[victim.host_id].difference_update(victim.cores)
+        self.team_use[(victim.team_id, self.family_of[victim.job_id])] -= len(victim.cores)
+        del self.borrowers[victim.job_id]
+
+    def borrowers_of_others(self, family: str, team_id: int) -> list[Borrower]:
+        return [b for b in self.borrowers.values() if self.family_of[b.job_id] == family and b.team_id != team_id]
+
+
+@dataclass
+class Limits:
+    """Every team's quotas, read once per dispatch run."""
+
+    family: dict[tuple[int, str], tuple[int, int]]  # (team, family) -> (guaranteed, borrow_limit)
+    budget: dict[int, float]  # team -> monthly NeuronCore-hours
+    used_hours: dict[int, float]  # team -> NeuronCore-hours used this month
+    slugs: dict[int, str]
+
+    @classmethod
+    def load(cls) -> "Limits":
+        from jobs.selectors_teams import core_hours_by_team
+
+        return cls(
+            {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
+                "team_id", "family", "guaranteed_cores", "borrow_limit")},
+            dict(TeamQuota.objects.values_list("team_id", "monthly_core_hours")),
+            core_hours_by_team(),
+            {},
+        )
+
+    def slug(self, team_id: int) -> str:
+        if team_id not in self.slugs:
+            self.slugs[team_id] = Team.objects.filter(pk=team_id).values_list("slug", flat=True).first() or "?"
+        return self.slugs[team_id]
+
+
+class Dispatcher:
+    """One dispatch run inside one transaction (see dispatch())."""
+
+    def __init__(self, fleet: Fleet, limits: Limits):
+        self.fleet, self.limits = fleet, limits
+        self.placed: list[tuple[int, str]] = []
+        self.preempted: list[int] = []
+        self.reasons: dict[int, tuple[str, str]] = {}
+
+    def family_state(self, job: PendingRow, slots: list[HostSlots]) -> FamilyState:
+        guaranteed, borrow = self.limits.family.get((job.team_id, job.family), (0, 0))
+        return FamilyState(guaranteed, borrow, self.fleet.team_use[(job.team_id, job.family)],
+                           sum(s.free for s in slots if not s.draining), sum(len(s.core_ids) for s in slots))
+
+    def admission(self, job: PendingRow) -> tuple[Decision, list[HostSlots], FamilyState]:
+        """May the job start now as far as budget, hosts and quota go?"""
+        self.limits.slugs.setdefault(job.team_id, job.team_slug)
+        slots = self.fleet.slots(job.family)
+        fam = self.family_state(job, slots)
+        budget = self.limits.budget.get(job.team_id)
+        checks = (
+            lambda: check_budget(job.team_slug, self.limits.used_hours.get(job.team_id, 0.0), budget)
+            if budget is not None else Decision.admit(),
+            lambda: check_hosts(job.family, job.cores, slots),
+            lambda: check_dispatch(job.team_slug, job.family, job.cores, fam),
+        )
+        decision = Decision.admit()
+        for check in checks:
+            decision = check()
+            if not decision.ok:
+                break
+        return decision, slots, fam
+
+    def run(self, order: list[PendingRow]) -> None:
+        # Jobs within their team's guarantee go first; borrowing jobs only get what is
+        # left, so a borrower is never placed in the same run that would preempt it.
+        deferred = []
+        for job in order:
+            decision, slots, fam = self.admission(job)
+            if decision.ok and decision.borrowed:
+                deferred.append(job)
+            else:
+                self.handle(job, decision, slots, fam)
+        for job in deferred:
+            self.handle(job, *self.admission(job))
+
+    def handle(self, job: PendingRow, decision: Decision, slots: list[HostSlots], fam: FamilyState) -> None:
+        if not decision.ok:
+            self.reasons[job.pk] = (decision.code, decision.sentence)
+            return
+        spot = place(slots, job.family, job.cores)
+        if spot is None and not decision.borrowed:
+            spot = self.reclaim(job, slots)
+        if spot is None:
+            refusal = no_room(job.team_slug, job.family, job.cores, self.family_state(job, self.fleet.slots(job.family)))
+            self.reasons[job.pk] = (refusal.code, refusal.sentence)
+            return
+        self.start(job, spot, decision.borrowed)
+
+    def reclaim(self, job: PendingRow, slots: list[HostSlots]) -> Placement | None:
+        """The job is within its team's guarantee but there is no room: preempt other
+        teams' borrowing jobs (newest first, just enough), then place it."""
+        choice = choose_victims(slots, job.family, job.cores, self.fleet.borrowers_of_others(job.family, job.team_id))
+        if choice is None:
+            return None
+        victims, _ = choice
+        guaranteed, _ = self.limits.family.get((job.team_id, job.family), (0, 0))
+        for victim in victims:
+            owner = self.limits.slug(victim.team_id)
+            message = (f"preempted: team {job.team_slug} reclaimed {len(victim.cores)} {job.family} cores for its job "
+                       f"#{job.pk} ({job.cores} cores, within its {guaranteed} guaranteed); this job was borrowing "
+                       f"them beyond team {owner}'s guarantee and is back in the queue")
+            # Whoever wins the conditional UPDATE (this requeue, or the worker
+            # finishing / the owner cancelling at the same moment), the cores are
+            # free once it commits: states releases them inside the transition.
+            if states.requeue(victim.job_id, kind="preempted", message=message,
+                              event_data={"by_team": job.team_slug, "by_job": job.pk, "cores": len(victim.cores),
+                                          "family": job.family}):
+                self.preempted.append(victim.job_id)
+            self.fleet.give_back(victim)
+        return place(self.fleet.slots(job.family), job.family, job.cores)
+
+    def start(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
+        host = self.fleet.hosts[spot.host_id]
+        cores = range(spot.core_start, spot.core_start + job.cores)
+        CoreAllocation.objects.bulk_create([
+            CoreAllocation(host=host, core=c, job_id=job.pk, team_id=job.team_id, family=job.family, borrowed=borrowed)
+            for c in cores])
+        note = f"placed on {host.name} cores {core_range(spot.core_start, job.cores)}" + (" (borrowed)" if borrowed else "")
+        if states.mark_queued(job, host.pk, spot.core_start, note):
+            self.fleet.take(job, spot, borrowed)
+            self.placed.append((job.pk, host.queue))
+        else:  # cancelled meanwhile: give the cores back
+            CoreAllocation.objects.filter(job_id=job.pk).delete()
+
+    def save_reasons(self, rows: list[PendingRow]) -> None:
+        """Write the changed waiting reasons in a few UPDATEs (guarded by status, so a
+        job cancelled meanwhile keeps its own reason)."""
+        changed = {r.pk: self.reasons[r.pk] for r in rows
+                   if r.pk in self.reasons and (r.reason_code, r.reason) != self.reasons[r.pk]}
+        ids = list(changed)
+        for i in range(0, len(ids), 200):
+            chunk = ids[i:i + 200]
+            Job.objects.filter(pk__in=chunk, status=S.PENDING).update(
+                reason_code=Case(*[When(pk=pk, then=Value(changed[pk][0])) for pk in chunk]),
+                reason=Case(*[When(pk=pk, then=Value(changed[pk][1])) for pk in chunk]),
+            )
 
 
 def dispatch() -> DispatchReport:
+    """Place what can start now, preempt borrowed cores a guarantee needs back, and
+    write every waiting job's reason. Safe to run concurrently: runs serialize on
+    the host rows (SELECT … FOR UPDATE), so two runs never hand out the same room."""
     from jobs import live
 
     try:
         live.redis().delete("nd:dispatch:kick")
     except Exception:
         pass
-    placed: list[tuple[int, str]] = []
-    waiting = 0
     with transaction.atomic():
         hosts = list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).order_by("pk"))
-        used: dict[int, set[int]] = defaultdict(set)
-        team_use: dict[tuple[int, str], int] = defaultdict(int)
-        for host_id, core, team_id, family in CoreAllocation.objects.values_list("host_id", "core", "team_id", "family"):
-            used[host_id].add(core)
-            team_use[(team_id, family)] += 1
-        quotas = {(q.team_id, q.family): q for q in FamilyQuota.objects.all()}
-        by_id = {h.pk: h for h in hosts}
-        pending = pending_order(list(Job.objects.filter(status=S.PENDING, cancel_requested=False)
-                                     .select_related("team")[:DISPATCH_BATCH]))
-        for job in pending:
-            slots = [HostSlots(h.pk, h.name, h.family, tuple(h.core_ids), frozenset(used[h.pk]),
-                               h.state == Host.State.DRAINING) for h in hosts]
-            fleet = [s for s in slots if s.family == job.family]
-            fleet_free = sum(s.free for s in fleet if not s.draining)
-            quota = quotas.get((job.team_id, job.family))
-            fam = FamilyState(quota.guaranteed_cores if quota else 0, quota.borrow_limit if quota else 0,
-                              team_use[(job.team_id, job.family)], fleet_free, sum(len(s.core_ids) for s in fleet))
-            decision = check_dispatch(job.team.slug, job.family, job.cores, fam)
-            spot = place(slots, job.family, job.cores) if decision.ok else None
-            if spot is None:
-                waiting += 1
-                code, reason = (decision.code, decision.sentence) if not decision.ok else _no_room(job, fleet, fam)
-                if (job.reason_code, job.reason) != (code, reason):
-                    Job.objects.filter(pk=job.pk, status=S.PENDING).update(reason_code=code, reason=reason)
-                continue
-            host = by_id[spot.host_id]
-            rows = [CoreAllocation(host=host, core=c, job=job, team_id=job.team_id, family=job.family,
-                                   borrowed=decision.borrowed) for c in range(spot.core_start, spot.core_start + job.cores)]
-            CoreAllocation.objects.bulk_create(rows)
-            if states.mark_queued(job, host.pk, spot.core_start,
-                                  f"placed on {host.name} cores {core_range(spot.core_start, job.cores)}"
-                                  + (" (borrowed)" if decision.borrowed else "")):
-                used[host.pk].update(range(spot.core_start, spot.core_start + job.cores))
-                team_use[(job.team_id, job.family)] += job.cores
-                placed.append((job.pk, host.queue))
-            else:  # cancelled meanwhile: give the cores back
-                CoreAllocation.objects.filter(job=job).delete()
+        dispatcher = Dispatcher(Fleet(hosts), Limits.load())
+        rows = pending_rows()
+        dispatcher.run(pending_order(rows))
+        dispatcher.save_reasons(rows)
+        placed = list(dispatcher.placed)
         transaction.on_commit(lambda: [send_run(job_id, queue) for job_id, queue in placed])
-    return DispatchReport([p[0] for p in placed], waiting)
-
-
-def _no_room(job: Job, fleet: list[HostSlots], fam: FamilyState) -> tuple[str, str]:
-    if not fleet:
-        return "no_hosts_of_family", f"needs {job.cores} {job.family} cores; no {job.family} host is online"
-    if all(s.draining for s in fleet if len(s.core_ids) >= job.cores):
-        return "host_draining", f"needs {job.cores} {job.family} cores; every host large enough is draining"
-    return ("no_free_cores_of_family",
-            f"needs {job.cores} contiguous {job.family} cores; {fam.fleet_free} of {fam.fleet_total} are free in "
-            "the fleet but no host has a free run that long")
+    return DispatchReport([p[0] for p in placed], len(dispatcher.reasons), dispatcher.preempted)
 
 
 # --- reaping ---------------------------------------------------------------------

@@ -117,20 +117,24 @@ def mark_running(job_id: int, host_id: int, pid: int | None = None) -> bool:
 
 
 def mark_finished(job_id: int, target: str, *, sources=(S.RUNNING,), message: str = "", actor=None,
-                  failure: str = "", result: dict | None = None, reason: str = "", **fields: Any) -> bool:
+                  failure: str = "", result: dict | None = None, reason: str = "",
+                  extra_filter: dict | None = None, **fields: Any) -> bool:
+    """`extra_filter` narrows the conditional UPDATE, e.g. to one host's attempt, so
+    a worker recording a run that was preempted meanwhile changes nothing."""
     return transition(
-        job_id, sources, target, message=message, actor=actor,
+        job_id, sources, target, message=message, actor=actor, extra_filter=extra_filter,
         finished_at=timezone.now(), failure=failure, reason=reason,
         reason_code=failure, **({"result": result} if result is not None else {}), **fields,
     )
 
 
 def requeue(job_id: int, *, sources=(S.RUNNING, S.QUEUED), message: str, kind: str = "requeued",
-            actor=None, event_data: dict | None = None) -> bool:
+            actor=None, event_data: dict | None = None, extra_filter: dict | None = None) -> bool:
     """Back to pending (worker lost with attempts left, preempted, lost message)."""
     with transaction.atomic():
         moved = transition(
             job_id, sources, S.PENDING, message=message, actor=actor, event_data=event_data,
+            extra_filter=extra_filter,
             host_id=None, core_start=None, queued_at=None, started_at=None, heartbeat_at=None,
             worker_pid=None, reason_code=kind, reason=message,
         )

@@ -14,3 +14,23 @@ def reap_task() -> dict:
     from jobs.scheduler import reap
 
     return reap()
+
+
+@shared_task(name="jobs.rollup_metrics", ignore_result=True)
+def rollup_metrics_task() -> dict:
+    """Aggregate complete minutes of the live metric streams into MetricMinute."""
+    from dataclasses import asdict
+
+    from jobs.metrics import rollup
+
+    return asdict(rollup())
+
+
+@shared_task(name="jobs.prune_metrics", ignore_result=True)
+def prune_metrics_task() -> dict:
+    """Drop rolled-up raw stream data: finished jobs' streams and entries older than an hour."""
+    from dataclasses import asdict
+
+    from jobs.metrics import prune
+
+    return asdict(prune())

@@ -25,7 +25,7 @@ from django.db.models import QuerySet
 from django.http import FileResponse, Http404, HttpRequest, JsonResponse, QueryDict, StreamingHttpResponse
 from django.urls import reverse
 from django.utils.datastructures import MultiValueDict
-from ninja import Query, Router, Schema
+from ninja import Query, Router, Schema, Status
 from zipstream import ZipStream
 
 from jobs import access, selectors, storage
@@ -430,7 +430,7 @@ def submit_job(request: HttpRequest):
         status = 409 if exc.status == 400 and exc.code in CONFLICT_CODES else exc.status
         return _error(status, exc.message, code=exc.code, field=exc.field,
                       errors={exc.field: [exc.message]} if exc.field else None)
-    return 201, job_document(access.get_job(request.auth, job.pk))
+    return Status(201, job_document(access.get_job(request.auth, job.pk)))
 
 
 @router.get("/jobs", response={200: JobPage, **ERRORS}, summary="List jobs")
@@ -588,7 +588,7 @@ def upload_model(request: HttpRequest):
     except UploadError as exc:
         return _upload_refused(exc)
     model = access.get_model(request.auth, model.pk)
-    return 201, model_document(model, _lineages([model])[model.pk])
+    return Status(201, model_document(model, _lineages([model])[model.pk]))
 
 
 @router.get("/datasets", response={200: DatasetPage, **ERRORS}, summary="List datasets")
@@ -618,4 +618,4 @@ def upload_dataset(request: HttpRequest):
         dataset = dataset_upload(team=team, user=request.auth, name=request.POST["name"], upload=upload)
     except UploadError as exc:
         return _upload_refused(exc)
-    return 201, dataset_document(access.get_dataset(request.auth, dataset.pk))
+    return Status(201, dataset_document(access.get_dataset(request.auth, dataset.pk)))

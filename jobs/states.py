@@ -20,7 +20,7 @@ S = Job.Status
 
 # from-state(s) -> to-state; the closed set of legal moves.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    S.PENDING: (S.QUEUED, S.CANCELLED, S.FAILED),
+    S.PENDING: (S.QUEUED, S.CANCELLED, S.FAILED, S.SUCCEEDED),  # succeeded: a compile cache hit
     S.QUEUED: (S.RUNNING, S.PENDING, S.CANCELLED, S.FAILED),
     S.RUNNING: (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING),
     S.SUCCEEDED: (),

@@ -653,6 +653,12 @@ def test_a_logged_in_session_works_too(cast, client):
     assert client.get("/api/v1/jobs").status_code == 200
 
 
+def test_teams_lists_the_callers_teams_with_their_role(cast):
+    assert api_client(cast.vera).get("/api/v1/teams").json() == [{"slug": "vision", "name": "Vision", "role": "viewer"}]
+    assert api_client(cast.charlie).get("/api/v1/teams").json() == [{"slug": "audio", "name": "Audio", "role": "manager"}]
+    assert [t["role"] for t in api_client(cast.admin).get("/api/v1/teams").json()] == ["manager", "manager"]
+
+
 # --- schema and docs ------------------------------------------------------------------
 
 def test_the_openapi_schema_documents_every_endpoint_with_schemas(db):
@@ -662,10 +668,12 @@ def test_the_openapi_schema_documents_every_endpoint_with_schemas(db):
                          ("/api/v1/jobs/{job_id}/logs", "get"), ("/api/v1/jobs/{job_id}/cancel", "post"),
                          ("/api/v1/jobs/{job_id}/artifacts/{name}", "get"), ("/api/v1/models", "get"),
                          ("/api/v1/models", "post"), ("/api/v1/models/{model_id}", "get"),
-                         ("/api/v1/datasets", "get"), ("/api/v1/datasets", "post")]:
+                         ("/api/v1/datasets", "get"), ("/api/v1/datasets", "post"),
+                         ("/api/v1/datasets/{dataset_id}", "get"), ("/api/v1/teams", "get")]:
         assert method in paths[path], (path, method)
     components = schema["components"]["schemas"]
-    assert {"JobOut", "JobPage", "LogOut", "ModelOut", "DatasetOut", "ErrorOut"} <= set(components)
+    assert {"JobOut", "JobPage", "LogOut", "ModelOut", "DatasetOut", "JobsError", "TeamRoleOut"} <= set(components)
+    assert {"detail", "code", "field", "errors"} <= set(components["JobsError"]["properties"])
     assert "queue_position" in components["JobOut"]["properties"]
     submit_body = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]
     assert "kind" in submit_body["application/json"]["schema"]["properties"]

@@ -46,6 +46,11 @@ ARTIFACTS_DIR = "artifacts"
 
 PAYLOAD_KEYS = ("job_id", "kind", "backend", "spec", "workdir", "inputs", "cores", "env")
 
+# Exec mode: the supervisor passes the read end of a pipe whose write end only it
+# holds, and the grace period to use if that pipe reports EOF (see Lifeline).
+LIFELINE_FD_ENV = "NEURONDECK_LIFELINE_FD"
+LIFELINE_GRACE_ENV = "NEURONDECK_LIFELINE_GRACE_S"
+
 
 def resolve_backend(name: str) -> Any:
     """Return a backend *instance* for ``name``.
@@ -250,6 +255,74 @@ def prepare_child_process() -> None:
             reconfigure(line_buffering=True, errors="backslashreplace")
 
 
+class Lifeline:
+    """Stop the job when its supervising process disappears.
+
+    ``fd`` is readable-at-EOF once every copy of the supervisor's end is closed:
+    normally after the job exits, or early when the worker dies (OOM-killed,
+    ``kill -9``, Celery hard time limit). A job nobody supervises holds cores
+    and gets no heartbeat, so the reaper will requeue it; it must not keep
+    running next to its second attempt. On EOF a watcher thread writes STOP,
+    SIGTERMs the job's process group (the runner's handler turns that into
+    ``should_stop()``), and SIGKILLs the group ``grace_s`` later.
+    """
+
+    def __init__(self, fd: int, workdir: Path, grace_s: float) -> None:
+        os.set_inheritable(fd, False)  # grandchildren need not hold it
+        self.fd = fd
+        self.workdir = workdir
+        self.grace_s = grace_s
+        self.lost = threading.Event()
+        threading.Thread(target=self._watch, name="lifeline", daemon=True).start()
+
+    @classmethod
+    def from_env(cls, workdir: Path) -> Lifeline | None:
+        """The exec-mode lifeline announced in the environment (removed from it)."""
+        raw = os.environ.pop(LIFELINE_FD_ENV, None)
+        grace = float(os.environ.pop(LIFELINE_GRACE_ENV, "10") or 10)
+        if not raw:
+            return None
+        return cls(int(raw), workdir, grace)
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                if not os.read(self.fd, 4096):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        self.lost.set()
+        os.write(2, b"[runner] the supervising process is gone; stopping the job\n")
+        try:
+            (self.workdir / STOP_FILE).touch()
+        except OSError:
+            pass
+        _signal_own_group(signal.SIGTERM)
+        time.sleep(self.grace_s)
+        os.write(2, b"[runner] grace period over; killing the job's process group\n")
+        _signal_own_group(signal.SIGKILL)
+
+    def finish(self) -> None:
+        """Call last: if orphaned, take what is left of the group down with us.
+
+        A backend may have stopped cooperatively while a helper it started
+        ignores SIGTERM; nobody else is left to SIGKILL that helper.
+        """
+        if self.lost.is_set():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _signal_own_group(signal.SIGKILL)
+
+
+def _signal_own_group(sig: int) -> None:
+    try:
+        os.killpg(os.getpgrp(), sig)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m neuron_workers.runner <payload.json>``; exit code 0/1 (2 = usage)."""
     args = sys.argv[1:] if argv is None else argv
@@ -259,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     prepare_child_process()
     with open(args[0], encoding="utf-8") as fh:
         payload = json.load(fh)
-    return run_payload(payload)
+    lifeline = Lifeline.from_env(Path(payload["workdir"]))
+    code = run_payload(payload)
+    if lifeline is not None:
+        lifeline.finish()
+    return code
 
 
 if __name__ == "__main__":

@@ -38,12 +38,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from neuron_workers.runner import LOG_FILE, METRICS_FILE, PAYLOAD_FILE, RESULT_FILE, STOP_FILE
+from neuron_workers.runner import (
+    LIFELINE_FD_ENV,
+    LIFELINE_GRACE_ENV,
+    LOG_FILE,
+    METRICS_FILE,
+    PAYLOAD_FILE,
+    RESULT_FILE,
+    STOP_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +130,10 @@ class ChildHandle:
 
 
 class _ExecChild(ChildHandle):
-    def __init__(self, popen: subprocess.Popen, workdir: Path, started_at: float) -> None:
+    def __init__(self, popen: subprocess.Popen, lifeline_fd: int, workdir: Path, started_at: float) -> None:
         super().__init__(popen.pid, "exec", workdir, started_at)
         self._popen = popen
+        self._lifeline_fd: int | None = lifeline_fd
         # A pidfd becomes readable the moment the child exits, so the supervisor
         # reacts to a 30 ms job in 30 ms instead of at its next poll tick.
         try:
@@ -152,6 +161,9 @@ class _ExecChild(ChildHandle):
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        if self._lifeline_fd is not None:
+            os.close(self._lifeline_fd)
+            self._lifeline_fd = None
 
 
 # Status channel between a fork-mode child, its zygote and the supervisor: a
@@ -242,14 +254,18 @@ class Zygote:
 
     ``start()`` runs a fresh interpreter that imports ``preload`` and then waits
     for requests on a SOCK_SEQPACKET socket; ``spawn()`` makes it fork a job
-    child. Thread-safe. The zygote exits when this process closes its end of
+    child (``spares`` idle children are kept pre-forked to take requests
+    without a fork on the critical path). Thread-safe. The zygote exits when this process closes its end of
     the socket (including when this process dies), leaving running jobs alone:
     they are in their own sessions and a restarted worker finds them with
     :func:`find_orphans`.
     """
 
-    def __init__(self, preload: Sequence[str] = DEFAULT_PRELOAD, *, start_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, preload: Sequence[str] = DEFAULT_PRELOAD, *, spares: int = 1, start_timeout_s: float = 300.0
+    ) -> None:
         self.preload = tuple(preload)
+        self.spares = spares
         self.start_timeout_s = start_timeout_s
         self.owner_pid = os.getpid()
         self.info: dict[str, Any] = {}
@@ -288,7 +304,8 @@ class Zygote:
             theirs.close()
         self._sock = ours
         sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-        ours.send(json.dumps({"sys_path": sys_path, "preload": list(self.preload)}).encode())
+        hello = {"sys_path": sys_path, "preload": list(self.preload), "spares": self.spares}
+        ours.send(json.dumps(hello).encode())
         ours.settimeout(self.start_timeout_s)
         try:
             reply = ours.recv(1 << 16)
@@ -467,7 +484,7 @@ def _set_child_subreaper() -> None:
 
 
 def _zygote_main(fd: int) -> None:
-    """Zygote process body. Never returns normally; exits on EOF of ``fd``."""
+    """Zygote process body. Never returns; exits on EOF of the control socket ``fd``."""
     ctrl = socket.socket(fileno=fd)
     hello = json.loads(ctrl.recv(1 << 20))
     sys.path[:] = hello["sys_path"]
@@ -476,6 +493,7 @@ def _zygote_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_child_subreaper()
     errors = []
+    import gc
     import importlib
 
     for module in ["neuron_workers.runner", *hello["preload"]]:
@@ -483,88 +501,159 @@ def _zygote_main(fd: int) -> None:
             importlib.import_module(module)
         except BaseException as exc:  # noqa: BLE001 - a missing optional module must not kill the zygote
             errors.append(f"{module}: {type(exc).__name__}: {exc}")
-    slot = _EnvironSlot.find(TAG_VAR)
+    # Move the preloaded heap out of the collector's reach: a GC pass in a child
+    # would otherwise write to every object header and copy most pages (COW).
+    gc.collect()
+    gc.freeze()
+    server = _ZygoteServer(ctrl, _EnvironSlot.find(TAG_VAR), spares=int(hello.get("spares", 1)))
     ctrl.send(
         json.dumps(
-            {"pid": os.getpid(), "preload_errors": errors, "threads": threading.active_count(), "tag_slot": bool(slot)}
+            {
+                "pid": os.getpid(),
+                "preload_errors": errors,
+                "threads": threading.active_count(),
+                "tag_slot": server.slot is not None,
+            }
         ).encode()
     )
-
-    # SIGCHLD -> wakeup pipe, so select() returns as soon as a job exits.
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    children: dict[int, socket.socket] = {}
-    while True:
-        try:
-            ready, _, _ = select.select([ctrl, wake_r], [], [])
-        except InterruptedError:
-            continue
-        if wake_r in ready:
-            try:
-                while os.read(wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            _zygote_reap(children)
-        if ctrl in ready:
-            try:
-                msg, fds, _flags, _addr = socket.recv_fds(ctrl, 1 << 20, 1)
-            except OSError:
-                msg, fds = b"", []
-            if not msg:
-                break
-            status_sock = socket.socket(fileno=fds[0])
-            request = json.loads(msg)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _zygote_child(request, status_sock, [ctrl, *children.values()], [wake_r, wake_w], slot)
-            children[pid] = status_sock
+    server.serve()
     # EOF: our owner is gone. Jobs keep running in their own sessions; we just
-    # stop forwarding statuses (the owner cannot read them any more).
+    # stop forwarding statuses (nobody could read them any more).
     os._exit(0)
 
 
-def _zygote_reap(children: dict[int, socket.socket]) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        sock = children.pop(pid, None)  # None: an adopted orphan (we are a subreaper)
-        if sock is not None:
+class _ZygoteServer:
+    """The zygote's request loop.
+
+    Keeps ``spares`` pre-forked idle children: forking a process that has torch
+    and transformers imported costs ~6 ms of page-table copying, so a request
+    is handed to an idle spare and the replacement is forked *after* the hand-
+    off, off the job's start-up path. Without a spare it forks directly.
+
+    Every job child is our child, so we reap it (SIGCHLD wakes the loop through
+    a wakeup pipe) and send its wait status on the job's status socket.
+    """
+
+    def __init__(self, ctrl: socket.socket, slot: _EnvironSlot | None, spares: int) -> None:
+        self.ctrl = ctrl
+        self.slot = slot
+        self.spares_wanted = max(0, spares)
+        self.jobs: dict[int, socket.socket] = {}  # job pid -> status socket
+        self.spares: dict[int, socket.socket] = {}  # idle pid -> its request socket
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self._refill()
+        while True:
             try:
-                sock.sendall(_STATUS.pack(b"S", pid, status))
+                ready, _, _ = select.select([self.ctrl, self.wake_r], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                self._drain_wakeups()
+                self._reap()
+            if self.ctrl in ready:
+                try:
+                    msg, fds, _flags, _addr = socket.recv_fds(self.ctrl, 1 << 20, 1)
+                except OSError:
+                    msg, fds = b"", []
+                if not msg:
+                    return
+                self._start_job(msg, socket.socket(fileno=fds[0]))
+            self._refill()
+
+    def _start_job(self, msg: bytes, status_sock: socket.socket) -> None:
+        while self.spares:
+            pid, spare_sock = self.spares.popitem()
+            try:
+                socket.send_fds(spare_sock, [msg], [status_sock.fileno()])
             except OSError:
-                pass  # the supervisor gave up on this job; nothing to tell
-            sock.close()
+                continue  # that spare died meanwhile; _reap drops its record
+            finally:
+                spare_sock.close()
+            self.jobs[pid] = status_sock
+            return
+        pid = self._fork()
+        if pid == 0:
+            _zygote_child(json.loads(msg), status_sock, self.slot)
+        self.jobs[pid] = status_sock
+
+    def _refill(self) -> None:
+        while len(self.spares) < self.spares_wanted:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = self._fork()
+            if pid == 0:
+                ours.close()  # else the spare never sees EOF when the zygote dies
+                _spare_main(theirs, self.slot)
+            theirs.close()
+            self.spares[pid] = ours
+
+    def _fork(self) -> int:
+        """os.fork(); in the child, drop every fd and handler of the zygote's loop."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            # A spare or job holding the control socket would keep the owner
+            # from noticing that the zygote died.
+            for sock in [self.ctrl, *self.jobs.values(), *self.spares.values()]:
+                sock.close()
+        return pid
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            spare = self.spares.pop(pid, None)
+            if spare is not None:
+                spare.close()
+            sock = self.jobs.pop(pid, None)  # None: a spare, or an adopted orphan (subreaper)
+            if sock is not None:
+                try:
+                    sock.sendall(_STATUS.pack(b"S", pid, status))
+                except OSError:
+                    pass  # the supervisor gave up on this job; nothing to tell
+                sock.close()
 
 
-def _zygote_child(
-    request: dict,
-    status_sock: socket.socket,
-    inherited_socks: Iterable[socket.socket],
-    inherited_fds: Iterable[int],
-    slot: _EnvironSlot | None,
-) -> None:
-    """Body of a forked job child. Never returns (os._exit)."""
+def _spare_main(sock: socket.socket, slot: _EnvironSlot | None) -> None:
+    """Body of an idle pre-forked child: wait for one request, then become the job."""
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
+    except BaseException:  # noqa: BLE001
+        msg, fds = b"", []
+    if not msg or not fds:
+        os._exit(0)  # the zygote is gone (or shutting down): nothing to do
+    sock.close()
+    _zygote_child(json.loads(msg), socket.socket(fileno=fds[0]), slot)
+
+
+def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot | None) -> None:
+    """Body of a forked job child (fds of the zygote already closed). Never returns."""
     code = 1
     try:
         # New session first: the supervisor may killpg(pid) as soon as it learns
-        # the pid, which we only tell it after this line.
+        # the pid, which we only tell it at the end of this block.
         os.setsid()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for sock in inherited_socks:
-            sock.close()
-        for fd in inherited_fds:
-            os.close(fd)
         _redirect_stdio(request["log_path"])
         os.chdir(request["workdir"])
         env: dict[str, str] = request["env"]
@@ -574,14 +663,17 @@ def _zygote_child(
         os.environ.update(env)
         _reseed_forked_rngs()
         status_sock.sendall(_STATUS.pack(b"P", os.getpid(), 0))
-        status_sock.close()
 
         from neuron_workers import runner
 
         runner.prepare_child_process()
+        # The status socket doubles as the lifeline: EOF once the supervisor's
+        # end is closed (it only is after we exit, unless the supervisor died).
+        lifeline = runner.Lifeline(status_sock.detach(), Path(request["workdir"]), float(request["grace_s"]))
         with open(request["payload_path"], encoding="utf-8") as fh:
             payload = json.load(fh)
         code = runner.run_payload(payload)
+        lifeline.finish()
     except BaseException:  # noqa: BLE001 - report and exit; never return into the zygote loop
         import traceback
 
@@ -608,9 +700,12 @@ def _redirect_stdio(log_path: str) -> None:
 def _reseed_forked_rngs() -> None:
     # `random` reseeds itself after fork; numpy's global RNG does not, and every
     # job forked from the same zygote would otherwise draw the same numbers.
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
+    # Only if numpy.random was imported (numpy 2 loads it lazily; importing it
+    # here would cost ~25 ms), and with an explicit seed (argument-less seed()
+    # costs ~14 ms on first use).
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed(int.from_bytes(os.urandom(4), "little"))
 
 
 # ---------------------------------------------------------------------- launch
@@ -661,7 +756,7 @@ def _prepare_workdir(payload: dict) -> Path:
     return workdir
 
 
-def launch(payload: dict, mode: Mode = "fork", *, zygote: Zygote | None = None) -> ChildHandle:
+def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote: Zygote | None = None) -> ChildHandle:
     """Start the runner for ``payload`` in a new session; return at once.
 
     ``payload`` is the runner payload (job_id, kind, backend, spec, workdir,
@@ -669,6 +764,11 @@ def launch(payload: dict, mode: Mode = "fork", *, zygote: Zygote | None = None) 
     group leader (``handle.pgid == handle.pid``) and writes to workdir/log.txt.
     Fork mode uses ``zygote`` or this process's default one; if that zygote
     cannot be started the job is launched in exec mode instead (logged).
+
+    The child keeps a lifeline to this process (see runner.Lifeline): if this
+    process dies, the job stops by itself (SIGTERM, then SIGKILL ``grace_s``
+    later, to its whole group). The lifeline is released by
+    ``handle.close()``, which the handle does itself once the child exited.
     """
     started_at = time.monotonic()
     workdir = _prepare_workdir(payload)
@@ -680,6 +780,7 @@ def launch(payload: dict, mode: Mode = "fork", *, zygote: Zygote | None = None) 
             "log_path": str(workdir / LOG_FILE),
             "workdir": str(workdir),
             "env": env,
+            "grace_s": grace_s,
         }
         try:
             pid, status_sock = zygote.spawn(request)
@@ -689,17 +790,27 @@ def launch(payload: dict, mode: Mode = "fork", *, zygote: Zygote | None = None) 
             return _ForkChild(pid, status_sock, workdir, started_at)
     elif mode != "exec":
         raise ValueError(f"unknown launch mode {mode!r}")
-    with open(workdir / LOG_FILE, "ab") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "neuron_workers.runner", str(workdir / PAYLOAD_FILE)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=env,
-            start_new_session=True,
-        )
-    return _ExecChild(popen, workdir, started_at)
+    lifeline_r, lifeline_w = os.pipe()  # both O_CLOEXEC: no other child inherits them
+    env[LIFELINE_FD_ENV] = str(lifeline_r)
+    env[LIFELINE_GRACE_ENV] = str(grace_s)
+    try:
+        with open(workdir / LOG_FILE, "ab") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "neuron_workers.runner", str(workdir / PAYLOAD_FILE)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                env=env,
+                pass_fds=[lifeline_r],
+                start_new_session=True,
+            )
+    except BaseException:
+        os.close(lifeline_w)
+        raise
+    finally:
+        os.close(lifeline_r)
+    return _ExecChild(popen, lifeline_w, workdir, started_at)
 
 
 # ---------------------------------------------------------------------- tailing
@@ -856,7 +967,7 @@ def supervise(
     A crashing child never raises here. An exception from a callback propagates,
     but only after the job's process group has been killed.
     """
-    handle = launch(payload, mode, zygote=zygote)
+    handle = launch(payload, mode, grace_s=grace_s, zygote=zygote)
     logs = _LogTailer(handle.workdir / LOG_FILE, on_log)
     metrics = _MetricsTailer(handle.workdir / METRICS_FILE, on_metric)
     try:

@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from jobs.placement import HostSlots, Placement, place
 
 
+def are_free(n: int) -> str:
+    return f"{n} {'is' if n == 1 else 'are'} free"
+
+
+def n_cores(n: int, family: str, adjective: str = "") -> str:
+    """"1 trn1 core", "32 contiguous trn1 cores"."""
+    return f"{n} {adjective}{family} core{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class Decision:
     ok: bool
@@ -73,13 +82,13 @@ def check_dispatch(team: str, family: str, cores: int, fam: FamilyState) -> Deci
     if fam.borrow_limit:
         return Decision(
             False, "borrowing_limit_reached",
-            f"needs {cores} {family} cores; team {team} uses {fam.in_use} "
-            f"({fam.guaranteed} guaranteed + {fam.borrow_limit} borrowable); {fam.fleet_free} are free in the fleet",
+            f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} "
+            f"({fam.guaranteed} guaranteed + {fam.borrow_limit} borrowable); {are_free(fam.fleet_free)} in the fleet",
         )
     return Decision(
         False, "waiting_for_quota",
-        f"needs {cores} {family} cores; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed; "
-        f"{fam.fleet_free} are free in the fleet",
+        f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed; "
+        f"{are_free(fam.fleet_free)} in the fleet",
     )
 
 
@@ -150,12 +159,12 @@ def check_hosts(family: str, cores: int, fleet: list[HostSlots]) -> Decision:
     """Is there any online host of `family` that could hold the request at all?
     (`fleet`: the family's hosts that are not offline.)"""
     if not fleet:
-        return Decision(False, "no_hosts_of_family", f"needs {cores} {family} cores; no {family} host is online")
+        return Decision(False, "no_hosts_of_family", f"needs {n_cores(cores, family)}; no {family} host is online")
     large = [h for h in fleet if len(h.core_ids) >= cores]
     if large and all(h.draining for h in large):
         names = ", ".join(h.name for h in large[:3]) + (" …" if len(large) > 3 else "")
         return Decision(False, "host_draining",
-                        f"needs {cores} {family} cores; every {family} host large enough is draining ({names})")
+                        f"needs {n_cores(cores, family)}; every {family} host large enough is draining ({names})")
     return Decision.admit()
 
 
@@ -164,12 +173,32 @@ def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
     if fam.fleet_free < cores:
         return Decision(
             False, "no_free_cores_of_family",
-            f"needs {cores} {family} cores; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed"
+            f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed"
             + (f" (+{fam.borrow_limit} borrowable)" if fam.borrow_limit else "")
             + f"; only {fam.fleet_free} of {fam.fleet_total} are free in the fleet",
         )
     return Decision(
         False, "no_free_cores_of_family",
-        f"needs {cores} contiguous {family} cores; {fam.fleet_free} of {fam.fleet_total} are free in the fleet "
+        f"needs {n_cores(cores, family, 'contiguous ')}; {fam.fleet_free} of {fam.fleet_total} are free in the fleet "
         "but no host has a free run that long",
     )
+
+
+# What each waiting reason means for the user, and what ends the wait.
+REASON_HINTS: dict[str, str] = {
+    "submitted": "The scheduler has not looked at it yet; it does within seconds.",
+    "waiting_for_quota": "The team is using its guaranteed cores of this family and may not borrow more. "
+                         "It starts when one of the team's jobs ends, or when an admin raises the guarantee.",
+    "borrowing_limit_reached": "The team already borrows as many idle cores beyond its guarantee as it may. "
+                               "It starts when one of the team's jobs ends, or when an admin raises the limit.",
+    "no_free_cores_of_family": "The team's quota allows it, but no host has that many free cores in a row "
+                               "right now. It starts when other jobs end.",
+    "budget_exhausted": "The team has spent this month's NeuronCore-hours. It starts when an admin raises the "
+                        "budget or the next month begins.",
+    "host_draining": "Every host that could hold it is being drained for maintenance. It starts when one is "
+                     "back online.",
+    "no_hosts_of_family": "No host of this instance family is online. It starts when one registers.",
+    "preempted": "Its cores were taken back by the team they are guaranteed to. It runs again when cores are free.",
+    "worker_lost": "Its worker stopped responding; it was put back in the queue and runs again.",
+    "retry": "Its last attempt crashed; it was put back in the queue and runs again.",
+}

@@ -26,7 +26,7 @@ from jobs.fairshare import QueueItem, fair_order
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
 from jobs.placement import HostSlots, Placement, core_range, place
 from jobs.policy import (
-    Borrower, Decision, FamilyState, check_budget, check_dispatch, check_hosts, choose_victims, no_room,
+    Borrower, Decision, FamilyState, check_budget, check_dispatch, check_hosts, choose_victims, n_cores, no_room,
 )
 from jobs.services import stale_cutoff
 
@@ -228,9 +228,9 @@ class Dispatcher:
         guaranteed, _ = self.limits.family.get((job.team_id, job.family), (0, 0))
         for victim in victims:
             owner = self.limits.slug(victim.team_id)
-            message = (f"preempted: team {job.team_slug} reclaimed {len(victim.cores)} {job.family} cores for its job "
-                       f"#{job.pk} ({job.cores} cores, within its {guaranteed} guaranteed); this job was borrowing "
-                       f"them beyond team {owner}'s guarantee and is back in the queue")
+            message = (f"preempted: team {job.team_slug} reclaimed {n_cores(len(victim.cores), job.family)} for its "
+                       f"job #{job.pk}, which needs {job.cores} of its {guaranteed} guaranteed {job.family} cores; "
+                       f"this job was borrowing them beyond team {owner}'s guarantee and is back in the queue")
             # Whoever wins the conditional UPDATE (this requeue, or the worker
             # finishing / the owner cancelling at the same moment), the cores are
             # free once it commits: states releases them inside the transition.

@@ -33,24 +33,58 @@ def team_jobs(team: Team, *, status: str = "", kind: str = "") -> QuerySet[Job]:
     return jobs.order_by("-id")
 
 
-def queue_position(job: Job) -> int | None:
-    """1-based place of a pending job among the pending jobs of its family, in the
-    order the dispatcher works (jobs.scheduler.pending_order, whatever rule that
-    applies); None unless the job is pending. Orders the whole pending queue, since
-    an order such as fair share can depend on the other families' jobs too."""
+def _family_queue(job: Job) -> list:
+    """The pending jobs of `job`'s family in the order the dispatcher works
+    (jobs.scheduler.pending_order over the same rows dispatch reads). The whole
+    queue is ordered, since fair share charges a team across families."""
+    from jobs.scheduler import pending_order, pending_rows
+
+    return [row for row in pending_order(pending_rows()) if row.family == job.family]
+
+
+def queue_position(job: Job, queue: list | None = None) -> int | None:
+    """1-based place of a pending job among the pending jobs of its family, in
+    dispatch order (kind priority, fair share, submission); None unless the job is
+    pending (or when it is beyond the rows one dispatch run looks at)."""
     if job.status != Job.Status.PENDING:
         return None
-    from jobs.scheduler import pending_order
+    queue = _family_queue(job) if queue is None else queue
+    return next((i for i, row in enumerate(queue, 1) if row.pk == job.pk), None)
 
-    pending = Job.objects.filter(status=Job.Status.PENDING, cancel_requested=False).only(
-        "id", "team_id", "user_id", "kind", "family", "cores", "priority", "created_at")
-    position = 0
-    for other in pending_order(list(pending)):
-        if other.family == job.family:
-            position += 1
-            if other.pk == job.pk:
-                return position
-    return None
+
+def queue_ahead(job: Job, limit: int = 5, queue: list | None = None) -> list[dict]:
+    """The first `limit` jobs ahead of a pending job in its family's queue, next to
+    run first. The job's own team's jobs show id, kind and cores; another team's
+    show only its team slug and cores (a user may see who is ahead, not what they
+    run)."""
+    if job.status != Job.Status.PENDING:
+        return []
+    queue = _family_queue(job) if queue is None else queue
+    ahead = []
+    for row in queue:
+        if row.pk == job.pk or len(ahead) >= limit:
+            break
+        mine = row.team_id == job.team_id
+        ahead.append({"id": row.pk if mine else None, "team": row.team_slug, "kind": row.kind if mine else None,
+                      "cores": row.cores, "mine": mine})
+    return ahead
+
+
+def pending_explanation(job: Job, limit: int = 5) -> dict:
+    """Why a job waits, for the job page and GET /api/v1/jobs/{id}/pending: the
+    dispatcher's last reason code and sentence, the job's place in the queue and who
+    is ahead (the queue is ordered once for both)."""
+    pending = job.status == Job.Status.PENDING
+    queue = _family_queue(job) if pending else []
+    position = queue_position(job, queue) if pending else None
+    from jobs.policy import REASON_HINTS
+
+    return {
+        "status": job.status, "reason_code": job.reason_code if pending else "",
+        "reason": job.reason if pending else "", "hint": REASON_HINTS.get(job.reason_code, "") if pending else "",
+        "family": job.family, "position": position,
+        "queue_length": len(queue), "ahead": queue_ahead(job, limit, queue) if pending else [],
+    }
 
 
 def job_events(job: Job, *, after_id: int = 0) -> list[JobEvent]:

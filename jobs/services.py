@@ -59,6 +59,83 @@ def membership_set(*, team: Team, user, role: str, actor=None) -> None:
             AuditEntry.objects.create(team=team, actor=actor, subject=f"member.{user.username}", old=old, new=role)
 
 
+class MembershipError(Exception):
+    """A membership change that would leave a team without a manager."""
+
+
+def _would_orphan(team: Team, user, new_role: str | None) -> bool:
+    """True if `user` is the team's only manager and would stop being one."""
+    if new_role == Role.MANAGER:
+        return False
+    managers = list(team.memberships.select_for_update().filter(role=Role.MANAGER).values_list("user_id", flat=True))
+    return managers == [user.pk]
+
+
+def membership_change(*, team: Team, user, role: str | None, actor=None) -> None:
+    """Set `user`'s role in `team` (role None = remove them), audited. Refuses to
+    leave the team without a manager (MembershipError)."""
+    with transaction.atomic():
+        if _would_orphan(team, user, role):
+            raise MembershipError(f"{user.username} is the only manager of team {team.slug}; "
+                                  "make someone else a manager first")
+        if role is not None:
+            membership_set(team=team, user=user, role=role, actor=actor)
+            return
+        existing = team.memberships.select_for_update().filter(user=user).first()
+        if existing is None:
+            return
+        existing.delete()
+        AuditEntry.objects.create(team=team, actor=actor, subject=f"member.{user.username}", old=existing.role,
+                                  new="removed")
+
+
+QUOTA_FIELDS = ("share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
+FAMILY_FIELDS = ("guaranteed_cores", "borrow_limit")
+
+
+def _audit_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(value) if value else "all"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def quota_update(*, team: Team, values: dict, actor=None) -> list[AuditEntry]:
+    """Apply validated quota values (jobs.forms_teams.QuotaForm.quota_values: any of
+    QUOTA_FIELDS, and "families": {family: {guaranteed_cores, borrow_limit}}), one
+    AuditEntry per changed number (who, when, old → new). The quota rows are locked
+    so two admins editing at once both get audited against the true old value. Wakes
+    the scheduler after commit: a raised limit may let pending jobs start."""
+    entries: list[AuditEntry] = []
+    with transaction.atomic():
+        quota, _ = TeamQuota.objects.select_for_update().get_or_create(team=team)
+        changed = []
+        for name in QUOTA_FIELDS:
+            if name in values and getattr(quota, name) != values[name]:
+                entries.append(AuditEntry(team=team, actor=actor, subject=f"quota.{name}",
+                                          old=_audit_value(getattr(quota, name)), new=_audit_value(values[name])))
+                setattr(quota, name, values[name])
+                changed.append(name)
+        if changed:
+            quota.save(update_fields=changed)
+        for family, numbers in (values.get("families") or {}).items():
+            fam, _ = team.family_quotas.select_for_update().get_or_create(family=family)
+            fam_changed = []
+            for name in FAMILY_FIELDS:
+                if name in numbers and getattr(fam, name) != numbers[name]:
+                    entries.append(AuditEntry(team=team, actor=actor, subject=f"family.{family}.{name}",
+                                              old=str(getattr(fam, name)), new=str(numbers[name])))
+                    setattr(fam, name, numbers[name])
+                    fam_changed.append(name)
+            if fam_changed:
+                fam.save(update_fields=fam_changed)
+        AuditEntry.objects.bulk_create(entries)
+        if entries:
+            transaction.on_commit(kick_dispatch)
+    return entries
+
+
 # --- submit -----------------------------------------------------------------------
 
 def month_start(now=None):

@@ -1,0 +1,160 @@
+"""HTML pages for teams and quotas: the team page (share, usage against limits,
+borrowing and lending, members, audit trail) and the staff-only quota page.
+
+Access: the team page is fetched through jobs.access.get_team (another team is a
+404); changing members needs the manager role (a viewer or member gets 403 with
+the reason). The quota page is staff only; to anyone else it does not exist (404)."""
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from jobs import access, selectors_teams, services
+from jobs.forms_teams import MemberAddForm, MemberRoleForm, QuotaForm, family_field
+from jobs.models import Family, Kind, Role, Team
+
+AUDIT_SHOWN = 100
+
+
+def _render(request: HttpRequest, template: str, context: dict, *, team: Team | None = None, nav: str = "",
+            status: int = 200) -> HttpResponse:
+    """A full page with what base.html needs (the user's teams, the current team)."""
+    teams = list(access.teams_of(request.user))
+    current = team or (teams[0] if teams else None)
+    return render(request, template, {"nav_teams": teams, "team": current, "nav": nav, **context}, status=status)
+
+
+# --- the team page ----------------------------------------------------------------
+
+@login_required
+def team_detail(request: HttpRequest, slug: str, *, add_form: MemberAddForm | None = None,
+                error: str = "", status: int = 200) -> HttpResponse:
+    team = access.get_team(request.user, slug)
+    role = access.role_in(request.user, team)
+    usage = selectors_teams.team_usage(team)
+    return _render(request, "teams/team_detail.html", {
+        "usage": usage, "role": role, "can_manage": role == Role.MANAGER,
+        "members": team.memberships.select_related("user").order_by("user__username"),
+        "roles": Role.choices, "add_form": add_form or MemberAddForm(), "member_error": error,
+        "audit": selectors_teams.team_audit(team, AUDIT_SHOWN),
+        "kinds": [label for value, label in Kind.choices if usage.quota.allows(value)],
+    }, team=team, nav="team", status=status)
+
+
+def _manager_team(request: HttpRequest, slug: str) -> tuple[Team, str]:
+    """The team if the user may manage its members; else ("", reason) via the team."""
+    team = access.get_team(request.user, slug)
+    try:
+        access.require_role(request.user, team, Role.MANAGER)
+    except access.Forbidden as exc:
+        return team, str(exc)
+    return team, ""
+
+
+@login_required
+@require_POST
+def team_member_add(request: HttpRequest, slug: str) -> HttpResponse:
+    team, forbidden = _manager_team(request, slug)
+    if forbidden:
+        return team_detail(request, slug, error=forbidden, status=403)
+    form = MemberAddForm(request.POST)
+    if not form.is_valid():
+        return team_detail(request, slug, add_form=form, status=400)
+    user, role = form.cleaned_data["username"], form.cleaned_data["role"]
+    try:
+        services.membership_change(team=team, user=user, role=role, actor=request.user)
+    except services.MembershipError as exc:
+        return team_detail(request, slug, error=str(exc), status=409)
+    messages.success(request, f"{user.username} is now {role} of team {team.slug}.")
+    return redirect("team_detail", slug=team.slug)
+
+
+@login_required
+@require_POST
+def team_member_role(request: HttpRequest, slug: str) -> HttpResponse:
+    team, forbidden = _manager_team(request, slug)
+    if forbidden:
+        return team_detail(request, slug, error=forbidden, status=403)
+    form = MemberRoleForm(request.POST)
+    membership = None
+    if form.is_valid():
+        membership = team.memberships.select_related("user").filter(user_id=form.cleaned_data["user_id"]).first()
+    if membership is None:
+        return team_detail(request, slug, error="Choose a member of this team and a role.", status=400)
+    role = form.cleaned_data["role"]
+    try:
+        services.membership_change(team=team, user=membership.user, role=None if role == "remove" else role,
+                                   actor=request.user)
+    except services.MembershipError as exc:
+        return team_detail(request, slug, error=str(exc), status=409)
+    done = "removed from" if role == "remove" else f"now {role} of"
+    messages.success(request, f"{membership.user.username} is {done} team {team.slug}.")
+    return redirect("team_detail", slug=team.slug)
+
+
+# --- the quota page (staff) -------------------------------------------------------
+
+def _require_staff(request: HttpRequest) -> None:
+    if not request.user.is_staff:
+        raise Http404("No such page")
+
+
+def _row_values(usage, form: QuotaForm | None) -> dict:
+    """What the row's inputs show: the submitted values when re-showing errors."""
+    values = QuotaForm.initial_for(usage)
+    if form is not None:
+        for name in values:
+            if name == "allowed_kinds":
+                values[name] = form.data.getlist(name)
+            elif name in form.data:
+                values[name] = form.data[name]
+    return values
+
+
+@login_required
+def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = None,
+               status: int = 200) -> HttpResponse:
+    """Every team: share, budget used this month (bar), pending, and per family the
+    guaranteed / borrowed / in-use cores, each editable in place. A fixed number of
+    queries however many teams there are (inputs are plain HTML, not form widgets,
+    so 200 rows render fast)."""
+    _require_staff(request)
+    rows = []
+    for usage in selectors_teams.team_usages():
+        form = bound[1] if bound and bound[0] == usage.team.slug else None
+        values = _row_values(usage, form)
+        rows.append({
+            "usage": usage, "values": values, "errors": form.errors if form is not None else {},
+            "families": [{"fam": f, "guaranteed": values[family_field(f.family, "guaranteed_cores")],
+                          "borrow": values[family_field(f.family, "borrow_limit")],
+                          "g_name": family_field(f.family, "guaranteed_cores"),
+                          "b_name": family_field(f.family, "borrow_limit")} for f in usage.families],
+        })
+    return _render(request, "teams/quota_list.html", {
+        "rows": rows, "families": Family.choices, "kinds": Kind.choices,
+        "capacity": selectors_teams.fleet_capacity(), "guarantees": selectors_teams.guarantee_totals(),
+        "warnings": selectors_teams.overcommit_warnings(),
+    }, nav="quotas", status=status)
+
+
+@login_required
+@require_POST
+def quota_save(request: HttpRequest, slug: str) -> HttpResponse:
+    _require_staff(request)
+    team = access.get_team(request.user, slug)
+    form = QuotaForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Team {team.slug}'s quota was not saved: fix the fields marked in its row.")
+        return quota_list(request, bound=(team.slug, form), status=400)
+    entries = services.quota_update(team=team, values=form.quota_values(), actor=request.user)
+    if entries:
+        changes = "; ".join(f"{e.subject} {e.old} → {e.new}" for e in entries)
+        messages.success(request, f"Saved team {team.slug}: {changes}.")
+    else:
+        messages.info(request, f"Team {team.slug}: nothing changed.")
+    for warning in selectors_teams.overcommit_warnings():
+        messages.warning(request, f"Saved, but {warning}.")
+    return redirect(f"/quotas/#team-{team.slug}")

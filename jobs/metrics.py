@@ -43,6 +43,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from jobs.live import redis
@@ -417,7 +418,8 @@ def host_series(host: Host, since: str | None, user) -> dict:
     points = read.points
     order = _core_order([*host.core_ids, *(k for p in points for k in p["util"])])
     t = [int(p["ts"] * 1000) for p in points]
-    util = [[p["util"].get(c) for p in points] for c in order]
+    # neuron-monitor lists only the cores in use, so a core missing from a point was idle.
+    util = [[p["util"].get(c, 0.0) for p in points] for c in order]
     mem = [[p["mem"].get(c) for p in points] for c in order]
     vcpu = [round(p["vcpu"]["user"] + p["vcpu"]["system"], 2) if p["vcpu"] else None for p in points]
     host_mem = [p["host_mem"]["used"] if p["host_mem"] else None for p in points]
@@ -462,6 +464,27 @@ def latest_points(hosts: list[Host], r=None) -> dict[int, dict | None]:
     return {host.pk: (json.loads(raw[0][1][b"d"]) if raw else None) for host, raw in zip(hosts, pipe.execute())}
 
 
+def _fresh_util(host: Host, point: dict | None, now: float) -> list[float] | None:
+    """Util of each of the host's cores in its newest point, None if that is stale."""
+    if point is None or now - point["ts"] > FRESH_S:
+        return None
+    return [point["util"].get(str(c), 0.0) for c in host.core_ids]
+
+
+def host_list() -> list[dict]:
+    """Every host with its heartbeat, allocated core count and current mean util."""
+    hosts = list(Host.objects.all())
+    latest = latest_points(hosts) if hosts else {}
+    held = dict(CoreAllocation.objects.values("host_id").annotate(n=Count("id")).values_list("host_id", "n"))
+    now, wall = timezone.now(), time.time()
+    out = []
+    for host in hosts:
+        util = _fresh_util(host, latest.get(host.pk), wall)
+        out.append({**host_info(host, now), "cores_allocated": held.get(host.pk, 0),
+                    "util_mean": round(sum(util) / len(util), 1) if util else None})
+    return out
+
+
 def fleet(user, family: str = "") -> dict:
     """Every host × core with its current util (None when the host's newest point
     is older than FRESH_S), the job holding it, and allocated-but-idle flags."""
@@ -472,16 +495,16 @@ def fleet(user, family: str = "") -> dict:
     rows = []
     for host in hosts:
         point = latest.get(host.pk)
-        fresh = point is not None and now - point["ts"] <= FRESH_S
+        fresh = _fresh_util(host, point, now)
         cores = [str(c) for c in host.core_ids]
-        util = [(point["util"].get(c, 0.0) if fresh else None) for c in cores]
+        util = fresh if fresh is not None else [None] * len(cores)
         alloc = held.get(host.pk, {})
         rows.append({
             **host_info(host), "cores": [int(c) for c in cores], "util": util,
             "held": [c in alloc for c in cores],
             "job": [alloc[c]["job"] if c in alloc else None for c in cores],
             "idle": [c in alloc and u is not None and u < IDLE_UTIL for c, u in zip(cores, util)],
-            "orphans": len(point["orphans"]) if fresh else 0,
+            "orphans": len(point["orphans"]) if fresh is not None else 0,
             "sample_age_s": round(now - point["ts"], 1) if point else None,
         })
     families = sorted(set(Host.objects.values_list("family", flat=True)))

@@ -1,0 +1,215 @@
+"""Plotly figure dicts for the live pages (pure: series in, figure out).
+
+The series come from jobs.metrics (job_series, host_series, fleet); the templates
+hand the figures over with json_script and jobs/static/live/live.js draws them,
+then extends their traces in place as points arrive. So the trace order set
+here is a contract with live.js:
+
+* job utilization: one trace per core, in `series["cores"]` order;
+* job memory: [device memory, host memory]; latency: [p50, p99];
+  executions: [errors, completed];
+* host heatmap: one heatmap trace, z rows = time points (transposed for display);
+  host memory: one bar trace; host system: [vCPU busy, host memory used].
+
+Colours are colour-blind safe: the Okabe-Ito palette for up to eight lines,
+evenly spaced Viridis samples beyond, and Viridis for heatmaps. Times are ms since
+the epoch on date axes (UTC).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from plotly.colors import sample_colorscale
+
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+UTIL_SCALE = "Viridis"
+CONFIG = {"responsive": True, "displaylogo": False}
+_FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, Arial, sans-serif", "size": 12}
+
+
+def line_colors(n: int) -> list[str]:
+    """`n` distinguishable, colour-blind-safe line colours."""
+    if n <= len(OKABE_ITO):
+        return OKABE_ITO[:n]
+    return sample_colorscale(UTIL_SCALE, [i / (n - 1) * 0.9 for i in range(n)])
+
+
+def _layout(title: str, yaxis: dict, **extra: Any) -> dict:
+    return {
+        "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 14}},
+        "font": _FONT,
+        "margin": {"l": 56, "r": 16, "t": 36, "b": 36},
+        "height": 280,
+        # A constant uirevision keeps the user's zoom and hidden traces while points
+        # are appended.
+        "uirevision": "live",
+        "xaxis": {"type": "date", "automargin": True},
+        "yaxis": {"automargin": True, **yaxis},
+        "legend": {"orientation": "h", "y": -0.18, "yanchor": "top"},
+        "hovermode": "x unified",
+        **extra,
+    }
+
+
+def _line(name: str, x: list, y: list, color: str, **extra: Any) -> dict:
+    return {"type": "scatter", "mode": "lines", "name": name, "x": x, "y": y,
+            "line": {"color": color, "width": 1.5}, "connectgaps": False, **extra}
+
+
+def _note(series: dict) -> str:
+    parts = []
+    if series.get("resolution_s"):
+        parts.append(f"history averaged over {series['resolution_s']:g} s")
+    if series.get("replay"):
+        parts.append("replayed recording")
+    return f" <span style='font-size:11px;color:#656d76'>({'; '.join(parts)})</span>" if parts else ""
+
+
+def job_util_figure(series: dict) -> dict:
+    cpu = series.get("kind") == "host"
+    colors = line_colors(len(series["cores"]))
+    data = [_line(f"{'slot' if cpu else 'core'} {core}", series["t"], series["util"][i], colors[i],
+                  hovertemplate="%{y:.1f} %<extra>" + f"{'slot' if cpu else 'core'} {core}</extra>")
+            for i, core in enumerate(series["cores"])]
+    title = ("CPU use of the job's slots (host metrics, %)" if cpu else "NeuronCore utilization (%)") + _note(series)
+    return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}})}
+
+
+def job_memory_figure(series: dict) -> dict:
+    data = [_line("device memory", series["t"], series["device_mem"], OKABE_ITO[0]),
+            _line("host memory", series["t"], series["host_mem"], OKABE_ITO[1], line={"color": OKABE_ITO[1],
+                                                                                       "width": 1.5, "dash": "dot"})]
+    return {"data": data, "layout": _layout("Memory", {"tickformat": ".3s", "ticksuffix": "B", "rangemode": "tozero"})}
+
+
+def job_latency_figure(series: dict) -> dict:
+    data = [_line("p50", series["t"], series["lat_p50_ms"], OKABE_ITO[0]),
+            _line("p99", series["t"], series["lat_p99_ms"], OKABE_ITO[5])]
+    return {"data": data, "layout": _layout("Execution latency (ms)",
+                                            {"title": {"text": "ms"}, "rangemode": "tozero"})}
+
+
+def job_executions_figure(series: dict) -> dict:
+    data = [
+        {"type": "bar", "name": "errors", "x": series["t"], "y": series["errors"],
+         "marker": {"color": OKABE_ITO[5]}},
+        _line("completed", series["t"], series["completed"], OKABE_ITO[2], yaxis="y2"),
+    ]
+    layout = _layout("Executions and errors per sample", {"title": {"text": "errors"}, "rangemode": "tozero"},
+                     yaxis2={"title": {"text": "completed"}, "overlaying": "y", "side": "right",
+                             "rangemode": "tozero", "showgrid": False}, bargap=0)
+    layout["margin"]["r"] = 56
+    return {"data": data, "layout": layout}
+
+
+def job_figures(series: dict) -> dict[str, dict]:
+    """The job page's four charts, keyed by the names live.js extends."""
+    return {"util": job_util_figure(series), "mem": job_memory_figure(series),
+            "lat": job_latency_figure(series), "exec": job_executions_figure(series)}
+
+
+# --- host ---------------------------------------------------------------------------
+
+def _rows(series: dict) -> list[list[float | None]]:
+    """util columns (per core) -> rows (per time point), the heatmap's z."""
+    return [list(row) for row in zip(*series["util"])] if series["util"] and series["t"] else []
+
+
+def host_heatmap_figure(series: dict) -> dict:
+    cores = series["cores"]
+    trace = {
+        "type": "heatmap", "x": series["t"], "y": [str(c) for c in cores], "z": _rows(series), "transpose": True,
+        "zmin": 0, "zmax": 100, "colorscale": UTIL_SCALE, "colorbar": {"title": {"text": "%"}, "thickness": 12},
+        "hovertemplate": "core %{y}<br>%{x}<br>%{z:.1f} %<extra></extra>", "hoverongaps": False,
+    }
+    label = "CPU job slots" if series.get("kind") == "host" else "NeuronCore"
+    layout = _layout(f"{label} utilization over time" + _note(series),
+                     {"title": {"text": "core"}, "type": "category", "autorange": True},
+                     height=max(260, 18 * len(cores) + 90), hovermode="closest")
+    return {"data": [trace], "layout": layout}
+
+
+def host_memory_figure(series: dict) -> dict:
+    cores = [str(c) for c in series["cores"]]
+    latest = [col[-1] if col else None for col in series["mem"]]
+    trace = {"type": "bar", "x": cores, "y": latest, "marker": {"color": OKABE_ITO[0]}, "name": "device memory",
+             "hovertemplate": "core %{x}: %{y:.3s}B<extra></extra>"}
+    layout = _layout("Device memory per core (now)", {"tickformat": ".3s", "ticksuffix": "B", "rangemode": "tozero"},
+                     hovermode="closest")
+    layout["xaxis"] = {"type": "category", "title": {"text": "core"}}
+    return {"data": [trace], "layout": layout}
+
+
+def host_system_figure(series: dict) -> dict:
+    data = [_line("vCPU busy %", series["t"], series["vcpu_busy"], OKABE_ITO[0]),
+            _line("host memory used", series["t"], series["host_mem_used"], OKABE_ITO[1], yaxis="y2")]
+    layout = _layout("vCPU and host memory", {"range": [0, 100], "title": {"text": "vCPU %"}},
+                     yaxis2={"overlaying": "y", "side": "right", "tickformat": ".3s", "ticksuffix": "B",
+                             "rangemode": "tozero", "showgrid": False,
+                             **({"range": [0, series["host_mem_total"]]} if series.get("host_mem_total") else {})})
+    layout["margin"]["r"] = 64
+    return {"data": data, "layout": layout}
+
+
+def host_figures(series: dict) -> dict[str, dict]:
+    return {"heat": host_heatmap_figure(series), "mem": host_memory_figure(series), "sys": host_system_figure(series)}
+
+
+# --- fleet --------------------------------------------------------------------------
+
+def fleet_figure(fleet: dict) -> dict:
+    """All hosts (rows) × core index (columns), coloured by current utilization.
+    Cells with no fresh sample stay blank; allocated cores carry a ring and
+    allocated-but-idle cores a cross (white with a dark edge, visible on every
+    colour of the scale), so an idle reservation or an orphan stands out."""
+    hosts = fleet["hosts"]
+    width = max((len(h["cores"]) for h in hosts), default=0)
+    names = [h["name"] + (" (replay)" if h["replay"] else "") for h in hosts]
+    z, text = [], []
+    held_x, held_y, idle_x, idle_y = [], [], [], []
+    for h, name in zip(hosts, names):
+        row = [None] * width
+        labels = [""] * width
+        for i, core in enumerate(h["cores"]):
+            row[i] = h["util"][i]
+            labels[i] = _cell_label(h, i, core)
+            if h["idle"][i]:
+                idle_x.append(i)
+                idle_y.append(name)
+            elif h["held"][i]:
+                held_x.append(i)
+                held_y.append(name)
+        z.append(row)
+        text.append(labels)
+    data = [
+        {"type": "heatmap", "z": z, "x": list(range(width)), "y": names, "text": text, "zmin": 0, "zmax": 100,
+         "colorscale": UTIL_SCALE, "xgap": 2, "ygap": 2, "hoverongaps": False, "hovertemplate": "%{text}<extra></extra>",
+         "colorbar": {"title": {"text": "util %"}, "thickness": 12}, "name": "utilization"},
+        {"type": "scatter", "mode": "markers", "x": held_x, "y": held_y, "name": "allocated, busy",
+         "hoverinfo": "skip", "marker": {"symbol": "circle", "size": 7, "color": "#ffffff",
+                                          "line": {"width": 1, "color": "#000000"}}},
+        {"type": "scatter", "mode": "markers", "x": idle_x, "y": idle_y, "name": "allocated but idle",
+         "hoverinfo": "skip", "marker": {"symbol": "x", "size": 11, "color": "#ffffff",
+                                          "line": {"width": 1.5, "color": "#000000"}}},
+    ]
+    layout = {
+        "font": _FONT, "height": min(110 + 30 * len(hosts), 4000), "uirevision": "fleet",
+        "margin": {"l": 160, "r": 16, "t": 40, "b": 40},
+        "xaxis": {"title": {"text": "core"}, "dtick": 1 if width <= 32 else 4, "zeroline": False, "showgrid": False,
+                  "range": [-0.5, width - 0.5]},
+        "yaxis": {"type": "category", "autorange": "reversed", "automargin": True, "showgrid": False},
+        "legend": {"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"},
+        "plot_bgcolor": "#eef0f3",
+    }
+    return {"data": data, "layout": layout}
+
+
+def _cell_label(host: dict, i: int, core: int) -> str:
+    util = host["util"][i]
+    parts = [f"{host['name']} core {core}", "no recent sample" if util is None else f"{util:.1f} %"]
+    if host["held"][i]:
+        job = host["job"][i]
+        parts.append(f"held by job {job}" if job is not None else "held by another team's job")
+        if host["idle"][i]:
+            parts.append("allocated but idle")
+    return "<br>".join(parts)

@@ -115,6 +115,10 @@ def run(job_id: int) -> str:
         payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
         on_log=recorder.on_log, on_metric=recorder.on_metric, max_runtime_s=job.max_runtime_s,
         grace_s=settings.JOB_KILL_GRACE_S,
+        # The lease the reaper checks is JOB_LEASE_S; heartbeating at the configured
+        # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
+        # inside it when deployments shorten the lease.
+        heartbeat_s=settings.HEARTBEAT_S,
         on_start=lambda pid: Job.objects.filter(pk=job.pk).update(worker_pid=pid),
     )
     recorder.flush_metrics()

@@ -36,8 +36,6 @@ from .tinymodel import model_digest
 
 LATENCY_RUNS = 20
 EQUIVALENCE_TOLERANCE = 1e-4
-# Below this many parameters, one thread beats OpenMP fan-out for decode steps.
-TINY_MODEL_PARAMS = 5_000_000
 
 
 def compiler_version() -> str:
@@ -134,14 +132,11 @@ class CpuBackend(Backend):
         settings = generation_settings(ctx)
         prompts = read_prompts(ctx)
         model_path = input_path(ctx, "model_path")
-        if fmt == "hf":
-            model, tokenizer = hf.cached_hf_model(model_path)
-            threads = 1 if hf.parameter_count(model) < TINY_MODEL_PARAMS else None
-            with hf.torch_threads(threads):
+        with hf.torch_threads(hf.small_model_threads(model_path)):
+            if fmt == "hf":
+                model, tokenizer = hf.cached_hf_model(model_path)
                 return run_hf_inference(ctx, model, tokenizer, prompts, settings)
-        module, meta, tokenizer = load_compiled(model_path, torch.jit.load)
-        threads = 1 if hf.parameter_count(module) < TINY_MODEL_PARAMS else None
-        with hf.torch_threads(threads):
+            module, meta, tokenizer = load_compiled(model_path, torch.jit.load)
             return run_fixed_shape_inference(ctx, module, meta, tokenizer, prompts, settings)
 
 

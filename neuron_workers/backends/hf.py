@@ -18,6 +18,14 @@ from typing import Any, Iterator
 
 import torch
 
+# Imported at module level on purpose. The worker's fork server preloads the cpu
+# backend (which imports this module) and forks one child per job; transformers
+# resolves these names lazily, and the first access costs ~1.5 s (it pulls in
+# generation utils, masking utils and torch._dynamo). Paying that in the parent
+# makes a tiny inference job take milliseconds. Only imports here: running torch
+# ops before fork would start OpenMP threads that deadlock the forked children.
+from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2LMHeadModel  # noqa: F401
+
 from .base import JobFailed
 
 ARTIFACT_NAME = "model.pt"
@@ -51,8 +59,6 @@ class LogitsOnly(torch.nn.Module):
 
 def load_causal_lm(path: Path) -> Any:
     """Load a fresh float32 HF causal LM from a local folder (never remote code, never the network)."""
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, dtype=torch.float32
@@ -63,8 +69,6 @@ def load_causal_lm(path: Path) -> Any:
 
 def load_tokenizer(path: Path) -> Any:
     """Load the tokenizer stored with a model (or in an artifact's tokenizer/ folder)."""
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -206,5 +210,20 @@ def torch_threads(count: int | None) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+# ~5M float32 parameters. Below this, one thread beats OpenMP fan-out for decode
+# steps, and not spinning up the OpenMP pool at all saves tens of ms in a freshly
+# forked worker (measured: first torch op ~50 ms with the default pool, ~1-9 ms
+# with one thread).
+SMALL_MODEL_BYTES = 20 * 1024 * 1024
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def small_model_threads(path: Path) -> int | None:
+    """1 if the weight files at `path` (dir or file) total < SMALL_MODEL_BYTES, else None.
+
+    Decided from file sizes so it can be applied before loading, which is
+    exactly when the thread pool would otherwise start.
+    """
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+    total = sum(p.stat().st_size for p in files if p.is_file())
+    return 1 if total < SMALL_MODEL_BYTES else None

@@ -252,7 +252,10 @@ _OOM_PATTERNS = (
     r"NRT_RESOURCE",
     r"NRT_FAIL_HOST_MEM_ALLOC",
     r"out of memory",
-    r"\bKilled\b",  # host OOM killer during neuronx-cc (neuronx-distributed#53, neuron.md §5.4)
+    # The host OOM killer ends neuronx-cc with SIGKILL; the log then says "Killed"
+    # (neuronx-distributed#53, neuron.md §5.4).
+    r"\bKilled\b",
+    r"SIGKILL",
 )
 _STATUS = re.compile(r"\bstatus\s*[=:]?\s*(\d+)\b", re.IGNORECASE)
 # Runtime status codes from nrt_status.h (neuron.md §5.6).

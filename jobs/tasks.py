@@ -16,6 +16,14 @@ def reap_task() -> dict:
     return reap()
 
 
+@shared_task(name="jobs.rollup_usage", ignore_result=True)
+def rollup_usage_task() -> dict:
+    """Fold usage up to a few minutes ago into the usage roll-ups (jobs.usage_rollup)."""
+    from jobs.usage_rollup import fold
+
+    return fold().as_dict()
+
+
 @shared_task(name="jobs.rollup_metrics", ignore_result=True)
 def rollup_metrics_task() -> dict:
     """Aggregate complete minutes of the live metric streams into MetricMinute."""

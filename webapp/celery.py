@@ -21,6 +21,7 @@ def _beat_schedule() -> dict:
         "reap": {"task": "jobs.reap", "schedule": float(settings.REAP_EVERY_S)},
         "rollup-metrics": {"task": "jobs.rollup_metrics", "schedule": 60.0},
         "prune-metrics": {"task": "jobs.prune_metrics", "schedule": 3600.0},
+        "rollup-usage": {"task": "jobs.rollup_usage", "schedule": 60.0},
     }
 
 

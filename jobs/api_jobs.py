@@ -392,8 +392,8 @@ def _submission(request: HttpRequest) -> tuple[QueryDict | dict, MultiValueDict 
     if not isinstance(data, dict):
         return _error(400, "the body must be a JSON object with team, kind and the job's fields", code="invalid_json")
     if "prompts_file" in data:
-        return _field_errors({"prompts_file": ["upload prompts_file as multipart/form-data, or send prompts as a list"]},
-                             "The job was not submitted")
+        message = "upload prompts_file as multipart/form-data, or send prompts as a list"
+        return _field_errors({"prompts_file": [message]}, "The job was not submitted")
     if isinstance(data.get("compiler_options"), list) and all(isinstance(o, str) for o in data["compiler_options"]):
         # The form field is text (what the HTML form sends); joining keeps every
         # option's tokens, so a list is judged exactly like the same text typed in.
@@ -435,7 +435,8 @@ def submit_job(request: HttpRequest):
     form_class = JOB_FORMS[kind]
     unknown = sorted(set(data) - set(form_class.base_fields) - {"team", "kind"} - FORM_KEYS)
     if unknown:
-        return _field_errors({k: [f"unknown field for a {kind} job"] for k in unknown}, f"The {kind} job was not submitted")
+        errors = {key: [f"unknown field for a {kind} job"] for key in unknown}
+        return _field_errors(errors, f"The {kind} job was not submitted")
     form = form_class(data=data, files=files, team=team)
     if not form.is_valid():
         return _field_errors({f: list(msgs) for f, msgs in form.errors.items()}, f"The {kind} job was not submitted")
@@ -548,7 +549,7 @@ def download_artifact(request: HttpRequest, job_id: int, name: str):
 
 # --- models and datasets --------------------------------------------------------------
 
-def _upload_target(request: HttpRequest, form) -> tuple[Team, Any] | JsonResponse:
+def _upload_target(request: HttpRequest, form) -> tuple[Team, str, Any] | JsonResponse:
     """Checks shared by model and dataset uploads: fields present and valid, the
     caller a member of the team (404 otherwise, 403 for a viewer), size within limit."""
     errors = {f: list(msgs) for f, msgs in form.errors.items()} if not form.is_valid() else {}
@@ -563,7 +564,7 @@ def _upload_target(request: HttpRequest, form) -> tuple[Team, Any] | JsonRespons
     except access.Forbidden as exc:
         return _error(403, f"You cannot upload to team {team.slug}: {exc}.", code="forbidden")
     upload = form.cleaned_data["file"]
-    return _too_large(upload, "file") or (team, upload)
+    return _too_large(upload, "file") or (team, form.cleaned_data["name"], upload)
 
 
 def _upload_refused(exc: UploadError) -> JsonResponse:
@@ -597,9 +598,9 @@ def upload_model(request: HttpRequest):
     target = _upload_target(request, ModelUploadForm(data=request.POST, files=request.FILES))
     if isinstance(target, JsonResponse):
         return target
-    team, upload = target
+    team, name, upload = target
     try:
-        model = model_upload(team=team, user=request.auth, name=request.POST["name"], upload=upload)
+        model = model_upload(team=team, user=request.auth, name=name, upload=upload)
     except UploadError as exc:
         return _upload_refused(exc)
     model = access.get_model(request.auth, model.pk)
@@ -628,9 +629,9 @@ def upload_dataset(request: HttpRequest):
     target = _upload_target(request, DatasetUploadForm(data=request.POST, files=request.FILES))
     if isinstance(target, JsonResponse):
         return target
-    team, upload = target
+    team, name, upload = target
     try:
-        dataset = dataset_upload(team=team, user=request.auth, name=request.POST["name"], upload=upload)
+        dataset = dataset_upload(team=team, user=request.auth, name=name, upload=upload)
     except UploadError as exc:
         return _upload_refused(exc)
     return Status(201, dataset_document(access.get_dataset(request.auth, dataset.pk)))

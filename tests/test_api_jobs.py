@@ -143,6 +143,8 @@ BAD_JOBS = [
     ("an unknown kind", lambda m, d: {**inference_body(m), "kind": "train"}, "kind", "kind must be one of"),
     ("no team", lambda m, d: {k: v for k, v in inference_body(m).items() if k != "team"}, "team", "required"),
     ("a misspelt field", lambda m, d: finetune_body(m, d, stepz=3), "stepz", "unknown field for a finetune job"),
+    ("a prompts_file inside a JSON body", lambda m, d: inference_body(m, prompts_file="x.jsonl"), "prompts_file",
+     "multipart/form-data"),
 ]
 
 
@@ -655,7 +657,8 @@ def test_a_logged_in_session_works_too(cast, client):
 
 def test_teams_lists_the_callers_teams_with_their_role(cast):
     assert api_client(cast.vera).get("/api/v1/teams").json() == [{"slug": "vision", "name": "Vision", "role": "viewer"}]
-    assert api_client(cast.charlie).get("/api/v1/teams").json() == [{"slug": "audio", "name": "Audio", "role": "manager"}]
+    charlies = api_client(cast.charlie).get("/api/v1/teams").json()
+    assert charlies == [{"slug": "audio", "name": "Audio", "role": "manager"}]
     assert [t["role"] for t in api_client(cast.admin).get("/api/v1/teams").json()] == ["manager", "manager"]
 
 

@@ -121,9 +121,14 @@ def job_new(request: HttpRequest, slug: str, kind: str) -> HttpResponse:
     return redirect("job_detail", job_id=job.pk)
 
 
+RESOURCE_FIELDS = ("family", "cores", "max_runtime_s")  # shown after what the job does
+
+
 def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, status: int = 200) -> HttpResponse:
     context = {"form": form, "kind": form.kind, "kind_label": Kind(form.kind).label, "writable": writable,
-               "viewer_sentence": _viewer_sentence(team)}
+               "viewer_sentence": _viewer_sentence(team),
+               "job_fields": [f for f in form if f.name not in RESOURCE_FIELDS],
+               "resource_fields": [form[name] for name in RESOURCE_FIELDS if name in form.fields]}
     if form.kind == Kind.COMPILE:
         context["allow_list"] = selectors.compiler_allow_list()
     return _page(request, "jobs/job_new.html", context, team=team, nav="jobs", status=status)
@@ -234,7 +239,8 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
         "id": job.pk, "status": job.status, "status_label": job.get_status_display(), "finished": job.is_finished,
         "reason_code": job.reason_code, "reason": job.reason, "show_reason": _show_reason(job),
         "queue_position": _queue_position(job), "host": job.host.name if job.host else None,
-        "core_range": job.core_range, "started_at": _when(job.started_at), "finished_at": _when(job.finished_at),
+        "core_range": job.core_range, "attempts": job.attempts, "started_at": _when(job.started_at),
+        "finished_at": _when(job.finished_at),
         "events": [_event_json(e) for e in selectors.job_events(job, after_id=query["events_after"])],
         "log": {"text": log.text, "offset": log.end, "more": log.end < job.log_bytes},
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),

@@ -50,6 +50,7 @@
     if (!queue.hidden) $("queue-position-value").textContent = data.queue_position;
     $("job-host").textContent = data.host || "—";
     $("job-cores").textContent = data.core_range || "—";
+    $("job-attempts").textContent = data.attempts;
     $("job-started").textContent = data.started_at || "—";
     $("job-finished").textContent = data.finished_at || "—";
     const cancel = $("cancel-form");

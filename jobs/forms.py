@@ -20,6 +20,16 @@ class TeamScopedForm(forms.Form):
     def __init__(self, *args, team: Team, **kwargs):
         super().__init__(*args, **kwargs)
         self.team = team
+        if self.is_bound:
+            # A field left out of an API body takes its documented default (its
+            # initial value), as it would arrive pre-filled from the HTML form.
+            missing = {name: f.initial for name, f in self.fields.items()
+                       if f.initial is not None and name not in self.data}
+            if missing:
+                data = self.data.copy()
+                for name, value in missing.items():
+                    data[name] = value
+                self.data = data
         for name, field in self.fields.items():
             if isinstance(field, forms.ModelChoiceField):
                 field.queryset = field.queryset.filter(team=team)

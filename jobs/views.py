@@ -142,11 +142,13 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     events = selectors.job_events(job)
     log = selectors.log_tail(job)
     spec = json.dumps(job.spec, indent=2, sort_keys=True)
+    if len(spec) > SPEC_SHOWN_CHARS:
+        spec = spec[:SPEC_SHOWN_CHARS] + "\n… (cut; the API has the whole spec)"
     live = {"statusUrl": f"/jobs/{job.pk}/status.json", "resultUrl": f"/jobs/{job.pk}/result/",
             "eventsAfter": events[-1].pk if events else 0, "logOffset": log.end, "finished": job.is_finished}
     return _page(request, "jobs/job_detail.html", {
         "job": job, "events": events, "log": log, "live": live,
-        "spec_json": spec if len(spec) <= SPEC_SHOWN_CHARS else spec[:SPEC_SHOWN_CHARS] + "\n… (cut; the API has the whole spec)",
+        "spec_json": spec,
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         "queue_position": _queue_position(job), **_result_context(job),
     }, team=job.team, nav="jobs")
@@ -391,13 +393,14 @@ def model_list(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
     model = access.get_model(request.user, model_id)
-    same_team = ModelAsset.objects.filter(team=model.team)
+    same_team = ModelAsset.objects.filter(team=model.team)  # lineage never crosses teams, even if rows say so
+    same_team_jobs = Job.objects.filter(team=model.team)
     return _page(request, "jobs/model_detail.html", {
         "model": model,
         "parent": same_team.filter(pk=model.parent_id).first() if model.parent_id else None,
         "children": list(same_team.filter(parent=model).order_by("name", "version")),
-        "source_job": Job.objects.filter(team=model.team, pk=model.source_job_id).first() if model.source_job_id else None,
-        "used_by": list(Job.objects.filter(team=model.team, model=model).select_related("user").order_by("-id")[:20]),
+        "source_job": same_team_jobs.filter(pk=model.source_job_id).first() if model.source_job_id else None,
+        "used_by": list(same_team_jobs.filter(model=model).select_related("user").order_by("-id")[:20]),
         "meta_json": json.dumps(model.meta or {}, indent=2, sort_keys=True)[:SPEC_SHOWN_CHARS],
         "writable": _can_write(request.user, model.team),
     }, team=model.team, nav="models")

@@ -8,7 +8,6 @@ Playwright's sync API. A screenshot of the finished job page is saved under
 test-artifacts/ for a human to look at."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -89,7 +88,7 @@ def test_bob_watches_an_inference_job_succeed_in_place_and_charlie_gets_404(
         raise AssertionError(f"job {job_id} is {job.status} ({job.reason_code}: {job.reason}); worker log:\n"
                              + celery_worker_proc.log_path.read_text()[-4000:]) from None
     assert page.evaluate("window.__sameDocument === true"), "the page was reloaded"
-    assert page.evaluate("document.getElementById('job-status') === window.__statusElement"), "status replaced, not updated"
+    assert page.evaluate("document.getElementById('job-status') === window.__statusElement"), "badge was replaced"
 
     # The timeline, log and result section were filled in while we watched.
     expect(page.locator("#timeline")).to_contain_text("running")

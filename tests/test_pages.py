@@ -9,6 +9,7 @@ import io
 import json
 import re
 import zipfile
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,6 @@ def form_errors(response) -> list[str]:
     return re.findall(r"<li>(.*?)</li>", match.group(1), re.S) if match else []
 
 
-def unescape(text: str) -> str:
-    import html
-
-    return html.unescape(text)
-
-
 def make_job(team, user, model=None, *, kind="inference", status=S.PENDING, **fields) -> Job:
     job = Job.objects.create(team=team, user=user, kind=kind, status=status, model=model,
                              spec=fields.pop("spec", {"prompts": ["hi"], "max_new_tokens": 4}), **fields)
@@ -89,9 +84,10 @@ def inference_job(cast, tiny_model, cpu_host) -> Job:
     artifacts = storage.job_dir(job.pk) / "attempt-1" / "artifacts"
     (artifacts / "extra" / "sub").mkdir(parents=True)
     (artifacts / "outputs.jsonl").write_text(
-        json.dumps({"index": 0, "prompt": "hello", "output": "<b>world</b>", "new_tokens": 3, "latency_ms": 12.5}) + "\n"
-        + "not json\n"
-        + json.dumps({"index": 2, "prompt": "again", "output": "and again", "new_tokens": 2, "latency_ms": 20.2}) + "\n")
+        json.dumps({"index": 0, "prompt": "hello", "output": "<b>world</b>", "new_tokens": 3, "latency_ms": 12.5})
+        + "\nnot json\n"
+        + json.dumps({"index": 2, "prompt": "again", "output": "and again", "new_tokens": 2, "latency_ms": 20.2})
+        + "\n")
     (artifacts / "extra" / "config.json").write_text('{"model_type": "gpt2"}')
     (artifacts / "extra" / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 40)
     (storage.root() / "secret.txt").write_text("not yours")
@@ -107,7 +103,8 @@ def finetune_job(cast, tiny_model, dataset, cpu_host) -> Job:
     now = timezone.now()
     job = make_job(cast.vision, cast.alice, tiny_model, kind="finetune", status=S.SUCCEEDED, dataset=dataset,
                    host=cpu_host, core_start=0, started_at=now, finished_at=now, spec={"steps": 5},
-                   result={"steps": 5, "first_loss": 5.5, "final_loss": 3.25, "train_seconds": 1.5, "tokens_per_s": 900.0})
+                   result={"steps": 5, "first_loss": 5.5, "final_loss": 3.25, "train_seconds": 1.5,
+                           "tokens_per_s": 900.0})
     JobMetric.objects.bulk_create([JobMetric(job=job, step=s, name="loss", value=6 - s * 0.5) for s in range(1, 6)])
     return job
 
@@ -237,7 +234,8 @@ def test_a_model_page_button_prefills_the_form(cast, tiny_model):
 ])
 def test_bad_input_shows_the_field_error_and_creates_nothing(cast, tiny_model, dataset, cpu_host,
                                                               kind, change, field, message):
-    response = login(cast.bob).post(f"/teams/vision/jobs/new/{kind}/", {**valid_post(kind, tiny_model, dataset), **change})
+    data = {**valid_post(kind, tiny_model, dataset), **change}
+    response = login(cast.bob).post(f"/teams/vision/jobs/new/{kind}/", data)
     assert response.status_code == 400
     assert any(message in unescape(e) for e in field_errors(response, field)), field_errors(response, field)
     assert not Job.objects.exists()
@@ -260,7 +258,8 @@ def test_another_teams_model_is_an_unknown_model_in_the_form(cast, tiny_model, c
 
 
 def test_a_refused_submit_is_a_form_error_and_a_field_error(cast, tiny_model, cpu_host):
-    response = login(cast.bob).post("/teams/vision/jobs/new/inference/", {**valid_post("inference", tiny_model), "cores": 5})
+    data = {**valid_post("inference", tiny_model), "cores": 5}
+    response = login(cast.bob).post("/teams/vision/jobs/new/inference/", data)
     assert response.status_code == 400
     assert any("largest available is 4" in e for e in form_errors(response))
     assert any("largest available is 4" in e for e in field_errors(response, "cores"))
@@ -434,7 +433,8 @@ def test_inference_results_show_latency_throughput_and_escaped_outputs(cast, inf
 
 def test_finetune_results_draw_the_loss_curve_from_metric_rows(cast, finetune_job):
     page = login(cast.alice).get(f"/jobs/{finetune_job.pk}/").content.decode()
-    figure = json.loads(re.search(r'<script id="loss-figure" type="application/json">(.*?)</script>', page, re.S).group(1))
+    source = re.search(r'<script id="loss-figure" type="application/json">(.*?)</script>', page, re.S)
+    figure = json.loads(source.group(1))
     assert figure["data"][0]["x"] == [1, 2, 3, 4, 5]
     assert figure["data"][0]["y"] == [5.5, 5.0, 4.5, 4.0, 3.5]
     assert "Final loss" in page and "3.2500" in page
@@ -652,6 +652,7 @@ def test_the_loss_figure_is_plain_json_with_steps_and_losses():
 
 
 def test_a_long_loss_series_is_thinned_in_the_database(cast, finetune_job):
-    JobMetric.objects.bulk_create([JobMetric(job=finetune_job, step=s, name="loss", value=1.0) for s in range(6, 10001)])
+    JobMetric.objects.bulk_create([JobMetric(job=finetune_job, step=s, name="loss", value=1.0)
+                                   for s in range(6, 10001)])
     steps, losses = selectors.loss_series(finetune_job, max_points=1000)
     assert 900 <= len(steps) <= 1100 and steps == sorted(steps) and len(steps) == len(losses)

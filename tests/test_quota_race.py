@@ -1,0 +1,149 @@
+"""Quotas cannot be raced: real PostgreSQL, real concurrent transactions (threads,
+each with its own database connection), a sampler watching from outside.
+
+- 100 concurrent submissions at a team with room for exactly 10 pending jobs admit
+  exactly 10, and usage is never seen above the limit;
+- concurrent dispatch runs hand out exactly the cores the team may hold;
+- finish / cancel / timeout / reap / preempt racing on one running job: exactly one
+  wins, and the job's cores and attempt are released exactly once.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connection
+
+from jobs import scheduler, states
+from jobs.forms import InferenceForm
+from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, TeamQuota
+from jobs.selectors_teams import clear_usage_cache
+from jobs.services import SubmitRefused, job_submit, quota_update
+
+S = Job.Status
+# PostgreSQL allows 100 connections; at most this many threads hold one at once
+# (each still its own), leaving room for the sampler, the test and anything else.
+MAX_CONNECTIONS = 48
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _settings(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.FAIRSHARE_CACHE_S = 0
+    clear_usage_cache()
+
+
+class Sampler(threading.Thread):
+    """Polls `measure()` on its own connection until stopped; keeps the maximum."""
+
+    def __init__(self, measure):
+        super().__init__(daemon=True)
+        self.measure, self.stop, self.seen, self.samples = measure, threading.Event(), 0, 0
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.seen = max(self.seen, self.measure())
+                self.samples += 1
+        finally:
+            connection.close()
+
+    def __enter__(self) -> "Sampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join(10)
+
+
+def in_threads(count: int, work) -> list:
+    """Run work(i) for i in range(count) on `count` threads released together; each
+    thread uses (and closes) its own database connection."""
+    go = threading.Event()
+    gate = threading.Semaphore(MAX_CONNECTIONS)
+
+    def call(i: int):
+        go.wait()
+        with gate:
+            try:
+                return work(i)
+            finally:
+                connection.close()
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(call, i) for i in range(count)]
+        go.set()
+        return [f.result(timeout=120) for f in futures]
+
+
+def test_100_concurrent_submissions_admit_exactly_the_10_that_fit(cast, tiny_model, cpu_host):
+    TeamQuota.objects.filter(team=cast.vision).update(max_pending=10)
+
+    def submit(i: int) -> str:
+        form = InferenceForm(data={"model": tiny_model.pk, "prompts": f"prompt {i}", "max_new_tokens": 2,
+                                   "temperature": 0, "family": "cpu", "cores": 1}, team=cast.vision)
+        assert form.is_valid(), form.errors
+        try:
+            job_submit(team=cast.vision, user=cast.bob, form=form)
+        except SubmitRefused as exc:
+            return exc.code
+        return "admitted"
+
+    with Sampler(lambda: Job.objects.filter(team=cast.vision, status=S.PENDING).count()) as sampler:
+        outcomes = Counter(in_threads(100, submit))
+    assert outcomes == {"admitted": 10, "too_many_pending": 90}
+    assert Job.objects.filter(team=cast.vision).count() == 10
+    assert sampler.samples > 0 and sampler.seen <= 10
+
+
+def test_concurrent_dispatch_runs_hand_out_exactly_the_cores_the_team_may_hold(cast, cpu_host):
+    Host.objects.filter(pk=cpu_host.pk).update(core_ids=list(range(16)))
+    quota_update(team=cast.vision, values={"families": {"cpu": {"guaranteed_cores": 4, "borrow_limit": 2}}})
+    Job.objects.bulk_create([Job(team=cast.vision, user=cast.bob, kind="inference", family="cpu", cores=1)
+                             for _ in range(30)])
+
+    def used() -> int:
+        return CoreAllocation.objects.filter(team=cast.vision).count()
+
+    with Sampler(used) as sampler:
+        placed = in_threads(8, lambda i: scheduler.dispatch().placed)
+    assert sum(len(p) for p in placed) == 6
+    assert used() == 6 and Job.objects.filter(status=S.QUEUED).count() == 6
+    assert CoreAllocation.objects.filter(borrowed=True).count() == 2
+    cores = list(CoreAllocation.objects.values_list("core", flat=True))
+    assert len(set(cores)) == 6
+    assert sampler.seen <= 6
+
+
+RACERS = {
+    "finish": lambda pk: states.mark_finished(pk, S.SUCCEEDED, message="done"),
+    "cancel": lambda pk: states.mark_finished(pk, S.CANCELLED, failure="cancelled", message="stopped on request"),
+    "timeout": lambda pk: states.mark_finished(pk, S.FAILED, failure="timed_out", message="timed out"),
+    "reap": lambda pk: states.requeue(pk, sources=(S.RUNNING,), kind="worker_lost", message="worker lost"),
+    "preempt": lambda pk: states.requeue(pk, kind="preempted", message="preempted by team audio"),
+}
+
+
+def test_finish_cancel_timeout_reap_and_preempt_release_a_job_exactly_once(cast, cpu_host):
+    jobs = Job.objects.bulk_create([Job(team=cast.vision, user=cast.bob, kind="inference", family="cpu", cores=1)
+                                    for _ in range(4)])
+    scheduler.dispatch()
+    for job in jobs:
+        assert states.mark_running(job.pk, cpu_host.pk)
+    names = list(RACERS)
+    for job in jobs:
+        wins = in_threads(len(names), lambda i: (names[i], RACERS[names[i]](job.pk)))
+        winners = [name for name, won in wins if won]
+        assert len(winners) == 1, wins
+        attempt = JobAttempt.objects.get(job=job)
+        assert attempt.ended_at is not None and attempt.core_seconds >= 0
+        expected = {"finish": "succeeded", "cancel": "cancelled", "timeout": "failed"}.get(winners[0], "requeued")
+        assert attempt.outcome == expected
+        assert not CoreAllocation.objects.filter(job=job).exists()
+        ends = JobEvent.objects.filter(job=job, kind__in=[S.SUCCEEDED, S.CANCELLED, S.FAILED, S.PENDING])
+        assert ends.count() == 1  # one transition out of running, one event

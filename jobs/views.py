@@ -304,6 +304,9 @@ def _artifact_path(job: Job, name: str) -> Path:
         root = storage.abs_path(artifact.path)
     except ValueError:
         raise Http404("No such artifact") from None
+    job_dir = storage.job_dir(job.pk).resolve()
+    if root != job_dir and job_dir not in root.parents:  # a row pointing elsewhere (say, via a link the job made)
+        raise Http404("No such artifact")
     if artifact.name == name:
         return root
     path = (root / rest).resolve()  # resolve() follows symlinks, so a link out of the folder is caught too

@@ -518,6 +518,11 @@ def test_artifact_paths_cannot_leave_the_artifact(cast, inference_job, name):
     assert response.status_code == 404
 
 
+def test_an_artifact_row_pointing_outside_its_jobs_folder_is_not_served(cast, inference_job, tiny_model):
+    Artifact.objects.create(job=inference_job, name="weights", path=tiny_model.path, is_dir=True)
+    assert login(cast.bob).get(f"/jobs/{inference_job.pk}/artifacts/weights").status_code == 404
+
+
 def test_the_job_page_links_each_artifact(cast, inference_job):
     page = login(cast.bob).get(f"/jobs/{inference_job.pk}/").content.decode()
     assert f'href="/jobs/{inference_job.pk}/artifacts/outputs.jsonl"' in page

@@ -26,6 +26,8 @@ def _storage(settings, tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "storage"
     root.mkdir(exist_ok=True)
     settings.STORAGE_ROOT = root
+    # A fast hasher for the cast: PBKDF2's deliberate cost buys nothing in tests.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     return root
 
 

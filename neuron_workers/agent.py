@@ -444,7 +444,11 @@ def run(opts: AgentOptions, stop: threading.Event | None = None) -> int:
     agent = Agent(host, replay_mode=opts.replay is not None)
     with tempfile.TemporaryDirectory(prefix="nd-agent-") as workdir:
         source, monitor = samples_for(opts, inventory, stop, Path(workdir))
-        _install_signal_handlers(stop, monitor)
+        _install_signal_handlers(stop)
+        if monitor is not None:
+            # Reading neuron-monitor's stdout blocks; ending the process is what
+            # unblocks it when the agent is asked to stop.
+            threading.Thread(target=_terminate_on_stop, args=(stop, monitor), name="agent-stop", daemon=True).start()
         try:
             for sample in source:
                 agent.handle(sample)
@@ -456,18 +460,23 @@ def run(opts: AgentOptions, stop: threading.Event | None = None) -> int:
             if monitor is not None:
                 monitor.terminate()
             beat.join(5)
+            connection.close()
     log.info("agent %s stopped after %s samples", host.name, agent.published)
     return agent.published
 
 
-def _install_signal_handlers(stop: threading.Event, monitor: MonitorProcess | None) -> None:
+def _terminate_on_stop(stop: threading.Event, monitor: MonitorProcess) -> None:
+    stop.wait()
+    monitor.terminate()
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM / SIGINT stop the agent cleanly (only possible in the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, frame) -> None:
         stop.set()
-        if monitor is not None:
-            monitor.terminate()  # unblocks the read of its stdout
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

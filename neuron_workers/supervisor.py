@@ -63,6 +63,9 @@ LOG_CHUNK = 64 * 1024
 # Per poll we forward at most this much log so a chatty job cannot starve the
 # heartbeat / cancel checks; the rest follows on the next polls.
 LOG_BYTES_PER_POLL = 16 * LOG_CHUNK
+# How long a SIGKILLed job may take to disappear before supervise() reports
+# anyway (a process in uninterruptible sleep ignores even SIGKILL).
+UNKILLABLE_GIVE_UP_S = 60.0
 # A partial line (no newline yet, e.g. a progress bar) is held back this long
 # before being forwarded anyway, so the live log does not look frozen.
 PARTIAL_LINE_HOLD_S = 1.0
@@ -670,6 +673,8 @@ def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot 
         # The status socket doubles as the lifeline: EOF once the supervisor's
         # end is closed (it only is after we exit, unless the supervisor died).
         lifeline = runner.Lifeline(status_sock.detach(), Path(request["workdir"]), float(request["grace_s"]))
+        # Look like the exec-mode command line to code that inspects argv.
+        sys.argv[:] = [runner.__file__, request["payload_path"]]
         with open(request["payload_path"], encoding="utf-8") as fh:
             payload = json.load(fh)
         code = runner.run_payload(payload)
@@ -1025,6 +1030,7 @@ def _watch(
     deadline = start + max_runtime_s if max_runtime_s is not None else None
     stop_reason: str | None = None
     kill_at: float | None = None
+    give_up_at: float | None = None
     interval = initial_poll_s
     while True:
         now = time.monotonic()
@@ -1058,6 +1064,12 @@ def _watch(
             _signal_group(handle.pgid, signal.SIGKILL)
             kill_at = None
             next_cancel_check = float("inf")
+            give_up_at = now + UNKILLABLE_GIVE_UP_S
+        elif give_up_at is not None and now >= give_up_at:
+            # SIGKILL cannot interrupt uninterruptible sleep (a hung device
+            # driver, a dead NFS mount). Report instead of heartbeating forever.
+            logger.error("job pid %s survived SIGKILL for %s s; giving up on it", handle.pid, UNKILLABLE_GIVE_UP_S)
+            return stop_reason
 
 
 def _request_stop(handle: ChildHandle) -> None:

@@ -27,6 +27,7 @@ from neuron_workers.supervisor import (
     default_zygote,
     find_orphans,
     group_alive,
+    kill_orphans,
     kill_process_group,
     launch,
     supervise,
@@ -493,3 +494,27 @@ def test_run_payload_in_process_never_raises(tmp_path):
     assert runner.run_payload(payload) == 1
     verdict = json.loads((tmp_path / "result.json").read_text())
     assert verdict["ok"] is False and verdict["code"] == "error" and "boom" in verdict["traceback"]
+
+
+def test_kill_orphans_kills_only_jobs_not_kept(tmp_path):
+    # A private tag prefix: other test sessions on this machine run real "job-" tags.
+    prefix = f"suptest{os.getpid()}-"
+    handles = {}
+    for name in ("keep", "kill"):
+        workdir = tmp_path / name
+        payload = make_payload(workdir, "SleepBackend", {"seconds": 600, "ready_file": "ready", "grandchild": True})
+        payload["env"]["NEURON_PROCESS_TAG"] = f"{prefix}{payload['job_id']}"
+        handles[name] = (payload["job_id"], launch(payload, "fork"))
+        wait_for((workdir / "ready").exists, 20, "the job to start")
+    (keep_id, keep), (kill_id, kill) = handles["keep"], handles["kill"]
+    try:
+        killed = kill_orphans(keep={keep_id}, grace_s=1, tag_prefix=prefix)
+        assert set(killed) == {kill_id} and kill.pid in killed[kill_id]
+        assert len(killed[kill_id]) >= 2  # the job and its grandchild (sh)
+        assert kill.wait(5) and not group_alive(kill.pgid)
+        assert group_alive(keep.pgid)
+    finally:
+        for _, handle in handles.values():
+            kill_process_group(handle.pgid, 0)
+            handle.wait(5)
+            handle.close()

@@ -21,7 +21,16 @@ Two launch modes:
 
 Both modes give the child ``os.setsid()`` (pgid == pid), stdout+stderr on
 workdir/log.txt, stdin on /dev/null, cwd = workdir and the same environment
-(the supervising process's environment at launch time + the payload's ``env``).
+(the supervising process's environment at launch time + the payload's ``env``),
+plus a *lifeline*: a pipe/socket end whose EOF tells the child that the
+supervising process died, so an unsupervised job stops by itself instead of
+running on next to the attempt the reaper will start (runner.Lifeline).
+
+Why not a library: ``multiprocessing`` (fork or forkserver) refuses to start
+children from daemonic processes and offers no session / lifeline / exit-status
+forwarding for a process it did not fork itself; supervisord manages
+long-running daemons, not one short process per job. What is left is small:
+fork, setsid, killpg, waitpid, plus a zygote of ~150 lines.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,12 +134,17 @@ class ChildHandle:
         self.started_at = started_at
         self.returncode: int | None = None
         self.exited = False
+        _live_handles.add(self)
 
     def wait(self, timeout: float | None) -> bool:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release OS resources (fds); does not touch the process."""
+        """Release fds, including the child's lifeline; never signals the child.
+
+        Called by the handle itself once the child exited. Closing earlier tells
+        the child that its supervisor is gone, and it stops by itself.
+        """
 
 
 class _ExecChild(ChildHandle):
@@ -257,11 +272,10 @@ class Zygote:
 
     ``start()`` runs a fresh interpreter that imports ``preload`` and then waits
     for requests on a SOCK_SEQPACKET socket; ``spawn()`` makes it fork a job
-    child (``spares`` idle children are kept pre-forked to take requests
-    without a fork on the critical path). Thread-safe. The zygote exits when this process closes its end of
-    the socket (including when this process dies), leaving running jobs alone:
-    they are in their own sessions and a restarted worker finds them with
-    :func:`find_orphans`.
+    child (``spares`` idle children are kept pre-forked, so a request does not
+    wait for a fork). Thread-safe. The zygote exits when this process closes
+    its end of the socket, including when this process dies. Jobs are not the
+    zygote's business then: each one notices through its own lifeline.
     """
 
     def __init__(
@@ -372,10 +386,18 @@ class Zygote:
             buf += chunk
         kind, pid, value = _STATUS.unpack(buf)
         if kind == b"S":
-            # The child died before reaching setsid (should not happen); keep the
-            # record so the handle reports the crash.
+            # The child died before it could report (e.g. its workdir vanished);
+            # it never ran the job.
             raise ZygoteError(f"job child {pid} died during start-up (wait status {value})")
         return pid
+
+    def _forget(self) -> None:
+        """In a forked copy of the owner: drop our copy of the socket, nothing else."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._proc = None
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close our end; the zygote exits on EOF. Running jobs are not touched."""
@@ -397,6 +419,24 @@ class Zygote:
 
 _default_zygote: Zygote | None = None
 _default_zygote_lock = threading.Lock()
+_live_handles: weakref.WeakSet[ChildHandle] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked copy of the supervising process (multiprocessing, a pool) must
+    # not keep the jobs' lifelines or the zygote's control socket open: a job
+    # would not notice the worker's death, the zygote its owner's exit.
+    global _default_zygote, _default_zygote_lock
+    _default_zygote_lock = threading.Lock()  # may have been held by another thread
+    for handle in list(_live_handles):
+        handle.close()
+    _live_handles.clear()
+    if _default_zygote is not None:
+        _default_zygote._forget()
+        _default_zygote = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _preload_from_env() -> tuple[str, ...]:
@@ -457,9 +497,12 @@ class _EnvironSlot:
             return None
         block = ctypes.string_at(start, end - start)
         key = name.encode() + b"="
-        index = 0 if block.startswith(key) else block.find(b"\0" + key) + 1
-        if index <= 0 and not block.startswith(key):
-            return None
+        if block.startswith(key):
+            index = 0
+        else:
+            index = block.find(b"\0" + key) + 1
+            if index == 0:
+                return None
         value_at = index + len(key)
         value_end = block.find(b"\0", value_at)
         if value_end < 0:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -43,8 +44,6 @@ LOG_FILE = "log.txt"
 STOP_FILE = "STOP"
 PAYLOAD_FILE = "payload.json"
 ARTIFACTS_DIR = "artifacts"
-
-PAYLOAD_KEYS = ("job_id", "kind", "backend", "spec", "workdir", "inputs", "cores", "env")
 
 # Exec mode: the supervisor passes the read end of a pipe whose write end only it
 # holds, and the grace period to use if that pipe reports EOF (see Lifeline).
@@ -81,8 +80,24 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, default=str)
+        json.dump(json_safe(obj), fh, default=str, allow_nan=False)
     os.replace(tmp, path)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/±inf floats replaced by None, recursively.
+
+    A diverged loss is a legitimate result value, but PostgreSQL's jsonb (where
+    the task stores the result) rejects NaN, so it would fail the recording of
+    an otherwise finished job.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    return obj
 
 
 def apply_env(env: dict[str, str | None] | None) -> None:

@@ -518,3 +518,8 @@ def test_kill_orphans_kills_only_jobs_not_kept(tmp_path):
             kill_process_group(handle.pgid, 0)
             handle.wait(5)
             handle.close()
+
+
+def test_non_finite_floats_in_a_result_become_null(tmp_path):
+    runner.write_json_atomic(tmp_path / "r.json", {"ok": True, "result": {"loss": float("nan"), "xs": [float("inf"), 1.5]}})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"ok": True, "result": {"loss": None, "xs": [None, 1.5]}}

@@ -1283,7 +1283,9 @@ def find_orphans(tag_prefix: str = "job-") -> dict[int | str, list[int]]:
     return found
 
 
-def kill_orphans(keep: Container[int | str], grace_s: float = 10.0, tag_prefix: str = "job-") -> dict[int | str, list[int]]:
+def kill_orphans(
+    keep: Container[int | str], grace_s: float = 10.0, tag_prefix: str = "job-"
+) -> dict[int | str, list[int]]:
     """Kill the process groups of tagged processes whose job id is not in ``keep``.
 
     For a restarted worker: ``keep`` = ids of jobs this host is still running.

@@ -521,5 +521,6 @@ def test_kill_orphans_kills_only_jobs_not_kept(tmp_path):
 
 
 def test_non_finite_floats_in_a_result_become_null(tmp_path):
-    runner.write_json_atomic(tmp_path / "r.json", {"ok": True, "result": {"loss": float("nan"), "xs": [float("inf"), 1.5]}})
+    verdict = {"ok": True, "result": {"loss": float("nan"), "xs": [float("inf"), 1.5]}}
+    runner.write_json_atomic(tmp_path / "r.json", verdict)
     assert json.loads((tmp_path / "r.json").read_text()) == {"ok": True, "result": {"loss": None, "xs": [None, 1.5]}}

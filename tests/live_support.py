@@ -35,8 +35,9 @@ def clean_streams():
 def neuron_host(name: str = "trn-a", cores: int = 32, family: str = "trn1", **fields) -> Host:
     from django.utils import timezone
 
-    return Host.objects.create(name=name, family=family, instance_type="trn1.32xlarge", device_count=cores // 2,
-                               core_ids=list(range(cores)), backend="neuron", last_heartbeat=timezone.now(), **fields)
+    fields = {"last_heartbeat": timezone.now(), "instance_type": "trn1.32xlarge", **fields}
+    return Host.objects.create(name=name, family=family, device_count=cores // 2, core_ids=list(range(cores)),
+                               backend="neuron", **fields)
 
 
 def running_job(team, user, host: Host, start: int, cores: int, pid: int | None = None) -> Job:

@@ -579,6 +579,9 @@ def replay(
                 if delay > 0:
                     sleep(delay)
                 next_at += period
+            # iter_reports stamped the sample when it parsed it, one period before
+            # it is due; stamp it again when it is actually emitted.
+            sample["ts"] = clock()
             sample["replay"] = True
             yield sample
         if not loop or not lines:

@@ -393,6 +393,7 @@ def default_torchrun() -> str:
 
 def run_torchrun(ctx: JobContext, cores: int) -> dict:
     """Launch neuron_train under torchrun, relay rank-0 metrics/logs, honour should_stop."""
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.workdir / JOB_FILE, {"job_id": ctx.job_id, "spec": ctx.spec, "inputs": ctx.inputs})
     for stale in (RESULT_FILE, ERROR_FILE):
         (ctx.workdir / stale).unlink(missing_ok=True)

@@ -359,7 +359,8 @@ def test_repeated_small_inference_jobs_reuse_the_loaded_model(tiny_lm_dir, tmp_p
     ],
 )
 def test_inference_rejects_bad_inputs_with_a_code(tiny_lm_dir, tmp_path, spec_change, inputs_change, code, fragment):
-    ctx = make_ctx(tmp_path, "inference", {**INFERENCE_SPEC, **spec_change}, {**hf_inputs(tiny_lm_dir), **inputs_change})
+    inputs = {**hf_inputs(tiny_lm_dir), **inputs_change}
+    ctx = make_ctx(tmp_path, "inference", {**INFERENCE_SPEC, **spec_change}, inputs)
     with pytest.raises(JobFailed) as info:
         get_backend("cpu").run(ctx)
     assert info.value.code == code

@@ -107,7 +107,8 @@ def make_ctx(workdir: Path, kind: str, spec: dict, inputs: dict, **kwargs) -> Jo
 
 
 def compile_ctx(tmp_path: Path, model_dir: Path, **change) -> JobContext:
-    return make_ctx(tmp_path / "job", "compile", {**SPEC, **change}, {"model_path": str(model_dir), "model_format": "hf"})
+    inputs = {"model_path": str(model_dir), "model_format": "hf"}
+    return make_ctx(tmp_path / "job", "compile", {**SPEC, **change}, inputs)
 
 
 # ---------------------------------------------------------------- compile
@@ -144,7 +145,12 @@ def test_compile_defaults_the_cache_to_var_tmp(standin, tiny_lm_dir, tmp_path, m
 def test_compile_saves_the_traced_module_with_torch_jit_save(standin, cache_dir, tiny_lm_dir, tmp_path, monkeypatch):
     saved = []
     real_save = torch.jit.save
-    monkeypatch.setattr(torch.jit, "save", lambda module, path, *a, **k: saved.append((module, path)) or real_save(module, path, *a, **k))
+
+    def recording_save(module, path, *args, **kwargs):
+        saved.append((module, path))
+        return real_save(module, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "save", recording_save)
     get_backend("neuron").run(compile_ctx(tmp_path, tiny_lm_dir))
     artifacts = tmp_path / "job" / "artifacts"
     ((module, path),) = saved
@@ -328,7 +334,8 @@ def test_torchrun_argv_runs_one_process_per_core():
 def fake_launcher(monkeypatch, script: str) -> None:
     """Make run_torchrun start `python -c script <job_dir>` instead of torchrun."""
     monkeypatch.setattr(neuron, "torchrun_argv",
-                        lambda cores, job_dir: [sys.executable, "-c", textwrap.dedent(script), str(job_dir), str(cores)])
+                        lambda cores, job_dir: [sys.executable, "-c", textwrap.dedent(script), str(job_dir),
+                                                str(cores)])
 
 
 def test_multi_core_finetune_relays_rank0_metrics_logs_and_result(monkeypatch, finetune_inputs, tmp_path):
@@ -353,8 +360,9 @@ def test_multi_core_finetune_reports_rank0_job_failure(monkeypatch, finetune_inp
         pathlib.Path(sys.argv[1], "train_error.json").write_text(json.dumps({"code": "oom", "message": "boom"}))
         sys.exit(1)
     """)
+    ctx = make_ctx(tmp_path / "job", "finetune", {**FINETUNE_SPEC, "cores": 2}, finetune_inputs)
     with pytest.raises(JobFailed) as info:
-        get_backend("neuron").run(make_ctx(tmp_path / "job", "finetune", {**FINETUNE_SPEC, "cores": 2}, finetune_inputs))
+        get_backend("neuron").run(ctx)
     assert (info.value.code, info.value.message) == ("oom", "boom")
 
 
@@ -364,8 +372,9 @@ def test_multi_core_finetune_classifies_a_crash_from_its_output(monkeypatch, fin
         print("ERROR NRT:nrt_allocate_neuron_cores NeuronCore(s) not available", flush=True)
         sys.exit(1)
     """)
+    ctx = make_ctx(tmp_path / "job", "finetune", {**FINETUNE_SPEC, "cores": 2}, finetune_inputs)
     with pytest.raises(JobFailed) as info:
-        get_backend("neuron").run(make_ctx(tmp_path / "job", "finetune", {**FINETUNE_SPEC, "cores": 2}, finetune_inputs))
+        get_backend("neuron").run(ctx)
     assert info.value.code == "cores_unavailable"
 
 
@@ -379,7 +388,12 @@ def test_cancelling_a_multi_core_finetune_stops_the_launcher(monkeypatch, finetu
     ctx.should_stop = lambda: "started" in ctx.lines
     launched = []
     real_popen = subprocess.Popen
-    monkeypatch.setattr(neuron.subprocess, "Popen", lambda *a, **k: launched.append(real_popen(*a, **k)) or launched[-1])
+
+    def recording_popen(*args, **kwargs):
+        launched.append(real_popen(*args, **kwargs))
+        return launched[-1]
+
+    monkeypatch.setattr(neuron.subprocess, "Popen", recording_popen)
     with pytest.raises(JobFailed) as info:
         get_backend("neuron").run(ctx)
     assert info.value.code == "cancelled"

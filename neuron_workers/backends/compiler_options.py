@@ -98,7 +98,9 @@ def validate_compiler_options(options: Sequence[str], target: str) -> list[str]:
         flag, value, consumed = _parse_flag(tokens, i)
         _check_target(item, flag, target)
         if flag in seen:
-            raise CompilerOptionError(f"compiler option {item!r}: {flag} is given more than once (also as {seen[flag]!r})")
+            raise CompilerOptionError(
+                f"compiler option {item!r}: {flag} is given more than once (also as {seen[flag]!r})"
+            )
         seen[flag] = item
         normalized.append(flag if value is None else f"{flag}={value}")
         i += consumed
@@ -161,11 +163,14 @@ def _parse_flag(tokens: list[tuple[str, str]], i: int) -> tuple[str, str | None,
             raise CompilerOptionError(f"compiler option {item!r}: {flag} takes no value")
         return flag, None, 1
     if flag not in _VALUED_FLAGS:
-        raise CompilerOptionError(f"compiler option {item!r}: unknown or unsupported flag {name!r}; allowed: {_allowed_summary()}")
+        raise CompilerOptionError(
+            f"compiler option {item!r}: unknown or unsupported flag {name!r}; allowed: {_allowed_summary()}"
+        )
     if eq:
         return flag, _check_value(item, flag, inline_value), 1
     if i + 1 >= len(tokens) or tokens[i + 1][1].startswith("-"):
-        raise CompilerOptionError(f"compiler option {item!r}: {name} needs a value, one of {', '.join(_VALUED_FLAGS[flag])}")
+        choices = ", ".join(_VALUED_FLAGS[flag])
+        raise CompilerOptionError(f"compiler option {item!r}: {name} needs a value, one of {choices}")
     return flag, _check_value(item, flag, tokens[i + 1][1]), 2
 
 

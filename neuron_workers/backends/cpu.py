@@ -31,7 +31,15 @@ from .base import (
 )
 from .compiler_options import CompilerOptionError, compile_cache_key, validate_compiler_options
 from .data import pack_blocks, read_prompts, read_texts, steps_per_epoch
-from .loops import TrainHooks, fit_prompt, generate_fixed_shape, generate_hf, inference_result, time_forward, train_steps
+from .loops import (
+    TrainHooks,
+    fit_prompt,
+    generate_fixed_shape,
+    generate_hf,
+    inference_result,
+    time_forward,
+    train_steps,
+)
 from .tinymodel import model_digest
 
 LATENCY_RUNS = 20
@@ -68,7 +76,8 @@ class CpuBackend(Backend):
         target = ctx.spec.get("target", "cpu")
         if target != "cpu":
             raise JobFailed(
-                "bad_input", f"target {target!r} needs the neuron backend (torch-neuronx); this host compiles for cpu only"
+                "bad_input",
+                f"target {target!r} needs the neuron backend (torch-neuronx); this host compiles for cpu only",
             )
         options = checked_options(ctx, target)
         model_path = input_path(ctx, "model_path")
@@ -89,7 +98,9 @@ class CpuBackend(Backend):
         latencies = time_forward(loaded, example_input(shape, model.config.vocab_size, seed=1), LATENCY_RUNS)
         (artifacts / "compile_log.txt").write_text("\n".join(log_lines) + "\n", encoding="utf-8")
         if not diff < EQUIVALENCE_TOLERANCE:  # also catches NaN
-            raise JobFailed("compile_error", f"traced logits differ from eager by {diff:.3g} (limit {EQUIVALENCE_TOLERANCE})")
+            raise JobFailed(
+                "compile_error", f"traced logits differ from eager by {diff:.3g} (limit {EQUIVALENCE_TOLERANCE})"
+            )
         result = compile_result(shape, compile_seconds, latencies, diff, "cpu", compiler_version())
         meta = compile_meta(ctx, model, tokenizer, model_path, shape, options, target, result)
         hf.save_tokenizer(tokenizer, artifacts / hf.TOKENIZER_DIR)
@@ -102,7 +113,9 @@ class CpuBackend(Backend):
         """torch.jit.trace + torch.jit.save; returns (traced, seconds) and records warnings in log_lines."""
         wrapper = hf.LogitsOnly(model).eval()
         example = example_input(shape, model.config.vocab_size, seed=0)
-        log_lines.append(f"torch.jit.trace of {type(model).__name__} with input_ids {list(shape)} ({compiler_version()})")
+        log_lines.append(
+            f"torch.jit.trace of {type(model).__name__} with input_ids {list(shape)} ({compiler_version()})"
+        )
         started = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -335,6 +335,7 @@ def test_inference_reads_prompts_from_a_jsonl_file(tiny_lm_dir, tmp_path):
 
 def test_repeated_small_inference_jobs_reuse_the_loaded_model(tiny_lm_dir, tmp_path, monkeypatch):
     hf.clear_cache()
+    threads_before = torch.get_num_threads()
     loads = []
     real_load = hf.load_causal_lm
     monkeypatch.setattr(hf, "load_causal_lm", lambda path: loads.append(path) or real_load(path))
@@ -342,7 +343,7 @@ def test_repeated_small_inference_jobs_reuse_the_loaded_model(tiny_lm_dir, tmp_p
     for i in range(5):
         get_backend("cpu").run(make_ctx(tmp_path / str(i), "inference", spec, hf_inputs(tiny_lm_dir)))
     assert len(loads) == 1
-    assert torch.get_num_threads() >= 1  # thread count restored, not left at the tiny-model setting
+    assert torch.get_num_threads() == threads_before  # the tiny-model 1-thread setting was undone
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ class CpuBackend(Backend):
             ctx.log(f"compiler options {options} are recorded but have no effect on torch.jit.trace")
         ctx.check_stop("before tracing")
         log_lines: list[str] = []
-        traced, compile_seconds = self._trace(ctx, model, shape, log_lines)
+        _, compile_seconds = self._trace(ctx, model, shape, log_lines)
         artifacts = ctx.artifacts_dir
         ctx.check_stop("after tracing")
         loaded = torch.jit.load(str(artifacts / hf.ARTIFACT_NAME))

@@ -524,3 +524,15 @@ def test_non_finite_floats_in_a_result_become_null(tmp_path):
     verdict = {"ok": True, "result": {"loss": float("nan"), "xs": [float("inf"), 1.5]}}
     runner.write_json_atomic(tmp_path / "r.json", verdict)
     assert json.loads((tmp_path / "r.json").read_text()) == {"ok": True, "result": {"loss": None, "xs": [None, 1.5]}}
+
+
+def test_concurrent_fork_jobs_from_threads_each_get_their_own_result(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    payloads = [make_payload(tmp_path / f"job{i}", "OkBackend", {"echo": i}) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda p: run(p)[0], payloads))
+    assert [o.status for o in outcomes] == ["succeeded"] * 8
+    assert [o.result["echo"] for o in outcomes] == list(range(8))
+    assert [o.result["process_tag"] for o in outcomes] == [f"job-{p['job_id']}" for p in payloads]
+    assert len({o.pid for o in outcomes}) == 8

@@ -5,7 +5,8 @@ hand the figures over with json_script and jobs/static/live/live.js draws them,
 then extends their traces in place as points arrive. So the trace order set
 here is a contract with live.js:
 
-* job utilization: one trace per core, in `series["cores"]` order;
+* job utilization: one line per core, in `series["cores"]` order — or, above
+  LINE_LIMIT cores, one heatmap trace like the host's (z rows = time points);
 * job memory: [device memory, host memory]; latency: [p50, p99];
   executions: [errors, completed];
 * host heatmap: one heatmap trace, z rows = time points (transposed for display);
@@ -65,13 +66,26 @@ def _note(series: dict) -> str:
     return f" <span style='font-size:11px;color:#656d76'>({'; '.join(parts)})</span>" if parts else ""
 
 
+LINE_LIMIT = 8  # more cores than this: a core × time heatmap instead of one line per core
+
+
 def job_util_figure(series: dict) -> dict:
+    """Per-core utilization: a line per core for up to LINE_LIMIT cores (Okabe-Ito
+    colours stay distinguishable), else a heatmap with a row per core — 32 lines are
+    unreadable, and a heatmap's redraw cost does not grow with the points shown,
+    which keeps a 32-core page responsive after an hour of live points."""
     cpu = series.get("kind") == "host"
-    colors = line_colors(len(series["cores"]))
-    data = [_line(f"{'slot' if cpu else 'core'} {core}", series["t"], series["util"][i], colors[i],
-                  hovertemplate="%{y:.1f} %<extra>" + f"{'slot' if cpu else 'core'} {core}</extra>")
-            for i, core in enumerate(series["cores"])]
+    label = "slot" if cpu else "core"
     title = ("CPU use of the job's slots (host metrics, %)" if cpu else "NeuronCore utilization (%)") + _note(series)
+    if len(series["cores"]) > LINE_LIMIT:
+        figure = host_heatmap_figure(series)
+        figure["layout"]["title"]["text"] = title
+        figure["layout"]["yaxis"]["title"] = {"text": label}
+        return figure
+    colors = line_colors(len(series["cores"]))
+    data = [_line(f"{label} {core}", series["t"], series["util"][i], colors[i],
+                  hovertemplate="%{y:.1f} %<extra>" + f"{label} {core}</extra>")
+            for i, core in enumerate(series["cores"])]
     return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}})}
 
 

@@ -91,7 +91,27 @@
     });
   }
 
+  // z rows of a transposed core × time heatmap: one row per time point, the values
+  // of `cores` (the order the heatmap was drawn with) in each.
+  function heatRows(cores, d) {
+    const column = cores.map(function (core) { return d.cores.indexOf(core); });
+    return d.t.map(function (_, j) {
+      return column.map(function (i) { return i < 0 ? null : d.util[i][j]; });
+    });
+  }
+
   function extendJob(divs, cores, d) {
+    if (divs.util.data[0] && divs.util.data[0].type === "heatmap") {
+      window.Plotly.extendTraces(divs.util, { x: [d.t], z: [heatRows(cores, d)] }, [0], MAX_POINTS);
+    } else {
+      extendLines(divs.util, cores, d);
+    }
+    window.Plotly.extendTraces(divs.mem, { x: [d.t, d.t], y: [d.device_mem, d.host_mem] }, [0, 1], MAX_POINTS);
+    window.Plotly.extendTraces(divs.lat, { x: [d.t, d.t], y: [d.lat_p50_ms, d.lat_p99_ms] }, [0, 1], MAX_POINTS);
+    window.Plotly.extendTraces(divs.exec, { x: [d.t, d.t], y: [d.errors, d.completed] }, [0, 1], MAX_POINTS);
+  }
+
+  function extendLines(div, cores, d) {
     const indices = [];
     const xs = [];
     const ys = [];
@@ -99,7 +119,7 @@
       let k = cores.indexOf(core);
       if (k < 0) {
         // A runtime of the job used a core outside its assignment: give it a trace.
-        window.Plotly.addTraces(divs.util, { type: "scatter", mode: "lines", name: "core " + core, x: [], y: [] });
+        window.Plotly.addTraces(div, { type: "scatter", mode: "lines", name: "core " + core, x: [], y: [] });
         cores.push(core);
         k = cores.length - 1;
       }
@@ -107,10 +127,7 @@
       xs.push(d.t);
       ys.push(d.util[i]);
     });
-    window.Plotly.extendTraces(divs.util, { x: xs, y: ys }, indices, MAX_POINTS);
-    window.Plotly.extendTraces(divs.mem, { x: [d.t, d.t], y: [d.device_mem, d.host_mem] }, [0, 1], MAX_POINTS);
-    window.Plotly.extendTraces(divs.lat, { x: [d.t, d.t], y: [d.lat_p50_ms, d.lat_p99_ms] }, [0, 1], MAX_POINTS);
-    window.Plotly.extendTraces(divs.exec, { x: [d.t, d.t], y: [d.errors, d.completed] }, [0, 1], MAX_POINTS);
+    window.Plotly.extendTraces(div, { x: xs, y: ys }, indices, MAX_POINTS);
   }
 
   // --- host page -------------------------------------------------------------------
@@ -135,9 +152,7 @@
       }
       cursor = d.cursor || cursor;
       if (d.t.length) {
-        // z rows are time points (the heatmap is transposed for display).
-        const rows = d.t.map(function (_, j) { return d.util.map(function (col) { return col[j]; }); });
-        window.Plotly.extendTraces(heat, { x: [d.t], z: [rows] }, [0], MAX_POINTS);
+        window.Plotly.extendTraces(heat, { x: [d.t], z: [heatRows(cfg.cores, d)] }, [0], MAX_POINTS);
         const memNow = latestOf(d.mem);
         window.Plotly.restyle(mem, { y: [memNow] }, [0]);
         window.Plotly.extendTraces(sys, { x: [d.t, d.t], y: [d.vcpu_busy, d.host_mem_used] }, [0, 1], MAX_POINTS);

@@ -241,7 +241,10 @@ def neuron_cc_flags(existing: str | None, cache_dir: str) -> str:
     """NEURON_CC_FLAGS with our --cache_dir appended and any earlier --cache_dir dropped.
 
     neuron_cc_wrapper reads this variable and consumes --cache_dir itself
-    (neuron.md §4.4). The value is a whitespace-separated flag string read by the
+    (neuron.md §4.4). Caveat: neuron.md §4.2 says traced graphs with frozen
+    weights are not stored in the persistent cache, so for torch_neuronx.trace
+    this mainly helps torch-xla training; whole-artifact reuse is the web app's
+    job, keyed by compile_cache_key (returned as "cache_key"). The value is a whitespace-separated flag string read by the
     wrapper, never a shell command, so a cache path containing whitespace cannot
     be represented and is refused.
     """

@@ -133,8 +133,8 @@ def _parse(params: dict, today, allowed: tuple[str, ...]):
 
 
 def usage_document(report: Report, group_by: str) -> dict:
-    tables = selectors_usage.tables(report, group_by)
-    burn = report.burn()
+    tables = selectors_usage.tables(report)
+    burn = report.burn
     doc = {
         "scope": report.scope, "team": report.team.slug if report.team else None, "time_zone": str(report.tz),
         "from": report.first.isoformat(), "to": report.last.isoformat(), "group_by": group_by,
@@ -168,7 +168,7 @@ def team_usage(request: HttpRequest, slug: str,
                                       selectors_usage.API_GROUPS)
     if errors:
         return _bad(errors)
-    report = selectors_usage.team_report(team, *parsed)
+    report = selectors_usage.team_report(team, *parsed, group_by=group_by if group_by != "day" else "kind")
     return usage_document(report, group_by)
 
 
@@ -185,5 +185,5 @@ def site_usage(request: HttpRequest,
     parsed, group_by, errors = _parse({"from": from_, "to": to, "group_by": group_by}, today, ("kind", "family", "day"))
     if errors:
         return _bad(errors)
-    report = selectors_usage.site_report(*parsed)
+    report = selectors_usage.site_report(*parsed, group_by=group_by if group_by != "day" else "kind")
     return usage_document(report, group_by)

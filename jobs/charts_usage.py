@@ -19,10 +19,12 @@ COST, IDLE_COST, BUDGET, FORECAST = "#0072B2", "#D55E00", "#000000", "#E69F00"
 
 def _layout(title: str, y_title: str, *, x_title: str = "", barmode: str | None = None, legend: bool = True,
             height: int = 320) -> dict:
+    # The page's card heading names the chart, so the title is not drawn again;
+    # it stays in `meta` for whoever reads the figure (CSV users, tests).
     layout = {
-        "title": {"text": title, "font": {"size": 14}, "x": 0, "xanchor": "left"},
+        "meta": {"title": title},
         "font": {"family": FONT, "size": 12},
-        "margin": {"l": 60, "r": 16, "t": 40, "b": 40},
+        "margin": {"l": 60, "r": 16, "t": 12, "b": 40},
         "height": height,
         "xaxis": {"title": {"text": x_title}, "zeroline": False},
         "yaxis": {"title": {"text": y_title}, "rangemode": "tozero"},

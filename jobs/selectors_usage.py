@@ -1,9 +1,13 @@
 """Reads for the usage pages, their CSV and the usage API: the roll-ups for the
 range plus the live part (jobs.usage_rollup.live_usage), shaped into tables.
 
-Query count is fixed: a team report is ~8 queries, a site report ~11, whatever the
-size of the history (the roll-ups hold one row per team / day / user / kind /
-family / instance type; the live part covers only what the fold has not reached).
+The database does the summing: a report reads the roll-up rows of its range
+already grouped by day, by (group, day) and by kind, plus the wait sketches
+merged per kind, so the rows handled in Python are a few per day whatever the
+number of jobs. Query count is fixed (a team report ~12 queries, a site report
+~14), whatever the size of the history: the roll-ups hold one row per team / day
+/ user / kind / family / instance type, and the live part covers only what the
+fold has not reached yet (a few minutes of the jobs running now).
 
 Every table a page shows or charts is a `Table` built here; the CSV export, the
 API and the Plotly figures (jobs.charts_usage) are all made from these tables, so
@@ -14,16 +18,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from functools import cached_property
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db.models import Sum
+from django.db import connection
+from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
 from jobs import usage
 from jobs.models import Family, Host, Job, JobUsage, Kind, Team, TeamQuota, UsageDaily, UsageSiteDaily, UsageTeamDay
-from jobs.usage import Price, Totals
+from jobs.usage import Contribution, Price, Totals
 from jobs.usage_rollup import LiveUsage, live_usage, prices
 
 TOP_JOBS = 10
@@ -34,19 +40,7 @@ SITE_GROUPS = ("kind", "family", "team")
 API_GROUPS = ("kind", "user", "family", "day")
 KIND_LABELS = dict(Kind.choices)
 FAMILY_LABELS = dict(Family.choices)
-
-
-@dataclass(frozen=True)
-class Row:
-    """Usage of one day and one combination of dimensions (None = not split by it)."""
-
-    day: date
-    team_id: int | None
-    user_id: int | None
-    kind: str
-    family: str
-    instance_type: str
-    totals: Totals
+_GROUP_FIELD = {"kind": "kind", "user": "user_id", "family": "family"}
 
 
 @dataclass
@@ -75,7 +69,10 @@ class TeamShare:
 
 @dataclass
 class Report:
-    """One usage report: a team's (scope "team") or the whole site's ("site")."""
+    """One usage report: a team's (scope "team") or the whole site's ("site").
+
+    by_day covers the range and also this month and the burn-rate window (for the
+    burn-down); by_group_day and by_kind cover the range only."""
 
     scope: str
     team: Team | None
@@ -85,85 +82,139 @@ class Report:
     last: date
     today: date
     now: datetime
-    rows: list[Row]  # within [first, last]
-    month_daily_hours: dict[date, float]
+    group_by: str
+    by_day: dict[date, Totals]
+    by_group_day: dict[tuple[str, date], Totals]
+    by_kind: dict[str, Totals]
     budget: float | None
     top_jobs: list[TopJob]
     prices: dict[str, Price]
-    user_names: dict[int, str] = field(default_factory=dict)
     team_shares: list[TeamShare] = field(default_factory=list)  # site only
-    team_daily: dict[str, dict[date, float]] = field(default_factory=dict)  # site only: hours by team label
     capacity_cores: int = 0  # site only: NeuronCores of the hosts registered now
 
     @property
     def days(self) -> list[date]:
         return usage.days_between(self.first, self.last)
 
-    @property
+    @cached_property
     def totals(self) -> Totals:
         total = Totals()
-        for row in self.rows:
-            total.add(row.totals)
+        for day, totals in self.by_day.items():
+            if self.first <= day <= self.last:
+                total.add(totals)
+        total.wait_sketch = {}
+        for totals in self.by_kind.values():
+            usage.WaitSketch.merge(total.wait_sketch, totals.wait_sketch)
         return total
 
-    def by(self, key: Callable[[Row], object]) -> dict:
-        return _sum_rows(self.rows, key)
+    def day(self, day: date) -> Totals:
+        return self.by_day.get(day) or Totals()
 
+    def by_group(self) -> dict[str, Totals]:
+        """Totals per group label over the range."""
+        sums: dict[str, Totals] = {}
+        for (label, _), totals in self.by_group_day.items():
+            sums.setdefault(label, Totals()).add(totals)
+        return sums
+
+    @cached_property
     def burn(self) -> usage.BurnDown:
-        return usage.burn_down(self.month_daily_hours, today=self.today,
+        return usage.burn_down({d: t.core_hours for d, t in self.by_day.items()}, today=self.today,
                                fraction_of_today=usage.day_fraction(self.now, self.tz), budget=self.budget,
                                window_days=BURN_WINDOW_DAYS)
 
 
-def _sum_rows(rows: Iterable[Row], key: Callable[[Row], object]) -> dict:
-    sums: dict = {}
-    for row in rows:
-        k = key(row)
-        if k not in sums:
-            sums[k] = Totals()
-        sums[k].add(row.totals)
-    return sums
+# --- reading the roll-ups -----------------------------------------------------------
+
+def _sums(qs: QuerySet, *keys: str) -> dict[tuple, Totals]:
+    """Totals of `qs` grouped by `keys`, summed in the database."""
+    rows = qs.values(*keys).annotate(**{f"s_{f}": Sum(f) for f in usage.NUMERIC_FIELDS}).order_by()
+    return {tuple(r[k] for k in keys): Totals(**{f: r[f"s_{f}"] or 0 for f in usage.NUMERIC_FIELDS}) for r in rows}
+
+
+def _sketches_by_kind(qs: QuerySet) -> dict[str, dict[str, int]]:
+    """The wait sketches of `qs` merged per kind. On PostgreSQL the merge happens in
+    the database (jsonb_each), so a quarter of a busy team is one small result;
+    elsewhere (SQLite) the sketches are merged here."""
+    qs = qs.filter(wait_count__gt=0)
+    merged: dict[str, dict[str, int]] = defaultdict(dict)
+    if connection.vendor == "postgresql":
+        inner, params = qs.values("kind", "wait_sketch").query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT u.kind, e.key, SUM(e.value::bigint) FROM ({inner}) u, "
+                           f"jsonb_each_text(u.wait_sketch) e GROUP BY u.kind, e.key", params)
+            for kind, key, count in cursor.fetchall():
+                merged[kind][key] = int(count)
+        return dict(merged)
+    for row in qs.values("kind", "wait_sketch"):
+        usage.WaitSketch.merge(merged[row["kind"]], row["wait_sketch"] or {})
+    return dict(merged)
 
 
 def _span(first: date, last: date, today: date) -> tuple[date, date]:
-    """Days to read: the range, plus this month and the burn-rate window."""
+    """Days to read per day: the range, plus this month and the burn-rate window."""
     return min(first, today.replace(day=1), today - timedelta(days=BURN_WINDOW_DAYS)), max(last, today)
 
 
-def _live_rows(live: LiveUsage, *, keep_team: bool, keep_user: bool) -> list[Row]:
-    return [Row(c.day, c.dims.team_id if keep_team else None, c.dims.user_id if keep_user else None, c.dims.kind,
-                c.dims.family, c.dims.instance_type, c.totals) for c in live.contributions]
+def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str | None,
+          label: Callable[[object], str]) -> tuple[dict, dict, dict]:
+    """by_day (span), by_group_day and by_kind (range, with sketches) of a roll-up."""
+    span_first, span_last = _span(first, last, today)
+    by_day = {k[0]: t for k, t in _sums(qs.filter(day__gte=span_first, day__lte=span_last), "day").items()}
+    in_range = qs.filter(day__gte=first, day__lte=last)
+    by_group_day: dict[tuple[str, date], Totals] = {}
+    if group_field:
+        for (value, day), totals in _sums(in_range, group_field, "day").items():
+            by_group_day.setdefault((label(value), day), Totals()).add(totals)
+    by_kind = {k[0]: t for k, t in _sums(in_range, "kind").items()}
+    for kind, sketch in _sketches_by_kind(in_range).items():
+        by_kind.setdefault(kind, Totals()).wait_sketch = sketch
+    return by_day, by_group_day, by_kind
 
 
-def _split(rows: list[Row], first: date, last: date) -> tuple[list[Row], dict[date, float]]:
-    """Rows within the range, and NeuronCore-hours per day over all rows (burn-down)."""
-    daily: dict[date, float] = defaultdict(float)
-    for row in rows:
-        daily[row.day] += row.totals.core_hours
-    return [r for r in rows if first <= r.day <= last], dict(daily)
+def _add_live(contribs: Iterable[Contribution], first: date, last: date, by_day: dict, by_group_day: dict,
+              by_kind: dict, label: Callable[[Contribution], str] | None) -> None:
+    for c in contribs:
+        by_day.setdefault(c.day, Totals()).add(c.totals)
+        if first <= c.day <= last:
+            by_kind.setdefault(c.dims.kind, Totals()).add(c.totals)
+            if label is not None:
+                by_group_day.setdefault((label(c), c.day), Totals()).add(c.totals)
+
+
+def _labeller(group_by: str, names: dict[int, str]) -> Callable[[object], str]:
+    if group_by == "user":
+        return lambda user_id: names.get(user_id, f"user {user_id}") if user_id else "(deleted user)"
+    if group_by == "family":
+        return lambda family: FAMILY_LABELS.get(family, family)
+    return lambda kind: KIND_LABELS.get(kind, kind)
 
 
 # --- team --------------------------------------------------------------------------
 
-def team_report(team: Team, range_name: str, first: date, last: date, *, now: datetime | None = None) -> Report:
-    """The team's usage from first to last (days in the team's time zone)."""
+def team_report(team: Team, range_name: str, first: date, last: date, *, now: datetime | None = None,
+                group_by: str = "kind") -> Report:
+    """The team's usage from first to last (days in the team's time zone), its
+    stacked series grouped by kind, user or family."""
     now = now or timezone.now()
     tz = usage.zone(team.time_zone)
     today = usage.local_day(now, tz)
-    span_first, span_last = _span(first, last, today)
     table = prices()
-    rolled = UsageDaily.objects.filter(team=team, day__gte=span_first, day__lte=span_last).values(
-        "day", "user_id", "kind", "family", "instance_type", *usage.TOTAL_FIELDS)
-    rows = [Row(v["day"], team.pk, v["user_id"], v["kind"], v["family"], v["instance_type"],
-                Totals.from_mapping(v)) for v in rolled]
     live = live_usage(team_id=team.pk, now=now, price_table=table)
-    rows.extend(_live_rows(live, keep_team=True, keep_user=True))
-    in_range, daily = _split(rows, first, last)
+    names: dict[int, str] = {}
+    if group_by == "user":
+        ids = set(UsageDaily.objects.filter(team=team, day__gte=first, day__lte=last)
+                  .values_list("user_id", flat=True).distinct()) | {c.dims.user_id for c in live.contributions}
+        ids.discard(None)
+        names = dict(get_user_model().objects.filter(pk__in=ids).values_list("pk", "username")) if ids else {}
+    label = _labeller(group_by, names)
+    field_name = _GROUP_FIELD.get(group_by, "kind")
+    by_day, by_group_day, by_kind = _read(UsageDaily.objects.filter(team=team), first, last, today, field_name, label)
+    _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
+              lambda c: label(getattr(c.dims, field_name)))
     budget = TeamQuota.objects.filter(team=team).values_list("monthly_core_hours", flat=True).first()
-    user_ids = {r.user_id for r in in_range if r.user_id is not None}
-    names = dict(get_user_model().objects.filter(pk__in=user_ids).values_list("pk", "username")) if user_ids else {}
-    return Report("team", team, tz, range_name, first, last, today, now, in_range, daily, budget,
-                  _top_jobs(live, first, last, team=team), table, user_names=names)
+    return Report("team", team, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
+                  budget, _top_jobs(live, first, last, team=team), table)
 
 
 # --- site --------------------------------------------------------------------------
@@ -175,58 +226,59 @@ def site_report(range_name: str, first: date, last: date, *, now: datetime | Non
     now = now or timezone.now()
     tz = usage.zone(settings.TIME_ZONE)
     today = usage.local_day(now, tz)
-    span_first, span_last = _span(first, last, today)
     table = prices()
-    rolled = UsageSiteDaily.objects.filter(day__gte=span_first, day__lte=span_last).values(
-        "day", "kind", "family", "instance_type", *usage.TOTAL_FIELDS)
-    rows = [Row(v["day"], None, None, v["kind"], v["family"], v["instance_type"], Totals.from_mapping(v))
-            for v in rolled]
     live = live_usage(now=now, price_table=table)
-    live_rows = _live_rows(live, keep_team=True, keep_user=False)
-    rows.extend(live_rows)
-    in_range, daily = _split(rows, first, last)
+    field_name = "family" if group_by == "family" else "kind"
+    label = _labeller(field_name, {})
+    by_day, by_group_day, by_kind = _read(UsageSiteDaily.objects.all(), first, last, today,
+                                          None if group_by == "team" else field_name, label)
+    _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
+              None if group_by == "team" else (lambda c: label(getattr(c.dims, field_name))))
     budget = TeamQuota.objects.aggregate(s=Sum("monthly_core_hours"))["s"]
-    shares = _team_shares(first, last, [r for r in live_rows if first <= r.day <= last])
-    report = Report("site", None, tz, range_name, first, last, today, now, in_range, daily, budget,
-                    _top_jobs(live, first, last, team=None), table, team_shares=shares,
+    in_range = [c for c in live.contributions if first <= c.day <= last]
+    shares = _team_shares(first, last, in_range)
+    report = Report("site", None, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
+                    budget, _top_jobs(live, first, last, team=None), table, team_shares=shares,
                     capacity_cores=_capacity_cores())
     if group_by == "team":
-        report.team_daily = _team_daily(report, shares[:TOP_TEAMS_STACKED], live_rows)
+        report.by_group_day = _team_daily(report, shares[:TOP_TEAMS_STACKED], in_range)
     return report
 
 
-def _team_shares(first: date, last: date, live_rows: list[Row]) -> list[TeamShare]:
-    """Every team with usage in the range, most NeuronCore-hours first (one query
-    over UsageTeamDay, summed in the database, plus one for the teams)."""
-    numeric = [f for f in usage.NUMERIC_FIELDS]
-    sums = (UsageTeamDay.objects.filter(day__gte=first, day__lte=last).values("team_id")
-            .annotate(**{f"s_{f}": Sum(f) for f in numeric}).order_by())
-    per_team = {v["team_id"]: Totals(**{f: v[f"s_{f}"] or 0 for f in numeric}) for v in sums}
-    for team_id, totals in _sum_rows(live_rows, lambda r: r.team_id).items():
-        per_team.setdefault(team_id, Totals()).add(totals)
+def _team_shares(first: date, last: date, live: list[Contribution]) -> list[TeamShare]:
+    """Every team with usage in the range, most NeuronCore-hours first (summed in
+    the database over UsageTeamDay, plus one query for the teams)."""
+    per_team = {k[0]: t for k, t in _sums(UsageTeamDay.objects.filter(day__gte=first, day__lte=last),
+                                          "team_id").items()}
+    for c in live:
+        per_team.setdefault(c.dims.team_id, Totals()).add(c.totals)
     teams = Team.objects.in_bulk(list(per_team))
     shares = [TeamShare(teams[t], totals) for t, totals in per_team.items() if t in teams]
     shares.sort(key=lambda s: (-s.totals.core_seconds, s.team.slug))
     return shares
 
 
-def _team_daily(report: Report, top: list[TeamShare], live_rows: list[Row]) -> dict[str, dict[date, float]]:
-    """Hours per day of the top teams, and of all others together."""
-    ids = [s.team.pk for s in top]
+def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution]) -> dict[tuple[str, date], Totals]:
+    """(team, day) totals of the top teams, and of all other teams together."""
     slugs = {s.team.pk: s.team.slug for s in top}
-    series: dict[str, dict[date, float]] = {s.team.slug: defaultdict(float) for s in top}
-    for v in UsageTeamDay.objects.filter(team_id__in=ids, day__gte=report.first, day__lte=report.last).values(
-            "team_id", "day", "core_seconds"):
-        series[slugs[v["team_id"]]][v["day"]] += v["core_seconds"] / 3600.0
-    for row in live_rows:
-        if row.team_id in slugs and report.first <= row.day <= report.last:
-            series[slugs[row.team_id]][row.day] += row.totals.core_hours
-    other: dict[date, float] = defaultdict(float)
-    for day, totals in report.by(lambda r: r.day).items():
-        other[day] = totals.core_hours - sum(s.get(day, 0.0) for s in series.values())
-    if any(abs(v) > 1e-9 for v in other.values()):
-        series["other teams"] = other
-    return series
+    out: dict[tuple[str, date], Totals] = {}
+    rows = _sums(UsageTeamDay.objects.filter(team_id__in=list(slugs), day__gte=report.first, day__lte=report.last),
+                 "team_id", "day")
+    for (team_id, day), totals in rows.items():
+        out[(slugs[team_id], day)] = totals
+    for c in live:
+        if c.dims.team_id in slugs:
+            out.setdefault((slugs[c.dims.team_id], c.day), Totals()).add(c.totals)
+    for day in report.days:
+        other = Totals().add(report.day(day))
+        for slug in slugs.values():
+            t = out.get((slug, day))
+            if t is not None:
+                for f in usage.NUMERIC_FIELDS:
+                    setattr(other, f, getattr(other, f) - getattr(t, f))
+        if abs(other.core_seconds) > 1e-6:
+            out[("other teams", day)] = other
+    return out
 
 
 def _capacity_cores() -> int:
@@ -238,8 +290,8 @@ def _capacity_cores() -> int:
 
 def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None) -> list[TopJob]:
     """The most expensive jobs whose latest usage falls in the range, with their
-    whole cost (folded + live). Three queries: the folded top, the folded part of
-    the jobs holding cores now, and the jobs themselves."""
+    whole cost (folded + live). Two queries: the folded top, and the jobs (the
+    folded part of the live jobs came with the live attempts)."""
     folded = JobUsage.objects.filter(day__gte=first, day__lte=last, core_seconds__gt=0)
     if team is not None:
         folded = folded.filter(team=team)
@@ -250,13 +302,11 @@ def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None) ->
     for c in live.contributions:
         if c.job_id in live.job_totals:
             live_days[c.job_id] = max(live_days.get(c.job_id, c.day), c.day)
-    if live.job_totals:
-        base = {u.job_id: u for u in JobUsage.objects.filter(job_id__in=list(live.job_totals))}
-        for job_id, extra in live.job_totals.items():
-            u = base.get(job_id)
-            totals = (_job_totals(u) if u else Totals()).add(extra)
-            day = max(u.day, live_days[job_id]) if u else live_days[job_id]
-            candidates[job_id] = (day, totals)
+    for job_id, extra in live.job_totals.items():
+        folded_day, folded_totals = live.job_folded.get(job_id, (None, None))
+        totals = Totals().add(folded_totals or Totals()).add(extra)
+        day = max(folded_day, live_days[job_id]) if folded_day else live_days[job_id]
+        candidates[job_id] = (day, totals)
     ranked = sorted(((t.cost_usd, t.core_seconds, job_id) for job_id, (day, t) in candidates.items()
                      if first <= day <= last), reverse=True)[:TOP_JOBS]
     jobs = Job.objects.select_related("user", "team").in_bulk([job_id for _, _, job_id in ranked])
@@ -287,28 +337,17 @@ def _s(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def group_label(report: Report, group_by: str, row: Row) -> str:
-    if group_by == "user":
-        return report.user_names.get(row.user_id, f"user {row.user_id}") if row.user_id else "(deleted user)"
-    if group_by == "family":
-        return FAMILY_LABELS.get(row.family, row.family)
-    return KIND_LABELS.get(row.kind, row.kind)
-
-
-def hours_table(report: Report, group_by: str) -> Table:
+def hours_table(report: Report) -> Table:
     """NeuronCore-hours per day and group, zero-filled: every day × every group
     seen in the range (the stacked chart's data)."""
-    table = Table(["day", group_by, "core_hours", "cost_usd"])
-    if group_by == "team":
-        for label, series in report.team_daily.items():
-            for day in report.days:
-                table.rows.append([day.isoformat(), label, round(series.get(day, 0.0), 4), None])
-        return table
-    sums = report.by(lambda r: (group_label(report, group_by, r), r.day))
-    labels = sorted({label for label, _ in sums})
+    table = Table(["day", report.group_by, "core_hours", "cost_usd"])
+    labels = sorted({label for label, _ in report.by_group_day}, key=lambda l: (l == "other teams", l))
+    if report.group_by == "team":
+        order = {s.team.slug: i for i, s in enumerate(report.team_shares)}
+        labels.sort(key=lambda l: order.get(l, len(order)))
     for label in labels:
         for day in report.days:
-            t = sums.get((label, day), Totals())
+            t = report.by_group_day.get((label, day)) or Totals()
             table.rows.append([day.isoformat(), label, _h(t.core_seconds), _usd(t.cost_usd)])
     return table
 
@@ -318,9 +357,8 @@ def allocation_table(report: Report) -> Table:
     unknown (not measured) hours, cost and idle cost (the allocation and cost charts)."""
     table = Table(["day", "allocated_core_hours", "used_core_hours", "idle_core_hours", "unknown_core_hours",
                    "utilization_pct", "cost_usd", "idle_cost_usd", "unpriced_core_hours"])
-    by_day = report.by(lambda r: r.day)
     for day in report.days:
-        t = by_day.get(day, Totals())
+        t = report.day(day)
         table.rows.append([day.isoformat(), _h(t.core_seconds), _h(t.used_core_seconds),
                            _h(max(t.measured_core_seconds - t.used_core_seconds, 0.0)),
                            _h(max(t.core_seconds - t.measured_core_seconds, 0.0)), _pct(t.utilization),
@@ -342,7 +380,7 @@ def summary_table(report: Report) -> Table:
 
 
 def burndown_table(report: Report) -> Table:
-    burn = report.burn()
+    burn = report.burn
     table = Table(["day", "cumulative_core_hours", "forecast_core_hours", "budget_core_hours"])
     for day, actual, forecast in zip(burn.days, burn.actual, burn.forecast):
         table.rows.append([day.isoformat(), None if actual is None else round(actual, 4),
@@ -353,9 +391,8 @@ def burndown_table(report: Report) -> Table:
 def wait_table(report: Report) -> Table:
     """Queue wait (first start − submit) by kind: p50 / p95 from the merged sketches."""
     table = Table(["kind", "jobs", "p50_s", "p95_s", "mean_s"])
-    by_kind = report.by(lambda r: r.kind)
     for kind, label in Kind.choices:
-        t = by_kind.get(kind, Totals())
+        t = report.by_kind.get(kind) or Totals()
         table.rows.append([kind, t.wait_count, _s(usage.WaitSketch.quantile(t.wait_sketch, 0.5)),
                            _s(usage.WaitSketch.quantile(t.wait_sketch, 0.95)), _s(t.wait_mean_s)])
     return table
@@ -364,10 +401,9 @@ def wait_table(report: Report) -> Table:
 def outcomes_table(report: Report) -> Table:
     table = Table(["kind", "succeeded", "failed", "cancelled", "success_rate_pct", "failure_rate_pct",
                    "cancel_rate_pct", "interrupted_attempts"])
-    by_kind = report.by(lambda r: r.kind)
     every = Totals()
     for kind, _ in Kind.choices:
-        t = by_kind.get(kind, Totals())
+        t = report.by_kind.get(kind) or Totals()
         every.add(t)
         table.rows.append(_outcome_row(kind, t))
     table.rows.append(_outcome_row("all", every))
@@ -410,10 +446,9 @@ def fleet_table(report: Report) -> Table:
     hours as a share of the capacity registered now (hosts have no history)."""
     table = Table(["day", "allocated_core_hours", "used_core_hours", "utilization_pct", "capacity_core_hours",
                    "allocated_share_pct"])
-    by_day = report.by(lambda r: r.day)
     capacity = report.capacity_cores * 24.0
     for day in report.days:
-        t = by_day.get(day, Totals())
+        t = report.day(day)
         table.rows.append([day.isoformat(), _h(t.core_seconds), _h(t.used_core_seconds), _pct(t.utilization),
                            capacity, _pct(t.core_hours / capacity if capacity else None)])
     return table
@@ -427,11 +462,11 @@ def prices_table(report: Report) -> Table:
     return table
 
 
-def tables(report: Report, group_by: str) -> dict[str, Table]:
+def tables(report: Report) -> dict[str, Table]:
     """Every table of the report by its CSV name (`?format=csv&table=<name>`)."""
     out = {
         "summary": summary_table(report),
-        "hours": hours_table(report, group_by),
+        "hours": hours_table(report),
         "allocation": allocation_table(report),
         "burndown": burndown_table(report),
         "wait": wait_table(report),
@@ -447,18 +482,16 @@ def tables(report: Report, group_by: str) -> dict[str, Table]:
 
 def groups(report: Report, group_by: str) -> list[dict]:
     """Totals per group (kind / user / family / day) for the API, largest first
-    (days in order)."""
+    (days in order). The report must have been built with this group_by (or any,
+    for "day")."""
     if group_by == "day":
-        sums = report.by(lambda r: r.day)
+        sums = {day: report.day(day) for day in report.days}
         keys = report.days
     else:
-        sums = report.by(lambda r: group_label(report, group_by, r))
+        sums = report.by_group()
         keys = sorted(sums, key=lambda k: (-sums[k].core_seconds, k))
-    out = []
-    for key in keys:
-        t = sums.get(key, Totals())
-        out.append({"key": key.isoformat() if isinstance(key, date) else key, **totals_document(t)})
-    return out
+    return [{"key": key.isoformat() if isinstance(key, date) else key, **totals_document(sums[key])}
+            for key in keys]
 
 
 def totals_document(t: Totals) -> dict:

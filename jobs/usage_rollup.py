@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import groupby, islice
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
@@ -69,16 +69,21 @@ def _attempt_row(v: dict) -> AttemptRow:
     )
 
 
-def unfolded_attempts(*, since: datetime | None, before: datetime, team_id: int | None = None):
+_JOB_USAGE_FIELDS = ("job__usage__day", "job__usage__core_seconds", "job__usage__measured_core_seconds",
+                     "job__usage__used_core_seconds", "job__usage__cost_usd", "job__usage__idle_cost_usd")
+
+
+def unfolded_attempts(*, since: datetime | None, before: datetime, team_id: int | None = None,
+                      with_job_usage: bool = False):
     """Attempts that may hold unfolded usage: open ones and those that ended after
     `since` (all of them when since is None), started before `before`, with their
-    job's progress joined in; sorted by (job, number)."""
+    job's progress (and, if asked, its folded totals) joined in; sorted by (job, number)."""
     qs = JobAttempt.objects.filter(started_at__lt=before)
     if since is not None:
         qs = qs.filter(Q(ended_at__isnull=True) | Q(ended_at__gt=since))
     if team_id is not None:
         qs = qs.filter(team_id=team_id)
-    return qs.order_by("job_id", "number").values(*_ATTEMPT_FIELDS)
+    return qs.order_by("job_id", "number").values(*_ATTEMPT_FIELDS, *(_JOB_USAGE_FIELDS if with_job_usage else ()))
 
 
 def unfolded_outcomes(*, since: datetime | None, upto: datetime, team_id: int | None = None):
@@ -99,6 +104,38 @@ def _outcome_row(v: dict, instance_types: dict[int, str]) -> OutcomeRow:
                       v["status"], v["finished_at"], v["team__time_zone"])
 
 
+def measure(pieces: Sequence[usage.Piece]) -> list[tuple[int, float]]:
+    """(per-core minute rows, sum of util_mean) of each piece, by the rule of
+    jobs.usage.measure (a minute belongs to the piece holding its midpoint).
+
+    On PostgreSQL the database matches minutes to pieces and sums them (one query
+    returning a row per measured piece); elsewhere the minutes are fetched and
+    matched here."""
+    if not pieces:
+        return []
+    if connection.vendor != "postgresql":
+        return usage.measure(pieces, minute_rows(pieces))
+    half = usage.MINUTE / 2
+    # midpoint m + 30 s in [start, end)  <=>  m in [start - 30 s, end - 30 s). The
+    # pieces go as five arrays (five parameters, not five per piece: composing
+    # thousands of parameters costs more than the query).
+    params = [list(range(len(pieces))), [p.job_id for p in pieces], [p.host_id for p in pieces],
+              [p.start - half for p in pieces], [p.end - half for p in pieces]]
+    # LATERAL: one index range scan per piece; a plain join lets the planner hash
+    # the whole minute table.
+    sql = (f"SELECT p.i, x.n, x.s FROM unnest(%s::int[], %s::bigint[], %s::bigint[], %s::timestamptz[], "
+           f"%s::timestamptz[]) AS p(i, job_id, host_id, lo, hi), LATERAL ("
+           f"SELECT COUNT(*) AS n, SUM(m.util_mean) AS s FROM {MetricMinute._meta.db_table} m "
+           f"WHERE m.job_id = p.job_id AND m.minute >= p.lo AND m.minute < p.hi AND m.host_id = p.host_id "
+           f"AND m.core >= 0) x WHERE x.n > 0")
+    result = [(0, 0.0)] * len(pieces)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for i, count, total in cursor.fetchall():
+            result[i] = (int(count), float(total or 0.0))
+    return result
+
+
 def minute_rows(pieces: Sequence[usage.Piece]) -> list[MinuteRow]:
     """The per-core utilization minutes of these pieces' jobs over their span, summed
     per (job, host, minute) in the database (one query)."""
@@ -117,21 +154,24 @@ class LiveUsage:
     """Usage not yet in the roll-ups, up to now."""
 
     contributions: list[Contribution] = field(default_factory=list)
-    job_totals: dict[int, Totals] = field(default_factory=dict)  # per job, attempts only
+    job_totals: dict[int, Totals] = field(default_factory=dict)  # per job: live part of its attempts
+    job_folded: dict[int, tuple] = field(default_factory=dict)  # per job: (day, Totals) already folded
     active_jobs: set[int] = field(default_factory=set)  # jobs holding cores now
 
 
 def live_usage(*, team_id: int | None = None, now: datetime | None = None,
                price_table: dict[str, Price] | None = None) -> LiveUsage:
     """Everything past the fold's progress, up to now, for one team or all teams:
-    4 queries (watermark, attempts, minutes, outcomes), whatever the history size."""
+    4 queries (watermark, attempts with their jobs' folded totals, minutes,
+    outcomes), whatever the history size."""
     now = now or timezone.now()
     state = UsageRollupState.objects.filter(pk=1).values("cutoff").first()
     since = state["cutoff"] - LAG if state and state["cutoff"] else None
     table = price_table if price_table is not None else prices()
-    rows = [_attempt_row(v) for v in unfolded_attempts(since=since, before=now, team_id=team_id)]
+    values = list(unfolded_attempts(since=since, before=now, team_id=team_id, with_job_usage=True))
+    rows = [_attempt_row(v) for v in values]
     plan = usage.plan_attempts(rows, now)
-    contribs = usage.contributions(plan, usage.measure(plan.pieces, minute_rows(plan.pieces)), table)
+    contribs = usage.contributions(plan, measure(plan.pieces), table)
     instance_types = {job_id: p.instance_type for job_id, p in plan.progress.items()}
     outcomes = [_outcome_row(v, instance_types) for v in unfolded_outcomes(since=since, upto=now, team_id=team_id)]
     contribs.extend(usage.outcome_contributions(outcomes))
@@ -140,6 +180,12 @@ def live_usage(*, team_id: int | None = None, now: datetime | None = None,
         if c.job_id is not None and c.totals.core_seconds:
             live.job_totals.setdefault(c.job_id, Totals()).add(c.totals)
     live.active_jobs = {r.job_id for r in rows if r.ended_at is None}
+    for v in values:
+        if v["job_id"] in live.job_totals and v["job__usage__day"] is not None:
+            live.job_folded[v["job_id"]] = (v["job__usage__day"], Totals(
+                core_seconds=v["job__usage__core_seconds"], measured_core_seconds=v["job__usage__measured_core_seconds"],
+                used_core_seconds=v["job__usage__used_core_seconds"], cost_usd=v["job__usage__cost_usd"],
+                idle_cost_usd=v["job__usage__idle_cost_usd"]))
     return live
 
 
@@ -197,7 +243,7 @@ def fold(now: datetime | None = None) -> FoldStats:
             stats.attempts += len(batch)
             plan = usage.plan_attempts((_attempt_row(v) for v in batch), cutoff)
             stats.pieces += len(plan.pieces)
-            contribs = usage.contributions(plan, usage.measure(plan.pieces, minute_rows(plan.pieces)), table)
+            contribs = usage.contributions(plan, measure(plan.pieces), table)
             stats.rows_written += _write(contribs, plan.progress, outcome_jobs=set())
             instance_types.update({job_id: p.instance_type for job_id, p in plan.progress.items()})
         outcomes = unfolded_outcomes(since=since, upto=cutoff).iterator(chunk_size=CHUNK)

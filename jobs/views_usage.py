@@ -73,7 +73,7 @@ def _figures(report: Report, tables: dict[str, Table], group_by: str) -> dict[st
     alloc = tables["allocation"]
     burn, wait, outcomes = tables["burndown"], tables["wait"], tables["outcomes"]
     kind_rows = [r for r in outcomes.rows if r[0] != "all"]
-    burn_state = report.burn()
+    burn_state = report.burn
     figures = {
         "hours": charts_usage.stacked_hours(days, series, by=group_by),
         "allocation": charts_usage.allocated_vs_used(days, _column(alloc, "used_core_hours"),
@@ -106,7 +106,7 @@ def _render(request: HttpRequest, template: str, context: dict, *, report: Repor
                                                         else usage.DEFAULT_RANGE)}
     if errors or report is None:
         return render(request, template, {**context, "errors": errors, "report": None}, status=400)
-    tables = selectors_usage.tables(report, group_by)
+    tables = selectors_usage.tables(report)
     if request.GET.get("format") == "csv":
         return _csv_response(tables, request.GET.get("table", ""), filename)
     if request.GET.get("format"):
@@ -114,7 +114,7 @@ def _render(request: HttpRequest, template: str, context: dict, *, report: Repor
     csv_base = {**query, "group_by": group_by, "format": "csv"}
     dicts = {k: t.dicts() for k, t in tables.items()}
     return render(request, template, {
-        **context, "report": report, "errors": {}, "totals": report.totals, "burn": report.burn(), "tables": dicts,
+        **context, "report": report, "errors": {}, "totals": report.totals, "burn": report.burn, "tables": dicts,
         "figures": {f"fig-{name}": fig for name, fig in _figures(report, tables, group_by).items()},
         "csv": {name: "?" + urlencode({**csv_base, "table": name}) for name in tables},
         "group_links": [(g, "?" + urlencode({**query, "group_by": g})) for g in groups],
@@ -146,7 +146,7 @@ def team_usage(request: HttpRequest, slug: str) -> HttpResponse:
         errors = {**errors, **e.errors}
     else:
         if not errors:
-            report = selectors_usage.team_report(team, range_name, first, last)
+            report = selectors_usage.team_report(team, range_name, first, last, group_by=group_by)
     context = {**_base_context(request, team, "usage"), "scope": "team", "today": today}
     return _render(request, "usage/team.html", context, report=report, group_by=group_by,
                    groups=selectors_usage.TEAM_GROUPS, errors=errors, filename=f"usage-{team.slug}")

@@ -131,7 +131,7 @@ def _report(team, first=D10, last=D12):
 
 
 def _by_day(report):
-    return {day: t for day, t in report.by(lambda r: r.day).items()}
+    return {day: report.day(day) for day in report.days}
 
 
 # --- pure functions -----------------------------------------------------------------
@@ -245,7 +245,7 @@ def _expect_vision_numbers(report, jobs):
     assert top == [(j["j1"], 4.0, False), (j["j2"], round(2 + 2 * PRICE_INF2_X, 4), False),
                    (j["j4"], 2.0, False), (j["j3"], 2.0, True), (j["j6"], 0.5, False)]
     assert j["a1"] not in {t.job.pk for t in report.top_jobs}
-    burn = report.burn()
+    burn = report.burn
     assert burn.used == pytest.approx(18.5) and burn.budget == 40
     assert burn.rate_per_day == pytest.approx(18.5 / (7 + 17.5 / 24))
     assert burn.status == "runs_out" and burn.run_out_day == date(2025, 3, 21)
@@ -312,7 +312,7 @@ def test_the_site_report_shares_hours_and_cost_between_teams(history):
     assert shares["audio"]["core_hours"] == pytest.approx(2.0) and shares["audio"]["cost_usd"] == pytest.approx(2.0)
     assert shares["vision"]["hours_share_pct"] == pytest.approx(100 * 18.5 / 20.5, abs=0.01)
     assert shares["audio"]["cost_share_pct"] == pytest.approx(100 * 2 / (2 + report.totals.cost_usd - 2), abs=0.01)
-    hours = selectors_usage.hours_table(report, "team").dicts()
+    hours = selectors_usage.hours_table(report).dicts()
     assert sum(r["core_hours"] for r in hours if r["team"] == "audio") == pytest.approx(2.0)
     assert sum(r["core_hours"] for r in hours) == pytest.approx(20.5, abs=1e-3)
     assert report.capacity_cores == 32 + 24 + 2

@@ -313,6 +313,7 @@ def run_hf_inference(ctx: JobContext, model: Any, tokenizer: Any, prompts: list[
                           temperature=settings["temperature"], generator=generator, eos_id=eos_id)
         output = tokenizer.decode(new, skip_special_tokens=True)
         records.append(_record(index, prompt, output, new, (time.perf_counter() - t0) * 1000))
+        ctx.log(f"prompt {index}: {len(ids)} tokens in, {len(new)} out, {records[-1]['latency_ms']:.1f} ms")
     return inference_result(ctx, records, time.perf_counter() - started)
 
 
@@ -333,6 +334,8 @@ def run_fixed_shape_inference(ctx, module, meta: dict, tokenizer, prompts: list[
         _record(i, prompt, tokenizer.decode(new, skip_special_tokens=True), new, latency)
         for i, (prompt, (new, latency)) in enumerate(zip(prompts, decoded))
     ]
+    ctx.log(f"decoded {len(records)} prompts through the compiled ({meta['batch_size']}, {seq}) artifact "
+            f"in {wall * 1000:.1f} ms")
     return inference_result(ctx, records, wall)
 
 

@@ -123,36 +123,35 @@ def choose_victims(hosts: list[HostSlots], family: str, cores: int,
     fit: newest first, just enough. Returns (victims, placement) or None when even
     preempting every borrower would not make room (then nobody is preempted).
 
-    Greedy newest-first until the request fits, then a pruning pass spares every
-    victim (oldest first) whose cores turn out not to be needed — e.g. a borrower on
-    another host that the greedy pass took before the one that made the run."""
-    by_host = {h.host_id: h for h in hosts if h.family == family}
+    Borrowers are taken newest first until some host has a free run that long; the
+    job goes on that host, so only that host's victims are kept, and a pruning pass
+    spares each of them (oldest first) whose cores turn out not to be needed.
+    Each step looks at one host only, so a dispatch run with many waiting jobs and
+    many borrowers stays fast."""
+    by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
+    candidates = [b for b in borrowers if b.host_id in by_host]
+    if sum(len(b.cores) for b in candidates) + sum(h.free for h in by_host.values()) < cores:
+        return None  # not enough cores even if every borrower went
 
-    def fits(chosen: list[Borrower]) -> Placement | None:
-        freed: dict[int, set[int]] = {}
-        for victim in chosen:
-            freed.setdefault(victim.host_id, set()).update(victim.cores)
-        trial = [HostSlots(h.host_id, h.name, h.family, h.core_ids, h.used - frozenset(freed.get(h.host_id, ())),
-                           h.draining) for h in by_host.values()]
-        return place(trial, family, cores)
+    def fits(host: HostSlots, victims: list[Borrower]) -> Placement | None:
+        freed = frozenset(c for v in victims for c in v.cores)
+        return place([HostSlots(host.host_id, host.name, family, host.core_ids, host.used - freed)], family, cores)
 
-    candidates = sorted((b for b in borrowers if b.host_id in by_host),
-                        key=lambda b: (b.since, b.job_id), reverse=True)
-    chosen: list[Borrower] = []
-    spot = None
-    for victim in candidates:
+    on_host: dict[int, list[Borrower]] = {}
+    for victim in sorted(candidates, key=lambda b: (b.since, b.job_id), reverse=True):
+        chosen = on_host.setdefault(victim.host_id, [])
         chosen.append(victim)
-        spot = fits(chosen)
-        if spot is not None:
-            break
-    if spot is None:
-        return None
-    for victim in sorted(chosen, key=lambda b: (b.since, b.job_id)):
-        rest = [c for c in chosen if c is not victim]
-        trial = fits(rest)
-        if trial is not None:
-            chosen, spot = rest, trial
-    return chosen, spot
+        host = by_host[victim.host_id]
+        spot = fits(host, chosen)
+        if spot is None:
+            continue
+        for spare in sorted(chosen, key=lambda b: (b.since, b.job_id)):
+            rest = [c for c in chosen if c is not spare]
+            trial = fits(host, rest)
+            if trial is not None:
+                chosen, spot = rest, trial
+        return chosen, spot
+    return None
 
 
 def check_hosts(family: str, cores: int, fleet: list[HostSlots]) -> Decision:

@@ -17,8 +17,7 @@ from datetime import datetime
 from typing import Iterable, TypeVar
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Case, Value, When
+from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs import states
@@ -98,6 +97,8 @@ class Fleet:
         self.team_use: dict[tuple[int, str], int] = defaultdict(int)
         self.borrowers: dict[int, Borrower] = {}
         self.family_of: dict[int, str] = {}
+        self._slots: dict[str, list[HostSlots]] = {}
+        self.version = 0  # bumped on every change, to know when a "no room" answer is stale
         cores: dict[int, list[int]] = defaultdict(list)
         for host_id, core, job_id, team_id, family, borrowed, since in CoreAllocation.objects.values_list(
                 "host_id", "core", "job_id", "team_id", "family", "borrowed", "since"):
@@ -111,10 +112,16 @@ class Fleet:
             self.borrowers[job_id] = Borrower(b.job_id, b.team_id, b.host_id, tuple(sorted(cores[job_id])), b.since)
 
     def slots(self, family: str) -> list[HostSlots]:
-        return [HostSlots(h.pk, h.name, h.family, tuple(h.core_ids), frozenset(self.used[h.pk]),
+        """The family's hosts as placement sees them (rebuilt only after a change)."""
+        if family not in self._slots:
+            self._slots[family] = [
+                HostSlots(h.pk, h.name, h.family, tuple(h.core_ids), frozenset(self.used[h.pk]),
                           h.state == Host.State.DRAINING) for h in self.hosts.values() if h.family == family]
+        return self._slots[family]
 
     def take(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
+        self._slots.pop(job.family, None)
+        self.version += 1
         self.used[spot.host_id].update(range(spot.core_start, spot.core_start + job.cores))
         self.team_use[(job.team_id, job.family)] += job.cores
         if borrowed:
@@ -124,11 +131,13 @@ class Fleet:
             self.family_of[job.pk] = job.family
 
     def give_back(self, victim: Borrower) -> None:
+        self._slots.pop(self.family_of[victim.job_id], None)
+        self.version += 1
         self.used[victim.host_id].difference_update(victim.cores)
         self.team_use[(victim.team_id, self.family_of[victim.job_id])] -= len(victim.cores)
         del self.borrowers[victim.job_id]
 
-    def borrowers_of_others(self, family: str, team_id: int) -> list[Borrower]:
+    def borrowers_of_others(self, family: str, team_id: int | None = None) -> list[Borrower]:
         return [b for b in self.borrowers.values() if self.family_of[b.job_id] == family and b.team_id != team_id]
 
 
@@ -164,9 +173,13 @@ class Dispatcher:
 
     def __init__(self, fleet: Fleet, limits: Limits):
         self.fleet, self.limits = fleet, limits
-        self.placed: list[tuple[int, str]] = []
+        self.starts: list[tuple[PendingRow, Placement, bool]] = []
+        self.placed: list[tuple[int, str]] = []  # (job id, host queue) once committed
         self.preempted: list[int] = []
         self.reasons: dict[int, tuple[str, str]] = {}
+        # family -> (fleet version, smallest request for which even preempting every
+        # borrower could not make room): later jobs as large skip the search.
+        self.hopeless: dict[str, tuple[int, int]] = {}
 
     def family_state(self, job: PendingRow, slots: list[HostSlots]) -> FamilyState:
         guaranteed, borrow = self.limits.family.get((job.team_id, job.family), (0, 0))
@@ -221,8 +234,13 @@ class Dispatcher:
     def reclaim(self, job: PendingRow, slots: list[HostSlots]) -> Placement | None:
         """The job is within its team's guarantee but there is no room: preempt other
         teams' borrowing jobs (newest first, just enough), then place it."""
+        version, smallest = self.hopeless.get(job.family, (-1, 0))
+        if version == self.fleet.version and job.cores >= smallest:
+            return None
         choice = choose_victims(slots, job.family, job.cores, self.fleet.borrowers_of_others(job.family, job.team_id))
         if choice is None:
+            if choose_victims(slots, job.family, job.cores, self.fleet.borrowers_of_others(job.family)) is None:
+                self.hopeless[job.family] = (self.fleet.version, job.cores)  # smaller than any earlier failure
             return None
         victims, _ = choice
         guaranteed, _ = self.limits.family.get((job.team_id, job.family), (0, 0))
@@ -242,30 +260,46 @@ class Dispatcher:
         return place(self.fleet.slots(job.family), job.family, job.cores)
 
     def start(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
-        host = self.fleet.hosts[spot.host_id]
-        cores = range(spot.core_start, spot.core_start + job.cores)
+        """Reserve the cores for this run; commit() writes all placements at once."""
+        self.fleet.take(job, spot, borrowed)
+        self.starts.append((job, spot, borrowed))
+
+    def commit(self) -> None:
+        """Move the placed jobs to queued and write their core allocations (a job
+        cancelled since it was read is skipped, and its cores stay free)."""
+        notes = []
+        for job, spot, borrowed in self.starts:
+            host = self.fleet.hosts[spot.host_id]
+            notes.append((job.pk, host.pk, spot.core_start, f"placed on {host.name} cores "
+                          f"{core_range(spot.core_start, job.cores)}" + (" (borrowed)" if borrowed else "")))
+        moved = states.mark_queued_many(notes)
         CoreAllocation.objects.bulk_create([
-            CoreAllocation(host=host, core=c, job_id=job.pk, team_id=job.team_id, family=job.family, borrowed=borrowed)
-            for c in cores])
-        note = f"placed on {host.name} cores {core_range(spot.core_start, job.cores)}" + (" (borrowed)" if borrowed else "")
-        if states.mark_queued(job, host.pk, spot.core_start, note):
-            self.fleet.take(job, spot, borrowed)
-            self.placed.append((job.pk, host.queue))
-        else:  # cancelled meanwhile: give the cores back
-            CoreAllocation.objects.filter(job_id=job.pk).delete()
+            CoreAllocation(host_id=spot.host_id, core=c, job_id=job.pk, team_id=job.team_id, family=job.family,
+                           borrowed=borrowed)
+            for job, spot, borrowed in self.starts if job.pk in moved
+            for c in range(spot.core_start, spot.core_start + job.cores)])
+        self.placed = [(job.pk, self.fleet.hosts[spot.host_id].queue) for job, spot, _ in self.starts if job.pk in moved]
 
     def save_reasons(self, rows: list[PendingRow]) -> None:
-        """Write the changed waiting reasons in a few UPDATEs (guarded by status, so a
-        job cancelled meanwhile keeps its own reason)."""
-        changed = {r.pk: self.reasons[r.pk] for r in rows
-                   if r.pk in self.reasons and (r.reason_code, r.reason) != self.reasons[r.pk]}
-        ids = list(changed)
-        for i in range(0, len(ids), 200):
-            chunk = ids[i:i + 200]
-            Job.objects.filter(pk__in=chunk, status=S.PENDING).update(
-                reason_code=Case(*[When(pk=pk, then=Value(changed[pk][0])) for pk in chunk]),
-                reason=Case(*[When(pk=pk, then=Value(changed[pk][1])) for pk in chunk]),
-            )
+        """Write the changed waiting reasons (guarded by status, so a job cancelled
+        meanwhile keeps its own reason)."""
+        changed = [(r.pk, *self.reasons[r.pk]) for r in rows
+                   if r.pk in self.reasons and (r.reason_code, r.reason) != self.reasons[r.pk]]
+        if connection.vendor == "postgresql":
+            # Thousands of waiting jobs get new numbers in their sentences on a busy
+            # run: one UPDATE … FROM (VALUES …) per chunk instead of one per job.
+            table = Job._meta.db_table
+            for i in range(0, len(changed), 1000):
+                chunk = changed[i:i + 1000]
+                values = ", ".join(["(%s::bigint, %s, %s)"] * len(chunk))
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        f"UPDATE {table} AS j SET reason_code = v.code, reason = v.reason "
+                        f"FROM (VALUES {values}) AS v(id, code, reason) WHERE j.id = v.id AND j.status = %s",
+                        [x for row in chunk for x in row] + [S.PENDING])
+            return
+        for pk, code, reason in changed:
+            Job.objects.filter(pk=pk, status=S.PENDING).update(reason_code=code, reason=reason)
 
 
 def dispatch() -> DispatchReport:
@@ -283,6 +317,7 @@ def dispatch() -> DispatchReport:
         dispatcher = Dispatcher(Fleet(hosts), Limits.load())
         rows = pending_rows()
         dispatcher.run(pending_order(rows))
+        dispatcher.commit()
         dispatcher.save_reasons(rows)
         placed = list(dispatcher.placed)
         transaction.on_commit(lambda: [send_run(job_id, queue) for job_id, queue in placed])

@@ -1,9 +1,81 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from jobs import models
 
-admin.site.register([models.Team, models.Membership, models.TeamQuota, models.FamilyQuota, models.AuditEntry,
-                     models.Host, models.ModelAsset, models.Dataset, models.InstancePrice, models.KindPriority])
+admin.site.register([models.Team, models.Host, models.ModelAsset, models.Dataset, models.InstancePrice,
+                     models.KindPriority])
+
+
+# Quotas and memberships edited here are audited exactly like the quota page and the
+# team page do it (jobs.services), so the team's audit trail has every change.
+
+@admin.register(models.TeamQuota)
+class TeamQuotaAdmin(admin.ModelAdmin):
+    list_display = ("team", "share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
+
+    def save_model(self, request, obj, form, change):
+        from jobs.services import QUOTA_FIELDS, quota_update
+
+        if not change:
+            return super().save_model(request, obj, form, change)
+        quota_update(team=obj.team, actor=request.user,
+                     values={name: form.cleaned_data[name] for name in QUOTA_FIELDS if name in form.changed_data})
+
+
+@admin.register(models.FamilyQuota)
+class FamilyQuotaAdmin(admin.ModelAdmin):
+    list_display = ("team", "family", "guaranteed_cores", "borrow_limit")
+    list_filter = ("family",)
+
+    def save_model(self, request, obj, form, change):
+        from jobs.services import FAMILY_FIELDS, quota_update
+
+        if not change or "family" in form.changed_data or "team" in form.changed_data:
+            return super().save_model(request, obj, form, change)
+        quota_update(team=obj.team, actor=request.user, values={"families": {obj.family: {
+            name: form.cleaned_data[name] for name in FAMILY_FIELDS if name in form.changed_data}}})
+
+
+@admin.register(models.Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ("team", "user", "role")
+    list_filter = ("role",)
+
+    def save_model(self, request, obj, form, change):
+        from jobs.services import membership_set
+
+        if change and ("team" in form.changed_data or "user" in form.changed_data):
+            return super().save_model(request, obj, form, change)
+        membership_set(team=obj.team, user=obj.user, role=obj.role, actor=request.user)
+
+    def delete_model(self, request, obj):
+        from jobs.services import MembershipError, membership_change
+
+        try:
+            membership_change(team=obj.team, user=obj.user, role=None, actor=request.user)
+        except MembershipError as exc:
+            self.message_user(request, str(exc), level=messages.ERROR)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset.select_related("team", "user"):
+            self.delete_model(request, obj)
+
+
+@admin.register(models.AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """The audit trail is read-only, even for admins."""
+
+    list_display = ("at", "team", "actor", "subject", "old", "new")
+    list_filter = ("team",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(models.Job)

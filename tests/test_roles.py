@@ -290,3 +290,21 @@ def test_a_patch_that_overcommits_the_fleet_warns(cast, cpu_host):
     body = patch_quota(cast.admin, {"families": {"cpu": {"guaranteed_cores": 4}}}).json()
     assert body["warnings"] == ["cpu guarantees add up to 12 cores but the fleet has 2 online; "
                                 "not every team can get its guarantee at once"]
+
+
+def test_quota_edits_in_the_django_admin_are_audited_too(cast):
+    quota = FamilyQuota.objects.get(team=cast.vision, family="trn1")
+    response = page_client(cast.admin).post(f"/admin/jobs/familyquota/{quota.pk}/change/", {
+        "team": cast.vision.pk, "family": "trn1", "guaranteed_cores": 12, "borrow_limit": 32})
+    assert response.status_code == 302
+    assert FamilyQuota.objects.get(pk=quota.pk).guaranteed_cores == 12
+    assert AuditEntry.objects.filter(team=cast.vision, actor=cast.admin, subject="family.trn1.guaranteed_cores",
+                                     old="0", new="12").exists()
+
+
+def test_the_audit_trail_cannot_be_edited_in_the_django_admin(cast):
+    entry = AuditEntry.objects.filter(team=cast.vision).first()
+    client = page_client(cast.admin)
+    client.post(f"/admin/jobs/auditentry/{entry.pk}/change/", {"subject": "forged", "old": "", "new": ""})
+    client.post(f"/admin/jobs/auditentry/{entry.pk}/delete/", {"post": "yes"})
+    assert AuditEntry.objects.get(pk=entry.pk).subject == entry.subject

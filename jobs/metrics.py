@@ -33,7 +33,6 @@ browser can hand them to Plotly.extendTraces as they are.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
@@ -69,8 +69,13 @@ def job_key(job_id: int) -> str:
     return f"{JOB_PREFIX}{job_id}"
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def _dumps(value: Any) -> bytes:
+    # Non-str keys: attribute()'s idle_allocated is keyed by int job id (json.dumps
+    # would turn those into strings too, which is what readers expect).
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+_loads = orjson.loads
 
 
 # --- building points from a sample (pure) ------------------------------------------
@@ -141,9 +146,11 @@ def publish(host: str, host_pt: dict, job_pts: dict[int, dict], r=None) -> list[
     Returns the new entry ids, host first."""
     pipe = (r or redis()).pipeline(transaction=False)
     maxlen = settings.METRICS_STREAM_MAXLEN
-    pipe.xadd(host_key(host), {"d": _dumps(host_pt)}, maxlen=maxlen, approximate=True)
+    # XADD <key> MAXLEN ~ <n> * d <json>, issued directly: this runs for every
+    # report of every host, and the xadd() wrapper only rebuilds the same arguments.
+    pipe.execute_command("XADD", host_key(host), "MAXLEN", "~", maxlen, "*", "d", _dumps(host_pt))
     for job_id, point in job_pts.items():
-        pipe.xadd(job_key(job_id), {"d": _dumps(point)}, maxlen=maxlen, approximate=True)
+        pipe.execute_command("XADD", job_key(job_id), "MAXLEN", "~", maxlen, "*", "d", _dumps(point))
     return pipe.execute()
 
 
@@ -194,7 +201,7 @@ def read_stream(key: str, since: str | None, *, initial: int | None = None, r=No
     if since is None:
         raw = r.xrevrange(key, "+", "-", count=initial or settings.METRICS_STREAM_MAXLEN * 2)
         raw.reverse()
-        return StreamRead([json.loads(f[b"d"]) for _, f in raw], _id_str(raw[-1][0]) if raw else "0-0")
+        return StreamRead([_loads(f[b"d"]) for _, f in raw], _id_str(raw[-1][0]) if raw else "0-0")
     ms, seq = parse_cursor(since)
     pipe = r.pipeline(transaction=False)
     pipe.xrange(key, f"({ms}-{seq}", "+", count=MAX_SINCE_POINTS)
@@ -203,7 +210,7 @@ def read_stream(key: str, since: str | None, *, initial: int | None = None, r=No
     # The client's last entry is gone from the front of the stream: entries it never
     # saw may have been trimmed with it (a client more than MAXLEN points behind).
     reset = bool(first) and (ms, seq) != (0, 0) and parse_cursor(_id_str(first[0][0])) > (ms, seq)
-    return StreamRead([json.loads(f[b"d"]) for _, f in raw], _id_str(raw[-1][0]) if raw else since,
+    return StreamRead([_loads(f[b"d"]) for _, f in raw], _id_str(raw[-1][0]) if raw else since,
                       reset=reset, more=len(raw) == MAX_SINCE_POINTS)
 
 
@@ -461,7 +468,7 @@ def latest_points(hosts: list[Host], r=None) -> dict[int, dict | None]:
     pipe = (r or redis()).pipeline(transaction=False)
     for host in hosts:
         pipe.xrevrange(host_key(host.name), "+", "-", count=1)
-    return {host.pk: (json.loads(raw[0][1][b"d"]) if raw else None) for host, raw in zip(hosts, pipe.execute())}
+    return {host.pk: (_loads(raw[0][1][b"d"]) if raw else None) for host, raw in zip(hosts, pipe.execute())}
 
 
 def _fresh_util(host: Host, point: dict | None, now: float) -> list[float] | None:
@@ -537,11 +544,39 @@ class _Acc:
         self.errors = 0
 
 
-def _acc(table: dict, key: tuple) -> _Acc:
-    acc = table.get(key)
-    if acc is None:
-        acc = table[key] = _Acc()
-    return acc
+class _Minute:
+    """The rows of one (host, job or None, minute): per-core accumulators
+    [samples, util sum, util peak, memory peak] by core key, and the whole row
+    (core -1). Lists and string keys keep the per-core step cheap: a trn1.32xlarge
+    report adds 32 host cores and 4 × 8 job cores."""
+
+    __slots__ = ("cores", "whole")
+
+    def __init__(self) -> None:
+        self.cores: dict[str, list] = {}
+        self.whole = _Acc()
+
+
+def _minute(table: dict, key: tuple) -> _Minute:
+    group = table.get(key)
+    if group is None:
+        group = table[key] = _Minute()
+    return group
+
+
+def _add_cores(cores: dict[str, list], util: dict[str, float], mem: dict[str, int]) -> None:
+    for core, value in util.items():
+        acc = cores.get(core)
+        peak_mem = mem.get(core)
+        if acc is None:
+            cores[core] = [1, value, value, peak_mem or 0]
+            continue
+        acc[0] += 1
+        acc[1] += value
+        if value > acc[2]:
+            acc[2] = value
+        if peak_mem is not None and peak_mem > acc[3]:
+            acc[3] = peak_mem
 
 
 def _add_util(acc: _Acc, util: float, mem: int | None) -> None:
@@ -555,9 +590,9 @@ def _add_util(acc: _Acc, util: float, mem: int | None) -> None:
 
 def _add_job_entry(table: dict, host_id: int, job_id: int, minute: int, point: dict) -> None:
     util, mem = point["util"], point["mem"]
-    for core, value in util.items():
-        _add_util(_acc(table, (host_id, job_id, minute, int(core))), value, mem.get(core))
-    job = _acc(table, (host_id, job_id, minute, -1))
+    group = _minute(table, (host_id, job_id, minute))
+    _add_cores(group.cores, util, mem)
+    job = group.whole
     device = point["device_mem"] if point["device_mem"] is not None else (sum(mem.values()) if mem else None)
     _add_util(job, sum(util.values()) / len(util) if util else 0.0, device)
     if point["lat_p50"] is not None:
@@ -569,27 +604,30 @@ def _add_job_entry(table: dict, host_id: int, job_id: int, minute: int, point: d
 
 
 def _add_host_entry(table: dict, host_id: int, minute: int, point: dict) -> None:
-    util, mem = point["util"], point["mem"]
-    for core, value in util.items():
-        _add_util(_acc(table, (host_id, None, minute, int(core))), value, mem.get(core))
+    group = _minute(table, (host_id, None, minute))
+    _add_cores(group.cores, point["util"], point["mem"])
     vcpu, host_mem, ecc = point["vcpu"], point["host_mem"], point["ecc"]
-    row = _acc(table, (host_id, None, minute, -1))
-    _add_util(row, (vcpu["user"] + vcpu["system"]) if vcpu else 0.0, host_mem["used"] if host_mem else None)
+    _add_util(group.whole, (vcpu["user"] + vcpu["system"]) if vcpu else 0.0, host_mem["used"] if host_mem else None)
     if ecc:
         # ECC counters are cumulative (hardware_ecc_events_total): keep the newest, not a sum.
-        row.errors = max(row.errors, sum(ecc.values()))
+        group.whole.errors = max(group.whole.errors, sum(ecc.values()))
 
 
 def _rows(table: dict) -> tuple[list[MetricMinute], list[MetricMinute]]:
     job_rows, host_rows = [], []
-    for (host_id, job_id, minute, core), acc in table.items():
-        row = MetricMinute(
-            host_id=host_id, job_id=job_id, minute=_dt(minute), core=core,
+    for (host_id, job_id, minute), group in table.items():
+        at = _dt(minute)
+        out = host_rows if job_id is None else job_rows
+        for core, (n, total, peak, mem) in group.cores.items():
+            out.append(MetricMinute(host_id=host_id, job_id=job_id, minute=at, core=int(core),
+                                    util_mean=round(total / n, 3), util_peak=peak, mem_bytes=mem, samples=n))
+        acc = group.whole
+        out.append(MetricMinute(
+            host_id=host_id, job_id=job_id, minute=at, core=-1,
             util_mean=round(acc.util_sum / acc.n, 3) if acc.n else 0.0, util_peak=acc.util_peak,
             mem_bytes=acc.mem, lat_p50=acc.p50_sum / acc.p50_n if acc.p50_n else None, lat_p99=acc.p99,
             errors=acc.errors, samples=acc.n,
-        )
-        (host_rows if job_id is None else job_rows).append(row)
+        ))
     return job_rows, host_rows
 
 
@@ -653,7 +691,7 @@ def _rollup(r, upto: int, chunk: int) -> RollupReport:
     hosts = dict(Host.objects.values_list("name", "pk"))
     job_ids = {int(k[len(JOB_PREFIX):]) for k in keys if k.startswith(JOB_PREFIX.encode())}
     jobs = set(Job.objects.filter(pk__in=job_ids).values_list("pk", flat=True)) if job_ids else set()
-    table: dict[tuple, _Acc] = {}
+    table: dict[tuple, _Minute] = {}
     done: dict[bytes, int] = {}
     for start in range(0, len(keys), chunk):
         batch = keys[start:start + chunk]
@@ -681,13 +719,13 @@ def _absorb(table: dict, key: bytes, entries: list, hosts: dict[str, int], jobs:
         if host_id is None:
             return 0
         for entry_id, fields in entries:
-            _add_host_entry(table, host_id, _id_ms(entry_id) // MINUTE_MS * MINUTE_MS, json.loads(fields[b"d"]))
+            _add_host_entry(table, host_id, _id_ms(entry_id) // MINUTE_MS * MINUTE_MS, _loads(fields[b"d"]))
         return len(entries)
     job_id = int(name[len(JOB_PREFIX):])
     if job_id not in jobs:
         return 0
     for entry_id, fields in entries:
-        point = json.loads(fields[b"d"])
+        point = _loads(fields[b"d"])
         host_id = hosts.get(point["host"])
         if host_id is not None:
             _add_job_entry(table, host_id, job_id, _id_ms(entry_id) // MINUTE_MS * MINUTE_MS, point)

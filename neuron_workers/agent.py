@@ -338,42 +338,70 @@ def cpu_points(sample: Report, placements: list[JobPlacement], slots: list[int],
 class Agent:
     """Turns samples into published points for one registered host."""
 
-    def __init__(self, host: Host, *, replay_mode: bool = False, placements_ttl: float = 1.0,
-                 publish: Callable[..., object] = metrics.publish) -> None:
+    def __init__(self, host: Host, *, replay_mode: bool = False, placements_ttl: float = 5.0,
+                 publish: Callable[..., object] = metrics.publish,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name, self.host_id, self.slots = host.name, host.pk, list(host.core_ids)
         self.replay_mode, self.placements_ttl, self.publish = replay_mode, placements_ttl, publish
+        self.clock = clock
         self._placements: list[JobPlacement] = []
         self._placements_at = float("-inf")
+        self._known_orphans: frozenset[tuple[int, str]] = frozenset()
         self.cpu = ProcessCpu()
         self.published = 0
         self.failures = 0
 
-    def placements(self) -> list[JobPlacement]:
-        """Running jobs of this host, re-read at most every `placements_ttl` s."""
-        now = time.monotonic()
-        if now - self._placements_at >= self.placements_ttl:
-            try:
-                self._placements = running_placements(self.host_id)
-            except DatabaseError as exc:
-                log.warning("cannot read this host's jobs (%s); keeping the last known", exc)
-                connection.close()
-            self._placements_at = now
+    def placements(self, soon: bool = False) -> list[JobPlacement]:
+        """Running jobs of this host, re-read every `placements_ttl` s, or every
+        second when `soon`. Jobs start and end rarely; re-reading for every report
+        would cost a query a second per host."""
+        if self._due(soon):
+            self._reload()
         return self._placements
 
-    def points(self, sample: Report) -> tuple[dict, dict[int, dict]]:
+    def _due(self, soon: bool) -> bool:
+        age = self.clock() - self._placements_at
+        return age >= self.placements_ttl or (soon and age >= min(1.0, self.placements_ttl))
+
+    def _reload(self) -> None:
+        try:
+            self._placements = running_placements(self.host_id)
+        except DatabaseError as exc:
+            log.warning("cannot read this host's jobs (%s); keeping the last known", exc)
+            connection.close()
+        self._placements_at = self.clock()
+
+    def _attribute(self, sample: Report) -> tuple[dict, list[JobPlacement]]:
         placements = self.placements()
+        if self.replay_mode:
+            # A recording's pids belong to the machine it was made on (its tags are
+            # dropped in `points`): match its runtimes to the jobs here by cores only.
+            placements = [dataclasses.replace(p, pid=None) for p in placements]
+        return attribute(sample, placements), placements
+
+    def points(self, sample: Report) -> tuple[dict, dict[int, dict]]:
         if sample["kind"] == "host":
+            # OS samples carry no tags to notice a new job by: re-read every second.
+            placements = self.placements(soon=True)
             self.cpu.forget_except({p.pid for p in placements if p.pid})
             return cpu_points(sample, placements, self.slots, self.name, self.cpu.read)
         if self.replay_mode:
-            # A recording's tags and pids belong to the machine it was made on: match
-            # its runtimes to the jobs here by core range only.
             for runtime in sample["runtimes"]:
                 runtime["job_id"] = None
-            placements = [dataclasses.replace(p, pid=None) for p in placements]
-        attribution = attribute(sample, placements)
+        attribution, placements = self._attribute(sample)
+        if attribution["unattributed"] and self._orphans(attribution) != self._known_orphans and self._due(True):
+            # A runtime no known job accounts for — perhaps a job that has just
+            # started: re-read now. What is still unattributed afterwards is an
+            # orphan, and the same orphans do not trigger a re-read again.
+            self._reload()
+            attribution, placements = self._attribute(sample)
+            self._known_orphans = self._orphans(attribution)
         return (metrics.host_point(sample, attribution),
                 metrics.job_points(sample, attribution, placements, self.name))
+
+    @staticmethod
+    def _orphans(attribution: dict) -> frozenset[tuple[int, str]]:
+        return frozenset((o["pid"], o["tag"]) for o in attribution["unattributed"])
 
     def handle(self, sample: Report) -> bool:
         """Publish one sample; False (logged) when Redis is unreachable."""

@@ -341,6 +341,19 @@ def _concat(a: JobColumns, b: JobColumns) -> JobColumns:
 
 # --- job series (the job chart endpoint) -------------------------------------------
 
+_END_SLACK_S = 2.0  # a sample stamped this soon after a job's end may still be its own
+
+
+def _within_run(job: Job, points: list[dict]) -> list[dict]:
+    """Points of a finished job up to its end. An agent re-reads its host's jobs
+    every few seconds, so it may publish a few 0 % points for a job that has just
+    finished; they are not the job's."""
+    if job.finished_at is None:
+        return points
+    end = job.finished_at.timestamp() + _END_SLACK_S
+    return [p for p in points if p["ts"] <= end]
+
+
 def job_series(job: Job, since: str | None) -> dict:
     """What the job charts draw. Without `since`: the whole history, downsampled to
     at most MAX_POINTS (stored minutes before the live stream, then the stream);
@@ -352,11 +365,11 @@ def job_series(job: Job, since: str | None) -> dict:
     key = job_key(job.pk)
     if since is not None:
         read = read_stream(key, since)
-        cols = job_columns(read.points, job.core_list)
+        cols = job_columns(_within_run(job, read.points), job.core_list)
         return {**base, **cols.as_dict(), "cursor": read.cursor, "reset": read.reset, "more": read.more,
                 "source": "stream", "resolution_s": None, "kind": _kind(read.points)}
     read = read_stream(key, None)
-    cols = job_columns(read.points, job.core_list)
+    cols = job_columns(_within_run(job, read.points), job.core_list)
     first_ms = cols.t[0] if cols.t else None
     rows = MetricMinute.objects.filter(job=job).order_by("minute", "core")
     if first_ms is not None:
@@ -690,7 +703,9 @@ def _rollup(r, upto: int, chunk: int) -> RollupReport:
     keys = [k for k in stream_keys(r) if cursors.get(k, 0) < upto]
     hosts = dict(Host.objects.values_list("name", "pk"))
     job_ids = {int(k[len(JOB_PREFIX):]) for k in keys if k.startswith(JOB_PREFIX.encode())}
-    jobs = set(Job.objects.filter(pk__in=job_ids).values_list("pk", flat=True)) if job_ids else set()
+    # job id -> the latest sample time that is still the job's (its end + slack), or inf.
+    jobs = {pk: (end.timestamp() + _END_SLACK_S if end else math.inf)
+            for pk, end in Job.objects.filter(pk__in=job_ids).values_list("pk", "finished_at")} if job_ids else {}
     table: dict[tuple, _Minute] = {}
     done: dict[bytes, int] = {}
     for start in range(0, len(keys), chunk):
@@ -710,9 +725,10 @@ def _rollup(r, upto: int, chunk: int) -> RollupReport:
     return report
 
 
-def _absorb(table: dict, key: bytes, entries: list, hosts: dict[str, int], jobs: set[int]) -> int:
+def _absorb(table: dict, key: bytes, entries: list, hosts: dict[str, int], jobs: dict[int, float]) -> int:
     """Fold one stream's entries into `table`; entries of unknown hosts or deleted
-    jobs are skipped (nothing to attach their rows to)."""
+    jobs are skipped (nothing to attach their rows to), and so are a finished job's
+    points stamped after its end (see `_within_run`)."""
     name = key.decode()
     if name.startswith(HOST_PREFIX):
         host_id = hosts.get(name[len(HOST_PREFIX):])
@@ -722,12 +738,13 @@ def _absorb(table: dict, key: bytes, entries: list, hosts: dict[str, int], jobs:
             _add_host_entry(table, host_id, _id_ms(entry_id) // MINUTE_MS * MINUTE_MS, _loads(fields[b"d"]))
         return len(entries)
     job_id = int(name[len(JOB_PREFIX):])
-    if job_id not in jobs:
+    end = jobs.get(job_id)
+    if end is None:
         return 0
     for entry_id, fields in entries:
         point = _loads(fields[b"d"])
         host_id = hosts.get(point["host"])
-        if host_id is not None:
+        if host_id is not None and point["ts"] <= end:
             _add_job_entry(table, host_id, job_id, _id_ms(entry_id) // MINUTE_MS * MINUTE_MS, point)
     return len(entries)
 

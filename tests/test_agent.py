@@ -314,3 +314,31 @@ def test_the_command_refuses_a_missing_replay_file(db, tmp_path):
 
     with pytest.raises(CommandError, match="--replay: no such file"):
         call_command("agent", "--replay", str(tmp_path / "nope.jsonl"), "--once")
+
+
+def test_the_agent_rereads_its_jobs_at_once_for_a_new_runtime_but_not_for_a_known_orphan(
+        cast, clean_streams, django_assert_num_queries):
+    from live_support import neuron_host, report, runtime
+    from neuron_workers.readers.neuron_monitor import parse_report
+
+    host = neuron_host("refresh-host")
+    first = running_job(cast.vision, cast.bob, host, start=0, cores=8)
+    now = [100.0]
+    worker = agent.Agent(host, clock=lambda: now[0])
+    orphan = runtime(None, 777, {30: 5.0})
+    with django_assert_num_queries(1):
+        worker.handle(parse_report(report(runtimes=[runtime(f"job-{first.pk}", 1, {0: 50.0}), orphan])))
+    now[0] += 2
+    with django_assert_num_queries(1):  # the orphan is new: re-read once, then it is known
+        worker.handle(parse_report(report(runtimes=[runtime(f"job-{first.pk}", 1, {0: 50.0}), orphan])))
+    now[0] += 2
+    with django_assert_num_queries(0):
+        worker.handle(parse_report(report(runtimes=[runtime(f"job-{first.pk}", 1, {0: 50.0}), orphan])))
+
+    second = running_job(cast.vision, cast.bob, host, start=8, cores=8)
+    now[0] += 0.5  # well inside the 5 s between regular re-reads
+    with django_assert_num_queries(1):
+        worker.handle(parse_report(report(runtimes=[runtime(f"job-{second.pk}", 2, {8: 70.0}), orphan])))
+
+    point = json.loads(clean_streams.xrevrange(metrics.job_key(second.pk), count=1)[0][1][b"d"])
+    assert point["util"]["8"] == 70.0  # its very first report is already its own

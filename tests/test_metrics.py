@@ -426,3 +426,19 @@ def test_the_fleet_page_draws_the_heatmap_and_refuses_an_unknown_family(cast, cl
     assert figure["summary"]["idle"] == 1
     assert client.get("/fleet/", {"family": "gpu"}).status_code == 400
     assert client.get("/fleet/figure.json", {"family": "gpu"}).status_code == 400
+
+
+def test_points_published_after_a_job_ended_are_not_the_jobs(cast, clean_streams):
+    host = neuron_host()
+    job = running_job(cast.vision, cast.bob, host, start=0, cores=1)
+    publish(host, tagged_report(job, {0: 80.0}))
+    assert states.mark_finished(job.pk, Job.Status.SUCCEEDED)
+    job.refresh_from_db()
+    # An agent that has not re-read its host's jobs yet still sends this one's cores.
+    publish(host, tagged_report(job, {0: 0.0}), ts=job.finished_at.timestamp() + 10)
+
+    data = metrics_of(api_client(cast.bob), job)
+    metrics.rollup(upto_ms=(metrics.redis_ms() // MIN + 1) * MIN)
+
+    assert data["util"] == [[80.0]] and data["live"] is False
+    assert MetricMinute.objects.get(job=job, core=0).samples == 1

@@ -85,6 +85,12 @@ def check_dispatch(team: str, family: str, cores: int, fam: FamilyState) -> Deci
             f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} "
             f"({fam.guaranteed} guaranteed + {fam.borrow_limit} borrowable); {are_free(fam.fleet_free)} in the fleet",
         )
+    if not fam.guaranteed:
+        return Decision(
+            False, "waiting_for_quota",
+            f"needs {n_cores(cores, family)}; team {team} has no {family} cores guaranteed and may not borrow any; "
+            f"{are_free(fam.fleet_free)} in the fleet",
+        )
     return Decision(
         False, "waiting_for_quota",
         f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed; "

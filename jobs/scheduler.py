@@ -226,7 +226,8 @@ class Dispatcher:
         if spot is None and not decision.borrowed:
             spot = self.reclaim(job, slots)
         if spot is None:
-            refusal = no_room(job.team_slug, job.family, job.cores, self.family_state(job, self.fleet.slots(job.family)))
+            fam = self.family_state(job, self.fleet.slots(job.family))
+            refusal = no_room(job.team_slug, job.family, job.cores, fam)
             self.reasons[job.pk] = (refusal.code, refusal.sentence)
             return
         self.start(job, spot, decision.borrowed)
@@ -278,7 +279,8 @@ class Dispatcher:
                            borrowed=borrowed)
             for job, spot, borrowed in self.starts if job.pk in moved
             for c in range(spot.core_start, spot.core_start + job.cores)])
-        self.placed = [(job.pk, self.fleet.hosts[spot.host_id].queue) for job, spot, _ in self.starts if job.pk in moved]
+        self.placed = [(job.pk, self.fleet.hosts[spot.host_id].queue)
+                       for job, spot, _ in self.starts if job.pk in moved]
 
     def save_reasons(self, rows: list[PendingRow]) -> None:
         """Write the changed waiting reasons (guarded by status, so a job cancelled

@@ -125,7 +125,8 @@ def mark_queued_many(placements: list[tuple[int, int, int, str]]) -> set[int]:
             with connection.cursor() as cursor:
                 cursor.execute(
                     f"UPDATE {Job._meta.db_table} AS j SET status = %s, queued_at = %s, reason_code = '', reason = '', "
-                    f"host_id = v.host_id, core_start = v.core_start FROM (VALUES {rows}) AS v(id, host_id, core_start) "
+                    f"host_id = v.host_id, core_start = v.core_start "
+                    f"FROM (VALUES {rows}) AS v(id, host_id, core_start) "
                     "WHERE j.id = v.id",
                     [S.QUEUED, now, *[x for i in ids for x in (i, by_id[i][1], by_id[i][2])]])
         else:

@@ -49,8 +49,8 @@ class QuotaMachine(RuleBasedStateMachine):
         for slug, (guaranteed, borrow) in QUOTAS.items():
             team = team_create(slug=slug, name=slug)
             membership_set(team=team, user=self.user, role=Role.MANAGER)
-            quota_update(team=team, values={"max_pending": 6,
-                                            "families": {"cpu": {"guaranteed_cores": guaranteed, "borrow_limit": borrow}}})
+            cpu = {"guaranteed_cores": guaranteed, "borrow_limit": borrow}
+            quota_update(team=team, values={"max_pending": 6, "families": {"cpu": cpu}})
             self.teams[slug] = team
             self.models[slug] = ModelAsset.objects.create(team=team, name="m", path="models/m")
         now = timezone.now()

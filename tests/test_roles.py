@@ -156,7 +156,8 @@ def test_a_manager_changes_a_role_and_removes_a_member(cast):
 
 @pytest.mark.parametrize("who, status", [("bob", 403), ("vera", 403), ("charlie", 404)])
 def test_non_managers_cannot_change_members(cast, who, status):
-    response = page_client(getattr(cast, who)).post("/teams/vision/members/", {"username": "charlie", "role": "manager"})
+    response = page_client(getattr(cast, who)).post("/teams/vision/members/",
+                                                    {"username": "charlie", "role": "manager"})
     assert response.status_code == status
     assert not Membership.objects.filter(team=cast.vision, user=cast.charlie).exists()
 

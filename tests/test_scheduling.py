@@ -18,6 +18,7 @@ from jobs.services import quota_update
 from tests.conftest import api_client
 
 S = Job.Status
+NO_QUOTA = "needs 1 cpu core; team vision has no cpu cores guaranteed and may not borrow any; 4 are free in the fleet"
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +87,8 @@ def test_borrowing_limit_reached_names_guarantee_and_borrowable(cast, cpu_host):
     jobs = [pending(cast.vision, cast.bob) for _ in range(3)]
     scheduler.dispatch()
     assert reason(jobs[2]) == ("borrowing_limit_reached",
-                               "needs 1 cpu core; team vision uses 2 (1 guaranteed + 1 borrowable); 2 are free in the fleet")
+                               "needs 1 cpu core; team vision uses 2 (1 guaranteed + 1 borrowable); "
+                               "2 are free in the fleet")
     assert list(CoreAllocation.objects.order_by("job_id").values_list("borrowed", flat=True)) == [False, True]
 
 
@@ -95,7 +97,8 @@ def test_no_free_cores_of_family_when_the_fleet_is_full(cast, cpu_host):
     jobs = [pending(cast.vision, cast.bob, cores=2) for _ in range(3)]
     scheduler.dispatch()
     assert reason(jobs[2]) == ("no_free_cores_of_family",
-                               "needs 2 cpu cores; team vision uses 4 of its 8 guaranteed; only 0 of 4 are free in the fleet")
+                               "needs 2 cpu cores; team vision uses 4 of its 8 guaranteed; "
+                               "only 0 of 4 are free in the fleet")
 
 
 def test_no_free_cores_of_family_explains_fragmentation(cast, cpu_host):
@@ -235,7 +238,8 @@ def test_a_guarantee_preempts_the_newest_borrowers_just_enough(cast, borrowed_fl
     victims = {j.pk for j in borrowed_fleet[2:]}
     assert set(report.preempted) == victims
     assert set(Job.objects.filter(pk__in=victims).values_list("status", flat=True)) == {S.PENDING}
-    assert set(Job.objects.filter(pk__in=[j.pk for j in borrowed_fleet[:2]]).values_list("status", flat=True)) == {S.RUNNING}
+    spared = Job.objects.filter(pk__in=[j.pk for j in borrowed_fleet[:2]])
+    assert set(spared.values_list("status", flat=True)) == {S.RUNNING}
     assert CoreAllocation.objects.filter(team=cast.audio, borrowed=False).count() == 2
     assert CoreAllocation.objects.count() == 4
 
@@ -306,13 +310,13 @@ def test_a_late_success_of_a_preempted_attempt_does_not_finish_the_next_attempt(
 def test_the_pending_api_explains_position_and_who_is_ahead(cast, cpu_host):
     set_family(cast.vision, "cpu", 0)
     set_family(cast.audio, "cpu", 0)
-    theirs = pending(cast.audio, cast.charlie, cores=2, at=timezone.now() - timedelta(minutes=2))
+    pending(cast.audio, cast.charlie, cores=2, at=timezone.now() - timedelta(minutes=2))
     ours = pending(cast.vision, cast.alice, at=timezone.now() - timedelta(minutes=1))
     mine = pending(cast.vision, cast.bob)
     scheduler.dispatch()
     body = api_client(cast.bob).get(f"/api/v1/jobs/{mine.pk}/pending").json()
     assert body["reason_code"] == "waiting_for_quota"
-    assert body["reason"] == "needs 1 cpu core; team vision uses 0 of its 0 guaranteed; 4 are free in the fleet"
+    assert body["reason"] == NO_QUOTA
     assert body["position"] == 3 and body["queue_length"] == 3
     assert body["ahead"] == [
         {"id": None, "team": "audio", "kind": None, "cores": 2, "mine": False},
@@ -339,5 +343,5 @@ def test_the_job_page_explains_why_it_waits(cast, cpu_host, client):
     client.force_login(cast.bob)
     page = client.get(f"/jobs/{job.pk}/").content.decode()
     assert "Why is this job waiting?" in page
-    assert "needs 1 cpu core; team vision uses 0 of its 0 guaranteed; 4 are free in the fleet" in page
+    assert NO_QUOTA in page
     assert "Number <strong>1</strong> of 1 in the cpu queue: it is next." in page

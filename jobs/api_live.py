@@ -35,7 +35,7 @@ class ErrorOut(Schema):
 class JobMetricsOut(Schema):
     job: int
     status: str
-    live: bool  # keep polling: the job is queued or running
+    live: bool  # keep polling: the job has not finished
     host: str | None
     replay: bool  # the host streams a recorded file, not live hardware
     kind: str | None  # "neuron" (NeuronCores) or "host" (OS metrics of a CPU host)

@@ -359,7 +359,7 @@ def job_series(job: Job, since: str | None) -> dict:
     at most MAX_POINTS (stored minutes before the live stream, then the stream);
     with `since`: the raw points after that cursor. `live` says whether to keep
     polling (the job may still produce points)."""
-    live = job.status in Job.ACTIVE
+    live = not job.is_finished  # a pending job's charts start by themselves once it runs
     base = {"job": job.pk, "status": job.status, "live": live, "host": job.host.name if job.host else None,
             "replay": bool(job.host and job.host.replay)}
     key = job_key(job.pk)

@@ -255,7 +255,8 @@ def _log_malformed(exc: MalformedReport, line: str | bytes) -> None:
 
 
 def monitor_samples(monitor: MonitorProcess) -> Iterator[Report]:
-    return iter_reports(monitor.lines(), on_error=_log_malformed)
+    # Points carry host vCPU as a whole, not per CPU: skip that part of parsing.
+    return iter_reports(monitor.lines(), on_error=_log_malformed, per_cpu=False)
 
 
 def os_samples(stop: threading.Event, period: float = 1.0, instance_type: str | None = None,

@@ -576,3 +576,13 @@ def test_parsing_a_trn1_report_costs_at_most_a_few_json_loads() -> None:
         return min(timings)
 
     assert best_of(parse_report) < 4 * best_of(json.loads)
+
+
+def test_it_leaves_out_the_per_cpu_breakdown_when_asked_and_keeps_the_rest() -> None:
+    line = lines("trn1.32xlarge-two-jobs.jsonl")[0]
+
+    full, lean = parse_report(line, ts=1.0), parse_report(line, ts=1.0, per_cpu=False)
+
+    assert full["per_cpu"] and lean["per_cpu"] is None
+    assert {**full, "per_cpu": None} == lean
+    assert [s["per_cpu"] for s in iter_reports([line], per_cpu=False)] == [None]

@@ -8,13 +8,12 @@ from datetime import timedelta
 from importlib import metadata
 
 from django.db import transaction
-from django.db.models import Sum
 from django.utils import timezone
 
 from jobs import access, states, storage
 from jobs.forms import JobBaseForm
 from jobs.models import (
-    AuditEntry, Dataset, Family, Host, Job, JobAttempt, Kind, KindPriority, ModelAsset, Role, Team, TeamQuota,
+    AuditEntry, Dataset, Family, Host, Job, Kind, KindPriority, ModelAsset, Role, Team, TeamQuota,
 )
 from jobs.placement import HostSlots, largest_request
 from jobs.policy import SubmitLimits, SubmitState, check_submit
@@ -138,20 +137,13 @@ def quota_update(*, team: Team, values: dict, actor=None) -> list[AuditEntry]:
 
 # --- submit -----------------------------------------------------------------------
 
-def month_start(now=None):
-    now = timezone.localtime(now or timezone.now())
-    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
 def core_hours_this_month(team_id: int) -> float:
     """NeuronCore-hours from attempts this month: closed ones summed in the database,
-    open ones (still holding cores) counted up to now."""
-    start, now = month_start(), timezone.now()
-    attempts = JobAttempt.objects.filter(team_id=team_id, started_at__gte=start)
-    closed = attempts.filter(ended_at__isnull=False).aggregate(s=Sum("core_seconds"))["s"] or 0.0
-    open_s = sum(a.cores * (now - a.started_at).total_seconds()
-                 for a in attempts.filter(ended_at__isnull=True).only("cores", "started_at"))
-    return (closed + open_s) / 3600.0
+    open ones (still holding cores) counted up to now. The same measure the
+    dispatcher and the quota pages use (jobs.selectors_teams.core_hours_by_team)."""
+    from jobs.selectors_teams import core_hours_by_team
+
+    return core_hours_by_team([team_id]).get(team_id, 0.0)
 
 
 def kind_priority(kind: str) -> int:

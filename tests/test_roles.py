@@ -76,6 +76,13 @@ def test_submit_over_max_pending_is_a_4xx_with_a_code(cast, tiny_model, cpu_host
     assert response.json()["detail"] == "team vision already has 1 pending jobs (limit 1)"
 
 
+def test_submit_with_the_budget_spent_is_a_4xx_with_a_code(cast, tiny_model, cpu_host):
+    TeamQuota.objects.filter(team=cast.vision).update(monthly_core_hours=0)
+    response = submit(cast.bob, tiny_model)
+    assert response.status_code == 409 and response.json()["code"] == "budget_exhausted"
+    assert response.json()["detail"] == "team vision has used 0.0 of its 0 NeuronCore-hours this month"
+
+
 def test_a_kind_the_team_may_not_run_is_refused_on_the_form(cast, tiny_model, cpu_host):
     TeamQuota.objects.filter(team=cast.vision).update(allowed_kinds=["compile"])
     response = page_client(cast.bob).post("/teams/vision/jobs/new/inference/",

@@ -421,8 +421,7 @@ def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -
     results: dict[str, dict] = {}
     clients: dict[int, Client] = {}
     targets = pages_to_measure()
-    for name, (url, user) in {**targets, **{k: (u, targets["team_usage"][1] if "team" in k else targets[
-            "site_usage"][1]) for k, u in (extra or {}).items()}}.items():
+    for name, (url, user) in {**targets, **(extra or {})}.items():
         try:
             resolve(url.split("?")[0])
         except Resolver404:
@@ -461,11 +460,12 @@ def seed_one_job() -> None:
                        status="succeeded", created_at=t - timedelta(minutes=5), finished_at=t)
 
 
-def extra_pages(targets: dict) -> dict[str, str]:
+def extra_pages(targets: dict) -> dict[str, tuple[str, object]]:
     """Usage variants reported besides the five (not in the JSON): the longest named
-    range and the site's by-team stacking."""
-    return {"team_usage_90d": targets["team_usage"][0] + "?range=90d",
-            "site_usage_90d_by_team": "/usage/?range=90d&group_by=team"}
+    range, by user, and the site's by-team stacking."""
+    member, admin = targets["team_usage"][1], targets["site_usage"][1]
+    return {"team_usage_90d_by_user": (targets["team_usage"][0] + "?range=90d&group_by=user", member),
+            "site_usage_90d_by_team": ("/usage/?range=90d&group_by=team", admin)}
 
 
 def main() -> None:
@@ -487,7 +487,8 @@ def main() -> None:
     reused = False
     if args.reuse and database_exists(DB_FILLED):
         use_database(DB_FILLED)
-        have = Job.objects.count() if "jobs_usagerollupstate" in connection.introspection.table_names() else 0
+        call_command("migrate", verbosity=0, interactive=False)  # migrations added since the fill
+        have = Job.objects.count()
         if have >= args.jobs:
             reused = True
             log(f"reusing {DB_FILLED} with {have} jobs; folding what happened since the last run")

@@ -501,7 +501,10 @@ class JobUsage(models.Model):
     outcome_folded = models.BooleanField(default=False)
 
     class Meta:
+        # "top jobs by cost": a team's page walks its own jobs by cost (or its range
+        # by day, for a short range of a big team); the site walks everyone's by cost.
         indexes = [models.Index(fields=["team", "day"], name="jobusage_team_day"),
+                   models.Index(fields=["team", "-cost_usd"], name="jobusage_team_cost"),
                    models.Index(models.F("cost_usd").desc(), name="jobusage_cost")]
 
 

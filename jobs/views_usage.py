@@ -112,15 +112,29 @@ def _render(request: HttpRequest, template: str, context: dict, *, report: Repor
     if request.GET.get("format"):
         return HttpResponse("format: only csv is offered.\n", status=400, content_type="text/plain; charset=utf-8")
     csv_base = {**query, "group_by": group_by, "format": "csv"}
-    dicts = {k: t.dicts() for k, t in tables.items()}
+    dicts = {k: [{c: _display(c, v) for c, v in row.items()} for row in t.dicts()] for k, t in tables.items()}
     return render(request, template, {
         **context, "report": report, "errors": {}, "totals": report.totals, "burn": report.burn, "tables": dicts,
         "figures": {f"fig-{name}": fig for name, fig in _figures(report, tables, group_by).items()},
         "csv": {name: "?" + urlencode({**csv_base, "table": name}) for name in tables},
         "group_links": [(g, "?" + urlencode({**query, "group_by": g})) for g in groups],
         "wait_rows": [{"kind": r["kind"], "jobs": r["jobs"], "p50": _duration(r["p50_s"]),
-                       "p95": _duration(r["p95_s"]), "mean": _duration(r["mean_s"])} for r in dicts["wait"]],
+                       "p95": _duration(r["p95_s"]), "mean": _duration(r["mean_s"])} for r in tables["wait"].dicts()],
     })
+
+
+def _display(column: str, value):
+    """A table cell for people (the CSV keeps the raw number): formatted here once,
+    because template filters over a 200-team table cost more than the queries."""
+    if value is None:
+        return "—"
+    if column.endswith("_pct"):
+        return f"{value:.1f} %"
+    if column.endswith("_usd"):
+        return f"${value:,.2f}"
+    if column.endswith("core_hours"):
+        return f"{value:,.2f}"
+    return value
 
 
 def _duration(seconds: float | None) -> str:

@@ -355,8 +355,10 @@ def test_the_csv_has_the_page_and_api_numbers(history, frozen):
     page = client.get("/teams/vision/usage/", RANGE).context
     allocation = _csv(client.get("/teams/vision/usage/", {**RANGE, "format": "csv", "table": "allocation"}))
     assert [r["day"] for r in allocation] == ["2025-03-10", "2025-03-11", "2025-03-12"]
-    assert [float(r["allocated_core_hours"]) for r in allocation] == [
-        r["allocated_core_hours"] for r in page["tables"]["allocation"]]
+    # the page shows the CSV's numbers, rounded for people
+    assert [f"{float(r['allocated_core_hours']):,.2f}" for r in allocation] == [
+        r["allocated_core_hours"] for r in page["tables"]["allocation"]] == ["1.33", "11.17", "6.00"]
+    assert [f"${float(r['cost_usd']):,.2f}" for r in allocation] == [r["cost_usd"] for r in page["tables"]["allocation"]]
     assert sum(float(r["allocated_core_hours"]) for r in allocation) == pytest.approx(18.5, abs=1e-3)
     assert allocation[0]["utilization_pct"] == "100.0" and allocation[2]["used_core_hours"] == "1.6"
     top = _csv(client.get("/teams/vision/usage/", {**RANGE, "format": "csv", "table": "top_jobs"}))

@@ -38,6 +38,7 @@ class JobMetricsOut(Schema):
     live: bool  # keep polling: the job has not finished
     host: str | None
     replay: bool  # the host streams a recorded file, not live hardware
+    requested_cores: int
     kind: str | None  # "neuron" (NeuronCores) or "host" (OS metrics of a CPU host)
     cursor: str | None
     reset: bool

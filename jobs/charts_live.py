@@ -77,8 +77,9 @@ def job_util_figure(series: dict) -> dict:
     cpu = series.get("kind") == "host"
     label = "slot" if cpu else "core"
     title = ("CPU use of the job's slots (host metrics, %)" if cpu else "NeuronCore utilization (%)") + _note(series)
-    if len(series["cores"]) > LINE_LIMIT:
-        figure = host_heatmap_figure(series)
+    # A pending job has no cores yet: decide by what it asked for.
+    if max(len(series["cores"]), series.get("requested_cores") or 0) > LINE_LIMIT:
+        figure = host_heatmap_figure(series, rows=series.get("requested_cores"))
         figure["layout"]["title"]["text"] = title
         figure["layout"]["yaxis"]["title"] = {"text": label}
         return figure
@@ -129,7 +130,8 @@ def _rows(series: dict) -> list[list[float | None]]:
     return [list(row) for row in zip(*series["util"])] if series["util"] and series["t"] else []
 
 
-def host_heatmap_figure(series: dict) -> dict:
+def host_heatmap_figure(series: dict, rows: int | None = None) -> dict:
+    """Core × time heatmap; `rows` sizes it when the cores are not known yet."""
     cores = series["cores"]
     trace = {
         "type": "heatmap", "x": series["t"], "y": [str(c) for c in cores], "z": _rows(series), "transpose": True,
@@ -139,7 +141,7 @@ def host_heatmap_figure(series: dict) -> dict:
     label = "CPU job slots" if series.get("kind") == "host" else "NeuronCore"
     layout = _layout(f"{label} utilization over time" + _note(series),
                      {"title": {"text": "core"}, "type": "category", "autorange": True},
-                     height=max(260, 18 * len(cores) + 90), hovermode="closest")
+                     height=max(260, 18 * max(len(cores), rows or 0) + 90), hovermode="closest")
     return {"data": [trace], "layout": layout}
 
 

@@ -361,7 +361,7 @@ def job_series(job: Job, since: str | None) -> dict:
     polling (the job may still produce points)."""
     live = not job.is_finished  # a pending job's charts start by themselves once it runs
     base = {"job": job.pk, "status": job.status, "live": live, "host": job.host.name if job.host else None,
-            "replay": bool(job.host and job.host.replay)}
+            "replay": bool(job.host and job.host.replay), "requested_cores": job.cores}
     key = job_key(job.pk)
     if since is not None:
         read = read_stream(key, since)

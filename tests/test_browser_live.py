@@ -152,3 +152,27 @@ def test_the_host_page_follows_its_cores_and_marks_a_replay(cast, clean_streams,
     assert page.locator(".badge.replay").first.is_visible()
     row = page.locator("#host-cores tr[data-core='1']")
     assert "80.0 %" in row.inner_text() and f"job {job.pk}" in row.inner_text()
+
+
+def test_a_job_page_opened_while_pending_starts_charting_when_the_job_runs(cast, clean_streams, live_server,
+                                                                          browser):
+    from jobs import states
+    from jobs.models import CoreAllocation, Job
+
+    host = neuron_host("browser-pending")
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind="inference", family="trn1", cores=16)
+    page = log_in(browser, live_server.url, "bob")
+    page.goto(f"{live_server.url}/jobs/{job.pk}/")
+    page.wait_for_function("document.getElementById('job-chart-util').data")
+    assert page.evaluate("document.getElementById('job-chart-util').data[0].type") == "heatmap"
+    page.evaluate(COUNT_REDRAWS)
+
+    CoreAllocation.objects.bulk_create([CoreAllocation(host=host, core=c, job=job, team=cast.vision, family="trn1")
+                                        for c in range(16)])
+    assert states.mark_queued(job, host.pk, 0) and states.mark_running(job.pk, host.pk)
+    publish(host, job, {c: 60.0 + c for c in range(16)})
+    page.wait_for_function("document.getElementById('job-chart-util').data[0].z.length === 1")
+
+    assert page.evaluate("document.getElementById('job-chart-util').data[0].y") == [str(c) for c in range(16)]
+    assert page.evaluate("document.getElementById('job-chart-util').data[0].z[0]") == [60.0 + c for c in range(16)]
+    assert page.evaluate("window.__redraws") == 0 and page.evaluate("window.__sameDocument") is True

@@ -102,6 +102,11 @@
 
   function extendJob(divs, cores, d) {
     if (divs.util.data[0] && divs.util.data[0].type === "heatmap") {
+      if (!cores.length && d.cores.length) {
+        // The page was loaded while the job waited for cores: label the rows now.
+        d.cores.forEach(function (core) { cores.push(core); });
+        window.Plotly.restyle(divs.util, { y: [cores.map(String)] }, [0]);
+      }
       window.Plotly.extendTraces(divs.util, { x: [d.t], z: [heatRows(cores, d)] }, [0], MAX_POINTS);
     } else {
       extendLines(divs.util, cores, d);

@@ -199,7 +199,8 @@ def fleet_figure(fleet: dict) -> dict:
         text.append(labels)
     data = [
         {"type": "heatmap", "z": z, "x": list(range(width)), "y": names, "text": text, "zmin": 0, "zmax": 100,
-         "colorscale": UTIL_SCALE, "xgap": 2, "ygap": 2, "hoverongaps": False, "hovertemplate": "%{text}<extra></extra>",
+         "colorscale": UTIL_SCALE, "xgap": 2, "ygap": 2, "hoverongaps": False,
+         "hovertemplate": "%{text}<extra></extra>",
          "colorbar": {"title": {"text": "util %"}, "thickness": 12}, "name": "utilization"},
         {"type": "scatter", "mode": "markers", "x": held_x, "y": held_y, "name": "allocated, busy",
          "hoverinfo": "skip", "marker": {"symbol": "circle", "size": 7, "color": "#ffffff",

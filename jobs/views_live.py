@@ -80,7 +80,8 @@ def host_drain(request: HttpRequest, name: str) -> HttpResponse:
         return redirect("host_detail", name=host.name)
     state = Host.State.DRAINING if action == "drain" else Host.State.ONLINE
     host_set_state(host=host, state=state, actor=request.user)
-    messages.success(request, f"Host {host.name} is {'draining: it takes no new jobs' if action == 'drain' else 'online'}.")
+    now = "draining: it takes no new jobs" if action == "drain" else "online"
+    messages.success(request, f"Host {host.name} is {now}.")
     return redirect("host_detail", name=host.name)
 
 

@@ -115,7 +115,8 @@ def test_a_32_core_job_with_an_hour_of_history_loads_downsampled_and_extends_in_
     start = time.time() - 3600
     pipe = clean_streams.pipeline(transaction=False)
     for i in range(3600):
-        point = {"ts": start + i, "kind": "neuron", "host": host.name, "util": {str(c): float((i + c) % 100) for c in range(32)},
+        point = {"ts": start + i, "kind": "neuron", "host": host.name,
+                 "util": {str(c): float((i + c) % 100) for c in range(32)},
                  "mem": {str(c): 1 << 31 for c in range(32)}, "device_mem": 1 << 36, "host_mem": 1 << 33,
                  "lat_p50": 0.012, "lat_p99": 0.015, "completed": 80, "errors": 0, "idle": []}
         pipe.xadd(metrics.job_key(job.pk), {"d": json.dumps(point)})

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from conftest import ROOT, _worker_env, api_client, wait_for
+from conftest import ROOT, _worker_env, api_client
 from jobs.models import Host
 from live_support import clean_streams, neuron_host, running_job  # noqa: F401
 

@@ -151,7 +151,8 @@ def test_the_first_load_of_an_hour_of_points_is_downsampled_and_following_is_raw
     start = time.time() - 3600
     pipe = clean_streams.pipeline(transaction=False)
     for i in range(3600):
-        point = {"ts": start + i, "kind": "neuron", "host": host.name, "util": {str(c): float(i % 100) for c in range(32)},
+        point = {"ts": start + i, "kind": "neuron", "host": host.name,
+                 "util": {str(c): float(i % 100) for c in range(32)},
                  "mem": {}, "device_mem": i, "host_mem": None, "lat_p50": None, "lat_p99": None,
                  "completed": 1, "errors": 0, "idle": []}
         pipe.xadd(metrics.job_key(job.pk), {"d": json.dumps(point)})

@@ -363,7 +363,7 @@ def history_rollups(cur, cutoff0: datetime) -> None:
               "wait_count, wait_sum_s, wait_sketch")
     for table, key in ((UsageDaily._meta.db_table, "team_id, day, user_id, kind, family, instance_type"),
                        (UsageTeamDay._meta.db_table, "team_id, day"),
-                       (UsageSiteDaily._meta.db_table, "day, kind, family, instance_type")):
+                       (UsageSiteDaily._meta.db_table, "day, kind, family")):
         cur.execute(f"""
             INSERT INTO {table} ({key}, {totals})
             SELECT {key}, {outer} FROM (SELECT {key}, bucket, {measures} FROM facts GROUP BY {key}, bucket) x

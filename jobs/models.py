@@ -468,17 +468,16 @@ class UsageTeamDay(UsageTotals):
 
 
 class UsageSiteDaily(UsageTotals):
-    """All teams summed per day (each team's own local day) / kind / family /
-    instance type: the site page's charts in a few hundred rows per quarter."""
+    """All teams summed per day (each team's own local day) / kind / family: the
+    site page's charts in a few hundred rows per quarter (cost is already priced
+    per instance type in the rows it is folded from, so that split is not kept)."""
 
     day = models.DateField()
     kind = models.CharField(max_length=16, choices=Kind.choices)
     family = models.CharField(max_length=8, choices=Family.choices)
-    instance_type = models.CharField(max_length=40, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["day", "kind", "family", "instance_type"],
-                                               name="uniq_usage_site_daily")]
+        constraints = [models.UniqueConstraint(fields=["day", "kind", "family"], name="uniq_usage_site_day_kind")]
 
 
 class JobUsage(models.Model):

@@ -281,8 +281,7 @@ _GRAINS = (
     (UsageDaily, ("team_id", "day", "user_id", "kind", "family", "instance_type"),
      lambda c: (c.dims.team_id, c.day, c.dims.user_id, c.dims.kind, c.dims.family, c.dims.instance_type)),
     (UsageTeamDay, ("team_id", "day"), lambda c: (c.dims.team_id, c.day)),
-    (UsageSiteDaily, ("day", "kind", "family", "instance_type"),
-     lambda c: (c.day, c.dims.kind, c.dims.family, c.dims.instance_type)),
+    (UsageSiteDaily, ("day", "kind", "family"), lambda c: (c.day, c.dims.kind, c.dims.family)),
 )
 _JOB_FIELDS = ("core_seconds", "measured_core_seconds", "used_core_seconds", "cost_usd", "idle_cost_usd")
 

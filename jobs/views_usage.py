@@ -24,6 +24,7 @@ from jobs.models import InstancePrice, Team
 from jobs.selectors_usage import Report, Table
 
 RANGE_PARAMS = ("range", "from", "to")
+TEAMS_SHOWN = 50  # the site page lists the top teams; the CSV and the API have them all
 RANGE_CHOICES = [("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("custom", "Custom")]
 
 
@@ -118,6 +119,7 @@ def _render(request: HttpRequest, template: str, context: dict, *, report: Repor
         "figures": {f"fig-{name}": fig for name, fig in _figures(report, tables, group_by).items()},
         "csv": {name: "?" + urlencode({**csv_base, "table": name}) for name in tables},
         "group_links": [(g, "?" + urlencode({**query, "group_by": g})) for g in groups],
+        "teams_shown": dicts.get("teams", [])[:TEAMS_SHOWN],
         "wait_rows": [{"kind": r["kind"], "jobs": r["jobs"], "p50": _duration(r["p50_s"]),
                        "p95": _duration(r["p95_s"]), "mean": _duration(r["mean_s"])} for r in tables["wait"].dicts()],
     })

@@ -156,6 +156,18 @@ def test_an_unknown_time_zone_falls_back_to_utc():
     assert str(usage.zone("Mars/Olympus")) == "UTC"
 
 
+def test_totals_mirror_the_roll_up_fields_and_add_every_one():
+    from jobs.models import UsageTotals
+
+    model_fields = [f.name for f in UsageTotals._meta.get_fields()]
+    assert list(usage.TOTAL_FIELDS) == model_fields
+    one = usage.Totals(**{f: 1 for f in usage.NUMERIC_FIELDS}, wait_sketch={"3": 1})
+    two = usage.Totals(**{f: 2 for f in usage.NUMERIC_FIELDS}, wait_sketch={"3": 2, "9": 1})
+    one.add(two)
+    assert all(getattr(one, f) == 3 for f in usage.NUMERIC_FIELDS)
+    assert one.wait_sketch == {"3": 3, "9": 1}
+
+
 def test_the_wait_sketch_reads_quantiles_within_its_relative_error():
     sketch: dict[str, int] = {}
     samples = [3.0 * 1.37 ** i for i in range(40)]

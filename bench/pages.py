@@ -243,18 +243,20 @@ def fill(n_jobs: int) -> dict:
         # of the run and was preempted; it ran again 5 minutes later.
         attempt = {"job_id": "g", "team_id": "team_id", "user_id": "user_id", "kind": "kind", "family": "family",
                    "instance_type": "instance_type", "host_id": "host_id", "cores": "cores"}
-        insert_select(cur, JobAttempt, {**attempt, "number": "1", "started_at": "started_at",
-                                        "ended_at": "CASE WHEN requeued AND ended_at IS NOT NULL "
-                                                    "THEN started_at + (ended_at - started_at) / 3 ELSE ended_at END",
+        first_end = "CASE WHEN requeued AND ended_at IS NOT NULL THEN started_at + (ended_at - started_at) / 3 " \
+                    "ELSE ended_at END"
+        insert_select(cur, JobAttempt, {**attempt, "number": "1", "started_at": "started_at", "ended_at": first_end,
+                                        "core_seconds": f"coalesce(cores * extract(epoch FROM ({first_end}) - "
+                                                        f"started_at), 0)",
                                         "outcome": "CASE WHEN status = 'running' THEN '' WHEN requeued THEN "
                                                    "'preempted' ELSE status END"},
                       "FROM bj WHERE started_at IS NOT NULL")
         insert_select(cur, JobAttempt, {**attempt, "number": "2",
                                         "started_at": "started_at + (ended_at - started_at) / 3 + interval '5 minutes'",
-                                        "ended_at": "ended_at + interval '5 minutes'", "outcome": "status"},
+                                        "ended_at": "ended_at + interval '5 minutes'",
+                                        "core_seconds": "cores * extract(epoch FROM (ended_at - started_at) * 2 / 3)",
+                                        "outcome": "status"},
                       "FROM bj WHERE started_at IS NOT NULL AND requeued AND ended_at IS NOT NULL")
-        cur.execute("UPDATE jobs_jobattempt SET core_seconds = cores * extract(epoch FROM ended_at - started_at) "
-                    "WHERE ended_at IS NOT NULL")
         timings["attempts"] = time.time() - t0
         ev = {"job_id": "g", "actor_id": "NULL", "message": "''", "data": "'{}'::jsonb"}
         insert_select(cur, JobEvent, {**ev, "at": "created_at", "kind": "'pending'"}, "FROM bj")

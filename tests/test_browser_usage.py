@@ -126,3 +126,20 @@ def test_the_team_usage_page_draws_every_chart(month_of_usage, live_server, brow
     page.locator("#chart-hours.js-plotly-plot").wait_for()
     assert sorted(page.locator("#chart-hours .legendtext").all_text_contents()) == ["alice", "bob", "vera"]
     page.screenshot(path=str(SHOTS / "usage-team-by-user.png"), full_page=False)
+
+
+def test_the_site_usage_page_draws_the_fleet_and_team_charts_for_staff(month_of_usage, live_server, browser):
+    page = browser.new_context(viewport={"width": 1360, "height": 1000}).new_page()
+    page.set_default_timeout(20_000)
+    page.goto(f"{live_server.url}/login/")
+    page.fill("#id_username", "admin")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    page.goto(f"{live_server.url}/usage/?range=30d&group_by=team")
+    for name in ("fleet", *CHARTS):
+        page.locator(f"#chart-{name}.js-plotly-plot g.trace").first.wait_for()
+    assert page.locator("#table-teams tbody tr").count() == 1  # only vision has usage
+    assert page.locator("#chart-hours .legendtext").all_text_contents() == ["vision"]
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / "usage-site.png"), full_page=True)

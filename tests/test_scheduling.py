@@ -345,3 +345,16 @@ def test_the_job_page_explains_why_it_waits(cast, cpu_host, client):
     assert "Why is this job waiting?" in page
     assert NO_QUOTA in page
     assert "Number <strong>1</strong> of 1 in the cpu queue: it is next." in page
+
+
+def test_team_pages_show_who_borrows_and_who_lends(cast, borrowed_fleet, client):
+    vision = api_client(cast.bob).get("/api/v1/teams/vision").json()["usage"]["families"]["cpu"]
+    audio = api_client(cast.charlie).get("/api/v1/teams/audio").json()["usage"]["families"]["cpu"]
+    assert vision == {"in_use": 4, "borrowed": 4, "lent": 0}
+    assert audio == {"in_use": 0, "borrowed": 0, "lent": 4}
+    client.force_login(cast.charlie)
+    page = client.get("/teams/audio/").content.decode()
+    assert "Lends <strong>4</strong> idle guaranteed cpu cores to other teams" in page
+    client.force_login(cast.bob)
+    page = client.get("/teams/vision/").content.decode()
+    assert "Borrows <strong>4</strong> cpu cores beyond its guarantee of 0" in page

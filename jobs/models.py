@@ -450,8 +450,10 @@ class UsageDaily(UsageTotals):
     instance_type = models.CharField(max_length=40, blank=True)
 
     class Meta:
+        # A deleted user's rows get user NULL and may then share a key; that is
+        # harmless (pages sum rows) and keeps this constraint portable to SQLite.
         constraints = [models.UniqueConstraint(fields=["team", "day", "user", "kind", "family", "instance_type"],
-                                               name="uniq_usage_daily", nulls_distinct=False)]
+                                               name="uniq_usage_daily_key")]
         indexes = [models.Index(fields=["team", "day"], name="usage_team_day")]
 
 

@@ -298,6 +298,18 @@ def test_the_running_job_is_folded_up_to_the_cutoff_and_counted_live_after_it(hi
     assert JobUsage.objects.get(job=history.jobs["j2"]).attempt_folded == 2
 
 
+def test_the_database_and_python_measure_minutes_by_the_same_rule(history):
+    from jobs.usage_rollup import measure, minute_rows, unfolded_attempts, _attempt_row
+
+    rows = [_attempt_row(v) for v in unfolded_attempts(since=None, before=NOW)]
+    plan = usage.plan_attempts(rows, NOW)
+    in_db = measure(plan.pieces)
+    in_python = usage.measure(plan.pieces, minute_rows(plan.pieces))
+    assert [n for n, _ in in_db] == [n for n, _ in in_python]
+    assert [s for _, s in in_db] == pytest.approx([s for _, s in in_python])
+    assert sum(n for n, _ in in_db) == 120 * 4 + 120  # J1's and J3's per-core minutes, no core -1 rows
+
+
 def test_an_hour_without_utilization_rows_is_unknown_not_zero(history):
     report = _report(history.vision)
     j2_day = _by_day(report)[D11]

@@ -262,8 +262,10 @@ time.sleep(3600)
 """)
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NEURONDECK_INSTANCE_TYPE": "trn1.32xlarge",
                "HEARTBEAT_S": "5"}
-        agent = subprocess.Popen([sys.executable, "manage.py", "agent", "--name", host.name], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        agent_log = tmpdir / "agent.log"
+        with open(agent_log, "wb") as log_file:
+            agent = subprocess.Popen([sys.executable, "manage.py", "agent", "--name", host.name], cwd=ROOT, env=env,
+                                     stdout=log_file, stderr=subprocess.STDOUT)
         try:
             seen = _poll_endpoint(Client(HTTP_AUTHORIZATION=f"Bearer {token_create(user=user, name='bench')[0]}"),
                                   job.pk, samples, timeout=samples * period + 60)
@@ -271,6 +273,10 @@ time.sleep(3600)
             agent.terminate()
             agent.wait(10)
         written = {int(s): float(t) for s, t in (row.split() for row in writes.read_text().splitlines())}
+        missing = sorted(set(written) - set(seen))
+        if missing:
+            print(f"lag: {len(missing)} samples never reached the endpoint: {missing[:10]}; agent log:\n"
+                  + agent_log.read_text()[-2000:], flush=True)
     return [(seen[seq] - written[seq]) * 1000 for seq in sorted(seen) if seq in written]
 
 
@@ -288,7 +294,8 @@ def _poll_endpoint(client, job_id: int, samples: int, timeout: float) -> dict[in
         page = client.get(url, {"since": cursor}).json()
         now = time.time()
         for seq in page["host_mem"]:
-            seen.setdefault(seq, now)
+            if seq is not None:
+                seen.setdefault(seq, now)
         cursor = page["cursor"]
         time.sleep(0.02)
     return seen

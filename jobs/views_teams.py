@@ -114,28 +114,47 @@ def _row_values(usage, form: QuotaForm | None) -> dict:
     return values
 
 
+def _quota_row(usage, form: QuotaForm | None) -> dict:
+    """One team's row, with every shown value computed here: the page renders 200
+    of them, and template filters per cell would cost more than the queries."""
+    values = _row_values(usage, form)
+    errors = form.errors if form is not None else {}
+    percent = f"{usage.budget_percent:.1f}"
+    return {
+        "slug": usage.team.slug, "values": values, "errors": errors, "pending": usage.pending,
+        "core_hours": f"{usage.core_hours:.1f}", "percent": percent,
+        "kinds": [(value, label, value in values["allowed_kinds"]) for value, label in Kind.choices],
+        "families": [{
+            "family": f.family, "in_use": f.in_use, "borrowed": f.borrowed,
+            "g_name": family_field(f.family, "guaranteed_cores"), "b_name": family_field(f.family, "borrow_limit"),
+            "guaranteed": values[family_field(f.family, "guaranteed_cores")],
+            "borrow": values[family_field(f.family, "borrow_limit")],
+            "errors": [f"guaranteed: {m}" for m in errors.get(family_field(f.family, "guaranteed_cores"), [])]
+            + [f"borrow: {m}" for m in errors.get(family_field(f.family, "borrow_limit"), [])],
+        } for f in usage.families],
+    }
+
+
+def _fleet_rows() -> list[tuple[str, int, int]]:
+    """(family label, online cores, cores guaranteed to teams) per family."""
+    capacity, guarantees = selectors_teams.fleet_capacity(), selectors_teams.guarantee_totals()
+    return [(label, capacity.get(value, 0), guarantees.get(value, 0)) for value, label in Family.choices]
+
+
 @login_required
 def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = None,
                status: int = 200) -> HttpResponse:
     """Every team: share, budget used this month (bar), pending, and per family the
-    guaranteed / borrowed / in-use cores, each editable in place. A fixed number of
-    queries however many teams there are (inputs are plain HTML, not form widgets,
-    so 200 rows render fast)."""
+    guaranteed / borrowed / in-use cores, each editable in place (one small form per
+    team). A fixed number of queries however many teams there are; inputs are plain
+    HTML, not form widgets, so 200 rows render fast."""
     _require_staff(request)
     rows = []
     for usage in selectors_teams.team_usages():
         form = bound[1] if bound and bound[0] == usage.team.slug else None
-        values = _row_values(usage, form)
-        rows.append({
-            "usage": usage, "values": values, "errors": form.errors if form is not None else {},
-            "families": [{"fam": f, "guaranteed": values[family_field(f.family, "guaranteed_cores")],
-                          "borrow": values[family_field(f.family, "borrow_limit")],
-                          "g_name": family_field(f.family, "guaranteed_cores"),
-                          "b_name": family_field(f.family, "borrow_limit")} for f in usage.families],
-        })
+        rows.append(_quota_row(usage, form))
     return _render(request, "teams/quota_list.html", {
-        "rows": rows, "families": Family.choices, "kinds": Kind.choices,
-        "capacity": selectors_teams.fleet_capacity(), "guarantees": selectors_teams.guarantee_totals(),
+        "rows": rows, "families": _fleet_rows(), "kinds": Kind.choices,
         "warnings": selectors_teams.overcommit_warnings(),
     }, nav="quotas", status=status)
 

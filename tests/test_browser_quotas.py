@@ -68,9 +68,9 @@ def test_an_admin_raises_a_quota_and_the_waiting_job_starts(cast, tiny_model, cp
 
     page.goto(f"{live_server.url}/quotas/")
     row = page.locator("#team-vision")
-    expect(row.locator('td[data-family="cpu"] .in-use')).to_have_text("0")
-    page.fill("#q-vision-cpu_guaranteed_cores", "2")
-    page.click("#q-vision-save")
+    expect(row.locator('[data-family="cpu"] .in-use')).to_have_text("0")
+    row.locator('[name="cpu_guaranteed_cores"]').fill("2")
+    row.locator("button:has-text('Save')").click()
     page.wait_for_url(re.compile(r"/quotas/#team-vision$"))
     expect(page.locator(".message-success")).to_contain_text("family.cpu.guaranteed_cores 0 → 2")
     SHOTS.mkdir(exist_ok=True)

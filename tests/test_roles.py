@@ -245,7 +245,7 @@ def test_the_quota_page_runs_a_fixed_number_of_queries(cast, cpu_host, django_as
         team_create(slug=f"team-{i}", name=f"Team {i}")
     with django_assert_max_num_queries(16):
         response = client.get("/quotas/")
-    assert response.content.decode().count('<tr id="team-') == 32
+    assert response.content.decode().count('class="quota-row" id="team-') == 32
 
 
 # --- the team API ----------------------------------------------------------------

@@ -315,7 +315,9 @@ def dispatch() -> DispatchReport:
     except Exception:
         pass
     with transaction.atomic():
-        hosts = list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).order_by("pk"))
+        # A replaying agent's host shows recorded metrics only; it runs nothing.
+        hosts = list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
+                     .order_by("pk"))
         dispatcher = Dispatcher(Fleet(hosts), Limits.load())
         rows = pending_rows()
         dispatcher.run(pending_order(rows))
@@ -331,13 +333,16 @@ def dispatch() -> DispatchReport:
 def reap() -> dict:
     """Recover from faults; returns counts. Never leaves a job running forever."""
     counts = {"hosts_offline": 0, "requeued": 0, "failed": 0, "cancelled": 0, "resent": 0}
-    counts["hosts_offline"] = Host.objects.filter(
-        state__in=[Host.State.ONLINE, Host.State.DRAINING], last_heartbeat__lt=stale_cutoff(settings.HOST_OFFLINE_AFTER_S)
-    ).update(state=Host.State.OFFLINE)
+    silent_since = stale_cutoff(settings.HOST_OFFLINE_AFTER_S)
+    # Only online hosts turn offline: a draining host keeps its drain (an admin's
+    # decision) when it goes silent; the scheduler places nothing on it either way.
+    counts["hosts_offline"] = Host.objects.filter(state=Host.State.ONLINE, last_heartbeat__lt=silent_since
+                                                  ).update(state=Host.State.OFFLINE)
     for job in Job.objects.filter(status=S.RUNNING, heartbeat_at__lt=stale_cutoff(settings.JOB_LEASE_S)):
         counts[_reap_running(job)] += 1
     for job in Job.objects.filter(status=S.QUEUED, queued_at__lt=stale_cutoff(settings.QUEUED_RESEND_AFTER_S)).select_related("host"):
-        if job.host is None or job.host.state == Host.State.OFFLINE:
+        if job.host is None or job.host.state == Host.State.OFFLINE or (
+                job.host.last_heartbeat is not None and job.host.last_heartbeat < silent_since):
             if states.requeue(job.pk, sources=(S.QUEUED,), message="its host went offline before it started",
                               kind="host_offline"):
                 counts["requeued"] += 1

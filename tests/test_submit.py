@@ -62,3 +62,33 @@ def test_cancel_of_a_queued_job_frees_its_cores_once(cast, tiny_model, cpu_host)
     assert job.status == Job.Status.CANCELLED and job.cancel_requested
     assert not CoreAllocation.objects.exists()
     assert not job_cancel(job=job, user=cast.bob)
+
+
+def test_dispatch_places_nothing_on_a_replay_host(cast, tiny_model, cpu_host):
+    from jobs.models import Host
+
+    Host.objects.filter(pk=cpu_host.pk).update(replay=True)
+    job = submit_inference(cast.vision, cast.bob, tiny_model)
+    assert scheduler.dispatch().placed == []
+    job.refresh_from_db()
+    assert job.status == Job.Status.PENDING
+
+
+def test_a_silent_draining_host_keeps_its_drain_and_gives_back_queued_jobs(cast, tiny_model, cpu_host, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import Host
+
+    job = submit_inference(cast.vision, cast.bob, tiny_model)
+    scheduler.dispatch()
+    old = timezone.now() - timedelta(seconds=settings.HOST_OFFLINE_AFTER_S + 60)
+    Host.objects.filter(pk=cpu_host.pk).update(state=Host.State.DRAINING, last_heartbeat=old)
+    Job.objects.filter(pk=job.pk).update(queued_at=old)
+    counts = scheduler.reap()
+    cpu_host.refresh_from_db()
+    job.refresh_from_db()
+    assert cpu_host.state == Host.State.DRAINING
+    assert counts["requeued"] == 1 and job.status == Job.Status.PENDING and job.host_id is None
+    assert not CoreAllocation.objects.filter(job=job).exists()

@@ -119,12 +119,15 @@ def measure(pieces: Sequence[usage.Piece]) -> list[tuple[int, float]]:
     # midpoint m + 30 s in [start, end)  <=>  m in [start - 30 s, end - 30 s). The
     # pieces go as five arrays (five parameters, not five per piece: composing
     # thousands of parameters costs more than the query).
+    # Bounds go as epoch seconds: float arrays are adapted in C, timestamps through
+    # Django's Python-level time zone adapters.
     params = [list(range(len(pieces))), [p.job_id for p in pieces], [p.host_id for p in pieces],
-              [p.start - half for p in pieces], [p.end - half for p in pieces]]
+              [(p.start - half).timestamp() for p in pieces], [(p.end - half).timestamp() for p in pieces]]
     # LATERAL: one index range scan per piece; a plain join lets the planner hash
     # the whole minute table.
-    sql = (f"SELECT p.i, x.n, x.s FROM unnest(%s::int[], %s::bigint[], %s::bigint[], %s::timestamptz[], "
-           f"%s::timestamptz[]) AS p(i, job_id, host_id, lo, hi), LATERAL ("
+    sql = (f"SELECT p.i, x.n, x.s FROM unnest(%s::int[], %s::bigint[], %s::bigint[], %s::float8[], "
+           f"%s::float8[]) AS q(i, job_id, host_id, lo_s, hi_s), LATERAL (SELECT q.i, q.job_id, q.host_id, "
+           f"to_timestamp(q.lo_s) AS lo, to_timestamp(q.hi_s) AS hi) p, LATERAL ("
            f"SELECT COUNT(*) AS n, SUM(m.util_mean) AS s FROM {MetricMinute._meta.db_table} m "
            f"WHERE m.job_id = p.job_id AND m.minute >= p.lo AND m.minute < p.hi AND m.host_id = p.host_id "
            f"AND m.core >= 0) x WHERE x.n > 0")

@@ -28,6 +28,7 @@ from django.utils.datastructures import MultiValueDict
 from ninja import Query, Router, Schema, Status
 from zipstream import ZipStream
 
+from jobs.api_schemas import ErrorOut
 from jobs import access, selectors, storage
 from jobs.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm
 from jobs.models import Artifact, Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
@@ -45,16 +46,6 @@ FORM_KEYS = {"csrfmiddlewaretoken"}  # sent by browsers posting multipart; not a
 
 
 # --- schemas (the OpenAPI contract) -------------------------------------------------
-
-class JobsError(Schema):
-    """The error body of this module. (Named apart from the other routers' ErrorOut:
-    ninja keeps a single component per schema name in the OpenAPI document.)"""
-
-    detail: str
-    code: str | None = None
-    field: str | None = None
-    errors: dict[str, list[str]] | None = None
-
 
 class ArtifactOut(Schema):
     name: str
@@ -220,7 +211,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": _multipart(
     {"team": {"type": "string"}, "name": {"type": "string"}, "file": _BINARY}, ["team", "name", "file"])}}
 FILE_RESPONSE = {"responses": {200: {"description": "The artifact file (a directory comes as a zip)",
                                      "content": {"application/octet-stream": {"schema": _BINARY}}}}}
-ERRORS = {400: JobsError, 403: JobsError, 404: JobsError}
+ERRORS = {400: ErrorOut, 403: ErrorOut, 404: ErrorOut}
 
 
 # --- error responses ----------------------------------------------------------------
@@ -419,7 +410,7 @@ def _submit_target(user, data) -> tuple[Team, str] | JsonResponse:
     return team, kind
 
 
-@router.post("/jobs", response={201: JobOut, 409: JobsError, 413: JobsError, **ERRORS}, openapi_extra=SUBMIT_BODY,
+@router.post("/jobs", response={201: JobOut, 409: ErrorOut, 413: ErrorOut, **ERRORS}, openapi_extra=SUBMIT_BODY,
              summary="Submit a job")
 def submit_job(request: HttpRequest):
     """Validate with the HTML form of the kind, check the team's hard limits, and
@@ -488,7 +479,7 @@ def job_logs(request: HttpRequest, job_id: int, offset: int = Query(0, ge=0),
     return {"offset": offset, "next_offset": window.end, "text": window.text, "finished": ended and not more}
 
 
-@router.post("/jobs/{job_id}/cancel", response={200: JobOut, 409: JobsError, **ERRORS}, summary="Cancel a job")
+@router.post("/jobs/{job_id}/cancel", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Cancel a job")
 def cancel_job(request: HttpRequest, job_id: int):
     """A member may cancel their own job, a manager any job of the team. Pending and
     queued jobs end at once; a running job is stopped by its worker. 409 if it had
@@ -590,7 +581,7 @@ def get_model(request: HttpRequest, model_id: int):
     return model_document(model, _lineages([model])[model.pk])
 
 
-@router.post("/models", response={201: ModelOut, 413: JobsError, **ERRORS}, openapi_extra=UPLOAD_BODY,
+@router.post("/models", response={201: ModelOut, 413: ErrorOut, **ERRORS}, openapi_extra=UPLOAD_BODY,
              summary="Upload a model (zip of a Hugging Face folder)")
 def upload_model(request: HttpRequest):
     """Register a zip of a Hugging Face-format folder as the next version of `name`.
@@ -621,7 +612,7 @@ def get_dataset(request: HttpRequest, dataset_id: int):
     return dataset_document(access.get_dataset(request.auth, dataset_id))
 
 
-@router.post("/datasets", response={201: DatasetOut, 413: JobsError, **ERRORS}, openapi_extra=UPLOAD_BODY,
+@router.post("/datasets", response={201: DatasetOut, 413: ErrorOut, **ERRORS}, openapi_extra=UPLOAD_BODY,
              summary="Upload a dataset (JSONL or CSV)")
 def upload_dataset(request: HttpRequest):
     """Store a JSONL ("text" field per line) or CSV ("text" column) file. A malformed

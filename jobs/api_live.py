@@ -21,15 +21,11 @@ from __future__ import annotations
 from django.http import Http404, HttpRequest, JsonResponse
 from ninja import Router, Schema
 
+from jobs.api_schemas import ErrorOut
 from jobs import access, metrics
 from jobs.models import Family, Host
 
 router = Router(tags=["live"])
-
-
-class ErrorOut(Schema):
-    detail: str
-    errors: dict[str, list[str]] | None = None
 
 
 class JobMetricsOut(Schema):

@@ -16,16 +16,11 @@ from typing import Any
 from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema
 
+from jobs.api_schemas import ErrorOut
 from jobs import access, selectors, selectors_teams, services
 from jobs.forms_teams import QuotaForm, flatten_quota_body
 
 router = Router(tags=["teams"])
-
-
-class ErrorOut(Schema):
-    detail: str
-    code: str | None = None
-    errors: dict[str, list[str]] | None = None
 
 
 class AheadOut(Schema):

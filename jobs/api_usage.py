@@ -15,15 +15,11 @@ from django.http import Http404, HttpRequest, JsonResponse
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 
+from jobs.api_schemas import ErrorOut
 from jobs import access, selectors_usage, usage
 from jobs.selectors_usage import Report
 
 router = Router(tags=["usage"])
-
-
-class ErrorOut(Schema):
-    detail: str
-    errors: dict[str, list[str]] | None = None
 
 
 class TotalsOut(Schema):

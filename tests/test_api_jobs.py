@@ -675,8 +675,8 @@ def test_the_openapi_schema_documents_every_endpoint_with_schemas(db):
                          ("/api/v1/datasets/{dataset_id}", "get"), ("/api/v1/teams", "get")]:
         assert method in paths[path], (path, method)
     components = schema["components"]["schemas"]
-    assert {"JobOut", "JobPage", "LogOut", "ModelOut", "DatasetOut", "JobsError", "TeamRoleOut"} <= set(components)
-    assert {"detail", "code", "field", "errors"} <= set(components["JobsError"]["properties"])
+    assert {"JobOut", "JobPage", "LogOut", "ModelOut", "DatasetOut", "ErrorOut", "TeamRoleOut"} <= set(components)
+    assert {"detail", "code", "field", "errors"} <= set(components["ErrorOut"]["properties"])
     assert "queue_position" in components["JobOut"]["properties"]
     submit_body = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]
     assert "kind" in submit_body["application/json"]["schema"]["properties"]

@@ -1,0 +1,14 @@
+"""Schemas shared by every API router (one OpenAPI component per name)."""
+from __future__ import annotations
+
+from ninja import Schema
+
+
+class ErrorOut(Schema):
+    """Every API error: a sentence; a reason code where one applies; the field at
+    fault and per-field messages for bad input."""
+
+    detail: str
+    code: str | None = None
+    field: str | None = None
+    errors: dict[str, list[str]] | None = None

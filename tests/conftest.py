@@ -158,6 +158,48 @@ def celery_worker_proc(transactional_db, settings, _storage, tmp_path):
     log.close()
 
 
+# --- a real browser ---------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
+SHOTS = ROOT / "test-artifacts"  # screenshots for a human to look at (gitignored)
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    """Headless Debian Chromium driven by Playwright's sync API."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from django.db import connections
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an asyncio loop in this thread; the test's own ORM
+    # calls (fixtures, assertions) are still plain synchronous code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+        # While Playwright's loop counts as running, Django keeps the test's database
+        # connection in context-local storage, out of reach of the teardown's
+        # close_all(); close it here, or the test database cannot be dropped.
+        connections.close_all()
+
+
+def log_in(browser, base_url: str, username: str, width: int = 1280, height: int = 900):
+    """A new browser page logged in as `username`, on its landing page."""
+    import re
+
+    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+    page.set_default_timeout(15_000)
+    page.goto(f"{base_url}/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/teams/[\w-]+/jobs/$"))
+    return page
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

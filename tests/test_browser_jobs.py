@@ -9,56 +9,16 @@ test-artifacts/ for a human to look at."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from django.db import connections
 
-from conftest import PASSWORD, ROOT
+from conftest import SHOTS, log_in
 from jobs import selectors
 from jobs.models import Job
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
-SHOTS = ROOT / "test-artifacts"
 PROMPT = "Hello from the browser test"
-
-
-@pytest.fixture(autouse=True)
-def _allow_orm_beside_playwright(monkeypatch):
-    """Playwright's sync API runs an asyncio loop in this thread; the test's own ORM
-    calls (fixtures, assertions) are still plain synchronous code."""
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
-
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-        # While Playwright's loop counts as running, Django keeps the test's database
-        # connection in context-local storage, out of reach of the teardown's
-        # close_all(); close it here, or the test database cannot be dropped.
-        connections.close_all()
-
-
-def log_in(browser, base_url: str, username: str):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    page.goto(f"{base_url}/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(re.compile(r"/teams/[\w-]+/jobs/$"))
-    return page
 
 
 def test_bob_watches_an_inference_job_succeed_in_place_and_charlie_gets_404(

@@ -8,14 +8,11 @@ process, against the same database and Redis as the live server."""
 from __future__ import annotations
 
 import json
-import re
 import time
-from pathlib import Path
 
 import pytest
-from django.db import connections
 
-from conftest import PASSWORD, ROOT
+from conftest import SHOTS, log_in
 from jobs import metrics
 from live_support import clean_streams, neuron_host, report, running_job, runtime  # noqa: F401
 from neuron_workers.agent import Agent
@@ -23,9 +20,6 @@ from neuron_workers.readers.neuron_monitor import parse_report
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
-SHOTS = ROOT / "test-artifacts"
 
 # Counts every full (re)draw a page makes after it loaded; extending must not add any.
 COUNT_REDRAWS = """
@@ -36,37 +30,6 @@ for (const name of ["newPlot", "react", "redraw"]) {
 }
 window.__sameDocument = true;
 """
-
-
-@pytest.fixture(autouse=True)
-def _allow_orm_beside_playwright(monkeypatch):
-    """Playwright's sync API runs an asyncio loop in this thread; the test's own ORM
-    calls are still plain synchronous code."""
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
-
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-        connections.close_all()  # see test_browser_jobs: the loop keeps a connection out of reach
-
-
-def log_in(browser, base_url: str, username: str):
-    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.set_default_timeout(15_000)
-    page.goto(f"{base_url}/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(re.compile(r"/teams/[\w-]+/jobs/$"))
-    return page
 
 
 def publish(host, job, util: dict[int, float]) -> None:

@@ -8,42 +8,16 @@ Screenshots land in test-artifacts/ for a human to look at."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from django.db import connections
 
-from conftest import PASSWORD, ROOT, wait_for
+from conftest import SHOTS, log_in, wait_for
 from jobs.forms import InferenceForm
 from jobs.models import AuditEntry, Job, JobEvent
 from jobs.services import job_submit, quota_update
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
-SHOTS = ROOT / "test-artifacts"
-
-
-@pytest.fixture(autouse=True)
-def _settings(monkeypatch, settings):
-    # Playwright's sync API runs an asyncio loop in this thread; the test's own ORM
-    # calls (fixtures, assertions) are still plain synchronous code.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-        connections.close_all()  # see test_browser_jobs: the loop hides the connection from teardown
 
 
 def test_an_admin_raises_a_quota_and_the_waiting_job_starts(cast, tiny_model, cpu_host, celery_worker_proc,
@@ -58,13 +32,7 @@ def test_an_admin_raises_a_quota_and_the_waiting_job_starts(cast, tiny_model, cp
     wait_for(lambda: Job.objects.get(pk=job.pk).reason_code == "waiting_for_quota", timeout=30,
              message="the worker's dispatch to explain the wait")
 
-    page = browser.new_context(viewport={"width": 1600, "height": 900}).new_page()
-    page.set_default_timeout(15_000)
-    page.goto(f"{live_server.url}/login/")
-    page.fill("#id_username", "admin")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(re.compile(r"/teams/[\w-]+/jobs/$"))
+    page = log_in(browser, live_server.url, "admin", width=1600)
 
     page.goto(f"{live_server.url}/quotas/")
     row = page.locator("#team-vision")

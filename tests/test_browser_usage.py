@@ -7,42 +7,17 @@ from __future__ import annotations
 import random
 import re
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from django.db import connections
 from django.utils import timezone
 
-from conftest import PASSWORD, ROOT
+from conftest import PASSWORD, SHOTS
 from jobs.models import Host, InstancePrice, Job, JobAttempt, MetricMinute, TeamQuota
 from jobs.usage_rollup import fold
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
-SHOTS = ROOT / "test-artifacts"
 CHARTS = ("hours", "allocation", "cost", "burndown", "wait", "outcomes")
-
-
-@pytest.fixture(autouse=True)
-def _allow_orm_beside_playwright(monkeypatch):
-    """Playwright's sync API runs an asyncio loop in this thread; the test's own ORM
-    calls are still plain synchronous code."""
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
-
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-        connections.close_all()  # see test_browser_jobs: the teardown must be able to drop the database
 
 
 @pytest.fixture

@@ -15,23 +15,21 @@ Contracts that hold for every endpoint here:
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from django.conf import settings
 from django.db.models import QuerySet
-from django.http import FileResponse, Http404, HttpRequest, JsonResponse, QueryDict, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, QueryDict
 from django.urls import reverse
 from django.utils.datastructures import MultiValueDict
 from ninja import Query, Router, Schema, Status
-from zipstream import ZipStream
 
 from jobs.api_schemas import ErrorOut
-from jobs import access, selectors, storage
+from jobs.artifacts import artifact_response
+from jobs import access, selectors
 from jobs.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm
-from jobs.models import Artifact, Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
+from jobs.models import Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
 from jobs.services import SubmitRefused, dataset_upload, job_cancel, job_submit, model_upload
 from jobs.uploads import UploadError
 
@@ -495,47 +493,10 @@ def cancel_job(request: HttpRequest, job_id: int):
     return job_document(access.get_job(request.auth, job_id))
 
 
-def _artifact_path(job: Job, name: str) -> tuple[Artifact, Path]:
-    """The artifact named exactly `name` and its file. The path comes from the stored
-    row (never from the URL) and must stay inside the storage root: a 404 otherwise."""
-    artifact = job.artifacts.filter(name=name).first()
-    if artifact is None:
-        raise Http404("No such artifact")
-    try:
-        path = storage.abs_path(artifact.path)
-    except ValueError:
-        raise Http404("No such artifact") from None
-    if not path.exists():
-        raise Http404("The artifact's file is gone")
-    return artifact, path
-
-
-def _zip_of(folder: Path, arcname: str) -> ZipStream:
-    """A sized, streamed zip of the regular files under `folder`. Symbolic links are
-    skipped, so a link planted in a job's output cannot pull in files from elsewhere."""
-    archive = ZipStream(sized=True)
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d)))
-        for filename in sorted(filenames):
-            file = Path(dirpath) / filename
-            if file.is_file() and not file.is_symlink():
-                archive.add_path(str(file), f"{arcname}/{file.relative_to(folder).as_posix()}")
-    return archive
-
-
 @router.get("/jobs/{job_id}/artifacts/{path:name}", response={**ERRORS}, url_name="job_artifact",
             openapi_extra=FILE_RESPONSE, summary="Download an artifact")
 def download_artifact(request: HttpRequest, job_id: int, name: str):
-    job = access.get_job(request.auth, job_id)
-    artifact, path = _artifact_path(job, name)
-    filename = Path(artifact.name).name or "artifact"
-    if path.is_dir():
-        archive = _zip_of(path, filename)
-        response = StreamingHttpResponse(archive, content_type="application/zip")
-        response["Content-Length"] = str(len(archive))
-        response["Content-Disposition"] = f'attachment; filename="{filename}.zip"'
-        return response
-    return FileResponse(path.open("rb"), as_attachment=True, filename=filename)
+    return artifact_response(access.get_job(request.auth, job_id), name)
 
 
 # --- models and datasets --------------------------------------------------------------

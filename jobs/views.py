@@ -7,21 +7,19 @@ the error next to its field and a 4xx status — never a 500."""
 from __future__ import annotations
 
 import json
-import zipfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import dateformat, timezone
-from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_http_methods, require_POST
 
-from jobs import access, charts, selectors, services, storage
+from jobs import access, charts, selectors, services
+from jobs.artifacts import artifact_response
 from jobs.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm
 from jobs.models import ApiToken, Job, JobEvent, Kind, ModelAsset, Role, Team
 from jobs.tokens import token_create
@@ -279,82 +277,9 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
 
 @login_required
 def job_artifact(request: HttpRequest, job_id: int, name: str) -> HttpResponse:
-    """Download an artifact: a file is streamed, a directory is streamed as a zip. A
-    path inside a directory artifact ("checkpoint/config.json") is served too, but
-    never anything outside it."""
-    job = access.get_job(request.user, job_id)
-    path = _artifact_path(job, name)
-    if path.is_dir():
-        filename = f"job-{job.pk}-{path.name}.zip"
-        return StreamingHttpResponse(_zip_stream(path), content_type="application/zip",
-                                     headers={"Content-Disposition": content_disposition_header(True, filename)})
-    if not path.is_file():
-        raise Http404("The artifact's file is gone")
-    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name)
-
-
-def _artifact_path(job: Job, name: str) -> Path:
-    top, _, rest = name.partition("/")
-    artifact = job.artifacts.filter(name=name).first()
-    if artifact is None and rest:
-        artifact = job.artifacts.filter(name=top, is_dir=True).first()
-    if artifact is None:
-        raise Http404("No such artifact")
-    try:
-        root = storage.abs_path(artifact.path)
-    except ValueError:
-        raise Http404("No such artifact") from None
-    job_dir = storage.job_dir(job.pk).resolve()
-    if root != job_dir and job_dir not in root.parents:  # a row pointing elsewhere (say, via a link the job made)
-        raise Http404("No such artifact")
-    if artifact.name == name:
-        return root
-    path = (root / rest).resolve()  # resolve() follows symlinks, so a link out of the folder is caught too
-    if root not in path.parents:
-        raise Http404("No such file in this artifact")
-    return path
-
-
-class _ZipSink:
-    """A write-only buffer with tell() but no seek(): zipfile then writes a streaming
-    zip (data descriptors after each member), which we hand out chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.position = 0
-
-    def write(self, data) -> int:
-        self.parts.append(bytes(data))
-        self.position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def drain(self) -> bytes:
-        data = b"".join(self.parts)
-        self.parts.clear()
-        return data
-
-
-def _zip_stream(folder: Path) -> Iterator[bytes]:
-    """Zip `folder` on the fly in 1 MiB pieces (symlinks skipped), so a large
-    checkpoint never sits whole in memory or in a temporary file."""
-    sink = _ZipSink()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_symlink() or not path.is_file():
-                continue
-            with path.open("rb") as source, archive.open(path.relative_to(folder).as_posix(), "w",
-                                                         force_zip64=True) as target:
-                while block := source.read(1 << 20):
-                    target.write(block)
-                    yield sink.drain()
-            yield sink.drain()
-    yield sink.drain()
+    """Download an artifact: a file is streamed, a directory is streamed as a zip; a
+    path inside a directory artifact is served too, never anything outside it."""
+    return artifact_response(access.get_job(request.user, job_id), name)
 
 
 # --- models and datasets ----------------------------------------------------------

@@ -487,8 +487,14 @@ def test_a_directory_artifact_downloads_as_a_zip_without_symlinked_files(bob, jo
         assert archive.read("checkpoint/sub/weights.bin") == b"\x00\x01" * 1000
 
 
+def test_a_file_inside_a_directory_artifact_downloads_alone(bob, job_with_artifacts):
+    response = bob.get(f"/api/v1/jobs/{job_with_artifacts.pk}/artifacts/checkpoint/sub/weights.bin")
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == b"\x00\x01" * 1000
+
+
 @pytest.mark.parametrize("name", ["../../secret.txt", "..%2F..%2Fsecret.txt", "checkpoint/../../../secret.txt",
-                                  "%2Fetc%2Fpasswd", "nope.txt", "checkpoint/config.json"])
+                                  "%2Fetc%2Fpasswd", "nope.txt", "checkpoint/nope.json"])
 def test_an_artifact_name_that_is_not_a_registered_artifact_is_a_404(bob, job_with_artifacts, name):
     response = bob.get(f"/api/v1/jobs/{job_with_artifacts.pk}/artifacts/{name}")
     assert response.status_code == 404

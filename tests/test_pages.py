@@ -501,8 +501,8 @@ def test_a_folder_artifact_downloads_as_a_zip_without_symlinks(cast, inference_j
     response = login(cast.bob).get(f"/jobs/{inference_job.pk}/artifacts/extra")
     assert response.status_code == 200 and response["Content-Type"] == "application/zip"
     archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
-    assert sorted(archive.namelist()) == ["config.json", "sub/weights.bin"]
-    assert archive.read("sub/weights.bin") == bytes(range(256)) * 40
+    assert sorted(archive.namelist()) == ["extra/config.json", "extra/sub/weights.bin"]
+    assert archive.read("extra/sub/weights.bin") == bytes(range(256)) * 40
     assert archive.testzip() is None
 
 

@@ -1,0 +1,415 @@
+"""Dispatch benchmark: how fast do short real jobs get through the whole system?
+
+Run as `.venv/bin/python bench/dispatch.py` (PostgreSQL at 127.0.0.1:5432 and Redis
+at 127.0.0.1:6379 must be up). It starts everything itself: a fresh PostgreSQL
+database (neurondeck_bench_dispatch, dropped at the end), Redis db 14 (flushed),
+gunicorn serving the app, a scheduler worker with beat and a CPU host worker with
+several job slots, a registered cpu Host and the tiny model.
+
+Jobs are real inference jobs (one short prompt, 1 new token, the tiny model),
+submitted through POST /api/v1/jobs with an API token. Times come from the job
+rows: submit = the client's clock just before the request; running = started_at
+(the worker's claim); finished = finished_at (the outcome recorded). All on one
+machine, so the clocks agree.
+
+Phases:
+  celery   a bare Celery task (bench.probe, on the host worker's queue) sent one at
+           a time (round trip) and then in a burst (tasks/s): the floor any
+           Celery-based dispatch pays.
+  latency  jobs one at a time with free capacity: submit→running, submit→finished.
+  burst    many jobs submitted at once by several client threads: jobs/s from the
+           first submit to the last finish.
+
+The last line is one JSON object (see REPORT_KEYS).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+DB_NAME = "neurondeck_bench_dispatch"
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+HOST = "bench-host"
+REPORT_KEYS = ("submit_to_running_p50_ms", "submit_to_running_p95_ms", "submit_to_finished_p50_ms",
+               "jobs_per_s", "celery_roundtrip_p50_ms", "celery_tasks_per_s")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the system under test ------------------------------------------------------------
+
+def environment(storage: Path, args) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=f"{PG}/{DB_NAME}", REDIS_URL=REDIS_URL, CELERY_BROKER_URL=REDIS_URL,
+        STORAGE_ROOT=str(storage), NEURONDECK_HOST=HOST, PYTHONPATH=str(ROOT), DJANGO_SETTINGS_MODULE="webapp.settings",
+        DEBUG="0", SECRET_KEY="bench-" + uuid.uuid4().hex, LOG_LEVEL="WARNING",
+        DISPATCH_EVERY_S="2", REAP_EVERY_S="15",
+    )
+    return env
+
+
+def create_database() -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {DB_NAME}")
+
+
+def drop_database() -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+
+
+def seed(storage: Path, slots: int) -> dict:
+    """A team with room for the burst, a member with a token, the cpu host, the tiny model."""
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from jobs.models import Host, Role, TeamQuota
+    from jobs.services import membership_set, model_register, team_create
+    from jobs.tokens import token_create
+    from jobs.uploads import model_meta
+    from neuron_workers.backends.tinymodel import create_tiny_model
+
+    user = get_user_model().objects.create_user("bench", "bench@example.com", "bench-password")
+    team = team_create(slug="bench", name="Bench")
+    membership_set(team=team, user=user, role=Role.MEMBER)
+    TeamQuota.objects.filter(team=team).update(max_pending=1_000_000, monthly_core_hours=1e9)
+    team.family_quotas.filter(family="cpu").update(guaranteed_cores=slots, borrow_limit=0)
+    Host.objects.create(name=HOST, family="cpu", core_ids=list(range(slots)), backend="cpu",
+                        memory_bytes=8 << 30, last_heartbeat=timezone.now())
+    model_dir = create_tiny_model(storage / "models" / "bench" / "tiny")
+    model = model_register(team=team, user=user, name="tiny-gpt", path=model_dir, meta=model_meta(model_dir))
+    raw, _ = token_create(user=user, name="bench")
+    return {"token": raw, "model": model.pk}
+
+
+def heartbeat_host(stop: threading.Event, every_s: float = 5.0) -> None:
+    """Do the host agent's one job that matters here: keep the host online (the reaper
+    marks a host offline when its heartbeat is older than HOST_OFFLINE_AFTER_S)."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from jobs.models import Host
+
+    try:
+        while not stop.wait(every_s):
+            Host.objects.filter(name=HOST).update(last_heartbeat=timezone.now(), state=Host.State.ONLINE)
+    finally:
+        connection.close()
+
+
+class Processes:
+    """The started services; stop() ends exactly these (by their process groups)."""
+
+    def __init__(self, logdir: Path, env: dict[str, str]):
+        self.logdir, self.env = logdir, env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+        out = open(self.logdir / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def start_system(procs: Processes, port: int, args) -> None:
+    celery = [PY, "-m", "celery", "-A", "webapp", "worker", "--without-gossip", "--without-mingle",
+              "--without-heartbeat", "--loglevel", "WARNING"]
+    procs.start("web", [PY, "-m", "gunicorn", "webapp.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(args.web_workers),
+                        "--threads", str(args.web_threads), "--log-level", "warning"])
+    procs.start("scheduler", [*celery, "-Q", "scheduler", "-B", "--pool", "solo", "-n", "bench-scheduler@%h",
+                              "--schedule", str(procs.logdir / "beat-schedule")])
+    procs.start("worker", [*celery, "-Q", f"host.{HOST}", "--pool", "threads", "-c", str(args.slots),
+                           "-n", "bench-worker@%h", "--include", "bench.celery_probe"])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/api/v1/docs")
+            if conn.getresponse().status < 500:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("gunicorn did not answer")
+
+
+# --- clients ----------------------------------------------------------------------------
+
+class Api:
+    """A keep-alive HTTP client for POST /api/v1/jobs (one per thread)."""
+
+    def __init__(self, port: int, token: str, model: int):
+        self.port, self.token, self.model = port, token, model
+        self.local = threading.local()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        return conn
+
+    def submit(self) -> tuple[int, float]:
+        """Submit one inference job; returns (job id, submit time as unix seconds)."""
+        body = json.dumps({"team": "bench", "kind": "inference", "model": self.model, "prompts": ["Hi"],
+                           "max_new_tokens": 1, "temperature": 0, "family": "cpu", "cores": 1})
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        for attempt in (1, 2):
+            submitted = time.time()
+            try:
+                conn = self._conn()
+                conn.request("POST", "/api/v1/jobs", body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.HTTPException, OSError):
+                self.local.conn = None  # gunicorn closed the keep-alive connection: reconnect once
+                if attempt == 2:
+                    raise
+        if response.status != 201:
+            raise RuntimeError(f"submit failed: {response.status} {data[:500]!r}")
+        return json.loads(data)["id"], submitted
+
+
+def wait_finished(ids: list[int], timeout: float) -> dict[int, tuple]:
+    """Poll the database until every job is finished; {id: (status, started_at, finished_at, created_at)}."""
+    from jobs.models import Job
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {pk: (st, s, f, c) for pk, st, s, f, c in Job.objects.filter(pk__in=ids).values_list(
+            "pk", "status", "started_at", "finished_at", "created_at")}
+        if all(rows[pk][0] in Job.FINISHED for pk in ids):
+            return rows
+        if time.monotonic() > deadline:
+            stuck = {pk: f"{st}: {reason}" for pk, st, reason in Job.objects.filter(pk__in=ids).exclude(
+                status__in=Job.FINISHED).values_list("pk", "status", "reason")}
+            raise RuntimeError(f"{len(stuck)} jobs did not finish in {timeout} s: {dict(list(stuck.items())[:10])}")
+        time.sleep(0.01)
+
+
+def celery_phase(args) -> dict:
+    """The bare Celery baseline: sequential round trips, then a burst."""
+    import redis
+
+    from webapp.celery import app
+
+    client = redis.Redis.from_url(REDIS_URL)
+    queue = f"host.{HOST}"
+    key = f"bench:probe:{uuid.uuid4().hex}"
+    trips = []
+    for _ in range(args.probes):
+        sent = time.time()
+        app.send_task("bench.probe", args=[key], queue=queue)
+        _, stamp = client.blpop(key, timeout=30)
+        trips.append((float(stamp) - sent) * 1000)
+    burst_key = f"{key}:burst"
+    started = time.time()
+    for _ in range(args.probe_burst):
+        app.send_task("bench.probe", args=[burst_key], queue=queue)
+    while client.llen(burst_key) < args.probe_burst:
+        time.sleep(0.005)
+    last = max(float(s) for s in client.lrange(burst_key, 0, -1))
+    client.delete(key, burst_key)
+    return {"celery_roundtrip_p50_ms": percentile(trips, 50), "celery_roundtrip_p95_ms": percentile(trips, 95),
+            "celery_tasks_per_s": args.probe_burst / (last - started)}
+
+
+def latency_phase(api: Api, args) -> dict:
+    """One job at a time (free capacity): submit→running and submit→finished."""
+    to_running, to_finished, submit_ms = [], [], []
+    for _ in range(args.latency_jobs):
+        job_id, submitted = api.submit()
+        submit_ms.append((time.time() - submitted) * 1000)
+        status, started, finished, _ = wait_finished([job_id], 60)[job_id]
+        if status != "succeeded":
+            raise RuntimeError(f"job {job_id} ended {status}")
+        to_running.append((started.timestamp() - submitted) * 1000)
+        to_finished.append((finished.timestamp() - submitted) * 1000)
+    return {"submit_to_running_p50_ms": percentile(to_running, 50),
+            "submit_to_running_p95_ms": percentile(to_running, 95),
+            "submit_to_finished_p50_ms": percentile(to_finished, 50),
+            "submit_to_finished_p95_ms": percentile(to_finished, 95),
+            "submit_request_p50_ms": percentile(submit_ms, 50)}
+
+
+def burst_phase(api: Api, args) -> dict:
+    """Many jobs submitted at once by several client threads: end-to-end jobs/s."""
+    with ThreadPoolExecutor(args.clients) as pool:
+        submitted = list(pool.map(lambda _: api.submit(), range(args.burst_jobs)))
+    submit_done = time.time()
+    first = min(t for _, t in submitted)
+    rows = wait_finished([pk for pk, _ in submitted], 600)
+    failed = [pk for pk, r in rows.items() if r[0] != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} burst jobs did not succeed, e.g. {failed[:5]}")
+    last = max(r[2].timestamp() for r in rows.values())
+    at = dict(submitted)
+    return {"jobs_per_s": len(submitted) / (last - first), "burst_submits_per_s": len(submitted) / (submit_done - first),
+            "burst_submit_to_finished_p50_ms": percentile([(r[2].timestamp() - at[pk]) * 1000 for pk, r in rows.items()], 50),
+            "burst_jobs": len(submitted)}
+
+
+# --- main -------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slots", type=int, default=8, help="job slots (cores) of the cpu host and worker threads")
+    parser.add_argument("--latency-jobs", type=int, default=40)
+    parser.add_argument("--burst-jobs", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=8, help="client threads submitting the burst")
+    parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--probe-burst", type=int, default=1000)
+    parser.add_argument("--web-workers", type=int, default=2)
+    parser.add_argument("--web-threads", type=int, default=4)
+    parser.add_argument("--keep", action="store_true", help="keep the logs directory")
+    return parser.parse_args(argv)
+
+
+def exclusive_run() -> object:
+    """Hold a machine-wide lock for the whole run: a second run at the same time would
+    flush the same Redis db and drop the same database under this one."""
+    import fcntl
+
+    handle = open(Path(tempfile.gettempdir()) / "neurondeck-bench-dispatch.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log("another bench/dispatch.py run is in progress; waiting for it to finish")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    lock = exclusive_run()  # noqa: F841 - held until the process exits
+    workdir = Path(tempfile.mkdtemp(prefix="nd-bench-dispatch-"))
+    storage = workdir / "storage"
+    env = environment(storage, args)
+    os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STORAGE_ROOT",
+                                           "DJANGO_SETTINGS_MODULE", "SECRET_KEY", "DEBUG", "LOG_LEVEL")})
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    create_database()
+    procs = Processes(workdir, env)
+    stack = ExitStack()
+    try:
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        fixture = seed(storage, args.slots)
+        beating = threading.Event()
+        stack.callback(beating.set)
+        threading.Thread(target=heartbeat_host, args=(beating,), daemon=True).start()
+        port = free_port()
+        start_system(procs, port, args)
+        api = Api(port, fixture["token"], fixture["model"])
+        # Workers log at WARNING (no per-task lines), so "ready" is proven by the
+        # warm-up jobs: they need the web, the scheduler and the host worker.
+        log(f"system started (logs in {workdir}); warming up")
+        warm = [api.submit()[0] for _ in range(args.slots)]
+        wait_finished(warm, 180)  # the worker's zygote preloads torch on first use
+        report = {}
+        load_at_start = os.getloadavg()[0]
+        log("celery baseline …")
+        report.update(celery_phase(args))
+        log("latency (one job at a time) …")
+        report.update(latency_phase(api, args))
+        log(f"burst ({args.burst_jobs} jobs, {args.clients} clients) …")
+        report.update(burst_phase(api, args))
+        report["slots"], report["cpus"] = args.slots, os.cpu_count()
+        # Other work on the machine skews every figure; say how busy it was.
+        report["loadavg_1m_at_start"], report["loadavg_1m_at_end"] = load_at_start, os.getloadavg()[0]
+        report["running_vs_celery_roundtrip"] = report["submit_to_running_p50_ms"] / report["celery_roundtrip_p50_ms"]
+        report["finished_vs_celery_roundtrip"] = report["submit_to_finished_p50_ms"] / report["celery_roundtrip_p50_ms"]
+        report["jobs_vs_celery_throughput"] = report["jobs_per_s"] / report["celery_tasks_per_s"]
+        report = {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}
+        print_table(report)
+        print(json.dumps(report))
+        return report
+    finally:
+        stack.close()
+        procs.stop()
+        from django.db import connections
+
+        connections.close_all()
+        drop_database()
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_table(report: dict) -> None:
+    rows = [
+        ("submit→running p50 / p95", f"{report['submit_to_running_p50_ms']:.1f} / {report['submit_to_running_p95_ms']:.1f} ms",
+         "target p50 < 50 ms; Ray job API ≈ 800 ms"),
+        ("submit→finished p50 / p95", f"{report['submit_to_finished_p50_ms']:.1f} / {report['submit_to_finished_p95_ms']:.1f} ms", ""),
+        ("submit request p50", f"{report['submit_request_p50_ms']:.1f} ms", "POST /api/v1/jobs round trip"),
+        ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 100; Ray job API ≈ 1.5"),
+        ("celery round trip p50", f"{report['celery_roundtrip_p50_ms']:.2f} ms", "bare task, same worker"),
+        ("celery tasks/s", f"{report['celery_tasks_per_s']:.0f}", ""),
+        ("running / celery round trip", f"{report['running_vs_celery_roundtrip']:.1f}×", ""),
+        ("jobs/s / celery tasks/s", f"{report['jobs_vs_celery_throughput']:.3f}", ""),
+    ]
+    for name, value, note in rows:
+        print(f"{name:<30} {value:>22}   {note}")
+
+
+if __name__ == "__main__":
+    main()

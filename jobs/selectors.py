@@ -33,6 +33,38 @@ def team_jobs(team: Team, *, status: str = "", kind: str = "") -> QuerySet[Job]:
     return jobs.order_by("-id")
 
 
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a keyset-paginated job list, newest first. `newer_than` /
+    `older_than` are the ids the "Newer" / "Older" links pass as ?after= / ?before=
+    (None when there is nothing that way)."""
+
+    jobs: list[Job]
+    newer_than: int | None
+    older_than: int | None
+
+
+def job_page(jobs: QuerySet[Job], *, before: int | None = None, after: int | None = None,
+             size: int = 50) -> JobPage:
+    """`size` jobs of `jobs` (any order; newest first is imposed) by id cursor:
+    older than `before`, newer than `after`, else the newest. One query of size+1
+    rows (two when a Newer page reaches the newest jobs, which then shows the first
+    page): never a COUNT, so the cost does not grow with the team's history."""
+    if after is not None:
+        rows = list(jobs.filter(pk__gt=after).order_by("id")[:size + 1])
+        if len(rows) > size:
+            page = rows[:size][::-1]
+            return JobPage(page, page[0].pk, page[-1].pk)
+        before = None  # reached the newest jobs: show the first page
+    if before is not None:
+        jobs = jobs.filter(pk__lt=before)
+    rows = list(jobs.order_by("-id")[:size + 1])
+    page = rows[:size]
+    newer = page[0].pk if page and before is not None else None
+    older = page[-1].pk if len(rows) > size else None
+    return JobPage(page, newer, older)
+
+
 def _family_queue(job: Job) -> list:
     """The pending jobs of `job`'s family in the order the dispatcher works
     (jobs.scheduler.pending_order over the same rows dispatch reads). The whole

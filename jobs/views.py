@@ -12,7 +12,6 @@ from collections.abc import Callable
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import dateformat, timezone
@@ -83,7 +82,11 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     filters = JobFilterForm(request.GET)
     wanted = filters.cleaned_data if filters.is_valid() else {}
     jobs = selectors.team_jobs(team, status=wanted.get("status", ""), kind=wanted.get("kind", ""))
-    page = Paginator(jobs, JOBS_PER_PAGE).get_page(request.GET.get("page"))
+    # Keyset pages (?before=<id> / ?after=<id>) rather than numbered ones: a count of
+    # a big team's jobs costs more than the whole page. A bad cursor shows the newest.
+    cursors, _ = _query_ints(request.GET, "before", "after")
+    page = selectors.job_page(jobs, before=cursors.get("before") if "before" in request.GET else None,
+                              after=cursors.get("after") if "after" in request.GET else None, size=JOBS_PER_PAGE)
     return _page(request, "jobs/job_list.html", {"filters": filters, "page": page, "kinds": Kind.choices,
                                                  "writable": _can_write(request.user, team)},
                  team=team, nav="jobs", status=200 if filters.is_valid() else 400)

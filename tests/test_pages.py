@@ -390,11 +390,17 @@ def test_the_job_list_pages_50_newest_first_and_keeps_filters(cast, tiny_model, 
     first = bob.get("/teams/vision/jobs/").content.decode()
     ids = [int(i) for i in re.findall(r'<a href="/jobs/(\d+)/">', first)]
     assert len(ids) == 50 and ids == sorted(ids, reverse=True)
-    assert "Page 1 of 2" in first
+    assert f'href="?before={ids[-1]}"' in first and "Newer" not in first
+    older = bob.get(f"/teams/vision/jobs/?before={ids[-1]}").content.decode()
+    rest = [int(i) for i in re.findall(r'<a href="/jobs/(\d+)/">', older)]
+    assert len(rest) == 10 and rest == sorted(rest, reverse=True) and rest[0] < ids[-1]
+    assert f'href="?after={rest[0]}"' in older and "Older" not in older
+    assert [int(i) for i in re.findall(r'<a href="/jobs/(\d+)/">', bob.get(f"/teams/vision/jobs/?after={rest[0]}")
+                                       .content.decode())] == ids
     filtered = bob.get("/teams/vision/jobs/?status=pending&page=1").content.decode()
     assert filtered.count("badge status-pending") == Job.objects.filter(status=S.PENDING).count() == 20
     assert "status-succeeded" not in filtered
-    assert bob.get("/teams/vision/jobs/?page=banana").status_code == 200
+    assert bob.get("/teams/vision/jobs/?page=banana&before=banana").status_code == 200
 
 
 def test_a_bad_filter_value_is_a_400_with_the_field_named(cast):

@@ -9,7 +9,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
 from django.db.models import Count, Sum
@@ -19,6 +19,7 @@ from django.utils import timezone
 from jobs.fairshare import decayed_usage
 from jobs.models import (
     AuditEntry, CoreAllocation, Family, FamilyQuota, Host, Job, JobAttempt, KindPriority, Team, TeamQuota,
+    UsageRollupState, UsageTeamDay,
 )
 
 USAGE_HORIZON_HALF_LIVES = 8  # usage older than 8 half-lives weighs < 0.4 %: not worth reading
@@ -90,18 +91,40 @@ def month_start(now: datetime | None = None) -> datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def core_hours_by_team(team_ids: list[int] | None = None) -> dict[int, float]:
-    """NeuronCore-hours used this month per team (the budget's measure; the same rule
-    as jobs.services.core_hours_this_month, for many teams in two queries)."""
-    start, now = month_start(), timezone.now()
-    attempts = JobAttempt.objects.filter(started_at__gte=start)
-    if team_ids is not None:
-        attempts = attempts.filter(team_id__in=team_ids)
+def core_hours_by_team(team_ids: list[int] | None = None, *, now: datetime | None = None) -> dict[int, float]:
+    """NeuronCore-hours used this month per team: the budget's measure, shared by
+    submit (jobs.services.core_hours_this_month), dispatch and the quota pages.
+
+    "This month" is the team's local calendar month, and usage is counted by the
+    day it happened (an attempt across midnight is split) — the same numbers as the
+    team's usage page and its burn-down. Read from the UsageTeamDay roll-up plus
+    what the fold has not reached yet (open attempts and the last few minutes, via
+    jobs.usage_rollup.unfolded_attempts): three queries, whatever the history."""
+    from jobs import usage
+    from jobs.usage_rollup import LAG, _attempt_row, unfolded_attempts
+
+    now = now or timezone.now()
+    starts: dict[str, date] = {}
+
+    def month_of(tz_name: str) -> date:
+        if tz_name not in starts:
+            starts[tz_name] = usage.local_day(now, usage.zone(tz_name)).replace(day=1)
+        return starts[tz_name]
+
+    # Every zone's local date is within a day of UTC's: a bound that holds for all teams.
+    earliest = (now.astimezone(dt_timezone.utc).date() - timedelta(days=1)).replace(day=1)
     used: dict[int, float] = defaultdict(float)
-    for team_id, s in attempts.filter(ended_at__isnull=False).values_list("team_id").annotate(s=Sum("core_seconds")):
-        used[team_id] += s or 0.0
-    for team_id, cores, started in attempts.filter(ended_at__isnull=True).values_list("team_id", "cores", "started_at"):
-        used[team_id] += cores * max((now - started).total_seconds(), 0.0)
+    for team_id, tz_name, day, s in _filtered(UsageTeamDay.objects.filter(day__gte=earliest), team_ids).values_list(
+            "team_id", "team__time_zone", "day", "core_seconds"):
+        if day >= month_of(tz_name):
+            used[team_id] += s or 0.0
+    state = UsageRollupState.objects.filter(pk=1).values("cutoff").first()
+    since = state["cutoff"] - LAG if state and state["cutoff"] else None
+    rows = [_attempt_row(v) for v in _filtered(unfolded_attempts(since=since, before=now), team_ids)]
+    zones = {row.dims.team_id: row.time_zone for row in rows}
+    for piece in usage.plan_attempts(rows, now).pieces:
+        if piece.day >= month_of(zones[piece.dims.team_id]):
+            used[piece.dims.team_id] += piece.core_seconds
     return {team_id: s / 3600.0 for team_id, s in used.items()}
 
 

@@ -138,8 +138,8 @@ def quota_update(*, team: Team, values: dict, actor=None) -> list[AuditEntry]:
 # --- submit -----------------------------------------------------------------------
 
 def core_hours_this_month(team_id: int) -> float:
-    """NeuronCore-hours from attempts this month: closed ones summed in the database,
-    open ones (still holding cores) counted up to now. The same measure the
+    """NeuronCore-hours the team used this (team-local) month: the usage roll-up plus
+    the not-yet-folded part, open attempts counted up to now. The same measure the
     dispatcher and the quota pages use (jobs.selectors_teams.core_hours_by_team)."""
     from jobs.selectors_teams import core_hours_by_team
 

@@ -259,6 +259,9 @@ class Job(models.Model):
         indexes = [
             models.Index(fields=["team", "-id"], name="job_team_recent"),
             models.Index(fields=["team", "status"], name="job_team_status"),
+            # quota pages: pending / queued / running per team, without scanning finished jobs
+            models.Index(fields=["team", "status"], name="job_team_active",
+                         condition=Q(status__in=["pending", "queued", "running"])),
             models.Index(fields=["status", "priority", "id"], name="job_dispatch_order", condition=Q(status="pending")),
             models.Index(fields=["host", "status"], name="job_host_status"),
             # usage roll-up and live usage: jobs finished since the watermark

@@ -245,7 +245,28 @@ def test_the_quota_page_runs_a_fixed_number_of_queries(cast, cpu_host, django_as
         team_create(slug=f"team-{i}", name=f"Team {i}")
     with django_assert_max_num_queries(16):
         response = client.get("/quotas/")
-    assert response.content.decode().count('class="quota-row" id="team-') == 32
+    assert response.content.decode().count('class="quota-row" id="team-') == 25
+    with django_assert_max_num_queries(16):
+        rest = client.get("/quotas/?page=2").content.decode()
+    assert rest.count('class="quota-row" id="team-') == 7 and 'id="team-vision"' in rest
+
+
+def test_the_quota_page_finds_teams_by_slug_or_name(cast):
+    client = page_client(cast.admin)
+    page = client.get("/quotas/?q=VIS").content.decode()
+    assert 'id="team-vision"' in page and 'id="team-audio"' not in page
+    assert "No team matches" in client.get("/quotas/?q=nothing-like-it").content.decode()
+
+
+def test_a_saved_quota_returns_to_the_page_listing_the_team(cast):
+    from jobs.services import team_create
+
+    for i in range(30):
+        team_create(slug=f"team-{i:02d}", name=f"Team {i}")
+    response = page_client(cast.admin).post("/quotas/vision/", quota_form(max_pending=5))
+    assert response.status_code == 302 and response["Location"] == "/quotas/?page=2#team-vision"
+    bad = page_client(cast.admin).post("/quotas/vision/", quota_form(max_pending=-1))
+    assert bad.status_code == 400 and 'quota-row has-errors" id="team-vision"' in bad.content.decode()
 
 
 # --- the team API ----------------------------------------------------------------

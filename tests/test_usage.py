@@ -287,6 +287,32 @@ def test_folding_again_or_in_steps_counts_everything_exactly_once(history):
     assert UsageSiteDaily.objects.count() > 0 and UsageTeamDay.objects.filter(team=history.audio).count() == 1
 
 
+def test_the_budget_measure_is_the_burn_downs_used_hours_before_between_and_after_folds(history):
+    from jobs.selectors_teams import core_hours_by_team
+
+    teams = [history.vision.pk, history.audio.pk]
+    for cutoff in (None, at(11, 6, 15), NOW):
+        if cutoff is not None:
+            fold(cutoff)
+        hours = core_hours_by_team(teams, now=NOW)
+        assert hours[history.vision.pk] == pytest.approx(_report(history.vision).burn.used) == pytest.approx(18.5)
+        assert hours[history.audio.pk] == pytest.approx(2.0)
+        assert core_hours_by_team(now=NOW) == pytest.approx(hours)
+
+
+def test_the_budget_counts_only_the_part_of_an_attempt_inside_the_teams_local_month(history):
+    from jobs.selectors_teams import core_hours_by_team
+
+    host = Host.objects.get(name="inf-s")
+    start = datetime(2025, 2, 28, 18, 0, tzinfo=UTC)  # 23:30 on 28 Feb in Kolkata
+    end = start + timedelta(hours=1.5)
+    job = _job(history.vision, history.bob, "compile", "inf2", 2, start, "succeeded", finished=end)
+    _attempt(job, 1, host, start, end, "succeeded")  # 1 h of it on 1 March
+    assert core_hours_by_team([history.vision.pk], now=NOW)[history.vision.pk] == pytest.approx(18.5 + 2.0)
+    fold(NOW)
+    assert core_hours_by_team([history.vision.pk], now=NOW)[history.vision.pk] == pytest.approx(18.5 + 2.0)
+
+
 def test_the_running_job_is_folded_up_to_the_cutoff_and_counted_live_after_it(history):
     fold(NOW)
     j3 = JobUsage.objects.get(job=history.jobs["j3"])

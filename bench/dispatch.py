@@ -124,6 +124,38 @@ def seed(storage: Path, slots: int) -> dict:
     return {"token": raw, "model": model.pk}
 
 
+def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
+    """CPU time (user+sys, own + reaped children) per service: the live processes of each
+    process group in `groups`, plus every postgres and redis-server process. Job
+    children are reaped by the worker's zygote: "job processes" is the zygote's
+    group-mates and everything they reaped, "worker" the Celery process alone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {name: 0.0 for name in [*groups, "job processes", "postgres", "redis", "bench client"]}
+    by_pgid = {pgid: name for name, pgid in groups.items()}
+    worker = groups.get("worker")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                head, tail = fh.read().rsplit(b")", 1)
+        except OSError:
+            continue
+        comm, fields = head.split(b"(", 1)[1], tail.split()
+        pgid, used = int(fields[2]), sum(int(x) for x in fields[11:15]) / tick
+        if pgid == worker and int(entry) != worker:
+            totals["job processes"] += used  # the zygote, its spares and the jobs it reaped
+        elif pgid in by_pgid:
+            totals[by_pgid[pgid]] += used
+        elif comm.startswith(b"postgres"):
+            totals["postgres"] += used
+        elif comm.startswith(b"redis-server"):
+            totals["redis"] += used
+        elif int(entry) == os.getpid():
+            totals["bench client"] += used
+    return totals
+
+
 def heartbeat_host(stop: threading.Event, every_s: float = 5.0) -> None:
     """Do the host agent's one job that matters here: keep the host online (the reaper
     marks a host offline when its heartbeat is older than HOST_OFFLINE_AFTER_S)."""
@@ -223,7 +255,7 @@ class Api:
         return json.loads(data)["id"], submitted
 
 
-def wait_finished(ids: list[int], timeout: float) -> dict[int, tuple]:
+def wait_finished(ids: list[int], timeout: float, interval: float = 0.01) -> dict[int, tuple]:
     """Poll the database until every job is finished; {id: (status, started_at, finished_at, created_at)}."""
     from jobs.models import Job
 
@@ -237,7 +269,7 @@ def wait_finished(ids: list[int], timeout: float) -> dict[int, tuple]:
             stuck = {pk: f"{st}: {reason}" for pk, st, reason in Job.objects.filter(pk__in=ids).exclude(
                 status__in=Job.FINISHED).values_list("pk", "status", "reason")}
             raise RuntimeError(f"{len(stuck)} jobs did not finish in {timeout} s: {dict(list(stuck.items())[:10])}")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def celery_phase(args) -> dict:
@@ -285,19 +317,26 @@ def latency_phase(api: Api, args) -> dict:
             "submit_request_p50_ms": percentile(submit_ms, 50)}
 
 
-def burst_phase(api: Api, args) -> dict:
-    """Many jobs submitted at once by several client threads: end-to-end jobs/s."""
+def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
+    """Many jobs submitted at once by several client threads: end-to-end jobs/s, and
+    the CPU each service spent per job (where the time goes)."""
+    cpu_before = cpu_seconds(groups)
     with ThreadPoolExecutor(args.clients) as pool:
         submitted = list(pool.map(lambda _: api.submit(), range(args.burst_jobs)))
     submit_done = time.time()
     first = min(t for _, t in submitted)
-    rows = wait_finished([pk for pk, _ in submitted], 600)
+    # Timestamps come from the job rows, so polling slowly costs no accuracy and
+    # leaves the CPU to the system under test.
+    rows = wait_finished([pk for pk, _ in submitted], 600, interval=0.5)
     failed = [pk for pk, r in rows.items() if r[0] != "succeeded"]
     if failed:
         raise RuntimeError(f"{len(failed)} burst jobs did not succeed, e.g. {failed[:5]}")
     last = max(r[2].timestamp() for r in rows.values())
     at = dict(submitted)
-    return {"jobs_per_s": len(submitted) / (last - first), "burst_submits_per_s": len(submitted) / (submit_done - first),
+    cpu_after = cpu_seconds(groups)
+    per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": (cpu_after[name] - cpu_before[name]) * 1000 / len(submitted)
+               for name in cpu_before}
+    return {**per_job,"jobs_per_s": len(submitted) / (last - first), "burst_submits_per_s": len(submitted) / (submit_done - first),
             "burst_submit_to_finished_p50_ms": percentile([(r[2].timestamp() - at[pk]) * 1000 for pk, r in rows.items()], 50),
             "burst_jobs": len(submitted)}
 
@@ -372,7 +411,7 @@ def main(argv=None) -> dict:
         log("latency (one job at a time) …")
         report.update(latency_phase(api, args))
         log(f"burst ({args.burst_jobs} jobs, {args.clients} clients) …")
-        report.update(burst_phase(api, args))
+        report.update(burst_phase(api, args, {name: proc.pid for name, proc in procs.procs.items()}))
         report["slots"], report["cpus"] = args.slots, os.cpu_count()
         # Other work on the machine skews every figure; say how busy it was.
         report["loadavg_1m_at_start"], report["loadavg_1m_at_end"] = load_at_start, os.getloadavg()[0]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs import states, storage
@@ -24,6 +24,23 @@ RETRYABLE = {"crashed"}  # failures worth another attempt; bad input or a compil
 
 def host_name() -> str:
     return settings.HOST_NAME or socket.gethostname()
+
+
+# This worker's Host pk by name, looked up once per process instead of once per job
+# (a query on the hot path). A host re-registered under a new pk is noticed when a
+# claim with the cached pk fails: run() looks the pk up again and retries once.
+_host_ids: dict[str, int] = {}
+
+
+def this_host_id(*, fresh: bool = False) -> int | None:
+    name = host_name()
+    if fresh or name not in _host_ids:
+        pk = Host.objects.filter(name=name).values_list("pk", flat=True).first()
+        if pk is None:
+            _host_ids.pop(name, None)
+            return None
+        _host_ids[name] = pk
+    return _host_ids[name]
 
 
 def build_payload(job: Job, workdir: Path) -> dict:
@@ -72,11 +89,27 @@ class JobRecorder:
     def on_log(self, offset: int, text: str) -> None:
         self.append_log(text, self.log_base + offset)
 
-    def append_log(self, text: str, at: int | None = None) -> None:
+    def append_log(self, text: str, at: int | None = None, *, save_size: bool = True) -> None:
+        """Store a chunk at byte offset `at` (default: the end). Idempotent per offset:
+        one INSERT … ON CONFLICT DO NOTHING (PostgreSQL and SQLite ≥ 3.24) rather
+        than get_or_create's SELECT, then INSERT in a savepoint. `save_size=False` leaves Job.log_bytes to a later
+        write (the header's size goes out with the child's pid)."""
         at = self.log_end if at is None else at
-        JobLogChunk.objects.get_or_create(job_id=self.job_id, offset=at, defaults={"text": text})
+        with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
+            cursor.execute(f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) VALUES (%s, %s, %s) '
+                           "ON CONFLICT DO NOTHING", [self.job_id, at, text])
         self.log_end = at + len(text.encode("utf-8"))
-        Job.objects.filter(pk=self.job_id).update(log_bytes=self.log_end)
+        if save_size:
+            Job.objects.filter(pk=self.job_id).update(log_bytes=self.log_end)
+
+    def header(self, text: str) -> None:
+        """The attempt's header line, before the child's own log (whose offsets count
+        from 0 in its log.txt, so they start after the header)."""
+        self.append_log(text, save_size=False)
+        self.log_base = self.log_end
+
+    def on_start(self, pid: int) -> None:
+        Job.objects.filter(pk=self.job_id).update(worker_pid=pid, log_bytes=self.log_end)
 
     def on_metric(self, row: dict) -> None:
         step = row.get("step")
@@ -98,17 +131,20 @@ def run(job_id: int) -> str:
     """Claim and run `job_id` on this host. Returns what happened (for logs/tests)."""
     from neuron_workers.supervisor import supervise
 
-    host = Host.objects.filter(name=host_name()).first()
-    if host is None:
+    host_id = this_host_id()
+    if host_id is None:
         log.error("job %s: this worker's host %s is not registered (is the agent running?)", job_id, host_name())
         return "no_host"
-    if not states.mark_running(job_id, host.pk, pid=os.getpid()):
+    job = states.claim(job_id, host_id, pid=os.getpid())
+    if job is None and this_host_id(fresh=True) not in (host_id, None):
+        job = states.claim(job_id, this_host_id(), pid=os.getpid())  # the cached pk was stale
+    if job is None:
         return "not_claimed"  # a duplicate delivery, a cancelled job, or another host's job
-    job = Job.objects.select_related("host", "model", "dataset", "team", "user").get(pk=job_id)
+    host = job.host
     workdir = storage.job_dir(job.pk) / f"attempt-{job.attempts}"
     workdir.mkdir(parents=True, exist_ok=True)
     recorder = JobRecorder(job, host.pk)
-    recorder.append_log(f"=== attempt {job.attempts} on {host.name} cores {job.core_range} ===\n")
+    recorder.header(f"=== attempt {job.attempts} on {host.name} cores {job.core_range} ===\n")
     payload = build_payload(job, workdir)
     mode = settings.RUNNER_MODE or ("exec" if payload["backend"] == "neuron" else "fork")
     outcome = supervise(
@@ -119,10 +155,24 @@ def run(job_id: int) -> str:
         # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
         # inside it when deployments shorten the lease.
         heartbeat_s=settings.HEARTBEAT_S,
-        on_start=lambda pid: Job.objects.filter(pk=job.pk).update(worker_pid=pid),
+        on_start=recorder.on_start,
     )
     recorder.flush_metrics()
-    return record_outcome(job, outcome, workdir)
+    result = record_outcome(job, outcome, workdir)
+    if result != "superseded":
+        _cores_freed(job)
+    return result
+
+
+def _cores_freed(job: Job) -> None:
+    """This job's cores are free again: wake the scheduler if jobs of the family wait.
+    Otherwise they would wait for the periodic dispatch (DISPATCH_EVERY_S), which
+    caps a busy host at slots / DISPATCH_EVERY_S short jobs a second. Kicks coalesce
+    (kick_dispatch), and with nothing pending this costs one indexed EXISTS."""
+    from jobs.services import kick_dispatch
+
+    if Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists():
+        kick_dispatch()
 
 
 def record_outcome(job: Job, outcome, workdir: Path) -> str:
@@ -133,7 +183,10 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
     # The check up front skips registering outputs; `mine` in every conditional
     # UPDATE below closes the race with a preemption landing right after it.
     mine = {"host_id": job.host_id, "attempts": job.attempts}
-    if not Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).exists():
+    # One read serves both the "still ours?" check and the failure paths below.
+    fresh = Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).values(
+        "cancel_requested", "attempts", "max_attempts").first()
+    if fresh is None:
         log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
                  job.pk, job.attempts)
         return "superseded"
@@ -151,7 +204,6 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
                                  message=f"recording outputs failed: {exc}", extra_filter=mine)
             return "failed"
         return "succeeded"
-    fresh = Job.objects.filter(pk=job.pk).values("cancel_requested", "attempts", "max_attempts").first() or {}
     if status == "cancelled" or fresh.get("cancel_requested"):
         states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
         return "cancelled"

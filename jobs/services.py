@@ -225,7 +225,10 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
             _finish_as_cache_hit(job, cache_hit)
         else:
             transaction.on_commit(kick_dispatch)
-    job.refresh_from_db()
+    if cache_hit is not None:
+        # Only a cache hit changed the row after create(); otherwise the instance
+        # already holds what was inserted (one query less per submit).
+        job.refresh_from_db()
     return job
 
 

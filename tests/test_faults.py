@@ -180,6 +180,10 @@ def headers(job: Job) -> int:
     return sum(chunk.count("=== attempt ") for chunk in JobLogChunk.objects.filter(job=job).values_list("text", flat=True))
 
 
+def log_text(job: Job) -> str:
+    return "".join(JobLogChunk.objects.filter(job=job).order_by("offset").values_list("text", flat=True))
+
+
 def event_kinds(job: Job) -> list[str]:
     return list(JobEvent.objects.filter(job=job).order_by("at", "id").values_list("kind", flat=True))
 
@@ -357,6 +361,12 @@ def test_a_job_that_crashes_every_time_stops_after_its_maximum_attempts(cast, ma
     assert list(JobAttempt.objects.filter(job=job).order_by("number").values_list("outcome", flat=True)) == [
         "requeued", "requeued", S.FAILED]
     assert event_kinds(job).count("retry") == 2
+    # Each attempt's log: its header, then what the child printed (after it, not over it).
+    text = log_text(job)
+    assert [text.index(f"=== attempt {n} ") for n in (1, 2, 3)] == sorted(text.index(f"=== attempt {n} ") for n in (1, 2, 3))
+    assert text.count("about to crash via exit") == 3
+    assert text.rindex("about to crash via exit") > text.index("=== attempt 3 ")
+    assert Job.objects.get(pk=job.pk).log_bytes == len(text.encode())
     assert not CoreAllocation.objects.exists()
 
 

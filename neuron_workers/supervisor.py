@@ -80,7 +80,10 @@ UNKILLABLE_GIVE_UP_S = 60.0
 # before being forwarded anyway, so the live log does not look frozen.
 PARTIAL_LINE_HOLD_S = 1.0
 
-DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "transformers", "neuron_workers.backends.cpu")
+# Entries are modules to import, or "module:function" to import and call (a warm-up
+# whose effects every forked job inherits; see neuron_workers.zygote_warmup).
+DEFAULT_PRELOAD: tuple[str, ...] = ("torch", "transformers", "neuron_workers.backends.cpu",
+                                    "neuron_workers.zygote_warmup:warm_up")
 PRELOAD_ENV = "NEURONDECK_ZYGOTE_PRELOAD"
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -450,7 +453,8 @@ def default_zygote() -> Zygote:
     """This process's zygote (created lazily; a forked process gets its own).
 
     Preloads ``DEFAULT_PRELOAD`` unless ``NEURONDECK_ZYGOTE_PRELOAD`` (comma
-    separated module names, may be empty) says otherwise.
+    separated module names or ``module:function`` warm-ups, may be empty) says
+    otherwise.
     """
     global _default_zygote
     with _default_zygote_lock:
@@ -544,7 +548,10 @@ def _zygote_main(fd: int) -> None:
 
     for module in ["neuron_workers.runner", *hello["preload"]]:
         try:
-            importlib.import_module(module)
+            name, _, function = module.partition(":")
+            imported = importlib.import_module(name)
+            if function:
+                getattr(imported, function)()
         except BaseException as exc:  # noqa: BLE001 - a missing optional module must not kill the zygote
             errors.append(f"{module}: {type(exc).__name__}: {exc}")
     # Move the preloaded heap out of the collector's reach: a GC pass in a child

@@ -58,6 +58,7 @@ django.setup()
 import psycopg  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.cache import cache  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 from django.test import Client  # noqa: E402
@@ -418,12 +419,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
 
+ONLY: set[str] = set()  # --only: measure just these pages (quicker iterations)
+COLD = False  # --cold: empty Django's cache before every timed request (a first render after a fold)
+
+
 def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -> dict[str, dict]:
     """p50 / p95 latency and the query count of each page (after 3 warm-up requests)."""
     results: dict[str, dict] = {}
     clients: dict[int, Client] = {}
     targets = pages_to_measure()
     for name, (url, user) in {**targets, **(extra or {})}.items():
+        if ONLY and name not in ONLY:
+            continue
         try:
             resolve(url.split("?")[0])
         except Resolver404:
@@ -441,6 +448,8 @@ def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -
             client.get(url)
         times, counts, slowest = [], [], []
         for _ in range(requests):
+            if COLD:
+                cache.clear()
             with CaptureQueriesContext(connection) as ctx:
                 t0 = time.perf_counter()
                 response = client.get(url)
@@ -475,7 +484,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=30, help="timed requests per page")
     parser.add_argument("--reuse", action="store_true", help="measure the filled database from an earlier run")
+    parser.add_argument("--only", default="", help="comma-separated page names to measure (e.g. site_usage)")
+    parser.add_argument("--cold", action="store_true",
+                        help="clear Django's cache before each timed request (roll-up reads uncached)")
     args = parser.parse_args()
+    ONLY.update(n for n in args.only.split(",") if n)
+    global COLD
+    COLD = args.cold
 
     log(f"empty baseline database {DB_EMPTY}")
     recreate(DB_EMPTY)
@@ -518,6 +533,8 @@ def main() -> None:
     print(f"{'page':<24} {'p50 ms':>8} {'p95 ms':>8} {'queries':>8} {'p95 empty':>10} {'q empty':>8}  url")
     for name in [*PAGES, *extra_pages(pages_to_measure())]:
         f, e = filled.get(name, {}), empty.get(name, {})
+        if ONLY and name not in ONLY:
+            continue
         if "missing" in f or "missing" in e:
             if name in PAGES:
                 report[name] = {"missing": f.get("missing") or e.get("missing")}

@@ -14,6 +14,7 @@ API and the Plotly figures (jobs.charts_usage) are all made from these tables, s
 the numbers cannot drift apart."""
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,12 +24,14 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
 from jobs import usage
-from jobs.models import Family, Host, Job, JobUsage, Kind, Team, TeamQuota, UsageDaily, UsageSiteDaily, UsageTeamDay
+from jobs.models import (Family, Host, Job, JobUsage, Kind, Team, TeamQuota, UsageDaily, UsageRollupState,
+                         UsageSiteDaily, UsageTeamDay)
 from jobs.usage import Contribution, Price, Totals
 from jobs.usage_rollup import LiveUsage, live_usage, prices
 
@@ -126,9 +129,51 @@ class Report:
 
 # --- reading the roll-ups -----------------------------------------------------------
 
-def _sums(qs: QuerySet, *keys: str) -> dict[tuple, Totals]:
+ROLLUP_CACHE_S = 600  # an upper bound only: the next fold changes the version, which retires the entries
+
+
+def rollup_version() -> str | None:
+    """A stamp that changes whenever the roll-ups may have changed, or None (do not
+    cache). Roll-up rows are written only by jobs.usage_rollup.fold, in the same
+    transaction that updates the UsageRollupState row; PostgreSQL gives every new
+    version of that row a new xmin (transaction ids are never reused, even after a
+    rollback), so (xmin, cutoff) identifies one state of the roll-ups. A cached
+    read keyed by it is therefore invalidated by the next fold — legitimate, not
+    stale. Rows written some other way (a test inserting roll-up rows directly
+    after a fold, a manual repair) are not seen until the next fold; without a
+    fold (cutoff None) nothing is cached."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT xmin::text, cutoff FROM {UsageRollupState._meta.db_table} WHERE id = 1")
+        row = cursor.fetchone()
+    if row is None or row[1] is None:
+        return None
+    return f"{row[0]}:{row[1].isoformat()}"
+
+
+def _cached(version: str | None, what: str, qs: QuerySet, compute: Callable[[], object]):
+    """compute(), cached under (version, what, the query's SQL) when version is set.
+    The cache hands back copies (it pickles), so callers may mutate the result."""
+    if version is None:
+        return compute()
+    sql, params = qs.query.sql_with_params()
+    key = "usage:" + hashlib.sha1(f"{version}|{what}|{sql}|{params!r}".encode()).hexdigest()
+    value = cache.get(key)
+    if value is None:
+        value = compute()
+        cache.set(key, value, ROLLUP_CACHE_S)
+    return value
+
+
+def _sums(qs: QuerySet, *keys: str, version: str | None = None) -> dict[tuple, Totals]:
     """Totals of `qs` grouped by `keys`, summed in the database (rows come back as
-    tuples: a quarter of a busy team is a few thousand groups)."""
+    tuples: a quarter of a busy team is a few thousand groups); cached per roll-up
+    version when one is given."""
+    return _cached(version, f"sums:{keys}", qs, lambda: _sums_uncached(qs, *keys))
+
+
+def _sums_uncached(qs: QuerySet, *keys: str) -> dict[tuple, Totals]:
     names = [f"s_{f}" for f in usage.NUMERIC_FIELDS]
     rows = (qs.values(*keys).annotate(**{n: Sum(f) for n, f in zip(names, usage.NUMERIC_FIELDS)})
             .order_by().values_list(*keys, *names))
@@ -136,7 +181,12 @@ def _sums(qs: QuerySet, *keys: str) -> dict[tuple, Totals]:
     return {row[:n]: Totals(*row[n:]) for row in rows}
 
 
-def _sketches_by_kind(qs: QuerySet) -> dict[str, dict[str, int]]:
+def _sketches_by_kind(qs: QuerySet, version: str | None = None) -> dict[str, dict[str, int]]:
+    """The wait sketches of `qs` merged per kind (cached per roll-up version when given)."""
+    return _cached(version, "sketches", qs, lambda: _sketches_by_kind_uncached(qs))
+
+
+def _sketches_by_kind_uncached(qs: QuerySet) -> dict[str, dict[str, int]]:
     """The wait sketches of `qs` merged per kind. On PostgreSQL the merge happens in
     the database (jsonb_each), so a quarter of a busy team is one small result;
     elsewhere (SQLite) the sketches are merged here."""
@@ -161,7 +211,7 @@ def _span(first: date, last: date, today: date) -> tuple[date, date]:
 
 
 def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str | None,
-          label: Callable[[object], str]) -> tuple[dict, dict, dict]:
+          label: Callable[[object], str], version: str | None = None) -> tuple[dict, dict, dict]:
     """by_day (span), by_group_day and by_kind (range, with sketches) of a roll-up:
     one pass grouped by (day, kind) — a few hundred rows — one by (group, day) when
     the group is not the kind, and one for the sketches."""
@@ -169,7 +219,8 @@ def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str |
     by_day: dict[date, Totals] = {}
     by_group_day: dict[tuple[str, date], Totals] = {}
     by_kind: dict[str, Totals] = {}
-    for (day, kind), totals in _sums(qs.filter(day__gte=span_first, day__lte=span_last), "day", "kind").items():
+    for (day, kind), totals in _sums(qs.filter(day__gte=span_first, day__lte=span_last), "day", "kind",
+                                version=version).items():
         by_day.setdefault(day, Totals()).add(totals)
         if first <= day <= last:
             by_kind.setdefault(kind, Totals()).add(totals)
@@ -177,9 +228,9 @@ def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str |
                 by_group_day[(label(kind), day)] = totals
     in_range = qs.filter(day__gte=first, day__lte=last)
     if group_field and group_field != "kind":
-        for (value, day), totals in _sums(in_range, group_field, "day").items():
+        for (value, day), totals in _sums(in_range, group_field, "day", version=version).items():
             by_group_day.setdefault((label(value), day), Totals()).add(totals)
-    for kind, sketch in _sketches_by_kind(in_range).items():
+    for kind, sketch in _sketches_by_kind(in_range, version).items():
         by_kind.setdefault(kind, Totals()).wait_sketch = sketch
     return by_day, by_group_day, by_kind
 
@@ -212,6 +263,7 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
     tz = usage.zone(team.time_zone)
     today = usage.local_day(now, tz)
     table = prices()
+    version = rollup_version()
     live = live_usage(team_id=team.pk, now=now, price_table=table)
     names: dict[int, str] = {}
     if group_by == "user":
@@ -221,12 +273,13 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
         names = dict(get_user_model().objects.filter(pk__in=ids).values_list("pk", "username")) if ids else {}
     label = _labeller(group_by, names)
     field_name = _GROUP_FIELD.get(group_by, "kind")
-    by_day, by_group_day, by_kind = _read(UsageDaily.objects.filter(team=team), first, last, today, field_name, label)
+    by_day, by_group_day, by_kind = _read(UsageDaily.objects.filter(team=team), first, last, today, field_name, label,
+                                          version)
     _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
               lambda c: label(getattr(c.dims, field_name)))
     budget = TeamQuota.objects.filter(team=team).values_list("monthly_core_hours", flat=True).first()
     return Report("team", team, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
-                  budget, _top_jobs(live, first, last, team=team), table)
+                  budget, _top_jobs(live, first, last, team=team, version=version), table)
 
 
 # --- site --------------------------------------------------------------------------
@@ -239,29 +292,30 @@ def site_report(range_name: str, first: date, last: date, *, now: datetime | Non
     tz = usage.zone(settings.TIME_ZONE)
     today = usage.local_day(now, tz)
     table = prices()
+    version = rollup_version()
     live = live_usage(now=now, price_table=table)
     field_name = "family" if group_by == "family" else "kind"
     label = _labeller(field_name, {})
     by_day, by_group_day, by_kind = _read(UsageSiteDaily.objects.all(), first, last, today,
-                                          None if group_by == "team" else field_name, label)
+                                          None if group_by == "team" else field_name, label, version)
     _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
               None if group_by == "team" else (lambda c: label(getattr(c.dims, field_name))))
     budget = TeamQuota.objects.aggregate(s=Sum("monthly_core_hours"))["s"]
     in_range = [c for c in live.contributions if first <= c.day <= last]
-    shares = _team_shares(first, last, in_range)
+    shares = _team_shares(first, last, in_range, version)
     report = Report("site", None, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
-                    budget, _top_jobs(live, first, last, team=None), table, team_shares=shares,
+                    budget, _top_jobs(live, first, last, team=None, version=version), table, team_shares=shares,
                     capacity_cores=_capacity_cores())
     if group_by == "team":
-        report.by_group_day = _team_daily(report, shares[:TOP_TEAMS_STACKED], in_range)
+        report.by_group_day = _team_daily(report, shares[:TOP_TEAMS_STACKED], in_range, version)
     return report
 
 
-def _team_shares(first: date, last: date, live: list[Contribution]) -> list[TeamShare]:
+def _team_shares(first: date, last: date, live: list[Contribution], version: str | None = None) -> list[TeamShare]:
     """Every team with usage in the range, most NeuronCore-hours first (summed in
     the database over UsageTeamDay, plus one query for the teams)."""
     per_team = {k[0]: t for k, t in _sums(UsageTeamDay.objects.filter(day__gte=first, day__lte=last),
-                                          "team_id").items()}
+                                          "team_id", version=version).items()}
     for c in live:
         per_team.setdefault(c.dims.team_id, Totals()).add(c.totals)
     teams = Team.objects.in_bulk(list(per_team))
@@ -270,12 +324,13 @@ def _team_shares(first: date, last: date, live: list[Contribution]) -> list[Team
     return shares
 
 
-def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution]) -> dict[tuple[str, date], Totals]:
+def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution],
+                version: str | None = None) -> dict[tuple[str, date], Totals]:
     """(team, day) totals of the top teams, and of all other teams together."""
     slugs = {s.team.pk: s.team.slug for s in top}
     out: dict[tuple[str, date], Totals] = {}
     rows = _sums(UsageTeamDay.objects.filter(team_id__in=list(slugs), day__gte=report.first, day__lte=report.last),
-                 "team_id", "day")
+                 "team_id", "day", version=version)
     for (team_id, day), totals in rows.items():
         out[(slugs[team_id], day)] = totals
     for c in live:
@@ -300,16 +355,17 @@ def _capacity_cores() -> int:
 
 # --- top jobs ----------------------------------------------------------------------
 
-def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None) -> list[TopJob]:
+def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None,
+              version: str | None = None) -> list[TopJob]:
     """The most expensive jobs whose latest usage falls in the range, with their
     whole cost (folded + live). Two queries: the folded top, and the jobs (the
     folded part of the live jobs came with the live attempts)."""
     folded = JobUsage.objects.filter(day__gte=first, day__lte=last, core_seconds__gt=0)
     if team is not None:
         folded = folded.filter(team=team)
-    candidates: dict[int, tuple[date, Totals]] = {}
-    for u in folded.order_by("-cost_usd", "-job_id")[:TOP_JOBS]:
-        candidates[u.job_id] = (u.day, _job_totals(u))
+    folded = folded.order_by("-cost_usd", "-job_id")[:TOP_JOBS]
+    candidates: dict[int, tuple[date, Totals]] = dict(
+        _cached(version, "top_jobs", folded, lambda: [(u.job_id, (u.day, _job_totals(u))) for u in folded]))
     live_days: dict[int, date] = {}
     for c in live.contributions:
         if c.job_id in live.job_totals:

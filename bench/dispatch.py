@@ -291,12 +291,16 @@ def celery_phase(args) -> dict:
     started = time.time()
     for _ in range(args.probe_burst):
         app.send_task("bench.probe", args=[burst_key], queue=queue)
+    send_s = time.time() - started
     while client.llen(burst_key) < args.probe_burst:
         time.sleep(0.005)
-    last = max(float(s) for s in client.lrange(burst_key, 0, -1))
+    stamps = sorted(float(s) for s in client.lrange(burst_key, 0, -1))
+    last = stamps[-1]
+    gaps = sorted(((b - a) * 1000, i) for i, (a, b) in enumerate(zip(stamps, stamps[1:])))[-3:]
+    log(f"probe burst: largest gaps between completions (ms, index): {[(round(g, 1), i) for g, i in gaps]}")
     client.delete(key, burst_key)
     return {"celery_roundtrip_p50_ms": percentile(trips, 50), "celery_roundtrip_p95_ms": percentile(trips, 95),
-            "celery_tasks_per_s": args.probe_burst / (last - started)}
+            "celery_tasks_per_s": args.probe_burst / (last - started), "celery_burst_send_s": send_s}
 
 
 def latency_phase(api: Api, args) -> dict:

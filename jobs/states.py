@@ -125,7 +125,7 @@ def mark_queued_many(placements: list[tuple[int, int, int, str]]) -> set[int]:
         return set()
     _check([S.PENDING], S.QUEUED)
     by_id = {p[0]: p for p in placements}
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # inside dispatch's transaction: see transition()
         moving = set(Job.objects.select_for_update().filter(pk__in=list(by_id), status=S.PENDING)
                      .values_list("pk", flat=True))
         if not moving:

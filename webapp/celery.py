@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.signals import worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 
@@ -26,3 +27,20 @@ def _beat_schedule() -> dict:
 
 
 app.conf.beat_schedule = _beat_schedule()
+
+
+# Celery 5.5 with the threads pool (what host workers use) acknowledges a message in
+# the pool thread, and nothing wakes the worker's event loop afterwards: once the
+# prefetch window was full, the loop sleeps until its next timer (seconds) before
+# fetching again (celery/celery#6941). Measured on bench/dispatch.py: ~6 s stalls in
+# a burst of bare tasks, and the same stall holds back job starts. A no-op timer
+# every WAKE_THREADS_POOL_S bounds that wait, for ~100 cheap wake-ups a second.
+WAKE_THREADS_POOL_S = 0.01
+
+
+@worker_ready.connect
+def _wake_threads_pool_loop(sender=None, **_kwargs) -> None:
+    from celery.concurrency.thread import TaskPool
+
+    if isinstance(getattr(sender, "pool", None), TaskPool) and getattr(sender, "timer", None) is not None:
+        sender.timer.call_repeatedly(WAKE_THREADS_POOL_S, lambda: None)

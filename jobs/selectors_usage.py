@@ -267,8 +267,9 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
     live = live_usage(team_id=team.pk, now=now, price_table=table)
     names: dict[int, str] = {}
     if group_by == "user":
-        ids = set(UsageDaily.objects.filter(team=team, day__gte=first, day__lte=last)
-                  .values_list("user_id", flat=True).distinct()) | {c.dims.user_id for c in live.contributions}
+        users = UsageDaily.objects.filter(team=team, day__gte=first, day__lte=last).values_list(
+            "user_id", flat=True).distinct()
+        ids = set(_cached(version, "users", users, lambda: list(users))) | {c.dims.user_id for c in live.contributions}
         ids.discard(None)
         names = dict(get_user_model().objects.filter(pk__in=ids).values_list("pk", "username")) if ids else {}
     label = _labeller(group_by, names)

@@ -544,3 +544,17 @@ def test_the_rollup_task_folds_and_a_concurrent_fold_is_skipped(history, frozen)
     result = rollup_usage_task()
     assert result["skipped"] is False and result["pieces"] > 0
     assert UsageRollupState.objects.get(pk=1).cutoff == NOW - FOLD_DELAY
+
+
+def test_a_fold_retires_the_cached_rollup_reads_so_the_page_never_loses_folded_usage(history, frozen):
+    fold(NOW)
+    client = _client(history.alice)
+    params = {**RANGE, "format": "csv", "table": "summary"}
+    before = float(_csv(client.get("/teams/vision/usage/", params))[0]["allocated_core_hours"])
+    host = Host.objects.get(name="trn-a")
+    job = _job(history.vision, history.bob, "compile", "trn1", 2, NOW - timedelta(hours=2), "succeeded",
+               finished=NOW - timedelta(minutes=6))
+    _attempt(job, 1, host, NOW - timedelta(hours=1, minutes=6), NOW - timedelta(minutes=6), "succeeded")
+    fold(NOW)  # the new hour moves from the live part into the roll-ups: a stale cache would drop it
+    after = float(_csv(client.get("/teams/vision/usage/", params))[0]["allocated_core_hours"])
+    assert after == pytest.approx(before + 2.0, abs=1e-3)

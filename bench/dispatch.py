@@ -29,97 +29,34 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-PY = sys.executable
-DB_NAME = "neurondeck_bench_dispatch"
-PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-HOST = "bench-host"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import (  # noqa: E402
+    Bench, Processes, exclusive_run, free_port, log, percentile, seed_team, start_heartbeat, start_workers,
+    wait_finished, PY,
+)
+
+BENCH = Bench(db_name="neurondeck_bench_dispatch", redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+              host="bench-host", workdir=Path())
 REPORT_KEYS = ("submit_to_running_p50_ms", "submit_to_running_p95_ms", "submit_to_finished_p50_ms",
                "jobs_per_s", "celery_roundtrip_p50_ms", "celery_tasks_per_s")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- the system under test ------------------------------------------------------------
 
-def environment(storage: Path, args) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=f"{PG}/{DB_NAME}", REDIS_URL=REDIS_URL, CELERY_BROKER_URL=REDIS_URL,
-        STORAGE_ROOT=str(storage), NEURONDECK_HOST=HOST, PYTHONPATH=str(ROOT), DJANGO_SETTINGS_MODULE="webapp.settings",
-        DEBUG="0", SECRET_KEY="bench-" + uuid.uuid4().hex, LOG_LEVEL="WARNING",
-        DISPATCH_EVERY_S="2", REAP_EVERY_S="15",
-    )
-    return env
-
-
-def create_database() -> None:
-    import psycopg
-
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB_NAME}")
-
-
-def drop_database() -> None:
-    import psycopg
-
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-
-
-def seed(storage: Path, slots: int) -> dict:
-    """A team with room for the burst, a member with a token, the cpu host, the tiny model."""
-    from django.contrib.auth import get_user_model
-    from django.utils import timezone
-
-    from jobs.models import Host, Role, TeamQuota
-    from jobs.services import membership_set, model_register, team_create
+def seed(slots: int) -> dict:
+    """The bench team, host and tiny model (bench.harness.seed_team) and an API token."""
     from jobs.tokens import token_create
-    from jobs.uploads import model_meta
-    from neuron_workers.backends.tinymodel import create_tiny_model
 
-    user = get_user_model().objects.create_user("bench", "bench@example.com", "bench-password")
-    team = team_create(slug="bench", name="Bench")
-    membership_set(team=team, user=user, role=Role.MEMBER)
-    TeamQuota.objects.filter(team=team).update(max_pending=1_000_000, monthly_core_hours=1e9)
-    team.family_quotas.filter(family="cpu").update(guaranteed_cores=slots, borrow_limit=0)
-    Host.objects.create(name=HOST, family="cpu", core_ids=list(range(slots)), backend="cpu",
-                        memory_bytes=8 << 30, last_heartbeat=timezone.now())
-    model_dir = create_tiny_model(storage / "models" / "bench" / "tiny")
-    model = model_register(team=team, user=user, name="tiny-gpt", path=model_dir, meta=model_meta(model_dir))
+    _, user, model = seed_team(slots, BENCH.host)
     raw, _ = token_create(user=user, name="bench")
     return {"token": raw, "model": model.pk}
 
@@ -156,56 +93,11 @@ def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
     return totals
 
 
-def heartbeat_host(stop: threading.Event, every_s: float = 5.0) -> None:
-    """Do the host agent's one job that matters here: keep the host online (the reaper
-    marks a host offline when its heartbeat is older than HOST_OFFLINE_AFTER_S)."""
-    from django.db import connection
-    from django.utils import timezone
-
-    from jobs.models import Host
-
-    try:
-        while not stop.wait(every_s):
-            Host.objects.filter(name=HOST).update(last_heartbeat=timezone.now(), state=Host.State.ONLINE)
-    finally:
-        connection.close()
-
-
-class Processes:
-    """The started services; stop() ends exactly these (by their process groups)."""
-
-    def __init__(self, logdir: Path, env: dict[str, str]):
-        self.logdir, self.env = logdir, env
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
-        out = open(self.logdir / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 def start_system(procs: Processes, port: int, args) -> None:
-    celery = [PY, "-m", "celery", "-A", "webapp", "worker", "--without-gossip", "--without-mingle",
-              "--without-heartbeat", "--loglevel", "WARNING"]
+    """gunicorn (as in webapp/Procfile), the scheduler and the host worker (with the probe)."""
     procs.start("web", [PY, "-m", "gunicorn", "webapp.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(args.web_workers),
                         "--threads", str(args.web_threads), "--log-level", "warning"])
-    procs.start("scheduler", [*celery, "-Q", "scheduler", "-B", "--pool", "solo", "-n", "bench-scheduler@%h",
-                              "--schedule", str(procs.logdir / "beat-schedule")])
-    procs.start("worker", [*celery, "-Q", f"host.{HOST}", "--pool", "threads", "-c", str(args.slots),
-                           "-n", "bench-worker@%h", "--include", "bench.celery_probe"])
+    start_workers(procs, BENCH.host, args.slots, "--include", "bench.celery_probe")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -255,31 +147,14 @@ class Api:
         return json.loads(data)["id"], submitted
 
 
-def wait_finished(ids: list[int], timeout: float, interval: float = 0.01) -> dict[int, tuple]:
-    """Poll the database until every job is finished; {id: (status, started_at, finished_at, created_at)}."""
-    from jobs.models import Job
-
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = {pk: (st, s, f, c) for pk, st, s, f, c in Job.objects.filter(pk__in=ids).values_list(
-            "pk", "status", "started_at", "finished_at", "created_at")}
-        if all(rows[pk][0] in Job.FINISHED for pk in ids):
-            return rows
-        if time.monotonic() > deadline:
-            stuck = {pk: f"{st}: {reason}" for pk, st, reason in Job.objects.filter(pk__in=ids).exclude(
-                status__in=Job.FINISHED).values_list("pk", "status", "reason")}
-            raise RuntimeError(f"{len(stuck)} jobs did not finish in {timeout} s: {dict(list(stuck.items())[:10])}")
-        time.sleep(interval)
-
-
 def celery_phase(args) -> dict:
     """The bare Celery baseline: sequential round trips, then a burst."""
     import redis
 
     from webapp.celery import app
 
-    client = redis.Redis.from_url(REDIS_URL)
-    queue = f"host.{HOST}"
+    client = redis.Redis.from_url(BENCH.redis_url)
+    queue = f"host.{BENCH.host}"
     key = f"bench:probe:{uuid.uuid4().hex}"
     trips = []
     for _ in range(args.probes):
@@ -361,51 +236,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def exclusive_run() -> object:
-    """Hold a machine-wide lock for the whole run: a second run at the same time would
-    flush the same Redis db and drop the same database under this one."""
-    import fcntl
-
-    handle = open(Path(tempfile.gettempdir()) / "neurondeck-bench-dispatch.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log("another bench/dispatch.py run is in progress; waiting for it to finish")
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    lock = exclusive_run()  # noqa: F841 - held until the process exits
-    workdir = Path(tempfile.mkdtemp(prefix="nd-bench-dispatch-"))
-    storage = workdir / "storage"
-    env = environment(storage, args)
-    os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STORAGE_ROOT",
-                                           "DJANGO_SETTINGS_MODULE", "SECRET_KEY", "DEBUG", "LOG_LEVEL")})
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    create_database()
-    procs = Processes(workdir, env)
-    stack = ExitStack()
+    lock = exclusive_run("bench-dispatch")  # noqa: F841 - held until the process exits
+    BENCH.workdir = Path(tempfile.mkdtemp(prefix="nd-bench-dispatch-"))
+    env = BENCH.environment()
+    BENCH.setup(env)
+    procs = Processes(BENCH.workdir, env)
+    beating = None
     try:
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
-        fixture = seed(storage, args.slots)
-        beating = threading.Event()
-        stack.callback(beating.set)
-        threading.Thread(target=heartbeat_host, args=(beating,), daemon=True).start()
+        fixture = seed(args.slots)
+        beating = start_heartbeat(BENCH.host)
         port = free_port()
         start_system(procs, port, args)
         api = Api(port, fixture["token"], fixture["model"])
         # Workers log at WARNING (no per-task lines), so "ready" is proven by the
         # warm-up jobs: they need the web, the scheduler and the host worker.
-        log(f"system started (logs in {workdir}); warming up")
+        log(f"system started (logs in {BENCH.workdir}); warming up")
         warm = [api.submit()[0] for _ in range(args.slots)]
         wait_finished(warm, 180)  # the worker's zygote preloads torch on first use
         report = {}
@@ -427,15 +274,12 @@ def main(argv=None) -> dict:
         print(json.dumps(report))
         return report
     finally:
-        stack.close()
+        if beating is not None:
+            beating.set()
         procs.stop()
-        from django.db import connections
-
-        connections.close_all()
-        drop_database()
-        redis.Redis.from_url(REDIS_URL).flushdb()
+        BENCH.teardown()
         if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(BENCH.workdir, ignore_errors=True)
 
 
 def print_table(report: dict) -> None:

@@ -1,0 +1,211 @@
+"""What the benchmarks share: a throw-away database, a Redis db, the services they
+start, the host heartbeat and small statistics helpers.
+
+Each benchmark owns one PostgreSQL database (created and dropped around the run)
+and one Redis db (flushed before and after), and holds a machine-wide lock so two
+runs of the same benchmark never flush or drop each other's state.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+# Variables this process needs for Django to point at the bench's own state.
+DJANGO_ENV = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STORAGE_ROOT", "DJANGO_SETTINGS_MODULE",
+              "SECRET_KEY", "DEBUG", "LOG_LEVEL")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def exclusive_run(name: str):
+    """Hold a machine-wide lock named `name` until the process exits (returns the handle)."""
+    handle = open(Path(tempfile.gettempdir()) / f"neurondeck-{name}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another {name} run is in progress; waiting for it to finish")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+@dataclass
+class Bench:
+    """One benchmark's private state: database, Redis db, storage, host name."""
+
+    db_name: str
+    redis_url: str
+    host: str
+    workdir: Path
+
+    @property
+    def storage(self) -> Path:
+        return self.workdir / "storage"
+
+    def environment(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=f"{PG}/{self.db_name}", REDIS_URL=self.redis_url, CELERY_BROKER_URL=self.redis_url,
+            STORAGE_ROOT=str(self.storage), NEURONDECK_HOST=self.host, PYTHONPATH=str(ROOT),
+            DJANGO_SETTINGS_MODULE="webapp.settings", DEBUG="0", SECRET_KEY="bench-" + uuid.uuid4().hex,
+            LOG_LEVEL="WARNING", DISPATCH_EVERY_S="2", REAP_EVERY_S="15",
+        )
+        env.update(extra)
+        return env
+
+    def setup(self, env: dict[str, str]) -> None:
+        """Fresh database and Redis db; Django set up and migrated in this process."""
+        import psycopg
+        import redis
+
+        os.environ.update({k: env[k] for k in DJANGO_ENV})
+        redis.Redis.from_url(self.redis_url).flushdb()
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {self.db_name}")
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+
+    def teardown(self) -> None:
+        import psycopg
+        import redis
+        from django.db import connections
+
+        connections.close_all()
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")
+        redis.Redis.from_url(self.redis_url).flushdb()
+
+
+def seed_team(slots: int, host: str) -> tuple:
+    """A member of team "bench" (room for any burst), a cpu Host with `slots` cores and
+    the tiny model. Returns (team, user, model)."""
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from jobs.models import Host, Role, TeamQuota
+    from jobs.services import membership_set, model_register, team_create
+    from jobs.uploads import model_meta
+    from neuron_workers.backends.tinymodel import create_tiny_model
+
+    user = get_user_model().objects.create_user("bench", "bench@example.com", "bench-password")
+    team = team_create(slug="bench", name="Bench")
+    membership_set(team=team, user=user, role=Role.MEMBER)
+    TeamQuota.objects.filter(team=team).update(max_pending=1_000_000, monthly_core_hours=1e9)
+    team.family_quotas.filter(family="cpu").update(guaranteed_cores=slots, borrow_limit=0)
+    Host.objects.create(name=host, family="cpu", core_ids=list(range(slots)), backend="cpu",
+                        memory_bytes=8 << 30, last_heartbeat=timezone.now())
+    model_dir = create_tiny_model(Path(settings.STORAGE_ROOT) / "models" / "bench" / "tiny")
+    model = model_register(team=team, user=user, name="tiny-gpt", path=model_dir, meta=model_meta(model_dir))
+    return team, user, model
+
+
+def heartbeat_host(stop: threading.Event, host: str, every_s: float = 5.0) -> None:
+    """Do the host agent's one job that matters here: keep the host online (the reaper
+    marks a host offline when its heartbeat is older than HOST_OFFLINE_AFTER_S)."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from jobs.models import Host
+
+    try:
+        while not stop.wait(every_s):
+            Host.objects.filter(name=host).update(last_heartbeat=timezone.now(), state=Host.State.ONLINE)
+    finally:
+        connection.close()
+
+
+def start_heartbeat(host: str) -> threading.Event:
+    """Heartbeat `host` from a daemon thread until the returned event is set."""
+    stop = threading.Event()
+    threading.Thread(target=heartbeat_host, args=(stop, host), daemon=True).start()
+    return stop
+
+
+class Processes:
+    """The started services; stop() ends exactly these (by their process groups)."""
+
+    def __init__(self, logdir: Path, env: dict[str, str]):
+        self.logdir, self.env = logdir, env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+        out = open(self.logdir / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+CELERY = [PY, "-m", "celery", "-A", "webapp", "worker", "--without-gossip", "--without-mingle",
+          "--without-heartbeat", "--loglevel", "WARNING"]
+
+
+def start_workers(procs: Processes, host: str, slots: int, *extra: str) -> None:
+    """A scheduler worker with beat (as in webapp/Procfile) and the host's job worker."""
+    procs.start("scheduler", [*CELERY, "-Q", "scheduler", "-B", "--pool", "solo", "-n", "bench-scheduler@%h",
+                              "--schedule", str(procs.logdir / "beat-schedule")])
+    procs.start("worker", [*CELERY, "-Q", f"host.{host}", "--pool", "threads", "-c", str(slots),
+                           "-n", "bench-worker@%h", *extra])
+
+
+def wait_finished(ids: list[int], timeout: float, interval: float = 0.01) -> dict[int, tuple]:
+    """Poll the database until every job is finished; {id: (status, started_at, finished_at, created_at)}."""
+    from jobs.models import Job
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {pk: (st, s, f, c) for pk, st, s, f, c in Job.objects.filter(pk__in=ids).values_list(
+            "pk", "status", "started_at", "finished_at", "created_at")}
+        if all(rows[pk][0] in Job.FINISHED for pk in ids):
+            return rows
+        if time.monotonic() > deadline:
+            stuck = {pk: f"{st}: {reason}" for pk, st, reason in Job.objects.filter(pk__in=ids).exclude(
+                status__in=Job.FINISHED).values_list("pk", "status", "reason")}
+            raise RuntimeError(f"{len(stuck)} jobs did not finish in {timeout} s: {dict(list(stuck.items())[:10])}")
+        time.sleep(interval)

@@ -40,8 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (  # noqa: E402
-    Bench, Processes, exclusive_run, free_port, log, percentile, seed_team, start_heartbeat, start_workers,
-    wait_finished, PY,
+    PY, Bench, Processes, cpu_seconds, exclusive_run, free_port, log, percentile, seed_team, start_heartbeat,
+    start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_dispatch", redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
@@ -59,38 +59,6 @@ def seed(slots: int) -> dict:
     _, user, model = seed_team(slots, BENCH.host)
     raw, _ = token_create(user=user, name="bench")
     return {"token": raw, "model": model.pk}
-
-
-def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
-    """CPU time (user+sys, own + reaped children) per service: the live processes of each
-    process group in `groups`, plus every postgres and redis-server process. Job
-    children are reaped by the worker's zygote: "job processes" is the zygote's
-    group-mates and everything they reaped, "worker" the Celery process alone."""
-    tick = os.sysconf("SC_CLK_TCK")
-    totals = {name: 0.0 for name in [*groups, "job processes", "postgres", "redis", "bench client"]}
-    by_pgid = {pgid: name for name, pgid in groups.items()}
-    worker = groups.get("worker")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                head, tail = fh.read().rsplit(b")", 1)
-        except OSError:
-            continue
-        comm, fields = head.split(b"(", 1)[1], tail.split()
-        pgid, used = int(fields[2]), sum(int(x) for x in fields[11:15]) / tick
-        if pgid == worker and int(entry) != worker:
-            totals["job processes"] += used  # the zygote, its spares and the jobs it reaped
-        elif pgid in by_pgid:
-            totals[by_pgid[pgid]] += used
-        elif comm.startswith(b"postgres"):
-            totals["postgres"] += used
-        elif comm.startswith(b"redis-server"):
-            totals["redis"] += used
-        elif int(entry) == os.getpid():
-            totals["bench client"] += used
-    return totals
 
 
 def start_system(procs: Processes, port: int, args) -> None:
@@ -199,7 +167,7 @@ def latency_phase(api: Api, args) -> dict:
 def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
     """Many jobs submitted at once by several client threads: end-to-end jobs/s, and
     the CPU each service spent per job (where the time goes)."""
-    cpu_before = cpu_seconds(groups)
+    cpu_before = cpu_seconds(groups, BENCH.db_name)
     with ThreadPoolExecutor(args.clients) as pool:
         submitted = list(pool.map(lambda _: api.submit(), range(args.burst_jobs)))
     submit_done = time.time()
@@ -212,7 +180,7 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
         raise RuntimeError(f"{len(failed)} burst jobs did not succeed, e.g. {failed[:5]}")
     last = max(r[2].timestamp() for r in rows.values())
     at = dict(submitted)
-    cpu_after = cpu_seconds(groups)
+    cpu_after = cpu_seconds(groups, BENCH.db_name)
     per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": (cpu_after[name] - cpu_before[name]) * 1000 / len(submitted)
                for name in cpu_before}
     return {**per_job,"jobs_per_s": len(submitted) / (last - first), "burst_submits_per_s": len(submitted) / (submit_done - first),

@@ -156,6 +156,50 @@ def start_heartbeat(host: str) -> threading.Event:
     return stop
 
 
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def cpu_seconds(groups: dict[str, int], db_name: str) -> dict[str, float]:
+    """CPU time (user+sys, own + reaped children) per service: the live processes of each
+    process group in `groups`, the PostgreSQL backends serving `db_name` (other
+    databases on the server are someone else's work; the server's own background
+    processes are not counted) and the redis-server (shared: all its clients). Job
+    children are reaped by the worker's zygote: "job processes" is the zygote's
+    group-mates and everything they reaped, "worker" the Celery process alone."""
+    postgres_title = f" {db_name} ".encode()
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {name: 0.0 for name in [*groups, "job processes", "postgres", "redis", "bench client"]}
+    by_pgid = {pgid: name for name, pgid in groups.items()}
+    worker = groups.get("worker")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                head, tail = fh.read().rsplit(b")", 1)
+        except OSError:
+            continue
+        comm, fields = head.split(b"(", 1)[1], tail.split()
+        pgid, used = int(fields[2]), sum(int(x) for x in fields[11:15]) / tick
+        if pgid == worker and int(entry) != worker:
+            totals["job processes"] += used  # the zygote, its spares and the jobs it reaped
+        elif pgid in by_pgid:
+            totals[by_pgid[pgid]] += used
+        elif comm.startswith(b"postgres"):
+            if postgres_title in _cmdline(entry):  # "postgres: 15/main: user db host(port) state"
+                totals["postgres"] += used
+        elif comm.startswith(b"redis-server"):
+            totals["redis"] += used
+        elif int(entry) == os.getpid():
+            totals["bench client"] += used
+    return totals
+
+
 class Processes:
     """The started services; stop() ends exactly these (by their process groups)."""
 

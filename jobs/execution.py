@@ -116,7 +116,9 @@ class JobRecorder:
         if not isinstance(step, int):
             return
         for name, value in row.items():
-            if name != "step" and isinstance(value, (int, float)):
+            # "ts" is when the runner wrote the line, not a measurement: storing it
+            # would make every training step cost one more row.
+            if name not in ("step", "ts") and isinstance(value, (int, float)):
                 self.metrics.append(JobMetric(job_id=self.job_id, step=step, name=name[:40], value=float(value)))
         if len(self.metrics) >= 200:
             self.flush_metrics()

@@ -34,8 +34,9 @@ def read_texts(path: Path, fmt: str) -> list[str]:
     return texts
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
+def _jsonl_field(path: Path, field: str) -> list[str]:
+    """The string `field` of every non-blank JSONL line; a bad line is bad input naming it."""
+    values = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -44,11 +45,14 @@ def _jsonl_texts(path: Path) -> list[str]:
                 row = json.loads(line)
             except ValueError as exc:
                 raise JobFailed("bad_input", f"{path.name} line {number} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise JobFailed("bad_input", f"{path.name} line {number} has no string field 'text'")
-            if row["text"].strip():
-                texts.append(row["text"])
-    return texts
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise JobFailed("bad_input", f"{path.name} line {number} has no string field '{field}'")
+            values.append(row[field])
+    return values
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    return [text for text in _jsonl_field(path, "text") if text.strip()]
 
 
 def _csv_texts(path: Path) -> list[str]:
@@ -111,18 +115,7 @@ def read_prompts(ctx: JobContext) -> list[str]:
 
 
 def _jsonl_prompts(path: Path) -> list[str]:
-    prompts = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise JobFailed("bad_input", f"{path.name} line {number} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise JobFailed("bad_input", f"{path.name} line {number} has no string field 'prompt'")
-            prompts.append(row["prompt"])
+    prompts = _jsonl_field(path, "prompt")
     if not prompts:
         raise JobFailed("bad_input", f"prompts file {path.name} has no prompts")
     return prompts

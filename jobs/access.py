@@ -25,11 +25,27 @@ def teams_of(user) -> QuerySet[Team]:
 def role_in(user, team: Team) -> str | None:
     if user.is_staff:
         return Role.MANAGER
+    known = getattr(team, "_caller_role", None)
+    if known is not None and known[0] == user.pk:
+        return known[1]
     return Membership.objects.filter(team=team, user=user).values_list("role", flat=True).first()
 
 
 def get_team(user, slug: str) -> Team:
-    team = teams_of(user).filter(slug=slug).first()
+    """The team `slug` if `user` belongs to it (staff: any team), else a 404.
+
+    One query: the caller's membership with its team. The returned instance keeps
+    the caller's role, so role_in / require_role on it (the API checks the role,
+    then job_submit checks it again) need no further query within the request."""
+    if not user.is_authenticated:
+        raise Http404("No such team")
+    if user.is_staff:
+        team = Team.objects.filter(slug=slug).first()
+    else:
+        membership = Membership.objects.filter(user=user, team__slug=slug).select_related("team").first()
+        team = membership.team if membership else None
+        if team is not None:
+            team._caller_role = (user.pk, membership.role)
     if team is None:
         raise Http404("No such team")
     return team

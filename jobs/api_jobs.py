@@ -90,18 +90,24 @@ class JobSummaryOut(Schema):
     failure: str | None
 
 
-class JobOut(JobSummaryOut):
+class JobSubmitOut(JobSummaryOut):
+    """What POST /jobs answers: the job as created (summary, validated spec, limits).
+    Its timeline, artifacts and queue position are in the full document at `url`."""
+
     max_runtime_s: int
     spec: dict[str, Any]
     result: dict[str, Any]
-    artifacts: list[ArtifactOut]
-    output_model: ModelRef | None
     attempts: int
     max_attempts: int
     cancel_requested: bool
+    logs_url: str
+
+
+class JobOut(JobSubmitOut):
+    artifacts: list[ArtifactOut]
+    output_model: ModelRef | None
     queue_position: int | None
     events: list[EventOut]
-    logs_url: str
 
 
 class JobPage(Schema):
@@ -273,6 +279,19 @@ def _model_ref(model: ModelAsset) -> dict[str, Any]:
     return {"id": model.pk, "name": model.name, "version": model.version, "format": model.format}
 
 
+def job_submitted(job: Job) -> dict[str, Any]:
+    """The submit answer (JobSubmitOut): only what the job row holds, so a job just
+    created (team and user in hand, no host yet) costs no query. The full document
+    adds the timeline, artifacts and queue position, which cost several queries
+    (the queue position orders the family's whole pending queue) — a burst of
+    submits would pay them for every job."""
+    return {
+        **job_summary(job), "max_runtime_s": job.max_runtime_s, "spec": job.spec, "result": job.result or {},
+        "attempts": job.attempts, "max_attempts": job.max_attempts, "cancel_requested": job.cancel_requested,
+        "logs_url": reverse("api:job_logs", kwargs={"job_id": job.pk}),
+    }
+
+
 def job_document(job: Job) -> dict[str, Any]:
     """The full job: summary + spec, result, artifacts, timeline and queue position."""
     artifacts = [{"name": a.name, "size_bytes": a.size_bytes, "is_dir": a.is_dir,
@@ -281,11 +300,9 @@ def job_document(job: Job) -> dict[str, Any]:
     events = [{"at": e.at, "kind": e.kind, "message": e.message, "actor": e.actor.username if e.actor else None}
               for e in selectors.job_events(job)]
     return {
-        **job_summary(job), "max_runtime_s": job.max_runtime_s, "spec": job.spec, "result": job.result or {},
-        "artifacts": artifacts, "output_model": _model_ref(job.output_model) if job.output_model else None,
-        "attempts": job.attempts, "max_attempts": job.max_attempts, "cancel_requested": job.cancel_requested,
+        **job_submitted(job), "artifacts": artifacts,
+        "output_model": _model_ref(job.output_model) if job.output_model else None,
         "queue_position": selectors.queue_position(job), "events": events,
-        "logs_url": reverse("api:job_logs", kwargs={"job_id": job.pk}),
     }
 
 
@@ -408,11 +425,12 @@ def _submit_target(user, data) -> tuple[Team, str] | JsonResponse:
     return team, kind
 
 
-@router.post("/jobs", response={201: JobOut, 409: ErrorOut, 413: ErrorOut, **ERRORS}, openapi_extra=SUBMIT_BODY,
+@router.post("/jobs", response={201: JobSubmitOut, 409: ErrorOut, 413: ErrorOut, **ERRORS}, openapi_extra=SUBMIT_BODY,
              summary="Submit a job")
 def submit_job(request: HttpRequest):
     """Validate with the HTML form of the kind, check the team's hard limits, and
-    create a pending job (the scheduler places it). 201 with the job document."""
+    create a pending job (the scheduler places it). 201 with the job as created;
+    GET its `url` for the timeline, artifacts and queue position."""
     parsed = _submission(request)
     if isinstance(parsed, JsonResponse):
         return parsed
@@ -435,7 +453,7 @@ def submit_job(request: HttpRequest):
         status = 409 if exc.status == 400 and exc.code in CONFLICT_CODES else exc.status
         return _error(status, exc.message, code=exc.code, field=exc.field,
                       errors={exc.field: [exc.message]} if exc.field else None)
-    return Status(201, job_document(access.get_job(request.auth, job.pk)))
+    return Status(201, job_submitted(job))
 
 
 @router.get("/jobs", response={200: JobPage, **ERRORS}, summary="List jobs")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from datetime import timedelta
 from importlib import metadata
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs import access, states, storage
@@ -173,7 +174,8 @@ def compile_cache_key(model: ModelAsset, spec: dict, family: str) -> str:
 
 
 def _check_capacity(family: str, cores: int) -> None:
-    hosts = [HostSlots(h.pk, h.name, h.family, tuple(h.core_ids)) for h in Host.objects.filter(family=family)]
+    hosts = [HostSlots(pk, name, fam, tuple(core_ids)) for pk, name, fam, core_ids
+             in Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids")]
     largest = largest_request(hosts, family)
     if cores > largest:
         if not hosts:
@@ -183,12 +185,61 @@ def _check_capacity(family: str, cores: int) -> None:
                             "cores")
 
 
+# What a submit reads once the team's quota row is locked, in one round trip:
+# the team's pending jobs, the kind's priority (admin override), and an upper
+# bound of the NeuronCore-seconds the team used this month — the roll-up's days of
+# the month plus the *whole* span of every attempt the fold may not have reached
+# yet (the exact measure, jobs.selectors_teams.core_hours_by_team, counts only the
+# unfolded part of those attempts within the month, so it is never larger).
+_SUBMIT_SNAPSHOT_SQL = """
+SELECT
+  (SELECT COUNT(*) FROM jobs_job WHERE team_id = %(team)s AND status = %(pending)s),
+  (SELECT priority FROM jobs_kindpriority WHERE kind = %(kind)s),
+  (SELECT COALESCE(SUM(core_seconds), 0) FROM jobs_usageteamday WHERE team_id = %(team)s AND day >= %(month)s),
+  (SELECT COALESCE(SUM(cores * GREATEST(EXTRACT(EPOCH FROM LEAST(COALESCE(ended_at, %(now)s), %(now)s) - started_at),
+                                        0)), 0)::float8
+     FROM jobs_jobattempt
+    WHERE team_id = %(team)s AND started_at < %(now)s
+      AND (ended_at IS NULL OR ended_at > COALESCE((SELECT cutoff FROM jobs_usagerollupstate WHERE id = 1),
+                                                    '-infinity'::timestamptz) - %(lag)s))
+"""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    pending: int
+    priority: int
+    core_hours_bound: float  # >= the exact core_hours_this_month
+
+
+def _submit_snapshot(team: Team, kind: str) -> _Snapshot:
+    """Read after the quota lock is held: in READ COMMITTED each statement sees what
+    was committed before it started, so the pending count includes every job a
+    concurrent submit of this team committed before releasing the lock."""
+    from jobs.usage import local_day, zone
+    from jobs.usage_rollup import LAG
+
+    if connection.vendor != "postgresql":  # SQLite, the single-machine default: plain queries
+        return _Snapshot(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), kind_priority(kind),
+                         core_hours_this_month(team.pk))
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(_SUBMIT_SNAPSHOT_SQL, {
+            "team": team.pk, "pending": Job.Status.PENDING, "kind": kind, "now": now, "lag": LAG,
+            "month": local_day(now, zone(team.time_zone)).replace(day=1),
+        })
+        pending, priority, folded_s, unfolded_bound_s = cursor.fetchone()
+    priority = priority if priority is not None else DEFAULT_KIND_PRIORITY.get(kind, 0)
+    return _Snapshot(pending, priority, (float(folded_s) + unfolded_bound_s) / 3600.0)
+
+
 def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     """Create a pending job from a valid form, or raise SubmitRefused.
 
-    The team row is locked for the check-and-insert, so concurrent submissions of
-    the same team are serialized and cannot together exceed max_pending or the
-    budget (PostgreSQL: SELECT … FOR UPDATE; SQLite: IMMEDIATE transactions)."""
+    The team's quota row is locked for the check-and-insert, so concurrent
+    submissions of the same team are serialized and cannot together exceed
+    max_pending or the budget (PostgreSQL: SELECT … FOR UPDATE; SQLite: IMMEDIATE
+    transactions)."""
     try:
         access.require_role(user, team, Role.MEMBER)
     except access.Forbidden as exc:
@@ -204,19 +255,24 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
 
     with transaction.atomic():
         quota = TeamQuota.objects.select_for_update().get(team=team)
-        Team.objects.select_for_update().filter(pk=team.pk).first()
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
+        snap = _submit_snapshot(team, kind)
+        # The bound decides alone when it is under the budget (then so is the exact
+        # use); only a team near its budget pays for the exact measure.
+        used = snap.core_hours_bound
+        if used >= quota.monthly_core_hours:
+            used = core_hours_this_month(team.pk)
         decision = check_submit(
             team.slug, kind, runtime,
             SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
-            SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), core_hours_this_month(team.pk)),
+            SubmitState(snap.pending, used),
         )
         if not decision.ok:
             raise SubmitRefused(decision.code, decision.sentence,
                                 "max_runtime_s" if decision.code == "runtime_too_long" else None)
         job = Job.objects.create(
             team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
-            priority=kind_priority(kind), model=data.get("model"), dataset=data.get("dataset"),
+            priority=snap.priority, model=data.get("model"), dataset=data.get("dataset"),
             max_runtime_s=runtime, max_attempts=_max_attempts(), reason_code="submitted",
             reason="waiting for the scheduler",
         )

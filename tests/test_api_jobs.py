@@ -92,9 +92,26 @@ def test_an_inference_job_is_created_pending_and_returned_as_a_document(cast, bo
     assert doc["spec"]["prompts"] == ["hello", "world"] and doc["spec"]["model_id"] == tiny_model.pk
     assert (doc["family"], doc["cores"], doc["host"], doc["core_range"]) == ("cpu", 1, None, None)
     assert doc["reason_code"] == "submitted" and doc["reason"] == "waiting for the scheduler"
-    assert doc["queue_position"] == 1 and doc["attempts"] == 0 and doc["max_attempts"] == job.max_attempts
-    assert [(e["kind"], e["actor"]) for e in doc["events"]] == [("pending", "bob")]
-    assert doc["artifacts"] == [] and doc["result"] == {} and doc["started_at"] is None
+    assert doc["attempts"] == 0 and doc["max_attempts"] == job.max_attempts and doc["max_runtime_s"] == job.max_runtime_s
+    assert doc["result"] == {} and doc["started_at"] is None and doc["logs_url"] == f"/api/v1/jobs/{job.pk}/logs"
+    # The submit answer is the job as created; the timeline, artifacts and queue
+    # position (several queries each) are in the full document at its url.
+    assert not {"events", "artifacts", "queue_position", "output_model"} & set(doc)
+    full = bob.get(doc["url"]).json()
+    assert {k: full[k] for k in doc} == doc
+    assert full["queue_position"] == 1 and full["artifacts"] == [] and full["output_model"] is None
+    assert [(e["kind"], e["actor"]) for e in full["events"]] == [("pending", "bob")]
+
+
+def test_a_submit_costs_a_fixed_handful_of_statements(cast, bob, tiny_model, cpu_host):
+    submit(bob, inference_body(tiny_model))  # the token's last_used_at is written (at most once a minute)
+    with CaptureQueriesContext(connection) as queries:
+        submit(bob, inference_body(tiny_model))
+    # token + user, membership + team, the form's model, hosts (capacity), quota lock,
+    # the snapshot (pending count, priority, budget bound), job insert, event insert,
+    # plus the test's savepoint and its release.
+    assert len(queries) == 10, "\n".join(q["sql"][:120] for q in queries.captured_queries)
+    assert not [q for q in queries.captured_queries if "jobs_apitoken" in q["sql"] and "UPDATE" in q["sql"]]
 
 
 def test_a_compile_job_takes_compiler_options_as_a_list_and_stores_them_normalized(cast, bob, tiny_model, cpu_host):
@@ -287,6 +304,7 @@ def test_the_job_list_costs_the_same_number_of_queries_for_3_or_30_jobs(cast, bo
 
     jobs = make_jobs(cast.vision, cast.bob, 3)
     Job.objects.filter(pk=jobs[0].pk).update(host=cpu_host, core_start=0)
+    queries_for_list()  # the token's first use records last_used_at (then at most once a minute)
     few = queries_for_list()
     make_jobs(cast.vision, cast.alice, 27)
     assert queries_for_list() == few
@@ -656,6 +674,26 @@ def test_a_token_is_stored_only_as_its_sha256(cast):
     assert token.last_used_at is not None
 
 
+def test_a_tokens_last_use_is_recorded_at_most_once_a_minute(cast):
+    from datetime import timedelta
+
+    from jobs.tokens import token_create
+
+    raw, token = token_create(user=cast.bob, name="laptop")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert client.get("/api/v1/teams").status_code == 200
+    token.refresh_from_db()
+    first = token.last_used_at
+    assert first is not None
+    assert client.get("/api/v1/teams").status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at == first
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=first - timedelta(seconds=61))
+    assert client.get("/api/v1/teams").status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at > first
+
+
 def test_a_logged_in_session_works_too(cast, client):
     client.force_login(cast.bob)
     assert client.get("/api/v1/jobs").status_code == 200
@@ -688,7 +726,8 @@ def test_the_openapi_schema_documents_every_endpoint_with_schemas(db):
     assert "kind" in submit_body["application/json"]["schema"]["properties"]
     assert "prompts_file" in submit_body["multipart/form-data"]["schema"]["properties"]
     assert paths["/api/v1/jobs"]["post"]["responses"]["201"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/JobOut"}
+        "$ref": "#/components/schemas/JobSubmitOut"}
+    assert {"id", "url", "status", "spec", "logs_url"} <= set(components["JobSubmitOut"]["properties"])
 
 
 def test_the_api_docs_load_their_assets_from_this_server_not_a_cdn(db):

@@ -92,3 +92,33 @@ def test_a_silent_draining_host_keeps_its_drain_and_gives_back_queued_jobs(cast,
     assert cpu_host.state == Host.State.DRAINING
     assert counts["requeued"] == 1 and job.status == Job.Status.PENDING and job.host_id is None
     assert not CoreAllocation.objects.filter(job=job).exists()
+
+
+def test_the_budget_is_judged_by_the_exact_months_use_when_the_quick_bound_is_over_it(cast, tiny_model, cpu_host):
+    """Submit first compares an upper bound of the month's use (whole spans of the
+    attempts the roll-up has not folded) with the budget; a team near its budget gets
+    the exact measure. An attempt that began last month counts only this month's part."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import JobAttempt, TeamQuota
+    from jobs.selectors_teams import core_hours_by_team
+
+    now = timezone.now()
+    old = Job.objects.create(team=cast.vision, user=cast.bob, kind="inference", family="cpu", cores=2,
+                             status=Job.Status.SUCCEEDED, finished_at=now - timedelta(minutes=1))
+    JobAttempt.objects.create(job=old, team=cast.vision, user=cast.bob, kind="inference", family="cpu", host=cpu_host,
+                              number=1, cores=2, started_at=now - timedelta(days=40),
+                              ended_at=now - timedelta(minutes=1), outcome="succeeded")
+    exact = core_hours_by_team([cast.vision.pk])[cast.vision.pk]
+    assert exact < 2 * 31 * 24 < 2 * 40 * 24 - 1  # only this month's part of the 40 days
+
+    TeamQuota.objects.filter(team=cast.vision).update(monthly_core_hours=exact + 0.5)
+    assert submit_inference(cast.vision, cast.bob, tiny_model).status == Job.Status.PENDING
+
+    TeamQuota.objects.filter(team=cast.vision).update(monthly_core_hours=exact)
+    with pytest.raises(SubmitRefused) as exc:
+        submit_inference(cast.vision, cast.bob, tiny_model)
+    assert exc.value.code == "budget_exhausted"
+    assert exc.value.message.startswith(f"team vision has used {exact:.1f} of its {exact:g} NeuronCore-hours")

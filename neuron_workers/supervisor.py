@@ -282,10 +282,16 @@ class Zygote:
     """
 
     def __init__(
-        self, preload: Sequence[str] = DEFAULT_PRELOAD, *, spares: int = 1, start_timeout_s: float = 300.0
+        self,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        *,
+        spares: int = 1,
+        start_timeout_s: float = 300.0,
+        model_cache: bool = True,
     ) -> None:
         self.preload = tuple(preload)
         self.spares = spares
+        self.model_cache = model_cache
         self.start_timeout_s = start_timeout_s
         self.owner_pid = os.getpid()
         self.info: dict[str, Any] = {}
@@ -324,7 +330,8 @@ class Zygote:
             theirs.close()
         self._sock = ours
         sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-        hello = {"sys_path": sys_path, "preload": list(self.preload), "spares": self.spares}
+        hello = {"sys_path": sys_path, "preload": list(self.preload), "spares": self.spares,
+                 "model_cache": self.model_cache}
         ours.send(json.dumps(hello).encode())
         ours.settimeout(self.start_timeout_s)
         try:
@@ -558,7 +565,8 @@ def _zygote_main(fd: int) -> None:
     # would otherwise write to every object header and copy most pages (COW).
     gc.collect()
     gc.freeze()
-    server = _ZygoteServer(ctrl, _EnvironSlot.find(TAG_VAR), spares=int(hello.get("spares", 1)))
+    server = _ZygoteServer(ctrl, _EnvironSlot.find(TAG_VAR), spares=int(hello.get("spares", 1)),
+                           model_cache=bool(hello.get("model_cache", True)))
     ctrl.send(
         json.dumps(
             {
@@ -585,11 +593,20 @@ class _ZygoteServer:
 
     Every job child is our child, so we reap it (SIGCHLD wakes the loop through
     a wakeup pipe) and send its wait status on the job's status socket.
+
+    Model cache (``model_cache``): before handing a job to a child, the job's
+    backend may load what the job needs into this process (a model and its
+    tokenizer, ``Backend.zygote_preload``), so the child inherits it copy-on-write
+    instead of loading it: ~20 ms of a ~30 ms tiny inference job. Spares forked
+    before a load do not have it, so they are retired when the cache changes and
+    the job is forked directly. A job never depends on this: its backend looks
+    the cache up by path + file signature and loads for itself on a miss.
     """
 
-    def __init__(self, ctrl: socket.socket, slot: _EnvironSlot | None, spares: int) -> None:
+    def __init__(self, ctrl: socket.socket, slot: _EnvironSlot | None, spares: int, model_cache: bool = True) -> None:
         self.ctrl = ctrl
         self.slot = slot
+        self.model_cache = model_cache
         self.spares_wanted = max(0, spares)
         self.jobs: dict[int, socket.socket] = {}  # job pid -> status socket
         self.spares: dict[int, socket.socket] = {}  # idle pid -> its request socket
@@ -618,6 +635,9 @@ class _ZygoteServer:
             self._refill()
 
     def _start_job(self, msg: bytes, status_sock: socket.socket) -> None:
+        request = json.loads(msg)
+        if self.model_cache and request.get("warm") and self._warm(request["warm"]):
+            self._retire_spares()  # forked before the load: they lack it
         while self.spares:
             pid, spare_sock = self.spares.popitem()
             try:
@@ -630,8 +650,40 @@ class _ZygoteServer:
             return
         pid = self._fork()
         if pid == 0:
-            _zygote_child(json.loads(msg), status_sock, self.slot)
+            _zygote_child(request, status_sock, self.slot)
         self.jobs[pid] = status_sock
+
+    def _warm(self, warm: dict) -> bool:
+        """Let the job's backend preload into our caches; True if anything changed."""
+        import gc
+
+        from neuron_workers.runner import resolve_backend
+
+        threads = _native_threads()
+        try:
+            backend = resolve_backend(str(warm["backend"]))
+            preload = getattr(backend, "zygote_preload", None)
+            changed = bool(preload(str(warm["kind"]), dict(warm.get("inputs") or {}))) if preload else False
+        except BaseException as exc:  # noqa: BLE001 - the job loads for itself and reports it
+            print(f"[zygote] preload for a {warm.get('kind')} job failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            changed = True  # maybe half loaded: do not trust the spares
+        if _native_threads() > threads:
+            # Forking with a thread pool running copies its locks in whatever state;
+            # nothing loaded from now on can be trusted to be fork-safe.
+            print("[zygote] a preload started threads; model cache off", file=sys.stderr, flush=True)
+            self.model_cache = False
+        if changed:
+            # As at start-up: keep the collector off the new objects' headers in children.
+            gc.collect()
+            gc.freeze()
+        return changed
+
+    def _retire_spares(self) -> None:
+        """Let idle spares exit (EOF on their request socket); _reap collects them."""
+        for sock in self.spares.values():
+            sock.close()
+        self.spares.clear()
 
     def _refill(self) -> None:
         while len(self.spares) < self.spares_wanted:
@@ -715,6 +767,9 @@ def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot 
         os.environ.clear()
         os.environ.update(env)
         _reseed_forked_rngs()
+        hf = sys.modules.get("neuron_workers.backends.hf")
+        if hf is not None:
+            hf.mark_one_job_process()  # the inherited model cache is ours alone now
         status_sock.sendall(_STATUS.pack(b"P", os.getpid(), 0))
 
         from neuron_workers import runner
@@ -750,6 +805,13 @@ def _redirect_stdio(log_path: str) -> None:
     os.dup2(log_fd, 2)
     os.close(log_fd)
     os.close(null_fd)
+
+
+def _native_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
 
 
 def _reseed_forked_rngs() -> None:
@@ -836,6 +898,10 @@ def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote:
             "workdir": str(workdir),
             "env": env,
             "grace_s": grace_s,
+            # What the zygote may preload for this job (see _ZygoteServer): the
+            # backend decides from the kind and input paths.
+            "warm": {"backend": payload.get("backend"), "kind": payload.get("kind"),
+                     "inputs": payload.get("inputs") or {}},
         }
         try:
             pid, status_sock = zygote.spawn(request)

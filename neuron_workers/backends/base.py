@@ -127,6 +127,18 @@ class Backend:
     def available(cls) -> bool:
         raise NotImplementedError
 
+    @classmethod
+    def zygote_preload(cls, kind: str, inputs: dict) -> bool:
+        """Load what a `kind` job with `inputs` will need into this process's caches.
+
+        Called by the cpu host's zygote (supervisor._ZygoteServer) before it forks
+        the job's child, which then inherits the loaded objects copy-on-write
+        instead of loading them itself. Returns True if a cache changed. Must not
+        start threads (the zygote forks); may raise (the zygote ignores it and the
+        job loads for itself, reporting the problem properly). Default: nothing.
+        """
+        return False
+
     def run(self, ctx: JobContext) -> dict:
         if ctx.kind not in self.KINDS:
             raise JobFailed("bad_input", f"unknown job kind {ctx.kind!r}; expected one of {', '.join(self.KINDS)}")

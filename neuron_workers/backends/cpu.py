@@ -59,6 +59,18 @@ class CpuBackend(Backend):
     def available(cls) -> bool:
         return True
 
+    @classmethod
+    def zygote_preload(cls, kind: str, inputs: dict) -> bool:
+        """Inference and fine-tune jobs on an HF folder: its model and tokenizer
+        (bounded by hf's cache limits). A fine-tune child trains its own
+        copy-on-write copy (hf.owned_hf_model), never the zygote's."""
+        path = inputs.get("model_path")
+        if kind not in ("inference", "finetune") or (inputs.get("model_format") or "hf") != "hf" or not path:
+            return False
+        if not Path(path).is_dir():
+            return False
+        return hf.preload_hf(Path(path))
+
     # ------------------------------------------------------------ compile
 
     def compile(self, ctx: JobContext) -> dict:
@@ -134,8 +146,7 @@ class CpuBackend(Backend):
     def finetune(self, ctx: JobContext) -> dict:
         """AdamW on the packed dataset; checkpoint (+ tokenizer) saved to artifacts/checkpoint."""
         plan = finetune_plan(ctx)
-        model = hf.load_causal_lm(plan["model_path"])
-        tokenizer = hf.load_tokenizer(plan["model_path"])
+        model, tokenizer = hf.owned_hf_model(plan["model_path"])
         blocks, total_steps = prepare_training(ctx, model, tokenizer, plan)
         torch.manual_seed(plan["seed"])
         # Small models train fastest on one thread; for the rest, the job's core

@@ -109,52 +109,196 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 
 # ---------------------------------------------------------------- in-process cache
 
-# Inference jobs on small models are dominated by load time (~10 ms for the tiny
-# model, seconds for real ones), and a host worker runs many of them in a row. We
-# keep a few loaded models keyed by path + file signature so edits invalidate it.
-_CACHE_SIZE = 4
-_cache: OrderedDict[tuple, Any] = OrderedDict()
+# Inference jobs on small models are dominated by load time (~20 ms for the tiny
+# model, seconds for real ones), and a host worker runs many of them in a row.
+# We keep a few loaded models keyed by path + file signature, so an edited model
+# is loaded again. On a cpu host the cache lives in the supervisor's zygote
+# (see preload_hf and supervisor._ZygoteServer): the zygote loads the model a job
+# needs before forking it, so the job child inherits it copy-on-write and loads
+# nothing. Bounded by entries and by bytes of tensors (env, read at import):
+CACHE_ENTRIES_ENV = "NEURONDECK_MODEL_CACHE_ENTRIES"  # default 8 (a model and its tokenizer are 2)
+CACHE_MB_ENV = "NEURONDECK_MODEL_CACHE_MB"  # default 1024; 0 or 0 entries disables caching
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+_cache_entries = _env_int(CACHE_ENTRIES_ENV, 8)
+_cache_bytes = _env_int(CACHE_MB_ENV, 1024) << 20
+_cache: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # key -> (value, bytes)
 _cache_lock = threading.Lock()
+# Bumped whenever an entry is added or dropped: the zygote compares it to know
+# whether its pre-forked spares still hold the same cache.
+_cache_version = 0
+# True in a process that runs exactly one job (a child forked from the zygote):
+# take_owned() may then hand out the cached object itself (see there).
+_one_job_process = False
+
+
+def configure_cache(*, entries: int | None = None, max_bytes: int | None = None) -> None:
+    """Change the bounds (tests); shrinking evicts at once."""
+    global _cache_entries, _cache_bytes
+    with _cache_lock:
+        if entries is not None:
+            _cache_entries = max(0, entries)
+        if max_bytes is not None:
+            _cache_bytes = max(0, max_bytes)
+        _evict_locked()
 
 
 def _signature(path: Path) -> tuple:
-    """(name, size, mtime_ns) of the files directly in `path` (or of `path` itself)."""
-    entries = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in entries)
+    """(name, size, mtime_ns) of the files directly in `path` (or of `path` itself).
+
+    One scandir and one stat per file: the zygote computes this for every job."""
+    try:
+        with os.scandir(path) as entries:
+            stats = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
+    except NotADirectoryError:
+        stats = [(path.name, path.stat())]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def _cache_key(kind: str, path: Path) -> tuple:
+    return (kind, os.path.realpath(path), _signature(path))
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.nn.Module):
+        tensors = [*value.parameters(), *value.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+    return 0
+
+
+def _evict_locked() -> None:
+    global _cache_version
+    while _cache and (len(_cache) > _cache_entries or sum(size for _, size in _cache.values()) > _cache_bytes):
+        _cache.popitem(last=False)
+        _cache_version += 1
 
 
 def cached(kind: str, path: Path, loader: Any) -> Any:
-    """Return loader(path), memoised per (kind, path, file signature); LRU of _CACHE_SIZE.
+    """Return loader(path), memoised per (kind, path, file signature); LRU bounded by
+    entries and tensor bytes (an object larger than the byte bound is not kept).
 
     Only for objects used read-only (eval-mode models under inference_mode, jit
-    modules, tokenizers); training always loads a fresh model.
+    modules, tokenizers); code that mutates a model uses take_owned().
     """
-    key = (kind, str(path.resolve()), _signature(path))
+    global _cache_version
+    key = _cache_key(kind, path)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
-            return _cache[key]
+            return _cache[key][0]
     value = loader(path)
+    size = _tensor_bytes(value)
     with _cache_lock:
-        _cache[key] = value
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+        if _cache_entries and size <= _cache_bytes:
+            # The same file under an older signature is stale: drop it now rather
+            # than let it hold memory until it ages out.
+            for stale in [k for k in _cache if k[:2] == key[:2] and k != key]:
+                del _cache[stale]
+            _cache[key] = (value, size)
+            _cache_version += 1
+            _evict_locked()
     return value
+
+
+def is_cached(kind: str, path: Path) -> bool:
+    """True if `path`'s current files are in the cache as `kind` (tests, diagnostics)."""
+    key = _cache_key(kind, path)
+    with _cache_lock:
+        return key in _cache
+
+
+def cache_info() -> dict:
+    """Entries, tensor bytes and the bounds of the cache."""
+    with _cache_lock:
+        return {"entries": len(_cache), "bytes": sum(size for _, size in _cache.values()),
+                "max_entries": _cache_entries, "max_bytes": _cache_bytes, "version": _cache_version}
 
 
 def clear_cache() -> None:
     """Drop every cached model (tests; memory pressure)."""
+    global _cache_version
     with _cache_lock:
         _cache.clear()
+        _cache_version += 1
+
+
+def mark_one_job_process() -> None:
+    """Called in a job child forked from the zygote: this process runs exactly one
+    job and then exits, so take_owned() may hand over the inherited cached objects."""
+    global _one_job_process
+    _one_job_process = True
+
+
+def take_owned(kind: str, path: Path, loader: Any) -> Any:
+    """An object the caller may mutate (a model to fine-tune): the cached one,
+    removed from the cache, when this process runs only this job; else a fresh load.
+
+    In a job child forked from the zygote the cached object is the child's own
+    copy-on-write copy: training it changes the child's pages, never the zygote's,
+    so the next job forked gets the pristine weights. Removing it from the child's
+    cache means nothing later in the same process can mistake it for the file's
+    contents. Elsewhere (exec mode, an in-process runner) the cache is shared by
+    jobs, so a mutable object is always loaded fresh.
+    """
+    global _cache_version
+    if _one_job_process:
+        key = _cache_key(kind, path)
+        with _cache_lock:
+            entry = _cache.pop(key, None)
+            if entry is not None:
+                _cache_version += 1
+                return entry[0]
+    return loader(path)
+
+
+def _own_storage(model: Any) -> Any:
+    """Copy tensors that still live in the weights file's private mapping (safetensors
+    loads by mmap) into the process's own memory. A cached model must not change,
+    or fault with SIGBUS, when its file is rewritten in place later; the key's new
+    signature makes jobs load the new file, but the old entry may still be in use."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def _load_eval_model(path: Path) -> Any:
-    return load_causal_lm(path).eval()
+    return _own_storage(load_causal_lm(path).eval())
 
 
 def cached_hf_model(path: Path) -> tuple[Any, Any]:
     """(eval model, tokenizer) for an HF folder, from the in-process cache."""
     return cached("hf-model", path, _load_eval_model), cached("tokenizer", path, load_tokenizer)
+
+
+def owned_hf_model(path: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) for an HF folder that the caller may train (see take_owned).
+
+    The model is in eval mode, as from_pretrained returns it; training code calls
+    model.train() itself."""
+    return take_owned("hf-model", path, _load_eval_model), take_owned("tokenizer", path, load_tokenizer)
+
+
+def preload_hf(path: Path) -> bool:
+    """Load `path`'s model and tokenizer into the cache (the zygote, before forking a
+    job that needs them). Returns True if the cache changed.
+
+    Runs torch with one intra-op thread, so loading starts no OpenMP pool threads
+    that the following forks would copy in a held state.
+    """
+    if not _cache_entries or weights_bytes(path) > _cache_bytes:
+        return False  # would not be kept: the job loads it itself, once
+    before = _cache_version
+    with torch_threads(1):
+        cached_hf_model(path)
+    return _cache_version != before
 
 
 # ---------------------------------------------------------------- compiled artifacts
@@ -218,12 +362,16 @@ SMALL_MODEL_BYTES = 20 * 1024 * 1024
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def weights_bytes(path: Path) -> int:
+    """Total size of the weight files at `path` (a folder or one file)."""
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
 def small_model_threads(path: Path) -> int | None:
     """1 if the weight files at `path` (dir or file) total < SMALL_MODEL_BYTES, else None.
 
     Decided from file sizes so it can be applied before loading, which is
     exactly when the thread pool would otherwise start.
     """
-    files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
-    total = sum(p.stat().st_size for p in files if p.is_file())
-    return 1 if total < SMALL_MODEL_BYTES else None
+    return 1 if weights_bytes(path) < SMALL_MODEL_BYTES else None

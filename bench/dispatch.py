@@ -18,7 +18,13 @@ Phases:
            Celery-based dispatch pays.
   latency  jobs one at a time with free capacity: submit→running, submit→finished.
   burst    many jobs submitted at once by several client threads: jobs/s from the
-           first submit to the last finish.
+           first submit to the last finish, and the CPU each service spent per job.
+
+Also reported: submit_statements, the SQL statements (BEGIN and COMMIT included)
+one POST /api/v1/jobs issues, counted in this process with Django's test client.
+`--profile DIR` records each service during the burst with py-spy (flame graphs
+DIR/<service>.svg, or collapsed stacks with --profile-format raw; the worker's
+includes its job processes). Sampling perturbs the CPU figures a little.
 
 The last line is one JSON object (see REPORT_KEYS).
 """
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import signal
+import subprocess
 import json
 import os
 import shutil
@@ -115,6 +123,45 @@ class Api:
         return json.loads(data)["id"], submitted
 
 
+def submit_statements(fixture: dict) -> tuple[int, list[int]]:
+    """(statements, job ids) of one submit through the Django stack in this process."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {fixture['token']}")
+    body = json.dumps({"team": "bench", "kind": "inference", "model": fixture["model"], "prompts": ["Hi"],
+                       "max_new_tokens": 1, "temperature": 0, "family": "cpu", "cores": 1})
+    ids = []
+    for _ in range(2):  # the first also records the token's last use (then at most once a minute)
+        with CaptureQueriesContext(connection) as queries:
+            response = client.post("/api/v1/jobs", data=body, content_type="application/json")
+        if response.status_code != 201:
+            raise RuntimeError(f"submit failed: {response.status_code} {response.content[:500]!r}")
+        ids.append(response.json()["id"])
+    return len(queries), ids
+
+
+def start_profilers(directory: Path, groups: dict[str, int], fmt: str) -> list[subprocess.Popen]:
+    """py-spy on each service's process (and its children) until stop_profilers."""
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = "svg" if fmt == "flamegraph" else "txt"
+    return [subprocess.Popen(["py-spy", "record", "--nonblocking", "--subprocesses", "-r", "100", "-p", str(pid),
+                              "-f", fmt, "-o", str(directory / f"{name}.{suffix}")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in groups.items()]
+
+
+def stop_profilers(profilers: list[subprocess.Popen]) -> None:
+    for proc in profilers:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
+    for proc in profilers:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def celery_phase(args) -> dict:
     """The bare Celery baseline: sequential round trips, then a burst."""
     import redis
@@ -167,20 +214,24 @@ def latency_phase(api: Api, args) -> dict:
 def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
     """Many jobs submitted at once by several client threads: end-to-end jobs/s, and
     the CPU each service spent per job (where the time goes)."""
-    cpu_before = cpu_seconds(groups, BENCH.db_name)
-    with ThreadPoolExecutor(args.clients) as pool:
-        submitted = list(pool.map(lambda _: api.submit(), range(args.burst_jobs)))
-    submit_done = time.time()
-    first = min(t for _, t in submitted)
-    # Timestamps come from the job rows, so polling slowly costs no accuracy and
-    # leaves the CPU to the system under test.
-    rows = wait_finished([pk for pk, _ in submitted], 600, interval=0.5)
+    profilers = start_profilers(Path(args.profile), groups, args.profile_format) if args.profile else []
+    try:
+        cpu_before = cpu_seconds(groups, BENCH.db_name)
+        with ThreadPoolExecutor(args.clients) as pool:
+            submitted = list(pool.map(lambda _: api.submit(), range(args.burst_jobs)))
+        submit_done = time.time()
+        first = min(t for _, t in submitted)
+        # Timestamps come from the job rows, so polling slowly costs no accuracy and
+        # leaves the CPU to the system under test.
+        rows = wait_finished([pk for pk, _ in submitted], 600, interval=0.5)
+        cpu_after = cpu_seconds(groups, BENCH.db_name)
+    finally:
+        stop_profilers(profilers)
     failed = [pk for pk, r in rows.items() if r[0] != "succeeded"]
     if failed:
         raise RuntimeError(f"{len(failed)} burst jobs did not succeed, e.g. {failed[:5]}")
     last = max(r[2].timestamp() for r in rows.values())
     at = dict(submitted)
-    cpu_after = cpu_seconds(groups, BENCH.db_name)
     per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": (cpu_after[name] - cpu_before[name]) * 1000 / len(submitted)
                for name in cpu_before}
     return {**per_job,"jobs_per_s": len(submitted) / (last - first), "burst_submits_per_s": len(submitted) / (submit_done - first),
@@ -201,6 +252,9 @@ def parse_args(argv=None):
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the logs directory")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy profiles of each service during the burst")
+    parser.add_argument("--profile-format", choices=["flamegraph", "raw"], default="flamegraph",
+                        help="flame graph SVGs, or collapsed stacks (text) for scripts")
     return parser.parse_args(argv)
 
 
@@ -222,8 +276,9 @@ def main(argv=None) -> dict:
         # warm-up jobs: they need the web, the scheduler and the host worker.
         log(f"system started (logs in {BENCH.workdir}); warming up")
         warm = [api.submit()[0] for _ in range(args.slots)]
-        wait_finished(warm, 180)  # the worker's zygote preloads torch on first use
-        report = {}
+        statements, counted = submit_statements(fixture)
+        wait_finished([*warm, *counted], 180)  # the worker's zygote preloads torch on first use
+        report = {"submit_statements": statements}
         load_at_start = os.getloadavg()[0]
         log("celery baseline …")
         report.update(celery_phase(args))
@@ -256,6 +311,7 @@ def print_table(report: dict) -> None:
          "target p50 < 50 ms; Ray job API ≈ 800 ms"),
         ("submit→finished p50 / p95", f"{report['submit_to_finished_p50_ms']:.1f} / {report['submit_to_finished_p95_ms']:.1f} ms", ""),
         ("submit request p50", f"{report['submit_request_p50_ms']:.1f} ms", "POST /api/v1/jobs round trip"),
+        ("statements per submit", f"{report['submit_statements']}", "SQL of one POST /api/v1/jobs (with BEGIN/COMMIT)"),
         ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 100; Ray job API ≈ 1.5"),
         ("celery round trip p50", f"{report['celery_roundtrip_p50_ms']:.2f} ms", "bare task, same worker"),
         ("celery tasks/s", f"{report['celery_tasks_per_s']:.0f}", ""),

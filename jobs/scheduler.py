@@ -11,6 +11,8 @@ borrowing jobs, newest first, just enough (jobs.policy.choose_victims)."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +29,7 @@ from jobs.placement import HostSlots, Placement, core_range, place
 from jobs.policy import (
     Borrower, Decision, FamilyState, check_budget, check_dispatch, check_hosts, choose_victims, n_cores, no_room,
 )
+from jobs.selectors_teams import core_hours_by_team
 from jobs.services import stale_cutoff
 
 log = logging.getLogger(__name__)
@@ -51,17 +54,21 @@ def send_run(job_id: int, queue: str) -> None:
         log.warning("could not send job %s to %s (%s); the reaper will re-send it", job_id, queue, exc)
 
 
-def pending_order(jobs: Iterable[T]) -> list[T]:
+def pending_order(jobs: Iterable[T], shares: dict[int, float] | None = None) -> list[T]:
     """`jobs` (anything with pk, team_id, kind, family, cores, created_at) in dispatch
     order: kind priority (KindPriority, admin-adjustable), then fair share (decayed
-    team usage / share, bursts interleaved), then submission order."""
+    team usage / share, bursts interleaved), then submission order. `shares`: the
+    teams' fair-share weights if the caller has read them already."""
     from jobs.selectors_teams import decayed_usage_by_team, kind_priorities, team_shares
 
     jobs = list(jobs)
+    if not jobs:
+        return []
     prio = kind_priorities()
     items = [QueueItem(j.pk, j.team_id, prio.get(j.kind, 0), j.cores, j.family, j.created_at) for j in jobs]
     by_id = {j.pk: j for j in jobs}
-    ordered = fair_order(items, decayed_usage_by_team(), team_shares(), float(settings.FAIRSHARE_QUEUE_CHARGE_S))
+    ordered = fair_order(items, decayed_usage_by_team(), team_shares() if shares is None else shares,
+                         float(settings.FAIRSHARE_QUEUE_CHARGE_S))
     return [by_id[i.job_id] for i in ordered]
 
 
@@ -111,6 +118,12 @@ class Fleet:
         for job_id, b in self.borrowers.items():
             self.borrowers[job_id] = Borrower(b.job_id, b.team_id, b.host_id, tuple(sorted(cores[job_id])), b.since)
 
+    def cores(self) -> int:
+        """Every core that can be running a job now: the hosts' and those still held
+        on hosts this run does not place on (offline, replaying)."""
+        return sum(len(h.core_ids) for h in self.hosts.values()) + sum(
+            len(used) for host_id, used in self.used.items() if host_id not in self.hosts)
+
     def slots(self, family: str) -> list[HostSlots]:
         """The family's hosts as placement sees them (rebuilt only after a change)."""
         if family not in self._slots:
@@ -141,25 +154,100 @@ class Fleet:
         return [b for b in self.borrowers.values() if self.family_of[b.job_id] == family and b.team_id != team_id]
 
 
+# A read of the budget measure is reused for settings.FAIRSHARE_CACHE_S; its figures
+# grow by at most the fleet's cores × (age + this slack) meanwhile (the slack covers
+# an attempt whose start was stamped just before a read but committed after it).
+BUDGET_GROWTH_SLACK_S = 60.0
+
+
+@dataclass(frozen=True)
+class UsageRead:
+    """core_hours_by_team() as read at `at` (time.monotonic()), by a dispatcher
+    that saw `cores` cores in the fleet."""
+
+    hours: dict[int, float]
+    at: float
+    cores: int
+
+
+_budget_lock = threading.Lock()
+_budget_read: UsageRead | None = None
+
+
+def clear_budget_cache() -> None:
+    global _budget_read
+    with _budget_lock:
+        _budget_read = None
+
+
+class BudgetUsage:
+    """This month's NeuronCore-hours per team, as the budget check needs them.
+
+    The exact measure (jobs.selectors_teams.core_hours_by_team) reads every attempt
+    the usage roll-up has not folded yet (the last quarter of an hour), which on a
+    busy fleet is thousands of rows; dispatch runs many times a second under a
+    burst. So one exact read is reused for FAIRSHARE_CACHE_S: meanwhile no team can
+    have used more than that read plus every core of the fleet for the time since,
+    and while that upper bound is below a team's budget the team is certainly
+    within it. A team whose bound reaches its budget is read exactly in the run
+    (as are all teams once the read is too old), so every refusal — and the figure
+    in its sentence — is exact, and no job starts past its team's budget."""
+
+    def __init__(self, fleet_cores: int):
+        self.fleet_cores = fleet_cores
+        self.exact: dict[int, float] = {}  # teams read exactly in this run
+
+    def prepare(self, budgets: dict[int, float], team_ids: Iterable[int]) -> None:
+        """Make hours() answer for `team_ids` (the teams with pending jobs)."""
+        global _budget_read
+        team_ids = {t for t in team_ids if t in budgets}
+        if not team_ids:
+            return
+        now = time.monotonic()
+        with _budget_lock:
+            read = _budget_read
+        ttl = float(settings.FAIRSHARE_CACHE_S)
+        if read is None or now - read.at >= ttl or ttl <= 0:
+            read = UsageRead(core_hours_by_team(), now, self.fleet_cores)
+            with _budget_lock:
+                _budget_read = read
+            self.exact = read.hours
+            return
+        cores = max(read.cores, self.fleet_cores)
+        if cores > read.cores:
+            with _budget_lock:
+                _budget_read = UsageRead(read.hours, read.at, cores)
+        growth = cores * (now - read.at + BUDGET_GROWTH_SLACK_S) / 3600.0
+        near = sorted(t for t in team_ids if read.hours.get(t, 0.0) + growth >= budgets[t])
+        if near:
+            exact = core_hours_by_team(near)
+            self.exact = {t: exact.get(t, 0.0) for t in near}
+        # An upper bound below the budget admits; check_budget never shows it.
+        self.exact.update({t: read.hours.get(t, 0.0) + growth for t in team_ids if t not in self.exact})
+
+    def hours(self, team_id: int) -> float:
+        return self.exact.get(team_id, 0.0)
+
+
 @dataclass
 class Limits:
     """Every team's quotas, read once per dispatch run."""
 
     family: dict[tuple[int, str], tuple[int, int]]  # (team, family) -> (guaranteed, borrow_limit)
     budget: dict[int, float]  # team -> monthly NeuronCore-hours
-    used_hours: dict[int, float]  # team -> NeuronCore-hours used this month
+    shares: dict[int, float]  # team -> fair-share weight
+    usage: BudgetUsage  # team -> NeuronCore-hours used this month (see BudgetUsage)
     slugs: dict[int, str]
 
     @classmethod
-    def load(cls) -> "Limits":
-        from jobs.selectors_teams import core_hours_by_team
-
+    def load(cls, fleet_cores: int) -> "Limits":
+        budget, shares = {}, {}
+        for team_id, hours, share in TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share"):
+            budget[team_id], shares[team_id] = hours, float(share or 1)
         return cls(
             {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
                 "team_id", "family", "guaranteed_cores", "borrow_limit")},
-            dict(TeamQuota.objects.values_list("team_id", "monthly_core_hours")),
-            core_hours_by_team(),
-            {},
+            budget, shares, BudgetUsage(fleet_cores), {},
         )
 
     def slug(self, team_id: int) -> str:
@@ -180,6 +268,12 @@ class Dispatcher:
         # family -> (fleet version, smallest request for which even preempting every
         # borrower could not make room): later jobs as large skip the search.
         self.hopeless: dict[str, tuple[int, int]] = {}
+        # (team, family, cores) -> (fleet version, admission answer): a long queue
+        # is mostly the same few requests, whose answers change only with the fleet.
+        self.answers: dict[tuple[int, str, int], tuple[int, tuple[Decision, list[HostSlots], FamilyState]]] = {}
+        # (team, family, cores) -> (fleet version, reason) of an admitted request
+        # that found no room and no cores to reclaim.
+        self.no_room: dict[tuple[int, str, int], tuple[int, tuple[str, str]]] = {}
 
     def family_state(self, job: PendingRow, slots: list[HostSlots]) -> FamilyState:
         guaranteed, borrow = self.limits.family.get((job.team_id, job.family), (0, 0))
@@ -187,13 +281,23 @@ class Dispatcher:
                            sum(s.free for s in slots if not s.draining), sum(len(s.core_ids) for s in slots))
 
     def admission(self, job: PendingRow) -> tuple[Decision, list[HostSlots], FamilyState]:
-        """May the job start now as far as budget, hosts and quota go?"""
+        """May the job start now as far as budget, hosts and quota go? (The answer
+        depends only on the team, the request and the fleet.)"""
+        key = (job.team_id, job.family, job.cores)
+        known = self.answers.get(key)
+        if known is not None and known[0] == self.fleet.version:
+            return known[1]
+        answer = self._admission(job)
+        self.answers[key] = (self.fleet.version, answer)
+        return answer
+
+    def _admission(self, job: PendingRow) -> tuple[Decision, list[HostSlots], FamilyState]:
         self.limits.slugs.setdefault(job.team_id, job.team_slug)
         slots = self.fleet.slots(job.family)
         fam = self.family_state(job, slots)
         budget = self.limits.budget.get(job.team_id)
         checks = (
-            lambda: check_budget(job.team_slug, self.limits.used_hours.get(job.team_id, 0.0), budget)
+            lambda: check_budget(job.team_slug, self.limits.usage.hours(job.team_id), budget)
             if budget is not None else Decision.admit(),
             lambda: check_hosts(job.family, job.cores, slots),
             lambda: check_dispatch(job.team_slug, job.family, job.cores, fam),
@@ -222,6 +326,11 @@ class Dispatcher:
         if not decision.ok:
             self.reasons[job.pk] = (decision.code, decision.sentence)
             return
+        key, version = (job.team_id, job.family, job.cores), self.fleet.version
+        known = self.no_room.get(key)
+        if known is not None and known[0] == version:
+            self.reasons[job.pk] = known[1]  # the same search on the same fleet: the same answer
+            return
         spot = place(slots, job.family, job.cores)
         if spot is None and not decision.borrowed:
             spot = self.reclaim(job, slots)
@@ -229,6 +338,8 @@ class Dispatcher:
             fam = self.family_state(job, self.fleet.slots(job.family))
             refusal = no_room(job.team_slug, job.family, job.cores, fam)
             self.reasons[job.pk] = (refusal.code, refusal.sentence)
+            if self.fleet.version == version:
+                self.no_room[key] = (version, self.reasons[job.pk])
             return
         self.start(job, spot, decision.borrowed)
 
@@ -318,9 +429,12 @@ def dispatch() -> DispatchReport:
         # A replaying agent's host shows recorded metrics only; it runs nothing.
         hosts = list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
                      .order_by("pk"))
-        dispatcher = Dispatcher(Fleet(hosts), Limits.load())
+        fleet = Fleet(hosts)
+        limits = Limits.load(fleet.cores())
         rows = pending_rows()
-        dispatcher.run(pending_order(rows))
+        limits.usage.prepare(limits.budget, {r.team_id for r in rows})
+        dispatcher = Dispatcher(fleet, limits)
+        dispatcher.run(pending_order(rows, limits.shares))
         dispatcher.commit()
         dispatcher.save_reasons(rows)
         placed = list(dispatcher.placed)

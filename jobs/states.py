@@ -115,40 +115,46 @@ def mark_queued_many(placements: list[tuple[int, int, int, str]]) -> set[int]:
     each. Returns the ids that moved (a job cancelled meanwhile stays as it is).
 
     The dispatcher places hundreds of jobs per run; one transition each would cost
-    five statements per job. Here the still-pending rows are locked first (a cancel
-    racing with us either committed before — the row no longer matches — or waits
-    for our commit and then cancels the queued job, releasing its cores), then moved
-    with one UPDATE, with one JobEvent each in one INSERT."""
+    five statements per job. On PostgreSQL one statement moves the jobs that are
+    still pending and writes their JobEvents: the UPDATE locks each row and re-checks
+    its status under the lock, so a cancel racing with us either committed before
+    (the row no longer matches) or waits for our commit and then cancels the queued
+    job, releasing its cores."""
     from django.db.models import Case, IntegerField, Value, When
 
     if not placements:
         return set()
     _check([S.PENDING], S.QUEUED)
     by_id = {p[0]: p for p in placements}
+    ids = sorted(by_id)
+    now = timezone.now()
+    if connection.vendor == "postgresql":
+        # UPDATE … FROM (VALUES …) (a CASE with hundreds of branches costs more to
+        # compile than to run), the events inserted from its RETURNING.
+        rows = ", ".join(["(%s::bigint, %s::bigint, %s::integer, %s::text)"] * len(ids))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"WITH moved AS (UPDATE {Job._meta.db_table} AS j SET status = %s, queued_at = %s, reason_code = '', "
+                "reason = '', host_id = v.host_id, core_start = v.core_start "
+                f"FROM (VALUES {rows}) AS v(id, host_id, core_start, message) "
+                "WHERE j.id = v.id AND j.status = %s RETURNING j.id, v.message), "
+                f"events AS (INSERT INTO {JobEvent._meta.db_table} (job_id, at, kind, message, data) "
+                "SELECT id, %s, %s, message, '{}'::jsonb FROM moved) "
+                "SELECT id FROM moved",
+                [S.QUEUED, now, *[x for i in ids for x in (i, by_id[i][1], by_id[i][2], by_id[i][3])], S.PENDING,
+                 now, S.QUEUED])
+            return {row[0] for row in cursor.fetchall()}
     with transaction.atomic(savepoint=False):  # inside dispatch's transaction: see transition()
-        moving = set(Job.objects.select_for_update().filter(pk__in=list(by_id), status=S.PENDING)
+        moving = set(Job.objects.select_for_update().filter(pk__in=ids, status=S.PENDING)
                      .values_list("pk", flat=True))
         if not moving:
             return set()
         ids = sorted(moving)
-        now = timezone.now()
-        if connection.vendor == "postgresql":
-            # One UPDATE … FROM (VALUES …): a CASE with hundreds of branches costs more
-            # to compile than to run.
-            rows = ", ".join(["(%s::bigint, %s::bigint, %s::integer)"] * len(ids))
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f"UPDATE {Job._meta.db_table} AS j SET status = %s, queued_at = %s, reason_code = '', reason = '', "
-                    f"host_id = v.host_id, core_start = v.core_start "
-                    f"FROM (VALUES {rows}) AS v(id, host_id, core_start) "
-                    "WHERE j.id = v.id",
-                    [S.QUEUED, now, *[x for i in ids for x in (i, by_id[i][1], by_id[i][2])]])
-        else:
-            Job.objects.filter(pk__in=ids).update(
-                status=S.QUEUED, queued_at=now, reason_code="", reason="",
-                host_id=Case(*[When(pk=i, then=Value(by_id[i][1])) for i in ids], output_field=IntegerField()),
-                core_start=Case(*[When(pk=i, then=Value(by_id[i][2])) for i in ids], output_field=IntegerField()),
-            )
+        Job.objects.filter(pk__in=ids).update(
+            status=S.QUEUED, queued_at=now, reason_code="", reason="",
+            host_id=Case(*[When(pk=i, then=Value(by_id[i][1])) for i in ids], output_field=IntegerField()),
+            core_start=Case(*[When(pk=i, then=Value(by_id[i][2])) for i in ids], output_field=IntegerField()),
+        )
         JobEvent.objects.bulk_create([JobEvent(job_id=i, kind=S.QUEUED, message=by_id[i][3], at=now) for i in ids])
     return moving
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs import execution, scheduler, selectors, states
@@ -27,6 +29,9 @@ def _fresh_usage(settings):
     # The cast's five passwords would otherwise cost seconds of PBKDF2 per test.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     clear_usage_cache()
+    scheduler.clear_budget_cache()
+    yield
+    scheduler.clear_budget_cache()
 
 
 def pending(team, user, *, cores: int = 1, family: str = "cpu", kind: str = "inference", at=None) -> Job:
@@ -122,6 +127,33 @@ def test_budget_exhausted_at_dispatch_keeps_the_job_waiting(cast, cpu_host):
                                                "the job waits until an admin raises the budget or the month ends")
     quota_update(team=cast.vision, values={"monthly_core_hours": 10})
     assert scheduler.dispatch().placed == [job.pk]
+
+
+def test_dispatch_reuses_the_budget_read_while_every_team_is_far_from_its_budget(cast, cpu_host, settings):
+    settings.FAIRSHARE_CACHE_S = 60
+    scheduler.clear_budget_cache()
+    set_family(cast.vision, "cpu", 0)  # the jobs keep waiting: every run has pending jobs to check
+    [pending(cast.vision, cast.bob) for _ in range(3)]
+    scheduler.dispatch()
+    with CaptureQueriesContext(connection) as queries:
+        scheduler.dispatch()
+    # No attempt and no roll-up is read: the usage read a moment ago bounds today's.
+    assert not [q for q in queries.captured_queries if "jobattempt" in q["sql"] or "usageteamday" in q["sql"]]
+
+
+def test_a_team_near_its_budget_is_read_exactly_despite_a_recent_read(cast, cpu_host, settings):
+    settings.FAIRSHARE_CACHE_S = 60
+    scheduler.clear_budget_cache()
+    first = pending(cast.vision, cast.bob)
+    assert scheduler.dispatch().placed == [first.pk]  # reads vision's usage: none
+    # Usage that the growth bound of that read cannot cover (only tests backdate
+    # attempts), and a budget within the bound's reach: the run must read exactly.
+    used_core_hours(cast.vision, cast.bob, 2.0, timedelta(minutes=5))
+    quota_update(team=cast.vision, values={"monthly_core_hours": 0.05})
+    job = pending(cast.vision, cast.bob)
+    scheduler.dispatch()
+    assert reason(job) == ("budget_exhausted", "team vision has used 2.0 of its 0.05 NeuronCore-hours this month; "
+                                               "the job waits until an admin raises the budget or the month ends")
 
 
 def test_host_draining_when_every_large_enough_host_drains(cast, cpu_host):

@@ -414,8 +414,14 @@ def measure(pieces: Sequence[Piece], minutes: Iterable[MinuteRow]) -> list[tuple
 
 def piece_totals(piece: Piece, measurement: tuple[int, float], prices: Mapping[str, Price]) -> Totals:
     """Allocated, measured, used core-seconds and cost of one piece."""
-    core_seconds = piece.core_seconds
-    price = prices.get(piece.dims.instance_type)
+    return allocation_totals(piece.core_seconds, piece.dims.instance_type, measurement, prices)
+
+
+def allocation_totals(core_seconds: float, instance_type: str, measurement: tuple[int, float],
+                      prices: Mapping[str, Price]) -> Totals:
+    """Allocated, measured, used core-seconds and cost of `core_seconds` held on
+    `instance_type`, measured as (per-core minute rows, sum of util_mean)."""
+    price = prices.get(instance_type)
     totals = Totals(core_seconds=core_seconds)
     if price is None:
         totals.unpriced_core_seconds = core_seconds

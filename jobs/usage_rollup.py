@@ -35,8 +35,8 @@ from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from jobs import usage
-from jobs.models import (InstancePrice, Job, JobAttempt, JobUsage, MetricMinute, UsageDaily, UsageRollupState,
-                         UsageSiteDaily, UsageTeamDay)
+from jobs.models import (InstancePrice, Job, JobAttempt, JobUsage, MetricMinute, Team, UsageDaily,
+                         UsageRollupState, UsageSiteDaily, UsageTeamDay)
 from jobs.usage import AttemptRow, Contribution, Dims, MinuteRow, OutcomeRow, Price, Totals
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,155 @@ class LiveUsage:
 
 def live_usage(*, team_id: int | None = None, now: datetime | None = None,
                price_table: dict[str, Price] | None = None) -> LiveUsage:
-    """Everything past the fold's progress, up to now, for one team or all teams:
-    4 queries (watermark, attempts with their jobs' folded totals, minutes,
-    outcomes), whatever the history size."""
+    """Everything past the fold's progress, up to now, for one team or all teams,
+    whatever the history size. On PostgreSQL two queries (the watermark with the
+    teams' time zones, then `_LIVE_SQL`, which plans, splits and measures the
+    unfolded attempts and finds the unfolded outcomes in the database); elsewhere
+    the same through jobs.usage in Python (`live_usage_python`, also the reference
+    the tests hold the SQL to)."""
+    if connection.vendor != "postgresql":
+        return live_usage_python(team_id=team_id, now=now, price_table=price_table)
+    now = now or timezone.now()
+    table = price_table if price_table is not None else prices()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT (SELECT cutoff FROM {UsageRollupState._meta.db_table} WHERE id = 1), "
+                       f"(SELECT array_agg(DISTINCT time_zone) FROM {Team._meta.db_table})")
+        cutoff, zones = cursor.fetchone()
+        since = cutoff - LAG if cutoff else None
+        names = sorted(zones or [])
+        params = {"now": now, "since": since, "team": team_id, "tz_names": names,
+                  "tz_zones": [_pg_zone(name) for name in names]}
+        cursor.execute(_live_sql(since is not None, team_id is not None), params)
+        rows = cursor.fetchall()
+    live = LiveUsage()
+    contribs = live.contributions
+    dims_of: dict[tuple, Dims] = {}
+    for (section, job_id, _, sub, day, team, user, kind, family, instance_type, cores, seconds, samples, util_sum,
+         wait_s, status, folded_day, *folded) in rows:
+        key = (team, user, kind, family, instance_type)
+        dims = dims_of.get(key)
+        if dims is None:
+            dims = dims_of[key] = Dims(*key)
+        if section == 0:  # a piece of an attempt on one local day
+            totals = usage.allocation_totals(cores * seconds, instance_type,
+                                             (int(samples), float(util_sum or 0.0)) if samples else (0, 0.0), table)
+            contribs.append(Contribution(day, dims, totals, job_id))
+            if totals.core_seconds:
+                live.job_totals.setdefault(job_id, Totals()).add(totals)
+                if folded_day is not None:
+                    live.job_folded[job_id] = (folded_day, Totals(*folded))
+        elif section == 1 and sub == 0:  # the first attempt's queue wait
+            contribs.append(Contribution(day, dims, Totals(wait_count=1, wait_sum_s=wait_s,
+                                                           wait_sketch=usage.WaitSketch.add({}, wait_s))))
+        elif section == 1:  # an attempt ended requeued or preempted
+            contribs.append(Contribution(day, dims, Totals(attempts_interrupted=1)))
+        elif section == 2:  # a finished job's outcome
+            contribs.append(Contribution(day, dims, Totals(**{f"jobs_{status}": 1}), job_id))
+        else:  # a job holding cores now
+            live.active_jobs.add(job_id)
+    return live
+
+
+# PostgreSQL reads these zone names as abbreviations (a fixed offset) in AT TIME
+# ZONE; the copies under posix/ are the same zone files under a name it does not.
+_PG_AMBIGUOUS_ZONES = frozenset({"CET", "EET", "MET", "WET"})
+
+
+def _pg_zone(name: str | None) -> str:
+    """The zone PostgreSQL is to use for a team's time_zone: the one jobs.usage.zone
+    picks (UTC for an unknown name)."""
+    key = usage.zone(name).key
+    return f"posix/{key}" if key in _PG_AMBIGUOUS_ZONES else key
+
+
+def _day_start(day: str, zone: str) -> str:
+    """SQL for the instant local midnight starts `day` in `zone`, as jobs.usage.day_start
+    has it: where midnight happens twice (a DST fall-back at 01:00), PostgreSQL takes
+    the later one and Python (fold=0) the earlier, so take the earlier of midnight
+    and an hour after 23:00 the day before."""
+    return (f"least(({day})::timestamp AT TIME ZONE {zone}, "
+            f"((({day})::timestamp - interval '1 hour') AT TIME ZONE {zone}) + interval '1 hour')")
+
+
+def _live_sql(with_since: bool, with_team: bool) -> str:
+    """The live part in one statement, by the rules of jobs.usage.plan_attempts and
+    measure (see live_usage_python): rows (section, job, attempt, sub, day, dims,
+    cores, seconds, minute rows, util sum, wait, status, the job's folded day and
+    totals), ordered as plan_attempts emits them: pieces (0), then each attempt's
+    wait and interruption (1), then outcomes (2), then the jobs holding cores (3)."""
+    since_attempts = "AND (at.ended_at IS NULL OR at.ended_at > %(since)s)" if with_since else ""
+    since_jobs = "AND j.finished_at > %(since)s" if with_since else ""
+    team_attempts = "AND at.team_id = %(team)s" if with_team else ""
+    team_jobs = "AND j.team_id = %(team)s" if with_team else ""
+    attempt, job, team, job_usage = (JobAttempt._meta.db_table, Job._meta.db_table, Team._meta.db_table,
+                                     JobUsage._meta.db_table)
+    statuses = ", ".join(f"'{s}'" for s in usage.FINISHED_STATUSES)
+    interrupted = ", ".join(f"'{s}'" for s in sorted(usage.INTERRUPTED_OUTCOMES))
+    dims = "team_id, user_id, kind, family, it"
+    none = "NULL::float8, NULL::bigint, NULL::float8"
+    return f"""
+WITH tz(name, zone) AS (SELECT * FROM unnest(%(tz_names)s::text[], %(tz_zones)s::text[])),
+a AS MATERIALIZED (
+    SELECT at.job_id, at.number, at.team_id, at.user_id, at.kind, at.family, at.instance_type AS it, at.host_id,
+           at.cores, at.started_at, at.ended_at, at.outcome, j.created_at, coalesce(tz.zone, 'UTC') AS zone,
+           coalesce(u.attempt_folded, 0) AS fn, u.folded_until AS fu, u.day AS u_day,
+           u.core_seconds AS u_cs, u.measured_core_seconds AS u_mcs, u.used_core_seconds AS u_ucs,
+           u.cost_usd AS u_cost, u.idle_cost_usd AS u_idle
+    FROM {attempt} at JOIN {job} j ON j.id = at.job_id JOIN {team} t ON t.id = at.team_id
+         LEFT JOIN tz ON tz.name = t.time_zone LEFT JOIN {job_usage} u ON u.job_id = at.job_id
+    WHERE at.started_at < %(now)s {since_attempts} {team_attempts}
+),
+p AS MATERIALIZED (
+    SELECT q.*, (q.b AT TIME ZONE q.zone)::date AS lb, (q.e AT TIME ZONE q.zone)::date AS le
+    FROM (SELECT a.*, (a.number = a.fn + 1 AND a.fu IS NOT NULL) AS touched,
+                 CASE WHEN a.number = a.fn + 1 AND a.fu IS NOT NULL THEN a.fu ELSE a.started_at END AS b,
+                 least(coalesce(a.ended_at, %(now)s), %(now)s) AS e
+          FROM a WHERE a.number > a.fn) q
+),
+pc AS (
+    SELECT p.*, p.lb AS day, p.b AS ps, p.e AS pe FROM p WHERE p.lb >= p.le
+    UNION ALL
+    SELECT p.*, d.day, CASE WHEN d.day = p.lb THEN p.b ELSE {_day_start("d.day", "p.zone")} END,
+           CASE WHEN d.day = p.le THEN p.e ELSE {_day_start("d.day + 1", "p.zone")} END
+    FROM p, LATERAL unnest(ARRAY(SELECT p.lb + i FROM generate_series(0, p.le - p.lb) i)) d(day)
+    WHERE p.lb < p.le
+),
+latest AS (SELECT DISTINCT ON (job_id) job_id, it FROM p ORDER BY job_id, number DESC)
+SELECT 0 AS section, pc.job_id, pc.number, 0 AS sub, pc.day, {dims}, pc.cores,
+       extract(epoch FROM pc.pe - pc.ps)::float8, m.n, m.s, NULL::float8, NULL::text,
+       u_day, u_cs, u_mcs, u_ucs, u_cost, u_idle
+FROM pc, LATERAL (SELECT count(*) AS n, sum(mm.util_mean) AS s FROM {MetricMinute._meta.db_table} mm
+                  WHERE mm.job_id = pc.job_id AND mm.minute >= pc.ps - interval '30 seconds'
+                        AND mm.minute < pc.pe - interval '30 seconds' AND mm.host_id = pc.host_id
+                        AND mm.core >= 0) m
+WHERE pc.pe > pc.ps
+UNION ALL
+SELECT 1, job_id, number, 0, (started_at AT TIME ZONE zone)::date, {dims}, cores, {none},
+       greatest(extract(epoch FROM started_at - created_at), 0)::float8, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM p WHERE number = 1 AND NOT touched
+UNION ALL
+SELECT 1, job_id, number, 1, (ended_at AT TIME ZONE zone)::date, {dims}, cores, {none},
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM p WHERE ended_at <= %(now)s AND outcome IN ({interrupted})
+UNION ALL
+SELECT 2, j.id, 0, 0, (j.finished_at AT TIME ZONE coalesce(tz.zone, 'UTC'))::date, j.team_id, j.user_id, j.kind,
+       j.family, coalesce(latest.it, u.instance_type, ''), 0, {none}, NULL, j.status,
+       NULL, NULL, NULL, NULL, NULL, NULL
+FROM {job} j JOIN {team} t ON t.id = j.team_id LEFT JOIN tz ON tz.name = t.time_zone
+     LEFT JOIN {job_usage} u ON u.job_id = j.id LEFT JOIN latest ON latest.job_id = j.id
+WHERE j.finished_at IS NOT NULL AND j.finished_at <= %(now)s {since_jobs} {team_jobs}
+      AND (u.job_id IS NULL OR NOT u.outcome_folded) AND j.status IN ({statuses})
+UNION ALL
+SELECT 3, job_id, 0, 0, NULL::date, NULL::bigint, NULL::int, NULL, NULL, NULL, 0, {none}, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL
+FROM (SELECT DISTINCT job_id FROM a WHERE ended_at IS NULL) held
+ORDER BY 1, 2, 3, 4, 5"""
+
+
+def live_usage_python(*, team_id: int | None = None, now: datetime | None = None,
+                      price_table: dict[str, Price] | None = None) -> LiveUsage:
+    """live_usage through jobs.usage in Python: 4 queries (watermark, attempts with
+    their jobs' folded totals, minutes, outcomes), whatever the history size."""
     now = now or timezone.now()
     state = UsageRollupState.objects.filter(pk=1).values("cutoff").first()
     since = state["cutoff"] - LAG if state and state["cutoff"] else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from importlib import metadata
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -173,9 +174,13 @@ def compile_cache_key(model: ModelAsset, spec: dict, family: str) -> str:
                backend, compiler_version(family), family)
 
 
-def _check_capacity(family: str, cores: int) -> None:
-    hosts = [HostSlots(pk, name, fam, tuple(core_ids)) for pk, name, fam, core_ids
-             in Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids")]
+def _family_hosts(family: str) -> list[HostSlots]:
+    return [HostSlots(pk, name, fam, tuple(core_ids)) for pk, name, fam, core_ids
+            in Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids")]
+
+
+def _check_capacity(family: str, cores: int, hosts: list[HostSlots]) -> None:
+    """Refuse a request no registered host of `family` could ever hold."""
     largest = largest_request(hosts, family)
     if cores > largest:
         if not hosts:
@@ -186,13 +191,15 @@ def _check_capacity(family: str, cores: int) -> None:
 
 
 # What a submit reads once the team's quota row is locked, in one round trip:
-# the team's pending jobs, the kind's priority (admin override), and an upper
-# bound of the NeuronCore-seconds the team used this month — the roll-up's days of
-# the month plus the *whole* span of every attempt the fold may not have reached
-# yet (the exact measure, jobs.selectors_teams.core_hours_by_team, counts only the
-# unfolded part of those attempts within the month, so it is never larger).
+# the family's hosts (can any ever hold the request?), the team's pending jobs,
+# the kind's priority (admin override), and an upper bound of the NeuronCore-
+# seconds the team used this month: the roll-up's days of the month plus the
+# *whole* span of every attempt the fold may not have reached yet (the exact
+# measure, jobs.selectors_teams.core_hours_by_team, counts only the unfolded part
+# of those attempts within the month, so it is never larger).
 _SUBMIT_SNAPSHOT_SQL = """
 SELECT
+  (SELECT json_agg(json_build_array(id, name, core_ids)) FROM jobs_host WHERE family = %(family)s),
   (SELECT COUNT(*) FROM jobs_job WHERE team_id = %(team)s AND status = %(pending)s),
   (SELECT priority FROM jobs_kindpriority WHERE kind = %(kind)s),
   (SELECT COALESCE(SUM(core_seconds), 0) FROM jobs_usageteamday WHERE team_id = %(team)s AND day >= %(month)s),
@@ -207,12 +214,13 @@ SELECT
 
 @dataclass(frozen=True)
 class _Snapshot:
+    hosts: list[HostSlots]  # the family's registered hosts
     pending: int
     priority: int
     core_hours_bound: float  # >= the exact core_hours_this_month
 
 
-def _submit_snapshot(team: Team, kind: str) -> _Snapshot:
+def _submit_snapshot(team: Team, kind: str, family: str) -> _Snapshot:
     """Read after the quota lock is held: in READ COMMITTED each statement sees what
     was committed before it started, so the pending count includes every job a
     concurrent submit of this team committed before releasing the lock."""
@@ -220,17 +228,18 @@ def _submit_snapshot(team: Team, kind: str) -> _Snapshot:
     from jobs.usage_rollup import LAG
 
     if connection.vendor != "postgresql":  # SQLite, the single-machine default: plain queries
-        return _Snapshot(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), kind_priority(kind),
-                         core_hours_this_month(team.pk))
+        return _Snapshot(_family_hosts(family), Job.objects.filter(team=team, status=Job.Status.PENDING).count(),
+                         kind_priority(kind), core_hours_this_month(team.pk))
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(_SUBMIT_SNAPSHOT_SQL, {
-            "team": team.pk, "pending": Job.Status.PENDING, "kind": kind, "now": now, "lag": LAG,
+            "family": family, "team": team.pk, "pending": Job.Status.PENDING, "kind": kind, "now": now, "lag": LAG,
             "month": local_day(now, zone(team.time_zone)).replace(day=1),
         })
-        pending, priority, folded_s, unfolded_bound_s = cursor.fetchone()
+        hosts, pending, priority, folded_s, unfolded_bound_s = cursor.fetchone()
+    hosts = [HostSlots(pk, name, family, tuple(core_ids)) for pk, name, core_ids in hosts or ()]
     priority = priority if priority is not None else DEFAULT_KIND_PRIORITY.get(kind, 0)
-    return _Snapshot(pending, priority, (float(folded_s) + unfolded_bound_s) / 3600.0)
+    return _Snapshot(hosts, pending, priority, (float(folded_s) + unfolded_bound_s) / 3600.0)
 
 
 def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
@@ -247,7 +256,6 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     data = form.cleaned_data
     kind, family, cores = form.kind, data["family"], data["cores"]
     spec = form.spec()
-    _check_capacity(family, cores)
     cache_hit = None
     if kind == Kind.COMPILE:
         spec["compile_key"] = compile_cache_key(data["model"], spec, family)
@@ -256,7 +264,8 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     with transaction.atomic():
         quota = TeamQuota.objects.select_for_update().get(team=team)
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
-        snap = _submit_snapshot(team, kind)
+        snap = _submit_snapshot(team, kind, family)
+        _check_capacity(family, cores, snap.hosts)
         # The bound decides alone when it is under the budget (then so is the exact
         # use); only a team near its budget pays for the exact measure.
         used = snap.core_hours_bound
@@ -289,8 +298,6 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
 
 
 def _max_attempts() -> int:
-    from django.conf import settings
-
     return settings.JOB_MAX_ATTEMPTS
 
 

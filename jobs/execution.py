@@ -74,6 +74,7 @@ class JobRecorder:
         self.log_base = job.log_bytes
         self.log_end = job.log_bytes
         self.metrics: list[JobMetric] = []
+        self._header: tuple[str, int] | None = None  # (text, offset) not yet stored
 
     def heartbeat(self) -> None:
         Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
@@ -89,27 +90,48 @@ class JobRecorder:
     def on_log(self, offset: int, text: str) -> None:
         self.append_log(text, self.log_base + offset)
 
-    def append_log(self, text: str, at: int | None = None, *, save_size: bool = True) -> None:
-        """Store a chunk at byte offset `at` (default: the end). Idempotent per offset:
-        one INSERT … ON CONFLICT DO NOTHING (PostgreSQL and SQLite ≥ 3.24) rather
-        than get_or_create's SELECT, then INSERT in a savepoint. `save_size=False` leaves Job.log_bytes to a later
-        write (the header's size goes out with the child's pid)."""
+    def append_log(self, text: str, at: int | None = None) -> None:
+        """Store a chunk at byte offset `at` (default: the end) and the new Job.log_bytes.
+        Idempotent per offset: INSERT … ON CONFLICT DO NOTHING rather than
+        get_or_create's SELECT, then INSERT in a savepoint. On PostgreSQL chunk and
+        job update are one statement (a data-modifying CTE)."""
+        self.flush_header()
         at = self.log_end if at is None else at
-        with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
-            cursor.execute(f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) VALUES (%s, %s, %s) '
-                           "ON CONFLICT DO NOTHING", [self.job_id, at, text])
         self.log_end = at + len(text.encode("utf-8"))
-        if save_size:
-            Job.objects.filter(pk=self.job_id).update(log_bytes=self.log_end)
+        self._write_chunk(at, text, {"log_bytes": self.log_end})
+
+    def _write_chunk(self, at: int, text: str, job_fields: dict) -> None:
+        chunk_sql = (f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) VALUES (%s, %s, %s) '
+                     "ON CONFLICT DO NOTHING")
+        with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
+            if connection.vendor == "postgresql":
+                sets = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in job_fields)
+                cursor.execute(f"WITH c AS ({chunk_sql}) UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s",
+                               [self.job_id, at, text, *job_fields.values(), self.job_id])
+                return
+            cursor.execute(chunk_sql, [self.job_id, at, text])
+        Job.objects.filter(pk=self.job_id).update(**job_fields)
 
     def header(self, text: str) -> None:
         """The attempt's header line, before the child's own log (whose offsets count
-        from 0 in its log.txt, so they start after the header)."""
-        self.append_log(text, save_size=False)
+        from 0 in its log.txt, so they start after the header). Stored with the
+        child's pid (on_start), in the same statement."""
+        self._header = (text, self.log_end)
+        self.log_end += len(text.encode("utf-8"))
         self.log_base = self.log_end
 
+    def flush_header(self) -> None:
+        """Store a header that on_start did not (the launch failed)."""
+        if self._header is not None:
+            (text, at), self._header = self._header, None
+            self._write_chunk(at, text, {"log_bytes": at + len(text.encode("utf-8"))})
+
     def on_start(self, pid: int) -> None:
-        Job.objects.filter(pk=self.job_id).update(worker_pid=pid, log_bytes=self.log_end)
+        if self._header is not None:
+            (text, at), self._header = self._header, None
+            self._write_chunk(at, text, {"log_bytes": self.log_end, "worker_pid": pid})
+        else:
+            Job.objects.filter(pk=self.job_id).update(worker_pid=pid, log_bytes=self.log_end)
 
     def on_metric(self, row: dict) -> None:
         step = row.get("step")
@@ -149,16 +171,19 @@ def run(job_id: int) -> str:
     recorder.header(f"=== attempt {job.attempts} on {host.name} cores {job.core_range} ===\n")
     payload = build_payload(job, workdir)
     mode = settings.RUNNER_MODE or ("exec" if payload["backend"] == "neuron" else "fork")
-    outcome = supervise(
-        payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
-        on_log=recorder.on_log, on_metric=recorder.on_metric, max_runtime_s=job.max_runtime_s,
-        grace_s=settings.JOB_KILL_GRACE_S,
-        # The lease the reaper checks is JOB_LEASE_S; heartbeating at the configured
-        # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
-        # inside it when deployments shorten the lease.
-        heartbeat_s=settings.HEARTBEAT_S,
-        on_start=recorder.on_start,
-    )
+    try:
+        outcome = supervise(
+            payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
+            on_log=recorder.on_log, on_metric=recorder.on_metric, max_runtime_s=job.max_runtime_s,
+            grace_s=settings.JOB_KILL_GRACE_S,
+            # The lease the reaper checks is JOB_LEASE_S; heartbeating at the configured
+            # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
+            # inside it when deployments shorten the lease.
+            heartbeat_s=settings.HEARTBEAT_S,
+            on_start=recorder.on_start,
+        )
+    finally:
+        recorder.flush_header()
     recorder.flush_metrics()
     result = record_outcome(job, outcome, workdir)
     if result != "superseded":
@@ -185,6 +210,28 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
     # The check up front skips registering outputs; `mine` in every conditional
     # UPDATE below closes the race with a preemption landing right after it.
     mine = {"host_id": job.host_id, "attempts": job.attempts}
+    if status == "succeeded":
+        # The conditional UPDATE is the "still ours?" check: the outputs are
+        # registered only after it matched, in the same transaction, so a job
+        # superseded meanwhile gets nothing registered and nothing is half-recorded.
+        try:
+            with transaction.atomic():
+                done = states.mark_finished(job.pk, S.SUCCEEDED, result=outcome.result or {},
+                                            message=f"succeeded in {outcome.duration_s:.1f} s", extra_filter=mine)
+                if done:
+                    output = register_outputs(job, outcome.result or {}, workdir)
+                    if output is not None:
+                        Job.objects.filter(pk=job.pk).update(output_model=output)
+        except Exception as exc:  # never leave a finished child's job running
+            log.exception("job %s: recording outputs failed", job.pk)
+            states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
+                                 message=f"recording outputs failed: {exc}", extra_filter=mine)
+            return "failed"
+        if done:
+            return "succeeded"
+        log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
+                 job.pk, job.attempts)
+        return "superseded"
     # One read serves both the "still ours?" check and the failure paths below.
     fresh = Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).values(
         "cancel_requested", "attempts", "max_attempts").first()
@@ -192,20 +239,6 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
         log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
                  job.pk, job.attempts)
         return "superseded"
-    if status == "succeeded":
-        try:
-            with transaction.atomic():
-                output = register_outputs(job, outcome.result or {}, workdir)
-                done = states.mark_finished(job.pk, S.SUCCEEDED, result=outcome.result or {}, output_model=output,
-                                            message=f"succeeded in {outcome.duration_s:.1f} s", extra_filter=mine)
-                if not done:
-                    transaction.set_rollback(True)  # cancelled or reaped meanwhile: register nothing
-        except Exception as exc:  # never leave a finished child's job running
-            log.exception("job %s: recording outputs failed", job.pk)
-            states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
-                                 message=f"recording outputs failed: {exc}", extra_filter=mine)
-            return "failed"
-        return "succeeded"
     if status == "cancelled" or fresh.get("cancel_requested"):
         states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
         return "cancelled"

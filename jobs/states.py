@@ -8,13 +8,15 @@ transaction as the transition that ends its attempt.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 from django.db import connection, transaction
 from django.db.models import F
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
-from jobs.models import CoreAllocation, Job, JobAttempt, JobEvent
+from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent
 
 S = Job.Status
 
@@ -61,6 +63,8 @@ def transition(
     Returns True if this call made the change (exactly one row updated), False if
     the job was not in a source state (someone else got there first)."""
     sources = _check(sources, target)
+    if connection.vendor == "postgresql":
+        return _transition_statement(job_id, sources, target, message, actor, event_data, extra_filter, fields) is not None
     # savepoint=False: callers (claim, record_outcome, requeue) nest this in their own
     # transaction, and a savepoint costs two extra round trips per transition on the
     # job hot path. Nothing here is worth a partial rollback: if a statement fails,
@@ -75,6 +79,51 @@ def transition(
             _release(job_id, outcome=target if target in Job.FINISHED else "requeued")
         event(job_id, target, message, actor, **(event_data or {}))
     return True
+
+
+def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, message: str, actor,
+                          event_data: dict | None, extra_filter: dict | None, fields: dict,
+                          attempt: tuple[int, Any] | None = None) -> tuple | None:
+    """PostgreSQL: the whole transition as ONE statement (so one round trip, and
+    atomic even outside a transaction): the conditional UPDATE of the job, and
+    only for the row it changed, the release of its cores and attempt (_release),
+    the JobEvent and, with `attempt` = (host_id, started_at), the new JobAttempt
+    (the claim). Data-modifying CTEs all see the UPDATE's RETURNING: if it changed
+    no row (another process got there first, or the job is not in a source
+    state), nothing else happens. Returns the changed row's (id, attempts), or None.
+
+    The job UPDATE is Django's own SQL for the same filter() / update() (so fields
+    may be expressions like F("attempts") + 1), with RETURNING added."""
+    qs = Job.objects.filter(pk=job_id, status__in=sources, **(extra_filter or {}))
+    query = qs.query.chain(UpdateQuery)
+    query.add_update_values({"status": target, **fields})
+    update_sql, params = query.get_compiler(qs.db).as_sql()
+    params = list(params)
+    job_table = connection.ops.quote_name(Job._meta.db_table)
+    ctes = [f"j AS ({update_sql} RETURNING {job_table}.id, {job_table}.team_id, {job_table}.user_id, "
+            f"{job_table}.kind, {job_table}.family, {job_table}.cores, {job_table}.attempts)"]
+    now = timezone.now()
+    if target in Job.FINISHED or target == S.PENDING:
+        outcome = target if target in Job.FINISHED else "requeued"
+        ctes.append(f"a AS (UPDATE {JobAttempt._meta.db_table} SET ended_at = %s, outcome = %s, "
+                    "core_seconds = cores * GREATEST(EXTRACT(EPOCH FROM (%s - started_at)), 0) "
+                    "WHERE job_id IN (SELECT id FROM j) AND ended_at IS NULL)")
+        ctes.append(f"d AS (DELETE FROM {CoreAllocation._meta.db_table} WHERE job_id IN (SELECT id FROM j))")
+        params += [now, outcome, now]
+    if attempt is not None:
+        host_id, started_at = attempt
+        ctes.append(f"n AS (INSERT INTO {JobAttempt._meta.db_table} (job_id, team_id, user_id, kind, family, "
+                    "instance_type, host_id, number, cores, started_at, ended_at, core_seconds, outcome) "
+                    "SELECT j.id, j.team_id, j.user_id, j.kind, j.family, COALESCE(h.instance_type, ''), %s, "
+                    "j.attempts, j.cores, %s, NULL, 0, '' "
+                    f"FROM j LEFT JOIN {Host._meta.db_table} h ON h.id = %s)")
+        params += [host_id, started_at, host_id]
+    ctes.append(f"e AS (INSERT INTO {JobEvent._meta.db_table} (job_id, at, actor_id, kind, message, data) "
+                "SELECT id, %s, %s, %s, %s, %s::jsonb FROM j)")
+    params += [now, getattr(actor, "pk", actor), target, message, json.dumps(event_data or {})]
+    with connection.cursor() as cursor:
+        cursor.execute(f"WITH {', '.join(ctes)} SELECT id, attempts FROM j", params)
+        return cursor.fetchone()
 
 
 def _release(job_id: int, outcome: str) -> int:
@@ -170,8 +219,20 @@ def claim(job_id: int, host_id: int, pid: int | None = None) -> Job | None:
     worker needs (host, model, dataset, team, user), or None if not claimed.
 
     The row is read once, inside the claiming transaction, for both the JobAttempt
-    and the caller: the worker used to read it a second time right after."""
+    and the caller: the worker used to read it a second time right after. On
+    PostgreSQL the claim, its event and the attempt row are one statement, and the
+    job is read after it (it is ours by then; a cancel meanwhile is seen by the
+    worker's cancel checks)."""
     now = timezone.now()
+    if connection.vendor == "postgresql":
+        claimed = _transition_statement(
+            job_id, _check([S.QUEUED], S.RUNNING), S.RUNNING, "", None, None,
+            {"host_id": host_id, "cancel_requested": False},
+            {"started_at": now, "heartbeat_at": now, "worker_pid": pid, "attempts": F("attempts") + 1},
+            attempt=(host_id, now))
+        if claimed is None:
+            return None
+        return Job.objects.select_related("host", "model", "dataset", "team", "user").get(pk=job_id)
     with transaction.atomic():
         claimed = transition(
             job_id, [S.QUEUED], S.RUNNING,

@@ -15,6 +15,7 @@ the numbers cannot drift apart."""
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -169,16 +170,17 @@ def _cached(version: str | None, what: str, qs: QuerySet, compute: Callable[[], 
 def _sums(qs: QuerySet, *keys: str, version: str | None = None) -> dict[tuple, Totals]:
     """Totals of `qs` grouped by `keys`, summed in the database (rows come back as
     tuples: a quarter of a busy team is a few thousand groups); cached per roll-up
-    version when one is given."""
-    return _cached(version, f"sums:{keys}", qs, lambda: _sums_uncached(qs, *keys))
-
-
-def _sums_uncached(qs: QuerySet, *keys: str) -> dict[tuple, Totals]:
-    names = [f"s_{f}" for f in usage.NUMERIC_FIELDS]
-    rows = (qs.values(*keys).annotate(**{n: Sum(f) for n, f in zip(names, usage.NUMERIC_FIELDS)})
-            .order_by().values_list(*keys, *names))
+    version when one is given. The cache holds the plain rows: unpickling
+    thousands of Totals objects cost more than the query."""
     n = len(keys)
+    rows = _cached(version, f"sum-rows:{keys}", qs, lambda: _sum_rows(qs, *keys))
     return {row[:n]: Totals(*row[n:]) for row in rows}
+
+
+def _sum_rows(qs: QuerySet, *keys: str) -> list[tuple]:
+    names = [f"s_{f}" for f in usage.NUMERIC_FIELDS]
+    return list(qs.values(*keys).annotate(**{n: Sum(f) for n, f in zip(names, usage.NUMERIC_FIELDS)})
+                .order_by().values_list(*keys, *names))
 
 
 def _sketches_by_kind(qs: QuerySet, version: str | None = None) -> dict[str, dict[str, int]]:
@@ -338,15 +340,19 @@ def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution],
         if c.dims.team_id in slugs:
             out.setdefault((slugs[c.dims.team_id], c.day), Totals()).add(c.totals)
     for day in report.days:
-        other = Totals().add(report.day(day))
+        total = report.day(day)
+        values = _numeric(total)
         for slug in slugs.values():
             t = out.get((slug, day))
             if t is not None:
-                for f in usage.NUMERIC_FIELDS:
-                    setattr(other, f, getattr(other, f) - getattr(t, f))
-        if abs(other.core_seconds) > 1e-6:
-            out[("other teams", day)] = other
+                values = [v - w for v, w in zip(values, _numeric(t))]
+        if abs(values[0]) > 1e-6:
+            out[("other teams", day)] = Totals(*values, wait_sketch=dict(total.wait_sketch))
     return out
+
+
+_numeric = operator.attrgetter(*usage.NUMERIC_FIELDS)  # a Totals' numbers as a tuple, in field order
+assert usage.NUMERIC_FIELDS[0] == "core_seconds"
 
 
 def _capacity_cores() -> int:
@@ -365,8 +371,9 @@ def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None,
     if team is not None:
         folded = folded.filter(team=team)
     folded = folded.order_by("-cost_usd", "-job_id")[:TOP_JOBS]
-    candidates: dict[int, tuple[date, Totals]] = dict(
-        _cached(version, "top_jobs", folded, lambda: [(u.job_id, (u.day, _job_totals(u))) for u in folded]))
+    candidates: dict[int, tuple[date, Totals]] = {
+        job_id: (day, Totals(*numbers)) for job_id, day, *numbers in _cached(
+            version, "top-job-rows", folded, lambda: list(folded.values_list("job_id", "day", *_JOB_FIELDS)))}
     live_days: dict[int, date] = {}
     for c in live.contributions:
         if c.job_id in live.job_totals:
@@ -383,9 +390,9 @@ def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None,
             for _, _, job_id in ranked if job_id in jobs]
 
 
-def _job_totals(u: JobUsage) -> Totals:
-    return Totals(core_seconds=u.core_seconds, measured_core_seconds=u.measured_core_seconds,
-                  used_core_seconds=u.used_core_seconds, cost_usd=u.cost_usd, idle_cost_usd=u.idle_cost_usd)
+# JobUsage's totals, in the order of Totals' first fields
+_JOB_FIELDS = ("core_seconds", "measured_core_seconds", "used_core_seconds", "cost_usd", "idle_cost_usd")
+assert usage.NUMERIC_FIELDS[:len(_JOB_FIELDS)] == _JOB_FIELDS
 
 
 # --- tables ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from django.views.decorators.http import require_POST
 from jobs import access, selectors_teams, services
 from jobs.forms_teams import MemberAddForm, MemberRoleForm, QuotaForm, family_field
 from jobs.models import Family, Kind, Role, Team
+from jobs.views_usage import nav_teams
 
 AUDIT_SHOWN = 100
 TEAMS_PER_QUOTA_PAGE = 25  # a row is a form of a dozen inputs: 200 of them took ~250 ms to render
@@ -25,7 +26,7 @@ TEAMS_PER_QUOTA_PAGE = 25  # a row is a form of a dozen inputs: 200 of them took
 def _render(request: HttpRequest, template: str, context: dict, *, team: Team | None = None, nav: str = "",
             status: int = 200) -> HttpResponse:
     """A full page with what base.html needs (the user's teams, the current team)."""
-    teams = list(access.teams_of(request.user))
+    teams = nav_teams(request.user)
     current = team or (teams[0] if teams else None)
     return render(request, template, {"nav_teams": teams, "team": current, "nav": nav, **context}, status=status)
 

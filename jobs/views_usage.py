@@ -8,6 +8,7 @@ page, and the site page for non-staff, is a 404."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from urllib.parse import urlencode
 
 from django import forms
@@ -28,8 +29,18 @@ TEAMS_SHOWN = 50  # the site page lists the top teams; the CSV and the API have 
 RANGE_CHOICES = [("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("custom", "Custom")]
 
 
+NAV_TEAMS_STAFF = 20  # base.html lists this many of a staff user's teams (all teams) and links the rest
+
+
+def nav_teams(user) -> list[Team]:
+    """The teams base.html's switcher lists: all of a member's teams; for staff (every
+    team), the first NAV_TEAMS_STAFF and one more, which tells the template there are more."""
+    teams = access.teams_of(user)
+    return list(teams[:NAV_TEAMS_STAFF + 1] if user.is_staff else teams)
+
+
 def _base_context(request: HttpRequest, team: Team | None, nav: str) -> dict:
-    teams = list(access.teams_of(request.user))
+    teams = nav_teams(request.user)
     return {"nav_teams": teams, "team": team or (teams[0] if teams else None), "nav": nav}
 
 
@@ -113,16 +124,42 @@ def _render(request: HttpRequest, template: str, context: dict, *, report: Repor
     if request.GET.get("format"):
         return HttpResponse("format: only csv is offered.\n", status=400, content_type="text/plain; charset=utf-8")
     csv_base = {**query, "group_by": group_by, "format": "csv"}
-    dicts = {k: [{c: _display(c, v) for c, v in row.items()} for row in t.dicts()] for k, t in tables.items()}
+    dicts = DisplayTables(tables)
     return render(request, template, {
         **context, "report": report, "errors": {}, "totals": report.totals, "burn": report.burn, "tables": dicts,
         "figures": {f"fig-{name}": fig for name, fig in _figures(report, tables, group_by).items()},
         "csv": {name: "?" + urlencode({**csv_base, "table": name}) for name in tables},
         "group_links": [(g, "?" + urlencode({**query, "group_by": g})) for g in groups],
-        "teams_shown": dicts.get("teams", [])[:TEAMS_SHOWN],
+        "teams_shown": _display_rows(tables["teams"], TEAMS_SHOWN) if "teams" in tables else [],
+        "teams_total": len(tables["teams"].rows) if "teams" in tables else 0,
         "wait_rows": [{"kind": r["kind"], "jobs": r["jobs"], "p50": _duration(r["p50_s"]),
                        "p95": _duration(r["p95_s"]), "mean": _duration(r["mean_s"])} for r in tables["wait"].dicts()],
     })
+
+
+class DisplayTables(Mapping):
+    """The report's tables with cells formatted for people, each formatted when
+    first read: the page lists a few of them (the charts take the raw tables), and
+    formatting every table's every cell cost more than the page's queries."""
+
+    def __init__(self, tables: dict[str, Table]):
+        self._tables, self._done = tables, {}
+
+    def __getitem__(self, name: str) -> list[dict]:
+        if name not in self._done:
+            self._done[name] = _display_rows(self._tables[name])
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+def _display_rows(table: Table, limit: int | None = None) -> list[dict]:
+    rows = table.rows if limit is None else table.rows[:limit]
+    return [{c: _display(c, v) for c, v in zip(table.columns, row)} for row in rows]
 
 
 def _display(column: str, value):

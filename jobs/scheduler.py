@@ -10,6 +10,7 @@ and borrowable cores); a team that needs its guarantee back preempts other teams
 borrowing jobs, newest first, just enough (jobs.policy.choose_victims)."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -45,26 +46,43 @@ class DispatchReport:
     preempted: list[int] = field(default_factory=list)
 
 
-def send_run(job_id: int, queue: str) -> None:
+def send_run(job_id: int, queue: str, producer=None) -> None:
     from webapp.celery import app
 
     try:
-        app.send_task("neuron_workers.run_job", args=[job_id], queue=queue)
+        app.send_task("neuron_workers.run_job", args=[job_id], queue=queue, producer=producer)
     except Exception as exc:  # the job stays queued; the reaper re-sends it
         log.warning("could not send job %s to %s (%s); the reaper will re-send it", job_id, queue, exc)
 
 
-def pending_order(jobs: Iterable[T], shares: dict[int, float] | None = None) -> list[T]:
+def send_runs(placed: list[tuple[int, str]]) -> None:
+    """send_run for each (job id, host queue), through one broker producer."""
+    from webapp.celery import app
+
+    if len(placed) == 1:
+        send_run(*placed[0])
+        return
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id, queue in placed:
+                send_run(job_id, queue, producer)
+    except Exception as exc:  # no producer: the jobs stay queued and the reaper re-sends them
+        log.warning("could not send %s jobs (%s); the reaper will re-send them", len(placed), exc)
+
+
+def pending_order(jobs: Iterable[T], shares: dict[int, float] | None = None,
+                  prio: dict[str, int] | None = None) -> list[T]:
     """`jobs` (anything with pk, team_id, kind, family, cores, created_at) in dispatch
     order: kind priority (KindPriority, admin-adjustable), then fair share (decayed
-    team usage / share, bursts interleaved), then submission order. `shares`: the
-    teams' fair-share weights if the caller has read them already."""
+    team usage / share, bursts interleaved), then submission order. `shares` (the
+    teams' fair-share weights) and `prio` (kind_priorities()) if the caller has read
+    them already."""
     from jobs.selectors_teams import decayed_usage_by_team, kind_priorities, team_shares
 
     jobs = list(jobs)
     if not jobs:
         return []
-    prio = kind_priorities()
+    prio = kind_priorities() if prio is None else prio
     items = [QueueItem(j.pk, j.team_id, prio.get(j.kind, 0), j.cores, j.family, j.created_at) for j in jobs]
     by_id = {j.pk: j for j in jobs}
     ordered = fair_order(items, decayed_usage_by_team(), team_shares() if shares is None else shares,
@@ -87,18 +105,79 @@ class PendingRow:
     reason: str
 
 
+PENDING_FIELDS = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason")
+
+
 def pending_rows(limit: int = PENDING_SCAN) -> list[PendingRow]:
-    fields = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason")
     rows = (Job.objects.filter(status=S.PENDING, cancel_requested=False).order_by("id")
-            .values_list(*fields)[:limit])
+            .values_list(*PENDING_FIELDS)[:limit])
     return [PendingRow(*row) for row in rows]
+
+
+@dataclass
+class RunInputs:
+    """Everything a dispatch run reads once the host rows are locked."""
+
+    allocations: list[tuple]  # (host_id, core, job_id, team_id, family, borrowed, since as a timestamp)
+    team_quotas: list[tuple]  # (team_id, monthly_core_hours, share)
+    family_quotas: list[tuple]  # (team_id, family, guaranteed_cores, borrow_limit)
+    priorities: dict[str, int]  # kind -> priority (kind_priorities())
+    pending: list[PendingRow]
+
+    @classmethod
+    def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
+        if connection.vendor == "postgresql":
+            return cls._read_one_statement(limit)
+        from jobs.selectors_teams import kind_priorities
+
+        return cls(
+            [(*row[:6], row[6].timestamp()) for row in CoreAllocation.objects.values_list(
+                "host_id", "core", "job_id", "team_id", "family", "borrowed", "since")],
+            list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
+            list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
+            kind_priorities(), pending_rows(limit))
+
+    @classmethod
+    def _read_one_statement(cls, limit: int) -> "RunInputs":
+        """The same five reads as one statement (one round trip, one snapshot), each
+        table as a JSON array: dispatch runs many times a second under a burst, and
+        five ORM queries cost more than the dispatching itself."""
+        from jobs.models import KindPriority
+        from jobs.services import DEFAULT_KIND_PRIORITY
+
+        def table(model) -> str:
+            return connection.ops.quote_name(model._meta.db_table)
+
+        sql = (
+            "SELECT "
+            "(SELECT json_agg(json_build_array(host_id, core, job_id, team_id, family, borrowed, "
+            f"  EXTRACT(EPOCH FROM since))) FROM {table(CoreAllocation)}), "
+            f"(SELECT json_agg(json_build_array(team_id, monthly_core_hours, share)) FROM {table(TeamQuota)}), "
+            "(SELECT json_agg(json_build_array(team_id, family, guaranteed_cores, borrow_limit)) "
+            f"  FROM {table(FamilyQuota)}), "
+            f"(SELECT json_agg(json_build_array(kind, priority)) FROM {table(KindPriority)}), "
+            "(SELECT json_agg(json_build_array(p.id, p.team_id, t.slug, p.kind, p.family, p.cores, "
+            "  p.created_at, p.reason_code, p.reason) ORDER BY p.id) "
+            f" FROM (SELECT * FROM {table(Job)} WHERE status = %s AND NOT cancel_requested ORDER BY id LIMIT %s) p "
+            f" JOIN {table(Team)} t ON t.id = p.team_id)")
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [S.PENDING, limit])
+            columns = [json.loads(v) if isinstance(v, str) else (v or []) for v in cursor.fetchone()]
+        allocations, team_quotas, family_quotas, kinds, pending = columns
+        priorities = {str(k): v for k, v in DEFAULT_KIND_PRIORITY.items()}
+        priorities.update(dict(kinds))
+        return cls(
+            [tuple(row) for row in allocations], [tuple(row) for row in team_quotas],
+            [tuple(row) for row in family_quotas], priorities,
+            [PendingRow(pk, team_id, slug, kind, family, cores, datetime.fromisoformat(created), code, reason)
+             for pk, team_id, slug, kind, family, cores, created, code, reason in pending])
 
 
 class Fleet:
     """The cores of every non-offline host and who holds them, for one dispatch run
     (read after the host rows are locked, so no other dispatcher changes it)."""
 
-    def __init__(self, hosts: list[Host]):
+    def __init__(self, hosts: list[Host], allocations: list[tuple]):
         self.hosts = {h.pk: h for h in hosts}
         self.used: dict[int, set[int]] = defaultdict(set)
         self.team_use: dict[tuple[int, str], int] = defaultdict(int)
@@ -107,13 +186,12 @@ class Fleet:
         self._slots: dict[str, list[HostSlots]] = {}
         self.version = 0  # bumped on every change, to know when a "no room" answer is stale
         cores: dict[int, list[int]] = defaultdict(list)
-        for host_id, core, job_id, team_id, family, borrowed, since in CoreAllocation.objects.values_list(
-                "host_id", "core", "job_id", "team_id", "family", "borrowed", "since"):
+        for host_id, core, job_id, team_id, family, borrowed, since in allocations:
             self.used[host_id].add(core)
             self.team_use[(team_id, family)] += 1
             if borrowed:
                 cores[job_id].append(core)
-                self.borrowers[job_id] = Borrower(job_id, team_id, host_id, (), since.timestamp())
+                self.borrowers[job_id] = Borrower(job_id, team_id, host_id, (), since)
                 self.family_of[job_id] = family
         for job_id, b in self.borrowers.items():
             self.borrowers[job_id] = Borrower(b.job_id, b.team_id, b.host_id, tuple(sorted(cores[job_id])), b.since)
@@ -240,15 +318,12 @@ class Limits:
     slugs: dict[int, str]
 
     @classmethod
-    def load(cls, fleet_cores: int) -> "Limits":
+    def load(cls, inputs: RunInputs, fleet_cores: int) -> "Limits":
         budget, shares = {}, {}
-        for team_id, hours, share in TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share"):
+        for team_id, hours, share in inputs.team_quotas:
             budget[team_id], shares[team_id] = hours, float(share or 1)
-        return cls(
-            {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
-                "team_id", "family", "guaranteed_cores", "borrow_limit")},
-            budget, shares, BudgetUsage(fleet_cores), {},
-        )
+        return cls({(t, f): (g, b) for t, f, g, b in inputs.family_quotas}, budget, shares,
+                   BudgetUsage(fleet_cores), {})
 
     def slug(self, team_id: int) -> str:
         if team_id not in self.slugs:
@@ -377,19 +452,14 @@ class Dispatcher:
         self.starts.append((job, spot, borrowed))
 
     def commit(self) -> None:
-        """Move the placed jobs to queued and write their core allocations (a job
+        """Move the placed jobs to queued with their core allocations (a job
         cancelled since it was read is skipped, and its cores stay free)."""
         notes = []
         for job, spot, borrowed in self.starts:
             host = self.fleet.hosts[spot.host_id]
             notes.append((job.pk, host.pk, spot.core_start, f"placed on {host.name} cores "
-                          f"{core_range(spot.core_start, job.cores)}" + (" (borrowed)" if borrowed else "")))
+                          f"{core_range(spot.core_start, job.cores)}" + (" (borrowed)" if borrowed else ""), borrowed))
         moved = states.mark_queued_many(notes)
-        CoreAllocation.objects.bulk_create([
-            CoreAllocation(host_id=spot.host_id, core=c, job_id=job.pk, team_id=job.team_id, family=job.family,
-                           borrowed=borrowed)
-            for job, spot, borrowed in self.starts if job.pk in moved
-            for c in range(spot.core_start, spot.core_start + job.cores)])
         self.placed = [(job.pk, self.fleet.hosts[spot.host_id].queue)
                        for job, spot, _ in self.starts if job.pk in moved]
 
@@ -429,17 +499,43 @@ def dispatch() -> DispatchReport:
         # A replaying agent's host shows recorded metrics only; it runs nothing.
         hosts = list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
                      .order_by("pk"))
-        fleet = Fleet(hosts)
-        limits = Limits.load(fleet.cores())
-        rows = pending_rows()
+        inputs = RunInputs.read()
+        fleet = Fleet(hosts, inputs.allocations)
+        limits = Limits.load(inputs, fleet.cores())
+        rows = inputs.pending
         limits.usage.prepare(limits.budget, {r.team_id for r in rows})
         dispatcher = Dispatcher(fleet, limits)
-        dispatcher.run(pending_order(rows, limits.shares))
+        dispatcher.run(pending_order(rows, limits.shares, inputs.priorities))
         dispatcher.commit()
         dispatcher.save_reasons(rows)
         placed = list(dispatcher.placed)
-        transaction.on_commit(lambda: [send_run(job_id, queue) for job_id, queue in placed])
+        if placed:
+            transaction.on_commit(lambda: send_runs(placed))
     return DispatchReport([p[0] for p in placed], len(dispatcher.reasons), dispatcher.preempted)
+
+
+# While the fleet is full, every finishing job and every submit kicks the dispatcher,
+# and each run would place the one job whose cores just freed, paying a whole run
+# (locks, reads, commit, Celery task) per job. So a run that follows a run which
+# left jobs waiting starts no sooner than this after it; the kicks meanwhile
+# coalesce into it. With free capacity (the previous run placed everything) a kick
+# runs at once: submit → running stays a Celery round trip.
+BUSY_RUN_GAP_S = 0.02
+_last_run = {"ended": 0.0, "waiting": 0}
+
+
+def dispatch_kicked() -> DispatchReport:
+    """dispatch(), paced as above (what the jobs.dispatch task runs)."""
+    wait = _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic()
+    if _last_run["waiting"] and wait > 0:
+        time.sleep(wait)  # the kick flag stays set meanwhile: new kicks send no task
+    try:
+        report = dispatch()
+    except Exception:
+        _last_run.update(ended=time.monotonic(), waiting=0)
+        raise
+    _last_run.update(ended=time.monotonic(), waiting=report.waiting)
+    return report
 
 
 # --- reaping ---------------------------------------------------------------------

@@ -159,16 +159,19 @@ def mark_queued(job: Job, host_id: int, core_start: int, reason: str = "") -> bo
     )
 
 
-def mark_queued_many(placements: list[tuple[int, int, int, str]]) -> set[int]:
-    """pending → queued for many jobs at once: (job_id, host_id, core_start, message)
-    each. Returns the ids that moved (a job cancelled meanwhile stays as it is).
+def mark_queued_many(placements: list[tuple[int, int, int, str, bool]]) -> set[int]:
+    """pending → queued for many jobs at once, each taking its cores: (job_id,
+    host_id, core_start, message, borrowed) each; the job's cores are
+    core_start … core_start + job.cores - 1 on that host. Returns the ids that moved
+    (a job cancelled meanwhile stays as it is and takes no cores).
 
     The dispatcher places hundreds of jobs per run; one transition each would cost
     five statements per job. On PostgreSQL one statement moves the jobs that are
-    still pending and writes their JobEvents: the UPDATE locks each row and re-checks
-    its status under the lock, so a cancel racing with us either committed before
-    (the row no longer matches) or waits for our commit and then cancels the queued
-    job, releasing its cores."""
+    still pending, writes their JobEvents and their CoreAllocations: the UPDATE
+    locks each row and re-checks its status under the lock, so a cancel racing with
+    us either committed before (the row no longer matches) or waits for our commit
+    and then cancels the queued job, releasing its cores. A core already held
+    violates the (host, core) constraint and fails the caller's whole transaction."""
     from django.db.models import Case, IntegerField, Value, When
 
     if not placements:
@@ -179,23 +182,27 @@ def mark_queued_many(placements: list[tuple[int, int, int, str]]) -> set[int]:
     now = timezone.now()
     if connection.vendor == "postgresql":
         # UPDATE … FROM (VALUES …) (a CASE with hundreds of branches costs more to
-        # compile than to run), the events inserted from its RETURNING.
-        rows = ", ".join(["(%s::bigint, %s::bigint, %s::integer, %s::text)"] * len(ids))
+        # compile than to run); events and allocations inserted from its RETURNING.
+        rows = ", ".join(["(%s::bigint, %s::bigint, %s::integer, %s::text, %s::boolean)"] * len(ids))
         with connection.cursor() as cursor:
             cursor.execute(
                 f"WITH moved AS (UPDATE {Job._meta.db_table} AS j SET status = %s, queued_at = %s, reason_code = '', "
                 "reason = '', host_id = v.host_id, core_start = v.core_start "
-                f"FROM (VALUES {rows}) AS v(id, host_id, core_start, message) "
-                "WHERE j.id = v.id AND j.status = %s RETURNING j.id, v.message), "
+                f"FROM (VALUES {rows}) AS v(id, host_id, core_start, message, borrowed) "
+                "WHERE j.id = v.id AND j.status = %s "
+                "RETURNING j.id, j.team_id, j.family, j.cores, v.host_id, v.core_start, v.message, v.borrowed), "
                 f"events AS (INSERT INTO {JobEvent._meta.db_table} (job_id, at, kind, message, data) "
-                "SELECT id, %s, %s, message, '{}'::jsonb FROM moved) "
+                "SELECT id, %s, %s, message, '{}'::jsonb FROM moved), "
+                f"cores AS (INSERT INTO {CoreAllocation._meta.db_table} "
+                "(host_id, core, job_id, team_id, family, borrowed, since) "
+                "SELECT host_id, core, id, team_id, family, borrowed, %s FROM moved, "
+                "generate_series(core_start, core_start + cores - 1) AS core) "
                 "SELECT id FROM moved",
-                [S.QUEUED, now, *[x for i in ids for x in (i, by_id[i][1], by_id[i][2], by_id[i][3])], S.PENDING,
-                 now, S.QUEUED])
+                [S.QUEUED, now, *[x for i in ids for x in by_id[i][:5]], S.PENDING, now, S.QUEUED, now])
             return {row[0] for row in cursor.fetchall()}
     with transaction.atomic(savepoint=False):  # inside dispatch's transaction: see transition()
-        moving = set(Job.objects.select_for_update().filter(pk__in=ids, status=S.PENDING)
-                     .values_list("pk", flat=True))
+        moving = {pk: (team_id, family, cores) for pk, team_id, family, cores in Job.objects.select_for_update()
+                  .filter(pk__in=ids, status=S.PENDING).values_list("pk", "team_id", "family", "cores")}
         if not moving:
             return set()
         ids = sorted(moving)
@@ -205,7 +212,11 @@ def mark_queued_many(placements: list[tuple[int, int, int, str]]) -> set[int]:
             core_start=Case(*[When(pk=i, then=Value(by_id[i][2])) for i in ids], output_field=IntegerField()),
         )
         JobEvent.objects.bulk_create([JobEvent(job_id=i, kind=S.QUEUED, message=by_id[i][3], at=now) for i in ids])
-    return moving
+        CoreAllocation.objects.bulk_create([
+            CoreAllocation(host_id=by_id[i][1], core=c, job_id=i, team_id=moving[i][0], family=moving[i][1],
+                           borrowed=by_id[i][4], since=now)
+            for i in ids for c in range(by_id[i][2], by_id[i][2] + moving[i][2])])
+    return set(moving)
 
 
 def mark_running(job_id: int, host_id: int, pid: int | None = None) -> bool:

@@ -4,9 +4,9 @@ from celery import shared_task
 
 @shared_task(name="jobs.dispatch", ignore_result=True)
 def dispatch_task() -> list[int]:
-    from jobs.scheduler import dispatch
+    from jobs.scheduler import dispatch_kicked
 
-    return dispatch().placed
+    return dispatch_kicked().placed
 
 
 @shared_task(name="jobs.reap", ignore_result=True)

@@ -16,8 +16,9 @@ with ids in submit order over the last 365 days, their attempts (3 % preempted
 and run again, the newest few hundred still running, the newest pending), three
 events each, utilization minutes of the running jobs, and a year of usage
 roll-ups computed in SQL from the attempts (split at each team's local midnight)
-up to two hours ago; then the real roll-up (jobs.usage_rollup.fold) folds the
-rest, as the Celery task would.
+up to two hours ago (and the site's running wait totals rebuilt from them);
+then the real roll-up (jobs.usage_rollup.fold) folds the rest, as the Celery task
+would.
 
 Pages are requested in-process with Django's test client (DEBUG off) under
 CaptureQueriesContext: the job list, a job page, the team usage page, the site
@@ -67,9 +68,9 @@ from django.urls import Resolver404, resolve  # noqa: E402
 
 from jobs import usage  # noqa: E402
 from jobs.models import (Host, Job, JobAttempt, JobEvent, JobUsage, Membership, MetricMinute, Role,  # noqa: E402
-                         UsageDaily, UsageRollupState, UsageSiteDaily, UsageTeamDay)
+                         UsageDaily, UsageRollupState, UsageSiteDaily, UsageSiteWaitTotal, UsageTeamDay)
 from jobs.services import team_create  # noqa: E402
-from jobs.usage_rollup import fold  # noqa: E402
+from jobs.usage_rollup import fold, rebuild_site_wait_totals  # noqa: E402
 
 TEAMS = 200
 USERS_PER_TEAM = 10
@@ -278,6 +279,9 @@ def fill(n_jobs: int) -> dict:
         timings["metric_minutes"] = time.time() - t0
         history_rollups(cur, cutoff0)
         timings["rollups"] = time.time() - t0
+    rebuild_site_wait_totals()  # the site's running wait totals, from the SQL-written daily rows
+    timings["wait_totals"] = time.time() - t0
+    with connection.cursor() as cur:
         cur.execute("ANALYZE")
     UsageRollupState.objects.update_or_create(pk=1, defaults={"cutoff": cutoff0, "ran_at": cutoff0})
     t1 = time.time()
@@ -524,6 +528,7 @@ def main() -> None:
     counts = {"jobs": Job.objects.count(), "attempts": JobAttempt.objects.count(),
               "events": JobEvent.objects.count(), "usage_daily": UsageDaily.objects.count(),
               "usage_team_day": UsageTeamDay.objects.count(), "usage_site_daily": UsageSiteDaily.objects.count(),
+              "usage_site_wait_totals": UsageSiteWaitTotal.objects.count(),
               "job_usage": JobUsage.objects.count(), "metric_minutes": MetricMinute.objects.count()}
     log("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     filled = measure(args.requests, extra_pages(pages_to_measure()))

@@ -485,6 +485,24 @@ class UsageSiteDaily(UsageTotals):
         constraints = [models.UniqueConstraint(fields=["day", "kind", "family"], name="uniq_usage_site_day_kind")]
 
 
+class UsageSiteWaitTotal(models.Model):
+    """Running totals of the site's queue-wait sketches per kind: the row (day, kind)
+    holds every wait of that kind counted on days up to and including `day`, so
+    the waits of any range are the difference of two rows (bucket counts are
+    integers: exact), not a merge of every UsageSiteDaily sketch in it. A row
+    exists for each day with waits; days between take the row before them.
+    Maintained by jobs.usage_rollup.fold (rebuild_site_wait_totals rebuilds it
+    from UsageSiteDaily)."""
+
+    day = models.DateField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    wait_count = models.BigIntegerField(default=0)
+    wait_sketch = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "day"], name="uniq_usage_wait_total")]
+
+
 class JobUsage(models.Model):
     """One job's folded usage (for "top jobs by cost") and the roll-up's progress on
     it: attempts numbered <= attempt_folded are fully folded; attempt

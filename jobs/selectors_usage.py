@@ -15,6 +15,7 @@ the numbers cannot drift apart."""
 from __future__ import annotations
 
 import hashlib
+import json
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -32,9 +33,9 @@ from django.utils import timezone
 
 from jobs import usage
 from jobs.models import (Family, Host, Job, JobUsage, Kind, Team, TeamQuota, UsageDaily, UsageRollupState,
-                         UsageSiteDaily, UsageTeamDay)
+                         UsageSiteDaily, UsageSiteWaitTotal, UsageTeamDay)
 from jobs.usage import Contribution, Price, Totals
-from jobs.usage_rollup import LiveUsage, live_usage, prices
+from jobs.usage_rollup import LiveUsage, Watermark, live_usage, prices, watermark
 
 TOP_JOBS = 10
 TOP_TEAMS_STACKED = 7  # the site's "by team" chart stacks this many teams and "other teams"
@@ -133,7 +134,7 @@ class Report:
 ROLLUP_CACHE_S = 600  # an upper bound only: the next fold changes the version, which retires the entries
 
 
-def rollup_version() -> str | None:
+def rollup_version(mark: Watermark | None = None) -> str | None:
     """A stamp that changes whenever the roll-ups may have changed, or None (do not
     cache). Roll-up rows are written only by jobs.usage_rollup.fold, in the same
     transaction that updates the UsageRollupState row; PostgreSQL gives every new
@@ -142,15 +143,14 @@ def rollup_version() -> str | None:
     read keyed by it is therefore invalidated by the next fold — legitimate, not
     stale. Rows written some other way (a test inserting roll-up rows directly
     after a fold, a manual repair) are not seen until the next fold; without a
-    fold (cutoff None) nothing is cached."""
+    fold (cutoff None) nothing is cached. `mark` is the watermark when the caller
+    has read it already (jobs.usage_rollup.watermark, which the live part needs too)."""
     if connection.vendor != "postgresql":
         return None
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT xmin::text, cutoff FROM {UsageRollupState._meta.db_table} WHERE id = 1")
-        row = cursor.fetchone()
-    if row is None or row[1] is None:
+    mark = mark or watermark()
+    if mark.xmin is None or mark.cutoff is None:
         return None
-    return f"{row[0]}:{row[1].isoformat()}"
+    return f"{mark.xmin}:{mark.cutoff.isoformat()}"
 
 
 def _cached(version: str | None, what: str, qs: QuerySet, compute: Callable[[], object]):
@@ -212,11 +212,49 @@ def _span(first: date, last: date, today: date) -> tuple[date, date]:
     return min(first, today.replace(day=1), today - timedelta(days=BURN_WINDOW_DAYS)), max(last, today)
 
 
+def _site_wait_sketches(first: date, last: date, version: str | None = None) -> dict[str, dict[str, int]]:
+    """The site's wait sketches per kind from first to last: the running total at
+    `last` minus the one before `first` (UsageSiteWaitTotal), two rows per kind
+    whatever the range, instead of merging every day's sketch."""
+    qs = UsageSiteWaitTotal.objects.filter(day__gte=first, day__lte=last)  # the cache key's query
+    return _cached(version, "site-wait-totals", qs, lambda: _site_wait_sketches_uncached(first, last))
+
+
+def _site_wait_sketches_uncached(first: date, last: date) -> dict[str, dict[str, int]]:
+    kinds = [k for k, _ in Kind.choices]
+    if connection.vendor == "postgresql":  # one query: two index probes per kind
+        pick = (f"SELECT t.wait_sketch FROM {UsageSiteWaitTotal._meta.db_table} t WHERE t.kind = k.kind "
+                f"AND t.day {{}} %s ORDER BY t.day DESC LIMIT 1")
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT k.kind, hi.wait_sketch, lo.wait_sketch FROM unnest(%s::text[]) k(kind) "
+                           f"LEFT JOIN LATERAL ({pick.format('<=')}) hi ON true "
+                           f"LEFT JOIN LATERAL ({pick.format('<')}) lo ON true", [kinds, last, first])
+            rows = cursor.fetchall()
+    else:
+        totals = UsageSiteWaitTotal.objects.order_by("-day").values_list("wait_sketch", flat=True)
+        rows = [(k, totals.filter(kind=k, day__lte=last).first(), totals.filter(kind=k, day__lt=first).first())
+                for k in kinds]
+    out: dict[str, dict[str, int]] = {}
+    for kind, upto_last, before_first in rows:
+        if isinstance(upto_last, str):  # a backend handing JSON back as text
+            upto_last = json.loads(upto_last)
+        if isinstance(before_first, str):
+            before_first = json.loads(before_first)
+        before_first = before_first or {}
+        sketch = {key: n for key, count in (upto_last or {}).items()
+                  if (n := int(count) - int(before_first.get(key, 0)))}
+        if sketch:
+            out[kind] = sketch
+    return out
+
+
 def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str | None,
-          label: Callable[[object], str], version: str | None = None) -> tuple[dict, dict, dict]:
+          label: Callable[[object], str], version: str | None = None,
+          sketches: Callable[[], dict[str, dict[str, int]]] | None = None) -> tuple[dict, dict, dict]:
     """by_day (span), by_group_day and by_kind (range, with sketches) of a roll-up:
     one pass grouped by (day, kind) — a few hundred rows — one by (group, day) when
-    the group is not the kind, and one for the sketches."""
+    the group is not the kind, and one for the sketches (merged from the range's
+    rows, or by `sketches()` when given)."""
     span_first, span_last = _span(first, last, today)
     by_day: dict[date, Totals] = {}
     by_group_day: dict[tuple[str, date], Totals] = {}
@@ -232,7 +270,7 @@ def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str |
     if group_field and group_field != "kind":
         for (value, day), totals in _sums(in_range, group_field, "day", version=version).items():
             by_group_day.setdefault((label(value), day), Totals()).add(totals)
-    for kind, sketch in _sketches_by_kind(in_range, version).items():
+    for kind, sketch in (sketches() if sketches else _sketches_by_kind(in_range, version)).items():
         by_kind.setdefault(kind, Totals()).wait_sketch = sketch
     return by_day, by_group_day, by_kind
 
@@ -265,8 +303,9 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
     tz = usage.zone(team.time_zone)
     today = usage.local_day(now, tz)
     table = prices()
-    version = rollup_version()
-    live = live_usage(team_id=team.pk, now=now, price_table=table)
+    mark = watermark() if connection.vendor == "postgresql" else None
+    version = rollup_version(mark)
+    live = live_usage(team_id=team.pk, now=now, price_table=table, mark=mark)
     names: dict[int, str] = {}
     if group_by == "user":
         users = UsageDaily.objects.filter(team=team, day__gte=first, day__lte=last).values_list(
@@ -288,19 +327,22 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
 # --- site --------------------------------------------------------------------------
 
 def site_report(range_name: str, first: date, last: date, *, now: datetime | None = None,
-                group_by: str = "kind") -> Report:
+                group_by: str = "kind", price_table: dict[str, Price] | None = None) -> Report:
     """All teams' usage from first to last. Days are each team's own local days, so
-    a team's line in the site's team table equals its own usage page."""
+    a team's line in the site's team table equals its own usage page. `price_table`:
+    the prices in effect, when the caller has read them (jobs.usage_rollup.prices)."""
     now = now or timezone.now()
     tz = usage.zone(settings.TIME_ZONE)
     today = usage.local_day(now, tz)
-    table = prices()
-    version = rollup_version()
-    live = live_usage(now=now, price_table=table)
+    table = price_table if price_table is not None else prices()
+    mark = watermark() if connection.vendor == "postgresql" else None
+    version = rollup_version(mark)
+    live = live_usage(now=now, price_table=table, mark=mark)
     field_name = "family" if group_by == "family" else "kind"
     label = _labeller(field_name, {})
     by_day, by_group_day, by_kind = _read(UsageSiteDaily.objects.all(), first, last, today,
-                                          None if group_by == "team" else field_name, label, version)
+                                          None if group_by == "team" else field_name, label, version,
+                                          sketches=lambda: _site_wait_sketches(first, last, version))
     _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
               None if group_by == "team" else (lambda c: label(getattr(c.dims, field_name))))
     budget = TeamQuota.objects.aggregate(s=Sum("monthly_core_hours"))["s"]
@@ -316,12 +358,17 @@ def site_report(range_name: str, first: date, last: date, *, now: datetime | Non
 
 def _team_shares(first: date, last: date, live: list[Contribution], version: str | None = None) -> list[TeamShare]:
     """Every team with usage in the range, most NeuronCore-hours first (summed in
-    the database over UsageTeamDay, plus one query for the teams)."""
-    per_team = {k[0]: t for k, t in _sums(UsageTeamDay.objects.filter(day__gte=first, day__lte=last),
-                                          "team_id", version=version).items()}
+    the database over UsageTeamDay with the team's slug and name joined; a team with
+    only live usage in the range costs one more query)."""
+    per_team: dict[int, Totals] = {}
+    teams: dict[int, Team] = {}
+    for (team_id, slug, name), totals in _sums(UsageTeamDay.objects.filter(day__gte=first, day__lte=last),
+                                               "team_id", "team__slug", "team__name", version=version).items():
+        per_team[team_id], teams[team_id] = totals, Team(id=team_id, slug=slug, name=name)
     for c in live:
         per_team.setdefault(c.dims.team_id, Totals()).add(c.totals)
-    teams = Team.objects.in_bulk(list(per_team))
+    if missing := [t for t in per_team if t not in teams]:
+        teams.update(Team.objects.in_bulk(missing))
     shares = [TeamShare(teams[t], totals) for t, totals in per_team.items() if t in teams]
     shares.sort(key=lambda s: (-s.totals.core_seconds, s.team.slug))
     return shares

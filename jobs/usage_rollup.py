@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from jobs import usage
 from jobs.models import (InstancePrice, Job, JobAttempt, JobUsage, MetricMinute, Team, UsageDaily,
-                         UsageRollupState, UsageSiteDaily, UsageTeamDay)
+                         UsageRollupState, UsageSiteDaily, UsageSiteWaitTotal, UsageTeamDay)
 from jobs.usage import AttemptRow, Contribution, Dims, MinuteRow, OutcomeRow, Price, Totals
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,32 @@ class LiveUsage:
     active_jobs: set[int] = field(default_factory=set)  # jobs holding cores now
 
 
+@dataclass(frozen=True)
+class Watermark:
+    """Where the fold stands: its cutoff (None before the first fold), the xmin of
+    the UsageRollupState row (a new one with every fold; None without the row) and
+    the teams' time zone names (the live part's SQL needs them)."""
+
+    cutoff: datetime | None
+    xmin: str | None
+    zones: tuple[str, ...]
+
+
+def watermark() -> Watermark:
+    """The fold's watermark and the teams' zones in one query (PostgreSQL)."""
+    state = UsageRollupState._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT (SELECT cutoff FROM {state} WHERE id = 1), (SELECT xmin::text FROM {state} WHERE id = 1), "
+                       f"(SELECT array_agg(DISTINCT time_zone) FROM {Team._meta.db_table})")
+        cutoff, xmin, zones = cursor.fetchone()
+    return Watermark(cutoff, xmin, tuple(zones or ()))
+
+
 def live_usage(*, team_id: int | None = None, now: datetime | None = None,
-               price_table: dict[str, Price] | None = None) -> LiveUsage:
+               price_table: dict[str, Price] | None = None, mark: Watermark | None = None) -> LiveUsage:
     """Everything past the fold's progress, up to now, for one team or all teams,
     whatever the history size. On PostgreSQL two queries (the watermark with the
-    teams' time zones, then `_LIVE_SQL`, which plans, splits and measures the
+    teams' time zones unless `mark` brings them, then `_live_sql()`, which plans, splits and measures the
     unfolded attempts and finds the unfolded outcomes in the database); elsewhere
     the same through jobs.usage in Python (`live_usage_python`, also the reference
     the tests hold the SQL to)."""
@@ -174,14 +195,12 @@ def live_usage(*, team_id: int | None = None, now: datetime | None = None,
         return live_usage_python(team_id=team_id, now=now, price_table=price_table)
     now = now or timezone.now()
     table = price_table if price_table is not None else prices()
+    mark = mark or watermark()
+    since = mark.cutoff - LAG if mark.cutoff else None
+    names = sorted(mark.zones)
+    params = {"now": now, "since": since, "team": team_id, "tz_names": names,
+              "tz_zones": [_pg_zone(name) for name in names]}
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT (SELECT cutoff FROM {UsageRollupState._meta.db_table} WHERE id = 1), "
-                       f"(SELECT array_agg(DISTINCT time_zone) FROM {Team._meta.db_table})")
-        cutoff, zones = cursor.fetchone()
-        since = cutoff - LAG if cutoff else None
-        names = sorted(zones or [])
-        params = {"now": now, "since": since, "team": team_id, "tz_names": names,
-                  "tz_zones": [_pg_zone(name) for name in names]}
         cursor.execute(_live_sql(since is not None, team_id is not None), params)
         rows = cursor.fetchall()
     live = LiveUsage()
@@ -439,8 +458,58 @@ def _write(contribs: list[Contribution], progress: dict[int, usage.Progress], ou
     written = 0
     for model, key_fields, key in _GRAINS:
         written += _add_to_rows(model, key_fields, usage.group(contribs, key))
+    written += _add_to_wait_totals(contribs)
     written += _write_jobs(contribs, progress, outcome_jobs)
     return written
+
+
+def _add_to_wait_totals(contribs: list[Contribution]) -> int:
+    """Add the waits among `contribs` to the site's running totals (UsageSiteWaitTotal):
+    every row of the kind from the earliest day added on gains them (normally the
+    last row or two: waits are counted on the day of the first start), and a day
+    without a row gets one, continuing the row before it."""
+    added: dict[str, dict] = {}
+    for c in contribs:
+        if c.totals.wait_count:
+            by_day = added.setdefault(c.dims.kind, {})
+            n, sketch = by_day.get(c.day, (0, {}))
+            by_day[c.day] = (n + c.totals.wait_count, usage.WaitSketch.merge(sketch, c.totals.wait_sketch))
+    written = 0
+    for kind, by_day in added.items():
+        first = min(by_day)
+        rows = {r.day: r for r in UsageSiteWaitTotal.objects.filter(kind=kind, day__gte=first)}
+        before = UsageSiteWaitTotal.objects.filter(kind=kind, day__lt=first).order_by("-day").first()
+        old_count, old_sketch = (before.wait_count, before.wait_sketch) if before else (0, {})
+        plus_count, plus_sketch = 0, {}
+        created, changed = [], []
+        for day in sorted(set(rows) | set(by_day)):
+            if day in by_day:
+                plus_count += by_day[day][0]
+                usage.WaitSketch.merge(plus_sketch, by_day[day][1])
+            row = rows.get(day)
+            if row is None:
+                row = UsageSiteWaitTotal(day=day, kind=kind)
+                created.append(row)
+            else:
+                old_count, old_sketch = row.wait_count, row.wait_sketch
+                changed.append(row)
+            row.wait_count = old_count + plus_count
+            row.wait_sketch = usage.WaitSketch.merge(dict(old_sketch), plus_sketch)
+        UsageSiteWaitTotal.objects.bulk_create(created, batch_size=500)
+        UsageSiteWaitTotal.objects.bulk_update(changed, ["wait_count", "wait_sketch"], batch_size=500)
+        written += len(created) + len(changed)
+    return written
+
+
+def rebuild_site_wait_totals() -> int:
+    """UsageSiteWaitTotal rebuilt from the UsageSiteDaily rows (after roll-up rows
+    were written some other way than by fold(), e.g. a bulk load or a repair)."""
+    with transaction.atomic():
+        UsageSiteWaitTotal.objects.all().delete()
+        daily = (UsageSiteDaily.objects.filter(wait_count__gt=0).order_by("day")
+                 .values_list("day", "kind", "wait_count", "wait_sketch"))
+        return _add_to_wait_totals([Contribution(day, Dims(0, None, kind, "", ""), Totals(
+            wait_count=n, wait_sketch=dict(sketch or {}))) for day, kind, n, sketch in daily])
 
 
 def _add_to_rows(model, key_fields: tuple[str, ...], sums: dict[tuple, Totals]) -> int:

@@ -238,11 +238,13 @@ def _site_page(request: HttpRequest, price_form: PriceForm, *, status: int | Non
         range_name, first, last = usage.parse_range(request.GET, today)
     except usage.RangeError as e:
         errors = {**errors, **e.errors}
-    else:
-        if not errors:
-            report = selectors_usage.site_report(range_name, first, last, group_by=group_by)
+    overrides = list(InstancePrice.objects.order_by("instance_type"))
+    if not errors:
+        # the prices in effect are the defaults with these overrides (jobs.usage_rollup.prices)
+        table = usage.price_table((p.instance_type, p.usd_per_hour, p.cores) for p in overrides)
+        report = selectors_usage.site_report(range_name, first, last, group_by=group_by, price_table=table)
     context = {**_base_context(request, None, "site_usage"), "scope": "site", "today": today,
-               "price_form": price_form, "overrides": list(InstancePrice.objects.order_by("instance_type"))}
+               "price_form": price_form, "overrides": overrides}
     response = _render(request, "usage/site.html", context, report=report, group_by=group_by,
                        groups=selectors_usage.SITE_GROUPS, errors=errors, filename="usage-site")
     if status is not None and response.status_code == 200:

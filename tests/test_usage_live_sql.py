@@ -6,7 +6,8 @@ daylight-saving changes (an ambiguous local midnight in the Azores, New York's
 fall back), a half-hour zone, a zone PostgreSQL reads as an abbreviation (CET),
 an unknown and an empty zone name, requeued attempts, unpriced hosts and
 utilization minutes on both sides of local midnights — before any fold, between
-folds and after them."""
+folds and after them. And the site's running wait totals (UsageSiteWaitTotal)
+against merging the daily sketches, through folds and a wait landing on an old day."""
 from __future__ import annotations
 
 import random
@@ -15,9 +16,10 @@ from datetime import datetime, timedelta, timezone as dt_timezone
 import pytest
 from django.db import connection
 
-from jobs import usage
-from jobs.models import Host, InstancePrice, Job, JobAttempt, MetricMinute, Team
-from jobs.usage_rollup import fold, live_usage, live_usage_python
+from jobs import selectors_usage, usage
+from jobs.models import (Host, InstancePrice, Job, JobAttempt, MetricMinute, Team, UsageSiteDaily,
+                         UsageSiteWaitTotal)
+from jobs.usage_rollup import fold, live_usage, live_usage_python, rebuild_site_wait_totals
 
 UTC = dt_timezone.utc
 # Around the end of daylight-saving time in Europe and the Azores (26 Oct 2025: the
@@ -122,3 +124,33 @@ def test_the_sql_live_part_equals_the_python_rules_before_between_and_after_fold
     for now in (NOW + timedelta(seconds=1), NOW + timedelta(minutes=3), NOW + timedelta(hours=30)):
         _assert_same(None, now)
     assert live_usage(now=NOW + timedelta(hours=30)).active_jobs
+
+
+def _daily_sketches(first, last):
+    return selectors_usage._sketches_by_kind_uncached(UsageSiteDaily.objects.filter(day__gte=first, day__lte=last))
+
+
+def _wait_totals():
+    return sorted(UsageSiteWaitTotal.objects.values_list("kind", "day", "wait_count", "wait_sketch"))
+
+
+def test_the_sites_running_wait_totals_equal_the_merged_daily_sketches_through_folds(random_history, cast):
+    teams = random_history
+    days = [START.date() + timedelta(days=d) for d in range(-2, 14)]
+    ranges = [(f, l) for f in days[::3] for l in days[1::4] if f <= l]
+    fold(now=NOW - timedelta(days=6))
+    fold(now=NOW - timedelta(days=2, minutes=17))
+    fold(now=NOW)
+    # a job whose first attempt started days ago turns up: its wait lands on an old day
+    late = Job.objects.create(team=teams[0], user=cast.bob, kind="compile", family="inf2", cores=1, status="running",
+                              created_at=NOW - timedelta(days=5, hours=2), started_at=NOW - timedelta(days=5))
+    JobAttempt.objects.create(job=late, team=teams[0], user=cast.bob, kind="compile", family="inf2",
+                              instance_type="inf2.48xlarge", host=Host.objects.get(name="inf"), number=1, cores=1,
+                              started_at=NOW - timedelta(days=5))
+    fold(now=NOW + timedelta(minutes=10))
+    assert UsageSiteWaitTotal.objects.count() > 10
+    for first, last in ranges:
+        assert selectors_usage._site_wait_sketches_uncached(first, last) == _daily_sketches(first, last), (first, last)
+    incremental = _wait_totals()
+    assert rebuild_site_wait_totals() == len(incremental)
+    assert _wait_totals() == incremental

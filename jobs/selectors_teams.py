@@ -264,11 +264,14 @@ def guarantee_totals() -> dict[str, int]:
     return dict(FamilyQuota.objects.values_list("family").annotate(s=Sum("guaranteed_cores")).order_by())
 
 
-def overcommit_warnings() -> list[str]:
-    """One sentence per family whose guarantees add up to more than its fleet."""
-    cap = fleet_capacity()
+def overcommit_warnings(capacity: dict[str, int] | None = None, guarantees: dict[str, int] | None = None) -> list[str]:
+    """One sentence per family whose guarantees add up to more than its fleet
+    (`capacity` and `guarantees`: fleet_capacity() and guarantee_totals(), when the
+    caller has them already)."""
+    cap = fleet_capacity() if capacity is None else capacity
+    guarantees = guarantee_totals() if guarantees is None else guarantees
     warnings = []
-    for family, total in sorted(guarantee_totals().items()):
+    for family, total in sorted(guarantees.items()):
         if total and total > cap.get(family, 0):
             warnings.append(f"{family} guarantees add up to {total} cores but the fleet has {cap.get(family, 0)} "
                             f"online; not every team can get its guarantee at once")

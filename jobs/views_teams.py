@@ -139,9 +139,8 @@ def _quota_row(usage, form: QuotaForm | None) -> dict:
     }
 
 
-def _fleet_rows() -> list[tuple[str, int, int]]:
+def _fleet_rows(capacity: dict[str, int], guarantees: dict[str, int]) -> list[tuple[str, int, int]]:
     """(family label, online cores, cores guaranteed to teams) per family."""
-    capacity, guarantees = selectors_teams.fleet_capacity(), selectors_teams.guarantee_totals()
     return [(label, capacity.get(value, 0), guarantees.get(value, 0)) for value, label in Family.choices]
 
 
@@ -175,9 +174,10 @@ def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = No
     for usage in selectors_teams.team_usages(list(page.object_list)):
         form = bound[1] if bound and bound[0] == usage.team.slug else None
         rows.append(_quota_row(usage, form))
+    capacity, guarantees = selectors_teams.fleet_capacity(), selectors_teams.guarantee_totals()
     return _render(request, "teams/quota_list.html", {
-        "rows": rows, "page": page, "search": search, "families": _fleet_rows(), "kinds": Kind.choices,
-        "warnings": selectors_teams.overcommit_warnings(),
+        "rows": rows, "page": page, "search": search, "families": _fleet_rows(capacity, guarantees),
+        "kinds": Kind.choices, "warnings": selectors_teams.overcommit_warnings(capacity, guarantees),
     }, nav="quotas", status=status)
 
 

@@ -173,6 +173,23 @@ class RunInputs:
              for pk, team_id, slug, kind, family, cores, created, code, reason in pending])
 
 
+def lock_hosts() -> list[Host]:
+    """The hosts a run may place on, locked (SELECT … FOR UPDATE: dispatch runs
+    serialize here). A replaying agent's host shows recorded metrics only and runs
+    nothing; offline hosts get nothing. On PostgreSQL the Host instances carry only
+    what dispatch uses (id, name, family, core_ids, state): compiling the ORM
+    query cost more than the rest of a run's reads."""
+    if connection.vendor != "postgresql":
+        return list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
+                    .order_by("pk"))
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id, name, family, core_ids, state FROM {Host._meta.db_table} "
+                       "WHERE state <> %s AND NOT replay ORDER BY id FOR UPDATE", [Host.State.OFFLINE])
+        return [Host(id=pk, name=name, family=family, state=state,
+                     core_ids=json.loads(core_ids) if isinstance(core_ids, str) else core_ids)
+                for pk, name, family, core_ids, state in cursor.fetchall()]
+
+
 class Fleet:
     """The cores of every non-offline host and who holds them, for one dispatch run
     (read after the host rows are locked, so no other dispatcher changes it)."""
@@ -489,16 +506,9 @@ def dispatch() -> DispatchReport:
     """Place what can start now, preempt borrowed cores a guarantee needs back, and
     write every waiting job's reason. Safe to run concurrently: runs serialize on
     the host rows (SELECT … FOR UPDATE), so two runs never hand out the same room."""
-    from jobs import live
-
-    try:
-        live.redis().delete("nd:dispatch:kick")
-    except Exception:
-        pass
+    clear_kick()
     with transaction.atomic():
-        # A replaying agent's host shows recorded metrics only; it runs nothing.
-        hosts = list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
-                     .order_by("pk"))
+        hosts = lock_hosts()
         inputs = RunInputs.read()
         fleet = Fleet(hosts, inputs.allocations)
         limits = Limits.load(inputs, fleet.cores())
@@ -524,11 +534,18 @@ BUSY_RUN_GAP_S = 0.02
 _last_run = {"ended": 0.0, "waiting": 0}
 
 
-def dispatch_kicked() -> DispatchReport:
-    """dispatch(), paced as above (what the jobs.dispatch task runs)."""
-    wait = _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic()
-    if _last_run["waiting"] and wait > 0:
-        time.sleep(wait)  # the kick flag stays set meanwhile: new kicks send no task
+def dispatch_kicked(periodic: bool = False) -> DispatchReport:
+    """What the jobs.dispatch task runs: dispatch(), paced as above. A kick while
+    jobs wait and the fleet is full (nothing to preempt either) changes nothing but
+    the new jobs' reasons, which the periodic run (`periodic`, every
+    DISPATCH_EVERY_S) writes: such a kick costs one small statement instead of a run."""
+    if not periodic and _last_run["waiting"]:
+        wait = _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # the kick flag stays set meanwhile: new kicks send no task
+        clear_kick()  # before the check: a core freed after it kicks again
+        if fleet_is_full():
+            return DispatchReport([], _last_run["waiting"])
     try:
         report = dispatch()
     except Exception:
@@ -536,6 +553,32 @@ def dispatch_kicked() -> DispatchReport:
         raise
     _last_run.update(ended=time.monotonic(), waiting=report.waiting)
     return report
+
+
+def fleet_is_full() -> bool:
+    """No run could place or preempt anything now: every core of the online hosts is
+    held, and none of them is borrowed. (A draining or offline host takes nothing.)"""
+    if connection.vendor != "postgresql":
+        return False
+    host, alloc = Host._meta.db_table, CoreAllocation._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT NOT EXISTS (SELECT 1 FROM {alloc} WHERE borrowed) AND "
+            f"(SELECT COALESCE(SUM(jsonb_array_length(core_ids)), 0) FROM {host} WHERE state = %s AND NOT replay) "
+            f"<= (SELECT COUNT(*) FROM {alloc} a JOIN {host} h ON h.id = a.host_id "
+            "WHERE h.state = %s AND NOT h.replay)", [Host.State.ONLINE, Host.State.ONLINE])
+        return bool(cursor.fetchone()[0])
+
+
+def clear_kick() -> None:
+    """Clear the kick flag (jobs.services.kick_dispatch): kicks from now on send a
+    new task, so none made after this point is lost."""
+    from jobs import live
+
+    try:
+        live.redis().delete("nd:dispatch:kick")
+    except Exception:
+        pass
 
 
 # --- reaping ---------------------------------------------------------------------

@@ -3,10 +3,10 @@ from celery import shared_task
 
 
 @shared_task(name="jobs.dispatch", ignore_result=True)
-def dispatch_task() -> list[int]:
+def dispatch_task(periodic: bool = False) -> list[int]:
     from jobs.scheduler import dispatch_kicked
 
-    return dispatch_kicked().placed
+    return dispatch_kicked(periodic).placed
 
 
 @shared_task(name="jobs.reap", ignore_result=True)

@@ -30,8 +30,10 @@ def _fresh_usage(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     clear_usage_cache()
     scheduler.clear_budget_cache()
+    scheduler._last_run.update(ended=0.0, waiting=0)
     yield
     scheduler.clear_budget_cache()
+    scheduler._last_run.update(ended=0.0, waiting=0)
 
 
 def pending(team, user, *, cores: int = 1, family: str = "cpu", kind: str = "inference", at=None) -> Job:
@@ -261,6 +263,31 @@ def borrowed_fleet(cast, cpu_host):
         jobs.append(pending(cast.vision, cast.bob))
         scheduler.dispatch()
     return [run(j) for j in jobs]
+
+
+def test_a_kick_while_the_fleet_is_full_costs_one_statement_and_the_periodic_run_writes_reasons(cast, cpu_host):
+    set_family(cast.vision, "cpu", 8)
+    first = [pending(cast.vision, cast.bob) for _ in range(5)]
+    assert len(scheduler.dispatch_kicked().placed) == 4  # one job waits: the fleet is full
+    late = pending(cast.vision, cast.bob)
+    with CaptureQueriesContext(connection) as queries:
+        assert scheduler.dispatch_kicked().placed == []
+    assert len(queries.captured_queries) == 1 and reason(late)[0] == "submitted"
+    scheduler.dispatch_kicked(periodic=True)
+    assert reason(late) == ("no_free_cores_of_family", "needs 1 cpu core; team vision uses 4 of its 8 guaranteed; "
+                                                       "only 0 of 4 are free in the fleet")
+    # Cores freed: the next kick runs and places the oldest waiting job.
+    states.mark_finished(first[0].pk, S.CANCELLED, sources=(S.QUEUED,), failure="cancelled")
+    assert scheduler.dispatch_kicked().placed == [first[4].pk]
+
+
+def test_a_kick_while_the_fleet_is_full_of_borrowers_still_preempts(cast, borrowed_fleet):
+    waiting = pending(cast.vision, cast.bob)
+    scheduler.dispatch_kicked()
+    assert reason(waiting)[0] == "borrowing_limit_reached"  # the fleet is full and a job waits
+    need = pending(cast.audio, cast.charlie)
+    report = scheduler.dispatch_kicked()
+    assert report.placed == [need.pk] and report.preempted == [borrowed_fleet[3].pk]
 
 
 def test_a_guarantee_preempts_the_newest_borrowers_just_enough(cast, borrowed_fleet):

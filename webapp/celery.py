@@ -18,7 +18,9 @@ def _beat_schedule() -> dict:
     from django.conf import settings
 
     return {
-        "dispatch": {"task": "jobs.dispatch", "schedule": float(settings.DISPATCH_EVERY_S)},
+        # periodic: a full run even when the fleet is full (it writes new jobs' reasons).
+        "dispatch": {"task": "jobs.dispatch", "schedule": float(settings.DISPATCH_EVERY_S),
+                     "kwargs": {"periodic": True}},
         "reap": {"task": "jobs.reap", "schedule": float(settings.REAP_EVERY_S)},
         "rollup-metrics": {"task": "jobs.rollup_metrics", "schedule": 60.0},
         "prune-metrics": {"task": "jobs.prune_metrics", "schedule": 3600.0},

@@ -199,3 +199,16 @@ def test_a_real_fine_tune_then_inference_in_forked_jobs_match_fresh_loads(zygote
                      log=lambda _: None)
     get_backend("cpu").run(ctx)
     assert fresh_checksum(tmp_path / "local-ft" / "artifacts" / "checkpoint") == fresh_checksum(checkpoint)
+
+
+def test_the_zygote_keeps_its_memory_on_huge_pages_where_the_kernel_can(zygote, model, tmp_path):
+    """Fork cost is mostly page tables (see supervisor._huge_pages); jobs run the same."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this kernel")
+    assert zygote.info["huge_page_regions"] is not None
+    rollup = Path(f"/proc/{zygote.info['pid']}/smaps_rollup").read_text()
+    huge_kb = int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
+    if zygote.info["huge_page_regions"]:
+        assert huge_kb > 0
+    assert run_job(zygote, tmp_path / "a", model)["checksum"] == fresh_checksum(model)

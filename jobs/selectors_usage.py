@@ -69,7 +69,11 @@ class TopJob:
 @dataclass
 class TeamShare:
     team: Team
-    totals: Totals
+    totals: Totals  # the SHARE_FIELDS (what the teams table shows) over the range; other fields 0
+
+
+SHARE_FIELDS = ("core_seconds", "measured_core_seconds", "used_core_seconds", "cost_usd", "idle_cost_usd",
+                "jobs_succeeded", "jobs_failed", "jobs_cancelled")
 
 
 @dataclass
@@ -119,7 +123,7 @@ class Report:
         """Totals per group label over the range."""
         sums: dict[str, Totals] = {}
         for (label, _), totals in self.by_group_day.items():
-            sums.setdefault(label, Totals()).add(totals)
+            _add_to(sums, label, totals)
         return sums
 
     @cached_property
@@ -130,6 +134,15 @@ class Report:
 
 
 # --- reading the roll-ups -----------------------------------------------------------
+
+def _add_to(sums: dict, key, totals: Totals) -> None:
+    """sums[key] += totals, starting from zero (setdefault(key, Totals()) would build
+    a Totals for every call: thousands per page)."""
+    into = sums.get(key)
+    if into is None:
+        sums[key] = into = Totals()
+    into.add(totals)
+
 
 ROLLUP_CACHE_S = 600  # an upper bound only: the next fold changes the version, which retires the entries
 
@@ -167,19 +180,23 @@ def _cached(version: str | None, what: str, qs: QuerySet, compute: Callable[[], 
     return value
 
 
-def _sums(qs: QuerySet, *keys: str, version: str | None = None) -> dict[tuple, Totals]:
+def _sums(qs: QuerySet, *keys: str, version: str | None = None,
+          fields: tuple[str, ...] = usage.NUMERIC_FIELDS) -> dict[tuple, Totals]:
     """Totals of `qs` grouped by `keys`, summed in the database (rows come back as
     tuples: a quarter of a busy team is a few thousand groups); cached per roll-up
     version when one is given. The cache holds the plain rows: unpickling
-    thousands of Totals objects cost more than the query."""
+    thousands of Totals objects cost more than the query. Only `fields` are summed
+    (the others stay 0): each sum costs the database a pass over the rows."""
     n = len(keys)
-    rows = _cached(version, f"sum-rows:{keys}", qs, lambda: _sum_rows(qs, *keys))
-    return {row[:n]: Totals(*row[n:]) for row in rows}
+    rows = _cached(version, f"sum-rows:{keys}:{fields}", qs, lambda: _sum_rows(qs, keys, fields))
+    if fields == usage.NUMERIC_FIELDS:
+        return {row[:n]: Totals(*row[n:]) for row in rows}
+    return {row[:n]: Totals(**dict(zip(fields, row[n:]))) for row in rows}
 
 
-def _sum_rows(qs: QuerySet, *keys: str) -> list[tuple]:
-    names = [f"s_{f}" for f in usage.NUMERIC_FIELDS]
-    return list(qs.values(*keys).annotate(**{n: Sum(f) for n, f in zip(names, usage.NUMERIC_FIELDS)})
+def _sum_rows(qs: QuerySet, keys: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple]:
+    names = [f"s_{f}" for f in fields]
+    return list(qs.values(*keys).annotate(**{n: Sum(f) for n, f in zip(names, fields)})
                 .order_by().values_list(*keys, *names))
 
 
@@ -261,15 +278,15 @@ def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str |
     by_kind: dict[str, Totals] = {}
     for (day, kind), totals in _sums(qs.filter(day__gte=span_first, day__lte=span_last), "day", "kind",
                                 version=version).items():
-        by_day.setdefault(day, Totals()).add(totals)
+        _add_to(by_day, day, totals)
         if first <= day <= last:
-            by_kind.setdefault(kind, Totals()).add(totals)
+            _add_to(by_kind, kind, totals)
             if group_field == "kind":
                 by_group_day[(label(kind), day)] = totals
     in_range = qs.filter(day__gte=first, day__lte=last)
     if group_field and group_field != "kind":
         for (value, day), totals in _sums(in_range, group_field, "day", version=version).items():
-            by_group_day.setdefault((label(value), day), Totals()).add(totals)
+            _add_to(by_group_day, (label(value), day), totals)
     for kind, sketch in (sketches() if sketches else _sketches_by_kind(in_range, version)).items():
         by_kind.setdefault(kind, Totals()).wait_sketch = sketch
     return by_day, by_group_day, by_kind
@@ -278,11 +295,11 @@ def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str |
 def _add_live(contribs: Iterable[Contribution], first: date, last: date, by_day: dict, by_group_day: dict,
               by_kind: dict, label: Callable[[Contribution], str] | None) -> None:
     for c in contribs:
-        by_day.setdefault(c.day, Totals()).add(c.totals)
+        _add_to(by_day, c.day, c.totals)
         if first <= c.day <= last:
-            by_kind.setdefault(c.dims.kind, Totals()).add(c.totals)
+            _add_to(by_kind, c.dims.kind, c.totals)
             if label is not None:
-                by_group_day.setdefault((label(c), c.day), Totals()).add(c.totals)
+                _add_to(by_group_day, (label(c), c.day), c.totals)
 
 
 def _labeller(group_by: str, names: dict[int, str]) -> Callable[[object], str]:
@@ -363,10 +380,11 @@ def _team_shares(first: date, last: date, live: list[Contribution], version: str
     per_team: dict[int, Totals] = {}
     teams: dict[int, Team] = {}
     for (team_id, slug, name), totals in _sums(UsageTeamDay.objects.filter(day__gte=first, day__lte=last),
-                                               "team_id", "team__slug", "team__name", version=version).items():
+                                               "team_id", "team__slug", "team__name", version=version,
+                                               fields=SHARE_FIELDS).items():
         per_team[team_id], teams[team_id] = totals, Team(id=team_id, slug=slug, name=name)
     for c in live:
-        per_team.setdefault(c.dims.team_id, Totals()).add(c.totals)
+        _add_to(per_team, c.dims.team_id, c.totals)
     if missing := [t for t in per_team if t not in teams]:
         teams.update(Team.objects.in_bulk(missing))
     shares = [TeamShare(teams[t], totals) for t, totals in per_team.items() if t in teams]
@@ -385,7 +403,7 @@ def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution],
         out[(slugs[team_id], day)] = totals
     for c in live:
         if c.dims.team_id in slugs:
-            out.setdefault((slugs[c.dims.team_id], c.day), Totals()).add(c.totals)
+            _add_to(out, (slugs[c.dims.team_id], c.day), c.totals)
     for day in report.days:
         total = report.day(day)
         values = _numeric(total)
@@ -460,6 +478,9 @@ def _s(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+_ZERO = Totals()  # read-only: a day with nothing in the zero-filled tables
+
+
 def hours_table(report: Report) -> Table:
     """NeuronCore-hours per day and group, zero-filled: every day × every group
     seen in the range (the stacked chart's data)."""
@@ -470,7 +491,7 @@ def hours_table(report: Report) -> Table:
         labels.sort(key=lambda l: order.get(l, len(order)))
     for label in labels:
         for day in report.days:
-            t = report.by_group_day.get((label, day)) or Totals()
+            t = report.by_group_day.get((label, day)) or _ZERO
             table.rows.append([day.isoformat(), label, _h(t.core_seconds), _usd(t.cost_usd)])
     return table
 

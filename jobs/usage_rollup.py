@@ -217,7 +217,10 @@ def live_usage(*, team_id: int | None = None, now: datetime | None = None,
                                              (int(samples), float(util_sum or 0.0)) if samples else (0, 0.0), table)
             contribs.append(Contribution(day, dims, totals, job_id))
             if totals.core_seconds:
-                live.job_totals.setdefault(job_id, Totals()).add(totals)
+                into = live.job_totals.get(job_id)
+                if into is None:
+                    live.job_totals[job_id] = into = Totals()
+                into.add(totals)
                 if folded_day is not None:
                     live.job_folded[job_id] = (folded_day, Totals(*folded))
         elif section == 1 and sub == 0:  # the first attempt's queue wait

@@ -242,6 +242,18 @@ def _submit_snapshot(team: Team, kind: str, family: str) -> _Snapshot:
     return _Snapshot(hosts, pending, priority, (float(folded_s) + unfolded_bound_s) / 3600.0)
 
 
+def _lock_quota(team: Team) -> TeamQuota:
+    """The team's quota row, locked until the transaction ends (SELECT … FOR UPDATE;
+    SQLite has no row locks: its IMMEDIATE transactions serialize writers). Written
+    out rather than compiled by the ORM on every submit (~0.5 ms of CPU)."""
+    for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    rows = TeamQuota.objects.raw(f"SELECT * FROM {TeamQuota._meta.db_table} WHERE team_id = %s{for_update}", [team.pk])
+    quota = next(iter(rows), None)
+    if quota is None:
+        raise TeamQuota.DoesNotExist(f"team {team.slug} has no quota row")
+    return quota
+
+
 def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     """Create a pending job from a valid form, or raise SubmitRefused.
 
@@ -262,7 +274,7 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         cache_hit = ModelAsset.objects.filter(team=team, compile_key=spec["compile_key"]).first()
 
     with transaction.atomic():
-        quota = TeamQuota.objects.select_for_update().get(team=team)
+        quota = _lock_quota(team)
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
         snap = _submit_snapshot(team, kind, family)
         _check_capacity(family, cores, snap.hosts)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -394,11 +393,13 @@ def _team_shares(first: date, last: date, live: list[Contribution], version: str
 
 def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution],
                 version: str | None = None) -> dict[tuple[str, date], Totals]:
-    """(team, day) totals of the top teams, and of all other teams together."""
+    """(team, day) NeuronCore-seconds and cost of the top teams, and of all other
+    teams together: what the stacked chart and its CSV show (TEAM_DAILY_FIELDS;
+    the other fields stay 0)."""
     slugs = {s.team.pk: s.team.slug for s in top}
     out: dict[tuple[str, date], Totals] = {}
     rows = _sums(UsageTeamDay.objects.filter(team_id__in=list(slugs), day__gte=report.first, day__lte=report.last),
-                 "team_id", "day", version=version)
+                 "team_id", "day", version=version, fields=TEAM_DAILY_FIELDS)
     for (team_id, day), totals in rows.items():
         out[(slugs[team_id], day)] = totals
     for c in live:
@@ -406,18 +407,17 @@ def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution],
             _add_to(out, (slugs[c.dims.team_id], c.day), c.totals)
     for day in report.days:
         total = report.day(day)
-        values = _numeric(total)
+        core_seconds, cost = total.core_seconds, total.cost_usd
         for slug in slugs.values():
             t = out.get((slug, day))
             if t is not None:
-                values = [v - w for v, w in zip(values, _numeric(t))]
-        if abs(values[0]) > 1e-6:
-            out[("other teams", day)] = Totals(*values, wait_sketch=dict(total.wait_sketch))
+                core_seconds, cost = core_seconds - t.core_seconds, cost - t.cost_usd
+        if abs(core_seconds) > 1e-6:
+            out[("other teams", day)] = Totals(core_seconds=core_seconds, cost_usd=cost)
     return out
 
 
-_numeric = operator.attrgetter(*usage.NUMERIC_FIELDS)  # a Totals' numbers as a tuple, in field order
-assert usage.NUMERIC_FIELDS[0] == "core_seconds"
+TEAM_DAILY_FIELDS = ("core_seconds", "cost_usd")
 
 
 def _capacity_cores() -> int:

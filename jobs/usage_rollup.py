@@ -207,7 +207,7 @@ def live_usage(*, team_id: int | None = None, now: datetime | None = None,
     contribs = live.contributions
     dims_of: dict[tuple, Dims] = {}
     for (section, job_id, _, sub, day, team, user, kind, family, instance_type, cores, seconds, samples, util_sum,
-         wait_s, status, folded_day, *folded) in rows:
+         wait_s, status, folded_day, *folded, held) in rows:
         key = (team, user, kind, family, instance_type)
         dims = dims_of.get(key)
         if dims is None:
@@ -230,8 +230,8 @@ def live_usage(*, team_id: int | None = None, now: datetime | None = None,
             contribs.append(Contribution(day, dims, Totals(attempts_interrupted=1)))
         elif section == 2:  # a finished job's outcome
             contribs.append(Contribution(day, dims, Totals(**{f"jobs_{status}": 1}), job_id))
-        else:  # a job holding cores now
-            live.active_jobs.add(job_id)
+        else:  # the jobs holding cores now
+            live.active_jobs.update(held or ())
     return live
 
 
@@ -260,8 +260,9 @@ def _live_sql(with_since: bool, with_team: bool) -> str:
     """The live part in one statement, by the rules of jobs.usage.plan_attempts and
     measure (see live_usage_python): rows (section, job, attempt, sub, day, dims,
     cores, seconds, minute rows, util sum, wait, status, the job's folded day and
-    totals), ordered as plan_attempts emits them: pieces (0), then each attempt's
-    wait and interruption (1), then outcomes (2), then the jobs holding cores (3)."""
+    totals, held), ordered as plan_attempts emits them: pieces (0), then each
+    attempt's wait and interruption (1), then outcomes (2), then one row (3) whose
+    `held` lists the jobs holding cores now."""
     since_attempts = "AND (at.ended_at IS NULL OR at.ended_at > %(since)s)" if with_since else ""
     since_jobs = "AND j.finished_at > %(since)s" if with_since else ""
     team_attempts = "AND at.team_id = %(team)s" if with_team else ""
@@ -302,7 +303,7 @@ pc AS (
 latest AS (SELECT DISTINCT ON (job_id) job_id, it FROM p ORDER BY job_id, number DESC)
 SELECT 0 AS section, pc.job_id, pc.number, 0 AS sub, pc.day, {dims}, pc.cores,
        extract(epoch FROM pc.pe - pc.ps)::float8, m.n, m.s, NULL::float8, NULL::text,
-       u_day, u_cs, u_mcs, u_ucs, u_cost, u_idle
+       u_day, u_cs, u_mcs, u_ucs, u_cost, u_idle, NULL::bigint[]
 FROM pc, LATERAL (SELECT count(*) AS n, sum(mm.util_mean) AS s FROM {MetricMinute._meta.db_table} mm
                   WHERE mm.job_id = pc.job_id AND mm.minute >= pc.ps - interval '30 seconds'
                         AND mm.minute < pc.pe - interval '30 seconds' AND mm.host_id = pc.host_id
@@ -310,24 +311,24 @@ FROM pc, LATERAL (SELECT count(*) AS n, sum(mm.util_mean) AS s FROM {MetricMinut
 WHERE pc.pe > pc.ps
 UNION ALL
 SELECT 1, job_id, number, 0, (started_at AT TIME ZONE zone)::date, {dims}, cores, {none},
-       greatest(extract(epoch FROM started_at - created_at), 0)::float8, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+       greatest(extract(epoch FROM started_at - created_at), 0)::float8, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL
 FROM p WHERE number = 1 AND NOT touched
 UNION ALL
 SELECT 1, job_id, number, 1, (ended_at AT TIME ZONE zone)::date, {dims}, cores, {none},
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM p WHERE ended_at <= %(now)s AND outcome IN ({interrupted})
 UNION ALL
 SELECT 2, j.id, 0, 0, (j.finished_at AT TIME ZONE coalesce(tz.zone, 'UTC'))::date, j.team_id, j.user_id, j.kind,
        j.family, coalesce(latest.it, u.instance_type, ''), 0, {none}, NULL, j.status,
-       NULL, NULL, NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM {job} j JOIN {team} t ON t.id = j.team_id LEFT JOIN tz ON tz.name = t.time_zone
      LEFT JOIN {job_usage} u ON u.job_id = j.id LEFT JOIN latest ON latest.job_id = j.id
 WHERE j.finished_at IS NOT NULL AND j.finished_at <= %(now)s {since_jobs} {team_jobs}
       AND (u.job_id IS NULL OR NOT u.outcome_folded) AND j.status IN ({statuses})
 UNION ALL
-SELECT 3, job_id, 0, 0, NULL::date, NULL::bigint, NULL::int, NULL, NULL, NULL, 0, {none}, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL, NULL
-FROM (SELECT DISTINCT job_id FROM a WHERE ended_at IS NULL) held
+SELECT 3, 0, 0, 0, NULL::date, NULL::bigint, NULL::int, NULL, NULL, NULL, 0, {none}, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, (SELECT array_agg(DISTINCT job_id) FROM a WHERE ended_at IS NULL)
 ORDER BY 1, 2, 3, 4, 5"""
 
 

@@ -31,8 +31,9 @@ def token_user(raw: str):
     one a fifth of that."""
     if not raw or not raw.startswith(PREFIX):
         return None
-    users = get_user_model().objects.raw(
-        f"SELECT u.*, t.id AS token_id, t.last_used_at AS token_last_used_at FROM {_user_table()} u "
+    User = get_user_model()
+    users = User.objects.raw(
+        f"SELECT u.*, t.id AS token_id, t.last_used_at AS token_last_used_at FROM {User._meta.db_table} u "
         f"JOIN {ApiToken._meta.db_table} t ON t.user_id = u.id WHERE t.digest = %s", [ApiToken.hash(raw)])
     user = next(iter(users), None)
     if user is None or not user.is_active:
@@ -41,7 +42,3 @@ def token_user(raw: str):
     if user.token_last_used_at is None or now - user.token_last_used_at >= LAST_USED_EVERY:
         ApiToken.objects.filter(pk=user.token_id).update(last_used_at=now)
     return user
-
-
-def _user_table() -> str:
-    return get_user_model()._meta.db_table

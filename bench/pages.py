@@ -424,7 +424,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 ONLY: set[str] = set()  # --only: measure just these pages (quicker iterations)
-COLD = False  # --cold: empty Django's cache before every timed request (a first render after a fold)
+COLD = False  # --cold: empty Django's cache before every timed request (no roll-up read cached at all)
+AFTER_FOLD = False  # --after-fold: a real fold before every timed request (the first render after a fold)
 
 
 def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -> dict[str, dict]:
@@ -454,6 +455,8 @@ def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -
         for _ in range(requests):
             if COLD:
                 cache.clear()
+            if AFTER_FOLD:
+                fold()
             with CaptureQueriesContext(connection) as ctx:
                 t0 = time.perf_counter()
                 response = client.get(url)
@@ -491,10 +494,13 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated page names to measure (e.g. site_usage)")
     parser.add_argument("--cold", action="store_true",
                         help="clear Django's cache before each timed request (roll-up reads uncached)")
+    parser.add_argument("--after-fold", action="store_true",
+                        help="run the roll-up fold before each timed request (the first render after a fold; "
+                             "slow: a fold per request)")
     args = parser.parse_args()
     ONLY.update(n for n in args.only.split(",") if n)
-    global COLD
-    COLD = args.cold
+    global COLD, AFTER_FOLD
+    COLD, AFTER_FOLD = args.cold, args.after_fold
 
     log(f"empty baseline database {DB_EMPTY}")
     recreate(DB_EMPTY)

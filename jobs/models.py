@@ -537,6 +537,11 @@ class UsageRollupState(models.Model):
     cutoff = models.DateTimeField(null=True, blank=True)
     ran_at = models.DateTimeField(null=True, blank=True)
     folded_pieces = models.BigIntegerField(default=0)  # attempt pieces folded, ever (for monitoring)
+    # Changed (to a transaction id) by each fold that writes a "settled" day (one at
+    # least two days before its cutoff's UTC date: normally only recent days
+    # change), so pages may cache reads of settled days across folds
+    # (jobs.usage_rollup.settled_day, jobs.selectors_usage.Stamp).
+    settled_xid = models.BigIntegerField(null=True, blank=True)
 
 
 class InstancePrice(models.Model):

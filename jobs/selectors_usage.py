@@ -34,7 +34,7 @@ from jobs import usage
 from jobs.models import (Family, Host, Job, JobUsage, Kind, Team, TeamQuota, UsageDaily, UsageRollupState,
                          UsageSiteDaily, UsageSiteWaitTotal, UsageTeamDay)
 from jobs.usage import Contribution, Price, Totals
-from jobs.usage_rollup import LiveUsage, Watermark, live_usage, prices, watermark
+from jobs.usage_rollup import LiveUsage, Watermark, live_usage, prices, settled_day, watermark
 
 TOP_JOBS = 10
 TOP_TEAMS_STACKED = 7  # the site's "by team" chart stacks this many teams and "other teams"
@@ -144,6 +144,7 @@ def _add_to(sums: dict, key, totals: Totals) -> None:
 
 
 ROLLUP_CACHE_S = 600  # an upper bound only: the next fold changes the version, which retires the entries
+SETTLED_CACHE_S = 6 * 3600  # reads of settled days: retired by a fold that writes one (Stamp), rarely
 
 
 def rollup_version(mark: Watermark | None = None) -> str | None:
@@ -165,6 +166,53 @@ def rollup_version(mark: Watermark | None = None) -> str | None:
     return f"{mark.xmin}:{mark.cutoff.isoformat()}"
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """Cache stamps for roll-up reads: `recent` (rollup_version: every fold retires
+    it) for reads that may touch days after `settled_day`; `settled` for reads of
+    days up to `settled_day` only, which survives folds until one writes such a day
+    (UsageRollupState.settled_xid, see jobs.usage_rollup.settled_day). So the first
+    render after a fold re-reads the last few days, not the whole range."""
+
+    recent: str | None
+    settled: str | None = None
+    settled_day: date | None = None
+
+
+def stamps(mark: Watermark | None) -> Stamp:
+    version = rollup_version(mark)
+    if version is None or mark is None or mark.settled_xid is None:
+        return Stamp(version)
+    return Stamp(version, f"settled:{mark.settled_xid}", settled_day(mark.cutoff))
+
+
+def _range_sums(qs: QuerySet, first: date, last: date, *keys: str, stamp: Stamp,
+                fields: tuple[str, ...] = usage.NUMERIC_FIELDS) -> dict[tuple, Totals]:
+    """_sums of `qs` from first to last: settled days and recent days read (and
+    cached) apart, then added up."""
+    if stamp.settled is None or first > stamp.settled_day:
+        return _sums(qs.filter(day__gte=first, day__lte=last), *keys, version=stamp.recent, fields=fields)
+    sums = _sums(qs.filter(day__gte=first, day__lte=min(last, stamp.settled_day)), *keys, version=stamp.settled,
+                 fields=fields)
+    if last > stamp.settled_day:
+        recent = qs.filter(day__gte=stamp.settled_day + timedelta(days=1), day__lte=last)
+        for key, totals in _sums(recent, *keys, version=stamp.recent, fields=fields).items():
+            _add_to(sums, key, totals)
+    return sums
+
+
+def _range_sketches(qs: QuerySet, first: date, last: date, stamp: Stamp) -> dict[str, dict[str, int]]:
+    """_sketches_by_kind of `qs` from first to last, settled and recent days apart."""
+    if stamp.settled is None or first > stamp.settled_day:
+        return _sketches_by_kind(qs.filter(day__gte=first, day__lte=last), stamp.recent)
+    merged = _sketches_by_kind(qs.filter(day__gte=first, day__lte=min(last, stamp.settled_day)), stamp.settled)
+    if last > stamp.settled_day:
+        recent = qs.filter(day__gte=stamp.settled_day + timedelta(days=1), day__lte=last)
+        for kind, sketch in _sketches_by_kind(recent, stamp.recent).items():
+            usage.WaitSketch.merge(merged.setdefault(kind, {}), sketch)
+    return merged
+
+
 def _cached(version: str | None, what: str, qs: QuerySet, compute: Callable[[], object]):
     """compute(), cached under (version, what, the query's SQL) when version is set.
     The cache hands back copies (it pickles), so callers may mutate the result."""
@@ -175,7 +223,7 @@ def _cached(version: str | None, what: str, qs: QuerySet, compute: Callable[[], 
     value = cache.get(key)
     if value is None:
         value = compute()
-        cache.set(key, value, ROLLUP_CACHE_S)
+        cache.set(key, value, SETTLED_CACHE_S if version.startswith("settled:") else ROLLUP_CACHE_S)
     return value
 
 
@@ -265,7 +313,7 @@ def _site_wait_sketches_uncached(first: date, last: date) -> dict[str, dict[str,
 
 
 def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str | None,
-          label: Callable[[object], str], version: str | None = None,
+          label: Callable[[object], str], stamp: Stamp,
           sketches: Callable[[], dict[str, dict[str, int]]] | None = None) -> tuple[dict, dict, dict]:
     """by_day (span), by_group_day and by_kind (range, with sketches) of a roll-up:
     one pass grouped by (day, kind) — a few hundred rows — one by (group, day) when
@@ -275,18 +323,16 @@ def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str |
     by_day: dict[date, Totals] = {}
     by_group_day: dict[tuple[str, date], Totals] = {}
     by_kind: dict[str, Totals] = {}
-    for (day, kind), totals in _sums(qs.filter(day__gte=span_first, day__lte=span_last), "day", "kind",
-                                version=version).items():
+    for (day, kind), totals in _range_sums(qs, span_first, span_last, "day", "kind", stamp=stamp).items():
         _add_to(by_day, day, totals)
         if first <= day <= last:
             _add_to(by_kind, kind, totals)
             if group_field == "kind":
                 by_group_day[(label(kind), day)] = totals
-    in_range = qs.filter(day__gte=first, day__lte=last)
     if group_field and group_field != "kind":
-        for (value, day), totals in _sums(in_range, group_field, "day", version=version).items():
+        for (value, day), totals in _range_sums(qs, first, last, group_field, "day", stamp=stamp).items():
             _add_to(by_group_day, (label(value), day), totals)
-    for kind, sketch in (sketches() if sketches else _sketches_by_kind(in_range, version)).items():
+    for kind, sketch in (sketches() if sketches else _range_sketches(qs, first, last, stamp)).items():
         by_kind.setdefault(kind, Totals()).wait_sketch = sketch
     return by_day, by_group_day, by_kind
 
@@ -320,24 +366,25 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
     today = usage.local_day(now, tz)
     table = prices()
     mark = watermark() if connection.vendor == "postgresql" else None
-    version = rollup_version(mark)
+    stamp = stamps(mark)
     live = live_usage(team_id=team.pk, now=now, price_table=table, mark=mark)
     names: dict[int, str] = {}
     if group_by == "user":
         users = UsageDaily.objects.filter(team=team, day__gte=first, day__lte=last).values_list(
             "user_id", flat=True).distinct()
-        ids = set(_cached(version, "users", users, lambda: list(users))) | {c.dims.user_id for c in live.contributions}
+        ids = set(_cached(stamp.recent, "users", users, lambda: list(users))) | {
+            c.dims.user_id for c in live.contributions}
         ids.discard(None)
         names = dict(get_user_model().objects.filter(pk__in=ids).values_list("pk", "username")) if ids else {}
     label = _labeller(group_by, names)
     field_name = _GROUP_FIELD.get(group_by, "kind")
     by_day, by_group_day, by_kind = _read(UsageDaily.objects.filter(team=team), first, last, today, field_name, label,
-                                          version)
+                                          stamp)
     _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
               lambda c: label(getattr(c.dims, field_name)))
     budget = TeamQuota.objects.filter(team=team).values_list("monthly_core_hours", flat=True).first()
     return Report("team", team, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
-                  budget, _top_jobs(live, first, last, team=team, version=version), table)
+                  budget, _top_jobs(live, first, last, team=team, version=stamp.recent), table)
 
 
 # --- site --------------------------------------------------------------------------
@@ -352,35 +399,35 @@ def site_report(range_name: str, first: date, last: date, *, now: datetime | Non
     today = usage.local_day(now, tz)
     table = price_table if price_table is not None else prices()
     mark = watermark() if connection.vendor == "postgresql" else None
-    version = rollup_version(mark)
+    stamp = stamps(mark)
     live = live_usage(now=now, price_table=table, mark=mark)
     field_name = "family" if group_by == "family" else "kind"
     label = _labeller(field_name, {})
     by_day, by_group_day, by_kind = _read(UsageSiteDaily.objects.all(), first, last, today,
-                                          None if group_by == "team" else field_name, label, version,
-                                          sketches=lambda: _site_wait_sketches(first, last, version))
+                                          None if group_by == "team" else field_name, label, stamp,
+                                          sketches=lambda: _site_wait_sketches(first, last, stamp.recent))
     _add_live(live.contributions, first, last, by_day, by_group_day, by_kind,
               None if group_by == "team" else (lambda c: label(getattr(c.dims, field_name))))
     budget = TeamQuota.objects.aggregate(s=Sum("monthly_core_hours"))["s"]
     in_range = [c for c in live.contributions if first <= c.day <= last]
-    shares = _team_shares(first, last, in_range, version)
+    shares = _team_shares(first, last, in_range, stamp)
     report = Report("site", None, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
-                    budget, _top_jobs(live, first, last, team=None, version=version), table, team_shares=shares,
+                    budget, _top_jobs(live, first, last, team=None, version=stamp.recent), table, team_shares=shares,
                     capacity_cores=_capacity_cores())
     if group_by == "team":
-        report.by_group_day = _team_daily(report, shares[:TOP_TEAMS_STACKED], in_range, version)
+        report.by_group_day = _team_daily(report, shares[:TOP_TEAMS_STACKED], in_range, stamp)
     return report
 
 
-def _team_shares(first: date, last: date, live: list[Contribution], version: str | None = None) -> list[TeamShare]:
+def _team_shares(first: date, last: date, live: list[Contribution], stamp: Stamp) -> list[TeamShare]:
     """Every team with usage in the range, most NeuronCore-hours first (summed in
     the database over UsageTeamDay with the team's slug and name joined; a team with
     only live usage in the range costs one more query)."""
     per_team: dict[int, Totals] = {}
     teams: dict[int, Team] = {}
-    for (team_id, slug, name), totals in _sums(UsageTeamDay.objects.filter(day__gte=first, day__lte=last),
-                                               "team_id", "team__slug", "team__name", version=version,
-                                               fields=SHARE_FIELDS).items():
+    for (team_id, slug, name), totals in _range_sums(UsageTeamDay.objects.all(), first, last, "team_id",
+                                                     "team__slug", "team__name", stamp=stamp,
+                                                     fields=SHARE_FIELDS).items():
         per_team[team_id], teams[team_id] = totals, Team(id=team_id, slug=slug, name=name)
     for c in live:
         _add_to(per_team, c.dims.team_id, c.totals)
@@ -392,14 +439,14 @@ def _team_shares(first: date, last: date, live: list[Contribution], version: str
 
 
 def _team_daily(report: Report, top: list[TeamShare], live: list[Contribution],
-                version: str | None = None) -> dict[tuple[str, date], Totals]:
+                stamp: Stamp) -> dict[tuple[str, date], Totals]:
     """(team, day) NeuronCore-seconds and cost of the top teams, and of all other
     teams together: what the stacked chart and its CSV show (TEAM_DAILY_FIELDS;
     the other fields stay 0)."""
     slugs = {s.team.pk: s.team.slug for s in top}
     out: dict[tuple[str, date], Totals] = {}
-    rows = _sums(UsageTeamDay.objects.filter(team_id__in=list(slugs), day__gte=report.first, day__lte=report.last),
-                 "team_id", "day", version=version, fields=TEAM_DAILY_FIELDS)
+    rows = _range_sums(UsageTeamDay.objects.filter(team_id__in=list(slugs)), report.first, report.last,
+                       "team_id", "day", stamp=stamp, fields=TEAM_DAILY_FIELDS)
     for (team_id, day), totals in rows.items():
         out[(slugs[team_id], day)] = totals
     for c in live:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, timezone as dt_timezone
 from itertools import groupby, islice
 
 from django.db import connection, transaction
@@ -171,16 +171,17 @@ class Watermark:
     cutoff: datetime | None
     xmin: str | None
     zones: tuple[str, ...]
+    settled_xid: int | None = None  # see UsageRollupState.settled_xid
 
 
 def watermark() -> Watermark:
     """The fold's watermark and the teams' zones in one query (PostgreSQL)."""
     state = UsageRollupState._meta.db_table
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT (SELECT cutoff FROM {state} WHERE id = 1), (SELECT xmin::text FROM {state} WHERE id = 1), "
-                       f"(SELECT array_agg(DISTINCT time_zone) FROM {Team._meta.db_table})")
-        cutoff, xmin, zones = cursor.fetchone()
-    return Watermark(cutoff, xmin, tuple(zones or ()))
+        cursor.execute(f"SELECT s.cutoff, s.xmin::text, s.settled_xid, (SELECT array_agg(DISTINCT time_zone) "
+                       f"FROM {Team._meta.db_table}) FROM (SELECT 1) one LEFT JOIN {state} s ON s.id = 1")
+        cutoff, xmin, settled_xid, zones = cursor.fetchone()
+    return Watermark(cutoff, xmin, tuple(zones or ()), settled_xid)
 
 
 def live_usage(*, team_id: int | None = None, now: datetime | None = None,
@@ -409,6 +410,7 @@ def fold(now: datetime | None = None) -> FoldStats:
             cutoff = state.cutoff  # the clock went back: never fold less than last time
         table = prices()
         instance_types: dict[int, str] = {}
+        oldest: date | None = None  # the earliest day this fold writes to
         attempts = unfolded_attempts(since=since, before=cutoff).iterator(chunk_size=CHUNK)
         for batch in _chunks(attempts, "job_id", CHUNK):
             batch = _with_gaps(batch)
@@ -417,16 +419,47 @@ def fold(now: datetime | None = None) -> FoldStats:
             stats.pieces += len(plan.pieces)
             contribs = usage.contributions(plan, measure(plan.pieces), table)
             stats.rows_written += _write(contribs, plan.progress, outcome_jobs=set())
+            oldest = _earliest(oldest, contribs)
             instance_types.update({job_id: p.instance_type for job_id, p in plan.progress.items()})
         outcomes = unfolded_outcomes(since=since, upto=cutoff).iterator(chunk_size=CHUNK)
         while batch := list(islice(outcomes, CHUNK)):
             rows = [_outcome_row(v, instance_types) for v in batch]
             stats.outcomes += len(rows)
-            stats.rows_written += _write(usage.outcome_contributions(rows), {}, outcome_jobs={r.job_id for r in rows})
+            contribs = usage.outcome_contributions(rows)
+            stats.rows_written += _write(contribs, {}, outcome_jobs={r.job_id for r in rows})
+            oldest = _earliest(oldest, contribs)
         state.cutoff, state.ran_at = cutoff, now
         state.folded_pieces += stats.pieces
-        state.save(update_fields=["cutoff", "ran_at", "folded_pieces"])
+        fields = ["cutoff", "ran_at", "folded_pieces"]
+        if connection.vendor == "postgresql" and (state.settled_xid is None or (
+                oldest is not None and oldest <= settled_day(cutoff))):
+            # A stamp no other state of the roll-ups has: the transaction id of the
+            # row's version this fold replaces (every fold writes a new version; ids
+            # are unique across databases; txid_current() would repeat inside one
+            # outer transaction, as in tests).
+            with connection.cursor() as cursor:
+                cursor.execute(f"SELECT xmin::text::bigint FROM {UsageRollupState._meta.db_table} WHERE id = 1")
+                state.settled_xid = cursor.fetchone()[0]
+            fields.append("settled_xid")
+        state.save(update_fields=fields)
     return stats
+
+
+def _earliest(day: date | None, contribs: list[Contribution]) -> date | None:
+    return min([c.day for c in contribs] + ([day] if day else []), default=None)
+
+
+SETTLED_DAYS = 2
+
+
+def settled_day(cutoff: datetime) -> date:
+    """The last day a fold up to `cutoff` normally leaves alone: it folds the minutes
+    since the previous cutoff, whose local days (any zone) are the cutoff's UTC date
+    or the day before or after, and outcomes and waits of the same minutes. A fold
+    that writes a day up to this one (a wait of an attempt started days ago, a fold
+    after days without one) moves UsageRollupState.settled_xid, which retires the
+    pages' cached reads of settled days (jobs.selectors_usage.Stamp)."""
+    return cutoff.astimezone(dt_timezone.utc).date() - timedelta(days=SETTLED_DAYS)
 
 
 def _with_gaps(batch: list[dict]) -> list[dict]:

@@ -558,3 +558,40 @@ def test_a_fold_retires_the_cached_rollup_reads_so_the_page_never_loses_folded_u
     fold(NOW)  # the new hour moves from the live part into the roll-ups: a stale cache would drop it
     after = float(_csv(client.get("/teams/vision/usage/", params))[0]["allocated_core_hours"])
     assert after == pytest.approx(before + 2.0, abs=1e-3)
+
+
+def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_old_day_changes(history):
+    """Roll-up reads of days up to two days before the fold's cutoff are cached across
+    folds (selectors_usage.Stamp); a fold writing such a day retires them."""
+    client = _client(history.alice)
+    params = {"range": "custom", "from": "2025-03-01", "to": "2025-03-12", "group_by": "user"}
+    host = Host.objects.get(name="trn-a")
+
+    def render(now):
+        with mock.patch("django.utils.timezone.now", return_value=now), CaptureQueriesContext(connection) as ctx:
+            response = client.get("/teams/vision/usage/", {**params, "format": "csv", "table": "hours"})
+        return _csv(response), len(ctx.captured_queries)
+
+    def uncached(now):
+        cache.clear()
+        return render(now)[0]
+
+    fold(NOW)
+    settled = UsageRollupState.objects.get().settled_xid
+    assert settled is not None
+    cache.clear()
+    _, cold = render(NOW)
+    fold(NOW + timedelta(minutes=1))  # only recent days change: settled reads stay cached
+    assert UsageRollupState.objects.get().settled_xid == settled
+    rows, after_recent_fold = render(NOW + timedelta(minutes=1))
+    assert after_recent_fold < cold
+    assert rows == uncached(NOW + timedelta(minutes=1))
+    # a job whose attempt started on the 8th turns up: the fold writes old days
+    late = _job(history.vision, history.alice, "compile", "trn1", 2, at(8, 9), "running", started=at(8, 10))
+    _attempt(late, 1, host, at(8, 10), None, "")
+    fold(NOW + timedelta(minutes=2))
+    assert UsageRollupState.objects.get().settled_xid != settled
+    rows, _ = render(NOW + timedelta(minutes=2))
+    assert rows == uncached(NOW + timedelta(minutes=2))
+    alice_8th = [r for r in rows if r["day"] == "2025-03-08" and r["user"] == "alice"]
+    assert float(alice_8th[0]["core_hours"]) == pytest.approx(2 * 8.5, abs=1e-3)  # 15:30-24:00 local (UTC+5:30)

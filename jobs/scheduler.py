@@ -45,6 +45,12 @@ class DispatchReport:
     waiting: int
     preempted: list[int] = field(default_factory=list)
 
+    def add(self, later: "DispatchReport") -> None:
+        """Fold in a later run's report (waiting: as the later run left it)."""
+        self.placed += later.placed
+        self.preempted += later.preempted
+        self.waiting = later.waiting
+
 
 def send_run(job_id: int, queue: str, producer=None) -> None:
     from webapp.celery import app
@@ -139,9 +145,12 @@ class RunInputs:
 
     @classmethod
     def _read_one_statement(cls, limit: int) -> "RunInputs":
-        """The same five reads as one statement (one round trip, one snapshot), each
-        table as a JSON array: dispatch runs many times a second under a burst, and
-        five ORM queries cost more than the dispatching itself."""
+        """The same reads as one statement (one round trip, one snapshot):
+        dispatch runs many times a second under a burst, and five ORM queries cost
+        more than the dispatching itself. The pending jobs come as rows (building
+        JSON for hundreds of them cost PostgreSQL twice as much), after one leading
+        row whose last column holds the small tables as JSON arrays: allocations,
+        quotas, kind priorities and the slugs of the teams with pending jobs."""
         from jobs.models import KindPriority
         from jobs.services import DEFAULT_KIND_PRIORITY
 
@@ -149,28 +158,34 @@ class RunInputs:
             return connection.ops.quote_name(model._meta.db_table)
 
         sql = (
-            "SELECT "
+            "WITH p AS (SELECT id, team_id, kind, family, cores, created_at, reason_code, reason "
+            f"  FROM {table(Job)} WHERE status = %s AND NOT cancel_requested ORDER BY id LIMIT %s) "
+            "SELECT 0, NULL::bigint, NULL::bigint, NULL, NULL, NULL::integer, NULL::timestamptz, NULL, NULL, "
+            "json_build_array("
             "(SELECT json_agg(json_build_array(host_id, core, job_id, team_id, family, borrowed, "
             f"  EXTRACT(EPOCH FROM since))) FROM {table(CoreAllocation)}), "
             f"(SELECT json_agg(json_build_array(team_id, monthly_core_hours, share)) FROM {table(TeamQuota)}), "
             "(SELECT json_agg(json_build_array(team_id, family, guaranteed_cores, borrow_limit)) "
             f"  FROM {table(FamilyQuota)}), "
             f"(SELECT json_agg(json_build_array(kind, priority)) FROM {table(KindPriority)}), "
-            "(SELECT json_agg(json_build_array(p.id, p.team_id, t.slug, p.kind, p.family, p.cores, "
-            "  p.created_at, p.reason_code, p.reason) ORDER BY p.id) "
-            f" FROM (SELECT * FROM {table(Job)} WHERE status = %s AND NOT cancel_requested ORDER BY id LIMIT %s) p "
-            f" JOIN {table(Team)} t ON t.id = p.team_id)")
+            f"(SELECT json_agg(json_build_array(id, slug)) FROM {table(Team)} WHERE id IN (SELECT team_id FROM p))) "
+            "UNION ALL "
+            "SELECT 1, id, team_id, kind, family, cores, created_at, reason_code, reason, NULL FROM p "
+            "ORDER BY 1, 2")
         with connection.cursor() as cursor:
             cursor.execute(sql, [S.PENDING, limit])
-            columns = [json.loads(v) if isinstance(v, str) else (v or []) for v in cursor.fetchone()]
-        allocations, team_quotas, family_quotas, kinds, pending = columns
+            rows = cursor.fetchall()
+        head = rows[0][-1]
+        allocations, team_quotas, family_quotas, kinds, slugs = [
+            v or [] for v in (json.loads(head) if isinstance(head, str) else head)]
         priorities = {str(k): v for k, v in DEFAULT_KIND_PRIORITY.items()}
         priorities.update(dict(kinds))
+        slug = dict(slugs)
         return cls(
             [tuple(row) for row in allocations], [tuple(row) for row in team_quotas],
             [tuple(row) for row in family_quotas], priorities,
-            [PendingRow(pk, team_id, slug, kind, family, cores, datetime.fromisoformat(created), code, reason)
-             for pk, team_id, slug, kind, family, cores, created, code, reason in pending])
+            [PendingRow(pk, team_id, slug[team_id], kind, family, cores, created, code, reason)
+             for _, pk, team_id, kind, family, cores, created, code, reason, _ in rows[1:]])
 
 
 def lock_hosts() -> list[Host]:
@@ -502,11 +517,13 @@ class Dispatcher:
             Job.objects.filter(pk=pk, status=S.PENDING).update(reason_code=code, reason=reason)
 
 
-def dispatch() -> DispatchReport:
+def dispatch(*, clear: bool = True) -> DispatchReport:
     """Place what can start now, preempt borrowed cores a guarantee needs back, and
     write every waiting job's reason. Safe to run concurrently: runs serialize on
-    the host rows (SELECT … FOR UPDATE), so two runs never hand out the same room."""
-    clear_kick()
+    the host rows (SELECT … FOR UPDATE), so two runs never hand out the same room.
+    `clear`: clear the kick flag first (see clear_kick)."""
+    if clear:
+        clear_kick()
     with transaction.atomic():
         hosts = lock_hosts()
         inputs = RunInputs.read()
@@ -524,30 +541,64 @@ def dispatch() -> DispatchReport:
     return DispatchReport([p[0] for p in placed], len(dispatcher.reasons), dispatcher.preempted)
 
 
-# While the fleet is full, every finishing job and every submit kicks the dispatcher,
-# and each run would place the one job whose cores just freed, paying a whole run
-# (locks, reads, commit, Celery task) per job. So a run that follows a run which
-# left jobs waiting starts no sooner than this after it; the kicks meanwhile
-# coalesce into it. With free capacity (the previous run placed everything) a kick
-# runs at once: submit → running stays a Celery round trip.
+# Kicks and runs. kick_dispatch (jobs.services) sets the kick flag and sends a
+# jobs.dispatch task only if the flag was not set; a run clears the flag before it
+# reads anything. So every kick is followed by a task whose run starts after it (the
+# kick's change was committed before it), and a kicked task that finds the flag
+# cleared has been served by such a run already: it does nothing.
+#
+# Under a burst the fleet is full, every finishing job and every submit kicks, and
+# each run would place the one job whose cores just freed, paying a whole run and a
+# Celery task per job. So a run that follows a run which left jobs waiting starts
+# BUSY_RUN_GAP_S after it (kicks meanwhile coalesce), and while runs keep placing
+# jobs and leaving others waiting, the task itself dispatches again after each gap
+# for up to BUSY_LOOP_S, without clearing the flag (kicks meanwhile send no task; the
+# one task the first of them sent runs afterwards). When every online core is held
+# and none is borrowed, a run could change nothing: one small statement says so.
+# With free capacity (a run left nothing waiting) a kick runs at once, once:
+# submit → running stays a Celery round trip.
 BUSY_RUN_GAP_S = 0.02
+BUSY_LOOP_S = 1.0  # then the task ends, so reaping and roll-ups are never held up long
 _last_run = {"ended": 0.0, "waiting": 0}
 
 
 def dispatch_kicked(periodic: bool = False) -> DispatchReport:
-    """What the jobs.dispatch task runs: dispatch(), paced as above. A kick while
-    jobs wait and the fleet is full (nothing to preempt either) changes nothing but
-    the new jobs' reasons, which the periodic run (`periodic`, every
-    DISPATCH_EVERY_S) writes: such a kick costs one small statement instead of a run."""
-    if not periodic and _last_run["waiting"]:
-        wait = _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)  # the kick flag stays set meanwhile: new kicks send no task
-        clear_kick()  # before the check: a core freed after it kicks again
+    """What the jobs.dispatch task runs (see above). `periodic`: the beat's run
+    every DISPATCH_EVERY_S, always a full run: a kick while jobs wait and the fleet
+    is full (nothing to preempt either) costs one small statement instead of a run,
+    so only the periodic run writes those new jobs' reasons."""
+    if periodic:
+        return _record(lambda: dispatch())
+    if not kick_pending():
+        return DispatchReport([], _last_run["waiting"])
+    _pace()
+    clear_kick()  # before any read: a change committed after it kicks again
+    if _last_run["waiting"] and fleet_is_full():
+        return DispatchReport([], _last_run["waiting"])
+    report = _record(lambda: dispatch(clear=False))
+    total = DispatchReport(list(report.placed), report.waiting, list(report.preempted))
+    deadline = time.monotonic() + BUSY_LOOP_S
+    while report.placed and report.waiting and time.monotonic() < deadline:
+        _pace()
         if fleet_is_full():
-            return DispatchReport([], _last_run["waiting"])
+            break
+        # The flag is not cleared: the first kick since the clear above sent the
+        # next task, which runs after this one and serves every kick meanwhile.
+        report = _record(lambda: dispatch(clear=False))
+        total.add(report)
+    return total
+
+
+def _pace() -> None:
+    """After a run that left jobs waiting, wait until BUSY_RUN_GAP_S after it."""
+    wait = _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic()
+    if _last_run["waiting"] and wait > 0:
+        time.sleep(wait)
+
+
+def _record(run) -> DispatchReport:
     try:
-        report = dispatch()
+        report = run()
     except Exception:
         _last_run.update(ended=time.monotonic(), waiting=0)
         raise
@@ -570,13 +621,26 @@ def fleet_is_full() -> bool:
         return bool(cursor.fetchone()[0])
 
 
-def clear_kick() -> None:
-    """Clear the kick flag (jobs.services.kick_dispatch): kicks from now on send a
-    new task, so none made after this point is lost."""
+KICK_FLAG = "nd:dispatch:kick"
+
+
+def kick_pending() -> bool:
+    """Is the kick flag set (a kick since the last run started)? True if Redis cannot say."""
     from jobs import live
 
     try:
-        live.redis().delete("nd:dispatch:kick")
+        return bool(live.redis().exists(KICK_FLAG))
+    except Exception:
+        return True
+
+
+def clear_kick() -> None:
+    """Clear the kick flag: kicks from now on send a new task, so none made after
+    this point is lost."""
+    from jobs import live
+
+    try:
+        live.redis().delete(KICK_FLAG)
     except Exception:
         pass
 

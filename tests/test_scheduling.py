@@ -265,28 +265,60 @@ def borrowed_fleet(cast, cpu_host):
     return [run(j) for j in jobs]
 
 
+def kick() -> None:
+    """What kick_dispatch does before it sends the jobs.dispatch task."""
+    from jobs import live
+
+    live.redis().set(scheduler.KICK_FLAG, 1, ex=5)
+
+
+def kicked_run() -> scheduler.DispatchReport:
+    kick()
+    return scheduler.dispatch_kicked()
+
+
 def test_a_kick_while_the_fleet_is_full_costs_one_statement_and_the_periodic_run_writes_reasons(cast, cpu_host):
     set_family(cast.vision, "cpu", 8)
     first = [pending(cast.vision, cast.bob) for _ in range(5)]
-    assert len(scheduler.dispatch_kicked().placed) == 4  # one job waits: the fleet is full
+    assert len(kicked_run().placed) == 4  # one job waits: the fleet is full
     late = pending(cast.vision, cast.bob)
     with CaptureQueriesContext(connection) as queries:
-        assert scheduler.dispatch_kicked().placed == []
+        assert kicked_run().placed == []
     assert len(queries.captured_queries) == 1 and reason(late)[0] == "submitted"
     scheduler.dispatch_kicked(periodic=True)
     assert reason(late) == ("no_free_cores_of_family", "needs 1 cpu core; team vision uses 4 of its 8 guaranteed; "
                                                        "only 0 of 4 are free in the fleet")
     # Cores freed: the next kick runs and places the oldest waiting job.
     states.mark_finished(first[0].pk, S.CANCELLED, sources=(S.QUEUED,), failure="cancelled")
-    assert scheduler.dispatch_kicked().placed == [first[4].pk]
+    assert kicked_run().placed == [first[4].pk]
+
+
+def test_a_kicked_task_does_nothing_when_a_later_run_served_its_kick(cast, cpu_host):
+    job = pending(cast.vision, cast.bob)
+    kick()
+    assert scheduler.dispatch().placed == [job.pk]  # any run clears the flag before it reads
+    with CaptureQueriesContext(connection) as queries:
+        assert scheduler.dispatch_kicked().placed == []
+    assert queries.captured_queries == []
+
+
+def test_a_busy_task_dispatches_again_until_a_run_places_nothing_then_clears_the_kick(cast, cpu_host):
+    from jobs import live
+
+    set_family(cast.vision, "cpu", 8)
+    jobs = [pending(cast.vision, cast.bob) for _ in range(6)]
+    kick()
+    report = scheduler.dispatch_kicked()
+    assert {j.pk for j in jobs[:4]} == set(Job.objects.filter(status=S.QUEUED).values_list("pk", flat=True))
+    assert report.waiting == 2 and not live.redis().exists(scheduler.KICK_FLAG)
 
 
 def test_a_kick_while_the_fleet_is_full_of_borrowers_still_preempts(cast, borrowed_fleet):
     waiting = pending(cast.vision, cast.bob)
-    scheduler.dispatch_kicked()
+    kicked_run()
     assert reason(waiting)[0] == "borrowing_limit_reached"  # the fleet is full and a job waits
     need = pending(cast.audio, cast.charlie)
-    report = scheduler.dispatch_kicked()
+    report = kicked_run()
     assert report.placed == [need.pk] and report.preempted == [borrowed_fleet[3].pk]
 
 

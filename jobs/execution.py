@@ -185,24 +185,33 @@ def run(job_id: int) -> str:
     finally:
         recorder.flush_header()
     recorder.flush_metrics()
-    result = record_outcome(job, outcome, workdir)
+    result, waiting = _record_outcome(job, outcome, workdir)
     if result != "superseded":
-        _cores_freed(job)
+        _cores_freed(job, waiting)
     return result
 
 
-def _cores_freed(job: Job) -> None:
+def _cores_freed(job: Job, waiting: bool | None = None) -> None:
     """This job's cores are free again: wake the scheduler if jobs of the family wait.
     Otherwise they would wait for the periodic dispatch (DISPATCH_EVERY_S), which
     caps a busy host at slots / DISPATCH_EVERY_S short jobs a second. Kicks coalesce
-    (kick_dispatch), and with nothing pending this costs one indexed EXISTS."""
+    (kick_dispatch). `waiting`: already known (a success learns it in the statement
+    that records it); else one indexed EXISTS."""
     from jobs.services import kick_dispatch
 
-    if Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists():
+    if waiting is None:
+        waiting = Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists()
+    if waiting:
         kick_dispatch()
 
 
 def record_outcome(job: Job, outcome, workdir: Path) -> str:
+    """Record how this attempt ended; returns what happened (see _record_outcome)."""
+    return _record_outcome(job, outcome, workdir)[0]
+
+
+def _record_outcome(job: Job, outcome, workdir: Path) -> tuple[str, bool | None]:
+    """(what happened, whether jobs of the family are pending if that is known)."""
     status = outcome.status
     # Record only over this very attempt. A job preempted (or reaped and requeued)
     # while its child ran is no longer ours: it is pending again, or already queued
@@ -216,8 +225,9 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
         # superseded meanwhile gets nothing registered and nothing is half-recorded.
         try:
             with transaction.atomic():
-                done = states.mark_finished(job.pk, S.SUCCEEDED, result=outcome.result or {},
-                                            message=f"succeeded in {outcome.duration_s:.1f} s", extra_filter=mine)
+                done, waiting = states.finish_run(job.pk, S.SUCCEEDED, family=job.family, extra_filter=mine,
+                                                  result=outcome.result or {},
+                                                  message=f"succeeded in {outcome.duration_s:.1f} s")
                 if done:
                     output = register_outputs(job, outcome.result or {}, workdir)
                     if output is not None:
@@ -226,27 +236,27 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
             log.exception("job %s: recording outputs failed", job.pk)
             states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
                                  message=f"recording outputs failed: {exc}", extra_filter=mine)
-            return "failed"
+            return "failed", None
         if done:
-            return "succeeded"
+            return "succeeded", waiting
         log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
                  job.pk, job.attempts)
-        return "superseded"
+        return "superseded", None
     # One read serves both the "still ours?" check and the failure paths below.
     fresh = Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).values(
         "cancel_requested", "attempts", "max_attempts").first()
     if fresh is None:
         log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
                  job.pk, job.attempts)
-        return "superseded"
+        return "superseded", None
     if status == "cancelled" or fresh.get("cancel_requested"):
         states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
-        return "cancelled"
+        return "cancelled", None
     if status == "timed_out":
         states.mark_finished(job.pk, S.FAILED, failure="timed_out",
                              reason=f"exceeded max runtime of {job.max_runtime_s} s",
                              message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL", extra_filter=mine)
-        return "timed_out"
+        return "timed_out", None
     code = outcome.error_code or "error"
     reason = outcome.error or "the job failed"
     if code in RETRYABLE and fresh.get("attempts", 0) < fresh.get("max_attempts", 1):
@@ -255,24 +265,37 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
         from jobs.services import kick_dispatch
 
         transaction.on_commit(kick_dispatch)
-        return "requeued"
+        return "requeued", None
     if code in RETRYABLE:
         reason = f"{reason} (gave up after {fresh.get('attempts')} attempts)"
     states.mark_finished(job.pk, S.FAILED, failure=code, reason=reason, message=reason, extra_filter=mine)
-    return "failed"
+    return "failed", None
 
 
 def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None:
     artifacts = workdir / "artifacts"
+    # Stored paths are the workdir's (resolved once) + the entry's name: resolving
+    # each entry cost two realpath walks apiece on the job hot path, and an entry
+    # that is a symlink is recorded where it sits, inside the job folder.
+    prefix = storage.rel_path(workdir)
     rows = []
-    if artifacts.is_dir():
-        for path in sorted(artifacts.iterdir()):
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-            rows.append(Artifact(job=job, name=path.name, path=storage.rel_path(path), size_bytes=size, is_dir=path.is_dir()))
+    try:
+        with os.scandir(artifacts) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    for entry in entries:
+        is_dir = entry.is_dir()
+        path = Path(entry.path)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if is_dir else entry.stat().st_size
+        rows.append(Artifact(job=job, name=entry.name, path=f"{prefix}/artifacts/{entry.name}", size_bytes=size,
+                             is_dir=is_dir))
     for extra in ("log.txt", "metrics.jsonl"):
-        if (workdir / extra).is_file():
-            rows.append(Artifact(job=job, name=extra, path=storage.rel_path(workdir / extra),
-                                 size_bytes=(workdir / extra).stat().st_size))
+        try:
+            st = os.stat(workdir / extra)
+        except FileNotFoundError:
+            continue
+        rows.append(Artifact(job=job, name=extra, path=f"{prefix}/{extra}", size_bytes=st.st_size))
     Artifact.objects.bulk_create(rows)
     base = job.model
     if job.kind == Kind.FINETUNE and (artifacts / "checkpoint").is_dir():

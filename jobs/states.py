@@ -83,14 +83,15 @@ def transition(
 
 def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, message: str, actor,
                           event_data: dict | None, extra_filter: dict | None, fields: dict,
-                          attempt: tuple[int, Any] | None = None) -> tuple | None:
+                          attempt: tuple[int, Any] | None = None, waiting_family: str | None = None) -> tuple | None:
     """PostgreSQL: the whole transition as ONE statement (so one round trip, and
     atomic even outside a transaction): the conditional UPDATE of the job, and
     only for the row it changed, the release of its cores and attempt (_release),
     the JobEvent and, with `attempt` = (host_id, started_at), the new JobAttempt
     (the claim). Data-modifying CTEs all see the UPDATE's RETURNING: if it changed
     no row (another process got there first, or the job is not in a source
-    state), nothing else happens. Returns the changed row's (id, attempts), or None.
+    state), nothing else happens. Returns the changed row's (id, attempts), or None;
+    with `waiting_family`, (id, attempts, whether jobs of that family are pending).
 
     The job UPDATE is Django's own SQL for the same filter() / update() (so fields
     may be expressions like F("attempts") + 1), with RETURNING added."""
@@ -121,8 +122,13 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     ctes.append(f"e AS (INSERT INTO {JobEvent._meta.db_table} (job_id, at, actor_id, kind, message, data) "
                 "SELECT id, %s, %s, %s, %s, %s::jsonb FROM j)")
     params += [now, getattr(actor, "pk", actor), target, message, json.dumps(event_data or {})]
+    select = "SELECT id, attempts FROM j"
+    if waiting_family is not None:
+        select = (f"SELECT id, attempts, EXISTS (SELECT 1 FROM {job_table} w WHERE w.status = %s AND w.family = %s "
+                  "AND NOT w.cancel_requested) FROM j")
+        params += [S.PENDING, waiting_family]
     with connection.cursor() as cursor:
-        cursor.execute(f"WITH {', '.join(ctes)} SELECT id, attempts FROM j", params)
+        cursor.execute(f"WITH {', '.join(ctes)} {select}", params)
         return cursor.fetchone()
 
 
@@ -227,7 +233,7 @@ def mark_running(job_id: int, host_id: int, pid: int | None = None) -> bool:
 
 def claim(job_id: int, host_id: int, pid: int | None = None) -> Job | None:
     """mark_running that also returns the claimed job, loaded with everything the
-    worker needs (host, model, dataset, team, user), or None if not claimed.
+    worker needs (host, model, dataset), or None if not claimed.
 
     The row is read once, inside the claiming transaction, for both the JobAttempt
     and the caller: the worker used to read it a second time right after. On
@@ -243,7 +249,9 @@ def claim(job_id: int, host_id: int, pid: int | None = None) -> Job | None:
             attempt=(host_id, now))
         if claimed is None:
             return None
-        return Job.objects.select_related("host", "model", "dataset", "team", "user").get(pk=job_id)
+        # Team and user only matter to a run that registers a model (fine-tune,
+        # compile): loaded lazily there rather than joined for every short job.
+        return Job.objects.select_related("host", "model", "dataset").get(pk=job_id)
     with transaction.atomic():
         claimed = transition(
             job_id, [S.QUEUED], S.RUNNING,
@@ -271,6 +279,23 @@ def mark_finished(job_id: int, target: str, *, sources=(S.RUNNING,), message: st
         finished_at=timezone.now(), failure=failure, reason=reason,
         reason_code=failure, **({"result": result} if result is not None else {}), **fields,
     )
+
+
+def finish_run(job_id: int, target: str, *, family: str, extra_filter: dict, message: str = "",
+               failure: str = "", result: dict | None = None, reason: str = "") -> tuple[bool, bool | None]:
+    """mark_finished for a worker ending its run: (finished, jobs of `family` pending?).
+
+    The second answer is the worker's cue to wake the scheduler for the cores it
+    just freed; on PostgreSQL it comes from the finishing statement itself (None
+    where it is not known: ask separately)."""
+    if connection.vendor != "postgresql":
+        return mark_finished(job_id, target, message=message, failure=failure, result=result, reason=reason,
+                             extra_filter=extra_filter), None
+    fields = {"finished_at": timezone.now(), "failure": failure, "reason": reason, "reason_code": failure,
+              **({"result": result} if result is not None else {})}
+    row = _transition_statement(job_id, _check((S.RUNNING,), target), target, message, None, None, extra_filter,
+                                fields, waiting_family=family)
+    return (True, bool(row[2])) if row is not None else (False, None)
 
 
 def requeue(job_id: int, *, sources=(S.RUNNING, S.QUEUED), message: str, kind: str = "requeued",

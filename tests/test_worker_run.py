@@ -18,8 +18,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # claim (1 statement: update + event + attempt), read the job, header + child pid,
 # one log chunk + log size, BEGIN / finish (update + release + event) / artifacts /
-# COMMIT, "anything pending to dispatch?".
-WORKER_STATEMENTS = 9
+# COMMIT (the finish also answers "anything pending to dispatch?").
+WORKER_STATEMENTS = 8
 
 
 def queued_job(client, model, host) -> Job:
@@ -73,3 +73,20 @@ def test_a_cancelled_queued_job_is_not_claimed(cast, tiny_model, cpu_host, setti
     Job.objects.filter(pk=job.pk).update(cancel_requested=True)
     assert states.claim(job.pk, cpu_host.pk) is None
     assert Job.objects.get(pk=job.pk).status == "queued" and not JobAttempt.objects.filter(job=job).exists()
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast, tiny_model, cpu_host, settings,
+                                                                            monkeypatch, waiting):
+    from jobs import services
+
+    settings.HOST_NAME = cpu_host.name
+    client = api_client(cast.bob)
+    job = queued_job(client, tiny_model, cpu_host)
+    if waiting:  # another job of the family, still pending
+        assert post_json(client, "/api/v1/jobs", inference_body(tiny_model)).status_code == 201
+    assert Job.objects.filter(status="pending", family="cpu").exists() == waiting
+    kicks = []
+    monkeypatch.setattr(services, "kick_dispatch", lambda: kicks.append(1))
+    assert execution.run(job.pk) == "succeeded"
+    assert len(kicks) == (1 if waiting else 0)

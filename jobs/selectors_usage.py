@@ -3,11 +3,15 @@ range plus the live part (jobs.usage_rollup.live_usage), shaped into tables.
 
 The database does the summing: a report reads the roll-up rows of its range
 already grouped by day, by (group, day) and by kind, plus the wait sketches
-merged per kind, so the rows handled in Python are a few per day whatever the
-number of jobs. Query count is fixed (a team report ~12 queries, a site report
-~14), whatever the size of the history: the roll-ups hold one row per team / day
-/ user / kind / family / instance type, and the live part covers only what the
-fold has not reached yet (a few minutes of the jobs running now).
+merged per kind (the site's from running totals: two rows per kind), so the rows
+handled in Python are a few per day whatever the number of jobs. Query count is
+fixed (a page with everything cached: 9; a first render: ~15), whatever the size
+of the history: the roll-ups hold one row per team / day / user / kind / family /
+instance type, and the live part (one SQL statement) covers only what the fold
+has not reached yet (a few minutes of the jobs running now).
+
+Reads are cached (Stamp): those of the last few days until the next fold, those
+of older ("settled") days until a fold writes one, which normal folds do not.
 
 Every table a page shows or charts is a `Table` built here; the CSV export, the
 API and the Plotly figures (jobs.charts_usage) are all made from these tables, so

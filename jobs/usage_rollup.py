@@ -20,8 +20,16 @@ milliseconds; LAG is minutes). FOLD_DELAY leaves the utilization roll-up
 (jobs.rollup_metrics, every minute) time to write a minute's rows before the
 minute is folded.
 
+Besides the day grains, the fold keeps the site's running wait totals
+(UsageSiteWaitTotal: a range's wait sketch is the difference of two rows) and
+UsageRollupState.settled_xid, which changes only when a fold writes a day two or
+more days before its cutoff (settled_day), so pages cache reads of older days
+across folds.
+
 Pages read the roll-ups plus `live_usage()`: everything past the progress up to
-now, which stays small (a few minutes of the jobs running now)."""
+now, which stays small (a few minutes of the jobs running now); on PostgreSQL it
+is one SQL statement with the rules of jobs.usage (live_usage_python is the same
+in Python, and the reference a test holds it to)."""
 from __future__ import annotations
 
 import logging

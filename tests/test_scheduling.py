@@ -278,6 +278,8 @@ def kicked_run() -> scheduler.DispatchReport:
 
 
 def test_a_kick_while_the_fleet_is_full_costs_one_statement_and_the_periodic_run_writes_reasons(cast, cpu_host):
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement check is PostgreSQL's (elsewhere every kick runs)")
     set_family(cast.vision, "cpu", 8)
     first = [pending(cast.vision, cast.bob) for _ in range(5)]
     assert len(kicked_run().placed) == 4  # one job waits: the fleet is full

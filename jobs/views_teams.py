@@ -11,7 +11,9 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
+from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
+from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
 from jobs import access, selectors_teams, services
@@ -119,11 +121,19 @@ def _row_values(usage, form: QuotaForm | None) -> dict:
     return values
 
 
+class _Errors(dict):
+    """A row's errors by field; a field without errors reads as none, not as a
+    failed template lookup (three exceptions each, a dozen cells a row)."""
+
+    def __missing__(self, key):
+        return ()
+
+
 def _quota_row(usage, form: QuotaForm | None) -> dict:
     """One team's row, with every shown value computed here: the page renders 200
     of them, and template filters per cell would cost more than the queries."""
     values = _row_values(usage, form)
-    errors = form.errors if form is not None else {}
+    errors = _Errors(form.errors if form is not None else {})
     percent = f"{usage.budget_percent:.1f}"
     return {
         "slug": usage.team.slug, "values": values, "errors": errors, "pending": usage.pending,
@@ -181,6 +191,8 @@ def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = No
     first_teams = listed[:NAV_TEAMS_STAFF + 1] if (
         not search and page.number == 1 and len(listed) > NAV_TEAMS_STAFF and request.user.is_staff) else None
     return _render(request, "teams/quota_list.html", {
+        # one CSRF input for every row's form (the tag would mask a new token per row)
+        "csrf_input": format_html('<input type="hidden" name="csrfmiddlewaretoken" value="{}">', get_token(request)),
         "rows": rows, "page": page, "search": search, "families": _fleet_rows(capacity, guarantees),
         "kinds": Kind.choices, "warnings": selectors_teams.overcommit_warnings(capacity, guarantees),
     }, nav="quotas", status=status, teams=first_teams)

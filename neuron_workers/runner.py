@@ -11,7 +11,8 @@ Workdir contract (shared with :mod:`neuron_workers.supervisor`)::
     workdir/
       payload.json   written by the supervisor (mode 0600; holds the job env)
       log.txt        the child's stdout+stderr (the supervisor redirects fds 1/2)
-      metrics.jsonl  one JSON object per line, appended by ``ctx.metric``
+      metrics.jsonl  one JSON object per line, appended by ``ctx.metric`` (created
+                     with the first metric)
       artifacts/     created here; backends put outputs in it
       STOP           created by the supervisor to ask for a cooperative stop
       result.json    written last, atomically:
@@ -143,7 +144,10 @@ class _MetricWriter:
     """
 
     def __init__(self, path: Path) -> None:
-        self._fh = open(path, "a", buffering=1, encoding="utf-8")
+        # Opened on the first metric: most short jobs report none, and creating a
+        # file costs ~0.1 ms of kernel time on the hosts' ext4.
+        self._path = path
+        self._fh: Any = None
         self._lock = threading.Lock()
 
     def __call__(self, data: dict | None = None, /, **fields: Any) -> None:
@@ -152,10 +156,15 @@ class _MetricWriter:
         record.setdefault("ts", time.time())
         line = json.dumps(record, default=str) + "\n"
         with self._lock:
+            if self._fh is None:
+                self._fh = open(self._path, "a", buffering=1, encoding="utf-8")
             self._fh.write(line)
 
     def close(self) -> None:
-        self._fh.close()
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
 
 def _log(message: str) -> None:

@@ -646,8 +646,15 @@ class _ZygoteServer:
 
     def _start_job(self, msg: bytes, status_sock: socket.socket) -> None:
         request = json.loads(msg)
-        if self.model_cache and request.get("warm") and self._warm(request["warm"]):
-            self._retire_spares()  # forked before the load: they lack it
+        if self.model_cache and request.get("warm"):
+            if self._warm(request["warm"]):
+                self._retire_spares()  # forked before the load: they lack it
+            if _peer_closed(status_sock):
+                # A long load outlasted the supervisor's wait for the pid: it gave up
+                # on this request (and may be running the job another way). Starting
+                # it now would run it twice.
+                status_sock.close()
+                return
         while self.spares:
             pid, spare_sock = self.spares.popitem()
             try:
@@ -667,11 +674,20 @@ class _ZygoteServer:
         """Let the job's backend preload into our caches; True if anything changed."""
         import gc
 
-        from neuron_workers.runner import resolve_backend
+        from neuron_workers.backends import BACKENDS
 
+        name = str(warm.get("backend") or "")
+        module_name, _, attr = BACKENDS.get(name, name).partition(":")
+        # Only backends the zygote preloaded: importing a job's backend module here
+        # would run its import-time code in the process every job is forked from.
+        module = sys.modules.get(module_name)
+        if module is None or not attr:
+            return False
         threads = _native_threads()
         try:
-            backend = resolve_backend(str(warm["backend"]))
+            backend: Any = module
+            for part in attr.split("."):
+                backend = getattr(backend, part)
             preload = getattr(backend, "zygote_preload", None)
             changed = bool(preload(str(warm["kind"]), dict(warm.get("inputs") or {}))) if preload else False
         except BaseException as exc:  # noqa: BLE001 - the job loads for itself and reports it
@@ -867,6 +883,19 @@ def _huge_pages() -> int | None:
         if madvise(start, end - start, _MADV_COLLAPSE) == 0:
             collapsed += 1
     return collapsed
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the other end of a stream socket was closed (EOF is readable)."""
+    ready, _, _ = select.select([sock], [], [], 0)
+    if not ready:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _native_threads() -> int:

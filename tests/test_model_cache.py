@@ -18,6 +18,8 @@ from neuron_workers.supervisor import DEFAULT_PRELOAD, Zygote, supervise
 from tests.cache_backends import weights_checksum
 
 PROBE = "tests.cache_backends:ProbeBackend"
+# The zygote only preloads for backends it has imported itself.
+PRELOAD = (*DEFAULT_PRELOAD, "tests.cache_backends")
 _ids = iter(range(700_000, 800_000))
 
 
@@ -49,7 +51,7 @@ def run_job(zygote: Zygote | None, workdir: Path, model: Path, kind: str = "infe
 
 @pytest.fixture(scope="module")
 def zygote():
-    z = Zygote(DEFAULT_PRELOAD)
+    z = Zygote(PRELOAD)
     z.start()
     yield z
     z.close()
@@ -143,7 +145,7 @@ def test_a_changed_model_file_is_reloaded_by_the_zygote(zygote, model, tmp_path)
 
 def test_the_zygote_cache_is_bounded(monkeypatch, tmp_path):
     monkeypatch.setenv(hf.CACHE_ENTRIES_ENV, "2")  # one model + its tokenizer
-    z = Zygote(DEFAULT_PRELOAD)
+    z = Zygote(PRELOAD)
     z.start()
     try:
         models = [create_tiny_model(tmp_path / f"m{i}", seed=20 + i) for i in range(3)]
@@ -159,10 +161,18 @@ def test_the_zygote_cache_is_bounded(monkeypatch, tmp_path):
 
 
 def test_without_the_model_cache_the_child_loads_for_itself(model, tmp_path):
-    z = Zygote(DEFAULT_PRELOAD, model_cache=False)
+    z = Zygote(PRELOAD, model_cache=False)
     z.start()
     try:
         result = run_job(z, tmp_path / "a", model)
+    finally:
+        z.close()
+    assert not result["was_cached"] and result["checksum"] == fresh_checksum(model)
+    # Nor does a zygote preload for a backend it has not imported itself.
+    z = Zygote(DEFAULT_PRELOAD)
+    z.start()
+    try:
+        result = run_job(z, tmp_path / "b", model)
     finally:
         z.close()
     assert not result["was_cached"] and result["checksum"] == fresh_checksum(model)
@@ -212,3 +222,20 @@ def test_the_zygote_keeps_its_memory_on_huge_pages_where_the_kernel_can(zygote, 
     if zygote.info["huge_page_regions"]:
         assert huge_kb > 0
     assert run_job(zygote, tmp_path / "a", model)["checksum"] == fresh_checksum(model)
+
+
+def test_a_request_whose_supervisor_gave_up_is_recognised():
+    """The zygote drops a request whose status socket was closed while it loaded a
+    model (the supervisor timed out and may run the job another way)."""
+    import socket
+
+    from neuron_workers.supervisor import _peer_closed
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    assert not _peer_closed(ours)
+    theirs.sendall(b"x")
+    assert not _peer_closed(ours)  # data waiting is not EOF
+    ours.recv(1)
+    theirs.close()
+    assert _peer_closed(ours)
+    ours.close()

@@ -87,11 +87,18 @@ def fair_order(items: Sequence[QueueItem], usage: dict[int, float], shares: dict
         while heap:
             _, _, team_id = heapq.heappop(heap)
             queue = queues[team_id]
+            weight = share(team_id)
+            if not heap:  # the only team left at this level: the rest of its queue as it is
+                for item in reversed(queue):
+                    ordered.append(item)
+                    key[team_id] += item.cores * charge_s / weight
+                queue.clear()
+                break
             item = queue.pop()
             ordered.append(item)
             # The charge carries over to lower priority levels: a team that just got
             # ten inference jobs ahead is not also first in line for fine-tunes.
-            key[team_id] += item.cores * charge_s / share(team_id)
+            key[team_id] += item.cores * charge_s / weight
             if queue:
                 heapq.heappush(heap, (key[team_id], _arrival(queue[-1]), team_id))
     return ordered

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone as dt_timezone
 from typing import Iterable, TypeVar
 
 from django.conf import settings
@@ -160,7 +160,7 @@ class RunInputs:
         sql = (
             "WITH p AS (SELECT id, team_id, kind, family, cores, created_at, reason_code, reason "
             f"  FROM {table(Job)} WHERE status = %s AND NOT cancel_requested ORDER BY id LIMIT %s) "
-            "SELECT 0, NULL::bigint, NULL::bigint, NULL, NULL, NULL::integer, NULL::timestamptz, NULL, NULL, "
+            "SELECT 0, NULL::bigint, NULL::bigint, NULL, NULL, NULL::integer, NULL::float8, NULL, NULL, "
             "json_build_array("
             "(SELECT json_agg(json_build_array(host_id, core, job_id, team_id, family, borrowed, "
             f"  EXTRACT(EPOCH FROM since))) FROM {table(CoreAllocation)}), "
@@ -170,7 +170,8 @@ class RunInputs:
             f"(SELECT json_agg(json_build_array(kind, priority)) FROM {table(KindPriority)}), "
             f"(SELECT json_agg(json_build_array(id, slug)) FROM {table(Team)} WHERE id IN (SELECT team_id FROM p))) "
             "UNION ALL "
-            "SELECT 1, id, team_id, kind, family, cores, created_at, reason_code, reason, NULL FROM p "
+            "SELECT 1, id, team_id, kind, family, cores, EXTRACT(EPOCH FROM created_at)::float8, reason_code, reason, "
+            "NULL FROM p "
             "ORDER BY 1, 2")
         with connection.cursor() as cursor:
             cursor.execute(sql, [S.PENDING, limit])
@@ -180,11 +181,14 @@ class RunInputs:
             v or [] for v in (json.loads(head) if isinstance(head, str) else head)]
         priorities = {str(k): v for k, v in DEFAULT_KIND_PRIORITY.items()}
         priorities.update(dict(kinds))
-        slug = dict(slugs)
+        slug, utc = dict(slugs), dt_timezone.utc
+        # created_at as an epoch double: exact to the microsecond, and parsed in C
+        # (a timestamptz column is parsed by a Python loader, ~3 µs a row).
         return cls(
             [tuple(row) for row in allocations], [tuple(row) for row in team_quotas],
             [tuple(row) for row in family_quotas], priorities,
-            [PendingRow(pk, team_id, slug[team_id], kind, family, cores, created, code, reason)
+            [PendingRow(pk, team_id, slug[team_id], kind, family, cores, datetime.fromtimestamp(created, utc), code,
+                        reason)
              for _, pk, team_id, kind, family, cores, created, code, reason, _ in rows[1:]])
 
 

@@ -245,6 +245,17 @@ def test_fair_order_interleaves_teams_and_keeps_each_teams_order():
     assert order == [1, 7, 2, 8, 3, 9, 4, 5, 6]
 
 
+def test_a_team_alone_at_a_priority_level_is_charged_for_each_job_it_gets_there():
+    # Team 1 alone gets its three inference jobs, charged 3 × 1 h; at the next level
+    # team 2 (1 h of usage) takes two turns before team 1's first fine-tune, then
+    # they alternate.
+    items = [QueueItem(i, team_id=1, priority=30, cores=1) for i in (1, 2, 3)]
+    items += [QueueItem(i, team_id=1, priority=10, cores=1) for i in (5, 6)]
+    items += [QueueItem(i, team_id=2, priority=10, cores=1) for i in (7, 8, 9)]
+    order = [i.job_id for i in fair_order(items, usage={2: 3600.0}, shares={}, charge_s=3600)]
+    assert order == [1, 2, 3, 7, 8, 5, 9, 6]
+
+
 def test_decayed_usage_halves_every_half_life():
     now = timezone.now()
     usage = decayed_usage([(1, now, 100.0), (2, now - timedelta(hours=2), 100.0)], now, 3600)

@@ -14,6 +14,50 @@ MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 8192
 
 
+class TeamObjectField(forms.ModelChoiceField):
+    """One of the form's team's objects (a model or a dataset), chosen by id.
+
+    `where` (field=value equalities) narrows the choices beyond the team, e.g. to
+    uncompiled models. The HTML select lists `queryset` filtered by the team, as any
+    ModelChoiceField does; a submitted id is checked by one hand-written query built
+    from the same conditions (team, `where`, id) rather than by compiling
+    queryset.get() for every submission, which cost ~0.4 ms of CPU, a tenth of an
+    API submit."""
+
+    def __init__(self, model: type, *, where: dict | None = None, **kwargs):
+        self.where = dict(where or {})
+        if any("__" in name for name in self.where):
+            raise ValueError("TeamObjectField: `where` takes plain field=value equalities")
+        self.team_id: int | None = None
+        super().__init__(queryset=model.objects.filter(**self.where), **kwargs)
+
+    def limit_to_team(self, team: Team) -> None:
+        self.team_id = team.pk
+        self.queryset = self.queryset.filter(team=team)
+
+    def to_python(self, value):
+        if value in self.empty_values:
+            return None
+        self.validate_no_null_characters(value)
+        model = self.queryset.model
+        if isinstance(value, model):
+            value = value.pk
+        try:
+            pk = model._meta.pk.to_python(value)
+        except ValidationError:
+            pk = None
+        found = None
+        if pk is not None and self.team_id is not None:
+            conditions = {model._meta.pk.column: pk, model._meta.get_field("team").column: self.team_id,
+                          **{model._meta.get_field(name).column: v for name, v in self.where.items()}}
+            where = " AND ".join(f"{column} = %s" for column in conditions)
+            found = next(iter(model.objects.raw(f"SELECT * FROM {model._meta.db_table} WHERE {where}",
+                                                list(conditions.values()))), None)
+        if found is None:
+            raise ValidationError(self.error_messages["invalid_choice"], code="invalid_choice", params={"value": value})
+        return found
+
+
 class TeamScopedForm(forms.Form):
     """A form whose model/dataset choices are limited to one team."""
 
@@ -31,7 +75,9 @@ class TeamScopedForm(forms.Form):
                     data[name] = value
                 self.data = data
         for name, field in self.fields.items():
-            if isinstance(field, forms.ModelChoiceField):
+            if isinstance(field, TeamObjectField):
+                field.limit_to_team(team)
+            elif isinstance(field, forms.ModelChoiceField):
                 field.queryset = field.queryset.filter(team=team)
 
 
@@ -56,8 +102,8 @@ class JobBaseForm(TeamScopedForm):
 
 class CompileForm(JobBaseForm):
     kind = Kind.COMPILE
-    model = forms.ModelChoiceField(queryset=ModelAsset.objects.filter(format=ModelAsset.Format.HF),
-                                   error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
+    model = TeamObjectField(ModelAsset, where={"format": ModelAsset.Format.HF},
+                            error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
     batch_size = forms.IntegerField(min_value=1, max_value=64, initial=1)
     sequence_length = forms.IntegerField(min_value=1, max_value=8192, initial=32)
     compiler_options = forms.CharField(required=False, help_text="Allow-listed neuronx-cc flags, e.g. --model-type=transformer -O2")
@@ -86,10 +132,10 @@ class CompileForm(JobBaseForm):
 
 class FinetuneForm(JobBaseForm):
     kind = Kind.FINETUNE
-    model = forms.ModelChoiceField(queryset=ModelAsset.objects.filter(format=ModelAsset.Format.HF),
-                                   error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
-    dataset = forms.ModelChoiceField(queryset=Dataset.objects.all(),
-                                     error_messages={"invalid_choice": "Unknown dataset: select a dataset of your team."})
+    model = TeamObjectField(ModelAsset, where={"format": ModelAsset.Format.HF},
+                            error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
+    dataset = TeamObjectField(Dataset,
+                              error_messages={"invalid_choice": "Unknown dataset: select a dataset of your team."})
     steps = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
     epochs = forms.IntegerField(min_value=1, max_value=1000, required=False)
     learning_rate = forms.FloatField(min_value=1e-8, max_value=1.0, initial=1e-3)
@@ -147,8 +193,8 @@ def parse_prompts_jsonl(raw: bytes) -> list[str]:
 
 class InferenceForm(JobBaseForm):
     kind = Kind.INFERENCE
-    model = forms.ModelChoiceField(queryset=ModelAsset.objects.all(),
-                                   error_messages={"invalid_choice": "Unknown model: select a model or compiled artifact of your team."})
+    model = TeamObjectField(ModelAsset,
+                            error_messages={"invalid_choice": "Unknown model: select a model or compiled artifact of your team."})
     prompts = PromptsField(required=False, widget=forms.Textarea(attrs={"rows": 4}),
                            help_text="One prompt per line.")
     prompts_file = forms.FileField(required=False, help_text="Or a JSONL file with a \"prompt\" per line.")

@@ -1,5 +1,6 @@
 """Submission, dispatch placement and cancel against real PostgreSQL (no worker)."""
 import pytest
+from django.core.exceptions import ValidationError
 
 from jobs import scheduler
 from jobs.forms import InferenceForm
@@ -122,3 +123,35 @@ def test_the_budget_is_judged_by_the_exact_months_use_when_the_quick_bound_is_ov
         submit_inference(cast.vision, cast.bob, tiny_model)
     assert exc.value.code == "budget_exhausted"
     assert exc.value.message.startswith(f"team vision has used {exact:.1f} of its {exact:g} NeuronCore-hours")
+
+
+def test_a_model_or_dataset_field_accepts_exactly_the_ids_it_lists(cast, tiny_model, dataset, cpu_host):
+    """The HTML select (queryset) and the submit-time lookup (one hand-written query)
+    are built from the same conditions: team, and for compile / fine-tune bases
+    uncompiled models only."""
+    from jobs.forms import JOB_FORMS, TeamObjectField
+    from jobs.models import Dataset, ModelAsset
+
+    compiled = ModelAsset.objects.create(team=cast.vision, name="tiny-cpu", format=ModelAsset.Format.TORCHSCRIPT,
+                                         parent=tiny_model, path=tiny_model.path)
+    theirs = ModelAsset.objects.create(team=cast.audio, name="other", path=tiny_model.path)
+    their_data = Dataset.objects.create(team=cast.audio, name="other", path=dataset.path)
+    candidates = [tiny_model, compiled, theirs, dataset, their_data]
+    accepted_by = {}
+    for form_class in JOB_FORMS.values():
+        form = form_class(team=cast.vision)
+        for name, field in form.fields.items():
+            if not isinstance(field, TeamObjectField):
+                continue
+            listed = {obj.pk for obj in field.queryset}
+            accepted = set()
+            for obj in (c for c in candidates if isinstance(c, field.queryset.model)):
+                try:
+                    assert field.clean(str(obj.pk)).pk == obj.pk
+                    accepted.add(obj.pk)
+                except ValidationError:
+                    pass
+            assert accepted == listed, (form_class, name)
+            accepted_by[(form_class.kind, name)] = accepted
+    assert accepted_by == {("compile", "model"): {tiny_model.pk}, ("finetune", "model"): {tiny_model.pk},
+                           ("finetune", "dataset"): {dataset.pk}, ("inference", "model"): {tiny_model.pk, compiled.pk}}

@@ -55,6 +55,7 @@ os.environ.setdefault("LOG_LEVEL", "ERROR")
 import django  # noqa: E402
 
 django.setup()
+import webapp.wsgi  # noqa: E402,F401  (the app as a gunicorn worker loads it: URLconf imported, gc.freeze)
 
 import psycopg  # noqa: E402
 from django.conf import settings  # noqa: E402

@@ -83,7 +83,8 @@ def transition(
 
 def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, message: str, actor,
                           event_data: dict | None, extra_filter: dict | None, fields: dict,
-                          attempt: tuple[int, Any] | None = None, waiting_family: str | None = None) -> tuple | None:
+                          attempt: tuple[int, Any] | None = None, waiting_family: str | None = None,
+                          load_job: bool = False) -> tuple | None:
     """PostgreSQL: the whole transition as ONE statement (so one round trip, and
     atomic even outside a transaction): the conditional UPDATE of the job, and
     only for the row it changed, the release of its cores and attempt (_release),
@@ -91,7 +92,9 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     (the claim). Data-modifying CTEs all see the UPDATE's RETURNING: if it changed
     no row (another process got there first, or the job is not in a source
     state), nothing else happens. Returns the changed row's (id, attempts), or None;
-    with `waiting_family`, (id, attempts, whether jobs of that family are pending).
+    with `waiting_family`, (id, attempts, whether jobs of that family are pending);
+    with `load_job`, the changed job's columns (as the UPDATE left them) followed by
+    those of its host, model and dataset (see _LOADED).
 
     The job UPDATE is Django's own SQL for the same filter() / update() (so fields
     may be expressions like F("attempts") + 1), with RETURNING added."""
@@ -101,8 +104,9 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     update_sql, params = query.get_compiler(qs.db).as_sql()
     params = list(params)
     job_table = connection.ops.quote_name(Job._meta.db_table)
-    ctes = [f"j AS ({update_sql} RETURNING {job_table}.id, {job_table}.team_id, {job_table}.user_id, "
-            f"{job_table}.kind, {job_table}.family, {job_table}.cores, {job_table}.attempts)"]
+    returning = (f"{job_table}.*" if load_job else f"{job_table}.id, {job_table}.team_id, {job_table}.user_id, "
+                 f"{job_table}.kind, {job_table}.family, {job_table}.cores, {job_table}.attempts")
+    ctes = [f"j AS ({update_sql} RETURNING {returning})"]
     now = timezone.now()
     if target in Job.FINISHED or target == S.PENDING:
         outcome = target if target in Job.FINISHED else "requeued"
@@ -123,13 +127,61 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
                 "SELECT id, %s, %s, %s, %s, %s::jsonb FROM j)")
     params += [now, getattr(actor, "pk", actor), target, message, json.dumps(event_data or {})]
     select = "SELECT id, attempts FROM j"
-    if waiting_family is not None:
+    if load_job:
+        select = _loaded_select()
+    elif waiting_family is not None:
         select = (f"SELECT id, attempts, EXISTS (SELECT 1 FROM {job_table} w WHERE w.status = %s AND w.family = %s "
                   "AND NOT w.cancel_requested) FROM j")
         params += [S.PENDING, waiting_family]
     with connection.cursor() as cursor:
         cursor.execute(f"WITH {', '.join(ctes)} {select}", params)
         return cursor.fetchone()
+
+
+# What the claim returns with the job: (relation, alias, model), joined on the FK.
+_LOADED = (("host", "h"), ("model", "m"), ("dataset", "d"))
+
+
+def _loaded_select() -> str:
+    """SELECT of the claimed row (CTE j) and its related rows, columns in model order."""
+    quote = connection.ops.quote_name
+    columns = [f"j.{quote(f.column)}" for f in Job._meta.concrete_fields]
+    joins = []
+    for name, alias in _LOADED:
+        field = Job._meta.get_field(name)
+        related = field.related_model._meta
+        columns += [f"{alias}.{quote(f.column)}" for f in related.concrete_fields]
+        joins.append(f"LEFT JOIN {quote(related.db_table)} {alias} ON {alias}.{quote(related.pk.column)} = "
+                     f"j.{quote(field.column)}")
+    return f"SELECT {', '.join(columns)} FROM j {' '.join(joins)}"
+
+
+def _instance(model, values: list, db: str):
+    """A model instance from raw column values in concrete-field order, converted as
+    Django's compiler would (from_db_value: JSON fields)."""
+    fields = model._meta.concrete_fields
+    values = list(values)
+    for index, field in enumerate(fields):
+        for converter in field.get_db_converters(connection):
+            values[index] = converter(values[index], field.get_col(model._meta.db_table), connection)
+    return model.from_db(db, [f.attname for f in fields], values)
+
+
+def _loaded_job(row: tuple, db: str) -> Job:
+    """The Job (with host, model and dataset cached, like select_related) from a
+    row of _loaded_select."""
+    width = len(Job._meta.concrete_fields)
+    job = _instance(Job, row[:width], db)
+    at = width
+    for name, _alias in _LOADED:
+        field = Job._meta.get_field(name)
+        related = field.related_model
+        count = len(related._meta.concrete_fields)
+        values = row[at:at + count]
+        at += count
+        obj = _instance(related, values, db) if getattr(job, field.attname) is not None else None
+        field.set_cached_value(job, obj)
+    return job
 
 
 def _release(job_id: int, outcome: str) -> int:
@@ -237,21 +289,18 @@ def claim(job_id: int, host_id: int, pid: int | None = None) -> Job | None:
 
     The row is read once, inside the claiming transaction, for both the JobAttempt
     and the caller: the worker used to read it a second time right after. On
-    PostgreSQL the claim, its event and the attempt row are one statement, and the
-    job is read after it (it is ours by then; a cancel meanwhile is seen by the
-    worker's cancel checks)."""
+    PostgreSQL all of it is one statement: the claim, its event, the attempt row,
+    and the claimed row as the UPDATE left it, joined with its host, model and
+    dataset (what select_related would load; team and user, which only a run that
+    registers a model needs, load lazily)."""
     now = timezone.now()
     if connection.vendor == "postgresql":
-        claimed = _transition_statement(
+        row = _transition_statement(
             job_id, _check([S.QUEUED], S.RUNNING), S.RUNNING, "", None, None,
             {"host_id": host_id, "cancel_requested": False},
             {"started_at": now, "heartbeat_at": now, "worker_pid": pid, "attempts": F("attempts") + 1},
-            attempt=(host_id, now))
-        if claimed is None:
-            return None
-        # Team and user only matter to a run that registers a model (fine-tune,
-        # compile): loaded lazily there rather than joined for every short job.
-        return Job.objects.select_related("host", "model", "dataset").get(pk=job_id)
+            attempt=(host_id, now), load_job=True)
+        return None if row is None else _loaded_job(row, Job.objects.db)
     with transaction.atomic():
         claimed = transition(
             job_id, [S.QUEUED], S.RUNNING,

@@ -12,18 +12,19 @@ from django.test.utils import CaptureQueriesContext
 from jobs import execution, states
 from jobs.models import Artifact, CoreAllocation, Job, JobAttempt, JobEvent, JobLogChunk
 from tests.conftest import api_client
-from tests.test_api_jobs import inference_body, post_json
+from tests.test_api_jobs import finetune_body, inference_body, post_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# claim (1 statement: update + event + attempt), read the job, header + child pid,
-# one log chunk + log size, BEGIN / finish (update + release + event) / artifacts /
-# COMMIT (the finish also answers "anything pending to dispatch?").
-WORKER_STATEMENTS = 8
+# claim (1 statement: update + event + attempt + the job with host, model and
+# dataset), header + child pid, one log chunk + log size, BEGIN / finish (update +
+# release + event, and "anything pending to dispatch?") / artifacts / COMMIT.
+WORKER_STATEMENTS = 7
 
 
-def queued_job(client, model, host) -> Job:
-    response = post_json(client, "/api/v1/jobs", inference_body(model, prompts=["Hi"], max_new_tokens=1))
+def queued_job(client, model, host, body: dict | None = None) -> Job:
+    body = body or inference_body(model, prompts=["Hi"], max_new_tokens=1)
+    response = post_json(client, "/api/v1/jobs", body)
     assert response.status_code == 201, response.content
     job = Job.objects.get(pk=response.json()["id"])
     CoreAllocation.objects.create(host=host, core=0, job=job, team=job.team, family=host.family)
@@ -91,3 +92,33 @@ def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast
     monkeypatch.setattr(services, "kick_dispatch", lambda: kicks.append(1))
     assert execution.run(job.pk) == "succeeded"
     assert len(kicks) == (1 if waiting else 0)
+
+
+def _fields(obj) -> dict:
+    return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+
+@pytest.mark.parametrize("kind", ["inference", "finetune"])
+def test_the_claimed_job_is_loaded_exactly_as_the_orm_would(cast, tiny_model, dataset, cpu_host, kind):
+    """claim() builds the job and its host, model and dataset from the claiming
+    statement's own row: every field must equal what select_related reads."""
+    client = api_client(cast.bob)
+    body = finetune_body(tiny_model, dataset) if kind == "finetune" else None
+    job = queued_job(client, tiny_model, cpu_host, body)
+    claimed = states.claim(job.pk, cpu_host.pk, pid=4321)
+    assert claimed is not None
+    orm = Job.objects.select_related("host", "model", "dataset", "team", "user").get(pk=job.pk)
+    assert _fields(claimed) == _fields(orm)
+    assert (claimed.status, claimed.attempts, claimed.worker_pid) == ("running", 1, 4321)
+    assert isinstance(claimed.spec, dict) and claimed.spec == orm.spec
+    assert _fields(claimed.host) == _fields(orm.host) and isinstance(claimed.host.core_ids, list)
+    assert _fields(claimed.model) == _fields(orm.model)
+    if kind == "finetune":
+        assert _fields(claimed.dataset) == _fields(orm.dataset)
+    else:
+        assert claimed.dataset is None
+    assert claimed.team == orm.team and claimed.user == orm.user  # lazily loaded
+    assert not claimed._state.adding and claimed._state.db == orm._state.db
+    (attempt,) = JobAttempt.objects.filter(job=job)
+    assert (attempt.number, attempt.host_id, attempt.team_id, attempt.user_id) == (
+        1, cpu_host.pk, orm.team_id, orm.user_id)

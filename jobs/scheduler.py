@@ -573,10 +573,13 @@ def dispatch_kicked(periodic: bool = False) -> DispatchReport:
     so only the periodic run writes those new jobs' reasons."""
     if periodic:
         return _record(lambda: dispatch())
-    if not kick_pending():
+    if _pace_wait() > 0:
+        if not kick_pending():
+            return DispatchReport([], _last_run["waiting"])
+        _pace()
+    # Cleared before any read: a change committed after this kicks again.
+    if not take_kick():
         return DispatchReport([], _last_run["waiting"])
-    _pace()
-    clear_kick()  # before any read: a change committed after it kicks again
     if _last_run["waiting"] and fleet_is_full():
         return DispatchReport([], _last_run["waiting"])
     report = _record(lambda: dispatch(clear=False))
@@ -593,10 +596,14 @@ def dispatch_kicked(periodic: bool = False) -> DispatchReport:
     return total
 
 
+def _pace_wait() -> float:
+    """Seconds until a run may start: BUSY_RUN_GAP_S after a run that left jobs waiting."""
+    return _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic() if _last_run["waiting"] else 0.0
+
+
 def _pace() -> None:
-    """After a run that left jobs waiting, wait until BUSY_RUN_GAP_S after it."""
-    wait = _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic()
-    if _last_run["waiting"] and wait > 0:
+    wait = _pace_wait()
+    if wait > 0:
         time.sleep(wait)
 
 
@@ -634,6 +641,16 @@ def kick_pending() -> bool:
 
     try:
         return bool(live.redis().exists(KICK_FLAG))
+    except Exception:
+        return True
+
+
+def take_kick() -> bool:
+    """Clear the kick flag; was it set? (True if Redis cannot say.)"""
+    from jobs import live
+
+    try:
+        return bool(live.redis().delete(KICK_FLAG))
     except Exception:
         return True
 

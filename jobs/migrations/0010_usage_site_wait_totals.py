@@ -7,8 +7,8 @@ def build(apps, schema_editor):
     daily = apps.get_model("jobs", "UsageSiteDaily")
     totals = apps.get_model("jobs", "UsageSiteWaitTotal")
     totals.objects.all().delete()
-    running: dict[str, tuple[int, dict]] = {}
-    rows, current = [], {}
+    running: dict[str, tuple[int, dict]] = {}  # per kind: waits and merged sketch up to the current day
+    current = {}
     for day, kind, count, sketch in (daily.objects.filter(wait_count__gt=0).order_by("kind", "day")
                                      .values_list("day", "kind", "wait_count", "wait_sketch")):
         n, merged = running.get(kind, (0, {}))

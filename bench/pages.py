@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -426,11 +427,44 @@ def percentile(values: list[float], q: float) -> float:
 
 ONLY: set[str] = set()  # --only: measure just these pages (quicker iterations)
 COLD = False  # --cold: empty Django's cache before every timed request (no roll-up read cached at all)
-AFTER_FOLD = False  # --after-fold: a real fold before every timed request (the first render after a fold)
+AFTER_FOLD = False  # --after-fold: a real fold (in another process) before every timed request: a first render after a fold
+
+
+def _fold_worker(conn, database: str) -> None:
+    """--after-fold: folds in a process of their own, as the Celery worker runs them
+    (the fold's garbage and CPU are not the web process's)."""
+    use_database(database)
+    while conn.recv():
+        conn.send(fold().as_dict())
+
+
+class Folder:
+    def __init__(self, database: str):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_fold_worker, args=(child, database), daemon=True)
+        self.process.start()
+
+    def fold(self) -> dict:
+        self.conn.send(True)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(False)
+        self.process.join(30)
 
 
 def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -> dict[str, dict]:
     """p50 / p95 latency and the query count of each page (after 3 warm-up requests)."""
+    folder = Folder(connection.settings_dict["NAME"]) if AFTER_FOLD else None
+    try:
+        return _measure(requests, extra, folder)
+    finally:
+        if folder:
+            folder.close()
+
+
+def _measure(requests: int, extra: dict[str, tuple[str, object]] | None, folder: Folder | None) -> dict[str, dict]:
     results: dict[str, dict] = {}
     clients: dict[int, Client] = {}
     targets = pages_to_measure()
@@ -456,8 +490,8 @@ def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -
         for _ in range(requests):
             if COLD:
                 cache.clear()
-            if AFTER_FOLD:
-                fold()
+            if folder:
+                folder.fold()
             with CaptureQueriesContext(connection) as ctx:
                 t0 = time.perf_counter()
                 response = client.get(url)

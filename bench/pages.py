@@ -427,7 +427,7 @@ def percentile(values: list[float], q: float) -> float:
 
 ONLY: set[str] = set()  # --only: measure just these pages (quicker iterations)
 COLD = False  # --cold: empty Django's cache before every timed request (no roll-up read cached at all)
-AFTER_FOLD = False  # --after-fold: a real fold (in another process) before every timed request: a first render after a fold
+AFTER_FOLD = False  # --after-fold: a real fold (another process) before every timed request
 
 
 def _fold_worker(conn, database: str) -> None:

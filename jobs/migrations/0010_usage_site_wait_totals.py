@@ -17,7 +17,8 @@ def build(apps, schema_editor):
             merged[key] = merged.get(key, 0) + int(value)
         running[kind] = (n + count, merged)
         current[(kind, day)] = running[kind]
-    rows = [totals(day=day, kind=kind, wait_count=n, wait_sketch=sketch) for (kind, day), (n, sketch) in current.items()]
+    rows = [totals(day=day, kind=kind, wait_count=n, wait_sketch=sketch)
+            for (kind, day), (n, sketch) in current.items()]
     totals.objects.bulk_create(rows, batch_size=500)
 
 

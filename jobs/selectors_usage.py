@@ -494,16 +494,26 @@ def _top_jobs(live: LiveUsage, first: date, last: date, *, team: Team | None,
     for c in live.contributions:
         if c.job_id in live.job_totals:
             live_days[c.job_id] = max(live_days.get(c.job_id, c.day), c.day)
+    keys = [(t.cost_usd, t.core_seconds, job_id) for job_id, (day, t) in candidates.items() if first <= day <= last]
     for job_id, extra in live.job_totals.items():
         folded_day, folded_totals = live.job_folded.get(job_id, (None, None))
-        totals = Totals().add(folded_totals or Totals()).add(extra)
         day = max(folded_day, live_days[job_id]) if folded_day else live_days[job_id]
-        candidates[job_id] = (day, totals)
-    ranked = sorted(((t.cost_usd, t.core_seconds, job_id) for job_id, (day, t) in candidates.items()
-                     if first <= day <= last), reverse=True)[:TOP_JOBS]
-    jobs = Job.objects.select_related("user", "team").in_bulk([job_id for _, _, job_id in ranked])
-    return [TopJob(jobs[job_id], candidates[job_id][1], job_id in live.active_jobs)
-            for _, _, job_id in ranked if job_id in jobs]
+        if job_id in candidates:  # a folded top job that is running: ranked by its whole cost below
+            keys = [k for k in keys if k[2] != job_id]
+        candidates[job_id] = (day, None)
+        if first <= day <= last:  # the sums Totals().add(folded).add(extra) would hold, in the same order
+            f = folded_totals or _ZERO
+            keys.append((0.0 + f.cost_usd + extra.cost_usd, 0.0 + f.core_seconds + extra.core_seconds, job_id))
+    ranked = sorted(keys, reverse=True)[:TOP_JOBS]
+    top = []
+    for _, _, job_id in ranked:
+        day, totals = candidates[job_id]
+        if totals is None:  # whole totals only for the jobs shown
+            folded_totals = live.job_folded.get(job_id, (None, None))[1]
+            totals = Totals().add(folded_totals or Totals()).add(live.job_totals[job_id])
+        top.append((job_id, totals))
+    jobs = Job.objects.select_related("user", "team").in_bulk([job_id for job_id, _ in top])
+    return [TopJob(jobs[job_id], totals, job_id in live.active_jobs) for job_id, totals in top if job_id in jobs]
 
 
 # JobUsage's totals, in the order of Totals' first fields

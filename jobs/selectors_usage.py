@@ -353,7 +353,9 @@ def _add_live(contribs: Iterable[Contribution], first: date, last: date, by_day:
 
 def _labeller(group_by: str, names: dict[int, str]) -> Callable[[object], str]:
     if group_by == "user":
-        return lambda user_id: names.get(user_id, f"user {user_id}") if user_id else "(deleted user)"
+        # A user id without a user: deleted since a cached read of settled days (the
+        # rows say NULL now, which reads the same)
+        return lambda user_id: names.get(user_id, "(deleted user)") if user_id else "(deleted user)"
     if group_by == "family":
         return lambda family: FAMILY_LABELS.get(family, family)
     return lambda kind: KIND_LABELS.get(kind, kind)
@@ -425,18 +427,14 @@ def site_report(range_name: str, first: date, last: date, *, now: datetime | Non
 
 def _team_shares(first: date, last: date, live: list[Contribution], stamp: Stamp) -> list[TeamShare]:
     """Every team with usage in the range, most NeuronCore-hours first (summed in
-    the database over UsageTeamDay with the team's slug and name joined; a team with
-    only live usage in the range costs one more query)."""
-    per_team: dict[int, Totals] = {}
-    teams: dict[int, Team] = {}
-    for (team_id, slug, name), totals in _range_sums(UsageTeamDay.objects.all(), first, last, "team_id",
-                                                     "team__slug", "team__name", stamp=stamp,
-                                                     fields=SHARE_FIELDS).items():
-        per_team[team_id], teams[team_id] = totals, Team(id=team_id, slug=slug, name=name)
+    the database over UsageTeamDay, plus one query for the teams as they are now:
+    the sums of settled days are cached for hours, and a team may have been renamed
+    or deleted since)."""
+    per_team = {k[0]: t for k, t in _range_sums(UsageTeamDay.objects.all(), first, last, "team_id", stamp=stamp,
+                                                fields=SHARE_FIELDS).items()}
     for c in live:
         _add_to(per_team, c.dims.team_id, c.totals)
-    if missing := [t for t in per_team if t not in teams]:
-        teams.update(Team.objects.in_bulk(missing))
+    teams = Team.objects.in_bulk(list(per_team))
     shares = [TeamShare(teams[t], totals) for t, totals in per_team.items() if t in teams]
     shares.sort(key=lambda s: (-s.totals.core_seconds, s.team.slug))
     return shares

@@ -595,3 +595,16 @@ def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_o
     assert rows == uncached(NOW + timedelta(minutes=2))
     alice_8th = [r for r in rows if r["day"] == "2025-03-08" and r["user"] == "alice"]
     assert float(alice_8th[0]["core_hours"]) == pytest.approx(2 * 8.5, abs=1e-3)  # 15:30-24:00 local (UTC+5:30)
+
+
+def test_the_site_team_table_names_teams_as_they_are_now_though_sums_are_cached(history, frozen):
+    fold(NOW)
+    history.admin.is_staff = True
+    admin = _client(history.admin)
+    params = {"range": "custom", "from": "2025-03-01", "to": "2025-03-12", "format": "csv", "table": "teams"}
+    assert {r["team"] for r in _csv(admin.get("/usage/", params))} == {"vision", "audio"}
+    history.vision.slug = "vision-renamed"
+    history.vision.save(update_fields=["slug"])
+    rows = _csv(admin.get("/usage/", params))  # no fold since: the sums come from the cache
+    assert {r["team"] for r in rows} == {"vision-renamed", "audio"}
+    assert float(next(r for r in rows if r["team"] == "vision-renamed")["core_hours"]) == pytest.approx(18.5, abs=1e-3)

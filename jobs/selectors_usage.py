@@ -176,7 +176,9 @@ class Stamp:
     it) for reads that may touch days after `settled_day`; `settled` for reads of
     days up to `settled_day` only, which survives folds until one writes such a day
     (UsageRollupState.settled_xid, see jobs.usage_rollup.settled_day). So the first
-    render after a fold re-reads the last few days, not the whole range."""
+    render after a fold re-reads the last few days, not the whole range. Roll-up
+    rows of settled days changed some other way (a repair) show once a fold moves
+    settled_xid or after SETTLED_CACHE_S; names (teams, users) are read per render."""
 
     recent: str | None
     settled: str | None = None

@@ -795,8 +795,7 @@ def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot 
         env: dict[str, str] = request["env"]
         if slot is not None:
             slot.write(env.get(TAG_VAR))
-        os.environ.clear()
-        os.environ.update(env)
+        _replace_environ(env)
         _reseed_forked_rngs()
         hf = sys.modules.get("neuron_workers.backends.hf")
         if hf is not None:
@@ -826,6 +825,20 @@ def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot 
         finally:
             # os._exit: no atexit handlers or buffered state of the zygote may run.
             os._exit(code)
+
+
+def _replace_environ(env: dict[str, str]) -> None:
+    """Make os.environ (and the C environment) exactly ``env``.
+
+    Only the differences are applied: the job's environment is the supervisor's,
+    which mostly equals ours, and each setenv/unsetenv goes through os.environ's
+    Python wrapper (clear() + update() of ~60 variables cost ~0.6 ms a job)."""
+    current = os.environ
+    for key in [key for key in current if key not in env]:
+        del current[key]
+    for key, value in env.items():
+        if current.get(key) != value:
+            current[key] = value
 
 
 def _redirect_stdio(log_path: str) -> None:

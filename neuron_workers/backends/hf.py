@@ -187,8 +187,11 @@ def cached(kind: str, path: Path, loader: Any) -> Any:
     Only for objects used read-only (eval-mode models under inference_mode, jit
     modules, tokenizers); code that mutates a model uses take_owned().
     """
+    return _cached(_cache_key(kind, path), path, loader)
+
+
+def _cached(key: tuple, path: Path, loader: Any) -> Any:
     global _cache_version
-    key = _cache_key(kind, path)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -275,7 +278,10 @@ def _load_eval_model(path: Path) -> Any:
 
 def cached_hf_model(path: Path) -> tuple[Any, Any]:
     """(eval model, tokenizer) for an HF folder, from the in-process cache."""
-    return cached("hf-model", path, _load_eval_model), cached("tokenizer", path, load_tokenizer)
+    # Both come from the same folder: one realpath + scandir for the two keys.
+    real, signature = os.path.realpath(path), _signature(path)
+    return (_cached(("hf-model", real, signature), path, _load_eval_model),
+            _cached(("tokenizer", real, signature), path, load_tokenizer))
 
 
 def owned_hf_model(path: Path) -> tuple[Any, Any]:

@@ -111,11 +111,12 @@ def json_safe(obj: Any) -> Any:
 
 def apply_env(env: dict[str, str | None] | None) -> None:
     """Put the job's env into os.environ (``None`` unsets a variable)."""
+    environ = os.environ
     for key, value in (env or {}).items():
         if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = str(value)
+            environ.pop(key, None)
+        elif environ.get(key) != (text := str(value)):
+            environ[key] = text  # a forked child already has the job's env: usually a no-op
 
 
 class _StopFlag:

@@ -91,6 +91,9 @@ HUGE_PAGES_ENV = "NEURONDECK_ZYGOTE_HUGE_PAGES"
 # (copy-on-write); it re-collapses them every this many forks (~2-8 ms).
 HUGE_PAGES_EVERY_FORKS = 256
 
+# "0": the zygote forks with os.fork() and runs every at-fork hook (see _fork_process).
+RAW_FORK_ENV = "NEURONDECK_ZYGOTE_RAW_FORK"
+
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -621,6 +624,7 @@ class _ZygoteServer:
         self.jobs: dict[int, socket.socket] = {}  # job pid -> status socket
         self.spares: dict[int, socket.socket] = {}  # idle pid -> its request socket
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.raw_fork = os.environ.get(RAW_FORK_ENV, "1") != "0"
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
@@ -730,7 +734,7 @@ class _ZygoteServer:
         self.forks += 1
         if self.huge_pages and self.forks % HUGE_PAGES_EVERY_FORKS == 0:
             _huge_pages()
-        pid = os.fork()
+        pid = _fork_process(self.raw_fork)
         if pid == 0:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -767,6 +771,47 @@ class _ZygoteServer:
                 except OSError:
                     pass  # the supervisor gave up on this job; nothing to tell
                 sock.close()
+
+
+_libc_fork: Any = None
+
+
+def _fork_process(raw: bool) -> int:
+    """fork() for the zygote; 0 in the child.
+
+    os.fork() runs every hook that imported modules registered with
+    os.register_at_fork: threading, logging, random, concurrent.futures, torch,
+    fsspec and filelock's (pulled in by transformers; it pins and resets its
+    lock registry around every fork). In a job child they cost ~1-1.7 ms of CPU,
+    mostly copy-on-write faults on the zygote's pages, and ~0.3 ms in the zygote
+    (measured: fork + tiny 1-token inference, child 7.6-8.9 -> 6.6-7.2 ms). Those hooks
+    only matter when another thread may hold a lock or own state at fork time.
+    While the zygote is single-threaded, ``raw`` forks with libc's fork() (the
+    C-level pthread_atfork handlers of torch, OpenMP and glibc still run, the GIL
+    stays held across the call) and redoes in the child the hooks that change
+    something for a single-threaded process: reseeding ``random`` (each job must
+    draw its own numbers) and torch's OpenMP re-initialisation (gh-28389).
+    With another thread alive it uses os.fork().
+    """
+    global _libc_fork
+    if not raw or _native_threads() != 1:
+        return os.fork()
+    if _libc_fork is None:
+        _libc_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: keeps the GIL held
+        _libc_fork.restype = ctypes.c_int
+        _libc_fork.argtypes = []
+    pid = _libc_fork()
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if pid == 0:
+        random_module = sys.modules.get("random")
+        if random_module is not None:
+            random_module.seed()
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "get_num_threads"):
+            torch.get_num_threads()
+    return pid
 
 
 def _spare_main(sock: socket.socket, slot: _EnvironSlot | None) -> None:

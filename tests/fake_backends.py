@@ -8,9 +8,11 @@ only: start-up, logs, metrics, signals, crashes.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +35,9 @@ class OkBackend:
             "pgid": os.getpgrp(),
             "sid": os.getsid(0),
             "echo": ctx.spec.get("echo"),
+            "random": random.random(),
+            "environ": dict(os.environ),
+            "threading_main": threading.current_thread() is threading.main_thread(),
         }
 
 

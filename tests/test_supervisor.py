@@ -24,6 +24,7 @@ from neuron_workers.supervisor import (
     Outcome,
     _LogTailer,
     _utf8_safe_cut,
+    child_env,
     default_zygote,
     find_orphans,
     group_alive,
@@ -158,6 +159,29 @@ def test_the_child_sees_its_cores_and_tag_in_its_own_session(mode, tmp_path):
     assert result["process_tag"] == f"job-{payload['job_id']}"
     assert result["pid"] == result["pgid"] == result["sid"] != os.getpid()
     assert result["cwd"] == str(tmp_path.resolve())
+
+
+def test_forked_jobs_draw_their_own_random_numbers_and_get_exactly_their_env(tmp_path, monkeypatch):
+    # The zygote forks with libc's fork() while it is single-threaded (no
+    # os.register_at_fork hooks: it reseeds `random` itself; numpy's OpenBLAS pool,
+    # started at import, is shut down by the first fork), and a child applies only
+    # the env's differences.
+    monkeypatch.setenv("NEURONDECK_TEST_DROPPED", "1")
+    results = []
+    names = ("a", "b", "c")
+    for name in names:
+        payload = make_payload(tmp_path / name, "OkBackend")
+        payload["env"] = {**payload["env"], "NEURONDECK_TEST_DROPPED": None, "NEURONDECK_TEST_ADDED": name}
+        outcome, _ = run(payload)
+        assert outcome.status == "succeeded", outcome
+        results.append(outcome.result)
+    assert len({result["random"] for result in results}) == len(names)
+    for name, result in zip(names, results):
+        expected = child_env({"env": {"NEURONDECK_TEST_DROPPED": None, "NEURONDECK_TEST_ADDED": name}})
+        expected["NEURON_RT_VISIBLE_CORES"] = "2-3"
+        expected["NEURON_PROCESS_TAG"] = result["process_tag"]
+        assert result["environ"] == expected
+        assert result["threading_main"] is True
 
 
 def test_a_short_fork_job_finishes_without_waiting_for_a_poll_tick(tmp_path):

@@ -220,7 +220,8 @@ class Job(models.Model):
         FAILED = "failed", "Failed"
         CANCELLED = "cancelled", "Cancelled"
 
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="jobs")
+    # no index of its own: job_team_recent / job_team_status / job_team_finished lead with team_id
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="jobs", db_index=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
     kind = models.CharField(max_length=16, choices=Kind.choices)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -236,7 +237,9 @@ class Job(models.Model):
     attempts = models.PositiveIntegerField(default=0)
 
     # placement (set when queued, cleared when requeued)
-    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    # no index of its own: job_host_status leads with host_id
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs",
+                             db_index=False)
     core_start = models.IntegerField(null=True, blank=True)
 
     created_at = models.DateTimeField(default=timezone.now)
@@ -312,10 +315,11 @@ class CoreAllocation(models.Model):
     """One row per NeuronCore held by a job. The unique (host, core) constraint is
     what makes it impossible for two jobs to hold the same core, whatever races."""
 
-    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="allocations")
+    # host and team: no index of their own; one_job_per_core leads with host_id, alloc_team_family with team_id
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="allocations", db_index=False)
     core = models.IntegerField()
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="allocations")
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+", db_index=False)
     family = models.CharField(max_length=8, choices=Family.choices)
     borrowed = models.BooleanField(default=False)  # beyond the team's guarantee: may be preempted
     since = models.DateTimeField(default=timezone.now)
@@ -329,8 +333,9 @@ class JobAttempt(models.Model):
     """One allocation interval of a job (cores × time). Usage is derived from these;
     a preempted or requeued attempt counts for the time it held its cores."""
 
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_rows")
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    # job and team: no index of their own; uniq_attempt leads with job_id, attempt_team_start / _ended with team_id
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempt_rows", db_index=False)
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+", db_index=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     kind = models.CharField(max_length=16, choices=Kind.choices)
     family = models.CharField(max_length=8, choices=Family.choices)
@@ -356,7 +361,8 @@ class JobAttempt(models.Model):
 class JobLogChunk(models.Model):
     """The job log, kept in the database so it outlives the host that wrote it."""
 
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks",
+                            db_index=False)  # uniq_log_chunk leads with job_id
     offset = models.BigIntegerField()  # byte offset of this chunk in the whole log
     text = models.TextField()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import secrets
-from datetime import timedelta
+from datetime import timedelta, timezone as dt_timezone
 
 from django.contrib.auth import get_user_model
 from django.utils import timezone
@@ -39,6 +39,15 @@ def token_user(raw: str):
     if user is None or not user.is_active:
         return None
     now = timezone.now()
-    if user.token_last_used_at is None or now - user.token_last_used_at >= LAST_USED_EVERY:
+    last_used = _aware(user.token_last_used_at)
+    if last_used is None or now - last_used >= LAST_USED_EVERY:
         ApiToken.objects.filter(pk=user.token_id).update(last_used_at=now)
     return user
+
+
+def _aware(value):
+    """A raw query's extra column gets no field converter: SQLite hands back a naive
+    datetime in UTC (Django's connection time zone there), PostgreSQL an aware one."""
+    if value is None or timezone.is_aware(value):
+        return value
+    return value.replace(tzinfo=dt_timezone.utc)

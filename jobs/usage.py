@@ -570,6 +570,9 @@ class BurnDown:
     month_end_forecast: float
 
 
+FORECAST_HORIZON_DAYS = 3660
+
+
 def burn_down(daily_hours: Mapping[date, float], *, today: date, fraction_of_today: float,
               budget: float | None, window_days: int = 7) -> BurnDown:
     month_start = today.replace(day=1)
@@ -603,9 +606,11 @@ def burn_down(daily_hours: Mapping[date, float], *, today: date, fraction_of_tod
     elif crossed is not None:
         status, run_out = "exhausted", crossed
     elif rate > 0:
-        days_left = (budget - used) / rate
-        run_out = today + timedelta(days=math.floor(fraction_of_today + days_left))
-        status = "runs_out" if run_out < next_month else "within_budget"
+        days_left = math.floor(fraction_of_today + (budget - used) / rate)
+        # A trickle against a large budget runs out centuries away (past date.max):
+        # beyond FORECAST_HORIZON_DAYS there is no day worth naming.
+        run_out = today + timedelta(days=days_left) if days_left <= FORECAST_HORIZON_DAYS else None
+        status = "runs_out" if run_out is not None and run_out < next_month else "within_budget"
     else:
         status = "within_budget"
     return BurnDown(days, actual, forecast, budget, used, rate, run_out, status, month_end)

@@ -201,6 +201,19 @@ def test_burn_down_reports_an_exhausted_budget_and_no_budget():
     assert usage.burn_down({}, today=date(2025, 3, 6), fraction_of_today=0.1, budget=5.0).status == "within_budget"
 
 
+def test_burn_down_of_a_trickle_against_a_large_budget_names_no_day():
+    # One second of one core this week against 1,000 h: the run-out day would be
+    # ~19 million years away (past date.max; the usage page answered 500 for it).
+    burn = usage.burn_down({date(2026, 11, 27): 1 / 3600}, today=date(2026, 11, 27), fraction_of_today=0.4,
+                           budget=1000.0)
+    assert burn.status == "within_budget" and burn.run_out_day is None
+    # Beyond the month but within the horizon, the day is still given.
+    burn = usage.burn_down({date(2026, 11, 27): 10.0}, today=date(2026, 11, 27), fraction_of_today=0.4,
+                           budget=1000.0)
+    assert burn.status == "within_budget" and burn.run_out_day is not None
+    assert burn.run_out_day > date(2026, 11, 30)
+
+
 @pytest.mark.parametrize("params, field, words", [
     ({"range": "12d"}, "range", "not a range"),
     ({"range": "custom"}, "from", "first day"),

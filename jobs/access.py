@@ -22,6 +22,16 @@ def teams_of(user) -> QuerySet[Team]:
     return Team.objects.filter(memberships__user=user)
 
 
+NAV_TEAMS_STAFF = 20  # base.html lists this many of a staff user's teams (all teams) and links the rest
+
+
+def nav_teams(user) -> list[Team]:
+    """The teams base.html's switcher lists: all of a member's teams; for staff (every
+    team), the first NAV_TEAMS_STAFF and one more, which tells the template there are more."""
+    teams = teams_of(user)
+    return list(teams[:NAV_TEAMS_STAFF + 1] if user.is_staff else teams)
+
+
 def role_in(user, team: Team) -> str | None:
     if user.is_staff:
         return Role.MANAGER

@@ -35,7 +35,7 @@ def _page(request: HttpRequest, template: str, context: dict, *, team: Team | No
           status: int = 200) -> HttpResponse:
     """Render a full page with what base.html needs: the user's teams for the switcher,
     the current team for the nav links (the first team when the page has none)."""
-    teams = list(access.teams_of(request.user))
+    teams = access.nav_teams(request.user)
     current = team or (teams[0] if teams else None)
     return render(request, template, {"nav_teams": teams, "team": current, "nav": nav, **context}, status=status)
 

@@ -26,7 +26,7 @@ FLEET_POLL_MS = 5000
 
 def _render(request: HttpRequest, template: str, context: dict, nav: str, status: int = 200) -> HttpResponse:
     """A full page with what base.html needs (team switcher, nav)."""
-    teams = list(access.teams_of(request.user))
+    teams = access.nav_teams(request.user)
     return render(request, template, {"nav_teams": teams, "team": teams[0] if teams else None, "nav": nav,
                                       **context}, status=status)
 

@@ -19,7 +19,6 @@ from django.views.decorators.http import require_POST
 from jobs import access, selectors_teams, services
 from jobs.forms_teams import MemberAddForm, MemberRoleForm, QuotaForm, family_field
 from jobs.models import Family, Kind, Role, Team
-from jobs.views_usage import NAV_TEAMS_STAFF, nav_teams
 
 AUDIT_SHOWN = 100
 TEAMS_PER_QUOTA_PAGE = 25  # a row is a form of a dozen inputs: 200 of them took ~250 ms to render
@@ -29,7 +28,7 @@ def _render(request: HttpRequest, template: str, context: dict, *, team: Team | 
             status: int = 200, teams: list[Team] | None = None) -> HttpResponse:
     """A full page with what base.html needs (the user's teams — `teams` when the
     page has them already — and the current team)."""
-    teams = nav_teams(request.user) if teams is None else teams
+    teams = access.nav_teams(request.user) if teams is None else teams
     current = team or (teams[0] if teams else None)
     return render(request, template, {"nav_teams": teams, "team": current, "nav": nav, **context}, status=status)
 
@@ -188,8 +187,8 @@ def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = No
     capacity, guarantees = selectors_teams.fleet_capacity(), selectors_teams.guarantee_totals()
     # The unfiltered first page starts with the teams the staff switcher lists (all teams by slug).
     listed = list(page.object_list)
-    first_teams = listed[:NAV_TEAMS_STAFF + 1] if (
-        not search and page.number == 1 and len(listed) > NAV_TEAMS_STAFF and request.user.is_staff) else None
+    first_teams = listed[:access.NAV_TEAMS_STAFF + 1] if (
+        not search and page.number == 1 and len(listed) > access.NAV_TEAMS_STAFF and request.user.is_staff) else None
     return _render(request, "teams/quota_list.html", {
         # one CSRF input for every row's form (the tag would mask a new token per row)
         "csrf_input": format_html('<input type="hidden" name="csrfmiddlewaretoken" value="{}">', get_token(request)),

@@ -29,18 +29,8 @@ TEAMS_SHOWN = 50  # the site page lists the top teams; the CSV and the API have 
 RANGE_CHOICES = [("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("custom", "Custom")]
 
 
-NAV_TEAMS_STAFF = 20  # base.html lists this many of a staff user's teams (all teams) and links the rest
-
-
-def nav_teams(user) -> list[Team]:
-    """The teams base.html's switcher lists: all of a member's teams; for staff (every
-    team), the first NAV_TEAMS_STAFF and one more, which tells the template there are more."""
-    teams = access.teams_of(user)
-    return list(teams[:NAV_TEAMS_STAFF + 1] if user.is_staff else teams)
-
-
 def _base_context(request: HttpRequest, team: Team | None, nav: str) -> dict:
-    teams = nav_teams(request.user)
+    teams = access.nav_teams(request.user)
     return {"nav_teams": teams, "team": team or (teams[0] if teams else None), "nav": nav}
 
 

@@ -667,3 +667,22 @@ def test_a_long_loss_series_is_thinned_in_the_database(cast, finetune_job):
                                    for s in range(6, 10001)])
     steps, losses = selectors.loss_series(finetune_job, max_points=1000)
     assert 900 <= len(steps) <= 1100 and steps == sorted(steps) and len(steps) == len(losses)
+
+
+def test_a_staff_users_team_switcher_lists_twenty_teams_and_links_the_rest_on_every_kind_of_page(cast):
+    from jobs.access import NAV_TEAMS_STAFF
+    from jobs.services import team_create
+
+    for i in range(30):
+        team_create(slug=f"extra-{i:02d}", name=f"Extra {i:02d}")
+    admin = login(cast.admin)
+    for url in ["/teams/vision/jobs/", "/teams/vision/usage/", "/fleet/", "/quotas/"]:
+        page = admin.get(url)
+        assert page.status_code == 200, url
+        switcher = page.content.decode().split('class="menu team-switcher"', 1)[1].split("</details>", 1)[0]
+        assert switcher.count('role="menuitem" href="/teams/') == NAV_TEAMS_STAFF, url
+        assert "All teams (search)" in switcher, url
+        assert len(page.context["nav_teams"]) == NAV_TEAMS_STAFF + 1, url  # not every team read for the menu
+    # A member's switcher lists all of their teams and no link.
+    bob = login(cast.bob).get("/teams/vision/jobs/").content.decode()
+    assert "All teams (search)" not in bob

@@ -543,11 +543,6 @@ def parse_range(params: Mapping[str, str], today: date) -> tuple[str, date, date
     return "custom", first, last
 
 
-def zero_filled(days: Sequence[date], values: Mapping[date, float]) -> list[float]:
-    """One value per day, 0 where a day has none (a gap is "nothing used", not missing)."""
-    return [float(values.get(day, 0.0)) for day in days]
-
-
 @dataclass
 class BurnDown:
     """The month's NeuronCore-hour budget against cumulative use, with a forecast.

@@ -54,6 +54,8 @@ def build_payload(job: Job, workdir: Path) -> dict:
     return {
         "job_id": job.pk, "kind": job.kind, "backend": job.host.backend if job.host else "cpu",
         "spec": job.spec, "workdir": str(workdir), "inputs": inputs, "cores": job.core_range,
+        # A warm runner only ever runs one team's jobs (supervisor._ZygoteServer).
+        "reuse_key": f"team-{job.team_id}",
         "env": {
             "NEURON_RT_VISIBLE_CORES": job.core_range or "",
             "NEURON_PROCESS_TAG": f"job-{job.pk}",

@@ -289,17 +289,19 @@ class ProcessCpu:
     """CPU use and resident memory of job processes from /proc/<pid>/stat.
 
     CPU % is the process's user+system time (its threads included, plus children
-    it has waited for) over the time since the previous reading of that pid, so
-    100 % = one CPU busy. The first reading of a pid has no CPU % yet."""
+    it has waited for) over the time since the previous reading of that pid for
+    the same job, so 100 % = one CPU busy. The first reading has no CPU % yet; a
+    warm runner's process runs several jobs in turn, and a job must not be
+    charged for the CPU its predecessor used."""
 
     _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
     def __init__(self, proc_root: str | Path = "/proc") -> None:
         self.root = Path(proc_root)
-        self.prev: dict[int, tuple[float, int]] = {}
+        self.prev: dict[int, tuple[float, int, int | None]] = {}  # pid -> (when, ticks, job)
 
-    def read(self, pid: int) -> tuple[float | None, int | None]:
+    def read(self, pid: int, job: int | None = None) -> tuple[float | None, int | None]:
         try:
             text = (self.root / str(pid) / "stat").read_text()
         except OSError:
@@ -311,8 +313,8 @@ class ProcessCpu:
         rss = int(fields[21]) * self._PAGE  # rss (proc(5) field 24) in pages
         now = time.monotonic()
         before = self.prev.get(pid)
-        self.prev[pid] = (now, ticks)
-        if before is None or now <= before[0]:
+        self.prev[pid] = (now, ticks, job)
+        if before is None or now <= before[0] or before[2] != job:
             return None, rss
         return round(100.0 * (ticks - before[1]) / self._TICKS / (now - before[0]), 2), rss
 
@@ -322,14 +324,14 @@ class ProcessCpu:
 
 
 def cpu_points(sample: Report, placements: list[JobPlacement], slots: list[int], host: str,
-               usage: Callable[[int], tuple[float | None, int | None]]) -> tuple[dict, dict[int, dict]]:
+               usage: Callable[[int, int], tuple[float | None, int | None]]) -> tuple[dict, dict[int, dict]]:
     """Host and job points of an OS sample. A job's slots each show its process's
     CPU % as a share of its slots (100 % = as many CPUs busy as it has slots),
     since the process is not pinned to particular CPUs."""
     slot_util = {str(s): 0.0 for s in slots}
     job_pts: dict[int, dict] = {}
     for job in placements:
-        pct, rss = usage(job.pid) if job.pid else (None, None)
+        pct, rss = usage(job.pid, job.job_id) if job.pid else (None, None)
         share = min(100.0, round(pct / max(len(job.cores), 1), 2)) if pct is not None else None
         util = {str(c): share for c in job.cores} if share is not None else {}
         slot_util.update(util)

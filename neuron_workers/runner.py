@@ -261,6 +261,20 @@ def _run(payload: dict, workdir: Path) -> dict:
         metric.close()
 
 
+def may_run_another(payload: dict) -> bool:
+    """Whether this process may run another job after ``payload``'s: the job was not
+    asked to stop, left no Python thread behind, and its backend says the kind
+    changes nothing in the process that a later job could see
+    (``Backend.reusable_process``)."""
+    if threading.active_count() != 1 or (Path(payload["workdir"]) / STOP_FILE).exists():
+        return False
+    try:
+        check = getattr(resolve_backend(payload["backend"]), "reusable_process", None)
+        return bool(check(payload["kind"])) if callable(check) else False
+    except Exception:  # noqa: BLE001 - when in doubt, a fresh process
+        return False
+
+
 def _install_sigterm(handler: Callable[[int, FrameType | None], None]) -> Any:
     # signal.signal only works in the main thread; run_payload may be called
     # in-process from a worker thread (tests, debugging), where the supervisor's
@@ -306,6 +320,8 @@ class Lifeline:
         self.workdir = workdir
         self.grace_s = grace_s
         self.lost = threading.Event()
+        self.releasing = False
+        self.released = threading.Event()
         # A bare thread (daemon-like: never joined at exit): threading.Thread's
         # start() handshake and bookkeeping cost ~0.3 ms in a forked child, most of
         # it copy-on-write faults on the zygote's pages.
@@ -329,6 +345,9 @@ class Lifeline:
                 continue
             except OSError:
                 break
+        if self.releasing:
+            self.released.set()  # the supervisor let go of the finished job
+            return
         self.lost.set()
         os.write(2, b"[runner] the supervising process is gone; stopping the job\n")
         try:
@@ -339,6 +358,24 @@ class Lifeline:
         time.sleep(self.grace_s)
         os.write(2, b"[runner] grace period over; killing the job's process group\n")
         _signal_own_group(signal.SIGKILL)
+
+    def release(self, record: bytes, timeout_s: float = 5.0) -> bool:
+        """The job is over and this process will run another: send ``record`` (the
+        supervisor then treats the job as ended) and wait until the supervisor has
+        closed its end, after which it never signals our group for this job again.
+        False if the lifeline was lost or that took longer than ``timeout_s``: the
+        caller then ends the process as after any job."""
+        if self.lost.is_set():
+            return False
+        self.releasing = True
+        try:
+            os.write(self.fd, record)
+        except OSError:
+            return False
+        if not self.released.wait(timeout_s):
+            return False
+        os.close(self.fd)
+        return True
 
     def finish(self) -> None:
         """Call last: if orphaned, take what is left of the group down with us.

@@ -94,6 +94,13 @@ HUGE_PAGES_EVERY_FORKS = 256
 # "0": the zygote forks with os.fork() and runs every at-fork hook (see _fork_process).
 RAW_FORK_ENV = "NEURONDECK_ZYGOTE_RAW_FORK"
 
+# Warm runners (see _ZygoteServer): how many idle ones a zygote keeps (default 8),
+# and how many jobs one process runs at most (default 100; "1": every job in a
+# fresh process, as before warm runners).
+WARM_RUNNERS_ENV = "NEURONDECK_WARM_RUNNERS"
+RUNNER_JOBS_ENV = "NEURONDECK_RUNNER_JOBS"
+WARM_IDLE_S = 30.0
+
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -145,6 +152,9 @@ class ChildHandle:
         self.started_at = started_at
         self.returncode: int | None = None
         self.exited = False
+        # The job is over but its process lives on (a warm runner, alone in its
+        # group): its group must not be signalled any more.
+        self.released = False
         _live_handles.add(self)
 
     def wait(self, timeout: float | None) -> bool:
@@ -199,6 +209,9 @@ class _ExecChild(ChildHandle):
 # stream socket carrying fixed 17-byte records (kind, pid, value).
 #   b"P": sent by the child itself right after setsid() -> pid is a group leader.
 #   b"S": sent by the zygote after reaping the child; value = raw wait status.
+#   b"D": sent by the child itself when its job is over but the process lives on
+#         as a warm runner (see _ZygoteServer); value = the job's exit code. The
+#         child is alone in its group then, and the supervisor closes its end.
 _STATUS = struct.Struct("!cqq")
 
 
@@ -239,9 +252,10 @@ class _ForkChild(ChildHandle):
         while len(self._buf) >= _STATUS.size:
             kind, _pid, value = _STATUS.unpack_from(self._buf)
             self._buf = self._buf[_STATUS.size :]
-            if kind == b"S":
-                self.returncode = os.waitstatus_to_exitcode(value)
+            if kind in (b"S", b"D"):
+                self.returncode = os.waitstatus_to_exitcode(value) if kind == b"S" else value
                 self.exited = True
+                self.released = kind == b"D"
                 self.close()
                 return
 
@@ -296,9 +310,13 @@ class Zygote:
         spares: int = 1,
         start_timeout_s: float = 300.0,
         model_cache: bool = True,
+        warm_runners: int | None = None,
+        runner_jobs: int | None = None,
     ) -> None:
         self.preload = tuple(preload)
         self.spares = spares
+        self.warm_runners = int(os.environ.get(WARM_RUNNERS_ENV, 8)) if warm_runners is None else warm_runners
+        self.runner_jobs = int(os.environ.get(RUNNER_JOBS_ENV, 100)) if runner_jobs is None else runner_jobs
         self.model_cache = model_cache
         self.start_timeout_s = start_timeout_s
         self.owner_pid = os.getpid()
@@ -339,7 +357,7 @@ class Zygote:
         self._sock = ours
         sys_path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
         hello = {"sys_path": sys_path, "preload": list(self.preload), "spares": self.spares,
-                 "model_cache": self.model_cache}
+                 "model_cache": self.model_cache, "warm_runners": self.warm_runners, "runner_jobs": self.runner_jobs}
         ours.send(json.dumps(hello).encode())
         ours.settimeout(self.start_timeout_s)
         try:
@@ -575,7 +593,8 @@ def _zygote_main(fd: int) -> None:
     gc.freeze()
     huge = _huge_pages() if os.environ.get(HUGE_PAGES_ENV, "1") != "0" else None
     server = _ZygoteServer(ctrl, _EnvironSlot.find(TAG_VAR), spares=int(hello.get("spares", 1)),
-                           model_cache=bool(hello.get("model_cache", True)), huge_pages=huge is not None)
+                           model_cache=bool(hello.get("model_cache", True)), huge_pages=huge is not None,
+                           warm_max=int(hello.get("warm_runners", 0)), reuse_jobs=int(hello.get("runner_jobs", 1)))
     ctrl.send(
         json.dumps(
             {
@@ -604,25 +623,39 @@ class _ZygoteServer:
     Every job child is our child, so we reap it (SIGCHLD wakes the loop through
     a wakeup pipe) and send its wait status on the job's status socket.
 
+    Warm runners (``warm_max``): a child whose job the backend declares safe to
+    follow in the same process (a cpu inference: it changes no state of the
+    process that the next job could see, see ``Backend.reusable_process``) and
+    that ended cleanly tells us it is idle instead of exiting. The next request
+    with the same ``reuse_key`` (the job's team: a process never carries one
+    team's data into another team's job) goes to it: no fork, no copy-on-write
+    faults on the zygote's pages, no exit teardown, which is most of the CPU a
+    short job costs. At most ``warm_max`` idle runners are kept; one idle for
+    WARM_IDLE_S is retired, and every runner exits after REUSE_JOBS jobs.
+
     Model cache (``model_cache``): before handing a job to a child, the job's
     backend may load what the job needs into this process (a model and its
     tokenizer, ``Backend.zygote_preload``), so the child inherits it copy-on-write
-    instead of loading it: ~20 ms of a ~30 ms tiny inference job. Spares forked
-    before a load do not have it, so they are retired when the cache changes and
-    the job is forked directly. A job never depends on this: its backend looks
-    the cache up by path + file signature and loads for itself on a miss.
+    instead of loading it: ~20 ms of a ~30 ms tiny inference job. Spares and warm
+    runners forked before a load do not have it, so they are retired when the
+    cache changes. A job never depends on this: its backend looks the cache up
+    by path + file signature and loads for itself on a miss.
     """
 
     def __init__(self, ctrl: socket.socket, slot: _EnvironSlot | None, spares: int, model_cache: bool = True,
-                 huge_pages: bool = False) -> None:
+                 huge_pages: bool = False, warm_max: int = 0, reuse_jobs: int = 1) -> None:
         self.ctrl = ctrl
         self.slot = slot
         self.model_cache = model_cache
         self.huge_pages = huge_pages
         self.forks = 0
         self.spares_wanted = max(0, spares)
+        self.warm_max = max(0, warm_max)
+        self.reuse_jobs = max(1, reuse_jobs)
         self.jobs: dict[int, socket.socket] = {}  # job pid -> status socket
         self.spares: dict[int, socket.socket] = {}  # idle pid -> its request socket
+        self.busy: dict[int, tuple[socket.socket, str]] = {}  # job pid -> (its request socket, reuse key)
+        self.warm: dict[int, tuple[socket.socket, str, float]] = {}  # idle used runner -> (socket, key, since)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.raw_fork = os.environ.get(RAW_FORK_ENV, "1") != "0"
 
@@ -631,13 +664,17 @@ class _ZygoteServer:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         self._refill()
         while True:
+            readers = [self.ctrl, self.wake_r, *(sock for sock, _key in self.busy.values())]
             try:
-                ready, _, _ = select.select([self.ctrl, self.wake_r], [], [])
+                ready, _, _ = select.select(readers, [], [], WARM_IDLE_S if self.warm else None)
             except InterruptedError:
                 continue
             if self.wake_r in ready:
                 self._drain_wakeups()
                 self._reap()
+            for pid, (sock, key) in list(self.busy.items()):
+                if sock in ready:
+                    self._runner_idle(pid, sock, key)
             if self.ctrl in ready:
                 try:
                     msg, fds, _flags, _addr = socket.recv_fds(self.ctrl, 1 << 20, 1)
@@ -646,6 +683,7 @@ class _ZygoteServer:
                 if not msg:
                     return
                 self._start_job(msg, socket.socket(fileno=fds[0]))
+            self._expire_warm()
             self._refill()
 
     def _start_job(self, msg: bytes, status_sock: socket.socket) -> None:
@@ -659,20 +697,61 @@ class _ZygoteServer:
                 # it now would run it twice.
                 status_sock.close()
                 return
+        key = str(request.get("reuse_key") or "")
+        # A warm runner of the same key first (newest: its pages are the likeliest
+        # to be in cache), then a fresh spare.
+        candidates = [pid for pid, (_sock, k, _since) in sorted(self.warm.items(), key=lambda kv: -kv[1][2])
+                      if key and k == key]
+        for pid in candidates:
+            sock = self.warm.pop(pid)[0]
+            if self._hand_over(pid, sock, key, msg, status_sock):
+                return
         while self.spares:
-            pid, spare_sock = self.spares.popitem()
-            try:
-                socket.send_fds(spare_sock, [msg], [status_sock.fileno()])
-            except OSError:
-                continue  # that spare died meanwhile; _reap drops its record
-            finally:
-                spare_sock.close()
-            self.jobs[pid] = status_sock
-            return
+            pid, sock = self.spares.popitem()
+            if self._hand_over(pid, sock, key, msg, status_sock):
+                return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = self._fork()
         if pid == 0:
-            _zygote_child(request, status_sock, self.slot)
+            ours.close()
+            _runner_main(theirs, self.slot, self.reuse_jobs, first=(request, status_sock))
+        theirs.close()
         self.jobs[pid] = status_sock
+        self.busy[pid] = (ours, key)
+
+    def _hand_over(self, pid: int, sock: socket.socket, key: str, msg: bytes, status_sock: socket.socket) -> bool:
+        try:
+            socket.send_fds(sock, [msg], [status_sock.fileno()])
+        except OSError:
+            sock.close()  # it died meanwhile; _reap drops its record
+            return False
+        self.jobs[pid] = status_sock
+        self.busy[pid] = (sock, key)
+        return True
+
+    def _runner_idle(self, pid: int, sock: socket.socket, key: str) -> None:
+        """A runner finished its job and waits for another (or it exited: EOF)."""
+        try:
+            msg = sock.recv(64)
+        except OSError:
+            msg = b""
+        if msg != b"I":
+            return  # EOF: it exits; _reap reports its status and drops it
+        del self.busy[pid]
+        status_sock = self.jobs.pop(pid, None)
+        if status_sock is not None:
+            status_sock.close()  # the runner reported the job's end itself
+        if not key or len(self.warm) >= self.warm_max:
+            sock.close()  # not wanted: EOF makes it exit
+            return
+        self.warm[pid] = (sock, key, time.monotonic())
+
+    def _expire_warm(self) -> None:
+        now = time.monotonic()
+        for pid, (sock, _key, since) in list(self.warm.items()):
+            if now - since >= WARM_IDLE_S:
+                del self.warm[pid]
+                sock.close()
 
     def _warm(self, warm: dict) -> bool:
         """Let the job's backend preload into our caches; True if anything changed."""
@@ -712,10 +791,13 @@ class _ZygoteServer:
         return changed
 
     def _retire_spares(self) -> None:
-        """Let idle spares exit (EOF on their request socket); _reap collects them."""
+        """Let idle spares and warm runners exit (EOF on their request socket); _reap collects them."""
         for sock in self.spares.values():
             sock.close()
         self.spares.clear()
+        for sock, _key, _since in self.warm.values():
+            sock.close()
+        self.warm.clear()
 
     def _refill(self) -> None:
         while len(self.spares) < self.spares_wanted:
@@ -723,7 +805,7 @@ class _ZygoteServer:
             pid = self._fork()
             if pid == 0:
                 ours.close()  # else the spare never sees EOF when the zygote dies
-                _spare_main(theirs, self.slot)
+                _runner_main(theirs, self.slot, self.reuse_jobs)
             theirs.close()
             self.spares[pid] = ours
 
@@ -742,7 +824,8 @@ class _ZygoteServer:
             os.close(self.wake_w)
             # A spare or job holding the control socket would keep the owner
             # from noticing that the zygote died.
-            for sock in [self.ctrl, *self.jobs.values(), *self.spares.values()]:
+            for sock in [self.ctrl, *self.jobs.values(), *self.spares.values(),
+                         *(entry[0] for entry in self.busy.values()), *(entry[0] for entry in self.warm.values())]:
                 sock.close()
         return pid
 
@@ -761,9 +844,10 @@ class _ZygoteServer:
                 return
             if pid == 0:
                 return
-            spare = self.spares.pop(pid, None)
-            if spare is not None:
-                spare.close()
+            for pool in (self.spares, self.busy, self.warm):
+                entry = pool.pop(pid, None)
+                if entry is not None:
+                    (entry if isinstance(entry, socket.socket) else entry[0]).close()
             sock = self.jobs.pop(pid, None)  # None: a spare, or an adopted orphan (subreaper)
             if sock is not None:
                 try:
@@ -814,27 +898,49 @@ def _fork_process(raw: bool) -> int:
     return pid
 
 
-def _spare_main(sock: socket.socket, slot: _EnvironSlot | None) -> None:
-    """Body of an idle pre-forked child: wait for one request, then become the job."""
+def _next_request(sock: socket.socket) -> tuple[dict, socket.socket]:
+    """Wait for the zygote to hand us a job: (request, its status socket). Exits on EOF."""
     try:
         msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 1)
     except BaseException:  # noqa: BLE001
         msg, fds = b"", []
     if not msg or not fds:
-        os._exit(0)  # the zygote is gone (or shutting down): nothing to do
-    sock.close()
-    _zygote_child(json.loads(msg), socket.socket(fileno=fds[0]), slot)
+        os._exit(0)  # the zygote is gone, shutting down, or retired us: nothing to do
+    return json.loads(msg), socket.socket(fileno=fds[0])
 
 
-def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot | None) -> None:
-    """Body of a forked job child (fds of the zygote already closed). Never returns."""
+def _runner_main(sock: socket.socket, slot: _EnvironSlot | None, reuse_jobs: int,
+                 first: tuple[dict, socket.socket] | None = None) -> None:
+    """Body of a child forked by the zygote: a spare waiting for its first job, or a
+    runner forked for one. Runs jobs one after another while each ends in a state
+    the next may start from (see _ZygoteServer), at most ``reuse_jobs``. Never returns."""
+    done = 0
+    request, status_sock = first if first is not None else _next_request(sock)
+    while True:
+        code, again = _run_job(request, status_sock, slot, first_job=done == 0, last=done + 1 >= reuse_jobs)
+        done += 1
+        if not again:
+            _child_exit(code)
+        _go_idle(slot)
+        try:
+            sock.send(b"I")
+        except OSError:
+            _child_exit(0)
+        request, status_sock = _next_request(sock)
+
+
+def _run_job(request: dict, status_sock: socket.socket, slot: _EnvironSlot | None, *,
+             first_job: bool, last: bool) -> tuple[int, bool]:
+    """Run one job in this process: (exit code, whether this process may run another)."""
     code = 1
     try:
-        # New session first: the supervisor may killpg(pid) as soon as it learns
-        # the pid, which we only tell it at the end of this block.
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if first_job:
+            # New session first: the supervisor may killpg(pid) as soon as it learns
+            # the pid, which we only tell it at the end of this block. A runner's
+            # later jobs run in the same session and group (it leads both).
+            os.setsid()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _redirect_stdio(request["log_path"])
         os.chdir(request["workdir"])
         env: dict[str, str] = request["env"]
@@ -849,27 +955,80 @@ def _zygote_child(request: dict, status_sock: socket.socket, slot: _EnvironSlot 
 
         from neuron_workers import runner
 
-        runner.prepare_child_process()
+        if first_job:
+            runner.prepare_child_process()
         # The status socket doubles as the lifeline: EOF once the supervisor's
-        # end is closed (it only is after we exit, unless the supervisor died).
+        # end is closed (after the job ended, unless the supervisor died).
         lifeline = runner.Lifeline(status_sock.detach(), Path(request["workdir"]), float(request["grace_s"]))
         # Look like the exec-mode command line to code that inspects argv.
         sys.argv[:] = [runner.__file__, request["payload_path"]]
         with open(request["payload_path"], encoding="utf-8") as fh:
             payload = json.load(fh)
         code = runner.run_payload(payload)
+        if (not last and code == 0 and runner.may_run_another(payload) and _alone_in_group()
+                and lifeline.release(_STATUS.pack(b"D", os.getpid(), code))):
+            return code, True
         lifeline.finish()
     except BaseException:  # noqa: BLE001 - report and exit; never return into the zygote loop
         import traceback
 
         traceback.print_exc()
+    return code, False
+
+
+def _child_exit(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            # os._exit: no atexit handlers or buffered state of the zygote may run.
-            os._exit(code)
+        # os._exit: no atexit handlers or buffered state of the zygote may run.
+        os._exit(code)
+
+
+def _go_idle(slot: _EnvironSlot | None) -> None:
+    """Between jobs: write nowhere, hold no workdir, carry no job tag (find_orphans)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _redirect_stdio(os.devnull)
+    os.chdir("/")
+    if slot is not None:
+        slot.write(None)
+
+
+def _children(pid: int) -> list[int] | None:
+    """Child pids of ``pid`` (all its threads'), or None if the kernel cannot tell."""
+    children: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                children.extend(int(x) for x in fh.read().split())
+    except FileNotFoundError:
+        return None if not os.path.exists(f"/proc/{pid}") else children
+    except OSError:
+        return None
+    return children
+
+
+def _alone_in_group() -> bool:
+    """True if nothing the job started is still alive (nor a zombie child of ours).
+
+    Whatever a job starts is our descendant, or was re-parented to the zygote (the
+    subreaper) when its parent exited; a process cannot leave its session for our
+    group. So our children and the zygote's children in our group tell, without
+    reading every process in /proc (group_members), unless the kernel has no
+    /proc/<pid>/task/<tid>/children."""
+    me = os.getpid()
+    ours = _children(me)
+    theirs = _children(os.getppid())
+    if ours is None or theirs is None:
+        return group_members(me) == [me]
+    if ours:
+        return False
+    for pid in theirs:
+        stat = _proc_stat(pid) if pid != me else None
+        if stat is not None and stat[1] == me and stat[0] != "Z":
+            return False
+    return True
 
 
 def _replace_environ(env: dict[str, str]) -> None:
@@ -1047,6 +1206,8 @@ def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote:
             "workdir": str(workdir),
             "env": env,
             "grace_s": grace_s,
+            # Jobs with the same key may run one after another in one process.
+            "reuse_key": payload.get("reuse_key") or "",
             # What the zygote may preload for this job (see _ZygoteServer): the
             # backend decides from the kind and input paths.
             "warm": {"backend": payload.get("backend"), "kind": payload.get("kind"),
@@ -1259,7 +1420,9 @@ def supervise(
         duration = time.monotonic() - handle.started_at
         # The leader is gone; helpers it left in the group (or that ignored the
         # SIGTERM) must not keep NeuronCores busy after we report the job done.
-        kill_process_group(handle.pgid, grace_s if stop_reason is None else 0.0)
+        # A released runner checked that it is alone and now waits for its next job.
+        if not handle.released:
+            kill_process_group(handle.pgid, grace_s if stop_reason is None else 0.0)
         logs.pump(final=True)
         metrics.pump()
         return _outcome(handle, stop_reason, max_runtime_s, logs.offset, duration)

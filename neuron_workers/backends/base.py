@@ -139,6 +139,14 @@ class Backend:
         """
         return False
 
+    def reusable_process(self, kind: str) -> bool:
+        """Whether the process that ran a `kind` job to success may run the team's
+        next job too (a warm runner, see supervisor._ZygoteServer) instead of
+        exiting. Only for kinds that change nothing a later job could observe:
+        no cached object mutated, no thread or process left, no global setting
+        changed for good. Default: no, every job gets a fresh process."""
+        return False
+
     def run(self, ctx: JobContext) -> dict:
         if ctx.kind not in self.KINDS:
             raise JobFailed("bad_input", f"unknown job kind {ctx.kind!r}; expected one of {', '.join(self.KINDS)}")

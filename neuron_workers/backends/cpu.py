@@ -71,6 +71,13 @@ class CpuBackend(Backend):
             return False
         return hf.preload_hf(Path(path))
 
+    def reusable_process(self, kind: str) -> bool:
+        """Inference only reads the cached model and tokenizer (hf.cached_hf_model,
+        load_compiled) and restores the thread count it changed (hf.torch_threads).
+        A fine-tune takes the cached model for itself (hf.take_owned) and a compile
+        traces into it, so both end their process."""
+        return kind == "inference"
+
     # ------------------------------------------------------------ compile
 
     def compile(self, ctx: JobContext) -> dict:

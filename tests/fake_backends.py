@@ -113,3 +113,38 @@ class BadResultBackend:
 
     def run(self, ctx: JobContext) -> list:
         return [1, 2, 3]
+
+
+class ReusableBackend(OkBackend):
+    """An OkBackend whose process may run the team's next job, like a cpu inference
+    (``Backend.reusable_process``). It counts the jobs its process ran.
+
+    spec keys (on top of OkBackend's):
+      leave  "thread": leave a Python thread running; "child": leave a `sleep`
+             child running and write its pid to workdir/child.pid
+      fail   fail the job (JobFailed) after leaving whatever ``leave`` says
+    """
+
+    jobs_run = 0
+
+    def reusable_process(self, kind: str) -> bool:
+        return kind == "inference"
+
+    def run(self, ctx: JobContext) -> dict:
+        ReusableBackend.jobs_run += 1
+        leave = ctx.spec.get("leave")
+        if leave == "thread":
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+        elif leave == "child":
+            child = subprocess.Popen(["sleep", "300"])
+            Path(ctx.workdir, "child.pid").write_text(str(child.pid))
+        if ctx.spec.get("fail"):
+            raise JobFailed("bad_input", "asked to fail")
+        return {**super().run(ctx), "jobs_run": ReusableBackend.jobs_run}
+
+
+class ReusableSleepBackend(SleepBackend):
+    """SleepBackend (same spec keys) whose process may run another job."""
+
+    def reusable_process(self, kind: str) -> bool:
+        return True

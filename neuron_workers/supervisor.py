@@ -636,9 +636,9 @@ class _ZygoteServer:
     Model cache (``model_cache``): before handing a job to a child, the job's
     backend may load what the job needs into this process (a model and its
     tokenizer, ``Backend.zygote_preload``), so the child inherits it copy-on-write
-    instead of loading it: ~20 ms of a ~30 ms tiny inference job. Spares and warm
-    runners forked before a load do not have it, so they are retired when the
-    cache changes. A job never depends on this: its backend looks the cache up
+    instead of loading it: ~20 ms of a ~30 ms tiny inference job. Spares forked
+    before a load do not have it, so they are retired when the cache changes; a
+    warm runner only takes jobs with the same inputs as its last one. A job never depends on this: its backend looks the cache up
     by path + file signature and loads for itself on a miss.
     """
 
@@ -697,7 +697,13 @@ class _ZygoteServer:
                 # it now would run it twice.
                 status_sock.close()
                 return
+        # Same team and same inputs to preload (the model): a warm runner holds
+        # what its last job used, inherited or loaded itself; a job of another
+        # model would load a private copy in it, so it goes to a fresh fork that
+        # shares the zygote's.
         key = str(request.get("reuse_key") or "")
+        if key:
+            key += "\0" + json.dumps((request.get("warm") or {}).get("inputs"), sort_keys=True)
         # A warm runner of the same key first (newest: its pages are the likeliest
         # to be in cache), then a fresh spare.
         candidates = [pid for pid, (_sock, k, _since) in sorted(self.warm.items(), key=lambda kv: -kv[1][2])
@@ -791,13 +797,11 @@ class _ZygoteServer:
         return changed
 
     def _retire_spares(self) -> None:
-        """Let idle spares and warm runners exit (EOF on their request socket); _reap collects them."""
+        """Let idle spares exit (EOF on their request socket); _reap collects them.
+        Warm runners stay: each serves only jobs with its last job's inputs."""
         for sock in self.spares.values():
             sock.close()
         self.spares.clear()
-        for sock, _key, _since in self.warm.values():
-            sock.close()
-        self.warm.clear()
 
     def _refill(self) -> None:
         while len(self.spares) < self.spares_wanted:
@@ -1380,12 +1384,15 @@ def supervise(
     cancel_check_s: float = 1.0,
     initial_poll_s: float = 0.005,
     zygote: Zygote | None = None,
+    first_heartbeat_s: float | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> Outcome:
     """Run ``payload`` in a child process group and block until it is over.
 
     Calls ``on_start(pid)`` once the child exists; then, until the child exits:
     forwards log.txt to ``on_log(offset, text)`` and metrics.jsonl records to
-    ``on_metric``; calls ``heartbeat()`` every ``heartbeat_s``; asks
+    ``on_metric``; calls ``heartbeat()`` every ``heartbeat_s`` (the first time
+    after ``first_heartbeat_s`` if given); asks
     ``should_cancel()`` every ``cancel_check_s`` (it hits the database). Polls
     start at ``initial_poll_s`` and double up to ``poll_s``; the child's exit
     wakes the loop immediately.
@@ -1395,7 +1402,9 @@ def supervise(
     exited. After the child exits, any process left in its group gets the same
     TERM-grace-KILL treatment, so nothing of the job outlives this call.
 
-    A crashing child never raises here. An exception from a callback propagates,
+    ``on_exit()`` is called once the child has exited, before the rest of its log
+    is forwarded (a caller may hold that last part back and store it with the
+    outcome). A crashing child never raises here. An exception from a callback propagates,
     but only after the job's process group has been killed.
     """
     handle = launch(payload, mode, grace_s=grace_s, zygote=zygote)
@@ -1416,8 +1425,11 @@ def supervise(
             heartbeat_s=heartbeat_s,
             cancel_check_s=cancel_check_s,
             initial_poll_s=initial_poll_s,
+            first_heartbeat_s=first_heartbeat_s,
         )
         duration = time.monotonic() - handle.started_at
+        if on_exit is not None:
+            on_exit()
         # The leader is gone; helpers it left in the group (or that ignored the
         # SIGTERM) must not keep NeuronCores busy after we report the job done.
         # A released runner checked that it is alone and now waits for its next job.
@@ -1450,10 +1462,11 @@ def _watch(
     heartbeat_s: float,
     cancel_check_s: float,
     initial_poll_s: float,
+    first_heartbeat_s: float | None = None,
 ) -> str | None:
     """The supervision loop; returns the stop reason ("cancel" / "timeout" / None)."""
     start = handle.started_at
-    next_heartbeat = start + heartbeat_s
+    next_heartbeat = start + (heartbeat_s if first_heartbeat_s is None else first_heartbeat_s)
     next_cancel_check = start + cancel_check_s
     deadline = start + max_runtime_s if max_runtime_s is not None else None
     stop_reason: str | None = None

@@ -118,3 +118,35 @@ def test_a_duplicate_delivery_runs_the_job_once(cast, tiny_model, cpu_host, cele
     assert doc["status"] == "succeeded"
     assert JobAttempt.objects.filter(job_id=job["id"]).count() == 1
     assert Job.objects.get(pk=job["id"]).attempts == 1
+
+
+def test_a_team_s_next_inference_runs_in_its_warm_process_and_another_team_s_does_not(
+        cast, tiny_model, tiny_model_dir, cpu_host, celery_worker_proc, settings):
+    import shutil
+    from pathlib import Path
+
+    from jobs.services import model_register
+    from jobs.uploads import model_meta
+    from tests.test_warm_runners import wait_idle
+
+    dest = Path(settings.STORAGE_ROOT) / "models" / "audio" / "tiny"
+    shutil.copytree(tiny_model_dir, dest)
+    audio_model = model_register(team=cast.audio, user=cast.charlie, name="tiny-gpt", path=dest, meta=model_meta(dest))
+
+    def run(client, team, model):
+        job = submit(client, team=team, kind="inference", model=model.pk, prompts=["hi"], max_new_tokens=2,
+                     temperature=0)
+        doc = wait_finished(client, job["id"])
+        assert doc["status"] == "succeeded", doc
+        return Job.objects.get(pk=job["id"]).worker_pid
+
+    bob, charlie = api_client(cast.bob), api_client(cast.charlie)
+    first = run(bob, "vision", tiny_model)
+    wait_idle(first)
+    assert run(bob, "vision", tiny_model) == first
+    wait_idle(first)
+    other = run(charlie, "audio", audio_model)
+    assert other != first
+    wait_idle(other)
+    assert run(bob, "vision", tiny_model) == first
+    assert run(charlie, "audio", audio_model) == other

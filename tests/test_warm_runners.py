@@ -89,6 +89,26 @@ def test_a_job_of_another_key_gets_another_process(zygote, tmp_path):
     assert again.pid == first.pid and again.result["jobs_run"] == 2
 
 
+def test_a_job_of_the_same_key_with_other_inputs_gets_another_process(zygote, tmp_path):
+    # A warm runner holds the model its last job used; another model would be a
+    # private copy in it, where a fresh fork shares the zygote's.
+    def job(name, model):
+        payload = make_payload(tmp_path / name, "ReusableBackend", reuse_key="team-1",
+                               inputs={"model_path": model, "model_format": "hf"})
+        outcome, _ = run(payload, zygote=zygote)
+        assert outcome.status == "succeeded", outcome
+        return outcome.pid
+
+    first = job("a", "/models/one")
+    wait_idle(first)
+    other = job("b", "/models/two")
+    assert other != first
+    wait_idle(other)
+    assert job("c", "/models/one") == first
+    wait_idle(first)
+    assert job("d", "/models/two") == other
+
+
 def test_a_runner_is_replaced_after_its_last_job(zygote, tmp_path):
     pids = []
     for name in "abcd":

@@ -66,7 +66,16 @@ def build_payload(job: Job, workdir: Path) -> dict:
 
 
 class JobRecorder:
-    """The supervisor's callbacks: heartbeats, cancel checks, log and metric sinks."""
+    """The supervisor's callbacks: heartbeats, cancel checks, log and metric sinks.
+
+    The log and the child's pid are stored as they come, except (on PostgreSQL,
+    ``hold``) until the first heartbeat (FIRST_HEARTBEAT_S) and after the child
+    exited: most jobs on a warm cpu host are over by then, and what was held goes
+    into the statement that records the outcome (_record_outcome), so a short
+    job costs the worker two statements (claim, finish) instead of seven. A longer
+    job's log reaches the page at most FIRST_HEARTBEAT_S late at its start."""
+
+    FIRST_HEARTBEAT_S = 0.25
 
     def __init__(self, job: Job, host_id: int):
         self.job_id, self.host_id = job.pk, host_id
@@ -76,9 +85,15 @@ class JobRecorder:
         self.log_base = job.log_bytes
         self.log_end = job.log_bytes
         self.metrics: list[JobMetric] = []
-        self._header: tuple[str, int] | None = None  # (text, offset) not yet stored
+        self.can_hold = connection.vendor == "postgresql"
+        self.holding = self.can_hold
+        self.held: list[tuple[int, str]] = []  # (offset, text) not yet stored
+        self.pid: int | None = None
+        self.pid_stored = False
 
     def heartbeat(self) -> None:
+        self.holding = False
+        self.flush_log()
         Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
                            attempts=self.attempt).update(heartbeat_at=timezone.now())
         self.flush_metrics()
@@ -89,51 +104,66 @@ class JobRecorder:
         return not Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
                                       attempts=self.attempt, cancel_requested=False).exists()
 
+    def on_start(self, pid: int) -> None:
+        self.pid = pid
+        if not self.holding:
+            self.flush_log()
+
     def on_log(self, offset: int, text: str) -> None:
         self.append_log(text, self.log_base + offset)
 
-    def append_log(self, text: str, at: int | None = None) -> None:
-        """Store a chunk at byte offset `at` (default: the end) and the new Job.log_bytes.
-        Idempotent per offset: INSERT … ON CONFLICT DO NOTHING rather than
-        get_or_create's SELECT, then INSERT in a savepoint. On PostgreSQL chunk and
-        job update are one statement (a data-modifying CTE)."""
-        self.flush_header()
-        at = self.log_end if at is None else at
-        self.log_end = at + len(text.encode("utf-8"))
-        self._write_chunk(at, text, {"log_bytes": self.log_end})
+    def on_exit(self) -> None:
+        self.holding = self.can_hold  # the rest goes with the outcome
 
-    def _write_chunk(self, at: int, text: str, job_fields: dict) -> None:
-        chunk_sql = (f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) VALUES (%s, %s, %s) '
-                     "ON CONFLICT DO NOTHING")
+    def append_log(self, text: str, at: int | None = None) -> None:
+        """A chunk at byte offset `at` (default: the end); stored now unless held.
+        A NUL (binary output) becomes U+FFFD, as undecodable bytes do: PostgreSQL
+        text cannot hold it, and one would make every write of the job fail."""
+        text = text.replace("\x00", "\ufffd")
+        at = self.log_end if at is None else at
+        self.log_end = max(self.log_end, at + len(text.encode("utf-8")))
+        self.held.append((at, text))
+        if not self.holding:
+            self.flush_log()
+
+    def pending(self) -> tuple[list[tuple[int, str]], dict]:
+        """The held chunks and the job fields that go with them (log_bytes, and the
+        child's pid if it is not stored yet)."""
+        fields: dict = {"log_bytes": self.log_end}
+        if self.pid is not None and not self.pid_stored:
+            fields["worker_pid"] = self.pid
+        return self.held, fields
+
+    def stored(self) -> None:
+        """What pending() returned is in the database."""
+        self.held = []
+        self.pid_stored = self.pid is not None
+
+    def flush_log(self) -> None:
+        """Store the held chunks (and the pid) now. Idempotent per offset (INSERT … ON
+        CONFLICT DO NOTHING); on PostgreSQL chunks and job update are one statement
+        (a data-modifying CTE)."""
+        chunks, fields = self.pending()
+        if not chunks and "worker_pid" not in fields:
+            return
+        table = JobLogChunk._meta.db_table
         with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
             if connection.vendor == "postgresql":
-                sets = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in job_fields)
-                cursor.execute(f"WITH c AS ({chunk_sql}) UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s",
-                               [self.job_id, at, text, *job_fields.values(), self.job_id])
+                sets = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in fields)
+                update = f"UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s"
+                if chunks:
+                    offsets, texts = zip(*chunks)
+                    cursor.execute(f'WITH c AS (INSERT INTO {table} (job_id, "offset", text) '
+                                   "SELECT %s, * FROM unnest(%s::bigint[], %s::text[]) ON CONFLICT DO NOTHING) "
+                                   + update, [self.job_id, list(offsets), list(texts), *fields.values(), self.job_id])
+                else:
+                    cursor.execute(update, [*fields.values(), self.job_id])
+                self.stored()
                 return
-            cursor.execute(chunk_sql, [self.job_id, at, text])
-        Job.objects.filter(pk=self.job_id).update(**job_fields)
-
-    def header(self, text: str) -> None:
-        """The attempt's header line, before the child's own log (whose offsets count
-        from 0 in its log.txt, so they start after the header). Stored with the
-        child's pid (on_start), in the same statement."""
-        self._header = (text, self.log_end)
-        self.log_end += len(text.encode("utf-8"))
-        self.log_base = self.log_end
-
-    def flush_header(self) -> None:
-        """Store a header that on_start did not (the launch failed)."""
-        if self._header is not None:
-            (text, at), self._header = self._header, None
-            self._write_chunk(at, text, {"log_bytes": at + len(text.encode("utf-8"))})
-
-    def on_start(self, pid: int) -> None:
-        if self._header is not None:
-            (text, at), self._header = self._header, None
-            self._write_chunk(at, text, {"log_bytes": self.log_end, "worker_pid": pid})
-        else:
-            Job.objects.filter(pk=self.job_id).update(worker_pid=pid, log_bytes=self.log_end)
+            cursor.executemany(f'INSERT INTO {table} (job_id, "offset", text) VALUES (%s, %s, %s) '
+                               "ON CONFLICT DO NOTHING", [(self.job_id, at, text) for at, text in chunks])
+        Job.objects.filter(pk=self.job_id).update(**fields)
+        self.stored()
 
     def on_metric(self, row: dict) -> None:
         step = row.get("step")
@@ -161,16 +191,16 @@ def run(job_id: int) -> str:
     if host_id is None:
         log.error("job %s: this worker's host %s is not registered (is the agent running?)", job_id, host_name())
         return "no_host"
-    job = states.claim(job_id, host_id, pid=os.getpid())
+    job = states.claim(job_id, host_id, pid=os.getpid(), host_name=host_name())
     if job is None and this_host_id(fresh=True) not in (host_id, None):
-        job = states.claim(job_id, this_host_id(), pid=os.getpid())  # the cached pk was stale
+        # the cached pk was stale
+        job = states.claim(job_id, this_host_id(), pid=os.getpid(), host_name=host_name())
     if job is None:
         return "not_claimed"  # a duplicate delivery, a cancelled job, or another host's job
     host = job.host
     workdir = storage.job_dir(job.pk) / f"attempt-{job.attempts}"
     workdir.mkdir(parents=True, exist_ok=True)
-    recorder = JobRecorder(job, host.pk)
-    recorder.header(f"=== attempt {job.attempts} on {host.name} cores {job.core_range} ===\n")
+    recorder = JobRecorder(job, host.pk)  # the claim stored the attempt's log header
     payload = build_payload(job, workdir)
     mode = settings.RUNNER_MODE or ("exec" if payload["backend"] == "neuron" else "fork")
     try:
@@ -182,12 +212,14 @@ def run(job_id: int) -> str:
             # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
             # inside it when deployments shorten the lease.
             heartbeat_s=settings.HEARTBEAT_S,
-            on_start=recorder.on_start,
+            first_heartbeat_s=min(JobRecorder.FIRST_HEARTBEAT_S, settings.HEARTBEAT_S),
+            on_start=recorder.on_start, on_exit=recorder.on_exit,
         )
-    finally:
-        recorder.flush_header()
+    except BaseException:
+        recorder.flush_log()
+        raise
     recorder.flush_metrics()
-    result, waiting = _record_outcome(job, outcome, workdir)
+    result, waiting = _record_outcome(job, outcome, workdir, recorder)
     if result != "superseded":
         _cores_freed(job, waiting)
     return result
@@ -212,8 +244,11 @@ def record_outcome(job: Job, outcome, workdir: Path) -> str:
     return _record_outcome(job, outcome, workdir)[0]
 
 
-def _record_outcome(job: Job, outcome, workdir: Path) -> tuple[str, bool | None]:
-    """(what happened, whether jobs of the family are pending if that is known)."""
+def _record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | None = None
+                    ) -> tuple[str, bool | None]:
+    """(what happened, whether jobs of the family are pending if that is known).
+    `recorder`'s held log goes into the finishing statement of a success that
+    registers no model (see JobRecorder); otherwise it is stored first."""
     status = outcome.status
     # Record only over this very attempt. A job preempted (or reaped and requeued)
     # while its child ran is no longer ours: it is pending again, or already queued
@@ -221,6 +256,10 @@ def _record_outcome(job: Job, outcome, workdir: Path) -> tuple[str, bool | None]
     # The check up front skips registering outputs; `mine` in every conditional
     # UPDATE below closes the race with a preemption landing right after it.
     mine = {"host_id": job.host_id, "attempts": job.attempts}
+    if status == "succeeded" and recorder is not None and not _registers_model(job):
+        return _record_success(job, outcome, workdir, recorder, mine)
+    if recorder is not None:
+        recorder.flush_log()
     if status == "succeeded":
         # The conditional UPDATE is the "still ours?" check: the outputs are
         # registered only after it matched, in the same transaction, so a job
@@ -274,7 +313,43 @@ def _record_outcome(job: Job, outcome, workdir: Path) -> tuple[str, bool | None]
     return "failed", None
 
 
-def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None:
+def _record_success(job: Job, outcome, workdir: Path, recorder: JobRecorder, mine: dict
+                    ) -> tuple[str, bool | None]:
+    """A success that registers no model: outcome, held log, pid and artifact rows
+    in one statement (finish_run), all or nothing."""
+    chunks, fields = recorder.pending()
+    try:
+        done, waiting = states.finish_run(
+            job.pk, S.SUCCEEDED, family=job.family, extra_filter=mine, result=outcome.result or {},
+            message=f"succeeded in {outcome.duration_s:.1f} s", fields=fields,
+            rows=[(JobLogChunk, ("offset", "text"), chunks),
+                  (Artifact, ("name", "path", "size_bytes", "is_dir"), artifact_rows(workdir))])
+    except Exception as exc:  # never leave a finished child's job running
+        log.exception("job %s: recording the outcome failed", job.pk)
+        try:
+            recorder.flush_log()
+        except Exception:  # the outcome matters more than the log's tail
+            log.exception("job %s: storing the log failed", job.pk)
+        states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
+                             message=f"recording outputs failed: {exc}", extra_filter=mine)
+        return "failed", None
+    if done:
+        recorder.stored()
+        return "succeeded", waiting
+    recorder.flush_log()  # the attempt's log is kept even when its outcome is not
+    log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
+             job.pk, job.attempts)
+    return "superseded", None
+
+
+def _registers_model(job: Job) -> bool:
+    """register_outputs makes a model of this job's artifacts."""
+    return job.kind in (Kind.FINETUNE, Kind.COMPILE)
+
+
+def artifact_rows(workdir: Path) -> list[tuple[str, str, int, bool]]:
+    """(name, path, size_bytes, is_dir) of each entry of the attempt's artifacts
+    folder, and of its log.txt and metrics.jsonl."""
     artifacts = workdir / "artifacts"
     # Stored paths are the workdir's (resolved once) + the entry's name: resolving
     # each entry cost two realpath walks apiece on the job hot path, and an entry
@@ -290,15 +365,21 @@ def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None
         is_dir = entry.is_dir()
         path = Path(entry.path)
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if is_dir else entry.stat().st_size
-        rows.append(Artifact(job=job, name=entry.name, path=f"{prefix}/artifacts/{entry.name}", size_bytes=size,
-                             is_dir=is_dir))
+        rows.append((entry.name, f"{prefix}/artifacts/{entry.name}", size, is_dir))
     for extra in ("log.txt", "metrics.jsonl"):
         try:
             st = os.stat(workdir / extra)
         except FileNotFoundError:
             continue
-        rows.append(Artifact(job=job, name=extra, path=f"{prefix}/{extra}", size_bytes=st.st_size))
-    Artifact.objects.bulk_create(rows)
+        rows.append((extra, f"{prefix}/{extra}", st.st_size, False))
+    return rows
+
+
+def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None:
+    """The attempt's Artifact rows, and the model a fine-tune or compile made."""
+    Artifact.objects.bulk_create([Artifact(job=job, name=name, path=path, size_bytes=size, is_dir=is_dir)
+                                  for name, path, size, is_dir in artifact_rows(workdir)])
+    artifacts = workdir / "artifacts"
     base = job.model
     if job.kind == Kind.FINETUNE and (artifacts / "checkpoint").is_dir():
         from jobs.uploads import model_meta

@@ -13,10 +13,11 @@ from typing import Any, Iterable
 
 from django.db import connection, transaction
 from django.db.models import F
+from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
-from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent
+from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, JobLogChunk
 
 S = Job.Status
 
@@ -84,7 +85,8 @@ def transition(
 def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, message: str, actor,
                           event_data: dict | None, extra_filter: dict | None, fields: dict,
                           attempt: tuple[int, Any] | None = None, waiting_family: str | None = None,
-                          load_job: bool = False) -> tuple | None:
+                          load_job: bool = False, rows: Iterable[tuple[type, tuple[str, ...], list]] = (),
+                          more: Iterable[tuple[str, list]] = ()) -> tuple | None:
     """PostgreSQL: the whole transition as ONE statement (so one round trip, and
     atomic even outside a transaction): the conditional UPDATE of the job, and
     only for the row it changed, the release of its cores and attempt (_release),
@@ -94,7 +96,9 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     state), nothing else happens. Returns the changed row's (id, attempts), or None;
     with `waiting_family`, (id, attempts, whether jobs of that family are pending);
     with `load_job`, the changed job's columns (as the UPDATE left them) followed by
-    those of its host, model and dataset (see _LOADED).
+    those of its host, model and dataset (see _LOADED). `rows`: (model, columns,
+    tuples) to insert for the changed job only, its job_id column first; `more`:
+    further (CTE body, params) that read j.
 
     The job UPDATE is Django's own SQL for the same filter() / update() (so fields
     may be expressions like F("attempts") + 1), with RETURNING added."""
@@ -126,6 +130,14 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     ctes.append(f"e AS (INSERT INTO {JobEvent._meta.db_table} (job_id, at, actor_id, kind, message, data) "
                 "SELECT id, %s, %s, %s, %s, %s::jsonb FROM j)")
     params += [now, getattr(actor, "pk", actor), target, message, json.dumps(event_data or {})]
+    for index, (model, columns, values) in enumerate(rows):
+        if values:
+            sql, row_params = _insert_for_job(model, columns, values)
+            ctes.append(f"r{index} AS ({sql})")
+            params += row_params
+    for index, (sql, more_params) in enumerate(more):
+        ctes.append(f"m{index} AS ({sql})")
+        params += more_params
     select = "SELECT id, attempts FROM j"
     if load_job:
         select = _loaded_select()
@@ -136,6 +148,20 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     with connection.cursor() as cursor:
         cursor.execute(f"WITH {', '.join(ctes)} {select}", params)
         return cursor.fetchone()
+
+
+def _insert_for_job(model, columns: tuple[str, ...], values: list[tuple]) -> tuple[str, list]:
+    """INSERT of `values` (tuples of `columns` after job_id) for the job CTE j
+    returned, as one array per column through unnest: one statement whatever the
+    number of rows, and none inserted if j is empty. Duplicates are skipped."""
+    quote = connection.ops.quote_name
+    fields = [model._meta.get_field(name) for name in columns]
+    types = [field.db_type(connection) for field in fields]
+    arrays = ", ".join(f"%s::{kind}[]" for kind in types)
+    names = ", ".join(quote(field.column) for field in fields)
+    sql = (f"INSERT INTO {quote(model._meta.db_table)} (job_id, {names}) SELECT j.id, u.* FROM j, "
+           f"unnest({arrays}) AS u ON CONFLICT DO NOTHING")
+    return sql, [list(column) for column in zip(*values)]
 
 
 # What the claim returns with the job: (relation, alias, model), joined on the FK.
@@ -277,15 +303,30 @@ def mark_queued_many(placements: list[tuple[int, int, int, str, bool]]) -> set[i
     return set(moving)
 
 
+def attempt_header(attempt: int, host_name: str, core_range: str | None) -> str:
+    """The log line that opens each attempt; _header_sql is the same in SQL."""
+    return f"=== attempt {attempt} on {host_name} cores {core_range} ===\n"
+
+
+def _header_sql(row: str, attempt: str) -> str:
+    """attempt_header() of a job row (`row`: its alias and a dot, or "") in SQL,
+    `attempt` being the SQL of its attempt number; one %s: the host's name."""
+    return (f"('=== attempt ' || ({attempt}) || ' on ' || %s || ' cores ' || "
+            f"CASE WHEN {row}core_start IS NULL THEN 'None' WHEN {row}cores = 1 THEN {row}core_start::text "
+            f"ELSE {row}core_start || '-' || ({row}core_start + {row}cores - 1) END || E' ===\\n')")
+
+
 def mark_running(job_id: int, host_id: int, pid: int | None = None) -> bool:
     """The worker's claim: queued → running for this host only. A second delivery of
     the same run message (or a delivery to another host) changes nothing."""
     return claim(job_id, host_id, pid) is not None
 
 
-def claim(job_id: int, host_id: int, pid: int | None = None) -> Job | None:
+def claim(job_id: int, host_id: int, pid: int | None = None, host_name: str | None = None) -> Job | None:
     """mark_running that also returns the claimed job, loaded with everything the
-    worker needs (host, model, dataset), or None if not claimed.
+    worker needs (host, model, dataset), or None if not claimed. With `host_name`
+    the attempt's log header (attempt_header) is stored with the claim, so the log
+    says where every attempt ran even if the worker dies right after.
 
     The row is read once, inside the claiming transaction, for both the JobAttempt
     and the caller: the worker used to read it a second time right after. On
@@ -294,22 +335,35 @@ def claim(job_id: int, host_id: int, pid: int | None = None) -> Job | None:
     dataset (what select_related would load; team and user, which only a run that
     registers a model needs, load lazily)."""
     now = timezone.now()
+    fields = {"started_at": now, "heartbeat_at": now, "worker_pid": pid, "attempts": F("attempts") + 1}
     if connection.vendor == "postgresql":
+        more = []
+        if host_name is not None:
+            # The UPDATE sees the row before it (attempts not yet counted up); j, after.
+            fields["log_bytes"] = RawSQL(f"log_bytes + octet_length({_header_sql('', 'attempts + 1')})", [host_name])
+            header = _header_sql("j.", "j.attempts")
+            more.append((f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) '
+                         f"SELECT j.id, j.log_bytes - octet_length(h.text), h.text FROM j, "
+                         f"LATERAL (SELECT {header} AS text) h ON CONFLICT DO NOTHING", [host_name]))
         row = _transition_statement(
             job_id, _check([S.QUEUED], S.RUNNING), S.RUNNING, "", None, None,
-            {"host_id": host_id, "cancel_requested": False},
-            {"started_at": now, "heartbeat_at": now, "worker_pid": pid, "attempts": F("attempts") + 1},
-            attempt=(host_id, now), load_job=True)
+            {"host_id": host_id, "cancel_requested": False}, fields,
+            attempt=(host_id, now), load_job=True, more=more)
         return None if row is None else _loaded_job(row, Job.objects.db)
     with transaction.atomic():
         claimed = transition(
             job_id, [S.QUEUED], S.RUNNING,
-            extra_filter={"host_id": host_id, "cancel_requested": False},
-            started_at=now, heartbeat_at=now, worker_pid=pid, attempts=F("attempts") + 1,
+            extra_filter={"host_id": host_id, "cancel_requested": False}, **fields,
         )
         if not claimed:
             return None
         job = Job.objects.select_related("host", "model", "dataset", "team", "user").get(pk=job_id)
+        if host_name is not None:
+            header = attempt_header(job.attempts, host_name, job.core_range)
+            JobLogChunk.objects.bulk_create([JobLogChunk(job=job, offset=job.log_bytes, text=header)],
+                                            ignore_conflicts=True)
+            job.log_bytes += len(header.encode("utf-8"))
+            Job.objects.filter(pk=job_id).update(log_bytes=job.log_bytes)
         JobAttempt.objects.create(
             job=job, team_id=job.team_id, user_id=job.user_id, kind=job.kind, family=job.family,
             instance_type=job.host.instance_type if job.host else "", host_id=host_id,
@@ -331,19 +385,28 @@ def mark_finished(job_id: int, target: str, *, sources=(S.RUNNING,), message: st
 
 
 def finish_run(job_id: int, target: str, *, family: str, extra_filter: dict, message: str = "",
-               failure: str = "", result: dict | None = None, reason: str = "") -> tuple[bool, bool | None]:
+               failure: str = "", result: dict | None = None, reason: str = "", fields: dict | None = None,
+               rows: Iterable[tuple[type, tuple[str, ...], list]] = ()) -> tuple[bool, bool | None]:
     """mark_finished for a worker ending its run: (finished, jobs of `family` pending?).
 
     The second answer is the worker's cue to wake the scheduler for the cores it
     just freed; on PostgreSQL it comes from the finishing statement itself (None
-    where it is not known: ask separately)."""
-    if connection.vendor != "postgresql":
-        return mark_finished(job_id, target, message=message, failure=failure, result=result, reason=reason,
-                             extra_filter=extra_filter), None
+    where it is not known: ask separately). `fields`: more job columns to set;
+    `rows`: rows of the job to insert with it (the last log chunks, artifacts; see
+    _transition_statement), only if it finished: on PostgreSQL in the same
+    statement, elsewhere in the same transaction."""
     fields = {"finished_at": timezone.now(), "failure": failure, "reason": reason, "reason_code": failure,
-              **({"result": result} if result is not None else {})}
+              **({"result": result} if result is not None else {}), **(fields or {})}
+    if connection.vendor != "postgresql":
+        with transaction.atomic():
+            done = transition(job_id, (S.RUNNING,), target, message=message, extra_filter=extra_filter, **fields)
+            if done:
+                for model, columns, values in rows:
+                    model.objects.bulk_create([model(job_id=job_id, **dict(zip(columns, value))) for value in values],
+                                              ignore_conflicts=True)
+        return done, None
     row = _transition_statement(job_id, _check((S.RUNNING,), target), target, message, None, None, extra_filter,
-                                fields, waiting_family=family)
+                                fields, waiting_family=family, rows=rows)
     return (True, bool(row[2])) if row is not None else (False, None)
 
 

@@ -16,10 +16,11 @@ from tests.test_api_jobs import finetune_body, inference_body, post_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# claim (1 statement: update + event + attempt + the job with host, model and
-# dataset), header + child pid, one log chunk + log size, BEGIN / finish (update +
-# release + event, and "anything pending to dispatch?") / artifacts / COMMIT.
-WORKER_STATEMENTS = 7
+# claim (1 statement: update + event + attempt + the log header + the job with
+# host, model and dataset) and finish (update + release + event + the child's pid,
+# its log and the artifacts, and "anything pending to dispatch?"): a job over
+# before its first heartbeat (JobRecorder).
+WORKER_STATEMENTS = 2
 
 
 def queued_job(client, model, host, body: dict | None = None) -> Job:
@@ -122,3 +123,74 @@ def test_the_claimed_job_is_loaded_exactly_as_the_orm_would(cast, tiny_model, da
     (attempt,) = JobAttempt.objects.filter(job=job)
     assert (attempt.number, attempt.host_id, attempt.team_id, attempt.user_id) == (
         1, cpu_host.pk, orm.team_id, orm.user_id)
+
+
+@pytest.mark.parametrize("core_start, cores, host_name", [(0, 1, "inf2-a"), (4, 2, "trn1-ü")])
+def test_the_claim_stores_the_attempt_header_as_python_writes_it(cast, tiny_model, cpu_host, core_start, cores,
+                                                                  host_name):
+    client = api_client(cast.bob)
+    job = queued_job(client, tiny_model, cpu_host)
+    Job.objects.filter(pk=job.pk).update(core_start=core_start, cores=cores, log_bytes=7)
+    claimed = states.claim(job.pk, cpu_host.pk, host_name=host_name)
+    header = states.attempt_header(1, host_name, claimed.core_range)
+    assert claimed.core_range == (f"{core_start}-{core_start + 1}" if cores == 2 else str(core_start))
+    (chunk,) = JobLogChunk.objects.filter(job=job)
+    assert (chunk.offset, chunk.text) == (7, header)
+    assert claimed.log_bytes == Job.objects.get(pk=job.pk).log_bytes == 7 + len(header.encode())
+    # A second attempt's header follows the first attempt's log.
+    assert states.requeue(job.pk, message="test")
+    Job.objects.filter(pk=job.pk).update(status="queued", host=cpu_host, core_start=core_start)
+    again = states.claim(job.pk, cpu_host.pk, host_name=host_name)
+    assert again.attempts == 2
+    last = JobLogChunk.objects.filter(job=job).order_by("offset").last()
+    assert (last.offset, last.text) == (claimed.log_bytes, states.attempt_header(2, host_name, claimed.core_range))
+    assert again.log_bytes == claimed.log_bytes + len(last.text.encode())
+
+
+def test_the_recorder_holds_the_log_until_the_first_heartbeat_and_after_the_child_exited(cast, tiny_model, cpu_host):
+    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
+    claimed = states.claim(job.pk, cpu_host.pk, pid=1, host_name="h")
+    recorder = execution.JobRecorder(claimed, cpu_host.pk)
+    base = claimed.log_bytes
+
+    def stored():
+        row = Job.objects.get(pk=job.pk)
+        texts = list(JobLogChunk.objects.filter(job=job, offset__gte=base).order_by("offset").values_list("text", flat=True))
+        return texts, row.worker_pid, row.log_bytes - base
+
+    recorder.on_start(4242)
+    recorder.on_log(0, "one\n")
+    assert stored() == ([], 1, 0)  # held: a short job stores it with its outcome
+    recorder.heartbeat()
+    assert stored() == (["one\n"], 4242, 4)
+    recorder.on_log(4, "two \x00\n")  # a NUL (binary output) cannot go into PostgreSQL text
+    assert stored() == (["one\n", "two \ufffd\n"], 4242, 4 + len("two \ufffd\n".encode()))
+    recorder.on_exit()
+    recorder.on_log(10, "three\n")
+    chunks, fields = recorder.pending()
+    assert chunks == [(base + 10, "three\n")] and fields == {"log_bytes": base + 16}
+    assert stored()[0] == ["one\n", "two \ufffd\n"]
+    recorder.flush_log()
+    assert stored()[0] == ["one\n", "two \ufffd\n", "three\n"] and recorder.pending()[0] == []
+
+
+def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_model, cpu_host):
+    from jobs import storage
+    from neuron_workers.supervisor import Outcome
+
+    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
+    claimed = states.claim(job.pk, cpu_host.pk, host_name="h")
+    recorder = execution.JobRecorder(claimed, cpu_host.pk)
+    recorder.on_start(4242)
+    recorder.on_log(0, "done\n")
+    recorder.on_exit()
+    assert states.requeue(job.pk, message="preempted")
+    workdir = storage.job_dir(job.pk) / "attempt-1"
+    (workdir / "artifacts").mkdir(parents=True)
+    (workdir / "artifacts" / "out.txt").write_text("x")
+    outcome = Outcome(status="succeeded", exit_code=0, signal=None, result={"ok": 1}, error_code=None, error=None,
+                      log_bytes=5, duration_s=0.1, pid=4242)
+    assert execution._record_outcome(claimed, outcome, workdir, recorder) == ("superseded", None)
+    row = Job.objects.get(pk=job.pk)
+    assert row.status == "pending" and row.result == {} and not Artifact.objects.filter(job=job).exists()
+    assert JobLogChunk.objects.filter(job=job, text="done\n").exists()

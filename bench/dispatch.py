@@ -20,8 +20,10 @@ Phases:
   burst    many jobs submitted at once by several client threads: jobs/s from the
            first submit to the last finish, and the CPU each service spent per job.
 
-Also reported: submit_statements, the SQL statements (BEGIN and COMMIT included)
-one POST /api/v1/jobs issues, counted in this process with Django's test client.
+Also reported: submit_statements, the SQL statements one POST /api/v1/jobs issues
+through Django, counted in this process with Django's test client (its transaction's
+BEGIN and COMMIT are psycopg's, pipelined with the statements around them, and
+not counted).
 `--profile DIR` records each service during the burst with py-spy (flame graphs
 DIR/<service>.svg, or collapsed stacks with --profile-format raw; the worker's
 includes its job processes). Sampling perturbs the CPU figures a little.
@@ -311,7 +313,7 @@ def print_table(report: dict) -> None:
          "target p50 < 50 ms; Ray job API ≈ 800 ms"),
         ("submit→finished p50 / p95", f"{report['submit_to_finished_p50_ms']:.1f} / {report['submit_to_finished_p95_ms']:.1f} ms", ""),
         ("submit request p50", f"{report['submit_request_p50_ms']:.1f} ms", "POST /api/v1/jobs round trip"),
-        ("statements per submit", f"{report['submit_statements']}", "SQL of one POST /api/v1/jobs (with BEGIN/COMMIT)"),
+        ("statements per submit", f"{report['submit_statements']}", "SQL of one POST /api/v1/jobs (+ BEGIN/COMMIT)"),
         ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 100; Ray job API ≈ 1.5"),
         ("celery round trip p50", f"{report['celery_roundtrip_p50_ms']:.2f} ms", "bare task, same worker"),
         ("celery tasks/s", f"{report['celery_tasks_per_s']:.0f}", ""),

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import metadata
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from jobs import access, states, storage
 from jobs.forms import JobBaseForm
 from jobs.models import (
-    AuditEntry, Dataset, Family, Host, Job, Kind, KindPriority, ModelAsset, Role, Team, TeamQuota,
+    AuditEntry, Dataset, Family, Host, Job, JobEvent, Kind, KindPriority, ModelAsset, Role, Team, TeamQuota,
 )
 from jobs.placement import HostSlots, largest_request
 from jobs.policy import SubmitLimits, SubmitState, check_submit
@@ -220,38 +223,94 @@ class _Snapshot:
     core_hours_bound: float  # >= the exact core_hours_this_month
 
 
-def _submit_snapshot(team: Team, kind: str, family: str) -> _Snapshot:
-    """Read after the quota lock is held: in READ COMMITTED each statement sees what
-    was committed before it started, so the pending count includes every job a
-    concurrent submit of this team committed before releasing the lock."""
+def _lock_and_snapshot(team: Team, kind: str, family: str) -> tuple[TeamQuota, _Snapshot]:
+    """The team's quota row, locked until the transaction ends, and what the submit
+    check reads, read after the lock is held: in READ COMMITTED each statement sees
+    what was committed before it started, so the pending count includes every job
+    a concurrent submit of this team committed before releasing the lock.
+
+    PostgreSQL: SELECT … FOR UPDATE, then the snapshot in one statement, the two
+    sent together in a pipeline (one round trip while the lock is held instead of
+    two; the server still runs the second after the first has the lock). SQLite
+    has no row locks: its IMMEDIATE transactions serialize writers."""
     from jobs.usage import local_day, zone
     from jobs.usage_rollup import LAG
 
+    quote = connection.ops.quote_name
+    quota_sql = (f"SELECT {', '.join(quote(f.column) for f in TeamQuota._meta.concrete_fields)} "
+                 f"FROM {quote(TeamQuota._meta.db_table)} WHERE team_id = %s")
     if connection.vendor != "postgresql":  # SQLite, the single-machine default: plain queries
-        return _Snapshot(_family_hosts(family), Job.objects.filter(team=team, status=Job.Status.PENDING).count(),
-                         kind_priority(kind), core_hours_this_month(team.pk))
+        quota = next(iter(TeamQuota.objects.raw(quota_sql, [team.pk])), None)
+        if quota is None:
+            raise TeamQuota.DoesNotExist(f"team {team.slug} has no quota row")
+        return quota, _Snapshot(_family_hosts(family), Job.objects.filter(team=team, status=Job.Status.PENDING).count(),
+                                kind_priority(kind), core_hours_this_month(team.pk))
     now = timezone.now()
-    with connection.cursor() as cursor:
-        cursor.execute(_SUBMIT_SNAPSHOT_SQL, {
-            "family": family, "team": team.pk, "pending": Job.Status.PENDING, "kind": kind, "now": now, "lag": LAG,
-            "month": local_day(now, zone(team.time_zone)).replace(day=1),
-        })
-        hosts, pending, priority, folded_s, unfolded_bound_s = cursor.fetchone()
+    connection.ensure_connection()
+    with connection.cursor() as lock, connection.cursor() as read:
+        with connection.connection.pipeline():  # leaving it waits for both results
+            lock.execute(quota_sql + " FOR UPDATE", [team.pk])
+            read.execute(_SUBMIT_SNAPSHOT_SQL, {
+                "family": family, "team": team.pk, "pending": Job.Status.PENDING, "kind": kind, "now": now,
+                "lag": LAG, "month": local_day(now, zone(team.time_zone)).replace(day=1),
+            })
+        row = lock.fetchone()
+        hosts, pending, priority, folded_s, unfolded_bound_s = read.fetchone()
+    if row is None:
+        raise TeamQuota.DoesNotExist(f"team {team.slug} has no quota row")
+    quota = states.row_instance(TeamQuota, row, connection.alias)
     hosts = [HostSlots(pk, name, family, tuple(core_ids)) for pk, name, core_ids in hosts or ()]
     priority = priority if priority is not None else DEFAULT_KIND_PRIORITY.get(kind, 0)
-    return _Snapshot(hosts, pending, priority, (float(folded_s) + unfolded_bound_s) / 3600.0)
+    return quota, _Snapshot(hosts, pending, priority, (float(folded_s) + unfolded_bound_s) / 3600.0)
 
 
-def _lock_quota(team: Team) -> TeamQuota:
-    """The team's quota row, locked until the transaction ends (SELECT … FOR UPDATE;
-    SQLite has no row locks: its IMMEDIATE transactions serialize writers). Written
-    out rather than compiled by the ORM on every submit (~0.5 ms of CPU)."""
-    for_update = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    rows = TeamQuota.objects.raw(f"SELECT * FROM {TeamQuota._meta.db_table} WHERE team_id = %s{for_update}", [team.pk])
-    quota = next(iter(rows), None)
-    if quota is None:
-        raise TeamQuota.DoesNotExist(f"team {team.slug} has no quota row")
-    return quota
+@contextmanager
+def _submit_transaction():
+    """transaction.atomic(), or on PostgreSQL outside any atomic block, a psycopg
+    transaction in pipeline mode: a statement whose result is read only after the
+    block (the job insert, _insert_job) reaches the server with the COMMIT, in one
+    round trip. The quota lock taken inside is held for two round trips in all
+    (lock + snapshot, insert + commit): it serializes a team's submits, and under
+    load every round trip costs a wait for the CPU and the GIL. Run on_commit
+    work after the block."""
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        with transaction.atomic():
+            yield
+        return
+    connection.ensure_connection()
+    raw = connection.connection
+    with raw.pipeline(), raw.transaction():
+        yield
+
+
+def _insert_job(job: Job, message: str, actor) -> Callable[[], Job]:
+    """Insert `job` and its "pending" event; on PostgreSQL in one statement (the
+    INSERT as Django compiles it, and the event's INSERT in a CTE reading its id).
+    Returns a function that gives the saved job: in a pipeline, call it after the
+    transaction (see _submit_transaction)."""
+    if connection.vendor != "postgresql":
+        job.save(force_insert=True)
+        states.event(job.pk, "pending", message, actor=actor)
+        return lambda: job
+    meta = Job._meta
+    query = InsertQuery(Job)
+    query.insert_values([f for f in meta.local_concrete_fields if f is not meta.pk], [job])
+    ((insert_sql, params),) = query.get_compiler(connection=connection).as_sql()
+    cursor = connection.cursor()
+    cursor.execute(
+        f"WITH j AS ({insert_sql} RETURNING id), "
+        f"e AS (INSERT INTO {JobEvent._meta.db_table} (job_id, at, actor_id, kind, message, data) "
+        "SELECT id, %s, %s, %s, %s, '{}'::jsonb FROM j) SELECT id FROM j",
+        [*params, timezone.now(), getattr(actor, "pk", actor), Job.Status.PENDING, message])
+
+    def saved() -> Job:
+        if job.pk is None:
+            with cursor:
+                job.pk = cursor.fetchone()[0]
+            job._state.adding, job._state.db = False, connection.alias
+        return job
+
+    return saved
 
 
 def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
@@ -273,10 +332,9 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         spec["compile_key"] = compile_cache_key(data["model"], spec, family)
         cache_hit = ModelAsset.objects.filter(team=team, compile_key=spec["compile_key"]).first()
 
-    with transaction.atomic():
-        quota = _lock_quota(team)
+    with _submit_transaction():
+        quota, snap = _lock_and_snapshot(team, kind, family)
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
-        snap = _submit_snapshot(team, kind, family)
         _check_capacity(family, cores, snap.hosts)
         # The bound decides alone when it is under the budget (then so is the exact
         # use); only a team near its budget pays for the exact measure.
@@ -291,18 +349,18 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         if not decision.ok:
             raise SubmitRefused(decision.code, decision.sentence,
                                 "max_runtime_s" if decision.code == "runtime_too_long" else None)
-        job = Job.objects.create(
+        saved = _insert_job(Job(
             team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
             priority=snap.priority, model=data.get("model"), dataset=data.get("dataset"),
             max_runtime_s=runtime, max_attempts=_max_attempts(), reason_code="submitted",
             reason="waiting for the scheduler",
-        )
-        states.event(job.pk, "pending", f"submitted by {user.username}", actor=user)
+        ), f"submitted by {user.username}", user)
         if cache_hit is not None:
-            _finish_as_cache_hit(job, cache_hit)
-        else:
-            transaction.on_commit(kick_dispatch)
-    if cache_hit is not None:
+            _finish_as_cache_hit(saved(), cache_hit)
+    job = saved()
+    if cache_hit is None:
+        transaction.on_commit(kick_dispatch)  # now, or when the caller's transaction commits
+    else:
         # Only a cache hit changed the row after create(); otherwise the instance
         # already holds what was inserted (one query less per submit).
         job.refresh_from_db()

@@ -182,7 +182,7 @@ def _loaded_select() -> str:
     return f"SELECT {', '.join(columns)} FROM j {' '.join(joins)}"
 
 
-def _instance(model, values: list, db: str):
+def row_instance(model, values: list, db: str):
     """A model instance from raw column values in concrete-field order, converted as
     Django's compiler would (from_db_value: JSON fields)."""
     fields = model._meta.concrete_fields
@@ -197,7 +197,7 @@ def _loaded_job(row: tuple, db: str) -> Job:
     """The Job (with host, model and dataset cached, like select_related) from a
     row of _loaded_select."""
     width = len(Job._meta.concrete_fields)
-    job = _instance(Job, row[:width], db)
+    job = row_instance(Job, row[:width], db)
     at = width
     for name, _alias in _LOADED:
         field = Job._meta.get_field(name)
@@ -205,7 +205,7 @@ def _loaded_job(row: tuple, db: str) -> Job:
         count = len(related._meta.concrete_fields)
         values = row[at:at + count]
         at += count
-        obj = _instance(related, values, db) if getattr(job, field.attname) is not None else None
+        obj = row_instance(related, values, db) if getattr(job, field.attname) is not None else None
         field.set_cached_value(job, obj)
     return job
 

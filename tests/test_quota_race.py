@@ -147,3 +147,41 @@ def test_finish_cancel_timeout_reap_and_preempt_release_a_job_exactly_once(cast,
         assert not CoreAllocation.objects.filter(job=job).exists()
         ends = JobEvent.objects.filter(job=job, kind__in=[S.SUCCEEDED, S.CANCELLED, S.FAILED, S.PENDING])
         assert ends.count() == 1  # one transition out of running, one event
+
+
+def test_a_submit_wakes_the_scheduler_only_after_its_job_is_committed(cast, tiny_model, cpu_host, monkeypatch):
+    """Outside any atomic block a submit runs in a pipelined psycopg transaction
+    (services._submit_transaction): the kick must come after the COMMIT, and a
+    refused submit must leave nothing behind and the connection usable."""
+    import psycopg
+
+    from jobs import services
+
+    assert not connection.in_atomic_block
+    db = connection.settings_dict
+    seen = []
+
+    def kick():  # what the scheduler would see, from its own connection
+        with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"]) as other:
+            seen.append(other.execute("SELECT count(*) FROM jobs_job WHERE team_id = %s",
+                                      [cast.vision.pk]).fetchone()[0])
+
+    monkeypatch.setattr(services, "kick_dispatch", kick)
+    TeamQuota.objects.filter(team=cast.vision).update(max_pending=1)
+
+    def submit():
+        form = InferenceForm(data={"model": tiny_model.pk, "prompts": "hi", "max_new_tokens": 2, "temperature": 0,
+                                   "family": "cpu", "cores": 1}, team=cast.vision)
+        assert form.is_valid(), form.errors
+        return job_submit(team=cast.vision, user=cast.bob, form=form)
+
+    job = submit()
+    assert seen == [1]
+    assert job.pk and Job.objects.get(pk=job.pk).status == S.PENDING
+    assert list(JobEvent.objects.filter(job=job).values_list("kind", "actor_id")) == [("pending", cast.bob.pk)]
+    with pytest.raises(SubmitRefused) as refused:
+        submit()
+    assert refused.value.code == "too_many_pending" and seen == [1]
+    assert Job.objects.filter(team=cast.vision).count() == 1  # the connection still works
+    TeamQuota.objects.filter(team=cast.vision).update(max_pending=2)
+    assert submit().pk != job.pk and seen == [1, 2]

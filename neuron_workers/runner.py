@@ -9,7 +9,8 @@ payload and everything it produces lands in the job's workdir.
 Workdir contract (shared with :mod:`neuron_workers.supervisor`)::
 
     workdir/
-      payload.json   written by the supervisor (mode 0600; holds the job env)
+      payload.json   written by the supervisor (mode 0600; holds the job env); in
+                     fork mode only for a payload over INLINE_PAYLOAD_MAX (else sent to the zygote)
       log.txt        the child's stdout+stderr (the supervisor redirects fds 1/2)
       metrics.jsonl  one JSON object per line, appended by ``ctx.metric`` (created
                      with the first metric)

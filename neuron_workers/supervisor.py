@@ -966,8 +966,11 @@ def _run_job(request: dict, status_sock: socket.socket, slot: _EnvironSlot | Non
         lifeline = runner.Lifeline(status_sock.detach(), Path(request["workdir"]), float(request["grace_s"]))
         # Look like the exec-mode command line to code that inspects argv.
         sys.argv[:] = [runner.__file__, request["payload_path"]]
-        with open(request["payload_path"], encoding="utf-8") as fh:
-            payload = json.load(fh)
+        if request.get("payload_json") is not None:
+            payload = json.loads(request["payload_json"])
+        else:
+            with open(request["payload_path"], encoding="utf-8") as fh:
+                payload = json.load(fh)
         code = runner.run_payload(payload)
         if (not last and code == 0 and runner.may_run_another(payload) and _alone_in_group()
                 and lifeline.release(_STATUS.pack(b"D", os.getpid(), code))):
@@ -1165,8 +1168,26 @@ def child_env(payload: dict) -> dict[str, str]:
     return env
 
 
+# A fork-mode payload up to this size travels in the zygote request instead of
+# payload.json: one file less to create per job (a short job creates seven).
+INLINE_PAYLOAD_MAX = 64 * 1024
+
+
+def _payload_json(payload: dict, workdir: Path) -> str:
+    return json.dumps({**payload, "workdir": str(workdir)}, default=str)
+
+
+def _write_payload(workdir: Path, text: str) -> Path:
+    payload_path = workdir / PAYLOAD_FILE
+    # 0600: payload["env"] may carry credentials (e.g. a model hub token).
+    fd = os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return payload_path
+
+
 def _prepare_workdir(payload: dict) -> Path:
-    """Create workdir and reset this attempt's control files; write payload.json."""
+    """Create workdir and reset this attempt's control files."""
     workdir = Path(payload["workdir"]).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # A requeued job reuses its workdir: a stale STOP would stop it at once and a
@@ -1177,11 +1198,6 @@ def _prepare_workdir(payload: dict) -> Path:
         except FileNotFoundError:
             pass
     (workdir / LOG_FILE).write_bytes(b"")
-    payload_path = workdir / PAYLOAD_FILE
-    # 0600: payload["env"] may carry credentials (e.g. a model hub token).
-    fd = os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({**payload, "workdir": str(workdir)}, fh, default=str)
     return workdir
 
 
@@ -1202,9 +1218,16 @@ def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote:
     started_at = time.monotonic()
     workdir = _prepare_workdir(payload)
     env = child_env(payload)
+    text = _payload_json(payload, workdir)
+    written = False
     if mode == "fork":
         zygote = zygote or default_zygote()
+        inline = len(text) <= INLINE_PAYLOAD_MAX
+        if not inline:
+            _write_payload(workdir, text)
+            written = True
         request = {
+            "payload_json": text if inline else None,
             "payload_path": str(workdir / PAYLOAD_FILE),
             "log_path": str(workdir / LOG_FILE),
             "workdir": str(workdir),
@@ -1225,6 +1248,8 @@ def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote:
             return _ForkChild(pid, status_sock, workdir, started_at)
     elif mode != "exec":
         raise ValueError(f"unknown launch mode {mode!r}")
+    if not written:
+        _write_payload(workdir, text)
     lifeline_r, lifeline_w = os.pipe()  # both O_CLOEXEC: no other child inherits them
     env[LIFELINE_FD_ENV] = str(lifeline_r)
     env[LIFELINE_GRACE_ENV] = str(grace_s)

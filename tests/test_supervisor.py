@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from neuron_workers import runner
 from neuron_workers.supervisor import (
+    INLINE_PAYLOAD_MAX,
     LOG_CHUNK,
     Outcome,
     _LogTailer,
@@ -148,6 +150,22 @@ def test_a_successful_job_returns_its_result(mode, tmp_path):
     assert rec.started_pid == outcome.pid == outcome.result["pid"]
     assert (tmp_path / "artifacts" / "out.txt").read_text() == "done"
     assert json.loads((tmp_path / "result.json").read_text())["ok"] is True
+
+
+@pytest.mark.parametrize("mode, echo_bytes", [("fork", 10), ("fork", 100_000), ("exec", 10)])
+def test_the_payload_reaches_the_child_in_the_request_or_in_a_private_file(mode, echo_bytes, tmp_path):
+    """Fork mode sends a payload to the zygote in the request (no payload.json to
+    create); one over INLINE_PAYLOAD_MAX, and every exec-mode one, goes in a file
+    only its owner can read (the env may carry credentials)."""
+    echo = "x" * echo_bytes
+    outcome, _ = run(make_payload(tmp_path, "OkBackend", {"echo": echo}), mode=mode)
+    assert outcome.status == "succeeded", outcome
+    assert outcome.result["echo"] == echo
+    path = tmp_path / "payload.json"
+    assert path.exists() == (mode == "exec" or echo_bytes > INLINE_PAYLOAD_MAX)
+    if path.exists():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert json.loads(path.read_text())["spec"]["echo"] == echo
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,11 +9,10 @@ transaction as the transition that ends its attempt.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from django.db import connection, transaction
 from django.db.models import F
-from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
@@ -100,13 +99,8 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     tuples) to insert for the changed job only, its job_id column first; `more`:
     further (CTE body, params) that read j.
 
-    The job UPDATE is Django's own SQL for the same filter() / update() (so fields
-    may be expressions like F("attempts") + 1), with RETURNING added."""
-    qs = Job.objects.filter(pk=job_id, status__in=sources, **(extra_filter or {}))
-    query = qs.query.chain(UpdateQuery)
-    query.add_update_values({"status": target, **fields})
-    update_sql, params = query.get_compiler(qs.db).as_sql()
-    params = list(params)
+    The job UPDATE is _job_update's, with RETURNING added."""
+    update_sql, params = _job_update(job_id, sources, extra_filter or {}, {"status": target, **fields})
     job_table = connection.ops.quote_name(Job._meta.db_table)
     returning = (f"{job_table}.*" if load_job else f"{job_table}.id, {job_table}.team_id, {job_table}.user_id, "
                  f"{job_table}.kind, {job_table}.family, {job_table}.cores, {job_table}.attempts")
@@ -162,6 +156,46 @@ def _insert_for_job(model, columns: tuple[str, ...], values: list[tuple]) -> tup
     sql = (f"INSERT INTO {quote(model._meta.db_table)} (job_id, {names}) SELECT j.id, u.* FROM j, "
            f"unnest({arrays}) AS u ON CONFLICT DO NOTHING")
     return sql, [list(column) for column in zip(*values)]
+
+
+class Raw(NamedTuple):
+    """An UPDATE value (_job_update) as SQL over the row's columns before the update."""
+    sql: str
+    params: tuple = ()
+
+
+def _job_update(job_id: int, sources: tuple[str, ...], filters: dict, values: dict) -> tuple[str, list]:
+    """SQL and params of Job.objects.filter(pk=job_id, status__in=sources,
+    **filters).update(**values), for plain values and Raw ones, written out
+    directly: Django's compiler spent ~0.2 ms of CPU on each, twice per job on the
+    worker. Any other expression goes through Django's compiler."""
+    if any(hasattr(value, "resolve_expression") for value in values.values()):
+        qs = Job.objects.filter(pk=job_id, status__in=sources, **filters)
+        query = qs.query.chain(UpdateQuery)
+        query.add_update_values(values)
+        sql, params = query.get_compiler(qs.db).as_sql()
+        return sql, list(params)
+    quote, meta = connection.ops.quote_name, Job._meta
+    sets, params = [], []
+    for name, value in values.items():
+        field = meta.get_field(name)
+        if isinstance(value, Raw):
+            sets.append(f"{quote(field.column)} = ({value.sql})")
+            params.extend(value.params)
+        else:
+            sets.append(f"{quote(field.column)} = %s")
+            params.append(field.get_db_prep_save(value, connection))
+    where = [f"{quote(meta.pk.column)} = %s",
+             f"{quote(meta.get_field('status').column)} IN ({', '.join(['%s'] * len(sources))})"]
+    params += [job_id, *sources]
+    for name, value in filters.items():
+        field = meta.get_field(name)
+        if value is None:
+            where.append(f"{quote(field.column)} IS NULL")
+        else:
+            where.append(f"{quote(field.column)} = %s")
+            params.append(field.get_db_prep_value(value, connection, prepared=False))
+    return f"UPDATE {quote(meta.db_table)} SET {', '.join(sets)} WHERE {' AND '.join(where)}", params
 
 
 # What the claim returns with the job: (relation, alias, model), joined on the FK.
@@ -335,25 +369,25 @@ def claim(job_id: int, host_id: int, pid: int | None = None, host_name: str | No
     dataset (what select_related would load; team and user, which only a run that
     registers a model needs, load lazily)."""
     now = timezone.now()
-    fields = {"started_at": now, "heartbeat_at": now, "worker_pid": pid, "attempts": F("attempts") + 1}
+    fields = {"started_at": now, "heartbeat_at": now, "worker_pid": pid}
     if connection.vendor == "postgresql":
         more = []
         if host_name is not None:
             # The UPDATE sees the row before it (attempts not yet counted up); j, after.
-            fields["log_bytes"] = RawSQL(f"log_bytes + octet_length({_header_sql('', 'attempts + 1')})", [host_name])
+            fields["log_bytes"] = Raw(f"log_bytes + octet_length({_header_sql('', 'attempts + 1')})", (host_name,))
             header = _header_sql("j.", "j.attempts")
             more.append((f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) '
                          f"SELECT j.id, j.log_bytes - octet_length(h.text), h.text FROM j, "
                          f"LATERAL (SELECT {header} AS text) h ON CONFLICT DO NOTHING", [host_name]))
         row = _transition_statement(
             job_id, _check([S.QUEUED], S.RUNNING), S.RUNNING, "", None, None,
-            {"host_id": host_id, "cancel_requested": False}, fields,
+            {"host_id": host_id, "cancel_requested": False}, {**fields, "attempts": Raw("attempts + 1")},
             attempt=(host_id, now), load_job=True, more=more)
         return None if row is None else _loaded_job(row, Job.objects.db)
     with transaction.atomic():
         claimed = transition(
             job_id, [S.QUEUED], S.RUNNING,
-            extra_filter={"host_id": host_id, "cancel_requested": False}, **fields,
+            extra_filter={"host_id": host_id, "cancel_requested": False}, attempts=F("attempts") + 1, **fields,
         )
         if not claimed:
             return None

@@ -2,6 +2,7 @@
 Status changes go through jobs.states; messages are sent only after commit."""
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Callable
@@ -12,7 +13,6 @@ from importlib import metadata
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from jobs import access, states, storage
@@ -283,6 +283,15 @@ def _submit_transaction():
         yield
 
 
+@functools.cache
+def _job_insert_sql() -> tuple[list, str]:
+    """(fields, INSERT of a Job row with all of them), written once per process."""
+    quote, meta = connection.ops.quote_name, Job._meta
+    fields = [f for f in meta.local_concrete_fields if f is not meta.pk]
+    return fields, (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+                    f"VALUES ({', '.join(['%s'] * len(fields))})")
+
+
 def _insert_job(job: Job, message: str, actor) -> Callable[[], Job]:
     """Insert `job` and its "pending" event; on PostgreSQL in one statement (the
     INSERT as Django compiles it, and the event's INSERT in a CTE reading its id).
@@ -292,10 +301,9 @@ def _insert_job(job: Job, message: str, actor) -> Callable[[], Job]:
         job.save(force_insert=True)
         states.event(job.pk, "pending", message, actor=actor)
         return lambda: job
-    meta = Job._meta
-    query = InsertQuery(Job)
-    query.insert_values([f for f in meta.local_concrete_fields if f is not meta.pk], [job])
-    ((insert_sql, params),) = query.get_compiler(connection=connection).as_sql()
+    fields, insert_sql = _job_insert_sql()
+    # What Django's insert compiler does per value (~0.2 ms of CPU to compile it all).
+    params = [field.get_db_prep_save(field.pre_save(job, True), connection) for field in fields]
     cursor = connection.cursor()
     cursor.execute(
         f"WITH j AS ({insert_sql} RETURNING id), "

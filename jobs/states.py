@@ -183,6 +183,8 @@ def _job_update(job_id: int, sources: tuple[str, ...], filters: dict, values: di
             sets.append(f"{quote(field.column)} = ({value.sql})")
             params.extend(value.params)
         else:
+            if field.remote_field and hasattr(value, "prepare_database_save"):
+                value = value.prepare_database_save(field)  # a model instance: its key, as Django does
             sets.append(f"{quote(field.column)} = %s")
             params.append(field.get_db_prep_save(value, connection))
     where = [f"{quote(meta.pk.column)} = %s",

@@ -194,3 +194,24 @@ def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_
     row = Job.objects.get(pk=job.pk)
     assert row.status == "pending" and row.result == {} and not Artifact.objects.filter(job=job).exists()
     assert JobLogChunk.objects.filter(job=job, text="done\n").exists()
+
+
+def test_a_transition_takes_model_instances_none_filters_and_expressions(cast, tiny_model, cpu_host):
+    """states._job_update writes the UPDATE itself for plain values: a related model
+    is stored by its key, a None filter is IS NULL, and any other expression still
+    goes through Django's compiler."""
+    from django.db.models import F
+
+    client = api_client(cast.bob)
+    first, second = (post_json(client, "/api/v1/jobs", inference_body(tiny_model)).json()["id"] for _ in range(2))
+    assert not states.mark_finished(first, "succeeded", sources=("pending",), extra_filter={"host_id": cpu_host.pk})
+    assert states.mark_finished(first, "succeeded", sources=("pending",), extra_filter={"host_id": None},
+                                output_model=tiny_model, cache_hit=True, result={"cache_hit": True})
+    job = Job.objects.get(pk=first)
+    assert (job.status, job.output_model_id, job.cache_hit, job.result) == ("succeeded", tiny_model.pk, True,
+                                                                           {"cache_hit": True})
+    assert job.finished_at is not None and not CoreAllocation.objects.filter(job=job).exists()
+    assert list(JobEvent.objects.filter(job=job).values_list("kind", flat=True)) == ["pending", "succeeded"]
+    before = Job.objects.get(pk=second).priority
+    assert states.transition(second, ["pending"], "cancelled", priority=F("priority") + 5)
+    assert Job.objects.get(pk=second).priority == before + 5

@@ -191,10 +191,12 @@ def run(job_id: int) -> str:
     if host_id is None:
         log.error("job %s: this worker's host %s is not registered (is the agent running?)", job_id, host_name())
         return "no_host"
-    job = states.claim(job_id, host_id, pid=os.getpid(), host_name=host_name())
+    # No pid yet: worker_pid is the job's own process (JobRecorder stores it), which
+    # the agent reads the job's CPU and memory from; never this worker's.
+    job = states.claim(job_id, host_id, host_name=host_name())
     if job is None and this_host_id(fresh=True) not in (host_id, None):
         # the cached pk was stale
-        job = states.claim(job_id, this_host_id(), pid=os.getpid(), host_name=host_name())
+        job = states.claim(job_id, this_host_id(), host_name=host_name())
     if job is None:
         return "not_claimed"  # a duplicate delivery, a cancelled job, or another host's job
     host = job.host

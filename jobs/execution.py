@@ -68,8 +68,8 @@ def build_payload(job: Job, workdir: Path) -> dict:
 class JobRecorder:
     """The supervisor's callbacks: heartbeats, cancel checks, log and metric sinks.
 
-    The log and the child's pid are stored as they come, except (on PostgreSQL,
-    ``hold``) until the first heartbeat (FIRST_HEARTBEAT_S) and after the child
+    The log and the child's pid are stored as they come, except (on PostgreSQL:
+    ``can_hold``) until the first heartbeat (FIRST_HEARTBEAT_S) and after the child
     exited: most jobs on a warm cpu host are over by then, and what was held goes
     into the statement that records the outcome (_record_outcome), so a short
     job costs the worker two statements (claim, finish) instead of seven. A longer

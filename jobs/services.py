@@ -294,7 +294,7 @@ def _job_insert_sql() -> tuple[list, str]:
 
 def _insert_job(job: Job, message: str, actor) -> Callable[[], Job]:
     """Insert `job` and its "pending" event; on PostgreSQL in one statement (the
-    INSERT as Django compiles it, and the event's INSERT in a CTE reading its id).
+    job's INSERT, _job_insert_sql, and the event's in a CTE reading its id).
     Returns a function that gives the saved job: in a pipeline, call it after the
     transaction (see _submit_transaction)."""
     if connection.vendor != "postgresql":

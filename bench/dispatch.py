@@ -18,7 +18,8 @@ Phases:
            Celery-based dispatch pays.
   latency  jobs one at a time with free capacity: submit→running, submit→finished.
   burst    many jobs submitted at once by several client threads: jobs/s from the
-           first submit to the last finish, and the CPU each service spent per job.
+           first submit to the last finish, the CPU each service spent per job, and
+           how many job processes the jobs ran in (warm runners reuse them).
 
 Also reported: submit_statements, the SQL statements one POST /api/v1/jobs issues
 through Django, counted in this process with Django's test client (its transaction's
@@ -236,9 +237,14 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
     at = dict(submitted)
     per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": (cpu_after[name] - cpu_before[name]) * 1000 / len(submitted)
                for name in cpu_before}
-    return {**per_job,"jobs_per_s": len(submitted) / (last - first), "burst_submits_per_s": len(submitted) / (submit_done - first),
+    from jobs.models import Job
+
+    # Warm runners (supervisor._ZygoteServer): how many processes the burst's jobs ran in.
+    processes = Job.objects.filter(pk__in=list(at)).values("worker_pid").distinct().count()
+    return {**per_job, "jobs_per_s": len(submitted) / (last - first),
+            "burst_submits_per_s": len(submitted) / (submit_done - first),
             "burst_submit_to_finished_p50_ms": percentile([(r[2].timestamp() - at[pk]) * 1000 for pk, r in rows.items()], 50),
-            "burst_jobs": len(submitted)}
+            "burst_jobs": len(submitted), "burst_job_processes": processes}
 
 
 # --- main -------------------------------------------------------------------------------
@@ -315,6 +321,7 @@ def print_table(report: dict) -> None:
         ("submit request p50", f"{report['submit_request_p50_ms']:.1f} ms", "POST /api/v1/jobs round trip"),
         ("statements per submit", f"{report['submit_statements']}", "SQL of one POST /api/v1/jobs (+ BEGIN/COMMIT)"),
         ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 100; Ray job API ≈ 1.5"),
+        ("job processes (burst)", f"{report['burst_job_processes']}", f"for {report['burst_jobs']} jobs (warm runners)"),
         ("celery round trip p50", f"{report['celery_roundtrip_p50_ms']:.2f} ms", "bare task, same worker"),
         ("celery tasks/s", f"{report['celery_tasks_per_s']:.0f}", ""),
         ("running / celery round trip", f"{report['running_vs_celery_roundtrip']:.1f}×", ""),

@@ -279,7 +279,9 @@ def _submit_transaction():
         return
     connection.ensure_connection()
     raw = connection.connection
-    with raw.pipeline(), raw.transaction():
+    # Errors as Django's (IntegrityError, OperationalError …), and a connection
+    # that failed here is marked for Django to close at the end of the request.
+    with connection.wrap_database_errors, raw.pipeline(), raw.transaction():
         yield
 
 

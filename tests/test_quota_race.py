@@ -185,3 +185,25 @@ def test_a_submit_wakes_the_scheduler_only_after_its_job_is_committed(cast, tiny
     assert Job.objects.filter(team=cast.vision).count() == 1  # the connection still works
     TeamQuota.objects.filter(team=cast.vision).update(max_pending=2)
     assert submit().pk != job.pk and seen == [1, 2]
+
+
+def test_a_database_error_in_a_pipelined_submit_is_django_s_and_leaves_nothing(cast, tiny_model, cpu_host,
+                                                                              monkeypatch):
+    from django.db import utils
+
+    from jobs import services
+
+    fields, sql = services._job_insert_sql()
+    # Fails on the server, so only when the pipeline is synced at the end of the block.
+    broken = (fields, sql.replace('"team_id"', '"no_such_column"', 1))
+    assert broken[1] != sql
+    monkeypatch.setattr(services, "_job_insert_sql", lambda: broken)
+    monkeypatch.setattr(services, "kick_dispatch", lambda: None)
+    form = InferenceForm(data={"model": tiny_model.pk, "prompts": "hi", "max_new_tokens": 2, "temperature": 0,
+                               "family": "cpu", "cores": 1}, team=cast.vision)
+    assert form.is_valid(), form.errors
+    with pytest.raises(utils.ProgrammingError):
+        job_submit(team=cast.vision, user=cast.bob, form=form)
+    assert connection.errors_occurred  # Django closes such a connection when the request ends
+    connection.close_if_unusable_or_obsolete()
+    assert not Job.objects.filter(team=cast.vision).exists()

@@ -110,21 +110,18 @@ class JobRecorder:
             self.flush_log()
 
     def on_log(self, offset: int, text: str) -> None:
-        self.append_log(text, self.log_base + offset)
-
-    def on_exit(self) -> None:
-        self.holding = self.can_hold  # the rest goes with the outcome
-
-    def append_log(self, text: str, at: int | None = None) -> None:
-        """A chunk at byte offset `at` (default: the end); stored now unless held.
+        """A chunk of the child's log.txt at `offset`; stored now unless held.
         A NUL (binary output) becomes U+FFFD, as undecodable bytes do: PostgreSQL
         text cannot hold it, and one would make every write of the job fail."""
         text = text.replace("\x00", "\ufffd")
-        at = self.log_end if at is None else at
+        at = self.log_base + offset
         self.log_end = max(self.log_end, at + len(text.encode("utf-8")))
         self.held.append((at, text))
         if not self.holding:
             self.flush_log()
+
+    def on_exit(self) -> None:
+        self.holding = self.can_hold  # the rest goes with the outcome
 
     def pending(self) -> tuple[list[tuple[int, str]], dict]:
         """The held chunks and the job fields that go with them (log_bytes, and the
@@ -146,22 +143,21 @@ class JobRecorder:
         chunks, fields = self.pending()
         if not chunks and "worker_pid" not in fields:
             return
-        table = JobLogChunk._meta.db_table
         with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
             if connection.vendor == "postgresql":
                 sets = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in fields)
-                update = f"UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s"
+                sql = f"WITH j AS (UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s RETURNING id)"
+                params = [*fields.values(), self.job_id]
                 if chunks:
-                    offsets, texts = zip(*chunks)
-                    cursor.execute(f'WITH c AS (INSERT INTO {table} (job_id, "offset", text) '
-                                   "SELECT %s, * FROM unnest(%s::bigint[], %s::text[]) ON CONFLICT DO NOTHING) "
-                                   + update, [self.job_id, list(offsets), list(texts), *fields.values(), self.job_id])
-                else:
-                    cursor.execute(update, [*fields.values(), self.job_id])
+                    insert, insert_params = states.insert_for_job(JobLogChunk, ("offset", "text"), chunks)
+                    sql += f", c AS ({insert})"
+                    params += insert_params
+                cursor.execute(sql + " SELECT 1", params)
                 self.stored()
                 return
-            cursor.executemany(f'INSERT INTO {table} (job_id, "offset", text) VALUES (%s, %s, %s) '
-                               "ON CONFLICT DO NOTHING", [(self.job_id, at, text) for at, text in chunks])
+            cursor.executemany(f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) '
+                               "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                               [(self.job_id, at, text) for at, text in chunks])
         Job.objects.filter(pk=self.job_id).update(**fields)
         self.stored()
 

@@ -126,7 +126,7 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
     params += [now, getattr(actor, "pk", actor), target, message, json.dumps(event_data or {})]
     for index, (model, columns, values) in enumerate(rows):
         if values:
-            sql, row_params = _insert_for_job(model, columns, values)
+            sql, row_params = insert_for_job(model, columns, values)
             ctes.append(f"r{index} AS ({sql})")
             params += row_params
     for index, (sql, more_params) in enumerate(more):
@@ -144,7 +144,7 @@ def _transition_statement(job_id: int, sources: tuple[str, ...], target: str, me
         return cursor.fetchone()
 
 
-def _insert_for_job(model, columns: tuple[str, ...], values: list[tuple]) -> tuple[str, list]:
+def insert_for_job(model, columns: tuple[str, ...], values: list[tuple]) -> tuple[str, list]:
     """INSERT of `values` (tuples of `columns` after job_id) for the job CTE j
     returned, as one array per column through unnest: one statement whatever the
     number of rows, and none inserted if j is empty. Duplicates are skipped."""

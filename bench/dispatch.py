@@ -65,7 +65,7 @@ REPORT_KEYS = ("submit_to_running_p50_ms", "submit_to_running_p95_ms", "submit_t
 
 def seed(slots: int) -> dict:
     """The bench team, host and tiny model (bench.harness.seed_team) and an API token."""
-    from jobs.tokens import token_create
+    from jobs.teams.tokens import token_create
 
     _, user, model = seed_team(slots, BENCH.host)
     raw, _ = token_create(user=user, name="bench")

@@ -118,8 +118,9 @@ def seed_team(slots: int, host: str) -> tuple:
     from django.utils import timezone
 
     from jobs.models import Host, Role, TeamQuota
-    from jobs.services import membership_set, model_register, team_create
-    from jobs.uploads import model_meta
+    from jobs.assets.services import model_register
+    from jobs.teams.services import membership_set, team_create
+    from jobs.assets.uploads import model_meta
     from neuron_workers.backends.tinymodel import create_tiny_model
 
     user = get_user_model().objects.create_user("bench", "bench@example.com", "bench-password")

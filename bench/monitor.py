@@ -123,7 +123,7 @@ def setup_django() -> None:
     django.setup()
     call_command("ensure_redis", stdout=open(os.devnull, "w"))
     call_command("migrate", verbosity=0)
-    from jobs.live import redis
+    from jobs.live.store import redis
 
     redis().flushdb()
 
@@ -201,7 +201,7 @@ class PublishBench:
 
 
 def bench_redis_roundtrip(n: int = 2000) -> float:
-    from jobs.live import redis
+    from jobs.live.store import redis
 
     r = redis()
     times = []
@@ -215,7 +215,7 @@ def bench_redis_roundtrip(n: int = 2000) -> float:
 def bench_rollup(reports: int) -> tuple[float, dict]:
     from dataclasses import asdict
 
-    from jobs.metrics import MINUTE_MS, redis_ms, rollup
+    from jobs.live.metrics import MINUTE_MS, redis_ms, rollup
 
     upto = (redis_ms() // MINUTE_MS + 1) * MINUTE_MS  # every entry published so far, in whole minutes
     start = time.perf_counter()
@@ -231,7 +231,7 @@ def bench_lag(user, team, samples: int, period: float) -> list[float]:
     from django.utils import timezone
 
     from jobs.models import Host, Job
-    from jobs.tokens import token_create
+    from jobs.teams.tokens import token_create
 
     host = Host.objects.create(name="bench-lag", family="trn1", instance_type="trn1.32xlarge", device_count=16,
                                core_ids=list(range(32)), backend="neuron", last_heartbeat=timezone.now())
@@ -349,7 +349,7 @@ def main() -> None:
     finally:
         drop_database()
         try:
-            from jobs.live import redis
+            from jobs.live.store import redis
 
             redis().flushdb()
         except Exception:  # Django never came up: nothing to flush

@@ -79,8 +79,8 @@ def training_start(metrics_path: Path, train_s: float) -> float:
 
 
 def submit_finetune(team, user, model, dataset, args, cores: int):
-    from jobs.forms import FinetuneForm
-    from jobs.services import job_submit
+    from jobs.lifecycle.forms import FinetuneForm
+    from jobs.lifecycle.services import job_submit
 
     form = FinetuneForm(data={"model": model.pk, "dataset": dataset.pk, "steps": args.steps,
                               "batch_size": args.batch_size, "sequence_length": args.sequence_length,
@@ -91,7 +91,7 @@ def submit_finetune(team, user, model, dataset, args, cores: int):
 
 
 def run_job(team, user, model, dataset, args, cores: int, groups: dict[str, int]) -> dict:
-    from jobs import storage
+    from jobs.assets import storage
     from jobs.models import Job
 
     cpu_before = cpu_seconds(groups, BENCH.db_name)
@@ -112,7 +112,7 @@ def run_job(team, user, model, dataset, args, cores: int, groups: dict[str, int]
 
 
 def run_plain(model, dataset, args, env: dict, spec: dict) -> dict:
-    from jobs import storage
+    from jobs.assets import storage
 
     workdir = Path(tempfile.mkdtemp(prefix="plain-", dir=BENCH.workdir))
     inputs = {"model_path": str(storage.abs_path(model.path)), "model_format": model.format,
@@ -130,7 +130,7 @@ def run_plain(model, dataset, args, env: dict, spec: dict) -> dict:
 def demo_dataset(team, user):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    from jobs.services import dataset_upload
+    from jobs.assets.services import dataset_upload
     from neuron_workers.backends.tinymodel import create_demo_dataset
 
     path = create_demo_dataset(BENCH.workdir / "demo.jsonl", rows=400)

@@ -70,11 +70,11 @@ from django.test import Client  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 from django.urls import Resolver404, resolve  # noqa: E402
 
-from jobs import usage  # noqa: E402
+from jobs.usage import accounting  # noqa: E402
 from jobs.models import (Host, Job, JobAttempt, JobEvent, JobUsage, Membership, MetricMinute, Role,  # noqa: E402
                          UsageDaily, UsageRollupState, UsageSiteDaily, UsageSiteWaitTotal, UsageTeamDay)
-from jobs.services import team_create  # noqa: E402
-from jobs.usage_rollup import fold, rebuild_site_wait_totals  # noqa: E402
+from jobs.teams.services import team_create  # noqa: E402
+from jobs.usage.rollup import fold, rebuild_site_wait_totals  # noqa: E402
 
 TEAMS = 200
 USERS_PER_TEAM = 10
@@ -317,10 +317,10 @@ def history_rollups(cur, cutoff0: datetime) -> None:
     team's local midnight, priced per instance type, 70 % of attempts measured),
     for everything that ended by cutoff0; JobUsage progress says so, so the real
     fold picks up exactly the rest."""
-    prices = usage.default_prices()
+    prices = accounting.default_prices()
     values = ", ".join(f"('{p.instance_type}', {p.usd_per_core_second!r})" for p in prices.values()
                        if p.instance_type.replace(".", "").isalnum())
-    log_gamma = math.log(usage.WaitSketch.GAMMA)
+    log_gamma = math.log(accounting.WaitSketch.GAMMA)
     cur.execute(f"""
         CREATE TEMP TABLE price (instance_type text PRIMARY KEY, per_s float8);
         INSERT INTO price VALUES {values};

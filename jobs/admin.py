@@ -14,7 +14,7 @@ class TeamQuotaAdmin(admin.ModelAdmin):
     list_display = ("team", "share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
 
     def save_model(self, request, obj, form, change):
-        from jobs.services import QUOTA_FIELDS, quota_update
+        from jobs.quotas.services import QUOTA_FIELDS, quota_update
 
         if not change:
             return super().save_model(request, obj, form, change)
@@ -28,7 +28,7 @@ class FamilyQuotaAdmin(admin.ModelAdmin):
     list_filter = ("family",)
 
     def save_model(self, request, obj, form, change):
-        from jobs.services import FAMILY_FIELDS, quota_update
+        from jobs.quotas.services import FAMILY_FIELDS, quota_update
 
         if not change or "family" in form.changed_data or "team" in form.changed_data:
             return super().save_model(request, obj, form, change)
@@ -42,14 +42,14 @@ class MembershipAdmin(admin.ModelAdmin):
     list_filter = ("role",)
 
     def save_model(self, request, obj, form, change):
-        from jobs.services import membership_set
+        from jobs.teams.services import membership_set
 
         if change and ("team" in form.changed_data or "user" in form.changed_data):
             return super().save_model(request, obj, form, change)
         membership_set(team=obj.team, user=obj.user, role=obj.role, actor=request.user)
 
     def delete_model(self, request, obj):
-        from jobs.services import MembershipError, membership_change
+        from jobs.teams.services import MembershipError, membership_change
 
         try:
             membership_change(team=obj.team, user=obj.user, role=None, actor=request.user)

@@ -4,14 +4,14 @@ from celery import shared_task
 
 @shared_task(name="jobs.dispatch", ignore_result=True)
 def dispatch_task(periodic: bool = False) -> list[int]:
-    from jobs.scheduler import dispatch_kicked
+    from jobs.lifecycle.scheduler import dispatch_kicked
 
     return dispatch_kicked(periodic).placed
 
 
 @shared_task(name="jobs.reap", ignore_result=True)
 def reap_task() -> dict:
-    from jobs.scheduler import reap
+    from jobs.lifecycle.scheduler import reap
 
     return reap()
 
@@ -19,7 +19,7 @@ def reap_task() -> dict:
 @shared_task(name="jobs.rollup_usage", ignore_result=True)
 def rollup_usage_task() -> dict:
     """Fold usage up to a few minutes ago into the usage roll-ups (jobs.usage_rollup)."""
-    from jobs.usage_rollup import fold
+    from jobs.usage.rollup import fold
 
     return fold().as_dict()
 
@@ -29,7 +29,7 @@ def rollup_metrics_task() -> dict:
     """Aggregate complete minutes of the live metric streams into MetricMinute."""
     from dataclasses import asdict
 
-    from jobs.metrics import rollup
+    from jobs.live.metrics import rollup
 
     return asdict(rollup())
 
@@ -39,6 +39,6 @@ def prune_metrics_task() -> dict:
     """Drop rolled-up raw stream data: finished jobs' streams and entries older than an hour."""
     from dataclasses import asdict
 
-    from jobs.metrics import prune
+    from jobs.live.metrics import prune
 
     return asdict(prune())

@@ -2,8 +2,8 @@
 from django.urls import include, path
 
 urlpatterns = [
-    path("", include("jobs.urls_pages")),
-    path("", include("jobs.urls_live")),
-    path("", include("jobs.urls_teams")),
-    path("", include("jobs.urls_usage")),
+    path("", include("jobs.lifecycle.urls")),
+    path("", include("jobs.live.urls")),
+    path("", include("jobs.teams.urls")),
+    path("", include("jobs.usage.urls")),
 ]

@@ -41,7 +41,7 @@ from django.db import Error as DatabaseError, close_old_connections, connection
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from jobs import metrics
+from jobs.live import metrics
 from jobs.models import Host, Job
 from neuron_workers.readers.neuron_ls import (
     INSTANCE_TYPES,

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 @shared_task(name="neuron_workers.run_job", ignore_result=True)
 def run_job(job_id: int) -> str:
-    from jobs.execution import run
+    from neuron_workers.execution import run
 
     return run(int(job_id))
 

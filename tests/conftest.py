@@ -48,7 +48,7 @@ def demo_dataset_file(tmp_path_factory) -> Path:
 @pytest.fixture
 def cast(db, django_user_model):
     from jobs.models import Role
-    from jobs.services import membership_set, team_create
+    from jobs.teams.services import membership_set, team_create
 
     users = {name: django_user_model.objects.create_user(name, f"{name}@example.com", PASSWORD)
              for name in ("alice", "bob", "charlie", "vera")}
@@ -75,8 +75,8 @@ def cpu_host(db):
 
 @pytest.fixture
 def tiny_model(cast, tiny_model_dir):
-    from jobs.services import model_register
-    from jobs.uploads import model_meta
+    from jobs.assets.services import model_register
+    from jobs.assets.uploads import model_meta
 
     dest = Path(os.environ.get("STORAGE_ROOT", "/tmp")) / "unused"
     from django.conf import settings
@@ -91,7 +91,7 @@ def tiny_model(cast, tiny_model_dir):
 def dataset(cast, demo_dataset_file):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    from jobs.services import dataset_upload
+    from jobs.assets.services import dataset_upload
 
     upload = SimpleUploadedFile("demo.jsonl", demo_dataset_file.read_bytes())
     return dataset_upload(team=cast.vision, user=cast.alice, name="demo", upload=upload)
@@ -101,7 +101,7 @@ def api_client(user):
     """A Django test client authenticated with a fresh API token of `user`."""
     from django.test import Client
 
-    from jobs.tokens import token_create
+    from jobs.teams.tokens import token_create
 
     raw, _ = token_create(user=user, name="tests")
     return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
@@ -133,7 +133,7 @@ def celery_worker_proc(transactional_db, settings, _storage, tmp_path):
          "-n", f"test-{os.getpid()}@%h", "--loglevel", "INFO"],
         cwd=ROOT, env=_worker_env(_storage), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    from jobs.live import redis
+    from jobs.live.store import redis
 
     redis().flushdb()
     deadline = time.time() + 60

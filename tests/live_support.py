@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import states
-from jobs.live import redis
+from jobs.lifecycle import states
+from jobs.live.store import redis
 from jobs.models import CoreAllocation, Host, Job
 
 DATA = Path(__file__).resolve().parent / "data"

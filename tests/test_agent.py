@@ -18,7 +18,7 @@ import pytest
 from django.utils import timezone
 
 from conftest import wait_for
-from jobs import metrics
+from jobs.live import metrics
 from jobs.models import Host
 from live_support import TRN1, clean_streams, running_job  # noqa: F401 (fixture)
 from neuron_workers import agent

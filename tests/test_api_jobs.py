@@ -16,7 +16,9 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from jobs import scheduler, states, storage
+from jobs.lifecycle import scheduler
+from jobs.lifecycle import states
+from jobs.assets import storage
 from jobs.models import ApiToken, Artifact, Dataset, Host, Job, JobLogChunk, ModelAsset, TeamQuota
 from tests.conftest import api_client
 
@@ -187,7 +189,7 @@ def test_a_compiled_model_is_refused_as_a_fine_tune_base(cast, bob, tiny_model, 
 
 
 def test_api_errors_match_the_html_forms_messages(cast, bob, tiny_model, cpu_host):
-    from jobs.forms import CompileForm
+    from jobs.lifecycle.forms import CompileForm
 
     body = compile_body(tiny_model, batch_size=0, compiler_options="--foo")
     form = CompileForm(data=body, team=cast.vision)
@@ -544,7 +546,7 @@ def test_a_zipped_hugging_face_folder_uploads_as_a_new_model_version(cast, bob, 
 
 
 def test_models_list_with_their_lineage_from_base_to_compiled(cast, bob, tiny_model):
-    from jobs.services import model_register
+    from jobs.assets.services import model_register
 
     path = storage.abs_path(tiny_model.path)
     tuned = model_register(team=cast.vision, user=cast.bob, name="tiny-gpt-ft", path=path, meta={}, parent=tiny_model)
@@ -662,7 +664,7 @@ def test_a_token_of_a_deactivated_user_stops_working(cast):
 
 
 def test_a_token_is_stored_only_as_its_sha256(cast):
-    from jobs.tokens import token_create
+    from jobs.teams.tokens import token_create
 
     raw, token = token_create(user=cast.bob, name="laptop")
     token.refresh_from_db()
@@ -677,7 +679,7 @@ def test_a_token_is_stored_only_as_its_sha256(cast):
 def test_a_tokens_last_use_is_recorded_at_most_once_a_minute(cast):
     from datetime import timedelta
 
-    from jobs.tokens import token_create
+    from jobs.teams.tokens import token_create
 
     raw, token = token_create(user=cast.bob, name="laptop")
     client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")

@@ -9,8 +9,10 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from jobs import scheduler, states, storage
-from jobs.api_jobs import router
+from jobs.lifecycle import scheduler
+from jobs.lifecycle import states
+from jobs.assets import storage
+from jobs.api.jobs import router
 from jobs.models import Artifact, Dataset, Job, ModelAsset
 from tests.conftest import api_client
 

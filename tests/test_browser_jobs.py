@@ -13,7 +13,7 @@ import re
 import pytest
 
 from conftest import SHOTS, log_in
-from jobs import selectors
+from jobs.lifecycle import selectors
 from jobs.models import Job
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import SHOTS, log_in
-from jobs import metrics
+from jobs.live import metrics
 from live_support import clean_streams, neuron_host, report, running_job, runtime  # noqa: F401
 from neuron_workers.agent import Agent
 from neuron_workers.readers.neuron_monitor import parse_report
@@ -120,7 +120,7 @@ def test_the_host_page_follows_its_cores_and_marks_a_replay(cast, clean_streams,
 
 def test_a_job_page_opened_while_pending_starts_charting_when_the_job_runs(cast, clean_streams, live_server,
                                                                           browser):
-    from jobs import states
+    from jobs.lifecycle import states
     from jobs.models import CoreAllocation, Job
 
     host = neuron_host("browser-pending")

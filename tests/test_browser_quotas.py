@@ -12,9 +12,10 @@ import re
 import pytest
 
 from conftest import SHOTS, log_in, wait_for
-from jobs.forms import InferenceForm
+from jobs.lifecycle.forms import InferenceForm
 from jobs.models import AuditEntry, Job, JobEvent
-from jobs.services import job_submit, quota_update
+from jobs.lifecycle.services import job_submit
+from jobs.quotas.services import quota_update
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from conftest import PASSWORD, SHOTS
 from jobs.models import Host, InstancePrice, Job, JobAttempt, MetricMinute, TeamQuota
-from jobs.usage_rollup import fold
+from jobs.usage.rollup import fold
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

@@ -42,7 +42,7 @@ def test_compile_traces_a_model_whose_logits_match_the_source(cast, tiny_model, 
     # The artifact, loaded independently, gives the source model's logits.
     from transformers import AutoModelForCausalLM
 
-    from jobs import storage
+    from jobs.assets import storage
 
     traced = torch.jit.load(str(storage.abs_path(compiled.path) / "model.pt"))
     eager = AutoModelForCausalLM.from_pretrained(storage.abs_path(tiny_model.path)).eval()
@@ -125,8 +125,8 @@ def test_a_team_s_next_inference_runs_in_its_warm_process_and_another_team_s_doe
     import shutil
     from pathlib import Path
 
-    from jobs.services import model_register
-    from jobs.uploads import model_meta
+    from jobs.assets.services import model_register
+    from jobs.assets.uploads import model_meta
     from tests.test_warm_runners import wait_idle
 
     dest = Path(settings.STORAGE_ROOT) / "models" / "audio" / "tiny"

@@ -19,9 +19,11 @@ import pytest
 import redis as redis_lib
 from django.utils import timezone
 
-from jobs import scheduler, states, storage
+from jobs.lifecycle import scheduler
+from jobs.lifecycle import states
+from jobs.assets import storage
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, JobLogChunk, Kind
-from jobs.services import job_cancel
+from jobs.lifecycle.services import job_cancel
 from neuron_workers.supervisor import find_orphans
 from tests.workers import RedisServer, Worker, point_celery_at, wait_until, worker_env
 
@@ -389,8 +391,8 @@ def test_a_job_over_its_time_limit_is_terminated_then_killed_with_nothing_left(c
 # --- cancel is a database fact -----------------------------------------------------------
 
 def test_cancel_works_with_redis_down(cast, make_host, start_worker, broker, tiny_model):
-    from jobs.forms import InferenceForm
-    from jobs.services import job_submit
+    from jobs.lifecycle.forms import InferenceForm
+    from jobs.lifecycle.services import job_submit
 
     make_host()
     job = new_job(cast, spec={"seconds": 600, "ready_file": "ready"})

@@ -12,7 +12,8 @@ from django.test import Client
 from django.utils import timezone
 
 from conftest import PASSWORD, api_client
-from jobs import metrics, states
+from jobs.live import metrics
+from jobs.lifecycle import states
 from jobs.models import Host, Job, MetricMinute
 from live_support import clean_streams, neuron_host, raw_lines, report, running_job, runtime  # noqa: F401
 from neuron_workers.agent import Agent

@@ -19,7 +19,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from conftest import PASSWORD
-from jobs import charts, selectors, states, storage
+from jobs.lifecycle import charts
+from jobs.lifecycle import selectors
+from jobs.lifecycle import states
+from jobs.assets import storage
 from jobs.models import ApiToken, Artifact, Dataset, Job, JobLogChunk, JobMetric, ModelAsset, TeamQuota
 
 S = Job.Status
@@ -641,7 +644,7 @@ def test_a_token_name_is_required(cast):
 
 
 def test_tokens_can_be_deleted_only_by_their_owner(cast):
-    from jobs.tokens import token_create
+    from jobs.teams.tokens import token_create
 
     _, token = token_create(user=cast.bob, name="ci")
     assert login(cast.charlie).post(f"/tokens/{token.pk}/delete/").status_code == 404
@@ -670,8 +673,8 @@ def test_a_long_loss_series_is_thinned_in_the_database(cast, finetune_job):
 
 
 def test_a_staff_users_team_switcher_lists_twenty_teams_and_links_the_rest_on_every_kind_of_page(cast):
-    from jobs.access import NAV_TEAMS_STAFF
-    from jobs.services import team_create
+    from jobs.teams.access import NAV_TEAMS_STAFF
+    from jobs.teams.services import team_create
 
     for i in range(30):
         team_create(slug=f"extra-{i:02d}", name=f"Extra {i:02d}")

@@ -1,7 +1,7 @@
 """Pure NeuronCore placement: contiguous ranges, best fit, no core held twice."""
 import random
 
-from jobs.placement import HostSlots, core_range, free_runs, largest_request, place
+from jobs.quotas.placement import HostSlots, core_range, free_runs, largest_request, place
 
 
 def host(host_id, cores=32, used=(), family="trn1", draining=False):

@@ -16,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connection
 
-from jobs import scheduler, states
-from jobs.forms import InferenceForm
+from jobs.lifecycle import scheduler
+from jobs.lifecycle import states
+from jobs.lifecycle.forms import InferenceForm
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, TeamQuota
-from jobs.selectors_teams import clear_usage_cache
-from jobs.services import SubmitRefused, job_submit, quota_update
+from jobs.quotas.selectors import clear_usage_cache
+from jobs.lifecycle.services import SubmitRefused, job_submit
+from jobs.quotas.services import quota_update
 
 S = Job.Status
 # PostgreSQL allows 100 connections; at most this many threads hold one at once
@@ -155,7 +157,7 @@ def test_a_submit_wakes_the_scheduler_only_after_its_job_is_committed(cast, tiny
     refused submit must leave nothing behind and the connection usable."""
     import psycopg
 
-    from jobs import services
+    from jobs.lifecycle import services
 
     assert not connection.in_atomic_block
     db = connection.settings_dict
@@ -191,7 +193,7 @@ def test_a_database_error_in_a_pipelined_submit_is_django_s_and_leaves_nothing(c
                                                                               monkeypatch):
     from django.db import utils
 
-    from jobs import services
+    from jobs.lifecycle import services
 
     fields, sql = services._job_insert_sql()
     # Fails on the server, so only when the pipeline is synced at the end of the block.

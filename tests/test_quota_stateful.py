@@ -24,11 +24,15 @@ from django.utils import timezone
 from hypothesis import HealthCheck, settings as hsettings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from jobs import execution, scheduler, states
-from jobs.forms import InferenceForm
+from neuron_workers import execution
+from jobs.lifecycle import scheduler
+from jobs.lifecycle import states
+from jobs.lifecycle.forms import InferenceForm
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job, JobAttempt, ModelAsset, Role
-from jobs.selectors_teams import clear_usage_cache
-from jobs.services import SubmitRefused, job_cancel, job_submit, membership_set, quota_update, team_create
+from jobs.quotas.selectors import clear_usage_cache
+from jobs.lifecycle.services import SubmitRefused, job_cancel, job_submit
+from jobs.quotas.services import quota_update
+from jobs.teams.services import membership_set, team_create
 
 S = Job.Status
 # cpu (guaranteed, borrow limit). The fleet has 6 cores: red may borrow all of it, so

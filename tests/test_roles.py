@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 
 from jobs.models import AuditEntry, FamilyQuota, Host, Job, Membership, Role, TeamQuota
-from jobs.services import membership_set
+from jobs.teams.services import membership_set
 from tests.conftest import api_client
 
 S = Job.Status
@@ -237,7 +237,7 @@ def test_guarantees_beyond_the_fleet_are_saved_with_a_warning(cast, cpu_host):
 
 
 def test_the_quota_page_runs_a_fixed_number_of_queries(cast, cpu_host, django_assert_max_num_queries):
-    from jobs.services import team_create
+    from jobs.teams.services import team_create
 
     client = page_client(cast.admin)
     client.get("/quotas/")
@@ -259,7 +259,7 @@ def test_the_quota_page_finds_teams_by_slug_or_name(cast):
 
 
 def test_a_saved_quota_returns_to_the_page_listing_the_team(cast):
-    from jobs.services import team_create
+    from jobs.teams.services import team_create
 
     for i in range(30):
         team_create(slug=f"team-{i:02d}", name=f"Team {i}")

@@ -12,11 +12,14 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from jobs import execution, scheduler, selectors, states
-from jobs.fairshare import QueueItem, decayed_usage, fair_order
+from neuron_workers import execution
+from jobs.lifecycle import scheduler
+from jobs.lifecycle import selectors
+from jobs.lifecycle import states
+from jobs.quotas.fairshare import QueueItem, decayed_usage, fair_order
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, KindPriority
-from jobs.selectors_teams import clear_usage_cache
-from jobs.services import quota_update
+from jobs.quotas.selectors import clear_usage_cache
+from jobs.quotas.services import quota_update
 from tests.conftest import api_client
 
 S = Job.Status
@@ -278,9 +281,9 @@ def borrowed_fleet(cast, cpu_host):
 
 def kick() -> None:
     """What kick_dispatch does before it sends the jobs.dispatch task."""
-    from jobs import live
+    from jobs.live import store
 
-    live.redis().set(scheduler.KICK_FLAG, 1, ex=5)
+    store.redis().set(scheduler.KICK_FLAG, 1, ex=5)
 
 
 def kicked_run() -> scheduler.DispatchReport:
@@ -316,14 +319,14 @@ def test_a_kicked_task_does_nothing_when_a_later_run_served_its_kick(cast, cpu_h
 
 
 def test_a_busy_task_dispatches_again_until_a_run_places_nothing_then_clears_the_kick(cast, cpu_host):
-    from jobs import live
+    from jobs.live import store
 
     set_family(cast.vision, "cpu", 8)
     jobs = [pending(cast.vision, cast.bob) for _ in range(6)]
     kick()
     report = scheduler.dispatch_kicked()
     assert {j.pk for j in jobs[:4]} == set(Job.objects.filter(status=S.QUEUED).values_list("pk", flat=True))
-    assert report.waiting == 2 and not live.redis().exists(scheduler.KICK_FLAG)
+    assert report.waiting == 2 and not store.redis().exists(scheduler.KICK_FLAG)
 
 
 def test_a_kick_while_the_fleet_is_full_of_borrowers_still_preempts(cast, borrowed_fleet):

@@ -2,10 +2,10 @@
 import pytest
 from django.core.exceptions import ValidationError
 
-from jobs import scheduler
-from jobs.forms import InferenceForm
+from jobs.lifecycle import scheduler
+from jobs.lifecycle.forms import InferenceForm
 from jobs.models import CoreAllocation, Job
-from jobs.services import SubmitRefused, job_cancel, job_submit
+from jobs.lifecycle.services import SubmitRefused, job_cancel, job_submit
 
 
 def submit_inference(team, user, model, **extra):
@@ -104,7 +104,7 @@ def test_the_budget_is_judged_by_the_exact_months_use_when_the_quick_bound_is_ov
     from django.utils import timezone
 
     from jobs.models import JobAttempt, TeamQuota
-    from jobs.selectors_teams import core_hours_by_team
+    from jobs.quotas.selectors import core_hours_by_team
 
     now = timezone.now()
     old = Job.objects.create(team=cast.vision, user=cast.bob, kind="inference", family="cpu", cores=2,
@@ -129,7 +129,7 @@ def test_a_model_or_dataset_field_accepts_exactly_the_ids_it_lists(cast, tiny_mo
     """The HTML select (queryset) and the submit-time lookup (one hand-written query)
     are built from the same conditions: team, and for compile / fine-tune bases
     uncompiled models only."""
-    from jobs.forms import JOB_FORMS, TeamObjectField
+    from jobs.lifecycle.forms import JOB_FORMS, TeamObjectField
     from jobs.models import Dataset, ModelAsset
 
     compiled = ModelAsset.objects.create(team=cast.vision, name="tiny-cpu", format=ModelAsset.Format.TORCHSCRIPT,

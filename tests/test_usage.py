@@ -41,10 +41,11 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.db import connection
 
-from jobs import selectors_usage, usage
+from jobs.usage import selectors
+from jobs.usage import accounting
 from jobs.models import (Host, InstancePrice, Job, JobAttempt, JobUsage, MetricMinute, TeamQuota, UsageDaily,
                          UsageRollupState, UsageSiteDaily, UsageTeamDay)
-from jobs.usage_rollup import FOLD_DELAY, fold, live_usage
+from jobs.usage.rollup import FOLD_DELAY, fold, live_usage
 from tests.conftest import api_client
 
 UTC = dt_timezone.utc
@@ -128,7 +129,7 @@ def frozen():
 
 
 def _report(team, first=D10, last=D12):
-    return selectors_usage.team_report(team, "custom", first, last, now=NOW)
+    return selectors.team_report(team, "custom", first, last, now=NOW)
 
 
 def _by_day(report):
@@ -138,34 +139,34 @@ def _by_day(report):
 # --- pure functions -----------------------------------------------------------------
 
 def test_an_interval_is_split_at_local_midnight_in_a_half_hour_time_zone():
-    tz = usage.zone("Asia/Kolkata")
-    pieces = usage.split_by_day(at(10, 18, 10), at(10, 20, 10), tz)
+    tz = accounting.zone("Asia/Kolkata")
+    pieces = accounting.split_by_day(at(10, 18, 10), at(10, 20, 10), tz)
     assert [(d, s, e) for d, s, e in pieces] == [(D10, at(10, 18, 10), at(10, 18, 30)),
                                                  (D11, at(10, 18, 30), at(10, 20, 10))]
 
 
 def test_a_dst_day_is_23_hours_long_and_nothing_is_lost():
-    tz = usage.zone("America/New_York")
+    tz = accounting.zone("America/New_York")
     start, end = datetime(2025, 3, 8, 12, tzinfo=UTC), datetime(2025, 3, 10, 12, tzinfo=UTC)
-    pieces = usage.split_by_day(start, end, tz)
+    pieces = accounting.split_by_day(start, end, tz)
     hours = {d: (e - s).total_seconds() / 3600 for d, s, e in pieces}
     assert hours[date(2025, 3, 9)] == 23
     assert sum(hours.values()) == 48
 
 
 def test_an_unknown_time_zone_falls_back_to_utc():
-    assert str(usage.zone("Mars/Olympus")) == "UTC"
+    assert str(accounting.zone("Mars/Olympus")) == "UTC"
 
 
 def test_totals_mirror_the_roll_up_fields_and_add_every_one():
     from jobs.models import UsageTotals
 
     model_fields = [f.name for f in UsageTotals._meta.get_fields()]
-    assert list(usage.TOTAL_FIELDS) == model_fields
-    one = usage.Totals(**{f: 1 for f in usage.NUMERIC_FIELDS}, wait_sketch={"3": 1})
-    two = usage.Totals(**{f: 2 for f in usage.NUMERIC_FIELDS}, wait_sketch={"3": 2, "9": 1})
+    assert list(accounting.TOTAL_FIELDS) == model_fields
+    one = accounting.Totals(**{f: 1 for f in accounting.NUMERIC_FIELDS}, wait_sketch={"3": 1})
+    two = accounting.Totals(**{f: 2 for f in accounting.NUMERIC_FIELDS}, wait_sketch={"3": 2, "9": 1})
     one.add(two)
-    assert all(getattr(one, f) == 3 for f in usage.NUMERIC_FIELDS)
+    assert all(getattr(one, f) == 3 for f in accounting.NUMERIC_FIELDS)
     assert one.wait_sketch == {"3": 3, "9": 1}
 
 
@@ -173,18 +174,18 @@ def test_the_wait_sketch_reads_quantiles_within_its_relative_error():
     sketch: dict[str, int] = {}
     samples = [3.0 * 1.37 ** i for i in range(40)]
     for s in samples:
-        usage.WaitSketch.add(sketch, s)
+        accounting.WaitSketch.add(sketch, s)
     ordered = sorted(samples)
     for q in (0.5, 0.95):
         exact = ordered[max(1, -(-int(q * 1000) * len(ordered) // 1000)) - 1]
-        assert usage.WaitSketch.quantile(sketch, q) == pytest.approx(exact, rel=0.025)
-    assert usage.WaitSketch.quantile({}, 0.5) is None
-    assert usage.WaitSketch.quantile(usage.WaitSketch.add({}, 0.2), 0.5) == 0.0
+        assert accounting.WaitSketch.quantile(sketch, q) == pytest.approx(exact, rel=0.025)
+    assert accounting.WaitSketch.quantile({}, 0.5) is None
+    assert accounting.WaitSketch.quantile(accounting.WaitSketch.add({}, 0.2), 0.5) == 0.0
 
 
 def test_burn_down_forecasts_the_day_the_budget_runs_out():
     daily = {date(2025, 3, 5): 10.0, date(2025, 3, 12): 4.0}
-    burn = usage.burn_down(daily, today=date(2025, 3, 12), fraction_of_today=0.5, budget=50.0, window_days=7)
+    burn = accounting.burn_down(daily, today=date(2025, 3, 12), fraction_of_today=0.5, budget=50.0, window_days=7)
     assert burn.used == 14.0
     assert burn.rate_per_day == pytest.approx(14.0 / 7.5)
     # 36 h left at 1.8667 h/day = 19.29 days after now (day 12.5) -> day 31.79 -> 31 Mar
@@ -195,20 +196,20 @@ def test_burn_down_forecasts_the_day_the_budget_runs_out():
 
 def test_burn_down_reports_an_exhausted_budget_and_no_budget():
     daily = {date(2025, 3, 2): 30.0, date(2025, 3, 4): 30.0}
-    burn = usage.burn_down(daily, today=date(2025, 3, 6), fraction_of_today=0.1, budget=50.0)
+    burn = accounting.burn_down(daily, today=date(2025, 3, 6), fraction_of_today=0.1, budget=50.0)
     assert burn.status == "exhausted" and burn.run_out_day == date(2025, 3, 4)
-    assert usage.burn_down(daily, today=date(2025, 3, 6), fraction_of_today=0.1, budget=None).status == "no_budget"
-    assert usage.burn_down({}, today=date(2025, 3, 6), fraction_of_today=0.1, budget=5.0).status == "within_budget"
+    assert accounting.burn_down(daily, today=date(2025, 3, 6), fraction_of_today=0.1, budget=None).status == "no_budget"
+    assert accounting.burn_down({}, today=date(2025, 3, 6), fraction_of_today=0.1, budget=5.0).status == "within_budget"
 
 
 def test_burn_down_of_a_trickle_against_a_large_budget_names_no_day():
     # One second of one core this week against 1,000 h: the run-out day would be
     # ~19 million years away (past date.max; the usage page answered 500 for it).
-    burn = usage.burn_down({date(2026, 11, 27): 1 / 3600}, today=date(2026, 11, 27), fraction_of_today=0.4,
+    burn = accounting.burn_down({date(2026, 11, 27): 1 / 3600}, today=date(2026, 11, 27), fraction_of_today=0.4,
                            budget=1000.0)
     assert burn.status == "within_budget" and burn.run_out_day is None
     # Beyond the month but within the horizon, the day is still given.
-    burn = usage.burn_down({date(2026, 11, 27): 10.0}, today=date(2026, 11, 27), fraction_of_today=0.4,
+    burn = accounting.burn_down({date(2026, 11, 27): 10.0}, today=date(2026, 11, 27), fraction_of_today=0.4,
                            budget=1000.0)
     assert burn.status == "within_budget" and burn.run_out_day is not None
     assert burn.run_out_day > date(2026, 11, 30)
@@ -224,15 +225,15 @@ def test_burn_down_of_a_trickle_against_a_large_budget_names_no_day():
     ({"from": "2023-01-01", "to": "2025-03-01"}, "from", "at most 366"),
 ])
 def test_a_bad_range_is_an_error_naming_the_field(params, field, words):
-    with pytest.raises(usage.RangeError) as caught:
-        usage.parse_range(params, D12)
+    with pytest.raises(accounting.RangeError) as caught:
+        accounting.parse_range(params, D12)
     assert field in caught.value.errors and words in " ".join(caught.value.errors[field])
 
 
 def test_named_ranges_end_today_and_include_it():
-    assert usage.parse_range({"range": "7d"}, D12) == ("7d", date(2025, 3, 6), D12)
-    assert usage.parse_range({}, D12) == ("30d", date(2025, 2, 11), D12)
-    assert usage.parse_range({"from": "2025-03-01"}, D12) == ("custom", date(2025, 3, 1), D12)
+    assert accounting.parse_range({"range": "7d"}, D12) == ("7d", date(2025, 3, 6), D12)
+    assert accounting.parse_range({}, D12) == ("30d", date(2025, 2, 11), D12)
+    assert accounting.parse_range({"from": "2025-03-01"}, D12) == ("custom", date(2025, 3, 1), D12)
 
 
 # --- the numbers --------------------------------------------------------------------
@@ -254,14 +255,14 @@ def _expect_vision_numbers(report, jobs):
     assert by_day[D10].used_core_hours == pytest.approx(4 / 3) and by_day[D10].idle_core_hours == pytest.approx(0)
     assert by_day[D11].used_core_hours == pytest.approx(8 / 3) and by_day[D11].idle_cost_usd == pytest.approx(2.0)
     assert by_day[D12].used_core_hours == pytest.approx(1.6)
-    waits = {r["kind"]: r for r in selectors_usage.wait_table(report).dicts()}
+    waits = {r["kind"]: r for r in selectors.wait_table(report).dicts()}
     assert waits["finetune"]["jobs"] == 2
     assert waits["finetune"]["p50_s"] == pytest.approx(600, rel=0.025)
     assert waits["finetune"]["p95_s"] == pytest.approx(1800, rel=0.025)
     assert waits["compile"]["p50_s"] == pytest.approx(60, rel=0.025)
     assert waits["compile"]["p95_s"] == pytest.approx(3600, rel=0.025)
     assert waits["inference"]["p50_s"] == pytest.approx(1800, rel=0.025)
-    outcomes = {r["kind"]: r for r in selectors_usage.outcomes_table(report).dicts()}
+    outcomes = {r["kind"]: r for r in selectors.outcomes_table(report).dicts()}
     assert outcomes["all"]["success_rate_pct"] == 40.0 and outcomes["all"]["cancel_rate_pct"] == 40.0
     assert outcomes["all"]["failure_rate_pct"] == 20.0
     assert (outcomes["compile"]["succeeded"], outcomes["compile"]["failed"]) == (0, 1)
@@ -302,7 +303,7 @@ def test_folding_again_or_in_steps_counts_everything_exactly_once(history):
 
 
 def test_the_budget_measure_is_the_burn_downs_used_hours_before_between_and_after_folds(history):
-    from jobs.selectors_teams import core_hours_by_team
+    from jobs.quotas.selectors import core_hours_by_team
 
     teams = [history.vision.pk, history.audio.pk]
     for cutoff in (None, at(11, 6, 15), NOW):
@@ -315,7 +316,7 @@ def test_the_budget_measure_is_the_burn_downs_used_hours_before_between_and_afte
 
 
 def test_the_budget_counts_only_the_part_of_an_attempt_inside_the_teams_local_month(history):
-    from jobs.selectors_teams import core_hours_by_team
+    from jobs.quotas.selectors import core_hours_by_team
 
     host = Host.objects.get(name="inf-s")
     start = datetime(2025, 2, 28, 18, 0, tzinfo=UTC)  # 23:30 on 28 Feb in Kolkata
@@ -339,12 +340,12 @@ def test_the_running_job_is_folded_up_to_the_cutoff_and_counted_live_after_it(hi
 
 
 def test_the_database_and_python_measure_minutes_by_the_same_rule(history):
-    from jobs.usage_rollup import measure, minute_rows, unfolded_attempts, _attempt_row
+    from jobs.usage.rollup import measure, minute_rows, unfolded_attempts, _attempt_row
 
     rows = [_attempt_row(v) for v in unfolded_attempts(since=None, before=NOW)]
-    plan = usage.plan_attempts(rows, NOW)
+    plan = accounting.plan_attempts(rows, NOW)
     in_db = measure(plan.pieces)
-    in_python = usage.measure(plan.pieces, minute_rows(plan.pieces))
+    in_python = accounting.measure(plan.pieces, minute_rows(plan.pieces))
     assert [n for n, _ in in_db] == [n for n, _ in in_python]
     assert [s for _, s in in_db] == pytest.approx([s for _, s in in_python])
     assert sum(n for n, _ in in_db) == 120 * 4 + 120  # J1's and J3's per-core minutes, no core -1 rows
@@ -354,9 +355,9 @@ def test_an_hour_without_utilization_rows_is_unknown_not_zero(history):
     report = _report(history.vision)
     j2_day = _by_day(report)[D11]
     assert j2_day.utilization is not None  # J1's measured hours
-    only_j4 = selectors_usage.team_report(history.vision, "custom", D12, D12, now=at(12, 3, 30))
+    only_j4 = selectors.team_report(history.vision, "custom", D12, D12, now=at(12, 3, 30))
     assert only_j4.totals.utilization is None and only_j4.totals.unknown_core_hours == pytest.approx(4.0)
-    row = selectors_usage.allocation_table(only_j4).dicts()[0]
+    row = selectors.allocation_table(only_j4).dicts()[0]
     assert row["utilization_pct"] is None and row["used_core_hours"] == 0 and row["unknown_core_hours"] == 4.0
 
 
@@ -369,14 +370,14 @@ def test_a_price_change_applies_to_usage_folded_after_it(history):
 
 def test_the_site_report_shares_hours_and_cost_between_teams(history):
     fold(NOW)
-    report = selectors_usage.site_report("custom", D10, D12, now=NOW, group_by="team")
+    report = selectors.site_report("custom", D10, D12, now=NOW, group_by="team")
     assert report.totals.core_hours == pytest.approx(20.5)
-    shares = {r["team"]: r for r in selectors_usage.teams_table(report).dicts()}
+    shares = {r["team"]: r for r in selectors.teams_table(report).dicts()}
     assert shares["vision"]["core_hours"] == pytest.approx(18.5)
     assert shares["audio"]["core_hours"] == pytest.approx(2.0) and shares["audio"]["cost_usd"] == pytest.approx(2.0)
     assert shares["vision"]["hours_share_pct"] == pytest.approx(100 * 18.5 / 20.5, abs=0.01)
     assert shares["audio"]["cost_share_pct"] == pytest.approx(100 * 2 / (2 + report.totals.cost_usd - 2), abs=0.01)
-    hours = selectors_usage.hours_table(report).dicts()
+    hours = selectors.hours_table(report).dicts()
     assert sum(r["core_hours"] for r in hours if r["team"] == "audio") == pytest.approx(2.0)
     assert sum(r["core_hours"] for r in hours) == pytest.approx(20.5, abs=1e-3)
     assert report.capacity_cores == 32 + 24 + 2
@@ -521,7 +522,7 @@ def test_the_page_query_count_does_not_grow_with_history(history, frozen, django
     client.get("/teams/vision/usage/", {"range": "90d"})
 
     def count(url, params):
-        # A first render: the roll-up reads are cached per fold (selectors_usage.rollup_version).
+        # A first render: the roll-up reads are cached per fold (selectors.rollup_version).
         cache.clear()
         with CaptureQueriesContext(connection) as ctx:
             assert client.get(url, params).status_code == 200
@@ -575,7 +576,7 @@ def test_a_fold_retires_the_cached_rollup_reads_so_the_page_never_loses_folded_u
 
 def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_old_day_changes(history):
     """Roll-up reads of days up to two days before the fold's cutoff are cached across
-    folds (selectors_usage.Stamp); a fold writing such a day retires them."""
+    folds (selectors.Stamp); a fold writing such a day retires them."""
     client = _client(history.alice)
     params = {"range": "custom", "from": "2025-03-01", "to": "2025-03-12", "group_by": "user"}
     host = Host.objects.get(name="trn-a")

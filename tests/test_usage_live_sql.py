@@ -18,10 +18,11 @@ import pytest
 from django.apps import apps as django_apps
 from django.db import connection
 
-from jobs import selectors_usage, usage
+from jobs.usage import selectors
+from jobs.usage import accounting
 from jobs.models import (Host, InstancePrice, Job, JobAttempt, MetricMinute, Team, UsageSiteDaily,
                          UsageSiteWaitTotal)
-from jobs.usage_rollup import fold, live_usage, live_usage_python, rebuild_site_wait_totals
+from jobs.usage.rollup import fold, live_usage, live_usage_python, rebuild_site_wait_totals
 
 UTC = dt_timezone.utc
 # Around the end of daylight-saving time in Europe and the Azores (26 Oct 2025: the
@@ -31,8 +32,8 @@ NOW = datetime(2025, 11, 3, 12, 7, 30, tzinfo=UTC)
 ZONES = ["Asia/Kolkata", "America/New_York", "Atlantic/Azores", "CET", "Mars/Olympus", "", "UTC"]
 
 
-def _close(a: usage.Totals, b: usage.Totals) -> bool:
-    return (all(getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-12, abs=1e-9) for f in usage.NUMERIC_FIELDS)
+def _close(a: accounting.Totals, b: accounting.Totals) -> bool:
+    return (all(getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-12, abs=1e-9) for f in accounting.NUMERIC_FIELDS)
             and a.wait_sketch == b.wait_sketch)
 
 
@@ -129,7 +130,7 @@ def test_the_sql_live_part_equals_the_python_rules_before_between_and_after_fold
 
 
 def _daily_sketches(first, last):
-    return selectors_usage._sketches_by_kind_uncached(UsageSiteDaily.objects.filter(day__gte=first, day__lte=last))
+    return selectors._sketches_by_kind_uncached(UsageSiteDaily.objects.filter(day__gte=first, day__lte=last))
 
 
 def _wait_totals():
@@ -152,7 +153,7 @@ def test_the_sites_running_wait_totals_equal_the_merged_daily_sketches_through_f
     fold(now=NOW + timedelta(minutes=10))
     assert UsageSiteWaitTotal.objects.count() > 10
     for first, last in ranges:
-        assert selectors_usage._site_wait_sketches_uncached(first, last) == _daily_sketches(first, last), (first, last)
+        assert selectors._site_wait_sketches_uncached(first, last) == _daily_sketches(first, last), (first, last)
     incremental = _wait_totals()
     assert rebuild_site_wait_totals() == len(incremental)
     assert _wait_totals() == incremental

@@ -9,7 +9,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from jobs import execution, states
+from neuron_workers import execution
+from jobs.lifecycle import states
 from jobs.models import Artifact, CoreAllocation, Job, JobAttempt, JobEvent, JobLogChunk
 from tests.conftest import api_client
 from tests.test_api_jobs import finetune_body, inference_body, post_json
@@ -81,7 +82,7 @@ def test_a_cancelled_queued_job_is_not_claimed(cast, tiny_model, cpu_host, setti
 @pytest.mark.parametrize("waiting", [True, False])
 def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast, tiny_model, cpu_host, settings,
                                                                             monkeypatch, waiting):
-    from jobs import services
+    from jobs.lifecycle import services
 
     settings.HOST_NAME = cpu_host.name
     client = api_client(cast.bob)
@@ -175,7 +176,7 @@ def test_the_recorder_holds_the_log_until_the_first_heartbeat_and_after_the_chil
 
 
 def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_model, cpu_host):
-    from jobs import storage
+    from jobs.assets import storage
     from neuron_workers.supervisor import Outcome
 
     job = queued_job(api_client(cast.bob), tiny_model, cpu_host)

@@ -174,7 +174,7 @@ def point_celery_at(url: str) -> None:
     connections; tests that switch brokers must drop both."""
     from kombu import pools
 
-    from jobs import live
+    from jobs.live import store
     from webapp.celery import app
 
     app.conf.broker_url = url
@@ -183,4 +183,4 @@ def point_celery_at(url: str) -> None:
     # then make the app build new ones.
     pools.reset()
     app._after_fork()
-    live.redis.cache_clear()
+    store.redis.cache_clear()

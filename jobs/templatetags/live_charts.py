@@ -9,7 +9,8 @@ import redis as redis_lib
 from django import template
 from django.urls import reverse
 
-from jobs import charts_live, metrics
+from jobs.live import charts
+from jobs.live import metrics
 from jobs.models import Job
 
 register = template.Library()
@@ -22,6 +23,6 @@ def job_live_charts(job: Job) -> dict:
     except redis_lib.RedisError:
         return {"job": job, "unavailable": True}
     config = {"url": reverse("api:job_metrics", kwargs={"job_id": job.pk}), "cursor": series["cursor"],
-              "live": series["live"], "cores": series["cores"], "figures": charts_live.job_figures(series),
+              "live": series["live"], "cores": series["cores"], "figures": charts.job_figures(series),
               "points": len(series["t"])}
     return {"job": job, "series": series, "config": config}

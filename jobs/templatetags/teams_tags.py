@@ -24,6 +24,6 @@ def pending_explanation(job: Job) -> dict:
     finished job's page orders no queue)."""
     if job.status != Job.Status.PENDING:
         return {}
-    from jobs.selectors import pending_explanation as explain
+    from jobs.lifecycle.selectors import pending_explanation as explain
 
     return explain(job)

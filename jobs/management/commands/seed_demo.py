@@ -8,10 +8,11 @@ from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management.base import BaseCommand
 
-from jobs import storage
+from jobs.assets import storage
 from jobs.models import Dataset, ModelAsset, Role, Team
-from jobs.services import dataset_upload, membership_set, model_register, team_create
-from jobs.uploads import model_meta
+from jobs.assets.services import dataset_upload, model_register
+from jobs.teams.services import membership_set, team_create
+from jobs.assets.uploads import model_meta
 
 DEMO_PASSWORD = "neurondeck"
 

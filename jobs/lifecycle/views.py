@@ -1,0 +1,392 @@
+"""HTML pages: jobs, models, datasets, API tokens.
+
+Every view that takes a slug or an id starts with a team-scoped fetch from
+jobs.access, so another team's object is a 404. Forms only validate; every write
+goes through jobs.services (or jobs.tokens). Bad input re-renders the form with
+the error next to its field and a 4xx status — never a 500."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.utils import dateformat, timezone
+from django.views.decorators.http import require_http_methods, require_POST
+
+from jobs.assets import services as asset_services
+from jobs.assets.artifacts import artifact_response
+from jobs.assets.uploads import UploadError
+from jobs.lifecycle import charts, selectors, services
+from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm
+from jobs.models import ApiToken, Job, JobEvent, Kind, ModelAsset, Role, Team
+from jobs.teams import access
+from jobs.teams.tokens import token_create
+
+JOBS_PER_PAGE = 50
+SPEC_SHOWN_CHARS = 20_000  # a spec with a thousand prompts is cut on the page (the API has it whole)
+TIME_FORMAT = "Y-m-d H:i:s"
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+def _page(request: HttpRequest, template: str, context: dict, *, team: Team | None = None, nav: str = "",
+          status: int = 200) -> HttpResponse:
+    """Render a full page with what base.html needs: the user's teams for the switcher,
+    the current team for the nav links (the first team when the page has none)."""
+    teams = access.nav_teams(request.user)
+    current = team or (teams[0] if teams else None)
+    return render(request, template, {"nav_teams": teams, "team": current, "nav": nav, **context}, status=status)
+
+
+def _can_write(user, team: Team) -> bool:
+    """Members and managers may submit and upload; viewers only look."""
+    try:
+        access.require_role(user, team, Role.MEMBER)
+    except access.Forbidden:
+        return False
+    return True
+
+
+def _viewer_sentence(team: Team) -> str:
+    return (f"You are a viewer in team {team.slug}: you can see its jobs, models and datasets, "
+            "but submitting and uploading need the member role. Ask a team manager.")
+
+
+def _when(value) -> str:
+    return dateformat.format(timezone.localtime(value), TIME_FORMAT) if value else ""
+
+
+# --- home -------------------------------------------------------------------------
+
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    """The first team's job list; a page that says so when the user is in no team."""
+    team = access.teams_of(request.user).first()
+    if team is None:
+        return _page(request, "jobs/no_team.html", {})
+    return redirect("job_list", slug=team.slug)
+
+
+# --- job list ---------------------------------------------------------------------
+
+class JobFilterForm(forms.Form):
+    status = forms.ChoiceField(choices=[("", "any status"), *Job.Status.choices], required=False)
+    kind = forms.ChoiceField(choices=[("", "any kind"), *Kind.choices], required=False)
+
+
+@login_required
+def job_list(request: HttpRequest, slug: str) -> HttpResponse:
+    team = access.get_team(request.user, slug)
+    filters = JobFilterForm(request.GET)
+    wanted = filters.cleaned_data if filters.is_valid() else {}
+    jobs = selectors.team_jobs(team, status=wanted.get("status", ""), kind=wanted.get("kind", ""))
+    # Keyset pages (?before=<id> / ?after=<id>) rather than numbered ones: a count of
+    # a big team's jobs costs more than the whole page. A bad cursor shows the newest.
+    cursors, _ = _query_ints(request.GET, "before", "after")
+    page = selectors.job_page(jobs, before=cursors.get("before") if "before" in request.GET else None,
+                              after=cursors.get("after") if "after" in request.GET else None, size=JOBS_PER_PAGE)
+    return _page(request, "jobs/job_list.html", {"filters": filters, "page": page, "kinds": Kind.choices,
+                                                 "writable": _can_write(request.user, team)},
+                 team=team, nav="jobs", status=200 if filters.is_valid() else 400)
+
+
+# --- submit -----------------------------------------------------------------------
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def job_new(request: HttpRequest, slug: str, kind: str) -> HttpResponse:
+    team = access.get_team(request.user, slug)
+    form_class = JOB_FORMS.get(kind)
+    if form_class is None:
+        raise Http404("No such job kind")
+    writable = _can_write(request.user, team)
+    if request.method == "GET":
+        prefill = {k: v for k, v in request.GET.items() if k in form_class.base_fields and k != "prompts_file"}
+        return _job_form_page(request, team, form_class(team=team, initial=prefill), writable)
+    form = form_class(request.POST, request.FILES, team=team)
+    if not writable:
+        form.add_error(None, _viewer_sentence(team))
+        return _job_form_page(request, team, form, writable, status=403)
+    if not form.is_valid():
+        return _job_form_page(request, team, form, writable, status=400)
+    try:
+        job = services.job_submit(team=team, user=request.user, form=form)
+    except services.SubmitRefused as exc:
+        form.add_error(None, exc.message)
+        if exc.field in form.fields:
+            form.add_error(exc.field, exc.message)
+        return _job_form_page(request, team, form, writable, status=exc.status)
+    messages.success(request, f"Job #{job.pk} submitted.")
+    return redirect("job_detail", job_id=job.pk)
+
+
+RESOURCE_FIELDS = ("family", "cores", "max_runtime_s")  # shown after what the job does
+
+
+def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, status: int = 200) -> HttpResponse:
+    context = {"form": form, "kind": form.kind, "kind_label": Kind(form.kind).label, "writable": writable,
+               "viewer_sentence": _viewer_sentence(team),
+               "job_fields": [f for f in form if f.name not in RESOURCE_FIELDS],
+               "resource_fields": [form[name] for name in RESOURCE_FIELDS if name in form.fields]}
+    if form.kind == Kind.COMPILE:
+        context["allow_list"] = selectors.compiler_allow_list()
+    return _page(request, "jobs/job_new.html", context, team=team, nav="jobs", status=status)
+
+
+# --- job page ---------------------------------------------------------------------
+
+@login_required
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = access.get_job(request.user, job_id)
+    events = selectors.job_events(job)
+    log = selectors.log_tail(job)
+    spec = json.dumps(job.spec, indent=2, sort_keys=True)
+    if len(spec) > SPEC_SHOWN_CHARS:
+        spec = spec[:SPEC_SHOWN_CHARS] + "\n… (cut; the API has the whole spec)"
+    live = {"statusUrl": f"/jobs/{job.pk}/status.json", "resultUrl": f"/jobs/{job.pk}/result/",
+            "eventsAfter": events[-1].pk if events else 0, "logOffset": log.end, "finished": job.is_finished}
+    return _page(request, "jobs/job_detail.html", {
+        "job": job, "events": events, "log": log, "live": live,
+        "spec_json": spec,
+        "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
+        "queue_position": _queue_position(job), **_result_context(job),
+    }, team=job.team, nav="jobs")
+
+
+def _queue_position(job: Job) -> int | None:
+    """1-based place among pending jobs of its family (None unless pending)."""
+    return selectors.queue_position(job) if job.status == Job.Status.PENDING else None
+
+
+def _show_reason(job: Job) -> bool:
+    return bool(job.reason_code or job.reason) and job.status in (Job.Status.PENDING, Job.Status.FAILED,
+                                                                  Job.Status.CANCELLED)
+
+
+def _result_context(job: Job) -> dict:
+    """What the result fragment shows: key figures, the loss chart or the outputs, artifacts."""
+    context: dict = {"result_facts": result_facts(job), "artifacts": list(job.artifacts.all()),
+                     "result_json": json.dumps(job.result or {}, indent=2, sort_keys=True)[:SPEC_SHOWN_CHARS],
+                     "show_reason": _show_reason(job)}
+    if job.kind == Kind.FINETUNE and (job.is_finished or job.status == Job.Status.RUNNING):
+        steps, losses = selectors.loss_series(job)
+        context["loss_figure"] = charts.loss_figure(steps, losses) if steps else None
+    if job.kind == Kind.INFERENCE and job.status == Job.Status.SUCCEEDED:
+        context["outputs"] = selectors.inference_outputs(job)
+    return context
+
+
+def _num(value, fmt: str, unit: str = "") -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return f"{value:{fmt}}{unit}"
+
+
+def result_facts(job: Job) -> list[tuple[str, str]]:
+    """(label, value) pairs of a finished job's result, by kind; missing values are left out."""
+    r = job.result or {}
+    by_kind = {
+        Kind.COMPILE: [("Compile time", _num(r.get("compile_seconds"), ".2f", " s")),
+                       ("Latency p50", _num(r.get("latency_ms_p50"), ".3f", " ms")),
+                       ("Latency p95", _num(r.get("latency_ms_p95"), ".3f", " ms")),
+                       ("Max logit difference", _num(r.get("max_abs_logit_diff"), ".3g")),
+                       ("Input shape", " × ".join(map(str, r["input_shape"])) if r.get("input_shape") else None),
+                       ("Compiler", r.get("compiler_version")),
+                       ("Cache hit", "yes" if r.get("cache_hit") else None)],
+        Kind.FINETUNE: [("Final loss", _num(r.get("final_loss"), ".4f")),
+                        ("First loss", _num(r.get("first_loss"), ".4f")),
+                        ("Steps", _num(r.get("steps"), "d")),
+                        ("Training time", _num(r.get("train_seconds"), ".1f", " s")),
+                        ("Tokens per second", _num(r.get("tokens_per_s"), ".1f"))],
+        Kind.INFERENCE: [("Requests", _num(r.get("requests"), "d")),
+                         ("Latency p50", _num(r.get("latency_ms_p50"), ".1f", " ms")),
+                         ("Latency p90", _num(r.get("latency_ms_p90"), ".1f", " ms")),
+                         ("Latency p99", _num(r.get("latency_ms_p99"), ".1f", " ms")),
+                         ("Throughput", _num(r.get("requests_per_s"), ".2f", " requests/s")),
+                         ("Tokens per second", _num(r.get("tokens_per_s"), ".1f"))],
+    }
+    return [(label, value) for label, value in by_kind.get(job.kind, []) if value is not None]
+
+
+# --- live updates -----------------------------------------------------------------
+
+def _query_ints(query, *names: str) -> tuple[dict[str, int], dict[str, list[str]]]:
+    values: dict[str, int] = {}
+    errors: dict[str, list[str]] = {}
+    for name in names:
+        raw = query.get(name, "0")
+        if raw.isascii() and raw.isdigit() and len(raw) <= 18:  # fits a bigint
+            values[name] = int(raw)
+        else:
+            errors[name] = [f"{name} must be a non-negative integer, got {raw[:40]!r}"]
+    return values, errors
+
+
+def _event_json(event: JobEvent) -> dict:
+    return {"id": event.pk, "at": event.at.isoformat(), "at_display": _when(event.at), "kind": event.kind,
+            "actor": event.actor.username if event.actor else "system", "message": event.message}
+
+
+@login_required
+def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
+    """What the job page polls: status, reason, events after `events_after`, log from
+    `log_offset` (follow with log.offset), and the result once the job has finished."""
+    job = access.get_job(request.user, job_id)
+    query, errors = _query_ints(request.GET, "events_after", "log_offset")
+    if errors:
+        return JsonResponse({"detail": "bad query parameters", "errors": errors}, status=400)
+    log = selectors.log_since(job, query["log_offset"])
+    return JsonResponse({
+        "id": job.pk, "status": job.status, "status_label": job.get_status_display(), "finished": job.is_finished,
+        "reason_code": job.reason_code, "reason": job.reason, "show_reason": _show_reason(job),
+        "queue_position": _queue_position(job), "host": job.host.name if job.host else None,
+        "core_range": job.core_range, "attempts": job.attempts, "started_at": _when(job.started_at),
+        "finished_at": _when(job.finished_at),
+        "events": [_event_json(e) for e in selectors.job_events(job, after_id=query["events_after"])],
+        "log": {"text": log.text, "offset": log.end, "more": log.end < job.log_bytes},
+        "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
+        "result": job.result if job.is_finished else None,
+    }, headers={"Cache-Control": "no-store"})
+
+
+@login_required
+def job_result(request: HttpRequest, job_id: int) -> HttpResponse:
+    """The result + artifacts section alone, fetched by the job page when the job finishes."""
+    job = access.get_job(request.user, job_id)
+    return render(request, "jobs/_result.html", {"job": job, **_result_context(job)})
+
+
+# --- cancel -----------------------------------------------------------------------
+
+@login_required
+@require_POST
+def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = access.get_job(request.user, job_id)
+    try:
+        cancelled = services.job_cancel(job=job, user=request.user)
+    except access.Forbidden as exc:
+        return _page(request, "jobs/refused.html", {"sentence": str(exc), "back": f"/jobs/{job.pk}/"},
+                     team=job.team, nav="jobs", status=403)
+    if cancelled:
+        messages.success(request, f"Cancel of job #{job.pk} requested.")
+    else:
+        messages.info(request, f"Job #{job.pk} had already finished.")
+    return redirect("job_detail", job_id=job.pk)
+
+
+# --- artifacts --------------------------------------------------------------------
+
+@login_required
+def job_artifact(request: HttpRequest, job_id: int, name: str) -> HttpResponse:
+    """Download an artifact: a file is streamed, a directory is streamed as a zip; a
+    path inside a directory artifact is served too, never anything outside it."""
+    return artifact_response(access.get_job(request.user, job_id), name)
+
+
+# --- models and datasets ----------------------------------------------------------
+
+def _upload(request: HttpRequest, team: Team, form_class: type[forms.Form],
+            save: Callable) -> tuple[forms.Form, int, object | None]:
+    """Validate and save an upload POST: (form, HTTP status, saved object or None).
+    An UploadError from the service becomes an error on the field it names."""
+    form = form_class(request.POST, request.FILES)
+    if not _can_write(request.user, team):
+        form.add_error(None, _viewer_sentence(team))
+        return form, 403, None
+    if not form.is_valid():
+        return form, 400, None
+    try:
+        saved = save(team=team, user=request.user, name=form.cleaned_data["name"], upload=form.cleaned_data["file"])
+    except UploadError as exc:
+        form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+        return form, 400, None
+    return form, 200, saved
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def model_list(request: HttpRequest, slug: str) -> HttpResponse:
+    team = access.get_team(request.user, slug)
+    form, status = ModelUploadForm(), 200
+    if request.method == "POST":
+        form, status, model = _upload(request, team, ModelUploadForm, asset_services.model_upload)
+        if model is not None:
+            messages.success(request, f"Model {model} uploaded.")
+            return redirect("model_detail", model_id=model.pk)
+    return _page(request, "jobs/model_list.html", {"rows": selectors.model_lineage(team), "form": form,
+                                                   "writable": _can_write(request.user, team),
+                                                   "viewer_sentence": _viewer_sentence(team)},
+                 team=team, nav="models", status=status)
+
+
+@login_required
+def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
+    model = access.get_model(request.user, model_id)
+    same_team = ModelAsset.objects.filter(team=model.team)  # lineage never crosses teams, even if rows say so
+    same_team_jobs = Job.objects.filter(team=model.team)
+    return _page(request, "jobs/model_detail.html", {
+        "model": model,
+        "parent": same_team.filter(pk=model.parent_id).first() if model.parent_id else None,
+        "children": list(same_team.filter(parent=model).order_by("name", "version")),
+        "source_job": same_team_jobs.filter(pk=model.source_job_id).first() if model.source_job_id else None,
+        "used_by": list(same_team_jobs.filter(model=model).select_related("user").order_by("-id")[:20]),
+        "meta_json": json.dumps(model.meta or {}, indent=2, sort_keys=True)[:SPEC_SHOWN_CHARS],
+        "writable": _can_write(request.user, model.team),
+    }, team=model.team, nav="models")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
+    team = access.get_team(request.user, slug)
+    form, status = DatasetUploadForm(), 200
+    if request.method == "POST":
+        form, status, dataset = _upload(request, team, DatasetUploadForm, asset_services.dataset_upload)
+        if dataset is not None:
+            messages.success(request, f"Dataset {dataset.name} uploaded: {dataset.rows} rows.")
+            return redirect("dataset_list", slug=team.slug)
+    datasets = team.datasets.select_related("created_by").order_by("-created_at")
+    return _page(request, "jobs/dataset_list.html", {"datasets": datasets, "form": form,
+                                                     "writable": _can_write(request.user, team),
+                                                     "viewer_sentence": _viewer_sentence(team)},
+                 team=team, nav="datasets", status=status)
+
+
+# --- API tokens -------------------------------------------------------------------
+
+class TokenForm(forms.Form):
+    name = forms.CharField(max_length=80, help_text="What the token is for, e.g. \"laptop\" or \"CI\".")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def tokens(request: HttpRequest) -> HttpResponse:
+    """Create and list the user's API tokens. A new raw token is in this one response
+    only (not stored, not in a redirect), and the response is not cached."""
+    form, raw, status = TokenForm(), None, 200
+    if request.method == "POST":
+        form = TokenForm(request.POST)
+        if form.is_valid():
+            raw, _ = token_create(user=request.user, name=form.cleaned_data["name"])
+            form = TokenForm()
+        else:
+            status = 400
+    response = _page(request, "jobs/tokens.html", {"form": form, "raw_token": raw,
+                                                   "tokens": request.user.api_tokens.order_by("-created_at")},
+                     nav="tokens", status=status)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def token_delete(request: HttpRequest, token_id: int) -> HttpResponse:
+    deleted, _ = ApiToken.objects.filter(pk=token_id, user=request.user).delete()
+    if not deleted:
+        raise Http404("No such token")
+    messages.success(request, "Token deleted; clients using it are now refused.")
+    return redirect("tokens")

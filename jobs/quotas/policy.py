@@ -1,0 +1,209 @@
+"""Pure quota policy: limits, usage and a request in; a decision with a reason code
+and a sentence out. The admin pages only edit numbers; every rule lives here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.quotas.placement import HostSlots, Placement, place
+
+
+def are_free(n: int) -> str:
+    return f"{n} {'is' if n == 1 else 'are'} free"
+
+
+def n_cores(n: int, family: str, adjective: str = "") -> str:
+    """"1 trn1 core", "32 contiguous trn1 cores"."""
+    return f"{n} {adjective}{family} core{'' if n == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    ok: bool
+    code: str = ""
+    sentence: str = ""
+    borrowed: bool = False  # admitted beyond the guarantee (may be preempted)
+
+    @classmethod
+    def admit(cls, borrowed: bool = False) -> "Decision":
+        return cls(True, borrowed=borrowed)
+
+
+@dataclass(frozen=True)
+class SubmitLimits:
+    allowed_kinds: tuple[str, ...]
+    max_pending: int
+    monthly_core_hours: float
+    max_runtime_s: int
+
+
+@dataclass(frozen=True)
+class SubmitState:
+    pending: int
+    core_hours_used: float
+
+
+def check_submit(team: str, kind: str, runtime_s: int, limits: SubmitLimits, state: SubmitState) -> Decision:
+    """Hard limits at submit time; a refusal becomes a 4xx with this code and sentence."""
+    if limits.allowed_kinds and kind not in limits.allowed_kinds:
+        allowed = ", ".join(limits.allowed_kinds)
+        return Decision(False, "kind_not_allowed", f"team {team} may not run {kind} jobs (allowed: {allowed})")
+    if state.core_hours_used >= limits.monthly_core_hours:
+        return Decision(
+            False, "budget_exhausted",
+            f"team {team} has used {state.core_hours_used:.1f} of its {limits.monthly_core_hours:g} "
+            "NeuronCore-hours this month",
+        )
+    if state.pending >= limits.max_pending:
+        return Decision(False, "too_many_pending", f"team {team} already has {state.pending} pending jobs "
+                        f"(limit {limits.max_pending})")
+    if runtime_s > limits.max_runtime_s:
+        return Decision(False, "runtime_too_long", f"max_runtime_s {runtime_s} is above team {team}'s limit "
+                        f"of {limits.max_runtime_s} s")
+    return Decision.admit()
+
+
+@dataclass(frozen=True)
+class FamilyState:
+    guaranteed: int
+    borrow_limit: int
+    in_use: int  # cores the team holds in this family now
+    fleet_free: int  # free cores of the family in the fleet (non-draining hosts)
+    fleet_total: int
+
+
+def check_dispatch(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
+    """Concurrency at dispatch: may this team take `cores` more of `family` now?
+    A refusal keeps the job pending with the reason."""
+    after = fam.in_use + cores
+    if after <= fam.guaranteed:
+        return Decision.admit()
+    if after <= fam.guaranteed + fam.borrow_limit:
+        return Decision.admit(borrowed=True)
+    if fam.borrow_limit:
+        return Decision(
+            False, "borrowing_limit_reached",
+            f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} "
+            f"({fam.guaranteed} guaranteed + {fam.borrow_limit} borrowable); {are_free(fam.fleet_free)} in the fleet",
+        )
+    if not fam.guaranteed:
+        return Decision(
+            False, "waiting_for_quota",
+            f"needs {n_cores(cores, family)}; team {team} has no {family} cores guaranteed and may not borrow any; "
+            f"{are_free(fam.fleet_free)} in the fleet",
+        )
+    return Decision(
+        False, "waiting_for_quota",
+        f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed; "
+        f"{are_free(fam.fleet_free)} in the fleet",
+    )
+
+
+def check_budget(team: str, core_hours_used: float, monthly_core_hours: float) -> Decision:
+    """At dispatch: a team whose monthly NeuronCore-hours are spent starts nothing new
+    (jobs already admitted keep waiting rather than being refused after the fact)."""
+    if core_hours_used >= monthly_core_hours:
+        return Decision(
+            False, "budget_exhausted",
+            f"team {team} has used {core_hours_used:.1f} of its {monthly_core_hours:g} NeuronCore-hours this month; "
+            "the job waits until an admin raises the budget or the month ends",
+        )
+    return Decision.admit()
+
+
+# --- preemption of borrowed cores ------------------------------------------------
+
+@dataclass(frozen=True)
+class Borrower:
+    """A running or queued job of another team that holds cores beyond its guarantee."""
+
+    job_id: int
+    team_id: int
+    host_id: int
+    cores: tuple[int, ...]
+    since: float  # when it got the cores (a timestamp); newest is preempted first
+
+
+def choose_victims(hosts: list[HostSlots], family: str, cores: int,
+                   borrowers: list[Borrower]) -> tuple[list[Borrower], Placement] | None:
+    """Which borrowing jobs to preempt so that `cores` contiguous cores of `family`
+    fit: newest first, just enough. Returns (victims, placement) or None when even
+    preempting every borrower would not make room (then nobody is preempted).
+
+    Borrowers are taken newest first until some host has a free run that long; the
+    job goes on that host, so only that host's victims are kept, and a pruning pass
+    spares each of them (oldest first) whose cores turn out not to be needed.
+    Each step looks at one host only, so a dispatch run with many waiting jobs and
+    many borrowers stays fast."""
+    by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
+    candidates = [b for b in borrowers if b.host_id in by_host]
+    if sum(len(b.cores) for b in candidates) + sum(h.free for h in by_host.values()) < cores:
+        return None  # not enough cores even if every borrower went
+
+    def fits(host: HostSlots, victims: list[Borrower]) -> Placement | None:
+        freed = frozenset(c for v in victims for c in v.cores)
+        return place([HostSlots(host.host_id, host.name, family, host.core_ids, host.used - freed)], family, cores)
+
+    on_host: dict[int, list[Borrower]] = {}
+    for victim in sorted(candidates, key=lambda b: (b.since, b.job_id), reverse=True):
+        chosen = on_host.setdefault(victim.host_id, [])
+        chosen.append(victim)
+        host = by_host[victim.host_id]
+        spot = fits(host, chosen)
+        if spot is None:
+            continue
+        for spare in sorted(chosen, key=lambda b: (b.since, b.job_id)):
+            rest = [c for c in chosen if c is not spare]
+            trial = fits(host, rest)
+            if trial is not None:
+                chosen, spot = rest, trial
+        return chosen, spot
+    return None
+
+
+def check_hosts(family: str, cores: int, fleet: list[HostSlots]) -> Decision:
+    """Is there any online host of `family` that could hold the request at all?
+    (`fleet`: the family's hosts that are not offline.)"""
+    if not fleet:
+        return Decision(False, "no_hosts_of_family", f"needs {n_cores(cores, family)}; no {family} host is online")
+    large = [h for h in fleet if len(h.core_ids) >= cores]
+    if large and all(h.draining for h in large):
+        names = ", ".join(h.name for h in large[:3]) + (" …" if len(large) > 3 else "")
+        return Decision(False, "host_draining",
+                        f"needs {n_cores(cores, family)}; every {family} host large enough is draining ({names})")
+    return Decision.admit()
+
+
+def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
+    """The quota allows the job but no host has a free contiguous run for it now."""
+    if fam.fleet_free < cores:
+        return Decision(
+            False, "no_free_cores_of_family",
+            f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed"
+            + (f" (+{fam.borrow_limit} borrowable)" if fam.borrow_limit else "")
+            + f"; only {fam.fleet_free} of {fam.fleet_total} are free in the fleet",
+        )
+    return Decision(
+        False, "no_free_cores_of_family",
+        f"needs {n_cores(cores, family, 'contiguous ')}; {fam.fleet_free} of {fam.fleet_total} are free in the fleet "
+        "but no host has a free run that long",
+    )
+
+
+# What each waiting reason means for the user, and what ends the wait.
+REASON_HINTS: dict[str, str] = {
+    "submitted": "The scheduler has not looked at it yet; it does within seconds.",
+    "waiting_for_quota": "The team is using its guaranteed cores of this family and may not borrow more. "
+                         "It starts when one of the team's jobs ends, or when an admin raises the guarantee.",
+    "borrowing_limit_reached": "The team already borrows as many idle cores beyond its guarantee as it may. "
+                               "It starts when one of the team's jobs ends, or when an admin raises the limit.",
+    "no_free_cores_of_family": "The team's quota allows it, but no host has that many free cores in a row "
+                               "right now. It starts when other jobs end.",
+    "budget_exhausted": "The team has spent this month's NeuronCore-hours. It starts when an admin raises the "
+                        "budget or the next month begins.",
+    "host_draining": "Every host that could hold it is being drained for maintenance. It starts when one is "
+                     "back online.",
+    "no_hosts_of_family": "No host of this instance family is online. It starts when one registers.",
+    "preempted": "Its cores were taken back by the team they are guaranteed to. It runs again when cores are free.",
+    "worker_lost": "Its worker stopped responding; it was put back in the queue and runs again.",
+    "retry": "Its last attempt crashed; it was put back in the queue and runs again.",
+}

@@ -1,0 +1,400 @@
+"""Worker-side bookkeeping around one job run: claim, build the runner payload,
+supervise the child, record the outcome. Called by the thin Celery task
+neuron_workers.run_job on the job's host."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from jobs.assets import storage
+from jobs.assets.services import model_register
+from jobs.lifecycle import states
+from jobs.models import Artifact, Host, Job, JobLogChunk, JobMetric, Kind, ModelAsset
+
+log = logging.getLogger(__name__)
+S = Job.Status
+RETRYABLE = {"crashed"}  # failures worth another attempt; bad input or a compile error is not
+
+
+def host_name() -> str:
+    return settings.HOST_NAME or socket.gethostname()
+
+
+# This worker's Host pk by name, looked up once per process instead of once per job
+# (a query on the hot path). A host re-registered under a new pk is noticed when a
+# claim with the cached pk fails: run() looks the pk up again and retries once.
+_host_ids: dict[str, int] = {}
+
+
+def this_host_id(*, fresh: bool = False) -> int | None:
+    name = host_name()
+    if fresh or name not in _host_ids:
+        pk = Host.objects.filter(name=name).values_list("pk", flat=True).first()
+        if pk is None:
+            _host_ids.pop(name, None)
+            return None
+        _host_ids[name] = pk
+    return _host_ids[name]
+
+
+def build_payload(job: Job, workdir: Path) -> dict:
+    inputs: dict = {}
+    if job.model_id:
+        inputs["model_path"] = str(storage.abs_path(job.model.path))
+        inputs["model_format"] = job.model.format
+    if job.dataset_id:
+        inputs["dataset_path"] = str(storage.abs_path(job.dataset.path))
+        inputs["dataset_format"] = job.dataset.format
+    return {
+        "job_id": job.pk, "kind": job.kind, "backend": job.host.backend if job.host else "cpu",
+        "spec": job.spec, "workdir": str(workdir), "inputs": inputs, "cores": job.core_range,
+        # A warm runner only ever runs one team's jobs (supervisor._ZygoteServer).
+        "reuse_key": f"team-{job.team_id}",
+        "env": {
+            "NEURON_RT_VISIBLE_CORES": job.core_range or "",
+            "NEURON_PROCESS_TAG": f"job-{job.pk}",
+            # The cpu backend uses as many threads as the job was given cores.
+            "OMP_NUM_THREADS": str(job.cores), "NEURONDECK_JOB_CORES": str(job.cores),
+        },
+    }
+
+
+class JobRecorder:
+    """The supervisor's callbacks: heartbeats, cancel checks, log and metric sinks.
+
+    The log and the child's pid are stored as they come, except (on PostgreSQL:
+    ``can_hold``) until the first heartbeat (FIRST_HEARTBEAT_S) and after the child
+    exited: most jobs on a warm cpu host are over by then, and what was held goes
+    into the statement that records the outcome (_record_outcome), so a short
+    job costs the worker two statements (claim, finish) instead of seven. A longer
+    job's log reaches the page at most FIRST_HEARTBEAT_S late at its start."""
+
+    FIRST_HEARTBEAT_S = 0.25
+
+    def __init__(self, job: Job, host_id: int):
+        self.job_id, self.host_id = job.pk, host_id
+        # The attempt number pins "ours": a job preempted and placed again on this
+        # same host is running here, but as another attempt that is not ours.
+        self.attempt = job.attempts
+        self.log_base = job.log_bytes
+        self.log_end = job.log_bytes
+        self.metrics: list[JobMetric] = []
+        self.can_hold = connection.vendor == "postgresql"
+        self.holding = self.can_hold
+        self.held: list[tuple[int, str]] = []  # (offset, text) not yet stored
+        self.pid: int | None = None
+        self.pid_stored = False
+
+    def heartbeat(self) -> None:
+        self.holding = False
+        self.flush_log()
+        Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
+                           attempts=self.attempt).update(heartbeat_at=timezone.now())
+        self.flush_metrics()
+
+    def should_cancel(self) -> bool:
+        # Stop when cancelled, and also when the job is no longer ours (reaped and
+        # requeued after a long stall): it must never run twice at once.
+        return not Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
+                                      attempts=self.attempt, cancel_requested=False).exists()
+
+    def on_start(self, pid: int) -> None:
+        self.pid = pid
+        if not self.holding:
+            self.flush_log()
+
+    def on_log(self, offset: int, text: str) -> None:
+        """A chunk of the child's log.txt at `offset`; stored now unless held.
+        A NUL (binary output) becomes U+FFFD, as undecodable bytes do: PostgreSQL
+        text cannot hold it, and one would make every write of the job fail."""
+        text = text.replace("\x00", "\ufffd")
+        at = self.log_base + offset
+        self.log_end = max(self.log_end, at + len(text.encode("utf-8")))
+        self.held.append((at, text))
+        if not self.holding:
+            self.flush_log()
+
+    def on_exit(self) -> None:
+        self.holding = self.can_hold  # the rest goes with the outcome
+
+    def pending(self) -> tuple[list[tuple[int, str]], dict]:
+        """The held chunks and the job fields that go with them (log_bytes, and the
+        child's pid if it is not stored yet)."""
+        fields: dict = {"log_bytes": self.log_end}
+        if self.pid is not None and not self.pid_stored:
+            fields["worker_pid"] = self.pid
+        return self.held, fields
+
+    def stored(self) -> None:
+        """What pending() returned is in the database."""
+        self.held = []
+        self.pid_stored = self.pid is not None
+
+    def flush_log(self) -> None:
+        """Store the held chunks (and the pid) now. Idempotent per offset (INSERT … ON
+        CONFLICT DO NOTHING); on PostgreSQL chunks and job update are one statement
+        (a data-modifying CTE)."""
+        chunks, fields = self.pending()
+        if not chunks and "worker_pid" not in fields:
+            return
+        with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
+            if connection.vendor == "postgresql":
+                sets = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in fields)
+                sql = f"WITH j AS (UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s RETURNING id)"
+                params = [*fields.values(), self.job_id]
+                if chunks:
+                    insert, insert_params = states.insert_for_job(JobLogChunk, ("offset", "text"), chunks)
+                    sql += f", c AS ({insert})"
+                    params += insert_params
+                cursor.execute(sql + " SELECT 1", params)
+                self.stored()
+                return
+            cursor.executemany(f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) '
+                               "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                               [(self.job_id, at, text) for at, text in chunks])
+        Job.objects.filter(pk=self.job_id).update(**fields)
+        self.stored()
+
+    def on_metric(self, row: dict) -> None:
+        step = row.get("step")
+        if not isinstance(step, int):
+            return
+        for name, value in row.items():
+            # "ts" is when the runner wrote the line, not a measurement: storing it
+            # would make every training step cost one more row.
+            if name not in ("step", "ts") and isinstance(value, (int, float)):
+                self.metrics.append(JobMetric(job_id=self.job_id, step=step, name=name[:40], value=float(value)))
+        if len(self.metrics) >= 200:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if self.metrics:
+            JobMetric.objects.bulk_create(self.metrics)
+            self.metrics = []
+
+
+def run(job_id: int) -> str:
+    """Claim and run `job_id` on this host. Returns what happened (for logs/tests)."""
+    from neuron_workers.supervisor import supervise
+
+    host_id = this_host_id()
+    if host_id is None:
+        log.error("job %s: this worker's host %s is not registered (is the agent running?)", job_id, host_name())
+        return "no_host"
+    # No pid yet: worker_pid is the job's own process (JobRecorder stores it), which
+    # the agent reads the job's CPU and memory from; never this worker's.
+    job = states.claim(job_id, host_id, host_name=host_name())
+    if job is None and this_host_id(fresh=True) not in (host_id, None):
+        # the cached pk was stale
+        job = states.claim(job_id, this_host_id(), host_name=host_name())
+    if job is None:
+        return "not_claimed"  # a duplicate delivery, a cancelled job, or another host's job
+    host = job.host
+    workdir = storage.job_dir(job.pk) / f"attempt-{job.attempts}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    recorder = JobRecorder(job, host.pk)  # the claim stored the attempt's log header
+    payload = build_payload(job, workdir)
+    mode = settings.RUNNER_MODE or ("exec" if payload["backend"] == "neuron" else "fork")
+    try:
+        outcome = supervise(
+            payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
+            on_log=recorder.on_log, on_metric=recorder.on_metric, max_runtime_s=job.max_runtime_s,
+            grace_s=settings.JOB_KILL_GRACE_S,
+            # The lease the reaper checks is JOB_LEASE_S; heartbeating at the configured
+            # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
+            # inside it when deployments shorten the lease.
+            heartbeat_s=settings.HEARTBEAT_S,
+            first_heartbeat_s=min(JobRecorder.FIRST_HEARTBEAT_S, settings.HEARTBEAT_S),
+            on_start=recorder.on_start, on_exit=recorder.on_exit,
+        )
+    except BaseException:
+        recorder.flush_log()
+        raise
+    recorder.flush_metrics()
+    result, waiting = _record_outcome(job, outcome, workdir, recorder)
+    if result != "superseded":
+        _cores_freed(job, waiting)
+    return result
+
+
+def _cores_freed(job: Job, waiting: bool | None = None) -> None:
+    """This job's cores are free again: wake the scheduler if jobs of the family wait.
+    Otherwise they would wait for the periodic dispatch (DISPATCH_EVERY_S), which
+    caps a busy host at slots / DISPATCH_EVERY_S short jobs a second. Kicks coalesce
+    (kick_dispatch). `waiting`: already known (a success learns it in the statement
+    that records it); else one indexed EXISTS."""
+    from jobs.lifecycle.services import kick_dispatch
+
+    if waiting is None:
+        waiting = Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists()
+    if waiting:
+        kick_dispatch()
+
+
+def record_outcome(job: Job, outcome, workdir: Path) -> str:
+    """Record how this attempt ended; returns what happened (see _record_outcome)."""
+    return _record_outcome(job, outcome, workdir)[0]
+
+
+def _record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | None = None
+                    ) -> tuple[str, bool | None]:
+    """(what happened, whether jobs of the family are pending if that is known).
+    `recorder`'s held log goes into the finishing statement of a success that
+    registers no model (see JobRecorder); otherwise it is stored first."""
+    status = outcome.status
+    # Record only over this very attempt. A job preempted (or reaped and requeued)
+    # while its child ran is no longer ours: it is pending again, or already queued
+    # or running as a later attempt, and whatever this child did must not finish it.
+    # The check up front skips registering outputs; `mine` in every conditional
+    # UPDATE below closes the race with a preemption landing right after it.
+    mine = {"host_id": job.host_id, "attempts": job.attempts}
+    if status == "succeeded" and recorder is not None and not _registers_model(job):
+        return _record_success(job, outcome, workdir, recorder, mine)
+    if recorder is not None:
+        recorder.flush_log()
+    if status == "succeeded":
+        # The conditional UPDATE is the "still ours?" check: the outputs are
+        # registered only after it matched, in the same transaction, so a job
+        # superseded meanwhile gets nothing registered and nothing is half-recorded.
+        try:
+            with transaction.atomic():
+                done, waiting = states.finish_run(job.pk, S.SUCCEEDED, family=job.family, extra_filter=mine,
+                                                  result=outcome.result or {},
+                                                  message=f"succeeded in {outcome.duration_s:.1f} s")
+                if done:
+                    output = register_outputs(job, outcome.result or {}, workdir)
+                    if output is not None:
+                        Job.objects.filter(pk=job.pk).update(output_model=output)
+        except Exception as exc:  # never leave a finished child's job running
+            log.exception("job %s: recording outputs failed", job.pk)
+            states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
+                                 message=f"recording outputs failed: {exc}", extra_filter=mine)
+            return "failed", None
+        if done:
+            return "succeeded", waiting
+        log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
+                 job.pk, job.attempts)
+        return "superseded", None
+    # One read serves both the "still ours?" check and the failure paths below.
+    fresh = Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).values(
+        "cancel_requested", "attempts", "max_attempts").first()
+    if fresh is None:
+        log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
+                 job.pk, job.attempts)
+        return "superseded", None
+    if status == "cancelled" or fresh.get("cancel_requested"):
+        states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
+        return "cancelled", None
+    if status == "timed_out":
+        states.mark_finished(job.pk, S.FAILED, failure="timed_out",
+                             reason=f"exceeded max runtime of {job.max_runtime_s} s",
+                             message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL", extra_filter=mine)
+        return "timed_out", None
+    code = outcome.error_code or "error"
+    reason = outcome.error or "the job failed"
+    if code in RETRYABLE and fresh.get("attempts", 0) < fresh.get("max_attempts", 1):
+        states.requeue(job.pk, sources=(S.RUNNING,), kind="retry", extra_filter=mine,
+                       message=f"attempt {fresh['attempts']} {code}: {reason}; retrying")
+        from jobs.lifecycle.services import kick_dispatch
+
+        transaction.on_commit(kick_dispatch)
+        return "requeued", None
+    if code in RETRYABLE:
+        reason = f"{reason} (gave up after {fresh.get('attempts')} attempts)"
+    states.mark_finished(job.pk, S.FAILED, failure=code, reason=reason, message=reason, extra_filter=mine)
+    return "failed", None
+
+
+def _record_success(job: Job, outcome, workdir: Path, recorder: JobRecorder, mine: dict
+                    ) -> tuple[str, bool | None]:
+    """A success that registers no model: outcome, held log, pid and artifact rows
+    in one statement (finish_run), all or nothing."""
+    chunks, fields = recorder.pending()
+    try:
+        done, waiting = states.finish_run(
+            job.pk, S.SUCCEEDED, family=job.family, extra_filter=mine, result=outcome.result or {},
+            message=f"succeeded in {outcome.duration_s:.1f} s", fields=fields,
+            rows=[(JobLogChunk, ("offset", "text"), chunks),
+                  (Artifact, ("name", "path", "size_bytes", "is_dir"), artifact_rows(workdir))])
+    except Exception as exc:  # never leave a finished child's job running
+        log.exception("job %s: recording the outcome failed", job.pk)
+        try:
+            recorder.flush_log()
+        except Exception:  # the outcome matters more than the log's tail
+            log.exception("job %s: storing the log failed", job.pk)
+        states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
+                             message=f"recording outputs failed: {exc}", extra_filter=mine)
+        return "failed", None
+    if done:
+        recorder.stored()
+        return "succeeded", waiting
+    recorder.flush_log()  # the attempt's log is kept even when its outcome is not
+    log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
+             job.pk, job.attempts)
+    return "superseded", None
+
+
+def _registers_model(job: Job) -> bool:
+    """register_outputs makes a model of this job's artifacts."""
+    return job.kind in (Kind.FINETUNE, Kind.COMPILE)
+
+
+def artifact_rows(workdir: Path) -> list[tuple[str, str, int, bool]]:
+    """(name, path, size_bytes, is_dir) of each entry of the attempt's artifacts
+    folder, and of its log.txt and metrics.jsonl."""
+    artifacts = workdir / "artifacts"
+    # Stored paths are the workdir's (resolved once) + the entry's name: resolving
+    # each entry cost two realpath walks apiece on the job hot path, and an entry
+    # that is a symlink is recorded where it sits, inside the job folder.
+    prefix = storage.rel_path(workdir)
+    rows = []
+    try:
+        with os.scandir(artifacts) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    for entry in entries:
+        is_dir = entry.is_dir()
+        path = Path(entry.path)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if is_dir else entry.stat().st_size
+        rows.append((entry.name, f"{prefix}/artifacts/{entry.name}", size, is_dir))
+    for extra in ("log.txt", "metrics.jsonl"):
+        try:
+            st = os.stat(workdir / extra)
+        except FileNotFoundError:
+            continue
+        rows.append((extra, f"{prefix}/{extra}", st.st_size, False))
+    return rows
+
+
+def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None:
+    """The attempt's Artifact rows, and the model a fine-tune or compile made."""
+    Artifact.objects.bulk_create([Artifact(job=job, name=name, path=path, size_bytes=size, is_dir=is_dir)
+                                  for name, path, size, is_dir in artifact_rows(workdir)])
+    artifacts = workdir / "artifacts"
+    base = job.model
+    if job.kind == Kind.FINETUNE and (artifacts / "checkpoint").is_dir():
+        from jobs.assets.uploads import model_meta
+
+        name = job.spec.get("output_name") or f"{base.name}-ft"
+        return model_register(team=job.team, user=job.user, name=name, path=artifacts / "checkpoint",
+                              meta={**model_meta(artifacts / "checkpoint"), "final_loss": result.get("final_loss"),
+                                    "steps": result.get("steps")},
+                              parent=base, source_job=job)
+    if job.kind == Kind.COMPILE and artifacts.is_dir():
+        fmt = ModelAsset.Format.TORCHSCRIPT if job.family == "cpu" else ModelAsset.Format.NEURON
+        meta = {**(base.meta or {}), "batch_size": job.spec.get("batch_size"),
+                "sequence_length": job.spec.get("sequence_length"), "target": job.family,
+                "compiler_options": job.spec.get("compiler_options", []),
+                **{k: result.get(k) for k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95", "compiler_version")}}
+        return model_register(team=job.team, user=job.user, name=f"{base.name}-{job.family}", path=artifacts,
+                              meta=meta, fmt=fmt, parent=base, source_job=job,
+                              compile_key=job.spec.get("compile_key", ""))
+    return None

@@ -14,8 +14,6 @@ from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
-from jobs.assets import storage
-
 MAX_ZIP_MEMBERS = 10_000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 

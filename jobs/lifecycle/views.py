@@ -1,63 +1,32 @@
-"""HTML pages: jobs, models, datasets, API tokens.
+"""HTML pages for jobs: the list, the submit forms, a job's page with its live status,
+result and artifacts, cancel.
 
 Every view that takes a slug or an id starts with a team-scoped fetch from
-jobs.access, so another team's object is a 404. Forms only validate; every write
-goes through jobs.services (or jobs.tokens). Bad input re-renders the form with
-the error next to its field and a 4xx status — never a 500."""
+jobs.teams.access, so another team's object is a 404. Forms only validate; every write
+goes through jobs.lifecycle.services. Bad input re-renders the form with the error
+next to its field and a 4xx status, never a 500."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.utils import dateformat, timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
-from jobs.assets import services as asset_services
+from jobs import pages
 from jobs.assets.artifacts import artifact_response
-from jobs.assets.uploads import UploadError
 from jobs.lifecycle import charts, selectors, services
-from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm
-from jobs.models import ApiToken, Job, JobEvent, Kind, ModelAsset, Role, Team
+from jobs.lifecycle.forms import JOB_FORMS
+from jobs.models import Job, JobEvent, Kind, Team
 from jobs.teams import access
-from jobs.teams.tokens import token_create
 
 JOBS_PER_PAGE = 50
-SPEC_SHOWN_CHARS = 20_000  # a spec with a thousand prompts is cut on the page (the API has it whole)
-TIME_FORMAT = "Y-m-d H:i:s"
 
 
 # --- shared helpers ---------------------------------------------------------------
-
-def _page(request: HttpRequest, template: str, context: dict, *, team: Team | None = None, nav: str = "",
-          status: int = 200) -> HttpResponse:
-    """Render a full page with what base.html needs: the user's teams for the switcher,
-    the current team for the nav links (the first team when the page has none)."""
-    teams = access.nav_teams(request.user)
-    current = team or (teams[0] if teams else None)
-    return render(request, template, {"nav_teams": teams, "team": current, "nav": nav, **context}, status=status)
-
-
-def _can_write(user, team: Team) -> bool:
-    """Members and managers may submit and upload; viewers only look."""
-    try:
-        access.require_role(user, team, Role.MEMBER)
-    except access.Forbidden:
-        return False
-    return True
-
-
-def _viewer_sentence(team: Team) -> str:
-    return (f"You are a viewer in team {team.slug}: you can see its jobs, models and datasets, "
-            "but submitting and uploading need the member role. Ask a team manager.")
-
-
-def _when(value) -> str:
-    return dateformat.format(timezone.localtime(value), TIME_FORMAT) if value else ""
 
 
 # --- home -------------------------------------------------------------------------
@@ -67,7 +36,7 @@ def home(request: HttpRequest) -> HttpResponse:
     """The first team's job list; a page that says so when the user is in no team."""
     team = access.teams_of(request.user).first()
     if team is None:
-        return _page(request, "jobs/no_team.html", {})
+        return pages.render_page(request, "jobs/no_team.html", {})
     return redirect("job_list", slug=team.slug)
 
 
@@ -89,8 +58,8 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     cursors, _ = _query_ints(request.GET, "before", "after")
     page = selectors.job_page(jobs, before=cursors.get("before") if "before" in request.GET else None,
                               after=cursors.get("after") if "after" in request.GET else None, size=JOBS_PER_PAGE)
-    return _page(request, "jobs/job_list.html", {"filters": filters, "page": page, "kinds": Kind.choices,
-                                                 "writable": _can_write(request.user, team)},
+    return pages.render_page(request, "jobs/job_list.html", {"filters": filters, "page": page, "kinds": Kind.choices,
+                                                 "writable": pages.can_write(request.user, team)},
                  team=team, nav="jobs", status=200 if filters.is_valid() else 400)
 
 
@@ -103,13 +72,13 @@ def job_new(request: HttpRequest, slug: str, kind: str) -> HttpResponse:
     form_class = JOB_FORMS.get(kind)
     if form_class is None:
         raise Http404("No such job kind")
-    writable = _can_write(request.user, team)
+    writable = pages.can_write(request.user, team)
     if request.method == "GET":
         prefill = {k: v for k, v in request.GET.items() if k in form_class.base_fields and k != "prompts_file"}
         return _job_form_page(request, team, form_class(team=team, initial=prefill), writable)
     form = form_class(request.POST, request.FILES, team=team)
     if not writable:
-        form.add_error(None, _viewer_sentence(team))
+        form.add_error(None, pages.viewer_sentence(team))
         return _job_form_page(request, team, form, writable, status=403)
     if not form.is_valid():
         return _job_form_page(request, team, form, writable, status=400)
@@ -129,12 +98,12 @@ RESOURCE_FIELDS = ("family", "cores", "max_runtime_s")  # shown after what the j
 
 def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, status: int = 200) -> HttpResponse:
     context = {"form": form, "kind": form.kind, "kind_label": Kind(form.kind).label, "writable": writable,
-               "viewer_sentence": _viewer_sentence(team),
+               "viewer_sentence": pages.viewer_sentence(team),
                "job_fields": [f for f in form if f.name not in RESOURCE_FIELDS],
                "resource_fields": [form[name] for name in RESOURCE_FIELDS if name in form.fields]}
     if form.kind == Kind.COMPILE:
         context["allow_list"] = selectors.compiler_allow_list()
-    return _page(request, "jobs/job_new.html", context, team=team, nav="jobs", status=status)
+    return pages.render_page(request, "jobs/job_new.html", context, team=team, nav="jobs", status=status)
 
 
 # --- job page ---------------------------------------------------------------------
@@ -145,11 +114,11 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     events = selectors.job_events(job)
     log = selectors.log_tail(job)
     spec = json.dumps(job.spec, indent=2, sort_keys=True)
-    if len(spec) > SPEC_SHOWN_CHARS:
-        spec = spec[:SPEC_SHOWN_CHARS] + "\n… (cut; the API has the whole spec)"
+    if len(spec) > pages.SPEC_SHOWN_CHARS:
+        spec = spec[:pages.SPEC_SHOWN_CHARS] + "\n… (cut; the API has the whole spec)"
     live = {"statusUrl": f"/jobs/{job.pk}/status.json", "resultUrl": f"/jobs/{job.pk}/result/",
             "eventsAfter": events[-1].pk if events else 0, "logOffset": log.end, "finished": job.is_finished}
-    return _page(request, "jobs/job_detail.html", {
+    return pages.render_page(request, "jobs/job_detail.html", {
         "job": job, "events": events, "log": log, "live": live,
         "spec_json": spec,
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
@@ -170,7 +139,7 @@ def _show_reason(job: Job) -> bool:
 def _result_context(job: Job) -> dict:
     """What the result fragment shows: key figures, the loss chart or the outputs, artifacts."""
     context: dict = {"result_facts": result_facts(job), "artifacts": list(job.artifacts.all()),
-                     "result_json": json.dumps(job.result or {}, indent=2, sort_keys=True)[:SPEC_SHOWN_CHARS],
+                     "result_json": json.dumps(job.result or {}, indent=2, sort_keys=True)[:pages.SPEC_SHOWN_CHARS],
                      "show_reason": _show_reason(job)}
     if job.kind == Kind.FINETUNE and (job.is_finished or job.status == Job.Status.RUNNING):
         steps, losses = selectors.loss_series(job)
@@ -227,7 +196,7 @@ def _query_ints(query, *names: str) -> tuple[dict[str, int], dict[str, list[str]
 
 
 def _event_json(event: JobEvent) -> dict:
-    return {"id": event.pk, "at": event.at.isoformat(), "at_display": _when(event.at), "kind": event.kind,
+    return {"id": event.pk, "at": event.at.isoformat(), "at_display": pages.format_when(event.at), "kind": event.kind,
             "actor": event.actor.username if event.actor else "system", "message": event.message}
 
 
@@ -244,8 +213,8 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
         "id": job.pk, "status": job.status, "status_label": job.get_status_display(), "finished": job.is_finished,
         "reason_code": job.reason_code, "reason": job.reason, "show_reason": _show_reason(job),
         "queue_position": _queue_position(job), "host": job.host.name if job.host else None,
-        "core_range": job.core_range, "attempts": job.attempts, "started_at": _when(job.started_at),
-        "finished_at": _when(job.finished_at),
+        "core_range": job.core_range, "attempts": job.attempts, "started_at": pages.format_when(job.started_at),
+        "finished_at": pages.format_when(job.finished_at),
         "events": [_event_json(e) for e in selectors.job_events(job, after_id=query["events_after"])],
         "log": {"text": log.text, "offset": log.end, "more": log.end < job.log_bytes},
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
@@ -269,7 +238,7 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     try:
         cancelled = services.job_cancel(job=job, user=request.user)
     except access.Forbidden as exc:
-        return _page(request, "jobs/refused.html", {"sentence": str(exc), "back": f"/jobs/{job.pk}/"},
+        return pages.render_page(request, "jobs/refused.html", {"sentence": str(exc), "back": f"/jobs/{job.pk}/"},
                      team=job.team, nav="jobs", status=403)
     if cancelled:
         messages.success(request, f"Cancel of job #{job.pk} requested.")
@@ -289,104 +258,7 @@ def job_artifact(request: HttpRequest, job_id: int, name: str) -> HttpResponse:
 
 # --- models and datasets ----------------------------------------------------------
 
-def _upload(request: HttpRequest, team: Team, form_class: type[forms.Form],
-            save: Callable) -> tuple[forms.Form, int, object | None]:
-    """Validate and save an upload POST: (form, HTTP status, saved object or None).
-    An UploadError from the service becomes an error on the field it names."""
-    form = form_class(request.POST, request.FILES)
-    if not _can_write(request.user, team):
-        form.add_error(None, _viewer_sentence(team))
-        return form, 403, None
-    if not form.is_valid():
-        return form, 400, None
-    try:
-        saved = save(team=team, user=request.user, name=form.cleaned_data["name"], upload=form.cleaned_data["file"])
-    except UploadError as exc:
-        form.add_error(exc.field if exc.field in form.fields else None, exc.message)
-        return form, 400, None
-    return form, 200, saved
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def model_list(request: HttpRequest, slug: str) -> HttpResponse:
-    team = access.get_team(request.user, slug)
-    form, status = ModelUploadForm(), 200
-    if request.method == "POST":
-        form, status, model = _upload(request, team, ModelUploadForm, asset_services.model_upload)
-        if model is not None:
-            messages.success(request, f"Model {model} uploaded.")
-            return redirect("model_detail", model_id=model.pk)
-    return _page(request, "jobs/model_list.html", {"rows": selectors.model_lineage(team), "form": form,
-                                                   "writable": _can_write(request.user, team),
-                                                   "viewer_sentence": _viewer_sentence(team)},
-                 team=team, nav="models", status=status)
-
-
-@login_required
-def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
-    model = access.get_model(request.user, model_id)
-    same_team = ModelAsset.objects.filter(team=model.team)  # lineage never crosses teams, even if rows say so
-    same_team_jobs = Job.objects.filter(team=model.team)
-    return _page(request, "jobs/model_detail.html", {
-        "model": model,
-        "parent": same_team.filter(pk=model.parent_id).first() if model.parent_id else None,
-        "children": list(same_team.filter(parent=model).order_by("name", "version")),
-        "source_job": same_team_jobs.filter(pk=model.source_job_id).first() if model.source_job_id else None,
-        "used_by": list(same_team_jobs.filter(model=model).select_related("user").order_by("-id")[:20]),
-        "meta_json": json.dumps(model.meta or {}, indent=2, sort_keys=True)[:SPEC_SHOWN_CHARS],
-        "writable": _can_write(request.user, model.team),
-    }, team=model.team, nav="models")
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
-    team = access.get_team(request.user, slug)
-    form, status = DatasetUploadForm(), 200
-    if request.method == "POST":
-        form, status, dataset = _upload(request, team, DatasetUploadForm, asset_services.dataset_upload)
-        if dataset is not None:
-            messages.success(request, f"Dataset {dataset.name} uploaded: {dataset.rows} rows.")
-            return redirect("dataset_list", slug=team.slug)
-    datasets = team.datasets.select_related("created_by").order_by("-created_at")
-    return _page(request, "jobs/dataset_list.html", {"datasets": datasets, "form": form,
-                                                     "writable": _can_write(request.user, team),
-                                                     "viewer_sentence": _viewer_sentence(team)},
-                 team=team, nav="datasets", status=status)
-
 
 # --- API tokens -------------------------------------------------------------------
 
-class TokenForm(forms.Form):
-    name = forms.CharField(max_length=80, help_text="What the token is for, e.g. \"laptop\" or \"CI\".")
 
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def tokens(request: HttpRequest) -> HttpResponse:
-    """Create and list the user's API tokens. A new raw token is in this one response
-    only (not stored, not in a redirect), and the response is not cached."""
-    form, raw, status = TokenForm(), None, 200
-    if request.method == "POST":
-        form = TokenForm(request.POST)
-        if form.is_valid():
-            raw, _ = token_create(user=request.user, name=form.cleaned_data["name"])
-            form = TokenForm()
-        else:
-            status = 400
-    response = _page(request, "jobs/tokens.html", {"form": form, "raw_token": raw,
-                                                   "tokens": request.user.api_tokens.order_by("-created_at")},
-                     nav="tokens", status=status)
-    response["Cache-Control"] = "no-store"
-    return response
-
-
-@login_required
-@require_POST
-def token_delete(request: HttpRequest, token_id: int) -> HttpResponse:
-    deleted, _ = ApiToken.objects.filter(pk=token_id, user=request.user).delete()
-    if not deleted:
-        raise Http404("No such token")
-    messages.success(request, "Token deleted; clients using it are now refused.")
-    return redirect("tokens")

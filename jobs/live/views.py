@@ -13,23 +13,16 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import redirect
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from jobs import pages
 from jobs.lifecycle.services import host_set_state
 from jobs.live import charts, metrics
 from jobs.models import Family, Host
-from jobs.teams import access
 
 FLEET_POLL_MS = 5000
-
-
-def _render(request: HttpRequest, template: str, context: dict, nav: str, status: int = 200) -> HttpResponse:
-    """A full page with what base.html needs (team switcher, nav)."""
-    teams = access.nav_teams(request.user)
-    return render(request, template, {"nav_teams": teams, "team": teams[0] if teams else None, "nav": nav,
-                                      **context}, status=status)
 
 
 def _host(name: str) -> Host:
@@ -45,7 +38,7 @@ def host_list(request: HttpRequest) -> HttpResponse:
         hosts, unavailable = metrics.host_list(), False
     except redis_lib.RedisError:
         hosts, unavailable = [metrics.host_info(h) for h in Host.objects.all()], True
-    return _render(request, "live/hosts.html", {"hosts": hosts, "unavailable": unavailable}, "hosts")
+    return pages.render_page(request, "live/hosts.html", {"hosts": hosts, "unavailable": unavailable}, nav="hosts")
 
 
 @login_required
@@ -55,11 +48,11 @@ def host_detail(request: HttpRequest, name: str) -> HttpResponse:
     try:
         series = metrics.host_series(host, None, request.user)
     except redis_lib.RedisError:
-        return _render(request, "live/host.html", {**context, "unavailable": True}, "hosts")
+        return pages.render_page(request, "live/host.html", {**context, "unavailable": True}, nav="hosts")
     config = {"url": reverse("api:host_metrics", kwargs={"name": host.name}), "cursor": series["cursor"],
               "cores": series["cores"], "figures": charts.host_figures(series),
               "latest": _latest_table(series)}
-    return _render(request, "live/host.html", {**context, "series": series, "config": config}, "hosts")
+    return pages.render_page(request, "live/host.html", {**context, "series": series, "config": config}, nav="hosts")
 
 
 def _latest_table(series: dict) -> dict:
@@ -100,12 +93,12 @@ def fleet_page(request: HttpRequest) -> HttpResponse:
     try:
         data = metrics.fleet(request.user, family)
     except redis_lib.RedisError:
-        return _render(request, "live/fleet.html", {"unavailable": True, "families": Family.choices}, "fleet")
+        return pages.render_page(request, "live/fleet.html", {"unavailable": True, "families": Family.choices}, nav="fleet")
     config = {"figure": charts.fleet_figure(data), "poll_ms": FLEET_POLL_MS,
               "figure_url": reverse("fleet_figure") + (f"?family={family}" if family else "")}
     context = {"fleet": data, "config": config, "family": family, "families": Family.choices, "error": error,
                "summary": fleet_summary(data), "poll_s": FLEET_POLL_MS // 1000}
-    return _render(request, "live/fleet.html", context, "fleet", status=400 if error else 200)
+    return pages.render_page(request, "live/fleet.html", context, nav="fleet", status=400 if error else 200)
 
 
 @login_required

@@ -20,6 +20,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from jobs import pages
 from jobs.models import InstancePrice, Team
 from jobs.teams import access
 from jobs.usage import accounting, charts, selectors
@@ -196,11 +197,6 @@ def team_usage(request: HttpRequest, slug: str) -> HttpResponse:
                    groups=selectors.TEAM_GROUPS, errors=errors, filename=f"usage-{team.slug}")
 
 
-def _require_staff(request: HttpRequest) -> None:
-    if not request.user.is_staff:
-        raise Http404("No such page")
-
-
 class PriceForm(forms.Form):
     """An admin's price for an instance type (e.g. a reserved-capacity rate)."""
 
@@ -217,7 +213,7 @@ class PriceForm(forms.Form):
 
 @login_required
 def site_usage(request: HttpRequest) -> HttpResponse:
-    _require_staff(request)
+    pages.require_staff(request)
     return _site_page(request, PriceForm())
 
 
@@ -248,7 +244,7 @@ def _site_page(request: HttpRequest, price_form: PriceForm, *, status: int | Non
 def price_set(request: HttpRequest) -> HttpResponse:
     """Create or change the price of an instance type. It applies to usage folded
     from now on; past days keep the price they were costed with."""
-    _require_staff(request)
+    pages.require_staff(request)
     form = PriceForm(request.POST)
     if not form.is_valid():
         return _site_page(request, form, status=400)
@@ -264,7 +260,7 @@ def price_set(request: HttpRequest) -> HttpResponse:
 @require_POST
 def price_delete(request: HttpRequest, price_id: int) -> HttpResponse:
     """Remove an admin price: the instance type goes back to its on-demand default."""
-    _require_staff(request)
+    pages.require_staff(request)
     price = InstancePrice.objects.filter(pk=price_id).first()
     if price is None:
         raise Http404("No such price")

@@ -20,8 +20,8 @@ from jobs.api.schemas import ErrorOut
 from jobs.lifecycle import selectors
 from jobs.quotas import selectors as quota_selectors
 from jobs.quotas import services as quota_services
+from jobs.quotas.forms import QuotaForm, flatten_quota_body
 from jobs.teams import access
-from jobs.teams.forms import QuotaForm, flatten_quota_body
 
 router = Router(tags=["teams"])
 

@@ -9,8 +9,7 @@ import redis as redis_lib
 from django import template
 from django.urls import reverse
 
-from jobs.live import charts
-from jobs.live import metrics
+from jobs.live import charts, metrics
 from jobs.models import Job
 
 register = template.Library()

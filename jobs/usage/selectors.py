@@ -43,7 +43,6 @@ from jobs.models import (
     Team,
     TeamQuota,
     UsageDaily,
-    UsageRollupState,
     UsageSiteDaily,
     UsageSiteWaitTotal,
     UsageTeamDay,

@@ -9,10 +9,10 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management.base import BaseCommand
 
 from jobs.assets import storage
-from jobs.models import Dataset, ModelAsset, Role, Team
 from jobs.assets.services import dataset_upload, model_register
-from jobs.teams.services import membership_set, team_create
 from jobs.assets.uploads import model_meta
+from jobs.models import Dataset, ModelAsset, Role, Team
+from jobs.teams.services import membership_set, team_create
 
 DEMO_PASSWORD = "neurondeck"
 

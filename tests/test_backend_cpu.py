@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from neuron_workers.backends import JobContext, JobFailed, get_backend, hf
-from neuron_workers.backends import cpu as cpu_module
+from neuron_workers.backends import compiling
 from neuron_workers.backends.base import FAILURE_CODES, downsample, percentile
 from neuron_workers.backends.tinymodel import create_demo_dataset, create_tiny_model, model_digest
 
@@ -139,7 +139,7 @@ def test_compile_records_meta_tokenizer_log_and_cache_key(compiled, tiny_lm_dir)
 
 
 def test_compile_fails_when_traced_logits_drift_from_eager(tiny_lm_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_module, "max_logit_diff", lambda *args: 0.5)
+    monkeypatch.setattr(compiling, "max_logit_diff", lambda *args: 0.5)
     ctx = make_ctx(tmp_path, "compile", COMPILE_SPEC, hf_inputs(tiny_lm_dir))
     with pytest.raises(JobFailed) as info:
         get_backend("cpu").run(ctx)

@@ -19,8 +19,7 @@ import torch
 
 import neuron_workers.backends as registry
 from neuron_workers.backends import JobContext, JobFailed, detect_backend, get_backend
-from neuron_workers.backends import neuron
-from neuron_workers.backends import neuron_train
+from neuron_workers.backends import detect, neuron, neuron_errors, neuron_launch, neuron_train
 from neuron_workers.backends.tinymodel import create_demo_dataset, create_tiny_model
 
 SPEC = {"model_id": 1, "batch_size": 1, "sequence_length": 32, "target": "inf2",
@@ -324,16 +323,16 @@ def test_finetune_without_any_neuron_training_stack_is_unavailable(monkeypatch, 
 
 
 def test_torchrun_argv_runs_one_process_per_core():
-    argv = neuron.torchrun_argv(4, Path("/jobs/12"), torchrun="/venv/bin/torchrun")
+    argv = neuron_launch.torchrun_argv(4, Path("/jobs/12"), torchrun="/venv/bin/torchrun")
     assert argv == ["/venv/bin/torchrun", "--standalone", "--nproc_per_node=4", "-m",
                     "neuron_workers.backends.neuron_train", "--job-dir", "/jobs/12"]
     with pytest.raises(ValueError):
-        neuron.torchrun_argv(0, Path("/jobs/12"))
+        neuron_launch.torchrun_argv(0, Path("/jobs/12"))
 
 
 def fake_launcher(monkeypatch, script: str) -> None:
     """Make run_torchrun start `python -c script <job_dir>` instead of torchrun."""
-    monkeypatch.setattr(neuron, "torchrun_argv",
+    monkeypatch.setattr(neuron_launch, "torchrun_argv",
                         lambda cores, job_dir: [sys.executable, "-c", textwrap.dedent(script), str(job_dir),
                                                 str(cores)])
 
@@ -393,7 +392,7 @@ def test_cancelling_a_multi_core_finetune_stops_the_launcher(monkeypatch, finetu
         launched.append(real_popen(*args, **kwargs))
         return launched[-1]
 
-    monkeypatch.setattr(neuron.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(neuron_launch.subprocess, "Popen", recording_popen)
     with pytest.raises(JobFailed) as info:
         get_backend("neuron").run(ctx)
     assert info.value.code == "cancelled"
@@ -441,20 +440,20 @@ def test_neuron_cc_flags_appends_our_cache_dir_and_drops_older_ones():
     ],
 )
 def test_classify_neuron_error(text, phase, code):
-    assert neuron.classify_neuron_error(text, phase) == code
+    assert neuron_errors.classify_neuron_error(text, phase) == code
 
 
 # ---------------------------------------------------------------- registry and detection
 
 
 def test_detect_backend_is_cpu_without_dev_neuron_even_if_torch_neuronx_imports(standin, monkeypatch):
-    monkeypatch.setattr(registry.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(detect.glob, "glob", lambda pattern: [])
     assert detect_backend() == "cpu"
     assert not neuron.NeuronBackend.available()
 
 
 def test_detect_backend_is_neuron_with_a_device_and_torch_neuronx(standin, monkeypatch):
-    monkeypatch.setattr(registry.glob, "glob", lambda pattern: ["/dev/neuron0"] if pattern == "/dev/neuron*" else [])
+    monkeypatch.setattr(detect.glob, "glob", lambda pattern: ["/dev/neuron0"] if pattern == "/dev/neuron*" else [])
     assert detect_backend() == "neuron"
     assert neuron.NeuronBackend.available()
 
@@ -467,7 +466,7 @@ def test_detect_backend_is_cpu_with_a_device_but_only_the_pypi_placeholder(monke
                                          'Neuron Repository - pip.repos.neuron.amazonaws.com")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "torch_neuronx", raising=False)
-    monkeypatch.setattr(registry.glob, "glob", lambda pattern: ["/dev/neuron0"])
+    monkeypatch.setattr(detect.glob, "glob", lambda pattern: ["/dev/neuron0"])
     assert detect_backend() == "cpu"
 
 

@@ -1,14 +1,14 @@
-"""Hugging Face model, tokenizer and compiled-artifact helpers shared by the backends.
+"""Hugging Face models and tokenizers in a job process: loading, the in-process cache, the thread count.
 
 This is a backend module, so it imports torch at module level; the registry in
 `__init__.py` never imports it eagerly. Loading failures become
 `JobFailed("bad_input")` because a model path that does not load is a user input
-problem, not a crash.
+problem, not a crash. The cache's bounds come from neuron_workers.config
+(NEURONDECK_MODEL_CACHE_ENTRIES / _MB), read once at import.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -20,41 +20,14 @@ import torch
 
 # Imported at module level on purpose. The worker's fork server preloads the cpu
 # backend (which imports this module) and forks one child per job; transformers
-# resolves these names lazily, and the first access costs ~1.5 s (it pulls in
-# generation utils, masking utils and torch._dynamo). Paying that in the parent
-# makes a tiny inference job take milliseconds. Only imports here: running torch
-# ops before fork would start OpenMP threads that deadlock the forked children.
+# resolves these names lazily, and the first access is slow (it pulls in
+# generation utils, masking utils and torch._dynamo). Paying that once in the
+# parent keeps it out of every job. Only imports here: running torch ops before
+# fork would start OpenMP threads that deadlock the forked children.
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2LMHeadModel  # noqa: F401
 
+from .. import config
 from .base import JobFailed
-
-ARTIFACT_NAME = "model.pt"
-META_NAME = "compile_meta.json"
-TOKENIZER_DIR = "tokenizer"
-
-
-class LogitsOnly(torch.nn.Module):
-    """Wrap a causal LM so forward(input_ids) -> logits, a shape both tracers accept.
-
-    We build the causal attention mask here as an explicit 4-D additive float mask.
-    Left to itself, transformers >= 4.5x builds the mask with torch.vmap, which
-    torch.jit.trace in torch 2.13 cannot record ("unordered_map::at"); a 4-D mask
-    is passed through as-is by transformers' masking utils. Inputs are never
-    padded on the left, so a pure causal mask is exact: logits at position i only
-    depend on tokens 0..i, which is what lets fixed-shape inference right-pad.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        batch, length = input_ids.shape
-        allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-        mask = torch.zeros(length, length, dtype=torch.float32, device=input_ids.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
-        mask = mask[None, None].expand(batch, 1, length, length)
-        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=True).logits
 
 
 def load_causal_lm(path: Path) -> Any:
@@ -109,26 +82,18 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 
 # ---------------------------------------------------------------- in-process cache
 
-# Inference jobs on small models are dominated by load time (~20 ms for the tiny
-# model, seconds for real ones), and a host worker runs many of them in a row.
-# We keep a few loaded models keyed by path + file signature, so an edited model
-# is loaded again. On a cpu host the cache lives in the supervisor's zygote
-# (see preload_hf and supervisor._ZygoteServer): the zygote loads the model a job
-# needs before forking it, so the job child inherits it copy-on-write and loads
-# nothing. Bounded by entries and by bytes of tensors (env, read at import):
-CACHE_ENTRIES_ENV = "NEURONDECK_MODEL_CACHE_ENTRIES"  # default 8 (a model and its tokenizer are 2)
-CACHE_MB_ENV = "NEURONDECK_MODEL_CACHE_MB"  # default 1024; 0 or 0 entries disables caching
+# Inference jobs on small models are dominated by load time, and a host worker
+# runs many of them in a row. We keep a few loaded models keyed by path + file
+# signature, so an edited model is loaded again. On a cpu host the cache lives in
+# the supervisor's zygote (see preload_hf and supervisor._ZygoteServer): the
+# zygote loads the model a job needs before forking it, so the job child inherits
+# it copy-on-write and loads nothing. Bounded by entries (a model and its
+# tokenizer are two) and by bytes of tensors; either bound at 0 turns it off.
+CACHE_ENTRIES_ENV = config.MODEL_CACHE_ENTRIES_ENV
+CACHE_MB_ENV = config.MODEL_CACHE_MB_ENV
 
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return max(0, int(os.environ.get(name, default)))
-    except ValueError:
-        return default
-
-
-_cache_entries = _env_int(CACHE_ENTRIES_ENV, 8)
-_cache_bytes = _env_int(CACHE_MB_ENV, 1024) << 20
+_cache_entries = config.model_cache_entries()
+_cache_bytes = config.model_cache_mb() << 20
 _cache: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # key -> (value, bytes)
 _cache_lock = threading.Lock()
 # Bumped whenever an entry is added or dropped: the zygote compares it to know
@@ -307,36 +272,7 @@ def preload_hf(path: Path) -> bool:
     return _cache_version != before
 
 
-# ---------------------------------------------------------------- compiled artifacts
-
-
-def artifact_paths(model_path: Path) -> tuple[Path, Path, Path]:
-    """(model.pt, compile_meta.json, tokenizer/) for an artifact dir or a model.pt file.
-
-    Accepting the file as well lets the web app point at either; the meta and
-    tokenizer are always expected beside the artifact, where compile wrote them.
-    """
-    artifact = model_path / ARTIFACT_NAME if model_path.is_dir() else model_path
-    folder = artifact.parent
-    return artifact, folder / META_NAME, folder / TOKENIZER_DIR
-
-
-def read_compile_meta(meta_path: Path) -> dict:
-    """Parse compile_meta.json, checking the fields inference relies on."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise JobFailed("bad_input", f"compiled artifact has no readable {META_NAME} at {meta_path}: {exc}") from exc
-    for key in ("batch_size", "sequence_length", "eos_token_id", "pad_token_id"):
-        if not isinstance(meta.get(key), int):
-            raise JobFailed("bad_input", f"{meta_path} lacks integer field {key!r}")
-    return meta
-
-
-def save_tokenizer(tokenizer: Any, dest: Path) -> None:
-    """Save the tokenizer files so inference can decode without the source model."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(dest)
+# ---------------------------------------------------------------- thread count
 
 
 @contextmanager
@@ -361,9 +297,8 @@ def torch_threads(count: int | None) -> Iterator[None]:
 
 
 # ~5M float32 parameters. Below this, one thread beats OpenMP fan-out for decode
-# steps, and not spinning up the OpenMP pool at all saves tens of ms in a freshly
-# forked worker (measured: first torch op ~50 ms with the default pool, ~1-9 ms
-# with one thread).
+# steps, and a freshly forked job that never starts the OpenMP pool skips its
+# start-up cost on the first torch op.
 SMALL_MODEL_BYTES = 20 * 1024 * 1024
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -1,11 +1,11 @@
 """The neuron backend: torch-neuronx / TorchNeuron on Inf2, Trn1 and Trn2 hosts.
 
-HONESTY NOTE. Only the pure helpers here (compiler_args, neuron_cc_flags,
-classify_neuron_error, torchrun_argv) and the control flow around the Neuron
-calls have run, against stand-in modules in tests/test_backend_neuron.py. The
-calls into torch_neuronx, torch_xla and the native "neuron" device are written
-against the documented API summarised in /work/shared/reference/neuron.md and
-have NOT run on Neuron hardware:
+HONESTY NOTE. Only the pure helpers (compiler_args and neuron_cc_flags here,
+neuron_errors.classify_neuron_error, neuron_launch.torchrun_argv) and the control
+flow around the Neuron calls have run, against stand-in modules in
+tests/test_backend_neuron.py. The calls into torch_neuronx, torch_xla and the
+native "neuron" device are written against the documented API summarised in
+/work/shared/reference/neuron.md and have NOT run on Neuron hardware:
 
 - compile   = torch_neuronx.trace(wrapper, example_inputs, compiler_workdir=...,
               compiler_args=[...]) then torch.jit.save (neuron.md §4.2); the
@@ -16,22 +16,19 @@ have NOT run on Neuron hardware:
 - finetune  = native torch.device("neuron") when present (Neuron SDK >= 2.32,
               details UNCONFIRMED, §4.6) else torch-xla: xm.xla_device(),
               xm.optimizer_step, xm.mark_step (legacy, documented to 2.31, §4.6);
-              cores > 1 run under torchrun, one process per NeuronCore.
+              cores > 1 run under torchrun, one process per NeuronCore
+              (neuron_launch launches, neuron_train trains a rank).
+
+Work that stays on the host CPU (target "cpu", models that are not
+Neuron-compiled) runs the cpu backend's functions from compiling / inference.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
-import json
 import math
 import os
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -41,33 +38,31 @@ from typing import Any
 
 import torch
 
+from .. import config
 from . import hf
+from .artifacts import ARTIFACT_NAME, META_NAME, TOKENIZER_DIR, LogitsOnly, compile_meta, load_compiled, save_tokenizer
 from .base import Backend, JobContext, JobFailed, input_path, require_model_format, spec_int, write_json
-from .cpu import (
-    CpuBackend,
+from .compiling import (
+    LATENCY_RUNS,
     checked_options,
-    compile_meta,
+    compile_on_cpu,
     compile_result,
     compile_shape,
     example_input,
-    finetune_plan,
-    generation_settings,
-    load_compiled,
     max_logit_diff,
-    run_fixed_shape_inference,
 )
 from .data import read_prompts
+from .detect import neuron_devices_present, neuron_stack_importable
+from .finetuning import finetune_plan
+from .inference import generation_settings, infer_on_cpu, run_fixed_shape_inference
 from .loops import time_forward
+from .neuron_errors import map_neuron_error
+from .neuron_launch import run_torchrun
+from .neuron_train import train_rank
 
-DEFAULT_CACHE_DIR = "/var/tmp/neuron-compile-cache"  # neuron.md §4.4
-LATENCY_RUNS = 20
 # Above this we warn (not fail): with --auto-cast or bf16 matmuls the compiled
 # model legitimately differs from fp32 eager by more than the cpu backend's 1e-4.
 NEURON_DIFF_WARN = 1e-2
-METRIC_PREFIX = "@@neurondeck-metric "
-RESULT_FILE = "train_result.json"
-ERROR_FILE = "train_error.json"
-JOB_FILE = "train_job.json"
 
 
 class NeuronBackend(Backend):
@@ -77,27 +72,26 @@ class NeuronBackend(Backend):
 
     @classmethod
     def available(cls) -> bool:
-        from . import NEURON_DEVICE_GLOB, neuron_stack_importable
-
-        return bool(glob.glob(NEURON_DEVICE_GLOB)) and neuron_stack_importable()
+        return neuron_devices_present() and neuron_stack_importable()
 
     # ------------------------------------------------------------ compile
 
     def compile(self, ctx: JobContext) -> dict:
-        """torch_neuronx.trace to artifacts/model.pt; target "cpu" is delegated to the cpu backend.
+        """torch_neuronx.trace to artifacts/model.pt; target "cpu" is compiled as the cpu backend does.
 
         Unlike the cpu backend, a logit difference above 1e-4 is not a failure:
         --auto-cast legitimately changes numerics. Non-finite logits are.
         """
         target = ctx.spec.get("target", "inf2")
         if target == "cpu":
-            return CpuBackend().compile(ctx)
+            return compile_on_cpu(ctx)
         shape = compile_shape(ctx)
         options = checked_options(ctx, target)
         model_path = input_path(ctx, "model_path")
         require_model_format(ctx, ["hf"])
         torch_neuronx = import_torch_neuronx()
-        # The eager reference model runs on the host CPU; same thread rule as cpu.py.
+        # The eager reference model runs on the host CPU, with the thread count
+        # the cpu backend would use for it.
         with hf.torch_threads(hf.small_model_threads(model_path)):
             return self._compile(ctx, torch_neuronx, model_path, shape, target, options)
 
@@ -122,11 +116,11 @@ class NeuronBackend(Backend):
             ctx.log(f"warning: compiled logits differ from fp32 eager by {diff:.3g} (expected with --auto-cast)")
         result = compile_result(shape, seconds, latencies, diff, "neuron", version)
         meta = compile_meta(ctx, model, tokenizer, model_path, shape, options, target, result)
-        hf.save_tokenizer(tokenizer, artifacts / hf.TOKENIZER_DIR)
-        write_json(artifacts / hf.META_NAME, {**meta, "cache_dir": compile_cache_dir()})
+        save_tokenizer(tokenizer, artifacts / TOKENIZER_DIR)
+        write_json(artifacts / META_NAME, {**meta, "cache_dir": compile_cache_dir()})
         ctx.log(f"compiled for {target} in {seconds:.1f}s; p50 {result['latency_ms_p50']} ms")
         return {**result, "cache_key": meta["cache_key"], "model_digest": meta["model_digest"],
-                "compiler_options": options, "compile_log": "compile_log.txt", "meta": hf.META_NAME,
+                "compiler_options": options, "compile_log": "compile_log.txt", "meta": META_NAME,
                 "target": target}
 
     def _trace(self, ctx: JobContext, torch_neuronx: Any, model: Any, shape: tuple[int, int],
@@ -136,7 +130,7 @@ class NeuronBackend(Backend):
         workdir.mkdir(parents=True, exist_ok=True)
         captured = workdir / "compiler_output.txt"
         flags = neuron_cc_flags(os.environ.get("NEURON_CC_FLAGS"), compile_cache_dir())
-        wrapper = hf.LogitsOnly(model).eval()
+        wrapper = LogitsOnly(model).eval()
         example = example_input(shape, model.config.vocab_size, seed=0)
         header = [f"torch_neuronx.trace input_ids {list(shape)}", f"compiler_args: {args}", f"NEURON_CC_FLAGS: {flags}"]
         ctx.log(header[1])
@@ -154,20 +148,18 @@ class NeuronBackend(Backend):
             # torch 2.13 marks torch.jit deprecated, but TorchScript is the artifact
             # format torch-neuronx documents (neuron.md §4.2); the warning is noise.
             warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
-            torch.jit.save(traced, str(ctx.artifacts_dir / hf.ARTIFACT_NAME))
+            torch.jit.save(traced, str(ctx.artifacts_dir / ARTIFACT_NAME))
         write_compile_log(ctx, header + [f"compiled in {seconds:.3f}s"], workdir, captured)
         return traced, seconds
 
     # ------------------------------------------------------------ finetune
 
     def finetune(self, ctx: JobContext) -> dict:
-        """One NeuronCore in-process; several under torchrun (see run_torchrun)."""
+        """One NeuronCore in-process; several under torchrun (see neuron_launch.run_torchrun)."""
         plan = finetune_plan(ctx)
         cores = spec_int(ctx.spec, "cores", default=1)
         if cores > 1:
             return run_torchrun(ctx, cores)
-        from .neuron_train import train_rank
-
         return train_rank(ctx, plan, rank=0, world_size=1)
 
     # ------------------------------------------------------------ inference
@@ -179,7 +171,7 @@ class NeuronBackend(Backend):
             # An HF folder or a cpu-traced TorchScript file runs on the host CPU;
             # only Neuron-compiled artifacts execute on NeuronCores.
             ctx.log(f"model format {fmt!r} runs on the host CPU; compile it for NeuronCore inference")
-            return CpuBackend().inference(ctx)
+            return infer_on_cpu(ctx)
         settings = generation_settings(ctx)
         prompts = read_prompts(ctx)
         model_path = input_path(ctx, "model_path")
@@ -232,9 +224,9 @@ def compiler_args(target: str, options: list[str]) -> list[str]:
 
 
 def compile_cache_dir(env: Mapping[str, str] | None = None) -> str:
-    """NEURONDECK_COMPILE_CACHE, else the Neuron default /var/tmp/neuron-compile-cache."""
-    env = os.environ if env is None else env
-    return env.get("NEURONDECK_COMPILE_CACHE") or DEFAULT_CACHE_DIR
+    """The neuronx-cc cache directory: config.compile_cache_dir (NEURONDECK_COMPILE_CACHE,
+    else the Neuron default /var/tmp/neuron-compile-cache)."""
+    return config.compile_cache_dir(env)
 
 
 def neuron_cc_flags(existing: str | None, cache_dir: str) -> str:
@@ -244,9 +236,9 @@ def neuron_cc_flags(existing: str | None, cache_dir: str) -> str:
     (neuron.md §4.4). Caveat: neuron.md §4.2 says traced graphs with frozen
     weights are not stored in the persistent cache, so for torch_neuronx.trace
     this mainly helps torch-xla training; whole-artifact reuse is the web app's
-    job, keyed by compile_cache_key (returned as "cache_key"). The value is a whitespace-separated flag string read by the
-    wrapper, never a shell command, so a cache path containing whitespace cannot
-    be represented and is refused.
+    job, keyed by compile_cache_key (returned as "cache_key"). The value is a
+    whitespace-separated flag string read by the wrapper, never a shell command,
+    so a cache path containing whitespace cannot be represented and is refused.
     """
     if not cache_dir or any(c.isspace() for c in cache_dir):
         raise ValueError(f"compile cache dir {cache_dir!r} must be non-empty and contain no whitespace")
@@ -254,66 +246,7 @@ def neuron_cc_flags(existing: str | None, cache_dir: str) -> str:
     return " ".join([*kept, f"--cache_dir={cache_dir}"])
 
 
-# ---------------------------------------------------------------- error mapping (pure)
-
-_CORES_PATTERNS = (
-    r"nrt_allocate_neuron_cores",
-    r"NeuronCore\(s\) not available",
-    r"NRT_LOAD_NOT_ENOUGH_NC",
-    r"Neuron cores are not contiguous",
-)
-_OOM_PATTERNS = (
-    r"Failed to allocate",
-    r"Failed to alloc\w* DEVICE memory",
-    r"dmem_alloc",
-    r"Allocation Failure",
-    r"NRT_RESOURCE",
-    r"NRT_FAIL_HOST_MEM_ALLOC",
-    r"out of memory",
-    # The host OOM killer ends neuronx-cc with SIGKILL; the log then says "Killed"
-    # (neuronx-distributed#53, neuron.md §5.4).
-    r"\bKilled\b",
-    r"SIGKILL",
-)
-_STATUS = re.compile(r"\bstatus\s*[=:]?\s*(\d+)\b", re.IGNORECASE)
-# Runtime status codes from nrt_status.h (neuron.md §5.6).
-_OOM_STATUS = {4, 11}  # NRT_RESOURCE, NRT_FAIL_HOST_MEM_ALLOC
-_CORES_STATUS = {9}  # NRT_LOAD_NOT_ENOUGH_NC
-
-
-def classify_neuron_error(text: str, phase: str) -> str:
-    """Failure code for an error text: cores_unavailable, oom, else compile_error or runtime_error.
-
-    Core exhaustion is checked first: NRT status 9 means other processes hold
-    the cores (neuron.md §5.1), and telling that user "out of memory" would send
-    them shrinking a batch that was never the problem.
-    """
-    statuses = {int(s) for s in _STATUS.findall(text)}
-    if statuses & _CORES_STATUS or any(re.search(p, text, re.IGNORECASE) for p in _CORES_PATTERNS):
-        return "cores_unavailable"
-    if statuses & _OOM_STATUS or any(re.search(p, text, re.IGNORECASE) for p in _OOM_PATTERNS):
-        return "oom"
-    return "compile_error" if phase == "compile" else "runtime_error"
-
-
-_ADVICE = {
-    "cores_unavailable": "the NeuronCores assigned to this job are held by another process",
-    "oom": "reduce batch_size or sequence_length, or use a larger instance (16 GiB per NeuronCore on inf2/trn1)",
-    "compile_error": "see compile_log.txt for the compiler's output",
-    "runtime_error": "the Neuron runtime reported an error",
-}
-
-
-def map_neuron_error(exc: BaseException, phase: str, log_text: str = "") -> JobFailed:
-    """Turn an exception (plus captured log text) from a Neuron call into a JobFailed."""
-    if isinstance(exc, JobFailed):
-        return exc
-    code = "oom" if isinstance(exc, MemoryError) else classify_neuron_error(f"{exc}\n{log_text}", phase)
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
-    return JobFailed(code, f"{phase} failed: {first_line} ({_ADVICE[code]})")
-
-
-# ---------------------------------------------------------------- process plumbing
+# ---------------------------------------------------------------- compile process plumbing
 
 
 @contextmanager
@@ -378,106 +311,3 @@ def write_compile_log(ctx: JobContext, header: list[str], workdir: Path, capture
     text = "\n".join(parts) + "\n"
     (ctx.artifacts_dir / "compile_log.txt").write_text(text, encoding="utf-8")
     return text
-
-
-# ---------------------------------------------------------------- multi-core training launcher
-
-
-def torchrun_argv(cores: int, job_dir: Path, torchrun: str | None = None) -> list[str]:
-    """argv for a data-parallel run: torchrun with one process per NeuronCore.
-
-    --standalone picks a free local rendezvous port, so two jobs on one host do
-    not collide on torchrun's default master port. Every rank inherits
-    NEURON_RT_VISIBLE_CORES from the runner (neuron.md §4.6: one NeuronCore per
-    process; UNCONFIRMED here how ranks split the visible range).
-    """
-    if cores < 1:
-        raise ValueError("cores must be >= 1")
-    return [
-        torchrun or default_torchrun(),
-        "--standalone",
-        f"--nproc_per_node={cores}",
-        "-m",
-        "neuron_workers.backends.neuron_train",
-        "--job-dir",
-        str(job_dir),
-    ]
-
-
-def default_torchrun() -> str:
-    """The torchrun script of the running interpreter's environment, else "torchrun" on PATH."""
-    candidate = Path(sys.executable).with_name("torchrun")
-    return str(candidate) if candidate.exists() else "torchrun"
-
-
-def run_torchrun(ctx: JobContext, cores: int) -> dict:
-    """Launch neuron_train under torchrun, relay rank-0 metrics/logs, honour should_stop."""
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
-    write_json(ctx.workdir / JOB_FILE, {"job_id": ctx.job_id, "spec": ctx.spec, "inputs": ctx.inputs})
-    for stale in (RESULT_FILE, ERROR_FILE):
-        (ctx.workdir / stale).unlink(missing_ok=True)
-    argv = torchrun_argv(cores, ctx.workdir)
-    ctx.log(f"launching {' '.join(argv)}")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # own process group, so cancel can stop every rank
-    tail = relay_output(ctx, proc)
-    return collect_torchrun_result(ctx, proc.returncode, tail)
-
-
-def relay_output(ctx: JobContext, proc: subprocess.Popen) -> list[str]:
-    """Forward the child's lines (metrics to ctx.metric, the rest to ctx.log) until it exits.
-
-    A reader thread feeds a queue so the loop can poll should_stop even while the
-    child is silent (a first XLA compile can print nothing for minutes).
-    """
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-    tail: list[str] = []
-    while True:
-        if ctx.should_stop():
-            _terminate(proc)
-            raise JobFailed("cancelled", f"job {ctx.job_id} was cancelled during training")
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line is None:
-            proc.wait()
-            return tail
-        if line.startswith(METRIC_PREFIX):
-            ctx.metric(json.loads(line[len(METRIC_PREFIX):]))
-        else:
-            ctx.log(line)
-            tail = (tail + [line])[-200:]
-
-
-def _pump(stream: Any, lines: queue.Queue) -> None:
-    for line in stream:
-        lines.put(line.rstrip("\n"))
-    lines.put(None)
-
-
-def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the launcher's process group, SIGKILL it if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def collect_torchrun_result(ctx: JobContext, returncode: int, tail: list[str]) -> dict:
-    """Rank 0's result file on success; its error file, or the mapped output tail, on failure."""
-    error_file = ctx.workdir / ERROR_FILE
-    if error_file.exists():
-        error = json.loads(error_file.read_text(encoding="utf-8"))
-        raise JobFailed(error["code"], error["message"])
-    result_file = ctx.workdir / RESULT_FILE
-    if returncode == 0 and result_file.exists():
-        return json.loads(result_file.read_text(encoding="utf-8"))
-    text = "\n".join(tail[-50:])
-    raise JobFailed(classify_neuron_error(text, "train"),
-                    f"torchrun exited with status {returncode}: {tail[-1] if tail else 'no output'}")

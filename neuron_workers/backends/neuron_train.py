@@ -3,9 +3,11 @@
     torchrun --standalone --nproc_per_node=N -m neuron_workers.backends.neuron_train --job-dir DIR
 
 DIR holds train_job.json ({"job_id", "spec", "inputs"}) written by
-neuron.run_torchrun. Rank 0 prints metrics as "@@neurondeck-metric {json}" lines
-(relayed by the launcher to ctx.metric), saves the checkpoint and writes
-train_result.json, or train_error.json ({"code", "message"}) on a JobFailed.
+neuron_launch.run_torchrun. Rank 0 prints metrics as "@@neurondeck-metric {json}"
+lines (relayed by the launcher to ctx.metric), saves the checkpoint and writes
+train_result.json, or train_error.json ({"code", "message"}) on a JobFailed; the
+protocol's names live in neuron_launch. A one-core fine-tune runs train_rank in
+the job's own process.
 
 NOT RUN ON HARDWARE: the device paths follow neuron.md §4.6 (torch-xla, legacy
 up to Neuron 2.31) and the 2.32 TorchNeuron native device, whose distributed
@@ -24,11 +26,13 @@ from typing import Any
 
 import torch
 
-from . import hf, native_neuron_device_available
+from . import hf
 from .base import JobContext, JobFailed, write_json
-from .cpu import finetune_plan, prepare_training, save_checkpoint
+from .detect import native_neuron_device_available
+from .finetuning import finetune_plan, prepare_training, save_checkpoint
 from .loops import TrainHooks, train_steps
-from .neuron import ERROR_FILE, JOB_FILE, METRIC_PREFIX, RESULT_FILE, map_neuron_error
+from .neuron_errors import map_neuron_error
+from .neuron_launch import ERROR_FILE, JOB_FILE, METRIC_PREFIX, RESULT_FILE
 
 
 def training_mode() -> str:
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job-dir", required=True, type=Path)
     args = parser.parse_args(argv)
+    # Set by torchrun for every rank; absent when run by hand as a single rank.
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     job = json.loads((args.job_dir / JOB_FILE).read_text(encoding="utf-8"))

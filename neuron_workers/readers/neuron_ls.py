@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, NamedTuple
 
+from neuron_workers import config
+
 __all__ = [
     "Device",
     "HostInventory",
@@ -148,14 +150,14 @@ def detect_instance_type(
 ) -> str:
     """The EC2 instance type of this host, or "" when unknown. No network access.
 
-    Order: env NEURONDECK_INSTANCE_TYPE (an operator override, also how tests
-    and non-EC2 hosts set it), then the DMI product name (on Nitro instances it
+    Order: NEURONDECK_INSTANCE_TYPE (config.instance_type, read from `environ`
+    or os.environ; an operator override, also how tests and non-EC2 hosts set
+    it), then the DMI product name (on Nitro instances it
     is the instance type), then the Neuron driver's sysfs copy (neuron.md §2.3;
     its exact format is unconfirmed, so it must look like an EC2 type too).
     IMDS is not used: it is a network call and can hang inside containers.
     """
-    env = os.environ if environ is None else environ
-    override = env.get("NEURONDECK_INSTANCE_TYPE", "").strip()
+    override = config.instance_type(environ)
     if override:
         return override
     for path in (dmi_product_name, neuron_sysfs):

@@ -6,7 +6,8 @@ here (`SWITCHES`) and a bad value fails the same way wherever it is read:
     ConfigError: NEURONDECK_CPU_SLOTS must be an integer >= 1, got 'abc'
 
 Standard library only, no Django: host-side code (readers, backends, the runner,
-the job supervisor) imports it, and so may `webapp/settings.py`. Accessors read
+the job supervisor) and the command-line client import it, and so may
+`webapp/settings.py`. Accessors read
 the environment when called, not at import, so a process sees a variable set
 after start-up (and a test's `monkeypatch.setenv`). Each takes an optional
 mapping to read instead of `os.environ`. A variable that is unset, empty or only
@@ -36,6 +37,8 @@ RUNNER_JOBS_ENV = "NEURONDECK_RUNNER_JOBS"
 LIFELINE_FD_ENV = "NEURONDECK_LIFELINE_FD"
 LIFELINE_GRACE_ENV = "NEURONDECK_LIFELINE_GRACE_S"
 JOB_CORES_ENV = "NEURONDECK_JOB_CORES"
+API_URL_ENV = "NEURONDECK_URL"
+API_TOKEN_ENV = "NEURONDECK_TOKEN"
 
 # The Neuron SDK's own default compile cache (neuron.md §4.4).
 DEFAULT_COMPILE_CACHE = "/var/tmp/neuron-compile-cache"
@@ -52,8 +55,10 @@ class ConfigError(ValueError):
     """
 
 
-def _refuse(name: str, rule: str, raw: str) -> ConfigError:
-    return ConfigError(f"{name} must be {rule}, got {raw!r}")
+def _refuse(name: str, rule: str, raw: str, *, secret: bool = False) -> ConfigError:
+    # A secret's value stays out of the message: errors end up in logs and CI output.
+    shown = f"<hidden, {len(raw)} characters>" if secret else repr(raw)
+    return ConfigError(f"{name} must be {rule}, got {shown}")
 
 
 # ---------------------------------------------------------------- parsing
@@ -107,14 +112,14 @@ def _bool(name: str, env: Env, *, default: bool) -> bool:
     raise _refuse(name, "a boolean (1/0, true/false, yes/no, on/off)", raw)
 
 
-def _word(name: str, env: Env, *, rule: str) -> str | None:
+def _word(name: str, env: Env, *, rule: str, secret: bool = False) -> str | None:
     """A value that must not contain whitespace (a path or a name passed on as one token)."""
     raw = _raw(name, env)
     if raw is None:
         return None
     text = raw.strip()
     if any(c.isspace() for c in text):
-        raise _refuse(name, rule, raw)
+        raise _refuse(name, rule, raw, secret=secret)
     return text
 
 
@@ -221,6 +226,21 @@ def job_cores(env: Env = None) -> int | None:
     return _int(JOB_CORES_ENV, env, minimum=1)
 
 
+def api_url(env: Env = None) -> str | None:
+    """NEURONDECK_URL: the server the `neurondeck` command-line client talks to, an
+    http(s) URL (None when unset: the client uses the one stored by `neurondeck login`)."""
+    url = _word(API_URL_ENV, env, rule="an http:// or https:// URL")
+    if url is not None and not re.fullmatch(r"https?://[^/?#]+.*", url):
+        raise _refuse(API_URL_ENV, "an http:// or https:// URL", url)
+    return url
+
+
+def api_token(env: Env = None) -> str | None:
+    """NEURONDECK_TOKEN: the API token the command-line client sends, without whitespace
+    (None when unset: the client uses the stored one). Never echoed in an error."""
+    return _word(API_TOKEN_ENV, env, rule="an API token without whitespace", secret=True)
+
+
 # Every switch and its accessor, for documentation, start-up checks and the test
 # that no NEURONDECK_* variable is read anywhere without being declared here.
 SWITCHES: dict[str, Callable[[Env], object]] = {
@@ -238,6 +258,8 @@ SWITCHES: dict[str, Callable[[Env], object]] = {
     LIFELINE_FD_ENV: lifeline_fd,
     LIFELINE_GRACE_ENV: lifeline_grace_s,
     JOB_CORES_ENV: job_cores,
+    API_URL_ENV: api_url,
+    API_TOKEN_ENV: api_token,
 }
 
 

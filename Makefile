@@ -29,6 +29,7 @@ run: migrate
 	$(VENV)/bin/honcho -f webapp/Procfile -d . start
 
 test: install
+	$(VENV)/bin/lint-imports --cache-dir $(VENV)/.import_linter_cache
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: install

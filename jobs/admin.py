@@ -1,9 +1,45 @@
+from django import forms
 from django.contrib import admin, messages
 
 from jobs import models
 
-admin.site.register([models.Team, models.Host, models.ModelAsset, models.Dataset, models.InstancePrice,
-                     models.KindPriority])
+admin.site.register([models.Host, models.ModelAsset, models.Dataset, models.InstancePrice, models.KindPriority])
+
+
+@admin.register(models.Team)
+class TeamAdmin(admin.ModelAdmin):
+    """A team added here starts like one added in the console: with its quota rows
+    (every family; jobs.models.quota_rows_ensure) and an audit entry."""
+
+    list_display = ("slug", "name", "time_zone", "created_at")
+    search_fields = ("slug", "name")
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)  # the post_save signal adds the quota rows
+        if not change:
+            models.AuditEntry.objects.create(team=obj, actor=request.user, subject="team", old="",
+                                             new=f"created {obj.slug}")
+
+
+class TeamQuotaForm(forms.ModelForm):
+    """Allowed kinds as checkboxes (stored as a list; every kind = [] = "all", so a
+    kind added later is allowed too), not raw JSON."""
+
+    allowed_kinds = forms.MultipleChoiceField(choices=models.Kind.choices, widget=forms.CheckboxSelectMultiple,
+                                              help_text="The job kinds the team may submit.")
+
+    class Meta:
+        model = models.TeamQuota
+        fields = ("team", "share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.initial.get("allowed_kinds"):
+            self.initial["allowed_kinds"] = list(models.Kind.values)
+
+    def clean_allowed_kinds(self) -> list[str]:
+        kinds = self.cleaned_data["allowed_kinds"]
+        return [] if set(kinds) == set(models.Kind.values) else sorted(kinds)
 
 
 # Quotas and memberships edited here are audited exactly like the quota page and the
@@ -11,7 +47,12 @@ admin.site.register([models.Team, models.Host, models.ModelAsset, models.Dataset
 
 @admin.register(models.TeamQuota)
 class TeamQuotaAdmin(admin.ModelAdmin):
-    list_display = ("team", "share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
+    form = TeamQuotaForm
+    list_display = ("team", "share", "monthly_core_hours", "max_runtime_s", "max_pending", "kinds")
+
+    @admin.display(description="allowed kinds")
+    def kinds(self, obj) -> str:
+        return ", ".join(obj.allowed_kinds) if obj.allowed_kinds else "all"
 
     def save_model(self, request, obj, form, change):
         from jobs.quotas.services import QUOTA_FIELDS, quota_update

@@ -8,6 +8,8 @@ import hashlib
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.db.models.signals import post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
 
@@ -88,6 +90,33 @@ class FamilyQuota(models.Model):
         return self.guaranteed_cores + self.borrow_limit
 
 
+# A new team's quota rows: (guaranteed cores, borrowing limit) per family. Every team
+# has a TeamQuota and one FamilyQuota per family from the moment it exists, however
+# it was created (the console, the Django admin, a script): see quota_rows_ensure.
+DEFAULT_FAMILY_QUOTA: dict[str, tuple[int, int]] = {Family.CPU: (8, 8)}
+DEFAULT_NEURON_FAMILY_QUOTA = (0, 32)
+
+
+def default_family_quota(family: str) -> tuple[int, int]:
+    return DEFAULT_FAMILY_QUOTA.get(family, DEFAULT_NEURON_FAMILY_QUOTA)
+
+
+def quota_rows_ensure(team: Team) -> None:
+    """Create the team's TeamQuota and its missing FamilyQuota rows with the defaults
+    (existing rows are left as they are; safe to repeat and to race)."""
+    TeamQuota.objects.bulk_create([TeamQuota(team=team)], ignore_conflicts=True)
+    FamilyQuota.objects.bulk_create(
+        [FamilyQuota(team=team, family=family, guaranteed_cores=default_family_quota(family)[0],
+                     borrow_limit=default_family_quota(family)[1]) for family in Family.values],
+        ignore_conflicts=True)
+
+
+@receiver(post_save, sender=Team, dispatch_uid="team_quota_rows")
+def _team_created(sender, instance: Team, created: bool, raw: bool = False, **kwargs) -> None:
+    if created and not raw:  # raw: loaddata brings its own rows
+        quota_rows_ensure(instance)
+
+
 class AuditEntry(models.Model):
     """Who changed what on a team (quota or membership), old → new."""
 
@@ -100,6 +129,7 @@ class AuditEntry(models.Model):
 
     class Meta:
         ordering = ["-at", "-id"]
+        verbose_name_plural = "audit entries"
 
 
 class ApiToken(models.Model):
@@ -565,3 +595,6 @@ class KindPriority(models.Model):
 
     kind = models.CharField(max_length=16, choices=Kind.choices, unique=True)
     priority = models.IntegerField()
+
+    class Meta:
+        verbose_name_plural = "kind priorities"

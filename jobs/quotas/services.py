@@ -7,8 +7,10 @@ from django.db import transaction
 from jobs.lifecycle.services import kick_dispatch
 from jobs.models import (
     AuditEntry,
+    FamilyQuota,
     Team,
     TeamQuota,
+    quota_rows_ensure,
 )
 
 QUOTA_FIELDS = ("share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
@@ -31,7 +33,10 @@ def quota_update(*, team: Team, values: dict, actor=None) -> list[AuditEntry]:
     the scheduler after commit: a raised limit may let pending jobs start."""
     entries: list[AuditEntry] = []
     with transaction.atomic():
-        quota, _ = TeamQuota.objects.select_for_update().get_or_create(team=team)
+        quota = TeamQuota.objects.select_for_update().filter(team=team).first()
+        if quota is None:
+            quota_rows_ensure(team)
+            quota = TeamQuota.objects.select_for_update().get(team=team)
         changed = []
         for name in QUOTA_FIELDS:
             if name in values and getattr(quota, name) != values[name]:
@@ -42,7 +47,15 @@ def quota_update(*, team: Team, values: dict, actor=None) -> list[AuditEntry]:
         if changed:
             quota.save(update_fields=changed)
         for family, numbers in (values.get("families") or {}).items():
-            fam, _ = team.family_quotas.select_for_update().get_or_create(family=family)
+            # Not team.family_quotas.select_for_update().get_or_create(...): a queryset's
+            # get_or_create does not take the related manager's team, so a missing row
+            # was INSERTed with team_id NULL (a 500). Rows normally exist from the
+            # team's creation (jobs.models.quota_rows_ensure); create one with the
+            # defaults if not.
+            fam = FamilyQuota.objects.select_for_update().filter(team=team, family=family).first()
+            if fam is None:
+                quota_rows_ensure(team)
+                fam = FamilyQuota.objects.select_for_update().get(team=team, family=family)
             fam_changed = []
             for name in FAMILY_FIELDS:
                 if name in numbers and getattr(fam, name) != numbers[name]:

@@ -6,21 +6,20 @@ from django.db import transaction
 
 from jobs.models import (
     AuditEntry,
-    Family,
     Role,
     Team,
-    TeamQuota,
+    quota_rows_ensure,
 )
 
 # --- teams ------------------------------------------------------------------------
 
-def team_create(*, slug: str, name: str, actor=None) -> Team:
+def team_create(*, slug: str, name: str, actor=None, time_zone: str = "UTC") -> Team:
+    """A new team with its quota rows (TeamQuota and one FamilyQuota per family, with
+    the defaults: jobs.models.quota_rows_ensure, run for every new Team however it is
+    created), audited."""
     with transaction.atomic():
-        team = Team.objects.create(slug=slug, name=name)
-        TeamQuota.objects.create(team=team)
-        for family in Family.values:
-            team.family_quotas.create(family=family, guaranteed_cores=8 if family == Family.CPU else 0,
-                                      borrow_limit=8 if family == Family.CPU else 32)
+        team = Team.objects.create(slug=slug, name=name, time_zone=time_zone)
+        quota_rows_ensure(team)  # already done by the post_save signal; kept explicit (idempotent)
         AuditEntry.objects.create(team=team, actor=actor, subject="team", old="", new=f"created {slug}")
     return team
 

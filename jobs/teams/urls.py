@@ -7,6 +7,7 @@ from jobs.teams import views
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("teams/new/", views.team_new, name="team_new"),  # before teams/<slug>/: "new" is a reserved slug
     path("teams/<slug:slug>/", views.team_detail, name="team_detail"),
     path("teams/<slug:slug>/members/", views.team_member_add, name="team_member_add"),
     path("teams/<slug:slug>/members/role/", views.team_member_role, name="team_member_role"),

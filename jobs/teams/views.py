@@ -5,6 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
@@ -14,7 +15,7 @@ from jobs.models import ApiToken, Kind, Role, Team
 from jobs.quotas import selectors
 from jobs.teams import access
 from jobs.teams import services as team_services
-from jobs.teams.forms import MemberAddForm, MemberRoleForm
+from jobs.teams.forms import MemberAddForm, MemberRoleForm, TeamCreateForm
 from jobs.teams.tokens import token_create
 
 AUDIT_SHOWN = 100
@@ -88,7 +89,32 @@ def team_member_role(request: HttpRequest, slug: str) -> HttpResponse:
     return redirect("team_detail", slug=team.slug)
 
 
-# --- the quota page (staff) -------------------------------------------------------
+# --- a new team (staff) -----------------------------------------------------------
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def team_new(request: HttpRequest) -> HttpResponse:
+    """Staff create a team here (with its quota rows, like any new team) and,
+    optionally, its first manager; members are added on the team page."""
+    pages.require_staff(request)
+    form, status = TeamCreateForm(), 200
+    if request.method == "POST":
+        form = TeamCreateForm(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            with transaction.atomic():
+                team = team_services.team_create(slug=data["slug"], name=data["name"], time_zone=data["time_zone"],
+                                                 actor=request.user)
+                if data["manager"] is not None:
+                    team_services.membership_set(team=team, user=data["manager"], role=Role.MANAGER,
+                                                 actor=request.user)
+            manager = f" and {data['manager'].username} as its manager" if data["manager"] else ""
+            messages.success(request, f"Team {team.slug} created with the default quota{manager}. "
+                                      "Add members below; set its quota on the quota page.")
+            return redirect("team_detail", slug=team.slug)
+        status = 400
+    return pages.render_page(request, "teams/team_new.html", {"form": form}, nav="team_new", status=status)
+
 
 
 class TokenForm(forms.Form):

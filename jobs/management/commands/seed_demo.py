@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand
 from jobs.assets import storage
 from jobs.assets.services import dataset_upload, model_register
 from jobs.assets.uploads import model_meta
-from jobs.models import Dataset, ModelAsset, Role, Team
+from jobs.models import Dataset, Family, ModelAsset, Role, Team, default_family_quota
 from jobs.teams.services import membership_set, team_create
 
 DEMO_PASSWORD = "neurondeck"
@@ -26,7 +26,17 @@ class Command(BaseCommand):
         users = get_user_model()
         admin = users.objects.filter(username="admin").first() or users.objects.create_superuser(
             "admin", "admin@example.com", DEMO_PASSWORD)
-        team = Team.objects.filter(slug="demo").first() or team_create(slug="demo", name="Demo team", actor=admin)
+        team = Team.objects.filter(slug="demo").first()
+        if team is None:
+            team = team_create(slug="demo", name="Demo team", actor=admin)
+            # Guarantee the demo team what the local CPU host has (its job slots), not
+            # the default 8: a guarantee beyond the fleet warns on the quota page.
+            from jobs.quotas.services import quota_update
+            from neuron_workers.agent import cpu_slots
+
+            slots = cpu_slots()
+            quota_update(team=team, actor=admin, values={"families": {Family.CPU: {
+                "guaranteed_cores": min(slots, default_family_quota(Family.CPU)[0])}}})
         for name, role in (("alice", Role.MANAGER), ("bob", Role.MEMBER)):
             user = users.objects.filter(username=name).first() or users.objects.create_user(
                 name, f"{name}@example.com", DEMO_PASSWORD)

@@ -45,7 +45,7 @@ DEFAULT_COMPILE_CACHE = "/var/tmp/neuron-compile-cache"
 # What a cpu host's zygote imports before it forks job processes: modules, or
 # "module:function" warm-ups whose effects every forked job inherits.
 DEFAULT_ZYGOTE_PRELOAD: tuple[str, ...] = ("torch", "transformers", "neuron_workers.backends.cpu",
-                                           "neuron_workers.zygote_warmup:warm_up")
+                                           "neuron_workers.process.zygote_warmup:warm_up")
 
 
 class ConfigError(ValueError):

@@ -182,7 +182,7 @@ class JobRecorder:
 
 def run(job_id: int) -> str:
     """Claim and run `job_id` on this host. Returns what happened (for logs/tests)."""
-    from neuron_workers.supervisor import supervise
+    from neuron_workers.process import supervise
 
     host_id = this_host_id()
     if host_id is None:

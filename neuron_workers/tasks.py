@@ -23,7 +23,7 @@ def _prewarm_zygote(sender=None, **_) -> None:
         if sender is not None and getattr(sender, "app", None) is not None else set()
     if not any(name.startswith("host.") for name in queues):
         return
-    from neuron_workers.supervisor import prewarm
+    from neuron_workers.process import prewarm
 
     threading.Thread(target=prewarm, name="zygote-prewarm", daemon=True).start()
     log.info("prewarming the job zygote")

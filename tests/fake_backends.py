@@ -1,4 +1,4 @@
-"""Tiny backends for supervisor/runner tests, loaded as ``tests.fake_backends:Name``.
+"""Tiny backends for the process layer's tests, loaded as ``tests.fake_backends:Name``.
 
 They follow the real backend contract (``run(ctx) -> dict``, ``JobFailed`` for
 user-facing failures) but do no ML work, so tests exercise process handling
@@ -54,6 +54,7 @@ class SleepBackend:
       grandchild      spawn a child process (which ignores SIGTERM too if
                       ignore_sigterm) and write its pid to workdir/grandchild.pid
       ready_file      touch workdir/<ready_file> once running
+      until_file      return early, successfully, once workdir/<until_file> exists
     """
 
     def run(self, ctx: JobContext) -> dict:
@@ -75,7 +76,10 @@ class SleepBackend:
         step_s = float(spec.get("step_s", 0.05))
         started = time.monotonic()
         step = 0
+        until = Path(ctx.workdir, spec["until_file"]) if spec.get("until_file") else None
         while time.monotonic() - started < seconds:
+            if until is not None and until.exists():
+                break
             if honour and ctx.should_stop():
                 ctx.log(f"stopping at step {step}")
                 raise JobFailed("cancelled", f"stopped at step {step}")

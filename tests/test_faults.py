@@ -24,7 +24,7 @@ from jobs.lifecycle import states
 from jobs.assets import storage
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, JobLogChunk, Kind
 from jobs.lifecycle.services import job_cancel
-from neuron_workers.supervisor import find_orphans
+from neuron_workers.process import find_orphans
 from tests.workers import RedisServer, Worker, point_celery_at, wait_until, worker_env
 
 pytestmark = [pytest.mark.e2e]

@@ -1,5 +1,5 @@
 """The model cache: in-process bounds and invalidation (backends.hf), and the
-zygote's copy that forked job children inherit (supervisor._ZygoteServer).
+zygote's copy that forked job processes inherit (neuron_workers.process.zygote_server).
 
 Zygote tests run real jobs through supervise() in fork mode, with the real
 preload (torch, transformers, the cpu backend) and tests.cache_backends, which
@@ -14,7 +14,7 @@ import pytest
 
 from neuron_workers.backends import hf
 from neuron_workers.backends.tinymodel import create_tiny_model
-from neuron_workers.supervisor import DEFAULT_PRELOAD, Zygote, supervise
+from neuron_workers.process import DEFAULT_PRELOAD, Zygote, supervise
 from tests.cache_backends import weights_checksum
 
 PROBE = "tests.cache_backends:ProbeBackend"
@@ -211,31 +211,18 @@ def test_a_real_fine_tune_then_inference_in_forked_jobs_match_fresh_loads(zygote
     assert fresh_checksum(tmp_path / "local-ft" / "artifacts" / "checkpoint") == fresh_checksum(checkpoint)
 
 
-def test_the_zygote_keeps_its_memory_on_huge_pages_where_the_kernel_can(zygote, model, tmp_path):
-    """Fork cost is mostly page tables (see supervisor._huge_pages); jobs run the same."""
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("no transparent huge pages on this kernel")
-    assert zygote.info["huge_page_regions"] is not None
-    rollup = Path(f"/proc/{zygote.info['pid']}/smaps_rollup").read_text()
-    huge_kb = int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
-    if zygote.info["huge_page_regions"]:
-        assert huge_kb > 0
-    assert run_job(zygote, tmp_path / "a", model)["checksum"] == fresh_checksum(model)
-
-
 def test_a_request_whose_supervisor_gave_up_is_recognised():
     """The zygote drops a request whose status socket was closed while it loaded a
     model (the supervisor timed out and may run the job another way)."""
     import socket
 
-    from neuron_workers.supervisor import _peer_closed
+    from neuron_workers.process.channel import peer_closed
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    assert not _peer_closed(ours)
+    assert not peer_closed(ours)
     theirs.sendall(b"x")
-    assert not _peer_closed(ours)  # data waiting is not EOF
+    assert not peer_closed(ours)  # data waiting is not EOF
     ours.recv(1)
     theirs.close()
-    assert _peer_closed(ours)
+    assert peer_closed(ours)
     ours.close()

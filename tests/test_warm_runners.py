@@ -1,5 +1,5 @@
 """Warm runners: a fork-mode job process that ended a reusable job cleanly, alone in
-its group, runs the same team's next job instead of exiting (supervisor._ZygoteServer).
+its group, runs the same team's next job instead of exiting (neuron_workers.process.warm).
 
 Real zygotes and processes; jobs are the tiny fake backends of tests/fake_backends.py
 (ReusableBackend reports its pid and how many jobs its process ran). The end-to-end
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from neuron_workers.agent import ProcessCpu
-from neuron_workers.supervisor import Zygote, find_orphans, group_alive, launch
+from neuron_workers.process import Zygote, find_orphans, group_alive, launch
 from tests.test_supervisor import Recorder, alive, make_payload, run, wait_for
 
 # recvmsg(2): a runner blocked in it has told the zygote it is idle (see wait_idle).
@@ -166,7 +166,6 @@ def test_a_job_asked_to_stop_ends_its_process_even_if_it_exits_cleanly(zygote, t
 
 
 def test_an_idle_runner_carries_no_job_tag_holds_no_workdir_and_writes_no_log(zygote, tmp_path):
-    assert zygote.info["tag_slot"]
     first, outcome, _ = run_job(zygote, tmp_path / "a")
     pid = outcome.pid
     wait_idle(pid)

@@ -177,7 +177,7 @@ def test_the_recorder_holds_the_log_until_the_first_heartbeat_and_after_the_chil
 
 def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_model, cpu_host):
     from jobs.assets import storage
-    from neuron_workers.supervisor import Outcome
+    from neuron_workers.process import Outcome
 
     job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
     claimed = states.claim(job.pk, cpu_host.pk, host_name="h")

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from neuron_workers.supervisor import DEFAULT_PRELOAD, Zygote
+from neuron_workers.process import DEFAULT_PRELOAD, Zygote
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_module_function_preload_entry_is_called_and_its_failure_reported():
-    zygote = Zygote(preload=("json:dumps", "neuron_workers.zygote_warmup:no_such_function"), spares=0)
+    zygote = Zygote(preload=("json:dumps", "neuron_workers.process.zygote_warmup:no_such_function"), spares=0)
     zygote.start()
     try:
         errors = zygote.info["preload_errors"]
@@ -25,13 +25,13 @@ def test_a_module_function_preload_entry_is_called_and_its_failure_reported():
 
 
 def test_the_default_zygote_warms_up_the_model_path():
-    assert "neuron_workers.zygote_warmup:warm_up" in DEFAULT_PRELOAD
+    assert "neuron_workers.process.zygote_warmup:warm_up" in DEFAULT_PRELOAD
 
 
 def test_warm_up_starts_no_threads_and_restores_torchs_thread_count():
     code = (
         "import json, torch; torch.set_num_threads(2)\n"
-        "from neuron_workers import zygote_warmup as w\n"
+        "from neuron_workers.process import zygote_warmup as w\n"
         "before = w.native_threads(); w.warm_up()\n"
         "print(json.dumps({'before': before, 'after': w.native_threads(), 'torch': torch.get_num_threads()}))\n"
     )

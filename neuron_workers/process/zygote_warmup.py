@@ -1,17 +1,14 @@
-"""Warm-up run once in the supervisor's zygote, before it forks any job.
+"""A warm-up the cpu zygote runs once after its imports, before it forks any job.
 
-Importing torch and transformers is not enough to make a forked job start fast:
-a fresh process still pays first-use costs when it loads its first model — the
-lazily imported model module (transformers' GPT-2 code), torch's per-operator
-first-call set-up (tril/ones/normal_ took ~14 ms each in a forked child) and the
-safetensors loading path. Doing all of that once here, on a throw-away tiny model
-through the very functions a job uses (backends.hf), leaves it done in every
-forked child: the child's model load went from ~60 ms to ~25 ms on the dispatch
-bench (bench/dispatch.py), the largest single cost of a short job.
+Importing torch and transformers is not all a job's start costs: a fresh process
+still pays first-use costs when it loads its first model (transformers' lazily
+imported model module, torch's per-operator first-call set-up, the safetensors
+loading path). Running a throw-away tiny model once here, through the very
+functions a job uses (backends.hf), leaves that done in every forked job process.
 
 Fork safety: torch runs here with one intra-op thread, so OpenMP starts no pool
 threads that a fork would copy in a held state; the previous thread count is put
-back (setting it starts no threads), so children see torch's usual default.
+back (setting it starts no threads), so jobs see torch's usual default.
 """
 from __future__ import annotations
 
@@ -25,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def native_threads() -> int:
+    """Threads of this process, native ones included (1 if /proc cannot tell)."""
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:

@@ -1,32 +1,17 @@
-"""Child-process entry point: run one job's backend and leave a verdict on disk.
+"""The job process's entry point: run one job's backend and leave a verdict on disk.
 
-The runner is the only code that executes *inside* a job's process. It is started
-either by the supervisor's preloaded zygote (fork mode) or as a fresh interpreter
-(``python -m neuron_workers.runner <payload.json>``, exec mode, also what Neuron
-hosts use). It imports no Django and no Redis: everything it needs arrives in the
-payload and everything it produces lands in the job's workdir.
+The runner is the only code that executes *inside* a job's process. It runs either
+in a process forked from the zygote (fork mode, :mod:`neuron_workers.process.child`)
+or as a fresh interpreter (``python -m neuron_workers.process.runner <payload.json>``,
+exec mode, what Neuron hosts use). It imports no Django and no Redis: everything
+it needs arrives in the payload and everything it produces lands in the job's
+workdir (see :mod:`neuron_workers.process.workdir` for the files).
 
-Workdir contract (shared with :mod:`neuron_workers.supervisor`)::
-
-    workdir/
-      payload.json   written by the supervisor (mode 0600; holds the job env); in
-                     fork mode only for a payload over INLINE_PAYLOAD_MAX (else sent to the zygote)
-      log.txt        the child's stdout+stderr (the supervisor redirects fds 1/2)
-      metrics.jsonl  one JSON object per line, appended by ``ctx.metric`` (created
-                     with the first metric)
-      artifacts/     created here; backends put outputs in it
-      STOP           created by the supervisor to ask for a cooperative stop
-      result.json    written last, atomically:
-                     {"ok": true, "result": {...}} or
-                     {"ok": false, "code": "...", "error": "...", "traceback": "..."}
-
-Exit code: 0 when result.json says ok, 1 otherwise. A process that dies without
-result.json (signal, os._exit, segfault) is classified "crashed" by the supervisor.
+Exit code: 0 when result.json says ok, 1 otherwise.
 """
 
 from __future__ import annotations
 
-import _thread
 import faulthandler
 import importlib
 import json
@@ -41,17 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "log.txt"
-STOP_FILE = "STOP"
-PAYLOAD_FILE = "payload.json"
-ARTIFACTS_DIR = "artifacts"
-
-# Exec mode: the supervisor passes the read end of a pipe whose write end only it
-# holds, and the grace period to use if that pipe reports EOF (see Lifeline).
-LIFELINE_FD_ENV = "NEURONDECK_LIFELINE_FD"
-LIFELINE_GRACE_ENV = "NEURONDECK_LIFELINE_GRACE_S"
+from neuron_workers.process.lifeline import Lifeline
+from neuron_workers.process.workdir import ARTIFACTS_DIR, METRICS_FILE, RESULT_FILE, STOP_FILE
 
 
 def resolve_backend(name: str) -> Any:
@@ -117,7 +93,7 @@ def apply_env(env: dict[str, str | None] | None) -> None:
         if value is None:
             environ.pop(key, None)
         elif environ.get(key) != (text := str(value)):
-            environ[key] = text  # a forked child already has the job's env: usually a no-op
+            environ[key] = text
 
 
 class _StopFlag:
@@ -154,8 +130,8 @@ class _MetricWriter:
     """
 
     def __init__(self, path: Path) -> None:
-        # Opened on the first metric: most short jobs report none, and creating a
-        # file costs ~0.1 ms of kernel time on the hosts' ext4.
+        # Opened on the first metric: most short jobs report none, and a file
+        # that is never written need not be created.
         self._path = path
         self._fh: Any = None
         self._lock = threading.Lock()
@@ -215,7 +191,7 @@ def _failure(code: str, message: str, tb: str | None) -> dict:
 
 
 def _run(payload: dict, workdir: Path) -> dict:
-    # Imported here, not at module top, so `python -m neuron_workers.runner` can
+    # Imported here, not at module top, so `python -m neuron_workers.process.runner` can
     # report even a broken backends package through result.json.
     from neuron_workers.backends.base import JobContext, JobFailed
 
@@ -262,20 +238,6 @@ def _run(payload: dict, workdir: Path) -> dict:
         metric.close()
 
 
-def may_run_another(payload: dict) -> bool:
-    """Whether this process may run another job after ``payload``'s: the job was not
-    asked to stop, left no Python thread behind, and its backend says the kind
-    changes nothing in the process that a later job could see
-    (``Backend.reusable_process``)."""
-    if threading.active_count() != 1 or (Path(payload["workdir"]) / STOP_FILE).exists():
-        return False
-    try:
-        check = getattr(resolve_backend(payload["backend"]), "reusable_process", None)
-        return bool(check(payload["kind"])) if callable(check) else False
-    except Exception:  # noqa: BLE001 - when in doubt, a fresh process
-        return False
-
-
 def _install_sigterm(handler: Callable[[int, FrameType | None], None]) -> Any:
     # signal.signal only works in the main thread; run_payload may be called
     # in-process from a worker thread (tests, debugging), where the supervisor's
@@ -303,105 +265,11 @@ def prepare_child_process() -> None:
             reconfigure(line_buffering=True, errors="backslashreplace")
 
 
-class Lifeline:
-    """Stop the job when its supervising process disappears.
-
-    ``fd`` is readable-at-EOF once every copy of the supervisor's end is closed:
-    normally after the job exits, or early when the worker dies (OOM-killed,
-    ``kill -9``, Celery hard time limit). A job nobody supervises holds cores
-    and gets no heartbeat, so the reaper will requeue it; it must not keep
-    running next to its second attempt. On EOF a watcher thread writes STOP,
-    SIGTERMs the job's process group (the runner's handler turns that into
-    ``should_stop()``), and SIGKILLs the group ``grace_s`` later.
-    """
-
-    def __init__(self, fd: int, workdir: Path, grace_s: float) -> None:
-        os.set_inheritable(fd, False)  # grandchildren need not hold it
-        self.fd = fd
-        self.workdir = workdir
-        self.grace_s = grace_s
-        self.lost = threading.Event()
-        self.releasing = False
-        self.released = threading.Event()
-        # A bare thread (daemon-like: never joined at exit): threading.Thread's
-        # start() handshake and bookkeeping cost ~0.3 ms in a forked child, most of
-        # it copy-on-write faults on the zygote's pages.
-        _thread.start_new_thread(self._watch, ())
-
-    @classmethod
-    def from_env(cls, workdir: Path) -> Lifeline | None:
-        """The exec-mode lifeline announced in the environment (removed from it)."""
-        raw = os.environ.pop(LIFELINE_FD_ENV, None)
-        grace = float(os.environ.pop(LIFELINE_GRACE_ENV, "10") or 10)
-        if not raw:
-            return None
-        return cls(int(raw), workdir, grace)
-
-    def _watch(self) -> None:
-        while True:
-            try:
-                if not os.read(self.fd, 4096):
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-        if self.releasing:
-            self.released.set()  # the supervisor let go of the finished job
-            return
-        self.lost.set()
-        os.write(2, b"[runner] the supervising process is gone; stopping the job\n")
-        try:
-            (self.workdir / STOP_FILE).touch()
-        except OSError:
-            pass
-        _signal_own_group(signal.SIGTERM)
-        time.sleep(self.grace_s)
-        os.write(2, b"[runner] grace period over; killing the job's process group\n")
-        _signal_own_group(signal.SIGKILL)
-
-    def release(self, record: bytes, timeout_s: float = 5.0) -> bool:
-        """The job is over and this process will run another: send ``record`` (the
-        supervisor then treats the job as ended) and wait until the supervisor has
-        closed its end, after which it never signals our group for this job again.
-        False if the lifeline was lost or that took longer than ``timeout_s``: the
-        caller then ends the process as after any job."""
-        if self.lost.is_set():
-            return False
-        self.releasing = True
-        try:
-            os.write(self.fd, record)
-        except OSError:
-            return False
-        if not self.released.wait(timeout_s):
-            return False
-        os.close(self.fd)
-        return True
-
-    def finish(self) -> None:
-        """Call last: if orphaned, take what is left of the group down with us.
-
-        A backend may have stopped cooperatively while a helper it started
-        ignores SIGTERM; nobody else is left to SIGKILL that helper.
-        """
-        if self.lost.is_set():
-            sys.stdout.flush()
-            sys.stderr.flush()
-            _signal_own_group(signal.SIGKILL)
-
-
-def _signal_own_group(sig: int) -> None:
-    try:
-        os.killpg(os.getpgrp(), sig)
-    except OSError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m neuron_workers.runner <payload.json>``; exit code 0/1 (2 = usage)."""
+    """CLI: ``python -m neuron_workers.process.runner <payload.json>``; exit code 0/1 (2 = usage)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m neuron_workers.runner <payload.json>", file=sys.stderr)
+        print("usage: python -m neuron_workers.process.runner <payload.json>", file=sys.stderr)
         return 2
     prepare_child_process()
     with open(args[0], encoding="utf-8") as fh:

@@ -131,20 +131,21 @@ class Backend:
     def zygote_preload(cls, kind: str, inputs: dict) -> bool:
         """Load what a `kind` job with `inputs` will need into this process's caches.
 
-        Called by the cpu host's zygote (supervisor._ZygoteServer) before it forks
-        the job's child, which then inherits the loaded objects copy-on-write
-        instead of loading them itself. Returns True if a cache changed. Must not
-        start threads (the zygote forks); may raise (the zygote ignores it and the
-        job loads for itself, reporting the problem properly). Default: nothing.
+        Called by the cpu host's zygote (the process that forks job processes)
+        before it forks the job's child, which then inherits the loaded objects
+        copy-on-write instead of loading them itself. Returns True if a cache
+        changed. Must not start threads (the zygote forks); may raise (the zygote
+        ignores it and the job loads for itself, reporting the problem properly).
+        Default: nothing.
         """
         return False
 
     def reusable_process(self, kind: str) -> bool:
         """Whether the process that ran a `kind` job to success may run the team's
-        next job too (a warm runner, see supervisor._ZygoteServer) instead of
-        exiting. Only for kinds that change nothing a later job could observe:
-        no cached object mutated, no thread or process left, no global setting
-        changed for good. Default: no, every job gets a fresh process."""
+        next job too (a warm runner, kept by the zygote) instead of exiting. Only
+        for kinds that change nothing a later job could observe: no cached object
+        mutated, no thread or process left, no global setting changed for good.
+        Default: no, every job gets a fresh process."""
         return False
 
     def run(self, ctx: JobContext) -> dict:

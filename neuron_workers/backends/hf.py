@@ -85,9 +85,9 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 # Inference jobs on small models are dominated by load time, and a host worker
 # runs many of them in a row. We keep a few loaded models keyed by path + file
 # signature, so an edited model is loaded again. On a cpu host the cache lives in
-# the supervisor's zygote (see preload_hf and supervisor._ZygoteServer): the
-# zygote loads the model a job needs before forking it, so the job child inherits
-# it copy-on-write and loads nothing. Bounded by entries (a model and its
+# the zygote, the process that forks job processes (see preload_hf): it loads the
+# model a job needs before forking it, so the job child inherits it copy-on-write
+# and loads nothing. Bounded by entries (a model and its
 # tokenizer are two) and by bytes of tensors; either bound at 0 turns it off.
 CACHE_ENTRIES_ENV = config.MODEL_CACHE_ENTRIES_ENV
 CACHE_MB_ENV = config.MODEL_CACHE_MB_ENV

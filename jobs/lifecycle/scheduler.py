@@ -160,7 +160,7 @@ class RunInputs:
         JSON for hundreds of them cost PostgreSQL twice as much), after one leading
         row whose last column holds the small tables as JSON arrays: allocations,
         quotas, kind priorities and the slugs of the teams with pending jobs."""
-        from jobs.lifecycle.services import DEFAULT_KIND_PRIORITY
+        from jobs.quotas.selectors import DEFAULT_KIND_PRIORITY
         from jobs.models import KindPriority
 
         def table(model) -> str:

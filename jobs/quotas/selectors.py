@@ -8,13 +8,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
 
 from django.conf import settings
-from django.db.models import Count, Sum
-from django.db.models.functions import TruncHour
+from django.db.models import Count, F, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce, Least, TruncHour
 from django.utils import timezone
 
 from jobs.models import (
@@ -25,6 +26,7 @@ from jobs.models import (
     Host,
     Job,
     JobAttempt,
+    Kind,
     KindPriority,
     Team,
     TeamQuota,
@@ -32,20 +34,29 @@ from jobs.models import (
     UsageTeamDay,
 )
 from jobs.quotas.fairshare import decayed_usage
+from jobs.usage import accounting
+from jobs.usage.rollup import LAG, _attempt_row, unfolded_attempts
 
+EPOCH = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)
 USAGE_HORIZON_HALF_LIVES = 8  # usage older than 8 half-lives weighs < 0.4 %: not worth reading
 
 
 # --- scheduling inputs -------------------------------------------------------------
 
-def kind_priorities() -> dict[str, int]:
-    """Priority per job kind: the admin's KindPriority rows over the defaults
-    (inference > compile > fine-tune)."""
-    from jobs.lifecycle.services import DEFAULT_KIND_PRIORITY
+# The defaults under the admin's KindPriority rows: inference > compile > fine-tune.
+DEFAULT_KIND_PRIORITY: dict[str, int] = {Kind.INFERENCE: 30, Kind.COMPILE: 20, Kind.FINETUNE: 10}
 
+
+def kind_priorities() -> dict[str, int]:
+    """Priority per job kind (higher goes first): the admin's KindPriority rows over
+    DEFAULT_KIND_PRIORITY. Submit, dispatch and the queue position all read it here."""
     prio = {str(k): v for k, v in DEFAULT_KIND_PRIORITY.items()}
-    prio.update(dict(KindPriority.objects.values_list("kind", "priority")))
+    prio.update(KindPriority.objects.values_list("kind", "priority"))
     return prio
+
+
+def kind_priority(kind: str) -> int:
+    return kind_priorities().get(kind, 0)
 
 
 def team_shares() -> dict[int, float]:
@@ -97,46 +108,89 @@ def _compute_decayed_usage(now: datetime) -> dict[int, float]:
 
 # --- usage against limits ----------------------------------------------------------
 
-def month_start(now: datetime | None = None) -> datetime:
-    now = timezone.localtime(now or timezone.now())
-    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def core_hours_by_team(team_ids: list[int] | None = None, *, now: datetime | None = None) -> dict[int, float]:
-    """NeuronCore-hours used this month per team: the budget's measure, shared by
-    submit (jobs.services.core_hours_this_month), dispatch and the quota pages.
+def core_hours_by_team(team_ids: Iterable[int] | None = None, *, now: datetime | None = None) -> dict[int, float]:
+    """NeuronCore-hours used this month per team: the budget's measure. The quota
+    pages show it; submit and dispatch judge budgets by it (core_hours_for_budget).
 
     "This month" is the team's local calendar month, and usage is counted by the
     day it happened (an attempt across midnight is split) — the same numbers as the
     team's usage page and its burn-down. Read from the UsageTeamDay roll-up plus
     what the fold has not reached yet (open attempts and the last few minutes, via
-    jobs.usage_rollup.unfolded_attempts): three queries, whatever the history."""
-    from jobs.usage import accounting
-    from jobs.usage.rollup import LAG, _attempt_row, unfolded_attempts
-
+    jobs.usage.rollup.unfolded_attempts): three queries, whatever the history."""
     now = now or timezone.now()
-    starts: dict[str, date] = {}
-
-    def month_of(tz_name: str) -> date:
-        if tz_name not in starts:
-            starts[tz_name] = accounting.local_day(now, accounting.zone(tz_name)).replace(day=1)
-        return starts[tz_name]
-
-    # Every zone's local date is within a day of UTC's: a bound that holds for all teams.
-    earliest = (now.astimezone(dt_timezone.utc).date() - timedelta(days=1)).replace(day=1)
-    used: dict[int, float] = defaultdict(float)
-    for team_id, tz_name, day, s in _filtered(UsageTeamDay.objects.filter(day__gte=earliest), team_ids).values_list(
-            "team_id", "team__time_zone", "day", "core_seconds"):
-        if day >= month_of(tz_name):
-            used[team_id] += s or 0.0
-    state = UsageRollupState.objects.filter(pk=1).values("cutoff").first()
-    since = state["cutoff"] - LAG if state and state["cutoff"] else None
-    rows = [_attempt_row(v) for v in _filtered(unfolded_attempts(since=since, before=now), team_ids)]
+    month = _Month(now)
+    used = _folded_this_month(month, team_ids)
+    cutoff = UsageRollupState.objects.filter(pk=1).values_list("cutoff", flat=True).first()
+    attempts = unfolded_attempts(since=cutoff - LAG if cutoff else None, before=now)
+    rows = [_attempt_row(v) for v in _filtered(attempts, team_ids)]
     zones = {row.dims.team_id: row.time_zone for row in rows}
     for piece in accounting.plan_attempts(rows, now).pieces:
-        if piece.day >= month_of(zones[piece.dims.team_id]):
+        if piece.day >= month.start(zones[piece.dims.team_id]):
             used[piece.dims.team_id] += piece.core_seconds
     return {team_id: s / 3600.0 for team_id, s in used.items()}
+
+
+def core_hours_for_budget(budgets: dict[int, float], *, now: datetime | None = None) -> dict[int, float]:
+    """This month's NeuronCore-hours of each team in `budgets` (team id -> its monthly
+    budget), as a budget check needs them: exact (core_hours_by_team) for a team that
+    may have reached its budget, an upper bound below the budget for the others.
+
+    The bound is the roll-up's days of the month plus the whole span of every
+    attempt the fold may not have reached, summed by the database (two queries).
+    The exact measure splits those attempts by day in Python (thousands of rows on
+    a busy fleet), and submit and dispatch judge budgets many times a second; only
+    a team near its budget pays for it, so every refusal, and the figure in its
+    sentence, is exact."""
+    if not budgets:
+        return {}
+    now = now or timezone.now()
+    used = _folded_this_month(_Month(now), budgets)
+    for team_id, cores, span in _unfolded_spans(budgets, now):
+        used[team_id] += cores * span.total_seconds()
+    hours = {team_id: used.get(team_id, 0.0) / 3600.0 for team_id in budgets}
+    near = [team_id for team_id, budget in budgets.items() if hours[team_id] >= budget]
+    if near:
+        exact = core_hours_by_team(near, now=now)
+        hours.update({team_id: exact.get(team_id, 0.0) for team_id in near})
+    return hours
+
+
+class _Month:
+    """The first day of "this month" in each team's time zone, at `now`."""
+
+    def __init__(self, now: datetime):
+        self.now = now
+        self.starts: dict[str, date] = {}
+        # Every zone's local date is within a day of UTC's: a bound that holds for all teams.
+        self.earliest = (now.astimezone(dt_timezone.utc).date() - timedelta(days=1)).replace(day=1)
+
+    def start(self, tz_name: str) -> date:
+        if tz_name not in self.starts:
+            self.starts[tz_name] = accounting.local_day(self.now, accounting.zone(tz_name)).replace(day=1)
+        return self.starts[tz_name]
+
+
+def _folded_this_month(month: _Month, team_ids: Iterable[int] | None) -> dict[int, float]:
+    """NeuronCore-seconds per team in the roll-up's days of this month."""
+    used: dict[int, float] = defaultdict(float)
+    days = _filtered(UsageTeamDay.objects.filter(day__gte=month.earliest), team_ids)
+    for team_id, tz_name, day, s in days.values_list("team_id", "team__time_zone", "day", "core_seconds"):
+        if day >= month.start(tz_name):
+            used[team_id] += s or 0.0
+    return used
+
+
+def _unfolded_spans(team_ids: Iterable[int], now: datetime) -> QuerySet:
+    """(team, cores, summed duration) of the attempts that may hold usage the fold has
+    not reached (those of unfolded_attempts, up to `now`), whole spans: never less
+    than their unfolded part within the month. Grouped by cores because SQLite's
+    backend cannot multiply a duration in SQL."""
+    cutoff = Subquery(UsageRollupState.objects.filter(pk=1).values("cutoff"))
+    since = Coalesce(cutoff, Value(EPOCH)) - Value(LAG)  # no roll-up yet: every attempt
+    end = Least(Coalesce("ended_at", Value(now)), Value(now))
+    return (JobAttempt.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__gt=since),
+                                      team_id__in=list(team_ids), started_at__lt=now)
+            .values_list("team_id", "cores").annotate(span=Sum(end - F("started_at"))).order_by())
 
 
 def fleet_capacity() -> dict[str, int]:
@@ -255,8 +309,8 @@ def team_usages(teams: list[Team] | None = None) -> list[TeamUsage]:
     return rows
 
 
-def _filtered(qs, team_ids):
-    return qs if team_ids is None else qs.filter(team_id__in=team_ids)
+def _filtered(qs: QuerySet, team_ids: Iterable[int] | None) -> QuerySet:
+    return qs if team_ids is None else qs.filter(team_id__in=list(team_ids))
 
 
 def _quota_of(team: Team) -> TeamQuota:

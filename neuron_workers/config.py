@@ -30,8 +30,6 @@ COMPILE_CACHE_ENV = "NEURONDECK_COMPILE_CACHE"
 MODEL_CACHE_ENTRIES_ENV = "NEURONDECK_MODEL_CACHE_ENTRIES"
 MODEL_CACHE_MB_ENV = "NEURONDECK_MODEL_CACHE_MB"
 ZYGOTE_PRELOAD_ENV = "NEURONDECK_ZYGOTE_PRELOAD"
-ZYGOTE_HUGE_PAGES_ENV = "NEURONDECK_ZYGOTE_HUGE_PAGES"
-ZYGOTE_RAW_FORK_ENV = "NEURONDECK_ZYGOTE_RAW_FORK"
 WARM_RUNNERS_ENV = "NEURONDECK_WARM_RUNNERS"
 RUNNER_JOBS_ENV = "NEURONDECK_RUNNER_JOBS"
 LIFELINE_FD_ENV = "NEURONDECK_LIFELINE_FD"
@@ -76,7 +74,7 @@ def _int(name: str, env: Env, *, minimum: int) -> int | None:
     raw = _raw(name, env)
     if raw is None:
         return None
-    # Plain decimal digits only: int() would also take "1_000" and " +3".
+    # Plain decimal digits only: int() would also take "1_000" and "+3".
     text = raw.strip()
     if not re.fullmatch(r"-?[0-9]+", text) or int(text) < minimum:
         raise _refuse(name, f"an integer >= {minimum}", raw)
@@ -94,22 +92,6 @@ def _float(name: str, env: Env, *, minimum: float) -> float | None:
     if not value >= minimum or value == float("inf"):  # also refuses nan
         raise _refuse(name, f"a number >= {minimum:g}", raw)
     return value
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _bool(name: str, env: Env, *, default: bool) -> bool:
-    raw = _raw(name, env)
-    if raw is None:
-        return default
-    text = raw.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise _refuse(name, "a boolean (1/0, true/false, yes/no, on/off)", raw)
 
 
 def _word(name: str, env: Env, *, rule: str, secret: bool = False) -> str | None:
@@ -182,17 +164,6 @@ def zygote_preload(env: Env = None) -> tuple[str, ...]:
     return entries
 
 
-def zygote_huge_pages(env: Env = None) -> bool:
-    """NEURONDECK_ZYGOTE_HUGE_PAGES: keep the zygote's preloaded memory on huge pages (default on)."""
-    return _bool(ZYGOTE_HUGE_PAGES_ENV, env, default=True)
-
-
-def zygote_raw_fork(env: Env = None) -> bool:
-    """NEURONDECK_ZYGOTE_RAW_FORK: fork job processes without running at-fork hooks
-    (default on; off falls back to os.fork())."""
-    return _bool(ZYGOTE_RAW_FORK_ENV, env, default=True)
-
-
 def warm_runners(env: Env = None) -> int:
     """NEURONDECK_WARM_RUNNERS: idle warm runners a zygote keeps, an integer >= 0 (default 8; 0: none)."""
     count = _int(WARM_RUNNERS_ENV, env, minimum=0)
@@ -251,8 +222,6 @@ SWITCHES: dict[str, Callable[[Env], object]] = {
     MODEL_CACHE_ENTRIES_ENV: model_cache_entries,
     MODEL_CACHE_MB_ENV: model_cache_mb,
     ZYGOTE_PRELOAD_ENV: zygote_preload,
-    ZYGOTE_HUGE_PAGES_ENV: zygote_huge_pages,
-    ZYGOTE_RAW_FORK_ENV: zygote_raw_fork,
     WARM_RUNNERS_ENV: warm_runners,
     RUNNER_JOBS_ENV: runner_jobs,
     LIFELINE_FD_ENV: lifeline_fd,

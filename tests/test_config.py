@@ -35,8 +35,6 @@ def test_every_switch_has_its_default_when_unset(monkeypatch):
         "NEURONDECK_MODEL_CACHE_ENTRIES": 8,
         "NEURONDECK_MODEL_CACHE_MB": 1024,
         "NEURONDECK_ZYGOTE_PRELOAD": config.DEFAULT_ZYGOTE_PRELOAD,
-        "NEURONDECK_ZYGOTE_HUGE_PAGES": True,
-        "NEURONDECK_ZYGOTE_RAW_FORK": True,
         "NEURONDECK_WARM_RUNNERS": 8,
         "NEURONDECK_RUNNER_JOBS": 100,
         "NEURONDECK_LIFELINE_FD": None,
@@ -77,8 +75,6 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_MODEL_CACHE_ENTRIES": "0",
         "NEURONDECK_MODEL_CACHE_MB": "256",
         "NEURONDECK_ZYGOTE_PRELOAD": "torch, tests.cache_backends ,neuron_workers.process.zygote_warmup:warm_up,",
-        "NEURONDECK_ZYGOTE_HUGE_PAGES": "0",
-        "NEURONDECK_ZYGOTE_RAW_FORK": "off",
         "NEURONDECK_WARM_RUNNERS": "0",
         "NEURONDECK_RUNNER_JOBS": "1",
         "NEURONDECK_LIFELINE_FD": "7",
@@ -95,8 +91,6 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_MODEL_CACHE_ENTRIES": 0,
         "NEURONDECK_MODEL_CACHE_MB": 256,
         "NEURONDECK_ZYGOTE_PRELOAD": ("torch", "tests.cache_backends", "neuron_workers.process.zygote_warmup:warm_up"),
-        "NEURONDECK_ZYGOTE_HUGE_PAGES": False,
-        "NEURONDECK_ZYGOTE_RAW_FORK": False,
         "NEURONDECK_WARM_RUNNERS": 0,
         "NEURONDECK_RUNNER_JOBS": 1,
         "NEURONDECK_LIFELINE_FD": 7,
@@ -105,12 +99,6 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_URL": "https://neurondeck.example.com/",
         "NEURONDECK_TOKEN": "nd_abc123",
     }
-
-
-@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("TRUE", True), ("yes", True), (" on ", True),
-                                               ("0", False), ("False", False), ("no", False), ("OFF", False)])
-def test_booleans_accept_the_usual_spellings(raw, expected):
-    assert config.zygote_huge_pages({config.ZYGOTE_HUGE_PAGES_ENV: raw}) is expected
 
 
 def test_accessors_read_the_process_environment_when_called(monkeypatch):
@@ -152,8 +140,6 @@ def test_a_config_error_is_a_value_error_so_existing_handlers_still_catch_it():
         ("NEURONDECK_LIFELINE_GRACE_S", "nan", "a number >= 0"),
         ("NEURONDECK_LIFELINE_GRACE_S", "inf", "a number >= 0"),
         ("NEURONDECK_LIFELINE_GRACE_S", "soon", "a number >= 0"),
-        ("NEURONDECK_ZYGOTE_HUGE_PAGES", "2", "a boolean (1/0, true/false, yes/no, on/off)"),
-        ("NEURONDECK_ZYGOTE_RAW_FORK", "maybe", "a boolean (1/0, true/false, yes/no, on/off)"),
         ("NEURONDECK_COMPILE_CACHE", "/var/tmp/my cache", "a directory path without whitespace"),
         ("NEURONDECK_HOST", "cpu 1", "a host name without whitespace"),
         ("NEURONDECK_INSTANCE_TYPE", "trn1 2xlarge", "an instance type without whitespace, e.g. 'trn1.32xlarge'"),

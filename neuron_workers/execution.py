@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from jobs.assets import storage
@@ -66,15 +65,21 @@ def build_payload(job: Job, workdir: Path) -> dict:
     }
 
 
+def store_log_chunks(job_id: int, chunks: list[tuple[int, str]]) -> None:
+    """Insert (offset, text) chunks of the job's log. A chunk already stored at its
+    offset is kept, so storing a chunk twice (a retry) is harmless."""
+    JobLogChunk.objects.bulk_create([JobLogChunk(job_id=job_id, offset=at, text=text) for at, text in chunks],
+                                    ignore_conflicts=True)
+
+
 class JobRecorder:
     """The supervisor's callbacks: heartbeats, cancel checks, log and metric sinks.
 
-    The log and the child's pid are stored as they come, except (on PostgreSQL:
-    ``can_hold``) until the first heartbeat (FIRST_HEARTBEAT_S) and after the child
-    exited: most jobs on a warm cpu host are over by then, and what was held goes
-    into the statement that records the outcome (_record_outcome), so a short
-    job costs the worker two statements (claim, finish) instead of seven. A longer
-    job's log reaches the page at most FIRST_HEARTBEAT_S late at its start."""
+    The log and the child's pid are stored as they come, except until the first
+    heartbeat (FIRST_HEARTBEAT_S) and after the child exited: most jobs on a warm
+    cpu host are over by then, and what was held is stored in the transaction that
+    records a success (record_outcome) instead of in statements of its own. A
+    longer job's log reaches the page at most FIRST_HEARTBEAT_S late at its start."""
 
     FIRST_HEARTBEAT_S = 0.25
 
@@ -86,8 +91,7 @@ class JobRecorder:
         self.log_base = job.log_bytes
         self.log_end = job.log_bytes
         self.metrics: list[JobMetric] = []
-        self.can_hold = connection.vendor == "postgresql"
-        self.holding = self.can_hold
+        self.holding = True
         self.held: list[tuple[int, str]] = []  # (offset, text) not yet stored
         self.pid: int | None = None
         self.pid_stored = False
@@ -122,7 +126,7 @@ class JobRecorder:
             self.flush_log()
 
     def on_exit(self) -> None:
-        self.holding = self.can_hold  # the rest goes with the outcome
+        self.holding = True  # the rest goes with the outcome
 
     def pending(self) -> tuple[list[tuple[int, str]], dict]:
         """The held chunks and the job fields that go with them (log_bytes, and the
@@ -138,28 +142,13 @@ class JobRecorder:
         self.pid_stored = self.pid is not None
 
     def flush_log(self) -> None:
-        """Store the held chunks (and the pid) now. Idempotent per offset (INSERT … ON
-        CONFLICT DO NOTHING); on PostgreSQL chunks and job update are one statement
-        (a data-modifying CTE)."""
+        """Store the held chunks (and the pid) now, chunks and log size together."""
         chunks, fields = self.pending()
         if not chunks and "worker_pid" not in fields:
             return
-        with connection.cursor() as cursor:  # bulk_create would add BEGIN/COMMIT around it
-            if connection.vendor == "postgresql":
-                sets = ", ".join(f"{connection.ops.quote_name(name)} = %s" for name in fields)
-                sql = f"WITH j AS (UPDATE {Job._meta.db_table} SET {sets} WHERE id = %s RETURNING id)"
-                params = [*fields.values(), self.job_id]
-                if chunks:
-                    insert, insert_params = states.insert_for_job(JobLogChunk, ("offset", "text"), chunks)
-                    sql += f", c AS ({insert})"
-                    params += insert_params
-                cursor.execute(sql + " SELECT 1", params)
-                self.stored()
-                return
-            cursor.executemany(f'INSERT INTO {JobLogChunk._meta.db_table} (job_id, "offset", text) '
-                               "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                               [(self.job_id, at, text) for at, text in chunks])
-        Job.objects.filter(pk=self.job_id).update(**fields)
+        with transaction.atomic():
+            store_log_chunks(self.job_id, chunks)
+            Job.objects.filter(pk=self.job_id).update(**fields)
         self.stored()
 
     def on_metric(self, row: dict) -> None:
@@ -218,132 +207,104 @@ def run(job_id: int) -> str:
         recorder.flush_log()
         raise
     recorder.flush_metrics()
-    result, waiting = _record_outcome(job, outcome, workdir, recorder)
+    result = record_outcome(job, outcome, workdir, recorder)
     if result != "superseded":
-        _cores_freed(job, waiting)
+        _cores_freed(job)
     return result
 
 
-def _cores_freed(job: Job, waiting: bool | None = None) -> None:
+def _cores_freed(job: Job) -> None:
     """This job's cores are free again: wake the scheduler if jobs of the family wait.
     Otherwise they would wait for the periodic dispatch (DISPATCH_EVERY_S), which
     caps a busy host at slots / DISPATCH_EVERY_S short jobs a second. Kicks coalesce
-    (kick_dispatch). `waiting`: already known (a success learns it in the statement
-    that records it); else one indexed EXISTS."""
+    (kick_dispatch)."""
     from jobs.lifecycle.services import kick_dispatch
 
-    if waiting is None:
-        waiting = Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists()
-    if waiting:
+    if Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists():
         kick_dispatch()
 
 
-def record_outcome(job: Job, outcome, workdir: Path) -> str:
-    """Record how this attempt ended; returns what happened (see _record_outcome)."""
-    return _record_outcome(job, outcome, workdir)[0]
-
-
-def _record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | None = None
-                    ) -> tuple[str, bool | None]:
-    """(what happened, whether jobs of the family are pending if that is known).
-    `recorder`'s held log goes into the finishing statement of a success that
-    registers no model (see JobRecorder); otherwise it is stored first."""
-    status = outcome.status
+def record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | None = None) -> str:
+    """Record how this attempt ended; returns what happened: succeeded, superseded,
+    cancelled, timed_out, requeued or failed. What `recorder` still holds (log,
+    pid) is stored with a success, in its transaction; otherwise first."""
     # Record only over this very attempt. A job preempted (or reaped and requeued)
     # while its child ran is no longer ours: it is pending again, or already queued
     # or running as a later attempt, and whatever this child did must not finish it.
-    # The check up front skips registering outputs; `mine` in every conditional
-    # UPDATE below closes the race with a preemption landing right after it.
+    # `mine` in every conditional UPDATE below is that check.
     mine = {"host_id": job.host_id, "attempts": job.attempts}
-    if status == "succeeded" and recorder is not None and not _registers_model(job):
+    if outcome.status == "succeeded":
         return _record_success(job, outcome, workdir, recorder, mine)
     if recorder is not None:
         recorder.flush_log()
-    if status == "succeeded":
-        # The conditional UPDATE is the "still ours?" check: the outputs are
-        # registered only after it matched, in the same transaction, so a job
-        # superseded meanwhile gets nothing registered and nothing is half-recorded.
-        try:
-            with transaction.atomic():
-                done, waiting = states.finish_run(job.pk, S.SUCCEEDED, family=job.family, extra_filter=mine,
-                                                  result=outcome.result or {},
-                                                  message=f"succeeded in {outcome.duration_s:.1f} s")
-                if done:
-                    output = register_outputs(job, outcome.result or {}, workdir)
-                    if output is not None:
-                        Job.objects.filter(pk=job.pk).update(output_model=output)
-        except Exception as exc:  # never leave a finished child's job running
-            log.exception("job %s: recording outputs failed", job.pk)
-            states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
-                                 message=f"recording outputs failed: {exc}", extra_filter=mine)
-            return "failed", None
-        if done:
-            return "succeeded", waiting
-        log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
-                 job.pk, job.attempts)
-        return "superseded", None
     # One read serves both the "still ours?" check and the failure paths below.
     fresh = Job.objects.filter(pk=job.pk, status=S.RUNNING, **mine).values(
         "cancel_requested", "attempts", "max_attempts").first()
     if fresh is None:
-        log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
-                 job.pk, job.attempts)
-        return "superseded", None
-    if status == "cancelled" or fresh.get("cancel_requested"):
+        _log_superseded(job)
+        return "superseded"
+    if outcome.status == "cancelled" or fresh["cancel_requested"]:
         states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
-        return "cancelled", None
-    if status == "timed_out":
+        return "cancelled"
+    if outcome.status == "timed_out":
         states.mark_finished(job.pk, S.FAILED, failure="timed_out",
                              reason=f"exceeded max runtime of {job.max_runtime_s} s",
                              message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL", extra_filter=mine)
-        return "timed_out", None
+        return "timed_out"
     code = outcome.error_code or "error"
     reason = outcome.error or "the job failed"
-    if code in RETRYABLE and fresh.get("attempts", 0) < fresh.get("max_attempts", 1):
+    if code in RETRYABLE and fresh["attempts"] < fresh["max_attempts"]:
         states.requeue(job.pk, sources=(S.RUNNING,), kind="retry", extra_filter=mine,
                        message=f"attempt {fresh['attempts']} {code}: {reason}; retrying")
         from jobs.lifecycle.services import kick_dispatch
 
         transaction.on_commit(kick_dispatch)
-        return "requeued", None
+        return "requeued"
     if code in RETRYABLE:
-        reason = f"{reason} (gave up after {fresh.get('attempts')} attempts)"
+        reason = f"{reason} (gave up after {fresh['attempts']} attempts)"
     states.mark_finished(job.pk, S.FAILED, failure=code, reason=reason, message=reason, extra_filter=mine)
-    return "failed", None
+    return "failed"
 
 
-def _record_success(job: Job, outcome, workdir: Path, recorder: JobRecorder, mine: dict
-                    ) -> tuple[str, bool | None]:
-    """A success that registers no model: outcome, held log, pid and artifact rows
-    in one statement (finish_run), all or nothing."""
-    chunks, fields = recorder.pending()
+def _record_success(job: Job, outcome, workdir: Path, recorder: JobRecorder | None, mine: dict) -> str:
+    """The conditional UPDATE is the "still ours?" check: the held log, the
+    artifacts and the model a fine-tune or compile made are stored only after it
+    matched, in the same transaction, so a job superseded meanwhile gets nothing
+    registered and nothing is half-recorded."""
+    chunks, fields = recorder.pending() if recorder is not None else ([], {})
     try:
-        done, waiting = states.finish_run(
-            job.pk, S.SUCCEEDED, family=job.family, extra_filter=mine, result=outcome.result or {},
-            message=f"succeeded in {outcome.duration_s:.1f} s", fields=fields,
-            rows=[(JobLogChunk, ("offset", "text"), chunks),
-                  (Artifact, ("name", "path", "size_bytes", "is_dir"), artifact_rows(workdir))])
+        with transaction.atomic():
+            done = states.mark_finished(job.pk, S.SUCCEEDED, extra_filter=mine, result=outcome.result or {},
+                                        message=f"succeeded in {outcome.duration_s:.1f} s", **fields)
+            if done:
+                store_log_chunks(job.pk, chunks)
+                output = register_outputs(job, outcome.result or {}, workdir)
+                if output is not None:
+                    Job.objects.filter(pk=job.pk).update(output_model=output)
     except Exception as exc:  # never leave a finished child's job running
         log.exception("job %s: recording the outcome failed", job.pk)
-        try:
-            recorder.flush_log()
-        except Exception:  # the outcome matters more than the log's tail
-            log.exception("job %s: storing the log failed", job.pk)
+        if recorder is not None:
+            try:
+                recorder.flush_log()
+            except Exception:  # the outcome matters more than the log's tail
+                log.exception("job %s: storing the log failed", job.pk)
         states.mark_finished(job.pk, S.FAILED, failure="error", reason=f"recording outputs failed: {exc}",
                              message=f"recording outputs failed: {exc}", extra_filter=mine)
-        return "failed", None
+        return "failed"
+    if recorder is not None:
+        if done:
+            recorder.stored()
+        else:
+            recorder.flush_log()  # the attempt's log is kept even when its outcome is not
     if done:
-        recorder.stored()
-        return "succeeded", waiting
-    recorder.flush_log()  # the attempt's log is kept even when its outcome is not
+        return "succeeded"
+    _log_superseded(job)
+    return "superseded"
+
+
+def _log_superseded(job: Job) -> None:
     log.info("job %s attempt %s: no longer running here (preempted or requeued); recording nothing",
              job.pk, job.attempts)
-    return "superseded", None
-
-
-def _registers_model(job: Job) -> bool:
-    """register_outputs makes a model of this job's artifacts."""
-    return job.kind in (Kind.FINETUNE, Kind.COMPILE)
 
 
 def artifact_rows(workdir: Path) -> list[tuple[str, str, int, bool]]:

@@ -152,9 +152,9 @@ def test_finish_cancel_timeout_reap_and_preempt_release_a_job_exactly_once(cast,
 
 
 def test_a_submit_wakes_the_scheduler_only_after_its_job_is_committed(cast, tiny_model, cpu_host, monkeypatch):
-    """Outside any atomic block a submit runs in a pipelined psycopg transaction
-    (services._submit_transaction): the kick must come after the COMMIT, and a
-    refused submit must leave nothing behind and the connection usable."""
+    """The kick must come after the COMMIT (the scheduler reads from its own
+    connection), and a refused submit must leave nothing behind and the connection
+    usable."""
     import psycopg
 
     from jobs.lifecycle import services
@@ -189,23 +189,26 @@ def test_a_submit_wakes_the_scheduler_only_after_its_job_is_committed(cast, tiny
     assert submit().pk != job.pk and seen == [1, 2]
 
 
-def test_a_database_error_in_a_pipelined_submit_is_django_s_and_leaves_nothing(cast, tiny_model, cpu_host,
-                                                                              monkeypatch):
+def test_a_submit_that_fails_in_the_database_raises_django_s_error_and_leaves_nothing(cast, tiny_model, cpu_host,
+                                                                                     monkeypatch):
+    """The job's event points at a job that does not exist: PostgreSQL checks the
+    foreign key at COMMIT, so the error comes with the end of the transaction,
+    after the job was inserted. Nothing of the submit may remain, no kick may be
+    sent, and the connection must go on working."""
     from django.db import utils
 
     from jobs.lifecycle import services
 
-    fields, sql = services._job_insert_sql()
-    # Fails on the server, so only when the pipeline is synced at the end of the block.
-    broken = (fields, sql.replace('"team_id"', '"no_such_column"', 1))
-    assert broken[1] != sql
-    monkeypatch.setattr(services, "_job_insert_sql", lambda: broken)
-    monkeypatch.setattr(services, "kick_dispatch", lambda: None)
+    def dangling_event(job_id: int, kind: str, message: str = "", actor=None, **data):
+        return JobEvent.objects.create(job_id=job_id + 1_000_000, kind=kind, message=message, actor=actor, data=data)
+
+    kicks = []
+    monkeypatch.setattr(states, "event", dangling_event)
+    monkeypatch.setattr(services, "kick_dispatch", lambda: kicks.append(1))
     form = InferenceForm(data={"model": tiny_model.pk, "prompts": "hi", "max_new_tokens": 2, "temperature": 0,
                                "family": "cpu", "cores": 1}, team=cast.vision)
     assert form.is_valid(), form.errors
-    with pytest.raises(utils.ProgrammingError):
+    with pytest.raises(utils.IntegrityError):
         job_submit(team=cast.vision, user=cast.bob, form=form)
-    assert connection.errors_occurred  # Django closes such a connection when the request ends
-    connection.close_if_unusable_or_obsolete()
-    assert not Job.objects.filter(team=cast.vision).exists()
+    assert kicks == []
+    assert not Job.objects.filter(team=cast.vision).exists() and not JobEvent.objects.exists()

@@ -17,11 +17,12 @@ from tests.test_api_jobs import finetune_body, inference_body, post_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# claim (1 statement: update + event + attempt + the log header + the job with
-# host, model and dataset) and finish (update + release + event + the child's pid,
-# its log and the artifacts, and "anything pending to dispatch?"): a job over
-# before its first heartbeat (JobRecorder).
-WORKER_STATEMENTS = 2
+# A job over before its first heartbeat (JobRecorder), BEGIN and COMMIT counted:
+# the claim's transaction (conditional UPDATE, event, the job with host, model and
+# dataset, log header and log size, attempt row), the finish's transaction
+# (conditional UPDATE with the child's pid and log size, the attempt closed, the
+# cores freed, event, log, artifacts), then "anything pending to dispatch?".
+WORKER_STATEMENTS = 18
 
 
 def queued_job(client, model, host, body: dict | None = None) -> Job:
@@ -102,8 +103,8 @@ def _fields(obj) -> dict:
 
 @pytest.mark.parametrize("kind", ["inference", "finetune"])
 def test_the_claimed_job_is_loaded_exactly_as_the_orm_would(cast, tiny_model, dataset, cpu_host, kind):
-    """claim() builds the job and its host, model and dataset from the claiming
-    statement's own row: every field must equal what select_related reads."""
+    """claim() returns the job as the claim left it, with its host, model and
+    dataset: every field must equal what a fresh select_related reads."""
     client = api_client(cast.bob)
     body = finetune_body(tiny_model, dataset) if kind == "finetune" else None
     job = queued_job(client, tiny_model, cpu_host, body)
@@ -191,16 +192,15 @@ def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_
     (workdir / "artifacts" / "out.txt").write_text("x")
     outcome = Outcome(status="succeeded", exit_code=0, signal=None, result={"ok": 1}, error_code=None, error=None,
                       log_bytes=5, duration_s=0.1, pid=4242)
-    assert execution._record_outcome(claimed, outcome, workdir, recorder) == ("superseded", None)
+    assert execution.record_outcome(claimed, outcome, workdir, recorder) == "superseded"
     row = Job.objects.get(pk=job.pk)
     assert row.status == "pending" and row.result == {} and not Artifact.objects.filter(job=job).exists()
     assert JobLogChunk.objects.filter(job=job, text="done\n").exists()
 
 
 def test_a_transition_takes_model_instances_none_filters_and_expressions(cast, tiny_model, cpu_host):
-    """states._job_update writes the UPDATE itself for plain values: a related model
-    is stored by its key, a None filter is IS NULL, and any other expression still
-    goes through Django's compiler."""
+    """A related model is stored by its key, a None filter matches NULL (and only
+    NULL), and an expression is computed by the database."""
     from django.db.models import F
 
     client = api_client(cast.bob)

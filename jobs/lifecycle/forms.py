@@ -2,12 +2,11 @@
 so a bad field gets the same message, named after the field, in both."""
 from __future__ import annotations
 
-import json
-
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+from jobs import safe_json
 from jobs.models import Dataset, Family, Kind, ModelAsset, Team
 
 MAX_PROMPTS = 1000
@@ -168,6 +167,8 @@ class PromptsField(forms.Field):
         for i, prompt in enumerate(value, 1):
             if len(prompt) > MAX_PROMPT_CHARS:
                 raise ValidationError(f"prompt {i} is longer than {MAX_PROMPT_CHARS} characters")
+            if "\x00" in prompt:
+                raise ValidationError(f"prompt {i} contains a NUL character (U+0000), which cannot be stored")
 
 
 def parse_prompts_jsonl(raw: bytes) -> list[str]:
@@ -181,9 +182,9 @@ def parse_prompts_jsonl(raw: bytes) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"prompts_file line {number} is not valid JSON ({exc.msg})") from None
+            row = safe_json.loads(line)  # depth, NUL and lone surrogates refused too
+        except safe_json.JSONInputError as exc:
+            raise ValidationError(exc.sentence(f"prompts_file line {number}")) from None
         prompt = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
         if not isinstance(prompt, str):
             raise ValidationError(f'prompts_file line {number} needs a "prompt" string')

@@ -6,19 +6,37 @@ So every permission test reads "charlie gets 404".
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.workers import Worker, process_env
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 PASSWORD = "pw-for-tests-1"
+
+# Whole modules that need PostgreSQL itself (row locks under real concurrency,
+# server-side failures), not just a database: they run on PostgreSQL only. A test
+# elsewhere says so with @pytest.mark.postgres_only.
+POSTGRES_ONLY_MODULES = {"test_quota_race.py", "test_faults.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "postgres_only: needs PostgreSQL itself; skipped when DATABASE_URL is SQLite")
+
+
+def pytest_collection_modifyitems(config, items):
+    from django.conf import settings
+
+    on_sqlite = settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+    skip = pytest.mark.skip(reason="PostgreSQL only (this run is on SQLite)")
+    for item in items:
+        if item.path.name in POSTGRES_ONLY_MODULES:
+            item.add_marker(pytest.mark.postgres_only)
+        if on_sqlite and item.get_closest_marker("postgres_only"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +96,6 @@ def tiny_model(cast, tiny_model_dir):
     from jobs.assets.services import model_register
     from jobs.assets.uploads import model_meta
 
-    dest = Path(os.environ.get("STORAGE_ROOT", "/tmp")) / "unused"
     from django.conf import settings
 
     dest = Path(settings.STORAGE_ROOT) / "models" / "vision" / "tiny"
@@ -109,53 +126,19 @@ def api_client(user):
 
 # --- a real Celery worker --------------------------------------------------------
 
-def _worker_env(storage_root: Path) -> dict:
-    from django.conf import settings
-
-    db = settings.DATABASES["default"]
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        STORAGE_ROOT=str(storage_root), NEURONDECK_HOST="test-host", PYTHONPATH=str(ROOT),
-        HEARTBEAT_S="1", DB_CONN_MAX_AGE="0",
-    )
-    return env
-
-
 @pytest.fixture
-def celery_worker_proc(transactional_db, settings, _storage, tmp_path):
+def celery_worker_proc(transactional_db, _storage, tmp_path):
     """A real `celery worker` serving the scheduler queue and host.test-host, against
-    the test database. Yields the Popen; stops it (and its children) afterwards."""
-    log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-Q", "scheduler,host.test-host",
-         "--pool", "threads", "-c", "4", "--without-heartbeat", "--without-gossip", "--without-mingle",
-         "-n", f"test-{os.getpid()}@%h", "--loglevel", "INFO"],
-        cwd=ROOT, env=_worker_env(_storage), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    the test database and Redis (flushed first: no message of an earlier test).
+    Yields the running tests.workers.Worker; stops it and its zygote afterwards."""
     from jobs.live.store import redis
 
     redis().flushdb()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if b"ready" in (tmp_path / "worker.log").read_bytes():
-            break
-        if proc.poll() is not None:
-            raise RuntimeError((tmp_path / "worker.log").read_text())
-        time.sleep(0.1)
-    else:
-        raise RuntimeError("celery worker did not start:\n" + (tmp_path / "worker.log").read_text())
-    proc.log_path = tmp_path / "worker.log"
-    yield proc
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    log.close()
+    worker = Worker(tmp_path / "worker.log", process_env(storage_root=_storage), queues="scheduler,host.test-host",
+                    name="test")
+    worker.start()
+    yield worker
+    worker.close()
 
 
 # --- a real browser ---------------------------------------------------------------
@@ -199,12 +182,3 @@ def log_in(browser, base_url: str, username: str, width: int = 1280, height: int
     page.wait_for_url(re.compile(r"/teams/[\w-]+/jobs/$"))
     return page
 
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from conftest import wait_for
 from jobs.live import metrics
 from jobs.models import Host
 from live_support import TRN1, clean_streams, running_job  # noqa: F401 (fixture)
 from neuron_workers import agent
 from neuron_workers.readers.neuron_monitor import monitor_config
+from tests.polling import wait_until
 
 NEURON_LS = Path(__file__).resolve().parent / "data" / "neuron-ls"
 LS_SAMPLES = sorted(p.name for p in NEURON_LS.glob("*.json"))
@@ -160,9 +160,11 @@ def test_the_heartbeat_thread_brings_the_host_online_and_keeps_it_fresh(transact
     beat = agent.HeartbeatThread(host.pk, 0.05, stop)
     beat.start()
     try:
-        wait_for(lambda: Host.objects.get(pk=host.pk).state == Host.State.ONLINE, timeout=10, message="online")
+        wait_until(lambda: Host.objects.get(pk=host.pk).state, 10, "the host to be online",
+                   until=lambda state: state == Host.State.ONLINE)
         first = Host.objects.get(pk=host.pk).last_heartbeat
-        wait_for(lambda: Host.objects.get(pk=host.pk).last_heartbeat > first, timeout=10, message="a later beat")
+        wait_until(lambda: Host.objects.get(pk=host.pk).last_heartbeat, 10, f"a beat after {first}",
+                   until=lambda beat: beat > first)
     finally:
         stop.set()
         beat.join(5)
@@ -236,7 +238,8 @@ def test_the_agent_streams_monitor_reports_skipping_a_malformed_line(transaction
     thread = threading.Thread(target=agent.run, args=(agent.AgentOptions(name="mon-host", heartbeat_s=0.2), stop))
     thread.start()
     try:
-        wait_for(lambda: clean_streams.xlen(metrics.host_key("mon-host")) >= 3, timeout=20, message="3 samples")
+        wait_until(lambda: clean_streams.xlen(metrics.host_key("mon-host")), 20, "3 samples in the host's stream",
+                   until=lambda length: length >= 3)
     finally:
         stop.set()
         thread.join(15)

@@ -11,11 +11,12 @@ import re
 
 import pytest
 
-from conftest import SHOTS, log_in, wait_for
+from conftest import SHOTS, log_in
 from jobs.lifecycle.forms import InferenceForm
 from jobs.models import AuditEntry, Job, JobEvent
 from jobs.lifecycle.services import job_submit
 from jobs.quotas.services import quota_update
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -30,8 +31,8 @@ def test_an_admin_raises_a_quota_and_the_waiting_job_starts(cast, tiny_model, cp
                                "family": "cpu", "cores": 1}, team=cast.vision)
     assert form.is_valid(), form.errors
     job = job_submit(team=cast.vision, user=cast.bob, form=form)
-    wait_for(lambda: Job.objects.get(pk=job.pk).reason_code == "waiting_for_quota", timeout=30,
-             message="the worker's dispatch to explain the wait")
+    wait_until(lambda: Job.objects.get(pk=job.pk).reason_code, 30, "the worker's dispatch to explain the wait",
+               until=lambda code: code == "waiting_for_quota")
 
     page = log_in(browser, live_server.url, "admin", width=1600)
 
@@ -45,8 +46,9 @@ def test_an_admin_raises_a_quota_and_the_waiting_job_starts(cast, tiny_model, cp
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / "quotas.png"), full_page=True)
 
-    started = wait_for(lambda: Job.objects.filter(pk=job.pk).exclude(status=Job.Status.PENDING).first(),
-                       timeout=60, message="the pending job to start after the quota change")
+    wait_until(lambda: Job.objects.get(pk=job.pk).status, 60, "the pending job to start after the quota change",
+               until=lambda status: status != Job.Status.PENDING)
+    started = Job.objects.get(pk=job.pk)
     assert JobEvent.objects.filter(job=started, kind="queued", message__startswith="placed on test-host").exists()
     assert AuditEntry.objects.filter(team=cast.vision, actor=cast.admin, subject="family.cpu.guaranteed_cores",
                                      old="0", new="2").exists()

@@ -2,15 +2,14 @@
 subprocess (cpu backend, the tiny model), against PostgreSQL and Redis."""
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 
 import pytest
 import torch
 
 from jobs.models import CoreAllocation, Job, JobAttempt, JobMetric, ModelAsset
-from tests.conftest import api_client, wait_for
+from tests.conftest import api_client
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -23,11 +22,12 @@ def submit(client, **body) -> dict:
 
 
 def wait_finished(client, job_id: int, timeout: float = 120) -> dict:
-    def finished():
-        doc = client.get(f"/api/v1/jobs/{job_id}").json()
-        return doc if doc["status"] in ("succeeded", "failed", "cancelled") else None
+    return wait_until(lambda: client.get(f"/api/v1/jobs/{job_id}").json(), timeout, f"job {job_id} to finish",
+                      until=lambda doc: doc["status"] in ("succeeded", "failed", "cancelled"), interval=0.2)
 
-    return wait_for(finished, timeout=timeout, interval=0.2, message=f"job {job_id} to finish")
+
+def wait_status(job_id: int, timeout: float, message: str, until) -> str:
+    return wait_until(lambda: Job.objects.get(pk=job_id).status, timeout, message, until=until)
 
 
 def test_compile_traces_a_model_whose_logits_match_the_source(cast, tiny_model, cpu_host, celery_worker_proc):
@@ -98,7 +98,7 @@ def test_cancel_stops_a_running_job(cast, tiny_model, dataset, cpu_host, celery_
     client = api_client(cast.bob)
     job = submit(client, kind="finetune", model=tiny_model.pk, dataset=dataset.pk, steps=100000, learning_rate=1e-3,
                  batch_size=2, sequence_length=16)
-    wait_for(lambda: Job.objects.get(pk=job["id"]).status == "running", timeout=60, message="running")
+    wait_status(job["id"], 60, "the job to run", until=lambda status: status == "running")
     response = client.post(f"/api/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 200
     doc = wait_finished(client, job["id"], timeout=60)
@@ -111,7 +111,7 @@ def test_a_duplicate_delivery_runs_the_job_once(cast, tiny_model, cpu_host, cele
 
     client = api_client(cast.bob)
     job = submit(client, kind="inference", model=tiny_model.pk, prompts=["once"], max_new_tokens=2, temperature=0)
-    wait_for(lambda: Job.objects.get(pk=job["id"]).status != "pending", timeout=30, message="dispatch")
+    wait_status(job["id"], 30, "the job to be dispatched", until=lambda status: status != "pending")
     for _ in range(3):
         app.send_task("neuron_workers.run_job", args=[job["id"]], queue="host.test-host")
     doc = wait_finished(client, job["id"])

@@ -473,16 +473,21 @@ def test_it_replays_a_recording_at_a_fixed_pace_marked_as_replay() -> None:
         sleeps.append(seconds)
         time.sleep(seconds)
 
+    started = time.monotonic()
     samples = list(replay(DATA / "trn1.32xlarge-two-jobs.jsonl", period=0.02, sleep=sleep))
+    elapsed = time.monotonic() - started
 
     assert len(samples) == 10
     assert all(s["replay"] is True for s in samples)
     assert [rt["tag"] for rt in samples[0]["runtimes"]] == ["job-41", "job-42"]
-    # The first report comes at once, then one per period on a fixed schedule,
-    # so no single wait exceeds the period and the total is about 9 periods.
-    assert len(sleeps) >= 8
+    # The first report comes at once, then one per period on a fixed schedule: the
+    # last is due 9 periods after the start, no single wait exceeds the period, and
+    # the waits never add up to more than the schedule (time spent parsing, or lost
+    # to a busy machine, is taken off them, not added). Only lower bounds on time:
+    # a loaded machine can make any step late.
+    assert elapsed >= 9 * 0.02 - 1e-6
     assert all(0 < d <= 0.02 for d in sleeps)
-    assert 0.1 < sum(sleeps) <= 0.18
+    assert sum(sleeps) <= 9 * 0.02 + 1e-6
 
 
 def test_it_replays_without_pacing_and_loops_when_asked() -> None:
@@ -495,13 +500,14 @@ def test_it_replays_without_pacing_and_loops_when_asked() -> None:
     assert samples[0]["runtimes"][0]["completed"] == samples[3]["runtimes"][0]["completed"]
 
 
-def test_it_replays_real_time_roughly_at_the_period() -> None:
+def test_it_replays_in_real_time_a_period_apart() -> None:
     start = time.monotonic()
 
     samples = list(replay(DATA / "inf2.xlarge-idle.jsonl", period=0.05))
 
     assert len(samples) == 3
-    assert 0.09 <= time.monotonic() - start < 1.0
+    assert time.monotonic() - start >= 2 * 0.05 - 1e-6
+    assert samples[0]["ts"] <= samples[1]["ts"] <= samples[2]["ts"]
 
 
 def test_it_skips_malformed_lines_during_replay(tmp_path: Path) -> None:
@@ -562,20 +568,20 @@ def test_the_readers_import_no_django_torch_or_redis() -> None:
 
 
 def test_parsing_a_trn1_report_costs_at_most_a_few_json_loads() -> None:
-    # A smoke check with a wide margin; the real measurement belongs to bench/.
+    # A smoke check with a wide margin; the real measurement belongs to bench/. A ratio,
+    # not a time, each side's best of rounds taken in turn, so a machine busy with
+    # something else slows both sides alike.
     line = lines("trn1.32xlarge-two-jobs.jsonl")[0]
-    rounds = 300
+    best = {parse_report: float("inf"), json.loads: float("inf")}
 
-    def best_of(fn: Any) -> float:
-        timings = []
-        for _ in range(3):
+    for _ in range(5):
+        for fn in best:
             start = time.perf_counter()
-            for _ in range(rounds):
+            for _ in range(100):
                 fn(line)
-            timings.append(time.perf_counter() - start)
-        return min(timings)
+            best[fn] = min(best[fn], time.perf_counter() - start)
 
-    assert best_of(parse_report) < 4 * best_of(json.loads)
+    assert best[parse_report] < 4 * best[json.loads], best
 
 
 def test_it_leaves_out_the_per_cpu_breakdown_when_asked_and_keeps_the_rest() -> None:

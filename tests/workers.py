@@ -1,11 +1,14 @@
-"""Real processes for the fault tests: a private Redis server and Celery workers.
+"""Real processes the tests start: Celery workers and a private Redis server.
 
-The fault tests stop, flush and restart Redis and `kill -9` workers, so they run
-against a redis-server of their own (a free port, no persistence) rather than the
-shared one: nobody else's broker or test database is disturbed. Workers are real
-`celery -A webapp worker` subprocesses, each in its own session so a test can kill
-the worker and its zygote (same process group) without touching job children,
-which live in sessions of their own.
+`Worker` is the one way a test starts a Celery worker: the `celery_worker_proc`
+fixture (conftest) starts one against the shared test Redis, the fault tests start
+several against a redis-server of their own (`RedisServer`: a free port, no
+persistence), because they stop, flush and restart it and `kill -9` workers without
+disturbing anybody else's broker. Workers are real `celery -A webapp worker`
+subprocesses, each in its own session so a test can kill the worker and its zygote
+(same process group) without touching job children, which live in sessions of
+their own. Every subprocess reaches the test database (PostgreSQL or SQLite) through
+`process_env`.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+from urllib.parse import quote
+
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
 
 
 class RedisServer:
@@ -100,14 +95,17 @@ class Worker:
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
+
+        def started() -> bool:
+            return b" ready." in self.output(since_start=True) or self.proc.poll() is not None
+
         try:
-            wait_until(lambda: b" ready." in self.output(since_start=True) or self.proc.poll() is not None,
-                       timeout, interval=0.05, message=f"worker {self.name} to start")
-        except AssertionError:
+            wait_until(started, timeout, f"worker {self.name} to start")
+        except AssertionError as exc:
             self.kill9()
-            raise
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
         if self.proc.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited:\n{self.output().decode(errors='replace')}")
+            raise RuntimeError(f"worker {self.name} exited:\n{self.tail()}")
         return self
 
     @property
@@ -118,6 +116,10 @@ class Worker:
     def output(self, since_start: bool = False) -> bytes:
         data = self.log_path.read_bytes()
         return data[self._log_start:] if since_start else data
+
+    def tail(self, chars: int = 4000) -> str:
+        """The end of the worker's log, for failure messages."""
+        return self.output().decode(errors="replace")[-chars:]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -144,27 +146,59 @@ class Worker:
         except ProcessLookupError:
             pass
 
+    def close(self, timeout: float = 15) -> None:
+        """The end of a test: warm shutdown, then SIGKILL whatever is left of the
+        worker's process group (its zygote)."""
+        self.stop(timeout)
+        self.kill9()
 
-def worker_env(*, redis_url: str, storage_root: Path, host: str, **extra: str) -> dict[str, str]:
-    """Environment for a worker against the test database and `redis_url`.
 
-    Short leases and heartbeats by default; `extra` overrides or adds (e.g.
-    CELERY_VISIBILITY_TIMEOUT, RUNNER_MODE, JOB_KILL_GRACE_S)."""
+def database_url() -> str:
+    """The URL of the database this test process uses (the test database once
+    pytest-django has created it), for a subprocess to reach the same one."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        if connection.is_in_memory_db():
+            raise RuntimeError("an in-memory SQLite test database cannot be shared with a subprocess; "
+                               "settings.py gives SQLite test databases a file (DATABASES TEST NAME)")
+        return f"sqlite:///{db['NAME']}"
+    credentials = quote(db["USER"] or "", safe="")
+    if db.get("PASSWORD"):
+        credentials += ":" + quote(db["PASSWORD"], safe="")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    return f"postgres://{credentials}@{db['HOST'] or ''}{port}/{db['NAME']}"
+
+
+def process_env(*, storage_root: Path, host: str = "test-host", redis_url: str | None = None,
+                **extra: str) -> dict[str, str]:
+    """Environment for a subprocess (a worker, the agent) that works on the test
+    database and storage as host `host`, with Redis at `redis_url` (default: this
+    process's). Heartbeats every second; no persistent connections, so a
+    transactional test's flush never waits for a worker's idle one. `extra` adds or
+    overrides variables."""
     from django.conf import settings
 
-    db = settings.DATABASES["default"]
     env = dict(os.environ)
     env.update(
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url, STORAGE_ROOT=str(storage_root),
-        NEURONDECK_HOST=host, PYTHONPATH=str(ROOT), DB_CONN_MAX_AGE="0",
-        HEARTBEAT_S="1", JOB_LEASE_S="4", QUEUED_RESEND_AFTER_S="2", JOB_KILL_GRACE_S="1",
-        # The fake backends need no torch: an empty preload makes the zygote start in
-        # milliseconds instead of seconds. Fork mode is still exercised.
-        NEURONDECK_ZYGOTE_PRELOAD="",
+        DATABASE_URL=database_url(), REDIS_URL=redis_url or settings.REDIS_URL,
+        CELERY_BROKER_URL=redis_url or settings.CELERY_BROKER_URL, STORAGE_ROOT=str(storage_root),
+        NEURONDECK_HOST=host, PYTHONPATH=str(ROOT), DB_CONN_MAX_AGE="0", HEARTBEAT_S="1",
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def worker_env(*, redis_url: str, storage_root: Path, host: str, **extra: str) -> dict[str, str]:
+    """`process_env` for the fault tests' workers: short leases, a 1 s kill grace and
+    no zygote preload by default; `extra` overrides or adds (e.g.
+    CELERY_VISIBILITY_TIMEOUT, RUNNER_MODE, JOB_KILL_GRACE_S)."""
+    fast = dict(JOB_LEASE_S="4", QUEUED_RESEND_AFTER_S="2", JOB_KILL_GRACE_S="1",
+                # The fake backends need no torch: an empty preload makes the zygote start in
+                # milliseconds instead of seconds. Fork mode is still exercised.
+                NEURONDECK_ZYGOTE_PRELOAD="")
+    return process_env(storage_root=storage_root, host=host, redis_url=redis_url, **{**fast, **extra})
 
 
 def point_celery_at(url: str) -> None:

@@ -64,6 +64,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Tests: a file beside the database instead of Django's in-memory default, so the
+    # Celery worker a test starts in another process shares the test database.
+    _name = Path(DATABASES["default"]["NAME"])
+    DATABASES["default"]["TEST"] = {"NAME": str(_name.with_name(f"test_{_name.name}"))}
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and envbool("DB_PREPARED_STATEMENTS", True):
     # Every process runs the same few statements over and over (submit, dispatch,
     # claim, heartbeat, log chunks, outcome). With server-side parameter binding,

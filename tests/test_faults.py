@@ -25,7 +25,8 @@ from jobs.assets import storage
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, JobLogChunk, Kind
 from jobs.lifecycle.services import job_cancel
 from neuron_workers.process import find_orphans
-from tests.workers import RedisServer, Worker, point_celery_at, wait_until, worker_env
+from tests.polling import wait_until
+from tests.workers import RedisServer, Worker, point_celery_at, worker_env
 
 pytestmark = [pytest.mark.e2e]
 

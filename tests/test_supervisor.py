@@ -35,6 +35,7 @@ from neuron_workers.process import (
     supervise,
 )
 from neuron_workers.process.tailing import LOG_CHUNK, LogTailer, utf8_safe_cut
+from tests.polling import wait_until
 
 FAKE = "tests.fake_backends:"
 MODES = ["fork", "exec"]
@@ -121,14 +122,6 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_for(predicate, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {message}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -428,7 +421,7 @@ def test_kill_process_group_escalates_to_sigkill(tmp_path):
         ["sh", "-c", f"trap '' TERM; sleep 300 & touch {ready}; sleep 300; wait"], start_new_session=True
     )
     try:
-        wait_for(ready.exists, 20, "the shell to ignore SIGTERM and start its children")
+        wait_until(ready.exists, 20, "the shell to ignore SIGTERM and start its children")
         started = time.monotonic()
         assert kill_process_group(proc.pid, grace_s=0.3)
         assert time.monotonic() - started >= 0.3
@@ -452,7 +445,7 @@ def test_find_orphans_finds_a_running_job_by_its_recorded_session(mode, tmp_path
     payload = make_payload(tmp_path, "SleepBackend", {"seconds": 600, "ready_file": "ready", "grandchild": True})
     handle = launch(payload, mode)
     try:
-        wait_for((tmp_path / "ready").exists, 20, "the job to start")
+        wait_until((tmp_path / "ready").exists, 20, "the job to start")
         found = find_orphans()
         assert handle.pid in found.get(payload["job_id"], [])
         assert int((tmp_path / "grandchild.pid").read_text()) in found[payload["job_id"]]
@@ -467,10 +460,10 @@ def test_find_orphans_finds_a_running_job_by_its_recorded_session(mode, tmp_path
 def test_a_job_stops_by_itself_when_its_supervisor_lets_go(mode, tmp_path):
     spec = {"seconds": 600, "ignore_sigterm": True, "grandchild": True, "ready_file": "ready"}
     handle = launch(make_payload(tmp_path, "SleepBackend", spec), mode, grace_s=0.5)
-    wait_for((tmp_path / "ready").exists, 20, "the job to start")
+    wait_until((tmp_path / "ready").exists, 20, "the job to start")
     grandchild = int((tmp_path / "grandchild.pid").read_text())
     handle.close()  # what the OS does to our end when the worker process dies
-    wait_for(lambda: not group_alive(handle.pgid), 10, "the abandoned job to stop")
+    wait_until(lambda: not group_alive(handle.pgid), 10, "the abandoned job to stop")
     assert not alive(grandchild)
     assert "supervising process is gone" in (tmp_path / "log.txt").read_text()
 
@@ -489,11 +482,11 @@ def test_a_job_stops_by_itself_when_its_worker_is_killed(tmp_path):
     )
     worker.start()
     try:
-        wait_for((tmp_path / "ready").exists, 60, "the job to start")
+        wait_until((tmp_path / "ready").exists, 60, "the job to start")
         job_pid = int(pid_file.read_text())
         grandchild = int((tmp_path / "grandchild.pid").read_text())
         os.kill(worker.pid, signal.SIGKILL)
-        wait_for(lambda: not group_alive(job_pid), 10, "the orphaned job to stop")
+        wait_until(lambda: not group_alive(job_pid), 10, "the orphaned job to stop")
         assert not alive(grandchild)
     finally:
         worker.kill()
@@ -563,7 +556,7 @@ def test_kill_orphans_kills_only_jobs_not_kept(tmp_path):
         payload = make_payload(workdir, "SleepBackend", {"seconds": 600, "ready_file": "ready", "grandchild": True})
         payload["env"]["NEURON_PROCESS_TAG"] = f"{prefix}{payload['job_id']}"
         handles[name] = (payload["job_id"], launch(payload, "fork"))
-        wait_for((workdir / "ready").exists, 20, "the job to start")
+        wait_until((workdir / "ready").exists, 20, "the job to start")
     (keep_id, keep), (kill_id, kill) = handles["keep"], handles["kill"]
     try:
         killed = kill_orphans(keep={keep_id}, grace_s=1, tag_prefix=prefix)

@@ -15,7 +15,8 @@ import pytest
 
 from neuron_workers.agent import ProcessCpu
 from neuron_workers.process import Zygote, find_orphans, group_alive, launch
-from tests.test_supervisor import Recorder, alive, make_payload, run, wait_for
+from tests.polling import wait_until
+from tests.test_supervisor import Recorder, alive, make_payload, run
 
 # recvmsg(2): a runner blocked in it has told the zygote it is idle (see wait_idle).
 _RECVMSG = {"x86_64": 47, "aarch64": 212}
@@ -52,7 +53,7 @@ def wait_idle(pid: int) -> None:
         with open(f"/proc/{pid}/syscall") as fh:
             return fh.read().split()[0] == str(number)
 
-    wait_for(idle, 10, f"runner {pid} to wait for its next job")
+    wait_until(idle, 10, f"runner {pid} to wait for its next job")
 
 
 # --- reuse --------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_a_process_that_may_not_run_another_job_exits(zygote, tmp_path, backend,
 def test_a_job_without_a_reuse_key_leaves_no_runner_behind(zygote, tmp_path):
     _, first, _ = run_job(zygote, tmp_path / "a", key=None)
     assert first.status == "succeeded"
-    wait_for(lambda: not alive(first.pid), 10, "the runner without a key to exit")
+    wait_until(lambda: not alive(first.pid), 10, "the runner without a key to exit")
 
 
 @pytest.mark.parametrize("stop", ["cancel", "timeout"])
@@ -189,11 +190,11 @@ def test_a_reused_runner_stops_its_job_when_the_supervisor_lets_go(zygote, tmp_p
     payload = make_payload(tmp_path / "b", "ReusableSleepBackend", spec, reuse_key="team-1")
     handle = launch(payload, "fork", grace_s=0.5, zygote=zygote)
     assert handle.pid == first.pid
-    wait_for((tmp_path / "b" / "ready").exists, 20, "the second job to start")
+    wait_until((tmp_path / "b" / "ready").exists, 20, "the second job to start")
     assert handle.pid in find_orphans().get(payload["job_id"], [])
     grandchild = int((tmp_path / "b" / "grandchild.pid").read_text())
     handle.close()  # what the OS does to our end when the worker process dies
-    wait_for(lambda: not group_alive(handle.pgid), 10, "the abandoned job to stop")
+    wait_until(lambda: not group_alive(handle.pgid), 10, "the abandoned job to stop")
     assert not alive(grandchild) and not alive(handle.pid)
     assert "supervising process is gone" in (tmp_path / "b" / "log.txt").read_text()
 

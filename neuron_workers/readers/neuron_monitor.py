@@ -37,7 +37,16 @@ Compact sample ("Report"), JSON-serializable, all dict keys are strings::
             "device_type": str | None, "core_version": str | None},
      "instance_type": str | None,
      "errors": [str],             # "<group>: <message>" for host-level errors
+     "anomalies": {str: int},     # only when the report had some (see below)
      "replay": True}              # only on samples produced by `replay()`
+
+Anomalies (values the reader did not take as reported; also summed process-wide
+in `anomaly_counts()` for the agent to log):
+"util_out_of_range": a utilization (percent) below 0, above 100 or not finite,
+clamped to 0-100; "mem_of_foreign_core": a runtime's per-core memory entry for a
+core another runtime uses (left out: the core and its memory are the user's);
+"mem_of_shared_idle_core": a core no runtime uses with memory reported by several
+runtimes (it belongs to none of them; its memory counts once, the largest report).
 
 Sources for the input format are neuron.md §1.4-§1.6; quirks handled here are
 cited where they are handled. Nothing here imports Django, torch or redis.
@@ -48,6 +57,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +77,7 @@ __all__ = [
     "MalformedReport",
     "Report",
     "RuntimeSample",
+    "anomaly_counts",
     "attribute",
     "dump_sample",
     "empty_hw",
@@ -118,6 +129,7 @@ class Report(TypedDict):
     hw: dict[str, Any]
     instance_type: str | None
     errors: list[str]
+    anomalies: NotRequired[dict[str, int]]
     replay: NotRequired[bool]
 
 
@@ -189,18 +201,41 @@ _REPORT_KEYS = frozenset(
 )
 
 
+_ANOMALIES: Counter[str] = Counter()
+
+
+def anomaly_counts() -> dict[str, int]:
+    """Anomalies (see the module doc) of every report parsed by this process so far."""
+    return dict(_ANOMALIES)
+
+
+def _percent(value: Any, anomalies: Counter[str]) -> float:
+    """A utilization in 0-100: anything outside (or not finite) is clamped and counted."""
+    number = float(value or 0.0)
+    if 0.0 <= number <= 100.0:
+        return number
+    anomalies["util_out_of_range"] += 1
+    return 100.0 if number > 100.0 else 0.0  # NaN compares false: 0
+
+
 def _build_sample(data: dict[str, Any], ts: float, per_cpu: bool = True) -> Report:
     cores: dict[str, CoreSample] = {}
-    runtimes = [_runtime(rt, cores) for rt in data.get("neuron_runtime_data") or ()]
+    anomalies: Counter[str] = Counter()
+    entries = [(rt, rt.get("report") or {}) for rt in data.get("neuron_runtime_data") or ()]
+    in_use = [(report.get("neuroncore_counters") or {}).get("neuroncores_in_use") or {} for _, report in entries]
+    memory = [_core_memory(report) for _, report in entries]
+    owners = _memory_owners(in_use, memory, anomalies)
+    runtimes = [_runtime(rt, report, used, mem, owners, index, cores, anomalies)
+                for index, ((rt, report), used, mem) in enumerate(zip(entries, in_use, memory))]
     system = data.get("system_data") or {}
     hw_info = data.get("neuron_hardware_info") or {}
     instance = data.get("instance_info") or {}
-    return {
+    sample: Report = {
         "ts": ts,
         "kind": "neuron",
         "cores": cores,
         "runtimes": runtimes,
-        "vcpu": _vcpu(system.get("vcpu_usage")),
+        "vcpu": _vcpu(system.get("vcpu_usage"), anomalies),
         "per_cpu": _per_cpu(system.get("vcpu_usage")) if per_cpu else None,
         "mem": _host_mem(system.get("memory_info")),
         "ecc": _ecc(system.get("neuron_hw_counters")),
@@ -208,31 +243,70 @@ def _build_sample(data: dict[str, Any], ts: float, per_cpu: bool = True) -> Repo
         "instance_type": instance.get("instance_type") or None,
         "errors": _host_errors(system, hw_info, instance),
     }
+    if anomalies:
+        sample["anomalies"] = dict(anomalies)
+        _ANOMALIES.update(anomalies)
+    return sample
 
 
-def _runtime(rt: dict[str, Any], cores: dict[str, CoreSample]) -> RuntimeSample:
-    """One neuron_runtime_data[] entry; also merges its cores into `cores`."""
-    report = rt.get("report") or {}
-    counters = report.get("neuroncore_counters") or {}
-    memory = report.get("memory_used") or {}
+def _core_memory(report: dict[str, Any]) -> dict[str, int]:
+    """A runtime's device bytes per core (its neuroncore_memory_usage breakdown, summed)."""
+    used = (report.get("memory_used") or {}).get("neuron_runtime_used_bytes") or {}
+    breakdown = (used.get("usage_breakdown") or {}).get("neuroncore_memory_usage") or {}
+    return {key: sum(parts.values()) for key, parts in breakdown.items()}
+
+
+def _memory_owners(in_use: list[dict[str, Any]], memory: list[dict[str, int]],
+                   anomalies: Counter[str]) -> dict[str, int | None]:
+    """Which runtime (index) a memory-only core belongs to: a core no runtime uses
+    (neuron-monitor lists only the cores active in the period) belongs to the one
+    runtime that holds memory on it; reported by several, to none (None)."""
+    used = {key for keys in in_use for key in keys}
+    owners: dict[str, int | None] = {}
+    for index, per_core in enumerate(memory):
+        for key in per_core:
+            if key in used:
+                continue
+            if key in owners:
+                if owners[key] is not None:
+                    anomalies["mem_of_shared_idle_core"] += 1
+                owners[key] = None
+            else:
+                owners[key] = index
+    return owners
+
+
+def _runtime(rt: dict[str, Any], report: dict[str, Any], in_use: dict[str, Any], memory: dict[str, int],
+             owners: dict[str, int | None], index: int, cores: dict[str, CoreSample],
+             anomalies: Counter[str]) -> RuntimeSample:
+    """One neuron_runtime_data[] entry; also merges its cores into `cores`.
+
+    Its cores are the ones it uses (neuroncores_in_use) and the idle ones only it
+    holds memory on (`owners`). A memory entry for a core another runtime uses is
+    not its: the core is not charged to it and its memory is not added again."""
     stats = report.get("execution_stats") or {}
     vcpu = (report.get("neuron_runtime_vcpu_usage") or {}).get("vcpu_usage") or {}
-    used = memory.get("neuron_runtime_used_bytes") or {}
+    used = (report.get("memory_used") or {}).get("neuron_runtime_used_bytes") or {}
     pid = int(rt.get("pid") or 0)
     # An untagged app's tag is its pid (neuron.md §1.3); keep it a string.
     tag = str(rt.get("neuron_runtime_tag") or pid)
 
-    util = _merge_core_counters(counters.get("neuroncores_in_use") or {}, cores)
-    mem_cores = _merge_core_memory(
-        (used.get("usage_breakdown") or {}).get("neuroncore_memory_usage") or {}, cores
-    )
+    util = _merge_core_counters(in_use, cores, anomalies)
+    own_memory: dict[str, int] = {}
+    for key, total in memory.items():
+        if key in in_use or owners.get(key) == index:
+            own_memory[key] = total
+        elif key not in owners:
+            anomalies["mem_of_foreign_core"] += 1
+    _merge_core_memory(own_memory, cores, summed=True)
+    _merge_core_memory({k: t for k, t in memory.items() if k in owners and owners[k] is None}, cores, summed=False)
     lat_p50, lat_p99 = _latency(stats.get("latency_stats"))
     completed, failed = _executions(stats.get("execution_summary"))
     return {
         "tag": tag,
         "pid": pid,
         "job_id": job_id_from_tag(tag),
-        "cores": sorted({int(c) for c in util} | {int(c) for c in mem_cores}),
+        "cores": sorted({int(c) for c in util} | {int(c) for c in own_memory}),
         "util": util,
         "host_mem": used.get("host"),
         "device_mem": used.get("neuron_device"),
@@ -240,13 +314,18 @@ def _runtime(rt: dict[str, Any], cores: dict[str, CoreSample]) -> RuntimeSample:
         "lat_p99": lat_p99,
         "completed": completed,
         "errors": failed,
-        "vcpu_user": vcpu.get("user"),
-        "vcpu_system": vcpu.get("system"),
+        "vcpu_user": _opt_percent(vcpu.get("user"), anomalies),
+        "vcpu_system": _opt_percent(vcpu.get("system"), anomalies),
         "error": _runtime_error(rt, report),
     }
 
 
-def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample]) -> dict[str, float]:
+def _opt_percent(value: Any, anomalies: Counter[str]) -> float | None:
+    return None if value is None else _percent(value, anomalies)
+
+
+def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample],
+                         anomalies: Counter[str]) -> dict[str, float]:
     """Per-core util of one runtime, merged into the host-wide `cores` by max.
 
     Several runtimes can report the same core; CloudWatch had to take the max
@@ -257,11 +336,11 @@ def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample]) -
     """
     util: dict[str, float] = {}
     for key, counter in in_use.items():
-        value = float(counter.get("neuroncore_utilization") or 0.0)
+        value = _percent(counter.get("neuroncore_utilization"), anomalies)
         flops = counter.get("flops")
         v3d = counter.get("v3d")
         v3d_util = (
-            {name: float(phys.get("neuroncore_utilization") or 0.0) for name, phys in v3d.items()}
+            {name: _percent(phys.get("neuroncore_utilization"), anomalies) for name, phys in v3d.items()}
             if v3d
             else None
         )
@@ -278,22 +357,22 @@ def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample]) -
     return util
 
 
-def _merge_core_memory(breakdown: dict[str, Any], cores: dict[str, CoreSample]) -> dict[str, int]:
-    """Per-core device bytes of one runtime, added into the host-wide `cores`.
+def _merge_core_memory(per_core: dict[str, int], cores: dict[str, CoreSample], *, summed: bool) -> None:
+    """Per-core device bytes of one runtime, merged into the host-wide `cores`.
 
-    Memory adds up across runtimes (each allocates its own). A core that holds
-    memory but is not in neuroncores_in_use was idle in the period: util 0.
+    A runtime's memory on its own cores adds up across runtimes sharing a core (each
+    allocates its own); a core nobody owns (`summed=False`) takes the largest report.
+    A core that holds memory but is not in neuroncores_in_use was idle in the
+    period: util 0.
     """
-    per_core: dict[str, int] = {}
-    for key, parts in breakdown.items():
-        total = sum(parts.values())
-        per_core[key] = total
+    for key, total in per_core.items():
         core = cores.get(key)
         if core is None:
             cores[key] = {"util": 0.0, "mem": total, "flops": None, "v3d": None}
+        elif core["mem"] is None:
+            core["mem"] = total
         else:
-            core["mem"] = total if core["mem"] is None else core["mem"] + total
-    return per_core
+            core["mem"] = core["mem"] + total if summed else max(core["mem"], total)
 
 
 def _max_merge(old: dict[str, float] | None, new: dict[str, float]) -> dict[str, float]:
@@ -331,14 +410,14 @@ def _runtime_error(rt: dict[str, Any], report: dict[str, Any]) -> str:
     )
 
 
-def _vcpu(group: Any) -> dict[str, float] | None:
+def _vcpu(group: Any, anomalies: Counter[str]) -> dict[str, float] | None:
     average = (group or {}).get("average_usage")
     if not average:
         return None
     return {
-        "user": float(average.get("user") or 0.0),
-        "system": float(average.get("system") or 0.0),
-        "idle": float(average.get("idle") or 0.0),
+        "user": _percent(average.get("user"), anomalies),
+        "system": _percent(average.get("system"), anomalies),
+        "idle": _percent(average.get("idle"), anomalies),
     }
 
 
@@ -349,7 +428,7 @@ def _per_cpu(group: Any) -> dict[str, float] | None:
     # io_wait is idle time waiting on I/O, so it is not "busy" (same rule as
     # os_sampler, so host and neuron samples chart the same quantity).
     return {
-        idx: round(max(0.0, 100.0 - (cpu.get("idle") or 0.0) - (cpu.get("io_wait") or 0.0)), 2)
+        idx: round(min(100.0, max(0.0, 100.0 - (cpu.get("idle") or 0.0) - (cpu.get("io_wait") or 0.0))), 2)
         for idx, cpu in usage.items()
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.utils.safestring import mark_safe
 
 from jobs import safe_json
 from jobs.models import Dataset, Family, Kind, ModelAsset, Team
@@ -78,7 +79,8 @@ class CompileForm(JobBaseForm):
                             error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
     batch_size = forms.IntegerField(min_value=1, max_value=64, initial=1)
     sequence_length = forms.IntegerField(min_value=1, max_value=8192, initial=32)
-    compiler_options = forms.CharField(required=False, help_text="Allow-listed neuronx-cc flags, e.g. --model-type=transformer -O2")
+    compiler_options = forms.CharField(required=False, help_text=mark_safe(  # flags in <code>: never wrapped at a dash
+        "Allow-listed neuronx-cc flags, e.g. <code>--model-type=transformer</code> <code>-O2</code>"))
 
     def clean_compiler_options(self) -> list[str]:
         from neuron_workers.backends.compiler_options import CompilerOptionError, validate_compiler_options
@@ -119,6 +121,10 @@ class FinetuneForm(JobBaseForm):
         data = super().clean()
         if not self.errors and not data.get("steps") and not data.get("epochs"):
             self.add_error("steps", "Give steps or epochs (a positive number).")
+        elif data.get("steps") and data.get("epochs"):
+            # The trainer takes one of them (steps would win): refuse both rather than ignore epochs.
+            self.add_error("epochs", "Give steps or epochs, not both: steps counts optimizer steps, "
+                                     "epochs counts passes over the dataset.")
         return data
 
 

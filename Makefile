@@ -8,10 +8,11 @@ export BIND NEURONDECK_HOST NEURONDECK_CPU_SLOTS
 
 .PHONY: install run test bench migrate
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .  # the neurondeck command
 	touch $@
 
 install: $(VENV)/.installed

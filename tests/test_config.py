@@ -7,6 +7,7 @@ mapping (or os.environ when none is given).
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -231,3 +232,12 @@ def test_importing_config_pulls_in_nothing_beyond_the_standard_library():
     done = _python("import sys, neuron_workers.config; "
                    "print([m for m in ('django', 'torch', 'jobs', 'redis') if m in sys.modules])")
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_a_bad_switch_stops_every_django_process_at_start_naming_the_variable():
+    """settings.py checks every switch, so the web app, scheduler, worker and agent
+    refuse to start rather than fail in the middle of a job."""
+    done = subprocess.run([sys.executable, "manage.py", "check"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "NEURONDECK_WARM_RUNNERS": "many"})
+    assert done.returncode != 0
+    assert "NEURONDECK_WARM_RUNNERS must be an integer >= 0, got 'many'" in done.stderr

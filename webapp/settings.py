@@ -10,6 +10,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from neuron_workers import config as neuron_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -68,14 +70,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Celery worker a test starts in another process shares the test database.
     _name = Path(DATABASES["default"]["NAME"])
     DATABASES["default"]["TEST"] = {"NAME": str(_name.with_name(f"test_{_name.name}"))}
-elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and envbool("DB_PREPARED_STATEMENTS", True):
-    # Every process runs the same few statements over and over (submit, dispatch,
-    # claim, heartbeat, log chunks, outcome). With server-side parameter binding,
-    # psycopg prepares a statement on its connection from its second run, and
-    # PostgreSQL stops parsing and planning it: about 40 % less database CPU per job
-    # in bench/dispatch.py. Turn off (DB_PREPARED_STATEMENTS=0) behind a pooler that
-    # cannot keep prepared statements (PgBouncer in transaction mode before 1.21).
-    DATABASES["default"].setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=2)
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 INSTALLED_APPS = [
@@ -140,7 +134,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
 # --- NeuronDeck behaviour --------------------------------------------------------
-HOST_NAME = os.environ.get("NEURONDECK_HOST", "")  # the worker / agent's own host name
+# Every NEURONDECK_* switch is parsed in neuron_workers.config; checking them all here
+# makes a bad value stop the web app, scheduler, worker and agent at start, naming the
+# variable, instead of failing later in the middle of a job.
+neuron_config.values()
+HOST_NAME = neuron_config.host_name()  # the worker / agent's own host name
 HEARTBEAT_S = envint("HEARTBEAT_S", 5)
 HOST_OFFLINE_AFTER_S = envint("HOST_OFFLINE_AFTER_S", 30)
 JOB_LEASE_S = envint("JOB_LEASE_S", 60)  # a running job whose heartbeat is older is reaped

@@ -33,12 +33,10 @@ app.conf.beat_schedule = _beat_schedule()
 
 # Celery 5.5 with the threads pool (what host workers use) acknowledges a message in
 # the pool thread, and nothing wakes the worker's event loop afterwards: once the
-# prefetch window was full, the loop sleeps until its next timer (seconds) before
-# fetching again (celery/celery#6941). Measured on bench/dispatch.py: ~6 s stalls in
-# a burst of bare tasks, and the same stall holds back job starts. A no-op timer
-# every WAKE_THREADS_POOL_S bounds that wait: 50 ms keeps bursts at ~1000 tasks/s
-# for 0.7% of a core when idle (10 ms cost 3.3%, which a training job on the
-# same cores feels).
+# prefetch window is full, the loop sleeps until its next timer (seconds) before
+# fetching again (celery/celery#6941), which holds back job starts in a burst. A
+# no-op timer bounds that wait; 50 ms keeps bursts flowing at a small idle cost
+# (a shorter period costs CPU that a training job on the same cores would feel).
 WAKE_THREADS_POOL_S = 0.05
 
 

@@ -6,7 +6,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 application = get_wsgi_application()
 
 # Django imports the URLconf (and with it every view module, the API routers and
-# their pydantic schemas: ~0.3 s of CPU) on the first request. Do it now, so each
+# their pydantic schemas) on the first request. Do it now, so each
 # gunicorn worker is ready before it takes traffic instead of making one unlucky
 # request wait for the imports.
 from django.urls import get_resolver  # noqa: E402
@@ -16,7 +16,7 @@ get_resolver().url_patterns
 # Everything loaded so far lives as long as the worker: move it out of the cyclic
 # garbage collector's reach (gc.freeze), so a full collection walks what requests
 # allocate (a few thousand objects), not the ~120k of Django, the app and its
-# imports — such a collection otherwise stalled a request every ~20 by 40-120 ms.
+# imports, which would otherwise stall an unlucky request now and then.
 import gc  # noqa: E402
 
 gc.freeze()

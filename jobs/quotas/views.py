@@ -20,7 +20,7 @@ from jobs.quotas import services as quota_services
 from jobs.quotas.forms import QuotaForm, family_field
 from jobs.teams import access
 
-TEAMS_PER_QUOTA_PAGE = 25  # a row is a form of a dozen inputs: 200 of them took ~250 ms to render
+TEAMS_PER_QUOTA_PAGE = 25  # a row is a form of a dozen inputs: a page of them must render quickly
 
 
 def _row_values(usage, form: QuotaForm | None) -> dict:

@@ -23,10 +23,6 @@ PASSWORD = "pw-for-tests-1"
 POSTGRES_ONLY_MODULES = {"test_quota_race.py", "test_faults.py"}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "postgres_only: needs PostgreSQL itself; skipped when DATABASE_URL is SQLite")
-
-
 def pytest_collection_modifyitems(config, items):
     from django.conf import settings
 
@@ -41,8 +37,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _storage(settings, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "storage"
-    root.mkdir(exist_ok=True)
+    # A storage root of each test's own: job folders are named by job id, and ids
+    # start again at 1 in each test on SQLite (a rolled-back transaction takes the
+    # sequence back with it; PostgreSQL's sequences never go back).
+    root = tmp_path_factory.mktemp("storage")
     settings.STORAGE_ROOT = root
     # A fast hasher for the cast: PBKDF2's deliberate cost buys nothing in tests.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -99,8 +97,7 @@ def tiny_model(cast, tiny_model_dir):
     from django.conf import settings
 
     dest = Path(settings.STORAGE_ROOT) / "models" / "vision" / "tiny"
-    if not dest.exists():
-        shutil.copytree(tiny_model_dir, dest)
+    shutil.copytree(tiny_model_dir, dest)
     return model_register(team=cast.vision, user=cast.alice, name="tiny-gpt", path=dest, meta=model_meta(dest))
 
 

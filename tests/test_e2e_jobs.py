@@ -130,7 +130,7 @@ def test_a_team_s_next_inference_runs_in_its_warm_process_and_another_team_s_doe
     from tests.test_warm_runners import wait_idle
 
     dest = Path(settings.STORAGE_ROOT) / "models" / "audio" / "tiny"
-    shutil.copytree(tiny_model_dir, dest, dirs_exist_ok=True)  # the storage root is shared by the session
+    shutil.copytree(tiny_model_dir, dest)
     audio_model = model_register(team=cast.audio, user=cast.charlie, name="tiny-gpt", path=dest, meta=model_meta(dest))
 
     def run(client, team, model):

@@ -37,6 +37,8 @@ LIFELINE_GRACE_ENV = "NEURONDECK_LIFELINE_GRACE_S"
 JOB_CORES_ENV = "NEURONDECK_JOB_CORES"
 API_URL_ENV = "NEURONDECK_URL"
 API_TOKEN_ENV = "NEURONDECK_TOKEN"
+JOB_PYTHON_ENV = "NEURONDECK_JOB_PYTHON"
+NEURON_SDK_ENV = "NEURONDECK_NEURON_SDK"
 
 # The Neuron SDK's own default compile cache (neuron.md §4.4).
 DEFAULT_COMPILE_CACHE = "/var/tmp/neuron-compile-cache"
@@ -212,6 +214,35 @@ def api_token(env: Env = None) -> str | None:
     return _word(API_TOKEN_ENV, env, rule="an API token without whitespace", secret=True)
 
 
+def job_python(env: Env = None) -> str | None:
+    """NEURONDECK_JOB_PYTHON: the interpreter a host starts its exec-mode jobs with, a path
+    without whitespace (None when unset: the worker's own interpreter). On a Neuron host,
+    the Python of the Neuron DLAMI virtualenv or of the Neuron container, e.g.
+    /opt/aws_neuronx_venv_pytorch_2_9/bin/python: torch-neuronx comes from AWS's own
+    package index and pins its own torch (neuron.md §0, §4.1), which the web app's
+    virtualenv cannot hold. The runner and the backends import no Django, so they run
+    there with only this project on PYTHONPATH."""
+    path = _word(JOB_PYTHON_ENV, env, rule="an interpreter path without whitespace")
+    if path is not None and not os.path.isabs(path):
+        raise _refuse(JOB_PYTHON_ENV, "an absolute interpreter path without whitespace", path)
+    return path
+
+
+_SDK_VERSION = re.compile(r"[0-9]+\.[0-9]+(\.[0-9]+)*")
+
+
+def neuron_sdk(env: Env = None) -> str | None:
+    """NEURONDECK_NEURON_SDK: the Neuron SDK release the host runs, e.g. "2.29.0", as the
+    operator states it (the DLAMI's name and the Neuron container's image tag carry it;
+    no file on the host does). None when unset: NeuronDeck then decides from the torch
+    and torch-neuronx versions the job Python reports, and cannot apply the rules that
+    depend on the release alone (no XLA training from 2.30, native from 2.33)."""
+    raw = _word(NEURON_SDK_ENV, env, rule="a Neuron SDK version such as '2.29.0'")
+    if raw is not None and not _SDK_VERSION.fullmatch(raw):
+        raise _refuse(NEURON_SDK_ENV, "a Neuron SDK version such as '2.29.0'", raw)
+    return raw
+
+
 # Every switch and its accessor, for documentation, start-up checks and the test
 # that no NEURONDECK_* variable is read anywhere without being declared here.
 SWITCHES: dict[str, Callable[[Env], object]] = {
@@ -229,6 +260,8 @@ SWITCHES: dict[str, Callable[[Env], object]] = {
     JOB_CORES_ENV: job_cores,
     API_URL_ENV: api_url,
     API_TOKEN_ENV: api_token,
+    JOB_PYTHON_ENV: job_python,
+    NEURON_SDK_ENV: neuron_sdk,
 }
 
 

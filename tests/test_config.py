@@ -43,6 +43,8 @@ def test_every_switch_has_its_default_when_unset(monkeypatch):
         "NEURONDECK_JOB_CORES": None,
         "NEURONDECK_URL": None,
         "NEURONDECK_TOKEN": None,
+        "NEURONDECK_JOB_PYTHON": None,
+        "NEURONDECK_NEURON_SDK": None,
     }
 
 
@@ -83,6 +85,8 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_JOB_CORES": "2",
         "NEURONDECK_URL": "https://neurondeck.example.com/",
         "NEURONDECK_TOKEN": " nd_abc123 ",
+        "NEURONDECK_JOB_PYTHON": "/opt/aws_neuronx_venv_pytorch_2_9/bin/python",
+        "NEURONDECK_NEURON_SDK": "2.29.0",
     }
     assert config.values(env) == {
         "NEURONDECK_HOST": "trn1-a",
@@ -99,6 +103,8 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_JOB_CORES": 2,
         "NEURONDECK_URL": "https://neurondeck.example.com/",
         "NEURONDECK_TOKEN": "nd_abc123",
+        "NEURONDECK_JOB_PYTHON": "/opt/aws_neuronx_venv_pytorch_2_9/bin/python",
+        "NEURONDECK_NEURON_SDK": "2.29.0",
     }
 
 
@@ -148,6 +154,10 @@ def test_a_config_error_is_a_value_error_so_existing_handlers_still_catch_it():
         ("NEURONDECK_ZYGOTE_PRELOAD", "mod:", "comma-separated module names or module:function entries"),
         ("NEURONDECK_URL", "neurondeck.example.com", "an http:// or https:// URL"),
         ("NEURONDECK_URL", "ftp://neurondeck.example.com", "an http:// or https:// URL"),
+        ("NEURONDECK_JOB_PYTHON", "python3", "an absolute interpreter path without whitespace"),
+        ("NEURONDECK_JOB_PYTHON", "/opt/my venv/bin/python", "an interpreter path without whitespace"),
+        ("NEURONDECK_NEURON_SDK", "latest", "a Neuron SDK version such as '2.29.0'"),
+        ("NEURONDECK_NEURON_SDK", "2", "a Neuron SDK version such as '2.29.0'"),
     ],
 )
 def test_a_bad_or_out_of_range_value_is_refused_with_its_rule(name, raw, rule):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone as dt_timezone
 
 import pytest
 from django.test import Client
@@ -20,6 +21,11 @@ from neuron_workers.agent import Agent
 from neuron_workers.readers.neuron_monitor import parse_report
 
 MIN = 60_000
+
+
+def minute_at(ms: int) -> datetime:
+    """The MetricMinute.minute of a stream entry stamped `ms` (epoch milliseconds)."""
+    return datetime.fromtimestamp(ms / 1000, tz=dt_timezone.utc)
 
 
 def publish(host: Host, line: str, ts: float | None = None) -> None:
@@ -278,7 +284,7 @@ def test_the_rollup_aggregates_whole_minutes_and_counts_every_entry_once(cast, c
 
     assert (first.entries, first.rows) == (6, 6)  # 3 job + 3 host entries; cores 0, 1, -1 for each
     jobs = rows(job=job)
-    minute = metrics._dt(m1)
+    minute = minute_at(m1)
     assert set(jobs) == {(minute, 0), (minute, 1), (minute, -1)}
     core0, whole = jobs[(minute, 0)], jobs[(minute, -1)]
     assert (core0.util_mean, core0.util_peak, core0.mem_bytes, core0.samples) == (20.0, 30.0, 102, 3)
@@ -294,7 +300,7 @@ def test_the_rollup_aggregates_whole_minutes_and_counts_every_entry_once(cast, c
 
     later = metrics.rollup(upto_ms=m2 + MIN)
     assert later.entries == 4
-    assert rows(job=job)[(metrics._dt(m2), 0)].samples == 2
+    assert rows(job=job)[(minute_at(m2), 0)].samples == 2
     assert rows(job=job)[(minute, 0)].samples == 3
 
     # A run that died after writing but before moving its cursors is repeated: the
@@ -303,7 +309,7 @@ def test_the_rollup_aggregates_whole_minutes_and_counts_every_entry_once(cast, c
     repeated = metrics.rollup(upto_ms=m2 + MIN)
     assert repeated.entries == 10
     assert MetricMinute.objects.count() == 12
-    assert rows(job=job)[(minute, 0)].samples == 3 and rows(job=job)[(metrics._dt(m2), -1)].samples == 2
+    assert rows(job=job)[(minute, 0)].samples == 3 and rows(job=job)[(minute_at(m2), -1)].samples == 2
     assert rows(job__isnull=True, host=host)[(minute, 0)].samples == 3
 
 
@@ -358,7 +364,7 @@ def test_a_running_job_shows_stored_minutes_before_its_live_stream(cast, clean_s
     host = neuron_host()
     job = running_job(cast.vision, cast.bob, host, start=0, cores=1)
     early = (int(time.time() * 1000) // MIN - 90) * MIN
-    MetricMinute.objects.create(host=host, job=job, minute=metrics._dt(early), core=0, util_mean=12.0, samples=60)
+    MetricMinute.objects.create(host=host, job=job, minute=minute_at(early), core=0, util_mean=12.0, samples=60)
     publish(host, tagged_report(job, {0: 70.0}))
 
     data = metrics_of(api_client(cast.bob), job)

@@ -7,6 +7,7 @@ the documented `neuron-ls -j` format, not captured on hardware). No Django.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -23,6 +24,7 @@ from neuron_workers.readers.neuron_ls import (
     cpu_inventory,
     detect_instance_type,
     family_for_instance_type,
+    find_tool,
     parse_neuron_ls,
     read_meminfo_total,
     run_neuron_ls,
@@ -349,3 +351,47 @@ def test_run_raises_when_the_tool_hangs(tmp_path: Path) -> None:
 
     with pytest.raises(NeuronLsError, match="did not finish"):
         run_neuron_ls(binary=binary, timeout=0.2, instance_type="")
+
+
+# --------------------------------------------------------------------------
+# Where the tools are: PATH, then /opt/aws/neuron/bin (neuron.md §0, §1.1)
+# --------------------------------------------------------------------------
+
+
+def test_a_tool_missing_from_path_is_found_in_the_neuron_bin_dir(tmp_path: Path, monkeypatch) -> None:
+    # A systemd service's PATH lacks /opt/aws/neuron/bin; the host must not
+    # register as a CPU host because of it.
+    neuron_bin = tmp_path / "opt-aws-neuron-bin"
+    neuron_bin.mkdir()
+    sample = DATA / "inf2.xlarge.json"
+    tool = Path(_fake_tool(neuron_bin, f'[ "$1" = "-j" ] || exit 2\n/bin/cat "{sample}"'))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+    assert find_tool("neuron-ls", bin_dir=neuron_bin) == str(tool)
+    inv = run_neuron_ls(instance_type="inf2.xlarge", bin_dir=neuron_bin)
+    assert inv.family == "inf2" and inv.core_ids == [0, 1]
+
+
+def test_path_wins_over_the_neuron_bin_dir_and_a_missing_tool_is_none(tmp_path: Path, monkeypatch) -> None:
+    on_path, neuron_bin = tmp_path / "path", tmp_path / "neuron-bin"
+    on_path.mkdir()
+    neuron_bin.mkdir()
+    first = _fake_tool(on_path, "exit 0")
+    _fake_tool(neuron_bin, "exit 0")
+    monkeypatch.setenv("PATH", str(on_path))
+
+    assert find_tool("neuron-ls", bin_dir=neuron_bin) == first
+    assert find_tool("neuron-monitor", bin_dir=neuron_bin) is None
+    assert find_tool(str(tmp_path / "nope")) is None
+    assert find_tool(first) == first
+
+
+def test_the_job_python_report_round_trips_with_the_compiler_version_on_top() -> None:
+    inv = parse_neuron_ls((DATA / "inf2.xlarge.json").read_text(), instance_type="inf2.xlarge")
+    software = {"torch": "2.9.0", "compiler_version": "torch-neuronx-2.9.0.2.15.32035+neuronx-cc-2.27.5334.0"}
+    reported = dataclasses.replace(inv, software=software)
+
+    data = json.loads(json.dumps(reported.to_dict()))
+    assert data["compiler_version"] == software["compiler_version"]
+    assert HostInventory.from_dict(data) == reported
+    assert "compiler_version" not in inv.to_dict()

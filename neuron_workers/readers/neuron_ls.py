@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,10 @@ __all__ = [
     "NeuronLsError",
     "NeuronProcess",
     "cpu_inventory",
+    "NEURON_BIN_DIR",
     "detect_instance_type",
     "family_for_instance_type",
+    "find_tool",
     "parse_neuron_ls",
     "read_meminfo_total",
     "run_neuron_ls",
@@ -46,6 +49,11 @@ __all__ = [
 Family = Literal["inf1", "inf2", "trn1", "trn2", "cpu"]
 
 GIB = 1024**3
+
+# Where aws-neuronx-tools installs neuron-ls, neuron-monitor and neuron-top. The
+# setup guides add it to PATH by hand (neuron.md §0, §1.1); a systemd service or a
+# container's PATH usually lacks it.
+NEURON_BIN_DIR = "/opt/aws/neuron/bin"
 
 
 class NeuronLsError(ValueError):
@@ -238,6 +246,9 @@ class HostInventory:
       `core_memory_bytes` is per NeuronCore (device memory / cores per device).
     - `host_memory_bytes` is the host RAM when known (None from the pure parser).
     - `lnc` is the logical NeuronCore config (trn2 only; None elsewhere).
+    - `software` is what the host's job Python reported (versions of the SDK, the
+      compiler, the runtime, torch and torch-neuronx; see
+      neuron_workers.backends.neuron_env); empty when nothing was probed.
     """
 
     family: str
@@ -248,6 +259,7 @@ class HostInventory:
     core_memory_bytes: int
     host_memory_bytes: int | None = None
     lnc: int | None = None
+    software: dict[str, Any] = field(default_factory=dict)
 
     @property
     def core_count(self) -> int:
@@ -258,8 +270,12 @@ class HostInventory:
         return self.family != "cpu"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict; `HostInventory.from_dict` reverses it."""
-        return {
+        """A JSON-serializable dict; `HostInventory.from_dict` reverses it.
+
+        `software` (and the compiler version at top level, which the web app keys
+        a compile cache lookup by: jobs.lifecycle.services.compiler_version) only
+        when the job Python was probed."""
+        data = {
             "family": self.family,
             "instance_type": self.instance_type,
             "devices": [d.to_dict() for d in self.devices],
@@ -269,6 +285,10 @@ class HostInventory:
             "host_memory_bytes": self.host_memory_bytes,
             "lnc": self.lnc,
         }
+        if self.software:
+            data["software"] = dict(self.software)
+            data["compiler_version"] = self.software.get("compiler_version")
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HostInventory:
@@ -281,6 +301,7 @@ class HostInventory:
             core_memory_bytes=data.get("core_memory_bytes") or 0,
             host_memory_bytes=data.get("host_memory_bytes"),
             lnc=data.get("lnc"),
+            software=dict(data.get("software") or {}),
         )
 
 
@@ -504,25 +525,41 @@ def cpu_inventory(
     )
 
 
+def find_tool(name: str, bin_dir: str | Path = NEURON_BIN_DIR) -> str | None:
+    """The path of a Neuron tool: `name` on PATH, else in `bin_dir` (/opt/aws/neuron/bin).
+
+    A name with a slash is a path and is returned as it is when it is executable.
+    None when the tool is in neither place.
+    """
+    if os.sep in name:
+        return name if os.access(name, os.X_OK) and Path(name).is_file() else None
+    return shutil.which(name) or shutil.which(name, path=str(bin_dir))
+
+
 def run_neuron_ls(
     binary: str = "neuron-ls",
     timeout: float = 10,
     instance_type: str | None = None,
+    bin_dir: str | Path = NEURON_BIN_DIR,
 ) -> HostInventory:
     """Run `neuron-ls -j` and return this host's inventory.
 
-    A missing binary, a non-zero exit or empty stdout mean "no usable Neuron
-    device" (neuron.md §2.1: exit 1 with empty stdout) and give a CPU
-    inventory. A timeout or unparseable output raise NeuronLsError: the
-    devices may be there, and registering the host as CPU would hide them.
-    `instance_type` defaults to `detect_instance_type()`.
+    The tool is looked up on PATH, then in `bin_dir` (find_tool). A missing
+    binary, a non-zero exit or empty stdout mean "no usable Neuron device"
+    (neuron.md §2.1: exit 1 with empty stdout) and give a CPU inventory. A
+    timeout or unparseable output raise NeuronLsError: the devices may be
+    there, and registering the host as CPU would hide them. `instance_type`
+    defaults to `detect_instance_type()`.
     """
     itype = detect_instance_type() if instance_type is None else instance_type
     memory = read_meminfo_total()
+    path = find_tool(binary, bin_dir)
+    if path is None:
+        return cpu_inventory(instance_type=itype, host_memory_bytes=memory)
     try:
         # argv list, no shell: `binary` may come from configuration.
         done = subprocess.run(
-            [binary, "-j"], capture_output=True, timeout=timeout, check=False
+            [path, "-j"], capture_output=True, timeout=timeout, check=False
         )
     except (FileNotFoundError, PermissionError, NotADirectoryError):
         return cpu_inventory(instance_type=itype, host_memory_bytes=memory)

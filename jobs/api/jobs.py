@@ -14,10 +14,10 @@ Contracts that hold for every endpoint here:
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Iterable, Literal
 
+from django import forms
 from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse, QueryDict
@@ -25,12 +25,13 @@ from django.urls import reverse
 from django.utils.datastructures import MultiValueDict
 from ninja import Query, Router, Schema, Status
 
+from jobs.api import body
 from jobs.api.schemas import ErrorOut
 from jobs.assets.artifacts import artifact_response
 from jobs.assets.services import dataset_upload, model_upload
 from jobs.assets.uploads import UploadError
 from jobs.lifecycle import selectors
-from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm
+from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm, PromptsField
 from jobs.lifecycle.services import SubmitRefused, job_cancel, job_submit
 from jobs.models import Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
 from jobs.teams import access
@@ -390,13 +391,16 @@ def list_teams(request: HttpRequest):
 # --- jobs ---------------------------------------------------------------------------
 
 def _submission(request: HttpRequest) -> tuple[QueryDict | dict, MultiValueDict | None] | JsonResponse:
-    """The submitted fields and files: multipart/form (for a prompts_file upload) or JSON."""
-    if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    """The submitted fields and files: multipart/form (for a prompts_file upload) or
+    JSON (jobs.api.body: the content type, depth, NUL and lone surrogates checked),
+    whose values must also be of their field's JSON type (_json_type_errors)."""
+    if request.content_type in body.FORM_TYPES:
         return request.POST, request.FILES
-    try:
-        data = json.loads(request.body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _error(400, f"the body is not valid JSON ({exc})", code="invalid_json")
+    if request.content_type and not body.is_json_type(request.content_type):
+        return body.unsupported(request, "application/json, or multipart/form-data with a prompts_file")
+    data, refused = body.read_json(request, "The job was not submitted")
+    if refused is not None:
+        return refused
     if not isinstance(data, dict):
         return _error(400, "the body must be a JSON object with team, kind and the job's fields", code="invalid_json")
     if "prompts_file" in data:
@@ -409,13 +413,60 @@ def _submission(request: HttpRequest) -> tuple[QueryDict | dict, MultiValueDict 
     return data, None
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return f"a number with a fraction ({value!r})" if not value.is_integer() else f"a decimal number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _json_type_errors(data: dict, form_class: type) -> dict[str, list[str]]:
+    """A JSON body is typed: each field's value must be of its field's JSON type
+    (null stands for "not given"). Ids, counts and sizes are JSON integers only:
+    not true (which the form's int() would read as 1), not 1.0 or 1.5, not "1"
+    (a form-encoded body, which is all text, sends "1"). Numbers take an integer or
+    a decimal; text fields a string; prompts a string or a list of strings."""
+    errors: dict[str, list[str]] = {}
+    for name, value in data.items():
+        field = form_class.base_fields.get(name)
+        if field is None or value is None:
+            continue
+        if isinstance(field, forms.FloatField):  # before IntegerField: FloatField is one
+            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(field, (forms.IntegerField, forms.ModelChoiceField)):
+            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            if isinstance(field, forms.ModelChoiceField):
+                wanted = "an id (an integer)"
+        elif isinstance(field, (forms.CharField, forms.ChoiceField)):
+            ok, wanted = isinstance(value, str), "a string"
+        elif isinstance(field, PromptsField):
+            ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value))
+            wanted = "a string (one prompt per line) or a list of strings"
+        else:
+            continue
+        if not ok:
+            # The form's own sentence first (what the HTML form would say), then the type.
+            own = field.error_messages.get("invalid_choice" if isinstance(field, forms.ModelChoiceField) else "invalid")
+            own = f"{own} " if own and "%(" not in own else ""
+            errors[name] = [f"{own}{name} must be {wanted}, not {_json_kind(value)}."]
+    return errors
+
+
 def _submit_target(user, data) -> tuple[Team, str] | JsonResponse:
     """The team (404 unless the caller belongs to it; 403 for a viewer) and a valid kind."""
     errors: dict[str, list[str]] = {}
     slug, kind = data.get("team"), data.get("kind")
     if not slug or not isinstance(slug, str):
         errors["team"] = ["This field is required: the slug of one of your teams."]
-    if kind not in JOB_FORMS:
+    elif "\x00" in slug:
+        errors["team"] = ["team must be the slug of one of your teams (it contains a NUL character)"]
+    if not isinstance(kind, str) or kind not in JOB_FORMS:
         errors["kind"] = [f"kind must be one of {', '.join(JOB_FORMS)}"]
     if errors:
         return _field_errors(errors, "The job was not submitted")
@@ -446,6 +497,10 @@ def submit_job(request: HttpRequest):
     if unknown:
         errors = {key: [f"unknown field for a {kind} job"] for key in unknown}
         return _field_errors(errors, f"The {kind} job was not submitted")
+    if files is None:
+        typed = _json_type_errors(data, form_class)
+        if typed:
+            return _field_errors(typed, f"The {kind} job was not submitted")
     form = form_class(data=data, files=files, team=team)
     if not form.is_valid():
         return _field_errors({f: list(msgs) for f, msgs in form.errors.items()}, f"The {kind} job was not submitted")
@@ -524,10 +579,14 @@ def download_artifact(request: HttpRequest, job_id: int, name: str):
 def _upload_target(request: HttpRequest, form) -> tuple[Team, str, Any] | JsonResponse:
     """Checks shared by model and dataset uploads: fields present and valid, the
     caller a member of the team (404 otherwise, 403 for a viewer), size within limit."""
+    if request.content_type != "multipart/form-data":
+        return body.unsupported(request, "multipart/form-data with team, name and file")
     errors = {f: list(msgs) for f, msgs in form.errors.items()} if not form.is_valid() else {}
     slug = request.POST.get("team")
     if not slug:
         errors = {"team": ["This field is required: the slug of one of your teams."], **errors}
+    elif "\x00" in slug:
+        errors = {"team": ["team must be the slug of one of your teams (it contains a NUL character)"], **errors}
     if errors:
         return _field_errors(errors, "The upload was refused")
     team = access.get_team(request.auth, slug)

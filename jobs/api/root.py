@@ -2,12 +2,21 @@
 and browsable at /api/v1/docs. One NinjaAPI; each area adds its own Router."""
 from __future__ import annotations
 
+import logging
+import re
+
+import redis
 from django.http import HttpRequest
 from ninja import NinjaAPI
-from ninja.errors import ValidationError
-from ninja.security import HttpBearer, django_auth
+from ninja.errors import AuthenticationError, ValidationError
+from ninja.security import HttpBearer, SessionAuth
 
-from jobs.teams.tokens import token_user
+from jobs.teams.tokens import PREFIX, token_user
+
+log = logging.getLogger("jobs.api")
+# The shape of the tokens token_create issues: one of that shape that no user owns
+# was revoked (tokens are deleted on revocation) or never issued.
+ISSUED_SHAPE = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]{43}")
 
 
 class TokenAuth(HttpBearer):
@@ -20,8 +29,48 @@ class TokenAuth(HttpBearer):
         return user
 
 
-api = NinjaAPI(title="NeuronDeck API", version="1", urls_namespace="api", auth=[TokenAuth(), django_auth],
-               docs_url="/docs")
+class BrowserSessionAuth(SessionAuth):
+    """A signed-in browser session, CSRF-checked. Only a request that has a signed-in
+    session and no Authorization header is judged as one: ninja's SessionAuth checks
+    CSRF first, so a client with no credentials, or with a token that no longer works,
+    was answered 403 "CSRF check Failed" instead of the 401 that says why."""
+
+    def __call__(self, request: HttpRequest):
+        if "Authorization" in request.headers or not request.user.is_authenticated:
+            return None
+        return super().__call__(request)
+
+
+api = NinjaAPI(title="NeuronDeck API", version="1", urls_namespace="api",
+               auth=[TokenAuth(), BrowserSessionAuth()], docs_url="/docs")
+
+
+@api.exception_handler(AuthenticationError)
+def unauthenticated(request: HttpRequest, exc: AuthenticationError):
+    """401 with what to do: no credentials, or a token that does not work."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if not scheme:
+        detail = ("Authentication required: send Authorization: Bearer <token> with an API token "
+                  "(from the Tokens page), or sign in.")
+    elif scheme.lower() == "bearer" and ISSUED_SHAPE.fullmatch(token.strip()):
+        detail = "This API token was revoked (or never issued): create a new one on the Tokens page."
+    else:
+        detail = "Unauthorized"
+    response = api.create_response(request, {"detail": detail}, status=401)
+    response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+@api.exception_handler(redis.RedisError)
+def live_data_unavailable(request: HttpRequest, exc: redis.RedisError):
+    """Redis (live metrics, log tails) down: 503 with the reason, not a 500. The
+    connection details stay in the server log."""
+    log.warning("Redis unavailable for %s: %s", request.path, exc)
+    response = api.create_response(request, {
+        "detail": "Live data is unavailable: Redis (the live metrics store) cannot be reached. Try again shortly.",
+        "code": "live_data_unavailable"}, status=503)
+    response["Retry-After"] = "10"
+    return response
 
 
 @api.exception_handler(ValidationError)

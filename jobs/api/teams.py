@@ -9,13 +9,13 @@ a 404. Bad input is a 400 `{"detail", "errors": {field: [message]}}` from the sa
 form the admin quota page uses; a team member who is not staff gets 403 on PATCH."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema
 
+from jobs.api.body import read_json
 from jobs.api.schemas import ErrorOut
 from jobs.lifecycle import selectors
 from jobs.quotas import selectors as quota_selectors
@@ -109,10 +109,9 @@ def quota_patch(request: HttpRequest, slug: str):
     team = access.get_team(request.auth, slug)
     if not request.auth.is_staff:
         return _error(403, "Only site admins change quotas.", code="forbidden")
-    try:
-        body = json.loads(request.body or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _error(400, f"The body is not JSON: {exc}", code="bad_json")
+    body, refused = read_json(request, "The quota was not changed", empty={})
+    if refused is not None:
+        return refused
     if not isinstance(body, dict) or not body:
         return _error(400, "Send a JSON object with the quota fields to change.", code="empty")
     data, errors = flatten_quota_body(body)

@@ -18,6 +18,8 @@ def artifact_path(job: Job, name: str) -> Path:
     """The file or folder of artifact `name`, or of a path inside a folder artifact
     ("checkpoint/config.json"). A 404 for anything else, including a row or a link
     that points outside the job's folder."""
+    if "\x00" in name:  # no artifact has one, and PostgreSQL cannot even compare it
+        raise Http404("No such artifact")
     top, _, rest = name.partition("/")
     artifact = job.artifacts.filter(name=name).first()
     if artifact is None and rest:

@@ -10,9 +10,12 @@ import json
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
+
+from jobs import safe_json
 
 MAX_ZIP_MEMBERS = 10_000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -58,12 +61,29 @@ def _safe_members(archive: zipfile.ZipFile) -> tuple[list[zipfile.ZipInfo], str]
     return members, prefix
 
 
+# What a damaged member raises while it is read: a CRC or size mismatch (BadZipFile),
+# compressed data that does not inflate (zlib.error; EOFError when it ends early), an
+# encrypted member (RuntimeError), a compression method zipfile lacks
+# (NotImplementedError).
+CORRUPT_MEMBER = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError)
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, out) -> None:
+    """Copy one member into the file object `out`; UploadError if it is damaged."""
+    try:
+        with archive.open(member) as src:
+            shutil.copyfileobj(src, out)
+    except CORRUPT_MEMBER as exc:
+        raise UploadError("file", f"the zip is corrupt: {member.filename} cannot be extracted ({exc})") from None
+
+
 def extract_model_zip(upload, dest: Path) -> dict:
-    """Extract a HF-format model zip into `dest`; returns the model's meta. Raises UploadError."""
+    """Extract a HF-format model zip into `dest`; returns the model's meta. Raises
+    UploadError; the caller removes `dest` then (jobs.assets.services.model_upload)."""
     _check_size(upload, "file")
     try:
         archive = zipfile.ZipFile(upload)
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         raise UploadError("file", "the file is not a zip archive") from None
     with archive:
         members, prefix = _safe_members(archive)
@@ -72,29 +92,55 @@ def extract_model_zip(upload, dest: Path) -> dict:
             raise UploadError("file", "the zip has no config.json at its top level (not a Hugging Face model folder)")
         if not any(w in names for w in WEIGHT_FILES):
             raise UploadError("file", "the zip has no weights (model.safetensors or pytorch_model.bin)")
-        try:
-            config = json.loads(archive.read(prefix + "config.json"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UploadError("file", "config.json is not valid JSON") from None
-        if not isinstance(config, dict) or "model_type" not in config:
-            raise UploadError("file", "config.json has no model_type")
+        raw = io.BytesIO()
+        _read_member(archive, archive.getinfo(prefix + "config.json"), raw)
+        meta = config_meta(raw.getvalue())
         dest.mkdir(parents=True, exist_ok=True)
         for member in members:
             target = dest / member.filename[len(prefix):]
             target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-    return model_meta(dest)
+            with open(target, "wb") as out:
+                _read_member(archive, member, out)
+    return meta
 
 
-def model_meta(path: Path) -> dict:
-    config = json.loads((path / "config.json").read_text())
+def _positive_int(config: dict, key: str) -> None:
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31):
+        raise UploadError("file", f"config.json: {key} must be a positive integer, not {value!r:.40}")
+
+
+def config_meta(raw: bytes) -> dict:
+    """The meta of an uploaded model from its config.json, checked first: JSON through
+    safe_json (depth, NUL), an object with a model_type string, architectures a list
+    of strings, and the numbers the forms compare against positive integers."""
+    try:
+        config = safe_json.loads(raw)
+    except safe_json.JSONInputError as exc:
+        raise UploadError("file", exc.sentence("config.json")) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise UploadError("file", "config.json has no model_type")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise UploadError("file", "config.json: architectures must be a list of strings")
+    for key in ("n_positions", "max_position_embeddings", "vocab_size"):
+        _positive_int(config, key)
+    return _meta(config)
+
+
+def _meta(config: dict) -> dict:
     return {
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures") or [],
         "max_positions": config.get("n_positions") or config.get("max_position_embeddings"),
         "vocab_size": config.get("vocab_size"),
     }
+
+
+def model_meta(path: Path) -> dict:
+    """The meta of a model folder written here (the demo model, a fine-tune's checkpoint)."""
+    return _meta(json.loads((path / "config.json").read_text()))
 
 
 def dir_digest(path: Path) -> tuple[str, int]:
@@ -119,6 +165,9 @@ def validate_dataset(upload, dest: Path) -> tuple[str, int]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UploadError("file", "the dataset is not UTF-8 text") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise UploadError("file", f"line {line} contains a NUL byte; a dataset is text")
     name = (getattr(upload, "name", "") or "").lower()
     fmt = "csv" if name.endswith(".csv") else "jsonl"
     rows = _check_csv(text) if fmt == "csv" else _check_jsonl(text)
@@ -134,9 +183,9 @@ def _check_jsonl(text: str) -> int:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UploadError("file", f"line {number} is not valid JSON ({exc.msg})") from None
+            row = safe_json.loads(line)
+        except safe_json.JSONInputError as exc:
+            raise UploadError("file", exc.sentence(f"line {number}")) from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise UploadError("file", f'line {number} needs a "text" string field')
         rows += 1

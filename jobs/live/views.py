@@ -107,7 +107,13 @@ def fleet_figure(request: HttpRequest) -> JsonResponse:
     family, error = _family(request)
     if error:
         return JsonResponse({"detail": error, "errors": {"family": [error]}}, status=400)
-    data = metrics.fleet(request.user, family)
+    try:
+        data = metrics.fleet(request.user, family)
+    except redis_lib.RedisError:
+        response = JsonResponse({"detail": "Live data is unavailable: Redis (the live metrics store) cannot be "
+                                           "reached. Try again shortly.", "code": "live_data_unavailable"}, status=503)
+        response["Retry-After"] = "10"
+        return response
     return JsonResponse({"figure": charts.fleet_figure(data), "summary": fleet_summary(data)})
 
 

@@ -25,11 +25,13 @@ TAG_VAR = "NEURON_PROCESS_TAG"
 
 def runner_main(sock: socket.socket, max_jobs: int, first: tuple[dict, socket.socket] | None = None) -> NoReturn:
     """Run jobs handed over on ``sock`` (the first one may come with the fork), at
-    most ``max_jobs``, while each ends in a state the next may start from."""
+    most ``max_jobs``, while each ends in a state the next may start from. A job
+    without a reuse key is always its process's last."""
     done = 0
     request, status_sock = first if first is not None else _next_request(sock)
     while True:
-        code, again = _run_job(request, status_sock, first_job=done == 0, last=done + 1 >= max_jobs)
+        last = done + 1 >= max_jobs or not request.get("reuse_key")
+        code, again = _run_job(request, status_sock, first_job=done == 0, last=last)
         done += 1
         if not again:
             _exit(code)

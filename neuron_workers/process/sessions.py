@@ -44,8 +44,11 @@ def record(tag: str | None, sid: int) -> Path | None:
         return None
     path = RECORDS_DIR / f"{sid}.{quote(tag, safe='')}"
     try:
-        RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            RECORDS_DIR.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, str(stat.start_ticks).encode())
         finally:

@@ -77,7 +77,8 @@ class ZygoteServer:
         self.ctrl = ctrl
         self.model_cache = model_cache
         self.spares_wanted = max(0, spares)
-        self.runner_jobs = max(1, runner_jobs)
+        # Without warm runners every process runs one job: none waits to be kept.
+        self.runner_jobs = max(1, runner_jobs) if warm_runners > 0 else 1
         self.jobs: dict[int, socket.socket] = {}  # job pid -> its status channel
         self.spares: dict[int, socket.socket] = {}  # idle pid -> its request socket
         self.busy: dict[int, tuple[socket.socket, str]] = {}  # job pid -> (its request socket, reuse key)

@@ -20,14 +20,22 @@ import json
 import re
 from collections.abc import Sequence
 
-# flag -> allowed values (neuron.md §4.5 table).
+# flag -> allowed values [SDK compiler/neuronx-cc/api-reference-guide/index.rst, neuron.md §4.5].
 _VALUED_FLAGS: dict[str, tuple[str, ...]] = {
     "--model-type": ("generic", "transformer", "unet-inference"),
     "--auto-cast": ("none", "matmult", "all"),
     "--auto-cast-type": ("bf16", "fp16", "tf32", "fp8_e4m3"),
     "--optlevel": ("1", "2", "3"),
     "--logical-nc-config": ("1", "2"),
+    "--distribution-strategy": ("llm-training",),
+    "--native-int64": ("default", "enabled", "disabled"),
+    # Also a comma-separated list of the operations below (_DOWNCAST_OPS).
+    "--implicit-integer-downcast": ("default", "all", "none"),
+    "--verbose": ("debug", "info", "warning", "error", "critical"),
 }
+
+# --implicit-integer-downcast <op_list>: operations that may be downcast.
+_DOWNCAST_OPS: tuple[str, ...] = ("dot", "scatter", "all_reduce", "reduce_scatter", "pow")
 
 _BOOLEAN_FLAGS: tuple[str, ...] = (
     "--enable-saturate-infinity",
@@ -37,13 +45,17 @@ _BOOLEAN_FLAGS: tuple[str, ...] = (
     "--disable-mixed-precision-accumulation",
 )
 
-_ALIASES: dict[str, str] = {"-lnc": "--logical-nc-config"}
+# "-lnc" is the reference's short form; "--lnc" is how the error-code and profiling
+# guides spell it (compiler/error-codes/EARG001.rst, nki/guides/use-neuron-profile.rst).
+_ALIASES: dict[str, str] = {"-lnc": "--logical-nc-config", "--lnc": "--logical-nc-config"}
 
-# Flags valid only on some targets (neuron.md §4.5: -lnc is trn2 only, saturate
-# infinity is listed for trn1).
+# Flags valid only on some targets: logical cores and native int64 exist on trn2
+# only; saturate-infinity is needed on trn1, accepted and without effect on trn2,
+# and inf2 has trn1's NeuronCore-v2, so it is harmless there too.
 _TARGET_ONLY: dict[str, tuple[str, ...]] = {
     "--logical-nc-config": ("trn2",),
-    "--enable-saturate-infinity": ("trn1",),
+    "--native-int64": ("trn2",),
+    "--enable-saturate-infinity": ("inf2", "trn1", "trn2"),
 }
 
 # Pairs that contradict each other; giving both is a user error, not "last wins".
@@ -66,8 +78,10 @@ TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2")
 MAX_OPTIONS = 32
 MAX_OPTION_LENGTH = 200
 
-_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.=-]+$")
-_SHELL_CHARS = set(";|&$`<>()[]{}*?!~#'\"\\/\n\r\t %^,:@")
+_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.=,-]+$")
+# A comma is allowed: it separates --implicit-integer-downcast's operations, and
+# the value check refuses it anywhere else.
+_SHELL_CHARS = set(";|&$`<>()[]{}*?!~#'\"\\/\n\r\t %^:@")
 _OPTLEVEL_SHORT = re.compile(r"^-O(.*)$")
 
 
@@ -78,8 +92,8 @@ class CompilerOptionError(ValueError):
 def validate_compiler_options(options: Sequence[str], target: str) -> list[str]:
     """Check `options` against the allow-list and return normalized argv pieces.
 
-    Accepts "--flag=value", "--flag value" (one item or two), "-O1".."-O3" and
-    "-lnc N". Output is canonical: one "--flag=value" or "--flag" piece per option,
+    Accepts "--flag=value", "--flag value" (one item or two), "-O1".."-O3", "-O N",
+    "-lnc N" and "--lnc N". Output is canonical: one "--flag=value" or "--flag" piece per option,
     in the order given, with aliases expanded ("-O2" -> "--optlevel=2").
     Blank items are ignored. Raises CompilerOptionError on anything else.
     """
@@ -154,8 +168,12 @@ def _parse_flag(tokens: list[tuple[str, str]], i: int) -> tuple[str, str | None,
     if not _SAFE_TOKEN.match(token):
         raise CompilerOptionError(f"compiler option {item!r}: {token!r} has characters that are not allowed")
     short = _OPTLEVEL_SHORT.match(token)
-    if short:
+    if short and short.group(1):
         return "--optlevel", _check_value(item, "--optlevel", short.group(1), hint="use -O1, -O2 or -O3"), 1
+    if short:  # "-O 1": the reference's spelling, "-O <opt_level>"
+        if i + 1 >= len(tokens) or tokens[i + 1][1].startswith("-"):
+            raise CompilerOptionError(f"compiler option {item!r}: -O needs a level (use -O1, -O2 or -O3)")
+        return "--optlevel", _check_value(item, "--optlevel", tokens[i + 1][1], hint="use -O1, -O2 or -O3"), 2
     name, eq, inline_value = token.partition("=")
     flag = _ALIASES.get(name, name)
     if flag in _BOOLEAN_FLAGS:
@@ -176,6 +194,11 @@ def _parse_flag(tokens: list[tuple[str, str]], i: int) -> tuple[str, str | None,
 
 def _check_value(item: str, flag: str, value: str, hint: str = "") -> str:
     allowed = _VALUED_FLAGS[flag]
+    if flag == "--implicit-integer-downcast" and value not in allowed:
+        ops = value.split(",")
+        if all(op in _DOWNCAST_OPS for op in ops) and len(set(ops)) == len(ops):
+            return value
+        hint = hint or f"or a comma-separated list of {', '.join(_DOWNCAST_OPS)}"
     if value not in allowed:
         extra = f" ({hint})" if hint else ""
         raise CompilerOptionError(
@@ -199,7 +222,7 @@ def _check_conflicts(seen: dict[str, str]) -> None:
 
 
 def _allowed_summary() -> str:
-    return ", ".join([*_VALUED_FLAGS, "-O1/-O2/-O3", "-lnc", *_BOOLEAN_FLAGS])
+    return ", ".join([*_VALUED_FLAGS, "-O1/-O2/-O3", "-lnc/--lnc", *_BOOLEAN_FLAGS])
 
 
 def compile_cache_key(

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
@@ -19,6 +20,15 @@ from jobs.lifecycle import selectors
 from jobs.lifecycle.forms import DatasetUploadForm, ModelUploadForm
 from jobs.models import Job, ModelAsset, Team
 from jobs.teams import access
+
+
+def _size(n: int) -> str:
+    """512 MiB, 1 GiB: the upload limit as people read it."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.0f} {unit}" if n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} TiB"
 
 
 def _upload(request: HttpRequest, team: Team, form_class: type[forms.Form],
@@ -50,6 +60,7 @@ def model_list(request: HttpRequest, slug: str) -> HttpResponse:
             messages.success(request, f"Model {model} uploaded.")
             return redirect("model_detail", model_id=model.pk)
     return pages.render_page(request, "jobs/model_list.html", {"rows": selectors.model_lineage(team), "form": form,
+                                                   "upload_limit": f"a .zip, up to {_size(settings.MAX_UPLOAD_BYTES)}",
                                                    "writable": pages.can_write(request.user, team),
                                                    "viewer_sentence": pages.viewer_sentence(team)},
                  team=team, nav="models", status=status)
@@ -83,6 +94,8 @@ def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
             return redirect("dataset_list", slug=team.slug)
     datasets = team.datasets.select_related("created_by").order_by("-created_at")
     return pages.render_page(request, "jobs/dataset_list.html", {"datasets": datasets, "form": form,
+                                                     "upload_limit": f".jsonl or .csv, up to "
+                                                                     f"{_size(settings.MAX_UPLOAD_BYTES)}",
                                                      "writable": pages.can_write(request.user, team),
                                                      "viewer_sentence": pages.viewer_sentence(team)},
                  team=team, nav="datasets", status=status)

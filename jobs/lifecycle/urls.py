@@ -6,6 +6,7 @@ from jobs.lifecycle import views
 urlpatterns = [
     path("", views.home, name="home"),
     path("teams/<slug:slug>/jobs/", views.job_list, name="job_list"),
+    path("teams/<slug:slug>/jobs/rows.json", views.job_rows, name="job_rows"),
     path("teams/<slug:slug>/jobs/new/<str:kind>/", views.job_new, name="job_new"),
     path("jobs/<dbid:job_id>/", views.job_detail, name="job_detail"),
     path("jobs/<dbid:job_id>/status.json", views.job_status, name="job_status"),

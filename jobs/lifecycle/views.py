@@ -14,13 +14,15 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from jobs import pages
 from jobs.assets.artifacts import artifact_response
 from jobs.lifecycle import charts, selectors, services
 from jobs.lifecycle.forms import JOB_FORMS
-from jobs.models import Job, JobEvent, Kind, Team
+from jobs.models import Family, Job, JobEvent, Kind, Team
 from jobs.teams import access
 
 JOBS_PER_PAGE = 50
@@ -47,20 +49,120 @@ class JobFilterForm(forms.Form):
     kind = forms.ChoiceField(choices=[("", "any kind"), *Kind.choices], required=False)
 
 
+FAILURE_LABELS = {"timed_out": "Timed out", "worker_lost": "Its worker was lost", "crashed": "The job process crashed",
+                  "error": "Failed", "cancelled": "Cancelled"}
+LIST_POLL_MS = 3000  # the job list asks for its rows' state this often (a hidden tab less often)
+
+
+def format_duration(seconds: float | None) -> str:
+    """A duration for people: "0.8 s", "42 s", "3 min 05 s", "2 h 07 min"."""
+    if seconds is None:
+        return ""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def list_reason(job: Job) -> str:
+    """The job list's Reason cell: why a job waits, why it failed, how it ended."""
+    S = Job.Status
+    if job.status == S.PENDING:
+        return job.reason or "Waiting for the scheduler to place it."
+    if job.status == S.QUEUED:
+        where = f"{job.host.name} cores {job.core_range}" if job.host_id and job.host else "a host"
+        return f"Placed on {where}; starting."
+    if job.status == S.FAILED:
+        return job.reason or FAILURE_LABELS.get(job.failure, "Failed") + (f" ({job.failure})" if job.failure
+                                                                          not in FAILURE_LABELS else "")
+    if job.status == S.CANCELLED:
+        return job.reason or ("Cancelled while running." if job.started_at else "Cancelled before it started.")
+    return ""
+
+
+def list_row(job: Job, now) -> dict:
+    """What the job list shows of a job that changes while the page is open: the
+    template renders these values and rows.json sends them again."""
+    S = Job.Status
+    running = job.status == S.RUNNING
+    if job.started_at:
+        seconds = max(((job.finished_at or now) - job.started_at).total_seconds(), 0.0)
+        duration = format_duration(seconds)
+    elif job.status in (S.PENDING, S.QUEUED):
+        seconds = max((now - job.created_at).total_seconds(), 0.0)
+        duration = f"waiting {format_duration(seconds)}"
+    else:
+        seconds, duration = None, ""
+    return {
+        "id": job.pk, "status": job.status, "status_label": job.get_status_display(), "running": running,
+        "waiting": job.status in (S.PENDING, S.QUEUED), "duration": duration, "duration_s": seconds,
+        "finished": pages.format_when(job.finished_at)[:16] if job.finished_at else "",  # as "Created": to the minute
+        "finished_iso": job.finished_at.isoformat() if job.finished_at else "",
+        "reason": list_reason(job), "reason_code": job.reason_code,
+        "where": f"{job.host.name} · {job.core_range}" if job.host_id and job.host else f"{job.family} × {job.cores}",
+        "placed": bool(job.host_id),
+    }
+
+
+def _job_filters(request: HttpRequest, team: Team):
+    filters = JobFilterForm(request.GET)
+    wanted = filters.cleaned_data if filters.is_valid() else {}
+    return filters, selectors.team_jobs(team, status=wanted.get("status", ""), kind=wanted.get("kind", ""))
+
+
 @login_required
 def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     team = access.get_team(request.user, slug)
-    filters = JobFilterForm(request.GET)
-    wanted = filters.cleaned_data if filters.is_valid() else {}
-    jobs = selectors.team_jobs(team, status=wanted.get("status", ""), kind=wanted.get("kind", ""))
+    filters, jobs = _job_filters(request, team)
     # Keyset pages (?before=<id> / ?after=<id>) rather than numbered ones: a count of
     # a big team's jobs costs more than the whole page. A bad cursor shows the newest.
     cursors, _ = _query_ints(request.GET, "before", "after")
     page = selectors.job_page(jobs, before=cursors.get("before") if "before" in request.GET else None,
                               after=cursors.get("after") if "after" in request.GET else None, size=JOBS_PER_PAGE)
-    return pages.render_page(request, "jobs/job_list.html", {"filters": filters, "page": page, "kinds": Kind.choices,
-                                                 "writable": pages.can_write(request.user, team)},
-                 team=team, nav="jobs", status=200 if filters.is_valid() else 400)
+    now = timezone.now()
+    rows = [(job, list_row(job, now)) for job in page.jobs]
+    filtered = bool(request.GET.get("status") or request.GET.get("kind"))
+    live = {"url": reverse("job_rows", kwargs={"slug": team.slug}), "poll_ms": LIST_POLL_MS,
+            "ids": [job.pk for job in page.jobs],
+            # only the newest page looks out for new jobs (an older page stays put)
+            "newest": page.jobs[0].pk if page.jobs and page.newer_than is None else (0 if not page.jobs else None),
+            "status": request.GET.get("status", ""), "kind": request.GET.get("kind", "")}
+    return pages.render_page(request, "jobs/job_list.html", {
+        "filters": filters, "page": page, "rows": rows, "kinds": Kind.choices, "filtered": filtered,
+        "writable": pages.can_write(request.user, team), "live": live,
+        "has_models": team.models.exists() if not page.jobs and not filtered else True,
+    }, team=team, nav="jobs", status=200 if filters.is_valid() else 400)
+
+
+MAX_ROWS_ASKED = 100
+
+
+@login_required
+def job_rows(request: HttpRequest, slug: str) -> JsonResponse:
+    """What the job list polls: the current state of the jobs it shows (?ids=1,2,3,
+    the team's jobs only) and, with ?newest=<id>, how many jobs matching its filters
+    (?status=, ?kind=) arrived since."""
+    team = access.get_team(request.user, slug)
+    filters, jobs = _job_filters(request, team)
+    if not filters.is_valid():
+        return JsonResponse({"detail": "bad filters", "errors": filters.errors}, status=400)
+    raw_ids = [part for part in request.GET.get("ids", "").split(",") if part]
+    if len(raw_ids) > MAX_ROWS_ASKED or not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in raw_ids):
+        return JsonResponse({"detail": "bad query parameters",
+                             "errors": {"ids": [f"at most {MAX_ROWS_ASKED} comma-separated job ids"]}}, status=400)
+    cursors, errors = _query_ints(request.GET, "newest")
+    if errors:
+        return JsonResponse({"detail": "bad query parameters", "errors": errors}, status=400)
+    now = timezone.now()
+    shown = selectors.team_jobs(team).filter(pk__in=[int(p) for p in raw_ids]) if raw_ids else []
+    newer = 0
+    if "newest" in request.GET:
+        newer = len(jobs.filter(pk__gt=cursors["newest"]).values_list("pk", flat=True)[:MAX_ROWS_ASKED])
+    return JsonResponse({"jobs": [list_row(job, now) for job in shown], "newer": newer, "poll_ms": LIST_POLL_MS},
+                        headers={"Cache-Control": "no-store"})
 
 
 # --- submit -----------------------------------------------------------------------
@@ -94,13 +196,92 @@ def job_new(request: HttpRequest, slug: str, kind: str) -> HttpResponse:
 
 
 RESOURCE_FIELDS = ("family", "cores", "max_runtime_s")  # shown after what the job does
+PROMPT_FIELDS = ("prompts", "prompts_file")  # inference: one choice of the two, shown together
+
+
+def _number_limit(field) -> str:
+    """ "1–64" from a number field's validators ("" when it has none)."""
+    low = getattr(field, "min_value", None)
+    high = getattr(field, "max_value", None)
+
+    def fmt(value) -> str:
+        return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+    if low is not None and high is not None:
+        return f"{fmt(low)}–{fmt(high)}"
+    if high is not None:
+        return f"at most {fmt(high)}"
+    if low is not None:
+        return f"at least {fmt(low)}"
+    return ""
+
+
+def _family_facts(team: Team) -> dict[str, dict]:
+    """Per family: online hosts and their largest core count, and the team's quota
+    (guaranteed + borrowing limit), for the family choice and the cores limit."""
+    from jobs.models import FamilyQuota, Host
+
+    facts = {value: {"label": label, "hosts": 0, "host_cores": 0, "guaranteed": 0, "borrow": 0}
+             for value, label in Family.choices}
+    for family, core_ids in Host.objects.filter(state=Host.State.ONLINE).values_list("family", "core_ids"):
+        if family in facts:
+            facts[family]["hosts"] += 1
+            facts[family]["host_cores"] = max(facts[family]["host_cores"], len(core_ids or ()))
+    for family, guaranteed, borrow in FamilyQuota.objects.filter(team=team).values_list(
+            "family", "guaranteed_cores", "borrow_limit"):
+        if family in facts:
+            facts[family].update(guaranteed=guaranteed, borrow=borrow)
+    return facts
+
+
+def _prepare_job_form(form, team: Team) -> dict:
+    """What the form page states beside its fields: a lone model or dataset chosen
+    already, each number's accepted range, the team's limits, and which families
+    have no host online (marked in the family choice)."""
+    from jobs.lifecycle.forms import MAX_PROMPT_CHARS, MAX_PROMPTS, TeamObjectField
+
+    if not form.is_bound:
+        for name, field in form.fields.items():
+            if isinstance(field, TeamObjectField) and not form.initial.get(name):
+                first_two = list(field.queryset.values_list("pk", flat=True)[:2])
+                if len(first_two) == 1:
+                    form.initial[name] = first_two[0]
+    facts = _family_facts(team)
+    if "family" in form.fields:
+        form.fields["family"].choices = [
+            (value, label if facts[value]["hosts"] else f"{label} (no host online)")
+            for value, label in form.fields["family"].choices]
+    limits: dict[str, str] = {}
+    for name, field in form.fields.items():
+        if isinstance(field, (forms.IntegerField, forms.FloatField)):
+            limits[name] = _number_limit(field)
+    quota = getattr(team, "quota", None)
+    if "max_runtime_s" in form.fields and quota is not None:
+        limits["max_runtime_s"] = f"1–{quota.max_runtime_s:,} s (the team's limit)"
+    if "prompts" in form.fields:
+        limits["prompts"] = f"up to {MAX_PROMPTS:,} prompts of {MAX_PROMPT_CHARS:,} characters"
+    if "prompts_file" in form.fields:
+        limits["prompts_file"] = "JSONL, up to 10 MiB"
+    cores = {value: {"max": f["guaranteed"] + f["borrow"], "guaranteed": f["guaranteed"], "borrow": f["borrow"],
+                     "host_cores": f["host_cores"], "online": bool(f["hosts"])} for value, f in facts.items()}
+    return {"limits": limits, "family_cores": cores}
 
 
 def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, status: int = 200) -> HttpResponse:
+    extra = _prepare_job_form(form, team)
+    limits = extra["limits"]
+    fields = []
+    for bound in form:
+        bound.limit = limits.get(bound.name, "")
+        fields.append(bound)
     context = {"form": form, "kind": form.kind, "kind_label": Kind(form.kind).label, "writable": writable,
                "viewer_sentence": pages.viewer_sentence(team),
-               "job_fields": [f for f in form if f.name not in RESOURCE_FIELDS],
-               "resource_fields": [form[name] for name in RESOURCE_FIELDS if name in form.fields]}
+               "job_fields": [f for f in fields if f.name not in RESOURCE_FIELDS and f.name not in PROMPT_FIELDS],
+               "prompt_fields": [f for f in fields if f.name in PROMPT_FIELDS],
+               "prompt_choice": "file" if form.is_bound and request.FILES.get("prompts_file")
+               and not form.data.get("prompts") else "text",
+               "resource_fields": [f for f in fields if f.name in RESOURCE_FIELDS],
+               "family_cores": extra["family_cores"]}
     if form.kind == Kind.COMPILE:
         context["allow_list"] = selectors.compiler_allow_list()
     return pages.render_page(request, "jobs/job_new.html", context, team=team, nav="jobs", status=status)
@@ -209,10 +390,14 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
     if errors:
         return JsonResponse({"detail": "bad query parameters", "errors": errors}, status=400)
     log = selectors.log_since(job, query["log_offset"])
+    # Why a pending job waits goes with the same answer as its status, so the page's
+    # explanation and badge change together (the queue is ordered once for both).
+    pending = selectors.pending_explanation(job) if job.status == Job.Status.PENDING else None
     return JsonResponse({
         "id": job.pk, "status": job.status, "status_label": job.get_status_display(), "finished": job.is_finished,
         "reason_code": job.reason_code, "reason": job.reason, "show_reason": _show_reason(job),
-        "queue_position": _queue_position(job), "host": job.host.name if job.host else None,
+        "queue_position": pending["position"] if pending else None, "pending": pending,
+        "host": job.host.name if job.host else None,
         "core_range": job.core_range, "attempts": job.attempts, "started_at": pages.format_when(job.started_at),
         "finished_at": pages.format_when(job.finished_at),
         "events": [_event_json(e) for e in selectors.job_events(job, after_id=query["events_after"])],

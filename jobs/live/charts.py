@@ -46,15 +46,22 @@ def _layout(title: str, yaxis: dict, **extra: Any) -> dict:
         "uirevision": "live",
         "xaxis": {"type": "date", "automargin": True},
         "yaxis": {"automargin": True, **yaxis},
-        "legend": {"orientation": "h", "y": -0.18, "yanchor": "top"},
+        # The legend sits at the bottom of the whole figure (container coordinates),
+        # below the x axis's tick labels however many lines they take: on a phone the
+        # date ticks wrap to two lines and a legend placed relative to the plot area
+        # overlapped them.
+        "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 0, "yref": "container", "yanchor": "bottom"},
         "hovermode": "x unified",
         **extra,
     }
 
 
 def _line(name: str, x: list, y: list, color: str, **extra: Any) -> dict:
-    return {"type": "scatter", "mode": "lines", "name": name, "x": x, "y": y,
-            "line": {"color": color, "width": 1.5}, "connectgaps": False, **extra}
+    """A line; with a single point so far, a line plus a marker (a lone point has no
+    line to draw); live.js switches to a plain line once a second point arrives."""
+    return {"type": "scatter", "mode": "lines+markers" if len(x) == 1 else "lines", "name": name, "x": x, "y": y,
+            "line": {"color": color, "width": 1.5}, "marker": {"color": color, "size": 6}, "connectgaps": False,
+            **extra}
 
 
 def _note(series: dict) -> str:
@@ -68,15 +75,40 @@ def _note(series: dict) -> str:
 
 LINE_LIMIT = 8  # more cores than this: a core × time heatmap instead of one line per core
 
+# What each job chart draws from a metrics response, in trace order (live.js extends
+# these series of each response into the chart's traces, in this order). The
+# utilization chart ("util") is per core and handled on its own.
+JOB_SERIES = {"mem": ["device_mem", "host_mem"], "lat": ["lat_p50_ms", "lat_p99_ms"], "exec": ["errors", "completed"]}
+CPU_JOB_SERIES = {"mem": ["host_mem"]}
 
-def job_util_figure(series: dict) -> dict:
+
+def is_cpu(series: dict, family: str | None = None) -> bool:
+    """Whether the job's charts show a CPU host's OS metrics ("host" points) rather
+    than NeuronCores: known from the points once there are any, before that from the
+    family the job runs on (a cpu-family host publishes "host" points), so the
+    charts are named the same live and after a reload."""
+    kind = series.get("kind")
+    return kind == "host" if kind else family == "cpu"
+
+
+def job_chart_names(series: dict, family: str | None = None, kind: str | None = None,
+                    cpu_requests: bool = False) -> list[str]:
+    """The job charts a host can fill: on a CPU host there is no device memory, and
+    execution latency / counts exist only where the job reports them (Neuron
+    runtimes do; a cpu inference job does when `cpu_requests`)."""
+    if not is_cpu(series, family):
+        return ["util", "mem", "lat", "exec"]
+    return ["util", "mem", "lat", "exec"] if cpu_requests and kind == "inference" else ["util", "mem"]
+
+
+def job_util_figure(series: dict, family: str | None = None) -> dict:
     """Per-core utilization: a line per core for up to LINE_LIMIT cores (Okabe-Ito
     colours stay distinguishable), else a heatmap with a row per core — 32 lines are
     unreadable, and a heatmap's redraw cost does not grow with the points shown,
     which keeps a 32-core page responsive after an hour of live points."""
-    cpu = series.get("kind") == "host"
+    cpu = is_cpu(series, family)
     label = "slot" if cpu else "core"
-    title = ("CPU use of the job's slots (host metrics, %)" if cpu else "NeuronCore utilization (%)") + _note(series)
+    title = ("CPU use of the job's slots (%)" if cpu else "NeuronCore utilization (%)") + _note(series)
     # A pending job has no cores yet: decide by what it asked for.
     if max(len(series["cores"]), series.get("requested_cores") or 0) > LINE_LIMIT:
         figure = host_heatmap_figure(series, rows=series.get("requested_cores"))
@@ -90,11 +122,17 @@ def job_util_figure(series: dict) -> dict:
     return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}})}
 
 
-def job_memory_figure(series: dict) -> dict:
-    data = [_line("device memory", series["t"], series["device_mem"], OKABE_ITO[0]),
-            _line("host memory", series["t"], series["host_mem"], OKABE_ITO[1], line={"color": OKABE_ITO[1],
-                                                                                       "width": 1.5, "dash": "dot"})]
-    return {"data": data, "layout": _layout("Memory", {"tickformat": ".3s", "ticksuffix": "B", "rangemode": "tozero"})}
+_BYTES_AXIS = {"tickformat": ".3~s", "ticksuffix": "B", "rangemode": "tozero"}
+
+
+def job_memory_figure(series: dict, family: str | None = None) -> dict:
+    host = _line("host memory", series["t"], series["host_mem"], OKABE_ITO[1],
+                 line={"color": OKABE_ITO[1], "width": 1.5, "dash": "dot"})
+    if is_cpu(series, family):  # no device memory on a CPU host: the job's processes' memory alone
+        host["name"] = "memory (RSS)"
+        return {"data": [host], "layout": _layout("Memory of the job's processes", dict(_BYTES_AXIS))}
+    data = [_line("device memory", series["t"], series["device_mem"], OKABE_ITO[0]), host]
+    return {"data": data, "layout": _layout("Memory", dict(_BYTES_AXIS))}
 
 
 def job_latency_figure(series: dict) -> dict:
@@ -117,10 +155,17 @@ def job_executions_figure(series: dict) -> dict:
     return {"data": data, "layout": layout}
 
 
-def job_figures(series: dict) -> dict[str, dict]:
-    """The job page's four charts, keyed by the names live.js extends."""
-    return {"util": job_util_figure(series), "mem": job_memory_figure(series),
-            "lat": job_latency_figure(series), "exec": job_executions_figure(series)}
+def job_figures(series: dict, family: str | None = None, names: list[str] | None = None) -> dict[str, dict]:
+    """The job page's charts (all four, or `names`), keyed by the names live.js extends."""
+    builders = {"util": lambda: job_util_figure(series, family), "mem": lambda: job_memory_figure(series, family),
+                "lat": lambda: job_latency_figure(series), "exec": lambda: job_executions_figure(series)}
+    return {name: builders[name]() for name in (names or list(builders))}
+
+
+def job_series_keys(series: dict, family: str | None = None, names: list[str] | None = None) -> dict[str, list[str]]:
+    """Per shown chart (but util), the response series live.js appends, in trace order."""
+    keys = {**JOB_SERIES, **(CPU_JOB_SERIES if is_cpu(series, family) else {})}
+    return {name: keys[name] for name in (names or list(keys)) if name in keys}
 
 
 # --- host ---------------------------------------------------------------------------

@@ -55,6 +55,44 @@
     $("job-finished").textContent = data.finished_at || "—";
     const cancel = $("cancel-form");
     if (cancel && !data.can_cancel) cancel.remove();
+    renderPending(data.pending);
+  }
+
+  // "Why is this job waiting?": filled from the same poll as the badge, hidden the
+  // moment the job leaves the queue (and shown again if it is requeued).
+  function renderPending(d) {
+    const box = $("pending-why");
+    if (!box) return;
+    box.hidden = !d;
+    if (!d) return;
+    $("pending-code").textContent = d.reason_code || "submitted";
+    $("pending-reason").textContent = d.reason || "waiting for the scheduler";
+    $("pending-hint").textContent = d.hint || "";
+    const pos = $("pending-position");
+    pos.textContent = "";
+    if (d.position) {
+      const strong = document.createElement("strong");
+      strong.textContent = d.position;
+      pos.append("Number ", strong, " of " + d.queue_length + " in the " + d.family + " queue" +
+        (d.position > 1 ? "; ahead of it:" : ": it is next."));
+    } else {
+      pos.textContent = "Not yet in the dispatcher's view of the queue.";
+    }
+    const list = $("pending-ahead");
+    list.textContent = "";
+    d.ahead.forEach(function (a) {
+      const li = document.createElement("li");
+      if (a.mine) {
+        const link = document.createElement("a");
+        link.href = "/jobs/" + a.id + "/";
+        link.textContent = "#" + a.id;
+        li.append(link, " " + a.kind + " · " + a.team);
+      } else {
+        li.append("a job of team " + a.team);
+      }
+      li.append(" · " + a.cores + " core" + (a.cores === 1 ? "" : "s"));
+      list.append(li);
+    });
   }
 
   function addEvents(events) {

@@ -5,7 +5,7 @@
  *   #job-live-charts  job page: util / mem / lat / exec charts, /api/v1/jobs/<id>/metrics
  *   #host-live        host page: core heatmap, memory bars, vCPU + memory, core table
  *   #fleet-live       fleet page: the heatmap, swapped in every few seconds (Plotly.react)
- * Trace order is the contract set in jobs/charts_live.py. Text from the server is
+ * Trace order is the contract set in jobs/live/charts.py (JOB_SERIES). Text from the server is
  * set with textContent, never as HTML. Plain JS, no framework.
  */
 (function () {
@@ -61,17 +61,24 @@
 
   // --- job charts ----------------------------------------------------------------
 
+  // One state, the same as the page shows after a reload: no samples (a sentence, the
+  // charts hidden: no empty axes), or the charts. They are drawn at once (hidden while
+  // empty) and revealed with the first sample.
   function followJob(root) {
     const cfg = readConfig(root);
     if (!cfg) return;
     const divs = {};
-    ["util", "mem", "lat", "exec"].forEach(function (name) {
+    const names = cfg.charts || ["util", "mem", "lat", "exec"];
+    names.forEach(function (name) {
       divs[name] = chart(root, name);
-      window.Plotly.newPlot(divs[name], cfg.figures[name].data, cfg.figures[name].layout, PLOT_CONFIG);
+      if (divs[name]) window.Plotly.newPlot(divs[name], cfg.figures[name].data, cfg.figures[name].layout, PLOT_CONFIG);
     });
+    const grid = root.querySelector("[data-live-grid]");
+    const empty = root.querySelector("[data-no-samples]");
     const cores = cfg.cores.slice();
     const state = root.querySelector("[data-live-state]");
     let cursor = cfg.cursor;
+    let points = cfg.points || 0;
     if (!cfg.live) return;
     follow(async function () {
       const d = await getJSON(cfg.url + "?since=" + encodeURIComponent(cursor));
@@ -81,14 +88,37 @@
         return {};
       }
       if (d.t.length) {
-        extendJob(divs, cores, d);
-        root.dataset.points = String(Number(root.dataset.points || 0) + d.t.length);
+        if (grid && grid.hidden) {
+          grid.hidden = false;
+          if (empty) empty.hidden = true;
+          Object.keys(divs).forEach(function (name) { if (divs[name]) window.Plotly.Plots.resize(divs[name]); });
+        }
+        extendJob(divs, cores, d, cfg.series || {});
+        points += d.t.length;
+        root.dataset.points = String(points);
         state.textContent = (d.replay ? "replay · " : "") + "following live · last sample " + clock(d.t[d.t.length - 1]);
       }
       cursor = d.cursor || cursor;
-      if (!d.live && !d.more) state.textContent = "the job has ended; its charts are complete";
+      if (!d.live && !d.more) {
+        if (points) {
+          state.textContent = "the job has ended; its charts are complete";
+        } else {
+          state.textContent = "";
+          if (empty) empty.textContent = cfg.no_samples_recorded;
+        }
+      }
       return { again: d.live, soon: d.more };
     });
+  }
+
+  // A line drawn with its lone first point as a marker becomes a plain line once it
+  // has a second point.
+  function plainLines(div) {
+    const traces = [];
+    div.data.forEach(function (trace, i) {
+      if (trace.type === "scatter" && trace.mode === "lines+markers" && trace.x && trace.x.length > 1) traces.push(i);
+    });
+    if (traces.length) window.Plotly.restyle(div, { mode: "lines" }, traces);
   }
 
   // z rows of a transposed core × time heatmap: one row per time point, the values
@@ -100,7 +130,7 @@
     });
   }
 
-  function extendJob(divs, cores, d) {
+  function extendJob(divs, cores, d, series) {
     if (divs.util.data[0] && divs.util.data[0].type === "heatmap") {
       if (!cores.length && d.cores.length) {
         // The page was loaded while the job waited for cores: label the rows now.
@@ -110,10 +140,17 @@
       window.Plotly.extendTraces(divs.util, { x: [d.t], z: [heatRows(cores, d)] }, [0], MAX_POINTS);
     } else {
       extendLines(divs.util, cores, d);
+      plainLines(divs.util);
     }
-    window.Plotly.extendTraces(divs.mem, { x: [d.t, d.t], y: [d.device_mem, d.host_mem] }, [0, 1], MAX_POINTS);
-    window.Plotly.extendTraces(divs.lat, { x: [d.t, d.t], y: [d.lat_p50_ms, d.lat_p99_ms] }, [0, 1], MAX_POINTS);
-    window.Plotly.extendTraces(divs.exec, { x: [d.t, d.t], y: [d.errors, d.completed] }, [0, 1], MAX_POINTS);
+    // The other charts: the response series named for each, in trace order.
+    Object.keys(series).forEach(function (name) {
+      const div = divs[name];
+      if (!div) return;
+      const keys = series[name];
+      window.Plotly.extendTraces(div, { x: keys.map(function () { return d.t; }),
+        y: keys.map(function (key) { return d[key]; }) }, keys.map(function (_, i) { return i; }), MAX_POINTS);
+      plainLines(div);
+    });
   }
 
   function extendLines(div, cores, d) {

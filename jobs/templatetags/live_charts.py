@@ -19,7 +19,8 @@ register = template.Library()
 
 # Whether an inference job on a CPU host reports its own request latency and
 # completions into its metrics (so the latency and executions charts have data).
-CPU_INFERENCE_REPORTS_REQUESTS = True
+# Not yet: a CPU host's points carry OS metrics only, so those charts are not shown.
+CPU_INFERENCE_REPORTS_REQUESTS = False
 
 NO_SAMPLES_YET = "No samples yet: the charts appear with the first sample once the job runs on a host."
 NO_SAMPLES_RECORDED = ("No samples were recorded for this job: it ended before its host's agent took a sample "

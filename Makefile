@@ -30,11 +30,13 @@ run: migrate
 	$(VENV)/bin/honcho -f webapp/Procfile -d . start
 
 # `make test` runs everything on PostgreSQL, then what a user does (API, pages, tokens
-# and roles, submit, a worker's run, end to end) again on SQLite, `make run`'s default
-# database. Tests marked postgres_only (row-lock races, faults) are skipped there.
+# and roles, submit, a worker's run, usage and live metrics, end to end) again on
+# SQLite, `make run`'s default database. Tests marked postgres_only (row-lock races,
+# faults, PostgreSQL-only caches) are skipped there.
 SQLITE_TEST_DB ?= $(CURDIR)/var/test-sqlite/neurondeck.sqlite3
-SQLITE_TESTS := tests/test_e2e_jobs.py tests/test_api_jobs.py tests/test_api_scoping.py tests/test_pages.py \
-	tests/test_roles.py tests/test_submit.py tests/test_worker_run.py
+SQLITE_TESTS := tests/test_e2e_jobs.py tests/test_browser_jobs.py tests/test_api_jobs.py tests/test_api_scoping.py \
+	tests/test_pages.py tests/test_roles.py tests/test_submit.py tests/test_worker_run.py tests/test_usage.py \
+	tests/test_metrics.py
 
 test: install
 	$(VENV)/bin/lint-imports --cache-dir $(VENV)/.import_linter_cache

@@ -580,6 +580,7 @@ def test_a_fold_retires_the_cached_rollup_reads_so_the_page_never_loses_folded_u
     assert after == pytest.approx(before + 2.0, abs=1e-3)
 
 
+@pytest.mark.postgres_only  # the settled-days stamp is a PostgreSQL transaction id (settled_xid)
 def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_old_day_changes(history):
     """Roll-up reads of days up to two days before the fold's cutoff are cached across
     folds (selectors.Stamp); a fold writing such a day retires them."""

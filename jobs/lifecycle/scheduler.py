@@ -4,24 +4,22 @@ themselves and with workers: dispatchers serialize on the host rows, every statu
 change is a conditional UPDATE, and the (host, core) unique constraint makes a
 double allocation impossible.
 
-Dispatch order is jobs.fairshare.fair_order (kind priority, then fair share, then
-submission). Admission per job is jobs.policy (budget, hosts, the team's guaranteed
-and borrowable cores); a team that needs its guarantee back preempts other teams'
-borrowing jobs, newest first, just enough (jobs.policy.choose_victims)."""
+Dispatch order is jobs.quotas.fairshare.fair_order (kind priority, then fair share,
+then submission). Admission per job is jobs.quotas.policy (budget, hosts, the team's
+guaranteed and borrowable cores); a team that needs its guarantee back preempts
+other teams' borrowing jobs, newest first, just enough (policy.choose_victims)."""
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from datetime import timezone as dt_timezone
 from typing import Iterable, TypeVar
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
+from django.db.models import Count, Exists
 from django.utils import timezone
 
 from jobs.lifecycle import states
@@ -40,7 +38,7 @@ from jobs.quotas.policy import (
     n_cores,
     no_room,
 )
-from jobs.quotas.selectors import core_hours_by_team
+from jobs.quotas.selectors import core_hours_for_budget, decayed_usage_by_team, kind_priorities, team_shares
 
 log = logging.getLogger(__name__)
 S = Job.Status
@@ -92,8 +90,6 @@ def pending_order(jobs: Iterable[T], shares: dict[int, float] | None = None,
     team usage / share, bursts interleaved), then submission order. `shares` (the
     teams' fair-share weights) and `prio` (kind_priorities()) if the caller has read
     them already."""
-    from jobs.quotas.selectors import decayed_usage_by_team, kind_priorities, team_shares
-
     jobs = list(jobs)
     if not jobs:
         return []
@@ -141,10 +137,6 @@ class RunInputs:
 
     @classmethod
     def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
-        if connection.vendor == "postgresql":
-            return cls._read_one_statement(limit)
-        from jobs.quotas.selectors import kind_priorities
-
         return cls(
             [(*row[:6], row[6].timestamp()) for row in CoreAllocation.objects.values_list(
                 "host_id", "core", "job_id", "team_id", "family", "borrowed", "since")],
@@ -152,70 +144,13 @@ class RunInputs:
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
             kind_priorities(), pending_rows(limit))
 
-    @classmethod
-    def _read_one_statement(cls, limit: int) -> "RunInputs":
-        """The same reads as one statement (one round trip, one snapshot):
-        dispatch runs many times a second under a burst, and five ORM queries cost
-        more than the dispatching itself. The pending jobs come as rows (building
-        JSON for hundreds of them cost PostgreSQL twice as much), after one leading
-        row whose last column holds the small tables as JSON arrays: allocations,
-        quotas, kind priorities and the slugs of the teams with pending jobs."""
-        from jobs.quotas.selectors import DEFAULT_KIND_PRIORITY
-        from jobs.models import KindPriority
-
-        def table(model) -> str:
-            return connection.ops.quote_name(model._meta.db_table)
-
-        sql = (
-            "WITH p AS (SELECT id, team_id, kind, family, cores, created_at, reason_code, reason "
-            f"  FROM {table(Job)} WHERE status = %s AND NOT cancel_requested ORDER BY id LIMIT %s) "
-            "SELECT 0, NULL::bigint, NULL::bigint, NULL, NULL, NULL::integer, NULL::float8, NULL, NULL, "
-            "json_build_array("
-            "(SELECT json_agg(json_build_array(host_id, core, job_id, team_id, family, borrowed, "
-            f"  EXTRACT(EPOCH FROM since))) FROM {table(CoreAllocation)}), "
-            f"(SELECT json_agg(json_build_array(team_id, monthly_core_hours, share)) FROM {table(TeamQuota)}), "
-            "(SELECT json_agg(json_build_array(team_id, family, guaranteed_cores, borrow_limit)) "
-            f"  FROM {table(FamilyQuota)}), "
-            f"(SELECT json_agg(json_build_array(kind, priority)) FROM {table(KindPriority)}), "
-            f"(SELECT json_agg(json_build_array(id, slug)) FROM {table(Team)} WHERE id IN (SELECT team_id FROM p))) "
-            "UNION ALL "
-            "SELECT 1, id, team_id, kind, family, cores, EXTRACT(EPOCH FROM created_at)::float8, reason_code, reason, "
-            "NULL FROM p "
-            "ORDER BY 1, 2")
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [S.PENDING, limit])
-            rows = cursor.fetchall()
-        head = rows[0][-1]
-        allocations, team_quotas, family_quotas, kinds, slugs = [
-            v or [] for v in (json.loads(head) if isinstance(head, str) else head)]
-        priorities = {str(k): v for k, v in DEFAULT_KIND_PRIORITY.items()}
-        priorities.update(dict(kinds))
-        slug, utc = dict(slugs), dt_timezone.utc
-        # created_at as an epoch double: exact to the microsecond, and parsed in C
-        # (a timestamptz column is parsed by a Python loader, ~3 µs a row).
-        return cls(
-            [tuple(row) for row in allocations], [tuple(row) for row in team_quotas],
-            [tuple(row) for row in family_quotas], priorities,
-            [PendingRow(pk, team_id, slug[team_id], kind, family, cores, datetime.fromtimestamp(created, utc), code,
-                        reason)
-             for _, pk, team_id, kind, family, cores, created, code, reason, _ in rows[1:]])
-
 
 def lock_hosts() -> list[Host]:
     """The hosts a run may place on, locked (SELECT … FOR UPDATE: dispatch runs
     serialize here). A replaying agent's host shows recorded metrics only and runs
-    nothing; offline hosts get nothing. On PostgreSQL the Host instances carry only
-    what dispatch uses (id, name, family, core_ids, state): compiling the ORM
-    query cost more than the rest of a run's reads."""
-    if connection.vendor != "postgresql":
-        return list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
-                    .order_by("pk"))
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT id, name, family, core_ids, state FROM {Host._meta.db_table} "
-                       "WHERE state <> %s AND NOT replay ORDER BY id FOR UPDATE", [Host.State.OFFLINE])
-        return [Host(id=pk, name=name, family=family, state=state,
-                     core_ids=json.loads(core_ids) if isinstance(core_ids, str) else core_ids)
-                for pk, name, family, core_ids, state in cursor.fetchall()]
+    nothing; offline hosts get nothing."""
+    return list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
+                .only("id", "name", "family", "core_ids", "state").order_by("pk"))
 
 
 class Fleet:
@@ -240,12 +175,6 @@ class Fleet:
                 self.family_of[job_id] = family
         for job_id, b in self.borrowers.items():
             self.borrowers[job_id] = Borrower(b.job_id, b.team_id, b.host_id, tuple(sorted(cores[job_id])), b.since)
-
-    def cores(self) -> int:
-        """Every core that can be running a job now: the hosts' and those still held
-        on hosts this run does not place on (offline, replaying)."""
-        return sum(len(h.core_ids) for h in self.hosts.values()) + sum(
-            len(used) for host_id, used in self.used.items() if host_id not in self.hosts)
 
     def slots(self, family: str) -> list[HostSlots]:
         """The family's hosts as placement sees them (rebuilt only after a change)."""
@@ -277,81 +206,6 @@ class Fleet:
         return [b for b in self.borrowers.values() if self.family_of[b.job_id] == family and b.team_id != team_id]
 
 
-# A read of the budget measure is reused for settings.FAIRSHARE_CACHE_S; its figures
-# grow by at most the fleet's cores × (age + this slack) meanwhile (the slack covers
-# an attempt whose start was stamped just before a read but committed after it).
-BUDGET_GROWTH_SLACK_S = 60.0
-
-
-@dataclass(frozen=True)
-class UsageRead:
-    """core_hours_by_team() as read at `at` (time.monotonic()), by a dispatcher
-    that saw `cores` cores in the fleet."""
-
-    hours: dict[int, float]
-    at: float
-    cores: int
-
-
-_budget_lock = threading.Lock()
-_budget_read: UsageRead | None = None
-
-
-def clear_budget_cache() -> None:
-    global _budget_read
-    with _budget_lock:
-        _budget_read = None
-
-
-class BudgetUsage:
-    """This month's NeuronCore-hours per team, as the budget check needs them.
-
-    The exact measure (jobs.selectors_teams.core_hours_by_team) reads every attempt
-    the usage roll-up has not folded yet (the last quarter of an hour), which on a
-    busy fleet is thousands of rows; dispatch runs many times a second under a
-    burst. So one exact read is reused for FAIRSHARE_CACHE_S: meanwhile no team can
-    have used more than that read plus every core of the fleet for the time since,
-    and while that upper bound is below a team's budget the team is certainly
-    within it. A team whose bound reaches its budget is read exactly in the run
-    (as are all teams once the read is too old), so every refusal — and the figure
-    in its sentence — is exact, and no job starts past its team's budget."""
-
-    def __init__(self, fleet_cores: int):
-        self.fleet_cores = fleet_cores
-        self.exact: dict[int, float] = {}  # teams read exactly in this run
-
-    def prepare(self, budgets: dict[int, float], team_ids: Iterable[int]) -> None:
-        """Make hours() answer for `team_ids` (the teams with pending jobs)."""
-        global _budget_read
-        team_ids = {t for t in team_ids if t in budgets}
-        if not team_ids:
-            return
-        now = time.monotonic()
-        with _budget_lock:
-            read = _budget_read
-        ttl = float(settings.FAIRSHARE_CACHE_S)
-        if read is None or now - read.at >= ttl or ttl <= 0:
-            read = UsageRead(core_hours_by_team(), now, self.fleet_cores)
-            with _budget_lock:
-                _budget_read = read
-            self.exact = read.hours
-            return
-        cores = max(read.cores, self.fleet_cores)
-        if cores > read.cores:
-            with _budget_lock:
-                _budget_read = UsageRead(read.hours, read.at, cores)
-        growth = cores * (now - read.at + BUDGET_GROWTH_SLACK_S) / 3600.0
-        near = sorted(t for t in team_ids if read.hours.get(t, 0.0) + growth >= budgets[t])
-        if near:
-            exact = core_hours_by_team(near)
-            self.exact = {t: exact.get(t, 0.0) for t in near}
-        # An upper bound below the budget admits; check_budget never shows it.
-        self.exact.update({t: read.hours.get(t, 0.0) + growth for t in team_ids if t not in self.exact})
-
-    def hours(self, team_id: int) -> float:
-        return self.exact.get(team_id, 0.0)
-
-
 @dataclass
 class Limits:
     """Every team's quotas, read once per dispatch run."""
@@ -359,16 +213,17 @@ class Limits:
     family: dict[tuple[int, str], tuple[int, int]]  # (team, family) -> (guaranteed, borrow_limit)
     budget: dict[int, float]  # team -> monthly NeuronCore-hours
     shares: dict[int, float]  # team -> fair-share weight
-    usage: BudgetUsage  # team -> NeuronCore-hours used this month (see BudgetUsage)
+    used: dict[int, float]  # team with pending jobs -> NeuronCore-hours this month (core_hours_for_budget)
     slugs: dict[int, str]
 
     @classmethod
-    def load(cls, inputs: RunInputs, fleet_cores: int) -> "Limits":
+    def load(cls, inputs: RunInputs) -> "Limits":
         budget, shares = {}, {}
         for team_id, hours, share in inputs.team_quotas:
             budget[team_id], shares[team_id] = hours, float(share or 1)
-        return cls({(t, f): (g, b) for t, f, g, b in inputs.family_quotas}, budget, shares,
-                   BudgetUsage(fleet_cores), {})
+        waiting = {row.team_id for row in inputs.pending}
+        used = core_hours_for_budget({team_id: budget[team_id] for team_id in waiting if team_id in budget})
+        return cls({(t, f): (g, b) for t, f, g, b in inputs.family_quotas}, budget, shares, used, {})
 
     def slug(self, team_id: int) -> str:
         if team_id not in self.slugs:
@@ -417,7 +272,7 @@ class Dispatcher:
         fam = self.family_state(job, slots)
         budget = self.limits.budget.get(job.team_id)
         checks = (
-            lambda: check_budget(job.team_slug, self.limits.usage.hours(job.team_id), budget)
+            lambda: check_budget(job.team_slug, self.limits.used.get(job.team_id, 0.0), budget)
             if budget is not None else Decision.admit(),
             lambda: check_hosts(job.family, job.cores, slots),
             lambda: check_dispatch(job.team_slug, job.family, job.cores, fam),
@@ -511,23 +366,14 @@ class Dispatcher:
     def save_reasons(self, rows: list[PendingRow]) -> None:
         """Write the changed waiting reasons (guarded by status, so a job cancelled
         meanwhile keeps its own reason)."""
-        changed = [(r.pk, *self.reasons[r.pk]) for r in rows
-                   if r.pk in self.reasons and (r.reason_code, r.reason) != self.reasons[r.pk]]
-        if connection.vendor == "postgresql":
-            # Thousands of waiting jobs get new numbers in their sentences on a busy
-            # run: one UPDATE … FROM (VALUES …) per chunk instead of one per job.
-            table = Job._meta.db_table
-            for i in range(0, len(changed), 1000):
-                chunk = changed[i:i + 1000]
-                values = ", ".join(["(%s::bigint, %s, %s)"] * len(chunk))
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        f"UPDATE {table} AS j SET reason_code = v.code, reason = v.reason "
-                        f"FROM (VALUES {values}) AS v(id, code, reason) WHERE j.id = v.id AND j.status = %s",
-                        [x for row in chunk for x in row] + [S.PENDING])
-            return
-        for pk, code, reason in changed:
-            Job.objects.filter(pk=pk, status=S.PENDING).update(reason_code=code, reason=reason)
+        changed: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for row in rows:
+            if row.pk in self.reasons and (row.reason_code, row.reason) != self.reasons[row.pk]:
+                changed[self.reasons[row.pk]].append(row.pk)
+        # Jobs that wait for the same request of the same team share one sentence:
+        # one UPDATE per distinct reason, however many jobs have it.
+        for (code, reason), ids in changed.items():
+            Job.objects.filter(pk__in=ids, status=S.PENDING).update(reason_code=code, reason=reason)
 
 
 def dispatch(*, clear: bool = True) -> DispatchReport:
@@ -541,9 +387,8 @@ def dispatch(*, clear: bool = True) -> DispatchReport:
         hosts = lock_hosts()
         inputs = RunInputs.read()
         fleet = Fleet(hosts, inputs.allocations)
-        limits = Limits.load(inputs, fleet.cores())
+        limits = Limits.load(inputs)
         rows = inputs.pending
-        limits.usage.prepare(limits.budget, {r.team_id for r in rows})
         dispatcher = Dispatcher(fleet, limits)
         dispatcher.run(pending_order(rows, limits.shares, inputs.priorities))
         dispatcher.commit()
@@ -628,17 +473,15 @@ def _record(run) -> DispatchReport:
 
 def fleet_is_full() -> bool:
     """No run could place or preempt anything now: every core of the online hosts is
-    held, and none of them is borrowed. (A draining or offline host takes nothing.)"""
-    if connection.vendor != "postgresql":
-        return False
-    host, alloc = Host._meta.db_table, CoreAllocation._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT NOT EXISTS (SELECT 1 FROM {alloc} WHERE borrowed) AND "
-            f"(SELECT COALESCE(SUM(jsonb_array_length(core_ids)), 0) FROM {host} WHERE state = %s AND NOT replay) "
-            f"<= (SELECT COUNT(*) FROM {alloc} a JOIN {host} h ON h.id = a.host_id "
-            "WHERE h.state = %s AND NOT h.replay)", [Host.State.ONLINE, Host.State.ONLINE])
-        return bool(cursor.fetchone()[0])
+    held, and none of them is borrowed. (A draining or offline host takes nothing.)
+    One query: each online host's cores and allocations, and whether any core is
+    borrowed."""
+    hosts = list(Host.objects.filter(state=Host.State.ONLINE, replay=False)
+                 .annotate(held=Count("allocations"), borrowing=Exists(CoreAllocation.objects.filter(borrowed=True)))
+                 .values_list("core_ids", "held", "borrowing"))
+    if not hosts:
+        return not CoreAllocation.objects.filter(borrowed=True).exists()
+    return not hosts[0][2] and all(held >= len(core_ids or ()) for core_ids, held, _ in hosts)
 
 
 KICK_FLAG = "nd:dispatch:kick"

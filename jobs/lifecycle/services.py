@@ -84,8 +84,8 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     limits to the insert, so concurrent submissions of the same team are serialized
     and cannot together exceed max_pending. SQLite has no row locks: its IMMEDIATE
     transactions serialize writers. What no submit changes (the family's hosts, the
-    kind's priority) is read before the lock, which keeps the team's submits
-    waiting for each other as briefly as possible."""
+    kind's priority, the month's use) is read before the lock, so the team's
+    submits wait for each other only while one counts its pending jobs and inserts."""
     try:
         access.require_role(user, team, Role.MEMBER)
     except access.Forbidden as exc:
@@ -100,14 +100,18 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         spec["compile_key"] = compile_cache_key(data["model"], spec, family)
         cache_hit = ModelAsset.objects.filter(team=team, compile_key=spec["compile_key"]).first()
 
+    budget = TeamQuota.objects.values_list("monthly_core_hours", flat=True).get(team=team)
+    used = core_hours_for_budget({team.pk: budget})[team.pk]
+
     with transaction.atomic():
         quota = TeamQuota.objects.select_for_update().get(team=team)
+        if quota.monthly_core_hours != budget:  # changed meanwhile: the use is measured against the new one
+            used = core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
         decision = check_submit(
             team.slug, kind, runtime,
             SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
-            SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(),
-                        core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]),
+            SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), used),
         )
         if not decision.ok:
             raise SubmitRefused(decision.code, decision.sentence,

@@ -44,5 +44,29 @@ def viewer_sentence(team: Team) -> str:
             "but submitting and uploading need the member role. Ask a team manager.")
 
 
+# --- error pages (webapp.urls handler404 / handler403; 500 is Django's own view with templates/500.html) ---
+
+def _error_page(request: HttpRequest, template: str, status: int, exception) -> HttpResponse:
+    """A styled error page with the user's navigation. The sentence is the
+    exception's own when a view wrote one for people (PermissionDenied("Only site
+    admins can ...")); Django's internal messages (the resolver's) are not shown."""
+    sentence = ""
+    if exception is not None and exception.args and isinstance(exception.args[0], str) and status == 403:
+        sentence = exception.args[0]
+    try:
+        return render_page(request, template, {"sentence": sentence}, status=status)
+    except Exception:  # the navigation needs the database: never turn a 404 into a 500
+        return render(request, template, {"sentence": sentence, "nav_teams": [], "team": None, "nav": ""},
+                      status=status)
+
+
+def page_not_found(request: HttpRequest, exception=None) -> HttpResponse:
+    return _error_page(request, "404.html", 404, exception)
+
+
+def permission_denied(request: HttpRequest, exception=None) -> HttpResponse:
+    return _error_page(request, "403.html", 403, exception)
+
+
 def format_when(value) -> str:
     return dateformat.format(timezone.localtime(value), TIME_FORMAT) if value else ""

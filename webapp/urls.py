@@ -1,10 +1,18 @@
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic.base import RedirectView
 
 from jobs.api.root import api
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
+    # Browsers ask for /favicon.ico on pages that name no icon (the admin, the API docs).
+    path("favicon.ico", RedirectView.as_view(url=static("jobs/favicon.svg"), permanent=True)),
     path("", include("jobs.urls")),
 ]
+
+# Styled error pages with the user's navigation (500 is Django's own view: templates/500.html).
+handler404 = "jobs.pages.page_not_found"
+handler403 = "jobs.pages.permission_denied"

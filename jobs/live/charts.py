@@ -246,7 +246,11 @@ def fleet_figure(fleet: dict) -> dict:
         {"type": "heatmap", "z": z, "x": list(range(width)), "y": names, "text": text, "zmin": 0, "zmax": 100,
          "colorscale": UTIL_SCALE, "xgap": 2, "ygap": 2, "hoverongaps": False,
          "hovertemplate": "%{text}<extra></extra>",
-         "colorbar": {"title": {"text": "util %"}, "thickness": 12}, "name": "utilization"},
+         # The title beside the bar (not above it, where it ran into the "100" label) and
+         # a bar at least FLEET_COLORBAR_PX tall with three labels, however few hosts.
+         "colorbar": {"title": {"text": "utilization %", "side": "right"}, "thickness": 12,
+                      "tickvals": [0, 50, 100], "len": 1, "lenmode": "fraction", "outlinewidth": 0},
+         "name": "utilization"},
         {"type": "scatter", "mode": "markers", "x": held_x, "y": held_y, "name": "allocated, busy",
          "hoverinfo": "skip", "marker": {"symbol": "circle", "size": 7, "color": "#ffffff",
                                           "line": {"width": 1, "color": "#000000"}}},
@@ -255,15 +259,21 @@ def fleet_figure(fleet: dict) -> dict:
                                           "line": {"width": 1.5, "color": "#000000"}}},
     ]
     layout = {
-        "font": _FONT, "height": min(110 + 30 * len(hosts), 4000), "uirevision": "fleet",
-        "margin": {"l": 160, "r": 16, "t": 40, "b": 40},
+        "font": _FONT, "height": min(max(FLEET_MIN_HEIGHT, 110 + 30 * len(hosts)), 4000), "uirevision": "fleet",
+        # Host names set the left margin (automargin); a phone keeps its width for the cells.
+        "margin": {"l": 8, "r": 8, "t": 16, "b": 40},
         "xaxis": {"title": {"text": "core"}, "dtick": 1 if width <= 32 else 4, "zeroline": False, "showgrid": False,
                   "range": [-0.5, width - 0.5]},
         "yaxis": {"type": "category", "autorange": "reversed", "automargin": True, "showgrid": False},
-        "legend": {"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"},
+        # The markers' legend above the cells (it pushes the top margin as it needs).
+        "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom"},
+        "showlegend": True,
         "plot_bgcolor": "#eef0f3",
     }
     return {"data": data, "layout": layout}
+
+
+FLEET_MIN_HEIGHT = 240  # px: room for the colour bar's three labels with one or two hosts
 
 
 def _cell_label(host: dict, i: int, core: int) -> str:

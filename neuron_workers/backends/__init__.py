@@ -11,7 +11,9 @@ import-linter contracts check the backends never import each other):
     cpu, neuron          the two backends; neither imports the other
     neuron_train         one fine-tune rank on NeuronCores, and the torchrun entry point
     neuron_launch        the multi-core torchrun launcher and its file protocol
-    neuron_errors        Neuron error text -> failure code
+    neuron_errors        Neuron error text -> failure code; the console tail it reads
+    neuron_env           the host's job Python: its Neuron versions (probed without
+                         importing the stack), NEURON_RT_VISIBLE_CORES, a rank's core
     compiling            compile steps both backends share, and the host-CPU compile
     inference            inference steps both backends share, and host-CPU inference
     finetuning           fine-tune plan, dataset -> blocks, checkpoint
@@ -19,8 +21,9 @@ import-linter contracts check the backends never import each other):
     loops                device-agnostic train and decode loops
     hf                   HF models and tokenizers: loading, the in-process cache, thread count
     data                 datasets and prompts
-    base, detect, compiler_options, tinymodel   torch-free: the contract, host
-                         detection, compiler option checks, the demo model
+    base, detect, compiler_options, tinymodel, neuron_matrix   torch-free: the
+                         contract, host detection, compiler option checks, the demo
+                         model, which job a host's Neuron versions can run
 """
 
 from __future__ import annotations

@@ -1,22 +1,29 @@
 """The neuron backend: torch-neuronx / TorchNeuron on Inf2, Trn1 and Trn2 hosts.
 
-HONESTY NOTE. Only the pure helpers (compiler_args and neuron_cc_flags here,
-neuron_errors.classify_neuron_error, neuron_launch.torchrun_argv) and the control
-flow around the Neuron calls have run, against stand-in modules in
+HONESTY NOTE. Only the pure helpers (compiler_args here, neuron_errors,
+neuron_launch, neuron_env, neuron_matrix) and the control flow around the Neuron
+calls have run, against stand-in modules that enforce the documented rules in
 tests/test_backend_neuron.py. The calls into torch_neuronx, torch_xla and the
 native "neuron" device are written against the documented API summarised in
 /work/shared/reference/neuron.md and have NOT run on Neuron hardware:
 
+- The job runs in the host's own Neuron Python (NEURONDECK_JOB_PYTHON), and the
+  path follows its torch (neuron_matrix): PyTorch <= 2.9 is the XLA torch-neuronx
+  (trace, torch-xla training), 2.10 and later native TorchNeuron (Trn2/Trn3).
+  A job the interpreter cannot run fails "unavailable" with the reason before
+  any Neuron call (the web app refuses it at submit already).
 - compile   = torch_neuronx.trace(wrapper, example_inputs, compiler_workdir=...,
-              compiler_args=[...]) then torch.jit.save (neuron.md §4.2); the
-              compile cache goes through NEURON_CC_FLAGS="--cache_dir=..." (§4.4).
+              compiler_args=[...]) then torch.jit.save (neuron.md §4.2), run with
+              the compile directory as the working directory, where neuronx-cc
+              writes its log. trace runs neuronx-cc directly, so no persistent
+              compile cache applies (aws-neuron-sdk#865); whole artifacts are
+              reused by the web app's compile cache key instead. On trn2 the
+              compiler's logical-nc-config is the runtime's NEURON_LOGICAL_NC_CONFIG.
 - inference = import torch_neuronx (registers the neuron::Model op), then
-              torch.jit.load, which places the model on a NeuronCore among those
-              in NEURON_RT_VISIBLE_CORES, set by the runner (§4.2, §4.3).
-- finetune  = native torch.device("neuron") when present (Neuron SDK >= 2.32,
-              details UNCONFIRMED, §4.6) else torch-xla: xm.xla_device(),
-              xm.optimizer_step, xm.mark_step (legacy, documented to 2.31, §4.6);
-              cores > 1 run under torchrun, one process per NeuronCore
+              torch.jit.load, which places the model on one NeuronCore; with
+              several cores, torch_neuronx.DataParallel copies it onto each
+              (api-torch-neuronx-data-parallel.rst).
+- finetune  = one core in-process, several under torchrun, one process per core
               (neuron_launch launches, neuron_train trains a rank).
 
 Work that stays on the host CPU (target "cpu", models that are not
@@ -26,6 +33,7 @@ Neuron-compiled) runs the cpu backend's functions from compiling / inference.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -56,9 +64,14 @@ from .detect import neuron_devices_present, neuron_stack_importable
 from .finetuning import finetune_plan
 from .inference import generation_settings, infer_on_cpu, run_fixed_shape_inference
 from .loops import time_forward
-from .neuron_errors import map_neuron_error
-from .neuron_launch import run_torchrun
+from .neuron_env import compiler_identity, dist_version, parse_visible_cores, probe
+from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
+from .neuron_launch import neuron_cc_flags, run_torchrun, training_env
+from .neuron_matrix import DEFAULT_TRN2_LNC, NATIVE_FAMILIES, compile_lnc, job_refusal
 from .neuron_train import train_rank
+
+__all__ = ["NeuronBackend", "compile_cache_dir", "compiler_args", "import_torch_neuronx", "neuron_cc_flags",
+           "neuron_compiler_version", "runtime_lnc"]
 
 # Above this we warn (not fail): with --auto-cast or bf16 matmuls the compiled
 # model legitimately differs from fp32 eager by more than the cpu backend's 1e-4.
@@ -82,13 +95,14 @@ class NeuronBackend(Backend):
         Unlike the cpu backend, a logit difference above 1e-4 is not a failure:
         --auto-cast legitimately changes numerics. Non-finite logits are.
         """
-        target = ctx.spec.get("target", "inf2")
+        target = ctx.spec.get("target") or ctx.spec.get("family") or "inf2"
         if target == "cpu":
             return compile_on_cpu(ctx)
         shape = compile_shape(ctx)
         options = checked_options(ctx, target)
         model_path = input_path(ctx, "model_path")
         require_model_format(ctx, ["hf"])
+        check_runnable(ctx, target, compiler_options=options)
         torch_neuronx = import_torch_neuronx()
         # The eager reference model runs on the host CPU, with the thread count
         # the cpu backend would use for it.
@@ -101,7 +115,12 @@ class NeuronBackend(Backend):
         tokenizer = hf.load_tokenizer(model_path)
         hf.check_sequence_length(model, shape[1])
         ctx.check_stop("before compiling")
-        traced, seconds = self._trace(ctx, torch_neuronx, model, shape, compiler_args(target, options))
+        lnc = runtime_lnc(target)
+        args = compiler_args(target, options)
+        if lnc is not None and compile_lnc(options) is None:
+            # Compile for the logical core size the runtime will load it at.
+            args.append(f"--logical-nc-config={lnc}")
+        traced, seconds = self._trace(ctx, torch_neuronx, model, shape, args)
         version = neuron_compiler_version(torch_neuronx)
         artifacts = ctx.artifacts_dir
         try:
@@ -114,10 +133,10 @@ class NeuronBackend(Backend):
             raise JobFailed("compile_error", "the compiled model produced non-finite logits")
         if diff > NEURON_DIFF_WARN:
             ctx.log(f"warning: compiled logits differ from fp32 eager by {diff:.3g} (expected with --auto-cast)")
-        result = compile_result(shape, seconds, latencies, diff, "neuron", version)
+        result = {**compile_result(shape, seconds, latencies, diff, "neuron", version), "logical_nc_config": lnc}
         meta = compile_meta(ctx, model, tokenizer, model_path, shape, options, target, result)
         save_tokenizer(tokenizer, artifacts / TOKENIZER_DIR)
-        write_json(artifacts / META_NAME, {**meta, "cache_dir": compile_cache_dir()})
+        write_json(artifacts / META_NAME, {**meta, "logical_nc_config": lnc})
         ctx.log(f"compiled for {target} in {seconds:.1f}s; p50 {result['latency_ms_p50']} ms")
         return {**result, "cache_key": meta["cache_key"], "model_digest": meta["model_digest"],
                 "compiler_options": options, "compile_log": "compile_log.txt", "meta": META_NAME,
@@ -125,18 +144,23 @@ class NeuronBackend(Backend):
 
     def _trace(self, ctx: JobContext, torch_neuronx: Any, model: Any, shape: tuple[int, int],
                args: list[str]) -> tuple[Any, float]:
-        """Run torch_neuronx.trace with the cache flags, capture compiler output, save model.pt."""
+        """Run torch_neuronx.trace in the compile directory, capture compiler output, save model.pt.
+
+        The compile directory is also the working directory: neuronx-cc writes
+        log-neuron-cc.txt (--logfile's default) into its working directory, which
+        trace does not set (neuron.md §0, §4.5). NEURON_CC_FLAGS is left alone:
+        trace runs neuronx-cc directly, without the wrapper that reads it."""
         workdir = ctx.workdir / "compile"
         workdir.mkdir(parents=True, exist_ok=True)
         captured = workdir / "compiler_output.txt"
-        flags = neuron_cc_flags(os.environ.get("NEURON_CC_FLAGS"), compile_cache_dir())
         wrapper = LogitsOnly(model).eval()
         example = example_input(shape, model.config.vocab_size, seed=0)
-        header = [f"torch_neuronx.trace input_ids {list(shape)}", f"compiler_args: {args}", f"NEURON_CC_FLAGS: {flags}"]
+        header = [f"torch_neuronx.trace input_ids {list(shape)}", f"compiler_args: {args}",
+                  f"NEURON_LOGICAL_NC_CONFIG: {os.environ.get('NEURON_LOGICAL_NC_CONFIG', '(unset)')}"]
         ctx.log(header[1])
         started = time.perf_counter()
         try:
-            with env_overrides({"NEURON_CC_FLAGS": flags}), capture_output(captured):
+            with working_directory(workdir), capture_output(captured):
                 traced = torch_neuronx.trace(wrapper, (example,), compiler_workdir=str(workdir), compiler_args=args)
         except Exception as exc:
             log_text = write_compile_log(ctx, header + [f"FAILED: {exc}"], workdir, captured)
@@ -158,9 +182,12 @@ class NeuronBackend(Backend):
         """One NeuronCore in-process; several under torchrun (see neuron_launch.run_torchrun)."""
         plan = finetune_plan(ctx)
         cores = spec_int(ctx.spec, "cores", default=1)
+        report = check_runnable(ctx, ctx.spec.get("family") or "", cores=cores)
         if cores > 1:
-            return run_torchrun(ctx, cores)
-        return train_rank(ctx, plan, rank=0, world_size=1)
+            return run_torchrun(ctx, cores, compile_cache_dir(), report.get("framework"))
+        os.environ.update(training_env(report.get("framework") or "xla", os.environ.get("NEURON_RT_VISIBLE_CORES"),
+                                       compile_cache_dir(), os.environ))
+        return train_rank(ctx, plan, rank=0, world_size=1, framework=report.get("framework"))
 
     # ------------------------------------------------------------ inference
 
@@ -175,16 +202,27 @@ class NeuronBackend(Backend):
         settings = generation_settings(ctx)
         prompts = read_prompts(ctx)
         model_path = input_path(ctx, "model_path")
-        import_torch_neuronx()  # must precede torch.jit.load so neuron::Model is registered (§4.2)
-        ctx.log(f"NEURON_RT_VISIBLE_CORES={os.environ.get('NEURON_RT_VISIBLE_CORES', '(all)')}")
+        check_runnable(ctx, ctx.spec.get("family") or "", model_format=fmt)
+        check_artifact_lnc(model_path)
+        torch_neuronx = import_torch_neuronx()  # before torch.jit.load: registers neuron::Model (§4.2)
+        visible = os.environ.get("NEURON_RT_VISIBLE_CORES")
+        cores = len(parse_visible_cores(visible)) or 1
+        ctx.log(f"NEURON_RT_VISIBLE_CORES={visible or '(all)'}")
+
+        def load_error(exc: BaseException) -> JobFailed:
+            return map_neuron_error(exc, "load the model", console_tail(ctx.workdir / CONSOLE_LOG))
+
         try:
             # No in-process cache: a loaded model holds its NeuronCore (§4.2), and
             # a later job in this process may have been given other cores.
-            module, meta, tokenizer = load_compiled(model_path, torch.jit.load, use_cache=False,
-                                                    map_error=lambda exc: map_neuron_error(exc, "load the model"))
+            module, meta, tokenizer = load_compiled(model_path, torch.jit.load, use_cache=False, map_error=load_error)
+            if cores > 1:
+                module, meta = data_parallel(torch_neuronx, module, meta, cores)
+                ctx.log(f"torch_neuronx.DataParallel over {cores} NeuronCores, batch {meta['batch_size']}")
             return run_fixed_shape_inference(ctx, module, meta, tokenizer, prompts, settings)
         except (RuntimeError, MemoryError) as exc:
-            raise map_neuron_error(exc, "inference") from exc
+            # The runtime's own lines (allocation failures, busy cores) are on the console.
+            raise map_neuron_error(exc, "inference", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
 
 
 # ---------------------------------------------------------------- imports and versions
@@ -203,12 +241,65 @@ def import_torch_neuronx() -> Any:
 
 
 def neuron_compiler_version(torch_neuronx: Any) -> str:
-    """"torch-neuronx-<v>+neuronx-cc-<v>": both change compiled output (neuron.md §4.4)."""
+    """"torch-neuronx-<v>+neuronx-cc-<v>" from the installed distributions, as the agent
+    reports it for the host (neuron_env.compiler_identity), so the artifact's cache key
+    is the key the web app computes at submit. A module without distribution metadata
+    (a stand-in) falls back to its __version__."""
+    cc_version = dist_version("neuronx-cc")
+    if cc_version is None:
+        try:
+            cc_version = getattr(importlib.import_module("neuronxcc"), "__version__", None)
+        except Exception:
+            cc_version = None
+    return compiler_identity(dist_version("torch-neuronx") or getattr(torch_neuronx, "__version__", None), cc_version)
+
+
+def check_runnable(ctx: JobContext, family: str, *, cores: int = 1, model_format: str = "hf",
+                   compiler_options: list[str] | tuple[str, ...] = ()) -> dict:
+    """This interpreter's report (neuron_env.probe); JobFailed("unavailable") with the
+    reason when it cannot run the job (neuron_matrix: the same rules as at submit)."""
+    report = probe()
+    refusal = job_refusal(ctx.kind, family, cores, report, model_format=model_format,
+                          compiler_options=compiler_options, host_lnc=runtime_lnc(family))
+    # Core counts and placement were settled at submit and dispatch.
+    if refusal is not None and refusal.code != "collective_size":
+        raise JobFailed("unavailable" if refusal.code == "neuron_env" else "bad_input", refusal.message)
+    return report
+
+
+def runtime_lnc(target: str) -> int | None:
+    """The runtime's logical NeuronCore size on trn2 (NEURON_LOGICAL_NC_CONFIG, default 2;
+    the worker sets it from the host's neuron-ls), None on other targets."""
+    if target not in NATIVE_FAMILIES:
+        return None
+    raw = os.environ.get("NEURON_LOGICAL_NC_CONFIG", "").strip()
+    return int(raw) if raw.isdigit() else DEFAULT_TRN2_LNC
+
+
+def check_artifact_lnc(model_path: Path) -> None:
+    """A trn2 artifact loads only at the logical core size it was compiled for (the
+    runtime's NEURON_LOGICAL_NC_CONFIG must equal the compiler's, neuron.md §4.3)."""
+    meta_path = (model_path if model_path.is_dir() else model_path.parent) / META_NAME
     try:
-        cc_version = getattr(importlib.import_module("neuronxcc"), "__version__", "unknown")
-    except Exception:
-        cc_version = "unknown"
-    return f"torch-neuronx-{getattr(torch_neuronx, '__version__', 'unknown')}+neuronx-cc-{cc_version}"
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_compiled reports a missing or broken meta file
+    compiled, target = meta.get("logical_nc_config"), meta.get("target") or ""
+    running = runtime_lnc(target)
+    if isinstance(compiled, int) and running is not None and compiled != running:
+        raise JobFailed("bad_input", f"the artifact was compiled for logical-nc-config={compiled} but this host "
+                                     f"runs NEURON_LOGICAL_NC_CONFIG={running}; compile it again on this host")
+
+
+def data_parallel(torch_neuronx: Any, module: Any, meta: dict, cores: int) -> tuple[Any, dict]:
+    """The traced module on every visible core, fed cores x its compiled batch at once.
+
+    torch_neuronx.DataParallel copies the module onto each core the process sees
+    (device ids count from 0 within NEURON_RT_VISIBLE_CORES) and splits the input
+    along dim 0; with dynamic batching off the batch must be len(device_ids) x the
+    compiled batch (api-torch-neuronx-data-parallel.rst, neuron.md §4.2)."""
+    parallel = torch_neuronx.DataParallel(module, device_ids=list(range(cores)), dim=0, set_dynamic_batching=False)
+    return parallel, {**meta, "batch_size": meta["batch_size"] * cores}
 
 
 # ---------------------------------------------------------------- compiler plumbing (pure)
@@ -224,48 +315,24 @@ def compiler_args(target: str, options: list[str]) -> list[str]:
 
 
 def compile_cache_dir(env: Mapping[str, str] | None = None) -> str:
-    """The neuronx-cc cache directory: config.compile_cache_dir (NEURONDECK_COMPILE_CACHE,
-    else the Neuron default /var/tmp/neuron-compile-cache)."""
+    """The Neuron compile cache directory for training: config.compile_cache_dir
+    (NEURONDECK_COMPILE_CACHE, else the Neuron default /var/tmp/neuron-compile-cache);
+    neuron_launch.training_env hands it to the framework."""
     return config.compile_cache_dir(env)
-
-
-def neuron_cc_flags(existing: str | None, cache_dir: str) -> str:
-    """NEURON_CC_FLAGS with our --cache_dir appended and any earlier --cache_dir dropped.
-
-    neuron_cc_wrapper reads this variable and consumes --cache_dir itself
-    (neuron.md §4.4). Caveat: neuron.md §4.2 says traced graphs with frozen
-    weights are not stored in the persistent cache, so for torch_neuronx.trace
-    this mainly helps torch-xla training; whole-artifact reuse is the web app's
-    job, keyed by compile_cache_key (returned as "cache_key"). The value is a
-    whitespace-separated flag string read by the wrapper, never a shell command,
-    so a cache path containing whitespace cannot be represented and is refused.
-    """
-    if not cache_dir or any(c.isspace() for c in cache_dir):
-        raise ValueError(f"compile cache dir {cache_dir!r} must be non-empty and contain no whitespace")
-    kept = [flag for flag in (existing or "").split() if not flag.startswith("--cache_dir")]
-    return " ".join([*kept, f"--cache_dir={cache_dir}"])
 
 
 # ---------------------------------------------------------------- compile process plumbing
 
 
 @contextmanager
-def env_overrides(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of a block, then restore them.
-
-    In-process because torch_neuronx.trace runs neuronx-cc as a child that
-    inherits os.environ; no shell is involved.
-    """
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+def working_directory(path: Path) -> Iterator[None]:
+    """chdir into `path` for the block, then back (the compiler's children inherit it)."""
+    previous = os.getcwd()
+    os.chdir(path)
     try:
         yield
     finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        os.chdir(previous)
 
 
 @contextmanager
@@ -304,7 +371,8 @@ def write_compile_log(ctx: JobContext, header: list[str], workdir: Path, capture
     parts = ["\n".join(header)]
     if captured.exists():
         parts.append("== compiler output ==\n" + captured.read_text(encoding="utf-8", errors="replace"))
-    # neuronx-cc writes log-neuron-cc.txt by default (--logfile, neuron.md §4.5).
+    # neuronx-cc writes log-neuron-cc.txt into its working directory by default
+    # (--logfile, neuron.md §4.5); _trace makes that the compile directory.
     for log_file in sorted(workdir.rglob("log-neuron-cc*.txt")):
         text = log_file.read_text(encoding="utf-8", errors="replace")
         parts.append(f"== {log_file.relative_to(workdir)} ==\n{text}")

@@ -3,11 +3,16 @@
 Pure and torch-free: the neuron backend maps exceptions from torch_neuronx calls,
 the training ranks map theirs, and the torchrun launcher classifies the output
 tail of a run that crashed without writing an error file.
+
+The runtime writes the lines that say why (`TDRV … Failed to allocate …`,
+`nrt_allocate_neuron_cores …`) to the process's console, not into the exception
+(neuron.md §0, §5.6): callers pass that output as `log_text` (`console_tail`).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from .base import JobFailed
 
@@ -16,6 +21,11 @@ _CORES_PATTERNS = (
     r"NeuronCore\(s\) not available",
     r"NRT_LOAD_NOT_ENOUGH_NC",
     r"Neuron cores are not contiguous",
+    # The core is locked by another model or process [SDK nrt_status.h: NRT_EXEC_NC_BUSY = 1005].
+    r"NRT_EXEC_NC_BUSY",
+    # torch-neuronx when the runtime cannot start because another process holds the
+    # cores (aws-neuron-samples#44; torch_neuronx DataParallel.device_count).
+    r"cannot determine the number of available NeuronCores",
 )
 _OOM_PATTERNS = (
     r"Failed to allocate",
@@ -33,7 +43,7 @@ _OOM_PATTERNS = (
 _STATUS = re.compile(r"\bstatus\s*[=:]?\s*(\d+)\b", re.IGNORECASE)
 # Runtime status codes from nrt_status.h (neuron.md §5.6).
 _OOM_STATUS = {4, 11}  # NRT_RESOURCE, NRT_FAIL_HOST_MEM_ALLOC
-_CORES_STATUS = {9}  # NRT_LOAD_NOT_ENOUGH_NC
+_CORES_STATUS = {9, 1005}  # NRT_LOAD_NOT_ENOUGH_NC, NRT_EXEC_NC_BUSY
 
 
 def classify_neuron_error(text: str, phase: str) -> str:
@@ -57,6 +67,23 @@ _ADVICE = {
     "compile_error": "see compile_log.txt for the compiler's output",
     "runtime_error": "the Neuron runtime reported an error",
 }
+
+
+# The job's console: the runner sends the process's stdout and stderr to this file
+# in its workdir (neuron_workers.process.workdir.LOG_FILE).
+CONSOLE_LOG = "log.txt"
+
+
+def console_tail(path: Path, limit: int = 64 * 1024) -> str:
+    """The last `limit` bytes of a console log (the job's log.txt, where the runner sends
+    the process's stdout and stderr, so the runtime's own lines land there), or ""."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def map_neuron_error(exc: BaseException, phase: str, log_text: str = "") -> JobFailed:

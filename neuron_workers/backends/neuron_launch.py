@@ -10,22 +10,31 @@ The launcher and the ranks talk through the job directory and rank 0's stdout:
 
 Torch-free: the ranks are separate processes (neuron_workers.backends.neuron_train,
 which imports the constants below).
+
+The ranks' environment (`training_env`): the compile cache of their framework, and
+for several ranks a collective root address of the job's own. Each rank's one
+NeuronCore is set by the rank itself (neuron_train.prepare_rank_environment).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .base import JobContext, JobFailed, write_json
+from .neuron_env import installed_framework, parse_visible_cores
 from .neuron_errors import classify_neuron_error
+from .neuron_matrix import XLA
 
 METRIC_PREFIX = "@@neurondeck-metric "
 RESULT_FILE = "train_result.json"
@@ -33,14 +42,84 @@ ERROR_FILE = "train_error.json"
 JOB_FILE = "train_job.json"
 RANK_MODULE = "neuron_workers.backends.neuron_train"
 
+# The Neuron XLA plugin sets NEURON_RT_ROOT_COMM_ID to MASTER_ADDR:62182 when it is
+# unset (pytorch/xla torch_xla/_internal/neuron.py, set_rt_root_comm_id): two
+# multi-core jobs on one host would both bind it.
+DEFAULT_ROOT_COMM_PORT = 62182
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def _ephemeral_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def root_comm_id(first_core: int, port_free: Callable[[int], bool] = _port_free) -> str:
+    """NEURON_RT_ROOT_COMM_ID for a multi-core job whose cores start at `first_core`.
+
+    Port DEFAULT_ROOT_COMM_PORT + 1 + first_core: the jobs running on one host hold
+    disjoint core ranges, so two of them never get the same port. When something
+    else listens there, a free ephemeral port instead."""
+    port = DEFAULT_ROOT_COMM_PORT + 1 + first_core
+    if not port_free(port):
+        port = _ephemeral_port()
+    return f"localhost:{port}"
+
+
+def neuron_cc_flags(existing: str | None, cache_dir: str) -> str:
+    """NEURON_CC_FLAGS with our --cache_dir appended and any earlier --cache_dir dropped.
+
+    neuron_cc_wrapper, which torch-xla's lazy graphs (training) compile through,
+    reads this variable and consumes --cache_dir itself (neuron.md §4.4).
+    torch_neuronx.trace runs neuronx-cc directly and ignores it (aws-neuron-sdk#865),
+    so compile jobs do not set it. The value is a whitespace-separated flag string
+    read by the wrapper, never a shell command, so a cache path containing
+    whitespace cannot be represented and is refused.
+    """
+    if not cache_dir or any(c.isspace() for c in cache_dir):
+        raise ValueError(f"compile cache dir {cache_dir!r} must be non-empty and contain no whitespace")
+    kept = [flag for flag in (existing or "").split() if not flag.startswith("--cache_dir")]
+    return " ".join([*kept, f"--cache_dir={cache_dir}"])
+
+
+def training_env(framework: str, visible: str | None, cache_dir: str, environ: Mapping[str, str],
+                 port_free: Callable[[int], bool] = _port_free) -> dict[str, str]:
+    """What a fine-tune's processes add to their environment.
+
+    - The compile cache of the framework: NEURON_CC_FLAGS --cache_dir for torch-xla,
+      TORCH_NEURONX_NEFF_CACHE_DIR for native TorchNeuron (its persistent NEFF
+      cache; default /tmp/neff_cache, docs torch/reference/env-vars).
+    - With several cores, NEURON_RT_ROOT_COMM_ID of the job's own (root_comm_id),
+      unless the environment already has one. For native ranks the runtime reads
+      the same variable; that it needs one per job there too is UNCONFIRMED.
+    """
+    env = ({"NEURON_CC_FLAGS": neuron_cc_flags(environ.get("NEURON_CC_FLAGS"), cache_dir)} if framework == XLA
+           else {"TORCH_NEURONX_NEFF_CACHE_DIR": cache_dir})
+    cores = parse_visible_cores(visible)
+    if len(cores) > 1 and not environ.get("NEURON_RT_ROOT_COMM_ID"):
+        env["NEURON_RT_ROOT_COMM_ID"] = root_comm_id(cores[0], port_free)
+    return env
+
 
 def torchrun_argv(cores: int, job_dir: Path, torchrun: str | None = None) -> list[str]:
     """argv for a data-parallel run: torchrun with one process per NeuronCore.
 
     --standalone picks a free local rendezvous port, so two jobs on one host do
-    not collide on torchrun's default master port. Every rank inherits
-    NEURON_RT_VISIBLE_CORES from the runner (neuron.md §4.6: one NeuronCore per
-    process; UNCONFIRMED here how ranks split the visible range).
+    not collide on torchrun's default master port. Every rank inherits the job's
+    NEURON_RT_VISIBLE_CORES range and LOCAL_WORLD_SIZE = cores; each then uses
+    cores[LOCAL_RANK] (torch-xla remaps by itself, a native rank is narrowed by
+    neuron_train.prepare_rank_environment).
     """
     if cores < 1:
         raise ValueError("cores must be >= 1")
@@ -61,15 +140,22 @@ def default_torchrun() -> str:
     return str(candidate) if candidate.exists() else "torchrun"
 
 
-def run_torchrun(ctx: JobContext, cores: int) -> dict:
-    """Launch the ranks under torchrun, relay rank-0 metrics/logs, honour should_stop."""
+def run_torchrun(ctx: JobContext, cores: int, cache_dir: str, framework: str | None = None) -> dict:
+    """Launch the ranks under torchrun, relay rank-0 metrics/logs, honour should_stop.
+
+    `framework` ("xla" or "native") defaults to what the installed torch is
+    (neuron_env.installed_framework); the launcher imports neither, so it holds no
+    NeuronCore its ranks need."""
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.workdir / JOB_FILE, {"job_id": ctx.job_id, "spec": ctx.spec, "inputs": ctx.inputs})
     for stale in (RESULT_FILE, ERROR_FILE):
         (ctx.workdir / stale).unlink(missing_ok=True)
     argv = torchrun_argv(cores, ctx.workdir)
-    ctx.log(f"launching {' '.join(argv)}")
+    added = training_env(framework or installed_framework() or XLA, os.environ.get("NEURON_RT_VISIBLE_CORES"),
+                         cache_dir, os.environ)
+    ctx.log(f"launching {' '.join(argv)} with {' '.join(f'{k}={v}' for k, v in sorted(added.items()))}")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **added},
                             start_new_session=True)  # own process group, so cancel can stop every rank
     tail = relay_output(ctx, proc)
     return collect_torchrun_result(ctx, proc.returncode, tail)

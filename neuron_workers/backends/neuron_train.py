@@ -9,9 +9,11 @@ train_result.json, or train_error.json ({"code", "message"}) on a JobFailed; the
 protocol's names live in neuron_launch. A one-core fine-tune runs train_rank in
 the job's own process.
 
-NOT RUN ON HARDWARE: the device paths follow neuron.md §4.6 (torch-xla, legacy
-up to Neuron 2.31) and the 2.32 TorchNeuron native device, whose distributed
-details are UNCONFIRMED; the loop itself is the same one the cpu backend runs.
+NOT RUN ON HARDWARE. The path follows the installed torch (neuron_matrix): PyTorch
+<= 2.9 trains through torch-xla (neuron.md §4.6, unsupported from Neuron 2.30),
+PyTorch >= 2.10 through native TorchNeuron (torch.device("neuron"), Trn2/Trn3, public
+from Neuron 2.33; process group backend "neuron", docs torch/guides/torch-distributed).
+The loop itself is the same one the cpu backend runs.
 """
 
 from __future__ import annotations
@@ -31,68 +33,99 @@ from .base import JobContext, JobFailed, write_json
 from .detect import native_neuron_device_available
 from .finetuning import finetune_plan, prepare_training, save_checkpoint
 from .loops import TrainHooks, train_steps
-from .neuron_errors import map_neuron_error
+from .neuron_env import installed_framework, rank_core
+from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
 from .neuron_launch import ERROR_FILE, JOB_FILE, METRIC_PREFIX, RESULT_FILE
+from .neuron_matrix import NATIVE, XLA
 
 
-def training_mode() -> str:
-    """"native" (torch.device("neuron"), SDK >= 2.32) if present, else "xla", else unavailable.
+def training_mode(framework: str | None = None) -> str:
+    """"xla" or "native": the path the installed torch takes (neuron_matrix), checked usable.
 
-    Native first: Neuron 2.32 ended support for the XLA training flow
-    (neuron.md, big-picture caveat), so an SDK that has both should use native.
-    """
-    if native_neuron_device_available():
-        return "native"
-    try:
-        importlib.import_module("torch_xla.core.xla_model")
-        return "xla"
-    except Exception as exc:
-        raise JobFailed("unavailable", f"neither torch.device('neuron') nor torch-xla is usable here: {exc}") from exc
+    Not "whatever imports": the host's report (the same interpreter's versions) is
+    what the web app admitted the job on. native needs torch_neuronx (its import
+    registers the device and the "neuron" process group backend) and the device;
+    xla needs torch-xla."""
+    framework = framework or installed_framework()
+    if framework == NATIVE:
+        try:
+            importlib.import_module("torch_neuronx")
+        except Exception as exc:
+            raise JobFailed("unavailable", f"native TorchNeuron: torch_neuronx does not import here: {exc}") from exc
+        if not native_neuron_device_available():
+            raise JobFailed("unavailable", "native TorchNeuron: torch.device('neuron') is not usable here")
+        return NATIVE
+    if framework == XLA:
+        try:
+            importlib.import_module("torch_xla.core.xla_model")
+        except Exception as exc:
+            raise JobFailed("unavailable", f"PyTorch/XLA training: torch-xla is not usable here: {exc}") from exc
+        return XLA
+    raise JobFailed("unavailable", "this interpreter has no torch to train with")
+
+
+def prepare_rank_environment(framework: str, environ: dict[str, str] | None = None) -> None:
+    """Give a native rank of a multi-rank run its one NeuronCore: cores[LOCAL_RANK].
+
+    Must run before the runtime starts (TorchNeuron reads NEURON_RT_VISIBLE_CORES at
+    process group initialisation; neuron_env.rank_core says why). torch-xla keeps the
+    job's range: its plugin remaps it to cores[LOCAL_RANK] itself and refuses a
+    single core with LOCAL_WORLD_SIZE > 1 (pytorch/xla torch_xla/_internal/neuron_utils.py)."""
+    environ = os.environ if environ is None else environ
+    world = int(environ.get("LOCAL_WORLD_SIZE") or "1")
+    if framework == NATIVE and world > 1:
+        environ["NEURON_RT_VISIBLE_CORES"] = rank_core(environ.get("NEURON_RT_VISIBLE_CORES"),
+                                                       int(environ.get("LOCAL_RANK") or "0"), world)
+
+
+def native_device() -> Any:
+    return torch.device("neuron")
 
 
 def make_hooks(mode: str, rank: int) -> TrainHooks:
     """Device and step hooks for a training mode (see loops.TrainHooks)."""
-    if mode == "xla":
+    if mode == XLA:
         xm = importlib.import_module("torch_xla.core.xla_model")
         # xm.optimizer_step all-reduces gradients across ranks, then steps;
         # xm.mark_step ends the lazy graph for this step (neuron.md §4.6).
         return TrainHooks(device=xm.xla_device(), optimizer_step=xm.optimizer_step, end_step=xm.mark_step,
                           is_main=rank == 0)
-    return TrainHooks(device=torch.device("neuron"), is_main=rank == 0)
+    return TrainHooks(device=native_device(), is_main=rank == 0)
 
 
 def init_distributed(mode: str) -> None:
     """Join the torchrun process group for data-parallel training.
 
     xla: the 'xla' backend after importing torch_xla.distributed.xla_backend
-    (neuron.md §4.6). native: torch's default backend for the registered device;
-    UNCONFIRMED which collective backend TorchNeuron registers.
+    (neuron.md §4.6). native: backend "neuron", which importing torch_neuronx
+    registers (docs torch/guides/torch-distributed).
     """
     import torch.distributed as dist
 
-    if mode == "xla":
+    if mode == XLA:
         importlib.import_module("torch_xla.distributed.xla_backend")
         dist.init_process_group("xla")
     else:
-        dist.init_process_group()
+        importlib.import_module("torch_neuronx")
+        dist.init_process_group(backend="neuron", init_method="env://")
 
 
 def wrap_for_data_parallel(mode: str, model: Any, hooks: TrainHooks, world_size: int) -> Any:
     """Native multi-rank runs use DDP; under xla, xm.optimizer_step does the all-reduce."""
-    if mode != "native" or world_size == 1:
+    if mode != NATIVE or world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model.to(hooks.device))
 
 
-def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int) -> dict:
+def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, framework: str | None = None) -> dict:
     """Train this rank's share; rank 0 saves the checkpoint. Returns the finetune result.
 
     Each rank draws its own batches (seed + rank), so N ranks see N different
     batches per step. Reported losses are rank 0's; tokens_per_s counts all ranks.
     """
-    mode = training_mode()
+    mode = training_mode(framework)
     if world_size > 1:
         init_distributed(mode)
     hooks = make_hooks(mode, rank)
@@ -106,7 +139,8 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int) -> di
         stats = train_steps(ctx, trained, blocks, total_steps=total_steps, batch_size=plan["batch_size"],
                             learning_rate=plan["learning_rate"], seed=plan["seed"] + rank, hooks=hooks)
     except (RuntimeError, MemoryError) as exc:
-        raise map_neuron_error(exc, "training") from exc
+        # The runtime's own lines (allocation failures, busy cores) are on the console.
+        raise map_neuron_error(exc, "training", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
     stats.tokens *= world_size
     if rank == 0:
         save_checkpoint(ctx, model, tokenizer)
@@ -134,13 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     # Set by torchrun for every rank; absent when run by hand as a single rank.
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    framework = installed_framework()
+    try:
+        prepare_rank_environment(framework or XLA)
+    except ValueError as exc:
+        print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
+        return 1
     job = json.loads((args.job_dir / JOB_FILE).read_text(encoding="utf-8"))
     main_rank = rank == 0
     ctx = JobContext(job_id=job["job_id"], kind="finetune", spec=job["spec"], workdir=args.job_dir,
                      inputs=job["inputs"], log=_print_log if main_rank else _quiet,
                      metric=_print_metric if main_rank else _quiet)
     try:
-        result = train_rank(ctx, finetune_plan(ctx), rank=rank, world_size=world_size)
+        result = train_rank(ctx, finetune_plan(ctx), rank=rank, world_size=world_size, framework=framework)
     except JobFailed as exc:
         if main_rank:
             write_json(args.job_dir / ERROR_FILE, exc.to_dict())

@@ -192,7 +192,8 @@ def team_usage(request: HttpRequest, slug: str) -> HttpResponse:
     else:
         if not errors:
             report = selectors.team_report(team, range_name, first, last, group_by=group_by)
-    context = {**_base_context(request, team, "usage"), "scope": "team", "today": today}
+    context = {**_base_context(request, team, "usage"), "scope": "team", "today": today,
+               "writable": pages.can_write(request.user, team)}
     return _render(request, "usage/team.html", context, report=report, group_by=group_by,
                    groups=selectors.TEAM_GROUPS, errors=errors, filename=f"usage-{team.slug}")
 

@@ -178,3 +178,24 @@ def test_steps_and_epochs_together_are_refused(cast, tiny_model, dataset, cpu_ho
 def test_the_compile_help_never_breaks_a_flag(cast, tiny_model):
     html = login(cast.bob).get("/teams/vision/jobs/new/compile/").content.decode()
     assert "<code>--model-type=transformer</code>" in html
+
+
+# --- artifacts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filename, expected", [
+    ("model.pt", "application/octet-stream"), ("graph.neff", "application/octet-stream"),
+    ("outputs.jsonl", "application/jsonl"), ("metrics.json", "application/json"),
+    ("model.safetensors", "application/octet-stream")])
+def test_an_artifact_downloads_with_a_content_type_for_what_it_is(cast, tiny_model, cpu_host, filename, expected):
+    from jobs.assets import storage
+    from jobs.models import Artifact
+
+    job = make_job(cast.vision, cast.bob, tiny_model, status=S.SUCCEEDED, host=cpu_host)
+    folder = storage.job_dir(job.pk) / "attempt-1" / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / filename).write_bytes(b"\x00\x01 data")
+    Artifact.objects.create(job=job, name=filename, path=storage.rel_path(folder / filename), size_bytes=7)
+    response = login(cast.bob).get(f"/jobs/{job.pk}/artifacts/{filename}")
+    assert response.status_code == 200
+    assert response["Content-Type"] == expected
+    assert "snesdev" not in response["Content-Type"]

@@ -66,4 +66,16 @@ def artifact_response(job: Job, name: str):
         return response
     if not path.is_file():
         raise Http404("The artifact's file is gone")
-    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name)
+    # The system's MIME table guesses from the extension alone, and ML files reuse
+    # extensions it knows for something else (model.pt is "application/vnd.snesdev-
+    # page-table"): name the types of the files jobs write, and let the rest be bytes.
+    content_type = ARTIFACT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type=content_type)
+
+
+# Content types of the artifacts jobs write; anything else downloads as plain bytes.
+ARTIFACT_TYPES = {
+    ".json": "application/json", ".jsonl": "application/jsonl", ".txt": "text/plain; charset=utf-8",
+    ".log": "text/plain; charset=utf-8", ".csv": "text/csv; charset=utf-8", ".md": "text/markdown; charset=utf-8",
+    ".zip": "application/zip",
+}

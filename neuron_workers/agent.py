@@ -2,7 +2,12 @@
 
 * Registers the host (a Host row by name) from `neuron-ls -j`: instance type,
   family, devices, NeuronCore ids, memory. Without Neuron devices it is a CPU host
-  whose "cores" are job slots: NEURONDECK_CPU_SLOTS, else os.cpu_count().
+  whose "cores" are job slots: NEURONDECK_CPU_SLOTS, else os.cpu_count(). A Neuron
+  host also records what its job Python (NEURONDECK_JOB_PYTHON) reports: the SDK,
+  compiler, runtime, torch and torch-neuronx versions (backends.neuron_env), which
+  the submit checks and the compile cache key read.
+* Finds neuron-ls and neuron-monitor on PATH, else in /opt/aws/neuron/bin, where
+  aws-neuronx-tools installs them (a service's PATH usually lacks it).
 * Heartbeats every settings.HEARTBEAT_S from a thread of its own (a stalled
   neuron-monitor must not make the host look dead). A heartbeat brings an
   offline host back online and never touches a draining one.
@@ -25,10 +30,10 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,13 +48,17 @@ from django.utils import timezone
 
 from jobs.live import metrics
 from jobs.models import Host, Job
+from neuron_workers import config
+from neuron_workers.backends.neuron_env import probe_interpreter
 from neuron_workers.readers.neuron_ls import (
     INSTANCE_TYPES,
+    NEURON_BIN_DIR,
     Device,
     HostInventory,
     NeuronLsError,
     cpu_inventory,
     family_for_instance_type,
+    find_tool,
     run_neuron_ls,
 )
 from neuron_workers.readers.neuron_monitor import (
@@ -83,12 +92,29 @@ def cpu_slots() -> int:
     return os.cpu_count() or 1
 
 
-def local_inventory(neuron_ls: str = "neuron-ls") -> HostInventory:
-    """This host from `neuron-ls -j`; a CPU host (slots as cores) when it has no device."""
-    inventory = run_neuron_ls(binary=neuron_ls)
+def local_inventory(neuron_ls: str = "neuron-ls", bin_dir: str | Path = NEURON_BIN_DIR) -> HostInventory:
+    """This host from `neuron-ls -j`, with what its job Python reports; a CPU host
+    (slots as cores) when it has no device."""
+    inventory = run_neuron_ls(binary=neuron_ls, bin_dir=bin_dir)
     if inventory.is_neuron:
-        return inventory
+        return dataclasses.replace(inventory, software=job_software())
     return dataclasses.replace(inventory, core_ids=list(range(cpu_slots())))
+
+
+def job_software() -> dict:
+    """The report of the interpreter this host's jobs run in (NEURONDECK_JOB_PYTHON, else
+    this one), probed in that interpreter (backends.neuron_env). A failure is part of
+    the report, not fatal: the host registers and the submit checks show the error."""
+    python = config.job_python() or sys.executable
+    report = probe_interpreter(python)
+    if report.get("error"):
+        log.error("cannot probe the job Python: %s", report["error"])
+    else:
+        packages = report.get("packages") or {}
+        log.info("job Python %s: torch %s, torch-neuronx %s, neuronx-cc %s, runtime %s, Neuron SDK %s (%s path)",
+                 python, packages.get("torch"), packages.get("torch_neuronx"), packages.get("neuronx_cc"),
+                 report.get("runtime_version"), report.get("sdk_version") or "not stated", report.get("framework"))
+    return report
 
 
 def replay_inventory(path: str | Path) -> HostInventory:
@@ -437,6 +463,7 @@ class AgentOptions:
     loop: bool = True  # replay: start again at the end of the file (unless once)
     neuron_ls: str = "neuron-ls"
     neuron_monitor: str = "neuron-monitor"
+    neuron_bin_dir: str | Path = NEURON_BIN_DIR  # where the tools are when PATH lacks them
     period_s: float = 1.0
     heartbeat_s: float | None = None  # default settings.HEARTBEAT_S
 
@@ -446,7 +473,7 @@ def register(opts: AgentOptions) -> tuple[Host, HostInventory]:
         inventory = replay_inventory(opts.replay)
         host = register_host(opts.name, inventory, replay_mode=True)
     else:
-        inventory = local_inventory(opts.neuron_ls)
+        inventory = local_inventory(opts.neuron_ls, opts.neuron_bin_dir)
         host = register_host(opts.name, inventory)
     heartbeat(host.pk)
     log.info("registered host %s: %s %s, %s cores%s", host.name, host.family, host.instance_type or "?",
@@ -459,7 +486,7 @@ def samples_for(opts: AgentOptions, inventory: HostInventory, stop: threading.Ev
     """The sample source: replay, neuron-monitor (devices and the tool present), or /proc."""
     if opts.replay is not None:
         return replay_samples(opts.replay, stop, loop=opts.loop and not opts.once), None
-    binary = shutil.which(opts.neuron_monitor)
+    binary = find_tool(opts.neuron_monitor, opts.neuron_bin_dir)
     if inventory.is_neuron and binary:
         config = workdir / "neuron-monitor.json"
         config.write_text(json.dumps(monitor_config(period=f"{opts.period_s:g}s")))

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from jobs.lifecycle import services
 from jobs.live import metrics
 from jobs.models import Host
 from live_support import TRN1, clean_streams, running_job  # noqa: F401 (fixture)
 from neuron_workers import agent
 from neuron_workers.readers.neuron_monitor import monitor_config
 from tests.polling import wait_until
+from tests.test_neuron_env import XLA_VERSIONS, needs_bare_python, stand_in_python
 
 NEURON_LS = Path(__file__).resolve().parent / "data" / "neuron-ls"
 LS_SAMPLES = sorted(p.name for p in NEURON_LS.glob("*.json"))
@@ -122,6 +124,51 @@ def test_a_host_without_neuron_ls_uses_its_cpu_count(db, bin_dir):
     host.refresh_from_db()
     assert host.family == "cpu"
     assert host.core_ids == list(range(os.cpu_count()))
+
+
+@needs_bare_python
+def test_a_neuron_host_registers_what_its_job_python_reports(db, bin_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURONDECK_INSTANCE_TYPE", "inf2.xlarge")
+    monkeypatch.setenv("NEURONDECK_JOB_PYTHON", str(stand_in_python(tmp_path / "neuron-venv", XLA_VERSIONS)))
+    monkeypatch.setenv("NEURONDECK_NEURON_SDK", "2.31.0")
+    neuron_ls_printing(bin_dir, NEURON_LS / "inf2.xlarge.json")
+
+    host, inventory = agent.register(agent.AgentOptions(name="inf2-sw"))
+
+    host.refresh_from_db()
+    software = host.inventory["software"]
+    assert software["packages"]["torch"] == "2.9.0" and software["packages"]["torch_neuronx"] == "2.9.0.2.15.32035"
+    assert (software["framework"], software["sdk_version"]) == ("xla", "2.31.0")
+    identity = "torch-neuronx-2.9.0.2.15.32035+neuronx-cc-2.27.5334.0"
+    assert host.inventory["compiler_version"] == identity == inventory.software["compiler_version"]
+    # The compile cache key at submit uses the version the artifact will record.
+    assert services.compiler_version("inf2") == identity
+
+
+def test_a_job_python_that_cannot_run_is_registered_with_the_error(db, bin_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURONDECK_INSTANCE_TYPE", "inf2.xlarge")
+    monkeypatch.setenv("NEURONDECK_JOB_PYTHON", str(tmp_path / "no-venv" / "bin" / "python"))
+    neuron_ls_printing(bin_dir, NEURON_LS / "inf2.xlarge.json")
+
+    host, _ = agent.register(agent.AgentOptions(name="inf2-broken"))
+
+    host.refresh_from_db()
+    assert host.family == "inf2" and "cannot run" in host.inventory["software"]["error"]
+
+
+def test_the_tools_are_found_in_the_neuron_bin_dir_when_path_lacks_it(db, bin_dir, tmp_path, monkeypatch):
+    # Under systemd PATH lacks /opt/aws/neuron/bin; the host registered as a CPU host.
+    monkeypatch.setenv("NEURONDECK_INSTANCE_TYPE", "trn1.32xlarge")
+    neuron_bin = tmp_path / "opt-aws-neuron-bin"
+    neuron_ls_printing(neuron_bin, NEURON_LS / "trn1.32xlarge.json")
+    monitor_stand_in(neuron_bin, tmp_path, lines=1)
+    opts = agent.AgentOptions(name="trn1-bin", neuron_bin_dir=neuron_bin)
+
+    host, inventory = agent.register(opts)
+    source, monitor = agent.samples_for(opts, inventory, threading.Event(), tmp_path)
+
+    assert host.family == "trn1" and len(host.core_ids) == 32
+    assert monitor is not None and monitor.argv[0] == str(neuron_bin / "neuron-monitor")
 
 
 @pytest.mark.parametrize("value", ["zero", "0", "-2"])

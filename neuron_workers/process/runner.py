@@ -218,7 +218,10 @@ def _run(payload: dict, workdir: Path) -> dict:
             result = backend.run(ctx)
         except JobFailed as exc:
             code, message = exc.code, exc.message
-            print(f"[runner] job failed ({code}): {message}", file=sys.stderr, flush=True)
+            if code == "cancelled":  # a stop on request is no failure: say what happened
+                print(f"[runner] job stopped on request: {message}", file=sys.stderr, flush=True)
+            else:
+                print(f"[runner] job failed ({code}): {message}", file=sys.stderr, flush=True)
             return _failure(code, message, traceback.format_exc())
         except MemoryError:
             traceback.print_exc()

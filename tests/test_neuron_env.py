@@ -83,7 +83,7 @@ def test_a_missing_or_failing_interpreter_is_reported_not_raised(tmp_path):
 def test_the_job_python_is_probed_with_the_project_and_its_bin_dir_on_the_paths(tmp_path):
     python = tmp_path / "venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
-    python.write_text(f'#!/bin/sh\necho "{{\\"path\\": \\"$PATH\\", \\"pythonpath\\": \\"$PYTHONPATH\\"}}"\n')
+    python.write_text('#!/bin/sh\necho "{\\"path\\": \\"$PATH\\", \\"pythonpath\\": \\"$PYTHONPATH\\"}"\n')
     python.chmod(0o755)
     report = neuron_env.probe_interpreter(str(python), env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/extra"})
     assert report["path"].split(":")[:3] == [str(python.parent), "/opt/aws/neuron/bin", "/usr/bin"]

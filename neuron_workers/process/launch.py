@@ -5,7 +5,10 @@ Two modes:
 ``exec``
     ``python -m neuron_workers.process.runner workdir/payload.json`` as a fresh
     interpreter: what Neuron hosts use, because the Neuron runtime reads
-    ``NEURON_RT_VISIBLE_CORES`` once at start and must inherit nothing.
+    ``NEURON_RT_VISIBLE_CORES`` once at start and must inherit nothing. The
+    interpreter is the host's job Python (NEURONDECK_JOB_PYTHON: the Neuron
+    DLAMI virtualenv or container Python, whose torch-neuronx the web app's
+    virtualenv cannot hold), else this one.
 ``fork`` (cpu hosts)
     The supervising process's zygote (:mod:`neuron_workers.process.zygote`) hands
     the job to a process forked from its preloaded interpreter, or to a warm
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from neuron_workers import config
+from neuron_workers.backends.neuron_env import job_path
 from neuron_workers.process import sessions
 from neuron_workers.process import workdir as files
 from neuron_workers.process.handles import ChildHandle, ExecChild, ForkChild, Mode
@@ -110,14 +114,28 @@ def _fork(payload: dict, zygote: Zygote, workdir: Path, env: dict[str, str], tex
     return ForkChild(pid, status_sock, workdir, started_at)
 
 
+def job_interpreter(env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The interpreter an exec-mode job starts with, and the environment it gets.
+
+    NEURONDECK_JOB_PYTHON with its bin directory (then /opt/aws/neuron/bin) first on
+    PATH, as activating its virtualenv would: torch_neuronx.trace runs the neuronx-cc
+    it finds on PATH, and torchrun is found beside the interpreter. Unset: this
+    interpreter, the environment as it is."""
+    python = config.job_python()
+    if python is None:
+        return sys.executable, env
+    return python, {**env, "PATH": job_path(python, env.get("PATH"))}
+
+
 def _exec(workdir: Path, env: dict[str, str], text: str, grace_s: float, started_at: float) -> ExecChild:
     payload_path = files.write_payload(workdir, text)
+    python, env = job_interpreter(env)
     lifeline_r, lifeline_w = os.pipe()  # both O_CLOEXEC: no other child inherits them
     env = {**env, config.LIFELINE_FD_ENV: str(lifeline_r), config.LIFELINE_GRACE_ENV: str(grace_s)}
     try:
         with open(workdir / files.LOG_FILE, "ab") as log:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "neuron_workers.process.runner", str(payload_path)],
+                [python, "-m", "neuron_workers.process.runner", str(payload_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
                 pass_fds=[lifeline_r], start_new_session=True,
             )

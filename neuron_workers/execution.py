@@ -51,17 +51,28 @@ def build_payload(job: Job, workdir: Path) -> dict:
     if job.dataset_id:
         inputs["dataset_path"] = str(storage.abs_path(job.dataset.path))
         inputs["dataset_format"] = job.dataset.format
+    # The backend learns the host's family from the spec: a compile targets it
+    # (neuronx-cc --target), and the neuron backend checks the job against it.
+    spec = {**job.spec, "family": job.family}
+    if job.kind == Kind.COMPILE:
+        spec.setdefault("target", job.family)
+    env = {
+        "NEURON_RT_VISIBLE_CORES": job.core_range or "",
+        "NEURON_PROCESS_TAG": f"job-{job.pk}",
+        # The cpu backend uses as many threads as the job was given cores.
+        "OMP_NUM_THREADS": str(job.cores), "NEURONDECK_JOB_CORES": str(job.cores),
+    }
+    lnc = ((job.host.inventory or {}).get("lnc") if job.host else None)
+    if lnc:
+        # Trn2: the runtime's logical core size is the one neuron-ls reported for the
+        # host (its core ids are numbered at it); the compiler must match it.
+        env["NEURON_LOGICAL_NC_CONFIG"] = str(lnc)
     return {
         "job_id": job.pk, "kind": job.kind, "backend": job.host.backend if job.host else "cpu",
-        "spec": job.spec, "workdir": str(workdir), "inputs": inputs, "cores": job.core_range,
+        "spec": spec, "workdir": str(workdir), "inputs": inputs, "cores": job.core_range,
         # A warm runner only ever runs one team's jobs (supervisor._ZygoteServer).
         "reuse_key": f"team-{job.team_id}",
-        "env": {
-            "NEURON_RT_VISIBLE_CORES": job.core_range or "",
-            "NEURON_PROCESS_TAG": f"job-{job.pk}",
-            # The cpu backend uses as many threads as the job was given cores.
-            "OMP_NUM_THREADS": str(job.cores), "NEURONDECK_JOB_CORES": str(job.cores),
-        },
+        "env": env,
     }
 
 
@@ -354,7 +365,8 @@ def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None
         meta = {**(base.meta or {}), "batch_size": job.spec.get("batch_size"),
                 "sequence_length": job.spec.get("sequence_length"), "target": job.family,
                 "compiler_options": job.spec.get("compiler_options", []),
-                **{k: result.get(k) for k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95", "compiler_version")}}
+                **{k: result.get(k) for k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95", "compiler_version",
+                                              "logical_nc_config")}}
         return model_register(team=job.team, user=job.user, name=f"{base.name}-{job.family}", path=artifacts,
                               meta=meta, fmt=fmt, parent=base, source_job=job,
                               compile_key=job.spec.get("compile_key", ""))

@@ -61,9 +61,31 @@ def compile_cache_key(model: ModelAsset, spec: dict, family: str) -> str:
                backend, compiler_version(family), family)
 
 
-def _family_hosts(family: str) -> list[HostSlots]:
-    return [HostSlots(pk, name, fam, tuple(core_ids)) for pk, name, fam, core_ids
-            in Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids")]
+def _family_hosts(family: str) -> tuple[list[HostSlots], list[dict]]:
+    """The family's hosts as placement sees them, and their inventories (one query)."""
+    rows = list(Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids", "inventory"))
+    return ([HostSlots(pk, name, fam, tuple(core_ids)) for pk, name, fam, core_ids, _ in rows],
+            [inventory or {} for *_, inventory in rows])
+
+
+def _check_neuron_software(kind: str, family: str, cores: int, data: dict, spec: dict,
+                           inventories: list[dict]) -> None:
+    """Refuse a job no host of the family can run, with the reason: the Neuron software
+    its job Python reported at registration (neuron_workers.backends.neuron_matrix:
+    native TorchNeuron only on Trn2/Trn3, no XLA training from Neuron 2.30, compiled
+    artifacts need the XLA torch-neuronx, trn2 logical cores must agree, trn1
+    collectives take 1, 2, 8 or 32 cores)."""
+    if family == Family.CPU:
+        return
+    from neuron_workers.backends.neuron_matrix import fleet_refusal
+
+    model = data.get("model")
+    refusal = fleet_refusal(kind, family, cores, [(inv.get("software"), inv.get("lnc")) for inv in inventories],
+                            model_format=model.format if model else "hf",
+                            compiler_options=spec.get("compiler_options") or (),
+                            model_lnc=(model.meta or {}).get("logical_nc_config") if model else None)
+    if refusal is not None:
+        raise SubmitRefused(refusal.code, refusal.message, refusal.field)
 
 
 def _check_capacity(family: str, cores: int, hosts: list[HostSlots]) -> None:
@@ -93,7 +115,9 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     data = form.cleaned_data
     kind, family, cores = form.kind, data["family"], data["cores"]
     spec = form.spec()
-    _check_capacity(family, cores, _family_hosts(family))
+    hosts, inventories = _family_hosts(family)
+    _check_capacity(family, cores, hosts)
+    _check_neuron_software(kind, family, cores, data, spec, inventories)
     priority = kind_priority(kind)
     cache_hit = None
     if kind == Kind.COMPILE:

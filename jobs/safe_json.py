@@ -11,13 +11,16 @@ with the same sentence:
   it in text or JSON, and no prompt or name needs one);
 - a lone surrogate (`"\\ud800"`): not a character, and not storable as UTF-8.
 
-The error carries the path of the offending value (`prompts[2]`,
-`families.trn1.borrow_limit`), so a caller can name the field at fault.
+The error carries the path of the offending value (`prompts[2]`, `families`), so a
+caller can name the field at fault. Costs stay linear in the text, at C speed where
+it matters: the depth is measured on the text before parsing, and the parsed value
+is walked only when the text has a \\u escape that could be a NUL or a surrogate.
 Django-free and standard library only."""
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 MAX_DEPTH = 64
@@ -65,17 +68,34 @@ def _no_constant(name: str):
     raise JSONInputError(f"holds {name}, which is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+# A string runs to its closing quote, or to the end of an unterminated text: each
+# quote starts at most one match, so these stay linear whatever the quoting.
+_STRING = r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)'
+_STRINGS = re.compile(_STRING)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+# \u escapes that may stand for a NUL or (half of) a surrogate pair: only these
+# can put such characters into a parsed value (JSON refuses raw control characters,
+# and UTF-8 text holds no surrogates).
+_SUSPICIOUS = re.compile(r"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
 def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse `raw` (UTF-8 bytes or text) and check the result (see the module doc).
     Raises JSONInputError."""
+    maybe_surrogates = isinstance(raw, str) and _has_surrogates(raw)  # decoded UTF-8 has none
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JSONInputError(f"is not UTF-8 text (byte {exc.start})") from None
+    if _deeper_than(raw, max_depth):
+        raise JSONInputError(f"is nested deeper than {max_depth} levels", _deep_member(raw, max_depth))
     try:
-        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
-    except RecursionError:
+        value = _DECODER.decode(raw)
+    except RecursionError:  # not reached: _deeper_than refused it
         raise JSONInputError(f"is nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise JSONInputError(f"is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from None
@@ -83,8 +103,69 @@ def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEP
         raise
     except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
         raise JSONInputError(f"is not valid JSON ({exc})") from None
-    check(value, max_depth=max_depth)
+    if maybe_surrogates or _SUSPICIOUS.search(raw):
+        check(value, max_depth=max_depth)
     return value
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _deeper_than(text: str, max_depth: int) -> bool:
+    """Whether brackets outside strings nest deeper than `max_depth`: strings are cut
+    out, then the innermost pairs peeled off a level at a time (regex passes, at most
+    max_depth + 1 of them)."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    skeleton = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    if re.search(r"[\[{]{%d}" % (max_depth + 1), skeleton):  # that many opened in a row
+        return True
+    for _ in range(max_depth):
+        peeled = _INNERMOST.sub("", skeleton)
+        if peeled == skeleton:  # unbalanced, and no deeper: json.loads will say where
+            return False
+        skeleton = peeled
+        if not skeleton:
+            return False
+    return bool(_INNERMOST.search(skeleton))
+
+
+def _deep_member(text: str, max_depth: int) -> list[str | int]:
+    """[key] or [index] of the top-level member that nests too deep, to name it ([]
+    when the document is not an object or an array, or cannot be read that far)."""
+    index = _SPACE.match(text).end()
+    if index >= len(text) or text[index] not in "[{":
+        return []
+    is_object, position = text[index] == "{", 0
+    index += 1
+    try:
+        while True:
+            index = _SPACE.match(text, index).end()
+            key: str | int = position
+            if is_object:
+                key, index = _DECODER.scan_once(text, index)
+                index = _SPACE.match(text, index).end()
+                if text[index] != ":":
+                    return []
+                index = _SPACE.match(text, index + 1).end()
+            start = index
+            try:
+                _, index = _DECODER.scan_once(text, index)
+            except RecursionError:
+                return [key]
+            if _deeper_than(text[start:index], max_depth - 1):
+                return [key]
+            index = _SPACE.match(text, index).end()
+            if text[index] != ",":
+                return []
+            index, position = index + 1, position + 1
+    except (StopIteration, IndexError, ValueError):
+        return []
 
 
 def _bad_text(text: str) -> str | None:
@@ -99,23 +180,37 @@ def _bad_text(text: str) -> str | None:
 
 def check(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
     """Refuse too-deep nesting, NUL characters and lone surrogates in an already
-    parsed value (strings and object keys). Iterative: depth costs no stack."""
-    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    parsed value (strings and object keys). Iterative: depth costs no stack. A
+    container's path is kept as a linked (parent, key) pair and spelled out only for
+    an error, so a long list costs no copying."""
+    if isinstance(value, str):
+        reason = _bad_text(value)
+        if reason:
+            raise JSONInputError(reason)
+        return
+    stack: list[tuple[Any, int, tuple | None]] = [(value, 1, None)] if isinstance(value, (dict, list)) else []
     while stack:
-        item, path = stack.pop()
-        if isinstance(item, str):
-            reason = _bad_text(item)
-            if reason:
-                raise JSONInputError(reason, path)
-        elif isinstance(item, (dict, list)):
-            if len(path) >= max_depth:
-                raise JSONInputError(f"is nested deeper than {max_depth} levels", path[:8])
-            if isinstance(item, dict):
-                for key, child in item.items():
-                    if isinstance(key, str):
-                        reason = _bad_text(key)
-                        if reason:
-                            raise JSONInputError(f"has a key that {reason}", path)
-                    stack.append((child, [*path, key]))
-            else:
-                stack.extend((child, [*path, i]) for i, child in enumerate(item))
+        item, depth, where = stack.pop()
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in pairs:
+            if isinstance(key, str):
+                reason = _bad_text(key)
+                if reason:
+                    raise JSONInputError(f"has a key that {reason}", _spelled(where))
+            if isinstance(child, str):
+                reason = _bad_text(child)
+                if reason:
+                    raise JSONInputError(reason, _spelled((where, key)))
+            elif isinstance(child, (dict, list)):
+                if depth >= max_depth:
+                    raise JSONInputError(f"is nested deeper than {max_depth} levels", _spelled((where, key))[:8])
+                if child:
+                    stack.append((child, depth + 1, (where, key)))
+
+
+def _spelled(where: tuple | None) -> list[str | int]:
+    path: list[str | int] = []
+    while where is not None:
+        where, key = where
+        path.append(key)
+    return path[::-1]

@@ -6,7 +6,9 @@ import logging
 import re
 
 import redis
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import HttpRequest
+from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, ValidationError
 from ninja.security import HttpBearer, SessionAuth
@@ -59,6 +61,26 @@ def unauthenticated(request: HttpRequest, exc: AuthenticationError):
     response = api.create_response(request, {"detail": detail}, status=401)
     response["WWW-Authenticate"] = 'Bearer realm="api"'
     return response
+
+
+@api.exception_handler(MultiPartParserError)
+def unreadable_body(request: HttpRequest, exc: MultiPartParserError):
+    """A body that says multipart/form-data but cannot be read as one (no boundary, cut
+    short): 400 in the API's shape, not Django's HTML page."""
+    message = f"the {request.content_type or 'request'} body cannot be read ({exc})"
+    return api.create_response(request, {"detail": f"Bad request: {message}", "code": "unreadable_body",
+                                         "field": "Content-Type", "errors": {"Content-Type": [message]}}, status=400)
+
+
+@api.exception_handler(RequestDataTooBig)
+def body_too_large(request: HttpRequest, exc: RequestDataTooBig):
+    return api.create_response(request, {"detail": f"The body is too large: {exc}", "code": "too_large"}, status=413)
+
+
+@api.exception_handler(SuspiciousOperation)
+def suspicious_body(request: HttpRequest, exc: SuspiciousOperation):
+    """Django's own refusals of a body (too many fields or files): its 400, as JSON."""
+    return api.create_response(request, {"detail": f"Bad request: {exc}", "code": "bad_request"}, status=400)
 
 
 @api.exception_handler(redis.RedisError)

@@ -1,7 +1,7 @@
 """Pure NeuronCore placement: contiguous ranges, best fit, no core held twice."""
 import random
 
-from jobs.quotas.placement import HostSlots, core_range, free_runs, largest_request, place
+from jobs.quotas.placement import HostSlots, alignment, core_range, free_runs, largest_request, place
 
 
 def host(host_id, cores=32, used=(), family="trn1", draining=False):
@@ -56,13 +56,32 @@ def test_random_placements_never_overlap():
         hosts = [host(h, 32, used=frozenset(u)) for h, u in used.items()]
         spot = place(hosts, "trn1", n)
         if spot is None:
-            assert all(max((length for _, length in free_runs(h)), default=0) < n for h in hosts)
+            # trn1 groups of 2 and 8 start at a multiple of their size.
+            align = n if n in (2, 8) else 1
+            assert all(not any(set(range(s, s + n)) <= set(range(start, start + length))
+                               for start, length in free_runs(h) for s in range(0, 32, align)) for h in hosts)
             continue
         cores = set(range(spot.core_start, spot.core_start + n))
         assert not cores & used[spot.host_id] and max(cores) < 32
+        assert n not in (2, 8) or spot.core_start % n == 0
         used[spot.host_id] |= cores
         held.append((spot.host_id, spot.core_start, n))
 
 
 def test_core_range_is_the_neuron_rt_visible_cores_form():
     assert core_range(4, 1) == "4" and core_range(0, 8) == "0-7"
+
+
+def test_trn1_collective_groups_start_at_a_multiple_of_their_size():
+    # Free cores 1-7: a 2-core group goes to 2-3 (not 1-2), an 8-core group does not fit.
+    hosts = [host(1, 8, used={0})]
+    assert place(hosts, "trn1", 2).core_start == 2
+    assert place(hosts, "trn1", 8) is None
+    assert place(hosts, "trn1", 4).core_start == 1  # not a collective size: unaligned best fit
+    assert place([host(1, 32, used={0})], "trn1", 8).core_start == 8
+    assert place([host(1, 32, used=set(range(0, 16)))], "trn1", 32) is None
+
+
+def test_other_families_are_not_aligned():
+    assert place([host(1, 8, used={0}, family="inf2")], "inf2", 2).core_start == 1
+    assert alignment("trn1", 8) == 8 and alignment("trn1", 4) == 1 and alignment("trn2", 8) == 1

@@ -4,6 +4,12 @@ Neuron requires a job's cores to be a contiguous set (NEURON_RT_VISIBLE_CORES ta
 a range; neuron.md §5.2 "Neuron cores are not contiguous"). We place best-fit: the
 smallest free run that holds the request, preferring hosts that are already busy,
 so large requests are not starved by fragments spread across the fleet.
+
+On trn1 a group of 2, 8 or 32 cores starts at a core id that is a multiple of its
+size: collectives run best on such aligned groups [SDK
+archive/nxd-training/torch-neuron-envvars.rst, neuron.md §4.3]. Placement does not
+know the job's kind, so every trn1 request of those sizes is aligned; submit
+refuses trn1 fine-tunes of other sizes (neuron_workers.backends.neuron_matrix).
 """
 from __future__ import annotations
 
@@ -53,14 +59,24 @@ def free_runs(host: HostSlots) -> list[tuple[int, int]]:
     return runs
 
 
+TRN1_ALIGNED_SIZES = (2, 8, 32)
+
+
+def alignment(family: str, cores: int) -> int:
+    """The multiple a request's first core must be: its size for trn1 groups of 2, 8 or 32."""
+    return cores if family == "trn1" and cores in TRN1_ALIGNED_SIZES else 1
+
+
 def place(hosts: list[HostSlots], family: str, cores: int) -> Placement | None:
     """Best-fit contiguous placement on a non-draining host of `family`, or None."""
+    align = alignment(family, cores)
     best: tuple[tuple, Placement] | None = None
     for host in hosts:
         if host.family != family or host.draining or host.free < cores:
             continue
-        for start, length in free_runs(host):
-            if length < cores:
+        for run_start, length in free_runs(host):
+            start = -(-run_start // align) * align  # the run's first aligned core
+            if start + cores > run_start + length:
                 continue
             # Smallest fitting run first, then the busiest host, then the lowest core.
             score = (length, host.free, host.host_id, start)

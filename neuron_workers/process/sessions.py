@@ -31,6 +31,8 @@ RECORDS_DIR = Path(tempfile.gettempdir()) / f"neurondeck-{os.getuid()}" / "sessi
 
 
 class Record(NamedTuple):
+    """A job (by its tag) and the session it was recorded in."""
+
     tag: str
     sid: int
     path: Path
@@ -42,17 +44,20 @@ def record(tag: str | None, sid: int) -> Path | None:
     stat = proc_stat(sid)
     if not tag or stat is None:
         return None
-    path = RECORDS_DIR / f"{sid}.{quote(tag, safe='')}"
+    name = f"{sid}.{quote(tag, safe='')}"
+    path, partial = RECORDS_DIR / name, RECORDS_DIR / f".{name}"
     try:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except FileNotFoundError:
             RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, str(stat.start_ticks).encode())
         finally:
             os.close(fd)
+        # Renamed into place whole: a reader never sees a record without its start time.
+        os.rename(partial, path)
     except OSError:
         # The job runs all the same; only finding it from elsewhere is lost.
         logger.warning("could not record the session of %s in %s", tag, RECORDS_DIR, exc_info=True)
@@ -90,6 +95,8 @@ def recorded() -> list[Record]:
 
 
 def _same_session(sid: int, path: Path) -> bool:
+    """Whether the session the record names still has live members and is the
+    one recorded (not a later session under a reused pid)."""
     try:
         start = int(path.read_text() or 0)
     except (OSError, ValueError):

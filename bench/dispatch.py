@@ -23,8 +23,7 @@ Phases:
 
 Also reported: submit_statements, the SQL statements one POST /api/v1/jobs issues
 through Django, counted in this process with Django's test client (its transaction's
-BEGIN and COMMIT are psycopg's, pipelined with the statements around them, and
-not counted).
+BEGIN and COMMIT are not among them: Django does not log them).
 `--profile DIR` records each service during the burst with py-spy (flame graphs
 DIR/<service>.svg, or collapsed stacks with --profile-format raw; the worker's
 includes its job processes). Sampling perturbs the CPU figures a little.
@@ -50,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (  # noqa: E402
+from bench.support.harness import (  # noqa: E402
     PY, Bench, Processes, cpu_seconds, exclusive_run, free_port, log, percentile, seed_team, start_heartbeat,
     start_workers, wait_finished,
 )
@@ -64,7 +63,7 @@ REPORT_KEYS = ("submit_to_running_p50_ms", "submit_to_running_p95_ms", "submit_t
 # --- the system under test ------------------------------------------------------------
 
 def seed(slots: int) -> dict:
-    """The bench team, host and tiny model (bench.harness.seed_team) and an API token."""
+    """The bench team, host and tiny model (bench.support.harness.seed_team) and an API token."""
     from jobs.teams.tokens import token_create
 
     _, user, model = seed_team(slots, BENCH.host)
@@ -76,7 +75,7 @@ def start_system(procs: Processes, port: int, args) -> None:
     """gunicorn (as in webapp/Procfile), the scheduler and the host worker (with the probe)."""
     procs.start("web", [PY, "-m", "gunicorn", "webapp.wsgi", "-b", f"127.0.0.1:{port}", "-w", str(args.web_workers),
                         "--threads", str(args.web_threads), "--log-level", "warning"])
-    start_workers(procs, BENCH.host, args.slots, "--include", "bench.celery_probe")
+    start_workers(procs, BENCH.host, args.slots, "--include", "bench.support.celery_probe")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -239,7 +238,7 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
                for name in cpu_before}
     from jobs.models import Job
 
-    # Warm runners (supervisor._ZygoteServer): how many processes the burst's jobs ran in.
+    # Warm runners (neuron_workers.process.zygote_server): how many processes the burst's jobs ran in.
     processes = Job.objects.filter(pk__in=list(at)).values("worker_pid").distinct().count()
     return {**per_job, "jobs_per_s": len(submitted) / (last - first),
             "burst_submits_per_s": len(submitted) / (submit_done - first),
@@ -320,7 +319,7 @@ def print_table(report: dict) -> None:
         ("submit→finished p50 / p95", f"{report['submit_to_finished_p50_ms']:.1f} / {report['submit_to_finished_p95_ms']:.1f} ms", ""),
         ("submit request p50", f"{report['submit_request_p50_ms']:.1f} ms", "POST /api/v1/jobs round trip"),
         ("statements per submit", f"{report['submit_statements']}", "SQL of one POST /api/v1/jobs (+ BEGIN/COMMIT)"),
-        ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 100; Ray job API ≈ 1.5"),
+        ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 60; Ray job API ≈ 1.5"),
         ("job processes (burst)", f"{report['burst_job_processes']}", f"for {report['burst_jobs']} jobs (warm runners)"),
         ("celery round trip p50", f"{report['celery_roundtrip_p50_ms']:.2f} ms", "bare task, same worker"),
         ("celery tasks/s", f"{report['celery_tasks_per_s']:.0f}", ""),

@@ -22,9 +22,10 @@ built from tests/data/neuron-monitor/trn1.32xlarge-two-jobs.jsonl):
   write to the sample's first appearance in GET /api/v1/jobs/<id>/metrics?since=
   (called through Django's test client, polled every 20 ms).
 
-It starts what it needs: its own PostgreSQL database (neurondeck_bench, dropped at
-the end — never the dev or test database), Redis db 13 (flushed), the agent
-subprocess. The last line printed is one JSON object.
+It starts what it needs: its own PostgreSQL database (neurondeck_bench_monitor,
+dropped at the end — never the dev or test database), Redis db 12 (flushed), the
+agent subprocess; settings are the project's defaults. The last line printed is one
+JSON object.
 """
 from __future__ import annotations
 
@@ -42,13 +43,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "neuron-monitor" / "trn1.32xlarge-two-jobs.jsonl"
 NEURON_LS = ROOT / "tests" / "data" / "neuron-ls" / "trn1.32xlarge.json"
-BENCH_DB = "neurondeck_bench"
+BENCH_DB = "neurondeck_bench_monitor"
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("BENCH_MONITOR_REDIS_URL", "redis://127.0.0.1:6379/12")
 TAG = "job-{}"
 
 os.environ.update(DATABASE_URL=f"{PG}/{BENCH_DB}", REDIS_URL=REDIS_URL, DJANGO_SETTINGS_MODULE="webapp.settings",
-                  DB_CONN_MAX_AGE="60", LOG_LEVEL="WARNING")
+                  LOG_LEVEL="WARNING")
 sys.path.insert(0, str(ROOT))
 
 
@@ -260,8 +261,7 @@ for seq in range(1, {samples} + 1):
     time.sleep({period})
 time.sleep(3600)
 """)
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NEURONDECK_INSTANCE_TYPE": "trn1.32xlarge",
-               "HEARTBEAT_S": "5"}
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NEURONDECK_INSTANCE_TYPE": "trn1.32xlarge"}
         agent_log = tmpdir / "agent.log"
         with open(agent_log, "wb") as log_file:
             agent = subprocess.Popen([sys.executable, "manage.py", "agent", "--name", host.name], cwd=ROOT, env=env,

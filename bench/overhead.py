@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (  # noqa: E402
+from bench.support.harness import (  # noqa: E402
     PY, ROOT, Bench, Processes, cpu_seconds, exclusive_run, log, seed_team, start_heartbeat, start_workers,
     wait_finished,
 )

@@ -8,8 +8,8 @@ year of usage roll-ups, against the same pages on an empty database.
 It uses its own PostgreSQL databases (never the dev or test database):
 `neurondeck_bench_pages` (filled, kept for --reuse) and
 `neurondeck_bench_pages_empty` (the baseline: the same teams, users and hosts,
-one job, no history; recreated each run). PostgreSQL is reached at BENCH_PG
-(default postgres://postgres@127.0.0.1:5432).
+one job, no history; recreated each run) and Redis db 11 (read, never flushed).
+PostgreSQL is reached at BENCH_PG (default postgres://postgres@127.0.0.1:5432).
 
 The fill is set-based SQL (generate_series INSERT … SELECT), not the ORM: jobs
 with ids in submit order over the last 365 days, their attempts (3 % preempted
@@ -52,7 +52,7 @@ os.environ["DATABASE_URL"] = f"{PG}/{DB_EMPTY}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 os.environ["DEBUG"] = "0"
 os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
+os.environ["REDIS_URL"] = os.environ.get("BENCH_PAGES_REDIS_URL", "redis://127.0.0.1:6379/11")
 os.environ.setdefault("LOG_LEVEL", "ERROR")
 
 import django  # noqa: E402
@@ -229,18 +229,21 @@ def fill(n_jobs: int) -> dict:
         """, {"start": stamp - timedelta(days=365)})
         # Running jobs started a little while ago and still hold cores; a cancel
         # before the start holds none.
-        cur.execute(f"""
-            UPDATE bj SET started_at = %(now)s - (random() * interval '4 hours') - interval '5 minutes',
-                          ended_at = NULL WHERE status = 'running';
-            UPDATE bj SET started_at = NULL, ended_at = NULL WHERE status = 'pending';
-            UPDATE bj SET started_at = NULL, ended_at = created_at + interval '3 minutes'
-                WHERE status = 'cancelled' AND cancelled_pending;
-            UPDATE bj SET created_at = least(created_at, started_at - interval '1 second') WHERE status = 'running';
-            UPDATE bj SET ended_at = least(ended_at, %(now)s - interval '1 minute')
-                WHERE ended_at > %(now)s - interval '1 minute';
-            ALTER TABLE bj ADD PRIMARY KEY (g);
-            ANALYZE bj;
-        """, {"now": stamp})
+        # One statement per execute(): several in one work only with client-side
+        # parameter binding.
+        for sql in (
+            "UPDATE bj SET started_at = %(now)s - (random() * interval '4 hours') - interval '5 minutes', "
+            "ended_at = NULL WHERE status = 'running'",
+            "UPDATE bj SET started_at = NULL, ended_at = NULL WHERE status = 'pending'",
+            "UPDATE bj SET started_at = NULL, ended_at = created_at + interval '3 minutes' "
+            "WHERE status = 'cancelled' AND cancelled_pending",
+            "UPDATE bj SET created_at = least(created_at, started_at - interval '1 second') WHERE status = 'running'",
+            "UPDATE bj SET ended_at = least(ended_at, %(now)s - interval '1 minute') "
+            "WHERE ended_at > %(now)s - interval '1 minute'",
+        ):
+            cur.execute(sql, {"now": stamp})
+        cur.execute("ALTER TABLE bj ADD PRIMARY KEY (g)")
+        cur.execute("ANALYZE bj")
         timings["plan"] = time.time() - t0
         insert_select(cur, Job, job_columns(stamp), "FROM bj ORDER BY g")
         cur.execute("SELECT setval(pg_get_serial_sequence('jobs_job', 'id'), (SELECT max(id) FROM jobs_job))")
@@ -321,9 +324,9 @@ def history_rollups(cur, cutoff0: datetime) -> None:
     values = ", ".join(f"('{p.instance_type}', {p.usd_per_core_second!r})" for p in prices.values()
                        if p.instance_type.replace(".", "").isalnum())
     log_gamma = math.log(accounting.WaitSketch.GAMMA)
+    cur.execute("CREATE TEMP TABLE price (instance_type text PRIMARY KEY, per_s float8)")
+    cur.execute(f"INSERT INTO price VALUES {values}")
     cur.execute(f"""
-        CREATE TEMP TABLE price (instance_type text PRIMARY KEY, per_s float8);
-        INSERT INTO price VALUES {values};
         CREATE TEMP TABLE facts AS
         SELECT u.*, coalesce(u.cs * p.per_s, 0) AS cost,
                CASE WHEN u.measured THEN coalesce(u.cs * (1 - u.util) * p.per_s, 0) ELSE 0 END AS idle,

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 # Variables this process needs for Django to point at the bench's own state.
@@ -77,7 +77,7 @@ class Bench:
             DATABASE_URL=f"{PG}/{self.db_name}", REDIS_URL=self.redis_url, CELERY_BROKER_URL=self.redis_url,
             STORAGE_ROOT=str(self.storage), NEURONDECK_HOST=self.host, PYTHONPATH=str(ROOT),
             DJANGO_SETTINGS_MODULE="webapp.settings", DEBUG="0", SECRET_KEY="bench-" + uuid.uuid4().hex,
-            LOG_LEVEL="WARNING", DISPATCH_EVERY_S="2", REAP_EVERY_S="15",
+            LOG_LEVEL="WARNING",
         )
         env.update(extra)
         return env

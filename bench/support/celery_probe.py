@@ -1,6 +1,6 @@
 """The baseline of bench/dispatch.py: a bare Celery task.
 
-Loaded into the bench's host worker with `celery worker --include bench.celery_probe`,
+Loaded into the bench's host worker with `celery worker --include bench.support.celery_probe`,
 so the probe travels the same broker, queue and worker pool as a job's run message,
 and does the least a task can do to be observed: push its completion time onto a
 Redis list the bench waits on.

@@ -50,6 +50,9 @@ ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "http://localhost:8000,http://127.0.0.1:8000")
 
 STORAGE_ROOT = Path(os.environ.get("STORAGE_ROOT", BASE_DIR / "var" / "storage")).resolve()
+# Django's defaults, except persistent connections: with a connection opened per
+# request and per task (CONN_MAX_AGE 0), bench/dispatch.py's burst runs about half the
+# jobs per second.
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'neurondeck.sqlite3'}"),

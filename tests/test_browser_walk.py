@@ -120,10 +120,16 @@ class Walk:
             self.check_link(link)
         return links
 
-    def run(self) -> list[str]:
+    def run(self, extra: list[str] = ()) -> list[str]:
         self.page.goto(self.base + "/")
         queue = [t for t in self.links() if self.page.locator(f"header a[href='{t}']").count()]
         assert queue, "no navigation links"
+        # A job page in every state (pending, running, failed, ...): walked one by one,
+        # as each shows different sections.
+        for target in extra:
+            number = len(getattr(self, "extra_done", [])) + 1
+            self.extra_done = [*getattr(self, "extra_done", []), target]
+            queue.extend(self.visit(target, 50 + number))
         walked: set[str] = set()
         number = 0
         while queue and number < MAX_PAGES:
@@ -143,7 +149,8 @@ class Walk:
 def test_every_page_in_the_navigation_is_clean_for_each_role_and_screen(console, live_server, browser, role,
                                                                         viewport):
     walk = Walk(browser, live_server.url, role, viewport)
-    problems = walk.run()
+    jobs = [job for name, job in console.jobs.items() if name != "audio" or role == "admin"]
+    problems = walk.run(extra=[f"/jobs/{job.pk}/" for job in jobs])
     walk.page.context.close()
     assert not problems, "\n".join(problems)
     # The walk reached the pages the issue names, for every role.

@@ -111,14 +111,18 @@
     });
   }
 
-  // A line drawn with its lone first point as a marker becomes a plain line once it
-  // has a second point.
+  // A line with a single point has nothing to draw: it shows a marker until a second
+  // point arrives, then becomes a plain line.
   function plainLines(div) {
-    const traces = [];
+    const lone = [];
+    const many = [];
     div.data.forEach(function (trace, i) {
-      if (trace.type === "scatter" && trace.mode === "lines+markers" && trace.x && trace.x.length > 1) traces.push(i);
+      if (trace.type !== "scatter" || !trace.x) return;
+      if (trace.x.length === 1 && trace.mode === "lines") lone.push(i);
+      if (trace.x.length > 1 && trace.mode === "lines+markers") many.push(i);
     });
-    if (traces.length) window.Plotly.restyle(div, { mode: "lines" }, traces);
+    if (lone.length) window.Plotly.restyle(div, { mode: "lines+markers" }, lone);
+    if (many.length) window.Plotly.restyle(div, { mode: "lines" }, many);
   }
 
   // z rows of a transposed core × time heatmap: one row per time point, the values

@@ -139,3 +139,20 @@ def test_only_staff_see_the_team_create_page(cast):
     assert login(cast.alice).get("/teams/new/").status_code == 404
     assert login(cast.alice).post("/teams/new/", {"slug": "x", "name": "x"}).status_code == 404
     assert not Team.objects.filter(slug="x").exists()
+
+
+def test_the_demo_team_is_guaranteed_no_more_cpu_cores_than_the_local_host_has(db, monkeypatch):
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from jobs.models import Host
+    from jobs.quotas.selectors import overcommit_warnings
+
+    monkeypatch.setenv("NEURONDECK_CPU_SLOTS", "4")
+    call_command("seed_demo")
+    demo = Team.objects.get(slug="demo")
+    assert family_rows(demo)["cpu"] == (4, default_family_quota("cpu")[1])
+    Host.objects.create(name="local", family="cpu", core_ids=list(range(4)), last_heartbeat=timezone.now())
+    assert overcommit_warnings() == []
+    call_command("seed_demo")  # idempotent: nothing changes on a second run
+    assert family_rows(demo)["cpu"][0] == 4

@@ -105,8 +105,12 @@ def neuronx_cc_path() -> str | None:
     return shutil.which("neuronx-cc")
 
 
-def probe(env: Mapping[str, str] | None = None, nrt_library: str = NRT_LIBRARY) -> dict[str, Any]:
-    """This interpreter's Neuron software, as a JSON-able report (see the module docstring)."""
+def probe(env: Mapping[str, str] | None = None, nrt_library: str | None = NRT_LIBRARY) -> dict[str, Any]:
+    """This interpreter's Neuron software, as a JSON-able report (see the module docstring).
+
+    `nrt_library` None leaves the runtime's version out: a job process does, since the
+    framework loads its own libnrt there and a second copy of the library's state in
+    one process is nothing to risk for a version string."""
     packages = {key: dist_version(dist) for key, dist in PACKAGES.items()}
     try:
         # The job's entry point must import in this interpreter (by name: importing
@@ -121,7 +125,7 @@ def probe(env: Mapping[str, str] | None = None, nrt_library: str = NRT_LIBRARY) 
         "packages": packages,
         "framework": framework_path(packages["torch"]),
         "sdk_version": config.neuron_sdk(env),
-        "runtime_version": runtime_version(nrt_library),
+        "runtime_version": runtime_version(nrt_library) if nrt_library else None,
         "compiler_version": compiler_identity(packages["torch_neuronx"], packages["neuronx_cc"]),
         "neuronx_cc": neuronx_cc_path(),
         "runner_error": runner_error,

@@ -128,7 +128,7 @@ class NeuronBackend(Backend):
             latencies = time_forward(traced, example, LATENCY_RUNS)
             diff = max_logit_diff(model, traced, shape, model.config.vocab_size)
         except (RuntimeError, MemoryError) as exc:
-            raise map_neuron_error(exc, "run the compiled model") from exc
+            raise map_neuron_error(exc, "run the compiled model", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
         if not math.isfinite(diff):
             raise JobFailed("compile_error", "the compiled model produced non-finite logits")
         if diff > NEURON_DIFF_WARN:

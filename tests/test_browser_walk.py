@@ -17,6 +17,7 @@ for a reviewer to look at."""
 from __future__ import annotations
 
 import re
+import shutil
 from urllib.parse import urlsplit
 
 import pytest
@@ -61,6 +62,7 @@ class Walk:
         self.page.on("pageerror", lambda exc: self.problems.append(f"{self.where()}: script error: {exc}"))
         self.page.on("response", self._response)
         self.shots = SHOTS / "walk" / viewport / role
+        shutil.rmtree(self.shots, ignore_errors=True)  # this run's pages only
         self.shots.mkdir(parents=True, exist_ok=True)
 
     def where(self) -> str:
@@ -126,11 +128,10 @@ class Walk:
         assert queue, "no navigation links"
         # A job page in every state (pending, running, failed, ...): walked one by one,
         # as each shows different sections.
-        for target in extra:
-            number = len(getattr(self, "extra_done", [])) + 1
-            self.extra_done = [*getattr(self, "extra_done", []), target]
-            queue.extend(self.visit(target, 50 + number))
         walked: set[str] = set()
+        for number, target in enumerate(extra, 1):
+            walked.add(shape(target))
+            queue.extend(self.visit(target, 50 + number))
         number = 0
         while queue and number < MAX_PAGES:
             target = queue.pop(0)

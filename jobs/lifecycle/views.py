@@ -251,6 +251,10 @@ def _prepare_job_form(form, team: Team) -> dict:
         form.fields["family"].choices = [
             (value, label if facts[value]["hosts"] else f"{label} (no host online)")
             for value, label in form.fields["family"].choices]
+    labels = {"max_runtime_s": "Max runtime (seconds)", "prompts": "Prompt text", "prompts_file": "JSONL file"}
+    for name, label in labels.items():
+        if name in form.fields:
+            form.fields[name].label = label
     limits: dict[str, str] = {}
     for name, field in form.fields.items():
         if isinstance(field, (forms.IntegerField, forms.FloatField)):

@@ -161,7 +161,7 @@ def test_the_family_choice_marks_families_without_an_online_host(cast, tiny_mode
 
 def test_the_inference_form_asks_for_prompts_or_a_file_as_one_choice(cast, tiny_model):
     html = login(cast.bob).get("/teams/vision/jobs/new/inference/").content.decode()
-    assert 'data-choice id="prompts-choice"' in html and "one is required" in html
+    assert 'data-choice id="prompts-choice"' in html and "Prompts <span class=\"muted\">(required)" in html
     assert html.count('name="prompts_source"') == 2
 
 

@@ -66,24 +66,20 @@ def make_payload(workdir: Path, backend: str = "SleepBackend", spec: dict | None
 class Recorder:
     """Collects what supervise() reports, like the Celery task's callbacks do."""
 
-    def __init__(self, cancel_after_s: float | None = None, cancel_when_file: Path | None = None) -> None:
+    def __init__(self, cancel_when_file: Path | None = None) -> None:
         self.logs: list[tuple[int, str]] = []
         self.metrics: list[dict] = []
         self.heartbeats = 0
         self.cancel_checks = 0
         self.started_pid: int | None = None
-        self.cancel_after_s = cancel_after_s
         self.cancel_when_file = cancel_when_file
-        self.t0 = time.monotonic()
 
     def heartbeat(self) -> None:
         self.heartbeats += 1
 
     def should_cancel(self) -> bool:
         self.cancel_checks += 1
-        if self.cancel_when_file is not None:
-            return self.cancel_when_file.exists()
-        return self.cancel_after_s is not None and time.monotonic() - self.t0 >= self.cancel_after_s
+        return self.cancel_when_file is not None and self.cancel_when_file.exists()
 
     def on_log(self, offset: int, text: str) -> None:
         self.logs.append((offset, text))

@@ -175,9 +175,9 @@ def process_env(*, storage_root: Path, host: str = "test-host", redis_url: str |
                 **extra: str) -> dict[str, str]:
     """Environment for a subprocess (a worker, the agent) that works on the test
     database and storage as host `host`, with Redis at `redis_url` (default: this
-    process's). Heartbeats every second; no persistent connections, so a
-    transactional test's flush never waits for a worker's idle one. `extra` adds or
-    overrides variables."""
+    process's). Heartbeats every second; no persistent database connections (a
+    subprocess left connected would keep PostgreSQL from dropping the test database).
+    `extra` adds or overrides variables."""
     from django.conf import settings
 
     env = dict(os.environ)

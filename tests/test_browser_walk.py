@@ -5,7 +5,8 @@ as admin (staff), alice (manager of vision) and bob (member of vision), at
 * any console error or uncaught script error,
 * any 5xx response (the page or anything it loads),
 * any horizontal scroll of the page body (wide tables scroll in their own box),
-* any same-site link on it that this role cannot open (a 403 or 404, or worse).
+* any same-site link on it that this role cannot open (a 403 or 404, or worse),
+* a chart whose legend covers its x axis labels, or whose colour bar labels overlap.
 
 The walk starts from the top bar's links (both menus included) and follows the links
 each page shows, one page of each kind (the path with numbers taken out), so a job
@@ -37,6 +38,28 @@ NOT_WALKED = re.compile(r"^/(admin/|api/|static/|favicon)|/artifacts/|[?&]format
 
 PLOTS_DRAWN = """() => [...document.querySelectorAll('[data-figure], [data-live-chart]')]
     .every(el => el.classList.contains('js-plotly-plot'))"""
+
+
+# Per chart: the legend against the x axis's tick labels and title, and the colour
+# bar's labels against each other (what a phone's narrow charts used to get wrong).
+CHART_OVERLAPS = """() => {
+    const box = el => el.getBoundingClientRect();
+    const hit = (a, b) => !(a.right <= b.left || b.right <= a.left || a.bottom <= b.top || b.bottom <= a.top);
+    const found = [];
+    document.querySelectorAll('.js-plotly-plot').forEach(plot => {
+        if (!plot.offsetParent) return;  // hidden
+        const legend = plot.querySelector('.legend');
+        const ticks = [...plot.querySelectorAll('.xtick text, .g-xtitle text')].filter(t => t.textContent.trim());
+        if (legend && ticks.some(t => hit(box(t), box(legend.querySelector('.bg') || legend))))
+            found.push((plot.id || 'chart') + ': legend on the x axis labels');
+        const bar = [...plot.querySelectorAll('.colorbar text')].filter(t => t.textContent.trim());
+        bar.forEach((a, i) => bar.slice(i + 1).forEach(b => {
+            if (hit(box(a), box(b))) found.push((plot.id || 'chart') + ': colour bar labels ' + a.textContent
+                                               + ' / ' + b.textContent);
+        }));
+    });
+    return found;
+}"""
 
 
 def shape(target: str) -> str:
@@ -115,6 +138,9 @@ class Walk:
                     + (el.className && typeof el.className === 'string' ? '.' + el.className.split(' ').join('.') : ''))""")
             self.problems.append(f"{self.where()}: the page scrolls sideways ({width[0]} px wide in {width[1]}); "
                                  f"too wide: {wide}")
+        crowded = self.page.evaluate(CHART_OVERLAPS)
+        if crowded:
+            self.problems.append(f"{self.where()}: chart text overlaps: {crowded}")
         name = re.sub(r"[^\w]+", "-", target.strip("/")) or "home"
         self.page.screenshot(path=str(self.shots / f"{number:02d}-{name}.png"), full_page=True)
         links = self.links()

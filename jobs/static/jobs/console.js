@@ -50,7 +50,8 @@
     const text = (button.textContent || "").trim();
     const verb = text.split(/\s+/)[0].toLowerCase();
     const labels = { upload: "Uploading…", submit: "Submitting…", save: "Saving…", create: "Creating…",
-                     cancel: "Cancelling…", delete: "Deleting…", add: "Adding…", apply: "Applying…" };
+                     cancel: "Cancelling…", delete: "Deleting…", add: "Adding…", apply: "Applying…",
+                     drain: "Draining…", undrain: "Undraining…", log: "Logging out…" };
     return labels[verb] || "Working…";
   }
 

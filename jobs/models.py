@@ -598,3 +598,9 @@ class KindPriority(models.Model):
 
     class Meta:
         verbose_name_plural = "kind priorities"
+
+
+# The notify area's tables (subscriptions, the outbox, alert policies) live with it.
+from jobs.notify.models import (  # noqa: E402,F401
+    Delivery, EventKind, Notification, Subscription, TeamAlertPolicy, UserBudget,
+)

@@ -42,3 +42,20 @@ def prune_metrics_task() -> dict:
     from jobs.live.metrics import prune
 
     return asdict(prune())
+
+
+@shared_task(name="jobs.notify_deliver", ignore_result=True)
+def notify_deliver_task(pairs: list[list[int]]) -> dict:
+    """Attempt deliveries: [[delivery id, ticket], ...] (jobs.notify.delivery)."""
+    from jobs.notify.delivery import deliver
+
+    return deliver(pairs)
+
+
+@shared_task(name="jobs.notify_sweep", ignore_result=True)
+def notify_sweep_task() -> int:
+    """Send due deliveries (retries, lost kicks) to the notify queue."""
+    from jobs.notify.delivery import sweep
+
+    return sweep()
+

@@ -160,6 +160,31 @@ FAIRSHARE_HALF_LIFE_H = float(os.environ.get("FAIRSHARE_HALF_LIFE_H", "168"))
 FAIRSHARE_QUEUE_CHARGE_S = envint("FAIRSHARE_QUEUE_CHARGE_S", 3600)
 FAIRSHARE_CACHE_S = float(os.environ.get("FAIRSHARE_CACHE_S", "5"))
 
+# --- Notifications, idle cores, budgets, /metrics (jobs.notify) ---------------------
+# Mail goes through Django's backend: SMTP at EMAIL_HOST:EMAIL_PORT by default.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = envint("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 10)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "neurondeck@localhost")
+NOTIFY_QUEUE = os.environ.get("NOTIFY_QUEUE", "notify")  # the Celery queue deliveries go to
+NOTIFY_HTTP_TIMEOUT_S = float(os.environ.get("NOTIFY_HTTP_TIMEOUT_S", "10"))
+NOTIFY_LEASE_S = envint("NOTIFY_LEASE_S", 30)  # a claimed or sent-off delivery is swept again after this
+NOTIFY_BACKOFF_BASE_S = float(os.environ.get("NOTIFY_BACKOFF_BASE_S", "2"))
+NOTIFY_BACKOFF_MAX_S = float(os.environ.get("NOTIFY_BACKOFF_MAX_S", "600"))
+NOTIFY_GIVE_UP_S = envint("NOTIFY_GIVE_UP_S", 24 * 3600)
+NOTIFY_SWEEP_S = float(os.environ.get("NOTIFY_SWEEP_S", "2"))
+NOTIFY_BATCH = envint("NOTIFY_BATCH", 10)  # deliveries per swept Celery message
+NOTIFY_WAIT_THRESHOLD_S = envint("NOTIFY_WAIT_THRESHOLD_S", 1800)  # "waiting longer than" for job.waiting
+BUDGET_THRESHOLDS = [int(p) for p in envlist("BUDGET_THRESHOLDS", "50,80,100")]
+# /metrics: open to a request bearing METRICS_TOKEN, or from an address in
+# METRICS_ALLOWED_IPS; users' API tokens see only their teams' series.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS", "127.0.0.1,::1")
+
 # --- Celery -------------------------------------------------------------------
 # Settings chosen for multi-hour jobs:
 # * JSON only: messages carry primary keys, never pickled objects.

@@ -17,6 +17,7 @@ from django.db.models import Case, F, IntegerField, Value, When
 from django.utils import timezone
 
 from jobs.models import CoreAllocation, Job, JobAttempt, JobEvent, JobLogChunk
+from jobs.notify import events as notify_events
 
 S = Job.Status
 
@@ -77,6 +78,8 @@ def transition(
         if target in Job.FINISHED or target == S.PENDING:
             _release(job_id, outcome=target if target in Job.FINISHED else "requeued")
         event(job_id, target, message, actor, **(event_data or {}))
+        if target in (S.SUCCEEDED, S.FAILED):  # the outbox, in this transaction
+            notify_events.job_transition(job_id, target, failure=fields.get("failure", ""), message=message)
     return True
 
 
@@ -222,4 +225,6 @@ def requeue(job_id: int, *, sources=(S.RUNNING, S.QUEUED), message: str, kind: s
         )
         if moved and kind != "requeued":
             event(job_id, kind, message, actor, **(event_data or {}))
+        if moved:
+            notify_events.job_requeued(job_id, kind, message)
     return moved

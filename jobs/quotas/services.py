@@ -12,6 +12,7 @@ from jobs.models import (
     TeamQuota,
     quota_rows_ensure,
 )
+from jobs.notify import events as notify_events
 
 QUOTA_FIELDS = ("share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
 FAMILY_FIELDS = ("guaranteed_cores", "borrow_limit")
@@ -67,5 +68,6 @@ def quota_update(*, team: Team, values: dict, actor=None) -> list[AuditEntry]:
                 fam.save(update_fields=fam_changed)
         AuditEntry.objects.bulk_create(entries)
         if entries:
+            notify_events.quota_changed(team, [(e.subject, e.old, e.new) for e in entries], actor)
             transaction.on_commit(kick_dispatch)
     return entries

@@ -1,0 +1,1 @@
+"""Notifications: subscriptions, the outbox and its delivery, idle cores, budget alerts."""

@@ -26,6 +26,7 @@ def _beat_schedule() -> dict:
         "prune-metrics": {"task": "jobs.prune_metrics", "schedule": 3600.0},
         "rollup-usage": {"task": "jobs.rollup_usage", "schedule": 60.0},
         "notify-sweep": {"task": "jobs.notify_sweep", "schedule": float(settings.NOTIFY_SWEEP_S)},
+        "notify-scan": {"task": "jobs.notify_scan", "schedule": 60.0},
     }
 
 

@@ -108,12 +108,13 @@ def validation_error(request: HttpRequest, exc: ValidationError):
 
 
 def _add_routers() -> None:
-    from jobs.api import jobs, live, teams, usage
+    from jobs.api import jobs, live, notify, teams, usage
 
     api.add_router("", jobs.router)
     api.add_router("", live.router)
     api.add_router("", teams.router)
     api.add_router("", usage.router)
+    api.add_router("", notify.router)
 
 
 _add_routers()

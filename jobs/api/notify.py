@@ -1,0 +1,85 @@
+"""The JSON API for notifications (/api/v1/...).
+
+- GET    /teams/{slug}/subscriptions      yours in the team (managers: the team's too)
+- POST   /teams/{slug}/subscriptions      {scope, channel, target, events}: 201 with the
+                                          signing secret (signed webhooks)
+- DELETE /subscriptions/{id}
+- GET    /subscriptions/{id}/deliveries   the delivery log: status, attempts, last error
+- POST   /deliveries/{id}/resend          the same delivery id again, due now
+
+Another user's subscription is a 404 (jobs.notify.services)."""
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from ninja import Router
+
+from jobs.api.body import read_json
+from jobs.notify import services
+from jobs.notify.models import Delivery, Subscription
+from jobs.teams import access
+
+router = Router(tags=["notifications"])
+LOG_LIMIT = 200
+
+
+def subscription_document(sub: Subscription, *, with_secret: bool = False) -> dict:
+    doc = {"id": sub.pk, "team": sub.team.slug, "user": sub.user.username, "scope": sub.scope,
+           "channel": sub.channel, "target": sub.target, "events": sub.events, "active": sub.active,
+           "created_at": sub.created_at.isoformat(),
+           "failing_since": sub.failing_since.isoformat() if sub.failing_since else None,
+           "last_failure": sub.last_failure or None}
+    if with_secret and sub.channel == Subscription.Channel.WEBHOOK:
+        doc["secret"] = sub.secret
+    return doc
+
+
+def delivery_document(d: Delivery) -> dict:
+    return {"id": d.pk, "delivery_id": str(d.delivery_id), "event": d.notification.kind,
+            "title": d.notification.title, "status": d.status, "attempts": d.attempts,
+            "last_error": d.last_error or None, "created_at": d.created_at.isoformat(),
+            "next_attempt_at": d.next_attempt_at.isoformat() if d.status == "pending" else None,
+            "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None}
+
+
+@router.get("/teams/{slug}/subscriptions")
+def subscription_list(request: HttpRequest, slug: str):
+    team = access.get_team(request.auth, slug)
+    subs = services.visible_subscriptions(request.auth).filter(team=team).select_related("team", "user")
+    return {"subscriptions": [subscription_document(s, with_secret=s.user_id == request.auth.pk) for s in subs]}
+
+
+@router.post("/teams/{slug}/subscriptions")
+def subscription_create(request: HttpRequest, slug: str):
+    team = access.get_team(request.auth, slug)
+    body, refused = read_json(request, "No subscription was created", empty={})
+    if refused is not None:
+        return refused
+    if not isinstance(body, dict):
+        return JsonResponse({"detail": "Send a JSON object.", "code": "invalid"}, status=400)
+    try:
+        sub = services.subscription_create(team=team, user=request.auth, scope=body.get("scope", "self"),
+                                           channel=body.get("channel", ""), target=body.get("target", ""),
+                                           events=body.get("events"))
+    except services.Invalid as exc:
+        return JsonResponse({"detail": f"No subscription was created: {exc}", "code": "invalid",
+                             "errors": exc.errors}, status=400)
+    return JsonResponse(subscription_document(sub, with_secret=True), status=201)
+
+
+@router.delete("/subscriptions/{sub_id}")
+def subscription_delete(request: HttpRequest, sub_id: int):
+    services.get_subscription(request.auth, sub_id).delete()
+    return HttpResponse(status=204)
+
+
+@router.get("/subscriptions/{sub_id}/deliveries")
+def delivery_log(request: HttpRequest, sub_id: int):
+    sub = services.get_subscription(request.auth, sub_id)
+    rows = sub.deliveries.select_related("notification")[:LOG_LIMIT]
+    return {"subscription": subscription_document(sub), "deliveries": [delivery_document(d) for d in rows]}
+
+
+@router.post("/deliveries/{delivery_id}/resend")
+def delivery_resend(request: HttpRequest, delivery_id: int):
+    d = services.delivery_resend(services.get_delivery(request.auth, delivery_id))
+    return delivery_document(d)

@@ -1,0 +1,83 @@
+"""Subscription writes and the team-scoped fetches the API and pages use: a
+subscription is its owner's; a team-scoped one is also its team's managers'. Anyone
+else gets a 404 (Http404), as for any other object."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db.models import Q, QuerySet
+from django.http import Http404
+
+from jobs.models import Membership, Role, Team
+from jobs.notify import delivery as notify_delivery
+from jobs.notify.models import Delivery, EventKind, Subscription
+from jobs.teams import access
+
+
+class Invalid(Exception):
+    def __init__(self, errors: dict[str, list[str]]):
+        super().__init__("; ".join(f"{f}: {' '.join(m)}" for f, m in errors.items()))
+        self.errors = errors
+
+
+def visible_subscriptions(user) -> QuerySet[Subscription]:
+    if user.is_staff:
+        return Subscription.objects.all()
+    managed = Membership.objects.filter(user=user, role=Role.MANAGER).values("team_id")
+    return Subscription.objects.filter(Q(user=user) | Q(scope=Subscription.Scope.TEAM, team_id__in=managed))
+
+
+def get_subscription(user, pk: int) -> Subscription:
+    sub = visible_subscriptions(user).select_related("team", "user").filter(pk=pk).first()
+    if sub is None:
+        raise Http404("No such subscription")
+    return sub
+
+
+def get_delivery(user, pk: int) -> Delivery:
+    d = Delivery.objects.filter(pk=pk, subscription__in=visible_subscriptions(user)).select_related(
+        "subscription", "notification").first()
+    if d is None:
+        raise Http404("No such delivery")
+    return d
+
+
+def subscription_create(*, team: Team, user, scope: str, channel: str, target: str, events: list) -> Subscription:
+    """Validate and create. Team-wide subscriptions need the manager role; a member
+    may subscribe to their own jobs and the team's facts (budget, quota, endpoints)."""
+    errors: dict[str, list[str]] = {}
+    if scope not in Subscription.Scope.values:
+        errors["scope"] = [f"one of {', '.join(Subscription.Scope.values)}"]
+    elif scope == Subscription.Scope.TEAM:
+        try:
+            access.require_role(user, team, Role.MANAGER)
+        except access.Forbidden:
+            errors["scope"] = [f"only managers of team {team.slug} may subscribe for the whole team"]
+    else:
+        try:
+            access.require_role(user, team, Role.VIEWER)
+        except access.Forbidden:
+            errors["scope"] = ["no role in this team"]
+    if channel not in Subscription.Channel.values:
+        errors["channel"] = [f"one of {', '.join(Subscription.Channel.values)}"]
+    elif channel == Subscription.Channel.EMAIL:
+        try:
+            validate_email(target)
+        except ValidationError:
+            errors["target"] = ["an email address"]
+    else:
+        parts = urlsplit(str(target))
+        if parts.scheme not in ("http", "https") or not parts.hostname or len(str(target)) > 500:
+            errors["target"] = ["an http(s) URL of at most 500 characters"]
+    if not isinstance(events, list) or not events or any(e not in EventKind.values for e in events):
+        errors["events"] = [f"a non-empty list of: {', '.join(EventKind.values)}"]
+    if errors:
+        raise Invalid(errors)
+    return Subscription.objects.create(team=team, user=user, scope=scope, channel=channel, target=target,
+                                       events=sorted(set(events)))
+
+
+def delivery_resend(delivery: Delivery) -> Delivery:
+    return notify_delivery.resend(delivery)

@@ -19,6 +19,9 @@ from jobs.models import Artifact, Host, Job, JobLogChunk, JobMetric, Kind, Model
 
 log = logging.getLogger(__name__)
 S = Job.Status
+# Export options a compiled artifact records (its static shape and how it was built).
+EXPORT_FIELDS = ("task", "tensor_parallel_size", "auto_cast", "auto_cast_type", "height", "width",
+                 "num_images_per_prompt")
 RETRYABLE = {"crashed"}  # failures worth another attempt; bad input or a compile error is not
 
 
@@ -365,6 +368,7 @@ def register_outputs(job: Job, result: dict, workdir: Path) -> ModelAsset | None
         meta = {**(base.meta or {}), "batch_size": job.spec.get("batch_size"),
                 "sequence_length": job.spec.get("sequence_length"), "target": job.family,
                 "compiler_options": job.spec.get("compiler_options", []),
+                **{k: job.spec[k] for k in EXPORT_FIELDS if k in job.spec},
                 **{k: result.get(k) for k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95", "compiler_version",
                                               "logical_nc_config")}}
         return model_register(team=job.team, user=job.user, name=f"{base.name}-{job.family}", path=artifacts,

@@ -314,14 +314,15 @@ def test_inference_on_the_compiled_artifact_matches_hf_greedy_decoding(compiled,
     assert [o["new_tokens"] for o in from_artifact] == [o["new_tokens"] for o in from_hf]
 
 
-def test_fixed_shape_decoding_stops_at_the_compiled_sequence_length(compiled, tmp_path):
+def test_fixed_shape_decoding_refuses_a_prompt_that_does_not_fit_the_compiled_sequence_length(compiled, tmp_path):
     workdir, _ = compiled
     spec = {**INFERENCE_SPEC, "prompts": ["y" * 100], "max_new_tokens": 40}
     inputs = {"model_path": str(workdir / "artifacts" / "model.pt"), "model_format": "torchscript"}
-    get_backend("cpu").run(make_ctx(tmp_path, "inference", spec, inputs))
-    (output,) = read_outputs(tmp_path)
-    # A 100-byte prompt is cut to 48 - 40 = 8 tokens, leaving room for 40 new ones at most.
-    assert output["new_tokens"] <= 40
+    # Static shapes, as on Neuron: 100 bytes + 40 new tokens do not fit 48 positions;
+    # refused with the reason rather than silently cut.
+    with pytest.raises(JobFailed) as exc:
+        get_backend("cpu").run(make_ctx(tmp_path, "inference", spec, inputs))
+    assert exc.value.code == "bad_input" and "sequence_length 48" in exc.value.message
 
 
 def test_inference_reads_prompts_from_a_jsonl_file(tiny_lm_dir, tmp_path):

@@ -9,6 +9,8 @@ from django.utils.safestring import mark_safe
 
 from jobs import safe_json
 from jobs.models import Dataset, Family, Kind, ModelAsset, Team
+from neuron_workers.backends.export_options import AUTO_CAST, AUTO_CAST_TYPES, TASKS, ExportOptionError, check_export_options
+from neuron_workers.backends.export_options import DEFAULTS as EXPORT_DEFAULTS
 
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 8192
@@ -77,8 +79,18 @@ class CompileForm(JobBaseForm):
     kind = Kind.COMPILE
     model = TeamObjectField(ModelAsset, where={"format": ModelAsset.Format.HF},
                             error_messages={"invalid_choice": "Unknown model: select an uncompiled model of your team."})
+    task = forms.ChoiceField(choices=[(t, t) for t in TASKS], initial="text-generation",
+                             help_text="As optimum-cli export neuron --task.")
     batch_size = forms.IntegerField(min_value=1, max_value=64, initial=1)
     sequence_length = forms.IntegerField(min_value=1, max_value=8192, initial=32)
+    tensor_parallel_size = forms.IntegerField(min_value=1, max_value=128, initial=1,
+                                              help_text="NeuronCores the model is split over (one instance's).")
+    auto_cast = forms.ChoiceField(choices=[(a, a) for a in AUTO_CAST], initial="none")
+    auto_cast_type = forms.ChoiceField(choices=[(a, a) for a in AUTO_CAST_TYPES], initial="bf16")
+    height = forms.IntegerField(min_value=8, max_value=2048, required=False, help_text="text-to-image only")
+    width = forms.IntegerField(min_value=8, max_value=2048, required=False, help_text="text-to-image only")
+    num_images_per_prompt = forms.IntegerField(min_value=1, max_value=16, required=False,
+                                               help_text="text-to-image only")
     compiler_options = forms.CharField(required=False, help_text=mark_safe(  # flags in <code>: never wrapped at a dash
         "Allow-listed neuronx-cc flags, e.g. <code>--model-type=transformer</code> <code>-O2</code>"))
 
@@ -96,8 +108,30 @@ class CompileForm(JobBaseForm):
 
     def clean(self):
         data = super().clean()
+        if self.errors:
+            return data
+        family = data.get("family") or Family.CPU
+        image = data.get("task") == "text-to-image"
+        for name in ("height", "width", "num_images_per_prompt"):
+            if not image:
+                data.pop(name, None)
+            elif data.get(name) is None:
+                data[name] = EXPORT_DEFAULTS[name]
+        try:
+            check_export_options(data, family)
+        except ExportOptionError as exc:
+            self.add_error(exc.field, str(exc))
+            return data
+        if data.get("tensor_parallel_size", 1) > data.get("cores", 1):
+            self.add_error("cores", f"tensor_parallel_size {data['tensor_parallel_size']} needs as many cores; "
+                                    f"the job asks for {data.get('cores')}")
+            return data
         model, seq = data.get("model"), data.get("sequence_length")
-        if model and seq:
+        if model and image and not (model.meta or {}).get("diffusers"):
+            self.add_error("task", "text-to-image needs a diffusers pipeline model")
+        elif model and not image and (model.meta or {}).get("diffusers"):
+            self.add_error("task", f"{model} is a diffusers pipeline: choose task text-to-image")
+        elif model and seq and not image:
             limit = (model.meta or {}).get("max_positions")
             if limit and seq > limit:
                 self.add_error("sequence_length", f"sequence_length {seq} is longer than the model's {limit} positions")
@@ -203,6 +237,13 @@ class InferenceForm(JobBaseForm):
             batch = (model.meta or {}).get("batch_size", 1)
             if batch != 1:
                 self.add_error("model", f"compiled artifact has batch size {batch}; inference runs one prompt at a time")
+            elif data.get("max_new_tokens"):
+                from jobs.compile_cache.shapes import ShapeMismatch, check_prompts_fit
+
+                try:
+                    check_prompts_fit(model, data["prompts"], data["max_new_tokens"])
+                except ShapeMismatch as exc:
+                    self.add_error(exc.field, str(exc))
         return data
 
 

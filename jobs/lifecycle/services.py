@@ -55,10 +55,11 @@ def compiler_version(family: str) -> str:
 
 def compile_cache_key(model: ModelAsset, spec: dict, family: str) -> str:
     from neuron_workers.backends.compiler_options import compile_cache_key as key
+    from neuron_workers.backends.export_options import check_export_options
 
     backend = "cpu" if family == Family.CPU else "neuron"
     return key(model.digest, spec["batch_size"], spec["sequence_length"], spec.get("compiler_options") or [],
-               backend, compiler_version(family), family)
+               backend, compiler_version(family), family, check_export_options(spec, family).key_extras())
 
 
 def _family_hosts(family: str) -> tuple[list[HostSlots], list[dict]]:

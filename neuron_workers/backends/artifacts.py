@@ -17,6 +17,7 @@ import torch
 from . import hf
 from .base import JobContext, JobFailed
 from .compiler_options import compile_cache_key
+from .export_options import check_export_options
 from .tinymodel import model_digest
 
 ARTIFACT_NAME = "model.pt"
@@ -73,7 +74,8 @@ def compile_meta(ctx: JobContext, model: Any, tokenizer: Any, model_path: Path, 
         "compiler_options": options,
         "model_digest": digest,
         "cache_key": compile_cache_key(digest, shape[0], shape[1], options, result["backend"],
-                                       result["compiler_version"], target),
+                                       result["compiler_version"], target,
+                                       check_export_options(ctx.spec, target).key_extras()),
         "job_id": ctx.job_id,
     }
 

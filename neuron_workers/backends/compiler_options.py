@@ -233,12 +233,16 @@ def compile_cache_key(
     backend: str,
     compiler_version: str,
     target: str,
+    extras: dict | None = None,
 ) -> str:
     """sha256 hex of a canonical JSON of everything that determines a compiled artifact.
 
     Options are validated and sorted first, so "-O1" and "--optlevel 1" (or a
     different order of independent flags) give the same key. The leading "v"
-    field lets a future change of artifact layout invalidate old keys.
+    field lets a future change of artifact layout invalidate old keys. `extras` are
+    the export options beyond the defaults (export_options.ExportOptions.key_extras:
+    task, tensor-parallel size, auto-cast, image shape); absent when empty, so a
+    plain text-generation compile keeps the key it had before they existed.
     """
     canonical = {
         "v": 1,
@@ -250,5 +254,7 @@ def compile_cache_key(
         "compiler_version": compiler_version,
         "target": target,
     }
+    if extras:
+        canonical["export"] = dict(extras)
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

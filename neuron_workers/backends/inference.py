@@ -53,7 +53,8 @@ def run_fixed_shape_inference(ctx: JobContext, module: Any, meta: dict, tokenize
                               settings: dict) -> dict:
     """Decode prompts through a compiled (batch, seq) artifact in groups of its batch size."""
     seq = meta["sequence_length"]
-    ids = [fit_prompt(hf.encode_prompt(tokenizer, p), seq, settings["max_new_tokens"]) for p in prompts]
+    ids = [hf.encode_prompt(tokenizer, p) for p in prompts]
+    check_fits_shape(ids, seq, settings["max_new_tokens"])
     generator = torch.Generator().manual_seed(settings["seed"])
     ctx.check_stop("before decoding")
     started = time.perf_counter()
@@ -70,6 +71,16 @@ def run_fixed_shape_inference(ctx: JobContext, module: Any, meta: dict, tokenize
     ctx.log(f"decoded {len(records)} prompts through the compiled ({meta['batch_size']}, {seq}) artifact "
             f"in {wall * 1000:.1f} ms")
     return inference_result(ctx, records, wall)
+
+
+def check_fits_shape(ids: list[list[int]], sequence_length: int, max_new_tokens: int) -> None:
+    """Static shapes, as on Neuron: prompt + new tokens must fit the compiled sequence
+    length (optimum-neuron export_model.mdx). Refused, never silently truncated."""
+    for index, prompt_ids in enumerate(ids, 1):
+        if len(prompt_ids) + max_new_tokens > sequence_length:
+            raise JobFailed("bad_input", f"prompt {index} is {len(prompt_ids)} tokens; with max_new_tokens "
+                                         f"{max_new_tokens} it does not fit the compiled sequence_length "
+                                         f"{sequence_length}")
 
 
 def _record(index: int, prompt: str, output: str, new: list[int], latency_ms: float) -> dict:

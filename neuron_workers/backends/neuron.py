@@ -50,6 +50,9 @@ from .. import config
 from . import hf
 from .artifacts import ARTIFACT_NAME, META_NAME, TOKENIZER_DIR, LogitsOnly, compile_meta, load_compiled, save_tokenizer
 from .base import Backend, JobContext, JobFailed, input_path, require_model_format, spec_int, write_json
+from .compiler_options import compile_cache_key
+from .export_options import ExportOptionError, check_export_options, optimum_export_call
+from .tinymodel import model_digest
 from .compiling import (
     LATENCY_RUNS,
     checked_options,
@@ -72,6 +75,8 @@ from .neuron_train import train_rank
 
 __all__ = ["NeuronBackend", "compile_cache_dir", "compiler_args", "import_torch_neuronx", "neuron_cc_flags",
            "neuron_compiler_version", "runtime_lnc"]
+
+OPTIMUM_DIR = "neuron_model"  # what an Optimum Neuron model's save_pretrained writes, under artifacts/
 
 # Above this we warn (not fail): with --auto-cast or bf16 matmuls the compiled
 # model legitimately differs from fp32 eager by more than the cpu backend's 1e-4.
@@ -103,6 +108,10 @@ class NeuronBackend(Backend):
         model_path = input_path(ctx, "model_path")
         require_model_format(ctx, ["hf"])
         check_runnable(ctx, target, compiler_options=options)
+        if ctx.spec.get("task"):
+            # A spec with export options (task, tensor-parallel size, auto-cast, image
+            # shape) is exported the way optimum-cli export neuron does it.
+            return optimum_export(ctx, model_path, target, options)
         torch_neuronx = import_torch_neuronx()
         # The eager reference model runs on the host CPU, with the thread count
         # the cpu backend would use for it.
@@ -223,6 +232,67 @@ class NeuronBackend(Backend):
         except (RuntimeError, MemoryError) as exc:
             # The runtime's own lines (allocation failures, busy cores) are on the console.
             raise map_neuron_error(exc, "inference", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
+
+
+# ---------------------------------------------------------------- Optimum Neuron export
+
+
+def import_optimum_neuron() -> Any:
+    """optimum.neuron, or JobFailed("unavailable") (installed from PyPI as optimum-neuron,
+    on top of the host's Neuron SDK)."""
+    try:
+        return importlib.import_module("optimum.neuron")
+    except Exception as exc:
+        raise JobFailed("unavailable", f"optimum-neuron is not usable on this host: {exc}") from exc
+
+
+def optimum_export(ctx: JobContext, model_path: Path, target: str, options: list[str]) -> dict:
+    """Export with Optimum Neuron's Python API into artifacts/neuron_model (save_pretrained).
+
+    Decoders: `NeuronModelForCausalLM.get_neuron_config(...)` then `.export(model,
+    neuron_config=..., load_weights=False)`; encoders and Stable Diffusion:
+    `NeuronModelFor....from_pretrained(model, export=True, **compiler_args,
+    **input_shapes)` (export_options.optimum_export_call). On a CPU-only compile
+    host neuronx_distributed needs NEURON_PLATFORM_TARGET_OVERRIDE before import
+    (export_model.mdx), so it is set to the target first."""
+    try:
+        export = check_export_options(ctx.spec, target)
+    except ExportOptionError as exc:
+        raise JobFailed("bad_input", str(exc)) from exc
+    os.environ.setdefault("NEURON_PLATFORM_TARGET_OVERRIDE", target)
+    optimum = import_optimum_neuron()
+    cls_name, method, kwargs = optimum_export_call(export, target, options)
+    cls = getattr(optimum, cls_name)
+    out = ctx.artifacts_dir / OPTIMUM_DIR
+    ctx.log(f"optimum-neuron {cls_name}.{method}({model_path.name}, {kwargs})")
+    ctx.check_stop("before exporting")
+    started = time.perf_counter()
+    try:
+        with working_directory(ctx.artifacts_dir.parent):
+            if method == "export":
+                neuron_config = cls.get_neuron_config(str(model_path), **kwargs)
+                model = cls.export(str(model_path), neuron_config=neuron_config, load_weights=False)
+            else:
+                model = cls.from_pretrained(str(model_path), **kwargs)
+            model.save_pretrained(str(out))
+    except Exception as exc:
+        raise map_neuron_error(exc, "export", "") from exc
+    seconds = time.perf_counter() - started
+    version = neuron_compiler_version(import_torch_neuronx())  # the identity the web app keys on
+    digest = model_digest(model_path)
+    key = compile_cache_key(digest, export.batch_size, export.sequence_length, options, "neuron", version, target,
+                            export.key_extras())
+    meta = {"exporter": "optimum-neuron", "optimum_class": cls_name, "artifact": OPTIMUM_DIR, "task": export.task,
+            **export.shape(), "tensor_parallel_size": export.tensor_parallel_size, "auto_cast": export.auto_cast,
+            "auto_cast_type": export.auto_cast_type, "backend": "neuron", "target": target,
+            "compiler_version": version, "compiler_options": options, "model_digest": digest, "cache_key": key,
+            "job_id": ctx.job_id}
+    write_json(ctx.artifacts_dir / META_NAME, meta)
+    ctx.log(f"exported for {target} in {seconds:.1f}s")
+    return {"artifact": OPTIMUM_DIR, "compile_seconds": round(seconds, 4), "backend": "neuron",
+            "compiler_version": version, "input_shape": export.shape(), "cache_key": key, "model_digest": digest,
+            "compiler_options": options, "meta": META_NAME, "target": target, "task": export.task,
+            "exporter": "optimum-neuron"}
 
 
 # ---------------------------------------------------------------- imports and versions

@@ -181,9 +181,10 @@ NOTIFY_BATCH = envint("NOTIFY_BATCH", 10)  # deliveries per swept Celery message
 NOTIFY_WAIT_THRESHOLD_S = envint("NOTIFY_WAIT_THRESHOLD_S", 1800)  # "waiting longer than" for job.waiting
 BUDGET_THRESHOLDS = [int(p) for p in envlist("BUDGET_THRESHOLDS", "50,80,100")]
 # /metrics: open to a request bearing METRICS_TOKEN, or from an address in
-# METRICS_ALLOWED_IPS; users' API tokens see only their teams' series.
+# METRICS_ALLOWED_IPS (none by default: behind a reverse proxy every request would
+# come from its address); users' API tokens see only their teams' series.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
-METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS", "127.0.0.1,::1")
+METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS", "")
 
 # --- Celery -------------------------------------------------------------------
 # Settings chosen for multi-hour jobs:

@@ -4,10 +4,12 @@ from django.urls import include, path
 from django.views.generic.base import RedirectView
 
 from jobs.api.root import api
+from jobs.notify.prometheus import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
+    path("metrics", metrics_view, name="metrics"),  # Prometheus; guarded in the view
     # Browsers ask for /favicon.ico on pages that name no icon (the admin, the API docs).
     path("favicon.ico", RedirectView.as_view(url=static("jobs/favicon.svg"), permanent=True)),
     path("", include("jobs.urls")),

@@ -12,6 +12,7 @@ import yaml
 
 from jobs.cli import output
 from jobs.cli.client import Api, ApiError, normalize_url, save_login
+from jobs.cli.jobfile import job_body
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 POLL_S = 1.0
@@ -164,21 +165,9 @@ def _after_submit(api: Api, job: dict[str, Any], wait: bool, as_json: bool) -> N
 def clone(job_id: int, sets: tuple[str, ...], wait: bool, as_json: bool) -> None:
     """Submit JOB_ID again, with changes (--set steps=200)."""
     api = _api()
-    body = clone_body(api.get(f"/jobs/{job_id}"))
+    body = job_body(api.get(f"/jobs/{job_id}"))  # the rule the job page shows too
     body.update(_parse_set(sets))
     _after_submit(api, api.post("/jobs", body), wait, as_json)
-
-
-def clone_body(job: dict[str, Any]) -> dict[str, Any]:
-    """The API body that submits `job` again: its team, kind, placement and spec."""
-    body: dict[str, Any] = {"team": job["team"], "kind": job["kind"], "family": job["family"],
-                            "cores": job["cores"], "max_runtime_s": job["max_runtime_s"]}
-    for key, value in (job.get("spec") or {}).items():
-        if key in ("model_id", "dataset_id"):
-            key = key.removesuffix("_id")
-        if value is not None:
-            body[key] = value
-    return body
 
 
 # --- follow --------------------------------------------------------------------------

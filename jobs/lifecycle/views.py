@@ -20,6 +20,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from jobs import pages
 from jobs.assets.artifacts import artifact_response
+from jobs.cli import jobfile
+from jobs.cli.jobfile import job_body
 from jobs.lifecycle import charts, selectors, services
 from jobs.lifecycle.forms import JOB_FORMS
 from jobs.models import Family, Job, JobEvent, Kind, Team
@@ -176,7 +178,8 @@ def job_new(request: HttpRequest, slug: str, kind: str) -> HttpResponse:
         raise Http404("No such job kind")
     writable = pages.can_write(request.user, team)
     if request.method == "GET":
-        prefill = {k: v for k, v in request.GET.items() if k in form_class.base_fields and k != "prompts_file"}
+        prefill = _again_prefill(request, team, kind)
+        prefill.update({k: v for k, v in request.GET.items() if k in form_class.base_fields and k != "prompts_file"})
         return _job_form_page(request, team, form_class(team=team, initial=prefill), writable)
     form = form_class(request.POST, request.FILES, team=team)
     if not writable:
@@ -193,6 +196,23 @@ def job_new(request: HttpRequest, slug: str, kind: str) -> HttpResponse:
         return _job_form_page(request, team, form, writable, status=exc.status)
     messages.success(request, f"Job #{job.pk} submitted.")
     return redirect("job_detail", job_id=job.pk)
+
+
+def _again_prefill(request: HttpRequest, team: Team, kind: str) -> dict:
+    """?again=<job id>: the form's initial values from that job ("Run again"), as the
+    API body that submits it again (jobs.cli.jobfile.job_body); none when the job is
+    not of this team and kind."""
+    raw = request.GET.get("again", "")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        return {}
+    job = Job.objects.filter(pk=int(raw), team=team, kind=kind).first()
+    if job is None:
+        return {}
+    prefill = job_body(_job_as_document(job))
+    prefill.pop("team"), prefill.pop("kind")
+    if isinstance(prefill.get("prompts"), list):
+        prefill["prompts"] = "\n".join(prefill["prompts"])  # the text field: one prompt per line
+    return prefill
 
 
 RESOURCE_FIELDS = ("family", "cores", "max_runtime_s")  # shown after what the job does
@@ -305,10 +325,33 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
             "eventsAfter": events[-1].pk if events else 0, "logOffset": log.end, "finished": job.is_finished}
     return pages.render_page(request, "jobs/job_detail.html", {
         "job": job, "events": events, "log": log, "live": live,
-        "spec_json": spec,
+        "spec_json": spec, "again": _again_forms(request, job), "can_submit": pages.can_write(request.user, job.team),
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         "queue_position": _queue_position(job), **_result_context(job),
     }, team=job.team, nav="jobs")
+
+
+def _job_as_document(job: Job) -> dict:
+    """The keys of the API's job document that jobs.cli.jobfile.job_body reads."""
+    return {"team": job.team.slug, "kind": job.kind, "family": job.family, "cores": job.cores,
+            "max_runtime_s": job.max_runtime_s, "spec": job.spec}
+
+
+AGAIN_SHOWN_CHARS = 20_000  # a job with more prompts than this is shown as `neurondeck clone` only
+
+
+def _again_forms(request: HttpRequest, job: Job) -> dict:
+    """The same job as a CLI command, a job file and a curl call (each submits an
+    equal job), and the "Run again" link: the submit form prefilled with it."""
+    body = job_body(_job_as_document(job))
+    shown = len(json.dumps(body)) <= AGAIN_SHOWN_CHARS
+    return {
+        "clone": f"neurondeck clone {job.pk}",
+        "command": jobfile.submit_command(body) if shown else None,
+        "file": jobfile.job_file(body) if shown else None,
+        "curl": jobfile.curl_command(body, request.build_absolute_uri(reverse("api:submit_job"))) if shown else None,
+        "run_again": reverse("job_new", kwargs={"slug": job.team.slug, "kind": job.kind}) + f"?again={job.pk}",
+    }
 
 
 def _queue_position(job: Job) -> int | None:

@@ -33,6 +33,7 @@ class Receiver:
         self.accepted: dict[str, dict] = {}  # delivery id -> {"at", "body", "path"}
         self.repeats: dict[str, int] = {}
         self.requests = 0
+        self.acceptances = 0  # times a request was taken as new: len(accepted) unless an id got in twice
         self.bad_signatures = 0
         self.fail_first: set[str] = set()  # paths whose first request of each delivery fails
         self.lock = threading.Lock()
@@ -85,6 +86,7 @@ class Receiver:
             if delivery in self.accepted:
                 self.repeats[delivery] = self.repeats.get(delivery, 0) + 1
                 return 200
+            self.acceptances += 1
             self.accepted[delivery] = {"at": time.time(), "body": json.loads(body), "path": path,
                                        "event": headers.get("X-NeuronDeck-Event", "")}
             return 200

@@ -134,6 +134,9 @@ WHITENOISE_USE_FINDERS = True
 # Uploads: a request body (model zip / dataset) is capped; larger files are refused
 # with a clear error naming the field, not a 500.
 MAX_UPLOAD_BYTES = envint("MAX_UPLOAD_BYTES", 512 * 1024 * 1024)
+# The fleet's compile cache cap: least-recently-used unpinned entries no job uses are
+# evicted above it (jobs.compile_cache.index). 0 = no cap.
+COMPILE_CACHE_MAX_BYTES = envint("COMPILE_CACHE_MAX_BYTES", 50 * 1024 ** 3)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
@@ -173,10 +176,10 @@ DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "neurondeck@localhost"
 NOTIFY_QUEUE = os.environ.get("NOTIFY_QUEUE", "notify")  # the Celery queue deliveries go to
 NOTIFY_HTTP_TIMEOUT_S = float(os.environ.get("NOTIFY_HTTP_TIMEOUT_S", "10"))
 NOTIFY_LEASE_S = envint("NOTIFY_LEASE_S", 30)  # a claimed or sent-off delivery is swept again after this
-NOTIFY_BACKOFF_BASE_S = float(os.environ.get("NOTIFY_BACKOFF_BASE_S", "2"))
+NOTIFY_BACKOFF_BASE_S = float(os.environ.get("NOTIFY_BACKOFF_BASE_S", "1"))
 NOTIFY_BACKOFF_MAX_S = float(os.environ.get("NOTIFY_BACKOFF_MAX_S", "600"))
 NOTIFY_GIVE_UP_S = envint("NOTIFY_GIVE_UP_S", 24 * 3600)
-NOTIFY_SWEEP_S = float(os.environ.get("NOTIFY_SWEEP_S", "2"))
+NOTIFY_SWEEP_S = float(os.environ.get("NOTIFY_SWEEP_S", "1"))
 NOTIFY_BATCH = envint("NOTIFY_BATCH", 10)  # deliveries per swept Celery message
 NOTIFY_WAIT_THRESHOLD_S = envint("NOTIFY_WAIT_THRESHOLD_S", 1800)  # "waiting longer than" for job.waiting
 BUDGET_THRESHOLDS = [int(p) for p in envlist("BUDGET_THRESHOLDS", "50,80,100")]

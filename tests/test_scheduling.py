@@ -168,6 +168,23 @@ def test_a_team_near_its_budget_is_judged_by_the_exact_measure(cast, cpu_host):
                                                "month ends")
 
 
+def test_the_budget_measure_is_exact_near_a_budget_and_never_below_the_use_elsewhere(cast, cpu_host):
+    from jobs.quotas.selectors import core_hours_by_team, core_hours_for_budget
+
+    for team, user, days in ((cast.vision, cast.bob, 40), (cast.audio, cast.charlie, 1)):
+        job = Job.objects.create(team=team, user=user, kind="inference", status=S.SUCCEEDED, cores=2)
+        JobAttempt.objects.create(job=job, team=team, user=user, kind="inference", family="cpu", number=1, cores=2,
+                                  started_at=timezone.now() - timedelta(days=days),
+                                  ended_at=timezone.now() - timedelta(minutes=1), outcome="succeeded")
+    teams = [cast.vision.pk, cast.audio.pk]
+    exact = core_hours_by_team(teams)
+    far = core_hours_for_budget({team: 10_000.0 for team in teams})
+    assert all(exact[team] - 1e-6 <= far[team] < 10_000.0 for team in teams)
+    assert far[cast.vision.pk] > exact[cast.vision.pk]  # the bound counts the 40 days, the month fewer
+    near = core_hours_for_budget({cast.vision.pk: exact[cast.vision.pk], cast.audio.pk: 10_000.0})
+    assert near[cast.vision.pk] == pytest.approx(exact[cast.vision.pk])
+
+
 def test_host_draining_when_every_large_enough_host_drains(cast, cpu_host):
     Host.objects.filter(pk=cpu_host.pk).update(state=Host.State.DRAINING)
     job = pending(cast.vision, cast.bob, cores=2)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
+import redis as redis_lib
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -73,7 +75,7 @@ def build_payload(job: Job, workdir: Path) -> dict:
     return {
         "job_id": job.pk, "kind": job.kind, "backend": job.host.backend if job.host else "cpu",
         "spec": spec, "workdir": str(workdir), "inputs": inputs, "cores": job.core_range,
-        # A warm runner only ever runs one team's jobs (supervisor._ZygoteServer).
+        # A warm runner only ever runs one team's jobs (neuron_workers.process.warm).
         "reuse_key": f"team-{job.team_id}",
         "env": env,
     }
@@ -105,6 +107,7 @@ class JobRecorder:
         self.log_base = job.log_bytes
         self.log_end = job.log_bytes
         self.metrics: list[JobMetric] = []
+        self.requests: list[float] = []  # request_ms not yet pushed to Redis
         self.holding = True
         self.held: list[tuple[int, str]] = []  # (offset, text) not yet stored
         self.pid: int | None = None
@@ -166,6 +169,9 @@ class JobRecorder:
         self.stored()
 
     def on_metric(self, row: dict) -> None:
+        latency = row.get("request_ms")
+        if isinstance(latency, (int, float)) and not isinstance(latency, bool):
+            self.requests.append(float(latency))  # a finished request (jobs.live.requests)
         step = row.get("step")
         if not isinstance(step, int):
             return
@@ -181,12 +187,18 @@ class JobRecorder:
         if self.metrics:
             JobMetric.objects.bulk_create(self.metrics)
             self.metrics = []
+        if self.requests:
+            from jobs.live import requests
+
+            try:
+                requests.push(self.job_id, host_name(), self.requests)
+            except redis_lib.RedisError as exc:  # live charts only: never fail the job
+                log.warning("job %s: %s request latencies not published (%s)", self.job_id, len(self.requests), exc)
+            self.requests = []
 
 
 def run(job_id: int) -> str:
     """Claim and run `job_id` on this host. Returns what happened (for logs/tests)."""
-    from neuron_workers.process import supervise
-
     host_id = this_host_id()
     if host_id is None:
         log.error("job %s: this worker's host %s is not registered (is the agent running?)", job_id, host_name())
@@ -203,6 +215,58 @@ def run(job_id: int) -> str:
     workdir = storage.job_dir(job.pk) / f"attempt-{job.attempts}"
     workdir.mkdir(parents=True, exist_ok=True)
     recorder = JobRecorder(job, host.pk)  # the claim stored the attempt's log header
+    if job.kind == Kind.COMPILE and job.spec.get("compile_key"):
+        hit = _await_compile_turn(job, recorder)
+        if hit is not None:
+            return _finish_as_cache_hit(job, hit, recorder)
+    try:
+        return _run_claimed(job, host, workdir, recorder)
+    finally:
+        if job.kind == Kind.COMPILE:
+            from jobs.compile_cache import claims
+
+            claims.release(job)  # after the outcome (and its artifact) is recorded
+
+
+def _await_compile_turn(job: Job, recorder: "JobRecorder") -> ModelAsset | None:
+    """An identical compile (same team and cache key) running elsewhere: wait for its
+    artifact instead of compiling again (jobs.compile_cache.claims)."""
+    from jobs.compile_cache import claims
+
+    last = [time.monotonic()]
+
+    def heartbeat() -> None:
+        if time.monotonic() - last[0] >= settings.HEARTBEAT_S:
+            last[0] = time.monotonic()
+            recorder.heartbeat()
+
+    return claims.await_turn(job, heartbeat=heartbeat, should_cancel=recorder.should_cancel,
+                             timeout_s=job.max_runtime_s)
+
+
+def _finish_as_cache_hit(job: Job, artifact: ModelAsset, recorder: "JobRecorder") -> str:
+    """The identical compile this job waited for is done: a cache hit, as at submit."""
+    from jobs.compile_cache.index import record_hit
+
+    recorder.flush_log()
+    result = {"cache_hit": True, "artifact_model_id": artifact.pk, "artifact": str(artifact),
+              "source_job_id": artifact.source_job_id, "waited_for_identical_compile": True,
+              **{k: v for k, v in (artifact.meta or {}).items() if k in ("compile_seconds", "latency_ms_p50")}}
+    done = states.mark_finished(job.pk, S.SUCCEEDED, extra_filter={"host_id": job.host_id, "attempts": job.attempts},
+                                message=f"compile cache hit after waiting for the identical compile of job "
+                                        f"{artifact.source_job_id}: {artifact}",
+                                result=result, cache_hit=True, output_model=artifact)
+    if not done:
+        _log_superseded(job)
+        return "superseded"
+    record_hit(artifact.pk)
+    _cores_freed(job)
+    return "cache_hit"
+
+
+def _run_claimed(job: Job, host, workdir: Path, recorder: "JobRecorder") -> str:
+    from neuron_workers.process import supervise
+
     payload = build_payload(job, workdir)
     mode = settings.RUNNER_MODE or ("exec" if payload["backend"] == "neuron" else "fork")
     try:
@@ -224,6 +288,10 @@ def run(job_id: int) -> str:
     result = record_outcome(job, outcome, workdir, recorder)
     if result != "superseded":
         _cores_freed(job)
+    if result == "succeeded" and job.kind == Kind.COMPILE:
+        from jobs.compile_cache.index import enforce_cap
+
+        enforce_cap()  # a new entry may take the fleet's cache over its cap
     return result
 
 

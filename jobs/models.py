@@ -36,6 +36,9 @@ class Team(models.Model):
     slug = models.SlugField(unique=True, max_length=64)
     name = models.CharField(max_length=120)
     time_zone = models.CharField(max_length=64, default="UTC")
+    # Inference only from compiled configurations already in the cache (as optimum-cli
+    # neuron serve loads a precompiled model): an HF folder is refused at submit.
+    cached_configurations_only = models.BooleanField(default=False)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="teams")
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -205,6 +208,11 @@ class ModelAsset(models.Model):
     compile_key = models.CharField(max_length=64, blank=True, db_index=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
+    # compile cache bookkeeping (jobs.compile_cache): pinned entries are never evicted;
+    # hits and last_used_at order the least-recently-used eviction.
+    pinned = models.BooleanField(default=False)
+    hits = models.PositiveIntegerField(default=0)
+    last_used_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name", "-version"]
@@ -216,6 +224,16 @@ class ModelAsset(models.Model):
     @property
     def is_compiled(self) -> bool:
         return self.format != self.Format.HF
+
+
+class CompileClaim(models.Model):
+    """One compile per configuration at a time, fleet-wide: the row is the lock. The
+    worker that inserts it (or takes it over from a holder that is no longer active,
+    by a conditional UPDATE) compiles; the others wait and become cache hits."""
+
+    key = models.CharField(max_length=80, unique=True)  # "<team id>:<compile key>"
+    job = models.ForeignKey("Job", on_delete=models.CASCADE, related_name="+")
+    claimed_at = models.DateTimeField(default=timezone.now)
 
 
 class Dataset(models.Model):

@@ -32,7 +32,7 @@ from jobs.assets.services import dataset_upload, model_upload
 from jobs.assets.uploads import UploadError
 from jobs.lifecycle import selectors
 from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm, PromptsField
-from jobs.lifecycle.services import SubmitRefused, job_cancel, job_submit
+from jobs.lifecycle.services import SubmitRefused, job_cancel, job_dry_run, job_submit
 from jobs.models import Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
 from jobs.teams import access
 
@@ -478,7 +478,7 @@ def _submit_target(user, data) -> tuple[Team, str] | JsonResponse:
     return team, kind
 
 
-@router.post("/jobs", response={201: JobSubmitOut, 409: ErrorOut, 413: ErrorOut, **ERRORS}, openapi_extra=SUBMIT_BODY,
+@router.post("/jobs", response={200: dict[str, Any], 201: JobSubmitOut, 409: ErrorOut, 413: ErrorOut, **ERRORS}, openapi_extra=SUBMIT_BODY,
              summary="Submit a job")
 def submit_job(request: HttpRequest):
     """Validate with the HTML form of the kind, check the team's hard limits, and
@@ -505,6 +505,9 @@ def submit_job(request: HttpRequest):
     if not form.is_valid():
         return _field_errors({f: list(msgs) for f, msgs in form.errors.items()}, f"The {kind} job was not submitted")
     try:
+        if request.GET.get("dry_run", "").lower() in ("1", "true", "yes"):
+            # Validate and answer (a compile: the cache's answer), creating nothing.
+            return Status(200, job_dry_run(team=team, user=request.auth, form=form))
         job = job_submit(team=team, user=request.auth, form=form)
     except SubmitRefused as exc:
         status = 409 if exc.status == 400 and exc.code in CONFLICT_CODES else exc.status

@@ -115,6 +115,9 @@ def _add_routers() -> None:
     api.add_router("", teams.router)
     api.add_router("", usage.router)
     api.add_router("", notify.router)
+    from jobs.compile_cache import api as compile_cache
+
+    api.add_router("", compile_cache.router)
 
 
 _add_routers()

@@ -233,6 +233,9 @@ class InferenceForm(JobBaseForm):
         elif len(data.get("prompts") or []) > MAX_PROMPTS:
             self.add_error("prompts", f"at most {MAX_PROMPTS} prompts per job")
         model = data.get("model")
+        if model and not model.is_compiled and getattr(self.team, "cached_configurations_only", False):
+            self.add_error("model", f"team {self.team.slug} runs cached configurations only: choose a compiled "
+                                    f"configuration of {model} (or compile one first)")
         if model and model.is_compiled and data.get("prompts"):
             batch = (model.meta or {}).get("batch_size", 1)
             if batch != 1:

@@ -148,6 +148,8 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
             reason="waiting for the scheduler",
         )
         states.event(job.pk, Job.Status.PENDING, f"submitted by {user.username}", actor=user)
+        if kind == Kind.INFERENCE and data["model"].compile_key:
+            ModelAsset.objects.filter(pk=data["model"].pk).update(last_used_at=timezone.now())  # the cache's LRU
         if cache_hit is None:
             transaction.on_commit(kick_dispatch)  # once the job is committed, with the caller's transaction if any
         else:
@@ -159,11 +161,49 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     return job
 
 
+def job_dry_run(*, team: Team, user, form: JobBaseForm) -> dict:
+    """What submit would answer, creating nothing: the refusals job_submit makes before
+    its insert (role, capacity, the family's Neuron software, the team's hard limits,
+    raised as SubmitRefused) and, for a compile, the compile cache's answer
+    (jobs.compile_cache.lookup). Without the quota lock: a dry run promises nothing."""
+    from jobs.compile_cache.lookup import compile_answer
+
+    try:
+        access.require_role(user, team, Role.MEMBER)
+    except access.Forbidden as exc:
+        raise SubmitRefused("forbidden", str(exc), status=403) from None
+    data = form.cleaned_data
+    kind, family, cores = form.kind, data["family"], data["cores"]
+    spec = form.spec()
+    hosts, inventories = _family_hosts(family)
+    _check_capacity(family, cores, hosts)
+    _check_neuron_software(kind, family, cores, data, spec, inventories)
+    quota = TeamQuota.objects.get(team=team)
+    decision = check_submit(
+        team.slug, kind, data.get("max_runtime_s") or quota.max_runtime_s,
+        SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
+        SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(),
+                    core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]),
+    )
+    if not decision.ok:
+        raise SubmitRefused(decision.code, decision.sentence,
+                            "max_runtime_s" if decision.code == "runtime_too_long" else None)
+    answer: dict = {"dry_run": True, "would_submit": True, "kind": kind, "family": family, "cores": cores, "spec": spec}
+    if kind == Kind.COMPILE:
+        key = compile_cache_key(data["model"], spec, family)
+        answer["spec"]["compile_key"] = key
+        answer["compile_cache"] = compile_answer(team, data["model"], spec, family, key)
+    return answer
+
+
 def _max_attempts() -> int:
     return settings.JOB_MAX_ATTEMPTS
 
 
 def _finish_as_cache_hit(job: Job, artifact: ModelAsset) -> None:
+    from jobs.compile_cache.index import record_hit
+
+    record_hit(artifact.pk)
     result = {"cache_hit": True, "artifact_model_id": artifact.pk, "artifact": str(artifact),
               "source_job_id": artifact.source_job_id, **{k: v for k, v in (artifact.meta or {}).items()
                                                             if k in ("compile_seconds", "latency_ms_p50", "latency_ms_p95")}}

@@ -46,7 +46,7 @@ from django.db import Error as DatabaseError, close_old_connections, connection
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from jobs.live import metrics
+from jobs.live import metrics, requests
 from jobs.models import Host, Job
 from neuron_workers import config
 from neuron_workers.backends.neuron_env import probe_interpreter
@@ -350,10 +350,13 @@ class ProcessCpu:
 
 
 def cpu_points(sample: Report, placements: list[JobPlacement], slots: list[int], host: str,
-               usage: Callable[[int, int], tuple[float | None, int | None]]) -> tuple[dict, dict[int, dict]]:
+               usage: Callable[[int, int], tuple[float | None, int | None]],
+               request_stats: dict[int, dict] | None = None) -> tuple[dict, dict[int, dict]]:
     """Host and job points of an OS sample. A job's slots each show its process's
     CPU % as a share of its slots (100 % = as many CPUs busy as it has slots),
-    since the process is not pinned to particular CPUs."""
+    since the process is not pinned to particular CPUs. `request_stats` are the
+    requests each job reported itself since the last sample (jobs.live.requests)."""
+    request_stats = request_stats or {}
     slot_util = {str(s): 0.0 for s in slots}
     job_pts: dict[int, dict] = {}
     for job in placements:
@@ -365,6 +368,7 @@ def cpu_points(sample: Report, placements: list[JobPlacement], slots: list[int],
             "ts": sample["ts"], "kind": "host", "host": host, "util": util, "mem": {}, "device_mem": None,
             "host_mem": rss, "lat_p50": None, "lat_p99": None, "completed": 0, "errors": 0,
             "idle": [c for c in job.cores if share is not None and share < metrics.IDLE_UTIL],
+            **request_stats.get(job.job_id, {}),
         }
     host_pt = metrics.host_point(sample, None, slot_util=slot_util)
     host_pt["job"] = {str(c): job.job_id for job in placements for c in job.cores if str(c) in slot_util}
@@ -422,7 +426,11 @@ class Agent:
             # OS samples carry no tags to notice a new job by: re-read every second.
             placements = self.placements(soon=True)
             self.cpu.forget_except({p.pid for p in placements if p.pid})
-            return cpu_points(sample, placements, self.slots, self.name, self.cpu.read)
+            stats = self._requests()
+            host_pt, job_pts = cpu_points(sample, placements, self.slots, self.name, self.cpu.read, stats)
+            for job_id in stats.keys() - job_pts.keys():  # a job that has ended (or not been seen running)
+                job_pts[job_id] = requests.point(sample["ts"], self.name, stats[job_id])
+            return host_pt, job_pts
         if self.replay_mode:
             for runtime in sample["runtimes"]:
                 runtime["job_id"] = None
@@ -436,6 +444,14 @@ class Agent:
             self._known_orphans = self._orphans(attribution)
         return (metrics.host_point(sample, attribution),
                 metrics.job_points(sample, attribution, placements, self.name))
+
+    def _requests(self) -> dict[int, dict]:
+        """The requests jobs on this host reported since the last sample (a cpu
+        inference job's latency and completions, jobs.live.requests)."""
+        try:
+            return requests.drain(self.name)
+        except redis_lib.RedisError:
+            return {}
 
     @staticmethod
     def _orphans(attribution: dict) -> frozenset[tuple[int, str]]:

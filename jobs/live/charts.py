@@ -91,14 +91,13 @@ def is_cpu(series: dict, family: str | None = None) -> bool:
     return kind == "host" if kind else family == "cpu"
 
 
-def job_chart_names(series: dict, family: str | None = None, kind: str | None = None,
-                    cpu_requests: bool = False) -> list[str]:
+def job_chart_names(series: dict, family: str | None = None, kind: str | None = None) -> list[str]:
     """The job charts a host can fill: on a CPU host there is no device memory, and
     execution latency / counts exist only where the job reports them (Neuron
-    runtimes do; a cpu inference job does when `cpu_requests`)."""
+    runtimes do; a cpu inference job reports its own requests, jobs.live.requests)."""
     if not is_cpu(series, family):
         return ["util", "mem", "lat", "exec"]
-    return ["util", "mem", "lat", "exec"] if cpu_requests and kind == "inference" else ["util", "mem"]
+    return ["util", "mem", "lat", "exec"] if kind == "inference" else ["util", "mem"]
 
 
 def job_util_figure(series: dict, family: str | None = None) -> dict:

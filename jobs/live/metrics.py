@@ -167,8 +167,8 @@ def parse_cursor(since: str) -> tuple[int, int]:
         parsed = int(ms), int(seq or 0)
     except ValueError:
         raise BadCursor(f"not a stream id like 1700000000000-0: {since!r}") from None
-    if parsed[0] < 0 or parsed[1] < 0:
-        raise BadCursor(f"not a stream id like 1700000000000-0: {since!r}")
+    if not (0 <= parsed[0] < 2**64 and 0 <= parsed[1] < 2**64):  # Redis stream ids are two 64-bit numbers
+        raise BadCursor(f"not a stream id like 1700000000000-0: {since[:40]!r}")
     return parsed
 
 
@@ -608,7 +608,8 @@ def _add_job_entry(table: dict, host_id: int, job_id: int, minute: int, point: d
     _add_cores(group.cores, util, mem)
     job = group.whole
     device = point["device_mem"] if point["device_mem"] is not None else (sum(mem.values()) if mem else None)
-    _add_util(job, sum(util.values()) / len(util) if util else 0.0, device)
+    if not point.get("requests_only"):  # jobs.live.requests.point: no utilization sample
+        _add_util(job, sum(util.values()) / len(util) if util else 0.0, device)
     if point["lat_p50"] is not None:
         job.p50_sum += point["lat_p50"]
         job.p50_n += 1

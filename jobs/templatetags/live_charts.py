@@ -17,11 +17,6 @@ from jobs.models import Job
 
 register = template.Library()
 
-# Whether an inference job on a CPU host reports its own request latency and
-# completions into its metrics (so the latency and executions charts have data).
-# Not yet: a CPU host's points carry OS metrics only, so those charts are not shown.
-CPU_INFERENCE_REPORTS_REQUESTS = False
-
 NO_SAMPLES_YET = "No samples yet: the charts appear with the first sample once the job runs on a host."
 NO_SAMPLES_RECORDED = ("No samples were recorded for this job: it ended before its host's agent took a sample "
                        "(one a second), or no agent watches that host.")
@@ -33,7 +28,7 @@ def job_live_charts(job: Job) -> dict:
         series = metrics.job_series(job, None)
     except redis_lib.RedisError:
         return {"job": job, "unavailable": True}
-    names = charts.job_chart_names(series, job.family, job.kind, CPU_INFERENCE_REPORTS_REQUESTS)
+    names = charts.job_chart_names(series, job.family, job.kind)
     cpu = charts.is_cpu(series, job.family)
     config = {"url": reverse("api:job_metrics", kwargs={"job_id": job.pk}), "cursor": series["cursor"],
               "live": series["live"], "cores": series["cores"], "charts": names,

@@ -45,6 +45,7 @@ def run_hf_inference(ctx: JobContext, model: Any, tokenizer: Any, prompts: list[
                           temperature=settings["temperature"], generator=generator, eos_id=eos_id)
         output = tokenizer.decode(new, skip_special_tokens=True)
         records.append(_record(index, prompt, output, new, (time.perf_counter() - t0) * 1000))
+        report_request(ctx, records[-1])
         ctx.log(f"prompt {index}: {len(ids)} tokens in, {len(new)} out, {records[-1]['latency_ms']:.1f} ms")
     return inference_result(ctx, records, time.perf_counter() - started)
 
@@ -68,6 +69,8 @@ def run_fixed_shape_inference(ctx: JobContext, module: Any, meta: dict, tokenize
         _record(i, prompt, tokenizer.decode(new, skip_special_tokens=True), new, latency)
         for i, (prompt, (new, latency)) in enumerate(zip(prompts, decoded))
     ]
+    for record in records:
+        report_request(ctx, record)
     ctx.log(f"decoded {len(records)} prompts through the compiled ({meta['batch_size']}, {seq}) artifact "
             f"in {wall * 1000:.1f} ms")
     return inference_result(ctx, records, wall)
@@ -81,6 +84,14 @@ def check_fits_shape(ids: list[list[int]], sequence_length: int, max_new_tokens:
             raise JobFailed("bad_input", f"prompt {index} is {len(prompt_ids)} tokens; with max_new_tokens "
                                          f"{max_new_tokens} it does not fit the compiled sequence_length "
                                          f"{sequence_length}")
+
+
+def report_request(ctx: JobContext, record: dict) -> None:
+    """One finished request into the job's metrics (request_ms, no step): a CPU host's
+    agent publishes them as the job's latency and completions, which a Neuron host
+    reads from neuron-monitor instead."""
+    if ctx.metric is not None:
+        ctx.metric({"request_ms": record["latency_ms"]})
 
 
 def _record(index: int, prompt: str, output: str, new: list[int], latency_ms: float) -> dict:

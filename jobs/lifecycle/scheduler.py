@@ -7,7 +7,12 @@ double allocation impossible.
 Dispatch order is jobs.quotas.fairshare.fair_order (kind priority, then fair share,
 then submission). Admission per job is jobs.quotas.policy (budget, hosts, the team's
 guaranteed and borrowable cores); a team that needs its guarantee back preempts
-other teams' borrowing jobs, newest first, just enough (policy.choose_victims)."""
+other teams' borrowing jobs, newest first, just enough (policy.choose_victims).
+
+EASY backfill (jobs.quotas.backfill): the first job allowed by its quota that finds
+no room gets its family's reservation, from the running jobs' time limits; later
+jobs of the family start only if they end by their own limit before it, or on cores
+it does not need, so a large job's wait is bounded."""
 from __future__ import annotations
 
 import logging
@@ -25,6 +30,7 @@ from django.utils import timezone
 from jobs.lifecycle import states
 from jobs.lifecycle.services import stale_cutoff
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
+from jobs.quotas.backfill import Reservation, Running, conflicts, masked, reserve
 from jobs.quotas.fairshare import QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, Placement, core_range, place
 from jobs.quotas.policy import (
@@ -34,6 +40,7 @@ from jobs.quotas.policy import (
     check_budget,
     check_dispatch,
     check_hosts,
+    backfill_blocked,
     choose_victims,
     n_cores,
     no_room,
@@ -114,9 +121,11 @@ class PendingRow:
     created_at: datetime
     reason_code: str
     reason: str
+    max_runtime_s: int = 0
 
 
-PENDING_FIELDS = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason")
+PENDING_FIELDS = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason",
+                  "max_runtime_s")
 
 
 def pending_rows(limit: int = PENDING_SCAN) -> list[PendingRow]:
@@ -134,6 +143,8 @@ class RunInputs:
     family_quotas: list[tuple]  # (team_id, family, guaranteed_cores, borrow_limit)
     priorities: dict[str, int]  # kind -> priority (kind_priorities())
     pending: list[PendingRow]
+    limit_ends: dict[int, float] = field(default_factory=dict)  # job holding cores -> when its time limit ends
+
 
     @classmethod
     def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
@@ -142,7 +153,16 @@ class RunInputs:
                 "host_id", "core", "job_id", "team_id", "family", "borrowed", "since")],
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
-            kind_priorities(), pending_rows(limit))
+            kind_priorities(), pending_rows(limit), limit_ends())
+
+
+def limit_ends() -> dict[int, float]:
+    """When each job holding cores must give them back: its start (or, queued, the
+    time it was placed) plus its time limit, as a Unix timestamp."""
+    now = timezone.now()
+    return {pk: (started or queued or now).timestamp() + limit
+            for pk, started, queued, limit in Job.objects.filter(status__in=Job.ACTIVE).values_list(
+                "pk", "started_at", "queued_at", "max_runtime_s")}
 
 
 def lock_hosts() -> list[Host]:
@@ -165,9 +185,11 @@ class Fleet:
         self.family_of: dict[int, str] = {}
         self._slots: dict[str, list[HostSlots]] = {}
         self.version = 0  # bumped on every change, to know when a "no room" answer is stale
+        self.holders: dict[int, tuple[int, int, str, list[int]]] = {}  # job -> (host, team, family, cores)
         cores: dict[int, list[int]] = defaultdict(list)
         for host_id, core, job_id, team_id, family, borrowed, since in allocations:
             self.used[host_id].add(core)
+            self.holders.setdefault(job_id, (host_id, team_id, family, []))[3].append(core)
             self.team_use[(team_id, family)] += 1
             if borrowed:
                 cores[job_id].append(core)
@@ -189,6 +211,8 @@ class Fleet:
         self.version += 1
         self.used[spot.host_id].update(range(spot.core_start, spot.core_start + job.cores))
         self.team_use[(job.team_id, job.family)] += job.cores
+        self.holders[job.pk] = (spot.host_id, job.team_id, job.family,
+                                list(range(spot.core_start, spot.core_start + job.cores)))
         if borrowed:
             self.borrowers[job.pk] = Borrower(job.pk, job.team_id, spot.host_id,
                                               tuple(range(spot.core_start, spot.core_start + job.cores)),
@@ -201,6 +225,12 @@ class Fleet:
         self.used[victim.host_id].difference_update(victim.cores)
         self.team_use[(victim.team_id, self.family_of[victim.job_id])] -= len(victim.cores)
         del self.borrowers[victim.job_id]
+        self.holders.pop(victim.job_id, None)
+
+    def running(self, family: str, ends: dict[int, float], default_end: float) -> list[Running]:
+        """The family's core holders with their time-limit ends (for reservations)."""
+        return [Running(job_id, team_id, fam, host_id, tuple(cores), ends.get(job_id, default_end))
+                for job_id, (host_id, team_id, fam, cores) in self.holders.items() if fam == family]
 
     def borrowers_of_others(self, family: str, team_id: int | None = None) -> list[Borrower]:
         return [b for b in self.borrowers.values() if self.family_of[b.job_id] == family and b.team_id != team_id]
@@ -234,8 +264,12 @@ class Limits:
 class Dispatcher:
     """One dispatch run inside one transaction (see dispatch())."""
 
-    def __init__(self, fleet: Fleet, limits: Limits):
+    def __init__(self, fleet: Fleet, limits: Limits, limit_ends: dict[int, float] | None = None):
         self.fleet, self.limits = fleet, limits
+        self.now = timezone.now().timestamp()
+        self.limit_ends = dict(limit_ends or {})
+        self.reservations: dict[str, Reservation] = {}  # family -> its head job's reservation (EASY)
+        self.masked_fail: dict[tuple[str, int], int] = {}  # (family, cores) -> fleet version of a failed backfill search
         self.starts: list[tuple[PendingRow, Placement, bool]] = []
         self.placed: list[tuple[int, str]] = []  # (job id, host queue) once committed
         self.preempted: list[int] = []
@@ -306,19 +340,42 @@ class Dispatcher:
         if known is not None and known[0] == version:
             self.reasons[job.pk] = known[1]  # the same search on the same fleet: the same answer
             return
+        reservation = self.reservations.get(job.family)
+        end = self.now + job.max_runtime_s
         spot = place(slots, job.family, job.cores)
+        if spot is not None and reservation is not None and conflicts(spot, end, reservation):
+            spot = None
+            if self.masked_fail.get((job.family, job.cores)) != version:
+                spot = place(masked(slots, reservation), job.family, job.cores)
+            if spot is None:
+                self.masked_fail[(job.family, job.cores)] = version
+                refusal = backfill_blocked(job.family, job.cores, job.max_runtime_s, reservation.job_id,
+                                           reservation.start - self.now)
+                self.reasons[job.pk] = (refusal.code, refusal.sentence)
+                return
         if spot is None and not decision.borrowed:
-            spot = self.reclaim(job, slots)
+            spot = self.reclaim(job, slots, end)
         if spot is None:
             fam = self.family_state(job, self.fleet.slots(job.family))
             refusal = no_room(job.team_slug, job.family, job.cores, fam)
             self.reasons[job.pk] = (refusal.code, refusal.sentence)
-            if self.fleet.version == version:
+            if reservation is None:
+                self.reserve(job)
+            elif self.fleet.version == version:
                 self.no_room[key] = (version, self.reasons[job.pk])
             return
         self.start(job, spot, decision.borrowed)
 
-    def reclaim(self, job: PendingRow, slots: list[HostSlots]) -> Placement | None:
+    def reserve(self, job: PendingRow) -> None:
+        """The job heads its family's queue and finds no room: it gets the
+        reservation (jobs.quotas.backfill.reserve, from time limits). Its reason
+        stays the no-room sentence; the start-time estimate shows the reservation."""
+        held = reserve(job.pk, job.family, job.cores, self.fleet.slots(job.family),
+                       self.fleet.running(job.family, self.limit_ends, self.now), self.now)
+        if held is not None:
+            self.reservations[job.family] = held
+
+    def reclaim(self, job: PendingRow, slots: list[HostSlots], end: float | None = None) -> Placement | None:
         """The job is within its team's guarantee but there is no room: preempt other
         teams' borrowing jobs (newest first, just enough), then place it."""
         version, smallest = self.hopeless.get(job.family, (-1, 0))
@@ -329,7 +386,11 @@ class Dispatcher:
             if choose_victims(slots, job.family, job.cores, self.fleet.borrowers_of_others(job.family)) is None:
                 self.hopeless[job.family] = (self.fleet.version, job.cores)  # smaller than any earlier failure
             return None
-        victims, _ = choice
+        victims, spot = choice
+        reservation = self.reservations.get(job.family)
+        if reservation is not None and conflicts(spot, self.now + job.max_runtime_s if end is None else end,
+                                                 reservation):
+            return None  # the freed cores are the head job's: preempting for them would delay it
         guaranteed, _ = self.limits.family.get((job.team_id, job.family), (0, 0))
         for victim in victims:
             owner = self.limits.slug(victim.team_id)
@@ -349,6 +410,7 @@ class Dispatcher:
     def start(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
         """Reserve the cores for this run; commit() writes all placements at once."""
         self.fleet.take(job, spot, borrowed)
+        self.limit_ends[job.pk] = self.now + job.max_runtime_s
         self.starts.append((job, spot, borrowed))
 
     def commit(self) -> None:
@@ -389,7 +451,7 @@ def dispatch(*, clear: bool = True) -> DispatchReport:
         fleet = Fleet(hosts, inputs.allocations)
         limits = Limits.load(inputs)
         rows = inputs.pending
-        dispatcher = Dispatcher(fleet, limits)
+        dispatcher = Dispatcher(fleet, limits, inputs.limit_ends)
         dispatcher.run(pending_order(rows, limits.shares, inputs.priorities))
         dispatcher.commit()
         dispatcher.save_reasons(rows)

@@ -189,6 +189,26 @@ def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
     )
 
 
+def backfill_blocked(family: str, cores: int, limit_s: float, head_job: int, start_in_s: float) -> Decision:
+    """Room exists now, but only on cores reserved for the head of the queue, and the
+    job's time limit would run past the reserved start (EASY backfill)."""
+    return Decision(
+        False, "backfill_blocked",
+        f"needs {n_cores(cores, family)} for up to {_duration(limit_s)}; the free cores that fit it are reserved "
+        f"for job #{head_job}, which starts within {_duration(start_in_s)} at the latest; a shorter time limit "
+        "could start it now",
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # What each waiting reason means for the user, and what ends the wait.
 REASON_HINTS: dict[str, str] = {
     "submitted": "The scheduler has not looked at it yet; it does within seconds.",
@@ -198,6 +218,8 @@ REASON_HINTS: dict[str, str] = {
                                "It starts when one of the team's jobs ends, or when an admin raises the limit.",
     "no_free_cores_of_family": "The team's quota allows it, but no host has that many free cores in a row "
                                "right now. It starts when other jobs end.",
+    "backfill_blocked": "Smaller jobs may use cores reserved for the job at the head of the queue only if they end "
+                        "before it starts. It starts when other cores free up, or at once with a shorter time limit.",
     "budget_exhausted": "The team has spent this month's NeuronCore-hours. It starts when an admin raises the "
                         "budget or the next month begins.",
     "host_draining": "Every host that could hold it is being drained for maintenance. It starts when one is "

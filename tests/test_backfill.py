@@ -1,0 +1,157 @@
+"""EASY backfill: the head job's reservation is honoured (no backfilled job delays
+it past the reservation), small jobs still fill holes; pure rules and the real
+dispatcher on PostgreSQL."""
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobs.lifecycle import scheduler, states
+from jobs.models import Job
+from jobs.quotas.backfill import (
+    FleetState,
+    Running,
+    Waiting,
+    backfill_spot,
+    forecast,
+    reserve,
+    schedule_pass,
+)
+from jobs.quotas.placement import HostSlots, Placement
+from jobs.quotas.selectors import clear_usage_cache
+from tests.test_scheduling import host, pending, set_family
+
+S = Job.Status
+
+
+def hosts(n: int, cores: int = 8, family: str = "cpu") -> dict[int, HostSlots]:
+    return {i: HostSlots(i, f"h{i}", family, tuple(range(cores))) for i in range(n)}
+
+
+def test_the_reservation_is_the_earliest_time_the_cores_free_up_by_time_limits():
+    fleet = [HostSlots(0, "h0", "cpu", tuple(range(8)), frozenset(range(8)))]
+    running = [Running(1, 1, "cpu", 0, (0, 1, 2, 3), end=100), Running(2, 1, "cpu", 0, (4, 5, 6, 7), end=50)]
+    held = reserve(9, "cpu", 6, fleet, running, now=0)
+    assert (held.start, held.host_id, held.core_start) == (100, 0, 0)
+    assert reserve(9, "cpu", 4, fleet, running, now=0).start == 50
+
+
+def test_a_job_that_ends_before_the_reservation_backfills_and_one_that_would_not_waits():
+    fleet = [HostSlots(0, "h0", "cpu", tuple(range(8)), frozenset(range(4)))]
+    held = reserve(9, "cpu", 8, fleet, [Running(1, 1, "cpu", 0, (0, 1, 2, 3), end=100)], now=0)
+    assert held.start == 100
+    assert backfill_spot(fleet, "cpu", 2, 90, held) is not None  # gone by 90
+    assert backfill_spot(fleet, "cpu", 2, 150, held) is None  # would hold reserved cores at 100
+
+
+def test_a_long_job_may_use_cores_the_reservation_does_not_need():
+    fleet = [HostSlots(0, "h0", "cpu", tuple(range(8)), frozenset(range(4)))]
+    held = reserve(9, "cpu", 4, fleet + [HostSlots(1, "h1", "cpu", tuple(range(8)), frozenset(range(8)))],
+                   [Running(1, 1, "cpu", 0, (0, 1, 2, 3), end=100),
+                    Running(2, 1, "cpu", 1, tuple(range(8)), end=50)], now=0)
+    # 4 cores free on h0 now: the reservation is there at once, so the pass would start it; a
+    # reservation for 8 on h1 at 50 leaves h0's free cores to anyone, however long.
+    assert held.start == 0
+    held = reserve(9, "cpu", 8, fleet + [HostSlots(1, "h1", "cpu", tuple(range(8)), frozenset(range(8)))],
+                   [Running(1, 1, "cpu", 0, (0, 1, 2, 3), end=100),
+                    Running(2, 1, "cpu", 1, tuple(range(8)), end=50)], now=0)
+    assert (held.host_id, held.start) == (1, 50)
+    spot = backfill_spot(fleet + [HostSlots(1, "h1", "cpu", tuple(range(8)), frozenset(range(8)))], "cpu", 4,
+                         10_000, held)
+    assert spot is not None and spot.host_id == 0
+
+
+def simulate(policy: str, seed: int, n_jobs: int = 120):
+    """Virtual time, true runtimes below limits: each job's actual start and the
+    reservation it was first given (job id -> (start, reserved start))."""
+    rng = random.Random(seed)
+    state = FleetState(hosts(4), unlimited=True)
+    jobs = []
+    for i in range(n_jobs):
+        cores = rng.choice([1, 1, 2, 2, 4, 8])
+        limit = rng.choice([50, 100, 400, 1000])
+        jobs.append((rng.uniform(0, 2000), Waiting(i, i % 5, "cpu", cores, limit, limit * rng.uniform(0.2, 1.0))))
+    jobs.sort(key=lambda j: j[0])
+    queue, started, reserved, t, k = [], {}, {}, 0.0, 0
+    while len(started) < n_jobs:
+        while k < len(jobs) and jobs[k][0] <= t:
+            queue.append(jobs[k][1])
+            k += 1
+        result = schedule_pass(queue, state, t, policy)
+        for r in result.reservations.values():
+            reserved.setdefault(r.job_id, r.start)
+        ids = {r.job_id for r in result.started}
+        for job_id in ids:
+            started[job_id] = t
+        queue = [j for j in queue if j.job_id not in ids]
+        nexts = [r.end for r in state.running.values()] + ([jobs[k][0]] if k < len(jobs) else [])
+        t = max(t, min(nexts))
+        for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
+            state.finish(job_id)
+    return started, reserved
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_no_backfilled_job_ever_delays_a_head_job_past_its_reservation(seed):
+    started, reserved = simulate("easy", seed)
+    assert reserved, "the trace should make some job wait for room"
+    late = {j: (started[j], r) for j, r in reserved.items() if started[j] > r + 1e-9}
+    assert not late
+
+
+def test_small_jobs_still_fill_holes():
+    state = FleetState(hosts(1), unlimited=True)
+    state.start(Waiting(1, 1, "cpu", 6, 100, 100), Placement(0, 0, 6), 0)
+    order = [Waiting(2, 2, "cpu", 8, 100, 100), Waiting(3, 3, "cpu", 2, 50, 50), Waiting(4, 3, "cpu", 1, 500, 500)]
+    result = schedule_pass(order, state, 0.0, "easy")
+    assert [r.job_id for r in result.started] == [3]  # ends by 50 < the reservation at 100
+    assert result.reservations["cpu"].job_id == 2 and result.reservations["cpu"].start == 100
+    assert result.reasons[4] == "backfill_blocked"
+    fifo = schedule_pass(order, FleetState(hosts(1), unlimited=True), 0.0, "fifo")
+    assert [r.job_id for r in fifo.started] == [2]
+
+
+def test_the_forecast_of_the_head_job_is_its_reservation_when_estimates_are_limits():
+    state = FleetState(hosts(1), unlimited=True,
+                       running={1: Running(1, 1, "cpu", 0, tuple(range(6)), end=100)}, limit_end={1: 100})
+    out = forecast([Waiting(2, 2, "cpu", 8, 100, 100), Waiting(3, 3, "cpu", 2, 50, 50)], state, 0.0)
+    assert out[2].start == 100 and out[3].start == 0
+
+
+# --- the real dispatcher ---------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _fresh(settings):
+    settings.FAIRSHARE_CACHE_S = 0
+    clear_usage_cache()
+    scheduler._last_run.update(ended=0.0, waiting=0)
+
+
+def running_job(team, user, cores: int, limit_s: int, started_ago_s: int) -> Job:
+    job = pending(team, user, cores=cores)
+    Job.objects.filter(pk=job.pk).update(max_runtime_s=limit_s)
+    assert scheduler.dispatch().placed == [job.pk]
+    assert states.mark_running(job.pk, Job.objects.get(pk=job.pk).host_id)
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=started_ago_s))
+    return job
+
+
+def test_dispatch_reserves_for_the_head_and_backfills_only_what_ends_before(cast):
+    host("cpu-a", "cpu", 8)
+    vision, bob = cast.vision, cast.bob
+    set_family(vision, "cpu", 16)  # the quota allows all of it: only room holds jobs back
+    running_job(vision, bob, 6, 3600, 600)  # its cores are back by 3000 s from now at the latest
+    big = pending(vision, bob, cores=8)
+    long_small = pending(vision, bob, cores=2)
+    Job.objects.filter(pk=long_small.pk).update(max_runtime_s=7200)
+    short_small = pending(vision, bob, cores=2)
+    Job.objects.filter(pk=short_small.pk).update(max_runtime_s=600)
+    report = scheduler.dispatch()
+    assert report.placed == [short_small.pk]
+    big.refresh_from_db()
+    long_small.refresh_from_db()
+    assert big.reason_code == "no_free_cores_of_family"
+    assert long_small.reason_code == "backfill_blocked" and f"job #{big.pk}" in long_small.reason

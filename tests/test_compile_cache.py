@@ -232,3 +232,10 @@ def test_the_compile_form_asks_the_cache_before_submitting(cast, tiny_model, cpu
     assert 'id="cache-answer"' in html and "compile_cache.js" in html
     for name in ("task", "tensor_parallel_size", "auto_cast_type", "num_images_per_prompt"):
         assert f'name="{name}"' in html
+
+
+def test_the_usage_page_shows_the_fleet_cache_against_its_cap(cast, tiny_model, settings):
+    settings.COMPILE_CACHE_MAX_BYTES = 10 * 1024 * 1024
+    fake_artifact(cast.vision, cast.alice, tiny_model, "u" * 64, size=2 * 1024 * 1024)
+    html = page_client(cast.alice).get("/teams/vision/usage/").content.decode()
+    assert 'data-metric="compile-cache"' in html and "2.0\xa0MB of 10.0\xa0MB cap" in html

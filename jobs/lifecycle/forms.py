@@ -215,6 +215,10 @@ class InferenceForm(JobBaseForm):
     max_new_tokens = forms.IntegerField(min_value=1, max_value=4096, initial=16)
     temperature = forms.FloatField(min_value=0.0, max_value=5.0, initial=0.0)
     seed = forms.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
+    num_inference_steps = forms.IntegerField(required=False, min_value=1, max_value=200,
+                                             help_text="Text-to-image: denoising steps (default 4).")
+    guidance_scale = forms.FloatField(required=False, min_value=0.0, max_value=30.0,
+                                      help_text="Text-to-image: classifier-free guidance (default 7.5).")
 
     def clean(self):
         data = super().clean()

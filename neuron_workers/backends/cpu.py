@@ -21,6 +21,7 @@ import torch
 from . import hf
 from .base import Backend, JobContext, spec_int
 from .compiling import compile_on_cpu
+from .diffusion import compile_image_on_cpu, image_compile_meta, infer_images_on_cpu
 from .finetuning import finetune_plan, prepare_training, save_checkpoint
 from .inference import infer_on_cpu
 from .loops import TrainHooks, train_steps
@@ -55,7 +56,10 @@ class CpuBackend(Backend):
         return kind == "inference"
 
     def compile(self, ctx: JobContext) -> dict:
-        """Trace to artifacts/model.pt, checked against eager (see compiling.compile_on_cpu)."""
+        """Trace to artifacts/model.pt, checked against eager (see compiling.compile_on_cpu);
+        text-to-image: the pipeline checked and stored at its static shape (diffusion)."""
+        if ctx.spec.get("task") == "text-to-image":
+            return compile_image_on_cpu(ctx)
         return compile_on_cpu(ctx)
 
     def finetune(self, ctx: JobContext) -> dict:
@@ -75,5 +79,10 @@ class CpuBackend(Backend):
         return {**stats.result(), "checkpoint": "checkpoint", "backend": "cpu"}
 
     def inference(self, ctx: JobContext) -> dict:
-        """Generate for every prompt; writes artifacts/outputs.jsonl (see inference.infer_on_cpu)."""
+        """Generate for every prompt; writes artifacts/outputs.jsonl (see inference.infer_on_cpu);
+        a compiled text-to-image pipeline makes images at its compiled shape (diffusion)."""
+        if ctx.inputs.get("model_path") and (ctx.inputs.get("model_format") or "hf") != "hf":
+            meta = image_compile_meta(Path(ctx.inputs["model_path"]))
+            if meta is not None:
+                return infer_images_on_cpu(ctx, Path(ctx.inputs["model_path"]), meta)
         return infer_on_cpu(ctx)

@@ -51,6 +51,7 @@ from . import hf
 from .artifacts import ARTIFACT_NAME, META_NAME, TOKENIZER_DIR, LogitsOnly, compile_meta, load_compiled, save_tokenizer
 from .base import Backend, JobContext, JobFailed, input_path, require_model_format, spec_int, write_json
 from .compiler_options import compile_cache_key
+from .diffusion import compile_image_on_cpu, generate_images, image_compile_meta, infer_images_on_cpu
 from .export_options import ExportOptionError, check_export_options, optimum_export_call
 from .tinymodel import model_digest
 from .compiling import (
@@ -102,7 +103,7 @@ class NeuronBackend(Backend):
         """
         target = ctx.spec.get("target") or ctx.spec.get("family") or "inf2"
         if target == "cpu":
-            return compile_on_cpu(ctx)
+            return compile_image_on_cpu(ctx) if ctx.spec.get("task") == "text-to-image" else compile_on_cpu(ctx)
         shape = compile_shape(ctx)
         options = checked_options(ctx, target)
         model_path = input_path(ctx, "model_path")
@@ -203,6 +204,11 @@ class NeuronBackend(Backend):
     def inference(self, ctx: JobContext) -> dict:
         """Fixed-shape decoding through a compiled artifact on the job's NeuronCores."""
         fmt = require_model_format(ctx, ["hf", "torchscript", "neuron"])
+        image_meta = image_compile_meta(input_path(ctx, "model_path")) if fmt != "hf" else None
+        if image_meta is not None and image_meta.get("exporter") == "optimum-neuron":
+            return optimum_images(ctx, input_path(ctx, "model_path"), image_meta)
+        if image_meta is not None:
+            return infer_images_on_cpu(ctx, input_path(ctx, "model_path"), image_meta)
         if fmt != "neuron":
             # An HF folder or a cpu-traced TorchScript file runs on the host CPU;
             # only Neuron-compiled artifacts execute on NeuronCores.
@@ -293,6 +299,21 @@ def optimum_export(ctx: JobContext, model_path: Path, target: str, options: list
             "compiler_version": version, "input_shape": export.shape(), "cache_key": key, "model_digest": digest,
             "compiler_options": options, "meta": META_NAME, "target": target, "task": export.task,
             "exporter": "optimum-neuron"}
+
+
+def optimum_images(ctx: JobContext, model_path: Path, meta: dict) -> dict:
+    """Text-to-image on NeuronCores: NeuronStableDiffusionPipeline.from_pretrained(the
+    exported folder) then pipeline(prompt, ...).images (optimum-neuron
+    model_doc/diffusers/stable_diffusion.mdx). Height, width and images per prompt
+    are compiled into the NEFFs, so the call passes none of them."""
+    root = model_path if model_path.is_dir() else model_path.parent
+    check_runnable(ctx, ctx.spec.get("family") or "", model_format="neuron")
+    optimum = import_optimum_neuron()
+    try:
+        pipeline = optimum.NeuronStableDiffusionPipeline.from_pretrained(str(root / meta.get("artifact", OPTIMUM_DIR)))
+    except Exception as exc:
+        raise map_neuron_error(exc, "load the model", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
+    return generate_images(ctx, pipeline, meta, {})
 
 
 # ---------------------------------------------------------------- imports and versions

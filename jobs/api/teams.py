@@ -43,6 +43,7 @@ class PendingOut(Schema):
     position: int | None
     queue_length: int
     ahead: list[AheadOut]
+    estimate: dict[str, Any] | None = None  # estimated_start, earliest, latest, in_s, reserved, basis
 
 
 class AuditOut(Schema):

@@ -116,7 +116,16 @@ def pending_explanation(job: Job, limit: int = 5) -> dict:
         "reason": job.reason if pending else "", "hint": REASON_HINTS.get(job.reason_code, "") if pending else "",
         "family": job.family, "position": position,
         "queue_length": len(queue), "ahead": queue_ahead(job, limit, queue) if pending else [],
+        "estimate": _estimate(job) if pending else None,
     }
+
+
+def _estimate(job: Job) -> dict | None:
+    """The job's estimated start, range and what it is based on (jobs.quotas.forecasts)."""
+    from jobs.quotas.forecasts import estimate_for
+
+    estimate = estimate_for(job)
+    return estimate.as_dict() if estimate else None
 
 
 def job_events(job: Job, *, after_id: int = 0) -> list[JobEvent]:

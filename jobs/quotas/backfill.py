@@ -241,7 +241,7 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
 @dataclass(frozen=True)
 class Forecast:
     start: float | None  # None: not within the horizon (or never, under the current quotas)
-    reservation: bool  # the start is the job's own reservation at some point of the replay
+    reserved: bool  # the start is the job's own reservation at some point of the replay
 
 
 def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: float = 30 * 86400,

@@ -78,6 +78,10 @@
     } else {
       pos.textContent = "Not yet in the dispatcher's view of the queue.";
     }
+    if ($("pending-estimate-summary")) {
+      $("pending-estimate-summary").textContent = d.estimate ? d.estimate.summary : "no estimate yet";
+      $("pending-estimate-basis").textContent = d.estimate ? d.estimate.basis : "";
+    }
     const list = $("pending-ahead");
     list.textContent = "";
     d.ahead.forEach(function (a) {

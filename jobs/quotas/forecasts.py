@@ -1,0 +1,179 @@
+"""Start-time estimates: the database's queue and running jobs, handed to the pure
+jobs.quotas.backfill.forecast (the dispatcher's own placement and backfill rules,
+run forward in virtual time).
+
+What the replay is told about runtimes: each job's time limit, times its team's
+history of actual / requested runtime (jobs.quotas.backfill.runtime_ratio over the
+team's last finished jobs). The point estimate uses the median ratio; the range
+runs the replay again with the 10th percentile (early) and with the time limits
+themselves (late: no job runs longer than its limit, so with no new arrivals of
+higher priority this is the latest start). A running job's true end is never read:
+it is not known, and a forecast that could see it would only be tested against
+itself."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone as dt_timezone
+
+from django.utils import timezone
+
+from jobs.models import CoreAllocation, FamilyQuota, Host, Job
+from jobs.quotas.backfill import FleetState, Running, Waiting, estimated_end, forecast, runtime_ratio
+from jobs.quotas.placement import HostSlots
+
+HISTORY_JOBS = 200  # a team's last finished jobs that set its runtime ratio
+CACHE_S = 5.0  # pages and the API share one replay for this long
+# Reasons no replay can end: they wait for an admin or a host, not for cores.
+NOT_FOR_CORES = ("budget_exhausted", "no_hosts_of_family", "host_draining")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    start: datetime | None
+    earliest: datetime | None
+    latest: datetime | None
+    reserved: bool  # the dispatcher's reservation rule holds its start (EASY)
+    basis: str
+
+    def as_dict(self) -> dict:
+        iso = lambda t: t.isoformat() if t else None  # noqa: E731
+        return {"estimated_start": iso(self.start), "earliest": iso(self.earliest), "latest": iso(self.latest),
+                "in_s": _in_s(self.start), "summary": self.summary, "reserved": self.reserved, "basis": self.basis}
+
+    @property
+    def summary(self) -> str:
+        """"in about 12 min (5 min to 40 min)", "now", or why there is none."""
+        if self.start is None:
+            return "no estimate"
+        point, low, high = _in_s(self.start), _in_s(self.earliest), _in_s(self.latest)
+        text = "now" if point < 30 else f"in about {_span(point)}"
+        if high is not None and low is not None and high - low >= 60:
+            text += f" ({_span(low)} to {_span(high)})"
+        return text + (", held by a reservation" if self.reserved else "")
+
+
+def team_ratios(team_ids: set[int]) -> dict[int, tuple[tuple[float, float, float], int]]:
+    """Per team: (low, median, high) actual / requested runtime and how many jobs
+    it comes from (jobs.quotas.backfill.runtime_ratio)."""
+    out = {}
+    for team_id in team_ids:
+        rows = (Job.objects.filter(team_id=team_id, status=Job.Status.SUCCEEDED, started_at__isnull=False,
+                                   finished_at__isnull=False, cache_hit=False)
+                .order_by("-finished_at").values_list("started_at", "finished_at", "max_runtime_s")[:HISTORY_JOBS])
+        history = [((end - start).total_seconds(), limit) for start, end, limit in rows]
+        out[team_id] = (runtime_ratio(history), len(history))
+    return out
+
+
+@dataclass
+class Snapshot:
+    """What a replay starts from (read once): hosts, holders, the ordered queue."""
+
+    hosts: dict[int, HostSlots]
+    holders: dict[int, tuple[int, int, str, list[int]]]  # job -> (host, team, family, cores)
+    active: dict[int, tuple[float, int]]  # job holding cores -> (start timestamp, time limit)
+    order: list  # PendingRow-like, in dispatch order
+    quotas: dict[tuple[int, str], tuple[int, int]]
+
+    @classmethod
+    def read(cls, extra=None) -> "Snapshot":
+        """`extra`: a PendingRow-like job not in the database (a dry run), ordered with the rest."""
+        from jobs.lifecycle.scheduler import pending_order, pending_rows
+
+        hosts = {pk: HostSlots(pk, name, family, tuple(core_ids or ()), frozenset(), state == Host.State.DRAINING)
+                 for pk, name, family, core_ids, state in Host.objects.exclude(state=Host.State.OFFLINE)
+                 .exclude(replay=True).values_list("pk", "name", "family", "core_ids", "state")}
+        holders: dict[int, tuple[int, int, str, list[int]]] = {}
+        for host_id, core, job_id, team_id, family in CoreAllocation.objects.values_list(
+                "host_id", "core", "job_id", "team_id", "family"):
+            holders.setdefault(job_id, (host_id, team_id, family, []))[3].append(core)
+        now = timezone.now()
+        active = {pk: ((started or queued or now).timestamp(), limit) for pk, started, queued, limit in
+                  Job.objects.filter(pk__in=list(holders)).values_list("pk", "started_at", "queued_at",
+                                                                         "max_runtime_s")}
+        rows = pending_rows() + ([extra] if extra is not None else [])
+        quotas = {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
+            "team_id", "family", "guaranteed_cores", "borrow_limit")}
+        return cls(hosts, holders, active, pending_order(rows), quotas)
+
+
+def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], int]], which: int,
+           now: float) -> dict:
+    """One forecast with the ratio of index `which` (0 low, 1 median, None: time limits)."""
+    def ratio(team_id: int) -> float:
+        return 1.0 if which is None else ratios.get(team_id, ((1.0, 1.0, 1.0), 0))[0][which]
+
+    running = {}
+    limit_end = {}
+    for job_id, (host_id, team_id, family, cores) in snap.holders.items():
+        if host_id not in snap.hosts:
+            continue
+        started, limit = snap.active.get(job_id, (now, 0))
+        running[job_id] = Running(job_id, team_id, family, host_id, tuple(sorted(cores)),
+                                  estimated_end(started, limit, ratio(team_id), now))
+        limit_end[job_id] = max(started + limit, now)
+    state = FleetState(dict(snap.hosts), running, dict(snap.quotas), limit_end=limit_end)
+    order = [Waiting(r.pk, r.team_id, r.family, r.cores, r.max_runtime_s, r.max_runtime_s * ratio(r.team_id))
+             for r in snap.order if r.reason_code not in NOT_FOR_CORES]
+    return forecast(order, state, now)
+
+
+_cache: dict = {"at": 0.0, "value": None}
+
+
+def estimates(extra=None) -> dict[int, Estimate]:
+    """Every pending job's estimated start (a few seconds' cache; not with `extra`)."""
+    if extra is None and _cache["value"] is not None and time.monotonic() - _cache["at"] < CACHE_S:
+        return _cache["value"]
+    snap = Snapshot.read(extra)
+    ratios = team_ratios({r.team_id for r in snap.order} | {h[1] for h in snap.holders.values()})
+    now = timezone.now().timestamp()
+    mid, low, high = replay(snap, ratios, 1, now), replay(snap, ratios, 0, now), replay(snap, ratios, None, now)
+    out = {}
+    for row in snap.order:
+        starts = [f.start for f in (mid.get(row.pk), low.get(row.pk), high.get(row.pk)) if f and f.start is not None]
+        point = mid.get(row.pk)
+        out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=None)),
+                               _when(max(starts, default=None)), bool(point and point.reserved),
+                               _basis(row, ratios, len(snap.holders)))
+    if extra is None:
+        _cache.update(at=time.monotonic(), value=out)
+    return out
+
+
+def clear_cache() -> None:
+    _cache.update(at=0.0, value=None)
+
+
+def estimate_for(job: Job) -> Estimate | None:
+    return estimates().get(job.pk) if job.status == Job.Status.PENDING else None
+
+
+def _in_s(t: datetime | None) -> int | None:
+    return max(0, int((t - timezone.now()).total_seconds())) if t else None
+
+
+def _span(seconds: int) -> str:
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _when(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, tz=dt_timezone.utc) if ts is not None else None
+
+
+def _basis(row, ratios, running: int) -> str:
+    if row.reason_code in NOT_FOR_CORES:
+        return "no estimate: the job waits for an admin or a host, not for cores"
+    (low, mid, _), n = ratios.get(row.team_id, ((1.0, 1.0, 1.0), 0))
+    history = (f"team's jobs ran {mid:.0%} of their time limit (median of the last {n} finished; "
+               f"{low:.0%} at the 10th percentile)" if n else "no finished jobs of the team yet: time limits as they are")
+    return (f"the scheduler's own placement and backfill rules replayed over the {running} jobs holding cores "
+            f"and the queue ahead; runtimes = time limits × the {history}; range: that 10th percentile to "
+            "the time limits themselves; new jobs of higher priority can still move it")

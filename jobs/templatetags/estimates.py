@@ -1,0 +1,19 @@
+"""{{ job|estimated_start }}: a pending job's start-time estimate for lists (the
+one replay jobs.quotas.forecasts caches for a few seconds serves the whole page)."""
+from __future__ import annotations
+
+from django import template
+
+from jobs.models import Job
+
+register = template.Library()
+
+
+@register.filter
+def estimated_start(job: Job) -> str:
+    if job.status != Job.Status.PENDING:
+        return ""
+    from jobs.quotas.forecasts import estimate_for
+
+    estimate = estimate_for(job)
+    return f"starts {estimate.summary}" if estimate and estimate.start else ""

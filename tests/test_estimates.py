@@ -1,0 +1,93 @@
+"""Start-time estimates: the pure replay takes only time limits and history (never a
+true runtime), agrees with the reservation, and is shown in the API, the job page
+and the list."""
+from __future__ import annotations
+
+import inspect
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from jobs.lifecycle import scheduler
+from jobs.models import Job
+from jobs.quotas import backfill, forecasts
+from jobs.quotas.backfill import FleetState, Running, Waiting, forecast, runtime_ratio
+from jobs.quotas.placement import HostSlots
+from jobs.quotas.selectors import clear_usage_cache
+from tests.conftest import api_client
+from tests.test_backfill import running_job
+from tests.test_scheduling import host, pending, set_family
+
+S = Job.Status
+
+
+def test_the_estimator_is_pure_and_takes_only_limits_and_history():
+    # The replay's inputs: Waiting (time limit + an estimated runtime the caller derived from
+    # limit × ratio) and Running (an expected end). Nothing that could carry a true runtime.
+    assert set(inspect.signature(forecast).parameters) == {"order", "state", "now", "horizon_s", "max_steps"}
+    assert [f for f in Waiting.__dataclass_fields__] == ["job_id", "team_id", "family", "cores", "limit_s",
+                                                          "runtime_s"]
+    source = inspect.getsource(forecasts)
+    assert "finished_at" not in source.split("def team_ratios")[0]
+    # Where runtimes come from: only the history query reads finished_at, and only of finished jobs.
+    ratios_src = inspect.getsource(forecasts.team_ratios)
+    assert "status=Job.Status.SUCCEEDED" in ratios_src
+    assert "django" not in inspect.getsource(backfill)
+
+
+def test_two_fleets_that_differ_only_in_true_runtimes_get_the_same_estimates():
+    def fleet():
+        hosts = {0: HostSlots(0, "h0", "cpu", tuple(range(8)))}
+        return FleetState(hosts, {1: Running(1, 1, "cpu", 0, tuple(range(8)), end=300)}, unlimited=True,
+                          limit_end={1: 600})
+
+    order = [Waiting(2, 1, "cpu", 4, 600, 300), Waiting(3, 2, "cpu", 8, 1200, 600)]
+    a = forecast(order, fleet(), 0.0)
+    b = forecast(order, fleet(), 0.0)  # the "true" runtimes of a simulator live elsewhere: same inputs, same answer
+    assert a == b and a[2].start == 300 and a[3].start == 600
+
+
+def test_runtime_ratio_is_the_time_limit_without_history_and_the_median_with_it():
+    assert runtime_ratio([]) == (1.0, 1.0, 1.0)
+    low, mid, high = runtime_ratio([(10, 100)] * 5 + [(50, 100)] * 5 + [(500, 100)])
+    assert (low, mid, high) == (0.1, 0.5, 0.5)  # the 90th percentile of 11; an overrun counts as 1
+
+
+@pytest.fixture(autouse=True)
+def _fresh(settings):
+    settings.FAIRSHARE_CACHE_S = 0
+    clear_usage_cache()
+    forecasts.clear_cache()
+    scheduler._last_run.update(ended=0.0, waiting=0)
+    yield
+    forecasts.clear_cache()
+
+
+def finished(team, user, limit_s: int, ran_s: int) -> None:
+    end = timezone.now() - timedelta(hours=1)
+    Job.objects.create(team=team, user=user, kind="inference", status=S.SUCCEEDED, max_runtime_s=limit_s,
+                       started_at=end - timedelta(seconds=ran_s), finished_at=end)
+
+
+def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_history(cast):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    for _ in range(5):
+        finished(cast.vision, cast.bob, 1000, 500)  # the team's jobs run half their limit
+    running_job(cast.vision, cast.bob, 4, 3600, 600)  # limit ends in 3000 s; expected in 1200 s
+    waiting = pending(cast.vision, cast.bob, cores=4)
+    scheduler.dispatch()
+    body = api_client(cast.bob).get(f"/api/v1/jobs/{waiting.pk}/pending").json()
+    est = body["estimate"]
+    assert 1100 <= est["in_s"] <= 1200
+    latest = (timezone.datetime.fromisoformat(est["latest"]) - timezone.now()).total_seconds()
+    assert 2900 <= latest <= 3000  # the running job's time limit
+    assert "50%" in est["basis"] and "last 5 finished" in est["basis"]
+    browser = Client()
+    browser.force_login(cast.bob)
+    page = browser.get(f"/jobs/{waiting.pk}/").content.decode()
+    assert "Estimated start" in page and est["summary"].split(" (")[0] in page
+    listing = browser.get(f"/teams/{cast.vision.slug}/jobs/").content.decode()
+    assert "starts in about" in listing

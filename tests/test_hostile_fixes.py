@@ -16,8 +16,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from jobs.assets import storage
-from jobs.lifecycle import states
-from jobs.models import ApiToken, Artifact, AuditEntry, Dataset, Host, Job, ModelAsset
+from jobs.models import ApiToken, Artifact, AuditEntry, Dataset, Job, ModelAsset
 from tests.conftest import api_client
 
 S = Job.Status

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest, JsonResponse
+from ninja.parser import Parser
 
 from jobs import safe_json
 
@@ -50,3 +51,28 @@ def read_json(request: HttpRequest, what: str, *, empty: Any = None) -> tuple[An
         return safe_json.loads(request.body), None
     except safe_json.JSONInputError as exc:
         return None, json_error(exc, what)
+
+
+class UnsupportedMediaType(ValueError):
+    """A body sent with a content type that is not JSON, to an operation that reads JSON."""
+
+
+class SafeJsonParser(Parser):
+    """The NinjaAPI's parser for operations whose body is a typed Schema: the same
+    content-type check and safe_json as read_json. Ninja wraps whatever this raises
+    in a 400 "Cannot parse request body"; jobs.api.root's HttpError handler answers
+    with the cause instead (415, or 400 naming the field)."""
+
+    def parse_body(self, request: HttpRequest):
+        if request.content_type and not is_json_type(request.content_type):
+            raise UnsupportedMediaType(request.content_type)
+        return safe_json.loads(request.body)
+
+
+def parse_failure(request: HttpRequest, cause: BaseException) -> JsonResponse | None:
+    """The answer for a body SafeJsonParser refused, or None for another failure."""
+    if isinstance(cause, UnsupportedMediaType):
+        return unsupported(request, "application/json")
+    if isinstance(cause, safe_json.JSONInputError):
+        return json_error(cause, "Bad request")
+    return None

@@ -10,9 +10,10 @@ from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI
-from ninja.errors import AuthenticationError, ValidationError
+from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, SessionAuth
 
+from jobs.api.body import SafeJsonParser, parse_failure
 from jobs.teams.tokens import PREFIX, token_user
 
 log = logging.getLogger("jobs.api")
@@ -44,7 +45,16 @@ class BrowserSessionAuth(SessionAuth):
 
 
 api = NinjaAPI(title="NeuronDeck API", version="1", urls_namespace="api",
-               auth=[TokenAuth(), BrowserSessionAuth()], docs_url="/docs")
+               auth=[TokenAuth(), BrowserSessionAuth()], docs_url="/docs", parser=SafeJsonParser())
+
+
+@api.exception_handler(HttpError)
+def http_error(request: HttpRequest, exc: HttpError):
+    """Ninja's HttpError as ninja answers it ({"detail"}), except a body our parser
+    refused: 415 for a content type that is not JSON, 400 naming the field for JSON
+    too deep or holding a NUL (ninja's own message names neither)."""
+    refused = parse_failure(request, exc.__cause__) if exc.__cause__ is not None else None
+    return refused or api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
 
 
 @api.exception_handler(AuthenticationError)
@@ -87,9 +97,10 @@ def suspicious_body(request: HttpRequest, exc: SuspiciousOperation):
 def live_data_unavailable(request: HttpRequest, exc: redis.RedisError):
     """Redis (live metrics, log tails) down: 503 with the reason, not a 500. The
     connection details stay in the server log."""
-    log.warning("Redis unavailable for %s: %s", request.path, exc)
+    log.warning("Redis unavailable for %s: %r", request.path, exc)
+    reason = "cannot be reached" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) else "refused a request"
     response = api.create_response(request, {
-        "detail": "Live data is unavailable: Redis (the live metrics store) cannot be reached. Try again shortly.",
+        "detail": f"Live data is unavailable: Redis (the live metrics store) {reason}. Try again shortly.",
         "code": "live_data_unavailable"}, status=503)
     response["Retry-After"] = "10"
     return response

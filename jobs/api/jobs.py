@@ -39,6 +39,9 @@ from jobs.teams import access
 router = Router(tags=["jobs"])
 
 MAX_PAGE = 200
+# Offsets (rows of a list, bytes of a log) beyond any real count or size, and within
+# the databases' 64-bit integers (a larger one was a 500: "bigint out of range").
+MAX_OFFSET = 2**53
 LOG_MAX_BYTES = 4 * 1024 * 1024
 # Hard submit refusals that depend on the team's current state (retrying later may
 # succeed) are conflicts; services.SubmitRefused carries 400 for all of them.
@@ -519,7 +522,7 @@ def submit_job(request: HttpRequest):
 @router.get("/jobs", response={200: JobPage, **ERRORS}, summary="List jobs")
 def list_jobs(request: HttpRequest, team: str | None = None, status: str | None = None, kind: str | None = None,
               user: str | None = Query(None, description="username of the submitter"),
-              limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)):
+              limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_OFFSET)):
     """The caller's teams' jobs (or one team's), newest first, with filters and a
     total count; one query for the page whatever its length."""
     bad = _choice(status, Job.Status.values, "status") or _choice(kind, Kind.values, "kind")
@@ -542,7 +545,7 @@ def get_job(request: HttpRequest, job_id: int):
 
 
 @router.get("/jobs/{job_id}/logs", response={200: LogOut, **ERRORS}, url_name="job_logs", summary="Follow a job's log")
-def job_logs(request: HttpRequest, job_id: int, offset: int = Query(0, ge=0),
+def job_logs(request: HttpRequest, job_id: int, offset: int = Query(0, ge=0, le=MAX_OFFSET),
              max_bytes: int = Query(selectors.LOG_WINDOW_BYTES, ge=1, le=LOG_MAX_BYTES)):
     """Log text from byte `offset`; ask again from `next_offset` to follow. `finished`
     is true once the job has ended and everything it logged has been returned."""
@@ -608,7 +611,7 @@ def _upload_refused(exc: UploadError) -> JsonResponse:
 
 @router.get("/models", response={200: ModelPage, **ERRORS}, summary="List models")
 def list_models(request: HttpRequest, team: str | None = None, name: str | None = None,
-                limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)):
+                limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_OFFSET)):
     """Registered model versions with their lineage (base → fine-tuned → compiled)."""
     models = ModelAsset.objects.filter(team__in=_teams_filter(request.auth, team)).select_related("team", "created_by")
     if name:
@@ -643,7 +646,7 @@ def upload_model(request: HttpRequest):
 
 @router.get("/datasets", response={200: DatasetPage, **ERRORS}, summary="List datasets")
 def list_datasets(request: HttpRequest, team: str | None = None,
-                  limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)):
+                  limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_OFFSET)):
     datasets = Dataset.objects.filter(team__in=_teams_filter(request.auth, team)).select_related("team", "created_by")
     items, envelope = _page(request, datasets.order_by("-created_at", "-id"), limit, offset)
     return {**envelope, "items": [dataset_document(d) for d in items]}

@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class JobsConfig(AppConfig):
     name = "jobs"
     verbose_name = "NeuronDeck"
+
+    def ready(self) -> None:
+        from jobs.teams import logins  # noqa: F401  (connects the login audit receivers)

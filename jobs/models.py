@@ -121,14 +121,18 @@ def _team_created(sender, instance: Team, created: bool, raw: bool = False, **kw
 
 
 class AuditEntry(models.Model):
-    """Who changed what on a team (quota or membership), old → new."""
+    """Who changed what, old → new: a team's quota or membership (team set), or a
+    site-wide event with no team (logins, API tokens, host drains; `ip` says from
+    where). Subjects start with their area: quota., family., member., team, login.,
+    token., host."""
 
-    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="audit")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="audit")
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     at = models.DateTimeField(default=timezone.now, db_index=True)
     subject = models.CharField(max_length=120)  # e.g. "quota.monthly_core_hours", "family.trn1.guaranteed_cores", "member.bob"
     old = models.CharField(max_length=200, blank=True)
     new = models.CharField(max_length=200, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)  # the client's address, for logins and tokens
 
     class Meta:
         ordering = ["-at", "-id"]

@@ -6,6 +6,7 @@ local Redis); a deployment differs only by environment variables.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -83,6 +84,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "ninja",  # so /api/v1/docs uses the Swagger UI files ninja ships, not its CDN template
+    "axes",  # login throttling and lockout (see "Security" below)
     "jobs",
 ]
 MIDDLEWARE = [
@@ -95,6 +97,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: turns a locked-out login into its answer
 ]
 ROOT_URLCONF = "webapp.urls"
 TEMPLATES = [
@@ -117,6 +120,36 @@ AUTH_PASSWORD_VALIDATORS = [{"NAME": "django.contrib.auth.password_validation.Mi
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
+
+# --- Security: logins ---------------------------------------------------------------
+# Passwords are hashed with Argon2 (argon2-cffi). The other hashers stay listed so
+# older PBKDF2 / scrypt hashes still verify; Django re-hashes such a password with the
+# first hasher at the user's next successful login.
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+    "django.contrib.auth.hashers.ScryptPasswordHasher",
+]
+# django-axes refuses a login for LOGIN_LOCKOUT_MINUTES after LOGIN_FAILURE_LIMIT
+# failures of one username (from any address) or from one address (for any username).
+# Its backend comes first: a locked-out login is refused before the password is
+# checked. Every login, failure and lockout is an AuditEntry (jobs.teams.logins).
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+LOGIN_FAILURE_LIMIT = envint("LOGIN_FAILURE_LIMIT", 5)
+LOGIN_LOCKOUT_MINUTES = envint("LOGIN_LOCKOUT_MINUTES", 15)
+AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True  # a successful login clears that username's failures
+AXES_DISABLE_ACCESS_LOG = True  # successful logins are in the audit log already
+AXES_LOCKOUT_CALLABLE = "jobs.teams.logins.lockout_response"
+AXES_CLIENT_IP_CALLABLE = "jobs.teams.logins.client_ip"
+AXES_USERNAME_CALLABLE = "jobs.teams.logins.lockout_username"
+# Behind a reverse proxy every request comes from the proxy's address: with
+# TRUSTED_PROXY_COUNT = n, the client is the n-th address from the right of
+# X-Forwarded-For (the one the outermost trusted proxy saw). 0 = REMOTE_ADDR.
+TRUSTED_PROXY_COUNT = envint("TRUSTED_PROXY_COUNT", 0)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # the claim's transaction (conditional UPDATE, event, the job with host, model and
 # dataset, log header and log size, attempt row), the finish's transaction
 # (conditional UPDATE with the child's pid and log size, the attempt closed, the
-# cores freed, event, log, artifacts), then "anything pending to dispatch?".
-WORKER_STATEMENTS = 18
+# cores freed, event, the notification outbox's two reads, log, artifacts), then
+# "anything pending to dispatch?".
+WORKER_STATEMENTS = 20
 
 
 def queued_job(client, model, host, body: dict | None = None) -> Job:

@@ -59,9 +59,9 @@ def test_a_job_run_by_the_worker_is_fully_recorded_in_a_few_statements(cast, tin
     assert text.startswith(f"=== attempt 1 on {cpu_host.name} cores 0 ===\n") and "prompt 0:" in text
     assert job.log_bytes == len(text.encode())
     assert all(c.offset == sum(len(p.text.encode()) for p in chunks[:i]) for i, c in enumerate(chunks))
-    # (no metrics.jsonl: an inference job reports no step metrics, and the file is
-    # only created with the first one)
-    assert set(Artifact.objects.filter(job=job).values_list("name", flat=True)) == {"outputs.jsonl", "log.txt"}
+    # metrics.jsonl: a cpu inference job reports each request's latency (request_ms)
+    assert set(Artifact.objects.filter(job=job).values_list("name", flat=True)) == {
+        "outputs.jsonl", "log.txt", "metrics.jsonl"}
 
 
 def test_a_second_delivery_of_a_claimed_job_changes_nothing(cast, tiny_model, cpu_host, settings):

@@ -264,8 +264,10 @@ class Limits:
 class Dispatcher:
     """One dispatch run inside one transaction (see dispatch())."""
 
-    def __init__(self, fleet: Fleet, limits: Limits, limit_ends: dict[int, float] | None = None):
+    def __init__(self, fleet: Fleet, limits: Limits, limit_ends: dict[int, float] | None = None, *,
+                 dry: bool = False):
         self.fleet, self.limits = fleet, limits
+        self.dry = dry  # a what-if run (jobs.lifecycle.whatif): decide everything, write nothing
         self.now = timezone.now().timestamp()
         self.limit_ends = dict(limit_ends or {})
         self.reservations: dict[str, Reservation] = {}  # family -> its head job's reservation (EASY)
@@ -400,7 +402,9 @@ class Dispatcher:
             # Whoever wins the conditional UPDATE (this requeue, or the worker
             # finishing / the owner cancelling at the same moment), the cores are
             # free once it commits: states releases them inside the transition.
-            if states.requeue(victim.job_id, kind="preempted", message=message,
+            if self.dry:
+                self.preempted.append(victim.job_id)
+            elif states.requeue(victim.job_id, kind="preempted", message=message,
                               event_data={"by_team": job.team_slug, "by_job": job.pk, "cores": len(victim.cores),
                                           "family": job.family}):
                 self.preempted.append(victim.job_id)

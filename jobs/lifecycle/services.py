@@ -193,6 +193,11 @@ def job_dry_run(*, team: Team, user, form: JobBaseForm) -> dict:
         key = compile_cache_key(data["model"], spec, family)
         answer["spec"]["compile_key"] = key
         answer["compile_cache"] = compile_answer(team, data["model"], spec, family, key)
+    if not (answer.get("compile_cache") or {}).get("cached"):  # a cache hit never waits for cores
+        from jobs.lifecycle.whatif import placement_answer
+
+        answer.update(placement_answer(team=team, kind=kind, family=family, cores=cores,
+                                       runtime_s=data.get("max_runtime_s") or quota.max_runtime_s))
     return answer
 
 

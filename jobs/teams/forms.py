@@ -23,7 +23,7 @@ class MemberAddForm(forms.Form):
 class MemberRoleForm(forms.Form):
     """Change a member's role, or remove them (role "remove")."""
 
-    user_id = forms.IntegerField()
+    user_id = forms.IntegerField(min_value=1, max_value=2**63 - 1)  # an id (beyond 64 bits SQLite cannot compare it)
     role = forms.ChoiceField(choices=[*Role.choices, ("remove", "Remove")])
 
 

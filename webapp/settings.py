@@ -6,8 +6,10 @@ local Redis); a deployment differs only by environment variables.
 from __future__ import annotations
 
 import os
+import ssl
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dj_database_url
 
@@ -39,6 +41,31 @@ def envint(name: str, default: int) -> int:
 
 def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+SSL_QUERY = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def redis_ssl_options(url: str) -> dict | None:
+    """The TLS options of a rediss:// URL for Celery's broker (None for redis://):
+    the certificate is required unless the URL's ssl_cert_reqs says otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in levels:
+        raise ValueError(f"ssl_cert_reqs in a rediss:// URL must be required, optional or none, got {reqs!r}")
+    return {"ssl_cert_reqs": levels[reqs], **{key: query[key] for key in SSL_QUERY[1:] if key in query}}
+
+
+def without_ssl_query(url: str) -> str:
+    """`url` without its ssl_* parameters: kombu would take those in place of the
+    broker's TLS options (and with no ssl_cert_reqs among them, check nothing)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in SSL_QUERY]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 DEBUG = envbool("DEBUG", True)
@@ -151,6 +178,24 @@ AXES_USERNAME_CALLABLE = "jobs.teams.logins.lockout_username"
 # X-Forwarded-For (the one the outermost trusted proxy saw). 0 = REMOTE_ADDR.
 TRUSTED_PROXY_COUNT = envint("TRUSTED_PROXY_COUNT", 0)
 
+# --- Security: HTTPS ------------------------------------------------------------------
+# With DEBUG off the site is taken to be served over HTTPS, by itself or by a proxy
+# that terminates TLS, so `manage.py check --deploy` is clean: plain HTTP is redirected,
+# cookies are sent over HTTPS only, browsers are told to use HTTPS for a year (HSTS),
+# and the proxy's X-Forwarded-Proto says whether the request came in over HTTPS. Each
+# is switchable for a plain-HTTP test install (docker-compose.yml sets them all off):
+#   SECURE_SSL_REDIRECT=0 SECURE_COOKIES=0 SECURE_HSTS_SECONDS=0 TRUST_X_FORWARDED_PROTO=0
+# TRUST_X_FORWARDED_PROTO only behind a proxy that sets that header itself (overwriting
+# the client's): otherwise a client can claim HTTPS (it then skips the redirect).
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", not DEBUG)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("SECURE_COOKIES", not DEBUG)
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0 if DEBUG else 365 * 24 * 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", True)  # consent only: nothing is submitted to a preload list
+if envbool("TRUST_X_FORWARDED_PROTO", not DEBUG):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
 USE_I18N = False
@@ -233,7 +278,11 @@ METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS", "")
 # * visibility_timeout is long anyway, as a second line of defence, and a second
 #   delivery is harmless: the worker claims the job with a conditional UPDATE.
 # * No result backend: results live in PostgreSQL.
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
+# A rediss:// broker (Redis over TLS) verifies the server's certificate: kombu alone
+# would connect without checking it. ?ssl_cert_reqs=, ?ssl_ca_certs=, ?ssl_certfile=
+# and ?ssl_keyfile= in the URL tune it, as redis-py reads them for REDIS_URL.
+CELERY_BROKER_USE_SSL = redis_ssl_options(os.environ.get("CELERY_BROKER_URL", REDIS_URL))
+CELERY_BROKER_URL = without_ssl_query(os.environ.get("CELERY_BROKER_URL", REDIS_URL))
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

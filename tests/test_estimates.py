@@ -91,3 +91,17 @@ def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_hi
     assert "Estimated start" in page and est["summary"].split(" (")[0] in page
     listing = browser.get(f"/teams/{cast.vision.slug}/jobs/").content.decode()
     assert "starts in about" in listing
+
+
+def test_any_member_sees_the_fair_share_order_and_what_holds_the_teams_jobs_back(cast):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 1)
+    first = pending(cast.vision, cast.bob, cores=1)
+    second = pending(cast.vision, cast.bob, cores=1)
+    scheduler.dispatch()
+    assert Job.objects.get(pk=second.pk).reason_code == "waiting_for_quota" and first
+    browser = Client()
+    browser.force_login(cast.vera)  # a viewer
+    page = browser.get("/teams/vision/").content.decode()
+    assert 'id="fairshare-rank"' in page and "audio" in page
+    assert "<code>waiting_for_quota</code>: 1 job asking for 1 core" in page

@@ -17,3 +17,11 @@ def estimated_start(job: Job) -> str:
 
     estimate = estimate_for(job)
     return f"starts {estimate.summary}" if estimate and estimate.start else ""
+
+
+@register.simple_tag
+def fairshare_standing(team):
+    """jobs.quotas.standing.standing for the team page."""
+    from jobs.quotas.standing import standing
+
+    return standing(team)

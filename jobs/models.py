@@ -221,6 +221,11 @@ class ModelAsset(models.Model):
     class Meta:
         ordering = ["name", "-version"]
         constraints = [models.UniqueConstraint(fields=["team", "name", "version"], name="uniq_model_version")]
+        indexes = [
+            # the pre-submit answer's "cached configurations of this model", newest first,
+            # without sorting all of a model's entries (bench/compile_cache.py: 10,000 of them)
+            models.Index(fields=["parent", "-id"], name="model_cache_by_parent", condition=~Q(compile_key="")),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} v{self.version}"

@@ -6,6 +6,7 @@ or in-use entry, and one compile per configuration at a time (claims)."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,10 +76,14 @@ def test_the_estimate_comes_from_past_compiles_of_similar_size_with_the_sample_s
     assert answer["sentence"] == "not cached: about 2 minutes (from 3 past cpu compiles of similar size)"
 
 
-def test_the_estimate_scales_with_size_and_prefers_the_nearest_compiles():
+def test_the_estimate_learns_how_compile_time_grows_with_size():
+    # Time grows as size^0.81 here: twice the size is 2^0.81 times the time.
     history = [(work_size(1000, {"sequence_length": 16}), 10.0)] * 3 + [(work_size(1000, {"sequence_length": 4096}), 900.0)]
     seconds, sample = estimate_seconds(history, work_size(1000, {"sequence_length": 32}))
-    assert sample == 4 and seconds == pytest.approx(20.0)
+    assert sample == 4 and seconds == pytest.approx(10 * 2 ** (math.log(90) / math.log(256)), rel=1e-6)
+    # Fixed-cost compiles (time flat in size) are estimated flat, not scaled up.
+    flat = [(work_size(1000, {"sequence_length": n}), 5.0) for n in (8, 16, 32, 64)]
+    assert estimate_seconds(flat, work_size(1000, {"sequence_length": 128}))[0] == pytest.approx(5.0)
 
 
 def test_the_pre_submit_answer_agrees_with_what_submit_does(cast, tiny_model, cpu_host):

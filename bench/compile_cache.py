@@ -4,7 +4,7 @@ is, and how fast the pre-submit answer is with 10,000 cached entries.
 
 Run as `.venv/bin/python bench/compile_cache.py` (PostgreSQL at 127.0.0.1:5432 and
 Redis at 127.0.0.1:6379 must be up). It starts what it needs: a fresh database
-(neurondeck_bench_compile_cache, dropped at the end), Redis db 13 (flushed), a
+(neurondeck_bench_compile_cache, dropped at the end), Redis db 10 (flushed), a
 scheduler worker and a cpu host worker with 4 job slots, the tiny model. Requests
 go through the whole Django stack in this process (django.test.Client with an API
 token: middleware, auth, the API, the form, submit); jobs run on the real workers.
@@ -43,7 +43,7 @@ from bench.support.harness import (  # noqa: E402
 )
 
 BENCH = Bench(db_name="neurondeck_bench_compile_cache",
-              redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+              redis_url=os.environ.get("BENCH_COMPILE_CACHE_REDIS_URL", "redis://127.0.0.1:6379/10"),
               host="bench-cache-host", workdir=Path())
 SLOTS = 4
 

@@ -8,7 +8,7 @@ year of usage roll-ups, against the same pages on an empty database.
 It uses its own PostgreSQL databases (never the dev or test database):
 `neurondeck_bench_pages` (filled, kept for --reuse) and
 `neurondeck_bench_pages_empty` (the baseline: the same teams, users and hosts,
-one job, no history; recreated each run) and Redis db 11 (read, never flushed).
+one job, no history; recreated each run) and Redis db 9 (read, never flushed).
 PostgreSQL is reached at BENCH_PG (default postgres://postgres@127.0.0.1:5432).
 
 The fill is set-based SQL (generate_series INSERT … SELECT), not the ORM: jobs
@@ -52,7 +52,7 @@ os.environ["DATABASE_URL"] = f"{PG}/{DB_EMPTY}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 os.environ["DEBUG"] = "0"
 os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-os.environ["REDIS_URL"] = os.environ.get("BENCH_PAGES_REDIS_URL", "redis://127.0.0.1:6379/11")
+os.environ["REDIS_URL"] = os.environ.get("BENCH_PAGES_REDIS_URL", "redis://127.0.0.1:6379/9")
 os.environ.setdefault("LOG_LEVEL", "ERROR")
 
 import django  # noqa: E402

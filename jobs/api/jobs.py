@@ -25,8 +25,9 @@ from django.urls import reverse
 from django.utils.datastructures import MultiValueDict
 from ninja import Query, Router, Schema, Status
 
+from jobs import access
 from jobs.api import body
-from jobs.api.schemas import ErrorOut
+from jobs.api.schemas import MAX_OFFSET, ErrorOut
 from jobs.assets.artifacts import artifact_response
 from jobs.assets.services import dataset_upload, model_upload
 from jobs.assets.uploads import UploadError
@@ -34,14 +35,10 @@ from jobs.lifecycle import selectors
 from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm, PromptsField
 from jobs.lifecycle.services import SubmitRefused, job_cancel, job_dry_run, job_submit
 from jobs.models import Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
-from jobs.teams import access
 
 router = Router(tags=["jobs"])
 
 MAX_PAGE = 200
-# Offsets (rows of a list, bytes of a log) beyond any real count or size, and within
-# the databases' 64-bit integers (a larger one was a 500: "bigint out of range").
-MAX_OFFSET = 2**53
 LOG_MAX_BYTES = 4 * 1024 * 1024
 # Hard submit refusals that depend on the team's current state (retrying later may
 # succeed) are conflicts; services.SubmitRefused carries 400 for all of them.

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from ninja import Schema
 
+# Offsets (rows of a list, bytes of a log) beyond any real count or size, and within
+# the databases' 64-bit integers (a larger one was a 500: "bigint out of range").
+MAX_OFFSET = 2**53
+
 
 class ErrorOut(Schema):
     """Every API error: a sentence; a reason code where one applies; the field at

@@ -8,13 +8,13 @@ from typing import Any
 from django.http import Http404, HttpRequest
 from ninja import Query, Router, Schema, Status
 
-from jobs.api.schemas import ErrorOut
+from jobs import access
+from jobs.api.schemas import MAX_OFFSET, ErrorOut
 from jobs.compile_cache import index
 from jobs.compile_cache.lookup import compile_answer
 from jobs.lifecycle.forms import CompileForm
 from jobs.lifecycle.services import compile_cache_key
 from jobs.models import ModelAsset, Role
-from jobs.teams import access
 
 router = Router(tags=["compile cache"])
 ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut}
@@ -50,7 +50,7 @@ def cache_answer(request: HttpRequest, team: str):
 
 
 @router.get("/compile-cache", response={200: dict[str, Any], **ERRORS}, summary="The compile cache")
-def list_entries(request: HttpRequest, team: str | None = None, q: str = "", offset: int = Query(0, ge=0)):
+def list_entries(request: HttpRequest, team: str | None = None, q: str = "", offset: int = Query(0, ge=0, le=MAX_OFFSET)):
     """Every cached configuration of the caller's teams (staff: the fleet), most
     recently used first; `q` searches model, builder, key prefix, compiler version, task."""
     teams = access.teams_of(request.auth)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from neuron_workers.backends import JobFailed, neuron, neuron_env
-from neuron_workers.backends.compiling import compile_on_cpu
 from neuron_workers.backends.compiler_options import compile_cache_key
+from neuron_workers.backends.compiling import compile_on_cpu
 from neuron_workers.backends.export_options import (
     ExportOptionError,
     check_export_options,
@@ -254,3 +254,54 @@ def test_an_inference_that_does_not_fit_the_compiled_shape_is_a_400_naming_the_p
     assert response.status_code == 400
     assert "prompt 2" in response.content.decode() and "sequence_length 12" in response.content.decode()
     assert post(client, {**body, "prompts": ["hi"]}).status_code == 201
+
+
+class StandInCausalLM:
+    """optimum.neuron.NeuronModelForCausalLM as inference sees it: from_pretrained(folder)
+    and generate(), appending fixed tokens (here 'x' = byte 120 + 3) to the prompt."""
+
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        cls.calls.append(("from_pretrained", path, kwargs))
+        return cls()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        type(self).calls.append(("generate", tuple(input_ids.shape), max_new_tokens, kwargs))
+        return torch.cat([input_ids, torch.full((1, max_new_tokens), 123, dtype=torch.long)], dim=1)
+
+
+def test_an_optimum_text_generation_export_is_run_with_generate_at_its_static_shape(optimum, lm_dir, tmp_path):
+    ctx, _ = neuron_compile(tmp_path, lm_dir, {"task": "text-generation", "sequence_length": 16})
+    assert (ctx.artifacts_dir / "neuron_model" / "tokenizer_config.json").exists()  # saved beside the export
+    optimum.NeuronModelForCausalLM = StandInCausalLM
+    StandInCausalLM.calls = []
+    infer = make_ctx(tmp_path / "infer", "inference", {"prompts": ["hi"], "max_new_tokens": 3, "family": "trn1"},
+                     {"model_path": str(ctx.artifacts_dir), "model_format": "neuron"})
+    result = neuron.NeuronBackend().inference(infer)
+    assert StandInCausalLM.calls == [("from_pretrained", str(ctx.artifacts_dir / "neuron_model"), {}),
+                                     ("generate", (1, 2), 3, {"do_sample": False})]
+    assert result["requests"] == 1 and result["new_tokens"] == 3
+    too_long = make_ctx(tmp_path / "long", "inference", {"prompts": ["a prompt longer than sixteen"],
+                                                         "max_new_tokens": 3, "family": "trn1"},
+                        {"model_path": str(ctx.artifacts_dir), "model_format": "neuron"})
+    with pytest.raises(JobFailed) as exc:
+        neuron.NeuronBackend().inference(too_long)
+    assert exc.value.code == "bad_input" and "sequence_length 16" in exc.value.message
+
+
+def test_an_encoder_artifact_is_refused_for_inference_at_submit(cast, tiny_model, cpu_host):
+    from django.conf import settings
+
+    from jobs.assets.services import model_register
+    from jobs.models import ModelAsset
+    from tests.conftest import api_client
+
+    encoder = model_register(team=cast.vision, user=cast.alice, name="tiny-fe",
+                             path=Path(settings.STORAGE_ROOT) / tiny_model.path,
+                             digest="e" * 64, meta={"task": "feature-extraction", "batch_size": 1,
+                                                    "sequence_length": 16}, fmt=ModelAsset.Format.NEURON)
+    response = post(api_client(cast.bob), {"team": "vision", "kind": "inference", "family": "cpu", "cores": 1,
+                                           "model": encoder.pk, "prompts": ["hi"], "max_new_tokens": 2})
+    assert response.status_code == 400 and "feature-extraction artifact" in response.content.decode()

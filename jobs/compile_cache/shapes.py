@@ -28,8 +28,12 @@ def _tokenizer(path: str):
 
 
 def tokenizer_dir(model: ModelAsset) -> Path:
+    """A traced artifact keeps its tokenizer in tokenizer/; an Optimum Neuron export beside
+    the exported model, in neuron_model/."""
     root = storage.abs_path(model.path)
-    return (root if root.is_dir() else root.parent) / "tokenizer"
+    root = root if root.is_dir() else root.parent
+    traced = root / "tokenizer"
+    return traced if traced.is_dir() else root / "neuron_model"
 
 
 def check_prompts_fit(model: ModelAsset, prompts: list[str], max_new_tokens: int) -> None:
@@ -38,6 +42,9 @@ def check_prompts_fit(model: ModelAsset, prompts: list[str], max_new_tokens: int
     seq = meta.get("sequence_length")
     if not model.is_compiled or not seq or meta.get("task") == "text-to-image":
         return
+    if meta.get("task") in ("feature-extraction", "text-classification"):
+        raise ShapeMismatch("model", f"{model} is a {meta['task']} artifact; inference jobs run text-generation "
+                                     f"and text-to-image artifacts")
     if max_new_tokens >= seq:
         raise ShapeMismatch("max_new_tokens", f"max_new_tokens {max_new_tokens} does not fit: {model} was compiled "
                                               f"for sequence_length {seq} (prompt and new tokens together)")

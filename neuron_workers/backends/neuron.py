@@ -51,9 +51,6 @@ from . import hf
 from .artifacts import ARTIFACT_NAME, META_NAME, TOKENIZER_DIR, LogitsOnly, compile_meta, load_compiled, save_tokenizer
 from .base import Backend, JobContext, JobFailed, input_path, require_model_format, spec_int, write_json
 from .compiler_options import compile_cache_key
-from .diffusion import compile_image_on_cpu, generate_images, image_compile_meta, infer_images_on_cpu
-from .export_options import ExportOptionError, check_export_options, optimum_export_call
-from .tinymodel import model_digest
 from .compiling import (
     LATENCY_RUNS,
     checked_options,
@@ -65,14 +62,17 @@ from .compiling import (
 )
 from .data import read_prompts
 from .detect import neuron_devices_present, neuron_stack_importable
+from .diffusion import compile_image_on_cpu, generate_images, image_compile_meta, infer_images_on_cpu
+from .export_options import ExportOptionError, check_export_options, optimum_export_call
 from .finetuning import finetune_plan
-from .inference import generation_settings, infer_on_cpu, run_fixed_shape_inference
-from .loops import time_forward
+from .inference import check_fits_shape, generation_settings, infer_on_cpu, run_fixed_shape_inference
+from .loops import inference_result, time_forward
 from .neuron_env import compiler_identity, dist_version, parse_visible_cores, probe
 from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
 from .neuron_launch import neuron_cc_flags, run_torchrun, training_env
 from .neuron_matrix import DEFAULT_TRN2_LNC, NATIVE_FAMILIES, compile_lnc, job_refusal
 from .neuron_train import train_rank
+from .tinymodel import model_digest
 
 __all__ = ["NeuronBackend", "compile_cache_dir", "compiler_args", "import_torch_neuronx", "neuron_cc_flags",
            "neuron_compiler_version", "runtime_lnc"]
@@ -209,6 +209,9 @@ class NeuronBackend(Backend):
             return optimum_images(ctx, input_path(ctx, "model_path"), image_meta)
         if image_meta is not None:
             return infer_images_on_cpu(ctx, input_path(ctx, "model_path"), image_meta)
+        exported = optimum_meta(input_path(ctx, "model_path")) if fmt == "neuron" else None
+        if exported is not None:
+            return optimum_generate(ctx, input_path(ctx, "model_path"), exported)
         if fmt != "neuron":
             # An HF folder or a cpu-traced TorchScript file runs on the host CPU;
             # only Neuron-compiled artifacts execute on NeuronCores.
@@ -281,6 +284,8 @@ def optimum_export(ctx: JobContext, model_path: Path, target: str, options: list
             else:
                 model = cls.from_pretrained(str(model_path), **kwargs)
             model.save_pretrained(str(out))
+        if not export.is_image:
+            hf.load_tokenizer(model_path).save_pretrained(str(out))  # inference reads it beside the model
     except Exception as exc:
         raise map_neuron_error(exc, "export", "") from exc
     seconds = time.perf_counter() - started
@@ -299,6 +304,55 @@ def optimum_export(ctx: JobContext, model_path: Path, target: str, options: list
             "compiler_version": version, "input_shape": export.shape(), "cache_key": key, "model_digest": digest,
             "compiler_options": options, "meta": META_NAME, "target": target, "task": export.task,
             "exporter": "optimum-neuron"}
+
+
+def optimum_meta(model_path: Path) -> dict | None:
+    """compile_meta.json of an artifact exported with Optimum Neuron, else None."""
+    root = model_path if model_path.is_dir() else model_path.parent
+    try:
+        meta = json.loads((root / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("exporter") == "optimum-neuron" else None
+
+
+def optimum_generate(ctx: JobContext, model_path: Path, meta: dict) -> dict:
+    """Text generation from an Optimum Neuron export: NeuronModelForCausalLM.from_pretrained
+    (the exported folder) then generate() (optimum-neuron export_model.mdx). Static
+    shapes: a prompt plus max_new_tokens must fit the exported sequence length."""
+    if meta.get("task") != "text-generation":
+        raise JobFailed("bad_input", f"a {meta.get('task')} artifact is not run by inference jobs "
+                                     f"(text-generation and text-to-image artifacts are)")
+    settings = generation_settings(ctx)
+    prompts = read_prompts(ctx)
+    check_runnable(ctx, ctx.spec.get("family") or "", model_format="neuron")
+    root = model_path if model_path.is_dir() else model_path.parent
+    folder = root / meta.get("artifact", OPTIMUM_DIR)
+    tokenizer = hf.load_tokenizer(folder)
+    ids = [hf.encode_prompt(tokenizer, prompt) for prompt in prompts]
+    check_fits_shape(ids, meta["sequence_length"], settings["max_new_tokens"])
+    optimum = import_optimum_neuron()
+    try:
+        model = optimum.NeuronModelForCausalLM.from_pretrained(str(folder))
+    except Exception as exc:
+        raise map_neuron_error(exc, "load the model", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
+    sampling = {"do_sample": True, "temperature": settings["temperature"]} if settings["temperature"] > 0 else \
+        {"do_sample": False}
+    torch.manual_seed(settings["seed"])
+    records, started = [], time.perf_counter()
+    for index, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
+        ctx.check_stop(f"before prompt {index}")
+        t0 = time.perf_counter()
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        try:
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=settings["max_new_tokens"], **sampling)
+        except (RuntimeError, MemoryError) as exc:
+            raise map_neuron_error(exc, "inference", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
+        new = [int(t) for t in out[0, len(prompt_ids):].tolist()]
+        records.append({"index": index, "prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),
+                        "new_tokens": len(new), "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+    return inference_result(ctx, records, time.perf_counter() - started)
 
 
 def optimum_images(ctx: JobContext, model_path: Path, meta: dict) -> dict:

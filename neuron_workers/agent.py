@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import redis as redis_lib
@@ -65,6 +65,7 @@ from neuron_workers.readers.neuron_monitor import (
     JobPlacement,
     MalformedReport,
     Report,
+    anomaly_counts,
     attribute,
     iter_reports,
     monitor_config,
@@ -280,9 +281,24 @@ def _log_malformed(exc: MalformedReport, line: str | bytes) -> None:
     log.warning("skipped a malformed neuron-monitor line (%s): %.120r", exc, line)
 
 
+ANOMALY_LOG_EVERY_S = 60.0
+
+
+def logging_anomalies(samples: Iterable[Report], every_s: float = ANOMALY_LOG_EVERY_S) -> Iterator[Report]:
+    """The samples, passed through; the reader's anomalies (a utilization outside
+    0-100, memory reported for another runtime's core) logged at most once per
+    `every_s`, with the process's running counts."""
+    last = -every_s
+    for sample in samples:
+        if sample.get("anomalies") and time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            log.warning("neuron-monitor report anomalies: %s; since start: %s", sample["anomalies"], anomaly_counts())
+        yield sample
+
+
 def monitor_samples(monitor: MonitorProcess) -> Iterator[Report]:
     # Points carry host vCPU as a whole, not per CPU: skip that part of parsing.
-    return iter_reports(monitor.lines(), on_error=_log_malformed, per_cpu=False)
+    return logging_anomalies(iter_reports(monitor.lines(), on_error=_log_malformed, per_cpu=False))
 
 
 def os_samples(stop: threading.Event, period: float = 1.0, instance_type: str | None = None,
@@ -303,7 +319,7 @@ def os_samples(stop: threading.Event, period: float = 1.0, instance_type: str | 
 
 def replay_samples(path: str | Path, stop: threading.Event, loop: bool) -> Iterator[Report]:
     """A recording at its original pace (one report per second), marked replay."""
-    for sample in replay(path, loop=loop, on_error=_log_malformed, sleep=stop.wait):
+    for sample in logging_anomalies(replay(path, loop=loop, on_error=_log_malformed, sleep=stop.wait)):
         if stop.is_set():
             return
         yield sample

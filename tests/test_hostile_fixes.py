@@ -24,6 +24,11 @@ DEEP = "[" * 50_000 + "]" * 50_000
 MONITOR_DATA = Path(__file__).parent / "data" / "neuron-monitor"
 
 
+def changes_audited() -> int:
+    """Audit entries of changes (quota, membership); token uses are audited too, by design."""
+    return AuditEntry.objects.exclude(subject__startswith="token.").exclude(subject__startswith="login.").count()
+
+
 # --- helpers ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -158,13 +163,13 @@ def test_nesting_inside_a_field_names_the_field(cast, bob, tiny_model, cpu_host)
 
 def test_deeply_nested_json_is_a_400_on_the_quota_patch(cast):
     admin = api_client(cast.admin)
-    audited = AuditEntry.objects.count()
+    audited = changes_audited()
     response = admin.patch("/api/v1/teams/vision/quota", data=DEEP, content_type="application/json")
     assert response.status_code == 400 and "nested" in response.json()["detail"]
     deep_family = '{"families": {"cpu": ' + DEEP + "}}"
     response = admin.patch("/api/v1/teams/vision/quota", data=deep_family, content_type="application/json")
     assert response.status_code == 400 and "nested" in response.json()["detail"]
-    assert AuditEntry.objects.count() == audited
+    assert changes_audited() == audited
 
 
 def test_deeply_nested_json_in_a_prompts_file_line_is_a_400_naming_the_file(cast, bob, tiny_model, cpu_host):
@@ -335,6 +340,21 @@ def test_the_reader_keeps_a_running_count_of_anomalies():
     assert neuron_monitor.anomaly_counts()["util_out_of_range"] == before + 1
 
 
+def test_the_agent_logs_the_anomalies_of_its_samples_at_most_once_a_period(caplog):
+    from neuron_workers.agent import logging_anomalies
+    from neuron_workers.readers.neuron_monitor import parse_report
+
+    raw = _raw("trn1.32xlarge-two-jobs.jsonl")
+    raw["neuron_runtime_data"][0]["report"]["neuroncore_counters"]["neuroncores_in_use"]["0"][
+        "neuroncore_utilization"] = 180
+    bad, clean = parse_report(json.dumps(raw)), parse_report(json.dumps(_raw("trn1.32xlarge-two-jobs.jsonl")))
+    with caplog.at_level("WARNING", logger="neuron_workers.agent"):
+        passed = list(logging_anomalies([clean, bad, bad, clean], every_s=3600))
+    assert passed == [clean, bad, bad, clean]
+    logged = [r.getMessage() for r in caplog.records if "anomalies" in r.getMessage()]
+    assert len(logged) == 1 and "util_out_of_range" in logged[0] and "since start" in logged[0]
+
+
 def test_memory_of_another_runtimes_core_is_not_charged_to_a_runtime():
     """job-41 holds cores 0-7 and job-42 cores 8-9; a breakdown in job-41's report that
     lists core 8 does not make core 8 job-41's, nor count core 8's memory twice."""
@@ -406,14 +426,14 @@ def test_live_endpoints_answer_503_with_a_reason_when_redis_is_down(cast, bob, b
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/octet-stream"])
 def test_a_body_that_is_not_json_by_its_content_type_is_a_415(cast, bob, tiny_model, cpu_host, content_type):
-    audited = AuditEntry.objects.count()
+    audited = changes_audited()
     response = bob.post("/api/v1/jobs", data=json.dumps(inference_body(tiny_model)), content_type=content_type)
     assert response.status_code == 415, response.content
     assert content_type in response.json()["detail"]
     admin = api_client(cast.admin)
     response = admin.patch("/api/v1/teams/vision/quota", data='{"max_pending": 3}', content_type=content_type)
     assert response.status_code == 415 and content_type in response.json()["detail"]
-    assert not Job.objects.exists() and AuditEntry.objects.count() == audited
+    assert not Job.objects.exists() and changes_audited() == audited
 
 
 def test_json_with_a_charset_parameter_is_still_json(cast, bob, tiny_model, cpu_host):

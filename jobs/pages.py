@@ -7,8 +7,8 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.utils import dateformat, timezone
 
+from jobs import access
 from jobs.models import Role, Team
-from jobs.teams import access
 
 TIME_FORMAT = "Y-m-d H:i:s"
 SPEC_SHOWN_CHARS = 20_000  # a spec with a thousand prompts is cut on the page (the API has it whole)

@@ -300,7 +300,7 @@ def _cores_freed(job: Job) -> None:
     Otherwise they would wait for the periodic dispatch (DISPATCH_EVERY_S), which
     caps a busy host at slots / DISPATCH_EVERY_S short jobs a second. Kicks coalesce
     (kick_dispatch)."""
-    from jobs.lifecycle.services import kick_dispatch
+    from jobs.wake import kick_dispatch
 
     if Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists():
         kick_dispatch()
@@ -338,7 +338,7 @@ def record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | Non
     if code in RETRYABLE and fresh["attempts"] < fresh["max_attempts"]:
         states.requeue(job.pk, sources=(S.RUNNING,), kind="retry", extra_filter=mine,
                        message=f"attempt {fresh['attempts']} {code}: {reason}; retrying")
-        from jobs.lifecycle.services import kick_dispatch
+        from jobs.wake import kick_dispatch
 
         transaction.on_commit(kick_dispatch)
         return "requeued"

@@ -13,16 +13,14 @@ from html import unescape
 from pathlib import Path
 
 import pytest
+from conftest import PASSWORD
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from conftest import PASSWORD
-from jobs.lifecycle import charts
-from jobs.lifecycle import selectors
-from jobs.lifecycle import states
 from jobs.assets import storage
+from jobs.lifecycle import charts, selectors, states
 from jobs.models import ApiToken, Artifact, Dataset, Job, JobLogChunk, JobMetric, ModelAsset, TeamQuota
 
 S = Job.Status
@@ -678,7 +676,7 @@ def test_a_long_loss_series_is_thinned_in_the_database(cast, finetune_job):
 
 
 def test_a_staff_users_team_switcher_lists_twenty_teams_and_links_the_rest_on_every_kind_of_page(cast):
-    from jobs.teams.access import NAV_TEAMS_STAFF
+    from jobs.access import NAV_TEAMS_STAFF
     from jobs.teams.services import team_create
 
     for i in range(30):

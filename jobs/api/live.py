@@ -21,10 +21,10 @@ from __future__ import annotations
 from django.http import Http404, HttpRequest, JsonResponse
 from ninja import Router, Schema
 
+from jobs import access
 from jobs.api.schemas import ErrorOut
 from jobs.live import metrics
 from jobs.models import Family, Host
-from jobs.teams import access
 
 router = Router(tags=["live"])
 

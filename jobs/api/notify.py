@@ -13,10 +13,10 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import Router
 
+from jobs import access
 from jobs.api.body import read_json
 from jobs.notify import services
 from jobs.notify.models import Delivery, Subscription
-from jobs.teams import access
 
 router = Router(tags=["notifications"])
 LOG_LIMIT = 200

@@ -15,13 +15,13 @@ from typing import Any
 from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema
 
+from jobs import access
 from jobs.api.body import read_json
 from jobs.api.schemas import ErrorOut
 from jobs.lifecycle import selectors
 from jobs.quotas import selectors as quota_selectors
 from jobs.quotas import services as quota_services
 from jobs.quotas.forms import QuotaForm, flatten_quota_body
-from jobs.teams import access
 
 router = Router(tags=["teams"])
 

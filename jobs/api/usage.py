@@ -15,8 +15,8 @@ from django.http import Http404, HttpRequest, JsonResponse
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 
+from jobs import access
 from jobs.api.schemas import ErrorOut
-from jobs.teams import access
 from jobs.usage import accounting, selectors
 from jobs.usage.selectors import Report
 

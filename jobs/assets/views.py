@@ -1,5 +1,5 @@
 """HTML pages for a team's models and datasets: the lists with their upload forms, and
-a model's page with its lineage. Every fetch is team-scoped (jobs.teams.access)."""
+a model's page with its lineage. Every fetch is team-scoped (jobs.access)."""
 from __future__ import annotations
 
 import json
@@ -13,13 +13,12 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods
 
-from jobs import pages
+from jobs import access, pages
 from jobs.assets import services as asset_services
 from jobs.assets.uploads import UploadError
 from jobs.lifecycle import selectors
 from jobs.lifecycle.forms import DatasetUploadForm, ModelUploadForm
 from jobs.models import Job, ModelAsset, Team
-from jobs.teams import access
 
 
 def _size(n: int) -> str:

@@ -7,10 +7,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_POST
 
-from jobs import pages
+from jobs import access, pages
 from jobs.compile_cache import index
 from jobs.models import Role
-from jobs.teams import access
 
 
 def cache_page(request: HttpRequest, slug: str) -> HttpResponse:

@@ -37,15 +37,16 @@ from jobs.quotas.policy import (
     Borrower,
     Decision,
     FamilyState,
+    backfill_blocked,
     check_budget,
     check_dispatch,
     check_hosts,
-    backfill_blocked,
     choose_victims,
     n_cores,
     no_room,
 )
 from jobs.quotas.selectors import core_hours_for_budget, decayed_usage_by_team, kind_priorities, team_shares
+from jobs.wake import KICK_FLAG
 
 log = logging.getLogger(__name__)
 S = Job.Status
@@ -548,9 +549,6 @@ def fleet_is_full() -> bool:
     if not hosts:
         return not CoreAllocation.objects.filter(borrowed=True).exists()
     return not hosts[0][2] and all(held >= len(core_ids or ()) for core_ids, held, _ in hosts)
-
-
-KICK_FLAG = "nd:dispatch:kick"
 
 
 def kick_pending() -> bool:

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from jobs import access
 from jobs.lifecycle import states
 from jobs.lifecycle.forms import JobBaseForm
 from jobs.models import (
@@ -25,7 +26,7 @@ from jobs.models import (
 from jobs.quotas.placement import HostSlots, largest_request
 from jobs.quotas.policy import SubmitLimits, SubmitState, check_submit
 from jobs.quotas.selectors import core_hours_for_budget, kind_priority
-from jobs.teams import access
+from jobs.wake import kick_dispatch
 
 log = logging.getLogger(__name__)
 
@@ -217,19 +218,6 @@ def _finish_as_cache_hit(job: Job, artifact: ModelAsset) -> None:
                          result=result, cache_hit=True, output_model=artifact)
 
 
-def kick_dispatch() -> None:
-    """Wake the scheduler. Bursts of submissions coalesce into one dispatch run via a
-    short-lived Redis flag; if Redis is down the periodic dispatch picks the job up."""
-    from jobs.live import store
-    from webapp.celery import app
-
-    try:
-        if store.redis().set("nd:dispatch:kick", 1, nx=True, ex=5):
-            app.send_task("jobs.dispatch", queue="scheduler")
-    except Exception as exc:  # the job row is committed; losing the wake-up only delays it
-        log.warning("could not wake the scheduler (%s); the periodic dispatch will place the job", exc)
-
-
 # --- cancel -----------------------------------------------------------------------
 
 def job_cancel(*, job: Job, user) -> bool:
@@ -247,11 +235,6 @@ def job_cancel(*, job: Job, user) -> bool:
         if not done:
             states.event(job.pk, "cancel_requested", f"cancel requested by {user.username}", actor=user)
     return True
-
-
-def host_set_state(*, host: Host, state: str, actor=None) -> None:
-    Host.objects.filter(pk=host.pk).update(state=state)
-    log.info("host %s set to %s by %s", host.name, state, actor)
 
 
 def stale_cutoff(seconds: int):

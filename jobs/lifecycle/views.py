@@ -2,7 +2,7 @@
 result and artifacts, cancel.
 
 Every view that takes a slug or an id starts with a team-scoped fetch from
-jobs.teams.access, so another team's object is a 404. Forms only validate; every write
+jobs.access, so another team's object is a 404. Forms only validate; every write
 goes through jobs.lifecycle.services. Bad input re-renders the form with the error
 next to its field and a 4xx status, never a 500."""
 from __future__ import annotations
@@ -18,14 +18,13 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
-from jobs import pages
+from jobs import access, pages
 from jobs.assets.artifacts import artifact_response
 from jobs.cli import jobfile
 from jobs.cli.jobfile import job_body
 from jobs.lifecycle import charts, selectors, services
 from jobs.lifecycle.forms import JOB_FORMS
 from jobs.models import Family, Job, JobEvent, Kind, Team
-from jobs.teams import access
 
 JOBS_PER_PAGE = 50
 

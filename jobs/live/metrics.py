@@ -400,7 +400,7 @@ def _visible_team_ids(user) -> set[int] | None:
     """Team ids whose jobs `user` may see named; None = all (staff)."""
     if user.is_staff:
         return None
-    from jobs.teams.access import teams_of
+    from jobs.access import teams_of
 
     return set(teams_of(user).values_list("pk", flat=True))
 

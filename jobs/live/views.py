@@ -18,8 +18,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from jobs import pages
-from jobs.lifecycle.services import host_set_state
 from jobs.live import charts, metrics
+from jobs.live.services import host_set_state
 from jobs.models import Family, Host
 
 FLEET_POLL_MS = 5000

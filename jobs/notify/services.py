@@ -10,10 +10,10 @@ from django.core.validators import validate_email
 from django.db.models import Q, QuerySet
 from django.http import Http404
 
+from jobs import access
 from jobs.models import Membership, Role, Team
 from jobs.notify import delivery as notify_delivery
 from jobs.notify.models import Delivery, EventKind, Subscription
-from jobs.teams import access
 
 
 class Invalid(Exception):

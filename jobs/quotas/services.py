@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.db import transaction
 
-from jobs.lifecycle.services import kick_dispatch
 from jobs.models import (
     AuditEntry,
     FamilyQuota,
@@ -13,6 +12,7 @@ from jobs.models import (
     quota_rows_ensure,
 )
 from jobs.notify import events as notify_events
+from jobs.wake import kick_dispatch
 
 QUOTA_FIELDS = ("share", "monthly_core_hours", "max_runtime_s", "max_pending", "allowed_kinds")
 FAMILY_FIELDS = ("guaranteed_cores", "borrow_limit")

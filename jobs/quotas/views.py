@@ -13,12 +13,11 @@ from django.shortcuts import redirect
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
-from jobs import pages
+from jobs import access, pages
 from jobs.models import Family, Kind, Team
 from jobs.quotas import selectors
 from jobs.quotas import services as quota_services
 from jobs.quotas.forms import QuotaForm, family_field
-from jobs.teams import access
 
 TEAMS_PER_QUOTA_PAGE = 25  # a row is a form of a dozen inputs: a page of them must render quickly
 

@@ -10,10 +10,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
-from jobs import pages
+from jobs import access, pages
 from jobs.models import ApiToken, Kind, Role, Team
 from jobs.quotas import selectors
-from jobs.teams import access
 from jobs.teams import services as team_services
 from jobs.teams.forms import MemberAddForm, MemberRoleForm, TeamCreateForm
 from jobs.teams.tokens import token_create

@@ -20,9 +20,8 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from jobs import pages
+from jobs import access, pages
 from jobs.models import InstancePrice, Team
-from jobs.teams import access
 from jobs.usage import accounting, charts, selectors
 from jobs.usage.selectors import Report, Table
 

@@ -125,9 +125,11 @@ def _submit(api: Api, body: dict[str, Any], prompts_file: Path | None, quiet: bo
 @click.option("--compiler-options", help="neuronx-cc flags, e.g. '--model-type=transformer -O2'.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other API field.")
 @click.option("--wait", is_flag=True, help="Wait until the job ends; exit 0 only if it succeeded.")
+@click.option("--dry-run", is_flag=True,
+              help="Check it and say what would happen (a compile: cached or about how long), submitting nothing.")
 @json_option
 def submit(kind: str | None, job_file: Path | None, prompts: tuple[str, ...], prompts_file: Path | None,
-           sets: tuple[str, ...], wait: bool, as_json: bool, **flags) -> None:
+           sets: tuple[str, ...], wait: bool, dry_run: bool, as_json: bool, **flags) -> None:
     """Submit a job: KIND and flags, or a job file (-f job.yaml) that mirrors the
     API body, or both."""
     body = _job_file(job_file)
@@ -141,8 +143,28 @@ def submit(kind: str | None, job_file: Path | None, prompts: tuple[str, ...], pr
         raise click.UsageError("say which kind of job: neurondeck submit compile|finetune|inference")
     api = _api()
     _default_team(api, body)
+    if dry_run:
+        _dry_run(api.post("/jobs?dry_run=true", body), as_json)
+        return
     job = _submit(api, body, prompts_file, quiet=as_json)
     _after_submit(api, job, wait, as_json)
+
+
+def _dry_run(answer: dict[str, Any], as_json: bool) -> None:
+    """The dry run's answer: would it be accepted, and a compile's cache answer with the
+    model's cached configurations (to pick one)."""
+    if as_json:
+        output.emit_json(answer)
+        return
+    click.echo(f"OK: this {answer['kind']} job would be accepted (nothing was submitted).")
+    cache = answer.get("compile_cache")
+    if cache:
+        click.echo(cache["sentence"])
+        for config in cache.get("configurations") or []:
+            shape = ", ".join(f"{k} {config[k]}" for k in ("task", "batch_size", "sequence_length", "height", "width",
+                                                           "num_images_per_prompt", "tensor_parallel_size")
+                              if k in config)
+            click.echo(f"  cached: model {config['model_id']} ({config['name']}): {shape}")
 
 
 def _after_submit(api: Api, job: dict[str, Any], wait: bool, as_json: bool) -> None:

@@ -64,6 +64,6 @@ def notify_sweep_task() -> int:
 @shared_task(name="jobs.notify_scan", ignore_result=True)
 def notify_scan_task() -> dict:
     """Once a minute: long waits, idle cores (and the stop policy), budget thresholds."""
-    from jobs.notify.scan import scan
+    from jobs.lifecycle.watch import scan
 
     return scan()

@@ -8,9 +8,8 @@ import os
 
 import pytest
 
-from jobs.lifecycle import scheduler
+from jobs.lifecycle import forecasts, scheduler
 from jobs.models import Job, JobEvent
-from jobs.quotas import forecasts
 from jobs.quotas.selectors import clear_usage_cache
 from jobs.quotas.services import quota_update
 from tests.conftest import api_client

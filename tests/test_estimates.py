@@ -10,9 +10,9 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from jobs.lifecycle import scheduler
+from jobs.lifecycle import forecasts, scheduler
 from jobs.models import Job
-from jobs.quotas import backfill, forecasts
+from jobs.quotas import backfill
 from jobs.quotas.backfill import FleetState, Running, Waiting, forecast, runtime_ratio
 from jobs.quotas.placement import HostSlots
 from jobs.quotas.selectors import clear_usage_cache

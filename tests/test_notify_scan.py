@@ -8,8 +8,8 @@ from datetime import date, timedelta
 import pytest
 from django.utils import timezone
 
+from jobs.lifecycle import watch as notify_scan
 from jobs.models import Host, Job, JobEvent, MetricMinute, TeamQuota, UsageTeamDay
-from jobs.notify import scan as notify_scan
 from jobs.notify.models import Delivery, EventKind, Notification, Subscription, TeamAlertPolicy
 
 S = Job.Status

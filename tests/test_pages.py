@@ -19,6 +19,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from jobs.assets import selectors as asset_selectors
 from jobs.assets import storage
 from jobs.lifecycle import charts, selectors, states
 from jobs.models import ApiToken, Artifact, Dataset, Job, JobLogChunk, JobMetric, ModelAsset, TeamQuota
@@ -560,7 +561,7 @@ def test_the_models_page_shows_lineage_base_then_finetuned_then_compiled(cast, t
     compiled = ModelAsset.objects.create(team=cast.vision, name="tiny-gpt-ft-cpu", path="b", parent=tuned,
                                          format=ModelAsset.Format.TORCHSCRIPT)
     other = ModelAsset.objects.create(team=cast.vision, name="another-base", path="c")
-    rows = selectors.model_lineage(cast.vision)
+    rows = asset_selectors.model_lineage(cast.vision)
     assert [(r.model.pk, r.depth) for r in rows] == [(other.pk, 0), (tiny_model.pk, 0), (tuned.pk, 1), (compiled.pk, 2)]
     page = login(cast.bob).get("/teams/vision/models/").content.decode()
     assert page.index("tiny-gpt <") < page.index("tiny-gpt-ft <") < page.index("tiny-gpt-ft-cpu <")

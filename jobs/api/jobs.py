@@ -29,10 +29,11 @@ from jobs import access
 from jobs.api import body
 from jobs.api.schemas import MAX_OFFSET, ErrorOut
 from jobs.assets.artifacts import artifact_response
+from jobs.assets.forms import DatasetUploadForm, ModelUploadForm
 from jobs.assets.services import dataset_upload, model_upload
 from jobs.assets.uploads import UploadError
 from jobs.lifecycle import selectors
-from jobs.lifecycle.forms import JOB_FORMS, DatasetUploadForm, ModelUploadForm, PromptsField
+from jobs.lifecycle.forms import JOB_FORMS, PromptsField
 from jobs.lifecycle.services import SubmitRefused, job_cancel, job_dry_run, job_submit
 from jobs.models import Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
 

@@ -14,10 +14,10 @@ from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods
 
 from jobs import access, pages
+from jobs.assets import selectors
 from jobs.assets import services as asset_services
+from jobs.assets.forms import DatasetUploadForm, ModelUploadForm
 from jobs.assets.uploads import UploadError
-from jobs.lifecycle import selectors
-from jobs.lifecycle.forms import DatasetUploadForm, ModelUploadForm
 from jobs.models import Job, ModelAsset, Team
 
 

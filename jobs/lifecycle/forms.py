@@ -3,13 +3,18 @@ so a bad field gets the same message, named after the field, in both."""
 from __future__ import annotations
 
 from django import forms
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils.safestring import mark_safe
 
 from jobs import safe_json
 from jobs.models import Dataset, Family, Kind, ModelAsset, Team
-from neuron_workers.backends.export_options import AUTO_CAST, AUTO_CAST_TYPES, TASKS, ExportOptionError, check_export_options
+from neuron_workers.backends.export_options import (
+    AUTO_CAST,
+    AUTO_CAST_TYPES,
+    TASKS,
+    ExportOptionError,
+    check_export_options,
+)
 from neuron_workers.backends.export_options import DEFAULTS as EXPORT_DEFAULTS
 
 MAX_PROMPTS = 1000
@@ -257,15 +262,3 @@ class InferenceForm(JobBaseForm):
 JOB_FORMS: dict[str, type[JobBaseForm]] = {Kind.COMPILE: CompileForm, Kind.FINETUNE: FinetuneForm, Kind.INFERENCE: InferenceForm}
 
 
-class ModelUploadForm(forms.Form):
-    name = forms.SlugField(max_length=120)
-    file = forms.FileField(help_text="A zip of a Hugging Face-format model folder (config.json + weights).")
-
-
-class DatasetUploadForm(forms.Form):
-    name = forms.CharField(max_length=120)
-    file = forms.FileField(help_text="JSONL with a \"text\" field per line, or CSV with a \"text\" column.")
-
-
-def upload_limit() -> int:
-    return settings.MAX_UPLOAD_BYTES

@@ -11,7 +11,7 @@ from django.db.models import F, QuerySet
 from django.db.models.functions import Mod
 
 from jobs.assets import storage
-from jobs.models import Artifact, Job, JobEvent, JobLogChunk, JobMetric, ModelAsset, Team
+from jobs.models import Artifact, Job, JobEvent, JobLogChunk, JobMetric, Team
 
 LOG_TAIL_BYTES = 64 * 1024  # what the job page shows of a long log before following it
 LOG_WINDOW_BYTES = 256 * 1024  # at most this much log per status poll
@@ -121,8 +121,8 @@ def pending_explanation(job: Job, limit: int = 5) -> dict:
 
 
 def _estimate(job: Job) -> dict | None:
-    """The job's estimated start, range and what it is based on (jobs.quotas.forecasts)."""
-    from jobs.quotas.forecasts import estimate_for
+    """The job's estimated start, range and what it is based on (jobs.lifecycle.forecasts)."""
+    from jobs.lifecycle.forecasts import estimate_for
 
     estimate = estimate_for(job)
     return estimate.as_dict() if estimate else None
@@ -237,31 +237,6 @@ def inference_outputs(job: Job, limit: int = OUTPUT_ROWS) -> list[OutputRow]:
 
 
 # --- models -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LineageRow:
-    model: ModelAsset
-    depth: int  # 0 = a root (uploaded) model; children are indented under their parent
-
-
-def model_lineage(team: Team) -> list[LineageRow]:
-    """The team's models as a depth-first tree: base → fine-tuned → compiled.
-
-    One query; a model whose parent belongs to no listed row (deleted, or another
-    team's) is shown as a root."""
-    models = list(ModelAsset.objects.filter(team=team).select_related("created_by", "source_job")
-                  .order_by("name", "version"))
-    ids = {m.pk for m in models}
-    children: dict[int | None, list[ModelAsset]] = {}
-    for model in models:
-        children.setdefault(model.parent_id if model.parent_id in ids else None, []).append(model)
-    rows: list[LineageRow] = []
-    stack = [(m, 0) for m in reversed(children.get(None, []))]
-    while stack:
-        model, depth = stack.pop()
-        rows.append(LineageRow(model, depth))
-        stack.extend((c, depth + 1) for c in reversed(children.get(model.pk, [])))
-    return rows
 
 
 def compiler_allow_list() -> list[tuple[str, str]]:

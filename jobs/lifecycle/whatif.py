@@ -3,14 +3,14 @@ button): would the job start now, where, or why would it wait; its estimated sta
 its cost against the team's budget. Creating nothing: the dispatcher's own run
 (jobs.lifecycle.scheduler.Dispatcher, in its dry mode: no preemption written, no
 placement committed) over the current fleet and queue with the job added, and the
-start-time replay of jobs.quotas.forecasts with it."""
+start-time replay of jobs.lifecycle.forecasts with it."""
 from __future__ import annotations
 
 from django.utils import timezone
 
+from jobs.lifecycle.forecasts import estimates, team_ratios
 from jobs.lifecycle.scheduler import Dispatcher, Fleet, Limits, PendingRow, RunInputs, pending_order
 from jobs.models import Host, Team, TeamQuota
-from jobs.quotas.forecasts import estimates, team_ratios
 from jobs.quotas.placement import core_range
 from jobs.quotas.policy import REASON_HINTS
 from jobs.quotas.selectors import core_hours_for_budget

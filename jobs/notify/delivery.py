@@ -22,7 +22,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from jobs.notify.channels import CHANNELS, DeliveryError
+from jobs.notify.events import DELIVER_TASK
 from jobs.notify.models import Delivery, Subscription
+from webapp.celery import app
 
 log = logging.getLogger("jobs.notify")
 P = Delivery.Status
@@ -97,8 +99,6 @@ def _failed(delivery: Delivery, error: str) -> str:
 def sweep(limit: int = 2000) -> int:
     """Send every due pending delivery to Celery (retries, and first attempts whose kick
     message was lost). Each is re-ticketed, so an older message for it does nothing."""
-    from jobs.tasks import notify_deliver_task
-
     now = timezone.now()
     with transaction.atomic():
         due = list(Delivery.objects.select_for_update(skip_locked=True)
@@ -110,7 +110,7 @@ def sweep(limit: int = 2000) -> int:
             ticket=F("ticket") + 1, next_attempt_at=now + timedelta(seconds=settings.NOTIFY_LEASE_S))
     pairs = [[pk, ticket + 1] for pk, ticket in due]
     for start in range(0, len(pairs), settings.NOTIFY_BATCH):
-        notify_deliver_task.apply_async(args=[pairs[start:start + settings.NOTIFY_BATCH]],
+        app.send_task(DELIVER_TASK, args=[pairs[start:start + settings.NOTIFY_BATCH]],
                                         queue=settings.NOTIFY_QUEUE)
     return len(pairs)
 
@@ -137,9 +137,7 @@ def resend(delivery: Delivery) -> Delivery:
 
 
 def _kick_one(pk: int, ticket: int) -> None:
-    from jobs.tasks import notify_deliver_task
-
     try:
-        notify_deliver_task.apply_async(args=[[[pk, ticket]]], queue=settings.NOTIFY_QUEUE)
+        app.send_task(DELIVER_TASK, args=[[[pk, ticket]]], queue=settings.NOTIFY_QUEUE)
     except Exception as exc:  # noqa: BLE001 - the sweep sends it when due
         log.warning("notify: could not send delivery %s to Celery (%s)", pk, exc)

@@ -13,6 +13,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from jobs.notify.models import JOB_EVENTS, Delivery, EventKind, Notification, Subscription
+from webapp.celery import app
+
+# The Celery task that attempts deliveries (jobs.tasks), sent by name so that this
+# module need not import the task registry.
+DELIVER_TASK = "jobs.notify_deliver"
 
 log = logging.getLogger("jobs.notify")
 
@@ -63,10 +68,8 @@ def emit(kind: str, *, team_id: int, title: str, job_id: int | None = None, user
 def kick(delivery_ids: list[int]) -> None:
     """Send the deliveries' first attempt to Celery (ticket 0). Best effort: if the
     broker is down, the sweep sends them when their lease has passed."""
-    from jobs.tasks import notify_deliver_task
-
     try:
-        notify_deliver_task.apply_async(args=[[[pk, 0] for pk in delivery_ids]], queue=settings.NOTIFY_QUEUE)
+        app.send_task(DELIVER_TASK, args=[[[pk, 0] for pk in delivery_ids]], queue=settings.NOTIFY_QUEUE)
     except Exception as exc:  # noqa: BLE001 - the outbox row is the record; the sweep recovers
         log.warning("notify: could not send deliveries %s to Celery (%s); the sweep will", delivery_ids, exc)
 

@@ -1,5 +1,5 @@
 """{{ job|estimated_start }}: a pending job's start-time estimate for lists (the
-one replay jobs.quotas.forecasts caches for a few seconds serves the whole page)."""
+one replay jobs.lifecycle.forecasts caches for a few seconds serves the whole page)."""
 from __future__ import annotations
 
 from django import template
@@ -13,7 +13,7 @@ register = template.Library()
 def estimated_start(job: Job) -> str:
     if job.status != Job.Status.PENDING:
         return ""
-    from jobs.quotas.forecasts import estimate_for
+    from jobs.lifecycle.forecasts import estimate_for
 
     estimate = estimate_for(job)
     return f"starts {estimate.summary}" if estimate and estimate.start else ""

@@ -46,6 +46,15 @@ class Command(BaseCommand):
             shutil.rmtree(dest, ignore_errors=True)
             create_tiny_model(dest)
             model_register(team=team, user=admin, name="tiny-gpt", path=dest, meta=model_meta(dest))
+        if not ModelAsset.objects.filter(team=team, name="tiny-sd").exists():
+            # A tiny random Stable Diffusion pipeline: compile it with task text-to-image
+            # (e.g. 32x32), then run inference on the compiled artifact for images.
+            from neuron_workers.backends.tinydiffusion import create_tiny_pipeline
+
+            dest = storage.root() / "models" / team.slug / "tiny-sd"
+            shutil.rmtree(dest, ignore_errors=True)
+            create_tiny_pipeline(dest)
+            model_register(team=team, user=admin, name="tiny-sd", path=dest, meta={"diffusers": True})
         if not Dataset.objects.filter(team=team, name="demo-text").exists():
             tmp = storage.root() / "tmp-demo.jsonl"
             tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -140,14 +140,29 @@ class AuditEntry(models.Model):
 
 
 class ApiToken(models.Model):
-    """A per-user API token. Only a SHA-256 of it is stored; it is shown once."""
+    """An API token. Only a SHA-256 of it is stored; it is shown once. A person's token
+    acts as that person; a team's token (`team` set: a service account for CI) acts as
+    a user of its own, a member of that team only, so it outlives whoever created it.
+    Its scope caps what it may do below the user's role: read < submit < manage."""
+
+    class Scope(models.TextChoices):
+        READ = "read", "read: look only"
+        SUBMIT = "submit", "submit: also submit, cancel, upload"
+        MANAGE = "manage", "manage: also quotas and team settings"
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="service_tokens")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
     name = models.CharField(max_length=80)
     prefix = models.CharField(max_length=12)
     digest = models.CharField(max_length=64, unique=True)
+    # Tokens made before scopes existed could do everything: they keep the full scope.
+    scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.MANAGE)
+    expires_at = models.DateTimeField(null=True, blank=True)  # None: never
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    last_used_ip = models.GenericIPAddressField(null=True, blank=True)
 
     @staticmethod
     def hash(raw: str) -> str:
@@ -629,5 +644,10 @@ class KindPriority(models.Model):
 
 # The notify area's tables (subscriptions, the outbox, alert policies) live with it.
 from jobs.notify.models import (  # noqa: E402,F401
-    Delivery, EventKind, Notification, Subscription, TeamAlertPolicy, UserBudget,
+    Delivery,
+    EventKind,
+    Notification,
+    Subscription,
+    TeamAlertPolicy,
+    UserBudget,
 )

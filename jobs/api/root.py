@@ -14,7 +14,9 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, SessionAuth
 
 from jobs.api.body import SafeJsonParser, parse_failure
-from jobs.teams.tokens import PREFIX, token_user
+from jobs.teams import tokens
+from jobs.teams.logins import client_ip
+from jobs.teams.tokens import PREFIX, TokenRefused
 
 log = logging.getLogger("jobs.api")
 # The shape of the tokens token_create issues: one of that shape that no user owns
@@ -23,13 +25,19 @@ ISSUED_SHAPE = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_-]{43}")
 
 
 class TokenAuth(HttpBearer):
-    """`Authorization: Bearer nd_…` with a per-user API token."""
+    """`Authorization: Bearer nd_…` with an API token (a person's or a team service
+    account's). An expired token is a 401 saying so; a token whose scope does not
+    cover the request (reads: read; writes: submit; team settings: manage) a 403
+    naming the scope it lacks (jobs.teams.tokens)."""
 
     def authenticate(self, request: HttpRequest, token: str):
-        user = token_user(token)
-        if user is not None:
-            request.user = user
-        return user
+        found = tokens.token_authenticate(token, ip=client_ip(request))
+        if found is None:
+            return None
+        tokens.require_scope(found, tokens.scope_needed(request.method, request.path))
+        request.user = found.user
+        request.api_token = found
+        return found.user
 
 
 class BrowserSessionAuth(SessionAuth):
@@ -70,6 +78,16 @@ def unauthenticated(request: HttpRequest, exc: AuthenticationError):
         detail = "Unauthorized"
     response = api.create_response(request, {"detail": detail}, status=401)
     response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+@api.exception_handler(TokenRefused)
+def token_refused(request: HttpRequest, exc: TokenRefused):
+    """An expired token (401) or one without the scope the request needs (403), with
+    the reason and what to do."""
+    response = api.create_response(request, {"detail": str(exc), "code": exc.code}, status=exc.status)
+    if exc.status == 401:
+        response["WWW-Authenticate"] = f'Bearer realm="api", error="invalid_token", error_description="{exc.code}"'
     return response
 
 

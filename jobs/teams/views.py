@@ -2,20 +2,25 @@
 lending, members, audit trail), member changes (managers), and the user's API tokens."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
+from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
+from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from jobs import access, pages
 from jobs.models import ApiToken, Kind, Role, Team
 from jobs.quotas import selectors
 from jobs.teams import services as team_services
+from jobs.teams import tokens as token_service
 from jobs.teams.forms import MemberAddForm, MemberRoleForm, TeamCreateForm
-from jobs.teams.tokens import token_create
+from jobs.teams.logins import client_ip
 
 AUDIT_SHOWN = 100
 
@@ -116,26 +121,75 @@ def team_new(request: HttpRequest) -> HttpResponse:
 
 
 
+EXPIRY_CHOICES = [("7", "in 7 days"), ("30", "in 30 days"), ("90", "in 90 days"), ("365", "in a year"),
+                  ("never", "never")]
+
+
 class TokenForm(forms.Form):
     name = forms.CharField(max_length=80, help_text="What the token is for, e.g. \"laptop\" or \"CI\".")
+    scope = forms.ChoiceField(choices=ApiToken.Scope.choices, initial=ApiToken.Scope.SUBMIT, required=False,
+                              help_text="What it may do, within your role in each team.")
+    expires = forms.ChoiceField(choices=EXPIRY_CHOICES, initial="90", required=False, label="Expires")
+
+    def clean_scope(self) -> str:
+        return self.cleaned_data["scope"] or ApiToken.Scope.SUBMIT
+
+    def clean_expires(self) -> str:
+        return self.cleaned_data["expires"] or "90"
+
+    def expires_at(self):
+        days = self.cleaned_data["expires"]
+        return None if days == "never" else timezone.now() + timedelta(days=int(days))
+
+
+class ServiceTokenForm(TokenForm):
+    """A team's service account token (for CI): it acts as a user of its own with
+    `role` in that team only, and stays when the person who made it leaves."""
+
+    team = forms.ModelChoiceField(queryset=Team.objects.none(), to_field_name="slug", empty_label=None)
+    role = forms.ChoiceField(choices=[(Role.MEMBER, "member: submit and upload"), (Role.VIEWER, "viewer: look only")],
+                             initial=Role.MEMBER, help_text="The service account's role in the team.")
+    field_order = ["team", "name", "role", "scope", "expires"]
+
+    def __init__(self, *args, teams=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["team"].queryset = teams if teams is not None else Team.objects.none()
+        self.fields["name"].help_text = "What it is for, e.g. \"CI nightly\"."
 
 
 @login_required
 @require_http_methods(["GET", "POST"])
 def tokens(request: HttpRequest) -> HttpResponse:
-    """Create and list the user's API tokens. A new raw token is in this one response
-    only (not stored, not in a redirect), and the response is not cached."""
-    form, raw, status = TokenForm(), None, 200
-    if request.method == "POST":
+    """Create and list the user's API tokens and the service tokens of the teams they
+    manage. A new raw token is in this one response only (not stored, not in a
+    redirect), and the response is not cached."""
+    teams = token_service.manageable_teams(request.user)
+    form, service_form, raw, status = TokenForm(), ServiceTokenForm(prefix="svc", teams=teams), None, 200
+    ip = client_ip(request)
+    if request.method == "POST" and "svc-team" in request.POST:
+        service_form = ServiceTokenForm(request.POST, prefix="svc", teams=teams)
+        if service_form.is_valid():
+            data = service_form.cleaned_data
+            raw, _ = token_service.service_account_create(team=data["team"], name=data["name"], role=data["role"],
+                                                          scope=data["scope"], expires_at=service_form.expires_at(),
+                                                          actor=request.user, ip=ip)
+            service_form = ServiceTokenForm(prefix="svc", teams=teams)
+        else:
+            status = 400
+    elif request.method == "POST":
         form = TokenForm(request.POST)
         if form.is_valid():
-            raw, _ = token_create(user=request.user, name=form.cleaned_data["name"])
+            raw, _ = token_service.token_create(user=request.user, name=form.cleaned_data["name"],
+                                                scope=form.cleaned_data["scope"], expires_at=form.expires_at(), ip=ip)
             form = TokenForm()
         else:
             status = 400
-    response = pages.render_page(request, "jobs/tokens.html", {"form": form, "raw_token": raw,
-                                                   "tokens": request.user.api_tokens.order_by("-created_at")},
-                     nav="tokens", status=status)
+    response = pages.render_page(request, "jobs/tokens.html", {
+        "form": form, "service_form": service_form if teams.exists() else None, "raw_token": raw, "now": timezone.now(),
+        "tokens": request.user.api_tokens.filter(team=None).order_by("-created_at"),
+        "service_tokens": ApiToken.objects.filter(team__in=teams).select_related("team", "user", "created_by")
+                                          .order_by("team__slug", "-created_at"),
+    }, nav="tokens", status=status)
     response["Cache-Control"] = "no-store"
     return response
 
@@ -143,8 +197,12 @@ def tokens(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def token_delete(request: HttpRequest, token_id: int) -> HttpResponse:
-    deleted, _ = ApiToken.objects.filter(pk=token_id, user=request.user).delete()
-    if not deleted:
+    """Revoke one of the user's own tokens, or a service token of a team they manage;
+    anything else is a 404."""
+    mine = Q(user=request.user, team=None) | Q(team__in=token_service.manageable_teams(request.user))
+    token = ApiToken.objects.select_related("team", "user").filter(mine, pk=token_id).first()
+    if token is None:
         raise Http404("No such token")
-    messages.success(request, "Token deleted; clients using it are now refused.")
+    token_service.token_revoke(token=token, actor=request.user, ip=client_ip(request))
+    messages.success(request, f"Token {token.name} revoked; clients using it are now refused.")
     return redirect("tokens")

@@ -30,18 +30,18 @@ run: migrate
 	$(VENV)/bin/honcho -f webapp/Procfile -d . start
 
 # `make test` runs everything on PostgreSQL, then what a user does (API, pages, tokens
-# and roles, submit, a worker's run, usage and live metrics, end to end) again on
-# SQLite, `make run`'s default database. Tests marked postgres_only (row-lock races,
+# and roles, submit, a worker's run, usage and live metrics, end to end, hostile input
+# with fewer generated examples) again on SQLite, `make run`'s default database. Tests marked postgres_only (row-lock races,
 # faults, PostgreSQL-only caches) are skipped there.
 SQLITE_TEST_DB ?= $(CURDIR)/var/test-sqlite/neurondeck.sqlite3
 SQLITE_TESTS := tests/test_e2e_jobs.py tests/test_browser_jobs.py tests/test_api_jobs.py tests/test_api_scoping.py \
 	tests/test_pages.py tests/test_roles.py tests/test_submit.py tests/test_worker_run.py tests/test_usage.py \
-	tests/test_metrics.py
+	tests/test_metrics.py tests/test_hostile_fixes.py tests/test_hostile_input.py
 
 test: install
 	$(VENV)/bin/lint-imports --cache-dir $(VENV)/.import_linter_cache
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
-	DATABASE_URL=sqlite:///$(SQLITE_TEST_DB) $(VENV)/bin/python -m pytest -m "not postgres_only" $(SQLITE_TESTS) $(PYTEST_ARGS)
+	DATABASE_URL=sqlite:///$(SQLITE_TEST_DB) HOSTILE_EXAMPLES=15 $(VENV)/bin/python -m pytest -m "not postgres_only" $(SQLITE_TESTS) $(PYTEST_ARGS)
 
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done

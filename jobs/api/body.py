@@ -37,14 +37,15 @@ def json_error(exc: safe_json.JSONInputError, what: str) -> JsonResponse:
     return JsonResponse(body, status=400)
 
 
-def read_json(request: HttpRequest, what: str, *, empty: Any = None) -> tuple[Any, JsonResponse | None]:
+def read_json(request: HttpRequest, what: str, *, empty: Any = None,
+              accepted: str = "application/json") -> tuple[Any, JsonResponse | None]:
     """(the parsed body, None) or (None, the error response). `what` starts the error
-    sentence ("The job was not submitted"). A body-less request without a content
-    type reads as `empty`."""
+    sentence ("The job was not submitted"), `accepted` the 415's advice. A body-less
+    request without a content type reads as `empty`."""
     if not request.content_type and not request.body:
         return empty, None
     if not is_json_type(request.content_type or ""):
-        return None, unsupported(request, "application/json")
+        return None, unsupported(request, accepted)
     if not request.body:
         return empty, None
     try:

@@ -397,9 +397,8 @@ def _submission(request: HttpRequest) -> tuple[QueryDict | dict, MultiValueDict 
     whose values must also be of their field's JSON type (_json_type_errors)."""
     if request.content_type in body.FORM_TYPES:
         return request.POST, request.FILES
-    if request.content_type and not body.is_json_type(request.content_type):
-        return body.unsupported(request, "application/json, or multipart/form-data with a prompts_file")
-    data, refused = body.read_json(request, "The job was not submitted")
+    data, refused = body.read_json(request, "The job was not submitted",
+                                   accepted="application/json, or multipart/form-data with a prompts_file")
     if refused is not None:
         return refused
     if not isinstance(data, dict):

@@ -140,3 +140,26 @@ def test_bob_sees_the_images_with_prompts_seeds_and_latency_and_downloads_one(
 
 
 from conftest import SHOTS, log_in  # noqa: E402  (the browser helpers, as the other browser tests import them)
+
+
+def test_a_diffusers_pipeline_zip_uploads_as_a_text_to_image_model(cast, pipeline_dir, tmp_path):
+    import io
+    import zipfile
+
+    from django.conf import settings
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from jobs.models import ModelAsset
+    from tests.conftest import api_client
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(pipeline_dir.rglob("*")):
+            if path.is_file():
+                archive.write(path, f"tiny-sd/{path.relative_to(pipeline_dir)}")
+    upload = SimpleUploadedFile("tiny-sd.zip", buffer.getvalue(), content_type="application/zip")
+    response = api_client(cast.bob).post("/api/v1/models", data={"team": "vision", "name": "tiny-sd", "file": upload})
+    assert response.status_code == 201, response.content
+    model = ModelAsset.objects.get(pk=response.json()["id"])
+    assert model.meta == {"diffusers": True, "pipeline_class": "StableDiffusionPipeline"}
+    assert (Path(settings.STORAGE_ROOT) / model.path / "model_index.json").exists()

@@ -88,13 +88,16 @@ def extract_model_zip(upload, dest: Path) -> dict:
     with archive:
         members, prefix = _safe_members(archive)
         names = {m.filename[len(prefix):] for m in members}
-        if "config.json" not in names:
+        if "model_index.json" in names:
+            meta = _pipeline_meta(archive, prefix, names)
+        elif "config.json" not in names:
             raise UploadError("file", "the zip has no config.json at its top level (not a Hugging Face model folder)")
-        if not any(w in names for w in WEIGHT_FILES):
+        elif not any(w in names for w in WEIGHT_FILES):
             raise UploadError("file", "the zip has no weights (model.safetensors or pytorch_model.bin)")
-        raw = io.BytesIO()
-        _read_member(archive, archive.getinfo(prefix + "config.json"), raw)
-        meta = config_meta(raw.getvalue())
+        else:
+            raw = io.BytesIO()
+            _read_member(archive, archive.getinfo(prefix + "config.json"), raw)
+            meta = config_meta(raw.getvalue())
         dest.mkdir(parents=True, exist_ok=True)
         for member in members:
             target = dest / member.filename[len(prefix):]
@@ -102,6 +105,27 @@ def extract_model_zip(upload, dest: Path) -> dict:
             with open(target, "wb") as out:
                 _read_member(archive, member, out)
     return meta
+
+
+PIPELINE_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin")
+
+
+def _pipeline_meta(archive: zipfile.ZipFile, prefix: str, names: set[str]) -> dict:
+    """The meta of a diffusers pipeline folder (model_index.json at the top, a UNet's
+    weights): {"diffusers": True, "pipeline_class": ...}, for text-to-image compiles."""
+    if not any(w in names for w in PIPELINE_WEIGHTS):
+        raise UploadError("file", "the diffusers pipeline has no UNet weights (unet/diffusion_pytorch_model.safetensors)")
+    raw = io.BytesIO()
+    _read_member(archive, archive.getinfo(prefix + "model_index.json"), raw)
+    try:
+        index = safe_json.loads(raw.getvalue())
+    except safe_json.JSONInputError as exc:
+        raise UploadError("file", exc.sentence("model_index.json")) from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str) or "StableDiffusion" not in name:
+        raise UploadError("file", "model_index.json: only Stable Diffusion pipelines (_class_name "
+                                  "StableDiffusion...) are supported")
+    return {"diffusers": True, "pipeline_class": name}
 
 
 def _positive_int(config: dict, key: str) -> None:

@@ -244,3 +244,23 @@ def test_the_usage_page_shows_the_fleet_cache_against_its_cap(cast, tiny_model, 
     fake_artifact(cast.vision, cast.alice, tiny_model, "u" * 64, size=2 * 1024 * 1024)
     html = page_client(cast.alice).get("/teams/vision/usage/").content.decode()
     assert 'data-metric="compile-cache"' in html and "2.0\xa0MB of 10.0\xa0MB cap" in html
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_the_compile_form_says_cached_or_not_as_the_shape_changes_and_a_click_picks_a_configuration(
+        cast, tiny_model, cpu_host, live_server, browser):
+    from playwright.sync_api import expect
+
+    from jobs.lifecycle.services import compile_cache_key
+    from tests.conftest import log_in
+
+    key = compile_cache_key(tiny_model, {"batch_size": 2, "sequence_length": 64, "compiler_options": []}, "cpu")
+    fake_artifact(cast.vision, cast.alice, tiny_model, key, batch_size=2, sequence_length=64)
+    page = log_in(browser, live_server.url, "bob")
+    page.goto(f"{live_server.url}/teams/vision/jobs/new/compile/")
+    answer = page.locator("#cache-answer")
+    expect(answer.locator("strong")).to_have_text("not cached: no past cpu compiles to estimate from")
+    answer.locator("button:has-text('batch 2, length 64')").click()  # the cached configuration
+    expect(page.locator("#id_sequence_length")).to_have_value("64")
+    expect(answer.locator("strong")).to_have_text("cached: done at once")

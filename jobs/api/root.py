@@ -137,16 +137,10 @@ def validation_error(request: HttpRequest, exc: ValidationError):
 
 
 def _add_routers() -> None:
-    from jobs.api import jobs, live, notify, teams, usage
+    from jobs.api import compile_cache, jobs, live, notify, teams, usage
 
-    api.add_router("", jobs.router)
-    api.add_router("", live.router)
-    api.add_router("", teams.router)
-    api.add_router("", usage.router)
-    api.add_router("", notify.router)
-    from jobs.compile_cache import api as compile_cache
-
-    api.add_router("", compile_cache.router)
+    for area in (jobs, live, teams, usage, notify, compile_cache):
+        api.add_router("", area.router)
 
 
 _add_routers()

@@ -68,9 +68,8 @@ def run(args, bench: Bench, procs: Processes) -> dict:
     from django.contrib.auth import get_user_model
     from django.db import transaction
 
-    from jobs.models import Role
+    from jobs.models import Delivery, Notification, Role, Subscription
     from jobs.notify.events import emit
-    from jobs.notify.models import Delivery, Notification, Subscription
     from jobs.teams.services import membership_set, team_create
     from tests.notify_support import Receiver
 

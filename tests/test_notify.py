@@ -9,10 +9,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs.lifecycle import states
-from jobs.models import Job
+from jobs.models import Delivery, EventKind, Job, Notification, Subscription
 from jobs.notify import delivery as notify_delivery
 from jobs.notify import events as notify_events
-from jobs.notify.models import Delivery, EventKind, Notification, Subscription
 from tests.notify_support import Receiver, SmtpServer, signature_ok
 from tests.polling import wait_until
 from tests.workers import Worker, process_env

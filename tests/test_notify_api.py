@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from jobs.models import Delivery, EventKind, Subscription
 from jobs.notify import delivery as notify_delivery
 from jobs.notify import events as notify_events
-from jobs.notify.models import Delivery, EventKind, Subscription
 from tests.conftest import api_client
 from tests.notify_support import Receiver
 

@@ -9,8 +9,19 @@ import pytest
 from django.utils import timezone
 
 from jobs.lifecycle import watch as notify_scan
-from jobs.models import Host, Job, JobEvent, MetricMinute, TeamQuota, UsageTeamDay
-from jobs.notify.models import Delivery, EventKind, Notification, Subscription, TeamAlertPolicy
+from jobs.models import (
+    Delivery,
+    EventKind,
+    Host,
+    Job,
+    JobEvent,
+    MetricMinute,
+    Notification,
+    Subscription,
+    TeamAlertPolicy,
+    TeamQuota,
+    UsageTeamDay,
+)
 
 S = Job.Status
 

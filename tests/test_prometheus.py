@@ -9,8 +9,7 @@ from django.test import Client
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.models import CoreAllocation, Host, Job, JobAttempt, MetricMinute
-from jobs.notify.models import Delivery, Subscription
+from jobs.models import CoreAllocation, Delivery, Host, Job, JobAttempt, MetricMinute, Subscription
 from jobs.notify import events as notify_events
 from tests.conftest import api_client
 

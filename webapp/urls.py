@@ -4,7 +4,7 @@ from django.urls import include, path
 from django.views.generic.base import RedirectView
 
 from jobs.api.root import api
-from jobs.notify.prometheus import metrics_view
+from jobs.monitoring.prometheus import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -15,8 +15,8 @@ from ninja import Router
 
 from jobs import access
 from jobs.api.body import read_json
+from jobs.models import Delivery, Subscription
 from jobs.notify import services
-from jobs.notify.models import Delivery, Subscription
 
 router = Router(tags=["notifications"])
 LOG_LIMIT = 200

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterable, TypeVar
 
 from django.conf import settings
@@ -28,7 +28,6 @@ from django.db.models import Count, Exists
 from django.utils import timezone
 
 from jobs.lifecycle import states
-from jobs.lifecycle.services import stale_cutoff
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
 from jobs.quotas.backfill import Reservation, Running, conflicts, masked, reserve
 from jobs.quotas.fairshare import QueueItem, fair_order
@@ -466,7 +465,12 @@ def dispatch(*, clear: bool = True) -> DispatchReport:
     return DispatchReport([p[0] for p in placed], len(dispatcher.reasons), dispatcher.preempted)
 
 
-# Kicks and runs. kick_dispatch (jobs.services) sets the kick flag and sends a
+def stale_cutoff(seconds: int):
+    """The moment `seconds` ago: a heartbeat older than this is stale."""
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+# Kicks and runs. kick_dispatch (jobs.wake) sets the kick flag and sends a
 # jobs.dispatch task only if the flag was not set; a run clears the flag before it
 # reads anything. So every kick is followed by a task whose run starts after it (the
 # kick's change was committed before it), and a kicked task that finds the flag

@@ -3,7 +3,6 @@ Status changes go through jobs.states; messages are sent only after commit."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from importlib import metadata
 
 from django.conf import settings
@@ -237,5 +236,3 @@ def job_cancel(*, job: Job, user) -> bool:
     return True
 
 
-def stale_cutoff(seconds: int):
-    return timezone.now() - timedelta(seconds=seconds)

@@ -13,9 +13,8 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from jobs.lifecycle import states
-from jobs.models import Job, MetricMinute, Team, TeamQuota
+from jobs.models import EventKind, Job, MetricMinute, Notification, Subscription, Team, TeamAlertPolicy, TeamQuota
 from jobs.notify.events import emit
-from jobs.notify.models import EventKind, Notification, Subscription, TeamAlertPolicy
 
 S = Job.Status
 

@@ -21,9 +21,9 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from jobs.models import Delivery, Subscription
 from jobs.notify.channels import CHANNELS, DeliveryError
 from jobs.notify.events import DELIVER_TASK
-from jobs.notify.models import Delivery, Subscription
 from webapp.celery import app
 
 log = logging.getLogger("jobs.notify")

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from jobs.notify.models import JOB_EVENTS, Delivery, EventKind, Notification, Subscription
+from jobs.models import JOB_EVENTS, Delivery, EventKind, Notification, Subscription
 from webapp.celery import app
 
 # The Celery task that attempts deliveries (jobs.tasks), sent by name so that this

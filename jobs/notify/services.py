@@ -11,9 +11,8 @@ from django.db.models import Q, QuerySet
 from django.http import Http404
 
 from jobs import access
-from jobs.models import Membership, Role, Team
+from jobs.models import Delivery, EventKind, Membership, Role, Subscription, Team
 from jobs.notify import delivery as notify_delivery
-from jobs.notify.models import Delivery, EventKind, Subscription
 
 
 class Invalid(Exception):

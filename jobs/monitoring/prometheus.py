@@ -19,8 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from jobs import access
-from jobs.models import CoreAllocation, Job, JobAttempt, MetricMinute
-from jobs.notify.models import Delivery
+from jobs.models import CoreAllocation, Delivery, Job, JobAttempt, MetricMinute
 from jobs.teams.tokens import token_user
 
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600)

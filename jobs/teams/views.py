@@ -155,6 +155,7 @@ class ServiceTokenForm(TokenForm):
         super().__init__(*args, **kwargs)
         self.fields["team"].queryset = teams if teams is not None else Team.objects.none()
         self.fields["name"].help_text = "What it is for, e.g. \"CI nightly\"."
+        self.fields["scope"].help_text = "What it may do, within its role."
 
 
 @login_required

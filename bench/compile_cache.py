@@ -52,7 +52,9 @@ class Api:
     def __init__(self, token: str, model_id: int):
         from django.test import Client
 
-        self.client = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+        # X-Forwarded-Proto: https, as the site's TLS-terminating proxy sets it
+        # (a DEBUG-off site redirects plain HTTP).
+        self.client = Client(HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_FORWARDED_PROTO="https")
         self.model_id = model_id
 
     def body(self, **shape) -> dict:

@@ -107,7 +107,10 @@ class Api:
         """Submit one inference job; returns (job id, submit time as unix seconds)."""
         body = json.dumps({"team": "bench", "kind": "inference", "model": self.model, "prompts": ["Hi"],
                            "max_new_tokens": 1, "temperature": 0, "family": "cpu", "cores": 1})
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        # X-Forwarded-Proto as the TLS-terminating proxy in front of a DEBUG-off site
+        # sets it (otherwise the site redirects plain HTTP to HTTPS).
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+                   "X-Forwarded-Proto": "https"}
         for attempt in (1, 2):
             submitted = time.time()
             try:
@@ -131,7 +134,7 @@ def submit_statements(fixture: dict) -> tuple[int, list[int]]:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    client = Client(HTTP_AUTHORIZATION=f"Bearer {fixture['token']}")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {fixture['token']}", HTTP_X_FORWARDED_PROTO="https")
     body = json.dumps({"team": "bench", "kind": "inference", "model": fixture["model"], "prompts": ["Hi"],
                        "max_new_tokens": 1, "temperature": 0, "family": "cpu", "cores": 1})
     ids = []

@@ -48,8 +48,10 @@ PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("BENCH_MONITOR_REDIS_URL", "redis://127.0.0.1:6379/12")
 TAG = "job-{}"
 
+# DEBUG off, as deployed (and as the other benches run): no per-query bookkeeping.
 os.environ.update(DATABASE_URL=f"{PG}/{BENCH_DB}", REDIS_URL=REDIS_URL, DJANGO_SETTINGS_MODULE="webapp.settings",
-                  LOG_LEVEL="WARNING")
+                  LOG_LEVEL="WARNING", DEBUG="0")
+os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
 sys.path.insert(0, str(ROOT))
 
 
@@ -267,7 +269,9 @@ time.sleep(3600)
             agent = subprocess.Popen([sys.executable, "manage.py", "agent", "--name", host.name], cwd=ROOT, env=env,
                                      stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            seen = _poll_endpoint(Client(HTTP_AUTHORIZATION=f"Bearer {token_create(user=user, name='bench')[0]}"),
+            # X-Forwarded-Proto: https, as the site's TLS-terminating proxy sets it.
+            seen = _poll_endpoint(Client(HTTP_AUTHORIZATION=f"Bearer {token_create(user=user, name='bench')[0]}",
+                                         HTTP_X_FORWARDED_PROTO="https"),
                                   job.pk, samples, timeout=samples * period + 60)
         finally:
             agent.terminate()

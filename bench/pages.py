@@ -483,7 +483,9 @@ def _measure(requests: int, extra: dict[str, tuple[str, object]] | None, folder:
             continue
         client = clients.get(user.pk)
         if client is None:
-            client = clients[user.pk] = Client()
+            # X-Forwarded-Proto: https, as the site's TLS-terminating proxy sets it
+            # (a DEBUG-off site redirects plain HTTP).
+            client = clients[user.pk] = Client(HTTP_X_FORWARDED_PROTO="https")
             client.force_login(user)
         first = client.get(url)
         if first.status_code != 200:

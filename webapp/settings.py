@@ -79,8 +79,8 @@ CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "http://localhost:8000,ht
 
 STORAGE_ROOT = Path(os.environ.get("STORAGE_ROOT", BASE_DIR / "var" / "storage")).resolve()
 # Django's defaults, except persistent connections: with a connection opened per
-# request and per task (CONN_MAX_AGE 0), bench/dispatch.py's burst runs about half the
-# jobs per second.
+# request and per task (DB_CONN_MAX_AGE=0), bench/dispatch.py's burst runs a third to
+# a half fewer jobs per second and submit -> running takes longer.
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'neurondeck.sqlite3'}"),

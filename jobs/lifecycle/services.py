@@ -100,15 +100,10 @@ def _check_capacity(family: str, cores: int, hosts: list[HostSlots]) -> None:
                             "cores")
 
 
-def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
-    """Create a pending job (and its event) from a valid form, or raise SubmitRefused.
-
-    The team's quota row is locked (SELECT … FOR UPDATE) from the check of its
-    limits to the insert, so concurrent submissions of the same team are serialized
-    and cannot together exceed max_pending. SQLite has no row locks: its IMMEDIATE
-    transactions serialize writers. What no submit changes (the family's hosts, the
-    kind's priority, the month's use) is read before the lock, so the team's
-    submits wait for each other only while one counts its pending jobs and inserts."""
+def _admissible(team: Team, user, form: JobBaseForm) -> tuple[dict, str, str, int, dict]:
+    """The refusals that hold whatever the team's current use: the caller's role, a
+    request no host of the family could ever hold, a job the family's Neuron software
+    cannot run. Returns the form's data, kind, family, cores and spec."""
     try:
         access.require_role(user, team, Role.MEMBER)
     except access.Forbidden as exc:
@@ -119,6 +114,32 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     hosts, inventories = _family_hosts(family)
     _check_capacity(family, cores, hosts)
     _check_neuron_software(kind, family, cores, data, spec, inventories)
+    return data, kind, family, cores, spec
+
+
+def _check_limits(team: Team, kind: str, runtime: int, quota: TeamQuota, used_core_hours: float) -> None:
+    """The team's hard limits (jobs.quotas.policy.check_submit): allowed kinds, max
+    pending, the monthly budget, the max runtime."""
+    decision = check_submit(
+        team.slug, kind, runtime,
+        SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
+        SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), used_core_hours),
+    )
+    if not decision.ok:
+        raise SubmitRefused(decision.code, decision.sentence,
+                            "max_runtime_s" if decision.code == "runtime_too_long" else None)
+
+
+def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
+    """Create a pending job (and its event) from a valid form, or raise SubmitRefused.
+
+    The team's quota row is locked (SELECT … FOR UPDATE) from the check of its
+    limits to the insert, so concurrent submissions of the same team are serialized
+    and cannot together exceed max_pending. SQLite has no row locks: its IMMEDIATE
+    transactions serialize writers. What no submit changes (the family's hosts, the
+    kind's priority, the month's use) is read before the lock, so the team's
+    submits wait for each other only while one counts its pending jobs and inserts."""
+    data, kind, family, cores, spec = _admissible(team, user, form)
     priority = kind_priority(kind)
     cache_hit = None
     if kind == Kind.COMPILE:
@@ -133,14 +154,7 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         if quota.monthly_core_hours != budget:  # changed meanwhile: the use is measured against the new one
             used = core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
-        decision = check_submit(
-            team.slug, kind, runtime,
-            SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
-            SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), used),
-        )
-        if not decision.ok:
-            raise SubmitRefused(decision.code, decision.sentence,
-                                "max_runtime_s" if decision.code == "runtime_too_long" else None)
+        _check_limits(team, kind, runtime, quota, used)
         job = Job.objects.create(
             team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
             priority=priority, model=data.get("model"), dataset=data.get("dataset"),
@@ -168,26 +182,10 @@ def job_dry_run(*, team: Team, user, form: JobBaseForm) -> dict:
     (jobs.compile_cache.lookup). Without the quota lock: a dry run promises nothing."""
     from jobs.compile_cache.lookup import compile_answer
 
-    try:
-        access.require_role(user, team, Role.MEMBER)
-    except access.Forbidden as exc:
-        raise SubmitRefused("forbidden", str(exc), status=403) from None
-    data = form.cleaned_data
-    kind, family, cores = form.kind, data["family"], data["cores"]
-    spec = form.spec()
-    hosts, inventories = _family_hosts(family)
-    _check_capacity(family, cores, hosts)
-    _check_neuron_software(kind, family, cores, data, spec, inventories)
+    data, kind, family, cores, spec = _admissible(team, user, form)
     quota = TeamQuota.objects.get(team=team)
-    decision = check_submit(
-        team.slug, kind, data.get("max_runtime_s") or quota.max_runtime_s,
-        SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
-        SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(),
-                    core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]),
-    )
-    if not decision.ok:
-        raise SubmitRefused(decision.code, decision.sentence,
-                            "max_runtime_s" if decision.code == "runtime_too_long" else None)
+    _check_limits(team, kind, data.get("max_runtime_s") or quota.max_runtime_s, quota,
+                  core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk])
     answer: dict = {"dry_run": True, "would_submit": True, "kind": kind, "family": family, "cores": cores, "spec": spec}
     if kind == Kind.COMPILE:
         key = compile_cache_key(data["model"], spec, family)

@@ -84,7 +84,7 @@ def test_a_cancelled_queued_job_is_not_claimed(cast, tiny_model, cpu_host, setti
 @pytest.mark.parametrize("waiting", [True, False])
 def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast, tiny_model, cpu_host, settings,
                                                                             monkeypatch, waiting):
-    from jobs.lifecycle import services
+    from jobs import wake
 
     settings.HOST_NAME = cpu_host.name
     client = api_client(cast.bob)
@@ -93,7 +93,7 @@ def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast
         assert post_json(client, "/api/v1/jobs", inference_body(tiny_model)).status_code == 201
     assert Job.objects.filter(status="pending", family="cpu").exists() == waiting
     kicks = []
-    monkeypatch.setattr(services, "kick_dispatch", lambda: kicks.append(1))
+    monkeypatch.setattr(wake, "kick_dispatch", lambda: kicks.append(1))
     assert execution.run(job.pk) == "succeeded"
     assert len(kicks) == (1 if waiting else 0)
 

@@ -96,8 +96,16 @@ def test_the_compiler_identity_is_the_same_for_agent_and_backend():
     assert neuron_env.compiler_identity(None, None) == "torch-neuronx-unknown+neuronx-cc-unknown"
 
 
-def test_without_libnrt_the_runtime_version_is_unknown(tmp_path):
-    assert neuron_env.runtime_version(str(tmp_path / "libnrt.so.1")) is None
+def test_the_runtime_version_is_its_installed_package_s(tmp_path, monkeypatch):
+    """dpkg-query answers for an installed package; an unknown one is None."""
+    fake = tmp_path / "dpkg-query"
+    fake.write_text('#!/bin/sh\n[ "$3" = aws-neuronx-runtime-lib ] && printf 2.26.43.0-f1a2b3c4d && exit 0\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert neuron_env.runtime_version() == "2.26.43.0"
+    assert neuron_env.runtime_version("no-such-package") is None
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert neuron_env.runtime_version() is None
 
 
 def test_the_probe_module_imports_nothing_beyond_the_standard_library():

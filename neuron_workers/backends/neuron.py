@@ -403,7 +403,7 @@ def check_runnable(ctx: JobContext, family: str, *, cores: int = 1, model_format
                    compiler_options: list[str] | tuple[str, ...] = ()) -> dict:
     """This interpreter's report (neuron_env.probe); JobFailed("unavailable") with the
     reason when it cannot run the job (neuron_matrix: the same rules as at submit)."""
-    report = probe(nrt_library=None)
+    report = probe()
     refusal = job_refusal(ctx.kind, family, cores, report, model_format=model_format,
                           compiler_options=compiler_options, host_lnc=runtime_lnc(family))
     # Core counts and placement were settled at submit and dispatch.

@@ -12,14 +12,13 @@ the job process (`probe`).
 Standard library only, and it never imports torch, torch_neuronx or torch_xla:
 versions come from the installed distributions' metadata, so a probe cannot start
 the Neuron runtime, which would reserve every NeuronCore of the host (neuron.md
-§4.3). The runtime's version comes from libnrt's nrt_get_version, which reads a
-constant and initialises nothing (src/libnrt/include/nrt/nrt_version.h; that the
-library's load has no side effect is UNCONFIRMED on a device).
+§4.3). The runtime's version is the installed version of its package
+(aws-neuronx-runtime-lib, a deb or rpm on every Neuron AMI and container), asked of
+the system's package manager: nothing of the runtime is loaded.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import importlib.metadata
 import json
@@ -47,7 +46,7 @@ PACKAGES: dict[str, str] = {
     "safetensors": "safetensors",
 }
 # The runtime library aws-neuronx-runtime-lib installs [SDK setup pages: /opt/aws/neuron/lib].
-NRT_LIBRARY = "/opt/aws/neuron/lib/libnrt.so.1"
+RUNTIME_PACKAGE = "aws-neuronx-runtime-lib"
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 PROBE_TIMEOUT_S = 120.0
 
@@ -75,24 +74,20 @@ def installed_compiler_identity() -> str:
     return compiler_identity(dist_version("torch-neuronx"), dist_version("neuronx-cc"))
 
 
-class _NrtVersion(ctypes.Structure):
-    # nrt_version_t [SDK src/libnrt/include/nrt/nrt_version.h]
-    _fields_ = [("rt_major", ctypes.c_uint64), ("rt_minor", ctypes.c_uint64), ("rt_patch", ctypes.c_uint64),
-                ("rt_maintenance", ctypes.c_uint64), ("rt_detail", ctypes.c_char * 128),
-                ("git_hash", ctypes.c_char * 64)]
-
-
-def runtime_version(library: str = NRT_LIBRARY) -> str | None:
-    """The Neuron runtime's version ("2.26.43.0"), or None without libnrt."""
-    try:
-        lib = ctypes.CDLL(library)
-        version = _NrtVersion()
-        status = lib.nrt_get_version(ctypes.byref(version), ctypes.c_size_t(ctypes.sizeof(version)))
-    except (OSError, AttributeError):
-        return None
-    if status != 0:
-        return None
-    return f"{version.rt_major}.{version.rt_minor}.{version.rt_patch}.{version.rt_maintenance}"
+def runtime_version(package: str = RUNTIME_PACKAGE) -> str | None:
+    """The Neuron runtime's version ("2.26.43.0") as its package is installed, from
+    dpkg (Ubuntu AMIs and containers) or rpm (Amazon Linux); None when neither knows it."""
+    for argv in (["dpkg-query", "-W", "-f=${Version}", package], ["rpm", "-q", "--qf", "%{VERSION}", package]):
+        if shutil.which(argv[0]) is None:
+            continue
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        version = done.stdout.strip()
+        if done.returncode == 0 and version:
+            return version.split("-", 1)[0]  # "2.26.43.0-f1a2b3c4d" -> the release
+    return None
 
 
 def installed_framework() -> str | None:
@@ -105,12 +100,8 @@ def neuronx_cc_path() -> str | None:
     return shutil.which("neuronx-cc")
 
 
-def probe(env: Mapping[str, str] | None = None, nrt_library: str | None = NRT_LIBRARY) -> dict[str, Any]:
-    """This interpreter's Neuron software, as a JSON-able report (see the module docstring).
-
-    `nrt_library` None leaves the runtime's version out: a job process does, since the
-    framework loads its own libnrt there and a second copy of the library's state in
-    one process is nothing to risk for a version string."""
+def probe(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """This interpreter's Neuron software, as a JSON-able report (see the module docstring)."""
     packages = {key: dist_version(dist) for key, dist in PACKAGES.items()}
     try:
         # The job's entry point must import in this interpreter (by name: importing
@@ -125,7 +116,7 @@ def probe(env: Mapping[str, str] | None = None, nrt_library: str | None = NRT_LI
         "packages": packages,
         "framework": framework_path(packages["torch"]),
         "sdk_version": config.neuron_sdk(env),
-        "runtime_version": runtime_version(nrt_library) if nrt_library else None,
+        "runtime_version": runtime_version(),
         "compiler_version": compiler_identity(packages["torch_neuronx"], packages["neuronx_cc"]),
         "neuronx_cc": neuronx_cc_path(),
         "runner_error": runner_error,

@@ -180,19 +180,10 @@ def heartbeat(host_id: int) -> bool:
     ))
 
 
-_PLACEMENTS_SQL = (f"SELECT id, worker_pid, core_start, cores FROM {Job._meta.db_table} "
-                   "WHERE host_id = %s AND status = %s")
-
-
 def running_placements(host_id: int) -> list[JobPlacement]:
-    """The jobs running on this host: id, runner child pid and assigned cores.
-
-    Plain SQL (the same as Job.objects.filter(host_id=…, status="running")
-    .values_list(…)): every agent runs it every few seconds, and building the
-    queryset cost twice the query itself (bench/monitor.py)."""
-    with connection.cursor() as cursor:
-        cursor.execute(_PLACEMENTS_SQL, [host_id, Job.Status.RUNNING])
-        rows = cursor.fetchall()
+    """The jobs running on this host: id, runner child pid and assigned cores."""
+    rows = Job.objects.filter(host_id=host_id, status=Job.Status.RUNNING).values_list(
+        "pk", "worker_pid", "core_start", "cores")
     return [JobPlacement(pk, pid, list(range(start, start + n)) if start is not None else [])
             for pk, pid, start, n in rows]
 

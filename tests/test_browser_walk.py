@@ -41,7 +41,7 @@ PLOTS_DRAWN = """() => [...document.querySelectorAll('[data-figure], [data-live-
 
 
 # Per chart: the legend against the x axis's tick labels and title, and the colour
-# bar's labels against each other (what a phone's narrow charts used to get wrong).
+# bar's labels against each other.
 CHART_OVERLAPS = """() => {
     const box = el => el.getBoundingClientRect();
     const hit = (a, b) => !(a.right <= b.left || b.right <= a.left || a.bottom <= b.top || b.bottom <= a.top);

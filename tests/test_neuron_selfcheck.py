@@ -257,3 +257,12 @@ def test_the_selfcheck_module_is_django_and_torch_free_at_import():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "[]", done.stderr
     assert neuron_selfcheck.OS_PACKAGES[-1] == "aws-neuronx-tools"
+
+
+def test_a_child_s_result_is_read_when_ranks_print_on_one_line():
+    from neuron_workers.backends.neuron_selfcheck import last_json
+
+    assert last_json('log\n{"ok": true, "rank": 0, "sum": 3.0}{"ok": true, "rank": 1, "sum": 3.0}\n') == \
+        {"ok": True, "rank": 1, "sum": 3.0}
+    assert last_json('{"a": 1}\nnoise {"b": 2} tail\n') == {"b": 2}
+    assert last_json("no result") == {}

@@ -175,14 +175,22 @@ class JobPython:
 
 
 def last_json(output: str) -> dict[str, Any]:
+    """The last JSON object a child printed. Ranks print at once, so two objects can
+    share a line ('{...}{...}'): every object on a line is read."""
+    decoder = json.JSONDecoder()
     for line in reversed(output.strip().splitlines()):
-        if line.startswith("{"):
+        found, at = [], line.find("{")
+        while at != -1:
             try:
-                value = json.loads(line)
+                value, end = decoder.raw_decode(line, at)
             except ValueError:
+                at = line.find("{", at + 1)
                 continue
             if isinstance(value, dict):
-                return value
+                found.append(value)
+            at = line.find("{", end)
+        if found:
+            return found[-1]
     return {}
 
 

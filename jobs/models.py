@@ -192,6 +192,11 @@ class Host(models.Model):
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     registered_at = models.DateTimeField(default=timezone.now)
     replay = models.BooleanField(default=False)  # metrics come from a recorded file
+    # A placement-group / EFA-domain label: a gang that asks to stay together is placed
+    # on hosts of one label. "" = none.
+    network = models.CharField(max_length=64, blank=True)
+    # Where the other hosts of a gang reach this one (torchrun's rendezvous); "" = its name.
+    address = models.CharField(max_length=255, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -206,6 +211,11 @@ class Host(models.Model):
     @property
     def core_count(self) -> int:
         return len(self.core_ids)
+
+    @property
+    def reach(self) -> str:
+        """The address other hosts use for this one."""
+        return self.address or self.name
 
 
 class ModelAsset(models.Model):
@@ -301,7 +311,11 @@ class Job(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     spec = models.JSONField(default=dict)
     family = models.CharField(max_length=8, choices=Family.choices, default=Family.CPU)
-    cores = models.PositiveIntegerField(default=1)
+    cores = models.PositiveIntegerField(default=1)  # in all: a gang's cores over all its hosts
+    # >1: a gang of that many whole hosts of `family`, started all together or not at all
+    # (GangMember rows, rank 0 is `host`); each host gives cores // host_count cores.
+    host_count = models.PositiveIntegerField(default=1)
+    same_network = models.BooleanField(default=False)  # a gang placed inside one Host.network label
     priority = models.IntegerField(default=0)
     model = models.ForeignKey(ModelAsset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
@@ -369,6 +383,39 @@ class Job(models.Model):
         if self.core_start is None:
             return []
         return list(range(self.core_start, self.core_start + self.cores))
+
+
+class GangMember(models.Model):
+    """One host of a multi-host job (Job.host_count > 1): its rank and that rank's run.
+    Written with the job's placement and cleared with it; rank 0 is Job.host."""
+
+    class State(models.TextChoices):
+        PLACED = "placed", "Placed"
+        RUNNING = "running", "Running"
+        EXITED = "exited", "Exited"  # its process ended with exit code 0
+        FAILED = "failed", "Failed"  # its process failed or its worker was lost
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="gang")
+    rank = models.PositiveIntegerField()
+    host = models.ForeignKey(Host, null=True, on_delete=models.SET_NULL, related_name="+")
+    core_start = models.IntegerField(default=0)
+    cores = models.PositiveIntegerField()
+    state = models.CharField(max_length=8, choices=State.choices, default=State.PLACED)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker_pid = models.IntegerField(null=True, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    detail = models.TextField(blank=True)  # why it failed
+
+    class Meta:
+        ordering = ["job", "rank"]
+        constraints = [models.UniqueConstraint(fields=["job", "rank"], name="uniq_gang_rank")]
+
+    @property
+    def core_range(self) -> str:
+        end = self.core_start + self.cores - 1
+        return str(self.core_start) if end == self.core_start else f"{self.core_start}-{end}"
 
 
 class JobEvent(models.Model):

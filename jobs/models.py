@@ -10,7 +10,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
-from django.db.models.signals import post_save
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -169,6 +169,22 @@ class ApiToken(models.Model):
     @staticmethod
     def hash(raw: str) -> str:
         return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class RevokedToken(models.Model):
+    """The digest of a deleted API token (revoked on the Tokens page, deleted in the
+    admin, or gone with its user), never the token: a client still sending it is told
+    it was revoked, not that it was never issued."""
+
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12)
+    revoked_at = models.DateTimeField(default=timezone.now)
+
+
+@receiver(post_delete, sender=ApiToken, dispatch_uid="api_token_revoked")
+def _token_deleted(sender, instance: ApiToken, **kwargs) -> None:
+    RevokedToken.objects.bulk_create([RevokedToken(digest=instance.digest, prefix=instance.prefix)],
+                                     ignore_conflicts=True)
 
 
 class Host(models.Model):

@@ -651,7 +651,9 @@ def test_a_dataset_over_the_size_limit_is_a_413(cast, bob, settings):
 def test_no_credentials_and_a_bad_token_are_401_json(cast):
     assert Client().get("/api/v1/jobs").status_code == 401
     response = Client(HTTP_AUTHORIZATION="Bearer nd_not-a-real-token").get("/api/v1/jobs")
-    assert response.status_code == 401 and response.json() == {"detail": "Unauthorized"}
+    assert response.status_code == 401 and response.json()["code"] == "token_unknown"
+    response = Client(HTTP_AUTHORIZATION="Bearer not-ours").get("/api/v1/jobs")
+    assert response.status_code == 401 and response.json()["detail"].startswith("Unauthorized")
     assert Client(HTTP_AUTHORIZATION="Bearer ").post("/api/v1/jobs").status_code == 401
     assert not Job.objects.exists()
 

@@ -286,12 +286,12 @@ def test_a_post_without_credentials_is_a_401_saying_so(cast, tiny_model):
 
 
 def test_a_post_with_a_revoked_token_is_a_401_saying_so(cast, tiny_model):
-    from jobs.teams.tokens import token_create
+    from jobs.teams.tokens import token_create, token_revoke
 
     raw, token = token_create(user=cast.bob, name="gone")
     client = Client(enforce_csrf_checks=True, HTTP_AUTHORIZATION=f"Bearer {raw}")
     assert client.get("/api/v1/jobs").status_code == 200
-    ApiToken.objects.filter(pk=token.pk).delete()
+    token_revoke(token=token, actor=cast.bob)
     response = client.post("/api/v1/jobs", data=json.dumps(inference_body(tiny_model)), content_type="application/json")
     assert response.status_code == 401, response.content
     assert "revoked" in response.json()["detail"] and response["WWW-Authenticate"].startswith("Bearer")

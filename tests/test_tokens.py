@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
-from jobs.models import ApiToken, AuditEntry, Membership, Role
+from jobs.models import ApiToken, AuditEntry, Membership, RevokedToken, Role
 from jobs.teams import tokens
 from jobs.teams.services import membership_change
 
@@ -181,3 +181,49 @@ def test_a_service_account_cannot_log_in(cast, client):
 ])
 def test_the_scope_a_request_needs(method, path, scope):
     assert tokens.scope_needed(method, path) == scope
+
+
+# --- revoked or never issued ------------------------------------------------------------
+
+def test_a_revoked_token_is_a_401_saying_it_was_revoked(cast, client):
+    raw, token = tokens.token_create(user=cast.bob, name="laptop", scope="submit")
+    client.force_login(cast.bob)
+    assert client.post(f"/tokens/{token.pk}/delete/").status_code == 302
+    for response in (bearer(raw).get("/api/v1/jobs?team=vision"), submit(bearer(raw))):
+        assert response.status_code == 401
+        body = response.json()
+        assert body["code"] == "token_revoked" and "was revoked" in body["detail"] and raw[:10] in body["detail"]
+        assert 'error_description="token_revoked"' in response["WWW-Authenticate"]
+
+
+def test_a_never_issued_token_is_a_401_saying_so_not_revoked(cast):
+    tokens.token_revoke(token=tokens.token_create(user=cast.bob, name="other")[1], actor=cast.bob)
+    response = bearer("nd_" + "q" * 43).get("/api/v1/jobs?team=vision")
+    assert response.status_code == 401
+    body = response.json()
+    assert body["code"] == "token_unknown" and "never issued" in body["detail"] and "revoked" not in body["detail"]
+
+
+def test_only_the_digest_of_a_revoked_token_is_kept(cast):
+    raw, token = tokens.token_create(user=cast.bob, name="laptop")
+    tokens.token_revoke(token=token, actor=cast.bob)
+    record = RevokedToken.objects.get()
+    assert record.digest == ApiToken.hash(raw) and record.prefix == raw[:10]
+    stored = " ".join(str(value) for value in RevokedToken.objects.values_list().get())
+    assert raw not in stored and raw[10:] not in stored
+
+
+def test_a_token_deleted_with_its_user_or_in_the_admin_is_revoked_too(cast):
+    raw_admin, token = tokens.token_create(user=cast.bob, name="via admin")
+    ApiToken.objects.filter(pk=token.pk).delete()
+    raw_user = tokens.token_create(user=cast.charlie, name="with the user")[0]
+    cast.charlie.delete()
+    for raw in (raw_admin, raw_user):
+        assert bearer(raw).get("/api/v1/jobs").json()["code"] == "token_revoked"
+
+
+def test_a_token_of_a_deactivated_account_is_a_401_saying_so(cast):
+    raw = token_of(cast.bob, "read")
+    get_user_model().objects.filter(pk=cast.bob.pk).update(is_active=False)
+    response = bearer(raw).get("/api/v1/jobs")
+    assert response.status_code == 401 and "deactivated" in response.json()["detail"]

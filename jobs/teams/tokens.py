@@ -13,7 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
-from jobs.models import ApiToken, AuditEntry, Role, Team
+from jobs.models import ApiToken, AuditEntry, RevokedToken, Role, Team
 from jobs.teams import services as team_services
 
 PREFIX = "nd_"
@@ -41,6 +41,14 @@ class TokenRefused(Exception):
 
 class TokenExpired(TokenRefused):
     code = "token_expired"
+
+
+class TokenRevoked(TokenRefused):
+    code = "token_revoked"
+
+
+class TokenUnknown(TokenRefused):
+    code = "token_unknown"
 
 
 class ScopeMissing(TokenRefused):
@@ -93,7 +101,8 @@ def service_account_create(*, team: Team, name: str, role: str, scope: str, expi
 
 
 def token_revoke(*, token: ApiToken, actor, ip: str | None = None) -> None:
-    """Delete the token (clients using it are refused from now on). A team's service
+    """Delete the token (clients using it are refused from now on, told it was revoked:
+    its digest is kept as a RevokedToken, see jobs.models). A team's service
     account goes with it: out of the team, unable to act."""
     with transaction.atomic():
         _audit(token, "token.revoked", actor=actor, ip=ip, old=describe(token), new="revoked")
@@ -111,14 +120,25 @@ def manageable_teams(user):
 
 
 def token_authenticate(raw: str, *, ip: str | None = None) -> ApiToken | None:
-    """The token `raw` with its active user, or None if no such token (one query).
-    Raises TokenExpired past its expiry. Its last use (time, address) is written at
-    most once a minute per address, conditionally, so concurrent requests write it once."""
+    """The token `raw` with its active user (one query), or None if `raw` is not of
+    the shape tokens have. Raises TokenRevoked for a token that was revoked,
+    TokenUnknown for one never issued (or whose user is deactivated), TokenExpired
+    past its expiry. Its last use (time, address) is written at most once a minute
+    per address, conditionally, so concurrent requests write it once."""
     if not raw or not raw.startswith(PREFIX):
         return None
-    token = ApiToken.objects.select_related("user", "team").filter(digest=ApiToken.hash(raw)).first()
-    if token is None or not token.user.is_active:
-        return None
+    digest = ApiToken.hash(raw)
+    token = ApiToken.objects.select_related("user", "team").filter(digest=digest).first()
+    if token is None:
+        revoked = RevokedToken.objects.filter(digest=digest).first()
+        if revoked is not None:
+            raise TokenRevoked(f"This API token ({revoked.prefix}…) was revoked at {revoked.revoked_at:%Y-%m-%d %H:%M} "
+                               "UTC: create a new one on the Tokens page.")
+        raise TokenUnknown("This API token was never issued by this NeuronDeck (check that it was copied whole): "
+                           "create one on the Tokens page.")
+    if not token.user.is_active:
+        raise TokenUnknown(f"This API token ({token.prefix}…) belongs to a deactivated account: "
+                           "ask a site admin, or create a token of your own on the Tokens page.")
     now = timezone.now()
     if token.expires_at is not None and token.expires_at <= now:
         raise TokenExpired(f"This API token ({token.prefix}…) expired at {token.expires_at:%Y-%m-%d %H:%M} UTC: "

@@ -26,6 +26,7 @@ class Kind(models.TextChoices):
     COMPILE = "compile", "Compile"
     FINETUNE = "finetune", "Fine-tune"
     INFERENCE = "inference", "Inference"
+    SERVE = "serve", "Endpoint replica"  # a long-running model server (jobs.endpoints), no time limit
 
 
 class Role(models.TextChoices):
@@ -399,6 +400,120 @@ class Job(models.Model):
         if self.core_start is None:
             return []
         return list(range(self.core_start, self.core_start + self.cores))
+
+
+# --- inference endpoints (jobs/endpoints): a team's model served by long-running
+# replicas, each a Job of kind "serve" placed by the same scheduler, behind one stable
+# URL (the gateway routes to the ready replicas of the serving revision).
+
+class Endpoint(models.Model):
+    """An endpoint's wanted state. Changed only through jobs.endpoints.services; the
+    reconciler (jobs.endpoints.reconcile) makes the replicas follow it."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active", "Active"
+        DELETING = "deleting", "Deleting"  # replicas draining; becomes deleted once all stopped
+        DELETED = "deleted", "Deleted"  # kept for the usage history of its replicas
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="endpoints")
+    name = models.SlugField(max_length=63)  # unique per team among endpoints not deleted; in the URL
+    model = models.ForeignKey(ModelAsset, null=True, on_delete=models.SET_NULL, related_name="endpoints")
+    family = models.CharField(max_length=8, choices=Family.choices, default=Family.CPU)
+    cores_per_replica = models.PositiveIntegerField(default=1)
+    min_replicas = models.PositiveIntegerField(default=1)  # 0: scales to zero when idle
+    max_replicas = models.PositiveIntegerField(default=1)
+    desired_replicas = models.PositiveIntegerField(default=1)  # the autoscaler's target, min..max
+    # {max_batch_size, max_seq_len, max_concurrent}: validated by jobs.endpoints.forms
+    options = models.JSONField(default=dict)
+    revision = models.PositiveIntegerField(default=1)  # the newest revision (bumped by a model/options change)
+    serving_revision = models.PositiveIntegerField(default=0)  # the revision traffic goes to; 0 = none ready yet
+    state = models.CharField(max_length=10, choices=State.choices, default=State.ACTIVE)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    scaled_at = models.DateTimeField(null=True, blank=True)  # the last autoscaler change (its cool-down)
+
+    class Meta:
+        ordering = ["team", "name"]
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="uniq_live_endpoint_name",
+                                               condition=~Q(state="deleted"))]
+
+    def __str__(self) -> str:
+        return f"{self.team_id}/{self.name}"
+
+
+class EndpointRevision(models.Model):
+    """What one revision serves. A rollout starts replicas of the new revision and
+    switches Endpoint.serving_revision to it once they are healthy; if they are not
+    healthy by `deadline_at`, it rolls back to the revision before."""
+
+    class State(models.TextChoices):
+        ROLLING_OUT = "rolling_out", "Rolling out"
+        LIVE = "live", "Live"
+        SUPERSEDED = "superseded", "Superseded"
+        ROLLED_BACK = "rolled_back", "Rolled back"
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    model = models.ForeignKey(ModelAsset, null=True, on_delete=models.SET_NULL, related_name="+")
+    options = models.JSONField(default=dict)
+    state = models.CharField(max_length=12, choices=State.choices, default=State.ROLLING_OUT)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    deadline_at = models.DateTimeField(null=True, blank=True)  # healthy by then, or roll back
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["endpoint", "-number"]
+        constraints = [models.UniqueConstraint(fields=["endpoint", "number"], name="uniq_endpoint_revision")]
+
+
+class Replica(models.Model):
+    """One model server of an endpoint: its Job (kind serve) is placed, run and
+    accounted like any job. The worker running it writes `url` and ready; the
+    gateway sends requests only to ready replicas of the serving revision."""
+
+    class State(models.TextChoices):
+        STARTING = "starting", "Starting"  # its job waits for cores, or the server is loading
+        READY = "ready", "Ready"  # answered its health check; takes traffic
+        DRAINING = "draining", "Draining"  # takes no new requests; in-flight ones finish, then it stops
+        STOPPED = "stopped", "Stopped"
+        FAILED = "failed", "Failed"
+
+    ACTIVE = (State.STARTING, State.READY, State.DRAINING)
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="replicas")
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="replica")
+    revision = models.PositiveIntegerField()
+    state = models.CharField(max_length=10, choices=State.choices, default=State.STARTING)
+    url = models.CharField(max_length=255, blank=True)  # http://host:port of its server, "" until ready
+    created_at = models.DateTimeField(default=timezone.now)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    draining_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    detail = models.TextField(blank=True)  # why it failed or was stopped
+
+    class Meta:
+        ordering = ["endpoint", "id"]
+        indexes = [models.Index(fields=["endpoint", "state"], name="replica_endpoint_state")]
+
+
+class EndpointEvent(models.Model):
+    """The endpoint's timeline: created, changed, scaled, rollout steps, replica
+    crashes and replacements, deleted."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    kind = models.CharField(max_length=40)  # created, changed, scaled, rollout_started, traffic_shifted, ...
+    revision = models.PositiveIntegerField(null=True, blank=True)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["endpoint", "-at"], name="endpoint_event_recent")]
 
 
 class GangMember(models.Model):

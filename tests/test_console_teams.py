@@ -11,7 +11,7 @@ import pytest
 from django.apps import apps
 from django.test import Client
 
-from jobs.models import AuditEntry, Family, FamilyQuota, Membership, Team, TeamQuota, default_family_quota
+from jobs.models import AuditEntry, Family, FamilyQuota, Kind, Membership, Team, TeamQuota, default_family_quota
 
 pytestmark = pytest.mark.django_db
 
@@ -86,7 +86,7 @@ def test_the_admin_edits_allowed_kinds_with_checkboxes(cast):
     quota = TeamQuota.objects.get(team=cast.vision)
     client = login(cast.admin)
     page = client.get(f"/admin/jobs/teamquota/{quota.pk}/change/").content.decode()
-    assert page.count('type="checkbox" name="allowed_kinds"') == 3
+    assert page.count('type="checkbox" name="allowed_kinds"') == len(Kind.values)
     assert "<textarea" not in page.split('name="allowed_kinds"')[0].rsplit("<div", 1)[-1]
     response = client.post(f"/admin/jobs/teamquota/{quota.pk}/change/", {
         "team": cast.vision.pk, "share": quota.share, "monthly_core_hours": quota.monthly_core_hours,

@@ -461,7 +461,7 @@ def test_the_api_groups_by_kind_family_and_day(history, frozen):
     assert [g["key"] for g in days["groups"]] == ["2025-03-10", "2025-03-11", "2025-03-12"]
     assert days["time_zone"] == "Asia/Kolkata" and days["from"] == "2025-03-10"
     assert days["burn_down"]["run_out_day"] == "2025-03-21"
-    assert {w["kind"]: w["jobs"] for w in days["queue_wait"]} == {"compile": 2, "finetune": 2, "inference": 1}
+    assert {w["kind"]: w["jobs"] for w in days["queue_wait"]} == {"compile": 2, "finetune": 2, "inference": 1, "serve": 0}
 
 
 @pytest.mark.parametrize("params, field", [

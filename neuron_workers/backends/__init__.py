@@ -10,6 +10,11 @@ import-linter contracts check the backends never import each other):
 
     cpu, neuron          the two backends; neither imports the other
     neuron_train         one fine-tune rank on NeuronCores, and the torchrun entry point
+    serve_cpu            the cpu replica: serve_app under uvicorn until stopped, then drained
+    serve_neuron         the Neuron replica: optimum-cli neuron serve / vLLM's command line
+    serve_app            the OpenAI-compatible HTTP API (Starlette) over the batching engine
+    serve_engine         dynamic batching: requests share forward passes (KV cache)
+    serve_handoff        a replica's options, free port, health probe, ready/draining records
     neuron_launch        the multi-core torchrun launcher and its file protocol
     neuron_errors        Neuron error text -> failure code; the console tail it reads
     neuron_env           the host's job Python: its Neuron versions (probed without

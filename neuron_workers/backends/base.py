@@ -113,7 +113,8 @@ class JobContext:
 
 
 class Backend:
-    """A way to run compile / finetune / inference jobs on this host.
+    """A way to run compile / finetune / inference jobs, and serve (an endpoint's
+    replica: a model server that runs until cancelled), on this host.
 
     Subclasses set `name`, implement `available()` (cheap, no side effects) and the
     three kind methods. `run()` dispatches on `ctx.kind` and returns a
@@ -121,7 +122,7 @@ class Backend:
     """
 
     name: ClassVar[str] = ""
-    KINDS: ClassVar[tuple[str, ...]] = ("compile", "finetune", "inference")
+    KINDS: ClassVar[tuple[str, ...]] = ("compile", "finetune", "inference", "serve")
 
     @classmethod
     def available(cls) -> bool:
@@ -161,6 +162,11 @@ class Backend:
 
     def inference(self, ctx: JobContext) -> dict:
         raise NotImplementedError
+
+    def serve(self, ctx: JobContext) -> dict:
+        """Serve the model over HTTP until ctx.should_stop(), then drain; see serve_handoff
+        for how the replica's URL reaches the worker."""
+        raise JobFailed("unavailable", f"the {self.name} backend cannot serve models")
 
 
 # ---------------------------------------------------------------- spec helpers

@@ -7,6 +7,8 @@ compile   = torch.jit.trace of the causal LM (logits only) at a fixed (batch, se
 finetune  = AdamW steps on the packed dataset, checkpoint via save_pretrained.
 inference = KV-cache decoding of an HF model, or fixed-shape decoding of a
             compiled artifact (inference.infer_on_cpu).
+serve     = an endpoint's replica: the OpenAI-compatible server with dynamic
+            batching (serve_cpu), until cancelled.
 
 The neuron backend runs the same compile and inference functions for work that
 stays on the host CPU, which is why they live in shared modules and not here.
@@ -25,6 +27,7 @@ from .diffusion import compile_image_on_cpu, image_compile_meta, infer_images_on
 from .finetuning import finetune_plan, prepare_training, save_checkpoint
 from .inference import infer_on_cpu
 from .loops import TrainHooks, train_steps
+from .serve_cpu import serve_on_cpu
 
 
 class CpuBackend(Backend):
@@ -42,7 +45,7 @@ class CpuBackend(Backend):
         (bounded by hf's cache limits). A fine-tune child trains its own
         copy-on-write copy (hf.owned_hf_model), never the zygote's."""
         path = inputs.get("model_path")
-        if kind not in ("inference", "finetune") or (inputs.get("model_format") or "hf") != "hf" or not path:
+        if kind not in ("inference", "finetune", "serve") or (inputs.get("model_format") or "hf") != "hf" or not path:
             return False
         if not Path(path).is_dir():
             return False
@@ -86,3 +89,7 @@ class CpuBackend(Backend):
             if meta is not None:
                 return infer_images_on_cpu(ctx, Path(ctx.inputs["model_path"]), meta)
         return infer_on_cpu(ctx)
+
+    def serve(self, ctx: JobContext) -> dict:
+        """The replica server on a free port until cancelled, then drained (see serve_cpu)."""
+        return serve_on_cpu(ctx)

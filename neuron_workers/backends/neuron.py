@@ -72,6 +72,7 @@ from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
 from .neuron_launch import neuron_cc_flags, run_torchrun, training_env
 from .neuron_matrix import DEFAULT_TRN2_LNC, NATIVE_FAMILIES, compile_lnc, job_refusal
 from .neuron_train import train_rank
+from .serve_neuron import serve_on_neuron
 from .tinymodel import model_digest
 
 __all__ = ["NeuronBackend", "compile_cache_dir", "compiler_args", "import_torch_neuronx", "neuron_cc_flags",
@@ -198,6 +199,13 @@ class NeuronBackend(Backend):
         os.environ.update(training_env(report.get("framework") or "xla", os.environ.get("NEURON_RT_VISIBLE_CORES"),
                                        compile_cache_dir(), os.environ))
         return train_rank(ctx, plan, rank=0, world_size=1, framework=report.get("framework"))
+
+    # ------------------------------------------------------------ serve
+
+    def serve(self, ctx: JobContext) -> dict:
+        """An endpoint's replica: optimum-cli neuron serve (or vLLM with the Neuron plugin)
+        on the job's cores, until cancelled (see serve_neuron)."""
+        return serve_on_neuron(ctx)
 
     # ------------------------------------------------------------ inference
 

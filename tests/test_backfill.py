@@ -61,7 +61,7 @@ def test_a_long_job_may_use_cores_the_reservation_does_not_need():
     assert (held.host_id, held.start) == (1, 50)
     spot = backfill_spot(fleet + [HostSlots(1, "h1", "cpu", tuple(range(8)), frozenset(range(8)))], "cpu", 4,
                          10_000, held)
-    assert spot is not None and spot.host_id == 0
+    assert spot is not None and spot[0].host_id == 0
 
 
 def simulate(policy: str, seed: int, n_jobs: int = 120):
@@ -105,7 +105,7 @@ def test_no_backfilled_job_ever_delays_a_head_job_past_its_reservation(seed):
 def test_small_jobs_still_fill_holes():
     state = FleetState(hosts(1), unlimited=True)
     state.start(Waiting(1, 1, "cpu", 6, 100, 100), Placement(0, 0, 6), 0)
-    order = [Waiting(2, 2, "cpu", 8, 100, 100), Waiting(3, 3, "cpu", 2, 50, 50), Waiting(4, 3, "cpu", 1, 500, 500)]
+    order = [Waiting(2, 2, "cpu", 8, 100, 100), Waiting(4, 3, "cpu", 1, 500, 500), Waiting(3, 3, "cpu", 2, 50, 50)]
     result = schedule_pass(order, state, 0.0, "easy")
     assert [r.job_id for r in result.started] == [3]  # ends by 50 < the reservation at 100
     assert result.reservations["cpu"].job_id == 2 and result.reservations["cpu"].start == 100

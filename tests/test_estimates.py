@@ -28,7 +28,7 @@ def test_the_estimator_is_pure_and_takes_only_limits_and_history():
     # limit × ratio) and Running (an expected end). Nothing that could carry a true runtime.
     assert set(inspect.signature(forecast).parameters) == {"order", "state", "now", "horizon_s", "max_steps"}
     assert [f for f in Waiting.__dataclass_fields__] == ["job_id", "team_id", "family", "cores", "limit_s",
-                                                          "runtime_s"]
+                                                          "runtime_s", "host_count", "same_network"]
     source = inspect.getsource(forecasts)
     assert "finished_at" not in source.split("def team_ratios")[0]
     # Where runtimes come from: only the history query reads finished_at, and only of finished jobs.

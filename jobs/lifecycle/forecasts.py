@@ -20,7 +20,7 @@ from datetime import timezone as dt_timezone
 from django.utils import timezone
 
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job
-from jobs.quotas.backfill import FleetState, Running, Waiting, estimated_end, forecast, runtime_ratio
+from jobs.quotas.backfill import FleetState, Member, Running, Waiting, estimated_end, forecast, runtime_ratio
 from jobs.quotas.placement import HostSlots
 
 HISTORY_JOBS = 200  # a team's last finished jobs that set its runtime ratio
@@ -72,7 +72,7 @@ class Snapshot:
     """What a replay starts from (read once): hosts, holders, the ordered queue."""
 
     hosts: dict[int, HostSlots]
-    holders: dict[int, tuple[int, int, str, list[int]]]  # job -> (host, team, family, cores)
+    holders: dict[int, tuple[int, str, list[Member]]]  # job -> (team, family, (host, cores) per host it holds)
     active: dict[int, tuple[float, int]]  # job holding cores -> (start timestamp, time limit)
     order: list  # PendingRow-like, in dispatch order
     quotas: dict[tuple[int, str], tuple[int, int]]
@@ -80,15 +80,16 @@ class Snapshot:
     @classmethod
     def read(cls, extra=None) -> "Snapshot":
         """`extra`: a PendingRow-like job not in the database (a dry run), ordered with the rest."""
-        from jobs.lifecycle.scheduler import pending_order, pending_rows
+        from jobs.lifecycle.scheduler import host_slots, pending_order, pending_rows
 
-        hosts = {pk: HostSlots(pk, name, family, tuple(core_ids or ()), frozenset(), state == Host.State.DRAINING)
-                 for pk, name, family, core_ids, state in Host.objects.exclude(state=Host.State.OFFLINE)
-                 .exclude(replay=True).values_list("pk", "name", "family", "core_ids", "state")}
-        holders: dict[int, tuple[int, int, str, list[int]]] = {}
+        hosts = host_slots(Host.objects.exclude(state=Host.State.OFFLINE).exclude(replay=True)
+                           .only("id", "name", "family", "core_ids", "state", "network"))
+        cores: dict[int, tuple[int, str, dict[int, list[int]]]] = {}
         for host_id, core, job_id, team_id, family in CoreAllocation.objects.values_list(
                 "host_id", "core", "job_id", "team_id", "family"):
-            holders.setdefault(job_id, (host_id, team_id, family, []))[3].append(core)
+            cores.setdefault(job_id, (team_id, family, {}))[2].setdefault(host_id, []).append(core)
+        holders = {job_id: (team_id, family, [(h, tuple(sorted(c))) for h, c in sorted(by_host.items())])
+                   for job_id, (team_id, family, by_host) in cores.items()}
         now = timezone.now()
         active = {pk: ((started or queued or now).timestamp(), limit) for pk, started, queued, limit in
                   Job.objects.filter(pk__in=list(holders)).values_list("pk", "started_at", "queued_at",
@@ -107,15 +108,14 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
 
     running = {}
     limit_end = {}
-    for job_id, (host_id, team_id, family, cores) in snap.holders.items():
-        if host_id not in snap.hosts:
-            continue
+    for job_id, (team_id, family, members) in snap.holders.items():
         started, limit = snap.active.get(job_id, (now, 0))
-        running[job_id] = Running(job_id, team_id, family, host_id, tuple(sorted(cores)),
-                                  estimated_end(started, limit, ratio(team_id), now))
+        running[job_id] = Running(job_id, team_id, family, members[0][0], members[0][1],
+                                  estimated_end(started, limit, ratio(team_id), now), tuple(members[1:]))
         limit_end[job_id] = max(started + limit, now)
     state = FleetState(dict(snap.hosts), running, dict(snap.quotas), limit_end=limit_end)
-    order = [Waiting(r.pk, r.team_id, r.family, r.cores, r.max_runtime_s, r.max_runtime_s * ratio(r.team_id))
+    order = [Waiting(r.pk, r.team_id, r.family, r.cores, r.max_runtime_s, r.max_runtime_s * ratio(r.team_id),
+                     r.host_count, r.same_network)
              for r in snap.order if r.reason_code not in NOT_FOR_CORES]
     return forecast(order, state, now)
 
@@ -128,7 +128,7 @@ def estimates(extra=None) -> dict[int, Estimate]:
     if extra is None and _cache["value"] is not None and time.monotonic() - _cache["at"] < CACHE_S:
         return _cache["value"]
     snap = Snapshot.read(extra)
-    ratios = team_ratios({r.team_id for r in snap.order} | {h[1] for h in snap.holders.values()})
+    ratios = team_ratios({r.team_id for r in snap.order} | {h[0] for h in snap.holders.values()})
     now = timezone.now().timestamp()
     mid, low, high = replay(snap, ratios, 1, now), replay(snap, ratios, 0, now), replay(snap, ratios, None, now)
     out = {}

@@ -9,10 +9,13 @@ then submission). Admission per job is jobs.quotas.policy (budget, hosts, the te
 guaranteed and borrowable cores); a team that needs its guarantee back preempts
 other teams' borrowing jobs, newest first, just enough (policy.choose_victims).
 
-EASY backfill (jobs.quotas.backfill): the first job allowed by its quota that finds
-no room gets its family's reservation, from the running jobs' time limits; later
-jobs of the family start only if they end by their own limit before it, or on cores
-it does not need, so a large job's wait is bounded."""
+The decision itself is jobs.quotas.backfill.schedule_pass, pure, over the
+database's state (DispatchRun): EASY backfill (the first job allowed by its quota
+that finds no room gets its family's reservation, from the running jobs' time
+limits; later jobs of the family start only if they end by their own limit before
+it, or on cores it does not need, so a large job's wait is bounded), gangs (N whole
+hosts or nothing) and preemption. The fleet simulator and the start-time forecast
+run the same function; this module only reads, writes and sends."""
 from __future__ import annotations
 
 import logging
@@ -28,22 +31,11 @@ from django.db.models import Count, Exists
 from django.utils import timezone
 
 from jobs.lifecycle import states
-from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
-from jobs.quotas.backfill import Reservation, Running, conflicts, masked, reserve
+from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Team, TeamQuota
+from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass
 from jobs.quotas.fairshare import QueueItem, fair_order
-from jobs.quotas.placement import HostSlots, Placement, core_range, place
-from jobs.quotas.policy import (
-    Borrower,
-    Decision,
-    FamilyState,
-    backfill_blocked,
-    check_budget,
-    check_dispatch,
-    check_hosts,
-    choose_victims,
-    n_cores,
-    no_room,
-)
+from jobs.quotas.placement import HostSlots, core_range
+from jobs.quotas.policy import n_cores
 from jobs.quotas.selectors import core_hours_for_budget, decayed_usage_by_team, kind_priorities, team_shares
 from jobs.wake import KICK_FLAG
 
@@ -117,15 +109,22 @@ class PendingRow:
     team_slug: str
     kind: str
     family: str
-    cores: int
+    cores: int  # in all (a gang's cores over all its hosts)
     created_at: datetime
     reason_code: str
     reason: str
     max_runtime_s: int = 0
+    host_count: int = 1
+    same_network: bool = False
+
+    def waiting(self) -> Waiting:
+        """The job as the pure pass sees it: its time limit is all a dispatch knows of its runtime."""
+        return Waiting(self.pk, self.team_id, self.family, self.cores, self.max_runtime_s, self.max_runtime_s,
+                       self.host_count, self.same_network)
 
 
 PENDING_FIELDS = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason",
-                  "max_runtime_s")
+                  "max_runtime_s", "host_count", "same_network")
 
 
 def pending_rows(limit: int = PENDING_SCAN) -> list[PendingRow]:
@@ -145,7 +144,6 @@ class RunInputs:
     pending: list[PendingRow]
     limit_ends: dict[int, float] = field(default_factory=dict)  # job holding cores -> when its time limit ends
 
-
     @classmethod
     def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
         return cls(
@@ -154,6 +152,17 @@ class RunInputs:
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
             kind_priorities(), pending_rows(limit), limit_ends())
+
+    @property
+    def shares(self) -> dict[int, float]:
+        return {team_id: float(share or 1) for team_id, _, share in self.team_quotas}
+
+    def budgets(self) -> dict[int, tuple[float, float]]:
+        """Team with pending jobs -> (NeuronCore-hours used this month, its budget)."""
+        budget = {team_id: hours for team_id, hours, _ in self.team_quotas}
+        waiting = {row.team_id for row in self.pending if row.team_id in budget}
+        used = core_hours_for_budget({team_id: budget[team_id] for team_id in waiting})
+        return {team_id: (used.get(team_id, 0.0), budget[team_id]) for team_id in waiting}
 
 
 def limit_ends() -> dict[int, float]:
@@ -170,272 +179,113 @@ def lock_hosts() -> list[Host]:
     serialize here). A replaying agent's host shows recorded metrics only and runs
     nothing; offline hosts get nothing."""
     return list(Host.objects.select_for_update().exclude(state=Host.State.OFFLINE).exclude(replay=True)
-                .only("id", "name", "family", "core_ids", "state").order_by("pk"))
+                .only("id", "name", "family", "core_ids", "state", "network").order_by("pk"))
 
 
-class Fleet:
-    """The cores of every non-offline host and who holds them, for one dispatch run
-    (read after the host rows are locked, so no other dispatcher changes it)."""
+def host_slots(hosts: Iterable[Host]) -> dict[int, HostSlots]:
+    return {h.pk: HostSlots(h.pk, h.name, h.family, tuple(h.core_ids or ()), frozenset(),
+                            h.state == Host.State.DRAINING, h.network) for h in hosts}
 
-    def __init__(self, hosts: list[Host], allocations: list[tuple]):
+
+def fleet_state(hosts: list[Host], inputs: RunInputs, now: float) -> FleetState:
+    """The database's fleet as the pure pass sees it: every core holder as a Running
+    whose end is its time limit (a dispatch knows no better), quotas, budgets."""
+    held: dict[int, tuple[int, str, bool, float, dict[int, list[int]]]] = {}
+    for host_id, core, job_id, team_id, family, borrowed, since in inputs.allocations:
+        held.setdefault(job_id, (team_id, family, borrowed, since, defaultdict(list)))[4][host_id].append(core)
+    running = {}
+    for job_id, (team_id, family, borrowed, since, by_host) in held.items():
+        members = [(host_id, tuple(sorted(cores))) for host_id, cores in sorted(by_host.items())]
+        running[job_id] = Running(job_id, team_id, family, members[0][0], members[0][1],
+                                  inputs.limit_ends.get(job_id, now), tuple(members[1:]), borrowed, since)
+    return FleetState(host_slots(hosts), running,
+                      {(t, f): (g, b) for t, f, g, b in inputs.family_quotas},
+                      limit_end={job_id: run.end for job_id, run in running.items()},
+                      budgets=inputs.budgets(), names={row.team_id: row.team_slug for row in inputs.pending})
+
+
+class DispatchRun:
+    """One dispatch run: the database's state handed to the pure
+    jobs.quotas.backfill.schedule_pass (the scheduler's whole decision: admission,
+    EASY reservations and backfill, gangs, preemption), then its outcome written in
+    the caller's transaction - or, `dry` (jobs.lifecycle.whatif), nothing written."""
+
+    def __init__(self, hosts: list[Host], inputs: RunInputs, *, dry: bool = False):
         self.hosts = {h.pk: h for h in hosts}
-        self.used: dict[int, set[int]] = defaultdict(set)
-        self.team_use: dict[tuple[int, str], int] = defaultdict(int)
-        self.borrowers: dict[int, Borrower] = {}
-        self.family_of: dict[int, str] = {}
-        self._slots: dict[str, list[HostSlots]] = {}
-        self.version = 0  # bumped on every change, to know when a "no room" answer is stale
-        self.holders: dict[int, tuple[int, int, str, list[int]]] = {}  # job -> (host, team, family, cores)
-        cores: dict[int, list[int]] = defaultdict(list)
-        for host_id, core, job_id, team_id, family, borrowed, since in allocations:
-            self.used[host_id].add(core)
-            self.holders.setdefault(job_id, (host_id, team_id, family, []))[3].append(core)
-            self.team_use[(team_id, family)] += 1
-            if borrowed:
-                cores[job_id].append(core)
-                self.borrowers[job_id] = Borrower(job_id, team_id, host_id, (), since)
-                self.family_of[job_id] = family
-        for job_id, b in self.borrowers.items():
-            self.borrowers[job_id] = Borrower(b.job_id, b.team_id, b.host_id, tuple(sorted(cores[job_id])), b.since)
-
-    def slots(self, family: str) -> list[HostSlots]:
-        """The family's hosts as placement sees them (rebuilt only after a change)."""
-        if family not in self._slots:
-            self._slots[family] = [
-                HostSlots(h.pk, h.name, h.family, tuple(h.core_ids), frozenset(self.used[h.pk]),
-                          h.state == Host.State.DRAINING) for h in self.hosts.values() if h.family == family]
-        return self._slots[family]
-
-    def take(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
-        self._slots.pop(job.family, None)
-        self.version += 1
-        self.used[spot.host_id].update(range(spot.core_start, spot.core_start + job.cores))
-        self.team_use[(job.team_id, job.family)] += job.cores
-        self.holders[job.pk] = (spot.host_id, job.team_id, job.family,
-                                list(range(spot.core_start, spot.core_start + job.cores)))
-        if borrowed:
-            self.borrowers[job.pk] = Borrower(job.pk, job.team_id, spot.host_id,
-                                              tuple(range(spot.core_start, spot.core_start + job.cores)),
-                                              timezone.now().timestamp())
-            self.family_of[job.pk] = job.family
-
-    def give_back(self, victim: Borrower) -> None:
-        self._slots.pop(self.family_of[victim.job_id], None)
-        self.version += 1
-        self.used[victim.host_id].difference_update(victim.cores)
-        self.team_use[(victim.team_id, self.family_of[victim.job_id])] -= len(victim.cores)
-        del self.borrowers[victim.job_id]
-        self.holders.pop(victim.job_id, None)
-
-    def running(self, family: str, ends: dict[int, float], default_end: float) -> list[Running]:
-        """The family's core holders with their time-limit ends (for reservations)."""
-        return [Running(job_id, team_id, fam, host_id, tuple(cores), ends.get(job_id, default_end))
-                for job_id, (host_id, team_id, fam, cores) in self.holders.items() if fam == family]
-
-    def borrowers_of_others(self, family: str, team_id: int | None = None) -> list[Borrower]:
-        return [b for b in self.borrowers.values() if self.family_of[b.job_id] == family and b.team_id != team_id]
-
-
-@dataclass
-class Limits:
-    """Every team's quotas, read once per dispatch run."""
-
-    family: dict[tuple[int, str], tuple[int, int]]  # (team, family) -> (guaranteed, borrow_limit)
-    budget: dict[int, float]  # team -> monthly NeuronCore-hours
-    shares: dict[int, float]  # team -> fair-share weight
-    used: dict[int, float]  # team with pending jobs -> NeuronCore-hours this month (core_hours_for_budget)
-    slugs: dict[int, str]
-
-    @classmethod
-    def load(cls, inputs: RunInputs) -> "Limits":
-        budget, shares = {}, {}
-        for team_id, hours, share in inputs.team_quotas:
-            budget[team_id], shares[team_id] = hours, float(share or 1)
-        waiting = {row.team_id for row in inputs.pending}
-        used = core_hours_for_budget({team_id: budget[team_id] for team_id in waiting if team_id in budget})
-        return cls({(t, f): (g, b) for t, f, g, b in inputs.family_quotas}, budget, shares, used, {})
-
-    def slug(self, team_id: int) -> str:
-        if team_id not in self.slugs:
-            self.slugs[team_id] = Team.objects.filter(pk=team_id).values_list("slug", flat=True).first() or "?"
-        return self.slugs[team_id]
-
-
-class Dispatcher:
-    """One dispatch run inside one transaction (see dispatch())."""
-
-    def __init__(self, fleet: Fleet, limits: Limits, limit_ends: dict[int, float] | None = None, *,
-                 dry: bool = False):
-        self.fleet, self.limits = fleet, limits
-        self.dry = dry  # a what-if run (jobs.lifecycle.whatif): decide everything, write nothing
+        self.inputs = inputs
+        self.dry = dry
         self.now = timezone.now().timestamp()
-        self.limit_ends = dict(limit_ends or {})
-        self.reservations: dict[str, Reservation] = {}  # family -> its head job's reservation (EASY)
-        self.masked_fail: dict[tuple[str, int], int] = {}  # (family, cores) -> fleet version of a failed backfill search
-        self.starts: list[tuple[PendingRow, Placement, bool]] = []
-        self.placed: list[tuple[int, str]] = []  # (job id, host queue) once committed
+        self.state = fleet_state(hosts, inputs, self.now)
+        self.result = PassResult()
+        self.placed: list[tuple[int, str]] = []  # (job id, host queue) once committed: every host of a gang
         self.preempted: list[int] = []
-        self.reasons: dict[int, tuple[str, str]] = {}
-        # family -> (fleet version, smallest request for which even preempting every
-        # borrower could not make room): later jobs as large skip the search.
-        self.hopeless: dict[str, tuple[int, int]] = {}
-        # (team, family, cores) -> (fleet version, admission answer): a long queue
-        # is mostly the same few requests, whose answers change only with the fleet.
-        self.answers: dict[tuple[int, str, int], tuple[int, tuple[Decision, list[HostSlots], FamilyState]]] = {}
-        # (team, family, cores) -> (fleet version, reason) of an admitted request
-        # that found no room and no cores to reclaim.
-        self.no_room: dict[tuple[int, str, int], tuple[int, tuple[str, str]]] = {}
 
-    def family_state(self, job: PendingRow, slots: list[HostSlots]) -> FamilyState:
-        guaranteed, borrow = self.limits.family.get((job.team_id, job.family), (0, 0))
-        return FamilyState(guaranteed, borrow, self.fleet.team_use[(job.team_id, job.family)],
-                           sum(s.free for s in slots if not s.draining), sum(len(s.core_ids) for s in slots))
+    def decide(self) -> PassResult:
+        order = pending_order(self.inputs.pending, self.inputs.shares, self.inputs.priorities)
+        self.result = schedule_pass([row.waiting() for row in order], self.state, self.now, "easy", preempt=True)
+        return self.result
 
-    def admission(self, job: PendingRow) -> tuple[Decision, list[HostSlots], FamilyState]:
-        """May the job start now as far as budget, hosts and quota go? (The answer
-        depends only on the team, the request and the fleet.)"""
-        key = (job.team_id, job.family, job.cores)
-        known = self.answers.get(key)
-        if known is not None and known[0] == self.fleet.version:
-            return known[1]
-        answer = self._admission(job)
-        self.answers[key] = (self.fleet.version, answer)
-        return answer
+    @property
+    def reasons(self) -> dict[int, tuple[str, str]]:
+        return {pk: (code, self.result.sentences.get(pk, "")) for pk, code in self.result.reasons.items()}
 
-    def _admission(self, job: PendingRow) -> tuple[Decision, list[HostSlots], FamilyState]:
-        self.limits.slugs.setdefault(job.team_id, job.team_slug)
-        slots = self.fleet.slots(job.family)
-        fam = self.family_state(job, slots)
-        budget = self.limits.budget.get(job.team_id)
-        checks = (
-            lambda: check_budget(job.team_slug, self.limits.used.get(job.team_id, 0.0), budget)
-            if budget is not None else Decision.admit(),
-            lambda: check_hosts(job.family, job.cores, slots),
-            lambda: check_dispatch(job.team_slug, job.family, job.cores, fam),
-        )
-        decision = Decision.admit()
-        for check in checks:
-            decision = check()
-            if not decision.ok:
-                break
-        return decision, slots, fam
-
-    def run(self, order: list[PendingRow]) -> None:
-        # Jobs within their team's guarantee go first; borrowing jobs only get what is
-        # left, so a borrower is never placed in the same run that would preempt it.
-        deferred = []
-        for job in order:
-            decision, slots, fam = self.admission(job)
-            if decision.ok and decision.borrowed:
-                deferred.append(job)
-            else:
-                self.handle(job, decision, slots, fam)
-        for job in deferred:
-            self.handle(job, *self.admission(job))
-
-    def handle(self, job: PendingRow, decision: Decision, slots: list[HostSlots], fam: FamilyState) -> None:
-        if not decision.ok:
-            self.reasons[job.pk] = (decision.code, decision.sentence)
+    def write(self) -> None:
+        """Preempt the victims (their cores are released by the transition), move the
+        placed jobs to queued with their cores (and a gang's ranks), write reasons."""
+        if self.dry:
+            self.preempted = [victim.job_id for victim, _ in self.result.preempted]
             return
-        key, version = (job.team_id, job.family, job.cores), self.fleet.version
-        known = self.no_room.get(key)
-        if known is not None and known[0] == version:
-            self.reasons[job.pk] = known[1]  # the same search on the same fleet: the same answer
-            return
-        reservation = self.reservations.get(job.family)
-        end = self.now + job.max_runtime_s
-        spot = place(slots, job.family, job.cores)
-        if spot is not None and reservation is not None and conflicts(spot, end, reservation):
-            spot = None
-            if self.masked_fail.get((job.family, job.cores)) != version:
-                spot = place(masked(slots, reservation), job.family, job.cores)
-            if spot is None:
-                self.masked_fail[(job.family, job.cores)] = version
-                refusal = backfill_blocked(job.family, job.cores, job.max_runtime_s, reservation.job_id,
-                                           reservation.start - self.now)
-                self.reasons[job.pk] = (refusal.code, refusal.sentence)
-                return
-        if spot is None and not decision.borrowed:
-            spot = self.reclaim(job, slots, end)
-        if spot is None:
-            fam = self.family_state(job, self.fleet.slots(job.family))
-            refusal = no_room(job.team_slug, job.family, job.cores, fam)
-            self.reasons[job.pk] = (refusal.code, refusal.sentence)
-            if reservation is None:
-                self.reserve(job)
-            elif self.fleet.version == version:
-                self.no_room[key] = (version, self.reasons[job.pk])
-            return
-        self.start(job, spot, decision.borrowed)
+        self.preempt()
+        self.commit()
+        self.save_reasons()
 
-    def reserve(self, job: PendingRow) -> None:
-        """The job heads its family's queue and finds no room: it gets the
-        reservation (jobs.quotas.backfill.reserve, from time limits). Its reason
-        stays the no-room sentence; the start-time estimate shows the reservation."""
-        held = reserve(job.pk, job.family, job.cores, self.fleet.slots(job.family),
-                       self.fleet.running(job.family, self.limit_ends, self.now), self.now)
-        if held is not None:
-            self.reservations[job.family] = held
-
-    def reclaim(self, job: PendingRow, slots: list[HostSlots], end: float | None = None) -> Placement | None:
-        """The job is within its team's guarantee but there is no room: preempt other
-        teams' borrowing jobs (newest first, just enough), then place it."""
-        version, smallest = self.hopeless.get(job.family, (-1, 0))
-        if version == self.fleet.version and job.cores >= smallest:
-            return None
-        choice = choose_victims(slots, job.family, job.cores, self.fleet.borrowers_of_others(job.family, job.team_id))
-        if choice is None:
-            if choose_victims(slots, job.family, job.cores, self.fleet.borrowers_of_others(job.family)) is None:
-                self.hopeless[job.family] = (self.fleet.version, job.cores)  # smaller than any earlier failure
-            return None
-        victims, spot = choice
-        reservation = self.reservations.get(job.family)
-        if reservation is not None and conflicts(spot, self.now + job.max_runtime_s if end is None else end,
-                                                 reservation):
-            return None  # the freed cores are the head job's: preempting for them would delay it
-        guaranteed, _ = self.limits.family.get((job.team_id, job.family), (0, 0))
-        for victim in victims:
-            owner = self.limits.slug(victim.team_id)
-            message = (f"preempted: team {job.team_slug} reclaimed {n_cores(len(victim.cores), job.family)} for its "
+    def preempt(self) -> None:
+        rows = {row.pk: row for row in self.inputs.pending}
+        slugs = dict(Team.objects.filter(pk__in={v.team_id for v, _ in self.result.preempted})
+                     .values_list("pk", "slug")) if self.result.preempted else {}
+        for victim, by_job in self.result.preempted:
+            job = rows[by_job]
+            guaranteed, _ = self.state.quotas.get((job.team_id, job.family), (0, 0))
+            message = (f"preempted: team {job.team_slug} reclaimed {n_cores(victim.total, job.family)} for its "
                        f"job #{job.pk}, which needs {job.cores} of its {guaranteed} guaranteed {job.family} cores; "
-                       f"this job was borrowing them beyond team {owner}'s guarantee and is back in the queue")
+                       f"this job was borrowing them beyond team {slugs.get(victim.team_id, '?')}'s guarantee and "
+                       "is back in the queue")
             # Whoever wins the conditional UPDATE (this requeue, or the worker
             # finishing / the owner cancelling at the same moment), the cores are
             # free once it commits: states releases them inside the transition.
-            if self.dry:
-                self.preempted.append(victim.job_id)
-            elif states.requeue(victim.job_id, kind="preempted", message=message,
-                              event_data={"by_team": job.team_slug, "by_job": job.pk, "cores": len(victim.cores),
+            if states.requeue(victim.job_id, kind="preempted", message=message,
+                              event_data={"by_team": job.team_slug, "by_job": job.pk, "cores": victim.total,
                                           "family": job.family}):
                 self.preempted.append(victim.job_id)
-            self.fleet.give_back(victim)
-        return place(self.fleet.slots(job.family), job.family, job.cores)
-
-    def start(self, job: PendingRow, spot: Placement, borrowed: bool) -> None:
-        """Reserve the cores for this run; commit() writes all placements at once."""
-        self.fleet.take(job, spot, borrowed)
-        self.limit_ends[job.pk] = self.now + job.max_runtime_s
-        self.starts.append((job, spot, borrowed))
 
     def commit(self) -> None:
         """Move the placed jobs to queued with their core allocations (a job
         cancelled since it was read is skipped, and its cores stay free)."""
-        notes = []
-        for job, spot, borrowed in self.starts:
-            host = self.fleet.hosts[spot.host_id]
-            notes.append((job.pk, host.pk, spot.core_start, f"placed on {host.name} cores "
-                          f"{core_range(spot.core_start, job.cores)}" + (" (borrowed)" if borrowed else ""), borrowed))
-        moved = states.mark_queued_many(notes)
-        self.placed = [(job.pk, self.fleet.hosts[spot.host_id].queue)
-                       for job, spot, _ in self.starts if job.pk in moved]
+        notes, gangs = [], {}
+        for run in self.result.started:
+            if run.ranks:
+                gangs[run.job_id] = [(host_id, cores[0], len(cores)) for host_id, cores in run.members]
+            notes.append((run.job_id, run.host_id, run.cores[0], self.placed_on(run), run.borrowed))
+        moved = states.mark_queued_many(notes, gangs)
+        self.placed = [(run.job_id, self.hosts[host_id].queue) for run in self.result.started if run.job_id in moved
+                       for host_id, _ in run.members]
 
-    def save_reasons(self, rows: list[PendingRow]) -> None:
+    def placed_on(self, run: Running) -> str:
+        borrowed = " (borrowed)" if run.borrowed else ""
+        if not run.ranks:
+            return f"placed on {self.hosts[run.host_id].name} cores {core_range(run.cores[0], len(run.cores))}{borrowed}"
+        names = ", ".join(self.hosts[h].name for h, _ in run.members)
+        return f"placed on {len(run.members)} hosts ({names}), cores {core_range(run.cores[0], len(run.cores))} " \
+               f"of each{borrowed}"
+
+    def save_reasons(self) -> None:
         """Write the changed waiting reasons (guarded by status, so a job cancelled
         meanwhile keeps its own reason)."""
+        reasons = self.reasons
         changed: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for row in rows:
-            if row.pk in self.reasons and (row.reason_code, row.reason) != self.reasons[row.pk]:
-                changed[self.reasons[row.pk]].append(row.pk)
+        for row in self.inputs.pending:
+            if row.pk in reasons and (row.reason_code, row.reason) != reasons[row.pk]:
+                changed[reasons[row.pk]].append(row.pk)
         # Jobs that wait for the same request of the same team share one sentence:
         # one UPDATE per distinct reason, however many jobs have it.
         for (code, reason), ids in changed.items():
@@ -443,26 +293,21 @@ class Dispatcher:
 
 
 def dispatch(*, clear: bool = True) -> DispatchReport:
-    """Place what can start now, preempt borrowed cores a guarantee needs back, and
-    write every waiting job's reason. Safe to run concurrently: runs serialize on
-    the host rows (SELECT … FOR UPDATE), so two runs never hand out the same room.
-    `clear`: clear the kick flag first (see clear_kick)."""
+    """Place what can start now (a gang on all its hosts or not at all), preempt
+    borrowed cores a guarantee needs back, and write every waiting job's reason.
+    Safe to run concurrently: runs serialize on the host rows (SELECT … FOR UPDATE),
+    so two runs never hand out the same room. `clear`: clear the kick flag first
+    (see clear_kick)."""
     if clear:
         clear_kick()
     with transaction.atomic():
-        hosts = lock_hosts()
-        inputs = RunInputs.read()
-        fleet = Fleet(hosts, inputs.allocations)
-        limits = Limits.load(inputs)
-        rows = inputs.pending
-        dispatcher = Dispatcher(fleet, limits, inputs.limit_ends)
-        dispatcher.run(pending_order(rows, limits.shares, inputs.priorities))
-        dispatcher.commit()
-        dispatcher.save_reasons(rows)
-        placed = list(dispatcher.placed)
+        run = DispatchRun(lock_hosts(), RunInputs.read())
+        run.decide()
+        run.write()
+        placed = list(run.placed)
         if placed:
             transaction.on_commit(lambda: send_runs(placed))
-    return DispatchReport([p[0] for p in placed], len(dispatcher.reasons), dispatcher.preempted)
+    return DispatchReport(list(dict.fromkeys(p[0] for p in placed)), len(run.result.reasons), run.preempted)
 
 
 def stale_cutoff(seconds: int):
@@ -608,9 +453,17 @@ def reap() -> dict:
             # The run message may have been lost (Redis flushed or restarted): send it
             # again. A duplicate is harmless; the worker's claim is conditional.
             Job.objects.filter(pk=job.pk, status=S.QUEUED).update(queued_at=timezone.now())
-            send_run(job.pk, job.host.queue)
+            for queue in run_queues(job):
+                send_run(job.pk, queue)
             counts["resent"] += 1
     return counts
+
+
+def run_queues(job: Job) -> list[str]:
+    """Where a queued job's run message goes: its host's queue, or every rank's host's for a gang."""
+    if job.host_count > 1:
+        return [h.queue for h in Host.objects.filter(pk__in=GangMember.objects.filter(job=job).values("host_id"))]
+    return [job.host.queue]
 
 
 def _reap_running(job: Job) -> str:

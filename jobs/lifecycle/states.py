@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import Case, F, IntegerField, Value, When
 from django.utils import timezone
 
-from jobs.models import CoreAllocation, Job, JobAttempt, JobEvent, JobLogChunk
+from jobs.models import CoreAllocation, GangMember, Job, JobAttempt, JobEvent, JobLogChunk
 from jobs.notify import events as notify_events
 
 S = Job.Status
@@ -94,6 +94,9 @@ def _release(job_id: int, outcome: str) -> None:
         JobAttempt.objects.filter(pk=pk).update(
             ended_at=now, outcome=outcome, core_seconds=cores * max((now - started_at).total_seconds(), 0.0))
     CoreAllocation.objects.filter(job_id=job_id).delete()
+    if outcome in ("requeued", S.CANCELLED):
+        # A gang's next placement writes new ranks; a finished gang keeps its rank table.
+        GangMember.objects.filter(job_id=job_id).delete()
 
 
 def mark_queued(job: Job, host_id: int, core_start: int, reason: str = "") -> bool:
@@ -105,11 +108,15 @@ def mark_queued(job: Job, host_id: int, core_start: int, reason: str = "") -> bo
     )
 
 
-def mark_queued_many(placements: list[tuple[int, int, int, str, bool]]) -> set[int]:
+def mark_queued_many(placements: list[tuple[int, int, int, str, bool]],
+                     gangs: dict[int, list[tuple[int, int, int]]] | None = None) -> set[int]:
     """pending → queued for many jobs at once, each taking its cores: (job_id,
     host_id, core_start, message, borrowed) each; the job's cores are
-    core_start … core_start + job.cores - 1 on that host. Returns the ids that moved
-    (a job cancelled meanwhile stays as it is and takes no cores).
+    core_start … core_start + job.cores - 1 on that host. A gang (a job in `gangs`)
+    takes instead, for each rank in order, (host_id, core_start, cores) - rank 0 is
+    the job's host - and gets its GangMember rows: all of its hosts or, if it does
+    not move, none. Returns the ids that moved (a job cancelled meanwhile stays as
+    it is and takes no cores).
 
     The dispatcher places up to hundreds of jobs per run, so this is a fixed number
     of statements whatever their number: the jobs still pending are locked (in id
@@ -137,13 +144,19 @@ def mark_queued_many(placements: list[tuple[int, int, int, str, bool]]) -> set[i
         )
         JobEvent.objects.bulk_create([JobEvent(job_id=pk, kind=S.QUEUED, message=by_id[pk][3], at=now)
                                       for pk in moving])
-        allocations = []
+        allocations, members = [], []
         for pk, (team_id, family, cores) in moving.items():
             _, host_id, core_start, _, borrowed = by_id[pk]
-            allocations += [CoreAllocation(host_id=host_id, core=core, job_id=pk, team_id=team_id, family=family,
-                                           borrowed=borrowed, since=now)
-                            for core in range(core_start, core_start + cores)]
+            ranks = (gangs or {}).get(pk) or [(host_id, core_start, cores)]
+            for rank, (rank_host, rank_start, rank_cores) in enumerate(ranks):
+                allocations += [CoreAllocation(host_id=rank_host, core=core, job_id=pk, team_id=team_id,
+                                               family=family, borrowed=borrowed, since=now)
+                                for core in range(rank_start, rank_start + rank_cores)]
+                if len(ranks) > 1:
+                    members.append(GangMember(job_id=pk, rank=rank, host_id=rank_host, core_start=rank_start,
+                                              cores=rank_cores))
         CoreAllocation.objects.bulk_create(allocations)
+        GangMember.objects.bulk_create(members)
     return set(moving)
 
 

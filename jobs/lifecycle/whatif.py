@@ -9,7 +9,7 @@ from __future__ import annotations
 from django.utils import timezone
 
 from jobs.lifecycle.forecasts import estimates, team_ratios
-from jobs.lifecycle.scheduler import Dispatcher, Fleet, Limits, PendingRow, RunInputs, pending_order
+from jobs.lifecycle.scheduler import DispatchRun, PendingRow, RunInputs, pending_order
 from jobs.models import Host, Team, TeamQuota
 from jobs.quotas.placement import core_range
 from jobs.quotas.policy import REASON_HINTS
@@ -18,30 +18,32 @@ from jobs.quotas.selectors import core_hours_for_budget
 DRY_RUN_ID = -1  # the would-be job's id in the run (no real job has it)
 
 
-def placement_answer(*, team: Team, kind: str, family: str, cores: int, runtime_s: int) -> dict:
+def placement_answer(*, team: Team, kind: str, family: str, cores: int, runtime_s: int, host_count: int = 1,
+                     same_network: bool = False) -> dict:
     """The "would it run" part of a dry run (see the module docstring)."""
-    row = PendingRow(DRY_RUN_ID, team.pk, team.slug, kind, family, cores, timezone.now(), "submitted", "", runtime_s)
+    row = PendingRow(DRY_RUN_ID, team.pk, team.slug, kind, family, cores, timezone.now(), "submitted", "", runtime_s,
+                     host_count, same_network)
     hosts = list(Host.objects.exclude(state=Host.State.OFFLINE).exclude(replay=True)
-                 .only("id", "name", "family", "core_ids", "state", "instance_type").order_by("pk"))
+                 .only("id", "name", "family", "core_ids", "state", "instance_type", "network").order_by("pk"))
     inputs = RunInputs.read()
     inputs.pending = [*inputs.pending, row]
-    fleet = Fleet(hosts, inputs.allocations)
-    limits = Limits.load(inputs)
-    dispatcher = Dispatcher(fleet, limits, inputs.limit_ends, dry=True)
-    order = pending_order(inputs.pending, limits.shares, inputs.priorities)
-    dispatcher.run(order)
+    run = DispatchRun(hosts, inputs, dry=True)
+    result = run.decide()
+    run.write()
+    order = pending_order(inputs.pending, inputs.shares, inputs.priorities)
     position = next(i for i, r in enumerate((r for r in order if r.family == family), 1) if r.pk == DRY_RUN_ID)
-    start = next(((spot, borrowed) for job, spot, borrowed in dispatcher.starts if job.pk == DRY_RUN_ID), None)
+    start = next((r for r in result.started if r.job_id == DRY_RUN_ID), None)
     answer: dict = {"queue_position": position}
     if start is not None:
-        spot, borrowed = start
-        host = fleet.hosts[spot.host_id]
-        answer["would_run_now"] = {"host": host.name, "cores": core_range(spot.core_start, cores),
-                                   "borrowed": borrowed, "preempts": len(dispatcher.preempted)}
+        host = run.hosts[start.host_id]
+        answer["would_run_now"] = {"host": host.name, "cores": core_range(start.cores[0], len(start.cores)),
+                                   "borrowed": start.borrowed, "preempts": len(run.preempted)}
+        if start.ranks:
+            answer["would_run_now"]["hosts"] = [run.hosts[h].name for h, _ in start.members]
         answer["wait"] = None
         instance = host.instance_type
     else:
-        code, sentence = dispatcher.reasons.get(DRY_RUN_ID, ("submitted", "waiting for the scheduler"))
+        code, sentence = run.reasons.get(DRY_RUN_ID, ("submitted", "waiting for the scheduler"))
         answer["would_run_now"] = None
         answer["wait"] = {"reason_code": code, "reason": sentence, "hint": REASON_HINTS.get(code, "")}
         instance = next((h.instance_type for h in hosts if h.family == family and h.instance_type), "")

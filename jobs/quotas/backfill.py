@@ -1,6 +1,7 @@
-"""Pure EASY backfill (no Django, no database): reservations for the head of the
-queue, the backfill rule, and one scheduling pass that the start-time forecast and
-the fleet simulator run forward in virtual time.
+"""Pure scheduling (no Django, no database): reservations for the head of the
+queue, the backfill rule, and the one scheduling pass (schedule_pass) that the
+dispatcher runs over the database's state and that the start-time forecast and the
+fleet simulator run forward in virtual time.
 
 The EASY rule of HPC schedulers (Lifka, "The ANL/IBM SP scheduling system", 1995;
 Slurm's sched/backfill): when the first job in the order that is allowed by its
@@ -12,6 +13,10 @@ at its time limit, the head job then starts by its reservation at the latest (a
 preemption or a new job of higher priority can still move it; a reservation is a
 promise about backfill, not about the future queue).
 
+A gang (host_count > 1) is reserved the N whole hosts that are all free earliest
+(each free when the last job on it ends by its limit); backfill on those hosts is
+held to the same rule, so a large gang's wait is bounded like any head job's.
+
 Times are plain seconds (any epoch): the dispatcher passes Unix time, the simulator
 virtual time.
 """
@@ -20,14 +25,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from jobs.quotas.placement import HostSlots, Placement, place
-from jobs.quotas.policy import FamilyState, check_dispatch
+from jobs.quotas.placement import HostSlots, Placement, place, place_job
+from jobs.quotas.policy import (
+    Borrower,
+    Decision,
+    FamilyState,
+    backfill_blocked,
+    check_budget,
+    check_dispatch,
+    check_gang_hosts,
+    check_hosts,
+    choose_victims,
+    no_room,
+    no_room_gang,
+)
+
+Member = tuple[int, tuple[int, ...]]  # (host id, the cores held on it)
 
 
 @dataclass(frozen=True)
 class Running:
     """A job holding cores, with the time they are expected back (its start plus its
-    time limit for reservations; plus its estimated runtime for forecasts)."""
+    time limit for reservations; plus its estimated runtime for forecasts). A gang
+    holds `cores` on `host_id` (rank 0) and the cores of `ranks` on the others."""
 
     job_id: int
     team_id: int
@@ -35,12 +55,24 @@ class Running:
     host_id: int
     cores: tuple[int, ...]
     end: float
+    ranks: tuple[Member, ...] = ()
+    borrowed: bool = False  # beyond its team's guarantee: may be preempted
+    since: float = 0.0  # when it got the cores (newest borrowers are preempted first)
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        return ((self.host_id, self.cores), *self.ranks)
+
+    @property
+    def total(self) -> int:
+        return len(self.cores) + sum(len(c) for _, c in self.ranks)
 
 
 @dataclass(frozen=True)
 class Reservation:
     """The head job's promise: `cores` contiguous cores from `core_start` on
-    `host_id`, free at `start` at the latest."""
+    `host_id` (and, for a gang, the whole hosts of `ranks`), free at `start` at the
+    latest."""
 
     job_id: int
     family: str
@@ -48,67 +80,132 @@ class Reservation:
     host_id: int
     core_start: int
     cores: int
+    ranks: tuple[Placement, ...] = ()
+
+    @property
+    def members(self) -> tuple[Placement, ...]:
+        return (Placement(self.host_id, self.core_start, self.cores), *self.ranks)
 
     @property
     def core_set(self) -> frozenset[int]:
         return frozenset(range(self.core_start, self.core_start + self.cores))
 
+    def on(self, host_id: int) -> frozenset[int]:
+        """The cores reserved on `host_id` (none if it is not one of the reserved hosts)."""
+        for m in self.members:
+            if m.host_id == host_id:
+                return frozenset(range(m.core_start, m.core_start + m.cores))
+        return frozenset()
+
 
 def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], running: Iterable[Running],
-            now: float) -> Reservation | None:
-    """The earliest time (≥ now) at which `cores` contiguous cores of `family` are
-    free on one non-draining host if the running jobs give their cores back at their
-    `end`, and where. None if even an empty fleet could not hold the request.
+            now: float, host_count: int = 1, same_network: bool = False) -> Reservation | None:
+    """The earliest time (≥ now) at which the request fits if the running jobs give
+    their cores back at their `end`, and where: `cores` contiguous cores of `family`
+    on one non-draining host, or for a gang `host_count` whole hosts (see
+    reserve_gang). None if even an empty fleet could not hold the request.
 
-    Ends are taken in order; only the host whose cores were just released can newly
-    fit the request, so each step is one placement on one host."""
+    Ends are taken in order; only the hosts whose cores were just released can newly
+    fit the request, so each step is one placement per such host."""
+    if host_count > 1:
+        return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts, running, now)
     by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
     spot = place(list(by_host.values()), family, cores)
     if spot is not None:
         return Reservation(job_id, family, now, spot.host_id, spot.core_start, cores)
     used = {h: set(s.used) for h, s in by_host.items()}
-    for run in sorted((r for r in running if r.host_id in by_host), key=lambda r: (r.end, r.job_id)):
-        used[run.host_id].difference_update(run.cores)
-        host = by_host[run.host_id]
-        spot = place([HostSlots(host.host_id, host.name, family, host.core_ids, frozenset(used[run.host_id]))],
-                     family, cores)
-        if spot is not None:
-            return Reservation(job_id, family, max(run.end, now), spot.host_id, spot.core_start, cores)
+    for run in sorted((r for r in running if any(h in by_host for h, _ in r.members)),
+                      key=lambda r: (r.end, r.job_id)):
+        for host_id, held in run.members:
+            if host_id not in by_host:
+                continue
+            used[host_id].difference_update(held)
+            host = by_host[host_id]
+            spot = place([HostSlots(host.host_id, host.name, family, host.core_ids, frozenset(used[host_id]))],
+                         family, cores)
+            if spot is not None:
+                return Reservation(job_id, family, max(run.end, now), spot.host_id, spot.core_start, cores)
     return None
 
 
-def conflicts(spot: Placement, end: float, reservation: Reservation) -> bool:
-    """Would a job placed at `spot` and gone by `end` delay the reservation? Only if
-    it still holds cores at the reserved start and some of them are reserved."""
-    if end <= reservation.start or spot.host_id != reservation.host_id:
+def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_network: bool,
+                 hosts: list[HostSlots], running: Iterable[Running], now: float) -> Reservation | None:
+    """A gang's reservation: the `host_count` hosts of `family` with exactly
+    `per_host` cores (inside one network label when `same_network`) that are all
+    wholly free earliest, each free when the last job on it ends. A host holding
+    cores that no running job accounts for is never counted free."""
+    fitting = {h.host_id: h for h in hosts if h.family == family and not h.draining and len(h.core_ids) == per_host}
+    free_at = {h: now for h in fitting}
+    covered: dict[int, set[int]] = {h: set() for h in fitting}
+    for run in running:
+        for host_id, held in run.members:
+            if host_id in fitting:
+                free_at[host_id] = max(free_at[host_id], run.end)
+                covered[host_id].update(held)
+    groups: dict[str, list[int]] = {}
+    for host_id, host in fitting.items():
+        if not host.used <= covered[host_id]:
+            continue  # held by something the caller did not list: no promise can be made on it
+        label = host.network if same_network else ""
+        if same_network and not label:
+            continue
+        groups.setdefault(label, []).append(host_id)
+    best: tuple | None = None
+    for label, members in groups.items():
+        if len(members) < host_count:
+            continue
+        chosen = sorted(members, key=lambda h: (free_at[h], h))[:host_count]
+        key = (free_at[chosen[-1]], len(members), label)
+        if best is None or key < best[0]:
+            best = (key, chosen)
+    if best is None:
+        return None
+    (start, _, _), chosen = best
+    spots = [Placement(h, min(fitting[h].core_ids), per_host) for h in chosen]
+    return Reservation(job_id, family, max(start, now), spots[0].host_id, spots[0].core_start, per_host,
+                       tuple(spots[1:]))
+
+
+def _spots(spot: Placement | tuple[Placement, ...]) -> tuple[Placement, ...]:
+    return (spot,) if isinstance(spot, Placement) else tuple(spot)
+
+
+def conflicts(spot: Placement | tuple[Placement, ...], end: float, reservation: Reservation) -> bool:
+    """Would a job placed at `spot` (one Placement per rank) and gone by `end` delay
+    the reservation? Only if it still holds cores at the reserved start and some of
+    them are reserved."""
+    if end <= reservation.start:
         return False
-    return not reservation.core_set.isdisjoint(range(spot.core_start, spot.core_start + spot.cores))
+    return any(not reservation.on(p.host_id).isdisjoint(range(p.core_start, p.core_start + p.cores))
+               for p in _spots(spot))
 
 
 def masked(hosts: list[HostSlots], reservation: Reservation) -> list[HostSlots]:
     """The hosts with the reserved cores shown as taken."""
-    return [HostSlots(h.host_id, h.name, h.family, h.core_ids, h.used | reservation.core_set, h.draining)
-            if h.host_id == reservation.host_id else h for h in hosts]
+    reserved = {m.host_id for m in reservation.members}
+    return [HostSlots(h.host_id, h.name, h.family, h.core_ids, h.used | reservation.on(h.host_id), h.draining,
+                      h.network) if h.host_id in reserved else h for h in hosts]
 
 
-def backfill_spot(hosts: list[HostSlots], family: str, cores: int, end: float,
-                  reservation: Reservation | None) -> Placement | None:
-    """Where a job that is not the reserved one may start now: anywhere if it is
-    gone (by its time limit, `end`) before the reservation starts, else only on
-    cores the reservation does not need. None: it must wait."""
-    spot = place(hosts, family, cores)
+def backfill_spot(hosts: list[HostSlots], family: str, cores: int, end: float, reservation: Reservation | None,
+                  host_count: int = 1, same_network: bool = False) -> tuple[Placement, ...] | None:
+    """Where a job that is not the reserved one may start now (one Placement per
+    rank): anywhere if it is gone (by its time limit, `end`) before the reservation
+    starts, else only on cores the reservation does not need. None: it must wait."""
+    spot = place_job(hosts, family, cores, host_count, same_network)
     if spot is None or reservation is None or not conflicts(spot, end, reservation):
         return spot
-    return place(masked(hosts, reservation), family, cores)
+    return place_job(masked(hosts, reservation), family, cores, host_count, same_network)
 
 
-# --- one pass, for forecasts and the simulator ------------------------------------
+# --- one pass: the dispatcher's decision, the forecast's and the simulator's step ---
 
 @dataclass(frozen=True)
 class Waiting:
-    """A pending job as a pass sees it: its time limit bounds backfill; `runtime` is
-    what the caller expects it to run (the forecast's estimate, the simulator's
-    truth) and only sets the end of the Running it becomes."""
+    """A pending job as a pass sees it: its time limit bounds backfill; `runtime_s`
+    is what the caller expects it to run (the forecast's estimate, the simulator's
+    truth; the dispatcher passes the limit) and only sets the end of the Running it
+    becomes. `cores` is the total: a gang's cores over all its `host_count` hosts."""
 
     job_id: int
     team_id: int
@@ -116,6 +213,12 @@ class Waiting:
     cores: int
     limit_s: float
     runtime_s: float
+    host_count: int = 1
+    same_network: bool = False
+
+    @property
+    def request(self) -> tuple[str, int, int, bool]:
+        return self.family, self.cores, self.host_count, self.same_network
 
 
 @dataclass
@@ -129,29 +232,64 @@ class FleetState:
     unlimited: bool = False
     # Time-limit ends of the running jobs (reservations use limits, never estimates).
     limit_end: dict[int, float] = field(default_factory=dict)
+    # team -> (NeuronCore-hours used this month, monthly budget); a team not listed is not checked.
+    budgets: dict[int, tuple[float, float]] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # team -> its name in reasons
 
     def __post_init__(self) -> None:
         self.used: dict[int, set[int]] = {h: set() for h in self.hosts}
         self.team_use: dict[tuple[int, str], int] = {}
+        self.free: dict[str, int] = {}  # family -> free cores on non-draining hosts
+        self.capacity: dict[str, int] = {}  # family -> all cores
+        for h in self.hosts.values():
+            self.capacity[h.family] = self.capacity.get(h.family, 0) + len(h.core_ids)
+            self.free[h.family] = self.free.get(h.family, 0) + (0 if h.draining else len(h.core_ids))
+        self.version = 0  # bumped on every change: a "no room" answer of an older version is stale
         self._slots: dict[str, list[HostSlots]] = {}
+        self._pos: dict[int, int] = {}  # host id -> its index in its family's slots
         for run in self.running.values():
             self._hold(run)
 
-    def _hold(self, run: Running) -> None:
-        self.used[run.host_id].update(run.cores)
+    def _change(self, run: Running, sign: int) -> None:
+        for host_id, cores in run.members:
+            host = self.hosts.get(host_id)
+            if host is None:
+                continue  # a host the caller left out (offline): its cores are nobody's room
+            if sign > 0:
+                self.used[host_id].update(cores)
+            else:
+                self.used[host_id].difference_update(cores)
+            if not host.draining:
+                self.free[host.family] -= sign * len(cores)
+            slots = self._slots.get(host.family)
+            if slots is not None:
+                slots[self._pos[host_id]] = HostSlots(host.host_id, host.name, host.family, host.core_ids,
+                                                      frozenset(self.used[host_id]), host.draining, host.network)
         key = (run.team_id, run.family)
-        self.team_use[key] = self.team_use.get(key, 0) + len(run.cores)
-        self._slots.pop(run.family, None)
+        self.team_use[key] = self.team_use.get(key, 0) + sign * run.total
+        self.version += 1
+
+    def _hold(self, run: Running) -> None:
+        self._change(run, +1)
 
     def slots(self, family: str) -> list[HostSlots]:
+        """The family's hosts as placement sees them (kept current as jobs start and end)."""
         if family not in self._slots:
-            self._slots[family] = [HostSlots(h.host_id, h.name, h.family, h.core_ids, frozenset(self.used[h.host_id]),
-                                             h.draining) for h in self.hosts.values() if h.family == family]
+            slots = []
+            for h in self.hosts.values():
+                if h.family == family:
+                    self._pos[h.host_id] = len(slots)
+                    slots.append(HostSlots(h.host_id, h.name, h.family, h.core_ids, frozenset(self.used[h.host_id]),
+                                           h.draining, h.network))
+            self._slots[family] = slots
         return self._slots[family]
 
-    def start(self, job: Waiting, spot: Placement, now: float) -> Running:
-        run = Running(job.job_id, job.team_id, job.family, spot.host_id,
-                      tuple(range(spot.core_start, spot.core_start + job.cores)), now + job.runtime_s)
+    def start(self, job: Waiting, spot: Placement | tuple[Placement, ...], now: float,
+              borrowed: bool = False) -> Running:
+        spots = _spots(spot)
+        held = [(p.host_id, tuple(range(p.core_start, p.core_start + p.cores))) for p in spots]
+        run = Running(job.job_id, job.team_id, job.family, held[0][0], held[0][1], now + job.runtime_s,
+                      tuple(held[1:]), borrowed, now)
         self.running[job.job_id] = run
         self.limit_end[job.job_id] = now + job.limit_s
         self._hold(run)
@@ -160,21 +298,27 @@ class FleetState:
     def finish(self, job_id: int) -> Running:
         run = self.running.pop(job_id)
         self.limit_end.pop(job_id, None)
-        self.used[run.host_id].difference_update(run.cores)
-        self.team_use[(run.team_id, run.family)] -= len(run.cores)
-        self._slots.pop(run.family, None)
+        self._change(run, -1)
         return run
 
     def family_state(self, team_id: int, family: str) -> FamilyState:
-        slots = self.slots(family)
         guaranteed, borrow = self.quotas.get((team_id, family), (0, 0))
-        return FamilyState(guaranteed, borrow, self.team_use.get((team_id, family), 0),
-                           sum(s.free for s in slots if not s.draining), sum(len(s.core_ids) for s in slots))
+        return FamilyState(guaranteed, borrow, self.team_use.get((team_id, family), 0), self.free.get(family, 0),
+                           self.capacity.get(family, 0))
 
     def limit_running(self, family: str) -> list[Running]:
         """The family's running jobs with their time-limit ends (what reservations use)."""
-        return [Running(r.job_id, r.team_id, r.family, r.host_id, r.cores, self.limit_end.get(r.job_id, r.end))
-                for r in self.running.values() if r.family == family]
+        return [Running(r.job_id, r.team_id, r.family, r.host_id, r.cores, self.limit_end.get(r.job_id, r.end),
+                        r.ranks) for r in self.running.values() if r.family == family]
+
+    def borrowers(self, family: str, but_team: int | None = None) -> list[Borrower]:
+        """Other teams' borrowing jobs of `family`, one Borrower per host they hold
+        (preempting any of a gang's hosts preempts the whole gang)."""
+        return [Borrower(r.job_id, r.team_id, host_id, cores, r.since) for r in self.running.values()
+                if r.borrowed and r.family == family and r.team_id != but_team for host_id, cores in r.members]
+
+    def name(self, team_id: int) -> str:
+        return self.names.get(team_id, str(team_id))
 
 
 @dataclass
@@ -182,60 +326,166 @@ class PassResult:
     started: list[Running] = field(default_factory=list)
     reservations: dict[str, Reservation] = field(default_factory=dict)
     reasons: dict[int, str] = field(default_factory=dict)  # job id -> reason code
+    sentences: dict[int, str] = field(default_factory=dict)  # job id -> the reason for its owner
+    preempted: list[tuple[Running, int]] = field(default_factory=list)  # (victim, the job it made room for)
 
 
 POLICIES = ("easy", "greedy", "fifo")
 
 
-def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: str = "easy") -> PassResult:
-    """Start what may start now, in `order`, and say why the rest waits.
+def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: str = "easy", *,
+                  preempt: bool = False) -> PassResult:
+    """The scheduler's decision: start what may start now, in `order`, on `state`
+    (mutated), and say why the rest waits. The dispatcher runs exactly this over the
+    database's state and writes the result; forecasts and the simulator run it
+    forward in virtual time.
 
-    - "easy": EASY backfill: the first job allowed by quota that finds no room in
-      its family gets that family's reservation; later jobs of the family start
-      only where backfill_spot allows (the dispatcher's rule);
-    - "greedy": first fit, no reservation (the dispatcher before reservations);
-    - "fifo": strict order per family: the first job of a family that cannot
-      start blocks every later one of that family.
-    A job held back by its team's quota blocks nothing (its cores would not be
-    used by it anyway). Same (family, cores, fleet) searches are answered once."""
-    result = PassResult()
-    blocked: set[str] = set()
-    failed: dict[tuple[str, int, bool], int] = {}  # (family, cores, masked) -> fleet version of a failed search
-    version = 0
+    Admission per job: the team's budget (state.budgets), whether any host could
+    hold it at all, its team's quota (unless state.unlimited). Jobs within their
+    team's guarantee go first; borrowing jobs get what is left afterwards, so a
+    borrower is never placed in the pass that would preempt it. Then, by `policy`:
+    - "easy": EASY backfill: the first admitted job that finds no room in its
+      family gets that family's reservation; later jobs of the family start only
+      where backfill_spot allows;
+    - "greedy": first fit, no reservation;
+    - "fifo": strict order per family: the first job of a family that finds no
+      room blocks every later one of that family.
+    With `preempt`, a single-host job within its guarantee that finds no room
+    preempts other teams' borrowers (policy.choose_victims), unless the cores it
+    would take are reserved. A job held back by its quota blocks nothing.
+    Same requests on the same fleet are answered once (a long queue is mostly a
+    few distinct requests)."""
+    run = _Pass(state, now, policy, preempt)
+    deferred = []
     for job in order:
-        if job.family in blocked:
-            result.reasons[job.job_id] = "fifo_blocked"
-            continue
-        if not state.unlimited:
-            decision = check_dispatch("", job.family, job.cores, state.family_state(job.team_id, job.family))
-            if not decision.ok:
-                result.reasons[job.job_id] = decision.code
-                continue
-        reservation = result.reservations.get(job.family) if policy == "easy" else None
-        key = (job.family, job.cores, reservation is not None)
-        if failed.get(key) == version:
-            spot = None
-        elif reservation is None:
-            spot = place(state.slots(job.family), job.family, job.cores)
+        decision = run.admission(job)
+        if decision.ok and decision.borrowed:
+            deferred.append(job)
         else:
-            spot = backfill_spot(state.slots(job.family), job.family, job.cores, now + job.limit_s, reservation)
+            run.handle(job, decision)
+    for job in deferred:
+        run.handle(job, run.admission(job))
+    return run.result
+
+
+class _Pass:
+    def __init__(self, state: FleetState, now: float, policy: str, preempt: bool):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        self.state, self.now, self.policy, self.preempt = state, now, policy, preempt
+        self.result = PassResult()
+        self.blocked: set[str] = set()  # fifo: families whose head found no room
+        self.hosts_ok: dict[tuple, Decision] = {}  # request -> could any host hold it (fixed within a pass)
+        self.answers: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (version, admission)
+        self.failed: dict[tuple, int] = {}  # (request, masked) -> version of a failed placement
+        self.refusals: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (version, no-room reason)
+        self.hopeless: dict[str, tuple[int, int]] = {}  # family -> (version, smallest request no preemption helps)
+
+    def admission(self, job: Waiting) -> Decision:
+        state = self.state
+        key = (job.team_id, job.request)
+        known = self.answers.get(key)
+        if known is not None and known[0] == state.version:
+            return known[1]
+        decision = Decision.admit()
+        budget = state.budgets.get(job.team_id)
+        if budget is not None:
+            decision = check_budget(state.name(job.team_id), *budget)
+        if decision.ok:
+            decision = self.hosts_check(job)
+        if decision.ok and not state.unlimited:
+            decision = check_dispatch(state.name(job.team_id), job.family, job.cores,
+                                      state.family_state(job.team_id, job.family))
+        self.answers[key] = (state.version, decision)
+        return decision
+
+    def hosts_check(self, job: Waiting) -> Decision:
+        if job.request not in self.hosts_ok:
+            slots = self.state.slots(job.family)
+            self.hosts_ok[job.request] = (
+                check_gang_hosts(job.family, job.host_count, job.cores // job.host_count, job.same_network, slots)
+                if job.host_count > 1 else check_hosts(job.family, job.cores, slots))
+        return self.hosts_ok[job.request]
+
+    def refuse(self, job: Waiting, decision: Decision) -> None:
+        self.result.reasons[job.job_id] = decision.code
+        self.result.sentences[job.job_id] = decision.sentence
+
+    def place(self, job: Waiting, hosts: list[HostSlots], is_masked: bool) -> tuple[Placement, ...] | None:
+        key = (job.request, is_masked)
+        if self.failed.get(key) == self.state.version:
+            return None
+        spot = place_job(hosts, *job.request)
         if spot is None:
-            failed[key] = version
-            if reservation is not None:
-                result.reasons[job.job_id] = "backfill_blocked"
-                continue
-            result.reasons[job.job_id] = "no_free_cores_of_family"
-            if policy == "fifo":
-                blocked.add(job.family)
-            elif policy == "easy":
+            self.failed[key] = self.state.version
+        return spot
+
+    def handle(self, job: Waiting, decision: Decision) -> None:
+        state, now = self.state, self.now
+        if job.family in self.blocked:
+            self.refuse(job, Decision(False, "fifo_blocked", "an earlier job of the family waits for room"))
+            return
+        if not decision.ok:
+            self.refuse(job, decision)
+            return
+        reservation = self.result.reservations.get(job.family) if self.policy == "easy" else None
+        end = now + job.limit_s
+        spot = self.place(job, state.slots(job.family), False)
+        if spot is not None and reservation is not None and conflicts(spot, end, reservation):
+            spot = self.place(job, masked(state.slots(job.family), reservation), True)
+            if spot is None:
+                self.refuse(job, backfill_blocked(job.family, job.cores, job.limit_s, reservation.job_id,
+                                                  reservation.start - now))
+                return
+        if spot is None and self.preempt and not decision.borrowed and job.host_count == 1:
+            spot = self.reclaim(job, end, reservation)
+        if spot is None:
+            self.refuse(job, self.no_room(job))
+            if self.policy == "fifo":
+                self.blocked.add(job.family)
+            elif self.policy == "easy" and reservation is None:
                 held = reserve(job.job_id, job.family, job.cores, state.slots(job.family),
-                               state.limit_running(job.family), now)
+                               state.limit_running(job.family), now, job.host_count, job.same_network)
                 if held is not None:
-                    result.reservations[job.family] = held
-            continue
-        result.started.append(state.start(job, spot, now))
-        version += 1
-    return result
+                    self.result.reservations[job.family] = held
+            return
+        self.result.started.append(state.start(job, spot, now, borrowed=decision.borrowed))
+
+    def no_room(self, job: Waiting) -> Decision:
+        state = self.state
+        key = (job.team_id, job.request)
+        known = self.refusals.get(key)
+        if known is not None and known[0] == state.version:
+            return known[1]
+        if job.host_count > 1:
+            per_host = job.cores // job.host_count
+            idle = sum(1 for h in state.slots(job.family) if h.idle and len(h.core_ids) == per_host)
+            decision = no_room_gang(job.family, job.host_count, per_host, job.same_network, idle)
+        else:
+            decision = no_room(state.name(job.team_id), job.family, job.cores,
+                               state.family_state(job.team_id, job.family))
+        self.refusals[key] = (state.version, decision)
+        return decision
+
+    def reclaim(self, job: Waiting, end: float, reservation: Reservation | None) -> tuple[Placement, ...] | None:
+        """The job is within its team's guarantee but finds no room: preempt other
+        teams' borrowing jobs (newest first, just enough), then place it."""
+        state = self.state
+        version, smallest = self.hopeless.get(job.family, (-1, 0))
+        if version == state.version and job.cores >= smallest:
+            return None
+        slots = state.slots(job.family)
+        choice = choose_victims(slots, job.family, job.cores, state.borrowers(job.family, job.team_id))
+        if choice is None:
+            if choose_victims(slots, job.family, job.cores, state.borrowers(job.family)) is None:
+                self.hopeless[job.family] = (state.version, job.cores)  # smaller than any earlier failure
+            return None
+        victims, spot = choice
+        if reservation is not None and conflicts(spot, end, reservation):
+            return None  # the freed cores are the head job's: preempting for them would delay it
+        for victim_id in dict.fromkeys(v.job_id for v in victims):
+            self.result.preempted.append((state.finish(victim_id), job.job_id))
+        return place_job(state.slots(job.family), job.family, job.cores)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ a range; neuron.md §5.2 "Neuron cores are not contiguous"). We place best-fit: 
 smallest free run that holds the request, preferring hosts that are already busy,
 so large requests are not starved by fragments spread across the fleet.
 
+A gang (a multi-host job, host_count > 1) takes N whole hosts: idle, not draining,
+of its family and exactly cores // N cores each, inside one network label
+(Host.network: a placement group / EFA domain) when it asks for that. Among the
+choices it takes hosts from the label with the fewest idle hosts that still fits, so
+large idle groups stay whole for larger gangs (best fit on groups, as for cores).
+
 On trn1 a group of 2, 8 or 32 cores starts at a core id that is a multiple of its
 size: collectives run best on such aligned groups [SDK
 archive/nxd-training/torch-neuron-envvars.rst, neuron.md §4.3]. Placement does not
@@ -24,6 +30,11 @@ class HostSlots:
     core_ids: tuple[int, ...]
     used: frozenset[int] = field(default_factory=frozenset)
     draining: bool = False
+    network: str = ""  # placement-group / EFA-domain label; "" = none
+
+    @property
+    def idle(self) -> bool:
+        return not self.used and not self.draining
 
     @property
     def free(self) -> int:
@@ -83,6 +94,46 @@ def place(hosts: list[HostSlots], family: str, cores: int) -> Placement | None:
             if best is None or score < best[0]:
                 best = (score, Placement(host.host_id, start, cores))
     return best[1] if best else None
+
+
+def place_gang(hosts: list[HostSlots], family: str, host_count: int, per_host: int,
+               same_network: bool = False) -> tuple[Placement, ...] | None:
+    """`host_count` whole idle hosts of `family` with exactly `per_host` cores each
+    (all of them, from core 0), rank 0 first; inside one network label when
+    `same_network` (hosts without a label never qualify then). None if they are not
+    all free now."""
+    groups: dict[str, list[HostSlots]] = {}
+    for host in hosts:
+        if host.family == family and host.idle and len(host.core_ids) == per_host:
+            groups.setdefault(host.network, []).append(host)
+    if same_network:
+        fits = [(len(g), label) for label, g in groups.items() if label and len(g) >= host_count]
+        if not fits:
+            return None
+        chosen = sorted(groups[min(fits)[1]], key=lambda h: h.host_id)[:host_count]
+    else:
+        # Smallest idle groups first: keeps large idle groups whole for gangs that need one label.
+        pool = sorted((h for g in groups.values() for h in g),
+                      key=lambda h: (len(groups[h.network]), h.network, h.host_id))
+        if len(pool) < host_count:
+            return None
+        chosen = pool[:host_count]
+    return tuple(Placement(h.host_id, min(h.core_ids), per_host) for h in chosen)
+
+
+def gang_hosts(hosts: list[HostSlots], family: str, per_host: int) -> list[HostSlots]:
+    """The hosts that could ever take one rank of a gang of `family` with `per_host` cores."""
+    return [h for h in hosts if h.family == family and len(h.core_ids) == per_host]
+
+
+def place_job(hosts: list[HostSlots], family: str, cores: int, host_count: int = 1,
+              same_network: bool = False) -> tuple[Placement, ...] | None:
+    """Where a job (one host, or a gang of `host_count` whole hosts holding `cores`
+    in all) may start now: one Placement per rank, or None."""
+    if host_count > 1:
+        return place_gang(hosts, family, host_count, cores // host_count, same_network)
+    spot = place(hosts, family, cores)
+    return (spot,) if spot is not None else None
 
 
 def largest_request(hosts: list[HostSlots], family: str) -> int:

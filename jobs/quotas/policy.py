@@ -173,6 +173,42 @@ def check_hosts(family: str, cores: int, fleet: list[HostSlots]) -> Decision:
     return Decision.admit()
 
 
+def n_hosts(n: int, family: str, per_host: int) -> str:
+    """"4 whole trn1 hosts of 32 cores"."""
+    return f"{n} whole {family} host{'' if n == 1 else 's'} of {per_host} cores"
+
+
+def check_gang_hosts(family: str, host_count: int, per_host: int, same_network: bool,
+                     fleet: list[HostSlots]) -> Decision:
+    """Could the fleet (the family's hosts that are not offline) ever hold this gang:
+    `host_count` hosts with exactly `per_host` cores, inside one network label when
+    `same_network`? Draining hosts count as there but unusable."""
+    fitting = [h for h in fleet if len(h.core_ids) == per_host]
+    need = n_hosts(host_count, family, per_host) + (" in one network" if same_network else "")
+    groups: dict[str, list[HostSlots]] = {}
+    for h in fitting:
+        groups.setdefault(h.network if same_network else "", []).append(h)
+    if same_network:
+        groups.pop("", None)
+    if not any(len(g) >= host_count for g in groups.values()):
+        return Decision(False, "no_hosts_of_family",
+                        f"needs {need}; only {len(fitting)} such host{'' if len(fitting) == 1 else 's'} "
+                        + ("are online" if not same_network else "are online, "
+                           f"at most {max((len(g) for g in groups.values()), default=0)} in one network"))
+    if not any(sum(not h.draining for h in g) >= host_count for g in groups.values()):
+        return Decision(False, "host_draining", f"needs {need}; too many of them are draining")
+    return Decision.admit()
+
+
+def no_room_gang(family: str, host_count: int, per_host: int, same_network: bool, idle: int) -> Decision:
+    """The quota allows the gang but not enough whole hosts are idle now."""
+    return Decision(
+        False, "no_free_cores_of_family",
+        f"needs {n_hosts(host_count, family, per_host)}" + (" in one network" if same_network else "")
+        + f", all free at once; {idle} such host{' is' if idle == 1 else 's are'} idle now",
+    )
+
+
 def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
     """The quota allows the job but no host has a free contiguous run for it now."""
     if fam.fleet_free < cores:

@@ -1,0 +1,137 @@
+"""Gangs in the pure scheduler: N whole hosts or nothing, one network label when
+asked, reservations for a gang at the head honoured by backfill."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jobs.quotas.backfill import FleetState, Running, Waiting, reserve, schedule_pass
+from jobs.quotas.placement import HostSlots, place_gang, place_job
+from jobs.quotas.policy import check_gang_hosts
+
+
+def host(i, cores=8, used=(), draining=False, network="", family="trn1"):
+    return HostSlots(i, f"h{i}", family, tuple(range(cores)), frozenset(used), draining, network)
+
+
+def test_a_gang_takes_whole_idle_hosts_of_its_size_or_nothing():
+    fleet = [host(1), host(2, used={0}), host(3), host(4, cores=32), host(5, draining=True), host(6)]
+    spots = place_gang(fleet, "trn1", 3, 8)
+    assert [(s.host_id, s.core_start, s.cores) for s in spots] == [(1, 0, 8), (3, 0, 8), (6, 0, 8)]
+    # A fourth idle 8-core host does not exist (2 is partly used, 4 is another size, 5 drains).
+    assert place_gang(fleet, "trn1", 4, 8) is None
+    assert place_job(fleet, "trn1", 32, 4) is None
+
+
+def test_a_gang_that_asks_for_one_network_stays_inside_one_label():
+    fleet = [host(1, network="a"), host(2, network="b"), host(3, network="b"), host(4, network="a"),
+             host(5, network="a"), host(6)]
+    spots = place_gang(fleet, "trn1", 2, 8, same_network=True)
+    # Label b has exactly two idle hosts: the best fit; a keeps its three for a larger gang.
+    assert {s.host_id for s in spots} == {2, 3}
+    assert {s.host_id for s in place_gang(fleet, "trn1", 3, 8, same_network=True)} == {1, 4, 5}
+    assert place_gang(fleet, "trn1", 4, 8, same_network=True) is None  # no label has four
+    assert len(place_gang(fleet, "trn1", 4, 8)) == 4  # without the constraint it fits
+
+
+def test_a_gang_without_the_constraint_takes_small_idle_groups_first():
+    fleet = [host(1, network="a"), host(2, network="a"), host(3, network="a"), host(4, network="b")]
+    assert {s.host_id for s in place_gang(fleet, "trn1", 2, 8)} == {4, 1}
+
+
+def test_the_hosts_check_names_what_the_fleet_lacks():
+    fleet = [host(1, network="a"), host(2, network="b"), host(3, draining=True, network="a")]
+    assert check_gang_hosts("trn1", 4, 8, False, fleet).code == "no_hosts_of_family"
+    assert check_gang_hosts("trn1", 2, 8, True, fleet).code == "host_draining"
+    assert check_gang_hosts("trn1", 2, 8, False, fleet).ok
+    assert "one network" in check_gang_hosts("trn1", 3, 8, True, fleet).sentence
+
+
+def test_a_gang_is_reserved_the_hosts_that_are_all_free_earliest():
+    fleet = [host(1, used=range(8)), host(2, used=range(4)), host(3, used=range(8)), host(4, cores=2)]
+    running = [Running(10, 1, "trn1", 1, tuple(range(8)), end=500),
+               Running(11, 1, "trn1", 2, (0, 1), end=100), Running(12, 1, "trn1", 2, (2, 3), end=300),
+               Running(13, 1, "trn1", 3, tuple(range(8)), end=200)]
+    held = reserve(9, "trn1", 16, fleet, running, now=0, host_count=2)
+    assert held.start == 300 and {m.host_id for m in held.members} == {2, 3}
+    assert held.on(2) == frozenset(range(8)) and held.on(4) == frozenset()
+
+
+def test_a_gang_member_held_by_a_gang_frees_when_that_gang_ends():
+    fleet = [host(1, used=range(8)), host(2, used=range(8))]
+    gang = Running(10, 1, "trn1", 1, tuple(range(8)), end=50, ranks=((2, tuple(range(8))),))
+    assert reserve(9, "trn1", 16, fleet, [gang], now=0, host_count=2).start == 50
+    assert reserve(9, "trn1", 8, fleet, [gang], now=0).start == 50
+
+
+def test_backfill_may_not_take_a_reserved_host_past_the_gangs_start():
+    hosts = {i: host(i) for i in range(3)}
+    state = FleetState(hosts, unlimited=True)
+    state.start(Waiting(1, 1, "trn1", 8, 100, 100), place_job(state.slots("trn1"), "trn1", 8), 0)
+    head = Waiting(2, 2, "trn1", 24, 1000, 1000, host_count=3)
+    long_one = Waiting(3, 3, "trn1", 4, 500, 500)
+    short_one = Waiting(4, 3, "trn1", 4, 50, 50)
+    result = schedule_pass([head, long_one, short_one], state, 0.0)
+    assert result.reservations["trn1"].job_id == 2 and result.reservations["trn1"].start == 100
+    assert result.reasons[3] == "backfill_blocked"
+    assert [r.job_id for r in result.started] == [4]
+
+
+def check_invariants(state: FleetState, jobs: dict[int, Waiting]) -> None:
+    """No core held twice; every running gang holds exactly its hosts, whole."""
+    seen: set[tuple[int, int]] = set()
+    for run in state.running.values():
+        job = jobs[run.job_id]
+        assert len(run.members) == job.host_count
+        assert len({h for h, _ in run.members}) == job.host_count
+        assert run.total == job.cores
+        for host_id, cores in run.members:
+            if job.host_count > 1:
+                assert cores == state.hosts[host_id].core_ids  # whole hosts
+            for core in cores:
+                assert (host_id, core) not in seen
+                seen.add((host_id, core))
+
+
+def simulate(seed: int, n_jobs: int = 150):
+    """Virtual time with gangs: each job's start, and the reservation it was first given."""
+    rng = random.Random(seed)
+    hosts = {i: host(i, network="ab"[i % 2]) for i in range(6)}
+    state = FleetState(hosts, unlimited=True)
+    arrivals, jobs = [], {}
+    for i in range(n_jobs):
+        limit = rng.choice([50, 100, 400, 1000])
+        if rng.random() < 0.2:
+            n = rng.choice([2, 3])
+            job = Waiting(i, i % 5, "trn1", 8 * n, limit, limit * rng.uniform(0.2, 1.0), n, rng.random() < 0.5)
+        else:
+            job = Waiting(i, i % 5, "trn1", rng.choice([1, 2, 4, 8]), limit, limit * rng.uniform(0.2, 1.0))
+        jobs[i] = job
+        arrivals.append((rng.uniform(0, 3000), job))
+    arrivals.sort(key=lambda a: a[0])
+    queue, started, reserved, t, k = [], {}, {}, 0.0, 0
+    while len(started) < n_jobs:
+        while k < len(arrivals) and arrivals[k][0] <= t:
+            queue.append(arrivals[k][1])
+            k += 1
+        result = schedule_pass(queue, state, t)
+        check_invariants(state, jobs)
+        for r in result.reservations.values():
+            reserved.setdefault(r.job_id, r.start)
+        for r in result.started:
+            started[r.job_id] = t
+        queue = [j for j in queue if j.job_id not in started]
+        nexts = [r.end for r in state.running.values()] + ([arrivals[k][0]] if k < len(arrivals) else [])
+        t = max(t, min(nexts))
+        for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
+            state.finish(job_id)
+    return jobs, started, reserved
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_backfilled_job_ever_delays_a_head_gang_past_its_reservation(seed):
+    jobs, started, reserved = simulate(seed)
+    gangs = [j for j in reserved if jobs[j].host_count > 1]
+    assert gangs, "the trace should make some gang wait at the head"
+    assert not {j: (started[j], r) for j, r in reserved.items() if started[j] > r + 1e-9}

@@ -24,7 +24,10 @@ S = Job.Status
 # Export options a compiled artifact records (its static shape and how it was built).
 EXPORT_FIELDS = ("task", "tensor_parallel_size", "auto_cast", "auto_cast_type", "height", "width",
                  "num_images_per_prompt")
-RETRYABLE = {"crashed"}  # failures worth another attempt; bad input or a compile error is not
+RETRYABLE = {"crashed"}
+# What a job's metrics stream may add to its timeline (neuron_workers.backends.loops
+# and finetuning write them); a row with another "event" is dropped.
+JOB_EVENTS = {"checkpoint", "resumed", "stage"}  # failures worth another attempt; bad input or a compile error is not
 
 
 def host_name() -> str:
@@ -56,6 +59,10 @@ def build_payload(job: Job, workdir: Path) -> dict:
     if job.dataset_id:
         inputs["dataset_path"] = str(storage.abs_path(job.dataset.path))
         inputs["dataset_format"] = job.dataset.format
+    if job.kind == Kind.FINETUNE:
+        # One folder for every attempt and rank, on the shared storage: an attempt
+        # resumes from what an earlier one (on any host) saved.
+        inputs["checkpoint_dir"] = str(storage.job_dir(job.pk) / "checkpoints")
     # The backend learns the host's family from the spec: a compile targets it
     # (neuronx-cc --target), and the neuron backend checks the job against it.
     spec = {**job.spec, "family": job.family}
@@ -169,6 +176,10 @@ class JobRecorder:
         self.stored()
 
     def on_metric(self, row: dict) -> None:
+        if "event" in row:
+            if row["event"] in JOB_EVENTS:
+                self.on_event(row)
+            return
         latency = row.get("request_ms")
         if isinstance(latency, (int, float)) and not isinstance(latency, bool):
             self.requests.append(float(latency))  # a finished request (jobs.live.requests)
@@ -182,6 +193,16 @@ class JobRecorder:
                 self.metrics.append(JobMetric(job_id=self.job_id, step=step, name=name[:40], value=float(value)))
         if len(self.metrics) >= 200:
             self.flush_metrics()
+
+    def on_event(self, row: dict) -> None:
+        """A fact the job reports for its timeline (a checkpoint, a resume, a stage),
+        stored as a JobEvent at once, with its step and details as the event's data.
+        The metrics before it are stored first, so the page's curve reaches its step."""
+        self.flush_metrics()
+        data = {k: v for k, v in row.items() if k not in ("event", "message", "ts") and
+                isinstance(v, (int, float, str, bool))}
+        states.event(self.job_id, row["event"], str(row.get("message") or row["event"])[:500],
+                     attempt=self.attempt, **data)
 
     def flush_metrics(self) -> None:
         if self.metrics:

@@ -4,7 +4,10 @@ compile   = torch.jit.trace of the causal LM (logits only) at a fixed (batch, se
             saved as TorchScript: the same artifact shape torch_neuronx.trace
             returns (neuron.md §4.2), so inference code is shared
             (compiling.compile_on_cpu).
-finetune  = AdamW steps on the packed dataset, checkpoint via save_pretrained.
+finetune  = AdamW steps on the packed dataset, resumable from the job's checkpoints;
+            under torchrun (WORLD_SIZE > 1) one data-parallel rank: DDP over gloo,
+            a shard of each global batch, rank 0 writes checkpoints and the model
+            (save_pretrained).
 inference = KV-cache decoding of an HF model, or fixed-shape decoding of a
             compiled artifact (inference.infer_on_cpu).
 serve     = an endpoint's replica: the OpenAI-compatible server with dynamic
@@ -20,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from . import hf
-from .base import Backend, JobContext, spec_int
+from . import distributed, hf
+from .base import Backend, JobContext, JobFailed, spec_int
 from .compiling import compile_on_cpu
 from .diffusion import compile_image_on_cpu, image_compile_meta, infer_images_on_cpu
-from .finetuning import finetune_plan, prepare_training, save_checkpoint
+from .finetuning import checkpointing, finetune_plan, prepare_training, save_checkpoint, stage
 from .inference import infer_on_cpu
 from .loops import TrainHooks, train_steps
 from .serve_cpu import serve_on_cpu
@@ -66,20 +69,62 @@ class CpuBackend(Backend):
         return compile_on_cpu(ctx)
 
     def finetune(self, ctx: JobContext) -> dict:
-        """AdamW on the packed dataset; checkpoint (+ tokenizer) saved to artifacts/checkpoint."""
+        """AdamW on the packed dataset, resumed from the job's newest checkpoint; the
+        model (+ tokenizer) saved to artifacts/checkpoint by rank 0."""
+        ranks = distributed.ranks_from_env()
         plan = finetune_plan(ctx)
+        if plan["batch_size"] % ranks.world_size:
+            raise JobFailed("bad_input", f"batch_size {plan['batch_size']} must divide evenly over "
+                                         f"{ranks.world_size} data-parallel ranks")
+        main = ranks.is_main
+        if not main:  # one voice per job: rank 0 logs and reports its stages
+            ctx.log = _quiet
+
+        def note(name: str, state: str, message: str = "") -> None:
+            if main:
+                stage(ctx, name, state, message)
+
+        note("prepare", "started")
+        if ranks.distributed:
+            distributed.init_gloo(ranks)
+            ctx.log(f"data-parallel rank {ranks.rank} of {ranks.world_size} (gloo)")
         model, tokenizer = hf.owned_hf_model(plan["model_path"])
         blocks, total_steps = prepare_training(ctx, model, tokenizer, plan)
         torch.manual_seed(plan["seed"])
+        note("prepare", "done")
+        # Nothing is compiled ahead of training on the CPU; the stage is shown so
+        # both backends read alike (the neuron backend runs neuron_parallel_compile).
+        note("precompile", "skipped", "precompile: skipped (the cpu backend compiles nothing ahead)")
         # Small models train fastest on one thread: OpenMP fan-out costs more than
         # it saves on their tiny matmuls. For the rest, the job's core allocation
         # is its CPU thread budget.
         threads = hf.small_model_threads(plan["model_path"]) or spec_int(ctx.spec, "cores", default=None)
-        with hf.torch_threads(threads):
-            stats = train_steps(ctx, model, blocks, total_steps=total_steps, batch_size=plan["batch_size"],
-                                learning_rate=plan["learning_rate"], seed=plan["seed"], hooks=TrainHooks())
-        save_checkpoint(ctx, model, tokenizer)
-        return {**stats.result(), "checkpoint": "checkpoint", "backend": "cpu"}
+        hooks = TrainHooks(is_main=main, rank=ranks.rank, world_size=ranks.world_size)
+        trained = model
+        if ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(model)
+            hooks = TrainHooks(is_main=main, rank=ranks.rank, world_size=ranks.world_size, shard_batches=True,
+                               reduce_step=distributed.reduce_step, barrier=distributed.barrier)
+        note("train", "started")
+        try:
+            with hf.torch_threads(threads):
+                stats = train_steps(ctx, trained, blocks, total_steps=total_steps, batch_size=plan["batch_size"],
+                                    learning_rate=plan["learning_rate"], seed=plan["seed"], hooks=hooks,
+                                    checkpointing=checkpointing(ctx, plan), lr_schedule=plan["lr_schedule"])
+            note("train", "done")
+            if main:
+                note("save", "started")
+                save_checkpoint(ctx, model, tokenizer)
+                note("save", "done")
+            if ranks.distributed:
+                distributed.barrier()  # the job is done when rank 0 has saved the model
+        finally:
+            if ranks.distributed:
+                distributed.shutdown()
+        return {**stats.result(), "checkpoint": "checkpoint", "backend": "cpu", "world_size": ranks.world_size,
+                "rank": ranks.rank}
 
     def inference(self, ctx: JobContext) -> dict:
         """Generate for every prompt; writes artifacts/outputs.jsonl (see inference.infer_on_cpu);
@@ -93,3 +138,7 @@ class CpuBackend(Backend):
     def serve(self, ctx: JobContext) -> dict:
         """The replica server on a free port until cancelled, then drained (see serve_cpu)."""
         return serve_on_cpu(ctx)
+
+
+def _quiet(_: str) -> None:
+    return None

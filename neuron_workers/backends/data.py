@@ -83,19 +83,56 @@ def pack_blocks(tokenizer: Any, texts: list[str], sequence_length: int, eos_id: 
 
 
 def batch_indices(n_blocks: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless stream of full batches of block indices, reshuffled every pass.
+    """Endless stream of full batches of block indices (BatchSampler as an iterator)."""
+    sampler = BatchSampler(n_blocks, batch_size, seed)
+    while True:
+        yield sampler.next_batch()
+
+
+class BatchSampler:
+    """Full batches of block indices, reshuffled every pass, with a resumable position.
 
     Each pass is a seeded permutation; batches may straddle passes so every batch
     has exactly batch_size rows (static shapes matter on Neuron: a smaller last
-    batch would trigger a recompile, neuron.md §4.4).
+    batch would trigger a recompile, neuron.md §4.4). `state_dict()` is the data
+    position a checkpoint keeps: the generator's state and the indices drawn but
+    not yet used, so a resumed run reads exactly the batches an uninterrupted one
+    would have read next.
+
+    Data parallelism: every rank draws the same global batch and trains on its
+    `shard(batch, rank, world_size)`, what DistributedSampler does per epoch, but
+    with one position for the whole job, so a checkpoint written by rank 0 is the
+    position of every rank and the same global batch gives the same loss at any
+    world size.
     """
-    generator = torch.Generator().manual_seed(seed)
-    pending = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(pending) < batch_size:
-            pending = torch.cat([pending, torch.randperm(n_blocks, generator=generator)])
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
+
+    def __init__(self, n_blocks: int, batch_size: int, seed: int) -> None:
+        self.n_blocks, self.batch_size = n_blocks, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending = torch.empty(0, dtype=torch.long)
+
+    def next_batch(self) -> torch.Tensor:
+        while len(self.pending) < self.batch_size:
+            self.pending = torch.cat([self.pending, torch.randperm(self.n_blocks, generator=self.generator)])
+        batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size:]
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "pending": self.pending.clone(),
+                "n_blocks": self.n_blocks, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n_blocks"], state["batch_size"]) != (self.n_blocks, self.batch_size):
+            raise ValueError(f"the checkpoint's data position is for {state['n_blocks']} blocks in batches of "
+                             f"{state['batch_size']}, this run has {self.n_blocks} in batches of {self.batch_size}")
+        self.generator.set_state(state["generator"])
+        self.pending = state["pending"].clone()
+
+
+def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s equal, contiguous share of a global batch (its size divides evenly)."""
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank]
 
 
 def steps_per_epoch(n_blocks: int, batch_size: int) -> int:

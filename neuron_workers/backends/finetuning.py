@@ -13,7 +13,17 @@ import torch
 
 from . import hf
 from .base import JobContext, JobFailed, input_path, require_model_format, spec_float, spec_int
+from .checkpoints import CheckpointStore
 from .data import pack_blocks, read_texts, steps_per_epoch
+from .loops import Checkpointing
+
+# Training options with their defaults; the web app's form offers the same ones
+# (jobs.lifecycle.forms.FinetuneForm) and checks them at submit.
+DEFAULT_CHECKPOINT_EVERY = 100  # steps between checkpoints
+DEFAULT_KEEP_CHECKPOINTS = 3
+MAX_KEEP_CHECKPOINTS = 100
+LR_SCHEDULES = ("constant", "linear")
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def finetune_plan(ctx: JobContext) -> dict:
@@ -29,7 +39,15 @@ def finetune_plan(ctx: JobContext) -> dict:
         "steps": spec_int(ctx.spec, "steps", default=None),
         "epochs": spec_int(ctx.spec, "epochs", default=None),
         "seed": spec_int(ctx.spec, "seed", minimum=0, default=0),
+        "checkpoint_every": spec_int(ctx.spec, "checkpoint_every", default=DEFAULT_CHECKPOINT_EVERY),
+        "keep_checkpoints": spec_int(ctx.spec, "keep_checkpoints", maximum=MAX_KEEP_CHECKPOINTS,
+                                     default=DEFAULT_KEEP_CHECKPOINTS),
+        "lr_schedule": ctx.spec.get("lr_schedule") or "constant",
+        "precompile": bool(ctx.spec.get("precompile")),
     }
+    if plan["lr_schedule"] not in LR_SCHEDULES:
+        raise JobFailed("bad_input", f"spec field 'lr_schedule' must be one of {', '.join(LR_SCHEDULES)}, "
+                                     f"got {plan['lr_schedule']!r}")
     if plan["learning_rate"] <= 0:
         raise JobFailed("bad_input", "learning_rate must be greater than 0")
     if plan["steps"] is None and plan["epochs"] is None:
@@ -48,6 +66,19 @@ def prepare_training(ctx: JobContext, model: Any, tokenizer: Any, plan: dict) ->
     ctx.log(f"dataset: {len(texts)} texts -> {len(blocks)} blocks of {blocks.shape[1]} tokens; "
             f"{per_epoch} steps/epoch; training {total} steps")
     return blocks, total
+
+
+def checkpointing(ctx: JobContext, plan: dict) -> Checkpointing:
+    """The job's checkpoint store: inputs["checkpoint_dir"] (the job's folder on shared
+    storage, the same for every attempt and rank), else the attempt's own folder."""
+    root = ctx.inputs.get("checkpoint_dir") or ctx.workdir / CHECKPOINTS_DIR
+    return Checkpointing(CheckpointStore(root, keep=plan["keep_checkpoints"], log=ctx.log), plan["checkpoint_every"])
+
+
+def stage(ctx: JobContext, name: str, state: str, message: str = "") -> None:
+    """A fine-tune's stage (prepare, precompile, train, save) starting, done or skipped,
+    for the job page's stage strip and timeline."""
+    ctx.metric({"event": "stage", "stage": name, "state": state, "message": message or f"{name}: {state}"})
 
 
 def save_checkpoint(ctx: JobContext, model: Any, tokenizer: Any) -> Path:

@@ -15,26 +15,48 @@ from typing import Any
 
 import torch
 
-from .base import JobContext, downsample, percentile
-from .data import batch_indices
+from .base import JobContext, JobFailed, downsample, percentile
+from .checkpoints import CheckpointStore, rng_state, set_rng_state
+from .data import BatchSampler, shard
 
 MAX_LOSS_POINTS = 2000
+THROUGHPUT_EVERY = 10  # steps between throughput metrics
+
+
+def _single_process_step(loss: float, stop: bool) -> tuple[float, bool]:
+    return loss, stop
 
 
 @dataclass
 class TrainHooks:
-    """How one training step touches the device.
+    """How one training step touches the device and the other ranks.
 
     `optimizer_step` is `optimizer.step` on CPU / native Neuron and
     `xm.optimizer_step` under torch-xla (which also all-reduces gradients across
     data-parallel ranks, neuron.md §4.6). `end_step` is `xm.mark_step` under
     torch-xla: it cuts the lazy graph so each step compiles once and is reused.
+    `reduce_step(loss, stop)` turns a rank's loss and stop request into the job's
+    (distributed.reduce_step under DDP); `barrier` waits for every rank. With
+    `shard_batches` each rank trains on its share of one global batch (data.shard).
     """
 
     device: Any = "cpu"
     optimizer_step: Callable[[torch.optim.Optimizer], None] = lambda opt: opt.step()
     end_step: Callable[[], None] = lambda: None
-    is_main: bool = True  # only rank 0 emits metrics and log lines
+    is_main: bool = True  # only rank 0 emits metrics and log lines, and writes checkpoints
+    rank: int = 0
+    world_size: int = 1
+    shard_batches: bool = False
+    reduce_step: Callable[[float, bool], tuple[float, bool]] = _single_process_step
+    barrier: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often the loop checkpoints (see checkpoints.CheckpointStore)."""
+
+    store: CheckpointStore
+    every: int
 
 
 @dataclass
@@ -42,6 +64,8 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     tokens: int = 0
+    resumed_from: int = 0  # the step this attempt started after (0: from scratch)
+    checkpoints: int = 0  # written by this attempt
 
     def result(self) -> dict:
         """The loss part of a finetune result (losses capped at MAX_LOSS_POINTS)."""
@@ -52,7 +76,100 @@ class TrainStats:
             "losses": downsample(self.losses, MAX_LOSS_POINTS),
             "train_seconds": round(self.train_seconds, 4),
             "tokens_per_s": round(self.tokens / self.train_seconds, 2) if self.train_seconds > 0 else 0.0,
+            "resumed_from_step": self.resumed_from,
         }
+
+
+def lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The LR multiplier per completed step: "constant", or "linear" decay to 0 at total_steps."""
+    if schedule == "linear":
+        return lambda done: max(0.0, 1.0 - done / total_steps)
+    return lambda done: 1.0
+
+
+def _cpu(value: Any) -> Any:
+    """`value` with every tensor copied to the host CPU (a checkpoint must not hold device tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+class _Run:
+    """One attempt's training state and the checkpoint it can be saved to or resumed from."""
+
+    def __init__(self, ctx: JobContext, model: torch.nn.Module, blocks: torch.Tensor, total_steps: int,
+                 batch_size: int, learning_rate: float, seed: int, hooks: TrainHooks, lr_schedule: str,
+                 checkpointing: Checkpointing | None) -> None:
+        self.ctx, self.model, self.blocks, self.hooks = ctx, model, blocks, hooks
+        self.total_steps, self.checkpointing = total_steps, checkpointing
+        self.plain = getattr(model, "module", model)  # under DDP, the wrapped model holds the weights
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(lr_schedule, total_steps))
+        self.sampler = BatchSampler(len(blocks), batch_size, seed)
+        self.stats = TrainStats()
+        self.step = 0
+        self.saved_step = 0
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if there is one."""
+        if self.checkpointing is None:
+            return
+        loaded = self.checkpointing.store.latest()
+        if loaded is None:
+            return
+        state = loaded.state
+        try:
+            self.sampler.load_state_dict(state["data"])
+        except ValueError as exc:
+            raise JobFailed("bad_input", f"cannot resume from checkpoint {loaded.path.name}: {exc}") from exc
+        self.plain.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.stats.losses = list(state["losses"])
+        self.step = self.saved_step = self.stats.resumed_from = loaded.step
+        if self.hooks.is_main:
+            self.ctx.log(f"resumed from step {loaded.step} (checkpoint {loaded.path.name})")
+            self.ctx.metric({"event": "resumed", "step": loaded.step,
+                             "message": f"resumed from step {loaded.step} of {self.total_steps}"})
+
+    def save(self) -> None:
+        """Rank 0 writes the checkpoint of the current step and prunes old ones."""
+        if self.checkpointing is None or self.step == self.saved_step or not self.hooks.is_main:
+            self.saved_step = self.step
+            return
+        started = time.perf_counter()
+        state = {"step": self.step, "model": _cpu(self.plain.state_dict()),
+                 "optimizer": _cpu(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
+                 "rng": rng_state(), "data": self.sampler.state_dict(), "losses": list(self.stats.losses)}
+        store = self.checkpointing.store
+        folder = store.save(self.step, state)
+        store.prune()
+        seconds = time.perf_counter() - started
+        self.saved_step = self.step
+        self.stats.checkpoints += 1
+        self.ctx.metric({"event": "checkpoint", "step": self.step, "seconds": round(seconds, 4),
+                         "message": f"checkpoint at step {self.step} ({folder.name}, {seconds:.2f} s)"})
+
+    def one_step(self) -> float:
+        hooks = self.hooks
+        batch = self.sampler.next_batch()
+        if hooks.shard_batches:
+            batch = shard(batch, hooks.rank, hooks.world_size)
+        batch = self.blocks[batch].to(hooks.device)
+        loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        hooks.optimizer_step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        hooks.end_step()
+        self.stats.tokens += batch.numel()
+        self.step += 1
+        return float(loss.detach().to("cpu"))
 
 
 def train_steps(
@@ -65,35 +182,52 @@ def train_steps(
     learning_rate: float,
     seed: int,
     hooks: TrainHooks,
+    checkpointing: Checkpointing | None = None,
+    lr_schedule: str = "constant",
 ) -> TrainStats:
-    """Run `total_steps` AdamW steps of causal-LM loss on `blocks`; poll should_stop between steps.
+    """Run AdamW steps of causal-LM loss on `blocks` up to `total_steps`; poll should_stop between steps.
 
-    Raises JobFailed("cancelled") if asked to stop. Loss is read back every step
-    because the contract reports a per-step curve; under torch-xla this `.item()`
-    comes after mark_step, so it waits for the step's result but adds no graph.
+    With `checkpointing`, the run first resumes from the newest complete checkpoint
+    (model, optimizer, LR scheduler, RNG states, data position, loss history), saves
+    one every `every` steps, and, asked to stop, saves the step it reached before
+    raising JobFailed("cancelled"), so the next attempt loses nothing. `batch_size`
+    is the global batch: with hooks.shard_batches each of world_size ranks trains on
+    its share. Loss is read back every step because the contract reports a per-step
+    curve; under torch-xla this `.item()` comes after mark_step, so it waits for the
+    step's result but adds no graph.
     """
     model.train()
     model.to(hooks.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    batches = batch_indices(len(blocks), batch_size, seed)
-    stats = TrainStats()
+    run = _Run(ctx, model, blocks, total_steps, batch_size, learning_rate, seed, hooks, lr_schedule, checkpointing)
+    run.resume()
+    stats = run.stats
     log_every = max(1, total_steps // 20)
+    every = checkpointing.every if checkpointing is not None else 0
+    per_rank = batch_size // hooks.world_size if hooks.shard_batches else batch_size
     started = time.perf_counter()
-    for step in range(1, total_steps + 1):
-        ctx.check_stop(f"before training step {step} of {total_steps}")
-        batch = blocks[next(batches)].to(hooks.device)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        hooks.optimizer_step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        hooks.end_step()
-        value = float(loss.detach().to("cpu"))
+    window = (started, run.step)
+    if hooks.world_size == 1:
+        ctx.check_stop(f"before training step {run.step + 1} of {total_steps}")
+    while run.step < total_steps:
+        value, stop = hooks.reduce_step(run.one_step(), ctx.should_stop())
+        step = run.step
         stats.losses.append(value)
-        stats.tokens += batch.numel()
         if hooks.is_main:
             ctx.metric({"step": step, "loss": value, "total_steps": total_steps})
             if step == 1 or step % log_every == 0 or step == total_steps:
                 ctx.log(f"step {step}/{total_steps} loss {value:.4f}")
+        if step % THROUGHPUT_EVERY == 0 or step == total_steps:
+            now = time.perf_counter()
+            rate = per_rank * (step - window[1]) / max(now - window[0], 1e-9)
+            ctx.metric({"step": step, f"samples_per_s.r{hooks.rank}": round(rate, 3)})
+            window = (now, step)
+        if stop and step < total_steps:
+            run.save()
+            hooks.barrier()  # no rank leaves while rank 0 still writes
+            raise JobFailed("cancelled", f"job {ctx.job_id} was stopped after step {step} of {total_steps}"
+                                         + (f"; checkpoint saved at step {step}" if checkpointing else ""))
+        if every and step % every == 0 and step < total_steps:
+            run.save()
     stats.train_seconds = time.perf_counter() - started
     return stats
 

@@ -1,0 +1,84 @@
+"""Data-parallel ranks on the host CPU: torchrun's environment, the gloo process group.
+
+When a fine-tune runs as one rank of `torch.distributed.run` (torchrun sets RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT), the cpu backend joins a gloo
+process group from that environment, wraps the model in DistributedDataParallel
+and trains on its shard of each global batch (data.shard). Without WORLD_SIZE > 1
+it is a single process and nothing here is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from .base import JobFailed
+
+# A rank waits this long for the others in a collective before failing, so a gang
+# whose peer died ends instead of hanging (gangrun stops the gang sooner).
+COLLECTIVE_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def ranks_from_env(environ: Mapping[str, str] | None = None) -> Ranks:
+    """This process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK); one rank if unset."""
+    environ = os.environ if environ is None else environ
+    try:
+        ranks = Ranks(int(environ.get("RANK") or 0), int(environ.get("WORLD_SIZE") or 1),
+                      int(environ.get("LOCAL_RANK") or 0))
+    except ValueError as exc:
+        raise JobFailed("bad_input", f"torchrun's RANK / WORLD_SIZE / LOCAL_RANK are not integers: {exc}") from exc
+    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size:
+        raise JobFailed("bad_input", f"rank {ranks.rank} is outside a world of {ranks.world_size}")
+    return ranks
+
+
+def init_gloo(ranks: Ranks) -> None:
+    """Join the job's gloo process group (env:// rendezvous at MASTER_ADDR:MASTER_PORT)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="env://", rank=ranks.rank, world_size=ranks.world_size,
+                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reduce_step(loss: float, stop: bool) -> tuple[float, bool]:
+    """(the step's loss averaged over ranks, whether any rank was asked to stop), in one
+    all-reduce. Agreeing on the stop makes every rank stop after the same step, so
+    none is left waiting in a collective for a peer that has gone."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor[0]) / dist.get_world_size(), bool(tensor[1] > 0)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()

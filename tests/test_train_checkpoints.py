@@ -1,0 +1,168 @@
+"""Fine-tune checkpoints and resume in the cpu backend, and data-parallel ranks under torchrun.
+
+No Django: the backend runs in this process (or under plain torchrun) on a tiny
+local GPT-2, with the checkpoint folder in a tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuron_workers.backends import JobContext, JobFailed, get_backend
+from neuron_workers.backends.checkpoints import CheckpointStore, step_dir_name
+from neuron_workers.backends.neuron_launch import JOB_FILE, RESULT_FILE
+from neuron_workers.backends.tinymodel import create_demo_dataset, create_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = {"steps": 30, "learning_rate": 3e-3, "batch_size": 4, "sequence_length": 32, "seed": 3,
+        "checkpoint_every": 10, "lr_schedule": "linear"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("train")
+    model = create_tiny_model(base / "tiny-gpt")
+    data = create_demo_dataset(base / "demo.jsonl", rows=60)
+    return {"model_path": str(model), "model_format": "hf", "dataset_path": str(data), "dataset_format": "jsonl"}
+
+
+def run(workdir: Path, inputs: dict, spec: dict, checkpoints: Path, stop_after: int | None = None,
+        lines: list | None = None, metrics: list | None = None) -> dict:
+    """One attempt of the fine-tune; with stop_after, asked to stop once that many steps
+    have reported their loss (the loop polls during the next step, and stops after it)."""
+    metrics = [] if metrics is None else metrics
+    lines = [] if lines is None else lines
+
+    def should_stop() -> bool:
+        done = sum(1 for m in metrics if "loss" in m)
+        return stop_after is not None and done >= stop_after
+
+    ctx = JobContext(job_id=1, kind="finetune", spec=spec, workdir=workdir,
+                     inputs={**inputs, "checkpoint_dir": str(checkpoints)}, log=lines.append,
+                     metric=metrics.append, should_stop=should_stop)
+    return get_backend("cpu").run(ctx)
+
+
+def final_weights(workdir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "artifacts" / "checkpoint", local_files_only=True)
+    return model.state_dict()
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory) -> tuple[dict, dict]:
+    base = tmp_path_factory.mktemp("whole")
+    result = run(base / "attempt-1", inputs, SPEC, base / "checkpoints")
+    return result, final_weights(base / "attempt-1")
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(inputs, uninterrupted, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    first: list[dict] = []
+    with pytest.raises(JobFailed) as stopped:
+        run(tmp_path / "attempt-1", inputs, SPEC, checkpoints, stop_after=12, metrics=first)
+    assert stopped.value.code == "cancelled" and "checkpoint saved at step 13" in stopped.value.message
+    # Every 10 steps, and the step it reached when asked to stop.
+    assert [m["step"] for m in first if m.get("event") == "checkpoint"] == [10, 13]
+
+    lines: list[str] = []
+    second: list[dict] = []
+    result = run(tmp_path / "attempt-2", inputs, SPEC, checkpoints, lines=lines, metrics=second)
+    assert "resumed from step 13 (checkpoint step-00000013)" in lines
+    assert [m for m in second if m.get("event") == "resumed"][0]["step"] == 13
+    assert [m["step"] for m in second if "loss" in m] == list(range(14, 31))
+    whole, weights = uninterrupted
+    assert result["steps"] == 30 and result["resumed_from_step"] == 13
+    assert result["losses"] == pytest.approx(whole["losses"], abs=1e-6)
+    assert max_abs_diff(final_weights(tmp_path / "attempt-2"), weights) <= 1e-5
+
+
+def test_a_torn_checkpoint_is_ignored_and_the_run_resumes_from_the_one_before(inputs, uninterrupted, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(JobFailed):
+        run(tmp_path / "attempt-1", inputs, SPEC, checkpoints, stop_after=24)
+    assert CheckpointStore(checkpoints).complete_steps() == [10, 20, 25]
+    # A writer killed after its rename, before its marker: no COMPLETE.
+    (checkpoints / step_dir_name(25) / "COMPLETE").unlink()
+    # A copy torn on the shared storage: same size, other bytes.
+    state = checkpoints / step_dir_name(20) / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+
+    lines: list[str] = []
+    result = run(tmp_path / "attempt-2", inputs, SPEC, checkpoints, lines=lines)
+    assert "checkpoint step-00000025 ignored: COMPLETE is missing" in lines
+    assert "checkpoint step-00000020 ignored: state.pt does not match its digest" in lines
+    assert "resumed from step 10 (checkpoint step-00000010)" in lines
+    assert result["resumed_from_step"] == 10
+    assert max_abs_diff(final_weights(tmp_path / "attempt-2"), uninterrupted[1]) <= 1e-5
+
+
+def test_old_checkpoints_are_pruned_to_the_last_few(inputs, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    run(tmp_path / "attempt-1", inputs, {**SPEC, "checkpoint_every": 3, "keep_checkpoints": 2}, checkpoints)
+    assert CheckpointStore(checkpoints).complete_steps() == [24, 27]
+    assert not list(checkpoints.glob(".tmp-*"))
+
+
+def test_a_finished_steps_checkpoint_is_kept_when_saved_again(tmp_path):
+    store = CheckpointStore(tmp_path)
+    first = store.save(5, {"value": torch.tensor([1.0])})
+    marker = (first / "COMPLETE").read_text()
+    store.save(5, {"value": torch.tensor([2.0])})  # a superseded attempt reaching the same step
+    assert (first / "COMPLETE").read_text() == marker
+    assert float(store.latest().state["value"][0]) == 1.0
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("checkpoint_every", 0, "'checkpoint_every' must be >= 1"),
+    ("keep_checkpoints", 500, "'keep_checkpoints' must be >= 1 and <= 100"),
+    ("lr_schedule", "cubic", "'lr_schedule' must be one of constant, linear"),
+])
+def test_bad_checkpoint_options_fail_as_bad_input_naming_the_field(inputs, tmp_path, field, value, fragment):
+    with pytest.raises(JobFailed) as info:
+        run(tmp_path, inputs, {**SPEC, field: value}, tmp_path / "checkpoints")
+    assert info.value.code == "bad_input" and fragment in info.value.message
+
+
+# ---------------------------------------------------------------- data parallel under torchrun
+
+
+def torchrun_job(job_dir: Path, inputs: dict, spec: dict, nproc: int) -> dict:
+    job_dir.mkdir(parents=True)
+    (job_dir / JOB_FILE).write_text(json.dumps({"job_id": 1, "spec": spec, "inputs": {
+        **inputs, "checkpoint_dir": str(job_dir / "checkpoints")}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", "-m", "neuron_workers.backends.cpu_rank",
+                           "--job-dir", str(job_dir)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((job_dir / RESULT_FILE).read_text())
+
+
+def test_two_ranks_under_torchrun_train_like_one_process_with_the_same_global_batch(inputs, tmp_path):
+    spec = {**SPEC, "steps": 12, "checkpoint_every": 5}
+    one = torchrun_job(tmp_path / "one", inputs, spec, 1)
+    two = torchrun_job(tmp_path / "two", inputs, spec, 2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["losses"][0] > one["losses"][-1]
+    # Only rank 0 writes checkpoints and the model.
+    assert CheckpointStore(tmp_path / "two" / "checkpoints").complete_steps() == [5, 10]
+    assert (tmp_path / "two" / "artifacts" / "checkpoint").is_dir()
+    assert not (tmp_path / "two" / "rank-1" / "artifacts" / "checkpoint").exists()
+    assert max_abs_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two")) <= 1e-5

@@ -77,6 +77,26 @@ class FamilyQuotaAdmin(admin.ModelAdmin):
             name: form.cleaned_data[name] for name in FAMILY_FIELDS if name in form.changed_data}}})
 
 
+@admin.register(models.UserBudget)
+class UserBudgetAdmin(admin.ModelAdmin):
+    """A user's hard cap of NeuronCore-hours per month in a team, enforced at submit
+    (jobs.quotas.policy.user_cap_decision); each change is in the team's audit trail."""
+
+    list_display = ("team", "user", "monthly_core_hours")
+    list_filter = ("team",)
+
+    def save_model(self, request, obj, form, change):
+        old = models.UserBudget.objects.filter(pk=obj.pk).values_list("monthly_core_hours", flat=True).first()
+        super().save_model(request, obj, form, change)
+        models.AuditEntry.objects.create(team=obj.team, actor=request.user, subject=f"user_budget.{obj.user.username}",
+                                         old="" if old is None else f"{old:g}", new=f"{obj.monthly_core_hours:g}")
+
+    def delete_model(self, request, obj):
+        models.AuditEntry.objects.create(team=obj.team, actor=request.user, subject=f"user_budget.{obj.user.username}",
+                                         old=f"{obj.monthly_core_hours:g}", new="")
+        super().delete_model(request, obj)
+
+
 @admin.register(models.Membership)
 class MembershipAdmin(admin.ModelAdmin):
     list_display = ("team", "user", "role")

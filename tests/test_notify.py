@@ -12,7 +12,7 @@ from jobs.lifecycle import states
 from jobs.models import Delivery, EventKind, Job, Notification, Subscription
 from jobs.notify import delivery as notify_delivery
 from jobs.notify import events as notify_events
-from tests.notify_support import Receiver, SmtpServer, signature_ok
+from tests.notify_support import LOCAL_RECEIVERS, Receiver, SmtpServer, signature_ok
 from tests.polling import wait_until
 from tests.workers import Worker, process_env
 
@@ -20,7 +20,8 @@ S = Job.Status
 
 
 @pytest.fixture
-def receiver():
+def receiver(settings):
+    settings.NOTIFY_ALLOWED_NETWORKS = [LOCAL_RECEIVERS]  # the receiver is on loopback, refused by default
     r = Receiver().start()
     yield r
     r.stop()
@@ -225,7 +226,8 @@ def test_a_celery_worker_delivers_after_commit_and_retries_through_the_sweep(tra
     subscribe(cast, "email", "bob@example.com", [EventKind.JOB_SUCCEEDED])
     worker = Worker(tmp_path / "notify-worker.log",
                     process_env(storage_root=_storage, EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(smtp.port),
-                                NOTIFY_BACKOFF_BASE_S="0.2", NOTIFY_QUEUE="notify"),
+                                NOTIFY_BACKOFF_BASE_S="0.2", NOTIFY_QUEUE="notify",
+                                NOTIFY_ALLOWED_NETWORKS=LOCAL_RECEIVERS),
                     queues="notify", name="notify")
     worker.start()
     try:

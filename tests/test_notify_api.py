@@ -10,11 +10,12 @@ from jobs.models import Delivery, EventKind, Subscription
 from jobs.notify import delivery as notify_delivery
 from jobs.notify import events as notify_events
 from tests.conftest import api_client
-from tests.notify_support import Receiver
+from tests.notify_support import LOCAL_RECEIVERS, Receiver
 
 
 @pytest.fixture
-def receiver():
+def receiver(settings):
+    settings.NOTIFY_ALLOWED_NETWORKS = [LOCAL_RECEIVERS]  # the receiver is on loopback, refused by default
     r = Receiver().start()
     yield r
     r.stop()

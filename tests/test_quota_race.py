@@ -19,7 +19,7 @@ from django.db import connection
 from jobs.lifecycle import scheduler
 from jobs.lifecycle import states
 from jobs.lifecycle.forms import InferenceForm
-from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, TeamQuota
+from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, TeamQuota, UserBudget
 from jobs.quotas.selectors import clear_usage_cache
 from jobs.lifecycle.services import SubmitRefused, job_submit
 from jobs.quotas.services import quota_update
@@ -212,3 +212,24 @@ def test_a_submit_that_fails_in_the_database_raises_django_s_error_and_leaves_no
         job_submit(team=cast.vision, user=cast.bob, form=form)
     assert kicks == []
     assert not Job.objects.filter(team=cast.vision).exists() and not JobEvent.objects.exists()
+
+
+def test_concurrent_submissions_of_one_user_admit_only_what_fits_their_hard_cap(cast, tiny_model, cpu_host):
+    """bob's cap is 5 NeuronCore-hours; each job may use 1 core for 1 hour: of 20 at
+    once, exactly 5 are admitted (each admitted job's worst case counts against the cap)."""
+    UserBudget.objects.create(team=cast.vision, user=cast.bob, monthly_core_hours=5)
+
+    def submit(i: int) -> str:
+        form = InferenceForm(data={"model": tiny_model.pk, "prompts": f"prompt {i}", "max_new_tokens": 2,
+                                   "temperature": 0, "family": "cpu", "cores": 1, "max_runtime_s": 3600},
+                             team=cast.vision)
+        assert form.is_valid(), form.errors
+        try:
+            job_submit(team=cast.vision, user=cast.bob, form=form)
+        except SubmitRefused as exc:
+            return exc.code
+        return "admitted"
+
+    outcomes = Counter(in_threads(20, submit))
+    assert outcomes == {"admitted": 5, "user_budget_exceeded": 15}
+    assert Job.objects.filter(team=cast.vision, user=cast.bob).count() == 5

@@ -43,6 +43,16 @@ def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def envnetworks(name: str, default: str) -> list[str]:
+    """A comma-separated list of CIDR networks (a bare address is its /32 or /128)."""
+    import ipaddress
+
+    try:
+        return [str(ipaddress.ip_network(item, strict=False)) for item in envlist(name, default)]
+    except ValueError as exc:
+        raise ValueError(f"{name} must be comma-separated networks such as 10.0.0.0/8: {exc}") from None
+
+
 SSL_QUERY = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
@@ -258,6 +268,11 @@ NOTIFY_BACKOFF_BASE_S = float(os.environ.get("NOTIFY_BACKOFF_BASE_S", "1"))
 NOTIFY_BACKOFF_MAX_S = float(os.environ.get("NOTIFY_BACKOFF_MAX_S", "600"))
 NOTIFY_GIVE_UP_S = envint("NOTIFY_GIVE_UP_S", 24 * 3600)
 NOTIFY_SWEEP_S = float(os.environ.get("NOTIFY_SWEEP_S", "1"))
+# Webhook and Slack targets must resolve to public addresses (jobs.notify.targets):
+# loopback, private, link-local (cloud metadata), multicast and reserved ones are
+# refused unless inside one of these networks (comma-separated CIDRs, e.g.
+# "10.20.0.0/16" for an in-house receiver; the tests allow "127.0.0.1/32").
+NOTIFY_ALLOWED_NETWORKS = envnetworks("NOTIFY_ALLOWED_NETWORKS", "")
 NOTIFY_BATCH = envint("NOTIFY_BATCH", 10)  # deliveries per swept Celery message
 NOTIFY_WAIT_THRESHOLD_S = envint("NOTIFY_WAIT_THRESHOLD_S", 1800)  # "waiting longer than" for job.waiting
 BUDGET_THRESHOLDS = [int(p) for p in envlist("BUDGET_THRESHOLDS", "50,80,100")]

@@ -43,7 +43,7 @@ MAX_PAGE = 200
 LOG_MAX_BYTES = 4 * 1024 * 1024
 # Hard submit refusals that depend on the team's current state (retrying later may
 # succeed) are conflicts; services.SubmitRefused carries 400 for all of them.
-CONFLICT_CODES = {"too_many_pending", "budget_exhausted"}
+CONFLICT_CODES = {"too_many_pending", "budget_exhausted", "user_budget_exhausted"}
 FORM_KEYS = {"csrfmiddlewaretoken"}  # sent by browsers posting multipart; not a job field
 
 

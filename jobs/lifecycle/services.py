@@ -24,7 +24,7 @@ from jobs.models import (
 )
 from jobs.quotas.placement import HostSlots, largest_request
 from jobs.quotas.policy import SubmitLimits, SubmitState, check_submit
-from jobs.quotas.selectors import core_hours_for_budget, kind_priority
+from jobs.quotas.selectors import core_hours_for_budget, kind_priority, user_cap
 from jobs.wake import kick_dispatch
 
 log = logging.getLogger(__name__)
@@ -117,17 +117,23 @@ def _admissible(team: Team, user, form: JobBaseForm) -> tuple[dict, str, str, in
     return data, kind, family, cores, spec
 
 
-def _check_limits(team: Team, kind: str, runtime: int, quota: TeamQuota, used_core_hours: float) -> None:
-    """The team's hard limits (jobs.quotas.policy.check_submit): allowed kinds, max
-    pending, the monthly budget, the max runtime."""
+def _check_limits(team: Team, user, kind: str, cores: int, runtime: int, quota: TeamQuota,
+                  used_core_hours: float) -> None:
+    """The hard limits (jobs.quotas.policy.check_submit): the team's allowed kinds, max
+    pending, monthly budget and max runtime, and the user's own cap in the team if
+    an admin set one (UserBudget)."""
     decision = check_submit(
         team.slug, kind, runtime,
         SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
         SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), used_core_hours),
+        user_cap(team, user), cores,
     )
     if not decision.ok:
-        raise SubmitRefused(decision.code, decision.sentence,
-                            "max_runtime_s" if decision.code == "runtime_too_long" else None)
+        raise SubmitRefused(decision.code, decision.sentence, LIMIT_FIELDS.get(decision.code))
+
+
+# The form field a refusal is about, where there is one.
+LIMIT_FIELDS = {"runtime_too_long": "max_runtime_s", "user_budget_exceeded": "max_runtime_s"}
 
 
 def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
@@ -154,7 +160,7 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         if quota.monthly_core_hours != budget:  # changed meanwhile: the use is measured against the new one
             used = core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
-        _check_limits(team, kind, runtime, quota, used)
+        _check_limits(team, user, kind, cores, runtime, quota, used)
         job = Job.objects.create(
             team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
             priority=priority, model=data.get("model"), dataset=data.get("dataset"),
@@ -184,7 +190,7 @@ def job_dry_run(*, team: Team, user, form: JobBaseForm) -> dict:
 
     data, kind, family, cores, spec = _admissible(team, user, form)
     quota = TeamQuota.objects.get(team=team)
-    _check_limits(team, kind, data.get("max_runtime_s") or quota.max_runtime_s, quota,
+    _check_limits(team, user, kind, cores, data.get("max_runtime_s") or quota.max_runtime_s, quota,
                   core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk])
     answer: dict = {"dry_run": True, "would_submit": True, "kind": kind, "family": family, "cores": cores, "spec": spec}
     if kind == Kind.COMPILE:

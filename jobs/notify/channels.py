@@ -17,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import time
 from typing import Protocol
 
 import requests
 from django.conf import settings
 from django.core.mail import EmailMessage
+
+from jobs.notify.targets import UnsafeTarget, guarded_session
 
 SIGNATURE_HEADER = "X-NeuronDeck-Signature"
 TIMESTAMP_HEADER = "X-NeuronDeck-Timestamp"
@@ -57,10 +60,23 @@ def verify(secret: str, headers, body: bytes, *, tolerance_s: int = 300, now: fl
     return hmac.compare_digest(sign(secret, timestamp, body), headers.get(SIGNATURE_HEADER, ""))
 
 
+_local = threading.local()  # a session per worker thread: requests' sessions are not thread-safe
+
+
+def _session() -> requests.Session:
+    if not hasattr(_local, "session"):
+        _local.session = guarded_session()
+    return _local.session
+
+
 def _post(url: str, body: bytes, headers: dict) -> None:
+    """POST to a subscriber's URL through the SSRF guard (jobs.notify.targets): the
+    address connected to is checked at connect time; redirects are not followed."""
     try:
-        response = requests.post(url, data=body, headers={"Content-Type": "application/json", **headers},
-                                 timeout=settings.NOTIFY_HTTP_TIMEOUT_S, allow_redirects=False)
+        response = _session().post(url, data=body, headers={"Content-Type": "application/json", **headers},
+                                   timeout=settings.NOTIFY_HTTP_TIMEOUT_S, allow_redirects=False)
+    except UnsafeTarget as exc:
+        raise DeliveryError(f"refused: {exc}"[:500]) from None
     except requests.RequestException as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}"[:500]) from None
     if not 200 <= response.status_code < 300:

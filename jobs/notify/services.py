@@ -13,6 +13,7 @@ from django.http import Http404
 from jobs import access
 from jobs.models import Delivery, EventKind, Membership, Role, Subscription, Team
 from jobs.notify import delivery as notify_delivery
+from jobs.notify import targets
 
 
 class Invalid(Exception):
@@ -70,6 +71,8 @@ def subscription_create(*, team: Team, user, scope: str, channel: str, target: s
         parts = urlsplit(str(target))
         if parts.scheme not in ("http", "https") or not parts.hostname or len(str(target)) > 500:
             errors["target"] = ["an http(s) URL of at most 500 characters"]
+        elif (unsafe := targets.target_error(str(target))) is not None:
+            errors["target"] = [unsafe]
     if not isinstance(events, list) or not events or any(e not in EventKind.values for e in events):
         errors["events"] = [f"a non-empty list of: {', '.join(EventKind.values)}"]
     if errors:

@@ -42,8 +42,39 @@ class SubmitState:
     core_hours_used: float
 
 
-def check_submit(team: str, kind: str, runtime_s: int, limits: SubmitLimits, state: SubmitState) -> Decision:
-    """Hard limits at submit time; a refusal becomes a 4xx with this code and sentence."""
+@dataclass(frozen=True)
+class UserCap:
+    """A user's hard cap in a team (UserBudget) and what counts against it: the month's
+    NeuronCore-hours used, and the most the user's unfinished jobs may still use
+    (cores x their remaining max runtime). Counting the unfinished jobs' worst case is
+    what makes the cap hard: every admitted job, run to its time limit, fits."""
+
+    user: str
+    monthly_core_hours: float
+    used: float
+    reserved: float
+
+
+def user_cap_decision(team: str, cap: UserCap, request_core_hours: float) -> Decision:
+    """May this user add a job that may use up to `request_core_hours`?"""
+    if cap.used >= cap.monthly_core_hours:
+        return Decision(False, "user_budget_exhausted",
+                        f"{cap.user} has used {cap.used:.1f} of their {cap.monthly_core_hours:g} NeuronCore-hours "
+                        f"this month in team {team}")
+    left = cap.monthly_core_hours - cap.used - cap.reserved
+    if request_core_hours > left + 1e-9:
+        return Decision(False, "user_budget_exceeded",
+                        f"this job may use up to {request_core_hours:.1f} NeuronCore-hours (cores x max_runtime_s) "
+                        f"but {cap.user} has {max(left, 0.0):.1f} left of their {cap.monthly_core_hours:g} this month "
+                        f"in team {team} ({cap.used:.1f} used, {cap.reserved:.1f} held by their unfinished jobs); "
+                        "ask for fewer cores or a shorter max_runtime_s")
+    return Decision.admit()
+
+
+def check_submit(team: str, kind: str, runtime_s: int, limits: SubmitLimits, state: SubmitState,
+                 user_cap: UserCap | None = None, cores: int = 0) -> Decision:
+    """Hard limits at submit time; a refusal becomes a 4xx with this code and sentence.
+    With `user_cap`, the job (`cores` for up to `runtime_s`) must also fit the user's cap."""
     if limits.allowed_kinds and kind not in limits.allowed_kinds:
         allowed = ", ".join(limits.allowed_kinds)
         return Decision(False, "kind_not_allowed", f"team {team} may not run {kind} jobs (allowed: {allowed})")
@@ -59,6 +90,8 @@ def check_submit(team: str, kind: str, runtime_s: int, limits: SubmitLimits, sta
     if runtime_s > limits.max_runtime_s:
         return Decision(False, "runtime_too_long", f"max_runtime_s {runtime_s} is above team {team}'s limit "
                         f"of {limits.max_runtime_s} s")
+    if user_cap is not None:
+        return user_cap_decision(team, user_cap, cores * runtime_s / 3600.0)
     return Decision.admit()
 
 

@@ -30,10 +30,13 @@ from jobs.models import (
     KindPriority,
     Team,
     TeamQuota,
+    UsageDaily,
     UsageRollupState,
     UsageTeamDay,
+    UserBudget,
 )
 from jobs.quotas.fairshare import decayed_usage
+from jobs.quotas.policy import UserCap
 from jobs.usage import accounting
 from jobs.usage.rollup import LAG, _attempt_row, unfolded_attempts
 
@@ -153,6 +156,36 @@ def core_hours_for_budget(budgets: dict[int, float], *, now: datetime | None = N
         exact = core_hours_by_team(near, now=now)
         hours.update({team_id: exact.get(team_id, 0.0) for team_id in near})
     return hours
+
+
+def user_cap(team: Team, user, *, now: datetime | None = None) -> UserCap | None:
+    """The user's hard cap in `team` (UserBudget) with what counts against it, or None
+    without one (one query then). Read inside submit's quota lock: the reserved part
+    counts every job of the user committed before, so concurrent submits add up.
+
+    used: the user's NeuronCore-hours this month (the team's local month; the
+    UsageDaily roll-up plus what the fold has not reached, split by day as the budget
+    measure does). reserved: the most the user's unfinished jobs may still use -
+    pending and queued ones cores x max_runtime_s, running ones cores x what is left
+    of their max runtime (their time so far is already in used)."""
+    cap = UserBudget.objects.filter(team=team, user=user).values_list("monthly_core_hours", flat=True).first()
+    if cap is None:
+        return None
+    now = now or timezone.now()
+    start = accounting.local_day(now, accounting.zone(team.time_zone)).replace(day=1)
+    folded = (UsageDaily.objects.filter(team=team, user=user, day__gte=start)
+              .aggregate(s=Sum("core_seconds"))["s"] or 0.0)
+    cutoff = UsageRollupState.objects.filter(pk=1).values_list("cutoff", flat=True).first()
+    rows = [_attempt_row(v) for v in unfolded_attempts(since=cutoff - LAG if cutoff else None, before=now,
+                                                       team_id=team.pk).filter(user=user)]
+    unfolded = sum(p.core_seconds for p in accounting.plan_attempts(rows, now).pieces if p.day >= start)
+    reserved = 0.0
+    for status, cores, runtime, started in Job.objects.filter(
+            team=team, user=user, status__in=[Job.Status.PENDING, *Job.ACTIVE]).values_list(
+            "status", "cores", "max_runtime_s", "started_at"):
+        elapsed = (now - started).total_seconds() if status == Job.Status.RUNNING and started else 0.0
+        reserved += cores * max(runtime - elapsed, 0.0)
+    return UserCap(user.username, cap, (folded + unfolded) / 3600.0, reserved / 3600.0)
 
 
 class _Month:

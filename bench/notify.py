@@ -45,11 +45,13 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=10.0)
     parser.add_argument("--fail-rate", type=float, default=0.30)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--no-kill", action="store_true")
     args = parser.parse_args()
     _lock = exclusive_run("bench-notify")  # noqa: F841 - held until exit
     bench = Bench("neurondeck_bench_notify", os.environ.get("BENCH_NOTIFY_REDIS_URL", "redis://127.0.0.1:6379/11"),
                   "bench-notify", Path(tempfile.mkdtemp(prefix="nd-bench-notify-")))
-    env = bench.environment()
+    # The receiver listens on loopback, which the SSRF guard refuses unless allowed.
+    env = bench.environment(NOTIFY_ALLOWED_NETWORKS="127.0.0.1/32")
     bench.setup(env)
     procs = Processes(bench.workdir, env)
     try:
@@ -96,13 +98,16 @@ def run(args, bench: Bench, procs: Processes) -> dict:
             time.sleep(0.05)
         log("receiver down")
         outage.append(time.time())
-        receiver.stop()
-        time.sleep(args.outage_s)
-        receiver.start()
+        if args.outage_s:
+            receiver.stop()
+            time.sleep(args.outage_s)
+            receiver.start()
         outage.append(time.time())
         log("receiver up")
         while len(created_at) < args.events * 0.6:
             time.sleep(0.05)
+        if args.no_kill:
+            return
         proc = procs.procs["notifier"]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -135,6 +140,11 @@ def run(args, bench: Bench, procs: Processes) -> dict:
     latencies = [(accepted[n] - c) for n, c in created_at.items() if n in accepted]
     up_latencies = [accepted[n] - c for n, c in created_at.items() if n in accepted and not down <= c <= up]
     last = max(accepted.values()) if accepted else t0
+    attempts = dict(Delivery.objects.values_list("notification_id", "attempts"))
+    for n_attempts in sorted(set(attempts.values())):
+        group = [accepted[n] - c for n, c in created_at.items() if n in accepted and attempts[n] == n_attempts]
+        log(f"attempts={n_attempts}: {len(group)} events, p50 {percentile(group, 50):.2f} s, "
+            f"p95 {percentile(group, 95):.2f} s")
     return {
         "events": args.events,
         "delivered_unique": len(accepted),

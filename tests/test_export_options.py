@@ -61,8 +61,10 @@ def test_every_export_option_changes_the_cache_key_and_defaults_keep_old_keys():
     plain = compile_cache_key("d" * 64, 1, 32, [], "neuron", "v", "inf2")
     assert key({}) == plain == key({"task": "text-generation", "tensor_parallel_size": 1, "auto_cast": "none"})
     image = {"task": "text-to-image", "height": 64, "width": 64, "num_images_per_prompt": 1}
-    variants = [{"tensor_parallel_size": 2}, {"auto_cast": "matmul"}, {"auto_cast": "matmul", "auto_cast_type": "fp16"},
-                {"task": "feature-extraction"}, image, {**image, "height": 72}, {**image, "num_images_per_prompt": 2}]
+    encoder = {"task": "feature-extraction"}
+    variants = [{"tensor_parallel_size": 2}, {**encoder, "auto_cast": "matmul"},
+                {**encoder, "auto_cast": "matmul", "auto_cast_type": "fp16"},
+                encoder, image, {**image, "height": 72}, {**image, "num_images_per_prompt": 2}]
     keys = {key(v) for v in variants}
     assert len(keys) == len(variants) and plain not in keys
 
@@ -99,8 +101,15 @@ class StandInOptimumNeuron(types.ModuleType):
 
         class StandIn:
             @classmethod
-            def get_neuron_config(cls, model_id, **kwargs):
-                calls.append((name, "get_neuron_config", (model_id,), kwargs))
+            def get_neuron_config(cls, model_name_or_path, config=None, token=None, revision=None,
+                                  instance_type=None, batch_size=None, sequence_length=None,
+                                  tensor_parallel_size=None, prefill_chunk_size=None):
+                """The real signature (optimum-neuron 0.4.6, models/inference/modeling_utils.py):
+                anything else, auto_cast included, is a TypeError as it would be there."""
+                kwargs = {k: v for k, v in (("instance_type", instance_type), ("batch_size", batch_size),
+                                            ("sequence_length", sequence_length),
+                                            ("tensor_parallel_size", tensor_parallel_size)) if v is not None}
+                calls.append((name, "get_neuron_config", (model_name_or_path,), kwargs))
                 return {"neuron_config": kwargs}
 
             @classmethod
@@ -177,6 +186,22 @@ def test_a_stable_diffusion_export_passes_height_width_and_images_per_prompt(opt
                                  "num_images_per_prompt": 4})
 
 
+def test_auto_cast_for_a_decoder_export_is_refused_with_the_reason():
+    """Optimum Neuron's decoder export has no auto-cast: refused rather than silently ignored."""
+    for family in ("inf2", "trn1", "trn2"):
+        with pytest.raises(ExportOptionError) as exc:
+            check_export_options({"task": "text-generation", "auto_cast": "matmul", "auto_cast_type": "bf16"}, family)
+        assert exc.value.field == "auto_cast" and "checkpoint's own dtype" in str(exc.value)
+    assert check_export_options({"task": "text-generation", "auto_cast": "none"}, "inf2").auto_cast == "none"
+    assert check_export_options({"task": "feature-extraction", "auto_cast": "all"}, "inf2").auto_cast == "all"
+
+
+def test_a_decoder_compile_with_auto_cast_fails_before_optimum_is_touched(optimum, lm_dir, tmp_path):
+    with pytest.raises(JobFailed) as exc:
+        neuron_compile(tmp_path, lm_dir, {"task": "text-generation", "auto_cast": "matmul"})
+    assert exc.value.code == "bad_input" and "no auto-cast" in str(exc.value) and not optimum.calls
+
+
 def test_a_bad_tensor_parallel_size_fails_before_optimum_is_touched(optimum, lm_dir, tmp_path):
     with pytest.raises(JobFailed) as exc:
         neuron_compile(tmp_path, lm_dir, {"task": "text-generation", "tensor_parallel_size": 3})
@@ -232,6 +257,22 @@ def test_export_options_are_stored_on_the_spec_and_checked_per_family(cast, tiny
     assert refused.status_code == 400 and "tensor_parallel_size" in refused.content.decode()
     refused = post(client, {**body, "task": "feature-extraction"})
     assert refused.status_code == 400 and "cpu backend" in refused.json()["detail"]
+
+
+def test_a_decoder_compile_with_auto_cast_is_refused_at_submit_naming_the_field(cast, tiny_model, cpu_host):
+    from jobs.models import Host, Job
+    from tests.conftest import api_client
+
+    Host.objects.create(name="inf2-a", family="inf2", core_ids=list(range(24)), backend="neuron",
+                        memory_bytes=8 << 30)
+    body = {"team": "vision", "kind": "compile", "family": "inf2", "cores": 2, "model": tiny_model.pk,
+            "batch_size": 1, "sequence_length": 16, "task": "text-generation", "auto_cast": "matmul",
+            "auto_cast_type": "bf16"}
+    for url in ("/api/v1/jobs?dry_run=true", "/api/v1/jobs"):
+        refused = api_client(cast.bob).post(url, data=json.dumps(body), content_type="application/json")
+        assert refused.status_code == 400, refused.content
+        assert "auto_cast" in refused.json()["errors"] and "checkpoint's own dtype" in refused.content.decode()
+    assert not Job.objects.exists()
 
 
 def test_an_inference_that_does_not_fit_the_compiled_shape_is_a_400_naming_the_prompt(cast, tiny_model, cpu_host,

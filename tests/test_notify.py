@@ -4,6 +4,8 @@ the documented scheme), retries with back-off, giving up shows on the subscripti
 and a real Celery worker delivers across processes."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.db import transaction
 from django.utils import timezone
@@ -160,7 +162,9 @@ def test_a_failed_attempt_is_retried_later_with_back_off_and_the_same_delivery_i
     assert notify_delivery.attempt(delivery.pk, 0) == "pending"
     delivery.refresh_from_db()
     assert delivery.attempts == 1 and "HTTP 500" in delivery.last_error
-    wait = (delivery.next_attempt_at - timezone.now()).total_seconds()
+    # The retry message is sent with the back-off as its countdown; the row's due time
+    # is that plus the lease: when the sweep sends it again if that message was lost.
+    wait = (delivery.next_attempt_at - timezone.now()).total_seconds() - settings.NOTIFY_LEASE_S
     assert 20 < wait <= 90  # 60 s × jitter in [0.5, 1.5)
     assert notify_delivery.attempt(delivery.pk, 0) is None  # a stale ticket sends nothing
     assert notify_delivery.attempt(delivery.pk, delivery.ticket) == "delivered"
@@ -215,8 +219,10 @@ def test_a_quota_change_notifies_the_team(cast, receiver):
 # --- across processes: a real Celery worker delivers after commit ----------------------
 
 @pytest.mark.e2e
-def test_a_celery_worker_delivers_after_commit_and_retries_through_the_sweep(transactional_db, cast, receiver,
-                                                                            smtp, _storage, tmp_path):
+def test_a_celery_worker_delivers_after_commit_and_retries_after_its_back_off(transactional_db, cast, receiver,
+                                                                             smtp, _storage, tmp_path):
+    """No beat runs here: the first attempt is sent at commit, the retry by the failed
+    attempt itself (the sweep is only the backstop for lost messages)."""
     from jobs.live.store import redis
 
     redis().flushdb()
@@ -234,14 +240,24 @@ def test_a_celery_worker_delivers_after_commit_and_retries_through_the_sweep(tra
         states.mark_finished(running_job(cast).pk, S.SUCCEEDED)
         wait_until(lambda: smtp.messages, 120, "the email")
 
-        def delivered():
-            notify_delivery.sweep()  # this test process plays beat
-            return receiver.accepted
-
-        wait_until(delivered, 120, "the webhook after its retry")
+        wait_until(lambda: receiver.accepted, 60, "the webhook after its retry")
         wait_until(lambda: set(Delivery.objects.values_list("status", flat=True)) == {"delivered"}, 60,
                    "both deliveries recorded")
         assert Delivery.objects.get(subscription=hook).attempts == 2
         assert receiver.bad_signatures == 0
     finally:
         worker.close()
+
+
+def test_the_sweep_resends_a_delivery_whose_message_was_lost_once_its_lease_passed(cast, receiver):
+    subscribe(cast, "webhook", receiver.url("/lost"), [EventKind.JOB_SUCCEEDED])
+    states.mark_finished(running_job(cast).pk, S.SUCCEEDED)
+    delivery = Delivery.objects.get()
+    assert notify_delivery.sweep() == 0  # its first message is still within its lease
+    Delivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    assert notify_delivery.sweep() == 1
+    delivery.refresh_from_db()
+    assert delivery.ticket == 1 and delivery.next_attempt_at > timezone.now()
+    assert notify_delivery.attempt(delivery.pk, 0) is None  # the lost message, if it ever came, sends nothing
+    assert notify_delivery.attempt(delivery.pk, 1) == "delivered"
+    assert len(receiver.accepted) == 1

@@ -1,14 +1,19 @@
 """Delivering the outbox: claim, send, record; retries with exponential back-off and
 jitter; give up after NOTIFY_GIVE_UP_S with the failure shown to the subscriber.
 
-Why not Celery's own retry: a countdown retry lives in the worker's memory (we ack
-early), so a worker killed with -9 would lose it. The Delivery row is the record
-instead: `next_attempt_at` says when it is due, and the sweep (beat) sends every due
-delivery to Celery again. Every send is made by a claim that bumped the row's
-`ticket` (a conditional UPDATE, one row or none), so two messages for one delivery
-cannot both send, and only the claim that sent may record the outcome. A worker that
-dies after its receiver accepted but before recording leaves a redelivery of the same
-delivery id, which receivers drop (at-least-once sending, at-most-once acceptance)."""
+Every attempt is sent to Celery the moment it is due: the first right after the
+event's transaction commits (jobs.notify.events.kick), a retry by the failed attempt
+itself as a message with a countdown of its back-off. Such messages live in a
+worker's memory (we ack early), so a worker killed with -9 loses them; the Delivery
+row is the record that recovers them: `next_attempt_at` is the attempt's due time
+plus NOTIFY_LEASE_S, and the sweep (beat) sends again every delivery whose time has
+passed - a backstop, not the way deliveries normally move.
+
+Every send is made by a claim that bumped the row's `ticket` (a conditional UPDATE,
+one row or none), so two messages for one delivery cannot both send, and only the
+claim that sent may record the outcome. A worker that dies after its receiver
+accepted but before recording leaves a redelivery of the same delivery id, which
+receivers drop (at-least-once sending, at-most-once acceptance)."""
 from __future__ import annotations
 
 import logging
@@ -73,11 +78,10 @@ def attempt(pk: int, ticket: int) -> str | None:
         log.exception("notify: delivery %s crashed", pk)
         return _failed(delivery, f"{type(exc).__name__}: {exc}")
     now = timezone.now()
-    with transaction.atomic():
-        done = Delivery.objects.filter(pk=pk, ticket=ticket + 1, status=P.PENDING).update(
-            status=P.DELIVERED, delivered_at=now, last_error="")
-        if done and sub.failing_since is not None:
-            Subscription.objects.filter(pk=sub.pk).update(failing_since=None, last_failure="")
+    done = Delivery.objects.filter(pk=pk, ticket=ticket + 1, status=P.PENDING).update(
+        status=P.DELIVERED, delivered_at=now, last_error="")
+    if done and sub.failing_since is not None:  # one success clears the subscription's failure notice
+        Subscription.objects.filter(pk=sub.pk).update(failing_since=None, last_failure="")
     return P.DELIVERED
 
 
@@ -92,13 +96,16 @@ def _failed(delivery: Delivery, error: str) -> str:
                     failing_since=now, last_failure=f"{delivery.notification.title}: gave up after "
                                                     f"{delivery.attempts} attempts; last error: {error}")
         return P.FAILED
-    mine.update(last_error=error, next_attempt_at=now + timedelta(seconds=backoff_s(delivery.attempts)))
+    delay = backoff_s(delivery.attempts)
+    if mine.update(last_error=error, next_attempt_at=now + timedelta(seconds=delay + settings.NOTIFY_LEASE_S)):
+        _send([[delivery.pk, delivery.ticket]], countdown=delay)
     return P.PENDING
 
 
 def sweep(limit: int = 2000) -> int:
-    """Send every due pending delivery to Celery (retries, and first attempts whose kick
-    message was lost). Each is re-ticketed, so an older message for it does nothing."""
+    """The backstop: send to Celery every pending delivery whose message was lost (a
+    broker outage when it was sent, a worker killed with it in memory) once its lease
+    has passed. Each is re-ticketed, so an older message for it does nothing."""
     now = timezone.now()
     with transaction.atomic():
         due = list(Delivery.objects.select_for_update(skip_locked=True)
@@ -132,12 +139,14 @@ def resend(delivery: Delivery) -> Delivery:
         status=P.PENDING, created_at=now, ticket=F("ticket") + 1,
         next_attempt_at=now + timedelta(seconds=settings.NOTIFY_LEASE_S))  # the sweep's, if this kick is lost
     delivery.refresh_from_db()
-    transaction.on_commit(lambda: _kick_one(delivery.pk, delivery.ticket))
+    transaction.on_commit(lambda: _send([[delivery.pk, delivery.ticket]]))
     return delivery
 
 
-def _kick_one(pk: int, ticket: int) -> None:
+def _send(pairs: list[list[int]], countdown: float | None = None) -> None:
+    """Send attempts to the notify queue (after `countdown` seconds). Best effort: a
+    message that is lost is the sweep's once its lease has passed."""
     try:
-        app.send_task(DELIVER_TASK, args=[[[pk, ticket]]], queue=settings.NOTIFY_QUEUE)
-    except Exception as exc:  # noqa: BLE001 - the sweep sends it when due
-        log.warning("notify: could not send delivery %s to Celery (%s)", pk, exc)
+        app.send_task(DELIVER_TASK, args=[pairs], queue=settings.NOTIFY_QUEUE, countdown=countdown)
+    except Exception as exc:  # noqa: BLE001 - the row is the record; the sweep recovers
+        log.warning("notify: could not send deliveries %s to Celery (%s); the sweep will", pairs, exc)

@@ -39,6 +39,19 @@ DEFAULTS: dict[str, object] = {"task": "text-generation", "tensor_parallel_size"
                                "auto_cast_type": "bf16", "height": 512, "width": 512, "num_images_per_prompt": 1}
 
 
+# Optimum Neuron (the 0.4.6 line this backend targets) has no auto-cast for decoders:
+# NeuronModelForCausalLM.get_neuron_config takes instance type, batch size, sequence
+# length, tensor-parallel size and prefill chunk size only, and sets the compiled
+# precision from the checkpoint's own dtype (config.dtype -> NxDNeuronConfig.torch_dtype);
+# export() warns and ignores any other keyword, and `optimum-cli export neuron` drops
+# --auto_cast_type for decoders (exporters/neuron/__main__.py,
+# maybe_export_from_neuron_model_class). Accepting the option would promise a cast the
+# export silently does not make, so it is refused.
+DECODER_AUTO_CAST = ("text-generation exports take no auto-cast in Optimum Neuron: NeuronModelForCausalLM is "
+                     "compiled in the checkpoint's own dtype (its config's torch_dtype). Choose auto_cast none, "
+                     "or upload the model saved in the precision you want (e.g. bfloat16)")
+
+
 class ExportOptionError(ValueError):
     """An export option was refused: `field` names it, the message says why."""
 
@@ -116,6 +129,8 @@ def check_export_options(spec: Mapping, family: str) -> ExportOptions:
         raise ExportOptionError("auto_cast_type", f"auto_cast_type must be one of {', '.join(AUTO_CAST_TYPES)}")
     if family == "cpu" and auto_cast != "none":
         raise ExportOptionError("auto_cast", "auto-cast is a neuronx-cc option; the cpu backend traces in fp32")
+    if task == "text-generation" and auto_cast != "none":
+        raise ExportOptionError("auto_cast", DECODER_AUTO_CAST)
     image = {}
     if task == "text-to-image":
         for name in ("height", "width"):
@@ -141,7 +156,8 @@ def optimum_export_call(options: ExportOptions, target: str, compiler_options: l
     """(class name, method, keyword arguments) of the Optimum Neuron export for these options.
 
     Decoders (text-generation) go through `get_neuron_config(...)` + `export(...)`
-    (optimum/neuron/models/inference/modeling_utils.py); encoders and Stable
+    (optimum/neuron/models/inference/modeling_utils.py), with no auto-cast (see
+    DECODER_AUTO_CAST: check_export_options refuses one); encoders and Stable
     Diffusion through `from_pretrained(model, export=True, **compiler_args,
     **input_shapes)` (docs/source/guides/export_model.mdx, model_doc/diffusers/
     stable_diffusion.mdx). `instance_type` is the family: a CPU-only compile host

@@ -2,9 +2,13 @@
 PY ?= python3.11
 VENV := .venv
 BIND ?= 127.0.0.1:8000
+# The endpoints gateway (every inference endpoint's stable URL) listens here.
+GATEWAY_HOST ?= 127.0.0.1
+GATEWAY_PORT ?= 8001
+ENDPOINT_GATEWAY_URL ?= http://$(GATEWAY_HOST):$(GATEWAY_PORT)
 NEURONDECK_HOST ?= $(shell hostname)
 NEURONDECK_CPU_SLOTS ?= 4
-export BIND NEURONDECK_HOST NEURONDECK_CPU_SLOTS
+export BIND NEURONDECK_HOST NEURONDECK_CPU_SLOTS GATEWAY_HOST GATEWAY_PORT ENDPOINT_GATEWAY_URL
 
 .PHONY: install run test bench migrate
 

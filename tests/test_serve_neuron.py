@@ -95,8 +95,8 @@ def test_the_replica_starts_the_server_probes_it_announces_and_stops_it(tmp_path
     runner = threading.Thread(target=lambda: results.append(serve_on_neuron(ctx, python=str(bindir / "python"))))
     runner.start()
     try:
-        ready = wait_until(lambda: [m for m in metrics if m.get("event") == "serve_ready"], timeout=60,
-                           message="the serve_ready record")[0]
+        ready = wait_until(lambda: [m for m in metrics if m.get("replica") == "ready"], timeout=60,
+                           message="the replica-ready record")[0]
         started = json.loads(record.read_text())
         assert started["cores"] == "2-3" and started["world"] == "2"
         argv = started["argv"][1:]
@@ -109,7 +109,7 @@ def test_the_replica_starts_the_server_probes_it_announces_and_stops_it(tmp_path
         runner.join(timeout=60)
     assert results and results[0]["drained"] is True and results[0]["tensor_parallel_size"] == 2
     assert Path(str(record) + ".term").exists(), "the server was not sent SIGTERM"
-    assert any(m.get("event") == "serve_draining" for m in metrics)
+    assert any(m.get("replica") == "draining" for m in metrics)
 
 
 def test_a_server_that_dies_before_answering_fails_the_job(tmp_path, monkeypatch):

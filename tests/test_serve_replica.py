@@ -176,7 +176,8 @@ def test_the_serve_job_announces_its_url_serves_and_drains_on_stop(tiny_model_di
     workdir = tmp_path / "job"
     payload = {"job_id": 7, "kind": "serve", "backend": "cpu", "workdir": str(workdir),
                "spec": {"max_batch_size": 4, "max_seq_len": 128, "endpoint_id": 3, "replica_id": 9},
-               "inputs": {"model_path": str(tiny_model_dir), "model_format": "hf"}, "env": {}}
+               "inputs": {"model_path": str(tiny_model_dir), "model_format": "hf"},
+               "env": {"NEURONDECK_REPLICA_HOST": "127.0.0.1"}}
     workdir.mkdir()
     (tmp_path / "payload.json").write_text(json.dumps(payload))
     with (workdir / "log.txt").open("wb") as log:
@@ -186,9 +187,9 @@ def test_the_serve_job_announces_its_url_serves_and_drains_on_stop(tiny_model_di
         def ready():
             path = workdir / "metrics.jsonl"
             lines = path.read_text().splitlines() if path.exists() else []
-            return [json.loads(line) for line in lines if "serve_ready" in line] or proc.poll() is not None
+            return [json.loads(line) for line in lines if '"replica": "ready"' in line] or proc.poll() is not None
 
-        records = wait_until(ready, timeout=120, message="the serve_ready metric")
+        records = wait_until(ready, timeout=120, message="the replica-ready metric")
         assert proc.poll() is None, (workdir / "log.txt").read_text()
         record = records[0]
         assert record["replica_id"] == 9 and record["endpoint_id"] == 3
@@ -206,4 +207,4 @@ def test_the_serve_job_announces_its_url_serves_and_drains_on_stop(tiny_model_di
     verdict = json.loads((workdir / "result.json").read_text())
     assert verdict["ok"] is True
     assert verdict["result"]["served_requests"] == 1 and verdict["result"]["drained"] is True
-    assert "serve_draining" in (workdir / "metrics.jsonl").read_text()
+    assert '"replica": "draining"' in (workdir / "metrics.jsonl").read_text()

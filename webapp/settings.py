@@ -244,6 +244,12 @@ JOB_MAX_ATTEMPTS = envint("JOB_MAX_ATTEMPTS", 3)
 JOB_KILL_GRACE_S = envint("JOB_KILL_GRACE_S", 10)
 RUNNER_MODE = os.environ.get("RUNNER_MODE", "")  # "", "fork" or "exec"; "" = by backend
 METRICS_STREAM_MAXLEN = envint("METRICS_STREAM_MAXLEN", 3600)
+# The endpoints gateway (jobs.gateway, its own process): the base of every endpoint's
+# stable URL as users see it; how long a request waits for a replica to start (scale
+# from zero) and for a saturated endpoint to free a slot, before 503 / 429.
+ENDPOINT_GATEWAY_URL = os.environ.get("ENDPOINT_GATEWAY_URL", "http://127.0.0.1:8001").rstrip("/")
+ENDPOINT_COLD_START_WAIT_S = float(os.environ.get("ENDPOINT_COLD_START_WAIT_S", "120"))
+ENDPOINT_QUEUE_WAIT_S = float(os.environ.get("ENDPOINT_QUEUE_WAIT_S", "1"))
 # Fair share: usage decays with this half-life; each queued job is charged this many
 # expected core-seconds per core while the queue is ordered (so bursts interleave);
 # team usage is recomputed at most this often per process.

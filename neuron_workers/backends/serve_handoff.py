@@ -3,15 +3,22 @@ optimum-neuron): read the endpoint's serving options, take a free port, probe it
 own /health, tell the worker its URL, and tell it when it starts draining.
 
 Torch-free. The hand-off to the worker is one metrics line (the supervisor tails
-metrics.jsonl to the worker's JobRecorder.on_metric) plus workdir/serve.json:
+metrics.jsonl to the worker's JobRecorder.on_metric, which marks the Replica) plus
+workdir/serve.json:
 
-  {"event": "serve_ready", "url": "http://HOST:PORT", "replica_id": R, "endpoint_id": E}
-  {"event": "serve_draining", "replica_id": R}
+  {"replica": "ready", "url": "http://HOST:PORT", "replica_id": R, "endpoint_id": E}
+  {"replica": "draining", "replica_id": R}
+
+HOST is the address other machines reach this one at: the payload's env
+NEURONDECK_REPLICA_HOST (the worker sets it), else spec "advertise_host", else the
+bind address. The server binds 127.0.0.1 when that address is loopback, else all
+interfaces.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -20,8 +27,11 @@ from urllib.parse import urlsplit
 
 from .base import JobContext, JobFailed, spec_int, write_json
 
-READY_EVENT = "serve_ready"
-DRAINING_EVENT = "serve_draining"
+REPLICA_EVENT = "replica"  # the metric record's key; its value: READY or DRAINING
+READY = "ready"
+DRAINING = "draining"
+REPLICA_HOST_ENV = "NEURONDECK_REPLICA_HOST"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVE_FILE = "serve.json"
 DEFAULT_BATCH = 8
 DEFAULT_DRAIN_S = 30
@@ -43,14 +53,18 @@ class ServeSettings:
     replica_id: int | None
 
 
-def serve_settings(spec: dict) -> ServeSettings:
-    """The options from the job spec, checked (bad_input naming the field)."""
+def serve_settings(spec: dict, env: dict | None = None) -> ServeSettings:
+    """The options from the job spec, checked (bad_input naming the field); `env`
+    (default os.environ) may name the address to advertise."""
     batch = spec_int(spec, "max_batch_size", maximum=256, default=DEFAULT_BATCH)
     concurrent = spec_int(spec, "max_concurrent", maximum=100_000, default=batch * 4)
     if concurrent < batch:
         raise JobFailed("bad_input", f"spec field 'max_concurrent' ({concurrent}) must be >= max_batch_size ({batch})")
-    bind = spec.get("bind_host") or "127.0.0.1"
-    advertise = spec.get("advertise_host") or (bind if bind not in ("0.0.0.0", "::") else socket.gethostname())
+    env = os.environ if env is None else env
+    advertise = env.get(REPLICA_HOST_ENV) or spec.get("advertise_host") or spec.get("bind_host") or "127.0.0.1"
+    bind = spec.get("bind_host") or ("127.0.0.1" if advertise in LOOPBACK else "0.0.0.0")
+    if advertise in ("0.0.0.0", "::"):
+        advertise = socket.gethostname()
     for name, value in (("bind_host", bind), ("advertise_host", advertise)):
         if not isinstance(value, str) or len(value) > 253 or any(c in value for c in "/ @?#"):
             raise JobFailed("bad_input", f"spec field {name!r} must be a host name or address, got {value!r}")
@@ -119,7 +133,7 @@ def wait_healthy(url: str, *, timeout_s: float, should_stop: Callable[[], bool],
 
 
 def announce_ready(ctx: JobContext, settings: ServeSettings, url: str, **extra) -> None:
-    record = {"event": READY_EVENT, "url": url, "replica_id": settings.replica_id,
+    record = {REPLICA_EVENT: READY, "url": url, "replica_id": settings.replica_id,
               "endpoint_id": settings.endpoint_id, **extra}
     write_json(ctx.workdir / SERVE_FILE, record)
     ctx.metric(record)
@@ -127,5 +141,5 @@ def announce_ready(ctx: JobContext, settings: ServeSettings, url: str, **extra) 
 
 
 def announce_draining(ctx: JobContext, settings: ServeSettings) -> None:
-    ctx.metric({"event": DRAINING_EVENT, "replica_id": settings.replica_id})
+    ctx.metric({REPLICA_EVENT: DRAINING, "replica_id": settings.replica_id})
     ctx.log("stop requested: draining (no new requests; finishing those in progress)")

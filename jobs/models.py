@@ -320,6 +320,7 @@ class Job(models.Model):
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
         CANCELLED = "cancelled", "Cancelled"
+        SUSPENDED = "suspended", "Suspended"  # by its user: holds no cores until resumed
 
     # no index of its own: job_team_recent / job_team_status / job_team_finished lead with team_id
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="jobs", db_index=False)

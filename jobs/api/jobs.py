@@ -34,7 +34,15 @@ from jobs.assets.services import dataset_upload, model_upload
 from jobs.assets.uploads import UploadError
 from jobs.lifecycle import selectors
 from jobs.lifecycle.forms import JOB_FORMS, PromptsField
-from jobs.lifecycle.services import SubmitRefused, job_cancel, job_dry_run, job_submit
+from jobs.lifecycle.services import (
+    NotSuspendable,
+    SubmitRefused,
+    job_cancel,
+    job_dry_run,
+    job_resume,
+    job_submit,
+    job_suspend,
+)
 from jobs.models import Dataset, Job, JobLogChunk, Kind, Membership, ModelAsset, Role, Team
 
 router = Router(tags=["jobs"])
@@ -260,8 +268,9 @@ def _job_url(job_id: int) -> str:
 
 
 def _reason(job: Job) -> tuple[str | None, str | None]:
-    """The reason is shown while pending (why it waits) and when failed (why it failed)."""
-    if job.status in (Job.Status.PENDING, Job.Status.FAILED):
+    """The reason is shown while pending (why it waits), suspended (by whom) and when
+    failed (why it failed)."""
+    if job.status in (Job.Status.PENDING, Job.Status.FAILED, Job.Status.SUSPENDED):
         return job.reason_code or None, job.reason or None
     return None, None
 
@@ -568,6 +577,35 @@ def cancel_job(request: HttpRequest, job_id: int):
     if not cancelled:
         job.refresh_from_db(fields=["status"])
         return _error(409, f"job {job.pk} already finished ({job.status}); nothing to cancel", code="already_finished")
+    return job_document(access.get_job(request.auth, job_id))
+
+
+@router.post("/jobs/{job_id}/suspend", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Suspend a fine-tune")
+def suspend_job(request: HttpRequest, job_id: int):
+    """Whoever may cancel a fine-tune may suspend it: it frees its cores (a running one
+    saves a checkpoint first) and waits as "suspended" until resumed. 409 if it is not
+    a pending, queued or running fine-tune."""
+    job = access.get_job(request.auth, job_id)
+    try:
+        job_suspend(job=job, user=request.auth)
+    except access.Forbidden as exc:
+        return _forbidden(exc)
+    except NotSuspendable as exc:
+        return _error(409, exc.message, code=exc.code)
+    return job_document(access.get_job(request.auth, job_id))
+
+
+@router.post("/jobs/{job_id}/resume", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Resume a suspended job")
+def resume_job(request: HttpRequest, job_id: int):
+    """Back in the queue; a fine-tune resumes from its newest complete checkpoint. 409 if
+    the job is not suspended."""
+    job = access.get_job(request.auth, job_id)
+    try:
+        job_resume(job=job, user=request.auth)
+    except access.Forbidden as exc:
+        return _forbidden(exc)
+    except NotSuspendable as exc:
+        return _error(409, exc.message, code=exc.code)
     return job_document(access.get_job(request.auth, job_id))
 
 

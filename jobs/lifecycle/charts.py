@@ -25,15 +25,23 @@ def base_layout(title: str, x_title: str, y_title: str) -> dict:
     }
 
 
-def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Training loss") -> dict:
-    """A line chart of loss per step. Steps and losses must have the same length;
-    an empty series gives an empty chart with an annotation instead of an error."""
+def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Training loss",
+                resumes: Sequence[int] = ()) -> dict:
+    """A line chart of loss per step, one curve across attempts, with a dashed line at
+    each step a later attempt resumed from. Steps and losses must have the same
+    length; an empty series gives an empty chart with an annotation instead of an error."""
     if len(steps) != len(losses):
         raise ValueError(f"steps ({len(steps)}) and losses ({len(losses)}) differ in length")
     layout = base_layout(title, "step", "loss")
     if not steps:
         layout["annotations"] = [{"text": "no loss recorded yet", "showarrow": False,
                                   "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]
+    if resumes:
+        layout["shapes"] = [{"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0, "y1": 1,
+                             "line": {"color": "#7c3aed", "width": 1, "dash": "dash"}} for step in resumes]
+        layout.setdefault("annotations", []).extend(
+            {"text": f"resumed @{step}", "showarrow": False, "xref": "x", "yref": "paper", "x": step, "y": 1,
+             "xanchor": "left", "yanchor": "bottom", "font": {"size": 10, "color": "#7c3aed"}} for step in resumes)
     return {
         "data": [{
             "type": "scatter", "mode": "lines+markers" if len(steps) <= 60 else "lines",

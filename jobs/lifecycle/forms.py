@@ -16,6 +16,12 @@ from neuron_workers.backends.export_options import (
     check_export_options,
 )
 from neuron_workers.backends.export_options import DEFAULTS as EXPORT_DEFAULTS
+from neuron_workers.backends.training_options import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_KEEP_CHECKPOINTS,
+    LR_SCHEDULES,
+    MAX_KEEP_CHECKPOINTS,
+)
 
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 8192
@@ -155,9 +161,26 @@ class FinetuneForm(JobBaseForm):
     batch_size = forms.IntegerField(min_value=1, max_value=512, initial=4)
     sequence_length = forms.IntegerField(min_value=2, max_value=8192, initial=64)
     seed = forms.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
+    lr_schedule = forms.ChoiceField(choices=[(s, s) for s in LR_SCHEDULES], initial="constant",
+                                    help_text="constant, or linear decay to 0 at the last step.")
+    checkpoint_every = forms.IntegerField(
+        min_value=1, max_value=1_000_000, initial=DEFAULT_CHECKPOINT_EVERY,
+        help_text="Steps between checkpoints; a next attempt (preemption, a lost host, Suspend / Resume) "
+                  "continues from the last one.")
+    keep_checkpoints = forms.IntegerField(min_value=1, max_value=MAX_KEEP_CHECKPOINTS, initial=DEFAULT_KEEP_CHECKPOINTS,
+                                          help_text="How many of the newest checkpoints are kept.")
+    precompile = forms.BooleanField(required=False, help_text=mark_safe(
+        "Neuron: run <code>neuron_parallel_compile</code> with a few trial steps first, filling the "
+        "fleet's compile cache."))
+    tensor_parallel_size = forms.IntegerField(min_value=1, max_value=64, initial=1, help_text=(
+        "Neuron: NeuronCores each layer is split over (neuronx-distributed); must divide the cores."))
+    zero_1 = forms.BooleanField(required=False, help_text="Neuron: shard the optimizer state over the "
+                                                          "data-parallel ranks (ZeRO-1).")
 
     def clean(self):
         data = super().clean()
+        if not self.errors:
+            self._check_neuron_training(data)
         if not self.errors and not data.get("steps") and not data.get("epochs"):
             self.add_error("steps", "Give steps or epochs (a positive number).")
         elif data.get("steps") and data.get("epochs"):
@@ -165,6 +188,18 @@ class FinetuneForm(JobBaseForm):
             self.add_error("epochs", "Give steps or epochs, not both: steps counts optimizer steps, "
                                      "epochs counts passes over the dataset.")
         return data
+
+    def _check_neuron_training(self, data: dict) -> None:
+        """Precompile, tensor parallelism and ZeRO-1 are Neuron training options
+        (neuron_workers.backends.neuron_parallel); the cpu backend trains data-parallel only."""
+        from neuron_workers.backends.neuron_parallel import ParallelOptionError, check_parallel_options
+
+        try:
+            check_parallel_options(data.get("family") or Family.CPU, data.get("cores") or 1,
+                                   data.get("tensor_parallel_size") or 1, bool(data.get("zero_1")),
+                                   bool(data.get("precompile")))
+        except ParallelOptionError as exc:
+            self.add_error(exc.field, str(exc))
 
 
 class PromptsField(forms.Field):

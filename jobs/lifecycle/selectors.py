@@ -184,7 +184,11 @@ def log_tail(job: Job, max_bytes: int = LOG_TAIL_BYTES) -> LogWindow:
 def loss_series(job: Job, max_points: int = MAX_CHART_POINTS) -> tuple[list[int], list[float]]:
     """(steps, losses) of a fine-tune from its JobMetric rows, thinned in the database
     to about max_points by keeping every n-th step; falls back to the loss list in the
-    job's result when no rows were recorded (e.g. an old job)."""
+    job's result when no rows were recorded (e.g. an old job).
+
+    One curve across attempts: a resumed attempt trains again the steps after its
+    checkpoint, so a step may have a row from each; the later row (the attempt that
+    went on) wins."""
     rows = JobMetric.objects.filter(job=job, name="loss")
     count = rows.count()
     if count == 0:
@@ -193,8 +197,51 @@ def loss_series(job: Job, max_points: int = MAX_CHART_POINTS) -> tuple[list[int]
     stride = max(count // max_points, 1)
     if stride > 1:
         rows = rows.annotate(keep=Mod(F("step"), stride)).filter(keep=0)
-    pairs = list(rows.order_by("step").values_list("step", "value"))
-    return [s for s, _ in pairs], [v for _, v in pairs]
+    by_step: dict[int, float] = {}
+    for step, value in rows.order_by("step", "id").values_list("step", "value"):
+        by_step[step] = value
+    return list(by_step), list(by_step.values())
+
+
+def resume_steps(job: Job) -> list[int]:
+    """The steps later attempts resumed from (the "resumed" events a fine-tune reports)."""
+    return [data.get("step") for data in JobEvent.objects.filter(job=job, kind="resumed").order_by("id")
+            .values_list("data", flat=True) if isinstance(data.get("step"), int)]
+
+
+TRAINING_STAGES = ("prepare", "precompile", "train", "save")
+
+
+def training_stages(job: Job) -> list[dict]:
+    """The fine-tune's stages in the latest attempt that reported any: each stage's
+    name, state (waiting, started, done, skipped) and message."""
+    rows = list(JobEvent.objects.filter(job=job, kind="stage").order_by("id").values_list("data", "message"))
+    if not rows:
+        return []
+    latest = max((data.get("attempt") or 0) for data, _ in rows)
+    state = {name: {"name": name, "state": "waiting", "message": ""} for name in TRAINING_STAGES}
+    for data, message in rows:
+        name = data.get("stage")
+        if (data.get("attempt") or 0) == latest and name in state:
+            state[name] = {"name": name, "state": data.get("state") or "", "message": message}
+    return list(state.values())
+
+
+RANK_METRIC_PREFIX = "samples_per_s.r"
+
+
+def rank_progress(job: Job) -> list[dict]:
+    """Each rank's last reported step and throughput (samples/s), from the rows every
+    rank writes every few steps (name "samples_per_s.r<rank>")."""
+    names = (JobMetric.objects.filter(job=job, name__startswith=RANK_METRIC_PREFIX).values_list("name", flat=True)
+             .distinct())
+    progress = []
+    for name in sorted(names):
+        row = (JobMetric.objects.filter(job=job, name=name).order_by("-step", "-id").values("step", "value").first())
+        rank = name[len(RANK_METRIC_PREFIX):]
+        if row and rank.isdigit():
+            progress.append({"rank": int(rank), "step": row["step"], "samples_per_s": row["value"]})
+    return sorted(progress, key=lambda p: p["rank"])
 
 
 @dataclass(frozen=True)

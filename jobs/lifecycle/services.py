@@ -230,13 +230,52 @@ def job_cancel(*, job: Job, user) -> bool:
     if not access.can_cancel(user, job):
         raise access.Forbidden("only the job's owner or a team manager can cancel it")
     with transaction.atomic():
-        updated = Job.objects.filter(pk=job.pk, status__in=[*Job.ACTIVE, Job.Status.PENDING]).update(cancel_requested=True)
+        updated = Job.objects.filter(pk=job.pk, status__in=[*Job.ACTIVE, Job.Status.PENDING, Job.Status.SUSPENDED]
+                                     ).update(cancel_requested=True)
         if not updated:
             return False
-        done = states.mark_finished(job.pk, Job.Status.CANCELLED, sources=(Job.Status.PENDING, Job.Status.QUEUED),
+        done = states.mark_finished(job.pk, Job.Status.CANCELLED,
+                                    sources=(Job.Status.PENDING, Job.Status.QUEUED, Job.Status.SUSPENDED),
                                     message=f"cancelled by {user.username}", actor=user, failure="cancelled")
         if not done:
             states.event(job.pk, "cancel_requested", f"cancel requested by {user.username}", actor=user)
     return True
 
 
+
+
+# --- suspend and resume -------------------------------------------------------------
+
+class NotSuspendable(Exception):
+    """A suspend or resume that does not apply to the job as it is (a 409 with a sentence)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def job_suspend(*, job: Job, user) -> None:
+    """Suspend a fine-tune: it leaves the queue or stops running and frees its cores; a
+    running one saves a checkpoint in its kill grace. Whoever may cancel the job may
+    suspend it. Only fine-tunes: they resume where they were, other kinds would start over."""
+    if not access.can_cancel(user, job):
+        raise access.Forbidden("only the job's owner or a team manager can suspend it")
+    if job.kind != Kind.FINETUNE:
+        raise NotSuspendable("not_suspendable", f"only fine-tune jobs can be suspended (they resume from their "
+                                                f"checkpoint); job {job.pk} is a {job.kind} job")
+    if not states.suspend(job.pk, actor=user, message=f"suspended by {user.username}"):
+        job.refresh_from_db(fields=["status", "cancel_requested"])
+        state = "being cancelled" if job.cancel_requested and not job.is_finished else job.status
+        raise NotSuspendable("not_suspendable", f"job {job.pk} is {state}; only a pending, queued or running "
+                                                f"job can be suspended")
+    transaction.on_commit(kick_dispatch)  # the cores it held are free for the queue
+
+
+def job_resume(*, job: Job, user) -> None:
+    """Put a suspended job back in the queue; a fine-tune resumes from its newest checkpoint."""
+    if not access.can_cancel(user, job):
+        raise access.Forbidden("only the job's owner or a team manager can resume it")
+    if not states.resume(job.pk, actor=user, message=f"resumed by {user.username}; back in the queue"):
+        job.refresh_from_db(fields=["status"])
+        raise NotSuspendable("not_suspended", f"job {job.pk} is {job.status}, not suspended; nothing to resume")
+    transaction.on_commit(kick_dispatch)

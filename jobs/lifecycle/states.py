@@ -23,9 +23,12 @@ S = Job.Status
 
 # from-state(s) -> to-state; the closed set of legal moves.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    S.PENDING: (S.QUEUED, S.CANCELLED, S.FAILED, S.SUCCEEDED),  # succeeded: a compile cache hit
-    S.QUEUED: (S.RUNNING, S.PENDING, S.CANCELLED, S.FAILED),
-    S.RUNNING: (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING),
+    S.PENDING: (S.QUEUED, S.CANCELLED, S.FAILED, S.SUCCEEDED, S.SUSPENDED),  # succeeded: a compile cache hit
+    S.QUEUED: (S.RUNNING, S.PENDING, S.CANCELLED, S.FAILED, S.SUSPENDED),
+    S.RUNNING: (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING, S.SUSPENDED),
+    # A user's suspend: the job holds no cores and waits, until resumed (back to
+    # pending; a fine-tune then resumes from its checkpoint) or cancelled.
+    S.SUSPENDED: (S.PENDING, S.CANCELLED),
     S.SUCCEEDED: (),
     S.FAILED: (),
     S.CANCELLED: (),
@@ -75,8 +78,8 @@ def transition(
         )
         if changed != 1:
             return False
-        if target in Job.FINISHED or target == S.PENDING:
-            _release(job_id, outcome=target if target in Job.FINISHED else "requeued")
+        if target in Job.FINISHED or target in (S.PENDING, S.SUSPENDED):
+            _release(job_id, outcome="requeued" if target == S.PENDING else target)
         event(job_id, target, message, actor, **(event_data or {}))
         if target in (S.SUCCEEDED, S.FAILED):  # the outbox, in this transaction
             notify_events.job_transition(job_id, target, failure=fields.get("failure", ""), message=message)
@@ -94,7 +97,7 @@ def _release(job_id: int, outcome: str) -> None:
         JobAttempt.objects.filter(pk=pk).update(
             ended_at=now, outcome=outcome, core_seconds=cores * max((now - started_at).total_seconds(), 0.0))
     CoreAllocation.objects.filter(job_id=job_id).delete()
-    if outcome in ("requeued", S.CANCELLED):
+    if outcome in ("requeued", S.CANCELLED, S.SUSPENDED):
         # A gang's next placement writes new ranks; a finished gang keeps its rank table.
         GangMember.objects.filter(job_id=job_id).delete()
 
@@ -226,15 +229,33 @@ def mark_finished(job_id: int, target: str, *, sources=(S.RUNNING,), message: st
     )
 
 
+# What a job leaving its placement clears (requeue and suspend): the next placement sets them again.
+UNPLACED = {"host_id": None, "core_start": None, "queued_at": None, "started_at": None, "heartbeat_at": None,
+            "worker_pid": None}
+
+
+def suspend(job_id: int, *, actor=None, message: str) -> bool:
+    """pending, queued or running -> suspended: its cores are freed at once (a running
+    job's worker sees the job is no longer its own and stops the process with SIGTERM
+    and the kill grace, in which a fine-tune saves a checkpoint)."""
+    return transition(job_id, [S.PENDING, S.QUEUED, S.RUNNING], S.SUSPENDED, message=message, actor=actor,
+                      extra_filter={"cancel_requested": False}, reason_code="suspended", reason=message,
+                      **UNPLACED)
+
+
+def resume(job_id: int, *, actor=None, message: str) -> bool:
+    """suspended -> pending: back in the queue; a fine-tune resumes from its newest checkpoint."""
+    return transition(job_id, [S.SUSPENDED], S.PENDING, message=message, actor=actor,
+                      reason_code="resumed", reason="waiting for the scheduler")
+
+
 def requeue(job_id: int, *, sources=(S.RUNNING, S.QUEUED), message: str, kind: str = "requeued",
             actor=None, event_data: dict | None = None, extra_filter: dict | None = None) -> bool:
     """Back to pending (worker lost with attempts left, preempted, lost message)."""
     with transaction.atomic():
         moved = transition(
             job_id, sources, S.PENDING, message=message, actor=actor, event_data=event_data,
-            extra_filter=extra_filter,
-            host_id=None, core_start=None, queued_at=None, started_at=None, heartbeat_at=None,
-            worker_pid=None, reason_code=kind, reason=message,
+            extra_filter=extra_filter, **UNPLACED, reason_code=kind, reason=message,
         )
         if moved and kind != "requeued":
             event(job_id, kind, message, actor, **(event_data or {}))

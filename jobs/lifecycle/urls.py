@@ -12,5 +12,7 @@ urlpatterns = [
     path("jobs/<dbid:job_id>/status.json", views.job_status, name="job_status"),
     path("jobs/<dbid:job_id>/result/", views.job_result, name="job_result"),
     path("jobs/<dbid:job_id>/cancel/", views.job_cancel, name="job_cancel"),
+    path("jobs/<dbid:job_id>/suspend/", views.job_suspend, name="job_suspend"),
+    path("jobs/<dbid:job_id>/resume/", views.job_resume, name="job_resume"),
     path("jobs/<dbid:job_id>/artifacts/<path:name>", views.job_artifact, name="job_artifact"),
 ]

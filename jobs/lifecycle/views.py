@@ -24,7 +24,7 @@ from jobs.cli import jobfile
 from jobs.cli.jobfile import job_body
 from jobs.lifecycle import charts, selectors, services
 from jobs.lifecycle.forms import JOB_FORMS
-from jobs.models import Family, Job, JobEvent, Kind, Team
+from jobs.models import Family, Job, JobAttempt, JobEvent, Kind, Team
 
 JOBS_PER_PAGE = 50
 
@@ -326,6 +326,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "job": job, "events": events, "log": log, "live": live,
         "spec_json": spec, "again": _again_forms(request, job), "can_submit": pages.can_write(request.user, job.team),
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
+        **_suspend_flags(request.user, job),
         "queue_position": _queue_position(job), **_result_context(job),
     }, team=job.team, nav="jobs")
 
@@ -353,6 +354,14 @@ def _again_forms(request: HttpRequest, job: Job) -> dict:
     }
 
 
+def _suspend_flags(user, job: Job) -> dict[str, bool]:
+    """Which of Suspend / Resume the page offers: fine-tunes only, to whoever may cancel."""
+    allowed = job.kind == Kind.FINETUNE and access.can_cancel(user, job)
+    return {"can_suspend": allowed and not job.cancel_requested and job.status in (
+                Job.Status.PENDING, Job.Status.QUEUED, Job.Status.RUNNING),
+            "can_resume": allowed and job.status == Job.Status.SUSPENDED}
+
+
 def _queue_position(job: Job) -> int | None:
     """1-based place among pending jobs of its family (None unless pending)."""
     return selectors.queue_position(job) if job.status == Job.Status.PENDING else None
@@ -360,7 +369,7 @@ def _queue_position(job: Job) -> int | None:
 
 def _show_reason(job: Job) -> bool:
     return bool(job.reason_code or job.reason) and job.status in (Job.Status.PENDING, Job.Status.FAILED,
-                                                                  Job.Status.CANCELLED)
+                                                                  Job.Status.CANCELLED, Job.Status.SUSPENDED)
 
 
 def _result_context(job: Job) -> dict:
@@ -368,12 +377,28 @@ def _result_context(job: Job) -> dict:
     context: dict = {"result_facts": result_facts(job), "artifacts": list(job.artifacts.all()),
                      "result_json": json.dumps(job.result or {}, indent=2, sort_keys=True)[:pages.SPEC_SHOWN_CHARS],
                      "show_reason": _show_reason(job)}
-    if job.kind == Kind.FINETUNE and (job.is_finished or job.status == Job.Status.RUNNING):
+    if job.kind == Kind.FINETUNE and (job.is_finished or job.attempts > 0):
         steps, losses = selectors.loss_series(job)
-        context["loss_figure"] = charts.loss_figure(steps, losses) if steps else None
+        context["loss_figure"] = charts.loss_figure(steps, losses, resumes=selectors.resume_steps(job)) \
+            if steps else None
+        context["stages"] = selectors.training_stages(job)
+        context["ranks"] = _rank_rows(job, selectors.rank_progress(job))
     if job.kind == Kind.INFERENCE and job.status == Job.Status.SUCCEEDED:
         context["outputs"] = selectors.inference_outputs(job)
     return context
+
+
+def _rank_rows(job: Job, progress: list[dict]) -> list[dict]:
+    """Each rank's host beside its progress: rank 0 ran on the job's host; a gang's
+    other ranks on their GangMember hosts."""
+    host = job.host
+    if host is None:  # not placed now (suspended, requeued, finished): where it last ran
+        last = JobAttempt.objects.filter(job=job).select_related("host").order_by("-number").first()
+        host = last.host if last else None
+    hosts = {0: host.name if host else "—"}
+    for member in job.gang.select_related("host"):
+        hosts[member.rank] = member.host.name if member.host else "—"
+    return [{**row, "host": hosts.get(row["rank"], "—")} for row in progress]
 
 
 def _num(value, fmt: str, unit: str = "") -> str | None:
@@ -397,6 +422,10 @@ def result_facts(job: Job) -> list[tuple[str, str]]:
                         ("First loss", _num(r.get("first_loss"), ".4f")),
                         ("Steps", _num(r.get("steps"), "d")),
                         ("Training time", _num(r.get("train_seconds"), ".1f", " s")),
+                        ("Resumed from step", _num(r.get("resumed_from_step"), "d") if r.get("resumed_from_step")
+                         else None),
+                        ("Data-parallel ranks", _num(r.get("world_size"), "d") if (r.get("world_size") or 1) > 1
+                         else None),
                         ("Tokens per second", _num(r.get("tokens_per_s"), ".1f"))],
         Kind.INFERENCE: [("Requests", _num(r.get("requests"), "d")),
                          ("Latency p50", _num(r.get("latency_ms_p50"), ".1f", " ms")),
@@ -449,6 +478,7 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
         "events": [_event_json(e) for e in selectors.job_events(job, after_id=query["events_after"])],
         "log": {"text": log.text, "offset": log.end, "more": log.end < job.log_bytes},
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
+        **_suspend_flags(request.user, job),
         "result": job.result if job.is_finished else None,
     }, headers={"Cache-Control": "no-store"})
 
@@ -475,6 +505,35 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
         messages.success(request, f"Cancel of job #{job.pk} requested.")
     else:
         messages.info(request, f"Job #{job.pk} had already finished.")
+    return redirect("job_detail", job_id=job.pk)
+
+
+# --- suspend and resume ------------------------------------------------------------
+
+@login_required
+@require_POST
+def job_suspend(request: HttpRequest, job_id: int) -> HttpResponse:
+    return _suspend_or_resume(request, job_id, services.job_suspend,
+                              "Job #{pk} suspended: its cores are free; resume it to continue from its checkpoint.")
+
+
+@login_required
+@require_POST
+def job_resume(request: HttpRequest, job_id: int) -> HttpResponse:
+    return _suspend_or_resume(request, job_id, services.job_resume, "Job #{pk} resumed: it is back in the queue.")
+
+
+def _suspend_or_resume(request: HttpRequest, job_id: int, action, done: str) -> HttpResponse:
+    job = access.get_job(request.user, job_id)
+    try:
+        action(job=job, user=request.user)
+    except access.Forbidden as exc:
+        return pages.render_page(request, "jobs/refused.html", {"sentence": str(exc), "back": f"/jobs/{job.pk}/"},
+                                 team=job.team, nav="jobs", status=403)
+    except services.NotSuspendable as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, done.format(pk=job.pk))
     return redirect("job_detail", job_id=job.pk)
 
 

@@ -16,13 +16,8 @@ from .base import JobContext, JobFailed, input_path, require_model_format, spec_
 from .checkpoints import CheckpointStore
 from .data import pack_blocks, read_texts, steps_per_epoch
 from .loops import Checkpointing
+from .training_options import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP_CHECKPOINTS, LR_SCHEDULES, MAX_KEEP_CHECKPOINTS
 
-# Training options with their defaults; the web app's form offers the same ones
-# (jobs.lifecycle.forms.FinetuneForm) and checks them at submit.
-DEFAULT_CHECKPOINT_EVERY = 100  # steps between checkpoints
-DEFAULT_KEEP_CHECKPOINTS = 3
-MAX_KEEP_CHECKPOINTS = 100
-LR_SCHEDULES = ("constant", "linear")
 CHECKPOINTS_DIR = "checkpoints"
 
 

@@ -64,13 +64,14 @@ from .data import read_prompts
 from .detect import neuron_devices_present, neuron_stack_importable
 from .diffusion import compile_image_on_cpu, generate_images, image_compile_meta, infer_images_on_cpu
 from .export_options import ExportOptionError, check_export_options, optimum_export_call
-from .finetuning import finetune_plan
+from .finetuning import finetune_plan, stage
 from .inference import check_fits_shape, generation_settings, infer_on_cpu, run_fixed_shape_inference
 from .loops import inference_result, time_forward
 from .neuron_env import compiler_identity, dist_version, parse_visible_cores, probe
 from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
-from .neuron_launch import neuron_cc_flags, run_torchrun, training_env
+from .neuron_launch import neuron_cc_flags, run_precompile, run_torchrun, training_env
 from .neuron_matrix import DEFAULT_TRN2_LNC, NATIVE_FAMILIES, compile_lnc, job_refusal
+from .neuron_parallel import ParallelOptionError, check_parallel_options, uses_neuron_trainer
 from .neuron_train import train_rank
 from .serve_neuron import serve_on_neuron
 from .tinymodel import model_digest
@@ -190,22 +191,39 @@ class NeuronBackend(Backend):
     # ------------------------------------------------------------ finetune
 
     def finetune(self, ctx: JobContext) -> dict:
-        """One NeuronCore in-process; several under torchrun (see neuron_launch.run_torchrun)."""
+        """One NeuronCore in-process; several under torchrun (see neuron_launch.run_torchrun);
+        inside a gang's torchrun (WORLD_SIZE set by it), this process is one rank.
+        With the precompile option, neuron_parallel_compile runs a few trial steps
+        first (its own stage); tensor parallelism and ZeRO-1 train through Optimum
+        Neuron's NeuronTrainer (neuron_train.optimum_train_rank)."""
         plan = finetune_plan(ctx)
         cores = spec_int(ctx.spec, "cores", default=1)
+        try:
+            check_parallel_options(ctx.spec.get("family") or "trn1", cores,
+                                   spec_int(ctx.spec, "tensor_parallel_size", default=1), bool(ctx.spec.get("zero_1")),
+                                   plan["precompile"])
+        except ParallelOptionError as exc:
+            raise JobFailed("bad_input", str(exc)) from exc
         report = check_runnable(ctx, ctx.spec.get("family") or "", cores=cores)
-        if cores > 1:
-            return run_torchrun(ctx, cores, compile_cache_dir(), report.get("framework"))
-        os.environ.update(training_env(report.get("framework") or "xla", os.environ.get("NEURON_RT_VISIBLE_CORES"),
-                                       compile_cache_dir(), os.environ))
-        return train_rank(ctx, plan, rank=0, world_size=1, framework=report.get("framework"))
-
-    # ------------------------------------------------------------ serve
-
-    def serve(self, ctx: JobContext) -> dict:
-        """An endpoint's replica: optimum-cli neuron serve (or vLLM with the Neuron plugin)
-        on the job's cores, until cancelled (see serve_neuron)."""
-        return serve_on_neuron(ctx)
+        framework = report.get("framework")
+        world_size = int(os.environ.get("WORLD_SIZE") or "1")
+        if world_size > 1 and os.environ.get("RANK") is not None:
+            return train_rank(ctx, plan, rank=int(os.environ["RANK"]), world_size=world_size, framework=framework)
+        if plan["precompile"]:
+            stage(ctx, "precompile", "started")
+            seconds = run_precompile(ctx, cores, compile_cache_dir(), framework)
+            stage(ctx, "precompile", "done", f"precompile: done in {seconds:.1f} s (neuron_parallel_compile)")
+        else:
+            stage(ctx, "precompile", "skipped", "precompile: off (the first steps compile as they go)")
+        stage(ctx, "train", "started")
+        if cores > 1 or uses_neuron_trainer(ctx.spec):
+            result = run_torchrun(ctx, cores, compile_cache_dir(), framework)
+        else:
+            os.environ.update(training_env(framework or "xla", os.environ.get("NEURON_RT_VISIBLE_CORES"),
+                                           compile_cache_dir(), os.environ))
+            result = train_rank(ctx, plan, rank=0, world_size=1, framework=framework)
+        stage(ctx, "train", "done")
+        return result
 
     # ------------------------------------------------------------ inference
 

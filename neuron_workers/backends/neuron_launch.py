@@ -35,6 +35,7 @@ from .base import JobContext, JobFailed, write_json
 from .neuron_env import installed_framework, parse_visible_cores
 from .neuron_errors import classify_neuron_error
 from .neuron_matrix import XLA
+from .neuron_parallel import precompile_command
 
 METRIC_PREFIX = "@@neurondeck-metric "
 RESULT_FILE = "train_result.json"
@@ -159,6 +160,28 @@ def run_torchrun(ctx: JobContext, cores: int, cache_dir: str, framework: str | N
                             start_new_session=True)  # own process group, so cancel can stop every rank
     tail = relay_output(ctx, proc)
     return collect_torchrun_result(ctx, proc.returncode, tail)
+
+
+def run_precompile(ctx: JobContext, cores: int, cache_dir: str, framework: str | None = None) -> float:
+    """The precompile stage: the job's own torchrun command under neuron_parallel_compile
+    for a few trial steps (neuron_parallel.precompile_command), filling the compile cache
+    the training run then reads. Returns its seconds; JobFailed("compile_error") if it fails."""
+    import time
+
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    write_json(ctx.workdir / JOB_FILE, {"job_id": ctx.job_id, "spec": ctx.spec, "inputs": ctx.inputs})
+    argv, trial = precompile_command(torchrun_argv(cores, ctx.workdir), cache_dir)
+    added = {**training_env(framework or installed_framework() or XLA, os.environ.get("NEURON_RT_VISIBLE_CORES"),
+                            cache_dir, os.environ), **trial}
+    ctx.log(f"precompile: {' '.join(argv)} with {' '.join(f'{k}={v}' for k, v in sorted(added.items()))}")
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **added}, start_new_session=True)
+    tail = relay_output(ctx, proc)
+    if proc.returncode != 0:
+        raise JobFailed("compile_error", f"neuron_parallel_compile exited with status {proc.returncode}: "
+                                         f"{tail[-1] if tail else 'no output'}")
+    return time.perf_counter() - started
 
 
 def relay_output(ctx: JobContext, proc: subprocess.Popen) -> list[str]:

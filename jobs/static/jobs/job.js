@@ -55,6 +55,9 @@
     $("job-finished").textContent = data.finished_at || "—";
     const cancel = $("cancel-form");
     if (cancel && !data.can_cancel) cancel.remove();
+    const suspend = $("suspend-form"), resume = $("resume-form");
+    if (suspend) suspend.hidden = !data.can_suspend;
+    if (resume) resume.hidden = !data.can_resume;
     renderPending(data.pending);
   }
 

@@ -6,7 +6,9 @@ as admin (staff), alice (manager of vision) and bob (member of vision), at
 * any 5xx response (the page or anything it loads),
 * any horizontal scroll of the page body (wide tables scroll in their own box),
 * any same-site link on it that this role cannot open (a 403 or 404, or worse),
-* a chart whose legend covers its x axis labels, or whose colour bar labels overlap.
+* a chart whose legend covers its x axis labels, or whose colour bar labels overlap,
+* any Content-Security-Policy violation the browser reports (an inline script, style
+  or handler, an eval), or a page whose policy allows 'unsafe-inline' or 'unsafe-eval'.
 
 The walk starts from the top bar's links (both menus included) and follows the links
 each page shows, one page of each kind (the path with numbers taken out), so a job
@@ -35,6 +37,11 @@ MAX_PAGES = 40  # per walk; the console has about 25 kinds of page
 # Linked but not walked: Django's admin (its own pages), the JSON API and its docs,
 # downloads and exports. They are still opened once, to check the role may.
 NOT_WALKED = re.compile(r"^/(admin/|api/|static/|favicon)|/artifacts/|[?&]format=csv")
+
+# Every violation of the page's Content-Security-Policy, reported to the test as it happens.
+REPORT_CSP = """document.addEventListener('securitypolicyviolation', e => window.ndCspViolation(
+    e.effectiveDirective + ' refused ' + (e.blockedURI || 'inline') + ' at ' + (e.sourceFile || e.documentURI)
+    + ':' + e.lineNumber + (e.sample ? ' (' + e.sample + ')' : '')));"""
 
 PLOTS_DRAWN = """() => [...document.querySelectorAll('[data-figure], [data-live-chart]')]
     .every(el => el.classList.contains('js-plotly-plot'))"""
@@ -84,6 +91,8 @@ class Walk:
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda exc: self.problems.append(f"{self.where()}: script error: {exc}"))
         self.page.on("response", self._response)
+        self.page.expose_function("ndCspViolation", lambda text: self.problems.append(f"{self.where()}: CSP: {text}"))
+        self.page.add_init_script(REPORT_CSP)
         self.shots = SHOTS / "walk" / viewport / role
         shutil.rmtree(self.shots, ignore_errors=True)  # this run's pages only
         self.shots.mkdir(parents=True, exist_ok=True)
@@ -98,6 +107,10 @@ class Walk:
     def _response(self, response) -> None:
         if response.status >= 500:
             self.problems.append(f"{self.where()}: {response.status} from {response.url}")
+        if response.request.resource_type == "document" and urlsplit(response.url).netloc == urlsplit(self.base).netloc:
+            policy = response.headers.get("content-security-policy", "")
+            if "script-src 'self'" not in policy or "unsafe-inline" in policy or "unsafe-eval" in policy:
+                self.problems.append(f"{self.where()}: {response.url} has the policy {policy!r}")
 
     def links(self) -> list[str]:
         """Same-site link targets on the page (path + query), in document order."""

@@ -126,6 +126,7 @@ INSTALLED_APPS = [
 ]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",  # the Content-Security-Policy header (see "Security" below)
     "jobs.middleware.RefuseNulInUrl",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -205,6 +206,37 @@ SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", True)  # consent only: noth
 if envbool("TRUST_X_FORWARDED_PROTO", not DEBUG):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_HTTPONLY = True
+
+# --- Security: Content-Security-Policy (django-csp) ------------------------------------
+# Every page may run scripts and load styles from this site's own files only: no inline
+# <script>, on*= handler, <style> block or style="" attribute, and no eval. Behaviour and
+# styles go in the areas' static/ folders (served by whitenoise). Plotly.js would add
+# its own rules in a <style> element; base.html links them instead as a static file
+# (jobs/static/jobs/plotly.css, generated from the pinned Plotly.js, see tests/test_csp.py).
+# Plotly draws heatmaps as data: images and saves a chart as a PNG from a blob: (img-src).
+# One narrow allowance: Plotly.js clears a colour bar's fills with style="" (an empty
+# style attribute), so style attributes whose text is empty, and only those, are let
+# through by the hash of the empty string ('unsafe-hashes' makes a hash apply to
+# attributes); any other style attribute is refused.
+from csp.constants import NONE, SELF, UNSAFE_HASHES  # noqa: E402
+
+EMPTY_TEXT_HASH = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"  # base64(sha256(b""))
+
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "style-src-attr": [UNSAFE_HASHES, EMPTY_TEXT_HASH],
+        "img-src": [SELF, "data:", "blob:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")

@@ -35,11 +35,20 @@ def line_colors(n: int) -> list[str]:
     return sample_colorscale(UTIL_SCALE, [i / (n - 1) * 0.9 for i in range(n)])
 
 
-def _layout(title: str, yaxis: dict, **extra: Any) -> dict:
+def _title(text: str, note: str = "") -> dict:
+    """A chart's title; a note goes below it in small grey type, as Plotly's subtitle
+    (a styled <span> in the title would need an inline style, refused by the CSP)."""
+    title: dict[str, Any] = {"text": text, "x": 0, "xanchor": "left", "font": {"size": 14}}
+    if note:
+        title["subtitle"] = {"text": f"({note})", "font": {"size": 11, "color": "#656d76"}}
+    return title
+
+
+def _layout(title: str, yaxis: dict, note: str = "", **extra: Any) -> dict:
     return {
-        "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 14}},
+        "title": _title(title, note),
         "font": _FONT,
-        "margin": {"l": 56, "r": 16, "t": 36, "b": 36},
+        "margin": {"l": 56, "r": 16, "t": 52 if note else 36, "b": 36},
         "height": 280,
         # A constant uirevision keeps the user's zoom and hidden traces while points
         # are appended.
@@ -70,7 +79,7 @@ def _note(series: dict) -> str:
         parts.append(f"history averaged over {series['resolution_s']:g} s")
     if series.get("replay"):
         parts.append("replayed recording")
-    return f" <span style='font-size:11px;color:#656d76'>({'; '.join(parts)})</span>" if parts else ""
+    return "; ".join(parts)
 
 
 LINE_LIMIT = 8  # more cores than this: a core × time heatmap instead of one line per core
@@ -107,18 +116,18 @@ def job_util_figure(series: dict, family: str | None = None) -> dict:
     which keeps a 32-core page responsive after an hour of live points."""
     cpu = is_cpu(series, family)
     label = "slot" if cpu else "core"
-    title = ("CPU use of the job's slots (%)" if cpu else "NeuronCore utilization (%)") + _note(series)
+    title = "CPU use of the job's slots (%)" if cpu else "NeuronCore utilization (%)"
     # A pending job has no cores yet: decide by what it asked for.
     if max(len(series["cores"]), series.get("requested_cores") or 0) > LINE_LIMIT:
         figure = host_heatmap_figure(series, rows=series.get("requested_cores"))
-        figure["layout"]["title"]["text"] = title
+        figure["layout"]["title"] = _title(title, _note(series))
         figure["layout"]["yaxis"]["title"] = {"text": label}
         return figure
     colors = line_colors(len(series["cores"]))
     data = [_line(f"{label} {core}", series["t"], series["util"][i], colors[i],
                   hovertemplate="%{y:.1f} %<extra>" + f"{label} {core}</extra>")
             for i, core in enumerate(series["cores"])]
-    return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}})}
+    return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}}, note=_note(series))}
 
 
 _BYTES_AXIS = {"tickformat": ".3~s", "ticksuffix": "B", "rangemode": "tozero"}
@@ -183,8 +192,8 @@ def host_heatmap_figure(series: dict, rows: int | None = None) -> dict:
         "hovertemplate": "core %{y}<br>%{x}<br>%{z:.1f} %<extra></extra>", "hoverongaps": False,
     }
     label = "CPU job slots" if series.get("kind") == "host" else "NeuronCore"
-    layout = _layout(f"{label} utilization over time" + _note(series),
-                     {"title": {"text": "core"}, "type": "category", "autorange": True},
+    layout = _layout(f"{label} utilization over time",
+                     {"title": {"text": "core"}, "type": "category", "autorange": True}, note=_note(series),
                      height=max(260, 18 * max(len(cores), rows or 0) + 90), hovermode="closest")
     return {"data": [trace], "layout": layout}
 

@@ -9,7 +9,12 @@
  *   as a normal submit would (the URL follows a redirect);
  * - [data-copy]: copies the text of the element it names (the new API token);
  * - [data-choice]: radio buttons that pick one of several inputs (prompts typed or a
- *   prompts file): the other inputs are hidden and disabled, so only one is sent.
+ *   prompts file): the other inputs are hidden and disabled, so only one is sent;
+ * - select[data-autosubmit]: choosing an option submits its form (filters).
+ *
+ * No page has inline script or style (the Content-Security-Policy refuses them):
+ * behaviour goes here or in a static file of the page's area, driven by data-*
+ * attributes.
  */
 (function () {
   "use strict";
@@ -222,12 +227,19 @@
     });
   }
 
+  function setupAutosubmit() {
+    document.querySelectorAll("select[data-autosubmit]").forEach(function (select) {
+      select.addEventListener("change", function () { if (select.form) select.form.submit(); });
+    });
+  }
+
   function start() {
     setupNav();
     setupMenus();
     setupForms();
     setupCopy();
     setupChoices();
+    setupAutosubmit();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

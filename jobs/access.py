@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from django.http import Http404
 
-from jobs.models import Dataset, Job, Membership, ModelAsset, Role, Team
+from jobs.models import Dataset, Endpoint, Job, Membership, ModelAsset, Role, Team
 
 ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.MANAGER: 2}
 
@@ -93,6 +93,16 @@ def get_dataset(user, dataset_id: int) -> Dataset:
     if dataset is None:
         raise Http404("No such dataset")
     return dataset
+
+
+def get_endpoint(user, endpoint_id: int) -> Endpoint:
+    """An endpoint of one of the user's teams (a deleted one stays readable: its
+    timeline and usage history), else a 404."""
+    endpoint = (Endpoint.objects.filter(team__in=teams_of(user), pk=endpoint_id)
+                .select_related("team", "model", "created_by").first())
+    if endpoint is None:
+        raise Http404("No such endpoint")
+    return endpoint
 
 
 def can_cancel(user, job: Job) -> bool:

@@ -417,7 +417,7 @@ class Endpoint(models.Model):
         DELETED = "deleted", "Deleted"  # kept for the usage history of its replicas
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="endpoints")
-    name = models.SlugField(max_length=63)  # unique per team among endpoints not deleted; in the URL
+    name = models.SlugField(max_length=63)  # unique among the team's active endpoints; in the URL
     model = models.ForeignKey(ModelAsset, null=True, on_delete=models.SET_NULL, related_name="endpoints")
     family = models.CharField(max_length=8, choices=Family.choices, default=Family.CPU)
     cores_per_replica = models.PositiveIntegerField(default=1)
@@ -436,8 +436,9 @@ class Endpoint(models.Model):
 
     class Meta:
         ordering = ["team", "name"]
-        constraints = [models.UniqueConstraint(fields=["team", "name"], name="uniq_live_endpoint_name",
-                                               condition=~Q(state="deleted"))]
+        # A name is taken by the team's active endpoint only: one being deleted frees it at once.
+        constraints = [models.UniqueConstraint(fields=["team", "name"], name="uniq_active_endpoint_name",
+                                               condition=Q(state="active"))]
 
     def __str__(self) -> str:
         return f"{self.team_id}/{self.name}"
@@ -458,6 +459,7 @@ class EndpointRevision(models.Model):
     number = models.PositiveIntegerField()
     model = models.ForeignKey(ModelAsset, null=True, on_delete=models.SET_NULL, related_name="+")
     options = models.JSONField(default=dict)
+    cores_per_replica = models.PositiveIntegerField(default=1)
     state = models.CharField(max_length=12, choices=State.choices, default=State.ROLLING_OUT)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)

@@ -67,3 +67,20 @@ def notify_scan_task() -> dict:
     from jobs.lifecycle.watch import scan
 
     return scan()
+
+
+@shared_task(name="jobs.endpoints_reconcile", ignore_result=True)
+def endpoints_reconcile_task() -> dict:
+    """Every few seconds: autoscale endpoints on measured load, then make their
+    replicas follow (start, replace, roll out, drain, stop) and republish routes."""
+    from jobs.endpoints.reconcile import reconcile_all
+
+    return reconcile_all()
+
+
+@shared_task(name="jobs.endpoint_wake", ignore_result=True)
+def endpoint_wake_task(endpoint_id: int) -> None:
+    """A request reached an endpoint with no ready replica (scaled to zero): start one now."""
+    from jobs.endpoints.reconcile import wake
+
+    wake(endpoint_id)

@@ -18,6 +18,7 @@ from jobs.assets import storage
 from jobs.assets.services import model_register
 from jobs.lifecycle import states
 from jobs.models import Artifact, Host, Job, JobLogChunk, JobMetric, Kind, ModelAsset
+from jobs.quotas.backfill import NO_TIME_LIMIT
 
 log = logging.getLogger(__name__)
 S = Job.Status
@@ -74,6 +75,9 @@ def build_payload(job: Job, workdir: Path) -> dict:
         # The cpu backend uses as many threads as the job was given cores.
         "OMP_NUM_THREADS": str(job.cores), "NEURONDECK_JOB_CORES": str(job.cores),
     }
+    if job.kind == Kind.SERVE:
+        # Where the gateway reaches this replica's server (it binds a free port itself).
+        env["NEURONDECK_REPLICA_HOST"] = (job.host.address if job.host else "") or "127.0.0.1"
     lnc = ((job.host.inventory or {}).get("lnc") if job.host else None)
     if lnc:
         # Trn2: the runtime's logical core size is the one neuron-ls reported for the
@@ -119,6 +123,7 @@ class JobRecorder:
         self.held: list[tuple[int, str]] = []  # (offset, text) not yet stored
         self.pid: int | None = None
         self.pid_stored = False
+        self.serves = job.kind == Kind.SERVE  # an endpoint replica: it reports its URL and readiness
 
     def heartbeat(self) -> None:
         self.holding = False
@@ -179,6 +184,11 @@ class JobRecorder:
         if "event" in row:
             if row["event"] in JOB_EVENTS:
                 self.on_event(row)
+            return
+        if self.serves and "replica" in row:
+            from jobs.endpoints.replicas import replica_reported
+
+            replica_reported(self.job_id, self.attempt, self.host_id, row)
             return
         latency = row.get("request_ms")
         if isinstance(latency, (int, float)) and not isinstance(latency, bool):
@@ -293,8 +303,10 @@ def _run_claimed(job: Job, host, workdir: Path, recorder: "JobRecorder") -> str:
     try:
         outcome = supervise(
             payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
-            on_log=recorder.on_log, on_metric=recorder.on_metric, max_runtime_s=job.max_runtime_s,
-            grace_s=settings.JOB_KILL_GRACE_S,
+            on_log=recorder.on_log, on_metric=recorder.on_metric,
+            max_runtime_s=None if job.max_runtime_s == NO_TIME_LIMIT else job.max_runtime_s,
+            # A replica's server finishes its in-flight requests between SIGTERM and SIGKILL.
+            grace_s=settings.ENDPOINT_DRAIN_S if job.kind == Kind.SERVE else settings.JOB_KILL_GRACE_S,
             # The lease the reaper checks is JOB_LEASE_S; heartbeating at the configured
             # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
             # inside it when deployments shorten the lease.
@@ -307,6 +319,10 @@ def _run_claimed(job: Job, host, workdir: Path, recorder: "JobRecorder") -> str:
         raise
     recorder.flush_metrics()
     result = record_outcome(job, outcome, workdir, recorder)
+    if job.kind == Kind.SERVE:
+        from jobs.endpoints.replicas import replica_exited
+
+        replica_exited(job.pk)  # out of the routes now, not at the next reconcile
     if result != "superseded":
         _cores_freed(job)
     if result == "succeeded" and job.kind == Kind.COMPILE:

@@ -152,3 +152,62 @@ class ReusableSleepBackend(SleepBackend):
 
     def reusable_process(self, kind: str) -> bool:
         return True
+
+
+class ServeBackend:
+    """An endpoint replica's stand-in for the control-plane tests: an HTTP server on a
+    free port (GET /health, POST /v1/completions streaming a few SSE tokens), reported
+    ready through the metric channel as the real serve backend does, serving until
+    asked to stop (SIGTERM / STOP file), then finishing and exiting cleanly.
+
+    The model's path chooses a failure: "broken" in it exits 1 at start, "hang" never
+    becomes ready; spec "crash_after_s" (tests set it on the job) exits 1 after that."""
+
+    def run(self, ctx: JobContext) -> dict:
+        import http.server
+        import json as json_lib
+
+        model_path = str(ctx.inputs.get("model_path", ""))
+        if "broken" in model_path:
+            ctx.log("cannot load the model")
+            os._exit(1)
+        served = {"requests": 0}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = b'{"status": "ok"}'
+                self.send_response(200 if self.path == "/health" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                served["requests"] += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for token in ("hello", " from", f" replica {ctx.spec.get('replica_id')}"):
+                    chunk = {"choices": [{"text": token, "index": 0}]}
+                    self.wfile.write(f"data: {json_lib.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        host = ctx.env.get("NEURONDECK_REPLICA_HOST") or os.environ.get("NEURONDECK_REPLICA_HOST", "127.0.0.1")
+        url = f"http://{host}:{server.server_address[1]}"
+        if "hang" not in model_path:
+            ctx.metric({"replica": "ready", "url": url})
+        crash_after = ctx.spec.get("crash_after_s")
+        started = time.monotonic()
+        while not ctx.should_stop():
+            if crash_after is not None and time.monotonic() - started >= float(crash_after):
+                os._exit(1)
+            time.sleep(0.05)
+        server.shutdown()  # in-flight handlers finish: the drain
+        return {"requests": served["requests"], "url": url}

@@ -27,6 +27,8 @@ def _beat_schedule() -> dict:
         "rollup-usage": {"task": "jobs.rollup_usage", "schedule": 60.0},
         "notify-sweep": {"task": "jobs.notify_sweep", "schedule": float(settings.NOTIFY_SWEEP_S)},
         "notify-scan": {"task": "jobs.notify_scan", "schedule": 60.0},
+        "endpoints-reconcile": {"task": "jobs.endpoints_reconcile",
+                                "schedule": float(settings.ENDPOINT_RECONCILE_S)},
     }
 
 

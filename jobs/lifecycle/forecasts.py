@@ -20,7 +20,8 @@ from datetime import timezone as dt_timezone
 from django.utils import timezone
 
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job
-from jobs.quotas.backfill import FleetState, Member, Running, Waiting, estimated_end, forecast, runtime_ratio
+from jobs.quotas.backfill import (FleetState, Member, Running, Waiting, estimated_end, forecast, runtime_ratio,
+                                  time_limit_s)
 from jobs.quotas.placement import HostSlots
 
 HISTORY_JOBS = 200  # a team's last finished jobs that set its runtime ratio
@@ -109,12 +110,14 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
     running = {}
     limit_end = {}
     for job_id, (team_id, family, members) in snap.holders.items():
-        started, limit = snap.active.get(job_id, (now, 0))
+        started, limit = snap.active.get(job_id, (now, 1))  # no row: gone by now
+        limit = time_limit_s(limit)  # infinite for a replica: it holds its cores until stopped
         running[job_id] = Running(job_id, team_id, family, members[0][0], members[0][1],
                                   estimated_end(started, limit, ratio(team_id), now), tuple(members[1:]))
         limit_end[job_id] = max(started + limit, now)
     state = FleetState(dict(snap.hosts), running, dict(snap.quotas), limit_end=limit_end)
-    order = [Waiting(r.pk, r.team_id, r.family, r.cores, r.max_runtime_s, r.max_runtime_s * ratio(r.team_id),
+    order = [Waiting(r.pk, r.team_id, r.family, r.cores, time_limit_s(r.max_runtime_s),
+                     time_limit_s(r.max_runtime_s) * ratio(r.team_id),
                      r.host_count, r.same_network)
              for r in snap.order if r.reason_code not in NOT_FOR_CORES]
     return forecast(order, state, now)

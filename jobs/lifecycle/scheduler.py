@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from jobs.lifecycle import states
 from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Team, TeamQuota
-from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass
+from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
 from jobs.quotas.fairshare import QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, core_range
 from jobs.quotas.policy import n_cores
@@ -119,8 +119,9 @@ class PendingRow:
 
     def waiting(self) -> Waiting:
         """The job as the pure pass sees it: its time limit is all a dispatch knows of its runtime."""
-        return Waiting(self.pk, self.team_id, self.family, self.cores, self.max_runtime_s, self.max_runtime_s,
-                       self.host_count, self.same_network)
+        limit = time_limit_s(self.max_runtime_s)  # infinite for a replica
+        return Waiting(self.pk, self.team_id, self.family, self.cores, limit, limit, self.host_count,
+                       self.same_network)
 
 
 PENDING_FIELDS = ("pk", "team_id", "team__slug", "kind", "family", "cores", "created_at", "reason_code", "reason",
@@ -167,9 +168,10 @@ class RunInputs:
 
 def limit_ends() -> dict[int, float]:
     """When each job holding cores must give them back: its start (or, queued, the
-    time it was placed) plus its time limit, as a Unix timestamp."""
+    time it was placed) plus its time limit, as a Unix timestamp (infinite for a job
+    without one: a replica)."""
     now = timezone.now()
-    return {pk: (started or queued or now).timestamp() + limit
+    return {pk: (started or queued or now).timestamp() + time_limit_s(limit)
             for pk, started, queued, limit in Job.objects.filter(status__in=Job.ACTIVE).values_list(
                 "pk", "started_at", "queued_at", "max_runtime_s")}
 

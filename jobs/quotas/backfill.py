@@ -22,6 +22,7 @@ virtual time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -41,6 +42,17 @@ from jobs.quotas.policy import (
 )
 
 Member = tuple[int, tuple[int, ...]]  # (host id, the cores held on it)
+
+
+# Job.max_runtime_s of a job that runs until it is stopped (an endpoint replica): it
+# never gives its cores back by itself, so reservations and forecasts must not count
+# on them.
+NO_TIME_LIMIT = 0
+
+
+def time_limit_s(max_runtime_s: float) -> float:
+    """A job's time limit in seconds as reservations use it: infinite for NO_TIME_LIMIT."""
+    return math.inf if max_runtime_s == NO_TIME_LIMIT else float(max_runtime_s)
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,8 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
     used = {h: set(s.used) for h, s in by_host.items()}
     for run in sorted((r for r in running if any(h in by_host for h, _ in r.members)),
                       key=lambda r: (r.end, r.job_id)):
+        if math.isinf(run.end):
+            return None  # only jobs without a time limit are left: no start can be promised
         for host_id, held in run.members:
             if host_id not in by_host:
                 continue
@@ -161,6 +175,8 @@ def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_
     if best is None:
         return None
     (start, _, _), chosen = best
+    if math.isinf(start):
+        return None  # a host it needs is held by a job without a time limit
     spots = [Placement(h, min(fitting[h].core_ids), per_host) for h in chosen]
     return Reservation(job_id, family, max(start, now), spots[0].host_id, spots[0].core_start, per_host,
                        tuple(spots[1:]))

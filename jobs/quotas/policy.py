@@ -2,6 +2,8 @@
 and a sentence out. The admin pages only edit numbers; every rule lives here."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from jobs.quotas.placement import HostSlots, Placement, place
@@ -261,9 +263,10 @@ def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
 def backfill_blocked(family: str, cores: int, limit_s: float, head_job: int, start_in_s: float) -> Decision:
     """Room exists now, but only on cores reserved for the head of the queue, and the
     job's time limit would run past the reserved start (EASY backfill)."""
+    length = "with no time limit" if math.isinf(limit_s) else f"for up to {_duration(limit_s)}"
     return Decision(
         False, "backfill_blocked",
-        f"needs {n_cores(cores, family)} for up to {_duration(limit_s)}; the free cores that fit it are reserved "
+        f"needs {n_cores(cores, family)} {length}; the free cores that fit it are reserved "
         f"for job #{head_job}, which starts within {_duration(start_in_s)} at the latest; a shorter time limit "
         "could start it now",
     )

@@ -46,8 +46,8 @@ USAGE_HORIZON_HALF_LIVES = 8  # usage older than 8 half-lives weighs < 0.4 %: no
 
 # --- scheduling inputs -------------------------------------------------------------
 
-# The defaults under the admin's KindPriority rows: inference > compile > fine-tune.
-DEFAULT_KIND_PRIORITY: dict[str, int] = {Kind.INFERENCE: 30, Kind.COMPILE: 20, Kind.FINETUNE: 10}
+# The defaults under the admin's KindPriority rows: endpoint replicas > inference > compile > fine-tune.
+DEFAULT_KIND_PRIORITY: dict[str, int] = {Kind.SERVE: 40, Kind.INFERENCE: 30, Kind.COMPILE: 20, Kind.FINETUNE: 10}
 
 
 def kind_priorities() -> dict[str, int]:

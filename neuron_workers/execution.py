@@ -186,9 +186,12 @@ class JobRecorder:
                 self.on_event(row)
             return
         if self.serves and "replica" in row:
+            from jobs.endpoints.reconcile import reconcile_endpoint
             from jobs.endpoints.replicas import replica_reported
 
-            replica_reported(self.job_id, self.attempt, self.host_id, row)
+            endpoint_id = replica_reported(self.job_id, self.attempt, self.host_id, row)
+            if endpoint_id is not None:
+                reconcile_endpoint(endpoint_id)  # its traffic may shift now
             return
         latency = row.get("request_ms")
         if isinstance(latency, (int, float)) and not isinstance(latency, bool):

@@ -33,7 +33,8 @@ def test_an_endpoint_is_created_scaled_rolled_out_and_deleted(cast, serve_worker
     v2 = make_model(cast.vision, cast.alice, "tiny-v2")
     endpoint = create(cast.vision, cast.bob, model=v1)
 
-    first = reconcile_until(endpoint, ready(endpoint, revision=1), message="the first replica ready")[0]
+    first = reconcile_until(endpoint, lambda: Endpoint.objects.get(pk=endpoint.pk).serving_revision == 1
+                            and ready(endpoint, revision=1)(), message="the first replica ready and serving")[0]
     assert health(first.url) == 200
     job = Job.objects.get(pk=first.job_id)
     assert job.kind == Kind.SERVE and job.status == "running" and job.max_runtime_s == 0

@@ -76,20 +76,24 @@ def stop_job(job_id: int, message: str) -> bool:
     return True
 
 
-def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> None:
+def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> int | None:
     """A line the replica process reported on its metric channel (its worker calls
     this): {"replica": "ready", "url": ...} or {"replica": "unhealthy", "detail": ...}.
-    Only the running attempt's report counts."""
+    Only the running attempt's report counts. Returns the endpoint's id when the
+    replica became ready (the caller reconciles it at once: a rollout or a cold
+    start waits for that, not for the next tick)."""
     if not Job.objects.filter(pk=job_id, status=S.RUNNING, attempts=attempt, host_id=host_id).exists():
-        return
+        return None
     replica = Replica.objects.filter(job_id=job_id).only("pk", "endpoint_id", "created_at", "revision").first()
     if replica is None:
-        return
+        return None
+    became_ready = False
     now = timezone.now()
     if row.get("replica") == "ready" and isinstance(row.get("url"), str) and row["url"].startswith("http"):
         with transaction.atomic():
             if Replica.objects.filter(pk=replica.pk, state=R.STARTING).update(
                     state=R.READY, url=row["url"][:255], ready_at=now, detail=""):
+                became_ready = True
                 cold = (now - replica.created_at).total_seconds()
                 started = Job.objects.filter(pk=job_id).values_list("started_at", flat=True).first()
                 load = (now - started).total_seconds() if started else None
@@ -105,10 +109,11 @@ def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> None
                 endpoint_event(replica.endpoint_id, "replica_unhealthy", f"replica {replica.pk}: {detail}",
                                revision=replica.revision, replica=replica.pk)
     else:
-        return
+        return None
     from jobs.endpoints import routing
 
     routing.publish_on_commit(replica.endpoint_id)
+    return replica.endpoint_id if became_ready else None
 
 
 def sync(replica: Replica, job_status: str, job_reason: str, reason_code: str) -> str | None:

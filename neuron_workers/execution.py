@@ -28,6 +28,10 @@ EXPORT_FIELDS = ("task", "tensor_parallel_size", "auto_cast", "auto_cast_type", 
 RETRYABLE = {"crashed"}
 # What a job's metrics stream may add to its timeline (neuron_workers.backends.loops
 # and finetuning write them); a row with another "event" is dropped.
+# An endpoint replica's reports (neuron_workers.backends.serve_handoff): its URL once
+# its /health answers, and the start of its drain.
+REPLICA_EVENTS = {"serve_ready", "serve_draining"}
+SERVE_EXIT_MARGIN_S = 5  # after its drain, a replica's server closes and exits before SIGKILL
 JOB_EVENTS = {"checkpoint", "resumed", "stage"}  # failures worth another attempt; bad input or a compile error is not
 
 
@@ -69,15 +73,14 @@ def build_payload(job: Job, workdir: Path) -> dict:
     spec = {**job.spec, "family": job.family}
     if job.kind == Kind.COMPILE:
         spec.setdefault("target", job.family)
+    if job.kind == Kind.SERVE:
+        spec.update(replica_network(job))
     env = {
         "NEURON_RT_VISIBLE_CORES": job.core_range or "",
         "NEURON_PROCESS_TAG": f"job-{job.pk}",
         # The cpu backend uses as many threads as the job was given cores.
         "OMP_NUM_THREADS": str(job.cores), "NEURONDECK_JOB_CORES": str(job.cores),
     }
-    if job.kind == Kind.SERVE:
-        # Where the gateway reaches this replica's server (it binds a free port itself).
-        env["NEURONDECK_REPLICA_HOST"] = (job.host.address if job.host else "") or "127.0.0.1"
     lnc = ((job.host.inventory or {}).get("lnc") if job.host else None)
     if lnc:
         # Trn2: the runtime's logical core size is the one neuron-ls reported for the
@@ -90,6 +93,16 @@ def build_payload(job: Job, workdir: Path) -> dict:
         "reuse_key": f"team-{job.team_id}",
         "env": env,
     }
+
+
+def replica_network(job: Job) -> dict:
+    """Where an endpoint replica's server listens and the address the gateway uses
+    (the host's Host.address, else loopback: a one-machine install), and how long
+    it drains on SIGTERM (inside the kill grace _run_claimed gives it)."""
+    address = (job.host.address if job.host else "") or "127.0.0.1"
+    loopback = address in ("127.0.0.1", "localhost", "::1")
+    return {"advertise_host": address, "bind_host": "127.0.0.1" if loopback else "0.0.0.0",
+            "drain_s": settings.ENDPOINT_DRAIN_S}
 
 
 def store_log_chunks(job_id: int, chunks: list[tuple[int, str]]) -> None:
@@ -184,14 +197,8 @@ class JobRecorder:
         if "event" in row:
             if row["event"] in JOB_EVENTS:
                 self.on_event(row)
-            return
-        if self.serves and "replica" in row:
-            from jobs.endpoints.reconcile import reconcile_endpoint
-            from jobs.endpoints.replicas import replica_reported
-
-            endpoint_id = replica_reported(self.job_id, self.attempt, self.host_id, row)
-            if endpoint_id is not None:
-                reconcile_endpoint(endpoint_id)  # its traffic may shift now
+            elif self.serves and row["event"] in REPLICA_EVENTS:
+                self.on_replica(row)
             return
         latency = row.get("request_ms")
         if isinstance(latency, (int, float)) and not isinstance(latency, bool):
@@ -216,6 +223,15 @@ class JobRecorder:
                 isinstance(v, (int, float, str, bool))}
         states.event(self.job_id, row["event"], str(row.get("message") or row["event"])[:500],
                      attempt=self.attempt, **data)
+
+    def on_replica(self, row: dict) -> None:
+        """An endpoint replica's server is ready (its URL) or has begun draining."""
+        from jobs.endpoints.reconcile import reconcile_endpoint
+        from jobs.endpoints.replicas import replica_reported
+
+        endpoint_id = replica_reported(self.job_id, self.attempt, self.host_id, row)
+        if endpoint_id is not None:
+            reconcile_endpoint(endpoint_id)  # a rollout's traffic may shift, a cold start end, now
 
     def flush_metrics(self) -> None:
         if self.metrics:
@@ -308,8 +324,9 @@ def _run_claimed(job: Job, host, workdir: Path, recorder: "JobRecorder") -> str:
             payload, mode=mode, heartbeat=recorder.heartbeat, should_cancel=recorder.should_cancel,
             on_log=recorder.on_log, on_metric=recorder.on_metric,
             max_runtime_s=None if job.max_runtime_s == NO_TIME_LIMIT else job.max_runtime_s,
-            # A replica's server finishes its in-flight requests between SIGTERM and SIGKILL.
-            grace_s=settings.ENDPOINT_DRAIN_S if job.kind == Kind.SERVE else settings.JOB_KILL_GRACE_S,
+            # A replica's server finishes its in-flight requests (drain_s) between SIGTERM and SIGKILL.
+            grace_s=settings.ENDPOINT_DRAIN_S + SERVE_EXIT_MARGIN_S if job.kind == Kind.SERVE
+            else settings.JOB_KILL_GRACE_S,
             # The lease the reaper checks is JOB_LEASE_S; heartbeating at the configured
             # HEARTBEAT_S (not the supervisor's own default) keeps a healthy job well
             # inside it when deployments shorten the lease.

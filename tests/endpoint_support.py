@@ -42,7 +42,7 @@ def serve_worker(transactional_db, _storage, tmp_path, serve_host, serve_setting
 
     redis().flushdb()
     worker = Worker(tmp_path / "worker.log", process_env(
-        storage_root=_storage, NEURONDECK_ZYGOTE_PRELOAD="", JOB_KILL_GRACE_S="1", ENDPOINT_DRAIN_S="3"),
+        storage_root=_storage, NEURONDECK_ZYGOTE_PRELOAD="", JOB_KILL_GRACE_S="1", ENDPOINT_DRAIN_S="2"),
         queues="scheduler,host.test-host", name="serve")
     worker.start()
     yield worker

@@ -199,15 +199,15 @@ class ServeBackend:
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        host = ctx.env.get("NEURONDECK_REPLICA_HOST") or os.environ.get("NEURONDECK_REPLICA_HOST", "127.0.0.1")
-        url = f"http://{host}:{server.server_address[1]}"
+        url = f"http://{ctx.spec.get('advertise_host', '127.0.0.1')}:{server.server_address[1]}"
         if "hang" not in model_path:
-            ctx.metric({"replica": "ready", "url": url})
+            ctx.metric({"event": "serve_ready", "url": url, "replica_id": ctx.spec.get("replica_id")})
         crash_after = ctx.spec.get("crash_after_s")
         started = time.monotonic()
         while not ctx.should_stop():
             if crash_after is not None and time.monotonic() - started >= float(crash_after):
                 os._exit(1)
             time.sleep(0.05)
+        ctx.metric({"event": "serve_draining", "replica_id": ctx.spec.get("replica_id")})
         server.shutdown()  # in-flight handlers finish: the drain
         return {"requests": served["requests"], "url": url}

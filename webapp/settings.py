@@ -294,15 +294,14 @@ ENDPOINT_RECONCILE_S = float(os.environ.get("ENDPOINT_RECONCILE_S", "2"))  # the
 # A replica set draining keeps serving what it has for this long before its job is
 # stopped, so a gateway that cached the routing table a moment ago sends it nothing new.
 ENDPOINT_DRAIN_ROUTE_GRACE_S = float(os.environ.get("ENDPOINT_DRAIN_ROUTE_GRACE_S", "3"))
-# SIGTERM -> SIGKILL for a replica: how long in-flight requests get to finish.
+# How long a stopped replica's server lets in-flight requests finish (its spec drain_s);
+# SIGKILL follows a few seconds after that.
 ENDPOINT_DRAIN_S = envint("ENDPOINT_DRAIN_S", 30)
 # A rollout whose new replicas are not all ready by then is rolled back.
 ENDPOINT_ROLLOUT_DEADLINE_S = envint("ENDPOINT_ROLLOUT_DEADLINE_S", 600)
 ENDPOINT_SCALE_DOWN_COOLDOWN_S = envint("ENDPOINT_SCALE_DOWN_COOLDOWN_S", 60)
 ENDPOINT_IDLE_TO_ZERO_S = envint("ENDPOINT_IDLE_TO_ZERO_S", 300)  # min_replicas 0: no request for this long
 ENDPOINT_TARGET_UTILIZATION = float(os.environ.get("ENDPOINT_TARGET_UTILIZATION", "0.7"))  # of max_concurrent
-# The stable URL's origin shown on the endpoint page ("" = the page's own origin).
-ENDPOINT_PUBLIC_ORIGIN = os.environ.get("ENDPOINT_PUBLIC_ORIGIN", "")
 
 # --- Notifications, idle cores, budgets, /metrics (jobs.notify) ---------------------
 # Mail goes through Django's backend: SMTP at EMAIL_HOST:EMAIL_PORT by default.

@@ -77,43 +77,46 @@ def stop_job(job_id: int, message: str) -> bool:
 
 
 def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> int | None:
-    """A line the replica process reported on its metric channel (its worker calls
-    this): {"replica": "ready", "url": ...} or {"replica": "unhealthy", "detail": ...}.
-    Only the running attempt's report counts. Returns the endpoint's id when the
-    replica became ready (the caller reconciles it at once: a rollout or a cold
-    start waits for that, not for the next tick)."""
+    """A report of the replica's process on its metric channel (its worker calls this;
+    neuron_workers.backends.serve_handoff writes them): {"event": "serve_ready",
+    "url": ...} once its /health answers, {"event": "serve_draining"} when it stops
+    taking requests. Only the running attempt's report counts. Returns the
+    endpoint's id when the replica became ready (the caller reconciles it at once:
+    a rollout or a cold start waits for that, not for the next tick)."""
     if not Job.objects.filter(pk=job_id, status=S.RUNNING, attempts=attempt, host_id=host_id).exists():
         return None
     replica = Replica.objects.filter(job_id=job_id).only("pk", "endpoint_id", "created_at", "revision").first()
     if replica is None:
         return None
     became_ready = False
-    now = timezone.now()
-    if row.get("replica") == "ready" and isinstance(row.get("url"), str) and row["url"].startswith("http"):
+    event = row.get("event")
+    if event == "serve_ready" and isinstance(row.get("url"), str) and row["url"].startswith("http"):
         with transaction.atomic():
-            if Replica.objects.filter(pk=replica.pk, state=R.STARTING).update(
-                    state=R.READY, url=row["url"][:255], ready_at=now, detail=""):
-                became_ready = True
-                cold = (now - replica.created_at).total_seconds()
-                started = Job.objects.filter(pk=job_id).values_list("started_at", flat=True).first()
-                load = (now - started).total_seconds() if started else None
-                endpoint_event(replica.endpoint_id, "replica_ready",
-                               f"replica {replica.pk} ready at {row['url']} after {cold:.1f} s"
-                               + (f" ({load:.1f} s loading)" if load is not None else ""),
-                               revision=replica.revision, replica=replica.pk, cold_start_s=round(cold, 3),
-                               load_s=round(load, 3) if load is not None else None)
-    elif row.get("replica") == "unhealthy":
-        detail = str(row.get("detail") or "its health check failed")[:500]
-        with transaction.atomic():
-            if Replica.objects.filter(pk=replica.pk, state=R.READY).update(state=R.STARTING, detail=detail):
-                endpoint_event(replica.endpoint_id, "replica_unhealthy", f"replica {replica.pk}: {detail}",
-                               revision=replica.revision, replica=replica.pk)
+            became_ready = _mark_ready(replica, row["url"], job_id)
+    elif event == "serve_draining":
+        replica_drain(replica, "its server began draining")
     else:
         return None
     from jobs.endpoints import routing
 
     routing.publish_on_commit(replica.endpoint_id)
     return replica.endpoint_id if became_ready else None
+
+
+def _mark_ready(replica: Replica, url: str, job_id: int) -> bool:
+    now = timezone.now()
+    if not Replica.objects.filter(pk=replica.pk, state=R.STARTING).update(state=R.READY, url=url[:255], ready_at=now,
+                                                                          detail=""):
+        return False
+    cold = (now - replica.created_at).total_seconds()
+    started = Job.objects.filter(pk=job_id).values_list("started_at", flat=True).first()
+    load = (now - started).total_seconds() if started else None
+    endpoint_event(replica.endpoint_id, "replica_ready",
+                   f"replica {replica.pk} ready at {url} after {cold:.1f} s"
+                   + (f" ({load:.1f} s starting its server)" if load is not None else ""),
+                   revision=replica.revision, replica=replica.pk, cold_start_s=round(cold, 3),
+                   load_s=round(load, 3) if load is not None else None)
+    return True
 
 
 def sync(replica: Replica, job_status: str, job_reason: str, reason_code: str) -> str | None:

@@ -132,9 +132,9 @@ def validation_error(request: HttpRequest, exc: ValidationError):
 
 
 def _add_routers() -> None:
-    from jobs.api import compile_cache, jobs, live, notify, teams, usage
+    from jobs.api import compile_cache, endpoints, jobs, live, notify, teams, usage
 
-    for area in (jobs, live, teams, usage, notify, compile_cache):
+    for area in (jobs, live, teams, usage, notify, compile_cache, endpoints):
         api.add_router("", area.router)
 
 

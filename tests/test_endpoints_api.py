@@ -1,0 +1,199 @@
+"""The endpoints API: create / change / scale / delete with clear field errors, roles,
+team isolation (another team's endpoint is a 404), the OpenAPI schema; and replicas
+as jobs: placed within the team's quota and counted in its usage. No worker here:
+replicas stay pending or are claimed by hand (tests/test_endpoints_e2e.py runs them)."""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobs.api.endpoints import router
+from jobs.endpoints.reconcile import reconcile_endpoint
+from jobs.lifecycle import scheduler, states
+from jobs.models import Endpoint, FamilyQuota, Job, Kind, Replica, TeamQuota
+from tests.conftest import api_client
+from tests.endpoint_support import make_model
+
+ID_URLS: dict[tuple[str, str], str] = {
+    ("GET", "/endpoints/{endpoint_id}"): "/api/v1/endpoints/{id}",
+    ("PATCH", "/endpoints/{endpoint_id}"): "/api/v1/endpoints/{id}",
+    ("DELETE", "/endpoints/{endpoint_id}"): "/api/v1/endpoints/{id}",
+    ("GET", "/endpoints/{endpoint_id}/events"): "/api/v1/endpoints/{id}/events",
+}
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def model(cast):
+    return make_model(cast.vision, cast.alice, "tiny-v1")
+
+
+def post(client, url: str, body) -> "HttpResponse":  # noqa: F821
+    return client.post(url, data=json.dumps(body), content_type="application/json")
+
+
+def patch(client, url: str, body):
+    return client.patch(url, data=json.dumps(body), content_type="application/json")
+
+
+def create(client, served, **fields):
+    body = {"name": "chat", "model": served.pk, "min_replicas": 1, "max_replicas": 2,
+            "options": {"max_batch_size": 4, "max_concurrent": 8}, **fields}
+    return post(client, "/api/v1/teams/vision/endpoints", body)
+
+
+def test_a_member_creates_an_endpoint_and_its_first_replica_is_a_pending_serve_job(cast, cpu_host, model):
+    response = create(api_client(cast.bob), model)
+    assert response.status_code == 201, response.content
+    doc = response.json()
+    assert doc["name"] == "chat" and doc["revision"] == 1 and doc["serving_revision"] is None
+    assert doc["url"].endswith("/endpoints/vision/chat/v1") and doc["health"] == "starting"
+    assert doc["options"] == {"max_batch_size": 4, "max_seq_len": 256, "max_concurrent": 8}
+    (replica,) = doc["replicas"]
+    job = Job.objects.get(pk=replica["job_id"])
+    assert (job.kind, job.status, job.cores, job.max_runtime_s, job.model_id) == (Kind.SERVE, "pending", 1, 0, model.pk)
+    assert job.spec["max_batch_size"] == 4 and job.spec["replica_id"] == replica["id"]
+    listed = api_client(cast.vera).get("/api/v1/teams/vision/endpoints").json()["endpoints"]
+    assert [e["name"] for e in listed] == ["chat"]
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"name": "no spaces"}, "name"),
+    ({"name": ""}, "name"),
+    ({"min_replicas": 3, "max_replicas": 2}, "max_replicas"),
+    ({"max_replicas": 65}, "max_replicas"),
+    ({"min_replicas": -1}, "min_replicas"),
+    ({"cores_per_replica": 0}, "cores_per_replica"),
+    ({"cores_per_replica": 64}, "cores_per_replica"),  # no cpu host can hold it
+    ({"family": "tpu"}, "family"),
+    ({"family": "inf2"}, "family"),  # no inf2 host is registered
+    ({"options": {"max_batch_size": 0}}, "options.max_batch_size"),
+    ({"options": {"max_seq_len": "long"}}, "options.max_seq_len"),
+    ({"options": {"beam": 4}}, "options.beam"),
+    ({"options": [1]}, "options"),
+    ({"replicas": 3}, "replicas"),
+    ({"min_replicas": True}, "min_replicas"),
+    ({"model": 2**31 - 1}, "model"),
+])
+def test_bad_input_is_a_400_naming_the_field(cast, cpu_host, model, fields, field):
+    response = create(api_client(cast.bob), model, **fields)
+    assert response.status_code == 400, response.content
+    body = response.json()
+    assert field in body["errors"], body
+    assert body["detail"].startswith("No endpoint was created") and not Endpoint.objects.exists()
+
+
+def test_another_teams_model_cannot_be_served(cast, cpu_host, model):
+    theirs = make_model(cast.audio, cast.charlie, "audio-model")
+    response = create(api_client(cast.bob), model, model=theirs.pk)
+    assert response.status_code == 400 and "model" in response.json()["errors"]
+
+
+def test_a_name_is_taken_until_its_endpoint_is_deleted(cast, cpu_host, model):
+    client = api_client(cast.bob)
+    first = create(client, model).json()
+    again = create(client, model)
+    assert again.status_code == 400 and "already has an endpoint named chat" in again.json()["errors"]["name"][0]
+    assert client.delete(f"/api/v1/endpoints/{first['id']}").status_code == 202
+    assert create(client, model).status_code == 201  # a deleting endpoint frees its name
+
+
+def test_a_viewer_may_look_but_not_create_change_or_delete(cast, cpu_host, model):
+    endpoint = create(api_client(cast.bob), model).json()
+    vera = api_client(cast.vera)
+    assert create(vera, model, name="other").status_code == 403
+    assert patch(vera, f"/api/v1/endpoints/{endpoint['id']}", {"min_replicas": 2}).status_code == 403
+    assert vera.delete(f"/api/v1/endpoints/{endpoint['id']}").status_code == 403
+    assert vera.get(f"/api/v1/endpoints/{endpoint['id']}").status_code == 200
+
+
+def test_a_team_not_allowed_to_serve_gets_a_clear_refusal(cast, cpu_host, model):
+    TeamQuota.objects.filter(team=cast.vision).update(allowed_kinds=["inference"])
+    response = create(api_client(cast.bob), model)
+    assert response.status_code == 400
+    assert "may not run serve jobs" in response.json()["detail"]
+
+
+def test_every_id_url_of_the_endpoints_api_is_in_this_files_scoping_table():
+    with_ids = {(method, path) for path, view in router.path_operations.items() if "{endpoint_id}" in path
+                for op in view.operations for method in op.methods}
+    assert with_ids == set(ID_URLS)
+
+
+@pytest.mark.parametrize("method,template", [(m, url) for (m, _), url in ID_URLS.items()],
+                         ids=[f"{m} {p}" for m, p in ID_URLS])
+def test_charlie_gets_404_for_visions_endpoint_and_changes_nothing(cast, cpu_host, model, method, template):
+    endpoint = create(api_client(cast.bob), model).json()
+    charlie = api_client(cast.charlie)
+
+    def call(url):
+        if method == "PATCH":
+            return patch(charlie, url, {"min_replicas": 0})
+        return getattr(charlie, method.lower())(url)
+
+    response = call(template.format(id=endpoint["id"]))
+    missing = call(template.format(id=2**31 - 1))
+    assert response.status_code == 404 and response.json() == missing.json()
+    assert b"chat" not in response.content
+    row = Endpoint.objects.get(pk=endpoint["id"])
+    assert (row.state, row.min_replicas) == ("active", 1)
+    assert api_client(cast.charlie).get("/api/v1/teams/vision/endpoints").status_code == 404
+
+
+def test_a_change_of_limits_rescales_and_a_change_of_options_starts_a_new_revision(cast, cpu_host, model):
+    client = api_client(cast.bob)
+    endpoint = create(client, model).json()
+    url = f"/api/v1/endpoints/{endpoint['id']}"
+    scaled = patch(client, url, {"min_replicas": 2})
+    assert scaled.status_code == 200 and scaled.json()["desired_replicas"] == 2 and scaled.json()["revision"] == 1
+    assert Replica.objects.filter(endpoint_id=endpoint["id"], revision=1).count() == 2
+    assert patch(client, url, {"min_replicas": 3}).json()["errors"]["min_replicas"]
+    rolled = patch(client, url, {"options": {"max_seq_len": 512}})
+    assert rolled.status_code == 200 and rolled.json()["revision"] == 2
+    assert rolled.json()["options"]["max_seq_len"] == 512
+    new = Replica.objects.filter(endpoint_id=endpoint["id"], revision=2)
+    assert new.count() == 2 and all(r.job.spec["max_seq_len"] == 512 for r in new)
+    assert patch(client, url, {}).status_code == 400
+    kinds = [e["kind"] for e in client.get(f"{url}/events").json()["events"]]
+    assert kinds[0] == "rollout_started" and "limits_changed" in kinds and kinds[-1] == "created"
+
+
+def test_the_endpoints_api_is_in_the_openapi_schema(cast):
+    schema = api_client(cast.bob).get("/api/v1/openapi.json").json()
+    assert {"/api/v1/teams/{slug}/endpoints", "/api/v1/endpoints/{endpoint_id}",
+            "/api/v1/endpoints/{endpoint_id}/events"} <= set(schema["paths"])
+    body = schema["paths"]["/api/v1/teams/{slug}/endpoints"]["post"]["requestBody"]["content"]["application/json"]
+    assert "options" in body["schema"]["properties"]
+
+
+def test_replicas_count_against_the_teams_quota_and_wait_beyond_it(cast, cpu_host, model):
+    FamilyQuota.objects.filter(team=cast.vision, family="cpu").update(guaranteed_cores=1, borrow_limit=0)
+    endpoint = create(api_client(cast.bob), model, min_replicas=2).json()
+    scheduler.dispatch()
+    jobs = Job.objects.filter(replica__endpoint_id=endpoint["id"]).order_by("pk")
+    assert [j.status for j in jobs] == ["queued", "pending"]
+    assert jobs[1].reason_code == "waiting_for_quota", jobs[1].reason
+
+
+def test_a_replicas_core_hours_appear_in_the_teams_usage_under_its_kind(cast, cpu_host, model):
+    endpoint = create(api_client(cast.bob), model).json()
+    scheduler.dispatch()
+    job = Job.objects.get(replica__endpoint_id=endpoint["id"])
+    assert states.claim(job.pk, cpu_host.pk) is not None
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(hours=2))
+    job.attempt_rows.update(started_at=timezone.now() - timedelta(hours=2))
+    assert states.mark_finished(job.pk, "cancelled", message="drained", failure="cancelled")
+    today = timezone.localdate().isoformat()
+    usage = api_client(cast.bob).get("/api/v1/teams/vision/usage", {"from": today, "to": today,
+                                                                      "group_by": "kind"}).json()
+    by_kind = {g["key"]: g["allocated_core_hours"] for g in usage["groups"]}
+    assert by_kind.get("Endpoint replica") == pytest.approx(2.0, abs=0.01), usage["groups"]
+    reconcile_endpoint(endpoint["id"])
+    assert Replica.objects.get(job=job).state == "stopped"

@@ -13,10 +13,9 @@ from jobs import access
 from jobs.endpoints import reconcile
 from jobs.endpoints.forms import OPTION_FIELDS, EndpointChangeForm, EndpointCreateForm
 from jobs.endpoints.timeline import endpoint_event
-from jobs.lifecycle.services import SubmitRefused, _check_capacity, _check_limits, _family_hosts
-from jobs.models import Endpoint, EndpointRevision, Kind, Role, Team, TeamQuota
+from jobs.lifecycle.services import SubmitRefused, check_job_limits
+from jobs.models import Endpoint, EndpointRevision, Kind, Role, Team
 from jobs.quotas.backfill import NO_TIME_LIMIT
-from jobs.quotas.selectors import core_hours_for_budget
 
 
 class EndpointInvalid(Exception):
@@ -26,19 +25,15 @@ class EndpointInvalid(Exception):
 
 
 def _refused_as_errors(exc: SubmitRefused, default_field: str) -> EndpointInvalid:
-    field = {"cores": "cores_per_replica"}.get(exc.field or "", exc.field or default_field)
+    field = {"cores": "cores_per_replica", "max_runtime_s": default_field}.get(exc.field or "", exc.field or default_field)
     return EndpointInvalid({field: [exc.message]})
 
 
-def _check_team_may_serve(team: Team, family: str, cores: int) -> None:
+def _check_team_may_serve(team: Team, user, family: str, cores: int) -> None:
     """The refusals submit makes for a job, for a replica: a host of the family that
     can hold it, and the team's hard limits (serve allowed, budget left)."""
-    hosts, _ = _family_hosts(family)
     try:
-        _check_capacity(family, cores, hosts)
-        quota = TeamQuota.objects.get(team=team)
-        _check_limits(team, Kind.SERVE, NO_TIME_LIMIT, quota,
-                      core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk])
+        check_job_limits(team=team, user=user, kind=Kind.SERVE, family=family, cores=cores, runtime_s=NO_TIME_LIMIT)
     except SubmitRefused as exc:
         raise _refused_as_errors(exc, "team") from None
 
@@ -51,7 +46,7 @@ def endpoint_create(*, team: Team, user, form: EndpointCreateForm) -> Endpoint:
     """A new endpoint with its first revision; its replicas start right away."""
     access.require_role(user, team, Role.MEMBER)
     data = form.cleaned_data
-    _check_team_may_serve(team, data["family"], data["cores_per_replica"])
+    _check_team_may_serve(team, user, data["family"], data["cores_per_replica"])
     try:
         with transaction.atomic():
             endpoint = Endpoint.objects.create(
@@ -81,7 +76,7 @@ def endpoint_change(*, endpoint: Endpoint, user, form: EndpointChangeForm) -> En
         raise EndpointInvalid({"endpoint": [f"the endpoint is {endpoint.state}"]})
     changes = form.changes()
     if "cores_per_replica" in changes:
-        _check_team_may_serve(endpoint.team, endpoint.family, changes["cores_per_replica"])
+        _check_team_may_serve(endpoint.team, user, endpoint.family, changes["cores_per_replica"])
     with transaction.atomic():
         ep = Endpoint.objects.select_for_update(of=("self",)).select_related("team").get(pk=endpoint.pk)
         low, high = changes.get("min_replicas", ep.min_replicas), changes.get("max_replicas", ep.max_replicas)

@@ -136,6 +136,17 @@ def _check_limits(team: Team, user, kind: str, cores: int, runtime: int, quota: 
 LIMIT_FIELDS = {"runtime_too_long": "max_runtime_s", "user_budget_exceeded": "max_runtime_s"}
 
 
+def check_job_limits(*, team: Team, user, kind: str, family: str, cores: int, runtime_s: int) -> None:
+    """What submit refuses before it creates a job, for jobs another area creates (an
+    endpoint's replicas): no host of the family could hold it, or the hard limits
+    (allowed kinds, max pending, budgets, max runtime). Raises SubmitRefused."""
+    hosts, _ = _family_hosts(family)
+    _check_capacity(family, cores, hosts)
+    quota = TeamQuota.objects.get(team=team)
+    _check_limits(team, user, kind, cores, runtime_s, quota,
+                  core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk])
+
+
 def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     """Create a pending job (and its event) from a valid form, or raise SubmitRefused.
 

@@ -334,7 +334,6 @@ class Job(models.Model):
     # (GangMember rows, rank 0 is `host`); each host gives cores // host_count cores.
     host_count = models.PositiveIntegerField(default=1)
     same_network = models.BooleanField(default=False)  # a gang placed inside one Host.network label
-    priority = models.IntegerField(default=0)
     model = models.ForeignKey(ModelAsset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     output_model = models.ForeignKey(ModelAsset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
@@ -371,7 +370,8 @@ class Job(models.Model):
             # quota pages: pending / queued / running per team, without scanning finished jobs
             models.Index(fields=["team", "status"], name="job_team_active",
                          condition=Q(status__in=["pending", "queued", "running"])),
-            models.Index(fields=["status", "priority", "id"], name="job_dispatch_order", condition=Q(status="pending")),
+            # dispatch reads the pending jobs in id order (jobs.lifecycle.scheduler.pending_rows)
+            models.Index(fields=["id"], name="job_pending", condition=Q(status="pending")),
             models.Index(fields=["host", "status"], name="job_host_status"),
             # usage roll-up and live usage: jobs finished since the watermark
             models.Index(fields=["finished_at"], name="job_finished"),

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # the claim's transaction (conditional UPDATE, event, the job with host, model and
 # dataset, log header and log size, attempt row), the finish's transaction
 # (conditional UPDATE with the child's pid and log size, the attempt closed, the
-# cores freed, event, the notification outbox's two reads, log, artifacts), then
-# "anything pending to dispatch?".
-WORKER_STATEMENTS = 20
+# cores freed, event, the notification outbox's read of the team's subscriptions,
+# log, artifacts), then "anything pending to dispatch?".
+WORKER_STATEMENTS = 19
 
 
 def queued_job(client, model, host, body: dict | None = None) -> Job:
@@ -214,6 +214,6 @@ def test_a_transition_takes_model_instances_none_filters_and_expressions(cast, t
                                                                            {"cache_hit": True})
     assert job.finished_at is not None and not CoreAllocation.objects.filter(job=job).exists()
     assert list(JobEvent.objects.filter(job=job).values_list("kind", flat=True)) == ["pending", "succeeded"]
-    before = Job.objects.get(pk=second).priority
-    assert states.transition(second, ["pending"], "cancelled", priority=F("priority") + 5)
-    assert Job.objects.get(pk=second).priority == before + 5
+    before = Job.objects.get(pk=second).max_attempts
+    assert states.transition(second, ["pending"], "cancelled", max_attempts=F("max_attempts") + 5)
+    assert Job.objects.get(pk=second).max_attempts == before + 5

@@ -24,7 +24,7 @@ from jobs.models import (
 )
 from jobs.quotas.placement import HostSlots, largest_request
 from jobs.quotas.policy import SubmitLimits, SubmitState, check_submit
-from jobs.quotas.selectors import core_hours_for_budget, kind_priority, user_cap
+from jobs.quotas.selectors import core_hours_bound, core_hours_for_budget, user_cap
 from jobs.wake import kick_dispatch
 
 log = logging.getLogger(__name__)
@@ -153,28 +153,26 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     The team's quota row is locked (SELECT … FOR UPDATE) from the check of its
     limits to the insert, so concurrent submissions of the same team are serialized
     and cannot together exceed max_pending. SQLite has no row locks: its IMMEDIATE
-    transactions serialize writers. What no submit changes (the family's hosts, the
-    kind's priority, the month's use) is read before the lock, so the team's
+    transactions serialize writers. What no submit changes (the family's hosts, an
+    upper bound of the month's use) is read before the lock, so the team's
     submits wait for each other only while one counts its pending jobs and inserts."""
     data, kind, family, cores, spec = _admissible(team, user, form)
-    priority = kind_priority(kind)
     cache_hit = None
     if kind == Kind.COMPILE:
         spec["compile_key"] = compile_cache_key(data["model"], spec, family)
         cache_hit = ModelAsset.objects.filter(team=team, compile_key=spec["compile_key"]).first()
 
-    budget = TeamQuota.objects.values_list("monthly_core_hours", flat=True).get(team=team)
-    used = core_hours_for_budget({team.pk: budget})[team.pk]
+    bounds = core_hours_bound([team.pk])
 
     with transaction.atomic():
         quota = TeamQuota.objects.select_for_update().get(team=team)
-        if quota.monthly_core_hours != budget:  # changed meanwhile: the use is measured against the new one
-            used = core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk]
+        # Exact (queries under the lock) only for a team the bound puts near its budget.
+        used = core_hours_for_budget({team.pk: quota.monthly_core_hours}, bounds=bounds)[team.pk]
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
         _check_limits(team, user, kind, cores, runtime, quota, used)
         job = Job.objects.create(
             team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
-            priority=priority, model=data.get("model"), dataset=data.get("dataset"),
+            model=data.get("model"), dataset=data.get("dataset"),
             max_runtime_s=runtime, max_attempts=_max_attempts(), reason_code="submitted",
             reason="waiting for the scheduler",
         )

@@ -6,6 +6,7 @@ loses nothing (the sweep finds due deliveries in the database)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import timedelta
 
 from django.conf import settings
@@ -25,22 +26,31 @@ log = logging.getLogger("jobs.notify")
 FAILURE_EVENTS = {"timed_out": EventKind.JOB_TIMED_OUT}
 
 
+MATCH_FIELDS = ("pk", "scope", "user_id", "events")  # what _wanting reads of a subscription
+
+
 def matching_subscriptions(team_id: int, kind: str, user_id: int | None) -> list[Subscription]:
     """The team's active subscriptions that want `kind`: team-scoped ones, and the
-    self-scoped ones of `user_id` (a job's owner) for job events. Filtered in Python:
-    a team has a handful, and JSON containment is not portable to SQLite."""
-    subs = Subscription.objects.filter(team_id=team_id, active=True).only("pk", "scope", "user_id", "events")
+    self-scoped ones of `user_id` (a job's owner) for job events."""
+    return _wanting(Subscription.objects.filter(team_id=team_id, active=True).only(*MATCH_FIELDS), kind, user_id)
+
+
+def _wanting(subs: Iterable[Subscription], kind: str, user_id: int | None) -> list[Subscription]:
+    """Those of the active `subs` that want `kind` (see matching_subscriptions). Filtered
+    in Python: a team has a handful, and JSON containment is not portable to SQLite."""
     return [s for s in subs if kind in s.events and (
         s.scope == Subscription.Scope.TEAM or (kind in JOB_EVENTS and s.user_id == user_id))]
 
 
 def emit(kind: str, *, team_id: int, title: str, job_id: int | None = None, user_id: int | None = None,
-         dedup_key: str | None = None, **payload) -> Notification | None:
+         dedup_key: str | None = None, subscriptions: list[Subscription] | None = None,
+         **payload) -> Notification | None:
     """Record event `kind` and its deliveries in the current transaction. With
     `dedup_key`, an event already recorded under that key is not recorded again
-    (returns None): "fires once" facts race safely on the unique key."""
+    (returns None): "fires once" facts race safely on the unique key.
+    `subscriptions`: matching_subscriptions' answer, if the caller has read it."""
     now = timezone.now()
-    subs = matching_subscriptions(team_id, kind, user_id)
+    subs = matching_subscriptions(team_id, kind, user_id) if subscriptions is None else subscriptions
     if dedup_key is None and not subs:
         return None  # nothing to tell anybody and nothing to remember
     body = {"kind": kind, "team_id": team_id, "job_id": job_id, "title": title, **payload}
@@ -90,13 +100,18 @@ def job_transition(job_id: int, target: str, *, failure: str = "", message: str 
         kind = target
     else:
         return
-    row = Job.objects.filter(pk=job_id).values("team_id", "user_id", "kind", "team__slug").first()
-    if row is None:
+    # Most jobs' teams want no such event: the subscriptions first (found through the
+    # job), and the job itself only if somebody may want to hear about it.
+    team_subs = [s for s in Subscription.objects.filter(team__jobs=job_id, active=True).only(*MATCH_FIELDS)
+                 if kind in s.events]
+    if not team_subs:
         return
+    row = Job.objects.filter(pk=job_id).values("team_id", "user_id", "kind", "team__slug").first()
     verb = kind.split(".", 1)[1].replace("_", " ")
     emit(kind, team_id=row["team_id"], job_id=job_id, user_id=row["user_id"],
          title=f"{row['kind']} job {job_id} of team {row['team__slug']} {verb}", message=message,
-         failure=failure or None, job_kind=row["kind"])
+         failure=failure or None, job_kind=row["kind"],
+         subscriptions=_wanting(team_subs, kind, row["user_id"]))
 
 
 def job_requeued(job_id: int, kind: str, message: str) -> None:

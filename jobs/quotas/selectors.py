@@ -52,14 +52,11 @@ DEFAULT_KIND_PRIORITY: dict[str, int] = {Kind.SERVE: 40, Kind.INFERENCE: 30, Kin
 
 def kind_priorities() -> dict[str, int]:
     """Priority per job kind (higher goes first): the admin's KindPriority rows over
-    DEFAULT_KIND_PRIORITY. Submit, dispatch and the queue position all read it here."""
+    DEFAULT_KIND_PRIORITY. Dispatch and the queue position read it here, when they
+    order the queue: a change applies to the jobs already waiting."""
     prio = {str(k): v for k, v in DEFAULT_KIND_PRIORITY.items()}
     prio.update(KindPriority.objects.values_list("kind", "priority"))
     return prio
-
-
-def kind_priority(kind: str) -> int:
-    return kind_priorities().get(kind, 0)
 
 
 def team_shares() -> dict[int, float]:
@@ -133,24 +130,21 @@ def core_hours_by_team(team_ids: Iterable[int] | None = None, *, now: datetime |
     return {team_id: s / 3600.0 for team_id, s in used.items()}
 
 
-def core_hours_for_budget(budgets: dict[int, float], *, now: datetime | None = None) -> dict[int, float]:
+def core_hours_for_budget(budgets: dict[int, float], *, now: datetime | None = None,
+                          bounds: dict[int, float] | None = None) -> dict[int, float]:
     """This month's NeuronCore-hours of each team in `budgets` (team id -> its monthly
     budget), as a budget check needs them: exact (core_hours_by_team) for a team that
-    may have reached its budget, an upper bound below the budget for the others.
+    may have reached its budget, the upper bound (core_hours_bound, or `bounds` if
+    the caller measured it already) for the others.
 
-    The bound is the roll-up's days of the month plus the whole span of every
-    attempt the fold may not have reached, summed by the database (two queries).
-    The exact measure splits those attempts by day in Python (thousands of rows on
-    a busy fleet), and submit and dispatch judge budgets many times a second; only
-    a team near its budget pays for it, so every refusal, and the figure in its
-    sentence, is exact."""
+    The exact measure splits the attempts the fold has not reached by day in Python
+    (thousands of rows on a busy fleet), and submit and dispatch judge budgets many
+    times a second; only a team near its budget pays for it, so every refusal, and
+    the figure in its sentence, is exact."""
     if not budgets:
         return {}
     now = now or timezone.now()
-    used = _folded_this_month(_Month(now), budgets)
-    for team_id, cores, span in _unfolded_spans(budgets, now):
-        used[team_id] += cores * span.total_seconds()
-    hours = {team_id: used.get(team_id, 0.0) / 3600.0 for team_id in budgets}
+    hours = dict(core_hours_bound(budgets, now=now) if bounds is None else bounds)
     near = [team_id for team_id, budget in budgets.items() if hours[team_id] >= budget]
     if near:
         exact = core_hours_by_team(near, now=now)
@@ -186,6 +180,18 @@ def user_cap(team: Team, user, *, now: datetime | None = None) -> UserCap | None
         elapsed = (now - started).total_seconds() if status == Job.Status.RUNNING and started else 0.0
         reserved += cores * max(runtime - elapsed, 0.0)
     return UserCap(user.username, cap, (folded + unfolded) / 3600.0, reserved / 3600.0)
+
+
+def core_hours_bound(team_ids: Iterable[int], *, now: datetime | None = None) -> dict[int, float]:
+    """An upper bound of this month's NeuronCore-hours of each team: the roll-up's
+    days of the month plus the whole span of every attempt the fold may not have
+    reached, summed by the database (two queries)."""
+    team_ids = list(team_ids)
+    now = now or timezone.now()
+    used = _folded_this_month(_Month(now), team_ids)
+    for team_id, cores, span in _unfolded_spans(team_ids, now):
+        used[team_id] += cores * span.total_seconds()
+    return {team_id: used.get(team_id, 0.0) / 3600.0 for team_id in team_ids}
 
 
 class _Month:

@@ -798,11 +798,13 @@ class UsageRollupState(models.Model):
     cutoff = models.DateTimeField(null=True, blank=True)
     ran_at = models.DateTimeField(null=True, blank=True)
     folded_pieces = models.BigIntegerField(default=0)  # attempt pieces folded, ever (for monitoring)
-    # Changed (to a transaction id) by each fold that writes a "settled" day (one at
-    # least two days before its cutoff's UTC date: normally only recent days
+    # The cache stamps of the pages' roll-up reads (jobs.usage.selectors.Stamp): a new
+    # random value with every fold, and with every fold that writes a "settled" day
+    # (one at least two days before its cutoff's UTC date: normally only recent days
     # change), so pages may cache reads of settled days across folds
-    # (jobs.usage_rollup.settled_day, jobs.selectors_usage.Stamp).
-    settled_xid = models.BigIntegerField(null=True, blank=True)
+    # (jobs.usage.rollup.settled_day). Random, so no two databases share one.
+    stamp = models.CharField(max_length=32, blank=True)
+    settled_stamp = models.CharField(max_length=32, blank=True)
 
 
 class InstancePrice(models.Model):

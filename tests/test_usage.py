@@ -580,7 +580,6 @@ def test_a_fold_retires_the_cached_rollup_reads_so_the_page_never_loses_folded_u
     assert after == pytest.approx(before + 2.0, abs=1e-3)
 
 
-@pytest.mark.postgres_only  # the settled-days stamp is a PostgreSQL transaction id (settled_xid)
 def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_old_day_changes(history):
     """Roll-up reads of days up to two days before the fold's cutoff are cached across
     folds (selectors.Stamp); a fold writing such a day retires them."""
@@ -598,12 +597,12 @@ def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_o
         return render(now)[0]
 
     fold(NOW)
-    settled = UsageRollupState.objects.get().settled_xid
-    assert settled is not None
+    settled = UsageRollupState.objects.get().settled_stamp
+    assert settled
     cache.clear()
     _, cold = render(NOW)
     fold(NOW + timedelta(minutes=1))  # only recent days change: settled reads stay cached
-    assert UsageRollupState.objects.get().settled_xid == settled
+    assert UsageRollupState.objects.get().settled_stamp == settled
     rows, after_recent_fold = render(NOW + timedelta(minutes=1))
     assert after_recent_fold < cold
     assert rows == uncached(NOW + timedelta(minutes=1))
@@ -611,7 +610,7 @@ def test_reads_of_settled_days_survive_folds_of_recent_ones_and_retire_when_an_o
     late = _job(history.vision, history.alice, "compile", "trn1", 2, at(8, 9), "running", started=at(8, 10))
     _attempt(late, 1, host, at(8, 10), None, "")
     fold(NOW + timedelta(minutes=2))
-    assert UsageRollupState.objects.get().settled_xid != settled
+    assert UsageRollupState.objects.get().settled_stamp != settled
     rows, _ = render(NOW + timedelta(minutes=2))
     assert rows == uncached(NOW + timedelta(minutes=2))
     alice_8th = [r for r in rows if r["day"] == "2025-03-08" and r["user"] == "alice"]

@@ -22,9 +22,9 @@ minute is folded.
 
 Besides the day grains, the fold keeps the site's running wait totals
 (UsageSiteWaitTotal: a range's wait sketch is the difference of two rows) and
-UsageRollupState.settled_xid, which changes only when a fold writes a day two or
-more days before its cutoff (settled_day), so pages cache reads of older days
-across folds.
+UsageRollupState's stamps: `stamp` changes with every fold, `settled_stamp` only
+when a fold writes a day two or more days before its cutoff (settled_day), so pages
+cache reads of older days across folds.
 
 Pages read the roll-ups plus `live_usage()`: everything past the progress up to
 now, which stays small (a few minutes of the jobs running now); on PostgreSQL it
@@ -33,6 +33,7 @@ in Python, and the reference a test holds it to)."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -129,7 +130,8 @@ def measure(pieces: Sequence[accounting.Piece]) -> list[tuple[int, float]]:
     jobs.usage.measure (a minute belongs to the piece holding its midpoint).
 
     On PostgreSQL the database matches minutes to pieces and sums them (one query
-    returning a row per measured piece); elsewhere the minutes are fetched and
+    returning a row per measured piece: bench/usage.py's fold_measure, the fold of
+    every minute and a fold catching up); elsewhere the minutes are fetched and
     matched here."""
     if not pieces:
         return []
@@ -184,41 +186,37 @@ class LiveUsage:
 
 @dataclass(frozen=True)
 class Watermark:
-    """Where the fold stands: its cutoff (None before the first fold), the xmin of
-    the UsageRollupState row (a new one with every fold; None without the row) and
-    the teams' time zone names (the live part's SQL needs them)."""
+    """Where the fold stands: its cutoff (None before the first fold) and its cache
+    stamps (UsageRollupState.stamp and settled_stamp; None before the first fold)."""
 
     cutoff: datetime | None
-    xmin: str | None
-    zones: tuple[str, ...]
-    settled_xid: int | None = None  # see UsageRollupState.settled_xid
+    stamp: str | None
+    settled_stamp: str | None = None
 
 
 def watermark() -> Watermark:
-    """The fold's watermark and the teams' zones in one query (PostgreSQL)."""
-    state = UsageRollupState._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT s.cutoff, s.xmin::text, s.settled_xid, (SELECT array_agg(DISTINCT time_zone) "
-                       f"FROM {Team._meta.db_table}) FROM (SELECT 1) one LEFT JOIN {state} s ON s.id = 1")
-        cutoff, xmin, settled_xid, zones = cursor.fetchone()
-    return Watermark(cutoff, xmin, tuple(zones or ()), settled_xid)
+    """The fold's watermark (one query)."""
+    cutoff, stamp, settled = UsageRollupState.objects.filter(pk=1).values_list(
+        "cutoff", "stamp", "settled_stamp").first() or (None, "", "")
+    return Watermark(cutoff, stamp or None, settled or None)
 
 
 def live_usage(*, team_id: int | None = None, now: datetime | None = None,
                price_table: dict[str, Price] | None = None, mark: Watermark | None = None) -> LiveUsage:
     """Everything past the fold's progress, up to now, for one team or all teams,
-    whatever the history size. On PostgreSQL two queries (the watermark with the
-    teams' time zones unless `mark` brings them, then `_live_sql()`, which plans, splits and measures the
-    unfolded attempts and finds the unfolded outcomes in the database); elsewhere
-    the same through jobs.usage in Python (`live_usage_python`, also the reference
-    the tests hold the SQL to)."""
+    whatever the history size. On PostgreSQL three queries (the watermark unless
+    `mark` brings it, the teams' time zones, then `_live_sql()`, which plans, splits
+    and measures the unfolded attempts and finds the unfolded outcomes in the
+    database: bench/usage.py's live_site and live_team, every usage page render);
+    elsewhere the same through jobs.usage in Python (`live_usage_python`, also the
+    reference the tests hold the SQL to)."""
     if connection.vendor != "postgresql":
-        return live_usage_python(team_id=team_id, now=now, price_table=price_table)
+        return live_usage_python(team_id=team_id, now=now, price_table=price_table, mark=mark)
     now = now or timezone.now()
     table = price_table if price_table is not None else prices()
     mark = mark or watermark()
     since = mark.cutoff - LAG if mark.cutoff else None
-    names = sorted(mark.zones)
+    names = sorted(Team.objects.order_by().values_list("time_zone", flat=True).distinct())
     params = {"now": now, "since": since, "team": team_id, "tz_names": names,
               "tz_zones": [_pg_zone(name) for name in names]}
     with connection.cursor() as cursor:
@@ -354,12 +352,13 @@ ORDER BY 1, 2, 3, 4, 5"""
 
 
 def live_usage_python(*, team_id: int | None = None, now: datetime | None = None,
-                      price_table: dict[str, Price] | None = None) -> LiveUsage:
-    """live_usage through jobs.usage in Python: 4 queries (watermark, attempts with
-    their jobs' folded totals, minutes, outcomes), whatever the history size."""
+                      price_table: dict[str, Price] | None = None, mark: Watermark | None = None) -> LiveUsage:
+    """live_usage through jobs.usage in Python: 4 queries (the watermark unless `mark`
+    brings it, attempts with their jobs' folded totals, minutes, outcomes), whatever
+    the history size."""
     now = now or timezone.now()
-    state = UsageRollupState.objects.filter(pk=1).values("cutoff").first()
-    since = state["cutoff"] - LAG if state and state["cutoff"] else None
+    cutoff = (mark or watermark()).cutoff
+    since = cutoff - LAG if cutoff else None
     table = price_table if price_table is not None else prices()
     values = list(unfolded_attempts(since=since, before=now, team_id=team_id, with_job_usage=True))
     rows = [_attempt_row(v) for v in values]
@@ -450,17 +449,11 @@ def fold(now: datetime | None = None) -> FoldStats:
             oldest = _earliest(oldest, contribs)
         state.cutoff, state.ran_at = cutoff, now
         state.folded_pieces += stats.pieces
-        fields = ["cutoff", "ran_at", "folded_pieces"]
-        if connection.vendor == "postgresql" and (state.settled_xid is None or (
-                oldest is not None and oldest <= settled_day(cutoff))):
-            # A stamp no other state of the roll-ups has: the transaction id of the
-            # row's version this fold replaces (every fold writes a new version; ids
-            # are unique across databases; txid_current() would repeat inside one
-            # outer transaction, as in tests).
-            with connection.cursor() as cursor:
-                cursor.execute(f"SELECT xmin::text::bigint FROM {UsageRollupState._meta.db_table} WHERE id = 1")
-                state.settled_xid = cursor.fetchone()[0]
-            fields.append("settled_xid")
+        state.stamp = uuid.uuid4().hex  # a new state of the roll-ups: the pages' cached reads retire
+        fields = ["cutoff", "ran_at", "folded_pieces", "stamp"]
+        if not state.settled_stamp or (oldest is not None and oldest <= settled_day(cutoff)):
+            state.settled_stamp = state.stamp
+            fields.append("settled_stamp")
         state.save(update_fields=fields)
     return stats
 
@@ -477,7 +470,7 @@ def settled_day(cutoff: datetime) -> date:
     since the previous cutoff, whose local days (any zone) are the cutoff's UTC date
     or the day before or after, and outcomes and waits of the same minutes. A fold
     that writes a day up to this one (a wait of an attempt started days ago, a fold
-    after days without one) moves UsageRollupState.settled_xid, which retires the
+    after days without one) moves UsageRollupState.settled_stamp, which retires the
     pages' cached reads of settled days (jobs.selectors_usage.Stamp)."""
     return cutoff.astimezone(dt_timezone.utc).date() - timedelta(days=SETTLED_DAYS)
 

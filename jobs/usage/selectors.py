@@ -19,7 +19,6 @@ the numbers cannot drift apart."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,8 +29,7 @@ from zoneinfo import ZoneInfo
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
-from django.db import connection
-from django.db.models import QuerySet, Sum
+from django.db.models import Exists, OuterRef, QuerySet, Sum
 from django.utils import timezone
 
 from jobs.models import (
@@ -174,21 +172,17 @@ SETTLED_CACHE_S = 6 * 3600  # reads of settled days: retired by a fold that writ
 
 def rollup_version(mark: Watermark | None = None) -> str | None:
     """A stamp that changes whenever the roll-ups may have changed, or None (do not
-    cache). Roll-up rows are written only by jobs.usage_rollup.fold, in the same
-    transaction that updates the UsageRollupState row; PostgreSQL gives every new
-    version of that row a new xmin (transaction ids are never reused, even after a
-    rollback), so (xmin, cutoff) identifies one state of the roll-ups. A cached
-    read keyed by it is therefore invalidated by the next fold — legitimate, not
-    stale. Rows written some other way (a test inserting roll-up rows directly
-    after a fold, a manual repair) are not seen until the next fold; without a
-    fold (cutoff None) nothing is cached. `mark` is the watermark when the caller
-    has read it already (jobs.usage_rollup.watermark, which the live part needs too)."""
-    if connection.vendor != "postgresql":
-        return None
+    cache): UsageRollupState.stamp, which jobs.usage.rollup.fold renews in the
+    transaction that writes the roll-up rows. A cached read keyed by it is
+    therefore invalidated by the next fold — legitimate, not stale. Rows written
+    some other way (a test inserting roll-up rows directly after a fold, a manual
+    repair) are not seen until the next fold; before the first fold nothing is
+    cached. `mark` is the watermark when the caller has read it already
+    (jobs.usage.rollup.watermark, which the live part needs too)."""
     mark = mark or watermark()
-    if mark.xmin is None or mark.cutoff is None:
+    if mark.stamp is None or mark.cutoff is None:
         return None
-    return f"{mark.xmin}:{mark.cutoff.isoformat()}"
+    return f"{mark.stamp}:{mark.cutoff.isoformat()}"
 
 
 @dataclass(frozen=True)
@@ -196,10 +190,10 @@ class Stamp:
     """Cache stamps for roll-up reads: `recent` (rollup_version: every fold retires
     it) for reads that may touch days after `settled_day`; `settled` for reads of
     days up to `settled_day` only, which survives folds until one writes such a day
-    (UsageRollupState.settled_xid, see jobs.usage_rollup.settled_day). So the first
+    (UsageRollupState.settled_stamp, see jobs.usage.rollup.settled_day). So the first
     render after a fold re-reads the last few days, not the whole range. Roll-up
     rows of settled days changed some other way (a repair) show once a fold moves
-    settled_xid or after SETTLED_CACHE_S; names (teams, users) are read per render."""
+    settled_stamp or after SETTLED_CACHE_S; names (teams, users) are read per render."""
 
     recent: str | None
     settled: str | None = None
@@ -208,9 +202,9 @@ class Stamp:
 
 def stamps(mark: Watermark | None) -> Stamp:
     version = rollup_version(mark)
-    if version is None or mark is None or mark.settled_xid is None:
+    if version is None or mark is None or mark.settled_stamp is None:
         return Stamp(version)
-    return Stamp(version, f"settled:{mark.settled_xid}", settled_day(mark.cutoff))
+    return Stamp(version, f"settled:{mark.settled_stamp}", settled_day(mark.cutoff))
 
 
 def _range_sums(qs: QuerySet, first: date, last: date, *keys: str, stamp: Stamp,
@@ -280,20 +274,10 @@ def _sketches_by_kind(qs: QuerySet, version: str | None = None) -> dict[str, dic
 
 
 def _sketches_by_kind_uncached(qs: QuerySet) -> dict[str, dict[str, int]]:
-    """The wait sketches of `qs` merged per kind. On PostgreSQL the merge happens in
-    the database (jsonb_each), so a quarter of a busy team is one small result;
-    elsewhere (SQLite) the sketches are merged here."""
-    qs = qs.filter(wait_count__gt=0)
+    """The wait sketches of `qs` merged per kind, in Python (bench/usage.py: as fast as
+    merging them in PostgreSQL with jsonb_each, for a quarter of a busy team)."""
     merged: dict[str, dict[str, int]] = defaultdict(dict)
-    if connection.vendor == "postgresql":
-        inner, params = qs.values("kind", "wait_sketch").query.sql_with_params()
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT u.kind, e.key, SUM(e.value::bigint) FROM ({inner}) u, "
-                           f"jsonb_each_text(u.wait_sketch) e GROUP BY u.kind, e.key", params)
-            for kind, key, count in cursor.fetchall():
-                merged[kind][key] = int(count)
-        return dict(merged)
-    for row in qs.values("kind", "wait_sketch"):
+    for row in qs.filter(wait_count__gt=0).values("kind", "wait_sketch"):
         accounting.WaitSketch.merge(merged[row["kind"]], row["wait_sketch"] or {})
     return dict(merged)
 
@@ -312,31 +296,21 @@ def _site_wait_sketches(first: date, last: date, version: str | None = None) -> 
 
 
 def _site_wait_sketches_uncached(first: date, last: date) -> dict[str, dict[str, int]]:
-    kinds = [k for k, _ in Kind.choices]
-    if connection.vendor == "postgresql":  # one query: two index probes per kind
-        pick = (f"SELECT t.wait_sketch FROM {UsageSiteWaitTotal._meta.db_table} t WHERE t.kind = k.kind "
-                f"AND t.day {{}} %s ORDER BY t.day DESC LIMIT 1")
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT k.kind, hi.wait_sketch, lo.wait_sketch FROM unnest(%s::text[]) k(kind) "
-                           f"LEFT JOIN LATERAL ({pick.format('<=')}) hi ON true "
-                           f"LEFT JOIN LATERAL ({pick.format('<')}) lo ON true", [kinds, last, first])
-            rows = cursor.fetchall()
-    else:
-        totals = UsageSiteWaitTotal.objects.order_by("-day").values_list("wait_sketch", flat=True)
-        rows = [(k, totals.filter(kind=k, day__lte=last).first(), totals.filter(kind=k, day__lt=first).first())
-                for k in kinds]
+    upto_last, before_first = _latest_wait_totals(day__lte=last), _latest_wait_totals(day__lt=first)
     out: dict[str, dict[str, int]] = {}
-    for kind, upto_last, before_first in rows:
-        if isinstance(upto_last, str):  # a backend handing JSON back as text
-            upto_last = json.loads(upto_last)
-        if isinstance(before_first, str):
-            before_first = json.loads(before_first)
-        before_first = before_first or {}
-        sketch = {key: n for key, count in (upto_last or {}).items()
-                  if (n := int(count) - int(before_first.get(key, 0)))}
+    for kind, sketch in upto_last.items():
+        earlier = before_first.get(kind) or {}
+        sketch = {key: n for key, count in (sketch or {}).items() if (n := int(count) - int(earlier.get(key, 0)))}
         if sketch:
             out[kind] = sketch
     return out
+
+
+def _latest_wait_totals(**days) -> dict[str, dict]:
+    """kind -> the wait sketch of its latest UsageSiteWaitTotal row within `days` (one
+    query: the rows no later row of the same kind within `days` follows)."""
+    later = UsageSiteWaitTotal.objects.filter(kind=OuterRef("kind"), day__gt=OuterRef("day"), **days)
+    return dict(UsageSiteWaitTotal.objects.filter(**days).exclude(Exists(later)).values_list("kind", "wait_sketch"))
 
 
 def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str | None,
@@ -394,7 +368,7 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
     tz = accounting.zone(team.time_zone)
     today = accounting.local_day(now, tz)
     table = prices()
-    mark = watermark() if connection.vendor == "postgresql" else None
+    mark = watermark()
     stamp = stamps(mark)
     live = live_usage(team_id=team.pk, now=now, price_table=table, mark=mark)
     names: dict[int, str] = {}
@@ -427,7 +401,7 @@ def site_report(range_name: str, first: date, last: date, *, now: datetime | Non
     tz = accounting.zone(settings.TIME_ZONE)
     today = accounting.local_day(now, tz)
     table = price_table if price_table is not None else prices()
-    mark = watermark() if connection.vendor == "postgresql" else None
+    mark = watermark()
     stamp = stamps(mark)
     live = live_usage(now=now, price_table=table, mark=mark)
     field_name = "family" if group_by == "family" else "kind"

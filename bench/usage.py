@@ -129,7 +129,8 @@ def site_wait_sketches_sql(first, last) -> dict:
                        f"LEFT JOIN LATERAL ({pick.format('<')}) lo ON true", [kinds, last, first])
         rows = cursor.fetchall()
     out = {}
-    for kind, upto_last, before_first in rows:
+    for kind, upto_last, before_first in rows:  # jsonb comes back as text through this cursor
+        upto_last, before_first = (json.loads(v) if isinstance(v, str) else v for v in (upto_last, before_first))
         before_first = before_first or {}
         sketch = {key: n for key, count in (upto_last or {}).items()
                   if (n := int(count) - int(before_first.get(key, 0)))}

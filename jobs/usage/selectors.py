@@ -19,17 +19,18 @@ the numbers cannot drift apart."""
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from functools import cached_property
+from functools import cached_property, reduce
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
-from django.db.models import Exists, OuterRef, QuerySet, Sum
+from django.db.models import Max, Q, QuerySet, Sum
 from django.utils import timezone
 
 from jobs.models import (
@@ -296,21 +297,24 @@ def _site_wait_sketches(first: date, last: date, version: str | None = None) -> 
 
 
 def _site_wait_sketches_uncached(first: date, last: date) -> dict[str, dict[str, int]]:
-    upto_last, before_first = _latest_wait_totals(day__lte=last), _latest_wait_totals(day__lt=first)
+    # Per kind, the day of its latest running total up to `last` and before `first`
+    # (one aggregate over the index), then those rows (one read).
+    days = list(UsageSiteWaitTotal.objects.values("kind").order_by().annotate(
+        upto_last=Max("day", filter=Q(day__lte=last)), before_first=Max("day", filter=Q(day__lt=first)))
+        .values_list("kind", "upto_last", "before_first"))
+    wanted = [(kind, day) for kind, *pair in days for day in pair if day is not None]
+    if not wanted:
+        return {}
+    rows = UsageSiteWaitTotal.objects.filter(reduce(operator.or_, (Q(kind=k, day=d) for k, d in wanted)))
+    sketches = {(kind, day): sketch for kind, day, sketch in rows.values_list("kind", "day", "wait_sketch")}
     out: dict[str, dict[str, int]] = {}
-    for kind, sketch in upto_last.items():
-        earlier = before_first.get(kind) or {}
-        sketch = {key: n for key, count in (sketch or {}).items() if (n := int(count) - int(earlier.get(key, 0)))}
+    for kind, upto_last, before_first in days:
+        earlier = sketches.get((kind, before_first)) or {}
+        sketch = {key: n for key, count in (sketches.get((kind, upto_last)) or {}).items()
+                  if (n := int(count) - int(earlier.get(key, 0)))}
         if sketch:
             out[kind] = sketch
     return out
-
-
-def _latest_wait_totals(**days) -> dict[str, dict]:
-    """kind -> the wait sketch of its latest UsageSiteWaitTotal row within `days` (one
-    query: the rows no later row of the same kind within `days` follows)."""
-    later = UsageSiteWaitTotal.objects.filter(kind=OuterRef("kind"), day__gt=OuterRef("day"), **days)
-    return dict(UsageSiteWaitTotal.objects.filter(**days).exclude(Exists(later)).values_list("kind", "wait_sketch"))
 
 
 def _read(qs: QuerySet, first: date, last: date, today: date, group_field: str | None,

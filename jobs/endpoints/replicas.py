@@ -17,7 +17,6 @@ from jobs.lifecycle import states
 from jobs.endpoints.timeline import endpoint_event
 from jobs.models import Endpoint, EndpointRevision, Job, Kind, Replica
 from jobs.quotas.backfill import NO_TIME_LIMIT
-from jobs.quotas.selectors import kind_priority
 
 R = Replica.State
 S = Job.Status
@@ -29,7 +28,7 @@ def replica_start(endpoint: Endpoint, revision: EndpointRevision, *, user) -> Re
 
     job = Job.objects.create(
         team_id=endpoint.team_id, user=user, kind=Kind.SERVE, family=endpoint.family,
-        cores=endpoint.cores_per_replica, priority=kind_priority(Kind.SERVE), model=revision.model,
+        cores=endpoint.cores_per_replica, model=revision.model,
         spec={}, max_runtime_s=NO_TIME_LIMIT, max_attempts=1, reason_code="submitted",
         reason="waiting for the scheduler",
     )

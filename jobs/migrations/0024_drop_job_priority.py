@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0021_endpoints'),
+        ('jobs', '0023_endpoint_revision_cores'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

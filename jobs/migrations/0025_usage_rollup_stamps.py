@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0022_drop_job_priority'),
+        ('jobs', '0024_drop_job_priority'),
     ]
 
     operations = [

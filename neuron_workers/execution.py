@@ -29,7 +29,8 @@ RETRYABLE = {"crashed"}
 # What a job's metrics stream may add to its timeline (neuron_workers.backends.loops
 # and finetuning write them); a row with another "event" is dropped.
 # An endpoint replica's reports (neuron_workers.backends.serve_handoff): its URL once
-# its /health answers, and the start of its drain.
+# its /health answers, and the start of its drain ({"event": "serve_ready"} or
+# {"replica": "ready"} and the like: see jobs.endpoints.replicas.replica_reported).
 REPLICA_EVENTS = {"serve_ready", "serve_draining"}
 SERVE_EXIT_MARGIN_S = 5  # after its drain, a replica's server closes and exits before SIGKILL
 JOB_EVENTS = {"checkpoint", "resumed", "stage"}  # failures worth another attempt; bad input or a compile error is not
@@ -194,11 +195,12 @@ class JobRecorder:
         self.stored()
 
     def on_metric(self, row: dict) -> None:
+        if self.serves and (row.get("event") in REPLICA_EVENTS or "replica" in row):
+            self.on_replica(row)
+            return
         if "event" in row:
             if row["event"] in JOB_EVENTS:
                 self.on_event(row)
-            elif self.serves and row["event"] in REPLICA_EVENTS:
-                self.on_replica(row)
             return
         latency = row.get("request_ms")
         if isinstance(latency, (int, float)) and not isinstance(latency, bool):

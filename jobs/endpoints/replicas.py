@@ -20,6 +20,8 @@ from jobs.quotas.backfill import NO_TIME_LIMIT
 
 R = Replica.State
 S = Job.Status
+# A replica's reports, as {"event": "serve_ready", "url": …} or {"replica": "ready", "url": …}.
+REPORTS = {"serve_ready": "ready", "ready": "ready", "serve_draining": "draining", "draining": "draining"}
 
 
 def replica_start(endpoint: Endpoint, revision: EndpointRevision, *, user) -> Replica:
@@ -77,9 +79,9 @@ def stop_job(job_id: int, message: str) -> bool:
 
 def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> int | None:
     """A report of the replica's process on its metric channel (its worker calls this;
-    neuron_workers.backends.serve_handoff writes them): {"event": "serve_ready",
-    "url": ...} once its /health answers, {"event": "serve_draining"} when it stops
-    taking requests. Only the running attempt's report counts. Returns the
+    neuron_workers.backends.serve_handoff writes them): ready with its URL once its
+    /health answers, draining when it stops taking requests (either shape of
+    REPORTS). Only the running attempt's report counts. Returns the
     endpoint's id when the replica became ready (the caller reconciles it at once:
     a rollout or a cold start waits for that, not for the next tick)."""
     if not Job.objects.filter(pk=job_id, status=S.RUNNING, attempts=attempt, host_id=host_id).exists():
@@ -88,11 +90,11 @@ def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> int 
     if replica is None:
         return None
     became_ready = False
-    event = row.get("event")
-    if event == "serve_ready" and isinstance(row.get("url"), str) and row["url"].startswith("http"):
+    event = REPORTS.get(row.get("event")) or REPORTS.get(row.get("replica"))
+    if event == "ready" and isinstance(row.get("url"), str) and row["url"].startswith("http"):
         with transaction.atomic():
             became_ready = _mark_ready(replica, row["url"], job_id)
-    elif event == "serve_draining":
+    elif event == "draining":
         replica_drain(replica, "its server began draining")
     else:
         return None

@@ -628,3 +628,50 @@ def test_the_site_team_table_names_teams_as_they_are_now_though_sums_are_cached(
     rows = _csv(admin.get("/usage/", params))  # no fold since: the sums come from the cache
     assert {r["team"] for r in rows} == {"vision-renamed", "audio"}
     assert float(next(r for r in rows if r["team"] == "vision-renamed")["core_hours"]) == pytest.approx(18.5, abs=1e-3)
+
+
+# --- efficiency: used / allocated per team, user and kind -----------------------------
+
+def _efficiency(report) -> dict[tuple[str, str], dict]:
+    return {(r["group"], r["name"]): r for r in selectors.efficiency_table(report).dicts()}
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_efficiency_is_used_over_allocated_per_user_and_kind(history, folded):
+    """By hand: bob's J1 (8 core-h, 4 used), J3 (2 core-h at 80 %: 1.6 used) and J6 (0.5,
+    not measured); alice's J2 (4) and J4 (4), neither measured."""
+    if folded:
+        fold(NOW)
+    rows = _efficiency(_report(history.vision))
+    assert rows[("all", "all")]["efficiency_pct"] == pytest.approx(100 * 5.6 / 18.5, abs=0.05)
+    assert rows[("all", "all")]["utilization_pct"] == pytest.approx(56.0)
+    bob, alice = rows[("user", "bob")], rows[("user", "alice")]
+    assert bob["allocated_core_hours"] == pytest.approx(10.5) and bob["used_core_hours"] == pytest.approx(5.6)
+    assert bob["efficiency_pct"] == pytest.approx(100 * 5.6 / 10.5, abs=0.05) and bob["utilization_pct"] == 56.0
+    assert alice["allocated_core_hours"] == pytest.approx(8.0) and alice["efficiency_pct"] == 0.0
+    assert alice["utilization_pct"] is None and alice["unknown_core_hours"] == pytest.approx(8.0)
+    assert rows[("kind", "finetune")]["efficiency_pct"] == pytest.approx(100 * 4 / 12, abs=0.05)
+    assert rows[("kind", "compile")]["efficiency_pct"] == pytest.approx(64.0)
+    assert rows[("kind", "inference")]["efficiency_pct"] == 0.0
+    assert [k for g, k in rows if g == "user"] == ["bob", "alice"]  # largest allocation first
+
+
+def test_the_site_efficiency_has_each_team(history):
+    fold(NOW)
+    rows = _efficiency(selectors.site_report("custom", D10, D12, now=NOW))
+    assert rows[("team", "vision")]["efficiency_pct"] == pytest.approx(100 * 5.6 / 18.5, abs=0.05)
+    assert rows[("team", "audio")]["efficiency_pct"] == 0.0 and rows[("team", "audio")]["utilization_pct"] is None
+    assert rows[("all", "all")]["efficiency_pct"] == pytest.approx(100 * 5.6 / 20.5, abs=0.05)
+    assert not any(g == "user" for g, _ in rows)
+
+
+def test_the_usage_pages_show_the_efficiency_table_and_its_csv(history, frozen):
+    fold(NOW)
+    html = _client(history.bob).get("/teams/vision/usage/", RANGE).content.decode()
+    assert 'id="table-efficiency"' in html
+    assert 'data-group="user" data-name="bob"' in html and 'data-group="kind" data-name="compile"' in html
+    assert '<td data-metric="efficiency">64.0 %</td>' in html
+    rows = _csv(_client(history.bob).get("/teams/vision/usage/", {**RANGE, "format": "csv", "table": "efficiency"}))
+    assert {r["name"]: r["efficiency_pct"] for r in rows if r["group"] == "user"} == {"bob": "53.33", "alice": "0.0"}
+    site = _client(history.admin).get("/usage/", RANGE).content.decode()
+    assert 'data-group="team" data-name="vision"' in site

@@ -243,6 +243,15 @@ class Totals:
         return self.used_core_seconds / self.measured_core_seconds
 
     @property
+    def efficiency(self) -> float | None:
+        """used / allocated (0..1): the share of the NeuronCore-hours paid for that did
+        work. Unlike `utilization`, hours without a measurement count as not used.
+        None when nothing was allocated."""
+        if self.core_seconds <= 0:
+            return None
+        return self.used_core_seconds / self.core_seconds
+
+    @property
     def jobs_finished(self) -> int:
         return self.jobs_succeeded + self.jobs_failed + self.jobs_cancelled
 

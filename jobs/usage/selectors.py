@@ -123,6 +123,7 @@ class Report:
     prices: dict[str, Price]
     team_shares: list[TeamShare] = field(default_factory=list)  # site only
     capacity_cores: int = 0  # site only: NeuronCores of the hosts registered now
+    by_user: dict[str, Totals] = field(default_factory=dict)  # team only: allocated / measured / used per user
 
     @property
     def days(self) -> list[date]:
@@ -391,7 +392,30 @@ def team_report(team: Team, range_name: str, first: date, last: date, *, now: da
               lambda c: label(getattr(c.dims, field_name)))
     budget = TeamQuota.objects.filter(team=team).values_list("monthly_core_hours", flat=True).first()
     return Report("team", team, tz, range_name, first, last, today, now, group_by, by_day, by_group_day, by_kind,
-                  budget, _top_jobs(live, first, last, team=team, version=stamp.recent), table)
+                  budget, _top_jobs(live, first, last, team=team, version=stamp.recent), table,
+                  by_user=_by_user(team, first, last, live.contributions, stamp))
+
+
+EFFICIENCY_FIELDS = ("core_seconds", "measured_core_seconds", "used_core_seconds")
+
+
+def _by_user(team: Team, first: date, last: date, live: list[Contribution], stamp: Stamp) -> dict[str, Totals]:
+    """Allocated, measured and used core-seconds per user of the team over the range
+    (the efficiency table): one grouped read of the roll-up plus the live part."""
+    sums: dict[object, Totals] = {}
+    for (user_id,), totals in _range_sums(UsageDaily.objects.filter(team=team), first, last, "user",
+                                          stamp=stamp, fields=EFFICIENCY_FIELDS).items():
+        _add_to(sums, user_id, totals)
+    for c in live:
+        if first <= c.day <= last:
+            _add_to(sums, c.dims.user_id, c.totals)
+    ids = [user_id for user_id in sums if user_id is not None]
+    names = dict(get_user_model().objects.filter(pk__in=ids).values_list("pk", "username")) if ids else {}
+    label = _labeller("user", names)
+    by_user: dict[str, Totals] = {}
+    for user_id, totals in sums.items():
+        _add_to(by_user, label(user_id), totals)
+    return by_user
 
 
 # --- site --------------------------------------------------------------------------
@@ -658,6 +682,30 @@ def fleet_table(report: Report) -> Table:
     return table
 
 
+def efficiency_table(report: Report) -> Table:
+    """Efficiency = used / allocated NeuronCore-hours (unmeasured hours count as not
+    used; utilization is used / measured): the whole range, then each team (site) or
+    each user (team), then each job kind; largest allocation first."""
+    table = Table(["group", "name", "allocated_core_hours", "used_core_hours", "unknown_core_hours",
+                   "efficiency_pct", "utilization_pct"])
+
+    def row(group: str, name: str, t: Totals) -> None:
+        table.rows.append([group, name, _h(t.core_seconds), _h(t.used_core_seconds),
+                           _h(max(t.core_seconds - t.measured_core_seconds, 0.0)), _pct(t.efficiency),
+                           _pct(t.utilization)])
+
+    row("all", "all", report.totals)
+    if report.scope == "site":
+        for share in report.team_shares:
+            row("team", share.team.slug, share.totals)
+    for name in sorted(report.by_user, key=lambda n: (-report.by_user[n].core_seconds, n)):
+        row("user", name, report.by_user[name])
+    for kind in sorted(report.by_kind, key=lambda k: (-report.by_kind[k].core_seconds, k)):
+        if report.by_kind[kind].core_seconds > 0:
+            row("kind", kind, report.by_kind[kind])
+    return table
+
+
 def prices_table(report: Report) -> Table:
     table = Table(["instance_type", "usd_per_hour", "cores", "usd_per_core_hour", "source"])
     for name in sorted(report.prices):
@@ -676,6 +724,7 @@ def tables(report: Report) -> dict[str, Table]:
         "wait": wait_table(report),
         "outcomes": outcomes_table(report),
         "top_jobs": top_jobs_table(report),
+        "efficiency": efficiency_table(report),
         "prices": prices_table(report),
     }
     if report.scope == "site":

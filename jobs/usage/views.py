@@ -8,6 +8,7 @@ page, and the site page for non-staff, is a 404."""
 from __future__ import annotations
 
 import csv
+from collections import defaultdict
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
@@ -123,6 +124,7 @@ def _render(request: HttpRequest, template: str, context: dict, *, report: Repor
         "group_links": [(g, "?" + urlencode({**query, "group_by": g})) for g in groups],
         "teams_shown": _display_rows(tables["teams"], TEAMS_SHOWN) if "teams" in tables else [],
         "teams_total": len(tables["teams"].rows) if "teams" in tables else 0,
+        "efficiency_rows": _efficiency_rows(tables["efficiency"]),
         "wait_rows": [{"kind": r["kind"], "jobs": r["jobs"], "p50": _duration(r["p50_s"]),
                        "p95": _duration(r["p95_s"]), "mean": _duration(r["mean_s"])} for r in tables["wait"].dicts()],
     })
@@ -146,6 +148,21 @@ class DisplayTables(Mapping):
 
     def __len__(self) -> int:
         return len(self._tables)
+
+
+EFFICIENCY_SHOWN = 20  # rows per group (team, user) on the page; the CSV has them all
+
+
+def _efficiency_rows(table: Table) -> list[dict]:
+    """The efficiency table for the page: the largest EFFICIENCY_SHOWN teams or users
+    (rows come largest first within each group), every kind."""
+    seen: dict[str, int] = defaultdict(int)
+    kept = Table(table.columns)
+    for row in table.rows:
+        seen[row[0]] += 1
+        if seen[row[0]] <= EFFICIENCY_SHOWN:
+            kept.rows.append(row)
+    return _display_rows(kept)
 
 
 def _display_rows(table: Table, limit: int | None = None) -> list[dict]:

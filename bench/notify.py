@@ -3,13 +3,18 @@
     .venv/bin/python bench/notify.py [--events 10000]
 
 A local webhook receiver (tests/notify_support.Receiver: verifies each signature from
-the documented scheme, accepts each delivery id at most once) answers 500 to 30 % of
-requests at random and is down entirely (connection refused) for 10 s in the middle.
---events job events are raised through jobs.notify.events.emit, each in its own
-transaction, as fast as this process can, to one signed-webhook team subscription;
-the notifier worker (celery -Q notify, threads, as in webapp/Procfile) is killed with
--9 once while it works and started again; the scheduler worker with beat runs the
-sweep. It waits until every delivery is delivered (or given up).
+the documented scheme, accepts each delivery id at most once) and the processes of
+webapp/Procfile: the scheduler worker with beat (the sweep, a backstop) and two
+notifier workers (celery -Q notify, threads). Events are raised through
+jobs.notify.events.emit, each in its own transaction, as fast as this process can, to
+one signed-webhook team subscription. Two phases in one run:
+
+- baseline: --baseline-events events to the receiver while it answers every request
+  (no failures, no outage, no kill): what the pipeline itself costs at this load.
+- chaos: --events events while the receiver answers 500 to 30 % of requests at random
+  and is down entirely (connection refused) for 10 s once 30 % of the events exist;
+  at 60 % one notifier is killed with -9 (and started again). It waits until every
+  delivery is delivered (or given up).
 
 Last line, one JSON object: events, delivered_unique (receiver-accepted ids; target
 = events), lost (events never accepted; target 0), duplicates_accepted (an id
@@ -18,7 +23,9 @@ receiver had already accepted: a worker killed between the receiver's answer and
 record; the receiver dropped them), delivery_p95_s while the receiver is up (event
 created to accepted, events created outside the outage; target < 5), and
 delivery_p50_s / delivery_p95_s_all_events, deliveries_per_s (accepted per second from
-the first event to the last acceptance), requests, wall_s. Project defaults
+the first event to the last acceptance), requests, wall_s; baseline_delivery_p50_s /
+baseline_delivery_p95_s and baseline_events_per_s from the baseline phase;
+p95_by_attempts (chaos events by the attempts their delivery took). Project defaults
 throughout; its own database (neurondeck_bench_notify) and Redis db 11.
 """
 from __future__ import annotations
@@ -42,10 +49,10 @@ from bench.support.harness import CELERY, Bench, Processes, exclusive_run, log, 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--baseline-events", type=int, default=1_000)
     parser.add_argument("--outage-s", type=float, default=10.0)
     parser.add_argument("--fail-rate", type=float, default=0.30)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
-    parser.add_argument("--no-kill", action="store_true")
     args = parser.parse_args()
     _lock = exclusive_run("bench-notify")  # noqa: F841 - held until exit
     bench = Bench("neurondeck_bench_notify", os.environ.get("BENCH_NOTIFY_REDIS_URL", "redis://127.0.0.1:6379/11"),
@@ -62,20 +69,45 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def notifier_argv() -> list[str]:
-    return [*CELERY, "-Q", "notify", "--pool", "threads", "-c", "8", "-n", "bench-notify@%h"]
+def notifier_argv(name: str) -> list[str]:
+    """A notifier as webapp/Procfile runs it (two of them: notifier and notifier2)."""
+    return [*CELERY, "-Q", "notify", "--pool", "threads", "-c", "8", "-n", f"bench-{name}@%h"]
+
+
+def raise_events(count: int, team_id: int, created_at: dict[int, float], first: int = 0) -> float:
+    """`count` events, each in its own transaction, as fast as this process can; returns the seconds taken."""
+    from django.db import transaction
+
+    from jobs.notify.events import emit
+
+    t0 = time.time()
+    for i in range(first, first + count):
+        with transaction.atomic():
+            note = emit("job.succeeded", team_id=team_id, title=f"bench event {i}", seq=i)
+        created_at[note.pk] = note.created_at.timestamp()
+    return time.time() - t0
+
+
+def wait_delivered(receiver, timeout_s: float) -> None:
+    from jobs.models import Delivery
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        open_count = Delivery.objects.filter(status="pending").count()
+        if open_count == 0:
+            return
+        log(f"{open_count} deliveries open, {len(receiver.accepted)} accepted")
+        time.sleep(2)
 
 
 def run(args, bench: Bench, procs: Processes) -> dict:
     from django.contrib.auth import get_user_model
-    from django.db import transaction
 
     from jobs.models import Delivery, Notification, Role, Subscription
-    from jobs.notify.events import emit
     from jobs.teams.services import membership_set, team_create
     from tests.notify_support import Receiver
 
-    receiver = Receiver(fail_rate=args.fail_rate, seed=20).start()
+    receiver = Receiver(fail_rate=0.0, seed=20).start()
     user = get_user_model().objects.create_user("bench", "bench@example.com", "bench-password")
     team = team_create(slug="bench", name="Bench")
     membership_set(team=team, user=user, role=Role.MANAGER)
@@ -85,66 +117,67 @@ def run(args, bench: Bench, procs: Processes) -> dict:
 
     procs.start("scheduler", [*CELERY, "-Q", "scheduler", "-B", "--pool", "solo", "-n", "bench-sched@%h",
                               "--schedule", str(bench.workdir / "beat-schedule")])
-    procs.start("notifier", notifier_argv())
+    procs.start("notifier", notifier_argv("notifier"))
+    procs.start("notifier2", notifier_argv("notifier2"))
     time.sleep(3)  # let the workers connect (a bench, not a test: start-up is not measured)
+
+    # Baseline: a receiver that answers every request, nothing killed.
+    base_created: dict[int, float] = {}
+    base_s = raise_events(args.baseline_events, team.pk, base_created)
+    wait_delivered(receiver, args.timeout_s)
+    by_id = {str(d): n for d, n in Delivery.objects.values_list("delivery_id", "notification_id")}
+    base_latencies = [receiver.accepted[d]["at"] - base_created[by_id[d]] for d in receiver.accepted
+                      if by_id.get(d) in base_created]
+    log(f"baseline: {len(base_latencies)} delivered, p95 {percentile(base_latencies, 95):.2f} s")
+    base_ids = set(receiver.accepted)
+    base_requests = receiver.requests
+    receiver.fail_rate = args.fail_rate
 
     outage: list[float] = []  # [down_at, up_at]
     killed: list[float] = []
     created_at: dict[int, float] = {}
 
-    def chaos(started: float) -> None:
+    def chaos() -> None:
         """The outage and the kill, timed against the events' progress."""
         while len(created_at) < args.events * 0.3:
             time.sleep(0.05)
         log("receiver down")
         outage.append(time.time())
-        if args.outage_s:
-            receiver.stop()
-            time.sleep(args.outage_s)
-            receiver.start()
+        receiver.stop()
+        time.sleep(args.outage_s)
+        receiver.start()
         outage.append(time.time())
         log("receiver up")
         while len(created_at) < args.events * 0.6:
             time.sleep(0.05)
-        if args.no_kill:
-            return
         proc = procs.procs["notifier"]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed.append(time.time())
-        log("notifier killed with -9; starting another")
-        procs.start("notifier-2", notifier_argv())
+        log("notifier killed with -9; starting it again")
+        procs.start("notifier-again", notifier_argv("notifier-again"))
 
     t0 = time.time()
-    chaos_thread = threading.Thread(target=chaos, args=(t0,), daemon=True)
+    chaos_thread = threading.Thread(target=chaos, daemon=True)
     chaos_thread.start()
-    for i in range(args.events):
-        with transaction.atomic():
-            note = emit("job.succeeded", team_id=team.pk, title=f"bench event {i}", seq=i)
-        created_at[note.pk] = note.created_at.timestamp()
-    log(f"{args.events} events in {time.time() - t0:.1f} s")
+    events_s = raise_events(args.events, team.pk, created_at, first=args.baseline_events)
+    log(f"{args.events} events in {events_s:.1f} s")
     chaos_thread.join()
-
-    deadline = time.time() + args.timeout_s
-    while time.time() < deadline:
-        open_count = Delivery.objects.filter(status="pending").count()
-        if open_count == 0:
-            break
-        log(f"{open_count} deliveries open, {len(receiver.accepted)} accepted")
-        time.sleep(2)
+    wait_delivered(receiver, args.timeout_s)
     wall = time.time() - t0
 
     by_id = {str(d): n for d, n in Delivery.objects.values_list("delivery_id", "notification_id")}
-    accepted = {by_id[k]: v["at"] for k, v in receiver.accepted.items() if k in by_id}
+    accepted = {by_id[k]: v["at"] for k, v in receiver.accepted.items() if k in by_id and k not in base_ids}
     down, up = outage
     latencies = [(accepted[n] - c) for n, c in created_at.items() if n in accepted]
     up_latencies = [accepted[n] - c for n, c in created_at.items() if n in accepted and not down <= c <= up]
     last = max(accepted.values()) if accepted else t0
-    attempts = dict(Delivery.objects.values_list("notification_id", "attempts"))
+    attempts = dict(Delivery.objects.filter(notification_id__in=list(created_at)).values_list(
+        "notification_id", "attempts"))
+    by_attempts = {}
     for n_attempts in sorted(set(attempts.values())):
         group = [accepted[n] - c for n, c in created_at.items() if n in accepted and attempts[n] == n_attempts]
-        log(f"attempts={n_attempts}: {len(group)} events, p50 {percentile(group, 50):.2f} s, "
-            f"p95 {percentile(group, 95):.2f} s")
+        by_attempts[str(n_attempts)] = {"events": len(group), "p95_s": round(percentile(group, 95), 2)}
     return {
         "events": args.events,
         "delivered_unique": len(accepted),
@@ -156,12 +189,19 @@ def run(args, bench: Bench, procs: Processes) -> dict:
         "delivery_p95_s": round(percentile(up_latencies, 95), 3),
         "delivery_p95_s_all_events": round(percentile(latencies, 95), 3),
         "deliveries_per_s": round(len(accepted) / max(last - t0, 1e-9), 1),
-        "requests": receiver.requests,
+        "events_per_s": round(args.events / events_s, 1),
+        "requests": receiver.requests - base_requests,
         "bad_signatures": receiver.bad_signatures,
         "outage_s": round(up - down, 1),
         "worker_killed_at_s": round(killed[0] - t0, 1) if killed else None,
-        "notifications": Notification.objects.count(),
+        "notifications": Notification.objects.count() - args.baseline_events,
         "wall_s": round(wall, 1),
+        "baseline_events": args.baseline_events,
+        "baseline_delivered": len(base_latencies),
+        "baseline_events_per_s": round(args.baseline_events / base_s, 1),
+        "baseline_delivery_p50_s": round(percentile(base_latencies, 50), 3),
+        "baseline_delivery_p95_s": round(percentile(base_latencies, 95), 3),
+        "p95_by_attempts": by_attempts,
     }
 
 

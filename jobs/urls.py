@@ -19,5 +19,6 @@ register_converter(DbIdConverter, "dbid")
 
 urlpatterns = [
     path("", include(f"jobs.{area}.urls"))
-    for area in ("lifecycle", "assets", "teams", "quotas", "live", "usage", "compile_cache", "audit", "endpoints")
+    for area in ("lifecycle", "assets", "teams", "quotas", "live", "usage", "compile_cache", "audit", "endpoints",
+                 "notify")
 ]

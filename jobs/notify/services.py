@@ -7,11 +7,12 @@ from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.http import Http404
 
 from jobs import access
-from jobs.models import Delivery, EventKind, Membership, Role, Subscription, Team
+from jobs.models import AuditEntry, Delivery, EventKind, Membership, Role, Subscription, Team, TeamAlertPolicy
 from jobs.notify import delivery as notify_delivery
 from jobs.notify import targets
 
@@ -83,3 +84,36 @@ def subscription_create(*, team: Team, user, scope: str, channel: str, target: s
 
 def delivery_resend(delivery: Delivery) -> Delivery:
     return notify_delivery.resend(delivery)
+
+
+# --- the team's alert policy ---------------------------------------------------------------
+
+POLICY_FIELDS = ("idle_util_below", "idle_minutes", "idle_action", "idle_grace_minutes", "budget_thresholds")
+
+
+def alert_policy_of(team: Team) -> TeamAlertPolicy:
+    """The team's policy, or the defaults (unsaved) when it never set one."""
+    return TeamAlertPolicy.objects.filter(team=team).first() or TeamAlertPolicy(team=team)
+
+
+def alert_policy_update(*, team: Team, values: dict, actor) -> list[AuditEntry]:
+    """Set the team's idle-core rule and budget thresholds (managers; the caller checks
+    the role), one AuditEntry per changed field (subject alert.<field>, old -> new)."""
+    with transaction.atomic():
+        policy, _ = TeamAlertPolicy.objects.select_for_update().get_or_create(team=team)
+        entries = [AuditEntry(team=team, actor=actor, subject=f"alert.{name}", old=_shown(getattr(policy, name)),
+                              new=_shown(values[name]))
+                   for name in POLICY_FIELDS if name in values and getattr(policy, name) != values[name]]
+        if entries:
+            for name in POLICY_FIELDS:
+                if name in values:
+                    setattr(policy, name, values[name])
+            policy.save()
+            AuditEntry.objects.bulk_create(entries)
+    return entries
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "site default"
+    return f"{value:g}" if isinstance(value, float) else str(value)

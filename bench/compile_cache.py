@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    Bench, Processes, exclusive_run, log, percentile, seed_team, start_heartbeat, start_workers, wait_finished,
+    Bench, bench_run, log, percentile, seed_team, start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_compile_cache",
@@ -178,18 +176,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--lookups", type=int, default=200)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
-    lock = exclusive_run("bench-compile-cache")  # noqa: F841 - held until the process exits
-    BENCH.workdir = Path(tempfile.mkdtemp(prefix="nd-bench-cache-"))
-    env = BENCH.environment(COMPILE_CACHE_MAX_BYTES="0")
-    BENCH.setup(env)
-    procs = Processes(BENCH.workdir, env)
-    beating = None
-    try:
+    with bench_run(BENCH, "bench-compile-cache", keep=args.keep, COMPILE_CACHE_MAX_BYTES="0") as procs:
         from jobs.teams.tokens import token_create
 
         team, user, model = seed_team(SLOTS, BENCH.host)
         raw, _ = token_create(user=user, name="bench")
-        beating = start_heartbeat(BENCH.host)
+        procs.heartbeat(BENCH.host)
         start_workers(procs, BENCH.host, SLOTS)
         api = Api(raw, model.pk)
         log(f"system started (logs in {BENCH.workdir})")
@@ -206,13 +198,6 @@ def main(argv=None) -> dict:
         report = {k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}
         print(json.dumps(report))
         return report
-    finally:
-        if beating is not None:
-            beating.set()
-        procs.stop()
-        BENCH.teardown()
-        if not args.keep:
-            shutil.rmtree(BENCH.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

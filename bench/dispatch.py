@@ -38,9 +38,7 @@ import signal
 import subprocess
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -50,8 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PY, Bench, Processes, cpu_seconds, exclusive_run, free_port, log, percentile, seed_team, start_heartbeat,
-    start_workers, wait_finished,
+    PY, Bench, Processes, bench_run, cpu_seconds, free_port, log, percentile, seed_team, start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_dispatch", redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
@@ -270,15 +267,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    lock = exclusive_run("bench-dispatch")  # noqa: F841 - held until the process exits
-    BENCH.workdir = Path(tempfile.mkdtemp(prefix="nd-bench-dispatch-"))
-    env = BENCH.environment()
-    BENCH.setup(env)
-    procs = Processes(BENCH.workdir, env)
-    beating = None
-    try:
+    with bench_run(BENCH, "bench-dispatch", keep=args.keep) as procs:
         fixture = seed(args.slots)
-        beating = start_heartbeat(BENCH.host)
+        procs.heartbeat(BENCH.host)
         port = free_port()
         start_system(procs, port, args)
         api = Api(port, fixture["token"], fixture["model"])
@@ -306,13 +297,6 @@ def main(argv=None) -> dict:
         print_table(report)
         print(json.dumps(report))
         return report
-    finally:
-        if beating is not None:
-            beating.set()
-        procs.stop()
-        BENCH.teardown()
-        if not args.keep:
-            shutil.rmtree(BENCH.workdir, ignore_errors=True)
 
 
 def print_table(report: dict) -> None:

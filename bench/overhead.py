@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,8 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PY, ROOT, Bench, Processes, cpu_seconds, exclusive_run, log, seed_team, start_heartbeat, start_workers,
-    wait_finished,
+    PY, ROOT, Bench, bench_run, cpu_seconds, log, seed_team, start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_overhead",
@@ -149,17 +147,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    lock = exclusive_run("bench-overhead")  # noqa: F841 - held until the process exits
-    BENCH.workdir = Path(tempfile.mkdtemp(prefix="nd-bench-overhead-"))
     cores = os.cpu_count() or 1
-    env = BENCH.environment()
-    BENCH.setup(env)
-    procs = Processes(BENCH.workdir, env)
-    beating = None
-    try:
+    with bench_run(BENCH, "bench-overhead", keep=args.keep) as procs:
         team, user, model = seed_team(cores, BENCH.host)
         dataset = demo_dataset(team, user)
-        beating = start_heartbeat(BENCH.host)
+        procs.heartbeat(BENCH.host)
         start_workers(procs, BENCH.host, 1)
         log(f"system started (logs in {BENCH.workdir}); warming up the worker")
         warm = argparse.Namespace(**{**vars(args), "steps": 2})
@@ -167,7 +159,7 @@ def main(argv=None) -> dict:
         run_job(team, user, model, dataset, warm, cores, groups)  # starts the worker's zygote (torch preload)
         # The job's thread count is the worker's torch default (fork mode) or
         # OMP_NUM_THREADS=cores (exec mode); the plain process gets the same.
-        plain_env = {**env, "OMP_NUM_THREADS": str(cores)}
+        plain_env = {**procs.env, "OMP_NUM_THREADS": str(cores)}
         jobs, plains = [], []
         spec = None
         for round_no in range(1, args.rounds + 1):
@@ -182,13 +174,6 @@ def main(argv=None) -> dict:
         print_table(report)
         print(json.dumps(report))
         return report
-    finally:
-        if beating is not None:
-            beating.set()
-        procs.stop()
-        BENCH.teardown()
-        if not args.keep:
-            shutil.rmtree(BENCH.workdir, ignore_errors=True)
 
 
 def summarize(jobs: list[dict], plains: list[dict], args, cores: int) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,11 +205,17 @@ def cpu_seconds(groups: dict[str, int], db_name: str) -> dict[str, float]:
 
 
 class Processes:
-    """The started services; stop() ends exactly these (by their process groups)."""
+    """The started services (and host heartbeats); stop() ends exactly these (the
+    services by their process groups)."""
 
     def __init__(self, logdir: Path, env: dict[str, str]):
         self.logdir, self.env = logdir, env
         self.procs: dict[str, subprocess.Popen] = {}
+        self.heartbeats: list[threading.Event] = []
+
+    def heartbeat(self, host: str) -> None:
+        """Keep `host` online (heartbeat_host) until stop()."""
+        self.heartbeats.append(start_heartbeat(host))
 
     def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
         out = open(self.logdir / f"{name}.log", "wb")
@@ -214,6 +223,8 @@ class Processes:
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
+        for beat in self.heartbeats:
+            beat.set()
         for proc in self.procs.values():
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -225,6 +236,28 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@contextmanager
+def bench_run(bench: Bench, name: str, *, keep: bool = False, **extra_env: str) -> Iterator[Processes]:
+    """One run of a benchmark that starts services: the machine-wide lock `name`
+    (exclusive_run), a fresh workdir, database and Redis db (Bench.setup, with
+    `extra_env` for the services), and the Processes it starts, yielded. On the way
+    out, also on an error or Ctrl-C: services and heartbeats stopped, database
+    dropped, Redis flushed, the workdir (logs) removed unless `keep`."""
+    lock = exclusive_run(name)
+    bench.workdir = Path(tempfile.mkdtemp(prefix=f"nd-{name}-"))
+    env = bench.environment(**extra_env)
+    bench.setup(env)
+    procs = Processes(bench.workdir, env)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+        bench.teardown()
+        if not keep:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+        lock.close()
 
 
 CELERY = [PY, "-m", "celery", "-A", "webapp", "worker", "--without-gossip", "--without-mingle",

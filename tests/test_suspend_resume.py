@@ -3,12 +3,15 @@ fine-tune options checked at submit (field errors). A running job really stoppin
 and resuming from its checkpoint is in test_train_resume_e2e and test_browser_train."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jobs.lifecycle import scheduler, states
 from jobs.models import CoreAllocation, Job, JobAttempt, JobEvent
 from tests.conftest import api_client
 from tests.test_api_jobs import finetune_body, inference_body, post_json, submit
+from tests.test_cli import run  # noqa: F401 - the CLI fixture
 
 S = Job.Status
 
@@ -113,3 +116,18 @@ def test_a_finetune_spec_carries_its_checkpoint_options_with_their_defaults(bob,
     doc = submit(bob, finetune_body(tiny_model, dataset, checkpoint_every=7))
     spec = Job.objects.get(pk=doc["id"]).spec
     assert (spec["checkpoint_every"], spec["keep_checkpoints"], spec["lr_schedule"]) == (7, 3, "constant")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_line_suspends_and_resumes_a_finetune(cast, tiny_model, dataset, cpu_host, run):
+    job_id = json.loads(run(cast.bob, "submit", "finetune", "--model", str(tiny_model.pk), "--dataset",
+                            str(dataset.pk), "--steps", "5", "--checkpoint-every", "2", "--json").output)["id"]
+    assert Job.objects.get(pk=job_id).spec["checkpoint_every"] == 2
+    suspended = run(cast.bob, "suspend", str(job_id))
+    assert suspended.exit_code == 0 and f"job {job_id}: suspended" in suspended.output
+    listed = run(cast.bob, "list", "--status", "suspended", "--json")
+    assert [row["id"] for row in json.loads(listed.output)["items"]] == [job_id]
+    resumed = run(cast.bob, "resume", str(job_id))
+    assert resumed.exit_code == 0 and "pending (back in the queue)" in resumed.output
+    again = run(cast.bob, "resume", str(job_id))
+    assert again.exit_code != 0 and "not suspended" in again.output

@@ -20,7 +20,7 @@ POLL_S = 1.0
 SUBMIT_FIELDS = {
     "team": str, "kind": str, "family": str, "cores": int, "max_runtime_s": int, "model": int, "dataset": int,
     "batch_size": int, "sequence_length": int, "compiler_options": str, "steps": int, "epochs": int,
-    "learning_rate": float, "seed": int, "max_new_tokens": int, "temperature": float,
+    "learning_rate": float, "seed": int, "max_new_tokens": int, "temperature": float, "checkpoint_every": int,
 }
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
@@ -120,6 +120,7 @@ def _submit(api: Api, body: dict[str, Any], prompts_file: Path | None, quiet: bo
 @click.option("--epochs", type=int)
 @click.option("--learning-rate", type=float)
 @click.option("--seed", type=int)
+@click.option("--checkpoint-every", type=int, help="Fine-tune: steps between checkpoints (default 100).")
 @click.option("--batch-size", type=int)
 @click.option("--sequence-length", type=int)
 @click.option("--compiler-options", help="neuronx-cc flags, e.g. '--model-type=transformer -O2'.")
@@ -196,7 +197,8 @@ def clone(job_id: int, sets: tuple[str, ...], wait: bool, as_json: bool) -> None
 
 @cli.command(name="list")
 @click.option("--team")
-@click.option("--status", type=click.Choice(["pending", "queued", "running", "succeeded", "failed", "cancelled"]))
+@click.option("--status", type=click.Choice(["pending", "queued", "running", "suspended", "succeeded", "failed",
+                                            "cancelled"]))
 @click.option("--kind", type=click.Choice(["compile", "finetune", "inference"]))
 @click.option("--user", help="Only this user's jobs.")
 @click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
@@ -298,6 +300,30 @@ def cancel(job_id: int, as_json: bool) -> None:
         output.emit_json(job)
     else:
         click.echo(f"job {job_id}: {job['status']}" + (" (stopping)" if job["status"] == "running" else ""))
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@json_option
+def suspend(job_id: int, as_json: bool) -> None:
+    """Suspend a fine-tune: its cores are freed (a running one saves a checkpoint first)."""
+    job = _api().post(f"/jobs/{job_id}/suspend")
+    if as_json:
+        output.emit_json(job)
+    else:
+        click.echo(f"job {job_id}: {job['status']}; `neurondeck resume {job_id}` continues from its checkpoint")
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@json_option
+def resume(job_id: int, as_json: bool) -> None:
+    """Put a suspended fine-tune back in the queue; it continues from its newest checkpoint."""
+    job = _api().post(f"/jobs/{job_id}/resume")
+    if as_json:
+        output.emit_json(job)
+    else:
+        click.echo(f"job {job_id}: {job['status']} (back in the queue)")
 
 
 # --- team things ---------------------------------------------------------------------

@@ -35,9 +35,9 @@ def minute(now, ago: int):
     return now.replace(second=0, microsecond=0) - timedelta(minutes=ago)
 
 
-def running(cast, host, *, cores=2, started_min_ago=60) -> Job:
+def running(cast, host, *, cores=2, started_min_ago=60, kind="finetune") -> Job:
     now = timezone.now()
-    return Job.objects.create(team=cast.vision, user=cast.bob, kind="finetune", status=S.RUNNING, cores=cores,
+    return Job.objects.create(team=cast.vision, user=cast.bob, kind=kind, status=S.RUNNING, cores=cores,
                               host=host, core_start=0, attempts=1, started_at=now - timedelta(minutes=started_min_ago))
 
 
@@ -86,7 +86,7 @@ def test_a_job_younger_than_the_idle_window_is_not_judged(cast, host):
 def test_the_stop_policy_stops_a_job_still_idle_after_the_grace_period_with_a_timeline_event(cast, host):
     TeamAlertPolicy.objects.create(team=cast.vision, idle_minutes=10, idle_action="stop", idle_grace_minutes=15)
     sub = team_subscription(cast, [EventKind.JOB_IDLE_STOPPED])
-    job, now = running(cast, host), timezone.now()
+    job, now = running(cast, host, kind="inference"), timezone.now()
     record(job, host, now, range(1, 40), util=0.0)
     assert notify_scan.scan_idle(now)["idle_flagged"] == 1
     assert notify_scan.scan_idle(now)["idle_stopped"] == 0  # within the grace period
@@ -98,6 +98,39 @@ def test_the_stop_policy_stops_a_job_still_idle_after_the_grace_period_with_a_ti
     assert "idle policy" in JobEvent.objects.get(job=job, kind="idle_stopped").message
     assert Delivery.objects.filter(subscription=sub).count() == 1
     assert notify_scan.scan_idle(later)["idle_stopped"] == 0
+
+
+def test_the_stop_policy_suspends_an_idle_fine_tune_so_it_resumes_from_its_checkpoint(cast, host):
+    from jobs.models import CoreAllocation
+
+    TeamAlertPolicy.objects.create(team=cast.vision, idle_minutes=10, idle_action="stop", idle_grace_minutes=15)
+    sub = team_subscription(cast, [EventKind.JOB_IDLE, EventKind.JOB_IDLE_STOPPED])
+    job, now = running(cast, host), timezone.now()
+    CoreAllocation.objects.create(host=host, core=0, job=job, team=cast.vision, family="cpu")
+    record(job, host, now, range(1, 40), util=0.0)
+    assert notify_scan.scan_idle(now)["idle_flagged"] == 1
+    assert "suspends idle fine-tunes" in JobEvent.objects.get(job=job, kind="idle").message
+    later = now + timedelta(minutes=16)
+    record(job, host, later, range(1, 17), util=0.0)
+    assert notify_scan.scan_idle(later)["idle_stopped"] == 1
+    job.refresh_from_db()
+    assert job.status == S.SUSPENDED and not job.cancel_requested and job.reason_code == "suspended"
+    assert not CoreAllocation.objects.filter(job=job).exists()  # its cores are free at once
+    assert "checkpoint is kept" in JobEvent.objects.get(job=job, kind="idle_stopped").message
+    stopped = Notification.objects.get(kind=EventKind.JOB_IDLE_STOPPED)
+    assert "suspended" in stopped.title and stopped.payload["action"] == "suspended"
+    assert Delivery.objects.filter(subscription=sub).count() == 2
+    assert notify_scan.scan_idle(later)["idle_stopped"] == 0
+
+
+def test_an_idle_endpoint_replica_is_flagged_but_never_stopped(cast, host):
+    TeamAlertPolicy.objects.create(team=cast.vision, idle_minutes=10, idle_action="stop", idle_grace_minutes=0)
+    replica, now = running(cast, host, kind="serve"), timezone.now()
+    record(replica, host, now, range(1, 40), util=0.0)
+    assert notify_scan.scan_idle(now)["idle_flagged"] == 1
+    assert notify_scan.scan_idle(now + timedelta(minutes=5))["idle_stopped"] == 0
+    replica.refresh_from_db()
+    assert replica.status == S.RUNNING and not replica.cancel_requested
 
 
 def test_the_notify_policy_never_stops(cast, host):

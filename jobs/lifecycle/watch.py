@@ -1,5 +1,6 @@
 """The once-a-minute scan (beat: jobs.notify_scan): jobs waiting too long, running jobs
-whose cores sit idle (and the team's stop policy), budget thresholds and the
+whose cores sit idle (and the team's stop policy: fine-tunes are suspended with their
+checkpoint, other jobs stopped, endpoint replicas only flagged), budget thresholds and the
 forecast run-out. Each fact fires once: its Notification carries a dedup key
 (jobs.notify.events.emit), so a repeated or concurrent scan adds nothing."""
 from __future__ import annotations
@@ -13,8 +14,19 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from jobs.lifecycle import states
-from jobs.models import EventKind, Job, MetricMinute, Notification, Subscription, Team, TeamAlertPolicy, TeamQuota
+from jobs.models import (
+    EventKind,
+    Job,
+    Kind,
+    MetricMinute,
+    Notification,
+    Subscription,
+    Team,
+    TeamAlertPolicy,
+    TeamQuota,
+)
 from jobs.notify.events import emit
+from jobs.wake import kick_dispatch
 
 S = Job.Status
 
@@ -91,7 +103,7 @@ def scan_idle(now: datetime) -> dict:
         if flag is None:
             if idle_for(job.pk, job.cores, policy.minutes, policy.util_below, now):
                 flagged += _flag_idle(job, policy, key)
-        elif (policy.action == TeamAlertPolicy.IdleAction.STOP
+        elif (policy.action == TeamAlertPolicy.IdleAction.STOP and job.kind != Kind.SERVE
               and flag <= now - timedelta(minutes=policy.grace_minutes)
               and idle_for(job.pk, job.cores, max(policy.grace_minutes, 1), policy.util_below, now)):
             stopped += _stop_idle(job, policy)
@@ -101,7 +113,10 @@ def scan_idle(now: datetime) -> dict:
 def _flag_idle(job: Job, policy: Policy, key: str) -> int:
     sentence = (f"its {job.cores} core(s) stayed under {policy.util_below:.0%} utilization for "
                 f"{policy.minutes} minutes")
-    if policy.action == TeamAlertPolicy.IdleAction.STOP:
+    if policy.action == TeamAlertPolicy.IdleAction.STOP and job.kind == Kind.FINETUNE:
+        sentence += (f"; team {job.team.slug} suspends idle fine-tunes (checkpointed, resumable) after "
+                     f"{policy.grace_minutes} more minutes")
+    elif policy.action == TeamAlertPolicy.IdleAction.STOP and job.kind != Kind.SERVE:
         sentence += f"; team {job.team.slug} stops idle jobs after {policy.grace_minutes} more minutes"
     with transaction.atomic():
         note = emit(EventKind.JOB_IDLE, team_id=job.team_id, job_id=job.pk, user_id=job.user_id,
@@ -113,6 +128,12 @@ def _flag_idle(job: Job, policy: Policy, key: str) -> int:
 
 
 def _stop_idle(job: Job, policy: Policy) -> int:
+    """The team's stop policy, a grace period after the flag: a fine-tune is
+    suspended (states.suspend, as its Suspend button does: it saves a checkpoint in
+    its kill grace and resumes from it), any other job is cancelled. Endpoint
+    replicas are never stopped here (scan_idle): their endpoint's scaling owns them."""
+    if job.kind == Kind.FINETUNE:
+        return _suspend_idle(job, policy)
     with transaction.atomic():
         if not Job.objects.filter(pk=job.pk, status=S.RUNNING, cancel_requested=False).update(cancel_requested=True):
             return 0
@@ -122,6 +143,20 @@ def _stop_idle(job: Job, policy: Policy) -> int:
         emit(EventKind.JOB_IDLE_STOPPED, team_id=job.team_id, job_id=job.pk, user_id=job.user_id,
              title=f"{job.kind} job {job.pk} was stopped for idle cores", message=sentence,
              dedup_key=f"idle_stop:{job.pk}:{job.attempts}")
+    return 1
+
+
+def _suspend_idle(job: Job, policy: Policy) -> int:
+    sentence = (f"suspended by team {job.team.slug}'s idle policy: still idle {policy.grace_minutes} minutes "
+                "after it was flagged; its checkpoint is kept: Resume puts it back in the queue")
+    with transaction.atomic():
+        if not states.suspend(job.pk, message=sentence):
+            return 0
+        states.event(job.pk, "idle_stopped", sentence)
+        emit(EventKind.JOB_IDLE_STOPPED, team_id=job.team_id, job_id=job.pk, user_id=job.user_id,
+             title=f"{job.kind} job {job.pk} was suspended for idle cores", message=sentence,
+             dedup_key=f"idle_stop:{job.pk}:{job.attempts}", action="suspended")
+        transaction.on_commit(kick_dispatch)  # its cores are free for the queue
     return 1
 
 

@@ -7,3 +7,4 @@ class JobsConfig(AppConfig):
 
     def ready(self) -> None:
         from jobs.teams import logins  # noqa: F401  (connects the login audit receivers)
+        from jobs.teams import sso  # noqa: F401  (registers the check of the single sign-on settings)

@@ -126,8 +126,8 @@ def _team_created(sender, instance: Team, created: bool, raw: bool = False, **kw
 class AuditEntry(models.Model):
     """Who changed what, old → new: a team's quota or membership (team set), or a
     site-wide event with no team (logins, API tokens, host drains; `ip` says from
-    where). Subjects start with their area: quota., family., member., team, login.,
-    token., host."""
+    where). Subjects start with their area: quota., family., member., staff. (staff
+    status set by single sign-on), team, login., token., host."""
 
     team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="audit")
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
@@ -180,6 +180,20 @@ class RevokedToken(models.Model):
     digest = models.CharField(max_length=64, unique=True)
     prefix = models.CharField(max_length=12)
     revoked_at = models.DateTimeField(default=timezone.now)
+
+
+class SsoIdentity(models.Model):
+    """The OpenID Connect identity a user signs in with: the provider (issuer) and its
+    stable subject id. A user found by these, never by e-mail (an address can change
+    hands or be unverified)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="sso_identities")
+    issuer = models.CharField(max_length=255)
+    subject = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["issuer", "subject"], name="uniq_sso_identity")]
 
 
 @receiver(post_delete, sender=ApiToken, dispatch_uid="api_token_revoked")

@@ -5,6 +5,7 @@ local Redis); a deployment differs only by environment variables.
 """
 from __future__ import annotations
 
+import json
 import os
 import ssl
 from datetime import timedelta
@@ -51,6 +52,16 @@ def envnetworks(name: str, default: str) -> list[str]:
         return [str(ipaddress.ip_network(item, strict=False)) for item in envlist(name, default)]
     except ValueError as exc:
         raise ValueError(f"{name} must be comma-separated networks such as 10.0.0.0/8: {exc}") from None
+
+
+def envjson(name: str, default):
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be JSON, got {raw!r} ({exc})") from None
 
 
 SSL_QUERY = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
@@ -173,7 +184,8 @@ PASSWORD_HASHERS = [
 # failures of one username (from any address) or from one address (for any username).
 # Its backend comes first: a locked-out login is refused before the password is
 # checked. Every login, failure and lockout is an AuditEntry (jobs.teams.logins).
-AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "jobs.teams.sso.PasswordBackend",
+                           "jobs.teams.sso.SsoBackend"]
 LOGIN_FAILURE_LIMIT = envint("LOGIN_FAILURE_LIMIT", 5)
 LOGIN_LOCKOUT_MINUTES = envint("LOGIN_LOCKOUT_MINUTES", 15)
 AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
@@ -184,6 +196,39 @@ AXES_DISABLE_ACCESS_LOG = True  # successful logins are in the audit log already
 AXES_LOCKOUT_CALLABLE = "jobs.teams.logins.lockout_response"
 AXES_CLIENT_IP_CALLABLE = "jobs.teams.logins.client_ip"
 AXES_USERNAME_CALLABLE = "jobs.teams.logins.lockout_username"
+# Password logins (the login form and the Django admin's): PASSWORD_LOGIN=0 turns them
+# off for everyone but superusers, who keep a break-glass form at /login/?local=1 for
+# when the identity provider is down (jobs.teams.sso.PasswordBackend).
+PASSWORD_LOGIN = envbool("PASSWORD_LOGIN", True)
+
+# --- Security: single sign-on (OpenID Connect, mozilla-django-oidc) -----------------------
+# On when OIDC_ISSUER and OIDC_CLIENT_ID are set. The provider's endpoints come from its
+# discovery document ({issuer}/.well-known/openid-configuration, read at the first
+# sign-in) unless set one by one. The client is registered at the provider with the
+# redirect URI https://<this site>/sso/callback/. A user is created at first sign-in
+# (identified by issuer + subject, never by e-mail); at every sign-in the groups in
+# OIDC_GROUPS_CLAIM set the memberships and roles of the teams OIDC_GROUP_MAP names, and
+# staff status when the map has a "staff" entry (jobs.teams.sso).
+# OIDC_GROUP_MAP is JSON: {"<group>": "<team slug>:<viewer|member|manager>" or "staff",
+# or a list of those}.
+OIDC_ISSUER = os.environ.get("OIDC_ISSUER", "").rstrip("/")
+OIDC_RP_CLIENT_ID = os.environ.get("OIDC_CLIENT_ID", "")
+OIDC_RP_CLIENT_SECRET = os.environ.get("OIDC_CLIENT_SECRET", "")
+OIDC_OP_AUTHORIZATION_ENDPOINT = os.environ.get("OIDC_AUTHORIZATION_ENDPOINT", "")
+OIDC_OP_TOKEN_ENDPOINT = os.environ.get("OIDC_TOKEN_ENDPOINT", "")
+OIDC_OP_USER_ENDPOINT = os.environ.get("OIDC_USERINFO_ENDPOINT", "")
+OIDC_OP_JWKS_ENDPOINT = os.environ.get("OIDC_JWKS_URI", "")
+OIDC_RP_SIGN_ALGO = os.environ.get("OIDC_SIGN_ALGO", "RS256")
+OIDC_RP_SCOPES = os.environ.get("OIDC_SCOPES", "openid email profile groups")
+OIDC_GROUPS_CLAIM = os.environ.get("OIDC_GROUPS_CLAIM", "groups")
+OIDC_GROUP_MAP = envjson("OIDC_GROUP_MAP", {})
+OIDC_PROVIDER_NAME = os.environ.get("OIDC_PROVIDER_NAME", "single sign-on")  # the login button says "Sign in with …"
+OIDC_TIMEOUT = envint("OIDC_TIMEOUT", 10)  # seconds, for each call to the provider
+OIDC_USE_PKCE = True
+OIDC_AUTHENTICATE_CLASS = "jobs.teams.sso.SsoStart"
+OIDC_CALLBACK_CLASS = "jobs.teams.sso.SsoCallback"
+LOGIN_REDIRECT_URL_FAILURE = "/login/"
+
 # Behind a reverse proxy every request comes from the proxy's address: with
 # TRUSTED_PROXY_COUNT = n, the client is the n-th address from the right of
 # X-Forwarded-For (the one the outermost trusted proxy saw). 0 = REMOTE_ADDR.

@@ -16,7 +16,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "login": ("login.",),
     "token": ("token.",),
     "quota": ("quota.", "family."),
-    "member": ("member.",),
+    "member": ("member.", "staff."),
     "team": ("team",),
     "host": ("host.",),
 }

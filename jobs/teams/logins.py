@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
 from jobs.models import AuditEntry
+from jobs.teams.sso import login_context
 
 
 def client_ip(request: HttpRequest) -> str | None:
@@ -63,7 +64,7 @@ def lockout_response(request: HttpRequest, original_response=None, credentials=N
     else:
         response = render(request, "registration/login.html",
                           {"form": AuthenticationForm(request), "locked_out": lockout_sentence(),
-                           "next": request.POST.get("next", "")}, status=429)
+                           "next": request.POST.get("next", ""), **login_context(request)}, status=429)
     response["Retry-After"] = str(retry_after)
     return response
 

@@ -5,7 +5,7 @@ from django.urls import path
 from jobs.teams import views
 
 urlpatterns = [
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("login/", views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("teams/new/", views.team_new, name="team_new"),  # before teams/<slug>/: "new" is a reserved slug
     path("teams/<slug:slug>/", views.team_detail, name="team_detail"),

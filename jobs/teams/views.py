@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from django import forms
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
 from django.db.models import Q
@@ -21,6 +22,7 @@ from jobs.teams import services as team_services
 from jobs.teams import tokens as token_service
 from jobs.teams.forms import MemberAddForm, MemberRoleForm, TeamCreateForm
 from jobs.teams.logins import client_ip
+from jobs.teams.sso import login_context
 
 AUDIT_SHOWN = 100
 
@@ -207,3 +209,11 @@ def token_delete(request: HttpRequest, token_id: int) -> HttpResponse:
     token_service.token_revoke(token=token, actor=request.user, ip=client_ip(request))
     messages.success(request, f"Token {token.name} revoked; clients using it are now refused.")
     return redirect("tokens")
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login view; the page also offers single sign-on when it is configured,
+    and hides the password form while password logins are off (jobs.teams.sso)."""
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs), **login_context(self.request)}

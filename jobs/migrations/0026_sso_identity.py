@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0022_job_suspended'),
+        ('jobs', '0025_usage_rollup_stamps'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -116,6 +116,13 @@ class Api:
     def post(self, path: str, body: dict | None = None) -> Any:
         return self._send("POST", path, json=body).json()
 
+    def patch(self, path: str, body: dict) -> Any:
+        return self._send("PATCH", path, json=body).json()
+
+    def delete(self, path: str) -> Any:
+        response = self._send("DELETE", path)
+        return response.json() if response.content else None
+
     def post_multipart(self, path: str, fields: dict[str, Any], file_field: str, file_path: Path,
                        on_progress: Callable[[int, int], None] | None = None) -> Any:
         """A multipart POST streamed from disk, reporting (bytes sent, total)."""

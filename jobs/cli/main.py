@@ -410,6 +410,132 @@ models.add_command(_upload_command("/models", "model (a zip of a Hugging Face fo
 datasets.add_command(_upload_command("/datasets", "dataset (JSONL or CSV)"))
 
 
+# --- endpoints -------------------------------------------------------------------
+
+@cli.group()
+def endpoints() -> None:
+    """Inference endpoints: list, create, scale, roll out, delete."""
+
+
+def _endpoint_line(e: dict[str, Any]) -> str:
+    return (f"{e['id']}  {e['team']}/{e['name']}  {e['health']}  rev {e['revision']}  "
+            f"{e['desired_replicas']} replicas ({e['min_replicas']}-{e['max_replicas']})  {e['url']}")
+
+
+def _options(max_batch_size: int | None, max_seq_len: int | None, max_concurrent: int | None) -> dict[str, int]:
+    return {k: v for k, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
+                               ("max_concurrent", max_concurrent)) if v is not None}
+
+
+_option_flags = [click.option("--max-batch-size", type=int), click.option("--max-seq-len", type=int),
+                 click.option("--max-concurrent", type=int)]
+
+
+def _with_options(command):
+    for flag in reversed(_option_flags):
+        command = flag(command)
+    return command
+
+
+@endpoints.command(name="list")
+@click.option("--team")
+@json_option
+def endpoints_list(team: str | None, as_json: bool) -> None:
+    """The team's endpoints with their health and URL."""
+    api, body = _api(), {"team": team}
+    _default_team_any_role(api, body)
+    doc = api.get(f"/teams/{body['team']}/endpoints")
+    if as_json:
+        output.emit_json(doc)
+        return
+    output.table(doc["endpoints"], [("ID", "id"), ("NAME", "name"), ("HEALTH", "health"), ("REV", "revision"),
+                                    ("WANTED", "desired_replicas"), ("MIN", "min_replicas"), ("MAX", "max_replicas"),
+                                    ("URL", "url")])
+
+
+@endpoints.command(name="create")
+@click.argument("name")
+@click.option("--model", type=int, required=True, help="Model id (see `neurondeck models`).")
+@click.option("--team")
+@click.option("--family", type=click.Choice(["inf2", "trn1", "trn2", "cpu"]))
+@click.option("--cores", "cores_per_replica", type=int, help="Cores per replica.")
+@click.option("--min", "min_replicas", type=int)
+@click.option("--max", "max_replicas", type=int)
+@_with_options
+@json_option
+def endpoints_create(name, model, team, family, cores_per_replica, min_replicas, max_replicas, max_batch_size,
+                     max_seq_len, max_concurrent, as_json) -> None:
+    """Create an endpoint serving MODEL; its replicas start at once."""
+    api = _api()
+    body: dict[str, Any] = {"team": team}
+    _default_team(api, body)
+    fields = {"name": name, "model": model, "family": family, "cores_per_replica": cores_per_replica,
+              "min_replicas": min_replicas, "max_replicas": max_replicas,
+              "options": _options(max_batch_size, max_seq_len, max_concurrent)}
+    doc = api.post(f"/teams/{body['team']}/endpoints", {k: v for k, v in fields.items() if v is not None})
+    output.emit_json(doc) if as_json else click.echo(_endpoint_line(doc))
+
+
+@endpoints.command(name="show")
+@click.argument("endpoint_id", type=int)
+@json_option
+def endpoints_show(endpoint_id: int, as_json: bool) -> None:
+    """An endpoint, its replicas and its last minute's figures."""
+    doc = _api().get(f"/endpoints/{endpoint_id}")
+    if as_json:
+        output.emit_json(doc)
+        return
+    click.echo(_endpoint_line(doc))
+    stats = doc.get("stats") or {}
+    if stats:
+        click.echo(f"last minute: {stats['requests_per_s']} req/s, {stats['tokens_per_s']} tokens/s, "
+                   f"TTFT p50 {stats['ttft_p50_ms']} ms p95 {stats['ttft_p95_ms']} ms, {stats['errors']} errors")
+    output.table(doc["replicas"], [("REPLICA", "id"), ("REV", "revision"), ("STATE", "state"), ("HOST", "host"),
+                                   ("CORES", "cores"), ("UTIL%", "util_pct"), ("JOB", "job_id")])
+
+
+@endpoints.command(name="scale")
+@click.argument("endpoint_id", type=int)
+@click.option("--min", "min_replicas", type=int)
+@click.option("--max", "max_replicas", type=int)
+@json_option
+def endpoints_scale(endpoint_id: int, min_replicas: int | None, max_replicas: int | None, as_json: bool) -> None:
+    """Change the replica range (the autoscaler moves within it)."""
+    body = {k: v for k, v in (("min_replicas", min_replicas), ("max_replicas", max_replicas)) if v is not None}
+    if not body:
+        raise click.UsageError("give --min and/or --max")
+    doc = _api().patch(f"/endpoints/{endpoint_id}", body)
+    output.emit_json(doc) if as_json else click.echo(_endpoint_line(doc))
+
+
+@endpoints.command(name="rollout")
+@click.argument("endpoint_id", type=int)
+@click.option("--model", type=int, help="A new model id to serve.")
+@click.option("--cores", "cores_per_replica", type=int, help="Cores per replica.")
+@_with_options
+@json_option
+def endpoints_rollout(endpoint_id, model, cores_per_replica, max_batch_size, max_seq_len, max_concurrent,
+                      as_json) -> None:
+    """Roll out a new model or options: new replicas, traffic moved once they are ready."""
+    body: dict[str, Any] = {k: v for k, v in (("model", model), ("cores_per_replica", cores_per_replica))
+                            if v is not None}
+    if options := _options(max_batch_size, max_seq_len, max_concurrent):
+        body["options"] = options
+    if not body:
+        raise click.UsageError("give --model, --cores or an option to change")
+    doc = _api().patch(f"/endpoints/{endpoint_id}", body)
+    output.emit_json(doc) if as_json else click.echo(_endpoint_line(doc))
+
+
+@endpoints.command(name="delete")
+@click.argument("endpoint_id", type=int)
+@json_option
+def endpoints_delete(endpoint_id: int, as_json: bool) -> None:
+    """Drain and stop the endpoint's replicas, then delete it."""
+    doc = _api().delete(f"/endpoints/{endpoint_id}")
+    output.emit_json(doc) if as_json else click.echo(f"Endpoint {doc['name']} is {doc['state']}.")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

@@ -121,3 +121,42 @@ def test_the_grafana_dashboard_queries_only_metrics_that_metrics_exports(fleet, 
     assert queried and queried <= exported
     compose = yaml.safe_load((root.parent.parent / "docker-compose.yml").read_text())
     assert {"prometheus", "grafana"} <= {n for n, s in compose["services"].items() if "monitoring" in s.get("profiles", [])}
+
+
+def test_endpoints_have_their_replicas_and_last_minutes_request_figures_scoped_by_team(cast, settings):
+    from jobs.endpoints.selectors import inflight_key, requests_key
+    from jobs.live.store import redis
+    from jobs.models import Endpoint, Replica
+
+    r = redis()
+    endpoints = {}
+    for team, user in ((cast.vision, cast.bob), (cast.audio, cast.charlie)):
+        endpoint = Endpoint.objects.create(team=team, name="chat", max_replicas=2, desired_replicas=2)
+        for state in ("ready", "starting"):
+            job = Job.objects.create(team=team, user=user, kind="serve", status=S.RUNNING, cores=1)
+            Replica.objects.create(endpoint=endpoint, job=job, revision=1, state=state)
+        r.delete(requests_key(endpoint.pk), inflight_key(endpoint.pk))
+        endpoints[team.slug] = endpoint
+    stream = requests_key(endpoints["vision"].pk)
+    for status, ttft in ((200, 100), (200, 300), (500, 50), (200, 200)):
+        r.xadd(stream, {"replica": "1", "status": status, "ttft_ms": ttft, "duration_ms": 900, "queue_ms": 5,
+                        "tokens": 10})
+    r.hset(inflight_key(endpoints["vision"].pk), mapping={"1": 3, "waiting": 2})
+    try:
+        settings.METRICS_TOKEN, settings.METRICS_ALLOWED_IPS = "t", []
+        families = scrape(Client(), HTTP_AUTHORIZATION="Bearer t")
+        vision = {"team": "vision", "endpoint": "chat"}
+        assert values(families, "neurondeck_endpoint_replicas", **vision) == {
+            (("endpoint", "chat"), ("state", s), ("team", "vision")): n
+            for s, n in (("starting", 1), ("ready", 1), ("draining", 0))}
+        assert list(values(families, "neurondeck_endpoint_error_rate_percent", **vision).values()) == [25.0]
+        assert list(values(families, "neurondeck_endpoint_ttft_p95_ms", **vision).values()) == [300.0]
+        assert list(values(families, "neurondeck_endpoint_requests_in_flight", **vision).values()) == [3]
+        assert list(values(families, "neurondeck_endpoint_requests_waiting", **vision).values()) == [2]
+        per_s = values(families, "neurondeck_endpoint_requests_per_second")
+        assert per_s[(("endpoint", "chat"), ("team", "vision"))] == pytest.approx(4 / 60, abs=0.01)
+        assert per_s[(("endpoint", "chat"), ("team", "audio"))] == 0
+        bobs = scrape(api_client(cast.bob))
+        assert {s.labels["team"] for s in bobs["neurondeck_endpoint_replicas"].samples} == {"vision"}
+    finally:
+        r.delete(*(requests_key(e.pk) for e in endpoints.values()), inflight_key(endpoints["vision"].pk))

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from jobs import access
-from jobs.models import CoreAllocation, Delivery, Job, JobAttempt, MetricMinute
+from jobs.models import CoreAllocation, Delivery, Endpoint, Job, JobAttempt, MetricMinute, Replica
 from jobs.teams.tokens import token_user
 
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600)
@@ -108,6 +108,49 @@ class FleetCollector:
                 failures.add_metric([labels[0], labels[2]], row["n"])
         yield deliveries
         yield failures
+        yield from self._endpoints()
+
+    def _endpoints(self):
+        """Each active endpoint's replicas by state (database) and its gateway figures
+        over the last minute (jobs.endpoints.selectors.stats, from the gateway's
+        request stream in Redis; left out when Redis cannot say)."""
+        from jobs.endpoints.selectors import STATS_WINDOW_S, stats
+
+        labels = ["team", "endpoint"]
+        replicas = GaugeMetricFamily("neurondeck_endpoint_replicas", "Replicas of an active endpoint by state",
+                                     labels=[*labels, "state"])
+        per_s = GaugeMetricFamily("neurondeck_endpoint_requests_per_second",
+                                  f"Requests finished per second over the last {STATS_WINDOW_S} s", labels=labels)
+        errors = GaugeMetricFamily("neurondeck_endpoint_error_rate_percent", "Share of the last minute's requests "
+                                   "answered 5xx or broken off mid-stream", labels=labels)
+        ttft = GaugeMetricFamily("neurondeck_endpoint_ttft_p95_ms", "Time to first token, p95 of the last "
+                                 "minute's requests", labels=labels)
+        queue = GaugeMetricFamily("neurondeck_endpoint_queue_p95_ms", "Time waiting in the gateway for a replica, "
+                                  "p95 of the last minute's requests", labels=labels)
+        inflight = GaugeMetricFamily("neurondeck_endpoint_requests_in_flight", "Requests on a replica now",
+                                     labels=labels)
+        waiting = GaugeMetricFamily("neurondeck_endpoint_requests_waiting", "Requests waiting for a replica now "
+                                    "(none ready, or all at max_concurrent)", labels=labels)
+        endpoints = _scope(Endpoint.objects.filter(state=Endpoint.State.ACTIVE), self.team_ids).values_list(
+            "pk", "team__slug", "name")
+        counts = {(e, state): n for e, state, n in _scope(
+            Replica.objects.filter(state__in=Replica.ACTIVE), self.team_ids, "endpoint__team_id").values(
+            "endpoint_id", "state").annotate(n=Count("id")).values_list("endpoint_id", "state", "n")}
+        for pk, slug, name in endpoints:
+            for state in Replica.ACTIVE:
+                replicas.add_metric([slug, name, state], counts.get((pk, state), 0))
+            figures = stats(pk)
+            if figures is None:
+                continue
+            per_s.add_metric([slug, name], figures.requests_per_s)
+            errors.add_metric([slug, name], figures.error_rate_pct)
+            inflight.add_metric([slug, name], figures.inflight)
+            waiting.add_metric([slug, name], figures.waiting)
+            if figures.ttft_p95_ms is not None:
+                ttft.add_metric([slug, name], figures.ttft_p95_ms)
+            if figures.queue_p95_ms is not None:
+                queue.add_metric([slug, name], figures.queue_p95_ms)
+        yield from (replicas, per_s, errors, ttft, queue, inflight, waiting)
 
     def _latest_util(self, now) -> dict[tuple[int, int], float]:
         """(job, core) -> util_mean (percent) of the newest minute rolled up for it in

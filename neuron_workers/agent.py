@@ -163,6 +163,9 @@ def register_host(name: str, inventory: HostInventory, *, replay_mode: bool = Fa
         "backend": "neuron" if devices else "cpu",
         "inventory": inventory.to_dict(),
         "replay": replay_mode,
+        # Where a multi-host job's other hosts reach this one, and its placement group.
+        "address": config.address(),
+        "network": config.network(),
     }
     # create_defaults replaces defaults on creation (Django 5), so it repeats them.
     host, _ = Host.objects.update_or_create(

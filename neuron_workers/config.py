@@ -39,6 +39,9 @@ API_URL_ENV = "NEURONDECK_URL"
 API_TOKEN_ENV = "NEURONDECK_TOKEN"
 JOB_PYTHON_ENV = "NEURONDECK_JOB_PYTHON"
 NEURON_SDK_ENV = "NEURONDECK_NEURON_SDK"
+ADDRESS_ENV = "NEURONDECK_ADDRESS"
+NETWORK_ENV = "NEURONDECK_NETWORK"
+GANG_HOSTS_ENV = "NEURONDECK_GANG_HOSTS"
 
 # The Neuron SDK's own default compile cache (neuron.md §4.4).
 DEFAULT_COMPILE_CACHE = "/var/tmp/neuron-compile-cache"
@@ -115,6 +118,31 @@ def host_name(env: Env = None) -> str:
     callers fall back to socket.gethostname()). No whitespace: it becomes the Celery
     queue name "host.<name>"."""
     return _word(HOST_ENV, env, rule="a host name without whitespace") or ""
+
+
+def address(env: Env = None) -> str:
+    """NEURONDECK_ADDRESS: where the other hosts of a multi-host job reach this one (a DNS
+    name or IP address on the network their collectives use); "" when unset: the host's
+    name (NEURONDECK_HOST) is used. Rank 0's address is the job's rendezvous point."""
+    return _word(ADDRESS_ENV, env, rule="a host name or IP address without whitespace") or ""
+
+
+def network(env: Env = None) -> str:
+    """NEURONDECK_NETWORK: the placement group / EFA domain this host is in ("" when unset:
+    none). A multi-host job that asks to stay inside one network is placed on hosts that
+    report the same label."""
+    raw = _word(NETWORK_ENV, env, rule="a label of at most 64 characters without whitespace") or ""
+    if len(raw) > 64:
+        raise _refuse(NETWORK_ENV, "a label of at most 64 characters without whitespace", raw)
+    return raw
+
+
+def gang_hosts(env: Env = None) -> tuple[str, ...]:
+    """NEURONDECK_GANG_HOSTS: set by NeuronDeck in a multi-host job's processes: every
+    host's address, comma-separated, in rank order (torchrun's GROUP_RANK indexes it);
+    () outside a gang."""
+    raw = _word(GANG_HOSTS_ENV, env, rule="comma-separated host addresses without whitespace") or ""
+    return tuple(part for part in raw.split(",") if part)
 
 
 def cpu_slots(env: Env = None) -> int:
@@ -262,6 +290,9 @@ SWITCHES: dict[str, Callable[[Env], object]] = {
     API_TOKEN_ENV: api_token,
     JOB_PYTHON_ENV: job_python,
     NEURON_SDK_ENV: neuron_sdk,
+    ADDRESS_ENV: address,
+    NETWORK_ENV: network,
+    GANG_HOSTS_ENV: gang_hosts,
 }
 
 

@@ -260,9 +260,14 @@ def run(job_id: int) -> str:
     job = states.claim(job_id, host_id, host_name=host_name())
     if job is None and this_host_id(fresh=True) not in (host_id, None):
         # the cached pk was stale
-        job = states.claim(job_id, this_host_id(), host_name=host_name())
+        host_id = this_host_id()
+        job = states.claim(job_id, host_id, host_name=host_name())
     if job is None:
-        return "not_claimed"  # a duplicate delivery, a cancelled job, or another host's job
+        # A multi-host job's rank on this host, or nothing: a duplicate delivery, a
+        # cancelled job, or another host's job ("not_claimed").
+        from neuron_workers.gang_execution import run_rank
+
+        return run_rank(job_id, host_id)
     host = job.host
     workdir = storage.job_dir(job.pk) / f"attempt-{job.attempts}"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,9 @@ def test_every_switch_has_its_default_when_unset(monkeypatch):
         "NEURONDECK_TOKEN": None,
         "NEURONDECK_JOB_PYTHON": None,
         "NEURONDECK_NEURON_SDK": None,
+        "NEURONDECK_ADDRESS": "",
+        "NEURONDECK_NETWORK": "",
+        "NEURONDECK_GANG_HOSTS": (),
     }
 
 
@@ -87,6 +90,9 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_TOKEN": " nd_abc123 ",
         "NEURONDECK_JOB_PYTHON": "/opt/aws_neuronx_venv_pytorch_2_9/bin/python",
         "NEURONDECK_NEURON_SDK": "2.29.0",
+        "NEURONDECK_ADDRESS": " 10.0.3.7 ",
+        "NEURONDECK_NETWORK": "pg-trn1-a",
+        "NEURONDECK_GANG_HOSTS": "10.0.3.7,10.0.3.8",
     }
     assert config.values(env) == {
         "NEURONDECK_HOST": "trn1-a",
@@ -105,6 +111,9 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_TOKEN": "nd_abc123",
         "NEURONDECK_JOB_PYTHON": "/opt/aws_neuronx_venv_pytorch_2_9/bin/python",
         "NEURONDECK_NEURON_SDK": "2.29.0",
+        "NEURONDECK_ADDRESS": "10.0.3.7",
+        "NEURONDECK_NETWORK": "pg-trn1-a",
+        "NEURONDECK_GANG_HOSTS": ("10.0.3.7", "10.0.3.8"),
     }
 
 

@@ -319,6 +319,11 @@ REAP_EVERY_S = envint("REAP_EVERY_S", 15)
 DISPATCH_EVERY_S = envint("DISPATCH_EVERY_S", 2)
 JOB_MAX_ATTEMPTS = envint("JOB_MAX_ATTEMPTS", 3)
 JOB_KILL_GRACE_S = envint("JOB_KILL_GRACE_S", 10)
+# A multi-host job's torchrun rendezvous (rank 0 hosts torch's TCPStore) listens on a
+# port of GANG_PORT_BASE .. +999, a pair per job attempt (jobs.lifecycle.gangs.ports);
+# a rank waits at most GANG_JOIN_TIMEOUT_S for the others to join.
+GANG_PORT_BASE = envint("GANG_PORT_BASE", 29400)
+GANG_JOIN_TIMEOUT_S = envint("GANG_JOIN_TIMEOUT_S", 600)
 RUNNER_MODE = os.environ.get("RUNNER_MODE", "")  # "", "fork" or "exec"; "" = by backend
 METRICS_STREAM_MAXLEN = envint("METRICS_STREAM_MAXLEN", 3600)
 # The endpoints gateway (jobs.gateway, its own process): the base of every endpoint's

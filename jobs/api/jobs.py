@@ -115,7 +115,22 @@ class JobSubmitOut(JobSummaryOut):
     logs_url: str
 
 
+class RankOut(Schema):
+    """One host of a multi-host job: its rank (0 = the rendezvous host) and that rank's run."""
+
+    rank: int
+    host: str | None
+    cores: str
+    state: str
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    exit_code: int | None
+    detail: str
+
+
 class JobOut(JobSubmitOut):
+    ranks: list[RankOut]
     artifacts: list[ArtifactOut]
     output_model: ModelRef | None
     queue_position: int | None
@@ -315,7 +330,7 @@ def job_document(job: Job) -> dict[str, Any]:
     return {
         **job_submitted(job), "artifacts": artifacts,
         "output_model": _model_ref(job.output_model) if job.output_model else None,
-        "queue_position": selectors.queue_position(job), "events": events,
+        "queue_position": selectors.queue_position(job), "events": events, "ranks": selectors.gang_ranks(job),
     }
 
 

@@ -30,7 +30,7 @@ from django.db import transaction
 from django.db.models import Count, Exists
 from django.utils import timezone
 
-from jobs.lifecycle import states
+from jobs.lifecycle import gangs, states
 from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Team, TeamQuota
 from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
 from jobs.quotas.fairshare import QueueItem, fair_order
@@ -443,9 +443,12 @@ def reap() -> dict:
     # decision) when it goes silent; the scheduler places nothing on it either way.
     counts["hosts_offline"] = Host.objects.filter(state=Host.State.ONLINE, last_heartbeat__lt=silent_since
                                                   ).update(state=Host.State.OFFLINE)
-    for job in Job.objects.filter(status=S.RUNNING, heartbeat_at__lt=stale_cutoff(settings.JOB_LEASE_S)):
+    # A multi-host job's ranks have a lease each (jobs.lifecycle.gangs); the rest here is one host's job.
+    gangs.reap(counts)
+    for job in Job.objects.filter(status=S.RUNNING, host_count=1, heartbeat_at__lt=stale_cutoff(settings.JOB_LEASE_S)):
         counts[_reap_running(job)] += 1
-    for job in Job.objects.filter(status=S.QUEUED, queued_at__lt=stale_cutoff(settings.QUEUED_RESEND_AFTER_S)).select_related("host"):
+    for job in Job.objects.filter(status=S.QUEUED, host_count=1,
+                                  queued_at__lt=stale_cutoff(settings.QUEUED_RESEND_AFTER_S)).select_related("host"):
         if job.host is None or job.host.state == Host.State.OFFLINE or (
                 job.host.last_heartbeat is not None and job.host.last_heartbeat < silent_since):
             if states.requeue(job.pk, sources=(S.QUEUED,), message="its host went offline before it started",

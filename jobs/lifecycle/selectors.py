@@ -11,7 +11,7 @@ from django.db.models import F, QuerySet
 from django.db.models.functions import Mod
 
 from jobs.assets import storage
-from jobs.models import Artifact, Job, JobEvent, JobLogChunk, JobMetric, Team
+from jobs.models import Artifact, GangMember, Job, JobEvent, JobLogChunk, JobMetric, Team
 
 LOG_TAIL_BYTES = 64 * 1024  # what the job page shows of a long log before following it
 LOG_WINDOW_BYTES = 256 * 1024  # at most this much log per status poll
@@ -299,3 +299,18 @@ def compiler_allow_list() -> list[tuple[str, str]]:
     only = getattr(co, "_TARGET_ONLY", {})
     return [(flag, f"{values} (only for {', '.join(only[flag])})" if flag in only else values)
             for flag, values in rows]
+
+
+def gang_ranks(job: Job) -> list[dict]:
+    """A multi-host job's ranks, rank order: host, cores, state, last heartbeat, exit
+    (for the job page, its status poll and the API). [] for a one-host job, and for a
+    gang between a requeue and its next placement (its ranks belong to a placement)."""
+    if job.host_count <= 1:
+        return []
+    rows = GangMember.objects.filter(job=job).order_by("rank").values_list(
+        "rank", "host__name", "core_start", "cores", "state", "started_at", "heartbeat_at", "finished_at",
+        "exit_code", "detail")
+    return [{"rank": rank, "host": host, "cores": GangMember(core_start=start, cores=cores).core_range,
+             "state": state, "started_at": started, "heartbeat_at": beat, "finished_at": finished,
+             "exit_code": exit_code, "detail": detail}
+            for rank, host, start, cores, state, started, beat, finished, exit_code, detail in rows]

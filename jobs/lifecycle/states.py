@@ -98,7 +98,8 @@ def _release(job_id: int, outcome: str) -> None:
             ended_at=now, outcome=outcome, core_seconds=cores * max((now - started_at).total_seconds(), 0.0))
     CoreAllocation.objects.filter(job_id=job_id).delete()
     if outcome in ("requeued", S.CANCELLED, S.SUSPENDED):
-        # A gang's next placement writes new ranks; a finished gang keeps its rank table.
+        # A gang's next placement writes new ranks, and a rank still running from this
+        # attempt sees its row gone and stops; a finished gang keeps its rank table.
         GangMember.objects.filter(job_id=job_id).delete()
 
 
@@ -188,7 +189,9 @@ def claim(job_id: int, host_id: int, pid: int | None = None, host_name: str | No
     now = timezone.now()
     with transaction.atomic():
         claimed = transition(
-            job_id, [S.QUEUED], S.RUNNING, extra_filter={"host_id": host_id, "cancel_requested": False},
+            job_id, [S.QUEUED], S.RUNNING,
+            # A gang (host_count > 1) starts through start_gang, from any of its hosts.
+            extra_filter={"host_id": host_id, "cancel_requested": False, "host_count": 1},
             attempts=F("attempts") + 1, started_at=now, heartbeat_at=now, worker_pid=pid,
         )
         if not claimed:
@@ -204,6 +207,31 @@ def claim(job_id: int, host_id: int, pid: int | None = None, host_name: str | No
             number=job.attempts, cores=job.cores, started_at=now,
         )
     return job
+
+
+def start_gang(job_id: int, host_names: list[str]) -> bool:
+    """queued → running for a multi-host job, on the first of its ranks' claims
+    (jobs.lifecycle.gangs.claim_rank, which holds the job's row): a new attempt over
+    all its hosts' cores, with its log header naming them. False if it is not queued
+    any more (another rank started it, or it was cancelled)."""
+    now = timezone.now()
+    with transaction.atomic():
+        started = transition(
+            job_id, [S.QUEUED], S.RUNNING, extra_filter={"host_count__gt": 1, "cancel_requested": False},
+            message=f"started on {len(host_names)} hosts: {', '.join(host_names)}",
+            attempts=F("attempts") + 1, started_at=now, heartbeat_at=now,
+        )
+        if not started:
+            return False
+        job = Job.objects.select_related("host").get(pk=job_id)
+        _append_log(job, f"=== attempt {job.attempts} on {len(host_names)} hosts {', '.join(host_names)} "
+                         f"({job.cores} cores in all) ===\n")
+        JobAttempt.objects.create(
+            job=job, team_id=job.team_id, user_id=job.user_id, kind=job.kind, family=job.family,
+            instance_type=job.host.instance_type if job.host else "", host_id=job.host_id,
+            number=job.attempts, cores=job.cores, started_at=now,
+        )
+    return True
 
 
 def _append_log(job: Job, text: str) -> None:

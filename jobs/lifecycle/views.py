@@ -327,7 +327,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "spec_json": spec, "again": _again_forms(request, job), "can_submit": pages.can_write(request.user, job.team),
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         **_suspend_flags(request.user, job),
-        "queue_position": _queue_position(job), **_result_context(job),
+        "queue_position": _queue_position(job), "ranks": selectors.gang_ranks(job), **_result_context(job),
     }, team=job.team, nav="jobs")
 
 
@@ -480,6 +480,8 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         **_suspend_flags(request.user, job),
         "result": job.result if job.is_finished else None,
+        "ranks": [{**rank, **{key: pages.format_when(rank[key]) for key in ("started_at", "heartbeat_at", "finished_at")}}
+                  for rank in selectors.gang_ranks(job)],
     }, headers={"Cache-Control": "no-store"})
 
 

@@ -3,7 +3,8 @@
 Two modes:
 
 ``exec``
-    ``python -m neuron_workers.process.runner workdir/payload.json`` as a fresh
+    ``python -m neuron_workers.process.runner workdir/payload.json`` (a gang's host:
+    ``neuron_workers.process.gang``, which runs the runner under torchrun) as a fresh
     interpreter: what Neuron hosts use, because the Neuron runtime reads
     ``NEURON_RT_VISIBLE_CORES`` once at start and must inherit nothing. The
     interpreter is the host's job Python (NEURONDECK_JOB_PYTHON: the Neuron
@@ -80,6 +81,8 @@ def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote:
     text = files.payload_text(payload, workdir)
     if mode not in ("fork", "exec"):
         raise ValueError(f"unknown launch mode {mode!r}")
+    if payload.get("gang"):
+        mode = "exec"  # a gang's host launches torchrun (neuron_workers.process.gang): a fresh interpreter
     handle = None
     if mode == "fork":
         try:
@@ -87,7 +90,8 @@ def launch(payload: dict, mode: Mode = "fork", *, grace_s: float = 10.0, zygote:
         except (ZygoteError, OSError, ValueError):
             logger.exception("fork launch failed; falling back to exec mode")
     if handle is None:
-        handle = _exec(workdir, env, text, grace_s, started_at)
+        module = "neuron_workers.process.gang" if payload.get("gang") else "neuron_workers.process.runner"
+        handle = _exec(workdir, env, text, grace_s, started_at, module)
     handle.session_record = sessions.record(env.get(sessions.TAG_VAR), handle.sid)
     return handle
 
@@ -127,7 +131,8 @@ def job_interpreter(env: dict[str, str]) -> tuple[str, dict[str, str]]:
     return python, {**env, "PATH": job_path(python, env.get("PATH"))}
 
 
-def _exec(workdir: Path, env: dict[str, str], text: str, grace_s: float, started_at: float) -> ExecChild:
+def _exec(workdir: Path, env: dict[str, str], text: str, grace_s: float, started_at: float,
+          module: str = "neuron_workers.process.runner") -> ExecChild:
     payload_path = files.write_payload(workdir, text)
     python, env = job_interpreter(env)
     lifeline_r, lifeline_w = os.pipe()  # both O_CLOEXEC: no other child inherits them
@@ -135,7 +140,7 @@ def _exec(workdir: Path, env: dict[str, str], text: str, grace_s: float, started
     try:
         with open(workdir / files.LOG_FILE, "ab") as log:
             popen = subprocess.Popen(
-                [python, "-m", "neuron_workers.process.runner", str(payload_path)],
+                [python, "-m", module, str(payload_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
                 pass_fds=[lifeline_r], start_new_session=True,
             )

@@ -103,3 +103,33 @@ def _signal_own_group(sig: int) -> None:
         os.killpg(os.getpgrp(), sig)
     except OSError:
         pass
+
+
+class ParentWatch:
+    """For a process torchrun started (a rank of a multi-host job): torchrun puts each of
+    them in a session of its own, so neither the job's lifeline nor a stop of the job's
+    process group reaches them. If torchrun is gone (our parent changed: we were
+    reparented), do what a lost lifeline does: STOP, SIGTERM our group, SIGKILL it
+    ``grace_s`` later. Polls once every ``poll_s``."""
+
+    def __init__(self, workdir: Path, grace_s: float, poll_s: float = 0.5) -> None:
+        self.parent = os.getppid()
+        self.workdir, self.grace_s, self.poll_s = workdir, grace_s, poll_s
+        self.lost = threading.Event()
+        _thread.start_new_thread(self._watch, ())
+
+    @classmethod
+    def under_torchrun(cls, workdir: Path, grace_s: float = 10.0) -> ParentWatch | None:
+        """A watch when this process was started by torchrun (TORCHELASTIC_RUN_ID is
+        torchrun's own variable for its workers), else None."""
+        return cls(workdir, grace_s) if os.environ.get("TORCHELASTIC_RUN_ID") else None
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent:
+            time.sleep(self.poll_s)
+        self.lost.set()
+        os.write(2, b"[runner] torchrun is gone; stopping this rank\n")
+        files.request_stop(self.workdir)
+        _signal_own_group(signal.SIGTERM)
+        time.sleep(self.grace_s)
+        _signal_own_group(signal.SIGKILL)

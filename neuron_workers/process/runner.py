@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-from neuron_workers.process.lifeline import Lifeline
+from neuron_workers.process.lifeline import Lifeline, ParentWatch
 from neuron_workers.process.workdir import ARTIFACTS_DIR, METRICS_FILE, RESULT_FILE, STOP_FILE
 
 
@@ -168,7 +168,7 @@ def run_payload(payload: dict) -> int:
     """
     workdir = Path(payload["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
-    result_path = workdir / RESULT_FILE
+    result_path = workdir / result_file_name()
     try:
         verdict = _run(payload, workdir)
     except BaseException as exc:  # noqa: BLE001 - the verdict must always be written
@@ -184,6 +184,14 @@ def run_payload(payload: dict) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
     return 0 if verdict.get("ok") else 1
+
+
+def result_file_name() -> str:
+    """result.json; under torchrun with several processes on the host (a neuron gang:
+    one per NeuronCore) only LOCAL_RANK 0 writes it, the others result.local-<k>.json
+    (their status reaches the supervisor through torchrun's exit status)."""
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    return RESULT_FILE if local_rank in ("", "0") else f"result.local-{local_rank}.json"
 
 
 def _failure(code: str, message: str, tb: str | None) -> dict:
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args[0], encoding="utf-8") as fh:
         payload = json.load(fh)
     lifeline = Lifeline.from_env(Path(payload["workdir"]))
+    ParentWatch.under_torchrun(Path(payload["workdir"]))
     code = run_payload(payload)
     if lifeline is not None:
         lifeline.finish()

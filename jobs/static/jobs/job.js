@@ -59,6 +59,46 @@
     if (suspend) suspend.hidden = !data.can_suspend;
     if (resume) resume.hidden = !data.can_resume;
     renderPending(data.pending);
+    renderRanks(data.ranks || []);
+  }
+
+  // A multi-host job's table of ranks, rebuilt from each poll (a few rows).
+  function renderRanks(ranks) {
+    const table = $("gang-ranks");
+    if (!table) return;
+    $("gang-empty").hidden = ranks.length > 0;
+    const body = table.tBodies[0];
+    body.replaceChildren();
+    ranks.forEach(function (r) {
+      const row = body.insertRow();
+      row.dataset.rank = r.rank;
+      row.insertCell().textContent = r.rank;
+      const host = row.insertCell();
+      if (r.host) {
+        const link = document.createElement("a");
+        link.href = "/hosts/" + encodeURIComponent(r.host) + "/";
+        link.title = "This host's live utilization";
+        link.textContent = r.host;
+        host.appendChild(link);
+      } else {
+        host.textContent = "—";
+      }
+      row.insertCell().textContent = r.cores;
+      const badge = document.createElement("span");
+      badge.className = "badge status-" + r.state;
+      badge.textContent = r.state;
+      row.insertCell().appendChild(badge);
+      row.insertCell().textContent = r.heartbeat_at ? r.heartbeat_at.slice(-8) : "—";
+      const exit = row.insertCell();
+      exit.title = r.detail;
+      exit.textContent = r.exit_code === null ? "—" : r.exit_code;
+      if (r.detail) {
+        const why = document.createElement("span");
+        why.className = "muted";
+        why.textContent = " " + (r.detail.length > 80 ? r.detail.slice(0, 79) + "…" : r.detail);
+        exit.appendChild(why);
+      }
+    });
   }
 
   // "Why is this job waiting?": filled from the same poll as the badge, hidden the

@@ -1,0 +1,34 @@
+"""The rank table of a multi-host job on a phone (headless Chromium, 390 px)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import SHOTS, log_in
+from jobs.lifecycle import gangs
+from jobs.models import GangMember, Job
+from tests.test_gang_launch import gang, place, trn1
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_the_rank_table_fits_a_phone_and_follows_the_gang(cast, live_server, browser, _storage):
+    from playwright.sync_api import expect
+
+    hosts = [trn1("trn1-a", ""), trn1("trn1-b", "")]
+    job = gang(cast, hosts)
+    place(job, hosts)
+    gangs.claim_rank(job.pk, hosts[0].pk)
+    page = log_in(browser, live_server.url, "bob", 390, 844)
+    page.goto(f"{live_server.url}/jobs/{job.pk}/")
+    table = page.locator("#gang-ranks")
+    expect(table.locator("tbody tr")).to_have_count(2)
+    expect(table.locator("tr[data-rank='1'] .badge")).to_have_text("placed")
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    box = page.locator("#gang").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+    gangs.claim_rank(job.pk, hosts[1].pk)  # the second host starts: the page follows without a reload
+    expect(table.locator("tr[data-rank='1'] .badge")).to_have_text("running", timeout=15_000)
+    (SHOTS / "gang").mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "gang" / "ranks-phone.png"), full_page=True)
+    assert Job.objects.get(pk=job.pk).status == Job.Status.RUNNING
+    assert GangMember.objects.filter(job=job, state=GangMember.State.RUNNING).count() == 2

@@ -1,0 +1,181 @@
+"""The command line and environment a gang's host runs (no Neuron hardware here: the
+neuron backend is checked at this seam), and the gang rules that need no worker."""
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobs.lifecycle import gangs, scheduler, states
+from jobs.models import CoreAllocation, GangMember, Host, Job, JobEvent, Kind
+from neuron_workers.gang_execution import rank_payload, rank_workdir
+from neuron_workers.process.gang import torchrun_argv
+from neuron_workers.process.launch import child_env
+
+S = Job.Status
+M = GangMember.State
+
+
+def trn1(name: str, address: str) -> Host:
+    return Host.objects.create(name=name, family="trn1", instance_type="trn1.32xlarge", core_ids=list(range(32)),
+                               device_count=16, backend="neuron", address=address, network="pg-a",
+                               last_heartbeat=timezone.now())
+
+
+def gang(cast, hosts: list[Host], **fields) -> Job:
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind=Kind.FINETUNE, family=hosts[0].family,
+                             cores=len(hosts) * len(hosts[0].core_ids), host_count=len(hosts), spec={"steps": 5},
+                             **fields)
+    states.event(job.pk, "pending", "submitted")
+    return job
+
+
+def place(job: Job, hosts: list[Host]) -> None:
+    assert states.mark_queued(job, hosts[0].pk, 0)
+    per = job.cores // len(hosts)
+    now = timezone.now()
+    CoreAllocation.objects.bulk_create([CoreAllocation(host=h, core=c, job=job, team_id=job.team_id,
+                                                       family=job.family, since=now)
+                                        for h in hosts for c in range(per)])
+    GangMember.objects.bulk_create([GangMember(job=job, rank=r, host=h, core_start=0, cores=per)
+                                    for r, h in enumerate(hosts)])
+
+
+@pytest.mark.django_db
+def test_a_neuron_gang_host_runs_torchrun_with_one_rank_per_core_and_the_neuron_multi_node_environment(
+        cast, settings, _storage):
+    settings.GANG_PORT_BASE = 41000
+    hosts = [trn1("trn1-a", "10.0.0.11"), trn1("trn1-b", "10.0.0.12")]
+    job = gang(cast, hosts)
+    place(job, hosts)
+    claimed = gangs.claim_rank(job.pk, hosts[1].pk)
+    assert claimed is not None
+    job, member = claimed
+    assert (job.status, job.attempts, member.rank, member.state) == (S.RUNNING, 1, 1, M.RUNNING)
+    workdir = rank_workdir(job.pk, 1, 1)
+    payload = rank_payload(job, member, gangs.members_of(job.pk), workdir)
+    port = 41000 + 2 * ((job.pk * 8 + 1) % 500)
+    assert payload["gang"]["port"] == port and payload["backend"] == "neuron"
+    assert torchrun_argv("/opt/venv/bin/python", payload["gang"], workdir / "payload.json") == [
+        "/opt/venv/bin/python", "-m", "torch.distributed.run",
+        "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "32",
+        "--rdzv-backend", "static", "--rdzv-endpoint", f"10.0.0.11:{port}", "--rdzv-id", f"job-{job.pk}-1",
+        "--rdzv-conf", "timeout=600", "--local-addr", "10.0.0.12", "--max-restarts", "0",
+        "-m", "neuron_workers.process.runner", str(workdir / "payload.json"),
+    ]
+    env = child_env(payload)
+    assert env["NEURON_RT_VISIBLE_CORES"] == "0-31" and env["NEURONDECK_JOB_CORES"] == "32"
+    assert env["NEURON_RT_ROOT_COMM_ID"] == f"10.0.0.11:{port + 1}"
+    assert (env["FI_PROVIDER"], env["FI_EFA_USE_DEVICE_RDMA"], env["FI_EFA_FORK_SAFE"]) == ("efa", "1", "1")
+    assert env["NEURONDECK_GANG_HOSTS"] == "10.0.0.11,10.0.0.12" and env["OMP_NUM_THREADS"] == "1"
+    assert env["NEURON_PROCESS_TAG"] == f"job-{job.pk}"
+    assert payload["cores"] == "0-31" and "reuse_key" not in payload
+
+
+@pytest.mark.django_db
+def test_a_cpu_gang_host_runs_one_process_with_its_cores_as_threads(cast, settings, _storage):
+    hosts = [Host.objects.create(name=n, family="cpu", core_ids=[0, 1, 2], backend="cpu", last_heartbeat=timezone.now())
+             for n in ("cpu-a", "cpu-b")]
+    job = gang(cast, hosts)
+    place(job, hosts)
+    job, member = gangs.claim_rank(job.pk, hosts[0].pk)
+    payload = rank_payload(job, member, gangs.members_of(job.pk), rank_workdir(job.pk, 1, 0))
+    argv = torchrun_argv(sys.executable, payload["gang"], "p.json")
+    assert argv[argv.index("--nproc-per-node") + 1] == "1" and argv[argv.index("--node-rank") + 1] == "0"
+    # No address reported: the host's name is where the others reach it.
+    assert argv[argv.index("--rdzv-endpoint") + 1].startswith("cpu-a:")
+    assert payload["env"]["OMP_NUM_THREADS"] == "3" and "FI_PROVIDER" not in payload["env"]
+    assert rank_workdir(job.pk, 1, 0).name == "attempt-1" and rank_workdir(job.pk, 1, 1).name == "rank-1"
+
+
+@pytest.mark.django_db
+def test_claims_start_the_job_once_and_a_duplicate_or_stray_delivery_claims_nothing(cast, _storage):
+    hosts = [trn1("trn1-a", ""), trn1("trn1-b", ""), trn1("trn1-c", "")]
+    job = gang(cast, hosts[:2])
+    place(job, hosts[:2])
+    assert gangs.claim_rank(job.pk, hosts[1].pk) is not None
+    assert gangs.claim_rank(job.pk, hosts[1].pk) is None  # the same message again
+    assert gangs.claim_rank(job.pk, hosts[2].pk) is None  # a host outside the gang
+    assert states.claim(job.pk, hosts[0].pk) is None  # the one-host claim never takes a gang
+    assert gangs.claim_rank(job.pk, hosts[0].pk) is not None
+    job.refresh_from_db()
+    assert job.attempts == 1 and job.attempt_rows.count() == 1 and job.attempt_rows.get().cores == 64
+    assert list(JobEvent.objects.filter(job=job, kind=S.RUNNING).values_list("message", flat=True)) == [
+        "started on 2 hosts: trn1-a, trn1-b"]
+
+
+@pytest.mark.django_db
+def test_the_reaper_gives_up_a_gang_whose_rank_stopped_heartbeating_and_names_it(cast, settings, _storage):
+    settings.JOB_LEASE_S = 60
+    hosts = [trn1("trn1-a", ""), trn1("trn1-b", "")]
+    job = gang(cast, hosts, max_attempts=1)
+    place(job, hosts)
+    gangs.claim_rank(job.pk, hosts[0].pk)
+    gangs.claim_rank(job.pk, hosts[1].pk)
+    assert scheduler.reap()["failed"] == 0  # both fresh
+    GangMember.objects.filter(job=job, rank=1).update(heartbeat_at=timezone.now() - timedelta(seconds=61))
+    scheduler.reap()
+    job.refresh_from_db()
+    assert job.status == S.FAILED and job.failure == "worker_lost"
+    assert job.reason.startswith("rank 1 on trn1-b was lost: no heartbeat from its worker for 60 s")
+    assert "gave up after 1 attempts" in job.reason
+    assert not CoreAllocation.objects.filter(job=job).exists()
+    # The finished gang keeps its ranks for the page: rank 1 lost, rank 0 told to stop.
+    assert list(GangMember.objects.filter(job=job).values_list("rank", "state")) == [(0, M.RUNNING), (1, M.FAILED)]
+    assert gangs.stop_reason(job.pk, 1, GangMember.objects.get(job=job, rank=0).pk) == \
+        "the job is no longer running this attempt"
+
+
+@pytest.mark.django_db
+def test_a_queued_gang_whose_host_went_offline_is_requeued(cast, settings, _storage):
+    settings.QUEUED_RESEND_AFTER_S = 0
+    hosts = [trn1("trn1-a", ""), trn1("trn1-b", "")]
+    job = gang(cast, hosts)
+    place(job, hosts)
+    Host.objects.filter(pk=hosts[1].pk).update(state=Host.State.OFFLINE)
+    Job.objects.filter(pk=job.pk).update(queued_at=timezone.now() - timedelta(seconds=5))
+    assert scheduler.reap()["requeued"] == 1
+    job.refresh_from_db()
+    assert job.status == S.PENDING and "rank 1 on trn1-b" in job.reason
+    assert not GangMember.objects.filter(job=job).exists() and not CoreAllocation.objects.filter(job=job).exists()
+
+
+# --- the job page and the API --------------------------------------------------------
+
+def _running_gang_with_a_lost_rank(cast) -> Job:
+    hosts = [trn1("trn1-a", ""), trn1("trn1-b", "")]
+    job = gang(cast, hosts, max_attempts=1)
+    place(job, hosts)
+    gangs.claim_rank(job.pk, hosts[0].pk)
+    GangMember.objects.filter(job=job, rank=0).update(exit_code=None)
+    return job
+
+
+@pytest.mark.django_db
+def test_the_job_page_the_status_poll_and_the_api_show_the_ranks(cast, client, _storage):
+    from conftest import api_client
+
+    job = _running_gang_with_a_lost_rank(cast)
+    client.force_login(cast.bob)
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert 'id="gang-ranks"' in page and "rank 0 is the rendezvous host" in page
+    assert 'href="/hosts/trn1-a/"' in page and 'href="/hosts/trn1-b/"' in page
+    assert "status-running" in page and "status-placed" in page
+    ranks = client.get(f"/jobs/{job.pk}/status.json").json()["ranks"]
+    assert [(r["rank"], r["host"], r["cores"], r["state"]) for r in ranks] == [
+        (0, "trn1-a", "0-31", "running"), (1, "trn1-b", "0-31", "placed")]
+    assert ranks[0]["heartbeat_at"] and ranks[1]["heartbeat_at"] == ""
+    document = api_client(cast.bob).get(f"/api/v1/jobs/{job.pk}").json()
+    assert [(r["rank"], r["host"], r["state"], r["exit_code"]) for r in document["ranks"]] == [
+        (0, "trn1-a", "running", None), (1, "trn1-b", "placed", None)]
+    assert api_client(cast.charlie).get(f"/api/v1/jobs/{job.pk}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_a_one_host_job_has_no_rank_table(cast, client, _storage):
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind=Kind.INFERENCE, family="cpu", spec={})
+    client.force_login(cast.bob)
+    assert 'id="gang" hidden' in client.get(f"/jobs/{job.pk}/").content.decode()
+    assert client.get(f"/jobs/{job.pk}/status.json").json()["ranks"] == []

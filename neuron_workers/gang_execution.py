@@ -10,6 +10,7 @@ attempt-<n>/rank-<r> (its log.txt stays there, on the shared storage).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from django.conf import settings
@@ -22,6 +23,7 @@ from neuron_workers.process.gang import gang_env
 
 log = logging.getLogger(__name__)
 S = Job.Status
+PER_RANK = re.compile(r"\.r[0-9]+$")  # a metric of one torch rank, e.g. samples_per_s.r3
 
 
 def rank_workdir(job_id: int, attempt: int, rank: int) -> Path:
@@ -44,8 +46,7 @@ class RankRecorder(JobRecorder):
         if self.rank == 0:
             self.flush_log()
         gangs.heartbeat(self.job_id, self.attempt, self.member_id)
-        if self.rank == 0:
-            self.flush_metrics()
+        self.flush_metrics()
 
     def should_cancel(self) -> bool:
         self.stop = gangs.stop_reason(self.job_id, self.attempt, self.member_id)
@@ -61,8 +62,15 @@ class RankRecorder(JobRecorder):
             super().on_log(offset, text)
 
     def on_metric(self, row: dict) -> None:
+        """Rank 0's metrics and timeline reports are the job's; another host's ranks
+        add only their own progress figures, named "<name>.r<torch rank>"
+        (e.g. samples_per_s.r3), so the page can show each rank's step and throughput."""
         if self.rank == 0:
             super().on_metric(row)
+        elif "event" not in row:
+            own = {name: value for name, value in row.items() if PER_RANK.search(name)}
+            if own:
+                super().on_metric({**own, "step": row.get("step")})
 
 
 def rank_payload(job: Job, member: GangMember, members: list[GangMember], workdir: Path) -> dict:

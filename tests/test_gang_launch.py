@@ -33,14 +33,10 @@ def gang(cast, hosts: list[Host], **fields) -> Job:
 
 
 def place(job: Job, hosts: list[Host]) -> None:
-    assert states.mark_queued(job, hosts[0].pk, 0)
+    """The placement as the dispatcher writes it (states.mark_queued_many with the gang's ranks)."""
     per = job.cores // len(hosts)
-    now = timezone.now()
-    CoreAllocation.objects.bulk_create([CoreAllocation(host=h, core=c, job=job, team_id=job.team_id,
-                                                       family=job.family, since=now)
-                                        for h in hosts for c in range(per)])
-    GangMember.objects.bulk_create([GangMember(job=job, rank=r, host=h, core_start=0, cores=per)
-                                    for r, h in enumerate(hosts)])
+    assert states.mark_queued_many([(job.pk, hosts[0].pk, 0, "placed", False)],
+                                   {job.pk: [(h.pk, 0, per) for h in hosts]}) == {job.pk}
 
 
 @pytest.mark.django_db

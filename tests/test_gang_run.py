@@ -3,22 +3,21 @@
 Real PostgreSQL, a private redis-server and two real `celery worker` processes with
 different host names (tests/workers.py): on this machine they are the two hosts of a
 gang. Each host's share runs under torchrun, and the ranks of tests/gang_backends.py
-really rendezvous (c10d at rank 0) and all-reduce over gloo. The placement is written
-as the dispatcher writes it (place_gang below: cores on every host, a GangMember per
-rank, the job queued, the run message to every host).
+really rendezvous (torch's store at rank 0) and all-reduce over gloo. The gang is
+placed by the real dispatcher (cores on every host, a GangMember per rank, the job
+queued, the run message to every host).
 """
 from __future__ import annotations
 
 import random
 
 import pytest
-from django.utils import timezone
 
-from jobs.lifecycle import scheduler, states
+from jobs.lifecycle import scheduler
 from jobs.models import CoreAllocation, GangMember, Host, Job, JobAttempt, JobEvent
 from tests.polling import wait_until
 from tests.test_faults import (  # noqa: F401 - fixtures
-    _alive, broker, job_processes, log_text, make_host, new_job, reap_until, redis_server, start_worker, status,
+    _alive, _cwd, broker, job_processes, log_text, make_host, new_job, reap_until, redis_server, start_worker, status,
     wait_status,
 )
 
@@ -49,23 +48,12 @@ def gang_job(cast, hosts: list[Host], *, spec: dict, max_attempts: int = 1, max_
     return Job.objects.get(pk=job.pk)
 
 
-def place_gang(job: Job, hosts: list[Host], *, send: bool = True) -> None:
-    """What the dispatcher does for a gang, in one transaction: every host's cores, a
-    GangMember per rank (rank 0 = Job.host), queued; then run_job to every host."""
-    from django.db import transaction
-
-    with transaction.atomic():
-        assert states.mark_queued(job, hosts[0].pk, 0, f"placed on {len(hosts)} hosts")
-        now = timezone.now()
-        per_host = job.cores // len(hosts)
-        CoreAllocation.objects.bulk_create([
-            CoreAllocation(host=h, core=c, job=job, team_id=job.team_id, family=job.family, since=now)
-            for h in hosts for c in range(per_host)])
-        GangMember.objects.bulk_create([GangMember(job=job, rank=r, host=h, core_start=0, cores=per_host)
-                                        for r, h in enumerate(hosts)])
-    if send:
-        for h in hosts:
-            scheduler.send_run(job.pk, h.queue)
+def place_gang(job: Job, hosts: list[Host]) -> None:
+    """The real dispatcher places the gang (all its hosts' cores, a GangMember per rank,
+    queued, in one transaction) and sends run_job to every one of its hosts."""
+    wait_until(lambda: scheduler.dispatch() and status(job) != S.PENDING, 30, interval=0.2,
+               message=f"dispatch to place gang {job.pk}")
+    assert sorted(GangMember.objects.filter(job=job).values_list("host_id", flat=True)) == sorted(h.pk for h in hosts)
 
 
 def ranks(job: Job) -> list[GangMember]:
@@ -136,16 +124,31 @@ def test_one_rank_failing_with_an_error_fails_the_whole_gang_naming_it(cast, two
     wait_until(lambda: not job_processes(job), 30, message="every process of the gang to be gone")
 
 
-def test_a_rank_that_crashes_requeues_the_whole_gang(cast, two_hosts, gang_workers):
+def test_a_rank_that_crashes_requeues_the_whole_gang_until_its_attempts_run_out(cast, two_hosts, gang_workers):
     job = gang_job(cast, two_hosts, spec={"seconds": 60, "crash_rank": 1}, max_attempts=2)
     place_gang(job, two_hosts)
-    job = wait_status(job, S.PENDING, S.FAILED, S.SUCCEEDED, timeout=120)
-    assert job.status == S.PENDING and job.attempts == 1, (job.reason, log_text(job))
-    assert job.reason_code == "retry" and "rank 1 on gang-b failed" in job.reason
-    assert not CoreAllocation.objects.filter(job=job).exists() and not GangMember.objects.filter(job=job).exists()
-    kinds = [kind for kind, _, _ in events(job)]
-    assert kinds[-2:] == [S.PENDING, "retry"]
+    # Requeued after the first crash, placed again by the dispatcher (the worker kicks
+    # it when the cores are freed), crashed again: failed.
+    job = wait_status(job, S.FAILED, S.SUCCEEDED, timeout=240)
+    assert job.status == S.FAILED and job.attempts == 2, (job.reason, log_text(job))
+    assert job.failure == "crashed" and "gave up after 2 attempts" in job.reason
+    retry = [(message, data) for kind, message, data in events(job) if kind == "retry"]
+    assert len(retry) == 1 and "failed: the job process exited with code" in retry[0][0]
+    assert "the whole gang stopped and is requeued (attempt 1 of 2)" in retry[0][0]
+    rank, host = retry[0][1]["rank"], retry[0][1]["host"]
+    assert rank == 1 and host in ("gang-a", "gang-b") and f"rank 1 on {host} failed" in retry[0][0]
+    assert list(JobAttempt.objects.filter(job=job).order_by("number").values_list("number", "cores", "outcome")) == [
+        (1, 4, "requeued"), (2, 4, S.FAILED)]
+    assert not CoreAllocation.objects.filter(job=job).exists()
     wait_until(lambda: not job_processes(job), 30, message="every process of the gang to be gone")
+
+
+def attempt_processes(job: Job, attempt: int) -> list[int]:
+    """The live processes of one attempt of `job` (its hosts' folders are under attempt-<n>)."""
+    from neuron_workers.gang_execution import rank_workdir
+
+    root = str(rank_workdir(job.pk, attempt, 0))
+    return [pid for pid in job_processes(job) if _cwd(pid).startswith(root)]
 
 
 def test_kill_9_of_one_hosts_worker_stops_the_other_rank_and_requeues_naming_the_dead_host(
@@ -156,21 +159,29 @@ def test_kill_9_of_one_hosts_worker_stops_the_other_rank_and_requeues_naming_the
                message="both ranks running")
     from neuron_workers.gang_execution import rank_workdir
 
-    wait_until(lambda: (rank_workdir(job.pk, 1, 1) / "ready").exists(), 120, message="rank 1 in its collective")
+    b_rank = GangMember.objects.get(job=job, host=two_hosts[1]).rank
+    wait_until(lambda: (rank_workdir(job.pk, 1, b_rank) / "ready").exists(), 120, message="gang-b's rank running")
     gang_workers[1].kill9()  # host gang-b's worker (and zygote); the job's processes are left alone
-    job, _ = reap_until(job, timeout=90)
-    assert job.status == S.PENDING and job.attempts == 1
-    assert job.reason_code == "worker_lost"
-    assert "rank 1 on gang-b was lost: no heartbeat from its worker" in job.reason
-    kind, message, data = events(job)[-1]
-    assert kind == "worker_lost" and data == {"rank": 1, "host": "gang-b", "code": "worker_lost"}
-    assert not CoreAllocation.objects.filter(job=job).exists()
-    # Rank 0 (alive worker) stopped; rank 1's processes stopped by themselves (lifeline, then torchrun gone).
-    wait_until(lambda: not job_processes(job), 60, message="every process of the gang to be gone")
+    wait_until(lambda: scheduler.reap() is not None and JobEvent.objects.filter(job=job, kind="worker_lost").exists(),
+               90, interval=0.25, message="the reaper to give up the gang")
+    message, data = JobEvent.objects.filter(job=job, kind="worker_lost").values_list("message", "data").get()
+    assert f"rank {b_rank} on gang-b was lost: no heartbeat from its worker for 4 s" in message
+    assert "requeued (attempt 1 of 2)" in message
+    assert data == {"rank": b_rank, "host": "gang-b", "code": "worker_lost"}
+    assert JobAttempt.objects.get(job=job, number=1).outcome == "requeued"
+    # Rank on gang-a (alive worker) stopped; gang-b's processes stopped by themselves
+    # (the lifeline, then torchrun gone).
+    wait_until(lambda: not attempt_processes(job, 1), 60, message="every process of attempt 1 to be gone")
     assert gang_workers[0].alive()
-    wait_until(lambda: b"rank 0: " in gang_workers[0].output(), 30, message="rank 0's worker to report")
-    scheduler.reap()  # a second pass changes nothing
-    assert status(job) == S.PENDING and Job.objects.get(pk=job.pk).attempts == 1
+    # The dispatcher places the gang again on both hosts; gang-b has no worker any more, so
+    # its rank is never taken: given up in its turn, the job fails after its 2 attempts.
+    wait_until(lambda: scheduler.reap() is not None and status(job) == S.FAILED, 120, interval=0.25,
+               message="the second attempt to be given up")
+    job = Job.objects.get(pk=job.pk)
+    assert job.attempts == 2 and job.failure == "worker_lost" and "gang-b was lost" in job.reason
+    assert "its worker did not start it" in job.reason and "gave up after 2 attempts" in job.reason
+    assert not CoreAllocation.objects.filter(job=job).exists()
+    wait_until(lambda: not job_processes(job), 60, message="every process of the gang to be gone")
 
 
 def test_cancel_stops_every_rank(cast, two_hosts, gang_workers):

@@ -16,8 +16,10 @@ sends the run message to every one of its hosts. Here:
   requeued (attempts left, and the culprit died rather than reported an error) or
   failed, the culprit's host and rank named on its timeline.
 - **reap**: (scheduler.reap) a rank whose worker stopped heartbeating (lease
-  expiry) or whose host went offline is lost: the gang is requeued or failed at
-  once and the other ranks stop; a rank whose run message was lost gets it again.
+  expiry), whose host went offline, or that no worker took (JOB_LEASE_S +
+  QUEUED_RESEND_AFTER_S after the first rank started) is lost: the gang is requeued
+  or failed at once and the other ranks stop; a rank whose run message may have been
+  lost gets it again first.
 
 Job statuses change only through jobs.lifecycle.states; its cores (every host's)
 are released together there, in the transition.
@@ -249,12 +251,18 @@ def _reap_running(job: Job, lease: int, lease_cutoff, silent_since, resend_cutof
         if not Job.objects.select_for_update().filter(pk=job.pk, status=S.RUNNING, attempts=job.attempts).exists():
             return None
         members = members_of(job.pk)
+        # A rank not taken this long after the first one was (its message was sent
+        # again after QUEUED_RESEND_AFTER_S) has no worker to run it: the other ranks
+        # would only wait for it in the rendezvous.
+        take_by = timedelta(seconds=lease + settings.QUEUED_RESEND_AFTER_S)
         lost = []
         for m in members:
             if m.state == M.RUNNING and (m.heartbeat_at or m.started_at or now) < lease_cutoff:
                 lost.append((m, f"no heartbeat from its worker for {lease} s"))
             elif m.state == M.PLACED and _host_gone(m.host, silent_since):
                 lost.append((m, "its host went offline before this rank started"))
+            elif m.state == M.PLACED and job.started_at is not None and job.started_at < now - take_by:
+                lost.append((m, f"its worker did not start it within {take_by.seconds} s of the first rank"))
         if not lost:
             late = [m.host for m in members if m.state == M.PLACED]
             if late and job.started_at is not None and job.started_at < resend_cutoff:

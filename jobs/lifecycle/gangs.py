@@ -42,11 +42,13 @@ log = logging.getLogger(__name__)
 S = Job.Status
 M = GangMember.State
 
-# How a rank ended, most telling first: when several ranks fail, the one that died is
-# named, not the peers whose collectives then broke ("error") or that were stopped.
+# How a rank ended, most telling first: when several ranks fail, the one that died or
+# reported a failure of its own (a backend's code: bad_input, compile_error, ...) is
+# named, not the peers whose collectives then broke (an unexpected exception, "error")
+# or that were stopped. Ties go to the rank that ended first.
 LOST = "worker_lost"  # its worker or host stopped heartbeating
 STOPPED = "stopped"  # stopped because the gang was stopping
-SEVERITY = {LOST: 0, "crashed": 1, "oom": 2, "timed_out": 3, STOPPED: 9}
+SEVERITY = {LOST: 0, "crashed": 1, "oom": 2, "timed_out": 3, "error": 5, STOPPED: 9}  # any other code: 4
 RETRYABLE = {LOST, "crashed"}  # a death is worth another attempt; a reported error is not
 
 
@@ -173,7 +175,7 @@ def _decide(job: Job, attempt: int, on_success: Callable[[Job], bool] | None) ->
         if on_success is None:
             return "waiting"  # a rank's worker records the success, with rank 0's outputs
         return "succeeded" if on_success(job) else "superseded"
-    culprit = min(failed, key=lambda m: (SEVERITY.get(_code(m), 5), m.finished_at or timezone.now(), m.rank))
+    culprit = min(failed, key=lambda m: (SEVERITY.get(_code(m), 4), m.finished_at or timezone.now(), m.rank))
     return _give_up(job, attempt, culprit, failed)
 
 

@@ -327,7 +327,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "spec_json": spec, "again": _again_forms(request, job), "can_submit": pages.can_write(request.user, job.team),
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         **_suspend_flags(request.user, job),
-        "queue_position": _queue_position(job), "ranks": selectors.gang_ranks(job), **_result_context(job),
+        "queue_position": _queue_position(job), "gang_ranks": selectors.gang_ranks(job), **_result_context(job),
     }, team=job.team, nav="jobs")
 
 

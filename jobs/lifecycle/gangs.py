@@ -218,15 +218,16 @@ def _name(member: GangMember) -> str:
 
 # --- reaping ---------------------------------------------------------------------------
 
-def reap(counts: dict) -> None:
+def reap(counts: dict, send_run: Callable[[int, str], None]) -> None:
     """scheduler.reap's part for gangs: lost ranks of running gangs; queued gangs whose
-    run messages were lost or whose hosts went offline. Adds to `counts`."""
+    run messages were lost or whose hosts went offline. Adds to `counts`; messages go
+    out through `send_run(job_id, queue)` (the scheduler's)."""
     lease = settings.JOB_LEASE_S
     lease_cutoff = timezone.now() - timedelta(seconds=lease)
     silent_since = timezone.now() - timedelta(seconds=settings.HOST_OFFLINE_AFTER_S)
     resend_cutoff = timezone.now() - timedelta(seconds=settings.QUEUED_RESEND_AFTER_S)
     for job in Job.objects.filter(status=S.RUNNING, host_count__gt=1):
-        outcome = _reap_running(job, lease, lease_cutoff, silent_since, resend_cutoff)
+        outcome = _reap_running(job, lease, lease_cutoff, silent_since, resend_cutoff, send_run)
         if outcome:
             counts[outcome] = counts.get(outcome, 0) + 1
     for job in Job.objects.filter(status=S.QUEUED, host_count__gt=1, queued_at__lt=resend_cutoff):
@@ -239,11 +240,12 @@ def reap(counts: dict) -> None:
                 counts["requeued"] += 1
             continue
         Job.objects.filter(pk=job.pk, status=S.QUEUED).update(queued_at=timezone.now())
-        _send(job.pk, [m.host for m in members if m.state == M.PLACED])
+        _send(send_run, job.pk, [m.host for m in members if m.state == M.PLACED])
         counts["resent"] += 1
 
 
-def _reap_running(job: Job, lease: int, lease_cutoff, silent_since, resend_cutoff) -> str | None:
+def _reap_running(job: Job, lease: int, lease_cutoff, silent_since, resend_cutoff,
+                  send_run: Callable[[int, str], None]) -> str | None:
     if job.cancel_requested and job.heartbeat_at is not None and job.heartbeat_at < lease_cutoff:
         states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", extra_filter={"attempts": job.attempts},
                              message="cancelled (its workers stopped responding)")
@@ -269,7 +271,7 @@ def _reap_running(job: Job, lease: int, lease_cutoff, silent_since, resend_cutof
             late = [m.host for m in members if m.state == M.PLACED]
             if late and job.started_at is not None and job.started_at < resend_cutoff:
                 # Its run message may have been lost: send it again (a duplicate is harmless).
-                transaction.on_commit(lambda: _send(job.pk, late))
+                transaction.on_commit(lambda: _send(send_run, job.pk, late))
             return None
         for m, why in lost:
             GangMember.objects.filter(pk=m.pk, state__in=(M.PLACED, M.RUNNING)).update(
@@ -284,9 +286,7 @@ def _host_gone(host: Host | None, silent_since) -> bool:
         host.last_heartbeat is not None and host.last_heartbeat < silent_since)
 
 
-def _send(job_id: int, hosts: list[Host | None]) -> None:
-    from jobs.lifecycle.scheduler import send_run
-
+def _send(send_run: Callable[[int, str], None], job_id: int, hosts: list[Host | None]) -> None:
     for host in hosts:
         if host is not None:
             send_run(job_id, host.queue)

@@ -444,7 +444,7 @@ def reap() -> dict:
     counts["hosts_offline"] = Host.objects.filter(state=Host.State.ONLINE, last_heartbeat__lt=silent_since
                                                   ).update(state=Host.State.OFFLINE)
     # A multi-host job's ranks have a lease each (jobs.lifecycle.gangs); the rest here is one host's job.
-    gangs.reap(counts)
+    gangs.reap(counts, send_run)
     for job in Job.objects.filter(status=S.RUNNING, host_count=1, heartbeat_at__lt=stale_cutoff(settings.JOB_LEASE_S)):
         counts[_reap_running(job)] += 1
     for job in Job.objects.filter(status=S.QUEUED, host_count=1,

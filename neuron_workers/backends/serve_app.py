@@ -22,6 +22,7 @@ was started).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import math
 import time
@@ -91,6 +92,7 @@ class ServingModel:
     def __init__(self, *, model: Any, tokenizer: Any, model_name: str, limits: Limits, eos_id: int,
                  pad_id: int) -> None:
         self.tokenizer = tokenizer
+        self.token_bytes = token_bytes_table(tokenizer)
         self.model_name = model_name
         self.limits = limits
         self.engine = BatchingEngine(model, eos_id=eos_id, pad_id=pad_id, max_batch_size=limits.max_batch_size,
@@ -121,7 +123,7 @@ class ServingModel:
                          ignore_eos=parsed.ignore_eos)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[gen.id] = queue
-        detok = _Detokenizer(self.tokenizer)
+        detok = _Detokenizer(self.tokenizer, self.token_bytes)
         text_so_far = ""
         try:
             self.engine.submit(gen)
@@ -241,23 +243,55 @@ def _first_stop(before: str, delta: str, stops: list[str]) -> int | None:
     return None if best is None else max(0, best - len(before))
 
 
+def token_bytes_table(tokenizer: Any) -> list[bytes] | None:
+    """Each token id's bytes, for tokenizers whose tokens are bytes (ByT5) or byte-level
+    BPE (GPT-2's byte_decoder): their text is the UTF-8 decoding of the concatenated
+    bytes, so a stream decodes incrementally at the cost of a table lookup. None for
+    other tokenizers (sentencepiece and friends), which decode through the tokenizer."""
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    byte_decoder = getattr(tokenizer, "byte_decoder", None)
+    table = []
+    for index, token in enumerate(tokens):
+        if index in special or token is None:
+            table.append(b"")
+        elif byte_decoder is not None:
+            try:
+                table.append(bytes(byte_decoder[c] for c in token))
+            except KeyError:
+                return None
+        elif len(token) == 1 and ord(token) < 256 and type(tokenizer).__name__ == "ByT5Tokenizer":
+            table.append(bytes([ord(token)]))
+        else:
+            return None
+    return table
+
+
 class _Detokenizer:
     """Incremental decoding: text appears once its bytes form whole characters
     (a byte-level tokenizer may split one character over several tokens)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, table: list[bytes] | None) -> None:
         self.tokenizer = tokenizer
+        self.table = table
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
     def push(self, token: int) -> str:
+        if self.table is not None:
+            return self.utf8.decode(self.table[token] if 0 <= token < len(self.table) else b"")
         self.ids.append(token)
         return self._delta(final=False)
 
     def flush(self) -> str:
+        if self.table is not None:
+            return self.utf8.decode(b"", final=True)
         return self._delta(final=True)
 
     def _delta(self, *, final: bool) -> str:
+        """vLLM's approach for other tokenizers: decode a short window again and emit
+        what it added, unless it ends in an incomplete character."""
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = decode(self.ids[self.prefix:], skip_special_tokens=True)
@@ -341,7 +375,10 @@ async def _sse(shape: Any, first: tuple, stream: AsyncIterator, parsed: Parsed) 
     text, finish, gen = first
     try:
         while True:
-            yield _event(shape.chunk(text, _finish_reason(finish) if finish else None))
+            if finish is None and text:
+                yield shape.text_event(text)  # the common case, one per token: pre-encoded framing
+            else:
+                yield _event(shape.chunk(text, _finish_reason(finish) if finish else None))
             if finish is not None:
                 break
             try:
@@ -359,6 +396,12 @@ def _event(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _framing(sample: dict) -> tuple[bytes, bytes]:
+    """The SSE event of `sample` split around its one text value (a NUL placeholder)."""
+    before, after = _event(sample).split(b'"\\u0000"')
+    return before, after
+
+
 def _finish_reason(finish: str | None) -> str | None:
     return {FINISH_LENGTH: "length", FINISH_STOP: "stop"}.get(finish, finish)
 
@@ -371,6 +414,11 @@ def _usage(parsed: Parsed, gen: Generation) -> dict:
 class _CompletionShape:
     def __init__(self, model: str) -> None:
         self.id, self.model, self.created = f"cmpl-{uuid.uuid4().hex}", model, int(time.time())
+        self._framing = _framing(self.chunk("\0", None))
+
+    def text_event(self, text: str) -> bytes:
+        """`_event(self.chunk(text, None))`, without building and encoding the whole dict."""
+        return self._framing[0] + json.dumps(text).encode() + self._framing[1]
 
     def opening(self) -> dict | None:
         return None
@@ -386,6 +434,10 @@ class _CompletionShape:
 class _ChatShape:
     def __init__(self, model: str) -> None:
         self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
+        self._framing = _framing(self.chunk("\0", None))
+
+    def text_event(self, text: str) -> bytes:
+        return self._framing[0] + json.dumps(text).encode() + self._framing[1]
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

@@ -30,6 +30,7 @@ run: migrate
 	@echo ""
 	@echo "NeuronDeck is starting at http://$(BIND)/  (host $(NEURONDECK_HOST), $(NEURONDECK_CPU_SLOTS) CPU job slots)"
 	@echo "Log in as admin, alice or bob with password 'neurondeck'. Ctrl-C stops everything."
+	@echo "Inference endpoints' stable URLs: $(ENDPOINT_GATEWAY_URL)/endpoints/<team>/<endpoint>/v1/..."
 	@echo ""
 	$(VENV)/bin/honcho -f webapp/Procfile -d . start
 

@@ -195,3 +195,38 @@ def test_cancel_stops_every_rank(cast, two_hosts, gang_workers):
     wait_until(lambda: all(m.state == M.FAILED for m in ranks(job)), 30, message="both ranks to stop")
     assert not CoreAllocation.objects.filter(job=job).exists()
     wait_until(lambda: not job_processes(job), 30, message="every process of the gang to be gone")
+
+
+def test_a_two_host_fine_tune_trains_with_ddp_and_matches_one_process_with_the_same_global_batch(
+        cast, make_host, start_worker, tiny_model, dataset, tmp_path):
+    """The real cpu backend on both hosts: DDP over gloo, each rank a shard of every
+    global batch; rank 0's model is registered once; its losses are a single process's."""
+    hosts = [make_host(name, backend="cpu", cores=1) for name in ("ft-a", "ft-b")]
+    Host.objects.filter(pk__in=[h.pk for h in hosts]).update(address="127.0.0.1")
+    base = str(random.randrange(20000, 31000, 2))
+    workers = [start_worker(h.name, name=f"w-{h.name}", GANG_PORT_BASE=base) for h in hosts]
+    spec = {"steps": 12, "learning_rate": 3e-3, "batch_size": 4, "sequence_length": 32, "seed": 5,
+            "checkpoint_every": 100}
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind="finetune", spec=spec, family="cpu", cores=2,
+                             host_count=2, model=tiny_model, dataset=dataset, max_attempts=1,
+                             reason_code="submitted", reason="waiting for the scheduler")
+    place_gang(job, hosts)
+    job = wait_status(job, S.SUCCEEDED, S.FAILED, timeout=300)
+    assert job.status == S.SUCCEEDED, (job.reason, log_text(job), workers[1].tail())
+    assert job.result["world_size"] == 2 and job.result["hosts"] == 2
+    assert [(m.state, m.exit_code) for m in ranks(job)] == [(M.EXITED, 0), (M.EXITED, 0)]
+    assert job.output_model is not None and job.output_model.source_job_id == job.pk
+    from jobs.models import ModelAsset
+
+    assert ModelAsset.objects.filter(source_job=job).count() == 1
+    # The same spec in one process here: the same global batches, so the same final loss.
+    reference = tmp_path / "one-process"
+    from jobs.assets import storage
+    from neuron_workers.backends import JobContext, get_backend
+
+    inputs = {"model_path": str(storage.abs_path(tiny_model.path)), "model_format": "hf",
+              "dataset_path": str(storage.abs_path(dataset.path)), "dataset_format": dataset.format,
+              "checkpoint_dir": str(tmp_path / "one-process-checkpoints")}
+    one = get_backend("cpu").run(JobContext(job_id=0, kind="finetune", spec=spec, workdir=reference, inputs=inputs,
+                                            log=lambda line: None, metric=lambda row: None))
+    assert abs(one["final_loss"] - job.result["final_loss"]) <= 1e-4 * max(1.0, abs(one["final_loss"]))

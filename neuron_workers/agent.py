@@ -43,11 +43,11 @@ from pathlib import Path
 import redis as redis_lib
 from django.conf import settings
 from django.db import Error as DatabaseError, close_old_connections, connection
-from django.db.models import Case, F, Value, When
+from django.db.models import BooleanField, Case, F, Value, When
 from django.utils import timezone
 
 from jobs.live import metrics, requests
-from jobs.models import Host, Job
+from jobs.models import GangMember, Host, Job
 from neuron_workers import config
 from neuron_workers.backends.neuron_env import probe_interpreter
 from neuron_workers.readers.neuron_ls import (
@@ -183,12 +183,20 @@ def heartbeat(host_id: int) -> bool:
     ))
 
 
-def running_placements(host_id: int) -> list[JobPlacement]:
-    """The jobs running on this host: id, runner child pid and assigned cores."""
-    rows = Job.objects.filter(host_id=host_id, status=Job.Status.RUNNING).values_list(
-        "pk", "worker_pid", "core_start", "cores")
-    return [JobPlacement(pk, pid, list(range(start, start + n)) if start is not None else [])
-            for pk, pid, start, n in rows]
+def running_placements(host_id: int) -> tuple[list[JobPlacement], set[int]]:
+    """The jobs running on this host (id, runner child pid, assigned cores), in one
+    query, and which of them are guests: ranks > 0 of multi-host jobs, whose own
+    host is their rank 0's. A guest's runtimes are its job's, not orphans, but its
+    job's live charts follow rank 0's host, so the agent publishes no job point for it."""
+    own = Job.objects.filter(host_id=host_id, status=Job.Status.RUNNING).annotate(
+        guest=Value(False, output_field=BooleanField())).values_list("pk", "worker_pid", "core_start", "cores", "guest")
+    ranks = GangMember.objects.filter(host_id=host_id, state=GangMember.State.RUNNING, rank__gt=0,
+                                      job__status=Job.Status.RUNNING).annotate(
+        guest=Value(True, output_field=BooleanField())).values_list("job_id", "worker_pid", "core_start", "cores",
+                                                                    "guest")
+    rows = list(own.union(ranks, all=True))
+    return ([JobPlacement(pk, pid, list(range(start, start + n)) if start is not None else [])
+             for pk, pid, start, n, _ in rows], {pk for pk, *_, guest in rows if guest})
 
 
 class HeartbeatThread(threading.Thread):
@@ -397,6 +405,7 @@ class Agent:
         self.replay_mode, self.placements_ttl, self.publish = replay_mode, placements_ttl, publish
         self.clock = clock
         self._placements: list[JobPlacement] = []
+        self._guests: set[int] = set()  # jobs here as a gang's rank > 0 (running_placements)
         self._placements_at = float("-inf")
         self._known_orphans: frozenset[tuple[int, str]] = frozenset()
         self.cpu = ProcessCpu()
@@ -417,7 +426,7 @@ class Agent:
 
     def _reload(self) -> None:
         try:
-            self._placements = running_placements(self.host_id)
+            self._placements, self._guests = running_placements(self.host_id)
         except DatabaseError as exc:
             log.warning("cannot read this host's jobs (%s); keeping the last known", exc)
             connection.close()
@@ -440,7 +449,7 @@ class Agent:
             host_pt, job_pts = cpu_points(sample, placements, self.slots, self.name, self.cpu.read, stats)
             for job_id in stats.keys() - job_pts.keys():  # a job that has ended (or not been seen running)
                 job_pts[job_id] = requests.point(sample["ts"], self.name, stats[job_id])
-            return host_pt, job_pts
+            return host_pt, self._own(job_pts)
         if self.replay_mode:
             for runtime in sample["runtimes"]:
                 runtime["job_id"] = None
@@ -453,7 +462,12 @@ class Agent:
             attribution, placements = self._attribute(sample)
             self._known_orphans = self._orphans(attribution)
         return (metrics.host_point(sample, attribution),
-                metrics.job_points(sample, attribution, placements, self.name))
+                self._own(metrics.job_points(sample, attribution, placements, self.name)))
+
+    def _own(self, job_pts: dict[int, dict]) -> dict[int, dict]:
+        """The job points to publish: not a gang's rank > 0 (its job's charts follow
+        rank 0's host; this host's own charts show it)."""
+        return {job_id: point for job_id, point in job_pts.items() if job_id not in self._guests}
 
     def _requests(self) -> dict[int, dict]:
         """The requests jobs on this host reported since the last sample (a cpu

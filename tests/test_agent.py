@@ -391,3 +391,24 @@ def test_the_agent_rereads_its_jobs_at_once_for_a_new_runtime_but_not_for_a_know
 
     point = json.loads(clean_streams.xrevrange(metrics.job_key(second.pk), count=1)[0][1][b"d"])
     assert point["util"]["8"] == 70.0  # its very first report is already its own
+
+
+def test_a_gang_ranks_runtime_on_another_host_is_its_job_not_an_orphan_and_only_rank_0s_host_charts_it(
+        cast, clean_streams):
+    from jobs.lifecycle import gangs, states
+    from jobs.models import Job
+    from live_support import neuron_host, report, runtime
+    from neuron_workers.readers.neuron_monitor import parse_report
+
+    hosts = [neuron_host("gang-0"), neuron_host("gang-1")]
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind="finetune", family="trn1", cores=64, host_count=2)
+    states.mark_queued_many([(job.pk, hosts[0].pk, 0, "placed", False)], {job.pk: [(h.pk, 0, 32) for h in hosts]})
+    for host in hosts:
+        gangs.claim_rank(job.pk, host.pk)
+    sample = parse_report(report(runtimes=[runtime(f"job-{job.pk}", 4242, {0: 80.0, 1: 60.0})]))
+
+    host_pt, job_pts = agent.Agent(hosts[1]).points(sample)
+    assert host_pt["orphans"] == [] and host_pt["job"]["0"] == job.pk  # rank 1's host: its cores are the job's
+    assert job_pts == {}  # the job's charts follow rank 0's host
+    host_pt, job_pts = agent.Agent(hosts[0]).points(sample)
+    assert host_pt["orphans"] == [] and job_pts[job.pk]["util"]["0"] == 80.0

@@ -6,6 +6,7 @@ inline code injected into it is refused. tests/test_browser_walk.py checks every
 of the navigation for violations too."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from django.utils import timezone
 
 from conftest import log_in
 from jobs.models import Job, JobMetric
+from polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EMPTY_TEXT_HASH = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"
@@ -31,7 +33,7 @@ def assert_strict(response) -> None:
     assert policy["script-src"] == ["'self'"] and policy["style-src"] == ["'self'"]
     assert policy["default-src"] == ["'self'"] and policy["object-src"] == ["'none'"]
     assert policy["style-src-attr"] == ["'unsafe-hashes'", EMPTY_TEXT_HASH]  # empty style="" only
-    assert policy["frame-ancestors"] == ["'none'"]
+    assert policy["frame-ancestors"] == ["'none'"] and policy["report-uri"] == ["/csp-report"]
     header = response["Content-Security-Policy"]
     assert "unsafe-inline" not in header and "unsafe-eval" not in header
 
@@ -107,7 +109,7 @@ document.addEventListener('securitypolicyviolation', e => window.cspViolations.p
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_a_chart_page_draws_under_the_policy_and_injected_inline_code_is_refused(cast, tiny_model, live_server,
-                                                                                  browser):
+                                                                                  browser, caplog):
     now = timezone.now()
     job = Job.objects.create(team=cast.vision, user=cast.bob, kind="finetune", status=Job.Status.SUCCEEDED,
                              model=tiny_model, spec={"steps": 3}, created_at=now, finished_at=now,
@@ -143,4 +145,25 @@ def test_a_chart_page_draws_under_the_policy_and_injected_inline_code_is_refused
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") != "rgb(255, 0, 0)"
     for directive in ("script-src-elem", "style-src-elem", "style-src-attr", "script-src-attr"):
         assert any(v.startswith(directive) for v in violations), (directive, violations)
+    # ... and the browser reported it to the site, which logged it.
+    wait_until(lambda: [r.getMessage() for r in caplog.records if r.name == "jobs.csp"], 30, "a logged CSP report")
     page.context.close()
+
+
+def report(client: Client, body: str, **extra):
+    return client.generic("POST", "/csp-report", body, content_type="application/csp-report", **extra)
+
+
+def test_a_violation_report_is_logged_and_anything_else_is_refused_without_a_5xx(db, caplog):
+    client = Client(enforce_csrf_checks=True)  # browsers send no CSRF token
+    sample = {"csp-report": {"document-uri": "https://nd.example/fleet/", "effective-directive": "script-src-elem",
+                             "blocked-uri": "inline", "source-file": "https://nd.example/fleet/",
+                             "line-number": 12, "script-sample": "alert(1)\n" + "x" * 1000}}
+    assert report(client, json.dumps(sample)).status_code == 204
+    [logged] = [r.getMessage() for r in caplog.records if r.name == "jobs.csp"]
+    assert "script-src-elem refused inline on https://nd.example/fleet/ (https://nd.example/fleet/:12)" in logged
+    assert len(logged) < 1200 and "\n" not in logged
+    for bad in ("", "not json", "[" * 10000, '{"csp-report": "x"}', '{"csp-report": {"a": "\u0000"}}', "[]"):
+        assert report(client, bad).status_code == 400, bad
+    assert report(client, "x" * 20000).status_code == 413
+    assert client.get("/csp-report").status_code == 405

@@ -194,3 +194,9 @@ def test_a_bad_group_map_is_named_by_manage_py_check(settings):
     assert errors and "nd-x" in errors[0].msg and "owner" in errors[0].msg
     settings.OIDC_GROUP_MAP = {"nd-x": ["vision:manager", "staff"]}
     assert sso.check_sso_settings() == []
+
+
+def test_a_group_change_that_would_leave_a_team_without_a_manager_is_skipped(cast, settings):
+    settings.OIDC_GROUP_MAP = {"nd-audio-leads": "audio:manager", "nd-vision": "vision:member"}
+    sso.memberships_sync(cast.charlie, {"nd-vision"})  # charlie is audio's only manager
+    assert roles(cast.charlie) == {"audio": Role.MANAGER, "vision": Role.MEMBER}

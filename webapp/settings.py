@@ -280,6 +280,7 @@ CONTENT_SECURITY_POLICY = {
         "base-uri": [SELF],
         "form-action": [SELF],
         "frame-ancestors": [NONE],
+        "report-uri": ["/csp-report"],  # violations are logged (jobs.monitoring.csp_reports)
     },
 }
 

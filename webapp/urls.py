@@ -4,12 +4,14 @@ from django.urls import include, path
 from django.views.generic.base import RedirectView
 
 from jobs.api.root import api
+from jobs.monitoring.csp_reports import csp_report
 from jobs.monitoring.prometheus import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("metrics", metrics_view, name="metrics"),
+    path("csp-report", csp_report, name="csp_report"),  # the browsers' CSP violation reports, logged
     path("sso/", include("mozilla_django_oidc.urls")),  # OpenID Connect sign-in (jobs.teams.sso)  # Prometheus; guarded in the view
     # Browsers ask for /favicon.ico on pages that name no icon (the admin, the API docs).
     path("favicon.ico", RedirectView.as_view(url=static("jobs/favicon.svg"), permanent=True)),

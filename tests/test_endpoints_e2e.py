@@ -134,7 +134,7 @@ def test_an_idle_endpoint_with_min_zero_scales_to_zero_and_a_request_wakes_it(ca
     # jobs.gateway): it counts the request as waiting, stamps the arrival, wakes the endpoint.
     import time
 
-    from jobs.endpoints.autoscaler import inflight_key, last_request_key
+    from jobs.gateway.load import inflight_key, last_request_key
 
     redis().hset(inflight_key(endpoint.pk), "waiting", 1)
     redis().set(last_request_key(endpoint.pk), time.time())

@@ -331,6 +331,8 @@ METRICS_STREAM_MAXLEN = envint("METRICS_STREAM_MAXLEN", 3600)
 # stable URL as users see it; how long a request waits for a replica to start (scale
 # from zero) and for a saturated endpoint to free a slot, before 503 / 429.
 ENDPOINT_GATEWAY_URL = os.environ.get("ENDPOINT_GATEWAY_URL", "http://127.0.0.1:8001").rstrip("/")
+# The endpoint page's playground streams from the gateway: the browser may connect to it.
+CONTENT_SECURITY_POLICY["DIRECTIVES"]["connect-src"].append(ENDPOINT_GATEWAY_URL)
 ENDPOINT_COLD_START_WAIT_S = float(os.environ.get("ENDPOINT_COLD_START_WAIT_S", "120"))
 ENDPOINT_QUEUE_WAIT_S = float(os.environ.get("ENDPOINT_QUEUE_WAIT_S", "1"))
 # Fair share: usage decays with this half-life; each queued job is charged this many

@@ -1,5 +1,5 @@
 """Autoscaling on measured load: the gateway publishes per-endpoint load in Redis
-(keys below, agreed in the endpoints notes); the rule is jobs.endpoints.scaling.decide.
+(jobs.gateway.load: requests in flight per replica and waiting, the last arrival); the rule is jobs.endpoints.scaling.decide.
 Called by the reconciler (every ENDPOINT_RECONCILE_S) with the endpoint row locked."""
 from __future__ import annotations
 
@@ -12,20 +12,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs.endpoints.timeline import endpoint_event
+from jobs.gateway.load import inflight_key, last_request_key
 from jobs.endpoints.scaling import Bounds, Load, decide
 from jobs.models import Endpoint
 
 log = logging.getLogger(__name__)
-
-
-def inflight_key(endpoint_id: int) -> str:
-    """HASH: replica id -> requests in flight on it; field "waiting": requests the gateway holds."""
-    return f"nd:endpoint:{endpoint_id}:inflight"
-
-
-def last_request_key(endpoint_id: int) -> str:
-    """Unix time (float) of the last request's arrival."""
-    return f"nd:endpoint:{endpoint_id}:last_request"
 
 
 def read_load(endpoint_id: int, replica_ids: set[int]) -> Load | None:

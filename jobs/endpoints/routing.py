@@ -11,14 +11,11 @@ import logging
 
 import redis as redis_lib
 
+from jobs.gateway.directory import routes_key
 from jobs.models import Endpoint, Replica
 
 log = logging.getLogger(__name__)
 ROUTES_TTL_S = 30  # a table nobody republished (control plane down) expires; the gateway then asks the database
-
-
-def routes_key(endpoint_id: int) -> str:
-    return f"nd:endpoint:{endpoint_id}:routes"
 
 
 def routes(endpoint_id: int) -> dict | None:

@@ -11,7 +11,7 @@ import redis as redis_lib
 from django.conf import settings
 from django.db.models import Count, Q
 
-from jobs.endpoints.autoscaler import inflight_key
+from jobs.gateway.load import inflight_key, requests_key
 from jobs.live.metrics import job_key
 from jobs.models import Endpoint, EndpointEvent, EndpointRevision, Replica, Team
 
@@ -20,19 +20,10 @@ STREAM_READ_LIMIT = 20_000  # entries of the request stream read for one figure 
 TIMELINE_LIMIT = 100
 
 
-def requests_key(endpoint_id: int) -> str:
-    """STREAM: one entry per finished request (the gateway's XADD)."""
-    return f"nd:endpoint:{endpoint_id}:requests"
-
-
-def gateway_url() -> str:
-    """Where the gateway (jobs.gateway, its own process) answers: settings.ENDPOINT_GATEWAY_URL."""
-    return getattr(settings, "ENDPOINT_GATEWAY_URL", "http://127.0.0.1:8001").rstrip("/")
-
-
 def public_url(endpoint: Endpoint) -> str:
-    """The endpoint's stable OpenAI-compatible base URL (…/v1)."""
-    return f"{gateway_url()}/endpoints/{endpoint.team.slug}/{endpoint.name}/v1"
+    """The endpoint's stable OpenAI-compatible base URL (…/v1) on the gateway
+    (jobs.gateway, its own process)."""
+    return f"{settings.ENDPOINT_GATEWAY_URL}/endpoints/{endpoint.team.slug}/{endpoint.name}/v1"
 
 
 def endpoints_of(team: Team, *, with_deleted: bool = False) -> list[Endpoint]:

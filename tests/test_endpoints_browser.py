@@ -1,0 +1,90 @@
+"""The endpoint page in headless Chromium: the playground streams an answer token by
+token through the endpoint's stable URL (the real gateway, jobs.gateway, in a thread
+of this process, in front of a real cpu replica of the tiny model), signed in with
+the browser's session; the page fits a phone (390 px)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from django.utils import timezone
+
+from conftest import SHOTS, log_in
+from jobs.endpoints import routing
+from jobs.models import Endpoint, EndpointRevision, Job, Kind, Replica
+from tests.gateway_support import ThreadServer
+from tests.polling import wait_until
+from tests.serve_support import replica as real_replica
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True),
+              pytest.mark.timeout(300)]
+MAX_TOKENS = 24
+
+
+@pytest.fixture
+def gateway(settings, live_server):
+    """The gateway on a free port, trusting the live server's origin; the page points at it."""
+    from jobs.gateway.app import Gateway
+    from jobs.live.store import redis
+
+    redis().flushdb()
+    settings.CSRF_TRUSTED_ORIGINS = [*settings.CSRF_TRUSTED_ORIGINS, live_server.url]
+    with ThreadServer(Gateway(), lifespan="on") as server:
+        # The console's host name on the gateway's port: the browser sends the session
+        # cookie to a host, whatever the port (as a deployment must arrange it).
+        server.url = server.url.replace("127.0.0.1", "localhost")
+        settings.ENDPOINT_GATEWAY_URL = server.url
+        policy = copy.deepcopy(settings.CONTENT_SECURITY_POLICY)
+        policy["DIRECTIVES"]["connect-src"].append(server.url)
+        settings.CONTENT_SECURITY_POLICY = policy
+        yield server
+
+
+@pytest.fixture
+def serving(cast, tiny_model, tiny_model_dir, cpu_host, tmp_path):
+    """Endpoint vision/chat with one ready replica: a real cpu server of the tiny model
+    (started directly here; test_endpoints_e2e runs replicas through the worker)."""
+    with real_replica(tiny_model_dir, tmp_path / "replica", max_batch_size=4) as server:
+        endpoint = Endpoint.objects.create(team=cast.vision, name="chat", model=tiny_model, family="cpu",
+                                           options={"max_batch_size": 4, "max_seq_len": 256, "max_concurrent": 8},
+                                           serving_revision=1, created_by=cast.bob)
+        EndpointRevision.objects.create(endpoint=endpoint, number=1, model=tiny_model, options=endpoint.options,
+                                        state="live")
+        job = Job.objects.create(team=cast.vision, user=cast.bob, kind=Kind.SERVE, family="cpu", status="running",
+                                 host=cpu_host, core_start=0, max_runtime_s=0, started_at=timezone.now())
+        Replica.objects.create(endpoint=endpoint, job=job, revision=1, state="ready", url=server.url,
+                               ready_at=timezone.now())
+        routing.publish(endpoint.pk)
+        yield endpoint
+
+
+def test_the_playground_streams_the_answer_token_by_token_through_the_stable_url(
+        cast, serving, gateway, live_server, browser):
+    page = log_in(browser, live_server.url, "bob")
+    page.goto(f"{live_server.url}/endpoints/{serving.pk}/")
+    assert gateway.url in page.text_content("#endpoint-url")
+    # Each token's arrival time, as the page appends it.
+    page.evaluate("""() => { window.tokenTimes = [];
+        new MutationObserver(ms => ms.forEach(m => m.addedNodes.forEach(() => window.tokenTimes.push(performance.now()))))
+          .observe(document.getElementById('playground-output'), {childList: true}); }""")
+    page.fill("#playground-max-tokens", str(MAX_TOKENS))
+    page.click("#playground-send")
+    status = wait_until(lambda: page.text_content("#playground-status"), 120, "the answer to finish",
+                        until=lambda text: "first after" in text or "HTTP" in text or "did not answer" in text)
+    times = page.evaluate("window.tokenTimes")
+    shown = int(status.split(" tokens")[0])
+    assert 2 <= shown <= MAX_TOKENS and len(times) == shown, status  # one span per streamed token
+    assert len(set(times)) >= 2, times  # they arrived over time, not in one piece
+    assert page.text_content("#playground-output").strip()
+    page.screenshot(path=str(SHOTS / "endpoint-playground.png"), full_page=True)
+
+
+def test_the_endpoint_pages_fit_a_phone(cast, serving, gateway, live_server, browser):
+    page = log_in(browser, live_server.url, "bob", width=390, height=844)
+    for url in (f"/endpoints/{serving.pk}/", "/teams/vision/endpoints/"):
+        page.goto(live_server.url + url)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{url} is {overflow}px wider than the phone"
+    page.goto(f"{live_server.url}/endpoints/{serving.pk}/")
+    assert page.is_visible("#playground-send") and page.is_visible("#replicas")
+    page.screenshot(path=str(SHOTS / "endpoint-phone.png"), full_page=True)

@@ -214,6 +214,8 @@ class JobSubmitIn(Schema):
     kind: Literal["compile", "finetune", "inference"]
     family: Literal["inf2", "trn1", "trn2", "cpu"] = "cpu"
     cores: int = 1
+    host_count: int = 1
+    same_network: bool = False
     max_runtime_s: int | None = None
     model: int | None = None
     dataset: int | None = None
@@ -297,8 +299,8 @@ def job_summary(job: Job) -> dict[str, Any]:
         "id": job.pk, "url": _job_url(job.pk), "team": job.team.slug, "user": job.user.username,
         "kind": job.kind, "status": job.status, "created_at": job.created_at, "queued_at": job.queued_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host.name if job.host else None,
-        "family": job.family, "cores": job.cores, "core_range": job.core_range, "model_id": job.model_id,
-        "dataset_id": job.dataset_id, "output_model_id": job.output_model_id, "cache_hit": job.cache_hit,
+        "family": job.family, "cores": job.cores, "host_count": job.host_count, "same_network": job.same_network,
+        "core_range": job.core_range, "model_id": job.model_id, "dataset_id": job.dataset_id, "output_model_id": job.output_model_id, "cache_hit": job.cache_hit,
         "reason_code": reason_code, "reason": reason, "failure": job.failure or None,
     }
 

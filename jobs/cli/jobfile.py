@@ -20,7 +20,8 @@ DERIVED_SPEC_KEYS = frozenset({"compile_key"})
 ID_KEYS = {"model_id": "model", "dataset_id": "dataset"}
 FIRST = ("model", "dataset", "prompts")
 # Body fields that `neurondeck submit` has a flag of its own for (others go in --set).
-FLAGS = {"team": "--team", "family": "--family", "cores": "--cores", "max_runtime_s": "--max-runtime",
+FLAGS = {"team": "--team", "family": "--family", "cores": "--cores", "host_count": "--hosts",
+         "same_network": "--same-network", "max_runtime_s": "--max-runtime",
          "model": "--model", "dataset": "--dataset", "max_new_tokens": "--max-new-tokens",
          "temperature": "--temperature", "steps": "--steps", "epochs": "--epochs",
          "learning_rate": "--learning-rate", "seed": "--seed", "batch_size": "--batch-size",
@@ -37,6 +38,9 @@ def job_body(job: Mapping[str, Any]) -> dict[str, Any]:
                             "cores": job["cores"]}
     if job.get("max_runtime_s") is not None:
         body["max_runtime_s"] = job["max_runtime_s"]
+    if (job.get("host_count") or 1) > 1:
+        body["host_count"] = job["host_count"]
+        body["same_network"] = bool(job.get("same_network"))
     spec: dict[str, Any] = {}
     for key, value in (job.get("spec") or {}).items():
         if key in DERIVED_SPEC_KEYS or value is None:

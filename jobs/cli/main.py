@@ -18,7 +18,8 @@ FINISHED = {"succeeded", "failed", "cancelled"}
 POLL_S = 1.0
 # Flags of `submit` that map one to one onto fields of the API body.
 SUBMIT_FIELDS = {
-    "team": str, "kind": str, "family": str, "cores": int, "max_runtime_s": int, "model": int, "dataset": int,
+    "team": str, "kind": str, "family": str, "cores": int, "host_count": int, "same_network": bool,
+    "max_runtime_s": int, "model": int, "dataset": int,
     "batch_size": int, "sequence_length": int, "compiler_options": str, "steps": int, "epochs": int,
     "learning_rate": float, "seed": int, "max_new_tokens": int, "temperature": float, "checkpoint_every": int,
 }
@@ -107,7 +108,9 @@ def _submit(api: Api, body: dict[str, Any], prompts_file: Path | None, quiet: bo
               help="A job file in YAML with the API body's fields; flags override it.")
 @click.option("--team")
 @click.option("--family", type=click.Choice(["inf2", "trn1", "trn2", "cpu"]))
-@click.option("--cores", type=int)
+@click.option("--cores", type=int, help="In all: on several hosts, the host count times one host's cores.")
+@click.option("--hosts", "host_count", type=int, help="Whole hosts to run on at once (fine-tune).")
+@click.option("--same-network", is_flag=True, default=None, help="Keep the hosts inside one network (EFA domain).")
 @click.option("--max-runtime", "max_runtime_s", type=int, help="Seconds.")
 @click.option("--model", type=int, help="Model id (see `neurondeck models`).")
 @click.option("--dataset", type=int, help="Dataset id (see `neurondeck datasets`).")

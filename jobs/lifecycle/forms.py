@@ -67,18 +67,32 @@ class TeamScopedForm(forms.Form):
                 field.queryset = field.queryset.filter(team=team)
 
 
+MAX_HOSTS = 64  # hosts one job may ask for
+PLACEMENT_FIELDS = ("family", "cores", "host_count", "same_network", "max_runtime_s")  # Job columns, not spec
+
+
 class JobBaseForm(TeamScopedForm):
     family = forms.ChoiceField(choices=Family.choices, initial=Family.CPU)
-    cores = forms.IntegerField(min_value=1, max_value=128, initial=1)
+    cores = forms.IntegerField(min_value=1, max_value=128 * MAX_HOSTS, initial=1,
+                               help_text="In all: on several hosts, the host count times one host's cores.")
+    host_count = forms.IntegerField(min_value=1, max_value=MAX_HOSTS, initial=1, required=False,
+                                    help_text="Whole hosts of the family the job runs on at once (fine-tune only).")
+    same_network = forms.BooleanField(required=False, help_text="Keep the hosts inside one network (EFA domain).")
     max_runtime_s = forms.IntegerField(min_value=1, max_value=30 * 24 * 3600, required=False,
                                        help_text="Stop the job after this many seconds (default: the team's limit).")
 
     kind: str = ""
     model_error = "Select a model of your team."
 
+    def clean_host_count(self) -> int:
+        count = self.cleaned_data.get("host_count") or 1
+        if count > 1 and self.kind != Kind.FINETUNE:
+            raise ValidationError("only fine-tune jobs run on several hosts")
+        return count
+
     def spec(self) -> dict:
         """The validated spec stored on the Job (JSON-serializable)."""
-        data = {k: v for k, v in self.cleaned_data.items() if k not in ("family", "cores", "max_runtime_s")}
+        data = {k: v for k, v in self.cleaned_data.items() if k not in PLACEMENT_FIELDS}
         for key, value in list(data.items()):
             if isinstance(value, (ModelAsset, Dataset)):
                 data[f"{key}_id"] = value.pk

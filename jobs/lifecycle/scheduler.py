@@ -85,8 +85,9 @@ def send_runs(placed: list[tuple[int, str]]) -> None:
 def pending_order(jobs: Iterable[T], shares: dict[int, float] | None = None,
                   prio: dict[str, int] | None = None) -> list[T]:
     """`jobs` (anything with pk, team_id, kind, family, cores, created_at) in dispatch
-    order: kind priority (KindPriority, admin-adjustable), then fair share (decayed
-    team usage / share, bursts interleaved), then submission order. `shares` (the
+    order: jobs pending longer than settings.SCHED_OVERDUE_AFTER_H first (oldest
+    first), then kind priority (KindPriority, admin-adjustable), then fair share
+    (decayed team usage / share, bursts interleaved), then submission order. `shares` (the
     teams' fair-share weights) and `prio` (kind_priorities()) if the caller has read
     them already."""
     jobs = list(jobs)
@@ -95,8 +96,10 @@ def pending_order(jobs: Iterable[T], shares: dict[int, float] | None = None,
     prio = kind_priorities() if prio is None else prio
     items = [QueueItem(j.pk, j.team_id, prio.get(j.kind, 0), j.cores, j.family, j.created_at) for j in jobs]
     by_id = {j.pk: j for j in jobs}
+    overdue_h = float(settings.SCHED_OVERDUE_AFTER_H)
     ordered = fair_order(items, decayed_usage_by_team(), team_shares() if shares is None else shares,
-                         float(settings.FAIRSHARE_QUEUE_CHARGE_S))
+                         float(settings.FAIRSHARE_QUEUE_CHARGE_S),
+                         overdue_before=timezone.now() - timedelta(hours=overdue_h) if overdue_h > 0 else None)
     return [by_id[i.job_id] for i in ordered]
 
 

@@ -23,7 +23,7 @@ from jobs.models import (
     TeamQuota,
 )
 from jobs.quotas.placement import HostSlots, largest_request
-from jobs.quotas.policy import SubmitLimits, SubmitState, check_submit
+from jobs.quotas.policy import SubmitLimits, SubmitState, check_gang_request, check_submit
 from jobs.quotas.selectors import core_hours_bound, core_hours_for_budget, user_cap
 from jobs.wake import kick_dispatch
 
@@ -64,8 +64,9 @@ def compile_cache_key(model: ModelAsset, spec: dict, family: str) -> str:
 
 def _family_hosts(family: str) -> tuple[list[HostSlots], list[dict]]:
     """The family's hosts as placement sees them, and their inventories (one query)."""
-    rows = list(Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids", "inventory"))
-    return ([HostSlots(pk, name, fam, tuple(core_ids)) for pk, name, fam, core_ids, _ in rows],
+    rows = list(Host.objects.filter(family=family).values_list("pk", "name", "family", "core_ids", "network",
+                                                               "inventory"))
+    return ([HostSlots(pk, name, fam, tuple(core_ids), network=network) for pk, name, fam, core_ids, network, _ in rows],
             [inventory or {} for *_, inventory in rows])
 
 
@@ -89,8 +90,15 @@ def _check_neuron_software(kind: str, family: str, cores: int, data: dict, spec:
         raise SubmitRefused(refusal.code, refusal.message, refusal.field)
 
 
-def _check_capacity(family: str, cores: int, hosts: list[HostSlots]) -> None:
-    """Refuse a request no registered host of `family` could ever hold."""
+def _check_capacity(family: str, cores: int, hosts: list[HostSlots], host_count: int = 1,
+                    same_network: bool = False) -> None:
+    """Refuse a request no registered host of `family` could ever hold (a gang:
+    jobs.quotas.policy.check_gang_request)."""
+    if host_count > 1:
+        decision = check_gang_request(family, cores, host_count, same_network, hosts)
+        if not decision.ok:
+            raise SubmitRefused(decision.code, decision.sentence, decision.field)
+        return
     largest = largest_request(hosts, family)
     if cores > largest:
         if not hosts:
@@ -112,8 +120,9 @@ def _admissible(team: Team, user, form: JobBaseForm) -> tuple[dict, str, str, in
     kind, family, cores = form.kind, data["family"], data["cores"]
     spec = form.spec()
     hosts, inventories = _family_hosts(family)
-    _check_capacity(family, cores, hosts)
-    _check_neuron_software(kind, family, cores, data, spec, inventories)
+    _check_capacity(family, cores, hosts, data.get("host_count") or 1, bool(data.get("same_network")))
+    # The Neuron software checks one host's share (a gang's processes each see their host's cores).
+    _check_neuron_software(kind, family, cores // (data.get("host_count") or 1), data, spec, inventories)
     return data, kind, family, cores, spec
 
 
@@ -172,6 +181,7 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
         _check_limits(team, user, kind, cores, runtime, quota, used)
         job = Job.objects.create(
             team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
+            host_count=data.get("host_count") or 1, same_network=bool(data.get("same_network")),
             model=data.get("model"), dataset=data.get("dataset"),
             max_runtime_s=runtime, max_attempts=_max_attempts(), reason_code="submitted",
             reason="waiting for the scheduler",
@@ -201,7 +211,9 @@ def job_dry_run(*, team: Team, user, form: JobBaseForm) -> dict:
     quota = TeamQuota.objects.get(team=team)
     _check_limits(team, user, kind, cores, data.get("max_runtime_s") or quota.max_runtime_s, quota,
                   core_hours_for_budget({team.pk: quota.monthly_core_hours})[team.pk])
-    answer: dict = {"dry_run": True, "would_submit": True, "kind": kind, "family": family, "cores": cores, "spec": spec}
+    host_count = data.get("host_count") or 1
+    answer: dict = {"dry_run": True, "would_submit": True, "kind": kind, "family": family, "cores": cores,
+                    "host_count": host_count, "same_network": bool(data.get("same_network")), "spec": spec}
     if kind == Kind.COMPILE:
         key = compile_cache_key(data["model"], spec, family)
         answer["spec"]["compile_key"] = key
@@ -210,7 +222,8 @@ def job_dry_run(*, team: Team, user, form: JobBaseForm) -> dict:
         from jobs.lifecycle.whatif import placement_answer
 
         answer.update(placement_answer(team=team, kind=kind, family=family, cores=cores,
-                                       runtime_s=data.get("max_runtime_s") or quota.max_runtime_s))
+                                       runtime_s=data.get("max_runtime_s") or quota.max_runtime_s,
+                                       host_count=host_count, same_network=bool(data.get("same_network"))))
     return answer
 
 

@@ -263,20 +263,50 @@ class FleetState:
         self.version = 0  # bumped on every change: a "no room" answer of an older version is stale
         self._slots: dict[str, list[HostSlots]] = {}
         self._pos: dict[int, int] = {}  # host id -> its index in its family's slots
+        # family -> [host ids of non-draining hosts with k free cores for each k]: a
+        # full fleet's placement looks only at the few hosts that could hold a request.
+        self._by_free: dict[str, list[set[int]]] = {}
+        for h in self.hosts.values():
+            if not h.draining:
+                buckets = self._by_free.setdefault(h.family, [])
+                buckets.extend(set() for _ in range(len(h.core_ids) + 1 - len(buckets)))
+                buckets[len(h.core_ids)].add(h.host_id)
+        self._family_runs: dict[str, dict[int, Running]] = {}
+        # (family, cores) -> ids of the idle non-draining hosts of that size: where gangs go.
+        self._idle: dict[tuple[str, int], set[int]] = {}
+        for h in self.hosts.values():
+            if not h.draining:
+                self._idle.setdefault((h.family, len(h.core_ids)), set()).add(h.host_id)
+        self.fversion: dict[str, int] = {}  # family -> bumped on every change of its hosts or its holders
         for run in self.running.values():
             self._hold(run)
 
     def _change(self, run: Running, sign: int) -> None:
+        family_runs = self._family_runs.setdefault(run.family, {})
+        if sign > 0:
+            family_runs[run.job_id] = run
+        else:
+            family_runs.pop(run.job_id, None)
         for host_id, cores in run.members:
             host = self.hosts.get(host_id)
             if host is None:
                 continue  # a host the caller left out (offline): its cores are nobody's room
+            used = self.used[host_id]
+            before = len(host.core_ids) - len(used)
             if sign > 0:
-                self.used[host_id].update(cores)
+                used.update(cores)
             else:
-                self.used[host_id].difference_update(cores)
+                used.difference_update(cores)
             if not host.draining:
                 self.free[host.family] -= sign * len(cores)
+                buckets = self._by_free[host.family]
+                buckets[before].discard(host_id)
+                buckets[len(host.core_ids) - len(used)].add(host_id)
+                idle = self._idle[(host.family, len(host.core_ids))]
+                if used:
+                    idle.discard(host_id)
+                else:
+                    idle.add(host_id)
             slots = self._slots.get(host.family)
             if slots is not None:
                 slots[self._pos[host_id]] = HostSlots(host.host_id, host.name, host.family, host.core_ids,
@@ -284,6 +314,7 @@ class FleetState:
         key = (run.team_id, run.family)
         self.team_use[key] = self.team_use.get(key, 0) + sign * run.total
         self.version += 1
+        self.fversion[run.family] = self.fversion.get(run.family, 0) + 1
 
     def _hold(self, run: Running) -> None:
         self._change(run, +1)
@@ -299,6 +330,19 @@ class FleetState:
                                            h.draining, h.network))
             self._slots[family] = slots
         return self._slots[family]
+
+    def candidates(self, family: str, cores: int, whole: bool = False) -> list[HostSlots]:
+        """The family's non-draining hosts with at least `cores` free cores, or with
+        `whole` its idle hosts of exactly `cores` cores (in no particular order:
+        placement breaks ties by host id)."""
+        slots = self.slots(family)
+        if whole:
+            return [slots[self._pos[h]] for h in self._idle.get((family, cores), ())]
+        buckets = self._by_free.get(family, [])
+        return [slots[self._pos[h]] for k in range(max(cores, 1), len(buckets)) for h in buckets[k]]
+
+    def idle_count(self, family: str, cores: int) -> int:
+        return len(self._idle.get((family, cores), ()))
 
     def start(self, job: Waiting, spot: Placement | tuple[Placement, ...], now: float,
               borrowed: bool = False) -> Running:
@@ -325,7 +369,7 @@ class FleetState:
     def limit_running(self, family: str) -> list[Running]:
         """The family's running jobs with their time-limit ends (what reservations use)."""
         return [Running(r.job_id, r.team_id, r.family, r.host_id, r.cores, self.limit_end.get(r.job_id, r.end),
-                        r.ranks) for r in self.running.values() if r.family == family]
+                        r.ranks) for r in self._family_runs.get(family, {}).values()]
 
     def borrowers(self, family: str, but_team: int | None = None) -> list[Borrower]:
         """Other teams' borrowing jobs of `family`, one Borrower per host they hold
@@ -358,8 +402,9 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
 
     Admission per job: the team's budget (state.budgets), whether any host could
     hold it at all, its team's quota (unless state.unlimited). Jobs within their
-    team's guarantee go first; borrowing jobs get what is left afterwards, so a
-    borrower is never placed in the pass that would preempt it. Then, by `policy`:
+    team's guarantee go first; borrowing jobs that fit get what is left afterwards,
+    so a borrower is never placed in the pass that would preempt it (one that does
+    not fit even now waits in its place in the order, and may be the head). Then, by `policy`:
     - "easy": EASY backfill: the first admitted job that finds no room in its
       family gets that family's reservation; later jobs of the family start only
       where backfill_spot allows;
@@ -374,13 +419,18 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
     run = _Pass(state, now, policy, preempt)
     deferred = []
     for job in order:
+        if run.repeated(job):
+            continue
         decision = run.admission(job)
-        if decision.ok and decision.borrowed:
+        # A borrower that finds no room even now is handled in its place in the
+        # order, so that it can be the family's head and get the reservation.
+        if decision.ok and decision.borrowed and run.fits_now(job):
             deferred.append(job)
         else:
             run.handle(job, decision)
     for job in deferred:
-        run.handle(job, run.admission(job))
+        if not run.repeated(job):
+            run.handle(job, run.admission(job))
     return run.result
 
 
@@ -391,18 +441,23 @@ class _Pass:
         self.state, self.now, self.policy, self.preempt = state, now, policy, preempt
         self.result = PassResult()
         self.blocked: set[str] = set()  # fifo: families whose head found no room
+        # Answers reused while what they depend on is unchanged (a long queue is
+        # mostly the same few requests): admission depends on the team's use and
+        # the family's free cores, placement on the family's version.
         self.hosts_ok: dict[tuple, Decision] = {}  # request -> could any host hold it (fixed within a pass)
-        self.answers: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (version, admission)
-        self.failed: dict[tuple, int] = {}  # (request, masked) -> version of a failed placement
-        self.refusals: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (version, no-room reason)
+        self.answers: dict[tuple, Decision] = {}  # (team, request, its use, family's free) -> admission
+        self.failed: dict[tuple, int] = {}  # (request, masked) -> family version of a failed placement
+        self.refusals: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (family version, no-room reason)
         self.hopeless: dict[str, tuple[int, int]] = {}  # family -> (version, smallest request no preemption helps)
+        self.refused: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (family version, its refusal)
 
     def admission(self, job: Waiting) -> Decision:
         state = self.state
-        key = (job.team_id, job.request)
+        key = (job.team_id, job.request, state.team_use.get((job.team_id, job.family), 0),
+               state.free.get(job.family, 0))
         known = self.answers.get(key)
-        if known is not None and known[0] == state.version:
-            return known[1]
+        if known is not None:
+            return known
         decision = Decision.admit()
         budget = state.budgets.get(job.team_id)
         if budget is not None:
@@ -412,7 +467,7 @@ class _Pass:
         if decision.ok and not state.unlimited:
             decision = check_dispatch(state.name(job.team_id), job.family, job.cores,
                                       state.family_state(job.team_id, job.family))
-        self.answers[key] = (state.version, decision)
+        self.answers[key] = decision
         return decision
 
     def hosts_check(self, job: Waiting) -> Decision:
@@ -426,15 +481,38 @@ class _Pass:
     def refuse(self, job: Waiting, decision: Decision) -> None:
         self.result.reasons[job.job_id] = decision.code
         self.result.sentences[job.job_id] = decision.sentence
+        if decision.code != "backfill_blocked":  # the only refusal that depends on the job's own time limit
+            self.refused[(job.team_id, job.request)] = (self.state.fversion.get(job.family, 0), decision)
 
-    def place(self, job: Waiting, hosts: list[HostSlots], is_masked: bool) -> tuple[Placement, ...] | None:
-        key = (job.request, is_masked)
-        if self.failed.get(key) == self.state.version:
+    def repeated(self, job: Waiting) -> bool:
+        """Refuse the job as the same team's same request was refused earlier in this
+        pass, if nothing of its family has changed since (the answer would be the
+        same: admission, placement and preemption depend only on the family's hosts
+        and holders, the team and the request). What keeps a pass over a backlog
+        of thousands cheap."""
+        seen = self.refused.get((job.team_id, job.request))
+        if seen is None or seen[0] != self.state.fversion.get(job.family, 0):
+            return False
+        self.result.reasons[job.job_id] = seen[1].code
+        self.result.sentences[job.job_id] = seen[1].sentence
+        return True
+
+    def place(self, job: Waiting, reservation: Reservation | None = None) -> tuple[Placement, ...] | None:
+        """Where the job fits now (on cores `reservation` does not need, if given)."""
+        key = (job.request, reservation is not None)
+        version = self.state.fversion.get(job.family, 0)
+        if self.failed.get(key) == version:
             return None
+        hosts = self.state.candidates(job.family, job.cores // job.host_count, whole=job.host_count > 1)
+        if reservation is not None:
+            hosts = masked(hosts, reservation)
         spot = place_job(hosts, *job.request)
         if spot is None:
-            self.failed[key] = self.state.version
+            self.failed[key] = version
         return spot
+
+    def fits_now(self, job: Waiting) -> bool:
+        return self.place(job) is not None
 
     def handle(self, job: Waiting, decision: Decision) -> None:
         state, now = self.state, self.now
@@ -446,9 +524,9 @@ class _Pass:
             return
         reservation = self.result.reservations.get(job.family) if self.policy == "easy" else None
         end = now + job.limit_s
-        spot = self.place(job, state.slots(job.family), False)
+        spot = self.place(job)
         if spot is not None and reservation is not None and conflicts(spot, end, reservation):
-            spot = self.place(job, masked(state.slots(job.family), reservation), True)
+            spot = self.place(job, reservation)
             if spot is None:
                 self.refuse(job, backfill_blocked(job.family, job.cores, job.limit_s, reservation.job_id,
                                                   reservation.start - now))
@@ -469,18 +547,19 @@ class _Pass:
 
     def no_room(self, job: Waiting) -> Decision:
         state = self.state
-        key = (job.team_id, job.request)
+        version = state.fversion.get(job.family, 0)
+        key = (0 if job.host_count > 1 else job.team_id, job.request)
         known = self.refusals.get(key)
-        if known is not None and known[0] == state.version:
+        if known is not None and known[0] == version:
             return known[1]
         if job.host_count > 1:
             per_host = job.cores // job.host_count
-            idle = sum(1 for h in state.slots(job.family) if h.idle and len(h.core_ids) == per_host)
-            decision = no_room_gang(job.family, job.host_count, per_host, job.same_network, idle)
+            decision = no_room_gang(job.family, job.host_count, per_host, job.same_network,
+                                    state.idle_count(job.family, per_host))
         else:
             decision = no_room(state.name(job.team_id), job.family, job.cores,
                                state.family_state(job.team_id, job.family))
-        self.refusals[key] = (state.version, decision)
+        self.refusals[key] = (version, decision)
         return decision
 
     def reclaim(self, job: Waiting, end: float, reservation: Reservation | None) -> tuple[Placement, ...] | None:
@@ -511,13 +590,14 @@ class Forecast:
 
 
 def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: float = 30 * 86400,
-             max_steps: int = 100_000) -> dict[int, Forecast]:
+             max_steps: int = 100_000, until: int | None = None) -> dict[int, Forecast]:
     """Replay the queue forward with schedule_pass ("easy") until every job has
     started: after each pass, time moves to the next expected end (Running.end).
     `state` is consumed. Runtimes come only from the Waiting and Running records the
     caller built (time limits corrected by history): this function never sees how
     long a job really runs. The order is kept as it is now (no new arrivals, no
-    change of fair share as usage accrues)."""
+    change of fair share as usage accrues). `until`: stop once that job has started
+    (the jobs not started by then get no forecast)."""
     left = list(order)
     out: dict[int, Forecast] = {}
     reserved: set[int] = set()
@@ -531,6 +611,8 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
             for r in result.started:
                 out[r.job_id] = Forecast(t, r.job_id in reserved)
             left = [j for j in left if j.job_id not in ids]
+            if until in ids:
+                break
         if not left or not state.running:
             break
         t_next = min(r.end for r in state.running.values())

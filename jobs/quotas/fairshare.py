@@ -11,6 +11,13 @@ Order, in the spirit of Slurm's fair-share factor and KAI's priority by job kind
    weighs little today;
 3. submission order.
 
+A starvation guard comes before all three: a job pending since before
+`overdue_before` (the dispatcher passes now - settings.SCHED_OVERDUE_AFTER_H) goes
+ahead of every job that is not, oldest first. Fair share alone can keep a job
+behind forever while less-served teams keep submitting; once it is first, the EASY
+reservation (jobs.quotas.backfill) bounds the rest of its wait - what makes a large
+gang's wait bounded at all.
+
 A burst from one team cannot jump the queue: every job the order hands out charges
 its team `cores × charge_s / share` core-seconds of *expected* usage before the next
 pick, so a team's 100 jobs interleave with the other teams' jobs instead of taking
@@ -61,12 +68,19 @@ def _arrival(item: QueueItem) -> tuple:
 
 
 def fair_order(items: Sequence[QueueItem], usage: dict[int, float], shares: dict[int, float],
-               charge_s: float) -> list[QueueItem]:
+               charge_s: float, *, overdue_before: datetime | None = None) -> list[QueueItem]:
     """The pending queue in dispatch order (see the module docstring).
 
     `usage`: decayed core-seconds per team (missing = 0); `shares`: fair-share weight
     per team (missing or ≤ 0 = 1); `charge_s`: expected core-seconds charged per
-    core of every job handed out, which is what interleaves bursts. O(n log teams)."""
+    core of every job handed out, which is what interleaves bursts;
+    `overdue_before`: the starvation guard's line. O(n log teams)."""
+    if overdue_before is not None:
+        overdue = [i for i in items if i.submitted is not None and i.submitted < overdue_before]
+        if overdue:
+            late = {i.job_id for i in overdue}
+            return sorted(overdue, key=_arrival) + fair_order([i for i in items if i.job_id not in late], usage,
+                                                              shares, charge_s)
     by_priority: dict[int, dict[int, list[QueueItem]]] = defaultdict(lambda: defaultdict(list))
     for item in items:
         by_priority[item.priority][item.team_id].append(item)

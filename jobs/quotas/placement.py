@@ -20,6 +20,7 @@ refuses trn1 fine-tunes of other sizes (neuron_workers.backends.neuron_matrix).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,14 @@ class HostSlots:
     def idle(self) -> bool:
         return not self.used and not self.draining
 
-    @property
+    @cached_property
     def free(self) -> int:
         return len(self.core_ids) - len(self.used)
+
+    @cached_property
+    def runs(self) -> list[tuple[int, int]]:
+        """free_runs(self), computed once (a HostSlots never changes)."""
+        return free_runs(self)
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def place(hosts: list[HostSlots], family: str, cores: int) -> Placement | None:
     for host in hosts:
         if host.family != family or host.draining or host.free < cores:
             continue
-        for run_start, length in free_runs(host):
+        for run_start, length in host.runs:
             start = -(-run_start // align) * align  # the run's first aligned core
             if start + cores > run_start + length:
                 continue

@@ -24,6 +24,7 @@ class Decision:
     code: str = ""
     sentence: str = ""
     borrowed: bool = False  # admitted beyond the guarantee (may be preempted)
+    field: str = ""  # the submitted field a submit-time refusal is about
 
     @classmethod
     def admit(cls, borrowed: bool = False) -> "Decision":
@@ -232,6 +233,36 @@ def check_gang_hosts(family: str, host_count: int, per_host: int, same_network: 
                            f"at most {max((len(g) for g in groups.values()), default=0)} in one network"))
     if not any(sum(not h.draining for h in g) >= host_count for g in groups.values()):
         return Decision(False, "host_draining", f"needs {need}; too many of them are draining")
+    return Decision.admit()
+
+
+def check_gang_request(family: str, cores: int, host_count: int, same_network: bool,
+                       fleet: list[HostSlots]) -> Decision:
+    """Submit-time: could the registered hosts of `family` (`fleet`) ever hold this
+    gang? A gang takes whole hosts, so `cores` must be host_count × one host size of
+    the family, and there must be that many hosts of that size (in one network label
+    when `same_network`). The refusal names the field to change."""
+    if not fleet:
+        return Decision(False, "no_hosts_of_family", f"no {family} host is registered; choose another family",
+                        field="family")
+    sizes = sorted({len(h.core_ids) for h in fleet})
+    per_host, rest = divmod(cores, host_count)
+    if rest or per_host not in sizes:
+        options = ", ".join(f"{host_count} × {s} = {host_count * s}" for s in sizes)
+        return Decision(False, "gang_whole_hosts", f"a job on {host_count} hosts takes whole {family} hosts: "
+                        f"cores must be the host count times one host's cores ({options})", field="cores")
+    fitting = [h for h in fleet if len(h.core_ids) == per_host]
+    groups: dict[str, int] = {}
+    for h in fitting:
+        if h.network or not same_network:
+            label = h.network if same_network else ""
+            groups[label] = groups.get(label, 0) + 1
+    most = max(groups.values(), default=0)
+    if most < host_count:
+        where = f", at most {most} of them in one network" if same_network else ""
+        return Decision(False, "gang_too_large", f"only {len(fitting)} {family} host"
+                        f"{'' if len(fitting) == 1 else 's'} with {per_host} cores {'is' if len(fitting) == 1 else 'are'}"
+                        f" registered{where}; host_count {host_count} could never start", field="host_count")
     return Decision.admit()
 
 

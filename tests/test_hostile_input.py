@@ -19,6 +19,7 @@ Kept modest for a 2-core suite: ~30 examples per operation or form, no deadline.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -191,12 +192,18 @@ VALID_QUERY = {"team": "vision", "status": "pending", "kind": "inference", "user
 COUPLED = {"from": {"to"}, "to": {"from"}}
 
 
+ENDPOINT_NAMES = itertools.count()
+
+
 def json_body_base(world, path: str, schema: dict | None = None, components: dict | None = None) -> dict:
     """A valid body: written out for the operations whose bodies need real objects,
     else made from the operation's schema (its required properties)."""
     if path == "/api/v1/jobs":
         return {"team": "vision", "kind": "inference", "family": "cpu", "cores": 1, "model": world.model.pk,
                 "prompts": ["hello"], "max_new_tokens": 4, "temperature": 0}
+    if path.endswith("/endpoints"):
+        # a fresh name each time: an example that is accepted must not make the next one a duplicate
+        return {"name": f"chat-{next(ENDPOINT_NAMES)}", "model": world.model.pk, "min_replicas": 0, "max_replicas": 1}
     if path.endswith("/quota"):
         return {"max_pending": 50, "families": {"cpu": {"borrow_limit": 8}}}
     value = schema_example(schema or {}, components or {})

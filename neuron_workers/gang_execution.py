@@ -5,7 +5,7 @@ stops, succeeds, is requeued or fails, and who is named) are jobs.lifecycle.gang
 
 Each host works in its own folder of the attempt: rank 0 in attempt-<n> (its log is
 the job's log, its result and artifacts the job's, recorded once), rank r in
-attempt-<n>/rank-<r> (its log.txt stays there, on the shared storage).
+attempt-<n>/rank-<r> (its log.txt becomes the job's artifact rank-<r>-attempt-<n>-log.txt).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from django.conf import settings
 
 from jobs.assets import storage
 from jobs.lifecycle import gangs, states
-from jobs.models import GangMember, Job
+from jobs.models import Artifact, GangMember, Job
 from neuron_workers.execution import JobRecorder, _cores_freed, build_payload, register_outputs
 from neuron_workers.process.gang import gang_env
 
@@ -123,7 +123,9 @@ def run_rank(job_id: int, host_id: int) -> str:
     finally:
         recorder.flush_log()
     recorder.flush_metrics()
-    ending = ending_of(outcome, recorder.stop)
+    if member.rank > 0:
+        keep_log(job.pk, attempt, member.rank, workdir)
+    ending = ending_of(outcome, recorder.stop, workdir)
     happened = gangs.rank_ended(job.pk, attempt, member.pk, ending,
                                 on_success=lambda locked: record_success(locked, attempt, len(members)))
     if happened in ("succeeded", "failed", "requeued", "cancelled"):
@@ -132,11 +134,30 @@ def run_rank(job_id: int, host_id: int) -> str:
     return f"rank {member.rank}: {happened}"
 
 
-def ending_of(outcome, stop: str | None) -> gangs.Ending:
+def keep_log(job_id: int, attempt: int, rank: int, workdir: Path) -> None:
+    """Another host's log is not the job's log (rank 0's is): it becomes one of the
+    job's artifacts, rank-<r>-attempt-<n>-log.txt, downloadable however the job ends."""
+    path = workdir / "log.txt"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    Artifact.objects.create(job_id=job_id, name=f"rank-{rank}-attempt-{attempt}-log.txt",
+                            path=storage.rel_path(path), size_bytes=size)
+
+
+def ending_of(outcome, stop: str | None, workdir: Path | None = None) -> gangs.Ending:
     """How this rank ended, for jobs.lifecycle.gangs: its process's outcome, and why
-    the gang stopped it if it did."""
+    the gang stopped it if it did. A rank that had already failed by itself when the
+    gang stopped it (torchrun was still shutting down) ends with its own failure."""
+    from neuron_workers.process.workdir import read_result
+
     exit_code = outcome.exit_code if outcome.exit_code is not None else (
         128 + outcome.signal if outcome.signal is not None else None)
+    if outcome.status == "cancelled" and workdir is not None:
+        verdict = read_result(workdir) or {}
+        if verdict.get("ok") is False and verdict.get("code") not in (None, "cancelled"):
+            return gangs.Ending(str(verdict["code"]), str(verdict.get("error") or ""), exit_code)
     if outcome.status == "succeeded":
         if exit_code == 0:
             return gangs.Ending("ok", exit_code=0)

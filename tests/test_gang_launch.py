@@ -175,3 +175,16 @@ def test_a_one_host_job_has_no_rank_table(cast, client, _storage):
     client.force_login(cast.bob)
     assert 'id="gang" hidden' in client.get(f"/jobs/{job.pk}/").content.decode()
     assert client.get(f"/jobs/{job.pk}/status.json").json()["ranks"] == []
+
+
+def test_a_rank_stopped_by_the_gang_after_failing_by_itself_keeps_its_own_failure(tmp_path):
+    from neuron_workers.gang_execution import ending_of
+    from neuron_workers.process.outcome import Outcome
+    from neuron_workers.process.runner import write_json_atomic
+
+    stopped = Outcome("cancelled", None, None, None, "cancelled", "cancelled on request", 0, 1.0, 1)
+    assert ending_of(stopped, "rank 0 on a failed", tmp_path).code == "stopped"
+    write_json_atomic(tmp_path / "result.json", {"ok": False, "code": "bad_input", "error": "no shard"})
+    ending = ending_of(stopped, "rank 0 on a failed", tmp_path)
+    assert (ending.code, ending.message) == ("bad_input", "no shard")
+    assert ending_of(stopped, "cancelled on request", tmp_path / "elsewhere").code == "cancelled"

@@ -13,6 +13,7 @@ import random
 
 import pytest
 
+from jobs.assets import storage
 from jobs.lifecycle import scheduler
 from jobs.models import CoreAllocation, GangMember, Host, Job, JobAttempt, JobEvent
 from tests.polling import wait_until
@@ -92,6 +93,9 @@ def test_a_two_host_gang_runs_on_both_workers_rendezvous_and_all_reduces(cast, t
         (1, 4, S.SUCCEEDED)]
     assert not CoreAllocation.objects.filter(job=job).exists()
     assert list(job.artifacts.filter(name="sum.txt").values_list("name", flat=True)) == ["sum.txt"]
+    # The other host's log is kept as an artifact of the job.
+    other_log = job.artifacts.get(name="rank-1-attempt-1-log.txt")
+    assert "all-reduced sum 3.0" in (storage.abs_path(other_log.path)).read_text()
     assert "all-reduced sum 3.0" in log_text(job) and "=== attempt 1 on 2 hosts gang-a, gang-b" in log_text(job)
 
 
@@ -117,6 +121,10 @@ def test_one_rank_failing_with_an_error_fails_the_whole_gang_naming_it(cast, two
     wait_until(lambda: all(m.state == M.FAILED for m in ranks(job)), 30, message="both ranks to end")
     zero, one = ranks(job)
     assert one.detail.startswith("bad_input:")
+    wait_until(lambda: job.artifacts.filter(name="rank-1-attempt-1-log.txt").exists(), 30,
+               message="rank 1's log kept")
+    log_1 = storage.abs_path(job.artifacts.get(name="rank-1-attempt-1-log.txt").path).read_text()
+    assert "rank 1 refuses its shard" in log_1
     assert zero.finished_at is not None  # rank 0 was stopped, not left waiting in its collective
     kind, message, data = events(job)[-1]
     assert kind == S.FAILED and data["rank"] == 1 and data["host"] == "gang-b"

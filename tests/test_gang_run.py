@@ -215,9 +215,13 @@ def test_a_two_host_fine_tune_trains_with_ddp_and_matches_one_process_with_the_s
     workers = [start_worker(h.name, name=f"w-{h.name}", GANG_PORT_BASE=base) for h in hosts]
     spec = {"steps": 12, "learning_rate": 3e-3, "batch_size": 4, "sequence_length": 32, "seed": 5,
             "checkpoint_every": 100}
-    job = Job.objects.create(team=cast.vision, user=cast.bob, kind="finetune", spec=spec, family="cpu", cores=2,
-                             host_count=2, model=tiny_model, dataset=dataset, max_attempts=1,
-                             reason_code="submitted", reason="waiting for the scheduler")
+    # Submitted as a user does (the API, host_count 2), placed by the real dispatcher.
+    from tests.conftest import api_client
+    from tests.test_api_jobs import finetune_body, submit
+
+    answer = submit(api_client(cast.bob), finetune_body(tiny_model, dataset, cores=2, host_count=2, **spec))
+    job = Job.objects.get(pk=answer["id"])
+    assert (job.host_count, job.cores) == (2, 2)
     place_gang(job, hosts)
     job = wait_status(job, S.SUCCEEDED, S.FAILED, timeout=300)
     assert job.status == S.SUCCEEDED, (job.reason, log_text(job), workers[1].tail())

@@ -8,7 +8,7 @@ import json
 import pytest
 from django.test import Client
 
-from jobs.models import AuditEntry, FamilyQuota, Host, Job, Membership, Role, TeamQuota
+from jobs.models import AuditEntry, FamilyQuota, Host, Job, Kind, Membership, Role, TeamQuota
 from jobs.teams.services import membership_set
 from tests.conftest import api_client
 
@@ -198,7 +198,7 @@ def test_anonymous_users_are_sent_to_log_in(cast):
 def quota_form(team_slug: str = "vision", **changes) -> dict:
     """The whole row as the quota page posts it, with `changes`."""
     data = {"share": 1, "monthly_core_hours": 1000, "max_runtime_s": 86400, "max_pending": 100,
-            "allowed_kinds": ["compile", "finetune", "inference"]}
+            "allowed_kinds": Kind.values}  # every box ticked, as the page shows a team allowed all kinds
     for family, (g, b) in {"inf2": (0, 32), "trn1": (0, 32), "trn2": (0, 32), "cpu": (8, 8)}.items():
         data[f"{family}_guaranteed_cores"], data[f"{family}_borrow_limit"] = g, b
     data.update(changes)

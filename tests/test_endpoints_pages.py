@@ -90,3 +90,14 @@ def test_a_viewer_sees_no_forms_and_charlie_gets_404(cast, cpu_host):
     endpoint.refresh_from_db()
     assert endpoint.state == "active"
     assert not re.search(r"chat", charlie.get("/teams/audio/endpoints/").content.decode())
+
+
+def test_a_replicas_job_page_links_its_endpoint_and_offers_no_run_again(cast, cpu_host):
+    model = make_model(cast.vision, cast.alice, "tiny-v1")
+    bob = login(cast.bob)
+    bob.post("/teams/vision/endpoints/", {**FORM, "model": model.pk})
+    endpoint = Endpoint.objects.get(name="chat")
+    job_id = Replica.objects.get(endpoint=endpoint).job_id
+    page = bob.get(f"/jobs/{job_id}/").content.decode()
+    assert f'href="/endpoints/{endpoint.pk}/"' in page and "runs until stopped" in page
+    assert 'id="run-again"' not in page and 'id="same-job"' not in page

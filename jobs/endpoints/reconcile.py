@@ -12,7 +12,9 @@ serialize on it), every few seconds (jobs.endpoints_reconcile):
    replaces crashed ones); replicas of revisions that take no traffic are drained;
 5. drained replicas' jobs are stopped after the routing grace; routes republished.
 
-A deleting endpoint drains everything and becomes deleted once no replica is left."""
+A deleting endpoint drains everything and becomes deleted once no replica is left.
+Lock order: the endpoint's row, then its replicas, then their jobs (workers recording a
+replica's report or exit take the endpoint's row first too: replicas.lock_endpoint)."""
 from __future__ import annotations
 
 import logging
@@ -61,7 +63,7 @@ def wake(endpoint_id: int) -> bool:
 def reconcile_endpoint(endpoint_id: int) -> Counter:
     counts: Counter = Counter()
     with transaction.atomic():
-        endpoint = (Endpoint.objects.select_for_update(of=("self",)).select_related("team")
+        endpoint = (Endpoint.objects.select_for_update(of=("self",), no_key=True).select_related("team")
                     .filter(pk=endpoint_id).first())
         if endpoint is None or endpoint.state == Endpoint.State.DELETED:
             return counts

@@ -48,6 +48,14 @@ def replica_spec(endpoint: Endpoint, revision: EndpointRevision, replica: Replic
             "replica_id": replica.pk, "revision": revision.number, **(revision.options or {})}
 
 
+def lock_endpoint(endpoint_id: int) -> None:
+    """Take the endpoint's row lock (inside the caller's transaction) before touching
+    its replicas: the reconciler holds it while it changes them, so a worker recording
+    a replica's report or exit waits for it instead of deadlocking with it. FOR NO KEY
+    UPDATE: inserts that only reference the endpoint (its events) are not blocked."""
+    Endpoint.objects.select_for_update(no_key=True).filter(pk=endpoint_id).values_list("pk").first()
+
+
 def replica_drain(replica: Replica, reason: str) -> bool:
     """Take no new requests; the job is stopped ENDPOINT_DRAIN_ROUTE_GRACE_S later
     (stop_drained), and its server finishes its in-flight requests on SIGTERM."""
@@ -93,9 +101,12 @@ def replica_reported(job_id: int, attempt: int, host_id: int, row: dict) -> int 
     event = REPORTS.get(row.get("event")) or REPORTS.get(row.get("replica"))
     if event == "ready" and isinstance(row.get("url"), str) and row["url"].startswith("http"):
         with transaction.atomic():
+            lock_endpoint(replica.endpoint_id)
             became_ready = _mark_ready(replica, row["url"], job_id)
     elif event == "draining":
-        replica_drain(replica, "its server began draining")
+        with transaction.atomic():
+            lock_endpoint(replica.endpoint_id)
+            replica_drain(replica, "its server began draining")
     else:
         return None
     from jobs.endpoints import routing
@@ -148,6 +159,7 @@ def replica_exited(job_id: int) -> None:
     if replica is None:
         return
     with transaction.atomic():
+        lock_endpoint(replica.endpoint_id)
         happened = sync(replica, replica.job.status, replica.job.reason, replica.job.reason_code)
         if happened == "failed":
             from jobs.endpoints.health import replica_failed

@@ -78,7 +78,7 @@ def endpoint_change(*, endpoint: Endpoint, user, form: EndpointChangeForm) -> En
     if "cores_per_replica" in changes:
         _check_team_may_serve(endpoint.team, user, endpoint.family, changes["cores_per_replica"])
     with transaction.atomic():
-        ep = Endpoint.objects.select_for_update(of=("self",)).select_related("team").get(pk=endpoint.pk)
+        ep = Endpoint.objects.select_for_update(of=("self",), no_key=True).select_related("team").get(pk=endpoint.pk)
         low, high = changes.get("min_replicas", ep.min_replicas), changes.get("max_replicas", ep.max_replicas)
         options = {**(ep.options or {}), **{k: changes[k] for k in OPTION_FIELDS if k in changes}}
         model = changes.get("model", ep.model)

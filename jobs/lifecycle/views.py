@@ -324,7 +324,9 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
             "eventsAfter": events[-1].pk if events else 0, "logOffset": log.end, "finished": job.is_finished}
     return pages.render_page(request, "jobs/job_detail.html", {
         "job": job, "events": events, "log": log, "live": live,
-        "spec_json": spec, "again": _again_forms(request, job), "can_submit": pages.can_write(request.user, job.team),
+        # an endpoint's replica is started by its endpoint, never submitted again
+        "spec_json": spec, "again": _again_forms(request, job) if job.kind != Kind.SERVE else None,
+        "can_submit": pages.can_write(request.user, job.team),
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         **_suspend_flags(request.user, job),
         "queue_position": _queue_position(job), "gang_ranks": selectors.gang_ranks(job), **_result_context(job),

@@ -261,3 +261,31 @@ def test_the_sweep_resends_a_delivery_whose_message_was_lost_once_its_lease_pass
     assert notify_delivery.attempt(delivery.pk, 0) is None  # the lost message, if it ever came, sends nothing
     assert notify_delivery.attempt(delivery.pk, 1) == "delivered"
     assert len(receiver.accepted) == 1
+
+
+def test_a_failed_replica_tells_subscribers_the_endpoints_last_minute_at_the_gateway(cast, receiver):
+    from jobs.endpoints import health
+    from jobs.endpoints.selectors import inflight_key, requests_key
+    from jobs.live.store import redis
+    from jobs.models import Endpoint, Replica
+
+    sub = subscribe(cast, "webhook", receiver.url("/ep"), [EventKind.ENDPOINT_UNHEALTHY], scope="team",
+                    user=cast.alice)
+    receiver.secrets["/ep"] = sub.secret
+    endpoint = Endpoint.objects.create(team=cast.vision, name="chat")
+    replica = Replica.objects.create(endpoint=endpoint, job=running_job(cast), revision=1, state="failed",
+                                     stopped_at=timezone.now())
+    r = redis()
+    r.delete(requests_key(endpoint.pk), inflight_key(endpoint.pk))
+    for status in (200, 502, 502, 200):
+        r.xadd(requests_key(endpoint.pk), {"status": status, "ttft_ms": 80, "queue_ms": 1, "tokens": 4})
+    try:
+        health.replica_failed(replica, "exit code 137")
+    finally:
+        r.delete(requests_key(endpoint.pk))
+    note = Notification.objects.get(kind=EventKind.ENDPOINT_UNHEALTHY)
+    assert note.payload["figures"]["error_rate_pct"] == 50.0 and note.payload["figures"]["requests"] == 4
+    assert "50.0 % errors" in note.payload["message"] and "exit code 137" in note.payload["reason"]
+    d = Delivery.objects.get(notification=note)
+    assert notify_delivery.attempt(d.pk, d.ticket) == "delivered"
+    assert receiver.accepted[str(d.delivery_id)]["body"]["figures"]["error_rate_pct"] == 50.0

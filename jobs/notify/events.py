@@ -129,10 +129,17 @@ def quota_changed(team, changes: list[tuple[str, str, str]], actor=None) -> None
          actor=getattr(actor, "username", None))
 
 
-def endpoint_unhealthy(*, team_id: int, endpoint: str, reason: str, since=None) -> Notification | None:
-    """The hook for serving endpoints (not built yet): call it in the transaction that
-    records the endpoint as unhealthy. One notification per endpoint per unhealthy
-    stretch (`since` names the stretch)."""
+def endpoint_unhealthy(*, team_id: int, endpoint: str, reason: str, since=None,
+                       figures: dict | None = None) -> Notification | None:
+    """Called by jobs.endpoints.health in the transaction that records the endpoint as
+    unhealthy. One notification per endpoint per unhealthy stretch (`since` names the
+    stretch). `figures`: the endpoint's last minute at the gateway (requests/s, error
+    rate, time to first token, in flight, waiting), sent along so a subscriber sees
+    what its users saw."""
     key = f"endpoint:{endpoint}:{since.isoformat()}" if since else None
+    message = reason
+    if figures:
+        message += (f" (last minute: {figures['requests_per_s']} requests/s, {figures['error_rate_pct']} % errors, "
+                    f"{figures['inflight']} in flight, {figures['waiting']} waiting)")
     return emit(EventKind.ENDPOINT_UNHEALTHY, team_id=team_id, title=f"endpoint {endpoint} is unhealthy",
-                dedup_key=key, endpoint=endpoint, reason=reason)
+                dedup_key=key, endpoint=endpoint, reason=reason, message=message, figures=figures)

@@ -197,3 +197,54 @@ def test_a_replicas_core_hours_appear_in_the_teams_usage_under_its_kind(cast, cp
     assert by_kind.get("Endpoint replica") == pytest.approx(2.0, abs=0.01), usage["groups"]
     reconcile_endpoint(endpoint["id"])
     assert Replica.objects.get(job=job).state == "stopped"
+
+
+def _running_ready_replica(cast, cpu_host, model, **fields) -> Replica:
+    """Create the endpoint, place its replica, claim it as the worker would, and let it
+    report ready (what the worker does with the server's report)."""
+    from jobs.endpoints.replicas import replica_reported
+
+    endpoint = create(api_client(cast.bob), model, **fields).json()
+    scheduler.dispatch()
+    replica = Replica.objects.get(endpoint_id=endpoint["id"])
+    job = states.claim(replica.job_id, cpu_host.pk)
+    assert job is not None
+    replica_reported(job.pk, job.attempts, cpu_host.pk, {"replica": "ready", "url": "http://127.0.0.1:9"})
+    reconcile_endpoint(endpoint["id"])
+    replica.refresh_from_db()
+    assert replica.state == "ready" and Endpoint.objects.get(pk=endpoint["id"]).serving_revision == 1
+    return replica
+
+
+def _audio_job(cast, cores: int) -> Job:
+    job = Job.objects.create(team=cast.audio, user=cast.charlie, kind=Kind.INFERENCE, family="cpu", cores=cores,
+                             spec={}, max_runtime_s=600, reason_code="submitted", reason="waiting")
+    states.event(job.pk, "pending", "submitted by charlie")
+    return job
+
+
+def test_a_borrowed_replica_is_preempted_for_another_teams_guarantee_and_leaves_the_routes(cast, cpu_host, model):
+    from jobs.endpoints.routing import routes
+
+    FamilyQuota.objects.filter(team=cast.vision, family="cpu").update(guaranteed_cores=0, borrow_limit=4)
+    FamilyQuota.objects.filter(team=cast.audio, family="cpu").update(guaranteed_cores=4, borrow_limit=0)
+    replica = _running_ready_replica(cast, cpu_host, model, min_replicas=1, max_replicas=1, cores_per_replica=2)
+    audio = _audio_job(cast, 4)
+    report = scheduler.dispatch()
+    assert replica.job_id in report.preempted and audio.pk in report.placed
+    reconcile_endpoint(replica.endpoint_id)
+    replica.refresh_from_db()
+    assert replica.state == "starting" and replica.url == ""
+    assert routes(replica.endpoint_id)["replicas"] == []
+    assert Job.objects.get(pk=replica.job_id).status == "pending"  # back in the queue, waiting for room
+    assert replica.endpoint.events.filter(kind="replica_preempted").exists()
+
+
+def test_a_replica_within_its_teams_guarantee_is_never_preempted(cast, cpu_host, model):
+    FamilyQuota.objects.filter(team=cast.vision, family="cpu").update(guaranteed_cores=2, borrow_limit=0)
+    FamilyQuota.objects.filter(team=cast.audio, family="cpu").update(guaranteed_cores=2, borrow_limit=2)
+    replica = _running_ready_replica(cast, cpu_host, model, min_replicas=1, max_replicas=1, cores_per_replica=2)
+    audio = _audio_job(cast, 4)
+    report = scheduler.dispatch()
+    assert replica.job_id not in report.preempted and audio.pk not in report.placed
+    assert Job.objects.get(pk=replica.job_id).status == "running"

@@ -212,3 +212,34 @@ def test_a_job_waiting_past_the_threshold_notifies_once(cast, settings):
     assert notify_scan.scan_waiting(now) == 1
     assert notify_scan.scan_waiting(now) == 0
     assert Delivery.objects.get(subscription=sub).notification.job_id == old.pk
+
+
+def test_a_capped_users_thresholds_fire_once_each_to_them_and_the_team(cast):
+    from jobs.models import JobAttempt, UserBudget
+
+    UserBudget.objects.create(team=cast.vision, user=cast.bob, monthly_core_hours=2)
+    bobs = Subscription.objects.create(team=cast.vision, user=cast.bob, scope="self", channel="email",
+                                       target="bob@example.com", events=[EventKind.BUDGET_THRESHOLD])
+    alices = Subscription.objects.create(team=cast.vision, user=cast.alice, scope="self", channel="email",
+                                         target="alice@example.com", events=[EventKind.BUDGET_THRESHOLD])
+    team = team_subscription(cast, [EventKind.BUDGET_THRESHOLD])
+    now = timezone.now()
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind="inference", status=S.SUCCEEDED, cores=1)
+    start = now - timedelta(minutes=80)
+    JobAttempt.objects.create(job=job, team=cast.vision, user=cast.bob, kind="inference", family="cpu", number=1,
+                              cores=1, started_at=start, ended_at=start + timedelta(minutes=72), core_seconds=72 * 60)
+    assert notify_scan.scan_user_budgets(now) == 1  # 1.2 of 2 h: 50 %, not yet 80 %
+    note = Notification.objects.get(kind=EventKind.BUDGET_THRESHOLD)
+    assert note.user_id == cast.bob.pk and note.payload["threshold"] == 50 and "bob used 50%" in note.title
+    assert set(Delivery.objects.values_list("subscription_id", flat=True)) == {bobs.pk, team.pk}
+    assert notify_scan.scan_user_budgets(now) == 0
+    assert alices.pk not in set(Delivery.objects.values_list("subscription_id", flat=True))
+
+
+def test_a_self_subscription_hears_the_teams_own_facts(cast):
+    from jobs.notify.events import quota_changed
+
+    bobs = Subscription.objects.create(team=cast.vision, user=cast.bob, scope="self", channel="email",
+                                       target="bob@example.com", events=[EventKind.QUOTA_CHANGED])
+    quota_changed(cast.vision, [("quota.max_pending", "10", "20")], actor=cast.admin)
+    assert Delivery.objects.get().subscription_id == bobs.pk

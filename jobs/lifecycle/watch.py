@@ -24,6 +24,7 @@ from jobs.models import (
     Team,
     TeamAlertPolicy,
     TeamQuota,
+    UserBudget,
 )
 from jobs.notify.events import emit
 from jobs.wake import kick_dispatch
@@ -33,7 +34,8 @@ S = Job.Status
 
 def scan(now: datetime | None = None) -> dict:
     now = now or timezone.now()
-    return {"waiting": scan_waiting(now), **scan_idle(now), "budget": scan_budgets(now)}
+    return {"waiting": scan_waiting(now), **scan_idle(now), "budget": scan_budgets(now),
+            "user_budget": scan_user_budgets(now)}
 
 
 def _teams_wanting(kind: str) -> set[int]:
@@ -199,6 +201,34 @@ def scan_budgets(now: datetime) -> int:
                               message=f"{hours:.1f} of {budget:g} NeuronCore-hours used so far in {month}",
                               run_out_day=run_out.isoformat(), used_core_hours=round(hours, 3), budget=budget,
                               dedup_key=f"forecast:{team_id}:{month}") is not None
+    return fired
+
+
+def scan_user_budgets(now: datetime) -> int:
+    """budget.threshold once per capped user (UserBudget), month and threshold of the
+    team's thresholds crossed, about that user: their own self-scoped subscriptions
+    and the team-scoped ones hear it. "Used" is the cap's measure at submit
+    (jobs.quotas.selectors.user_cap)."""
+    from jobs.quotas.selectors import user_cap
+    from jobs.usage import accounting
+
+    thresholds = {p.team_id: p.budget_thresholds for p in TeamAlertPolicy.objects.exclude(budget_thresholds=[])}
+    fired = 0
+    for ub in UserBudget.objects.filter(monthly_core_hours__gt=0).select_related("team", "user"):
+        cap = user_cap(ub.team, ub.user, now=now)
+        month = accounting.local_day(now, accounting.zone(ub.team.time_zone)).strftime("%Y-%m")
+        percent = 100.0 * cap.used / cap.monthly_core_hours
+        for threshold in sorted(thresholds.get(ub.team_id) or settings.BUDGET_THRESHOLDS):
+            if percent >= threshold:
+                with transaction.atomic():
+                    fired += emit(EventKind.BUDGET_THRESHOLD, team_id=ub.team_id, user_id=ub.user_id,
+                                  title=f"{ub.user.username} used {threshold}% of their monthly cap in team "
+                                        f"{ub.team.slug}",
+                                  message=f"{cap.used:.1f} of {cap.monthly_core_hours:g} NeuronCore-hours in {month}; "
+                                          "at the cap new jobs are refused",
+                                  threshold=threshold, used_core_hours=round(cap.used, 3),
+                                  budget=cap.monthly_core_hours, user=ub.user.username,
+                                  dedup_key=f"user_budget:{ub.team_id}:{ub.user_id}:{month}:{threshold}") is not None
     return fired
 
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from jobs.models import JOB_EVENTS, Delivery, EventKind, Notification, Subscription
+from jobs.models import Delivery, EventKind, Notification, Subscription
 from webapp.celery import app
 
 # The Celery task that attempts deliveries (jobs.tasks), sent by name so that this
@@ -31,7 +31,9 @@ MATCH_FIELDS = ("pk", "scope", "user_id", "events")  # what _wanting reads of a 
 
 def matching_subscriptions(team_id: int, kind: str, user_id: int | None) -> list[Subscription]:
     """The team's active subscriptions that want `kind`: team-scoped ones, and the
-    self-scoped ones of `user_id` (a job's owner) for job events."""
+    self-scoped ones the event concerns: those of `user_id` when it is about a user (a
+    job's owner, a user's own budget cap), every one when it is about the team as a
+    whole (user_id None: its budget, quota, endpoints)."""
     return _wanting(Subscription.objects.filter(team_id=team_id, active=True).only(*MATCH_FIELDS), kind, user_id)
 
 
@@ -39,7 +41,7 @@ def _wanting(subs: Iterable[Subscription], kind: str, user_id: int | None) -> li
     """Those of the active `subs` that want `kind` (see matching_subscriptions). Filtered
     in Python: a team has a handful, and JSON containment is not portable to SQLite."""
     return [s for s in subs if kind in s.events and (
-        s.scope == Subscription.Scope.TEAM or (kind in JOB_EVENTS and s.user_id == user_id))]
+        s.scope == Subscription.Scope.TEAM or user_id is None or s.user_id == user_id)]
 
 
 def emit(kind: str, *, team_id: int, title: str, job_id: int | None = None, user_id: int | None = None,

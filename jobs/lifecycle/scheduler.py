@@ -27,7 +27,7 @@ from typing import Iterable, TypeVar
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Exists
+from django.db.models import Count, Exists, Min
 from django.utils import timezone
 
 from jobs.lifecycle import gangs, states
@@ -141,7 +141,9 @@ def pending_rows(limit: int = PENDING_SCAN) -> list[PendingRow]:
 class RunInputs:
     """Everything a dispatch run reads once the host rows are locked."""
 
-    allocations: list[tuple]  # (host_id, core, job_id, team_id, family, borrowed, since as a timestamp)
+    # (host_id, first core, cores, job_id, team_id, family, borrowed, since as a timestamp): a job's cores on
+    # a host are always one contiguous run (placement.place, whole hosts for gangs), so one row per job and host.
+    allocations: list[tuple]
     team_quotas: list[tuple]  # (team_id, monthly_core_hours, share)
     family_quotas: list[tuple]  # (team_id, family, guaranteed_cores, borrow_limit)
     priorities: dict[str, int]  # kind -> priority (kind_priorities())
@@ -151,8 +153,10 @@ class RunInputs:
     @classmethod
     def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
         return cls(
-            [(*row[:6], row[6].timestamp()) for row in CoreAllocation.objects.values_list(
-                "host_id", "core", "job_id", "team_id", "family", "borrowed", "since")],
+            [(*row[:7], row[7].timestamp()) for row in CoreAllocation.objects
+             .values("host_id", "job_id", "team_id", "family", "borrowed", "since")
+             .annotate(first=Min("core"), count=Count("core")).order_by()
+             .values_list("host_id", "first", "count", "job_id", "team_id", "family", "borrowed", "since")],
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
             kind_priorities(), pending_rows(limit), limit_ends())
@@ -195,12 +199,12 @@ def host_slots(hosts: Iterable[Host]) -> dict[int, HostSlots]:
 def fleet_state(hosts: list[Host], inputs: RunInputs, now: float) -> FleetState:
     """The database's fleet as the pure pass sees it: every core holder as a Running
     whose end is its time limit (a dispatch knows no better), quotas, budgets."""
-    held: dict[int, tuple[int, str, bool, float, dict[int, list[int]]]] = {}
-    for host_id, core, job_id, team_id, family, borrowed, since in inputs.allocations:
-        held.setdefault(job_id, (team_id, family, borrowed, since, defaultdict(list)))[4][host_id].append(core)
+    held: dict[int, tuple[int, str, bool, float, dict[int, tuple[int, ...]]]] = {}
+    for host_id, first, count, job_id, team_id, family, borrowed, since in inputs.allocations:
+        held.setdefault(job_id, (team_id, family, borrowed, since, {}))[4][host_id] = tuple(range(first, first + count))
     running = {}
     for job_id, (team_id, family, borrowed, since, by_host) in held.items():
-        members = [(host_id, tuple(sorted(cores))) for host_id, cores in sorted(by_host.items())]
+        members = sorted(by_host.items())
         running[job_id] = Running(job_id, team_id, family, members[0][0], members[0][1],
                                   inputs.limit_ends.get(job_id, now), tuple(members[1:]), borrowed, since)
     return FleetState(host_slots(hosts), running,

@@ -15,6 +15,10 @@ detection delay.
 Figures (last line, one JSON object):
 - batching_gain: tokens/s with 16 concurrent streaming clients over tokens/s one
   request at a time, same replica, same run (baseline: tokens_per_s_sequential).
+  Beside it engine_batching_gain: the batching engine alone, in-process, no HTTP (the
+  limit the end-to-end gain approaches as the HTTP path's CPU per token shrinks), and
+  cpu_ms_per_token by process (replica, gateway, client): per-token HTTP work does not
+  batch, and on a shared 2-core machine every process competes for the same CPUs.
 - ttft_p50_ms / ttft_p95_ms: time to first token at 16 concurrent, through the gateway.
 - proxy_overhead_p50_ms: p50 TTFT through the gateway minus p50 TTFT direct to the
   replica, requests one at a time, gateway and direct interleaved.
@@ -277,6 +281,44 @@ async def under_load(stack: Stack, tokens: int, action) -> tuple[list[Result], d
     return results, facts
 
 
+def engine_gain(model: Path, tokens: int, requests: int) -> dict:
+    """The batching engine alone, in this process, no HTTP: tokens/s of 16 requests at
+    once over the same requests one at a time. What dynamic batching itself gives on
+    this machine now, beside which the end-to-end gain shows what the HTTP path costs."""
+    import threading
+
+    import torch
+
+    from neuron_workers.backends import hf
+    from neuron_workers.backends.serve_engine import BatchingEngine, Generation
+
+    torch.set_num_threads(1)
+    lm, tokenizer = hf.cached_hf_model(model)
+    eos, pad = hf.token_ids(tokenizer)
+    done = threading.Semaphore(0)
+    engine = BatchingEngine(lm, eos_id=eos, pad_id=pad, max_batch_size=CLIENTS, max_concurrent=64,
+                            deliver=lambda events: [done.release() for _, _, finish in events if finish])
+    engine.start()
+    prompt = hf.encode_prompt(tokenizer, "the quick brown fox")
+
+    def run(at_once: int) -> float:
+        started = time.perf_counter()
+        for _ in range(requests // at_once):
+            for _ in range(at_once):
+                engine.submit(Generation(prompt, tokens, ignore_eos=True))
+            for _ in range(at_once):
+                done.acquire()
+        return requests * tokens / (time.perf_counter() - started)
+
+    try:
+        run(CLIENTS)  # warm-up
+        alone, batched = run(1), run(CLIENTS)
+    finally:
+        engine.stop()
+    return {"engine_batching_gain": round(batched / alone, 2), "engine_tokens_per_s_sequential": round(alone, 1),
+            "engine_tokens_per_s_batched": round(batched, 1)}
+
+
 def stop_replica(replica: Replica, sig: int) -> None:
     replica.proc.send_signal(sig)
     replica.proc.wait(timeout=120)
@@ -334,6 +376,8 @@ async def run(args, stack: Stack, model: Path, env: dict) -> dict:
 
     crashed, _ = await under_load(stack, args.tokens, crash)
     republisher.cancel()
+    log("the batching engine alone, no HTTP")
+    engine = await asyncio.to_thread(engine_gain, model, args.tokens, CLIENTS)
     started_on_killed = [r for r in crashed if r.replica == str(b.rid) and r.started <= kill_at[0] <= r.ended]
     failed_kill = [r for r in crashed if not r.ok]
 
@@ -341,6 +385,7 @@ async def run(args, stack: Stack, model: Path, env: dict) -> dict:
         "batching_gain": round(conc_rate / seq_rate, 2),
         "tokens_per_s_concurrent": round(conc_rate, 1),
         "tokens_per_s_sequential": round(seq_rate, 1),
+        **engine,
         "cpu_ms_per_token_sequential": cpu_ms_per_token(cpu0, cpu1, seq),
         "cpu_ms_per_token_concurrent": cpu_ms_per_token(cpu1, cpu2, conc),
         "load_average_1m": round(os.getloadavg()[0], 2),

@@ -208,3 +208,21 @@ def test_the_serve_job_announces_its_url_serves_and_drains_on_stop(tiny_model_di
     assert verdict["ok"] is True
     assert verdict["result"]["served_requests"] == 1 and verdict["result"]["drained"] is True
     assert '"replica": "draining"' in (workdir / "metrics.jsonl").read_text()
+
+
+def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_model_dir):
+    """A character split over several byte tokens appears once, whole, in both the
+    byte-table path and the tokenizer's window path."""
+    from neuron_workers.backends import hf
+    from neuron_workers.backends.serve_app import _Detokenizer, token_bytes_table
+
+    _, tokenizer = hf.cached_hf_model(tiny_model_dir)
+    text = "héllo wörld ✓ 日本"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    for table in (token_bytes_table(tokenizer), None):
+        detok = _Detokenizer(tokenizer, table)
+        pieces = [detok.push(token) for token in ids] + [detok.flush()]
+        assert "".join(pieces) == text
+        assert all("\ufffd" not in piece for piece in pieces)
+    assert token_bytes_table(tokenizer) is not None

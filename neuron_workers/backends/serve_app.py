@@ -25,6 +25,7 @@ import asyncio
 import codecs
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -68,6 +69,7 @@ class Limits:
     max_batch_size: int
     max_seq_len: int
     max_concurrent: int
+    stream_interval_s: float = 0.0  # see ServingModel._deliver
 
 
 @dataclass
@@ -100,15 +102,52 @@ class ServingModel:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[int, asyncio.Queue] = {}
         self.started_at = time.time()
+        self._held: list[Event] = []  # delivered by the engine, not yet handed to the loop
+        self._held_lock = threading.Lock()
+        self._flush_at: float | None = None  # when the scheduled hand-over runs (monotonic)
+        self._last_flush = 0.0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.engine.start()
 
     def _deliver(self, events: list[Event]) -> None:
-        """Engine thread: hand one pass's tokens to the event loop in one hop."""
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._dispatch, events)
+        """Engine thread: hand a pass's tokens to the event loop. Tokens of requests
+        already streaming are handed over at most every stream_interval_s, so under
+        load each connection writes several tokens (still one SSE event each) per
+        system call, here, in the gateway and in the client (vLLM's stream interval).
+        A request's first token and every finish go at once: time to first token and
+        the end of an answer are never delayed."""
+        if self.loop is None:
+            return
+        urgent = False
+        for gen, _, finish in events:
+            urgent = urgent or finish is not None or not gen.streaming
+            gen.streaming = True
+        now = time.monotonic()
+        with self._held_lock:
+            self._held.extend(events)
+            if urgent:
+                due = now
+            else:
+                due = max(now, self._last_flush + self.limits.stream_interval_s)
+            if self._flush_at is not None and self._flush_at <= due:
+                return  # an earlier hand-over takes these too
+            self._flush_at = due
+        self.loop.call_soon_threadsafe(self._schedule_flush, due - now)
+
+    def _schedule_flush(self, delay: float) -> None:
+        if delay <= 0:
+            self._flush()
+        else:
+            self.loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        with self._held_lock:
+            events, self._held = self._held, []
+            self._flush_at = None
+            self._last_flush = time.monotonic()
+        self._dispatch(events)
 
     def _dispatch(self, events: list[Event]) -> None:
         for gen, token, finish in events:

@@ -9,6 +9,7 @@ drain_s), uvicorn closes its connections, and the job succeeds with what it serv
 Standalone (tests, the bench, `make run` without Celery):
   python -m neuron_workers.backends.serve_cpu --model DIR [--port 0] [--ready-file F]
     [--max-batch-size 8] [--max-seq-len N] [--max-concurrent N] [--drain-s 30]
+    [--stream-interval-ms 10]
 SIGTERM drains the same way; the ready file gets {"url", "pid"} once healthy.
 """
 
@@ -60,7 +61,8 @@ def load_serving(model_path: Path, settings: ServeSettings, model_name: str) -> 
     seq = settings.max_seq_len or limit or 2048
     if limit is not None and seq > limit:
         raise JobFailed("bad_input", f"max_seq_len {seq} exceeds the model's {limit} positions")
-    limits = Limits(max_batch_size=settings.max_batch_size, max_seq_len=seq, max_concurrent=settings.max_concurrent)
+    limits = Limits(max_batch_size=settings.max_batch_size, max_seq_len=seq, max_concurrent=settings.max_concurrent,
+                    stream_interval_s=settings.stream_interval_ms / 1000)
     return ServingModel(model=model, tokenizer=tokenizer, model_name=model_name, limits=limits, eos_id=eos,
                         pad_id=pad)
 
@@ -142,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--max-concurrent", type=int)
     parser.add_argument("--drain-s", type=int, default=30)
+    parser.add_argument("--stream-interval-ms", type=int)
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     spec: dict[str, Any] = {"max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
-                            "max_concurrent": args.max_concurrent, "drain_s": args.drain_s, "bind_host": args.host}
+                            "max_concurrent": args.max_concurrent, "drain_s": args.drain_s, "bind_host": args.host,
+                            "stream_interval_ms": args.stream_interval_ms}
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))

@@ -69,6 +69,7 @@ class Generation:
     new_ids: list[int] = field(default_factory=list)
     finish: str | None = None
     cancelled: bool = False
+    streaming: bool = False  # its first tokens were handed to the HTTP side (serve_app)
     generator: torch.Generator | None = None
 
     @property

@@ -35,6 +35,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVE_FILE = "serve.json"
 DEFAULT_BATCH = 8
 DEFAULT_DRAIN_S = 30
+DEFAULT_STREAM_INTERVAL_MS = 10  # tokens of a running stream are written at most this often
 DEFAULT_READY_TIMEOUT_S = 600  # a Neuron model may compile or load for minutes
 
 
@@ -45,6 +46,7 @@ class ServeSettings:
     max_batch_size: int
     max_seq_len: int | None  # None: the model's own limit
     max_concurrent: int
+    stream_interval_ms: int
     drain_s: int
     ready_timeout_s: int
     bind_host: str
@@ -73,6 +75,8 @@ def serve_settings(spec: dict, env: dict | None = None) -> ServeSettings:
         max_batch_size=batch,
         max_seq_len=spec_int(spec, "max_seq_len", minimum=2, default=None),
         max_concurrent=concurrent,
+        stream_interval_ms=spec_int(spec, "stream_interval_ms", minimum=0, maximum=1000,
+                                    default=DEFAULT_STREAM_INTERVAL_MS),
         drain_s=spec_int(spec, "drain_s", minimum=0, maximum=3600, default=DEFAULT_DRAIN_S),
         ready_timeout_s=spec_int(spec, "ready_timeout_s", maximum=24 * 3600, default=DEFAULT_READY_TIMEOUT_S),
         bind_host=bind, advertise_host=advertise,

@@ -189,11 +189,13 @@ def running_placements(host_id: int) -> tuple[list[JobPlacement], set[int]]:
     host is their rank 0's. A guest's runtimes are its job's, not orphans, but its
     job's live charts follow rank 0's host, so the agent publishes no job point for it."""
     own = Job.objects.filter(host_id=host_id, status=Job.Status.RUNNING).annotate(
-        guest=Value(False, output_field=BooleanField())).values_list("pk", "worker_pid", "core_start", "cores", "guest")
+        guest=Value(False, output_field=BooleanField())).order_by().values_list(
+        "pk", "worker_pid", "core_start", "cores", "guest")
     ranks = GangMember.objects.filter(host_id=host_id, state=GangMember.State.RUNNING, rank__gt=0,
                                       job__status=Job.Status.RUNNING).annotate(
-        guest=Value(True, output_field=BooleanField())).values_list("job_id", "worker_pid", "core_start", "cores",
-                                                                    "guest")
+        guest=Value(True, output_field=BooleanField())).order_by().values_list(
+        "job_id", "worker_pid", "core_start", "cores", "guest")
+    # No ORDER BY inside a UNION's parts (SQLite refuses one; the models order by default).
     rows = list(own.union(ranks, all=True))
     return ([JobPlacement(pk, pid, list(range(start, start + n)) if start is not None else [])
              for pk, pid, start, n, _ in rows], {pk for pk, *_, guest in rows if guest})

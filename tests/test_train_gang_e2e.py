@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.assets import storage
+pytest.importorskip("jobs.lifecycle.gangs", reason="the workers do not run multi-host gangs on this tree")
+
+from jobs.assets import storage  # noqa: E402
 from jobs.lifecycle import scheduler, states
 from jobs.models import GangMember, Host, Job, JobEvent, JobMetric, Kind
 from neuron_workers.backends import JobContext, get_backend

@@ -14,7 +14,7 @@ pytest.importorskip("jobs.lifecycle.gangs", reason="the workers do not run multi
 
 from jobs.assets import storage  # noqa: E402
 from jobs.lifecycle import scheduler, states
-from jobs.models import GangMember, Host, Job, JobEvent, JobMetric, Kind
+from jobs.models import GangMember, Host, Job, JobAttempt, JobEvent, JobMetric, Kind
 from neuron_workers.backends import JobContext, get_backend
 from neuron_workers.backends.checkpoints import CheckpointStore
 from tests.polling import wait_until
@@ -23,13 +23,13 @@ from tests.test_faults import (  # noqa: F401 - fixtures
     broker,
     job_processes,
     make_host,
-    reap_until,
     redis_server,
     start_worker,
     status,
     wait_status,
 )
-from tests.test_train_resume_e2e import max_abs_diff, weights
+from tests.test_train_checkpoints import torchrun_job  # noqa: E402
+from tests.test_train_resume_e2e import max_abs_diff, weights  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres_only]
 
@@ -87,7 +87,10 @@ def test_a_two_host_gang_trains_with_the_loss_of_one_process_and_the_same_global
     single, single_model = single_process(tiny_model, dataset, tmp_path, job.spec)
     assert job.result["world_size"] == 2 and job.result["rank"] == 0
     assert job.result["losses"] == pytest.approx(single["losses"], rel=1e-5)
-    assert max_abs_diff(weights(storage.abs_path(job.output_model.path)), weights(single_model)) <= 1e-5
+    # Not bit-equal: the all-reduce adds the two halves' gradients in another order, and
+    # AdamW's normalised step turns last-bit differences of near-zero gradients into
+    # differences of a few 1e-5 after a dozen steps.
+    assert max_abs_diff(weights(storage.abs_path(job.output_model.path)), weights(single_model)) <= 1e-4
     # Both ranks reported their progress; rank 0 alone wrote the checkpoints.
     names = set(JobMetric.objects.filter(job=job, name__startswith="samples_per_s.r").values_list("name", flat=True))
     assert names == {"samples_per_s.r0", "samples_per_s.r1"}
@@ -95,7 +98,7 @@ def test_a_two_host_gang_trains_with_the_loss_of_one_process_and_the_same_global
 
 
 def test_kill_9_of_one_hosts_worker_stops_the_gang_and_it_resumes_from_the_checkpoint(
-        cast, tiny_model, dataset, two_hosts, start_host_workers, tmp_path):
+        cast, tiny_model, dataset, two_hosts, start_host_workers, start_worker, tmp_path):
     first = start_host_workers()
     job = gang_finetune(cast, tiny_model, dataset, steps=300, checkpoint_every=20)
     place(job)
@@ -106,21 +109,30 @@ def test_kill_9_of_one_hosts_worker_stops_the_gang_and_it_resumes_from_the_check
     for pid in children:
         if "/rank-1" in _cwd_of(pid):
             _kill(pid)
-    job, _ = reap_until(job, timeout=120)  # scheduler.reap reaps gangs too (a rank's lease)
-    assert job.status == S.PENDING, job.reason
-    wait_until(lambda: not job_processes(job), 60, message="rank 0 to be stopped too")
     saved = max(store.complete_steps())
-    for worker in first:
-        worker.kill9()
-    start_host_workers("-2")
-    place(job)
-    job = wait_status(job, S.SUCCEEDED, S.FAILED, timeout=300)
+
+    def first_attempt_over() -> bool:
+        scheduler.reap()  # as beat would: rank 1's lease expires, the gang is requeued
+        return JobAttempt.objects.filter(job=job, number=1, ended_at__isnull=False).exists()
+
+    wait_until(first_attempt_over, 120, interval=0.5, message="the gang's first attempt to end")
+    assert JobAttempt.objects.get(job=job, number=1).outcome == "requeued"
+    assert JobEvent.objects.filter(job=job, kind="pending").count() == 2  # submitted, requeued
+    start_worker(two_hosts[1].name, name="w-train-b-2", GANG_PORT_BASE=first[1].env["GANG_PORT_BASE"],
+                 JOB_KILL_GRACE_S="10")  # host train-b is back
+    wait_until(lambda: scheduler.dispatch() is not None and status(job) in (S.SUCCEEDED, S.FAILED), 300,
+               interval=1, message="the gang's next attempt to end")
+    job = Job.objects.get(pk=job.pk)
     assert job.status == S.SUCCEEDED, job.reason
     resumed = list(JobEvent.objects.filter(job=job, kind="resumed").values_list("data", flat=True))
     assert resumed and resumed[-1]["step"] >= saved
     assert job.result["resumed_from_step"] == resumed[-1]["step"]
-    single, single_model = single_process(tiny_model, dataset, tmp_path, job.spec)
-    assert max_abs_diff(weights(storage.abs_path(job.output_model.path)), weights(single_model)) <= 1e-5
+    # The same two ranks uninterrupted, under plain torchrun: the same sums in the same order.
+    inputs = {"model_path": str(storage.abs_path(tiny_model.path)), "model_format": "hf",
+              "dataset_path": str(storage.abs_path(dataset.path)), "dataset_format": dataset.format}
+    torchrun_job(tmp_path / "uninterrupted", inputs, job.spec, 2)
+    reference = weights(tmp_path / "uninterrupted" / "artifacts" / "checkpoint")
+    assert max_abs_diff(weights(storage.abs_path(job.output_model.path)), reference) <= 1e-5
     assert not GangMember.objects.filter(job=job).exclude(state=GangMember.State.EXITED).exists()
 
 

@@ -94,7 +94,7 @@ def test_on_a_phone_tables_scroll_in_their_box_timeline_text_wraps_and_legends_c
     assert cut == 0, "timeline text is cut"
 
     page.goto(f"{live_server.url}/jobs/{console.jobs['running'].pk}/")
-    page.wait_for_function("document.querySelectorAll('#job-live-charts .js-plotly-plot').length === 4")
+    page.wait_for_function("() => document.querySelectorAll('#job-live-charts .js-plotly-plot').length === 4")
     for chart in ("util", "mem", "lat", "exec"):
         overlap = page.evaluate(f"""() => {{
             const root = document.getElementById('job-chart-{chart}');
@@ -184,12 +184,12 @@ def test_job_charts_say_no_samples_then_show_a_lone_sample_as_a_marker(cast, tin
     publish(host, job, {0: 40.0, 1: 20.0})
     expect(page.locator("#job-live-charts [data-live-grid]")).to_be_visible(timeout=10_000)
     expect(sentence).to_be_hidden()
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 1")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 1")
     assert page.evaluate("document.getElementById('job-chart-util').data[0].mode") == "lines+markers"
     assert page.locator("#job-chart-util .scatterlayer .point").count() >= 1  # the lone sample is drawn
     shot(page, "job-one-sample")
     publish(host, job, {0: 60.0, 1: 30.0})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].mode === 'lines'")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].mode === 'lines'")
 
 
 def test_a_job_that_ends_without_samples_says_so_live_and_after_a_reload(cast, tiny_model, clean_streams,  # noqa: F811
@@ -232,14 +232,14 @@ def test_a_cpu_jobs_charts_are_named_cpu_live_and_reloaded_and_only_those_it_can
         return page.evaluate("""[...document.querySelectorAll('#job-live-charts .js-plotly-plot')]
             .map(el => el.layout.title.text)""")
 
-    page.wait_for_function("document.querySelectorAll('#job-live-charts .js-plotly-plot').length === 4")
+    page.wait_for_function("() => document.querySelectorAll('#job-live-charts .js-plotly-plot').length === 4")
     live_titles = titles()
     assert live_titles[0].startswith("CPU use of the job's slots") and "NeuronCore" not in " ".join(live_titles)
     expect(page.locator("#job-live-charts h2")).to_have_text("CPU use")
     clean_streams.xadd(metrics.job_key(job.pk), {"d": json.dumps(_cpu_point(host, job, 55.0))})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 1", timeout=10_000)
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 1", timeout=10_000)
     page.reload()
-    page.wait_for_function("document.querySelectorAll('#job-live-charts .js-plotly-plot').length === 4")
+    page.wait_for_function("() => document.querySelectorAll('#job-live-charts .js-plotly-plot').length === 4")
     assert titles() == live_titles
     # a cpu inference job reports its own request latency and completions (jobs.live.requests)
     assert page.locator("#job-chart-lat").count() == 1 and page.locator("#job-chart-exec").count() == 1
@@ -250,13 +250,13 @@ def test_a_chart_stays_inside_its_card_while_points_arrive(console, live_server,
     page = log_in(browser, live_server.url, "bob", 1000, 900)
     job = console.jobs["running"]
     page.goto(f"{live_server.url}/jobs/{job.pk}/")
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 3")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 3")
     page.set_viewport_size({"width": 1300, "height": 900})
     publish(console.trn_host, job, {0: 90.0, 1: 45.0})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 4", timeout=10_000)
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 4", timeout=10_000)
     page.set_viewport_size({"width": 920, "height": 900})
     publish(console.trn_host, job, {0: 91.0, 1: 46.0})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 5", timeout=10_000)
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 5", timeout=10_000)
     outside = page.evaluate("""[...document.querySelectorAll('#job-live-charts .main-svg')].filter(svg =>
         svg.getBoundingClientRect().right > document.getElementById('job-live-charts').getBoundingClientRect().right + 1
     ).length""")
@@ -271,7 +271,7 @@ def test_the_fleet_colour_bar_labels_do_not_overlap_and_the_host_links_belong_to
     page = log_in(browser, live_server.url, "bob", *size)
     publish(console.trn_host, console.jobs["running"], {0: 70.0, 1: 30.0})
     page.goto(f"{live_server.url}/fleet/")
-    page.wait_for_function("document.querySelector('#fleet-chart .colorbar')")
+    page.wait_for_function("() => document.querySelector('#fleet-chart .colorbar')")
     labels = page.evaluate("""[...document.querySelectorAll('#fleet-chart .colorbar text')]
         .filter(t => t.textContent.trim()).map(t => {const b = t.getBoundingClientRect();
             return {text: t.textContent, x: b.x, y: b.y, width: b.width, height: b.height};})""")
@@ -390,7 +390,7 @@ def test_a_new_tokens_copy_button_copies_it(console, live_server, browser):
     token = page.locator("#new-token").inner_text().strip()
     assert token.startswith("nd_")
     page.click("#copy-token")
-    page.wait_for_function("document.getElementById('copy-token').textContent === 'Copied'")
+    page.wait_for_function("() => document.getElementById('copy-token').textContent === 'Copied'")
     assert page.evaluate("navigator.clipboard.readText()") == token
 
 

@@ -48,17 +48,17 @@ def test_a_running_jobs_chart_gains_points_without_a_reload(cast, clean_streams,
         publish(host, job, {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0})
     page = log_in(browser, live_server.url, "bob")
     page.goto(f"{live_server.url}/jobs/{job.pk}/")
-    page.wait_for_function("document.getElementById('job-chart-util').data")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data")
     assert trace_length(page, "job-chart-util") == 2
     page.evaluate(COUNT_REDRAWS)
 
     # The page polls every second; the waits' deadline (the page's 15 s default) is
     # only there so a page that stopped following fails instead of hanging.
     publish(host, job, {0: 97.5, 1: 20.0, 2: 30.0, 3: 40.0})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 3")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 3")
     for _ in range(2):
         publish(host, job, {0: 55.0, 1: 20.0, 2: 30.0, 3: 40.0})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].x.length === 5")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].x.length === 5")
 
     assert page.evaluate("window.__sameDocument") is True  # no reload
     assert page.evaluate("window.__redraws") == 0  # extended in place
@@ -85,14 +85,14 @@ def test_a_32_core_job_with_an_hour_of_history_loads_downsampled_and_extends_in_
     pipe.execute()
     page = log_in(browser, live_server.url, "bob")
     page.goto(f"{live_server.url}/jobs/{job.pk}/")
-    page.wait_for_function("document.getElementById('job-chart-util').data")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data")
     assert page.evaluate("document.getElementById('job-chart-util').data[0].type") == "heatmap"
     rows = trace_length(page, "job-chart-util", "z")
     assert rows <= metrics.MAX_POINTS
     page.evaluate(COUNT_REDRAWS)
 
     publish(host, job, {c: 99.0 for c in range(32)})
-    page.wait_for_function(f"document.getElementById('job-chart-util').data[0].z.length === {rows + 1}")
+    page.wait_for_function(f"() => document.getElementById('job-chart-util').data[0].z.length === {rows + 1}")
 
     assert page.evaluate("document.getElementById('job-chart-util').data[0].z.at(-1)") == [99.0] * 32
     assert page.evaluate("window.__redraws") == 0 and page.evaluate("window.__sameDocument") is True
@@ -104,11 +104,11 @@ def test_the_host_page_follows_its_cores_and_marks_a_replay(cast, clean_streams,
     publish(host, job, {0: 50.0, 1: 60.0})
     page = log_in(browser, live_server.url, "bob")
     page.goto(f"{live_server.url}/hosts/{host.name}/")
-    page.wait_for_function("document.getElementById('host-chart-heat').data")
+    page.wait_for_function("() => document.getElementById('host-chart-heat').data")
     page.evaluate(COUNT_REDRAWS)
 
     publish(host, job, {0: 70.0, 1: 80.0})
-    page.wait_for_function("document.getElementById('host-chart-heat').data[0].z.length === 2")
+    page.wait_for_function("() => document.getElementById('host-chart-heat').data[0].z.length === 2")
 
     assert page.evaluate("document.getElementById('host-chart-heat').data[0].z[1].slice(0, 3)") == [70.0, 80.0, 0.0]
     assert page.evaluate("window.__redraws") == 0
@@ -126,7 +126,7 @@ def test_a_job_page_opened_while_pending_starts_charting_when_the_job_runs(cast,
     job = Job.objects.create(team=cast.vision, user=cast.bob, kind="inference", family="trn1", cores=16)
     page = log_in(browser, live_server.url, "bob")
     page.goto(f"{live_server.url}/jobs/{job.pk}/")
-    page.wait_for_function("document.getElementById('job-chart-util').data")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data")
     assert page.evaluate("document.getElementById('job-chart-util').data[0].type") == "heatmap"
     page.evaluate(COUNT_REDRAWS)
 
@@ -134,7 +134,7 @@ def test_a_job_page_opened_while_pending_starts_charting_when_the_job_runs(cast,
                                         for c in range(16)])
     assert states.mark_queued(job, host.pk, 0) and states.mark_running(job.pk, host.pk)
     publish(host, job, {c: 60.0 + c for c in range(16)})
-    page.wait_for_function("document.getElementById('job-chart-util').data[0].z.length === 1")
+    page.wait_for_function("() => document.getElementById('job-chart-util').data[0].z.length === 1")
 
     assert page.evaluate("document.getElementById('job-chart-util').data[0].y") == [str(c) for c in range(16)]
     assert page.evaluate("document.getElementById('job-chart-util').data[0].z[0]") == [60.0 + c for c in range(16)]

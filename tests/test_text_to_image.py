@@ -132,7 +132,7 @@ def test_bob_sees_the_images_with_prompts_seeds_and_latency_and_downloads_one(
     expect(items.nth(0).locator(".prompt")).to_have_text("a red fox")
     expect(items.nth(2).locator(".seed")).to_have_text("12")
     assert float(items.nth(0).locator(".latency").inner_text()) > 0
-    page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth == 24)")
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth == 24)")
     href = items.nth(3).locator("a:has-text('Download')").get_attribute("href")
     download = page.request.get(f"{live_server.url}{href}")
     assert download.status == 200 and download.body()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -81,7 +81,7 @@ def replica_rows(endpoint: Endpoint, *, include_stopped: int = 10) -> list[Repli
     inflight, util = _live_figures(endpoint.pk, [r.job_id for r in live])
     rows = []
     for r in live + gone:
-        cold = (r.ready_at - r.created_at).total_seconds() if r.ready_at else None
+        cold = max((r.ready_at - r.created_at).total_seconds(), 0.0) if r.ready_at else None
         rows.append(ReplicaRow(
             r.pk, r.job_id, r.revision, r.state, r.job.host.name if r.job.host else None, r.job.core_range, r.url,
             r.job.status, r.detail or (r.job.reason if r.job.status == "pending" else ""),

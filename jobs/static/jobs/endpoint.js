@@ -59,7 +59,7 @@
           if (first === null) first = performance.now() - started;
           tokens += 1;
           var span = document.createElement("span");
-          span.className = "token";
+          span.className = "playground-token";
           span.textContent = piece;
           output.appendChild(span);
           status.textContent = "streaming… " + tokens + " tokens";

@@ -88,3 +88,20 @@ def test_the_api_and_the_dry_run_give_the_reason(cast, tiny_model, cpu_host):
         assert r.status_code == 400, r.content
         assert r.json()["code"] == "user_budget_exceeded" and "bob has 0.5 left" in r.json()["detail"]
     assert not Job.objects.exists()
+
+
+def test_a_user_without_a_cap_costs_submit_no_query_of_its_own(cast, tiny_model, cpu_host):
+    """The cap is read with the locked quota row: the statements of a submit are the
+    same with no UserBudget in the team as before caps existed (no UserBudget query)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    submit_inference(cast.vision, cast.bob, tiny_model)
+    with CaptureQueriesContext(connection) as queries:
+        submit_inference(cast.vision, cast.bob, tiny_model)
+    assert not any(q["sql"].startswith('SELECT "jobs_userbudget"') for q in queries)  # only the quota row's subquery
+    assert any('FROM "jobs_userbudget"' in q["sql"] for q in queries)
+    UserBudget.objects.create(team=cast.vision, user=cast.bob, monthly_core_hours=0.01)
+    with pytest.raises(SubmitRefused) as exc:
+        submit_inference(cast.vision, cast.bob, tiny_model, max_runtime_s=3600)
+    assert exc.value.code == "user_budget_exceeded"

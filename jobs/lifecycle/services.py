@@ -24,7 +24,7 @@ from jobs.models import (
 )
 from jobs.quotas.placement import HostSlots, largest_request
 from jobs.quotas.policy import SubmitLimits, SubmitState, check_gang_request, check_submit
-from jobs.quotas.selectors import core_hours_bound, core_hours_for_budget, user_cap
+from jobs.quotas.selectors import LOOK_UP, core_hours_bound, core_hours_for_budget, user_budget_hours, user_cap
 from jobs.wake import kick_dispatch
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,13 @@ def _check_limits(team: Team, user, kind: str, cores: int, runtime: int, quota: 
                   used_core_hours: float) -> None:
     """The hard limits (jobs.quotas.policy.check_submit): the team's allowed kinds, max
     pending, monthly budget and max runtime, and the user's own cap in the team if
-    an admin set one (UserBudget)."""
+    an admin set one (UserBudget; read with the quota row when it was annotated with
+    user_budget_hours)."""
     decision = check_submit(
         team.slug, kind, runtime,
         SubmitLimits(tuple(quota.allowed_kinds or ()), quota.max_pending, quota.monthly_core_hours, quota.max_runtime_s),
         SubmitState(Job.objects.filter(team=team, status=Job.Status.PENDING).count(), used_core_hours),
-        user_cap(team, user), cores,
+        user_cap(team, user, monthly_core_hours=getattr(quota, "user_cap_hours", LOOK_UP)), cores,
     )
     if not decision.ok:
         raise SubmitRefused(decision.code, decision.sentence, LIMIT_FIELDS.get(decision.code))
@@ -174,7 +175,8 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     bounds = core_hours_bound([team.pk])
 
     with transaction.atomic():
-        quota = TeamQuota.objects.select_for_update().get(team=team)
+        quota = (TeamQuota.objects.select_for_update().annotate(user_cap_hours=user_budget_hours(user))
+                 .get(team=team))
         # Exact (queries under the lock) only for a team the bound puts near its budget.
         used = core_hours_for_budget({team.pk: quota.monthly_core_hours}, bounds=bounds)[team.pk]
         runtime = data.get("max_runtime_s") or quota.max_runtime_s

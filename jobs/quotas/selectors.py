@@ -14,7 +14,7 @@ from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
 
 from django.conf import settings
-from django.db.models import Count, F, Q, QuerySet, Subquery, Sum, Value
+from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Least, TruncHour
 from django.utils import timezone
 
@@ -152,7 +152,17 @@ def core_hours_for_budget(budgets: dict[int, float], *, now: datetime | None = N
     return hours
 
 
-def user_cap(team: Team, user, *, now: datetime | None = None) -> UserCap | None:
+LOOK_UP = object()  # user_cap's monthly_core_hours when the caller has not read the UserBudget row
+
+
+def user_budget_hours(user) -> Subquery:
+    """The user's cap in the row's team, as an annotation (submit reads it with the
+    locked quota row: no query of its own for the users who have none)."""
+    return Subquery(UserBudget.objects.filter(team_id=OuterRef("team_id"), user=user)
+                    .values("monthly_core_hours")[:1])
+
+
+def user_cap(team: Team, user, *, now: datetime | None = None, monthly_core_hours=LOOK_UP) -> UserCap | None:
     """The user's hard cap in `team` (UserBudget) with what counts against it, or None
     without one (one query then). Read inside submit's quota lock: the reserved part
     counts every job of the user committed before, so concurrent submits add up.
@@ -162,7 +172,9 @@ def user_cap(team: Team, user, *, now: datetime | None = None) -> UserCap | None
     measure does). reserved: the most the user's unfinished jobs may still use -
     pending and queued ones cores x max_runtime_s, running ones cores x what is left
     of their max runtime (their time so far is already in used)."""
-    cap = UserBudget.objects.filter(team=team, user=user).values_list("monthly_core_hours", flat=True).first()
+    cap = monthly_core_hours
+    if cap is LOOK_UP:
+        cap = UserBudget.objects.filter(team=team, user=user).values_list("monthly_core_hours", flat=True).first()
     if cap is None:
         return None
     now = now or timezone.now()

@@ -132,7 +132,9 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
             "newest": page.jobs[0].pk if page.jobs and page.newer_than is None else (0 if not page.jobs else None),
             "status": request.GET.get("status", ""), "kind": request.GET.get("kind", "")}
     return pages.render_page(request, "jobs/job_list.html", {
-        "filters": filters, "page": page, "rows": rows, "kinds": Kind.choices, "filtered": filtered,
+        "filters": filters, "page": page, "rows": rows, "filtered": filtered,
+        # the kinds a user submits (endpoint replicas are started by their endpoint)
+        "kinds": [(value, label) for value, label in Kind.choices if value in JOB_FORMS],
         "writable": pages.can_write(request.user, team), "live": live,
         "has_models": team.models.exists() if not page.jobs and not filtered else True,
     }, team=team, nav="jobs", status=200 if filters.is_valid() else 400)

@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -414,6 +415,7 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (replica and gateway logs)")
     args = parser.parse_args()
     _lock = exclusive_run("bench-serve")  # noqa: F841 - held until exit
     env = BENCH.environment(ENDPOINT_COLD_START_WAIT_S="5", ENDPOINT_QUEUE_WAIT_S="1")
@@ -437,6 +439,8 @@ def main() -> int:
                 proc.kill()
                 proc.wait()
         BENCH.teardown()
+        if not args.keep:
+            shutil.rmtree(BENCH.workdir, ignore_errors=True)
     print(json.dumps(figures))
     return 0
 

@@ -101,3 +101,8 @@ def test_a_replicas_job_page_links_its_endpoint_and_offers_no_run_again(cast, cp
     page = bob.get(f"/jobs/{job_id}/").content.decode()
     assert f'href="/endpoints/{endpoint.pk}/"' in page and "runs until stopped" in page
     assert 'id="run-again"' not in page and 'id="same-job"' not in page
+
+
+def test_the_new_job_menu_offers_only_the_kinds_people_submit(cast, cpu_host):
+    page = login(cast.bob).get("/teams/vision/jobs/").content.decode()
+    assert "/teams/vision/jobs/new/inference/" in page and "/jobs/new/serve/" not in page

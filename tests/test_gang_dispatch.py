@@ -114,6 +114,7 @@ def test_quotas_count_a_gangs_total_cores(cast, sent):
     assert "needs 24 trn1 cores" in job.reason
 
 
+@pytest.mark.postgres_only  # row locks under real concurrency (its checker runs raw PostgreSQL SQL)
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_dispatch_never_leaves_a_partial_gang_or_a_core_held_twice(cast, sent):
     for i in range(5):

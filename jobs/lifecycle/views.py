@@ -393,8 +393,9 @@ def _result_context(job: Job) -> dict:
 
 
 def _rank_rows(job: Job, progress: list[dict]) -> list[dict]:
-    """Each rank's host beside its progress: rank 0 ran on the job's host; a gang's
-    other ranks on their GangMember hosts."""
+    """Each torch rank's host beside its progress: node rank 0 ran on the job's host
+    (where it last ran, if it is not placed now); a gang's other nodes on their
+    GangMember hosts."""
     host = job.host
     if host is None:  # not placed now (suspended, requeued, finished): where it last ran
         last = JobAttempt.objects.filter(job=job).select_related("host").order_by("-number").first()
@@ -402,7 +403,9 @@ def _rank_rows(job: Job, progress: list[dict]) -> list[dict]:
     hosts = {0: host.name if host else "—"}
     for member in job.gang.select_related("host"):
         hosts[member.rank] = member.host.name if member.host else "—"
-    return [{**row, "host": hosts.get(row["rank"], "—")} for row in progress]
+    # A torch rank's host: a cpu gang runs one process per host, a Neuron gang one per core.
+    per_host = 1 if job.family == Family.CPU else max(job.cores // max(job.host_count, 1), 1)
+    return [{**row, "host": hosts.get(row["rank"] // per_host, "—")} for row in progress]
 
 
 def _num(value, fmt: str, unit: str = "") -> str | None:

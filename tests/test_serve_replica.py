@@ -175,9 +175,9 @@ def test_the_serve_job_announces_its_url_serves_and_drains_on_stop(tiny_model_di
     metrics.jsonl and serve.json, a request served, STOP + SIGTERM, a drained success."""
     workdir = tmp_path / "job"
     payload = {"job_id": 7, "kind": "serve", "backend": "cpu", "workdir": str(workdir),
-               "spec": {"max_batch_size": 4, "max_seq_len": 128, "endpoint_id": 3, "replica_id": 9},
-               "inputs": {"model_path": str(tiny_model_dir), "model_format": "hf"},
-               "env": {"NEURONDECK_REPLICA_HOST": "127.0.0.1"}}
+               "spec": {"max_batch_size": 4, "max_seq_len": 128, "endpoint_id": 3, "replica_id": 9,
+                        "advertise_host": "127.0.0.1"},
+               "inputs": {"model_path": str(tiny_model_dir), "model_format": "hf"}}
     workdir.mkdir()
     (tmp_path / "payload.json").write_text(json.dumps(payload))
     with (workdir / "log.txt").open("wb") as log:

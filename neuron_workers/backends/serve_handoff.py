@@ -9,16 +9,14 @@ workdir/serve.json:
   {"replica": "ready", "url": "http://HOST:PORT", "replica_id": R, "endpoint_id": E}
   {"replica": "draining", "replica_id": R}
 
-HOST is the address other machines reach this one at: the payload's env
-NEURONDECK_REPLICA_HOST (the worker sets it), else spec "advertise_host", else the
-bind address. The server binds 127.0.0.1 when that address is loopback, else all
+HOST is the address other machines reach this one at: spec "advertise_host" (the
+worker sets it from the host's Host.address), else the bind address. The server binds 127.0.0.1 when that address is loopback, else all
 interfaces.
 """
 
 from __future__ import annotations
 
 import http.client
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -30,7 +28,6 @@ from .base import JobContext, JobFailed, spec_int, write_json
 REPLICA_EVENT = "replica"  # the metric record's key; its value: READY or DRAINING
 READY = "ready"
 DRAINING = "draining"
-REPLICA_HOST_ENV = "NEURONDECK_REPLICA_HOST"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVE_FILE = "serve.json"
 DEFAULT_BATCH = 8
@@ -55,15 +52,13 @@ class ServeSettings:
     replica_id: int | None
 
 
-def serve_settings(spec: dict, env: dict | None = None) -> ServeSettings:
-    """The options from the job spec, checked (bad_input naming the field); `env`
-    (default os.environ) may name the address to advertise."""
+def serve_settings(spec: dict) -> ServeSettings:
+    """The options from the job spec, checked (bad_input naming the field)."""
     batch = spec_int(spec, "max_batch_size", maximum=256, default=DEFAULT_BATCH)
     concurrent = spec_int(spec, "max_concurrent", maximum=100_000, default=batch * 4)
     if concurrent < batch:
         raise JobFailed("bad_input", f"spec field 'max_concurrent' ({concurrent}) must be >= max_batch_size ({batch})")
-    env = os.environ if env is None else env
-    advertise = env.get(REPLICA_HOST_ENV) or spec.get("advertise_host") or spec.get("bind_host") or "127.0.0.1"
+    advertise = spec.get("advertise_host") or spec.get("bind_host") or "127.0.0.1"
     bind = spec.get("bind_host") or ("127.0.0.1" if advertise in LOOPBACK else "0.0.0.0")
     if advertise in ("0.0.0.0", "::"):
         advertise = socket.gethostname()

@@ -42,6 +42,7 @@ NEURON_SDK_ENV = "NEURONDECK_NEURON_SDK"
 ADDRESS_ENV = "NEURONDECK_ADDRESS"
 NETWORK_ENV = "NEURONDECK_NETWORK"
 GANG_HOSTS_ENV = "NEURONDECK_GANG_HOSTS"
+TRIAL_STEPS_ENV = "NEURONDECK_TRIAL_STEPS"
 
 # The Neuron SDK's own default compile cache (neuron.md §4.4).
 DEFAULT_COMPILE_CACHE = "/var/tmp/neuron-compile-cache"
@@ -143,6 +144,12 @@ def gang_hosts(env: Env = None) -> tuple[str, ...]:
     () outside a gang."""
     raw = _word(GANG_HOSTS_ENV, env, rule="comma-separated host addresses without whitespace") or ""
     return tuple(part for part in raw.split(",") if part)
+
+
+def trial_steps(env: Env = None) -> int | None:
+    """NEURONDECK_TRIAL_STEPS: set by NeuronDeck for a fine-tune's precompile stage
+    (neuron_parallel_compile): train this many steps and save nothing; None otherwise."""
+    return _int(TRIAL_STEPS_ENV, env, minimum=1)
 
 
 def cpu_slots(env: Env = None) -> int:
@@ -293,6 +300,7 @@ SWITCHES: dict[str, Callable[[Env], object]] = {
     ADDRESS_ENV: address,
     NETWORK_ENV: network,
     GANG_HOSTS_ENV: gang_hosts,
+    TRIAL_STEPS_ENV: trial_steps,
 }
 
 

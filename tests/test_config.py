@@ -48,6 +48,7 @@ def test_every_switch_has_its_default_when_unset(monkeypatch):
         "NEURONDECK_ADDRESS": "",
         "NEURONDECK_NETWORK": "",
         "NEURONDECK_GANG_HOSTS": (),
+        "NEURONDECK_TRIAL_STEPS": None,
     }
 
 
@@ -93,6 +94,7 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_ADDRESS": " 10.0.3.7 ",
         "NEURONDECK_NETWORK": "pg-trn1-a",
         "NEURONDECK_GANG_HOSTS": "10.0.3.7,10.0.3.8",
+        "NEURONDECK_TRIAL_STEPS": "3",
     }
     assert config.values(env) == {
         "NEURONDECK_HOST": "trn1-a",
@@ -114,6 +116,7 @@ def test_valid_values_are_parsed_to_their_types():
         "NEURONDECK_ADDRESS": "10.0.3.7",
         "NEURONDECK_NETWORK": "pg-trn1-a",
         "NEURONDECK_GANG_HOSTS": ("10.0.3.7", "10.0.3.8"),
+        "NEURONDECK_TRIAL_STEPS": 3,
     }
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from neuron_workers.backends import JobFailed, get_backend, neuron_launch, neuron_train
+from neuron_workers.config import TRIAL_STEPS_ENV
 from neuron_workers.backends.neuron_parallel import (
-    TRIAL_STEPS_ENV,
     ParallelOptionError,
     check_parallel_options,
     precompile_command,

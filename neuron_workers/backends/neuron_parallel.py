@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..config import TRIAL_STEPS_ENV
 from .training_options import PRECOMPILE_TRIAL_STEPS
 
-TRIAL_STEPS_ENV = "NEURONDECK_TRIAL_STEPS"  # set for the precompile run: train this many steps, save nothing
 
 
 class ParallelOptionError(ValueError):

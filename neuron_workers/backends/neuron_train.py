@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .. import config
 from . import hf
 from .base import JobContext, JobFailed, write_json
 from .detect import native_neuron_device_available
@@ -37,7 +38,7 @@ from .neuron_env import installed_framework, rank_core
 from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
 from .neuron_launch import ERROR_FILE, JOB_FILE, METRIC_PREFIX, RESULT_FILE
 from .neuron_matrix import NATIVE, XLA
-from .neuron_parallel import TRIAL_STEPS_ENV, ParallelOptionError, trainer_arguments, uses_neuron_trainer
+from .neuron_parallel import ParallelOptionError, trainer_arguments, uses_neuron_trainer
 
 
 def training_mode(framework: str | None = None) -> str:
@@ -122,8 +123,7 @@ def wrap_for_data_parallel(mode: str, model: Any, hooks: TrainHooks, world_size:
 
 def trial_steps(environ: dict[str, str] | None = None) -> int | None:
     """The precompile stage's trial length (neuron_parallel.precompile_command), else None."""
-    raw = (os.environ if environ is None else environ).get(TRIAL_STEPS_ENV)
-    return int(raw) if raw and raw.isdigit() else None
+    return config.trial_steps(environ)
 
 
 def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, framework: str | None = None) -> dict:

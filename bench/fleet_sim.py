@@ -109,7 +109,7 @@ TICK_S = 30.0  # virtual seconds between passes (--tick)
 BURST_S = 1800.0  # a submission rush lasts half an hour
 ETA_MAX_STEPS = 2000  # a replay that has not started the job by then counts as no estimate (an error of inf)
 FAIR_CHARGE_S = 3600.0  # settings.FAIRSHARE_QUEUE_CHARGE_S
-OVERDUE_H = 6.0  # settings.SCHED_OVERDUE_AFTER_H (--overdue-h)
+OVERDUE_H = 0.5  # settings.SCHED_OVERDUE_AFTER_H (--overdue-h)
 EPOCH = datetime(2026, 1, 1, tzinfo=dt_timezone.utc)  # virtual time 0
 
 

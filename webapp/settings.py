@@ -343,7 +343,7 @@ FAIRSHARE_QUEUE_CHARGE_S = envint("FAIRSHARE_QUEUE_CHARGE_S", 3600)
 FAIRSHARE_CACHE_S = float(os.environ.get("FAIRSHARE_CACHE_S", "5"))
 # Starvation guard: a job pending longer than this goes ahead of fair share, oldest
 # first (jobs.quotas.fairshare), so the EASY reservation reaches it; 0 turns it off.
-SCHED_OVERDUE_AFTER_H = float(os.environ.get("SCHED_OVERDUE_AFTER_H", "6"))
+SCHED_OVERDUE_AFTER_H = float(os.environ.get("SCHED_OVERDUE_AFTER_H", "0.5"))
 
 # --- Inference endpoints (jobs.endpoints) ----------------------------------------
 ENDPOINT_RECONCILE_S = float(os.environ.get("ENDPOINT_RECONCILE_S", "2"))  # the reconciler + autoscaler beat

@@ -3,8 +3,10 @@ batching, 429 at max_concurrent, drain on SIGTERM, and the serve job kind throug
 the real runner. Real servers on localhost, the tiny random-weight model."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from neuron_workers.backends.serve_handoff import bind_free_port
 from tests.polling import wait_until
 from tests.serve_support import ROOT, replica, sse_events
 
@@ -226,3 +229,26 @@ def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_model_dir):
         assert "".join(pieces) == text
         assert all("\ufffd" not in piece for piece in pieces)
     assert token_bytes_table(tokenizer) is not None
+
+
+def test_the_replicas_connections_send_without_waiting_for_acks():
+    """Nagle off on every accepted connection: asyncio sets TCP_NODELAY only when the
+    listening socket says it is TCP, and without it each answer on a kept-alive
+    connection (the gateway's) waited for the peer's delayed ACK."""
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = bind_free_port("127.0.0.1")
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        try:
+            return await asyncio.wait_for(seen, timeout=10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) == 1

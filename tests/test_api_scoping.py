@@ -21,6 +21,8 @@ ID_URLS: dict[tuple[str, str], str] = {
     ("GET", "/jobs/{job_id}"): "/api/v1/jobs/{job}",
     ("GET", "/jobs/{job_id}/logs"): "/api/v1/jobs/{job}/logs?offset=0",
     ("POST", "/jobs/{job_id}/cancel"): "/api/v1/jobs/{job}/cancel",
+    ("POST", "/jobs/{job_id}/suspend"): "/api/v1/jobs/{job}/suspend",
+    ("POST", "/jobs/{job_id}/resume"): "/api/v1/jobs/{job}/resume",
     ("GET", "/jobs/{job_id}/artifacts/{path:name}"): "/api/v1/jobs/{job}/artifacts/outputs.jsonl",
     ("GET", "/models/{model_id}"): "/api/v1/models/{model}",
     ("GET", "/datasets/{dataset_id}"): "/api/v1/datasets/{dataset}",
@@ -74,7 +76,9 @@ def test_charlie_gets_404_for_visions_objects_and_learns_nothing(cast, visions, 
 @pytest.mark.parametrize("method,template", [(m, url) for (m, _), url in ID_URLS.items()],
                          ids=[f"{m} {p}" for m, p in ID_URLS])
 def test_alice_of_vision_reaches_the_same_urls(cast, visions, method, template):
-    assert call(api_client(cast.alice), method, template.format(**visions)).status_code == 200
+    # vision's job is an inference: only fine-tunes suspend, so her answer is the refusal
+    expected = 409 if template.endswith(("/suspend", "/resume")) else 200
+    assert call(api_client(cast.alice), method, template.format(**visions)).status_code == expected
 
 
 def test_charlies_404_on_cancel_leaves_the_job_running(cast, visions):

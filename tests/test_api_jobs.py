@@ -110,10 +110,10 @@ def test_a_submit_costs_a_fixed_handful_of_statements(cast, bob, tiny_model, cpu
     with CaptureQueriesContext(connection) as queries:
         submit(bob, inference_body(tiny_model))
     # token + user, membership + team, the form's model, the family's hosts, a bound
-    # of the month's use (roll-up days, unfolded attempts); then the quota lock,
-    # pending count, the user's cap (none here), job and event inserts, in the
+    # of the month's use (roll-up days, unfolded attempts); then the quota lock (with
+    # the user's cap in the same query), pending count, job and event inserts, in the
     # test's savepoint.
-    assert len(queries) == 13, "\n".join(q["sql"][:120] for q in queries.captured_queries)
+    assert len(queries) == 12, "\n".join(q["sql"][:120] for q in queries.captured_queries)
     assert not [q for q in queries.captured_queries if "jobs_apitoken" in q["sql"] and "UPDATE" in q["sql"]]
 
 

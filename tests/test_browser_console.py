@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from conftest import SHOTS, log_in
 from jobs.lifecycle import states
+from jobs.lifecycle.forms import MAX_HOSTS
 from jobs.live import metrics
 from jobs.models import AuditEntry, CoreAllocation, FamilyQuota, Host, Job, Membership, Team
 from live_support import clean_streams, neuron_host, running_job  # noqa: F401
@@ -335,7 +336,8 @@ def test_the_job_form_preselects_the_lone_model_offers_one_prompt_choice_and_mar
     family = page.locator("#id_family")
     assert family.locator("option[value='trn2']").inner_text() == "Trainium2 (no host online)"
     assert family.locator("option[value='trn1']").inner_text() == "Trainium"  # trn-walk is online
-    expect(page.locator("#id_cores_limit")).to_have_text("1–128")
+    # cores in all: up to 128 per host, on up to MAX_HOSTS hosts
+    expect(page.locator("#id_cores_limit")).to_have_text(f"1–{128 * MAX_HOSTS:,}")
     expect(page.locator("#id_max_runtime_s_limit")).to_contain_text("86,400 s")
     expect(page.locator("#cores-note")).to_contain_text("up to 16 cpu cores")
     family.select_option("trn2")

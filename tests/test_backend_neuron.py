@@ -45,10 +45,18 @@ def installed(monkeypatch) -> dict:
     return versions
 
 
+# What a job's launch puts in its process's environment. Tests that start job processes
+# in-process (the supervisor's) may leave them behind; a backend test starts without.
+JOB_VARIABLES = ("NEURON_RT_VISIBLE_CORES", "NEURON_PROCESS_TAG", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "WORLD_SIZE",
+                 "RANK", "NEURON_RT_ROOT_COMM_ID", "NEURONDECK_TRIAL_STEPS", "NEURONDECK_JOB_CORES")
+
+
 @pytest.fixture(autouse=True)
 def restore_environ():
     """The backend sets its process's environment for the job (the job process is its own)."""
     saved = dict(os.environ)
+    for name in JOB_VARIABLES:
+        os.environ.pop(name, None)
     yield
     os.environ.clear()
     os.environ.update(saved)

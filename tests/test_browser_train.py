@@ -12,8 +12,10 @@ from tests.polling import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-SPEC = {"steps": 600, "learning_rate": 3e-3, "batch_size": 4, "sequence_length": 32, "seed": 1,
-        "checkpoint_every": 1000, "keep_checkpoints": 3, "lr_schedule": "constant"}
+# Long enough that the run is still going when the page is open and bob clicks Suspend.
+STEPS = 3000
+SPEC = {"steps": STEPS, "learning_rate": 3e-3, "batch_size": 4, "sequence_length": 32, "seed": 1,
+        "checkpoint_every": 2 * STEPS, "keep_checkpoints": 3, "lr_schedule": "constant"}
 
 
 def test_bob_suspends_a_running_finetune_from_its_page_and_resumes_it_from_its_checkpoint(
@@ -40,16 +42,20 @@ def test_bob_suspends_a_running_finetune_from_its_page_and_resumes_it_from_its_c
     suspend.click()
     expect(page.locator("#job-status")).to_have_text("suspended", timeout=15_000)
     assert not CoreAllocation.objects.filter(job=job).exists()
-    # The stopped attempt saved its step in the kill grace; the timeline shows it.
-    expect(page.locator("#timeline")).to_contain_text("checkpoint at step", timeout=30_000)
+    # The stopped attempt saves its step in the kill grace (after the status changed:
+    # the worker stops the process then); the timeline shows it.
+    wait_until(lambda: JobEvent.objects.filter(job=job, kind="checkpoint").exists(), 60,
+               message="the suspended attempt to save its checkpoint")
+    page.reload()
+    expect(page.locator("#timeline")).to_contain_text("checkpoint at step")
     saved = JobEvent.objects.get(job=job, kind="checkpoint").data["step"]
     expect(page.locator("#resume-form button")).to_be_visible()
     expect(page.locator("#suspend-form")).to_be_hidden()
     page.screenshot(path=str(SHOTS / "job-suspended-phone.png"), full_page=True)
 
     page.locator("#resume-form button").click()
-    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
-    expect(page.locator("#timeline")).to_contain_text(f"resumed from step {saved} of 600")
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=300_000)
+    expect(page.locator("#timeline")).to_contain_text(f"resumed from step {saved} of {STEPS}")
     job.refresh_from_db()
-    assert job.result["resumed_from_step"] == saved and job.result["steps"] == 600
+    assert job.result["resumed_from_step"] == saved and job.result["steps"] == STEPS
     assert job.attempts == 2

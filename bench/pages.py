@@ -1,5 +1,7 @@
-"""Page latency and query count at scale: 1,000,000 jobs across 200 teams and a
-year of usage roll-ups, against the same pages on an empty database.
+"""Page latency and query count at scale: 1,000,000 jobs across 200 teams, a year
+of usage roll-ups, endpoints' replica histories and a notification per finished
+job, against the same pages on an empty database. Target: every page p95 < 100 ms
+with as many queries as on the empty database.
 
     .venv/bin/python bench/pages.py            # create, fill, measure (a few minutes)
     .venv/bin/python bench/pages.py --reuse    # measure again on the filled database
@@ -7,24 +9,31 @@ year of usage roll-ups, against the same pages on an empty database.
 
 It uses its own PostgreSQL databases (never the dev or test database):
 `neurondeck_bench_pages` (filled, kept for --reuse) and
-`neurondeck_bench_pages_empty` (the baseline: the same teams, users and hosts,
-one job, no history; recreated each run) and Redis db 9 (read, never flushed).
-PostgreSQL is reached at BENCH_PG (default postgres://postgres@127.0.0.1:5432).
+`neurondeck_bench_pages_empty` (the baseline: the same teams, users, hosts,
+endpoints and subscriptions, one job and its notification, no history; recreated
+each run) and Redis db 9 (read, never flushed). PostgreSQL is reached at BENCH_PG
+(default postgres://postgres@127.0.0.1:5432), Redis at BENCH_PAGES_REDIS_URL.
 
 The fill is set-based SQL (generate_series INSERT … SELECT), not the ORM: jobs
 with ids in submit order over the last 365 days, their attempts (3 % preempted
 and run again, the newest few hundred still running, the newest pending), three
-events each, utilization minutes of the running jobs, and a year of usage
-roll-ups computed in SQL from the attempts (split at each team's local midnight)
-up to two hours ago (and the site's running wait totals rebuilt from them);
-then the real roll-up (jobs.usage_rollup.fold) folds the rest, as the Celery task
-would.
+events each, utilization minutes of the running jobs; 3 % of the jobs are endpoint
+replicas (kind serve) of their team's two endpoints (a revision a month; the
+timeline's rollouts, ready and stopped events); a notification for each job that
+succeeded or failed, delivered to the team's webhook (and a failed job's to its
+owner's email); a year of usage roll-ups computed in SQL from the attempts (split
+at each team's local midnight) up to two hours ago (and the site's running wait
+totals rebuilt from them); then the real roll-up (jobs.usage.rollup.fold) folds
+the rest, as the Celery task would.
 
 Pages are requested in-process with Django's test client (DEBUG off) under
-CaptureQueriesContext: the job list, a job page, the team usage page, the site
-usage page and the admin quota page (/quotas/). A page that answers 404 or is not
-routed is reported as missing. For a page over the 100 ms target its slowest
-queries are printed. The last line is one JSON object:
+CaptureQueriesContext, all of the busiest team (as its manager) or the site (as
+staff): the job list, a job page, the team usage page, the site usage page, the
+admin quota page (/quotas/), the team page (its fair-share standing), the team's
+endpoints, its endpoint with the longest history, the notifications page and the
+team webhook's delivery log. A page that answers 404 or is not routed is reported
+as missing. For a page over the 100 ms target its slowest queries are printed.
+The last line is one JSON object:
 {"jobs": N, "pages": {"<page>": {"p50_ms", "p95_ms", "queries", "p95_ms_empty", "queries_empty",
 "cpu_p50_ms"}, ...}, "loadavg": {"start": [1, 5, 15 min], "end": [...]}} (cpu: the bench
 process's CPU time per request, steadier than wall time on a shared machine)
@@ -66,13 +75,16 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.cache import cache  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
+from django.db.models import Count  # noqa: E402
 from django.test import Client  # noqa: E402
 from django.test.utils import CaptureQueriesContext  # noqa: E402
 from django.urls import Resolver404, resolve  # noqa: E402
 
 from jobs.usage import accounting  # noqa: E402
-from jobs.models import (Host, Job, JobAttempt, JobEvent, JobUsage, Membership, MetricMinute, Role,  # noqa: E402
-                         UsageDaily, UsageRollupState, UsageSiteDaily, UsageSiteWaitTotal, UsageTeamDay)
+from jobs.models import (Delivery, Endpoint, EndpointEvent, EndpointRevision, EventKind, Host, Job,  # noqa: E402
+                         JobAttempt, JobEvent, JobUsage, Membership, MetricMinute, Notification, Replica, Role,
+                         Subscription, Team, UsageDaily, UsageRollupState, UsageSiteDaily, UsageSiteWaitTotal,
+                         UsageTeamDay)
 from jobs.teams.services import team_create  # noqa: E402
 from jobs.usage.rollup import fold, rebuild_site_wait_totals  # noqa: E402
 
@@ -83,9 +95,13 @@ TIME_ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Asia/
 HOSTS = [("trn", "trn1.32xlarge", "trn1", 32, 24), ("inf", "inf2.48xlarge", "inf2", 24, 24),
          ("infx", "inf2.xlarge", "inf2", 2, 8), ("trnx", "trn1.2xlarge", "trn1", 2, 8)]
 RUNNING, PENDING = 400, 200  # the newest jobs: pending, and before them running
+SERVE_SHARE = 0.03  # jobs that are endpoint replicas (kind serve), spread over each team's endpoints
+ENDPOINTS_PER_TEAM = 2
+REVISION_DAYS = 30  # a new endpoint revision (rollout) about monthly
 HISTORY_LAG = timedelta(hours=2)  # the SQL roll-up stops here; the real fold does the rest
 TARGET_MS = 100.0
-PAGES = ("job_list", "job_page", "team_usage", "site_usage", "quotas")
+PAGES = ("job_list", "job_page", "team_usage", "site_usage", "quotas", "team_page", "endpoint_list", "endpoint_page",
+         "notifications", "subscription")
 
 
 def log(message: str) -> None:
@@ -142,6 +158,22 @@ def create_cast() -> None:
                   backend="neuron", last_heartbeat=now())
              for prefix, it, family, cores, count in HOSTS for i in range(count)]
     Host.objects.bulk_create(hosts)
+    teams = list(Team.objects.order_by("pk"))
+    endpoints = Endpoint.objects.bulk_create(
+        [Endpoint(team=team, name=f"ep-{i}", options={"max_batch_size": 4, "max_seq_len": 128, "max_concurrent": 8},
+                  serving_revision=1) for team in teams for i in range(ENDPOINTS_PER_TEAM)])
+    EndpointRevision.objects.bulk_create([EndpointRevision(endpoint=e, number=1, state=EndpointRevision.State.LIVE)
+                                          for e in endpoints])
+    # Each team's manager has the team's job outcomes sent to a signed webhook; every
+    # member has their own failed jobs emailed.
+    managers = {m.team_id: m.user_id for m in Membership.objects.filter(role=Role.MANAGER)}
+    subs = [Subscription(team=team, user_id=managers[team.pk], scope=Subscription.Scope.TEAM,
+                         channel=Subscription.Channel.WEBHOOK, target=f"https://hooks.example.com/{team.slug}",
+                         events=[EventKind.JOB_SUCCEEDED, EventKind.JOB_FAILED]) for team in teams]
+    subs += [Subscription(team_id=m.team_id, user_id=m.user_id, scope=Subscription.Scope.SELF,
+                          channel=Subscription.Channel.EMAIL, target=f"{m.user_id}@example.com",
+                          events=[EventKind.JOB_FAILED]) for m in memberships]
+    Subscription.objects.bulk_create(subs, batch_size=1000)
 
 
 def now() -> datetime:
@@ -201,7 +233,8 @@ def fill(n_jobs: int) -> dict:
                 SELECT g,
                        floor({TEAMS} * power(random(), 1.6))::int AS ti,
                        floor(random() * {USERS_PER_TEAM})::int AS ui,
-                       (ARRAY['compile','inference','finetune'])[1 + floor(random() * 3)::int] AS kind,
+                       CASE WHEN random() < {SERVE_SHARE} THEN 'serve'
+                            ELSE (ARRAY['compile','inference','finetune'])[1 + floor(random() * 3)::int] END AS kind,
                        {host_lo} + floor(random() * {n_hosts})::int AS host_id,
                        %(start)s::timestamptz + (g::float8 / {n_jobs}) * interval '365 days'
                            - (random() * interval '20 minutes') AS created_at,
@@ -274,6 +307,10 @@ def fill(n_jobs: int) -> dict:
         insert_select(cur, JobEvent, {**ev, "at": "ended_at", "kind": "status"},
                       "FROM bj WHERE status IN ('succeeded','failed','cancelled')")
         timings["events"] = time.time() - t0
+        fill_endpoints(cur)
+        timings["endpoints"] = time.time() - t0
+        fill_notifications(cur)
+        timings["notifications"] = time.time() - t0
         # Utilization minutes of the running jobs over their last two hours, per core
         # and the job-level (core -1) row the metrics roll-up also writes.
         insert_select(cur, MetricMinute, {
@@ -296,6 +333,90 @@ def fill(n_jobs: int) -> dict:
     timings["fold"] = time.time() - t1
     log(f"real fold after the SQL history: {stats.as_dict()} in {timings['fold']:.1f} s")
     return timings
+
+
+def fill_endpoints(cur) -> None:
+    """The serve jobs as replicas of their team's endpoints (running: ready, pending:
+    starting, finished: stopped or failed), a revision about every REVISION_DAYS of
+    each endpoint's history, and the timeline: a rollout and its traffic shift per
+    revision, each replica's ready and stopped / failed events."""
+    cur.execute(f"""
+        CREATE TEMP TABLE br AS
+        SELECT g, e.id AS endpoint_id, status, created_at, started_at, ended_at,
+               1 + floor(extract(epoch FROM created_at - (SELECT min(created_at) FROM bj))
+                         / {REVISION_DAYS * 86400})::int AS revision,
+               20 + 60 * r_util AS cold_s
+        FROM bj JOIN (SELECT id, team_id, row_number() OVER (PARTITION BY team_id ORDER BY id) - 1 AS k
+                      FROM jobs_endpoint) e ON e.team_id = bj.team_id AND e.k = bj.g % {ENDPOINTS_PER_TEAM}
+        WHERE kind = 'serve'
+    """)
+    insert_select(cur, Replica, {
+        "endpoint_id": "endpoint_id", "job_id": "g", "revision": "revision",
+        "state": "CASE status WHEN 'running' THEN 'ready' WHEN 'pending' THEN 'starting' "
+                 "WHEN 'failed' THEN 'failed' ELSE 'stopped' END",
+        "url": "CASE WHEN status = 'running' THEN 'http://10.0.0.1:' || (9000 + g %% 1000) ELSE '' END",
+        "created_at": "created_at",
+        "ready_at": "CASE WHEN started_at IS NOT NULL THEN started_at + cold_s * interval '1 second' END",
+        "stopped_at": "ended_at"}, "FROM br")
+    cur.execute("""
+        UPDATE jobs_endpoint e SET revision = r.n, serving_revision = r.n, created_at = r.first
+        FROM (SELECT endpoint_id, max(revision) AS n, min(created_at) AS first FROM br GROUP BY endpoint_id) r
+        WHERE r.endpoint_id = e.id
+    """)
+    insert_select(cur, EndpointRevision, {
+        "endpoint_id": "e.id", "number": "n", "cores_per_replica": "e.cores_per_replica",
+        "state": "CASE WHEN n = e.revision THEN 'live' ELSE 'superseded' END",
+        "created_at": f"e.created_at + (n - 1) * interval '{REVISION_DAYS} days'",
+        "options": "e.options"}, "FROM jobs_endpoint e, generate_series(2, e.revision) n")
+    event = {"endpoint_id": "endpoint_id", "actor_id": "NULL"}
+    insert_select(cur, EndpointEvent, {
+        **event, "at": "min(created_at)", "kind": "'rollout_started'", "revision": "revision",
+        "message": "'revision ' || revision", "data": "'{}'::jsonb"},
+        "FROM br WHERE revision > 1 GROUP BY endpoint_id, revision")
+    insert_select(cur, EndpointEvent, {
+        **event, "at": "min(started_at) + interval '1 minute'", "kind": "'traffic_shifted'", "revision": "revision",
+        "message": "'traffic on revision ' || revision", "data": "'{}'::jsonb"},
+        "FROM br WHERE revision > 1 AND started_at IS NOT NULL GROUP BY endpoint_id, revision")
+    insert_select(cur, EndpointEvent, {
+        **event, "at": "started_at + cold_s * interval '1 second'", "kind": "'replica_ready'", "revision": "revision",
+        "message": "'replica ' || g || ' ready'",
+        "data": "jsonb_build_object('replica', g, 'cold_start_s', round(cold_s::numeric, 3), "
+                "'load_s', round((cold_s / 2)::numeric, 3))"},
+        "FROM br WHERE started_at IS NOT NULL")
+    insert_select(cur, EndpointEvent, {
+        **event, "at": "ended_at", "kind": "CASE WHEN status = 'failed' THEN 'replica_failed' ELSE 'replica_stopped' END",
+        "revision": "revision", "message": "'replica ' || g || ' ' || status", "data": "jsonb_build_object('replica', g)"},
+        "FROM br WHERE ended_at IS NOT NULL")
+
+
+def fill_notifications(cur) -> None:
+    """A notification for every job that succeeded or failed (the team webhook wants
+    both), delivered to the team's webhook and, for a failed job, to its owner's
+    email; the last hour's deliveries still pending, 2 % given up."""
+    cur.execute("CREATE TEMP TABLE bn (id bigint, g int, team_id int, user_id int, status text, at timestamptz)")
+    insert_select(cur, Notification, {
+        "team_id": "team_id", "job_id": "g", "user_id": "user_id", "kind": "'job.' || status",
+        "title": "'Job ' || g || ' ' || status", "created_at": "ended_at",
+        "payload": "jsonb_build_object('kind', 'job.' || status, 'team_id', team_id, 'job_id', g)",
+        "dedup_key": "NULL"},
+        "FROM bj WHERE status IN ('succeeded', 'failed') ORDER BY ended_at, g")
+    cur.execute("INSERT INTO bn SELECT n.id, n.job_id, n.team_id, n.user_id, bj.status, n.created_at "
+                "FROM jobs_notification n JOIN bj ON bj.g = n.job_id")
+    delivery = {
+        "notification_id": "bn.id", "subscription_id": "s.id", "delivery_id": "gen_random_uuid()",
+        "status": "CASE WHEN bn.at > %s - interval '1 hour' THEN 'pending' "
+                  "WHEN abs(hashint8(bn.id)) %% 50 = 0 THEN 'failed' ELSE 'delivered' END",
+        "attempts": "CASE WHEN abs(hashint8(bn.id)) %% 50 = 0 THEN 8 ELSE 1 END",
+        "ticket": "1", "next_attempt_at": "bn.at", "created_at": "bn.at",
+        "delivered_at": "CASE WHEN abs(hashint8(bn.id)) %% 50 <> 0 THEN bn.at + interval '2 seconds' END",
+        "last_error": "CASE WHEN abs(hashint8(bn.id)) %% 50 = 0 THEN 'HTTP 500' ELSE '' END"}
+    stamp = [now()]
+    insert_select(cur, Delivery, delivery,
+                  "FROM bn JOIN jobs_subscription s ON s.team_id = bn.team_id AND s.scope = 'team' ORDER BY bn.id",
+                  stamp)
+    insert_select(cur, Delivery, delivery,
+                  "FROM bn JOIN jobs_subscription s ON s.team_id = bn.team_id AND s.scope = 'self' "
+                  "AND s.user_id = bn.user_id WHERE bn.status = 'failed' ORDER BY bn.id", stamp)
 
 
 def job_columns(stamp: datetime) -> dict[str, str]:
@@ -413,15 +534,23 @@ def pages_to_measure() -> dict[str, tuple[str, object]]:
         cur.execute("SELECT team_id FROM jobs_job GROUP BY team_id ORDER BY count(*) DESC, team_id LIMIT 1")
         team_id = cur.fetchone()[0]
     membership = Membership.objects.select_related("team", "user").filter(team_id=team_id, role=Role.MANAGER).first()
-    job = Job.objects.filter(team_id=team_id, status="succeeded").order_by("-id").first()
+    job = Job.objects.filter(team_id=team_id, status="succeeded").exclude(kind="serve").order_by("-id").first()
     admin = User.objects.get(username="admin")
     slug = membership.team.slug
+    # the team's endpoint with the longest history, and its webhook subscription
+    endpoint = (Endpoint.objects.filter(team_id=team_id).annotate(n=Count("replicas")).order_by("-n", "pk").first())
+    webhook = Subscription.objects.filter(team_id=team_id, scope=Subscription.Scope.TEAM).first()
     return {
         "job_list": (f"/teams/{slug}/jobs/", membership.user),
         "job_page": (f"/jobs/{job.pk}/", membership.user),
         "team_usage": (f"/teams/{slug}/usage/", membership.user),
         "site_usage": ("/usage/", admin),
         "quotas": ("/quotas/", admin),
+        "team_page": (f"/teams/{slug}/", membership.user),
+        "endpoint_list": (f"/teams/{slug}/endpoints/", membership.user),
+        "endpoint_page": (f"/endpoints/{endpoint.pk}/", membership.user),
+        "notifications": (f"/teams/{slug}/notifications/", membership.user),
+        "subscription": (f"/teams/{slug}/notifications/subscriptions/{webhook.pk}/", membership.user),
     }
 
 
@@ -520,8 +649,14 @@ def seed_one_job() -> None:
     """The empty database's only job, so the job page has something to show."""
     membership = Membership.objects.filter(role=Role.MANAGER).select_related("team").first()
     t = now()
-    Job.objects.create(team=membership.team, user_id=membership.user_id, kind="compile", family="inf2", cores=1,
-                       status="succeeded", created_at=t - timedelta(minutes=5), finished_at=t)
+    job = Job.objects.create(team=membership.team, user_id=membership.user_id, kind="compile", family="inf2", cores=1,
+                             status="succeeded", created_at=t - timedelta(minutes=5), finished_at=t)
+    # and its notification, delivered to the team's webhook (the history's page reads its deliveries)
+    notification = Notification.objects.create(team=membership.team, job=job, user_id=membership.user_id,
+                                               kind=EventKind.JOB_SUCCEEDED, title=f"Job {job.pk} succeeded")
+    webhook = Subscription.objects.get(team=membership.team, scope=Subscription.Scope.TEAM)
+    Delivery.objects.create(notification=notification, subscription=webhook, status=Delivery.Status.DELIVERED,
+                            attempts=1, delivered_at=t)
 
 
 def extra_pages(targets: dict) -> dict[str, tuple[str, object]]:
@@ -582,7 +717,9 @@ def main() -> None:
               "events": JobEvent.objects.count(), "usage_daily": UsageDaily.objects.count(),
               "usage_team_day": UsageTeamDay.objects.count(), "usage_site_daily": UsageSiteDaily.objects.count(),
               "usage_site_wait_totals": UsageSiteWaitTotal.objects.count(),
-              "job_usage": JobUsage.objects.count(), "metric_minutes": MetricMinute.objects.count()}
+              "job_usage": JobUsage.objects.count(), "metric_minutes": MetricMinute.objects.count(),
+              "replicas": Replica.objects.count(), "endpoint_events": EndpointEvent.objects.count(),
+              "notifications": Notification.objects.count(), "deliveries": Delivery.objects.count()}
     log("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     filled = measure(args.requests, extra_pages(pages_to_measure()))
 

@@ -140,6 +140,29 @@ def test_concurrent_requests_share_forward_passes(server):
     assert len({a["choices"][0]["text"] for a in answers}) == 1
 
 
+def test_requests_joining_a_running_batch_get_their_text_alone(server, tiny_model_dir):
+    """Prompts of different lengths sent together share passes (rows left-padded to a
+    common length, later arrivals merged into the running batch) and each still gets
+    exactly its greedy text alone: padding never leaks into a row's attention."""
+    prompts = ["a", "hello there", "the quick brown fox jumps over", "lorem ipsum dolor sit amet, consectetur adipisci"]
+    before = health(server.url)["forward_passes"]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(prompt: str) -> str:
+                r = await client.post(f"{server.url}/v1/completions",
+                                      json={"prompt": prompt, "max_tokens": 40, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            return await asyncio.gather(*(one(p) for p in prompts * 2))
+
+    texts = asyncio.run(together())
+    assert health(server.url)["forward_passes"] - before < len(texts) * 40
+    for prompt, text in zip(prompts * 2, texts):
+        assert text == reference_text(tiny_model_dir, prompt, 40)
+
+
 def test_max_concurrent_answers_429_with_retry_after(tiny_model_dir, tmp_path):
     with replica(tiny_model_dir, tmp_path, max_batch_size=1, max_concurrent=1) as r:
         long = {"prompt": "hi", "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": True}

@@ -19,6 +19,13 @@ The engine reports tokens through `deliver(events)`, called from its thread once
 per pass with every (request, token, finish) of that pass; the HTTP side
 forwards them to its event loop in one hop per pass instead of one per token.
 
+A decode pass hands the model its attention mask ready-made, (B, 1, 1, T) additive
+(0 where a row attends, the dtype's minimum on its padding): transformers takes a
+4D mask as it is, where a 2D mask with padding in it would be expanded through
+vmap'ed mask functions on every pass, costing more than the forward itself at
+batch 16 on a small model. Models with a sliding window keep the 2D mask (their
+window is applied while expanding it).
+
 The cache is HF's DynamicCache; merging, dropping rows and trimming write the
 layers' `keys`/`values` tensors directly (transformers is pinned; see
 requirements.txt).
@@ -90,6 +97,8 @@ class BatchingEngine:
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_batch_size, self.max_concurrent = max_batch_size, max_concurrent
         self.deliver = deliver
+        self._dtype = next(model.parameters()).dtype
+        self._ready_mask = getattr(getattr(model, "config", None), "sliding_window", None) is None
         self._cv = threading.Condition()
         self._waiting: deque[Generation] = deque()
         self._active: list[Generation] = []
@@ -219,14 +228,23 @@ class BatchingEngine:
     def _decode(self, events: list[Event]) -> None:
         mask = torch.cat([self._mask, torch.ones((self._mask.shape[0], 1), dtype=torch.long)], dim=1)
         positions = self._mask.sum(dim=1, keepdim=True)
-        out = self.model(input_ids=self._last[:, None], attention_mask=mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
+        out = self.model(input_ids=self._last[:, None], attention_mask=self._decode_mask(mask),
+                         position_ids=positions, past_key_values=self._cache, use_cache=True)
         self.forward_passes += 1
         self.decode_passes += 1
         self._cache, self._mask = out.past_key_values, mask
         tokens = self._pick(out.logits[:, -1, :], self._active)
         self._last = tokens
         self._record(self._active, tokens, events)
+
+    def _decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` (B, T) as the (B, 1, 1, T) additive mask of a one-token query (see the
+        module docstring), or as it is for a model with a sliding window."""
+        if not self._ready_mask:
+            return mask
+        additive = torch.zeros(mask.shape, dtype=self._dtype)
+        additive.masked_fill_(mask == 0, torch.finfo(self._dtype).min)
+        return additive[:, None, None, :]
 
     def _pick(self, logits: torch.Tensor, gens: list[Generation]) -> torch.Tensor:
         """Greedy for temperature 0, else a sample from each row's own seeded generator."""

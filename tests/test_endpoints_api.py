@@ -13,7 +13,7 @@ from django.utils import timezone
 from jobs.api.endpoints import router
 from jobs.endpoints.reconcile import reconcile_endpoint
 from jobs.lifecycle import scheduler, states
-from jobs.models import Endpoint, FamilyQuota, Job, Kind, Replica, TeamQuota
+from jobs.models import CoreAllocation, Endpoint, FamilyQuota, Job, Kind, Replica, TeamQuota
 from tests.conftest import api_client
 from tests.endpoint_support import make_model
 
@@ -223,21 +223,68 @@ def _audio_job(cast, cores: int) -> Job:
     return job
 
 
-def test_a_borrowed_replica_is_preempted_for_another_teams_guarantee_and_leaves_the_routes(cast, cpu_host, model):
+def test_a_borrowed_replica_is_drained_before_its_cores_go_to_another_teams_guarantee(cast, cpu_host, model,
+                                                                                     settings):
+    """The scheduler's side of a replica's preemption (no worker: its exit is recorded
+    by hand, as the worker records it): out of the routes at once, its cores kept
+    until its process has ended, the preempting job waiting with the reason, nobody
+    else preempted or placed on those cores meanwhile, then the cores to that job."""
+    from jobs.endpoints.replicas import replica_exited
     from jobs.endpoints.routing import routes
 
+    settings.ENDPOINT_DRAIN_ROUTE_GRACE_S = 0
     FamilyQuota.objects.filter(team=cast.vision, family="cpu").update(guaranteed_cores=0, borrow_limit=4)
     FamilyQuota.objects.filter(team=cast.audio, family="cpu").update(guaranteed_cores=4, borrow_limit=0)
     replica = _running_ready_replica(cast, cpu_host, model, min_replicas=1, max_replicas=1, cores_per_replica=2)
+    cores = set(CoreAllocation.objects.filter(job_id=replica.job_id).values_list("core", flat=True))
     audio = _audio_job(cast, 4)
     report = scheduler.dispatch()
-    assert replica.job_id in report.preempted and audio.pk in report.placed
-    reconcile_endpoint(replica.endpoint_id)
+    assert replica.job_id in report.preempted and audio.pk not in report.placed
     replica.refresh_from_db()
-    assert replica.state == "starting" and replica.url == ""
-    assert routes(replica.endpoint_id)["replicas"] == []
-    assert Job.objects.get(pk=replica.job_id).status == "pending"  # back in the queue, waiting for room
-    assert replica.endpoint.events.filter(kind="replica_preempted").exists()
+    assert replica.state == "draining" and routes(replica.endpoint_id)["replicas"] == []
+    assert Job.objects.get(pk=replica.job_id).status == "running"
+    assert set(CoreAllocation.objects.filter(job_id=replica.job_id).values_list("core", flat=True)) == cores
+    audio.refresh_from_db()
+    assert audio.status == "pending" and audio.reason_code == "preempting"
+    assert f"#{replica.job_id}" in audio.reason, audio.reason
+    events = {e.kind: e for e in replica.endpoint.events.all()}
+    assert f"job #{audio.pk}" in events["replica_preempted"].message
+    # The reconciler stops the drained replica (its worker sends SIGTERM: the server
+    # finishes its requests) and asks for a replacement; until the process has ended,
+    # passes preempt nothing more and place nothing on the cores the job waits for.
+    reconcile_endpoint(replica.endpoint_id)
+    assert Job.objects.get(pk=replica.job_id).cancel_requested
+    replacement = Replica.objects.exclude(pk=replica.pk).get(endpoint_id=replica.endpoint_id)
+    for _ in range(3):
+        again = scheduler.dispatch()
+        assert again.preempted == [] and again.placed == []
+        reconcile_endpoint(replica.endpoint_id)
+    assert Job.objects.get(pk=replacement.job_id).status == "pending"
+    assert Replica.objects.filter(endpoint_id=replica.endpoint_id).count() == 2  # no churn of replicas
+    # The worker records the end of the drained process.
+    assert states.mark_finished(replica.job_id, "cancelled", message="stopped on request", failure="cancelled")
+    replica_exited(replica.job_id)
+    replica.refresh_from_db()
+    assert replica.state == "stopped"
+    assert audio.pk in scheduler.dispatch().placed
+    assert set(CoreAllocation.objects.filter(job_id=audio.pk).values_list("core", flat=True)) >= cores
+    assert Job.objects.get(pk=replacement.job_id).status == "pending"  # borrowed: waits for room, not these cores
+    kinds = list(replica.endpoint.events.order_by("at", "id").values_list("kind", flat=True))
+    assert kinds.index("replica_preempted") < kinds.index("replica_stopped")
+    assert f"job #{audio.pk}" in replica.endpoint.events.get(kind="replica_stopped").message
+
+
+def test_a_replica_that_is_placed_but_not_started_is_requeued_at_once(cast, cpu_host, model):
+    FamilyQuota.objects.filter(team=cast.vision, family="cpu").update(guaranteed_cores=0, borrow_limit=4)
+    FamilyQuota.objects.filter(team=cast.audio, family="cpu").update(guaranteed_cores=4, borrow_limit=0)
+    endpoint = create(api_client(cast.bob), model, min_replicas=1, max_replicas=1, cores_per_replica=2).json()
+    scheduler.dispatch()
+    replica = Replica.objects.get(endpoint_id=endpoint["id"])
+    assert Job.objects.get(pk=replica.job_id).status == "queued"
+    audio = _audio_job(cast, 4)
+    report = scheduler.dispatch()
+    assert replica.job_id in report.preempted and audio.pk in report.placed  # nothing to drain
+    assert Job.objects.get(pk=replica.job_id).status == "pending"
 
 
 def test_a_replica_within_its_teams_guarantee_is_never_preempted(cast, cpu_host, model):

@@ -2,7 +2,8 @@
 reported ready by its worker, drained, stopped. Replica.state changes only here.
 
 A replica is a job: the scheduler places it (contiguous cores, the team's quota:
-never preempted within the guarantee, borrowed ones may be), the worker runs it
+never preempted within the guarantee; a borrowed one may be, after a drain:
+replica_preempted), the worker runs it
 (neuron_workers.execution), usage counts its attempts. It has no time limit
 (max_runtime_s = NO_TIME_LIMIT) and one attempt: a crash fails the job and the
 reconciler starts a new replica in its place."""
@@ -11,11 +12,12 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
+from django.dispatch import receiver
 from django.utils import timezone
 
-from jobs.lifecycle import states
+from jobs.lifecycle import signals, states
 from jobs.endpoints.timeline import endpoint_event
-from jobs.models import Endpoint, EndpointRevision, Job, Kind, Replica
+from jobs.models import Endpoint, EndpointEvent, EndpointRevision, Job, Kind, Replica
 from jobs.quotas.backfill import NO_TIME_LIMIT
 
 R = Replica.State
@@ -62,6 +64,30 @@ def replica_drain(replica: Replica, reason: str) -> bool:
     changed = Replica.objects.filter(pk=replica.pk, state__in=(R.STARTING, R.READY)).update(
         state=R.DRAINING, draining_at=timezone.now(), detail=reason)
     return changed == 1
+
+
+@receiver(signals.drain_requested, dispatch_uid="jobs.endpoints.replica_preempted")
+def replica_preempted(sender, *, job_id: int, message: str, by_job: int, by_team: str, **_) -> bool:
+    """The scheduler preempts this replica's borrowed cores for another team's
+    guarantee (inside its dispatch transaction): out of the routes now, stopped
+    after the routing grace (stop_drained), its in-flight requests finish within its
+    drain, and only when its process has ended do its cores go to job `by_job`.
+    The endpoint then starts a replacement, which waits for room like any job.
+    Returns whether the replica is draining."""
+    replica = Replica.objects.filter(job_id=job_id).only("pk", "endpoint_id", "revision", "state").first()
+    if replica is None:
+        return False
+    lock_endpoint(replica.endpoint_id)
+    if not replica_drain(replica, f"preempted for team {by_team}'s job #{by_job}"):
+        return Replica.objects.filter(pk=replica.pk, state=R.DRAINING).exists()
+    endpoint_event(replica.endpoint_id, "replica_preempted",
+                   f"replica {replica.pk} {message}: it takes no new requests, finishes those in flight "
+                   f"(at most {settings.ENDPOINT_DRAIN_S} s), then stops and its cores go to job #{by_job}",
+                   revision=replica.revision, replica=replica.pk, by_job=by_job, by_team=by_team)
+    from jobs.endpoints import routing
+
+    routing.publish_on_commit(replica.endpoint_id)
+    return True
 
 
 def stop_drained(endpoint_id: int) -> int:
@@ -142,6 +168,8 @@ def sync(replica: Replica, job_status: str, job_reason: str, reason_code: str) -
         detail = job_reason or ("stopped" if not crashed else "its process ended")
         if Replica.objects.filter(pk=replica.pk, state__in=Replica.ACTIVE).update(
                 state=target, stopped_at=now, url="", detail=detail[:500]):
+            if not crashed:
+                _preempted_replica_stopped(replica, now)
             return "failed" if crashed else "stopped"
         return None
     if job_status == S.PENDING and replica.state == R.READY:
@@ -150,6 +178,21 @@ def sync(replica: Replica, job_status: str, job_reason: str, reason_code: str) -
                                                                         detail=job_reason[:500]):
             return "preempted" if reason_code == "preempted" else "requeued"
     return None
+
+
+def _preempted_replica_stopped(replica: Replica, now) -> None:
+    """A preempted replica's timeline ends with its stop: how long it drained and
+    which job gets its cores now."""
+    preempted = (EndpointEvent.objects.filter(endpoint_id=replica.endpoint_id, kind="replica_preempted",
+                                              data__replica=replica.pk).values_list("at", "data").first())
+    if preempted is None:
+        return
+    at, data = preempted
+    endpoint_event(replica.endpoint_id, "replica_stopped",
+                   f"replica {replica.pk} stopped after draining for {(now - at).total_seconds():.1f} s "
+                   f"(preempted); its cores go to job #{data.get('by_job')}",
+                   revision=replica.revision, replica=replica.pk, by_job=data.get("by_job"),
+                   drained_s=round((now - at).total_seconds(), 3))
 
 
 def replica_exited(job_id: int) -> None:

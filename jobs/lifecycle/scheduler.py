@@ -29,8 +29,8 @@ from django.db import transaction
 from django.db.models import Count, Exists, Min
 from django.utils import timezone
 
-from jobs.lifecycle import gangs, states
-from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Team, TeamQuota
+from jobs.lifecycle import gangs, signals, states
+from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Kind, Team, TeamQuota
 from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
 from jobs.quotas.fairshare import QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, core_range
@@ -148,9 +148,12 @@ class RunInputs:
     priorities: dict[str, int]  # kind -> priority (kind_priorities())
     pending: list[PendingRow]
     limit_ends: dict[int, float] = field(default_factory=dict)  # job holding cores -> when its time limit ends
+    drains: set[int] = field(default_factory=set)  # running replicas: a preemption drains them first
+    stopping: dict[int, float] = field(default_factory=dict)  # draining replicas -> their cores are back by then
 
     @classmethod
     def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
+        ends, drains, stopping = holders()
         return cls(
             [(*row[:7], row[7].timestamp()) for row in CoreAllocation.objects
              .values("host_id", "job_id", "team_id", "family", "borrowed", "since")
@@ -158,7 +161,7 @@ class RunInputs:
              .values_list("host_id", "first", "count", "job_id", "team_id", "family", "borrowed", "since")],
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
-            kind_priorities(), pending_rows(limit), limit_ends())
+            kind_priorities(), pending_rows(limit), ends, drains, stopping)
 
     @property
     def shares(self) -> dict[int, float]:
@@ -172,14 +175,34 @@ class RunInputs:
         return {team_id: (used.get(team_id, 0.0), budget[team_id]) for team_id in waiting}
 
 
-def limit_ends() -> dict[int, float]:
-    """When each job holding cores must give them back: its start (or, queued, the
-    time it was placed) plus its time limit, as a Unix timestamp (infinite for a job
-    without one: a replica)."""
+def holders() -> tuple[dict[int, float], set[int], dict[int, float]]:
+    """Of the jobs holding cores: when each must give them back (its start, or,
+    queued, the time it was placed, plus its time limit, as a Unix timestamp;
+    infinite for a job without one: a replica); the running endpoint replicas (a
+    preemption drains them before their cores go); and those of them already draining, with the time their cores are back by at the latest."""
     now = timezone.now()
-    return {pk: (started or queued or now).timestamp() + time_limit_s(limit)
-            for pk, started, queued, limit in Job.objects.filter(status__in=Job.ACTIVE).values_list(
-                "pk", "started_at", "queued_at", "max_runtime_s")}
+    ends, drains, stopping = {}, set(), {}
+    bound = replica_stop_s()
+    for pk, started, queued, limit, kind, status, stop_asked, replica, draining_at in Job.objects.filter(
+            status__in=Job.ACTIVE).values_list("pk", "started_at", "queued_at", "max_runtime_s", "kind", "status",
+                                               "cancel_requested", "replica__state", "replica__draining_at"):
+        ends[pk] = (started or queued or now).timestamp() + time_limit_s(limit)
+        if kind != Kind.SERVE or status != S.RUNNING:
+            continue
+        if stop_asked or replica == "draining":
+            stopping[pk] = (draining_at or now).timestamp() + bound
+        else:
+            drains.add(pk)
+    return ends, drains, stopping
+
+
+def replica_stop_s() -> float:
+    """How long a draining replica may still hold its cores: the routing grace
+    before its stop, a reconcile tick, its drain, the worker's margin before SIGKILL."""
+    from neuron_workers.execution import SERVE_EXIT_MARGIN_S
+
+    return (settings.ENDPOINT_DRAIN_ROUTE_GRACE_S + settings.ENDPOINT_RECONCILE_S + settings.ENDPOINT_DRAIN_S
+            + SERVE_EXIT_MARGIN_S)
 
 
 def lock_hosts() -> list[Host]:
@@ -204,8 +227,11 @@ def fleet_state(hosts: list[Host], inputs: RunInputs, now: float) -> FleetState:
     running = {}
     for job_id, (team_id, family, borrowed, since, by_host) in held.items():
         members = sorted(by_host.items())
+        stop_by = inputs.stopping.get(job_id)
         running[job_id] = Running(job_id, team_id, family, members[0][0], members[0][1],
-                                  inputs.limit_ends.get(job_id, now), tuple(members[1:]), borrowed, since)
+                                  inputs.limit_ends.get(job_id, now) if stop_by is None else stop_by,
+                                  tuple(members[1:]), borrowed, since, drains=job_id in inputs.drains,
+                                  stopping=stop_by is not None)
     return FleetState(host_slots(hosts), running,
                       {(t, f): (g, b) for t, f, g, b in inputs.family_quotas},
                       limit_end={job_id: run.end for job_id, run in running.items()},
@@ -230,7 +256,8 @@ class DispatchRun:
 
     def decide(self) -> PassResult:
         order = pending_order(self.inputs.pending, self.inputs.shares, self.inputs.priorities)
-        self.result = schedule_pass([row.waiting() for row in order], self.state, self.now, "easy", preempt=True)
+        self.result = schedule_pass([row.waiting() for row in order], self.state, self.now, "easy", preempt=True,
+                                    drain_s=replica_stop_s())
         return self.result
 
     @property
@@ -251,13 +278,18 @@ class DispatchRun:
         rows = {row.pk: row for row in self.inputs.pending}
         slugs = dict(Team.objects.filter(pk__in={v.team_id for v, _ in self.result.preempted})
                      .values_list("pk", "slug")) if self.result.preempted else {}
-        for victim, by_job in self.result.preempted:
+        # Draining victims first: their owners lock their endpoints' rows, which must
+        # come before any job row this run changes (the reconciler's lock order).
+        for victim, by_job in sorted(self.result.preempted, key=lambda p: not p[0].stopping):
             job = rows[by_job]
             guaranteed, _ = self.state.quotas.get((job.team_id, job.family), (0, 0))
             message = (f"preempted: team {job.team_slug} reclaimed {n_cores(victim.total, job.family)} for its "
                        f"job #{job.pk}, which needs {job.cores} of its {guaranteed} guaranteed {job.family} cores; "
-                       f"this job was borrowing them beyond team {slugs.get(victim.team_id, '?')}'s guarantee and "
-                       "is back in the queue")
+                       f"this job was borrowing them beyond team {slugs.get(victim.team_id, '?')}'s guarantee")
+            if victim.stopping:
+                self.drain(victim, job, message)
+                continue
+            message += " and is back in the queue"
             # Whoever wins the conditional UPDATE (this requeue, or the worker
             # finishing / the owner cancelling at the same moment), the cores are
             # free once it commits: states releases them inside the transition.
@@ -265,6 +297,21 @@ class DispatchRun:
                               event_data={"by_team": job.team_slug, "by_job": job.pk, "cores": victim.total,
                                           "family": job.family}):
                 self.preempted.append(victim.job_id)
+
+    def drain(self, victim: Running, by: PendingRow, message: str) -> None:
+        """A running replica preempted: it keeps its cores while it drains. Its owner
+        (jobs.endpoints, through the drain_requested signal) takes it out of the routes
+        and stops it once its requests have finished; the job that preempted it waits
+        (reason "preempting") and gets the cores in the first run after it stopped."""
+        answers = signals.drain_requested.send(sender=Job, job_id=victim.job_id, message=message, by_job=by.pk,
+                                               by_team=by.team_slug)
+        states.event(victim.job_id, "preempting", f"{message}: it finishes what it is doing, then stops, and its "
+                     f"cores go to job #{by.pk}", by_team=by.team_slug, by_job=by.pk, cores=victim.total)
+        if not any(handled for _, handled in answers):
+            # Nobody owns its drain: stop it now (SIGTERM and the kill grace); its cores
+            # are freed when its worker records the end.
+            Job.objects.filter(pk=victim.job_id, status__in=Job.ACTIVE).update(cancel_requested=True)
+        self.preempted.append(victim.job_id)
 
     def commit(self) -> None:
         """Move the placed jobs to queued with their core allocations (a job

@@ -23,7 +23,7 @@ virtual time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from jobs.quotas.placement import HostSlots, Placement, place, place_job
@@ -37,6 +37,7 @@ from jobs.quotas.policy import (
     check_gang_hosts,
     check_hosts,
     choose_victims,
+    draining_victims,
     no_room,
     no_room_gang,
 )
@@ -70,6 +71,12 @@ class Running:
     ranks: tuple[Member, ...] = ()
     borrowed: bool = False  # beyond its team's guarantee: may be preempted
     since: float = 0.0  # when it got the cores (newest borrowers are preempted first)
+    # Preempting it asks it to drain (an endpoint replica finishing its requests): it
+    # keeps its cores until its process has stopped, instead of giving them back at once.
+    drains: bool = False
+    # Its stop was asked for (a draining replica): its cores come back by `end`. Nobody
+    # preempts it again, and a job that needs its cores waits for them.
+    stopping: bool = False
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -272,6 +279,7 @@ class FleetState:
                 buckets.extend(set() for _ in range(len(h.core_ids) + 1 - len(buckets)))
                 buckets[len(h.core_ids)].add(h.host_id)
         self._family_runs: dict[str, dict[int, Running]] = {}
+        self._stopping: dict[str, int] = {}  # family -> how many of its running jobs are stopping
         # (family, cores) -> ids of the idle non-draining hosts of that size: where gangs go.
         self._idle: dict[tuple[str, int], set[int]] = {}
         for h in self.hosts.values():
@@ -287,6 +295,8 @@ class FleetState:
             family_runs[run.job_id] = run
         else:
             family_runs.pop(run.job_id, None)
+        if run.stopping:
+            self._stopping[run.family] = self._stopping.get(run.family, 0) + sign
         for host_id, cores in run.members:
             host = self.hosts.get(host_id)
             if host is None:
@@ -355,6 +365,30 @@ class FleetState:
         self._hold(run)
         return run
 
+    def stop(self, job_id: int, until: float) -> Running:
+        """The job was asked to drain and stop by `until`: it keeps its cores till then."""
+        run = replace(self.running[job_id], stopping=True, end=until)
+        if not self.running[job_id].stopping:
+            self._stopping[run.family] = self._stopping.get(run.family, 0) + 1
+        self.running[job_id] = run
+        self._family_runs.setdefault(run.family, {})[job_id] = run
+        self.limit_end[job_id] = until
+        self.version += 1
+        self.fversion[run.family] = self.fversion.get(run.family, 0) + 1
+        return run
+
+    def stopping_jobs(self, family: str) -> list[Running]:
+        return [run for run in self._family_runs.get(family, {}).values() if run.stopping] \
+            if self._stopping.get(family) else []
+
+    def stopping_cores(self, family: str) -> dict[int, frozenset[int]]:
+        """host id -> the cores of the family's stopping jobs there (soon free)."""
+        out: dict[int, set[int]] = {}
+        for run in self.stopping_jobs(family):
+            for host_id, cores in run.members:
+                out.setdefault(host_id, set()).update(cores)
+        return {h: frozenset(c) for h, c in out.items()}
+
     def finish(self, job_id: int) -> Running:
         run = self.running.pop(job_id)
         self.limit_end.pop(job_id, None)
@@ -375,7 +409,8 @@ class FleetState:
         """Other teams' borrowing jobs of `family`, one Borrower per host they hold
         (preempting any of a gang's hosts preempts the whole gang)."""
         return [Borrower(r.job_id, r.team_id, host_id, cores, r.since) for r in self.running.values()
-                if r.borrowed and r.family == family and r.team_id != but_team for host_id, cores in r.members]
+                if r.borrowed and not r.stopping and r.family == family and r.team_id != but_team
+                for host_id, cores in r.members]
 
     def name(self, team_id: int) -> str:
         return self.names.get(team_id, str(team_id))
@@ -388,13 +423,15 @@ class PassResult:
     reasons: dict[int, str] = field(default_factory=dict)  # job id -> reason code
     sentences: dict[int, str] = field(default_factory=dict)  # job id -> the reason for its owner
     preempted: list[tuple[Running, int]] = field(default_factory=list)  # (victim, the job it made room for)
+    # job id -> the draining victims it waits for (preempted in this pass or earlier)
+    awaiting: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 POLICIES = ("easy", "greedy", "fifo")
 
 
 def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: str = "easy", *,
-                  preempt: bool = False) -> PassResult:
+                  preempt: bool = False, drain_s: float = 0.0) -> PassResult:
     """The scheduler's decision: start what may start now, in `order`, on `state`
     (mutated), and say why the rest waits. The dispatcher runs exactly this over the
     database's state and writes the result; forecasts and the simulator run it
@@ -413,10 +450,12 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
       room blocks every later one of that family.
     With `preempt`, a single-host job within its guarantee that finds no room
     preempts other teams' borrowers (policy.choose_victims), unless the cores it
-    would take are reserved. A job held back by its quota blocks nothing.
+    would take are reserved. A victim that drains (Running.drains) keeps its cores
+    for up to `drain_s` while it finishes its work; the job waits for it (reason
+    "preempting") and gets the cores in the first pass after it stopped. A job held back by its quota blocks nothing.
     Same requests on the same fleet are answered once (a long queue is mostly a
     few distinct requests)."""
-    run = _Pass(state, now, policy, preempt)
+    run = _Pass(state, now, policy, preempt, drain_s)
     deferred = []
     for job in order:
         if run.repeated(job):
@@ -435,11 +474,13 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
 
 
 class _Pass:
-    def __init__(self, state: FleetState, now: float, policy: str, preempt: bool):
+    def __init__(self, state: FleetState, now: float, policy: str, preempt: bool, drain_s: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
         self.state, self.now, self.policy, self.preempt = state, now, policy, preempt
+        self.drain_s = drain_s
         self.result = PassResult()
+        self.promised: dict[int, frozenset[int]] = {}  # host -> stopping jobs' cores a job of this pass waits for
         self.blocked: set[str] = set()  # fifo: families whose head found no room
         # Answers reused while what they depend on is unchanged (a long queue is
         # mostly the same few requests): admission depends on the team's use and
@@ -481,7 +522,9 @@ class _Pass:
     def refuse(self, job: Waiting, decision: Decision) -> None:
         self.result.reasons[job.job_id] = decision.code
         self.result.sentences[job.job_id] = decision.sentence
-        if decision.code != "backfill_blocked":  # the only refusal that depends on the job's own time limit
+        # backfill_blocked depends on the job's own time limit, preempting on the cores
+        # promised to it: the same team's same request may get another answer.
+        if decision.code not in ("backfill_blocked", "preempting"):
             self.refused[(job.team_id, job.request)] = (self.state.fversion.get(job.family, 0), decision)
 
     def repeated(self, job: Waiting) -> bool:
@@ -504,12 +547,25 @@ class _Pass:
         if self.failed.get(key) == version:
             return None
         hosts = self.state.candidates(job.family, job.cores // job.host_count, whole=job.host_count > 1)
+        if self.promised:
+            hosts = self.unpromised(hosts)
         if reservation is not None:
             hosts = masked(hosts, reservation)
         spot = place_job(hosts, *job.request)
         if spot is None:
             self.failed[key] = version
         return spot
+
+    def unpromised(self, hosts: list[HostSlots], soon: dict[int, frozenset[int]] | None = None) -> list[HostSlots]:
+        """The hosts with the cores an earlier job of this pass waits for shown as
+        taken, and the `soon` free cores (of stopping jobs) shown as free."""
+        if not self.promised and not soon:
+            return hosts
+        soon = soon or {}
+        return [h if h.host_id not in self.promised and h.host_id not in soon else
+                HostSlots(h.host_id, h.name, h.family, h.core_ids,
+                          (h.used - soon.get(h.host_id, frozenset())) | self.promised.get(h.host_id, frozenset()),
+                          h.draining, h.network) for h in hosts]
 
     def fits_now(self, job: Waiting) -> bool:
         return self.place(job) is not None
@@ -531,10 +587,13 @@ class _Pass:
                 self.refuse(job, backfill_blocked(job.family, job.cores, job.limit_s, reservation.job_id,
                                                   reservation.start - now))
                 return
+        waits = None
         if spot is None and self.preempt and not decision.borrowed and job.host_count == 1:
             spot = self.reclaim(job, end, reservation)
+            if isinstance(spot, Decision):
+                waits, spot = spot, None
         if spot is None:
-            self.refuse(job, self.no_room(job))
+            self.refuse(job, waits or self.no_room(job))
             if self.policy == "fifo":
                 self.blocked.add(job.family)
             elif self.policy == "easy" and reservation is None:
@@ -562,25 +621,53 @@ class _Pass:
         self.refusals[key] = (version, decision)
         return decision
 
-    def reclaim(self, job: Waiting, end: float, reservation: Reservation | None) -> tuple[Placement, ...] | None:
+    def reclaim(self, job: Waiting, end: float,
+                reservation: Reservation | None) -> tuple[Placement, ...] | Decision | None:
         """The job is within its team's guarantee but finds no room: preempt other
-        teams' borrowing jobs (newest first, just enough), then place it."""
+        teams' borrowing jobs (newest first, just enough), then place it. Cores of
+        jobs already stopping count as free (they come back soon), unless an earlier
+        job of this pass waits for them. A victim that drains keeps its cores until it
+        has stopped: the job then waits for it (a Decision saying so) instead of
+        starting now."""
         state = self.state
         version, smallest = self.hopeless.get(job.family, (-1, 0))
         if version == state.version and job.cores >= smallest:
             return None
-        slots = state.slots(job.family)
-        choice = choose_victims(slots, job.family, job.cores, state.borrowers(job.family, job.team_id))
-        if choice is None:
-            if choose_victims(slots, job.family, job.cores, state.borrowers(job.family)) is None:
-                self.hopeless[job.family] = (state.version, job.cores)  # smaller than any earlier failure
-            return None
-        victims, spot = choice
+        stopping = {h: cores - self.promised.get(h, frozenset())
+                    for h, cores in state.stopping_cores(job.family).items()}
+        slots = self.unpromised(state.slots(job.family), stopping)
+        spot = place(slots, job.family, job.cores) if any(stopping.values()) else None
+        victims: list[Borrower] = []
+        if spot is None:
+            choice = choose_victims(slots, job.family, job.cores, state.borrowers(job.family, job.team_id))
+            if choice is None:
+                if choose_victims(slots, job.family, job.cores, state.borrowers(job.family)) is None:
+                    self.hopeless[job.family] = (state.version, job.cores)  # smaller than any earlier failure
+                return None
+            victims, spot = choice
         if reservation is not None and conflicts(spot, end, reservation):
             return None  # the freed cores are the head job's: preempting for them would delay it
         for victim_id in dict.fromkeys(v.job_id for v in victims):
-            self.result.preempted.append((state.finish(victim_id), job.job_id))
-        return place_job(state.slots(job.family), job.family, job.cores)
+            run = state.running[victim_id]
+            if run.drains:
+                self.result.preempted.append((state.stop(victim_id, self.now + self.drain_s), job.job_id))
+            else:
+                self.result.preempted.append((state.finish(victim_id), job.job_id))
+        placed = place_job(self.unpromised(state.slots(job.family)), job.family, job.cores)
+        if placed is not None:
+            return placed
+        # The spot's cores are still held by stopping jobs: wait for them (and keep
+        # them from later jobs of this pass).
+        wanted = frozenset(range(spot.core_start, spot.core_start + spot.cores))
+        self.promised[spot.host_id] = self.promised.get(spot.host_id, frozenset()) | wanted
+        # Placements and refusals found before the promise do not hold now.
+        state.version += 1
+        state.fversion[job.family] = state.fversion.get(job.family, 0) + 1
+        awaited = tuple(sorted(r.job_id for r in state.stopping_jobs(job.family) if any(
+            h == spot.host_id and wanted.intersection(c) for h, c in r.members)))
+        self.result.awaiting[job.job_id] = awaited
+        until = max((state.running[j].end for j in awaited), default=self.now)
+        return draining_victims(job.family, job.cores, awaited, until - self.now)
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,18 @@ def backfill_blocked(family: str, cores: int, limit_s: float, head_job: int, sta
     )
 
 
+def draining_victims(family: str, cores: int, jobs: tuple[int, ...], within_s: float) -> Decision:
+    """The job preempted borrowers for its guarantee, and they are draining (endpoint
+    replicas finishing their requests): it starts once they have stopped."""
+    which = ", ".join(f"#{j}" for j in jobs) or "?"
+    return Decision(
+        False, "preempting",
+        f"needs {n_cores(cores, family)} of its team's guarantee, held by borrowing job{'s' if len(jobs) > 1 else ''} "
+        f"{which}; {'they are' if len(jobs) > 1 else 'it is'} finishing {'their' if len(jobs) > 1 else 'its'} "
+        f"requests and stopping (within {_duration(within_s)}), then this job gets the cores",
+    )
+
+
 def _duration(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     if seconds < 120:
@@ -328,6 +340,9 @@ REASON_HINTS: dict[str, str] = {
     "host_draining": "Every host that could hold it is being drained for maintenance. It starts when one is "
                      "back online.",
     "no_hosts_of_family": "No host of this instance family is online. It starts when one registers.",
+    "preempting": "The cores it needs are guaranteed to its team but borrowed by another team's endpoint "
+                  "replica, which was asked to stop: it takes no new requests and finishes those in progress. "
+                  "It starts as soon as that replica has stopped.",
     "preempted": "Its cores were taken back by the team they are guaranteed to. It runs again when cores are free.",
     "worker_lost": "Its worker stopped responding; it was put back in the queue and runs again.",
     "retry": "Its last attempt crashed; it was put back in the queue and runs again.",

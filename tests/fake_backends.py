@@ -161,7 +161,10 @@ class ServeBackend:
     asked to stop (SIGTERM / STOP file), then finishing and exiting cleanly.
 
     The model's path chooses a failure: "broken" in it exits 1 at start, "hang" never
-    becomes ready; spec "crash_after_s" (tests set it on the job) exits 1 after that."""
+    becomes ready; spec "crash_after_s" (tests set it on the job) exits 1 after that.
+    A request body with "hold_file" streams its first token, then the rest only once
+    that file exists (a long request the test controls); on stop, requests in flight
+    finish before the process exits."""
 
     def run(self, ctx: JobContext) -> dict:
         import http.server
@@ -186,18 +189,24 @@ class ServeBackend:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                try:
+                    hold = json_lib.loads(self.rfile.read(length) or b"{}").get("hold_file")
+                except ValueError:
+                    hold = None
                 served["requests"] += 1
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
-                for token in ("hello", " from", f" replica {ctx.spec.get('replica_id')}"):
+                for i, token in enumerate(("hello", " from", f" replica {ctx.spec.get('replica_id')}")):
+                    while i == 1 and hold and not os.path.exists(hold):
+                        time.sleep(0.02)
                     chunk = {"choices": [{"text": token, "index": 0}]}
                     self.wfile.write(f"data: {json_lib.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
                 self.wfile.write(b"data: [DONE]\n\n")
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = False  # server_close() waits for the requests in flight: the drain
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://{ctx.spec.get('advertise_host', '127.0.0.1')}:{server.server_address[1]}"
         if "hang" not in model_path:
@@ -209,5 +218,6 @@ class ServeBackend:
                 os._exit(1)
             time.sleep(0.05)
         ctx.metric({"event": "serve_draining", "replica_id": ctx.spec.get("replica_id")})
-        server.shutdown()  # in-flight handlers finish: the drain
+        server.shutdown()  # no new connections
+        server.server_close()  # in-flight handlers finish: the drain
         return {"requests": served["requests"], "url": url}

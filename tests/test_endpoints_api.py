@@ -247,6 +247,11 @@ def test_a_borrowed_replica_is_drained_before_its_cores_go_to_another_teams_guar
     audio.refresh_from_db()
     assert audio.status == "pending" and audio.reason_code == "preempting"
     assert f"#{replica.job_id}" in audio.reason, audio.reason
+    from jobs.lifecycle.forecasts import estimates
+    from jobs.lifecycle.scheduler import replica_stop_s
+
+    start = estimates()[audio.pk].start  # by the drain's bound, not never
+    assert start is not None and start <= timezone.now() + timedelta(seconds=replica_stop_s() + 5)
     events = {e.kind: e for e in replica.endpoint.events.all()}
     assert f"job #{audio.pk}" in events["replica_preempted"].message
     # The reconciler stops the drained replica (its worker sends SIGTERM: the server

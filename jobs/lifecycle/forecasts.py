@@ -81,7 +81,7 @@ class Snapshot:
     @classmethod
     def read(cls, extra=None) -> "Snapshot":
         """`extra`: a PendingRow-like job not in the database (a dry run), ordered with the rest."""
-        from jobs.lifecycle.scheduler import host_slots, pending_order, pending_rows
+        from jobs.lifecycle.scheduler import host_slots, pending_order, pending_rows, stopping_replicas
 
         hosts = host_slots(Host.objects.exclude(state=Host.State.OFFLINE).exclude(replay=True)
                            .only("id", "name", "family", "core_ids", "state", "network"))
@@ -95,6 +95,9 @@ class Snapshot:
         active = {pk: ((started or queued or now).timestamp(), limit) for pk, started, queued, limit in
                   Job.objects.filter(pk__in=list(holders)).values_list("pk", "started_at", "queued_at",
                                                                          "max_runtime_s")}
+        for pk, back_by in stopping_replicas().items():
+            if pk in active:  # a draining replica: its cores are back by then, not never
+                active[pk] = (now.timestamp(), max(int(back_by - now.timestamp()), 1))
         rows = pending_rows() + ([extra] if extra is not None else [])
         quotas = {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
             "team_id", "family", "guaranteed_cores", "borrow_limit")}

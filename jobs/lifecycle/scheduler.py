@@ -175,17 +175,20 @@ class RunInputs:
         return {team_id: (used.get(team_id, 0.0), budget[team_id]) for team_id in waiting}
 
 
-def holders() -> tuple[dict[int, float], set[int], dict[int, float]]:
+def holders(jobs=None) -> tuple[dict[int, float], set[int], dict[int, float]]:
     """Of the jobs holding cores: when each must give them back (its start, or,
     queued, the time it was placed, plus its time limit, as a Unix timestamp;
     infinite for a job without one: a replica); the running endpoint replicas (a
-    preemption drains them before their cores go); and those of them already draining, with the time their cores are back by at the latest."""
+    preemption drains them before their cores go); and those of them already
+    draining, with the time their cores are back by at the latest. `jobs`: a
+    narrower queryset to read."""
     now = timezone.now()
     ends, drains, stopping = {}, set(), {}
     bound = replica_stop_s()
-    for pk, started, queued, limit, kind, status, stop_asked, replica, draining_at in Job.objects.filter(
-            status__in=Job.ACTIVE).values_list("pk", "started_at", "queued_at", "max_runtime_s", "kind", "status",
-                                               "cancel_requested", "replica__state", "replica__draining_at"):
+    rows = (Job.objects if jobs is None else jobs).filter(status__in=Job.ACTIVE).values_list(
+        "pk", "started_at", "queued_at", "max_runtime_s", "kind", "status", "cancel_requested", "replica__state",
+        "replica__draining_at")
+    for pk, started, queued, limit, kind, status, stop_asked, replica, draining_at in rows:
         ends[pk] = (started or queued or now).timestamp() + time_limit_s(limit)
         if kind != Kind.SERVE or status != S.RUNNING:
             continue
@@ -194,6 +197,11 @@ def holders() -> tuple[dict[int, float], set[int], dict[int, float]]:
         else:
             drains.add(pk)
     return ends, drains, stopping
+
+
+def stopping_replicas() -> dict[int, float]:
+    """Draining replicas that still hold cores -> when they are back at the latest."""
+    return holders(Job.objects.filter(kind=Kind.SERVE))[2]
 
 
 def replica_stop_s() -> float:

@@ -428,11 +428,11 @@ def test_the_job_page_shows_status_timeline_host_and_log(cast, inference_job):
 
 
 def test_a_pending_job_shows_its_reason_and_queue_position(cast, tiny_model, cpu_host):
-    job = make_job(cast.vision, cast.bob, tiny_model, reason_code="no_free_cores_of_family",
-                   reason="waiting for cores: all 4 cpu cores are in use")
+    job = make_job(cast.vision, cast.bob, tiny_model, reason_code="budget_exhausted",
+                   reason="team vision has used 2.0 of its 1.5 NeuronCore-hours this month")
     page = login(cast.bob).get(f"/jobs/{job.pk}/").content.decode()
-    assert '<code id="job-reason-code">no_free_cores_of_family</code>' in page
-    assert "waiting for cores: all 4 cpu cores are in use" in page
+    assert '<code id="job-reason-code">budget_exhausted</code>' in page
+    assert "team vision has used 2.0 of its 1.5 NeuronCore-hours this month" in page
     assert re.search(r'id="queue-position-value">1<', page)
 
 

@@ -208,6 +208,33 @@ def test_a_reason_is_rewritten_only_when_it_changes(cast, cpu_host, django_asser
         scheduler.dispatch()
 
 
+def test_a_waiting_jobs_figures_are_shown_as_they_are_and_a_pass_rewrites_only_changed_codes(cast, cpu_host, client):
+    set_family(cast.vision, "cpu", 8)
+    singles = [pending(cast.vision, cast.bob) for _ in range(4)]
+    scheduler.dispatch()
+    pair = pending(cast.vision, cast.bob, cores=2)
+    scheduler.dispatch()
+    assert reason(pair) == ("no_free_cores_of_family", "needs 2 cpu cores; team vision uses 4 of its 8 guaranteed; "
+                                                       "only 0 of 4 are free in the fleet")
+    states.mark_finished(singles[0].pk, S.CANCELLED, sources=(S.QUEUED,), failure="cancelled")
+    with CaptureQueriesContext(connection) as queries:
+        assert scheduler.dispatch().placed == []
+    # Same code, other figures: the pass writes no reason ...
+    assert not [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE") and "reason" in q["sql"]]
+    # ... and every place that shows it gives the figures as they are now.
+    now = "needs 2 cpu cores; team vision uses 3 of its 8 guaranteed; only 1 of 4 are free in the fleet"
+    api = api_client(cast.bob)
+    assert api.get(f"/api/v1/jobs/{pair.pk}/pending").json()["reason"] == now
+    assert api.get(f"/api/v1/jobs/{pair.pk}").json()["reason"] == now
+    assert next(j for j in api.get("/api/v1/jobs?team=vision").json()["items"] if j["id"] == pair.pk)["reason"] == now
+    client.force_login(cast.bob)
+    assert now in client.get(f"/jobs/{pair.pk}/").content.decode()
+    assert client.get(f"/jobs/{pair.pk}/status.json").json()["reason"] == now
+    assert now in client.get("/teams/vision/jobs/").content.decode()
+    rows = client.get(f"/teams/vision/jobs/rows.json?ids={pair.pk}").json()["jobs"]
+    assert rows[0]["reason"] == now
+
+
 # --- order: kind priority, fair share, submission ------------------------------------
 
 def test_inference_goes_before_compile_before_finetune(cast, cpu_host):

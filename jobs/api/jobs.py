@@ -324,6 +324,7 @@ def job_submitted(job: Job) -> dict[str, Any]:
 
 def job_document(job: Job) -> dict[str, Any]:
     """The full job: summary + spec, result, artifacts, timeline and queue position."""
+    selectors.show_live_reasons([job])
     artifacts = [{"name": a.name, "size_bytes": a.size_bytes, "is_dir": a.is_dir,
                   "url": reverse("api:job_artifact", kwargs={"job_id": job.pk, "name": a.name})}
                  for a in job.artifacts.all()]
@@ -559,6 +560,7 @@ def list_jobs(request: HttpRequest, team: str | None = None, status: str | None 
     if user:
         jobs = jobs.filter(user__username=user)
     items, envelope = _page(request, jobs.order_by("-id"), limit, offset)
+    selectors.show_live_reasons(items)
     return {**envelope, "items": [job_summary(j) for j in items]}
 
 

@@ -34,7 +34,7 @@ from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Kind
 from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
 from jobs.quotas.fairshare import QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, core_range
-from jobs.quotas.policy import n_cores
+from jobs.quotas.policy import LIVE_REASONS, n_cores
 from jobs.quotas.selectors import core_hours_for_budget, decayed_usage_by_team, kind_priorities, team_shares
 from jobs.wake import KICK_FLAG
 
@@ -343,11 +343,15 @@ class DispatchRun:
 
     def save_reasons(self) -> None:
         """Write the changed waiting reasons (guarded by status, so a job cancelled
-        meanwhile keeps its own reason)."""
+        meanwhile keeps its own reason). A reason of policy.LIVE_REASONS is written
+        when its code changes only: its figures move with every placement, and the
+        pages and the API show them as they are when read (selectors.live_reasons)."""
         reasons = self.reasons
-        changed = [Job(pk=row.pk, reason_code=reasons[row.pk][0], reason=reasons[row.pk][1])
-                   for row in self.inputs.pending
-                   if row.pk in reasons and (row.reason_code, row.reason) != reasons[row.pk]]
+        changed = []
+        for row in self.inputs.pending:
+            code, sentence = reasons.get(row.pk, (row.reason_code, row.reason))
+            if code != row.reason_code or (code not in LIVE_REASONS and sentence != row.reason):
+                changed.append(Job(pk=row.pk, reason_code=code, reason=sentence))
         # A few statements however many jobs and distinct sentences (a backlog of
         # thousands after a burst): bulk_update's UPDATE … CASE, on pending jobs only.
         Job.objects.filter(status=S.PENDING).bulk_update(changed, ["reason_code", "reason"], batch_size=100)

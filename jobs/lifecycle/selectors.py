@@ -3,15 +3,16 @@ page needs, log and event windows, series for charts. No writes here."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from django.db.models import F, QuerySet
+from django.db.models import Count, F, QuerySet
 from django.db.models.functions import Mod
 
 from jobs.assets import storage
-from jobs.models import Artifact, GangMember, Job, JobEvent, JobLogChunk, JobMetric, Team
+from jobs.models import (Artifact, CoreAllocation, FamilyQuota, GangMember, Host, Job, JobEvent, JobLogChunk, JobMetric,
+                         Team)
 
 LOG_TAIL_BYTES = 64 * 1024  # what the job page shows of a long log before following it
 LOG_WINDOW_BYTES = 256 * 1024  # at most this much log per status poll
@@ -65,6 +66,59 @@ def job_page(jobs: QuerySet[Job], *, before: int | None = None, after: int | Non
     return JobPage(page, newer, older)
 
 
+def live_reasons(jobs: Iterable[Job]) -> dict[int, str]:
+    """The waiting sentence of each pending job whose reason is one of
+    policy.LIVE_REASONS, with the figures as they are now (the dispatcher stores those
+    sentences only when the code changes). A fixed number of queries however many
+    jobs; none when no job needs it."""
+    from jobs.quotas.policy import LIVE_REASONS, FamilyState, waiting_sentence
+
+    waiting = [j for j in jobs if j.status == Job.Status.PENDING and j.reason_code in LIVE_REASONS]
+    if not waiting:
+        return {}
+    families = {j.family for j in waiting}
+    teams = {j.team_id for j in waiting}
+    free: dict[str, int] = dict.fromkeys(families, 0)
+    total: dict[str, int] = dict.fromkeys(families, 0)
+    idle: dict[tuple[str, int], int] = {}
+    # The hosts a dispatch places on (not offline, not replaying); draining hosts count in the total only.
+    for family, core_ids, state, held in (Host.objects.filter(family__in=families).exclude(state=Host.State.OFFLINE)
+                                          .exclude(replay=True).annotate(held=Count("allocations"))
+                                          .values_list("family", "core_ids", "state", "held")):
+        size = len(core_ids or ())
+        total[family] += size
+        if state != Host.State.DRAINING:
+            free[family] += size - held
+            if not held:
+                idle[(family, size)] = idle.get((family, size), 0) + 1
+    in_use = {(t, f): n for t, f, n in CoreAllocation.objects.filter(team_id__in=teams, family__in=families)
+              .values_list("team_id", "family").annotate(n=Count("id")).order_by()}
+    quotas = {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.filter(team_id__in=teams, family__in=families)
+              .values_list("team_id", "family", "guaranteed_cores", "borrow_limit")}
+    slugs = dict(Team.objects.filter(pk__in=teams).values_list("pk", "slug"))
+    out = {}
+    for job in waiting:
+        guaranteed, borrow = quotas.get((job.team_id, job.family), (0, 0))
+        fam = FamilyState(guaranteed, borrow, in_use.get((job.team_id, job.family), 0), free[job.family],
+                          total[job.family])
+        sentence = waiting_sentence(job.reason_code, slugs.get(job.team_id, str(job.team_id)), job.family, job.cores,
+                                    job.host_count, job.same_network, fam,
+                                    idle.get((job.family, job.cores // max(job.host_count, 1)), 0))
+        if sentence is not None:
+            out[job.pk] = sentence
+    return out
+
+
+def show_live_reasons(jobs: Iterable[Job]) -> None:
+    """Set each pending job's `reason` (in memory, never saved) to live_reasons' sentence:
+    what every page and API answer that shows a waiting job's reason calls first."""
+    jobs = list(jobs)
+    live = live_reasons(jobs)
+    for job in jobs:
+        if job.pk in live:
+            job.reason = live[job.pk]
+
+
 def _family_queue(job: Job) -> list:
     """The pending jobs of `job`'s family in the order the dispatcher works
     (jobs.scheduler.pending_order over the same rows dispatch reads). The whole
@@ -107,6 +161,7 @@ def pending_explanation(job: Job, limit: int = 5) -> dict:
     dispatcher's last reason code and sentence, the job's place in the queue and who
     is ahead (the queue is ordered once for both)."""
     pending = job.status == Job.Status.PENDING
+    show_live_reasons([job])
     queue = _family_queue(job) if pending else []
     position = queue_position(job, queue) if pending else None
     from jobs.quotas.policy import REASON_HINTS

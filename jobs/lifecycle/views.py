@@ -124,6 +124,7 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     page = selectors.job_page(jobs, before=cursors.get("before") if "before" in request.GET else None,
                               after=cursors.get("after") if "after" in request.GET else None, size=JOBS_PER_PAGE)
     now = timezone.now()
+    selectors.show_live_reasons(page.jobs)
     rows = [(job, list_row(job, now)) for job in page.jobs]
     filtered = bool(request.GET.get("status") or request.GET.get("kind"))
     live = {"url": reverse("job_rows", kwargs={"slug": team.slug}), "poll_ms": LIST_POLL_MS,
@@ -160,7 +161,8 @@ def job_rows(request: HttpRequest, slug: str) -> JsonResponse:
     if errors:
         return JsonResponse({"detail": "bad query parameters", "errors": errors}, status=400)
     now = timezone.now()
-    shown = selectors.team_jobs(team).filter(pk__in=[int(p) for p in raw_ids]) if raw_ids else []
+    shown = list(selectors.team_jobs(team).filter(pk__in=[int(p) for p in raw_ids])) if raw_ids else []
+    selectors.show_live_reasons(shown)
     newer = 0
     if "newest" in request.GET:
         newer = len(jobs.filter(pk__gt=cursors["newest"]).values_list("pk", flat=True)[:MAX_ROWS_ASKED])
@@ -317,6 +319,7 @@ def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, statu
 @login_required
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = access.get_job(request.user, job_id)
+    selectors.show_live_reasons([job])
     events = selectors.job_events(job)
     log = selectors.log_tail(job)
     spec = json.dumps(job.spec, indent=2, sort_keys=True)

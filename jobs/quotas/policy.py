@@ -291,6 +291,31 @@ def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
     )
 
 
+# Waiting reasons whose sentence holds figures that move with every placement and
+# every finished job (the team's cores in use, the family's free cores, its idle
+# hosts). The dispatcher stores such a reason when its code changes, not on every
+# pass (rewriting thousands of waiting jobs whose count moved by one is most of a
+# busy pass); the pages and the API show it with the figures as they are when read
+# (waiting_sentence, over jobs.lifecycle.selectors.live_reasons' reads).
+LIVE_REASONS = frozenset({"waiting_for_quota", "borrowing_limit_reached", "no_free_cores_of_family"})
+
+
+def waiting_sentence(code: str, team: str, family: str, cores: int, host_count: int, same_network: bool,
+                     fam: FamilyState, idle_hosts: int) -> str | None:
+    """The sentence of a LIVE_REASONS code over the figures as they are now (`fam`;
+    `idle_hosts`: idle non-draining hosts of the family with a gang rank's size), as
+    the dispatcher's pass would word it. None when the figures no longer give that
+    code (the next pass decides again; the stored sentence stands until then)."""
+    if code == "no_free_cores_of_family":
+        if host_count > 1:
+            return no_room_gang(family, host_count, cores // host_count, same_network, idle_hosts).sentence
+        return no_room(team, family, cores, fam).sentence
+    if code in ("waiting_for_quota", "borrowing_limit_reached"):
+        decision = check_dispatch(team, family, cores, fam)
+        return decision.sentence if decision.code == code else None
+    return None
+
+
 def backfill_blocked(family: str, cores: int, limit_s: float, head_job: int, start_in_s: float) -> Decision:
     """Room exists now, but only on cores reserved for the head of the queue, and the
     job's time limit would run past the reserved start (EASY backfill)."""

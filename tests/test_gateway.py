@@ -297,3 +297,53 @@ def test_a_real_replica_streams_token_by_token_through_the_gateway(gateway, endp
     assert len(events) == 21  # one chunk per token
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == direct["choices"][0]["text"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"  # the replica's answer, passed on
+
+
+# ---------------------------------------------------------------- the client to replicas
+
+
+def test_the_upstream_pool_reuses_connections_and_survives_one_the_replica_closed():
+    """Answers on one kept-alive connection; a replica that closed an idle connection
+    costs a fresh one, not a failed request; a refused connection says nothing was sent."""
+    import asyncio
+
+    from jobs.gateway.upstream import Pool, UpstreamError
+
+    async def scenario() -> tuple[list, int, bool]:
+        accepted = []
+
+        async def handle(reader, writer):
+            accepted.append(writer)
+            for _ in range(2 if len(accepted) == 1 else 10):  # the first connection closes after 2 answers
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                body = await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+                             b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = Pool(connect_timeout=2, read_timeout=10, keepalive_expiry=20)
+        answers = []
+        try:
+            for n in range(4):
+                response = await pool.request(url, "POST", "/echo", b"body-%d" % n, [("content-type", "text/plain")])
+                answers.append((response.status_code, response.header(b"content-type"), await response.read()))
+                response.close()
+            try:
+                await pool.request("http://127.0.0.1:9", "POST", "/echo", b"", [])
+                refused_sent_nothing = False
+            except UpstreamError as exc:
+                refused_sent_nothing = exc.sent_nothing
+        finally:
+            pool.close()
+            server.close()
+        return answers, len(accepted), refused_sent_nothing
+
+    answers, connections, refused_sent_nothing = asyncio.run(scenario())
+    assert answers == [(200, "text/plain", b"body-%d" % n) for n in range(4)]
+    assert connections == 2  # two answers on the first connection, the rest on a second one
+    assert refused_sent_nothing

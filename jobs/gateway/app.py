@@ -38,13 +38,13 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 django.setup()
 
-import httpx  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from jobs.gateway.balancer import Balancer, Target  # noqa: E402
 from jobs.gateway.directory import Directory, EndpointInfo, Grant  # noqa: E402
 from jobs.gateway.load import LoadBoard  # noqa: E402
+from jobs.gateway.upstream import Pool, Response, UpstreamError  # noqa: E402
 from jobs.teams import tokens  # noqa: E402
 
 log = logging.getLogger("jobs.gateway")
@@ -59,7 +59,9 @@ ROUTE_POLL_S = 0.2
 FORWARD_HEADERS = {b"content-type", b"accept", b"user-agent"}
 RETURN_HEADERS = {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
 CORS_ALLOW_HEADERS = "authorization, content-type, x-csrftoken"
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=2.0, read=300.0, write=30.0, pool=10.0)
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 300.0  # for the answer's headers, then between two pieces of its body
+KEEPALIVE_S = 20.0  # an idle connection to a replica is reused this long (replicas keep it 30 s)
 
 
 class Refusal(Exception):
@@ -96,7 +98,7 @@ class Gateway:
             else cold_start_wait_s
         self.queue_wait_s = settings.ENDPOINT_QUEUE_WAIT_S if queue_wait_s is None else queue_wait_s
         self.trusted_origins = {o.rstrip("/") for o in settings.CSRF_TRUSTED_ORIGINS}
-        self.client: httpx.AsyncClient | None = None
+        self.client: Pool | None = None
         self._flusher: asyncio.Task | None = None
 
     # ------------------------------------------------------------ ASGI
@@ -120,8 +122,8 @@ class Gateway:
 
     def start(self) -> None:
         if self.client is None:
-            self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=httpx.Limits(
-                max_connections=2000, max_keepalive_connections=500, keepalive_expiry=20))
+            self.client = Pool(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                               keepalive_expiry=KEEPALIVE_S)
             self._flusher = asyncio.get_running_loop().create_task(self.board.run())
 
     async def close(self) -> None:
@@ -129,7 +131,7 @@ class Gateway:
             self._flusher.cancel()
         await self.board.flush()
         if self.client is not None:
-            await self.client.aclose()
+            self.client.close()
         await self.directory.close()
         await self.redis.aclose()
 
@@ -228,7 +230,7 @@ class Gateway:
             self.balancer.acquire(target)
             self.board.started(endpoint.id, target.replica_id)
             try:
-                upstream, chunks, first = await self._open(target, scope["method"], rest, body, headers)
+                upstream, first = await self._open(target, scope["method"], rest, body, headers)
             except _FirstByteFailure as exc:
                 self.balancer.release(target)
                 self.board.ended(endpoint.id, target.replica_id)
@@ -240,9 +242,9 @@ class Gateway:
             first_at: list[float] = []
             status, tokens_out = 0, 0
             try:
-                status, tokens_out = await self._relay(receive, send, upstream, chunks, first, target, cors, first_at)
+                status, tokens_out = await self._relay(receive, send, upstream, first, target, cors, first_at)
             finally:
-                await upstream.aclose()
+                upstream.close()
                 self.balancer.release(target)
                 self.board.ended(endpoint.id, target.replica_id)
                 now = time.perf_counter()
@@ -306,39 +308,35 @@ class Gateway:
             self.board.waiting(endpoint.id, -1)
 
     async def _open(self, target: Target, method: str, rest: str, body: bytes,
-                    headers: dict[bytes, bytes]) -> tuple[httpx.Response, Any, bytes]:
+                    headers: dict[bytes, bytes]) -> tuple[Response, bytes]:
         """Send the request and read its first body bytes; _FirstByteFailure if the
         replica fails before any, or refuses (draining, at max_concurrent)."""
-        forwarded = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items() if k in FORWARD_HEADERS}
-        request = self.client.build_request(method, f"{target.url}/{rest}", content=body or None, headers=forwarded)
+        forwarded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.items() if k in FORWARD_HEADERS]
         try:
-            upstream = await self.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _FirstByteFailure(repr(exc)) from exc
+            upstream = await self.client.request(target.url, method, f"/{rest}", body, forwarded)
+        except UpstreamError as exc:
+            raise _FirstByteFailure(str(exc)) from exc
         if upstream.status_code == 429 or (upstream.status_code == 503
-                                           and upstream.headers.get("x-replica-state") == "draining"):
-            await upstream.aclose()
+                                           and upstream.header(b"x-replica-state") == "draining"):
+            upstream.close()
             raise _FirstByteFailure(f"HTTP {upstream.status_code}")
-        chunks = upstream.aiter_raw()
         try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = b""
-        except httpx.TransportError as exc:
-            await upstream.aclose()
-            raise _FirstByteFailure(repr(exc)) from exc
-        return upstream, chunks, first
+            first = await upstream.next_chunk() or b""
+        except UpstreamError as exc:
+            upstream.close()
+            raise _FirstByteFailure(str(exc)) from exc
+        return upstream, first
 
-    async def _relay(self, receive: Any, send: Any, upstream: httpx.Response, chunks: Any, first: bytes,
-                     target: Target, cors: dict[str, str], first_at: list[float]) -> tuple[int, int]:
+    async def _relay(self, receive: Any, send: Any, upstream: Response, first: bytes, target: Target,
+                     cors: dict[str, str], first_at: list[float]) -> tuple[int, int]:
         """Stream the replica's answer to the client; returns (status recorded, tokens).
         Appends the time the first bytes went out to `first_at`. Raises if the replica
         broke off mid-answer (status 0 is recorded then)."""
-        out_headers = [(k, v) for k, v in upstream.headers.raw if k.lower() in RETURN_HEADERS]
+        out_headers = [(k, v) for k, v in upstream.headers if k.lower() in RETURN_HEADERS]
         out_headers.append((b"x-neurondeck-replica", str(target.replica_id).encode()))
         out_headers += [(k.encode(), v.encode()) for k, v in cors.items()]
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})
-        streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        streaming = upstream.header(b"content-type").startswith("text/event-stream")
         counter = _TokenCounter(streaming)
         first_at.append(time.perf_counter())
         if first:
@@ -346,7 +344,7 @@ class Gateway:
             await send({"type": "http.response.body", "body": first, "more_body": True})
 
         async def pump() -> None:
-            async for chunk in chunks:
+            while (chunk := await upstream.next_chunk()) is not None:
                 counter.see(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -372,7 +372,7 @@ def _cores_freed(job: Job) -> None:
 
 def record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | None = None) -> str:
     """Record how this attempt ended; returns what happened: succeeded, superseded,
-    cancelled, timed_out, requeued or failed. What `recorder` still holds (log,
+    cancelled, timed_out, requeued (a retry, or a fine-tune's time-limit requeue) or failed. What `recorder` still holds (log,
     pid) is stored with a success, in its transaction; otherwise first."""
     # Record only over this very attempt. A job preempted (or reaped and requeued)
     # while its child ran is no longer ours: it is pending again, or already queued
@@ -393,10 +393,12 @@ def record_outcome(job: Job, outcome, workdir: Path, recorder: JobRecorder | Non
         states.mark_finished(job.pk, S.CANCELLED, failure="cancelled", message="stopped on request", extra_filter=mine)
         return "cancelled"
     if outcome.status == "timed_out":
-        states.mark_finished(job.pk, S.FAILED, failure="timed_out",
-                             reason=f"exceeded max runtime of {job.max_runtime_s} s",
-                             message=f"timed out after {job.max_runtime_s} s: SIGTERM, then SIGKILL", extra_filter=mine)
-        return "timed_out"
+        # A fine-tune that saved a checkpoint goes back to the queue to resume from it
+        # (jobs.lifecycle.time_limits has the rule); anything else fails.
+        from jobs.lifecycle import time_limits
+
+        happened = time_limits.reached(job, job.attempts, extra_filter={"host_id": job.host_id})
+        return {"failed": "timed_out"}.get(happened, happened)
     code = outcome.error_code or "error"
     reason = outcome.error or "the job failed"
     if code in RETRYABLE and fresh["attempts"] < fresh["max_attempts"]:

@@ -90,6 +90,8 @@ def rank_payload(job: Job, member: GangMember, members: list[GangMember], workdi
         "rdzv_id": gangs.rdzv_id(job.pk, job.attempts), "local_addr": host.reach,
         "hosts": [m.host.reach if m.host else "" for m in members],
         "join_timeout_s": settings.GANG_JOIN_TIMEOUT_S, "backend": backend,
+        # neuron: neuron_parallel_compile over every host first (the cpu backend compiles nothing ahead).
+        "precompile": backend == "neuron" and bool(job.spec.get("precompile")),
     }
     payload.update(backend=backend, cores=member.core_range, gang=gang)
     payload.pop("reuse_key", None)  # a gang's processes are never warm runners

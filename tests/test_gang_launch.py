@@ -2,8 +2,12 @@
 neuron backend is checked at this seam), and the gang rules that need no worker."""
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -11,7 +15,11 @@ from django.utils import timezone
 from jobs.lifecycle import gangs, scheduler, states
 from jobs.models import CoreAllocation, GangMember, Host, Job, JobEvent, Kind
 from neuron_workers.gang_execution import rank_payload, rank_workdir
+from neuron_workers import config
+from neuron_workers.gang_execution import ending_of
+from neuron_workers.process import gang as gang_launcher
 from neuron_workers.process.gang import torchrun_argv
+from neuron_workers.process.outcome import outcome_of
 from neuron_workers.process.launch import child_env
 
 S = Job.Status
@@ -25,9 +33,9 @@ def trn1(name: str, address: str) -> Host:
 
 
 def gang(cast, hosts: list[Host], **fields) -> Job:
+    fields.setdefault("spec", {"steps": 5})
     job = Job.objects.create(team=cast.vision, user=cast.bob, kind=Kind.FINETUNE, family=hosts[0].family,
-                             cores=len(hosts) * len(hosts[0].core_ids), host_count=len(hosts), spec={"steps": 5},
-                             **fields)
+                             cores=len(hosts) * len(hosts[0].core_ids), host_count=len(hosts), **fields)
     states.event(job.pk, "pending", "submitted")
     return job
 
@@ -188,3 +196,107 @@ def test_a_rank_stopped_by_the_gang_after_failing_by_itself_keeps_its_own_failur
     ending = ending_of(stopped, "rank 0 on a failed", tmp_path)
     assert (ending.code, ending.message) == ("bad_input", "no shard")
     assert ending_of(stopped, "cancelled on request", tmp_path / "elsewhere").code == "cancelled"
+
+
+# --- precompile on a neuron gang ------------------------------------------------------------
+
+@pytest.fixture
+def launcher(monkeypatch, tmp_path):
+    """Runs a host's launcher (neuron_workers.process.gang.main) in this process, its
+    commands recorded and replaced by a Python that exits with `exits[argv[0]]`
+    (0 if not given): what torchrun and neuron_parallel_compile would be asked to do."""
+    launched: list[tuple[list[str], dict | None]] = []
+    exits: dict[str, int] = {}
+    real_popen = subprocess.Popen
+
+    def recording_popen(argv, **kwargs):
+        launched.append((list(argv), kwargs.get("env")))
+        code = exits.get(argv[0], 0)
+        return real_popen([sys.executable, "-c", f"import sys; sys.exit({code})"], stdin=subprocess.DEVNULL)
+
+    monkeypatch.setattr(gang_launcher.subprocess, "Popen", recording_popen)
+    monkeypatch.setenv("NEURONDECK_COMPILE_CACHE", str(tmp_path / "fleet-cache"))
+    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own
+
+    def run(payload: dict) -> int:
+        path = Path(payload["workdir"]) / "payload.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload))
+        try:
+            return gang_launcher.main([str(path)])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    run.launched, run.exits = launched, exits
+    return run
+
+
+def stages_of(workdir: Path) -> list[tuple[str, str]]:
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [(row["stage"], row["state"]) for row in rows if row.get("event") == "stage"]
+
+
+def neuron_rank_payloads(cast, **spec) -> tuple[Job, list[dict]]:
+    hosts = [trn1("trn1-a", "10.0.0.11"), trn1("trn1-b", "10.0.0.12")]
+    job = gang(cast, hosts, spec={"steps": 5, **spec})
+    place(job, hosts)
+    payloads = []
+    for rank, host in enumerate(hosts):
+        job, member = gangs.claim_rank(job.pk, host.pk)
+        payloads.append(rank_payload(job, member, gangs.members_of(job.pk), rank_workdir(job.pk, 1, rank)))
+    return job, payloads
+
+
+@pytest.mark.django_db
+def test_precompile_runs_each_neuron_gang_hosts_torchrun_under_neuron_parallel_compile_before_training(
+        cast, settings, _storage, launcher, tmp_path):
+    settings.GANG_PORT_BASE = 41000
+    job, payloads = neuron_rank_payloads(cast, precompile=True)
+    for payload in payloads:
+        assert payload["gang"]["precompile"] is True
+        assert launcher(payload) == 0
+    for rank, payload in enumerate(payloads):
+        (compile_argv, compile_env), (train_argv, train_env) = launcher.launched[2 * rank: 2 * rank + 2]
+        workdir = Path(payload["workdir"])
+        trial_gang = {**payload["gang"], "rdzv_id": f"job-{job.pk}-1-precompile"}
+        # The host's own torchrun command under neuron_parallel_compile, a rendezvous of its own,
+        # the trial length and the fleet cache; then the training command, without them.
+        assert compile_argv == ["neuron_parallel_compile",
+                                *torchrun_argv(sys.executable, trial_gang, workdir / "precompile" / "payload.json")]
+        assert compile_env["NEURON_COMPILE_CACHE_URL"] == str(tmp_path / "fleet-cache")
+        assert compile_env[config.TRIAL_STEPS_ENV] == "3"
+        assert train_argv == torchrun_argv(sys.executable, payload["gang"], workdir / "payload.json")
+        assert train_env is None  # the host's environment: no trial length
+        trial = json.loads((workdir / "precompile" / "payload.json").read_text())
+        assert trial["workdir"] == str(workdir / "precompile") and "gang" not in trial
+        assert trial["env"] == payload["env"]  # the same cores, collectives root and EFA settings
+    # Rank 0 reports the stages for the job page; the other host none.
+    assert stages_of(Path(payloads[0]["workdir"])) == [("precompile", "started"), ("precompile", "done"),
+                                                       ("train", "started"), ("train", "done")]
+    assert stages_of(Path(payloads[1]["workdir"])) == []
+
+
+@pytest.mark.django_db
+def test_a_failed_precompile_ends_the_hosts_share_as_a_compile_error_without_training(
+        cast, settings, _storage, launcher):
+    job, payloads = neuron_rank_payloads(cast, precompile=True)
+    launcher.exits["neuron_parallel_compile"] = 3
+    assert launcher(payloads[1]) == 3
+    assert [argv[0] for argv, _ in launcher.launched] == ["neuron_parallel_compile"]  # no training after it
+    workdir = Path(payloads[1]["workdir"])
+    outcome = outcome_of(workdir, 3, None, max_runtime_s=None, log_bytes=0, duration_s=1.0, pid=1)
+    ending = ending_of(outcome, None, workdir)
+    assert ending.code == "compile_error"
+    assert ending.message == "neuron_parallel_compile exited with status 3 on host rank 1"
+
+
+@pytest.mark.django_db
+def test_without_precompile_a_neuron_gang_trains_at_once_and_shows_the_stage_skipped(
+        cast, settings, _storage, launcher):
+    job, payloads = neuron_rank_payloads(cast)
+    assert payloads[0]["gang"]["precompile"] is False
+    assert launcher(payloads[0]) == 0
+    assert [argv[0] for argv, _ in launcher.launched] == [sys.executable]
+    assert stages_of(Path(payloads[0]["workdir"])) == [("precompile", "skipped"), ("train", "started"),
+                                                       ("train", "done")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron_workers.backends import JobFailed, get_backend, neuron_launch, neuron_train
+from neuron_workers.backends import JobFailed, get_backend, neuron, neuron_launch, neuron_train
 from neuron_workers.config import TRIAL_STEPS_ENV
 from neuron_workers.backends.neuron_parallel import (
     ParallelOptionError,
@@ -205,3 +205,29 @@ def test_options_that_work_pass_and_precompile_is_allowed_on_cpu():
     assert argv == ["neuron_parallel_compile", "torchrun", "x"]
     assert env == {"NEURON_COMPILE_CACHE_URL": "s3://bucket/cache", TRIAL_STEPS_ENV: "5"}
     assert json.dumps(env)  # plain strings for the child's environment
+
+
+def test_a_neuron_gang_rank_trains_with_the_fleet_compile_cache_its_precompile_filled(
+        monkeypatch, finetune_inputs, cache_url, tmp_path):
+    """One rank of a gang's torchrun (neuron_workers.process.gang ran the precompile over
+    every host first): it trains in this process, reading the same cache."""
+    seen: dict = {}
+
+    def fake_train_rank(ctx, plan, *, rank, world_size, framework=None):
+        import os
+
+        seen.update(rank=rank, world_size=world_size, flags=os.environ.get("NEURON_CC_FLAGS"),
+                    root=os.environ.get("NEURON_RT_ROOT_COMM_ID"))
+        return {"steps": 5}
+
+    monkeypatch.setattr(neuron, "train_rank", fake_train_rank)
+    for name, value in {"WORLD_SIZE": "64", "RANK": "33", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "32",
+                        "NEURON_RT_VISIBLE_CORES": "0-31", "NEURON_RT_ROOT_COMM_ID": "10.0.0.11:41003"}.items():
+        monkeypatch.setenv(name, value)
+    ctx = make_ctx(tmp_path / "job", "finetune", {**SPEC, "cores": 32, "precompile": True}, finetune_inputs)
+    assert get_backend("neuron").run(ctx) == {"steps": 5}
+    assert (seen["rank"], seen["world_size"]) == (33, 64)
+    assert seen["flags"] == f"--cache_dir={cache_url}"
+    assert seen["root"] == "10.0.0.11:41003"  # the gang's collectives root is kept
+    # No second precompile inside the rank: the launcher ran it for the whole gang.
+    assert not [m for m in ctx.metrics if m.get("stage") == "precompile"]

@@ -152,13 +152,6 @@ def rank_ended(job_id: int, attempt: int, member_id: int, ending: Ending,
                 states.mark_finished(job_id, S.CANCELLED, failure="cancelled", message=f"stopped on request ({where})",
                                      extra_filter={"attempts": attempt})
                 return "cancelled"
-            if ending.code == "timed_out":
-                states.mark_finished(job_id, S.FAILED, failure="timed_out",
-                                     reason=f"exceeded max runtime of {job.max_runtime_s} s",
-                                     message=f"timed out after {job.max_runtime_s} s ({where}): SIGTERM, then SIGKILL",
-                                     extra_filter={"attempts": attempt}, event_data={"rank": member.rank,
-                                                                                       "host": _name(member)})
-                return "failed"
         return _decide(job, attempt, on_success)
 
 
@@ -191,6 +184,12 @@ def _give_up(job: Job, attempt: int, culprit: GangMember, failed: list[GangMembe
     if others:
         story += f" (then {'; '.join(others)})"
     data = {"rank": culprit.rank, "host": _name(culprit), "code": code}
+    if code == "timed_out":
+        # Decided once every rank has ended, so rank 0's checkpoint saved in the grace
+        # period is on the timeline when the rule reads it.
+        from jobs.lifecycle import time_limits
+
+        return time_limits.reached(job, attempt, where=where, event_data=data)
     if code in RETRYABLE and job.attempts < job.max_attempts:
         states.requeue(job.pk, sources=(S.RUNNING,), kind="worker_lost" if code == LOST else "retry",
                        extra_filter={"attempts": attempt}, event_data=data,

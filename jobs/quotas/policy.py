@@ -371,4 +371,6 @@ REASON_HINTS: dict[str, str] = {
     "preempted": "Its cores were taken back by the team they are guaranteed to. It runs again when cores are free.",
     "worker_lost": "Its worker stopped responding; it was put back in the queue and runs again.",
     "retry": "Its last attempt crashed; it was put back in the queue and runs again.",
+    "time_limit": "Its last attempt reached the time limit and saved a checkpoint; it was put back in the queue "
+                  "and resumes from that checkpoint.",
 }

@@ -208,6 +208,10 @@ class NeuronBackend(Backend):
         framework = report.get("framework")
         world_size = int(os.environ.get("WORLD_SIZE") or "1")
         if world_size > 1 and os.environ.get("RANK") is not None:
+            # One rank of a gang's torchrun (neuron_workers.process.gang, which ran the
+            # precompile stage first): it reads the same fleet compile cache.
+            os.environ.update(training_env(framework or "xla", os.environ.get("NEURON_RT_VISIBLE_CORES"),
+                                           compile_cache_dir(), os.environ))
             return train_rank(ctx, plan, rank=int(os.environ["RANK"]), world_size=world_size, framework=framework)
         if plan["precompile"]:
             stage(ctx, "precompile", "started")

@@ -24,7 +24,17 @@ nothing of c10d's elasticity is lost. The rendezvous id prefixes the store's key
 
 ``payload["gang"]`` (written by the worker, :mod:`neuron_workers.gang_execution`):
 nnodes, node_rank, nproc_per_node, endpoint (rank 0's address), port, rdzv_id,
-local_addr, hosts (every host's address in rank order), join_timeout_s, backend.
+local_addr, hosts (every host's address in rank order), join_timeout_s, backend, precompile.
+
+Precompile (neuron gangs whose spec asks for it, ``gang["precompile"]``): before
+training, every host runs the same torchrun command under ``neuron_parallel_compile``
+for a few trial steps (neuron_workers.backends.neuron_parallel.precompile_command:
+NEURONDECK_TRIAL_STEPS, NEURON_COMPILE_CACHE_URL = the fleet's compile cache), with a
+rendezvous id of its own and a payload whose workdir is ``precompile/`` (the trial's
+verdict and meaningless figures stay there; its output goes to the log). Its graphs
+compile into the shared cache the training run then reads. A failed precompile ends
+the host's share as ``compile_error``. Rank 0's launcher reports the stages of a
+neuron gang (precompile, train) on the job's metrics, as the single-host backend does.
 
 Stopping: torchrun starts its workers in sessions of their own, so the job's
 process group does not reach them; torchrun forwards a SIGTERM to them (then
@@ -34,12 +44,16 @@ is gone. Django-free.
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from neuron_workers import config
+from neuron_workers.process import workdir as files
 from neuron_workers.process.lifeline import Lifeline
 
 RUNNER_MODULE = "neuron_workers.process.runner"
@@ -92,6 +106,78 @@ def gang_env(gang: dict, visible_cores: str | None) -> dict[str, str]:
     return env
 
 
+PRECOMPILE_DIR = "precompile"  # the trial run's workdir, inside the host's own
+
+
+def precompile_plan(python: str, gang: dict, payload: dict, workdir: Path) -> tuple[list[str], dict[str, str], dict]:
+    """(argv, added environment, the trial ranks' payload) of this host's precompile
+    stage: this host's torchrun command under neuron_parallel_compile, its rendezvous id
+    "<rdzv_id>-precompile" (a late process of one run never joins the other), the trial
+    length and the fleet's compile cache."""
+    from neuron_workers.backends.neuron_parallel import precompile_command  # torch-free
+
+    trial_payload = {**payload, "workdir": str(workdir / PRECOMPILE_DIR)}
+    trial_payload.pop("gang", None)
+    train = torchrun_argv(python, {**gang, "rdzv_id": f"{gang['rdzv_id']}-precompile"},
+                          workdir / PRECOMPILE_DIR / files.PAYLOAD_FILE)
+    argv, added = precompile_command(train, config.compile_cache_dir())
+    return argv, added, trial_payload
+
+
+class _Stages:
+    """Rank 0's reports of a neuron gang's stages (metrics.jsonl "stage" events, as
+    neuron_workers.backends.finetuning.stage writes them); other hosts report none."""
+
+    def __init__(self, workdir: Path, gang: dict) -> None:
+        self.path = workdir / files.METRICS_FILE
+        self.on = gang.get("backend") == "neuron" and int(gang["node_rank"]) == 0
+
+    def __call__(self, name: str, state: str, message: str = "") -> None:
+        if self.on:
+            row = {"event": "stage", "stage": name, "state": state, "message": message or f"{name}: {state}",
+                   "ts": time.time()}
+            with open(self.path, "a", encoding="utf-8") as fh:  # one line, appended whole
+                fh.write(json.dumps(row) + "\n")
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `argv` in our session and group (a stop reaches it too); its status, 128+N if killed by signal N."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except InterruptedError:
+            continue
+    return code if code >= 0 else 128 - code
+
+
+def _precompile(payload: dict, workdir: Path, stages: _Stages, stopping: "_Stopping") -> int:
+    """The precompile stage on this host; 0, or the status it failed with (its verdict written)."""
+    from neuron_workers.process.runner import write_json_atomic
+
+    gang = payload["gang"]
+    argv, added, trial_payload = precompile_plan(sys.executable, gang, payload, workdir)
+    (workdir / PRECOMPILE_DIR).mkdir(parents=True, exist_ok=True)
+    payload_path = workdir / PRECOMPILE_DIR / files.PAYLOAD_FILE
+    payload_path.write_text(json.dumps(trial_payload), encoding="utf-8")
+    os.chmod(payload_path, 0o600)  # as the job's own payload: its env may hold credentials
+    stages("precompile", "started")
+    print(f"[gang] precompile: {' '.join(argv)} with {' '.join(f'{k}={v}' for k, v in sorted(added.items()))}",
+          flush=True)
+    started = time.monotonic()
+    code = _run(argv, {**os.environ, **added})
+    if code == 0:
+        stages("precompile", "done", f"precompile: done in {time.monotonic() - started:.1f} s "
+                                     f"(neuron_parallel_compile)")
+        return 0
+    if not stopping.signalled:  # stopped, it is no compile error: the job's stop says why
+        write_json_atomic(workdir / files.RESULT_FILE, {
+            "ok": False, "code": "compile_error", "traceback": None,
+            "error": f"neuron_parallel_compile exited with status {code} on host rank {gang['node_rank']}"})
+    return code
+
+
 class _Stopping:
     """SIGTERM to this launcher: torchrun (in our group) got it too and stops its
     workers; we wait for it instead of dying first."""
@@ -104,32 +190,39 @@ class _Stopping:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m neuron_workers.process.gang <payload.json>``: run torchrun, return its status."""
-    import json
-
+    """``python -m neuron_workers.process.gang <payload.json>``: run torchrun (after the
+    precompile stage, if asked), return its status."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m neuron_workers.process.gang <payload.json>", file=sys.stderr)
         return 2
     payload_path = Path(args[0])
     payload = json.loads(payload_path.read_text(encoding="utf-8"))
+    workdir = Path(payload["workdir"])
+    gang = payload["gang"]
     # Popped from the environment first, so torchrun and its workers never see it.
-    lifeline = Lifeline.from_env(Path(payload["workdir"]))
-    signal.signal(signal.SIGTERM, _Stopping())
-    argv_ = torchrun_argv(sys.executable, payload["gang"], payload_path)
-    print(f"[gang] host rank {payload['gang']['node_rank']} of {payload['gang']['nnodes']}: {' '.join(argv_)}",
-          flush=True)
-    proc = subprocess.Popen(argv_, stdin=subprocess.DEVNULL)  # same session and group as we are
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except InterruptedError:
-            continue
+    lifeline = Lifeline.from_env(workdir)
+    stopping = _Stopping()
+    signal.signal(signal.SIGTERM, stopping)
+    stages = _Stages(workdir, gang)
+    code = 0
+    if gang.get("precompile"):
+        code = _precompile(payload, workdir, stages, stopping)
+    elif gang.get("backend") == "neuron":
+        stages("precompile", "skipped", "precompile: off (the first steps compile as they go)")
+    if code == 0 and not stopping.signalled:
+        argv_ = torchrun_argv(sys.executable, gang, payload_path)
+        print(f"[gang] host rank {gang['node_rank']} of {gang['nnodes']}: {' '.join(argv_)}", flush=True)
+        stages("train", "started")
+        # torchrun's status: 0 only when every local process exited 0.
+        code = _run(argv_)
+        if code == 0:
+            stages("train", "done")
+    elif code == 0:
+        code = 128 + signal.SIGTERM  # stopped between the stages
     if lifeline is not None:
         lifeline.finish()
-    # torchrun's status: 0 only when every local process exited 0; -N = killed by signal N.
-    return code if code >= 0 else 128 - code
+    return code
 
 
 if __name__ == "__main__":

@@ -300,3 +300,52 @@ def test_without_precompile_a_neuron_gang_trains_at_once_and_shows_the_stage_ski
     assert [argv[0] for argv, _ in launcher.launched] == [sys.executable]
     assert stages_of(Path(payloads[0]["workdir"])) == [("precompile", "skipped"), ("train", "started"),
                                                        ("train", "done")]
+
+
+@pytest.mark.django_db
+def test_the_job_page_shows_every_gang_hosts_utilization_of_its_ranks_cores(cast, client, _storage):
+    import time as clock
+
+    from jobs.live import metrics
+    from tests.live_support import drop_streams
+
+    drop_streams()
+    hosts = [trn1("trn1-a", "10.0.0.11"), trn1("trn1-b", "10.0.0.12")]
+    job = gang(cast, hosts)
+    place(job, hosts)
+    for host in hosts:
+        gangs.claim_rank(job.pk, host.pk)
+    now = clock.time()
+    for ts, util_a, util_b in ((now - 2, 40.0, 10.0), (now - 1, 80.0, 50.0)):
+        # Host a: every core of rank 0; host b: half of rank 1's cores busy (neuron-monitor
+        # leaves idle cores out of its report: they read 0).
+        for host, util in ((hosts[0], {str(c): util_a for c in range(32)}),
+                           (hosts[1], {str(c): util_b for c in range(16)})):
+            metrics.publish(host.name, {"ts": ts, "kind": "neuron", "util": util, "mem": {}, "job": {}}, {})
+    try:
+        client.force_login(cast.bob)
+        page = client.get(f"/jobs/{job.pk}/").content.decode()
+        assert 'id="gang-util-chart"' in page and "NeuronCore utilization: the mean over the rank" in page
+        figure = json.loads(page.split('id="gang-util-figure" type="application/json">')[1].split("</script>")[0])
+        assert [(t["name"], t["y"]) for t in figure["data"]] == [("rank 0 · trn1-a", [40.0, 80.0]),
+                                                                 ("rank 1 · trn1-b", [5.0, 25.0])]
+        assert figure["layout"]["title"]["text"] == "NeuronCore utilization by host"
+        assert 'value="80.0"></meter> 80 %' in page and 'value="25.0"></meter> 25 %' in page
+        rows = client.get(f"/jobs/{job.pk}/status.json").json()["gang_util"]
+        assert [(r["rank"], r["host"], r["util"], r["now"]) for r in rows] == [
+            (0, "trn1-a", [40.0, 80.0], 80.0), (1, "trn1-b", [5.0, 25.0], 25.0)]
+        # A host that stopped reporting keeps its history but shows no current figure.
+        with freeze_clock(now + metrics.FRESH_S + 5):
+            rows = client.get(f"/jobs/{job.pk}/status.json").json()["gang_util"]
+        assert [r["now"] for r in rows] == [None, None] and rows[0]["util"] == [40.0, 80.0]
+        assert client.get(f"/jobs/{job.pk}/").status_code == 200
+    finally:
+        drop_streams()
+
+
+def freeze_clock(at: float):
+    from unittest import mock
+
+    from jobs.live import metrics
+
+    return mock.patch.object(metrics.time, "time", lambda: at)

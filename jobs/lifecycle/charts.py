@@ -51,3 +51,30 @@ def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Tra
         }],
         "layout": layout,
     }
+
+HOST_COLORS = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626", "#4b5563")
+
+
+def host_util_figure(rows: Sequence[dict], unit: str = "NeuronCore") -> dict:
+    """A multi-host job's utilization per host over time: one line per host of the gang
+    (the mean of its rank's cores), from jobs.live.metrics.gang_host_util's rows.
+    x is milliseconds since the epoch on a date axis."""
+    layout = base_layout(f"{unit} utilization by host", "time", "% (mean of the rank's cores)")
+    layout["xaxis"]["type"] = "date"
+    layout["yaxis"]["range"] = [0, 100]
+    layout["showlegend"] = True
+    layout["legend"] = {"orientation": "h", "y": -0.25}
+    layout["margin"]["b"] = 64
+    if not any(row["t"] for row in rows):
+        layout["annotations"] = [{"text": "no samples from the gang's hosts yet", "showarrow": False,
+                                  "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]
+    layout["colorway"] = list(HOST_COLORS)  # host i keeps its colour when the page redraws the traces
+    return {"data": [host_util_trace(row) for row in rows], "layout": layout}
+
+
+def host_util_trace(row: dict) -> dict:
+    """One host's line (job.js builds the same from the status poll's rows)."""
+    return {"type": "scatter", "mode": "lines+markers" if len(row["t"]) <= 60 else "lines",
+            "x": list(row["t"]), "y": list(row["util"]), "name": f"rank {row['rank']} · {row['host']}",
+            "line": {"width": 2}, "marker": {"size": 4},
+            "hovertemplate": "%{fullData.name}<br>%{y:.1f} %<extra></extra>"}

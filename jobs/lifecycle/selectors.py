@@ -356,6 +356,29 @@ def compiler_allow_list() -> list[tuple[str, str]]:
             for flag, values in rows]
 
 
+def gang_utilization(job: Job) -> list[dict] | None:
+    """Every host of a placed gang, its rank's cores' utilization over the attempt
+    (jobs.live.metrics.gang_host_util: rank, host, t, util, now), for the job page's
+    per-host chart and its rank table. None for a one-host job, a gang not placed or
+    not started, or when Redis does not answer (the page then says so)."""
+    if job.host_count <= 1 or job.started_at is None:
+        return None
+    import redis as redis_lib
+
+    from jobs.live.metrics import RankCores, gang_host_util
+
+    ranks = [RankCores(rank, host, list(range(start, start + cores))) for rank, host, start, cores in
+             GangMember.objects.filter(job=job, host__isnull=False).order_by("rank").values_list(
+                 "rank", "host__name", "core_start", "cores")]
+    if not ranks:
+        return None
+    end = int(job.finished_at.timestamp() * 1000) if job.finished_at else None
+    try:
+        return gang_host_util(ranks, int(job.started_at.timestamp() * 1000), end)
+    except redis_lib.RedisError:
+        return None
+
+
 def gang_ranks(job: Job) -> list[dict]:
     """A multi-host job's ranks, rank order: host, cores, state, last heartbeat, exit
     (for the job page, its status poll and the API). [] for a one-host job, and for a

@@ -334,8 +334,23 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
         "can_submit": pages.can_write(request.user, job.team),
         "can_cancel": not job.is_finished and access.can_cancel(request.user, job),
         **_suspend_flags(request.user, job),
-        "queue_position": _queue_position(job), "gang_ranks": selectors.gang_ranks(job), **_result_context(job),
+        "queue_position": _queue_position(job), **_result_context(job), **_gang_context(job),
     }, team=job.team, nav="jobs")
+
+
+def _gang_context(job: Job) -> dict:
+    """A gang's rank table, each rank with its host's latest utilization of its cores
+    ("util_now"), and the per-host utilization chart."""
+    ranks = selectors.gang_ranks(job)
+    if job.host_count <= 1:
+        return {"gang_ranks": ranks}
+    rows = selectors.gang_utilization(job)
+    now = {row["rank"]: row["now"] for row in rows or []}
+    for rank in ranks:
+        rank["util_now"] = now.get(rank["rank"])
+    unit = "CPU" if job.family == "cpu" else "NeuronCore"
+    return {"gang_ranks": ranks, "gang_util_figure": charts.host_util_figure(rows or [], unit),
+            "gang_util_unit": unit}
 
 
 def _job_as_document(job: Job) -> dict:
@@ -492,6 +507,8 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
         "result": job.result if job.is_finished else None,
         "ranks": [{**rank, **{key: pages.format_when(rank[key]) for key in ("started_at", "heartbeat_at", "finished_at")}}
                   for rank in selectors.gang_ranks(job)],
+        # Every gang host's utilization of its rank's cores, for the per-host chart (null: none to show).
+        "gang_util": selectors.gang_utilization(job) if job.host_count > 1 else None,
     }, headers={"Cache-Control": "no-store"})
 
 

@@ -355,6 +355,46 @@ def _within_run(job: Job, points: list[dict]) -> list[dict]:
     return [p for p in points if p["ts"] <= end]
 
 
+GANG_WINDOW_POINTS = 300  # a gang's per-host chart: its hosts' last five minutes of 1 s samples
+
+
+@dataclass
+class RankCores:
+    """One host of a gang: its rank, host name and the cores its rank holds there."""
+
+    rank: int
+    host: str
+    cores: list[int]
+
+
+def gang_host_util(ranks: list[RankCores], start_ms: int, end_ms: int | None = None, r=None) -> list[dict]:
+    """Each gang host's utilization of the rank's own cores (NeuronCores; job slots on a
+    CPU host), the mean over those cores per sample, from the hosts' streams between
+    `start_ms` (the attempt's start) and `end_ms` (its end; None: now), the last
+    GANG_WINDOW_POINTS samples of each: [{"rank", "host", "cores", "t": [ms], "util":
+    [percent], "now": percent or None}] in rank order. "now" is the latest sample's,
+    None unless the host reported within FRESH_S (and the attempt has not ended).
+    One round trip for every host. A job's own stream holds rank 0's host only: the
+    other hosts' samples are read here from their host streams."""
+    pipe = (r or redis()).pipeline(transaction=False)
+    upper = str(end_ms) if end_ms is not None else "+"
+    for rank in ranks:
+        pipe.xrevrange(host_key(rank.host), upper, str(start_ms), count=GANG_WINDOW_POINTS)
+    now = time.time()
+    rows = []
+    for rank, raw in zip(ranks, pipe.execute()):
+        points = [_loads(fields[b"d"]) for _, fields in reversed(raw)]
+        keys = [str(core) for core in rank.cores]
+        # neuron-monitor lists only the cores in use, so a core missing from a point was idle.
+        util = [round(sum(p["util"].get(key, 0.0) for key in keys) / len(keys), 2) if keys else None
+                for p in points]
+        fresh = end_ms is None and points and now - points[-1]["ts"] <= FRESH_S
+        rows.append({"rank": rank.rank, "host": rank.host, "cores": len(keys),
+                     "t": [int(p["ts"] * 1000) for p in points], "util": util,
+                     "now": util[-1] if fresh else None})
+    return rows
+
+
 def job_series(job: Job, since: str | None) -> dict:
     """What the job charts draw. Without `since`: the whole history, downsampled to
     at most MAX_POINTS (stored minutes before the live stream, then the stream);

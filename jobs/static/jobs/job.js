@@ -59,13 +59,31 @@
     if (suspend) suspend.hidden = !data.can_suspend;
     if (resume) resume.hidden = !data.can_resume;
     renderPending(data.pending);
-    renderRanks(data.ranks || []);
+    renderRanks(data.ranks || [], data.gang_util || []);
+    renderGangUtil(data.gang_util);
+  }
+
+  // A gang's per-host utilization chart, redrawn from each poll (jobs.lifecycle.charts
+  // host_util_trace: the same traces; the layout's colorway keeps each host's colour).
+  function renderGangUtil(rows) {
+    const el = $("gang-util-chart");
+    if (!el || !rows || !window.Plotly || !el.layout) return;
+    const traces = rows.map(function (r) {
+      return { type: "scatter", mode: r.t.length <= 60 ? "lines+markers" : "lines", x: r.t, y: r.util,
+               name: "rank " + r.rank + " · " + r.host, line: { width: 2 }, marker: { size: 4 },
+               hovertemplate: "%{fullData.name}<br>%{y:.1f} %<extra></extra>" };
+    });
+    const layout = Object.assign({}, el.layout);
+    if (rows.some(function (r) { return r.t.length > 0; })) layout.annotations = [];
+    window.Plotly.react(el, traces, layout);
   }
 
   // A multi-host job's table of ranks, rebuilt from each poll (a few rows).
-  function renderRanks(ranks) {
+  function renderRanks(ranks, util) {
     const table = $("gang-ranks");
     if (!table) return;
+    const now = {};
+    util.forEach(function (u) { now[u.rank] = u.now; });
     $("gang-empty").hidden = ranks.length > 0;
     const body = table.tBodies[0];
     body.replaceChildren();
@@ -88,6 +106,17 @@
       badge.className = "badge status-" + r.state;
       badge.textContent = r.state;
       row.insertCell().appendChild(badge);
+      const use = row.insertCell();
+      use.className = "util-now";
+      if (now[r.rank] === null || now[r.rank] === undefined) {
+        use.textContent = "—";
+      } else {
+        const meter = document.createElement("meter");
+        meter.min = 0;
+        meter.max = 100;
+        meter.value = now[r.rank];
+        use.append(meter, " " + Math.round(now[r.rank]) + " %");
+      }
       row.insertCell().textContent = r.heartbeat_at ? r.heartbeat_at.slice(-8) : "—";
       const exit = row.insertCell();
       exit.title = r.detail;

@@ -19,6 +19,7 @@ from tests.polling import wait_until
 from tests.test_faults import (  # noqa: F401 - fixtures
     broker,
     job_processes,
+    log_text,
     make_host,
     redis_server,
     start_worker,
@@ -28,6 +29,7 @@ from tests.test_train_gang_e2e import gang_finetune, start_host_workers, two_hos
 from tests.test_train_resume_e2e import finetune_job, resumed_events
 
 S = Job.Status
+LIMIT_S, GANG_LIMIT_S = 25, 45  # time limits a loaded machine starts training well within
 ENDLESS = {"steps": 1_000_000, "checkpoint_every": 1_000_000}  # only the grace period saves a checkpoint
 
 
@@ -104,6 +106,13 @@ def checkpoint_events(job: Job) -> list[dict]:
     return list(JobEvent.objects.filter(job=job, kind="checkpoint").order_by("id").values_list("data", flat=True))
 
 
+def story(job: Job) -> str:
+    """The timeline and the log's end, for a failure's message."""
+    events = "\n".join(f"{kind}: {message}" for kind, message in JobEvent.objects.filter(job=job)
+                       .values_list("kind", "message"))
+    return f"{events}\n{log_text(job)[-3000:]}"
+
+
 def run_to_the_end(job: Job, timeout: float) -> Job:
     """Dispatch (as beat would) until the job is over."""
     wait_until(lambda: scheduler.dispatch() is not None and status(job) in Job.FINISHED, timeout, interval=0.5,
@@ -117,17 +126,18 @@ def test_a_fine_tune_at_its_time_limit_saves_in_its_grace_is_requeued_and_resume
         cast, tiny_model, dataset, make_host, start_worker):
     make_host(backend="cpu")
     job = finetune_job(cast, tiny_model, dataset, **ENDLESS)
-    Job.objects.filter(pk=job.pk).update(max_runtime_s=8, max_attempts=2)
+    # Long enough for a loaded machine to load the model and train some steps first.
+    Job.objects.filter(pk=job.pk).update(max_runtime_s=LIMIT_S, max_attempts=2)
     start_worker(JOB_KILL_GRACE_S="20")
-    job = run_to_the_end(job, 180)
+    job = run_to_the_end(job, 8 * LIMIT_S)
 
     saves = checkpoint_events(job)
-    assert [data["attempt"] for data in saves] == [1, 2]  # one save per attempt, in its grace period
+    assert [data["attempt"] for data in saves] == [1, 2], story(job)  # one save per attempt, in its grace period
     first, second = saves[0]["step"], saves[1]["step"]
     assert 0 < first < second
     requeue = JobEvent.objects.get(job=job, kind="time_limit")
     assert requeue.data == {"step": first, "attempt": 1}
-    assert f"reached its time limit of 8 s; stopped with its checkpoint at step {first} saved" in requeue.message
+    assert f"reached its time limit of {LIMIT_S} s; stopped with its checkpoint at step {first} saved" in requeue.message
     assert resumed_events(job) == [{"step": first, "attempt": 2}]
     assert list(JobAttempt.objects.filter(job=job).order_by("number").values_list("outcome", flat=True)) == [
         "requeued", S.FAILED]
@@ -145,17 +155,17 @@ def test_a_two_host_gang_at_its_time_limit_is_requeued_whole_and_resumes_from_ra
         cast, tiny_model, dataset, two_hosts, start_host_workers):
     start_host_workers()
     job = gang_finetune(cast, tiny_model, dataset, **ENDLESS)
-    Job.objects.filter(pk=job.pk).update(max_runtime_s=30, max_attempts=2)
-    job = run_to_the_end(job, 300)
+    Job.objects.filter(pk=job.pk).update(max_runtime_s=GANG_LIMIT_S, max_attempts=2)
+    job = run_to_the_end(job, 8 * GANG_LIMIT_S)
 
     saves = checkpoint_events(job)
-    assert [data["attempt"] for data in saves] == [1, 2]
+    assert [data["attempt"] for data in saves] == [1, 2], story(job)
     first, second = saves[0]["step"], saves[1]["step"]
     assert 0 < first < second
     requeue = JobEvent.objects.get(job=job, kind="time_limit")
     assert requeue.data["step"] == first and requeue.data["rank"] in (0, 1)
     assert requeue.data["host"] == two_hosts[requeue.data["rank"]].name
-    assert f"reached its time limit of 30 s (rank {requeue.data['rank']} on {requeue.data['host']})" in requeue.message
+    assert f"reached its time limit of {GANG_LIMIT_S} s (rank {requeue.data['rank']} on {requeue.data['host']})" in requeue.message
     assert resumed_events(job) == [{"step": first, "attempt": 2}]
     assert (job.status, job.failure) == (S.FAILED, "timed_out")
     assert "on its last attempt (2 of 2)" in job.reason

@@ -5,6 +5,67 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpR
 from django.urls import reverse
 
 
+def api_prefix() -> str:
+    return reverse("api:api-root")
+
+
+class HttpBasics:
+    """Two rules of HTTP that neither Django nor gunicorn keeps for us, outermost so
+    they hold for every answer:
+
+    - A response to HEAD has no body (RFC 9110 9.3.2). Django answers HEAD with the
+      GET response and leaves removing the body to the server; gunicorn sends it, and
+      a client reading the next response on that connection reads the body instead.
+      The headers stay (Content-Length too: what GET would send). An API operation
+      answers HEAD as its GET (ninja itself has no HEAD).
+    - The API speaks JSON even when no operation answered: a path it does not have
+      (404) or a method an operation does not take (405, with Allow) is a JSON error
+      like every other, not Django's HTML page."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self.prefix: str | None = None
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if self.prefix is None:
+            self.prefix = api_prefix()
+        is_api = request.path.startswith(self.prefix)
+        head = request.method == "HEAD"
+        if head and is_api:
+            request.method = "GET"
+        response = self.get_response(request)
+        if is_api and response.status_code in (404, 405) and not response.get("Content-Type", "").startswith(
+                "application/json"):
+            response = self._json_error(request, response)
+        if head:
+            if response.streaming:
+                closing = getattr(response, "streaming_content", None)
+                response.streaming_content = []
+                if hasattr(closing, "close"):
+                    closing.close()
+            else:
+                length = response.get("Content-Length")
+                response.content = b""
+                if length is not None:
+                    response["Content-Length"] = length
+        return response
+
+    @staticmethod
+    def _json_error(request: HttpRequest, response: HttpResponse) -> JsonResponse:
+        if response.status_code == 404:
+            answer = JsonResponse({"detail": f"Not Found: the API has no {request.path}", "code": "not_found"},
+                                  status=404)
+        else:
+            allowed = response.get("Allow", "")
+            answer = JsonResponse({"detail": f"Method Not Allowed: {request.method} {request.path} takes {allowed}",
+                                   "code": "method_not_allowed"}, status=405)
+            answer["Allow"] = allowed
+        for header in ("Content-Security-Policy", "X-Frame-Options", "Vary"):
+            if header in response:
+                answer[header] = response[header]
+        return answer
+
+
 class RefuseNulInUrl:
     """No URL of this site carries a NUL character (U+0000, %00), and PostgreSQL cannot
     even compare text holding one: a lookup by such a slug, host name, artifact name
@@ -28,7 +89,7 @@ class RefuseNulInUrl:
 
     def _refuse(self, request: HttpRequest, status: int, detail: str, field: str | None) -> HttpResponse:
         if self.api_prefix is None:
-            self.api_prefix = reverse("api:api-root")
+            self.api_prefix = api_prefix()
         if request.path.startswith(self.api_prefix):
             body: dict = {"detail": detail, "code": "not_found" if status == 404 else "invalid"}
             if field is not None:

@@ -292,6 +292,13 @@ class ModelAsset(models.Model):
     def is_compiled(self) -> bool:
         return self.format != self.Format.HF
 
+    @property
+    def generates_text(self) -> bool:
+        """A causal language model (what fine-tunes train and endpoints serve): not a
+        diffusers pipeline, nor an artifact compiled for another task."""
+        meta = self.meta or {}
+        return not meta.get("diffusers") and meta.get("task", "text-generation") == "text-generation"
+
 
 class CompileClaim(models.Model):
     """One compile per configuration at a time, fleet-wide: the row is the lock. The

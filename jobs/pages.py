@@ -2,9 +2,8 @@
 viewer / staff checks pages make before showing a form, and how times are shown."""
 from __future__ import annotations
 
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
-from django.urls import reverse
 from django.utils import dateformat, timezone
 
 from jobs import access
@@ -62,8 +61,7 @@ def _error_page(request: HttpRequest, template: str, status: int, exception) -> 
 
 
 def page_not_found(request: HttpRequest, exception=None) -> HttpResponse:
-    if request.path.startswith(reverse("api:api-root")):  # the API answers JSON, even where it has no route
-        return JsonResponse({"detail": "Not Found"}, status=404)
+    # Under the API, jobs.middleware.HttpBasics turns this page into a JSON error.
     return _error_page(request, "404.html", 404, exception)
 
 

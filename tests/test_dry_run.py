@@ -49,6 +49,9 @@ def test_a_dry_run_creates_nothing_and_says_where_the_job_would_run(cast, tiny_m
     assert (Job.objects.count(), JobEvent.objects.count(), files(settings.STORAGE_ROOT)) == before
     assert answer["would_run_now"] == {"host": "test-host", "cores": "0-1", "borrowed": False, "preempts": 0}
     assert answer["estimate"]["summary"].startswith("now")
+    # No finished job of the team yet: said as a sentence (it read "time limits × the no finished jobs...").
+    assert "runtimes = the time limits (the team has no finished jobs yet" in answer["estimate"]["basis"]
+    assert "× the no" not in answer["estimate"]["basis"] and "over the 0 jobs holding" in answer["estimate"]["basis"]
     assert answer["cost"]["core_hours_at_most"] == pytest.approx(2 * 600 / 3600, abs=1e-3)
     assert answer["cost"]["fits_budget"] is True
     real = post(client, body(tiny_model, cores=2, max_runtime_s=600), dry=False)

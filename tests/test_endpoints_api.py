@@ -81,6 +81,13 @@ def test_a_member_creates_an_endpoint_and_its_first_replica_is_a_pending_serve_j
     ({"replicas": 3}, "replicas"),
     ({"min_replicas": True}, "min_replicas"),
     ({"model": 2**31 - 1}, "model"),
+    # A JSON body is typed (jobs.api.body.json_type_errors): int() read "2", 1.5 and "١" (an Arabic-Indic one)
+    ({"cores_per_replica": "2"}, "cores_per_replica"),
+    ({"max_replicas": "١"}, "max_replicas"),
+    ({"min_replicas": 1.0}, "min_replicas"),
+    ({"name": 12345}, "name"),
+    ({"options": {"max_batch_size": "4"}}, "options.max_batch_size"),
+    ({"options": {"max_concurrent": 2.5}}, "options.max_concurrent"),
 ])
 def test_bad_input_is_a_400_naming_the_field(cast, cpu_host, model, fields, field):
     response = create(api_client(cast.bob), model, **fields)
@@ -88,6 +95,26 @@ def test_bad_input_is_a_400_naming_the_field(cast, cpu_host, model, fields, fiel
     body = response.json()
     assert field in body["errors"], body
     assert body["detail"].startswith("No endpoint was created") and not Endpoint.objects.exists()
+
+
+def test_a_model_id_is_an_integer_not_a_float_or_a_string(cast, cpu_host, model):
+    for written in (float(model.pk) + 0.5, str(model.pk)):
+        response = create(api_client(cast.bob), model, model=written)
+        assert response.status_code == 400 and "model" in response.json()["errors"], response.content
+    assert not Endpoint.objects.exists()
+
+
+def test_a_text_to_image_pipeline_cannot_be_served(cast, cpu_host, model):
+    """Its replicas failed three times ("could not load a causal LM") and the rollout failed."""
+    pipeline = make_model(cast.vision, cast.alice, "tiny-sd")
+    pipeline.meta = {"diffusers": True}
+    pipeline.save(update_fields=["meta"])
+    response = create(api_client(cast.bob), pipeline)
+    assert response.status_code == 400 and "does not generate text" in response.json()["errors"]["model"][0]
+    endpoint = create(api_client(cast.bob), model).json()
+    change = patch(api_client(cast.bob), f"/api/v1/endpoints/{endpoint['id']}", {"model": pipeline.pk})
+    assert change.status_code == 400 and "model" in change.json()["errors"]
+    assert Endpoint.objects.get().revision == 1
 
 
 def test_another_teams_model_cannot_be_served(cast, cpu_host, model):
@@ -122,8 +149,8 @@ def test_a_team_not_allowed_to_serve_gets_a_clear_refusal(cast, cpu_host, model)
 
 
 def test_every_id_url_of_the_endpoints_api_is_in_this_files_scoping_table():
-    with_ids = {(method, path) for path, view in router.path_operations.items() if "{endpoint_id}" in path
-                for op in view.operations for method in op.methods}
+    with_ids = {(method, path.replace("{dbid:", "{")) for path, view in router.path_operations.items()
+                if "endpoint_id}" in path for op in view.operations for method in op.methods}
     assert with_ids == set(ID_URLS)
 
 

@@ -88,3 +88,18 @@ def test_the_endpoint_pages_fit_a_phone(cast, serving, gateway, live_server, bro
     page.goto(f"{live_server.url}/endpoints/{serving.pk}/")
     assert page.is_visible("#playground-send") and page.is_visible("#replicas")
     page.screenshot(path=str(SHOTS / "endpoint-phone.png"), full_page=True)
+
+
+def test_a_long_endpoint_name_wraps_instead_of_widening_the_phone_page(cast, tiny_model, cpu_host, live_server,
+                                                                      browser):
+    """A name may be 63 characters of digits (one unbreakable word): the heading was
+    461 px wide at 390."""
+    options = {"max_batch_size": 4, "max_seq_len": 256, "max_concurrent": 8}
+    endpoint = Endpoint.objects.create(team=cast.vision, name="9" * 63, model=tiny_model, family="cpu",
+                                       options=options, created_by=cast.bob)
+    EndpointRevision.objects.create(endpoint=endpoint, number=1, model=tiny_model, options=options, state="live")
+    page = log_in(browser, live_server.url, "bob", width=390, height=844)
+    for url in (f"/endpoints/{endpoint.pk}/", "/teams/vision/endpoints/"):
+        page.goto(live_server.url + url)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{url} is {overflow}px wider than the phone"

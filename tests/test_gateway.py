@@ -103,6 +103,36 @@ def test_credentials_scopes_and_team_isolation(gateway, endpoint, cast, redis_db
         assert replica.requests == 2
 
 
+def test_a_body_that_is_not_a_safe_json_object_is_400_before_any_replica_or_cold_start(gateway, endpoint, cast,
+                                                                                        redis_db):
+    """Refused by the gateway with the field at fault (jobs.safe_json's rules): a body
+    nested 100,000 deep was a 500 from the replica, and garbage woke a scaled-to-zero
+    endpoint and waited for its cold start."""
+    from jobs.gateway import load
+
+    raw = token(cast.bob)
+    bodies = [(b"[" * 100_000 + b"]" * 100_000, None), (b"[1]", None), (b"{nope", None), (b"", None),
+              (json.dumps({"prompt": "hi\u0000"}).encode(), "prompt"),
+              (json.dumps({"prompt": "hi", "stop": "\ud800"}).encode(), "stop")]
+
+    def send(content: bytes):
+        return httpx.post(f"{gateway.url}/endpoints/vision/chat/v1/completions", content=content, timeout=30,
+                          headers={"Authorization": f"Bearer {raw}", "Content-Type": "application/json"})
+
+    for content, param in bodies:  # no replica: none of these may ask for one
+        answer = send(content)
+        assert answer.status_code == 400, (content[:20], answer.text)
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert redis_db.get(load.demand_key(endpoint.pk)) is None
+    with fake_replicas(FakeReplica(1)) as (replica,):
+        replica.release.set()
+        publish_routes(redis_db, endpoint, replica)
+        assert [send(content).status_code for content, _ in bodies] == [400] * len(bodies)
+        assert replica.requests == 0
+        assert send(json.dumps({"prompt": "hi", "stream": True}).encode()).status_code == 200
+
+
 def test_an_expired_token_is_401_saying_so(gateway, endpoint, cast):
     from datetime import timedelta
 

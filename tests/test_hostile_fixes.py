@@ -455,3 +455,106 @@ def test_a_dataset_with_a_nul_is_refused(cast, bob, bob_page, filename, data):
     assert page.status_code == 400 and any("NUL" in m for m in page_field_errors(page, "file"))
     assert not Dataset.objects.exists()
     assert stored() == before
+
+
+# --- 10. found by probing a running install from outside ------------------------------------
+
+def wsgi(method: str, path: str, **headers) -> tuple[str, dict[str, str], bytes]:
+    """The request through the WSGI application itself, as gunicorn calls it (the test
+    client and Django's own server remove a HEAD response's body; gunicorn does not)."""
+    from wsgiref.util import setup_testing_defaults
+
+    from django.core import signals
+    from django.db import close_old_connections
+
+    from webapp.wsgi import application
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_NAME": "testserver",
+               **{f"HTTP_{k.upper()}": v for k, v in headers.items()}}
+    setup_testing_defaults(environ)
+    answer: dict = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        answer.update(status=status, headers=dict(response_headers))
+
+    # Keep the test's database connection (and its transaction) across the request.
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        result = application(environ, start_response)
+        body = b"".join(result)
+        getattr(result, "close", lambda: None)()
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
+    return answer["status"], answer["headers"], body
+
+
+def test_a_head_request_is_answered_with_headers_and_no_body(cast, finished_job):
+    from jobs.teams.tokens import token_create
+
+    bearer = f"Bearer {token_create(user=cast.bob, name='head')[0]}"
+    for path in ("/login/", "/api/v1/teams", f"/api/v1/jobs/{finished_job.pk}",
+                 f"/api/v1/jobs/{finished_job.pk}/artifacts/outputs.jsonl"):  # the last one streams a file
+        status, headers, body = wsgi("GET", path, authorization=bearer)
+        assert status.startswith("200") and body, (path, status)
+        head_status, head_headers, head_body = wsgi("HEAD", path, authorization=bearer)
+        assert head_status == status and head_body == b"", path  # an API GET answers HEAD too (was a 405)
+        assert head_headers.get("Content-Type") == headers.get("Content-Type")
+        if "Content-Length" in headers:
+            assert head_headers["Content-Length"] == headers["Content-Length"] == str(len(body))
+
+
+def test_the_api_answers_json_for_a_path_it_lacks_and_a_method_it_does_not_take(bob):
+    missing = bob.get("/api/v1/no-such-thing")
+    assert missing.status_code == 404 and missing["Content-Type"] == "application/json"
+    assert missing.json()["code"] == "not_found" and "/api/v1/no-such-thing" in missing.json()["detail"]
+    wrong = bob.delete("/api/v1/teams")
+    assert wrong.status_code == 405 and wrong["Allow"] == "GET" and wrong.json()["code"] == "method_not_allowed"
+    assert "DELETE" in wrong.json()["detail"]
+    assert bob.put("/api/v1/jobs").json()["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("written", [" {pk}", "{pk} ", "+{pk}", "{pk}%0A", "{pk}.0", "%D9%A1"])
+def test_an_id_in_an_api_path_is_ascii_digits_only(cast, bob, finished_job, written):
+    """int() reads " 1", "+1", "1\\n" and "1_0" (pydantic did, so /api/v1/jobs/%201 was job 1)."""
+    assert bob.get(f"/api/v1/jobs/{finished_job.pk}").status_code == 200
+    path = "/api/v1/jobs/" + written.format(pk=finished_job.pk)
+    for method in ("get", "post"):
+        answer = getattr(bob, method)(path + ("/cancel" if method == "post" else ""))
+        assert answer.status_code == 404 and answer.json()["code"] == "not_found", (method, path)
+    assert Job.objects.get(pk=finished_job.pk).status == S.PENDING
+
+
+@pytest.mark.parametrize("query", ["dry_run=on", "dry_run=ture", "dry_run=true&dry_run=false", "dry_run=2"])
+def test_a_dry_run_that_is_not_clearly_yes_or_no_is_refused_not_submitted(cast, bob, tiny_model, cpu_host, query):
+    refused(post_json(bob, f"/api/v1/jobs?{query}", inference_body(tiny_model)), 400, "dry_run")
+    assert not Job.objects.exists()
+
+
+def test_a_dry_run_says_yes_or_no_in_a_few_words(cast, bob, tiny_model, cpu_host):
+    for yes in ("true", "TRUE", "1", "yes"):
+        assert post_json(bob, f"/api/v1/jobs?dry_run={yes}", inference_body(tiny_model)).status_code == 200
+    assert not Job.objects.exists()
+    assert post_json(bob, "/api/v1/jobs?dry_run=false", inference_body(tiny_model)).status_code == 201
+
+
+@pytest.mark.parametrize("field,value", [("same_network", "yes"), ("same_network", 1), ("same_network", []),
+                                         ("same_network", {}), ("precompile", "false"), ("zero_1", 0)])
+def test_a_yes_no_field_takes_json_true_or_false_only(cast, bob, tiny_model, dataset, cpu_host, field, value):
+    """The form's BooleanField reads any non-empty value as yes: "false" was true."""
+    body = refused(post_json(bob, "/api/v1/jobs?dry_run=true", finetune_body(tiny_model, dataset, **{field: value})),
+                   400, field)
+    assert "true or false" in body["errors"][field][0]
+    assert post_json(bob, "/api/v1/jobs?dry_run=true",
+                     finetune_body(tiny_model, dataset, same_network=False, precompile=False)).status_code == 200
+
+
+def test_a_fine_tune_of_a_text_to_image_pipeline_is_refused(cast, bob, dataset, cpu_host):
+    from tests.endpoint_support import make_model
+
+    pipeline = make_model(cast.vision, cast.alice, "tiny-sd")
+    pipeline.meta = {"diffusers": True}
+    pipeline.save(update_fields=["meta"])
+    refused(post_json(bob, "/api/v1/jobs?dry_run=true", finetune_body(pipeline, dataset)), 400, "model")
+    assert not Job.objects.exists()

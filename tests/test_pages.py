@@ -165,6 +165,45 @@ def test_anonymous_users_are_sent_to_the_login_page(client, cast, inference_job)
         assert response.status_code == 302 and response["Location"].startswith("/login/"), url
 
 
+PUBLIC_PAGES = ("login/", "logout/", "sso/", "metrics", "csp-report", "favicon.ico", "api/", "admin/")
+
+
+def test_every_console_url_sends_an_anonymous_user_to_the_login_page(client, cast, inference_job):
+    """Walks the URLconf, so a page added without @login_required is caught (the
+    compile cache page answered an anonymous user with a 404)."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    values = {"slug": "vision", "kind": "inference", "name": "test-host", "path:name": "outputs.jsonl"}
+
+    def walk(patterns, prefix=""):
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                yield from walk(pattern.url_patterns, prefix + str(pattern.pattern))
+            elif isinstance(pattern, URLPattern):
+                yield prefix + str(pattern.pattern)
+
+    checked = 0
+    for route in walk(get_resolver().url_patterns):
+        if route.startswith(PUBLIC_PAGES):
+            continue
+        url = "/" + re.sub(r"<(?:(\w+):)?(\w+)>", lambda m: str(values.get(f"{m[1]}:{m[2]}", values.get(
+            m[2], inference_job.pk))), route)
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/login/"), (url, response.status_code)
+        checked += 1
+    assert checked > 30
+
+
+def test_the_several_hosts_fields_are_on_the_fine_tune_form_only(cast, tiny_model):
+    client = login(cast.bob)
+    for kind in ("compile", "inference"):
+        page = client.get(f"/teams/vision/jobs/new/{kind}/").content.decode()
+        assert 'name="host_count"' not in page and 'name="same_network"' not in page, kind
+    page = client.get("/teams/vision/jobs/new/finetune/").content.decode()
+    assert 'name="host_count"' in page and 'name="same_network"' in page
+    assert page.index('name="cores"') < page.index('name="host_count"')  # with the resources, after the cores
+
+
 def test_a_user_in_no_team_is_told_so(cast, django_user_model):
     loner = django_user_model.objects.create_user("loner", password=PASSWORD)
     response = login(loner).get("/")

@@ -116,6 +116,8 @@ def test_bad_requests_are_400_naming_the_field(server, path, body, param, says):
 def test_a_body_that_is_not_json_is_400(server):
     r = httpx.post(f"{server.url}/v1/completions", content=b"{nope", timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    deep = httpx.post(f"{server.url}/v1/completions", content=b"[" * 100_000 + b"]" * 100_000, timeout=30)
+    assert deep.status_code == 400 and "not valid JSON" in deep.json()["error"]["message"]  # was a 500
 
 
 def test_concurrent_requests_share_forward_passes(server):

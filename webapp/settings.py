@@ -136,6 +136,7 @@ INSTALLED_APPS = [
     "jobs",
 ]
 MIDDLEWARE = [
+    "jobs.middleware.HttpBasics",  # outermost: no body on HEAD; the API's 404 / 405 in JSON
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",  # the Content-Security-Policy header (see "Security" below)
     "jobs.middleware.RefuseNulInUrl",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.http import HttpRequest, JsonResponse
 from ninja.parser import Parser
 
@@ -77,3 +78,56 @@ def parse_failure(request: HttpRequest, cause: BaseException) -> JsonResponse | 
     if isinstance(cause, safe_json.JSONInputError):
         return json_error(cause, "Bad request")
     return None
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return f"a number with a fraction ({value!r})" if not value.is_integer() else f"a decimal number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def json_type_errors(data: dict, fields: dict[str, forms.Field], *,
+                     names: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """A JSON body read by a form is typed: each field's value must be of its field's
+    JSON type (null stands for "not given"). Ids, counts and sizes are JSON integers
+    only: not true (which the form's int() would read as 1), not 1.0 or 1.5, not "1"
+    nor "١" (int() reads other scripts' digits; a form-encoded body, which is all
+    text, sends "1"). Numbers take an integer or a decimal; text and choices a string;
+    yes/no fields true or false (the form would read any non-empty value as yes). A
+    field may state its own JSON type with `json_type = (check, wanted)`. `names`
+    maps a field to the name its error carries (e.g. options.max_batch_size)."""
+    errors: dict[str, list[str]] = {}
+    for name, value in data.items():
+        field = fields.get(name)
+        if field is None or value is None:
+            continue
+        own_type = getattr(field, "json_type", None)
+        if own_type is not None:
+            check, wanted = own_type
+            ok = check(value)
+        elif isinstance(field, forms.FloatField):  # before IntegerField: FloatField is one
+            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(field, (forms.IntegerField, forms.ModelChoiceField)):
+            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            if isinstance(field, forms.ModelChoiceField):
+                wanted = "an id (an integer)"
+        elif isinstance(field, forms.BooleanField):
+            ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(field, (forms.CharField, forms.ChoiceField)):
+            ok, wanted = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            # The form's own sentence first (what the HTML form would say), then the type.
+            own = field.error_messages.get("invalid_choice" if isinstance(field, forms.ModelChoiceField) else "invalid")
+            own = f"{own} " if own and "%(" not in own else ""
+            shown = (names or {}).get(name, name)
+            errors[shown] = [f"{own}{shown} must be {wanted}, not {json_kind(value)}."]
+    return errors

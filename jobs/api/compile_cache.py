@@ -69,12 +69,12 @@ def _entry(request: HttpRequest, entry_id: int) -> ModelAsset:
     return entry
 
 
-@router.get("/compile-cache/{entry_id}", response={200: dict[str, Any], **ERRORS}, summary="One cache entry")
+@router.get("/compile-cache/{dbid:entry_id}", response={200: dict[str, Any], **ERRORS}, summary="One cache entry")
 def get_entry(request: HttpRequest, entry_id: int):
     return index.entry_document(_entry(request, entry_id))
 
 
-@router.put("/compile-cache/{entry_id}/pin", response={200: dict[str, Any], **ERRORS},
+@router.put("/compile-cache/{dbid:entry_id}/pin", response={200: dict[str, Any], **ERRORS},
             summary="Pin or unpin a cache entry (team managers)")
 def pin_entry(request: HttpRequest, entry_id: int, body: PinIn):
     entry = _entry(request, entry_id)

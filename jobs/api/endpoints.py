@@ -20,7 +20,7 @@ from django.http import HttpRequest, JsonResponse
 from ninja import Router
 
 from jobs import access
-from jobs.api.body import read_json
+from jobs.api.body import json_type_errors, read_json
 from jobs.api.schemas import ErrorOut
 from jobs.endpoints import selectors, services
 from jobs.endpoints.forms import OPTION_FIELDS, EndpointChangeForm, EndpointCreateForm
@@ -77,9 +77,16 @@ def _flatten(body: Any, allowed: tuple[str, ...]) -> tuple[dict, dict[str, list[
     data.update({k: body[k] for k in OPTION_FIELDS if k in body})
     data.update({k: v for k, v in options.items() if k in OPTION_FIELDS})
     for key, value in data.items():
-        if isinstance(value, (dict, list, bool)) or value is None:
-            errors[_field(key, body)] = [f"must be a {'string' if key in ('name', 'family') else 'number'}"]
+        if value is None:
+            errors[_field(key, body)] = [f"must be a {'string' if key in ('name', 'family') else 'number'}, not null"]
     return data, errors
+
+
+def _typed(data: dict, form_class: type, body: dict) -> dict[str, list[str]]:
+    """The JSON types of the fields (jobs.api.body.json_type_errors: ids and counts are
+    integers, names strings), each error named as the body has the field."""
+    present = {k: v for k, v in data.items() if v is not None}
+    return json_type_errors(present, form_class.base_fields, names={k: _field(k, body) for k in present})
 
 
 def _field(name: str, body: dict) -> str:
@@ -138,9 +145,10 @@ def endpoint_create(request: HttpRequest, slug: str):
     if refused is not None:
         return refused
     data, errors = _flatten(body, CREATE_FIELDS)
+    errors.update(_typed(data, EndpointCreateForm, body))
     form = EndpointCreateForm(data, team=team)
     if not form.is_valid():
-        errors.update(_form_errors(form, body))
+        errors.update({f: m for f, m in _form_errors(form, body).items() if f not in errors})
     if errors:
         return _invalid("No endpoint was created", errors)
     try:
@@ -152,12 +160,12 @@ def endpoint_create(request: HttpRequest, slug: str):
     return JsonResponse(endpoint_document(endpoint, detail=True), status=201)
 
 
-@router.get("/endpoints/{endpoint_id}", response={200: dict, **ERRORS}, summary="An endpoint")
+@router.get("/endpoints/{dbid:endpoint_id}", response={200: dict, **ERRORS}, summary="An endpoint")
 def endpoint_detail(request: HttpRequest, endpoint_id: int):
     return endpoint_document(access.get_endpoint(request.auth, endpoint_id), detail=True)
 
 
-@router.patch("/endpoints/{endpoint_id}", response={200: dict, **ERRORS}, summary="Change or scale an endpoint",
+@router.patch("/endpoints/{dbid:endpoint_id}", response={200: dict, **ERRORS}, summary="Change or scale an endpoint",
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _CHANGE_BODY}}}})
 def endpoint_patch(request: HttpRequest, endpoint_id: int):
     """Only the fields given change. min / max rescale at once; a new model, options
@@ -170,9 +178,10 @@ def endpoint_patch(request: HttpRequest, endpoint_id: int):
     data, errors = _flatten(body, CHANGE_FIELDS)
     if not errors and not data:
         return _error(400, "Send a JSON object with the fields to change.", code="empty")
+    errors.update(_typed(data, EndpointChangeForm, body))
     form = EndpointChangeForm(data, endpoint=endpoint)
     if not form.is_valid():
-        errors.update(_form_errors(form, body))
+        errors.update({f: m for f, m in _form_errors(form, body).items() if f not in errors})
     if errors:
         return _invalid("The endpoint was not changed", errors)
     try:
@@ -184,7 +193,7 @@ def endpoint_patch(request: HttpRequest, endpoint_id: int):
     return endpoint_document(endpoint, detail=True)
 
 
-@router.delete("/endpoints/{endpoint_id}", response={202: dict, **ERRORS}, summary="Delete an endpoint")
+@router.delete("/endpoints/{dbid:endpoint_id}", response={202: dict, **ERRORS}, summary="Delete an endpoint")
 def endpoint_remove(request: HttpRequest, endpoint_id: int):
     endpoint = access.get_endpoint(request.auth, endpoint_id)
     try:
@@ -194,7 +203,7 @@ def endpoint_remove(request: HttpRequest, endpoint_id: int):
     return JsonResponse(endpoint_document(endpoint), status=202)
 
 
-@router.get("/endpoints/{endpoint_id}/events", response={200: dict, **ERRORS}, summary="An endpoint's timeline")
+@router.get("/endpoints/{dbid:endpoint_id}/events", response={200: dict, **ERRORS}, summary="An endpoint's timeline")
 def endpoint_events(request: HttpRequest, endpoint_id: int):
     endpoint = access.get_endpoint(request.auth, endpoint_id)
     return {"events": [{"at": e.at.isoformat(), "kind": e.kind, "revision": e.revision, "message": e.message,

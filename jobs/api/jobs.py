@@ -17,7 +17,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable, Literal
 
-from django import forms
 from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse, QueryDict
@@ -33,7 +32,7 @@ from jobs.assets.forms import DatasetUploadForm, ModelUploadForm
 from jobs.assets.services import dataset_upload, model_upload
 from jobs.assets.uploads import UploadError
 from jobs.lifecycle import selectors
-from jobs.lifecycle.forms import JOB_FORMS, PromptsField
+from jobs.lifecycle.forms import JOB_FORMS
 from jobs.lifecycle.services import (
     NotSuspendable,
     SubmitRefused,
@@ -236,10 +235,14 @@ def _multipart(properties: dict[str, dict], required: list[str]) -> dict:
 
 
 _BINARY = {"type": "string", "format": "binary"}
+DRY_RUN_YES, DRY_RUN_NO = ("true", "1", "yes"), ("false", "0", "no", "")
 SUBMIT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": JobSubmitIn.model_json_schema()},
     **_multipart({**JobSubmitIn.model_json_schema()["properties"], "prompts_file": _BINARY}, ["team", "kind"]),
-}}}
+}}, "parameters": [{"name": "dry_run", "in": "query", "required": False, "schema": {
+    "type": "string", "enum": [*DRY_RUN_YES, *DRY_RUN_NO], "default": "false"},
+    "description": "true: validate and answer what would happen (where and when it would run, its cost, "
+                   "a compile's cache answer) without creating anything (200)."}]}
 UPLOAD_BODY = {"requestBody": {"required": True, "content": _multipart(
     {"team": {"type": "string"}, "name": {"type": "string"}, "file": _BINARY}, ["team", "name", "file"])}}
 FILE_RESPONSE = {"responses": {200: {"description": "The artifact file (a directory comes as a zip)",
@@ -421,7 +424,7 @@ def list_teams(request: HttpRequest):
 def _submission(request: HttpRequest) -> tuple[QueryDict | dict, MultiValueDict | None] | JsonResponse:
     """The submitted fields and files: multipart/form (for a prompts_file upload) or
     JSON (jobs.api.body: the content type, depth, NUL and lone surrogates checked),
-    whose values must also be of their field's JSON type (_json_type_errors)."""
+    whose values must also be of their field's JSON type (body.json_type_errors)."""
     if request.content_type in body.FORM_TYPES:
         return request.POST, request.FILES
     data, refused = body.read_json(request, "The job was not submitted",
@@ -440,49 +443,18 @@ def _submission(request: HttpRequest) -> tuple[QueryDict | dict, MultiValueDict 
     return data, None
 
 
-def _json_kind(value: Any) -> str:
-    """What a JSON value is, for an error message."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return f"a number with a fraction ({value!r})" if not value.is_integer() else f"a decimal number ({value!r})"
-    if isinstance(value, str):
-        return "a string"
-    return "a list" if isinstance(value, list) else "an object"
-
-
-def _json_type_errors(data: dict, form_class: type) -> dict[str, list[str]]:
-    """A JSON body is typed: each field's value must be of its field's JSON type
-    (null stands for "not given"). Ids, counts and sizes are JSON integers only:
-    not true (which the form's int() would read as 1), not 1.0 or 1.5, not "1"
-    (a form-encoded body, which is all text, sends "1"). Numbers take an integer or
-    a decimal; text fields a string; prompts a string or a list of strings."""
-    errors: dict[str, list[str]] = {}
-    for name, value in data.items():
-        field = form_class.base_fields.get(name)
-        if field is None or value is None:
-            continue
-        if isinstance(field, forms.FloatField):  # before IntegerField: FloatField is one
-            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        elif isinstance(field, (forms.IntegerField, forms.ModelChoiceField)):
-            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
-            if isinstance(field, forms.ModelChoiceField):
-                wanted = "an id (an integer)"
-        elif isinstance(field, (forms.CharField, forms.ChoiceField)):
-            ok, wanted = isinstance(value, str), "a string"
-        elif isinstance(field, PromptsField):
-            ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value))
-            wanted = "a string (one prompt per line) or a list of strings"
-        else:
-            continue
-        if not ok:
-            # The form's own sentence first (what the HTML form would say), then the type.
-            own = field.error_messages.get("invalid_choice" if isinstance(field, forms.ModelChoiceField) else "invalid")
-            own = f"{own} " if own and "%(" not in own else ""
-            errors[name] = [f"{own}{name} must be {wanted}, not {_json_kind(value)}."]
-    return errors
+def _dry_run(request: HttpRequest) -> bool | JsonResponse:
+    """?dry_run: true, 1 or yes validate only; false, 0, no or absent submit. Anything
+    else, or the parameter twice, is a 400: a misspelt dry run must not submit."""
+    values = request.GET.getlist("dry_run")
+    value = values[0].strip().lower() if len(values) == 1 else None
+    if not values or value in DRY_RUN_NO:
+        return False
+    if value in DRY_RUN_YES:
+        return True
+    message = ("give dry_run once" if len(values) > 1 else
+               f"dry_run must be one of {', '.join(DRY_RUN_YES)} (validate only) or {', '.join(DRY_RUN_NO[:-1])}")
+    return _field_errors({"dry_run": [message]}, "The job was not submitted")
 
 
 def _submit_target(user, data) -> tuple[Team, str] | JsonResponse:
@@ -511,6 +483,9 @@ def submit_job(request: HttpRequest):
     """Validate with the HTML form of the kind, check the team's hard limits, and
     create a pending job (the scheduler places it). 201 with the job as created;
     GET its `url` for the timeline, artifacts and queue position."""
+    dry_run = _dry_run(request)
+    if isinstance(dry_run, JsonResponse):
+        return dry_run
     parsed = _submission(request)
     if isinstance(parsed, JsonResponse):
         return parsed
@@ -525,14 +500,14 @@ def submit_job(request: HttpRequest):
         errors = {key: [f"unknown field for a {kind} job"] for key in unknown}
         return _field_errors(errors, f"The {kind} job was not submitted")
     if files is None:
-        typed = _json_type_errors(data, form_class)
+        typed = body.json_type_errors(data, form_class.base_fields)
         if typed:
             return _field_errors(typed, f"The {kind} job was not submitted")
     form = form_class(data=data, files=files, team=team)
     if not form.is_valid():
         return _field_errors({f: list(msgs) for f, msgs in form.errors.items()}, f"The {kind} job was not submitted")
     try:
-        if request.GET.get("dry_run", "").lower() in ("1", "true", "yes"):
+        if dry_run:
             # Validate and answer (a compile: the cache's answer), creating nothing.
             return Status(200, job_dry_run(team=team, user=request.auth, form=form))
         job = job_submit(team=team, user=request.auth, form=form)
@@ -564,12 +539,12 @@ def list_jobs(request: HttpRequest, team: str | None = None, status: str | None 
     return {**envelope, "items": [job_summary(j) for j in items]}
 
 
-@router.get("/jobs/{job_id}", response={200: JobOut, **ERRORS}, url_name="job_detail", summary="Get a job")
+@router.get("/jobs/{dbid:job_id}", response={200: JobOut, **ERRORS}, url_name="job_detail", summary="Get a job")
 def get_job(request: HttpRequest, job_id: int):
     return job_document(access.get_job(request.auth, job_id))
 
 
-@router.get("/jobs/{job_id}/logs", response={200: LogOut, **ERRORS}, url_name="job_logs", summary="Follow a job's log")
+@router.get("/jobs/{dbid:job_id}/logs", response={200: LogOut, **ERRORS}, url_name="job_logs", summary="Follow a job's log")
 def job_logs(request: HttpRequest, job_id: int, offset: int = Query(0, ge=0, le=MAX_OFFSET),
              max_bytes: int = Query(selectors.LOG_WINDOW_BYTES, ge=1, le=LOG_MAX_BYTES)):
     """Log text from byte `offset`; ask again from `next_offset` to follow. `finished`
@@ -583,7 +558,7 @@ def job_logs(request: HttpRequest, job_id: int, offset: int = Query(0, ge=0, le=
     return {"offset": offset, "next_offset": window.end, "text": window.text, "finished": ended and not more}
 
 
-@router.post("/jobs/{job_id}/cancel", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Cancel a job")
+@router.post("/jobs/{dbid:job_id}/cancel", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Cancel a job")
 def cancel_job(request: HttpRequest, job_id: int):
     """A member may cancel their own job, a manager any job of the team. Pending and
     queued jobs end at once; a running job is stopped by its worker. 409 if it had
@@ -599,7 +574,7 @@ def cancel_job(request: HttpRequest, job_id: int):
     return job_document(access.get_job(request.auth, job_id))
 
 
-@router.post("/jobs/{job_id}/suspend", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Suspend a fine-tune")
+@router.post("/jobs/{dbid:job_id}/suspend", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Suspend a fine-tune")
 def suspend_job(request: HttpRequest, job_id: int):
     """Whoever may cancel a fine-tune may suspend it: it frees its cores (a running one
     saves a checkpoint first) and waits as "suspended" until resumed. 409 if it is not
@@ -614,7 +589,7 @@ def suspend_job(request: HttpRequest, job_id: int):
     return job_document(access.get_job(request.auth, job_id))
 
 
-@router.post("/jobs/{job_id}/resume", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Resume a suspended job")
+@router.post("/jobs/{dbid:job_id}/resume", response={200: JobOut, 409: ErrorOut, **ERRORS}, summary="Resume a suspended job")
 def resume_job(request: HttpRequest, job_id: int):
     """Back in the queue; a fine-tune resumes from its newest complete checkpoint. 409 if
     the job is not suspended."""
@@ -628,7 +603,7 @@ def resume_job(request: HttpRequest, job_id: int):
     return job_document(access.get_job(request.auth, job_id))
 
 
-@router.get("/jobs/{job_id}/artifacts/{path:name}", response={**ERRORS}, url_name="job_artifact",
+@router.get("/jobs/{dbid:job_id}/artifacts/{path:name}", response={**ERRORS}, url_name="job_artifact",
             openapi_extra=FILE_RESPONSE, summary="Download an artifact")
 def download_artifact(request: HttpRequest, job_id: int, name: str):
     return artifact_response(access.get_job(request.auth, job_id), name)
@@ -675,7 +650,7 @@ def list_models(request: HttpRequest, team: str | None = None, name: str | None 
     return {**envelope, "items": [model_document(m, chains[m.pk]) for m in items]}
 
 
-@router.get("/models/{model_id}", response={200: ModelOut, **ERRORS}, url_name="model_detail", summary="Get a model")
+@router.get("/models/{dbid:model_id}", response={200: ModelOut, **ERRORS}, url_name="model_detail", summary="Get a model")
 def get_model(request: HttpRequest, model_id: int):
     model = access.get_model(request.auth, model_id)
     return model_document(model, _lineages([model])[model.pk])
@@ -706,7 +681,7 @@ def list_datasets(request: HttpRequest, team: str | None = None,
     return {**envelope, "items": [dataset_document(d) for d in items]}
 
 
-@router.get("/datasets/{dataset_id}", response={200: DatasetOut, **ERRORS}, url_name="dataset_detail",
+@router.get("/datasets/{dbid:dataset_id}", response={200: DatasetOut, **ERRORS}, url_name="dataset_detail",
             summary="Get a dataset")
 def get_dataset(request: HttpRequest, dataset_id: int):
     return dataset_document(access.get_dataset(request.auth, dataset_id))

@@ -133,7 +133,7 @@ def _host(name: str) -> Host:
     return host
 
 
-@router.get("/jobs/{job_id}/metrics", response={200: JobMetricsOut, 400: ErrorOut, 404: ErrorOut},
+@router.get("/jobs/{dbid:job_id}/metrics", response={200: JobMetricsOut, 400: ErrorOut, 404: ErrorOut},
             url_name="job_metrics", summary="A job's live NeuronCore metrics")
 def job_metrics(request: HttpRequest, job_id: int, since: str | None = None):
     """Per-core utilization, device memory, execution latency and errors of a job:

@@ -66,20 +66,20 @@ def subscription_create(request: HttpRequest, slug: str):
     return JsonResponse(subscription_document(sub, with_secret=True), status=201)
 
 
-@router.delete("/subscriptions/{sub_id}")
+@router.delete("/subscriptions/{dbid:sub_id}")
 def subscription_delete(request: HttpRequest, sub_id: int):
     services.get_subscription(request.auth, sub_id).delete()
     return HttpResponse(status=204)
 
 
-@router.get("/subscriptions/{sub_id}/deliveries")
+@router.get("/subscriptions/{dbid:sub_id}/deliveries")
 def delivery_log(request: HttpRequest, sub_id: int):
     sub = services.get_subscription(request.auth, sub_id)
     rows = sub.deliveries.select_related("notification")[:LOG_LIMIT]
     return {"subscription": subscription_document(sub), "deliveries": [delivery_document(d) for d in rows]}
 
 
-@router.post("/deliveries/{delivery_id}/resend")
+@router.post("/deliveries/{dbid:delivery_id}/resend")
 def delivery_resend(request: HttpRequest, delivery_id: int):
     d = services.delivery_resend(services.get_delivery(request.auth, delivery_id))
     return delivery_document(d)

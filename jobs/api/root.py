@@ -12,6 +12,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, SessionAuth
 
+import jobs.converters  # noqa: F401 - registers {dbid:...}, the ids in the API's paths
 from jobs.api.body import SafeJsonParser, parse_failure
 from jobs.teams import tokens
 from jobs.teams.logins import client_ip

@@ -75,7 +75,7 @@ def _error(status: int, detail: str, *, code: str, errors: dict[str, list[str]] 
     return JsonResponse(body, status=status)
 
 
-@router.get("/jobs/{job_id}/pending", response={200: PendingOut, **ERRORS}, summary="Why a job waits")
+@router.get("/jobs/{dbid:job_id}/pending", response={200: PendingOut, **ERRORS}, summary="Why a job waits")
 def job_pending(request: HttpRequest, job_id: int):
     """The dispatcher's reason code and sentence for a pending job, its 1-based place
     in its family's queue, and the first jobs ahead of it (another team's jobs show

@@ -2,6 +2,7 @@
 fleet's cache size against its cap."""
 from __future__ import annotations
 
+from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
@@ -12,6 +13,7 @@ from jobs.compile_cache import index
 from jobs.models import Role
 
 
+@login_required
 def cache_page(request: HttpRequest, slug: str) -> HttpResponse:
     team = access.get_team(request.user, slug)
     q = request.GET.get("q", "")[:200]
@@ -23,6 +25,7 @@ def cache_page(request: HttpRequest, slug: str) -> HttpResponse:
     }, team=team, nav="compile_cache")
 
 
+@login_required
 @require_POST
 def pin(request: HttpRequest, slug: str, entry_id: int) -> HttpResponse:
     team = access.get_team(request.user, slug)

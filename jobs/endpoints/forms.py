@@ -32,6 +32,9 @@ def _check_model_for_family(model: ModelAsset | None, family: str) -> str | None
     """Why `model` cannot be served on `family`, or None."""
     if model is None:
         return None
+    if not model.generates_text:
+        return f"{model} does not generate text (a text-to-image pipeline or another task); an endpoint serves a " \
+               "text-generation model."
     if model.format == ModelAsset.Format.NEURON and family == Family.CPU:
         return f"{model} is compiled for Neuron; a cpu endpoint needs a Hugging Face folder or a cpu artifact."
     if model.format == ModelAsset.Format.TORCHSCRIPT and family != Family.CPU:

@@ -41,6 +41,7 @@ django.setup()
 import redis.asyncio as aioredis  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from jobs import safe_json  # noqa: E402
 from jobs.gateway.balancer import Balancer, Target  # noqa: E402
 from jobs.gateway.directory import Directory, EndpointInfo, Grant  # noqa: E402
 from jobs.gateway.load import LoadBoard  # noqa: E402
@@ -68,9 +69,9 @@ class Refusal(Exception):
     """An answer the gateway gives itself (OpenAI's error shape)."""
 
     def __init__(self, status: int, message: str, kind: str, *, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
         self.headers = headers or {}
 
 
@@ -167,10 +168,12 @@ class Gateway:
             if endpoint is None or not grant.may_call(endpoint.team_id):
                 raise Refusal(404, "No such endpoint", "not_found")
             body = await _read_body(receive)
+            if scope["method"] == "POST":
+                _check_json_object(body)
             await self._forward(scope, receive, send, endpoint, match["rest"], body, headers, cors)
         except Refusal as refusal:
             await _send_json(send, refusal.status, {"error": {"message": refusal.message, "type": refusal.kind,
-                                                              "param": None, "code": refusal.code}},
+                                                              "param": refusal.param, "code": refusal.code}},
                              {**cors, **refusal.headers})
 
     def _cors(self, headers: dict[bytes, bytes]) -> dict[str, str]:
@@ -405,6 +408,20 @@ async def _read_body(receive: Any) -> bytes:
             raise Refusal(413, f"the body is larger than {MAX_BODY >> 20} MB", "invalid_request_error")
         if not message.get("more_body"):
             return bytes(body)
+
+
+def _check_json_object(body: bytes) -> None:
+    """A request body is a JSON object, read by the one parser hostile JSON meets
+    everywhere (jobs.safe_json: depth, NUL, lone surrogates, NaN): refused here with
+    the field at fault, before a replica is chosen or a cold start asked for, so
+    garbage never wakes an endpoint nor reaches a replica. The replica checks the
+    request's fields itself."""
+    try:
+        value = safe_json.loads(body)
+    except safe_json.JSONInputError as exc:
+        raise Refusal(400, exc.sentence("the body"), "invalid_request_error", param=exc.field) from None
+    if not isinstance(value, dict):
+        raise Refusal(400, "the body must be a JSON object", "invalid_request_error")
 
 
 async def _send(send: Any, status: int, body: bytes, headers: dict[str, str]) -> None:

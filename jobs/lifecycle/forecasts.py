@@ -179,8 +179,11 @@ def _basis(row, ratios, running: int) -> str:
     if row.reason_code in NOT_FOR_CORES:
         return "no estimate: the job waits for an admin or a host, not for cores"
     (low, mid, _), n = ratios.get(row.team_id, ((1.0, 1.0, 1.0), 0))
-    history = (f"team's jobs ran {mid:.0%} of their time limit (median of the last {n} finished; "
-               f"{low:.0%} at the 10th percentile)" if n else "no finished jobs of the team yet: time limits as they are")
-    return (f"the scheduler's own placement and backfill rules replayed over the {running} jobs holding cores "
-            f"and the queue ahead; runtimes = time limits × the {history}; range: that 10th percentile to "
-            "the time limits themselves; new jobs of higher priority can still move it")
+    replayed = (f"the scheduler's own placement and backfill rules replayed over the {running} "
+                f"job{'s' if running != 1 else ''} holding cores and the queue ahead")
+    if not n:
+        return (f"{replayed}; runtimes = the time limits (the team has no finished jobs yet to scale them by); "
+                "new jobs of higher priority can still move it")
+    return (f"{replayed}; runtimes = time limits × the {mid:.0%} the team's jobs ran of their time limit (median "
+            f"of the last {n} finished; {low:.0%} at the 10th percentile); range: that 10th percentile to the "
+            "time limits themselves; new jobs of higher priority can still move it")

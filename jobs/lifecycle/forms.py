@@ -193,6 +193,9 @@ class FinetuneForm(JobBaseForm):
 
     def clean(self):
         data = super().clean()
+        model = data.get("model")
+        if model is not None and not model.generates_text:
+            self.add_error("model", f"{model} is a text-to-image pipeline: a fine-tune trains a text-generation model")
         if not self.errors:
             self._check_neuron_training(data)
         if not self.errors and not data.get("steps") and not data.get("epochs"):
@@ -218,6 +221,11 @@ class FinetuneForm(JobBaseForm):
 
 class PromptsField(forms.Field):
     """Prompts as a list of strings, or text with one prompt per line."""
+
+    # What a JSON body may send (jobs.api.body.json_type_errors).
+    json_type = (lambda value: isinstance(value, str) or (isinstance(value, list)
+                                                          and all(isinstance(p, str) for p in value)),
+                 "a string (one prompt per line) or a list of strings")
 
     def to_python(self, value):
         if value in (None, "", []):

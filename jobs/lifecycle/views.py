@@ -218,7 +218,8 @@ def _again_prefill(request: HttpRequest, team: Team, kind: str) -> dict:
     return prefill
 
 
-RESOURCE_FIELDS = ("family", "cores", "max_runtime_s")  # shown after what the job does
+GANG_FIELDS = ("host_count", "same_network")  # fine-tunes only: the other kinds run on one host
+RESOURCE_FIELDS = ("family", "cores", *GANG_FIELDS, "max_runtime_s")  # shown after what the job does
 PROMPT_FIELDS = ("prompts", "prompts_file")  # inference: one choice of the two, shown together
 
 
@@ -299,6 +300,8 @@ def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, statu
     limits = extra["limits"]
     fields = []
     for bound in form:
+        if bound.name in GANG_FIELDS and form.kind != Kind.FINETUNE:
+            continue
         bound.limit = limits.get(bound.name, "")
         fields.append(bound)
     context = {"form": form, "kind": form.kind, "kind_label": Kind(form.kind).label, "writable": writable,

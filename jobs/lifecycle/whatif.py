@@ -74,6 +74,6 @@ def _cost(team: Team, cores: int, runtime_s: int, instance_type: str) -> dict:
         "usd_expected": round(expected * price.usd_per_core_hour, 2) if price else None,
         "usd_at_most": round(most * price.usd_per_core_hour, 2) if price else None,
         "instance_type": instance_type or None,
-        "basis": (f"{cores} cores × the time limit {runtime_s} s" + (f" × {ratio:.0%}, the team's median "
+        "basis": (f"{cores} core{'s' if cores != 1 else ''} × the time limit {runtime_s} s" + (f" × {ratio:.0%}, the team's median "
                   f"actual/requested runtime over its last {n} finished jobs" if n else "")),
     }

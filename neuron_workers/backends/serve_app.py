@@ -371,7 +371,7 @@ def create_app(serving: ServingModel) -> Starlette:
     async def _complete(request: Request, *, chat: bool) -> Response:
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             return JSONResponse(error_body("the body is not valid JSON", "invalid_request_error"), status_code=400)
         try:
             parsed = serving.parse(body, chat=chat)

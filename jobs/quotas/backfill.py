@@ -243,6 +243,11 @@ class Waiting:
     def request(self) -> tuple[str, int, int, bool]:
         return self.family, self.cores, self.host_count, self.same_network
 
+    @property
+    def asked(self) -> tuple[int, str, int, int, bool]:
+        """(team, request): what a pass answers once while the family is unchanged."""
+        return self.team_id, self.family, self.cores, self.host_count, self.same_network
+
 
 @dataclass
 class FleetState:
@@ -279,6 +284,9 @@ class FleetState:
                 buckets.extend(set() for _ in range(len(h.core_ids) + 1 - len(buckets)))
                 buckets[len(h.core_ids)].add(h.host_id)
         self._family_runs: dict[str, dict[int, Running]] = {}
+        # job -> (its Running, the same with its time-limit end) where the two ends
+        # differ (the simulator's, the forecast's): made once per job, not per pass.
+        self._limit_views: dict[int, tuple[Running, Running]] = {}
         self._stopping: dict[str, int] = {}  # family -> how many of its running jobs are stopping
         # (family, cores) -> ids of the idle non-draining hosts of that size: where gangs go.
         self._idle: dict[tuple[str, int], set[int]] = {}
@@ -295,6 +303,7 @@ class FleetState:
             family_runs[run.job_id] = run
         else:
             family_runs.pop(run.job_id, None)
+            self._limit_views.pop(run.job_id, None)
         if run.stopping:
             self._stopping[run.family] = self._stopping.get(run.family, 0) + sign
         for host_id, cores in run.members:
@@ -402,8 +411,17 @@ class FleetState:
 
     def limit_running(self, family: str) -> list[Running]:
         """The family's running jobs with their time-limit ends (what reservations use)."""
-        return [Running(r.job_id, r.team_id, r.family, r.host_id, r.cores, self.limit_end.get(r.job_id, r.end),
-                        r.ranks) for r in self._family_runs.get(family, {}).values()]
+        out = []
+        for r in self._family_runs.get(family, {}).values():
+            end = self.limit_end.get(r.job_id, r.end)
+            if end != r.end:
+                view = self._limit_views.get(r.job_id)
+                if view is None or view[0] is not r or view[1].end != end:
+                    view = self._limit_views[r.job_id] = (r, Running(r.job_id, r.team_id, r.family, r.host_id,
+                                                                     r.cores, end, r.ranks))
+                r = view[1]
+            out.append(r)
+        return out
 
     def borrowers(self, family: str, but_team: int | None = None) -> list[Borrower]:
         """Other teams' borrowing jobs of `family`, one Borrower per host they hold
@@ -480,6 +498,7 @@ class _Pass:
         self.state, self.now, self.policy, self.preempt = state, now, policy, preempt
         self.drain_s = drain_s
         self.result = PassResult()
+        self.reasons, self.sentences, self.fversion = self.result.reasons, self.result.sentences, state.fversion
         self.promised: dict[int, frozenset[int]] = {}  # host -> stopping jobs' cores a job of this pass waits for
         self.blocked: set[str] = set()  # fifo: families whose head found no room
         # Answers reused while what they depend on is unchanged (a long queue is
@@ -490,7 +509,8 @@ class _Pass:
         self.failed: dict[tuple, int] = {}  # (request, masked) -> family version of a failed placement
         self.refusals: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (family version, no-room reason)
         self.hopeless: dict[str, tuple[int, int]] = {}  # family -> (version, smallest request no preemption helps)
-        self.refused: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (family version, its refusal)
+        # (team, request) -> (family version, its refusal's code and sentence)
+        self.refused: dict[tuple, tuple[int, tuple[str, str]]] = {}
 
     def admission(self, job: Waiting) -> Decision:
         state = self.state
@@ -525,7 +545,7 @@ class _Pass:
         # backfill_blocked depends on the job's own time limit, preempting on the cores
         # promised to it: the same team's same request may get another answer.
         if decision.code not in ("backfill_blocked", "preempting"):
-            self.refused[(job.team_id, job.request)] = (self.state.fversion.get(job.family, 0), decision)
+            self.refused[job.asked] = (self.fversion.get(job.family, 0), (decision.code, decision.sentence))
 
     def repeated(self, job: Waiting) -> bool:
         """Refuse the job as the same team's same request was refused earlier in this
@@ -533,11 +553,10 @@ class _Pass:
         same: admission, placement and preemption depend only on the family's hosts
         and holders, the team and the request). What keeps a pass over a backlog
         of thousands cheap."""
-        seen = self.refused.get((job.team_id, job.request))
-        if seen is None or seen[0] != self.state.fversion.get(job.family, 0):
+        seen = self.refused.get(job.asked)
+        if seen is None or seen[0] != self.fversion.get(job.family, 0):
             return False
-        self.result.reasons[job.job_id] = seen[1].code
-        self.result.sentences[job.job_id] = seen[1].sentence
+        self.reasons[job.job_id], self.sentences[job.job_id] = seen[1]
         return True
 
     def place(self, job: Waiting, reservation: Reservation | None = None) -> tuple[Placement, ...] | None:

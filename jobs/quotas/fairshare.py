@@ -81,10 +81,15 @@ def fair_order(items: Sequence[QueueItem], usage: dict[int, float], shares: dict
             late = {i.job_id for i in overdue}
             return sorted(overdue, key=_arrival) + fair_order([i for i in items if i.job_id not in late], usage,
                                                               shares, charge_s)
-    by_priority: dict[int, dict[int, list[QueueItem]]] = defaultdict(lambda: defaultdict(list))
-    for item in items:
-        by_priority[item.priority][item.team_id].append(item)
+    # Each item's arrival is computed once; every team's queue is a list of indexes
+    # into `items` in arrival order, served from `served[team]` on.
+    arrivals = [_arrival(item) for item in items]
+    by_priority: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for k in sorted(range(len(items)), key=arrivals.__getitem__):
+        item = items[k]
+        by_priority[item.priority][item.team_id].append(k)
     key: dict[int, float] = {}
+    weights: dict[int, float] = {}
 
     def share(team_id: int) -> float:
         value = shares.get(team_id, 1.0)
@@ -93,26 +98,26 @@ def fair_order(items: Sequence[QueueItem], usage: dict[int, float], shares: dict
     ordered: list[QueueItem] = []
     for priority in sorted(by_priority, reverse=True):
         queues = by_priority[priority]
+        served = dict.fromkeys(queues, 0)
         heap: list[tuple[float, tuple, int]] = []
         for team_id, queue in queues.items():
-            queue.sort(key=_arrival, reverse=True)  # pop() from the end = earliest first
-            key.setdefault(team_id, usage.get(team_id, 0.0) / share(team_id))
-            heapq.heappush(heap, (key[team_id], _arrival(queue[-1]), team_id))
+            weights.setdefault(team_id, share(team_id))
+            key.setdefault(team_id, usage.get(team_id, 0.0) / weights[team_id])
+            heapq.heappush(heap, (key[team_id], arrivals[queue[0]], team_id))
         while heap:
             _, _, team_id = heapq.heappop(heap)
-            queue = queues[team_id]
-            weight = share(team_id)
+            queue, at, weight = queues[team_id], served[team_id], weights[team_id]
             if not heap:  # the only team left at this level: the rest of its queue as it is
-                for item in reversed(queue):
-                    ordered.append(item)
-                    key[team_id] += item.cores * charge_s / weight
-                queue.clear()
+                for k in queue[at:]:
+                    ordered.append(items[k])
+                    key[team_id] += items[k].cores * charge_s / weight
                 break
-            item = queue.pop()
+            item = items[queue[at]]
             ordered.append(item)
             # The charge carries over to lower priority levels: a team that just got
             # ten inference jobs ahead is not also first in line for fine-tunes.
             key[team_id] += item.cores * charge_s / weight
-            if queue:
-                heapq.heappush(heap, (key[team_id], _arrival(queue[-1]), team_id))
+            served[team_id] = at = at + 1
+            if at < len(queue):
+                heapq.heappush(heap, (key[team_id], arrivals[queue[at]], team_id))
     return ordered

@@ -28,7 +28,10 @@ class Decision:
 
     @classmethod
     def admit(cls, borrowed: bool = False) -> "Decision":
-        return cls(True, borrowed=borrowed)
+        return _ADMITTED[borrowed]  # immutable: one of each serves every admission
+
+
+_ADMITTED = {False: Decision(True), True: Decision(True, borrowed=True)}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Iterable
 
 from jobs.quotas.placement import HostSlots, Placement, place, place_job
@@ -133,13 +134,13 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
     if spot is not None:
         return Reservation(job_id, family, now, spot.host_id, spot.core_start, cores)
     used = {h: set(s.used) for h, s in by_host.items()}
-    for run in sorted((r for r in running if any(h in by_host for h, _ in r.members)),
-                      key=lambda r: (r.end, r.job_id)):
+    for run in sorted(running, key=attrgetter("end", "job_id")):
+        members = [(host_id, held) for host_id, held in run.members if host_id in by_host]
+        if not members:
+            continue  # holds nothing this request could use
         if math.isinf(run.end):
             return None  # only jobs without a time limit are left: no start can be promised
-        for host_id, held in run.members:
-            if host_id not in by_host:
-                continue
+        for host_id, held in members:
             used[host_id].difference_update(held)
             host = by_host[host_id]
             spot = place([HostSlots(host.host_id, host.name, family, host.core_ids, frozenset(used[host_id]))],

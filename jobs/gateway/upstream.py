@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
+        self.until_close = False  # the body ends when the replica closes (no length, not chunked)
         self.received_any = False
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -71,6 +72,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.until_close and exc is None and self.error is None:
+            self.complete = True
         if not self.complete and self.error is None:
             self.error = f"connection closed ({exc!r})" if exc else "connection closed"
         self._wake()
@@ -83,6 +86,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
+        framing = {k.lower() for k, _ in self.headers} & {b"content-length", b"transfer-encoding"}
+        self.until_close = not framing and self.status not in (204, 304) and self.status >= 200
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:

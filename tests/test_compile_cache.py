@@ -264,3 +264,25 @@ def test_the_compile_form_says_cached_or_not_as_the_shape_changes_and_a_click_pi
     answer.locator("button:has-text('batch 2, length 64')").click()  # the cached configuration
     expect(page.locator("#id_sequence_length")).to_have_value("64")
     expect(answer.locator("strong")).to_have_text("cached: done at once")
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_with_several_models_the_compile_form_asks_once_one_is_chosen_and_logs_no_error(
+        cast, tiny_model, cpu_host, live_server, browser):
+    """The demo team has two models, so none is chosen when the form opens: it asked
+    anyway and the console logged the 400 ("model: This field is required")."""
+    from playwright.sync_api import expect
+
+    from tests.conftest import log_in
+    from tests.endpoint_support import make_model
+
+    make_model(cast.vision, cast.alice, "second")
+    page = log_in(browser, live_server.url, "bob")
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{live_server.url}/teams/vision/jobs/new/compile/")
+    expect(page.locator("#id_model")).to_have_value("")
+    page.select_option("#id_model", str(tiny_model.pk))
+    expect(page.locator("#cache-answer strong")).to_have_text("not cached: no past cpu compiles to estimate from")
+    assert errors == []

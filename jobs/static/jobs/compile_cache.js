@@ -51,6 +51,8 @@
   }
   function ask() {
     var mine = ++seq;
+    // No model chosen yet (a team with several): nothing to ask about, and no 400 to log.
+    if (form.elements.model && !form.elements.model.value) { out.hidden = true; return; }
     fetch("/api/v1/compile-cache/answer?" + query(), {credentials: "same-origin"})
       .then(function (r) { return r.json().then(function (body) { return {ok: r.ok, body: body}; }); })
       .then(function (res) {

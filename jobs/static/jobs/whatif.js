@@ -29,7 +29,10 @@
     } else if (a.wait) {
       line(a.wait.reason + " (number " + a.queue_position + " in the queue)", "Accepted; it would wait: " + a.wait.reason_code + ".");
     }
-    if (a.estimate) line(a.estimate.summary + ". " + a.estimate.basis, "Estimated start:");
+    if (a.estimate) {
+      var basis = a.estimate.basis || "";
+      line(a.estimate.summary + ". " + basis.charAt(0).toUpperCase() + basis.slice(1) + ".", "Estimated start:");
+    }
     var c = a.cost;
     if (c) {
       line(c.core_hours_expected + " NeuronCore-hours expected, " + c.core_hours_at_most + " at most (" + c.basis + ")" +

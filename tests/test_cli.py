@@ -129,6 +129,8 @@ def test_pending_explains_a_wait_and_a_cancelled_job_makes_wait_exit_1(cast, tin
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
     waited = run(cast.bob, "wait", str(job_id))
     assert waited.exit_code == 1 and f"job {job_id} cancelled" in waited.output
+    ended = run(cast.bob, "pending", str(job_id))  # said "job N is cancelled: " (an empty reason)
+    assert ended.exit_code == 0 and ended.output.strip() == f"job {job_id} is cancelled: it is not waiting"
 
 
 def test_another_team_s_job_is_not_found(cast, tiny_model, cpu_host, run):

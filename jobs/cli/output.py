@@ -53,7 +53,8 @@ def job(doc: dict) -> None:
 
 
 def pending(job_id: int, why: dict) -> None:
-    click.echo(f"job {job_id} is {why['status']}: {why['reason']}")
+    reason = why.get("reason") or ("it is not waiting" if why["status"] != "pending" else "")
+    click.echo(f"job {job_id} is {why['status']}" + (f": {reason}" if reason else ""))
     if why.get("hint"):
         click.echo(f"hint: {why['hint']}")
     if why.get("position"):

@@ -53,7 +53,9 @@ class HttpBasics:
     @staticmethod
     def _json_error(request: HttpRequest, response: HttpResponse) -> JsonResponse:
         if response.status_code == 404:
-            answer = JsonResponse({"detail": f"Not Found: the API has no {request.path}", "code": "not_found"},
+            prefix = api_prefix()
+            answer = JsonResponse({"detail": f"Not Found: the API has no {request.path}; its operations are "
+                                             f"listed at {prefix}docs ({prefix}openapi.json)", "code": "not_found"},
                                   status=404)
         else:
             allowed = response.get("Allow", "")

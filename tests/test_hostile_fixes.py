@@ -509,6 +509,7 @@ def test_the_api_answers_json_for_a_path_it_lacks_and_a_method_it_does_not_take(
     missing = bob.get("/api/v1/no-such-thing")
     assert missing.status_code == 404 and missing["Content-Type"] == "application/json"
     assert missing.json()["code"] == "not_found" and "/api/v1/no-such-thing" in missing.json()["detail"]
+    assert "/api/v1/docs" in bob.get("/api/v1/").json()["detail"]  # the README's "the API lives at /api/v1/"
     wrong = bob.delete("/api/v1/teams")
     assert wrong.status_code == 405 and wrong["Allow"] == "GET" and wrong.json()["code"] == "method_not_allowed"
     assert "DELETE" in wrong.json()["detail"]

@@ -22,6 +22,9 @@ built from tests/data/neuron-monitor/trn1.32xlarge-two-jobs.jsonl):
   write to the sample's first appearance in GET /api/v1/jobs/<id>/metrics?since=
   (called through Django's test client, polled every 20 ms).
 
+Targets: parse_publish_reports_per_s >= 2,000, rollup_reports_per_s >= 2,000,
+sample_to_endpoint_p95_ms < 1,000.
+
 It starts what it needs: its own PostgreSQL database (neurondeck_bench_monitor,
 dropped at the end — never the dev or test database), Redis db 12 (flushed), the
 agent subprocess; settings are the project's defaults. The last line printed is one

@@ -26,7 +26,8 @@ created to accepted, events created outside the outage; target < 5), and
 delivery_p50_s / delivery_p95_s_all_events, deliveries_per_s (accepted per second from
 the first event to the last acceptance), requests, wall_s; baseline_delivery_p50_s /
 baseline_delivery_p95_s and baseline_events_per_s from the baseline phase;
-p95_by_attempts (chaos events by the attempts their delivery took). Project defaults
+p95_by_attempts (chaos events by the attempts their delivery took); loadavg (1, 5
+and 15 minutes at start and end: the machine may be shared). Project defaults
 throughout; its own database (neurondeck_bench_notify) and Redis db 11.
 """
 from __future__ import annotations
@@ -62,11 +63,13 @@ def main() -> None:
     env = bench.environment(NOTIFY_ALLOWED_NETWORKS="127.0.0.1/32")
     bench.setup(env)
     procs = Processes(bench.workdir, env)
+    load_start = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: say how busy it was
     try:
         result = run(args, bench, procs)
     finally:
         procs.stop()
         bench.teardown()
+    result["loadavg"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(result))
 
 

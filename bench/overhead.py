@@ -5,7 +5,7 @@ PostgreSQL database neurondeck_bench_overhead, Redis db 13, a scheduler worker a
 a cpu host worker) and runs, alternately, ROUNDS times each:
 
   job     a fine-tune of STEPS steps of the tiny model on the demo dataset,
-          submitted with jobs.services.job_submit (the API's own call) and run by
+          submitted with jobs.lifecycle.services.job_submit (the API's call) and run by
           the real worker: dispatch, Celery, claim, the zygote-forked runner, the
           supervisor tailing logs and metrics into PostgreSQL, heartbeats, outputs
           and the checkpoint registered as a model.
@@ -19,10 +19,13 @@ compared like for like, and the ratio says what supervision costs while the job
 trains (target ≤ 1.05). Job and plain runs alternate so drift in the machine's
 load hits both; the ratio is of the medians, ratio_of_best_runs of the fastest
 runs (noise only adds time), and the CPU the worker, PostgreSQL (this bench's
-database only) and the scheduler spent per job says where the difference goes. Start-up is the time from submit (job) or process launch
-(plain) until training begins (the first step's metric timestamp minus one mean
-step): queueing, dispatch, fork and model load for the job; interpreter, imports
-and model load for the plain script.
+database only) and the scheduler spent per job says where the difference goes.
+ratio_of_pairs_median is the median over rounds of each job's time over the plain
+run right after it (neighbours share the machine's load of the moment).
+Start-up is the time from submit (job) or process launch (plain) until training
+begins (the first step's metric timestamp minus one mean step): queueing,
+dispatch, fork and model load for the job; interpreter, imports and model load for
+the plain script.
 
 The last line is one JSON object: job_train_s, plain_train_s, ratio,
 job_startup_s, plain_startup_s (medians over the rounds) and the details.
@@ -193,6 +196,7 @@ def summarize(jobs: list[dict], plains: list[dict], args, cores: int) -> dict:
     # Other work on a shared machine only ever adds time: the best run of each side
     # is the least disturbed, so its ratio is the steadier estimate of the cost.
     report["ratio_of_best_runs"] = min(r["train_s"] for r in jobs) / min(r["train_s"] for r in plains)
+    report["ratio_of_pairs_median"] = statistics.median(j["train_s"] / p["train_s"] for j, p in zip(jobs, plains))
     report["extra_startup_s"] = report["job_startup_s"] - report["plain_startup_s"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
 

@@ -384,8 +384,10 @@ def fill_endpoints(cur) -> None:
                 "'load_s', round((cold_s / 2)::numeric, 3))"},
         "FROM br WHERE started_at IS NOT NULL")
     insert_select(cur, EndpointEvent, {
-        **event, "at": "ended_at", "kind": "CASE WHEN status = 'failed' THEN 'replica_failed' ELSE 'replica_stopped' END",
-        "revision": "revision", "message": "'replica ' || g || ' ' || status", "data": "jsonb_build_object('replica', g)"},
+        **event, "at": "ended_at",
+        "kind": "CASE WHEN status = 'failed' THEN 'replica_failed' ELSE 'replica_stopped' END",
+        "revision": "revision", "message": "'replica ' || g || ' ' || status",
+        "data": "jsonb_build_object('replica', g)"},
         "FROM br WHERE ended_at IS NOT NULL")
 
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 from jobs.api.endpoints import router
 from jobs.endpoints.reconcile import reconcile_endpoint
 from jobs.lifecycle import scheduler, states
-from jobs.models import CoreAllocation, Endpoint, FamilyQuota, Job, Kind, Replica, TeamQuota
+from jobs.models import CoreAllocation, Endpoint, FamilyQuota, Host, Job, Kind, Replica, TeamQuota
 from tests.conftest import api_client
 from tests.endpoint_support import make_model
 
@@ -209,19 +209,33 @@ def test_replicas_count_against_the_teams_quota_and_wait_beyond_it(cast, cpu_hos
     assert jobs[1].reason_code == "waiting_for_quota", jobs[1].reason
 
 
-def test_a_replicas_core_hours_appear_in_the_teams_usage_under_its_kind(cast, cpu_host, model):
+def test_a_replicas_core_hours_cost_and_idle_time_appear_in_the_teams_usage_under_its_kind(cast, cpu_host, model):
+    from jobs.models import InstancePrice, MetricMinute
+
+    InstancePrice.objects.create(instance_type="c7i.xlarge", usd_per_hour=4.0, cores=4)  # $1 a core-hour
+    Host.objects.filter(pk=cpu_host.pk).update(instance_type="c7i.xlarge")
     endpoint = create(api_client(cast.bob), model).json()
     scheduler.dispatch()
     job = Job.objects.get(replica__endpoint_id=endpoint["id"])
     assert states.claim(job.pk, cpu_host.pk) is not None
-    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(hours=2))
-    job.attempt_rows.update(started_at=timezone.now() - timedelta(hours=2))
+    start = timezone.now().replace(second=0, microsecond=0) - timedelta(hours=2)
+    Job.objects.filter(pk=job.pk).update(started_at=start)
+    job.attempt_rows.update(started_at=start)
+    # its one core measured 25 % busy every minute: 3/4 of its allocation idle
+    MetricMinute.objects.bulk_create([MetricMinute(host=cpu_host, job=job, minute=start + timedelta(minutes=m),
+                                                   core=job.core_start, util_mean=25.0, samples=60)
+                                      for m in range(120)])
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=start + timedelta(hours=2))
     assert states.mark_finished(job.pk, "cancelled", message="drained", failure="cancelled")
-    today = timezone.localdate().isoformat()
-    usage = api_client(cast.bob).get("/api/v1/teams/vision/usage", {"from": today, "to": today,
+    job.attempt_rows.update(ended_at=start + timedelta(hours=2), core_seconds=2 * 3600)
+    today, since = timezone.localdate().isoformat(), timezone.localdate(start).isoformat()
+    usage = api_client(cast.bob).get("/api/v1/teams/vision/usage", {"from": since, "to": today,
                                                                       "group_by": "kind"}).json()
-    by_kind = {g["key"]: g["allocated_core_hours"] for g in usage["groups"]}
-    assert by_kind.get("Endpoint replica") == pytest.approx(2.0, abs=0.01), usage["groups"]
+    group = {g["key"]: g for g in usage["groups"]}["Endpoint replica"]
+    assert group["allocated_core_hours"] == pytest.approx(2.0, abs=0.01), usage["groups"]
+    assert group["cost_usd"] == pytest.approx(2.0, abs=0.02)
+    assert group["idle_core_hours"] == pytest.approx(1.5, abs=0.02)
+    assert group["idle_cost_usd"] == pytest.approx(1.5, abs=0.02)
     reconcile_endpoint(endpoint["id"])
     assert Replica.objects.get(job=job).state == "stopped"
 

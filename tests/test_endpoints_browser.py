@@ -79,12 +79,39 @@ def test_the_playground_streams_the_answer_token_by_token_through_the_stable_url
     page.screenshot(path=str(SHOTS / "endpoint-playground.png"), full_page=True)
 
 
+def _fits(page, what: str) -> None:
+    """Nothing wider than the phone, with every form opened: no sideways scrolling, and
+    each field, button and table cell of the page inside the screen or in a box that scrolls."""
+    page.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    # what sticks out of the screen outside any box that scrolls or clips it
+    wide = page.evaluate("""() => [...document.querySelectorAll('body *')].filter(e => {
+        if (e.getBoundingClientRect().right <= window.innerWidth + 1) return false;
+        for (let p = e.parentElement; p && p !== document.body; p = p.parentElement) {
+          if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(p).overflowX)) return false;
+        }
+        return true;
+      }).slice(0, 6).map(e => `${e.tagName}#${e.id}.${e.className} ${Math.round(e.getBoundingClientRect().right)}`)""")
+    assert overflow <= 0, f"{what} is {overflow}px wider than the phone: {wide}"
+    outside = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+        .filter(e => e.offsetParent !== null && e.getBoundingClientRect().right > window.innerWidth + 1)
+        .map(e => e.name || e.id || e.textContent.trim())""")
+    assert outside == [], f"{what}: {outside} reach past the screen's edge"
+
+
 def test_the_endpoint_pages_fit_a_phone(cast, serving, gateway, live_server, browser):
     page = log_in(browser, live_server.url, "bob", width=390, height=844)
     for url in (f"/endpoints/{serving.pk}/", "/teams/vision/endpoints/"):
         page.goto(live_server.url + url)
-        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        assert overflow <= 0, f"{url} is {overflow}px wider than the phone"
+        _fits(page, url)
+    # A form sent with bad values comes back with its errors, still on the phone's screen.
+    page.goto(f"{live_server.url}/teams/vision/endpoints/")
+    page.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    page.fill("#new-endpoint input[name=name]", "no spaces allowed " * 4)
+    page.fill("#new-endpoint input[name=max_replicas]", "0")
+    page.click("#new-endpoint button[type=submit]")
+    assert page.is_visible("#new-endpoint .errorlist")
+    _fits(page, "the refused create form")
     page.goto(f"{live_server.url}/endpoints/{serving.pk}/")
     assert page.is_visible("#playground-send") and page.is_visible("#replicas")
     page.screenshot(path=str(SHOTS / "endpoint-phone.png"), full_page=True)

@@ -41,6 +41,7 @@ from jobs.api.root import api
 from jobs.assets import storage
 from jobs.models import Artifact, Job
 from tests.conftest import api_client
+from tests.endpoint_support import create as create_endpoint
 
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "30"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
@@ -89,9 +90,11 @@ def world(cast, tiny_model, dataset, cpu_host, tiny_model_dir):
     Artifact.objects.create(job=done, name="outputs.jsonl", path=storage.rel_path(out / "outputs.jsonl"), size_bytes=17)
     admin_page = Client()
     admin_page.force_login(cast.admin)
+    endpoint = create_endpoint(cast.vision, cast.bob, model=tiny_model, name="world", min_replicas=0)
     return type("World", (), {
         "cast": cast, "model": tiny_model, "dataset": dataset, "host": cpu_host, "pending": pending, "done": done,
-        "api": api_client(cast.admin), "page": admin_page, "model_zip": _zip_folder(tiny_model_dir),
+        "endpoint": endpoint, "api": api_client(cast.admin), "page": admin_page,
+        "model_zip": _zip_folder(tiny_model_dir),
     })
 
 
@@ -180,6 +183,7 @@ def valid_path_params(world, path: str) -> dict[str, str]:
     """A value for each {parameter} of `path`: the world's objects, else 1."""
     job = world.done.pk if "artifacts" in path else world.pending.pk
     known = {"job_id": job, "model_id": world.model.pk, "dataset_id": world.dataset.pk, "slug": "vision",
+             "endpoint_id": world.endpoint.pk,
              "name": "outputs.jsonl" if "artifacts" in path else world.host.name}
     return {name: known.get(name, 1) for name in re.findall(r"{(\w+)}", path)}
 
@@ -500,7 +504,7 @@ class _Forms(HTMLParser):
 
 
 SIGNED_IN_PAGES = ["/", "/teams/vision/", "/teams/vision/jobs/", "/teams/vision/models/", "/teams/vision/datasets/",
-                   "/tokens/", "/quotas/", "/usage/", "/teams/vision/usage/", "/teams/new/",
+                   "/tokens/", "/quotas/", "/usage/", "/teams/vision/usage/", "/teams/new/", "/teams/vision/endpoints/",
                    *(f"/teams/vision/jobs/new/{kind}/" for kind in ("inference", "compile", "finetune"))]
 
 
@@ -508,7 +512,8 @@ def page_forms(client: Client, world) -> list[dict]:
     """Every form that posts on the pages a staff user sees (and the login page, posted
     signed out), each with the client to post it with."""
     found: dict[str, dict] = {}
-    pages = [(client, url) for url in [*SIGNED_IN_PAGES, f"/hosts/{world.host.name}/", f"/jobs/{world.pending.pk}/"]]
+    pages = [(client, url) for url in [*SIGNED_IN_PAGES, f"/hosts/{world.host.name}/", f"/jobs/{world.pending.pk}/",
+                                       f"/endpoints/{world.endpoint.pk}/"]]
     for poster, url in [*pages, (Client(), "/login/")]:
         response = poster.get(url)
         if response.status_code != 200:
@@ -563,10 +568,13 @@ def _form_value(field: dict, bad, world):
 
 
 def test_the_forms_are_found(world):
-    actions = {form["action"] for form in page_forms(world.page, world)}
+    forms = page_forms(world.page, world)
+    assert len(forms) <= len(FORM_SLOTS), f"{len(forms)} forms: raise FORM_SLOTS so that none goes unposted"
+    actions = {form["action"] for form in forms}
     for expected in ("/teams/vision/models/", "/teams/vision/datasets/", "/tokens/", "/login/", "/quotas/vision/",
                      "/teams/vision/jobs/new/inference/", f"/jobs/{world.pending.pk}/cancel/",
-                     f"/hosts/{world.host.name}/drain/"):
+                     f"/hosts/{world.host.name}/drain/", "/teams/vision/endpoints/",
+                     f"/endpoints/{world.endpoint.pk}/", f"/endpoints/{world.endpoint.pk}/delete/"):
         assert any(a.startswith(expected) for a in actions), (expected, actions)
 
 

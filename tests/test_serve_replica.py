@@ -104,9 +104,13 @@ def test_stream_chunks_leave_before_generation_ends(server):
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
     ("/v1/chat/completions", {"messages": []}, "messages", "non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "role"),
+    ("/v1/completions", {"prompt": "a\ud800"}, "prompt", "lone surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages", "lone surrogate"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, path, body, param, says):
-    r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+    # json.dumps escapes a lone surrogate as \udxxx, as a careless client's JSON would carry it
+    r = httpx.post(f"{server.url}{path}", content=json.dumps(body), headers={"Content-Type": "application/json"},
+                   timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"

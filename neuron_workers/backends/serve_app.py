@@ -207,7 +207,11 @@ class ServingModel:
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise BadRequest("prompt", "prompt must be a string (or a list of one string)")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.engine.eos_id]
+        try:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.engine.eos_id]
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): not text
+            raise BadRequest("prompt" if not chat else "messages",
+                             "the text holds a lone surrogate (\\ud800-\\udfff), which is not a character") from None
         room = self.limits.max_seq_len - len(ids)
         if room < 1:
             raise BadRequest("prompt" if not chat else "messages",

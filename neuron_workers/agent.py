@@ -43,7 +43,7 @@ from pathlib import Path
 import redis as redis_lib
 from django.conf import settings
 from django.db import Error as DatabaseError, close_old_connections, connection
-from django.db.models import BooleanField, Case, F, Value, When
+from django.db.models import BooleanField, Case, F, QuerySet, Value, When
 from django.utils import timezone
 
 from jobs.live import metrics, requests
@@ -183,11 +183,10 @@ def heartbeat(host_id: int) -> bool:
     ))
 
 
-def running_placements(host_id: int) -> tuple[list[JobPlacement], set[int]]:
-    """The jobs running on this host (id, runner child pid, assigned cores), in one
-    query, and which of them are guests: ranks > 0 of multi-host jobs, whose own
-    host is their rank 0's. A guest's runtimes are its job's, not orphans, but its
-    job's live charts follow rank 0's host, so the agent publishes no job point for it."""
+def placements_query(host_id: int) -> QuerySet:
+    """The query behind running_placements: the jobs running on this host (id,
+    runner child pid, assigned cores, guest or not), in one query. Built once per
+    agent and run at every re-read: building it costs more CPU than running it."""
     own = Job.objects.filter(host_id=host_id, status=Job.Status.RUNNING).annotate(
         guest=Value(False, output_field=BooleanField())).order_by().values_list(
         "pk", "worker_pid", "core_start", "cores", "guest")
@@ -196,7 +195,15 @@ def running_placements(host_id: int) -> tuple[list[JobPlacement], set[int]]:
         guest=Value(True, output_field=BooleanField())).order_by().values_list(
         "job_id", "worker_pid", "core_start", "cores", "guest")
     # No ORDER BY inside a UNION's parts (SQLite refuses one; the models order by default).
-    rows = list(own.union(ranks, all=True))
+    return own.union(ranks, all=True)
+
+
+def running_placements(query: QuerySet) -> tuple[list[JobPlacement], set[int]]:
+    """The jobs running on this host (placements_query, read afresh), and which of
+    them are guests: ranks > 0 of multi-host jobs, whose own host is their rank 0's.
+    A guest's runtimes are its job's, not orphans, but its job's live charts follow
+    rank 0's host, so the agent publishes no job point for it."""
+    rows = list(query.all())
     return ([JobPlacement(pk, pid, list(range(start, start + n)) if start is not None else [])
              for pk, pid, start, n, _ in rows], {pk for pk, *_, guest in rows if guest})
 
@@ -406,6 +413,7 @@ class Agent:
         self.name, self.host_id, self.slots = host.name, host.pk, list(host.core_ids)
         self.replay_mode, self.placements_ttl, self.publish = replay_mode, placements_ttl, publish
         self.clock = clock
+        self._placements_query = placements_query(host.pk)
         self._placements: list[JobPlacement] = []
         self._guests: set[int] = set()  # jobs here as a gang's rank > 0 (running_placements)
         self._placements_at = float("-inf")
@@ -428,7 +436,7 @@ class Agent:
 
     def _reload(self) -> None:
         try:
-            self._placements, self._guests = running_placements(self.host_id)
+            self._placements, self._guests = running_placements(self._placements_query)
         except DatabaseError as exc:
             log.warning("cannot read this host's jobs (%s); keeping the last known", exc)
             connection.close()

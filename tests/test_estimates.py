@@ -27,8 +27,8 @@ def test_the_estimator_is_pure_and_takes_only_limits_and_history():
     # The replay's inputs: Waiting (time limit + an estimated runtime the caller derived from
     # limit × ratio) and Running (an expected end). Nothing that could carry a true runtime.
     assert set(inspect.signature(forecast).parameters) == {"order", "state", "now", "horizon_s", "max_steps", "until"}
-    assert [f for f in Waiting.__dataclass_fields__] == ["job_id", "team_id", "family", "cores", "limit_s",
-                                                          "runtime_s", "host_count", "same_network"]
+    assert list(Waiting._fields) == ["job_id", "team_id", "family", "cores", "limit_s", "runtime_s", "host_count",
+                                     "same_network"]
     source = inspect.getsource(forecasts)
     assert "finished_at" not in source.split("def team_ratios")[0]
     # Where runtimes come from: only the history query reads finished_at, and only of finished jobs.

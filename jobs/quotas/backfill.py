@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from jobs.quotas.placement import HostSlots, Placement, place, place_job
 from jobs.quotas.policy import (
@@ -224,12 +224,12 @@ def backfill_spot(hosts: list[HostSlots], family: str, cores: int, end: float, r
 
 # --- one pass: the dispatcher's decision, the forecast's and the simulator's step ---
 
-@dataclass(frozen=True)
-class Waiting:
+class Waiting(NamedTuple):
     """A pending job as a pass sees it: its time limit bounds backfill; `runtime_s`
     is what the caller expects it to run (the forecast's estimate, the simulator's
     truth; the dispatcher passes the limit) and only sets the end of the Running it
-    becomes. `cores` is the total: a gang's cores over all its `host_count` hosts."""
+    becomes. `cores` is the total: a gang's cores over all its `host_count` hosts.
+    (A named tuple: the dispatcher makes one per pending job on every run.)"""
 
     job_id: int
     team_id: int

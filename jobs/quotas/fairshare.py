@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 
-@dataclass(frozen=True)
-class QueueItem:
-    """One pending job as the ordering sees it."""
+class QueueItem(NamedTuple):
+    """One pending job as the ordering sees it (a named tuple: the dispatcher makes
+    one per pending job on every run)."""
 
     job_id: int
     team_id: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from jobs.quotas.placement import HostSlots, Placement, place
 
@@ -101,8 +102,10 @@ def check_submit(team: str, kind: str, runtime_s: int, limits: SubmitLimits, sta
     return Decision.admit()
 
 
-@dataclass(frozen=True)
-class FamilyState:
+class FamilyState(NamedTuple):
+    """A team's standing in one family and the family's free cores, as admission
+    sees them (a named tuple: a pass makes one per distinct request it judges)."""
+
     guaranteed: int
     borrow_limit: int
     in_use: int  # cores the team holds in this family now

@@ -386,17 +386,17 @@ def stale_cutoff(seconds: int):
 # kick's change was committed before it), and a kicked task that finds the flag
 # cleared has been served by such a run already: it does nothing.
 #
-# Under a burst the fleet is full, every finishing job and every submit kicks, and
-# each run would place the one job whose cores just freed, paying a whole run and a
-# Celery task per job. So a run that follows a run which left jobs waiting starts
-# BUSY_RUN_GAP_S after it (kicks meanwhile coalesce), and while runs keep placing
-# jobs and leaving others waiting, the task itself dispatches again after each gap
-# for up to BUSY_LOOP_S, without clearing the flag (kicks meanwhile send no task; the
-# one task the first of them sent runs afterwards). When every online core is held
-# and none is borrowed, a run could change nothing: one small statement says so.
-# With free capacity (a run left nothing waiting) a kick runs at once, once:
-# submit → running stays a Celery round trip.
-BUSY_RUN_GAP_S = 0.02
+# Under a burst every submit and every finishing job kicks, and a run per kick would
+# place one job each, paying a whole run (a dozen statements) and a Celery task per
+# job. So a kicked run starts at least RUN_GAP_S after the previous run ended (kicks
+# meanwhile coalesce into it), and while runs keep placing jobs and leaving others
+# waiting, the task itself dispatches again after each gap for up to BUSY_LOOP_S,
+# without clearing the flag (kicks meanwhile send no task; the one task the first of
+# them sent runs afterwards). When every online core is held and none is borrowed, a
+# run could change nothing: one small statement says so. A kick that comes later
+# than RUN_GAP_S after the last run (one submit at a time) runs at once: submit →
+# running stays a Celery round trip.
+RUN_GAP_S = 0.02
 BUSY_LOOP_S = 1.0  # then the task ends, so reaping and roll-ups are never held up long
 _last_run = {"ended": 0.0, "waiting": 0}
 
@@ -432,8 +432,8 @@ def dispatch_kicked(periodic: bool = False) -> DispatchReport:
 
 
 def _pace_wait() -> float:
-    """Seconds until a run may start: BUSY_RUN_GAP_S after a run that left jobs waiting."""
-    return _last_run["ended"] + BUSY_RUN_GAP_S - time.monotonic() if _last_run["waiting"] else 0.0
+    """Seconds until a kicked run may start: RUN_GAP_S after the previous run."""
+    return _last_run["ended"] + RUN_GAP_S - time.monotonic()
 
 
 def _pace() -> None:

@@ -128,7 +128,7 @@ def token_authenticate(raw: str, *, ip: str | None = None) -> ApiToken | None:
     if not raw or not raw.startswith(PREFIX):
         return None
     digest = ApiToken.hash(raw)
-    token = ApiToken.objects.select_related("user", "team").filter(digest=digest).first()
+    token = ApiToken.objects.select_related("user").filter(digest=digest).first()
     if token is None:
         revoked = RevokedToken.objects.filter(digest=digest).first()
         if revoked is not None:

@@ -15,7 +15,7 @@ from datetime import timezone as dt_timezone
 
 from django.conf import settings
 from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
-from django.db.models.functions import Coalesce, Least, TruncHour
+from django.db.models.functions import Coalesce, Least, TruncDay, TruncHour
 from django.utils import timezone
 
 from jobs.models import (
@@ -97,9 +97,20 @@ def clear_usage_cache() -> None:
 def _compute_decayed_usage(now: datetime) -> dict[int, float]:
     half = half_life_s()
     horizon = now - timedelta(seconds=half * USAGE_HORIZON_HALF_LIVES)
-    closed = (JobAttempt.objects.filter(ended_at__gte=horizon).annotate(hour=TruncHour("ended_at"))
-              .values_list("team_id", "hour").annotate(s=Sum("core_seconds")))
-    buckets = [(team_id, min(hour + timedelta(minutes=30), now), s) for team_id, hour, s in closed]
+    # Closed attempts summed per team in buckets, each counted at its middle: by the
+    # hour since the start of yesterday, by the day before that, so that a long
+    # horizon is not read as one row per team and hour. A day's bucket moves the
+    # weight of usage at least a day old by at most 2^(12 h / half life): ±5 % at
+    # the default half-life of a week.
+    hourly_from = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    closed = JobAttempt.objects.filter(ended_at__gte=horizon)
+    hours = (closed.filter(ended_at__gte=hourly_from).annotate(start=TruncHour("ended_at"))
+             .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
+    days = (closed.filter(ended_at__lt=hourly_from).annotate(start=TruncDay("ended_at"))
+            .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
+    buckets = [(team_id, min(start + middle, now), s)
+               for rows, middle in ((hours, timedelta(minutes=30)), (days, timedelta(hours=12)))
+               for team_id, start, s in rows]
     for team_id, cores, started in JobAttempt.objects.filter(ended_at__isnull=True).values_list(
             "team_id", "cores", "started_at"):
         buckets.append((team_id, now, cores * max((now - started).total_seconds(), 0.0)))

@@ -18,7 +18,7 @@ from tests.serve_support import replica as real_replica
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(300)]
-MAX_TOKENS = 24
+MAX_TOKENS = 200
 
 
 @pytest.fixture
@@ -73,8 +73,10 @@ def test_the_playground_streams_the_answer_token_by_token_through_the_stable_url
                         until=lambda text: "first after" in text or "HTTP" in text or "did not answer" in text)
     times = page.evaluate("window.tokenTimes")
     shown = int(status.split(" tokens")[0])
-    assert 2 <= shown <= MAX_TOKENS and len(times) == shown, status  # one span per streamed token
-    assert len(set(times)) >= 2, times  # they arrived over time, not in one piece
+    assert 3 <= shown <= MAX_TOKENS and len(times) == shown, status  # one span per streamed token
+    # They arrived over time, not in one piece (a long answer: on a loaded machine a short
+    # one can be generated whole before the page reads its first chunk).
+    assert len(set(times)) >= 3, times
     assert page.text_content("#playground-output").strip()
     page.screenshot(path=str(SHOTS / "endpoint-playground.png"), full_page=True)
 

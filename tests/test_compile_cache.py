@@ -120,6 +120,10 @@ def test_a_team_with_cached_configurations_only_refuses_inference_on_an_uncompil
                                     content_type="application/json").status_code == 403
     assert api_client(cast.charlie).put(url, data='{"cached_configurations_only": true}',
                                         content_type="application/json").status_code == 404
+    for loose in ('"yes"', "1", '"true"'):  # pydantic's lax bool read these as true
+        refused = api_client(cast.alice).put(url, data=f'{{"cached_configurations_only": {loose}}}',
+                                             content_type="application/json")
+        assert refused.status_code == 422 and "cached_configurations_only" in refused.json()["errors"], loose
     assert api_client(cast.alice).put(url, data='{"cached_configurations_only": true}',
                                       content_type="application/json").status_code == 200
     body = {"team": "vision", "kind": "inference", "family": "cpu", "cores": 1, "model": tiny_model.pk,

@@ -559,3 +559,16 @@ def test_a_fine_tune_of_a_text_to_image_pipeline_is_refused(cast, bob, dataset, 
     pipeline.save(update_fields=["meta"])
     refused(post_json(bob, "/api/v1/jobs?dry_run=true", finetune_body(pipeline, dataset)), 400, "model")
     assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"max_runtime_s": "١٠٠"}, "max_runtime_s"),  # int() reads Arabic-Indic digits: it saved 100
+    ({"monthly_core_hours": "100"}, "monthly_core_hours"),
+    ({"families": {"cpu": {"guaranteed_cores": "4"}}}, "cpu_guaranteed_cores"),
+    ({"families": {"cpu": {"borrow_limit": True}}}, "cpu_borrow_limit"),
+])
+def test_a_quota_patch_takes_json_numbers_only(cast, body, field):
+    before = changes_audited()
+    refused(api_client(cast.admin).patch("/api/v1/teams/vision/quota", data=json.dumps(body),
+                                         content_type="application/json"), 400, field)
+    assert changes_audited() == before

@@ -48,10 +48,17 @@ def test_only_managers_subscribe_for_the_whole_team(cast, receiver):
     ({"channel": "pager", "target": "x", "events": ["job.failed"]}, "channel"),
     ({"channel": "email", "target": "a@example.com", "events": ["job.exploded"]}, "events"),
     ({"channel": "email", "target": "a@example.com", "events": []}, "events"),
+    # A JSON body is typed (jobs.api.body.json_type_errors): a number as the target was a 500
+    ({"channel": "email", "target": 5, "events": ["job.failed"]}, "target"),
+    ({"channel": ["email"], "target": "a@example.com", "events": ["job.failed"]}, "channel"),
+    ({"channel": "email", "target": "a@example.com", "events": "job.failed"}, "events"),
+    ({"channel": "email", "target": "a@example.com", "events": [5]}, "events"),
+    ({"channel": "email", "target": "a@example.com", "events": ["job.failed"], "filter": "mine"}, "filter"),
 ])
 def test_a_bad_subscription_is_a_400_naming_the_field(cast, body, field):
     r = post(api_client(cast.bob), "/api/v1/teams/vision/subscriptions", body)
-    assert r.status_code == 400 and field in r.json()["errors"]
+    assert r.status_code == 400 and field in r.json()["errors"], r.content
+    assert not Subscription.objects.exists()
 
 
 def test_charlie_gets_404_for_visions_subscriptions_deliveries_and_team(cast, receiver):

@@ -99,8 +99,8 @@ def json_type_errors(data: dict, fields: dict[str, forms.Field], *,
     JSON type (null stands for "not given"). Ids, counts and sizes are JSON integers
     only: not true (which the form's int() would read as 1), not 1.0 or 1.5, not "1"
     nor "١" (int() reads other scripts' digits; a form-encoded body, which is all
-    text, sends "1"). Numbers take an integer or a decimal; text and choices a string;
-    yes/no fields true or false (the form would read any non-empty value as yes). A
+    text, sends "1"). Numbers take an integer or a decimal; text and choices a string,
+    several choices a list of strings; yes/no fields true or false (the form would read any non-empty value as yes). A
     field may state its own JSON type with `json_type = (check, wanted)`. `names`
     maps a field to the name its error carries (e.g. options.max_batch_size)."""
     errors: dict[str, list[str]] = {}
@@ -120,6 +120,8 @@ def json_type_errors(data: dict, fields: dict[str, forms.Field], *,
                 wanted = "an id (an integer)"
         elif isinstance(field, forms.BooleanField):
             ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(field, forms.MultipleChoiceField):  # before ChoiceField: it is one
+            ok, wanted = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
         elif isinstance(field, (forms.CharField, forms.ChoiceField)):
             ok, wanted = isinstance(value, str), "a string"
         else:

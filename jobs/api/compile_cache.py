@@ -7,6 +7,7 @@ from typing import Any
 
 from django.http import Http404, HttpRequest
 from ninja import Query, Router, Schema, Status
+from pydantic import StrictBool
 
 from jobs import access
 from jobs.api.schemas import MAX_OFFSET, ErrorOut
@@ -22,11 +23,11 @@ PAGE = 50
 
 
 class PinIn(Schema):
-    pinned: bool
+    pinned: StrictBool  # JSON true or false: pydantic would read "yes", "0" and 1
 
 
 class PolicyIn(Schema):
-    cached_configurations_only: bool
+    cached_configurations_only: StrictBool
 
 
 def _error(status: int, detail: str, **extra) -> Status:

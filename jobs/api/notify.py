@@ -14,9 +14,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import Router
 
 from jobs import access
-from jobs.api.body import read_json
-from jobs.models import Delivery, Subscription
+from jobs.api.body import json_type_errors, read_json
+from jobs.models import Delivery, EventKind, Subscription
 from jobs.notify import services
+from jobs.notify.forms import SubscriptionForm
 
 router = Router(tags=["notifications"])
 LOG_LIMIT = 200
@@ -48,7 +49,17 @@ def subscription_list(request: HttpRequest, slug: str):
     return {"subscriptions": [subscription_document(s, with_secret=s.user_id == request.auth.pk) for s in subs]}
 
 
-@router.post("/teams/{slug}/subscriptions")
+_SUBSCRIPTION_BODY = {"type": "object", "required": ["channel", "target", "events"], "properties": {
+    "scope": {"type": "string", "enum": list(Subscription.Scope.values), "default": "self",
+              "description": "team: everything of the team (managers only)"},
+    "channel": {"type": "string", "enum": list(Subscription.Channel.values)},
+    "target": {"type": "string", "maxLength": 500, "description": "an email address or an https webhook URL"},
+    "events": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": list(EventKind.values)}}},
+    "example": {"channel": "email", "target": "me@example.com", "events": ["job.failed"]}}
+
+
+@router.post("/teams/{slug}/subscriptions", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _SUBSCRIPTION_BODY}}}})
 def subscription_create(request: HttpRequest, slug: str):
     team = access.get_team(request.auth, slug)
     body, refused = read_json(request, "No subscription was created", empty={})
@@ -56,6 +67,12 @@ def subscription_create(request: HttpRequest, slug: str):
         return refused
     if not isinstance(body, dict):
         return JsonResponse({"detail": "Send a JSON object.", "code": "invalid"}, status=400)
+    fields = SubscriptionForm.base_fields
+    errors = {key: [f"unknown field; the fields are {', '.join(fields)}"] for key in sorted(set(body) - set(fields))}
+    errors.update(json_type_errors(body, fields))
+    if errors:
+        return JsonResponse({"detail": "No subscription was created: " + "; ".join(
+            f"{f}: {' '.join(m)}" for f, m in errors.items()), "code": "invalid", "errors": errors}, status=400)
     try:
         sub = services.subscription_create(team=team, user=request.auth, scope=body.get("scope", "self"),
                                            channel=body.get("channel", ""), target=body.get("target", ""),

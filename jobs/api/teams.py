@@ -16,7 +16,7 @@ from django.http import HttpRequest, JsonResponse
 from ninja import Router, Schema
 
 from jobs import access
-from jobs.api.body import read_json
+from jobs.api.body import json_type_errors, read_json
 from jobs.api.schemas import ErrorOut
 from jobs.lifecycle import selectors
 from jobs.quotas import selectors as quota_selectors
@@ -116,9 +116,10 @@ def quota_patch(request: HttpRequest, slug: str):
     if not isinstance(body, dict) or not body:
         return _error(400, "Send a JSON object with the quota fields to change.", code="empty")
     data, errors = flatten_quota_body(body)
+    errors.update(json_type_errors(data, QuotaForm(partial=True).fields))
     form = QuotaForm(data=data, partial=True)
     if not form.is_valid():
-        errors.update({field: list(messages) for field, messages in form.errors.items()})
+        errors.update({field: list(messages) for field, messages in form.errors.items() if field not in errors})
     if errors:
         return _error(400, "The quota was not changed: " + "; ".join(
             f"{field}: {' '.join(messages)}" for field, messages in errors.items()), code="invalid", errors=errors)

@@ -98,6 +98,7 @@ class BatchingEngine:
         self.max_batch_size, self.max_concurrent = max_batch_size, max_concurrent
         self.deliver = deliver
         self._dtype = next(model.parameters()).dtype
+        self._masked = torch.finfo(self._dtype).min
         self._ready_mask = getattr(getattr(model, "config", None), "sliding_window", None) is None
         self._cv = threading.Condition()
         self._waiting: deque[Generation] = deque()
@@ -243,7 +244,7 @@ class BatchingEngine:
         if not self._ready_mask:
             return mask
         additive = torch.zeros(mask.shape, dtype=self._dtype)
-        additive.masked_fill_(mask == 0, torch.finfo(self._dtype).min)
+        additive.masked_fill_(mask == 0, self._masked)
         return additive[:, None, None, :]
 
     def _pick(self, logits: torch.Tensor, gens: list[Generation]) -> torch.Tensor:

@@ -5,7 +5,8 @@ real dispatch pass against PostgreSQL.
 What runs is jobs.quotas.backfill.schedule_pass - the function the dispatcher
 (jobs.lifecycle.scheduler.DispatchRun) calls with the database's state - in the
 order of jobs.quotas.fairshare.fair_order, under three policies: "easy" (the
-project's: EASY reservations and backfill, gangs reserved whole hosts), "greedy"
+project's: EASY reservations and backfill; gangs are reserved whole hosts, the
+first few waiting gangs of a family besides its head too), "greedy"
 (first fit without reservations: the dispatcher before reservations) and "fifo"
 (per family the head blocks everything). Start-time estimates at submit are
 jobs.quotas.backfill.forecast over what the scheduler would know (time limits ×
@@ -45,18 +46,24 @@ The trace (seeded; every size is a flag):
 
 What it leaves out: preemption of borrowers (every team may borrow the whole
 fleet, so the passes run without preempt), budgets, host failures and drains, job
-failures and retries, the Celery and database latency between passes (a pass runs
-every TICK_S of virtual time; `dispatch_pass_db_ms` measures one real pass
-separately), fair-share decay (usage is the trace's total so far), and new
-arrivals in the estimate (a forecast replays the queue as it is: estimates are
-early for jobs that later arrivals of less-served teams overtake).
+failures and retries, kind priorities (every job is of one kind), the Celery and
+database latency between passes (a pass runs every TICK_S of virtual time, where
+the dispatcher runs one soon after each submit and each end: a job's cores sit
+idle until the next tick, and that idle time counts against utilization;
+`dispatch_pass_db_ms` measures one real pass separately), the PENDING_SCAN cap (a
+pass here sees the whole queue), fair-share decay (usage is the trace's total so
+far), and new arrivals in the estimate (a forecast replays the queue as it is:
+estimates are early for jobs that later arrivals of less-served teams overtake).
 
 Prints one JSON object (the last line): per policy (suffixes _fifo, _greedy for
-the baselines) utilization (busy / capacity core-seconds over, per family, the
-ticks where the family's pending demand exceeds its free cores),
-utilization_fleet (the same over ticks where the whole fleet's pending demand
-exceeds all free cores), wait_p50_s, wait_p95_s, multihost_wait_max_s (gangs),
-jct_mean_s, jain_fairness (usage / share over the teams with demand, over busy
+the baselines) utilization (the issue's definition: busy core-seconds / capacity
+core-seconds over the periods when pending demand exceeds free cores - ticks
+where the pending jobs' cores, all families together, exceed the fleet's free
+cores; a core is busy from its job's start to its true end),
+utilization_family (the same per family: a family's busy / capacity over the
+ticks where its own pending demand exceeds its own free cores, summed over
+families - its jobs can use no other family's cores), wait_p50_s, wait_p95_s,
+multihost_wait_max_s (gangs), jct_mean_s, jain_fairness (usage / share over the teams with demand, over busy
 ticks); for "easy" dispatch_pass_p95_ms (fair_order + schedule_pass wall time at
 ticks with >= --peak-pending pending, or the busiest tenth if the trace never gets
 there), eta_error_median and eta_within_2x (estimates made at submit for a sample
@@ -229,6 +236,7 @@ class Sim:
         self.busy_usage = {t: 0.0 for t in shares}
         self.history: dict[int, list[tuple[float, float]]] = {t: [] for t in shares}
         self.util = {"family": [0.0, 0.0], "fleet": [0.0, 0.0]}  # [busy, capacity] core-seconds
+        self.busy_tick: dict = {"family": {}, "fleet": False}  # whether the last tick counted, per family / fleet
         self.pass_ms: list[tuple[int, float]] = []
         self.eta: dict[int, float] = {}
 
@@ -239,11 +247,12 @@ class Sim:
         while done < len(jobs):
             t_next = t + TICK_S
             while ends and ends[0][0] <= t_next:
-                _, job_id = heapq.heappop(ends)
-                state.finish(job_id)
+                end, job_id = heapq.heappop(ends)
+                run = state.finish(job_id)
                 done += 1
                 j = jobs[job_id]
                 self.history[j.team_id].append((j.duration, j.limit))
+                self.unbusy(run, t_next - end)
             first = k
             while k < len(jobs) and jobs[k].arrival <= t_next:
                 j = jobs[k]
@@ -280,24 +289,35 @@ class Sim:
                                                          overdue_before=line)]
 
     def account(self) -> None:
-        """One tick's usage and utilization (free cores are the pass's own counters)."""
+        """One tick's usage and utilization (free cores are the pass's own counters).
+        Cores held over the whole tick are counted busy; unbusy() takes back the part
+        after a job's true end (its cores stay held until the next pass)."""
         state = self.state
         for (team_id, _), cores in state.team_use.items():
             self.usage[team_id] += cores * TICK_S
-        busy_fleet = False
+        busy_family = self.busy_tick["family"] = {}
         for f, cap in self.capacity.items():
             free = state.free[f]
             if self.demand[f] > free:
                 self.util["family"][0] += (cap - free) * TICK_S
                 self.util["family"][1] += cap * TICK_S
-                busy_fleet = True
+                busy_family[f] = True
         free_all, cap_all = sum(state.free.values()), sum(self.capacity.values())
-        if sum(self.demand.values()) > free_all:
+        self.busy_tick["fleet"] = sum(self.demand.values()) > free_all
+        if self.busy_tick["fleet"]:
             self.util["fleet"][0] += (cap_all - free_all) * TICK_S
             self.util["fleet"][1] += cap_all * TICK_S
-        if busy_fleet:
+        if busy_family:
             for (team_id, _), cores in state.team_use.items():
                 self.busy_usage[team_id] += cores * TICK_S
+
+    def unbusy(self, run: Running, idle_s: float) -> None:
+        """A job that ended `idle_s` before the pass that frees its cores: the last
+        tick counted its cores busy for that time, which they were not."""
+        if self.busy_tick["fleet"]:
+            self.util["fleet"][0] -= run.total * idle_s
+        if self.busy_tick["family"].get(run.family):
+            self.util["family"][0] -= run.total * idle_s
 
     def estimate(self, job_id: int, now: float) -> float:
         """The estimate a user would see at submit: forecast over a copy of what the
@@ -328,8 +348,8 @@ class Sim:
         xs = [self.busy_usage[t] / self.shares[t] for t in demand]
         ratio = lambda pair: round(pair[0] / pair[1], 4) if pair[1] else None  # noqa: E731
         out = {
-            "utilization": ratio(self.util["family"]),
-            "utilization_fleet": ratio(self.util["fleet"]),
+            "utilization": ratio(self.util["fleet"]),
+            "utilization_family": ratio(self.util["family"]),
             "wait_p50_s": round(waits[len(waits) // 2], 1),
             "wait_p95_s": round(waits[int(len(waits) * 0.95)], 1),
             "multihost_wait_max_s": round(max(gangs, default=0.0), 1),

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from jobs.quotas.backfill import FleetState, Running, Waiting, reserve, schedule_pass
+from jobs.quotas.backfill import FleetState, Running, Waiting, conflicts, reserve, schedule_pass
+from jobs.quotas.placement import Placement
 from jobs.quotas.placement import HostSlots, place_gang, place_job
 from jobs.quotas.policy import check_gang_hosts
 
@@ -78,6 +79,40 @@ def test_backfill_may_not_take_a_reserved_host_past_the_gangs_start():
     assert [r.job_id for r in result.started] == [4]
 
 
+def test_a_gang_behind_the_head_holds_its_own_reservation():
+    # The head (16 cores of the one 16-core host) waits until 1000. The gang behind it
+    # needs two 8-core hosts: h0 is idle now, h1 frees at 300.
+    hosts = {0: host(0), 1: host(1), 2: host(2, cores=16)}
+    state = FleetState(hosts, unlimited=True)
+    state.start(Waiting(10, 9, "trn1", 8, 300, 300), (Placement(1, 0, 8),), 0)
+    state.start(Waiting(11, 9, "trn1", 16, 1000, 1000), (Placement(2, 0, 16),), 0)
+    head = Waiting(1, 1, "trn1", 16, 1000, 1000)
+    gang = Waiting(2, 2, "trn1", 16, 1000, 1000, host_count=2)
+    long_one, short_one = Waiting(3, 3, "trn1", 4, 1000, 1000), Waiting(4, 3, "trn1", 4, 200, 200)
+    result = schedule_pass([head, gang, long_one, short_one], state, 0.0)
+    assert result.reservations["trn1"].job_id == 1
+    (held,) = result.gang_reservations["trn1"]
+    assert (held.job_id, held.start, {m.host_id for m in held.members}) == (2, 300, {0, 1})
+    assert result.reasons[3] == "backfill_blocked" and "job #2" in result.sentences[3]
+    assert [r.job_id for r in result.started] == [4]  # gone by 200, before the gang's start
+
+
+def check_reservations(order: list[Waiting], result, state: FleetState) -> None:
+    """No job started in the pass delays a reservation of a job ahead of it, and each
+    reservation is planned around the ones made before it."""
+    rank = {job.job_id: i for i, job in enumerate(order)}
+    for family, held in result.made.items():
+        for run in result.started:
+            spot = tuple(Placement(h, cores[0], len(cores)) for h, cores in run.members)
+            for r in held:
+                if rank[r.job_id] < rank[run.job_id]:
+                    assert not conflicts(spot, state.limit_end[run.job_id], r)
+        for i, later in enumerate(held):
+            for earlier in held[:i]:
+                shared = any(earlier.on(m.host_id) & later.on(m.host_id) for m in later.members)
+                assert not shared or later.start >= earlier.until or later.until <= earlier.start
+
+
 def check_invariants(state: FleetState, jobs: dict[int, Waiting]) -> None:
     """No core held twice; every running gang holds exactly its hosts, whole."""
     seen: set[tuple[int, int]] = set()
@@ -117,6 +152,7 @@ def simulate(seed: int, n_jobs: int = 150):
             k += 1
         result = schedule_pass(queue, state, t)
         check_invariants(state, jobs)
+        check_reservations(queue, result, state)
         for r in result.reservations.values():
             reserved.setdefault(r.job_id, r.start)
         for r in result.started:

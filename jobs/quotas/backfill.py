@@ -15,7 +15,10 @@ promise about backfill, not about the future queue).
 
 A gang (host_count > 1) is reserved the N whole hosts that are all free earliest
 (each free when the last job on it ends by its limit); backfill on those hosts is
-held to the same rule, so a large gang's wait is bounded like any head job's.
+held to the same rule, so a large gang's wait is bounded like any head job's. The
+first few gangs after the head hold reservations too (GANG_RESERVATIONS), each
+planned around the ones before it: a gang needs all its hosts empty at once, which
+the jobs behind it would otherwise never leave.
 
 Times are plain seconds (any epoch): the dispatcher passes Unix time, the simulator
 virtual time.
@@ -90,9 +93,10 @@ class Running:
 
 @dataclass(frozen=True)
 class Reservation:
-    """The head job's promise: `cores` contiguous cores from `core_start` on
+    """A waiting job's promise: `cores` contiguous cores from `core_start` on
     `host_id` (and, for a gang, the whole hosts of `ranks`), free at `start` at the
-    latest."""
+    latest; the job then holds them until `until` at the latest (its start plus its
+    time limit), which is what a later reservation must wait for."""
 
     job_id: int
     family: str
@@ -101,6 +105,14 @@ class Reservation:
     core_start: int
     cores: int
     ranks: tuple[Placement, ...] = ()
+    until: float = math.inf
+
+    def holding(self) -> Running:
+        """The reservation as a job holding its cores from now until `until`: what
+        a reservation made after it plans around (from now rather than from its
+        start: a later reservation then never counts on them before `until`)."""
+        members = [(m.host_id, tuple(range(m.core_start, m.core_start + m.cores))) for m in self.members]
+        return Running(self.job_id, -1, self.family, members[0][0], members[0][1], self.until, tuple(members[1:]))
 
     @property
     def members(self) -> tuple[Placement, ...]:
@@ -119,32 +131,54 @@ class Reservation:
 
 
 def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], running: Iterable[Running],
-            now: float, host_count: int = 1, same_network: bool = False) -> Reservation | None:
+            now: float, host_count: int = 1, same_network: bool = False,
+            reserved: Iterable[Reservation] = ()) -> Reservation | None:
     """The earliest time (≥ now) at which the request fits if the running jobs give
     their cores back at their `end`, and where: `cores` contiguous cores of `family`
     on one non-draining host, or for a gang `host_count` whole hosts (see
     reserve_gang). None if even an empty fleet could not hold the request.
+    `reserved`: reservations made before this one, each holding its cores from now
+    until its `until` (whoever holds them first).
 
     Ends are taken in order; only the hosts whose cores were just released can newly
     fit the request, so each step is one placement per such host."""
+    reserved = list(reserved)
     if host_count > 1:
-        return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts, running, now)
+        return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts,
+                            [*running, *(r.holding() for r in reserved)], now)
     by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
-    spot = place(list(by_host.values()), family, cores)
+    held_back: dict[int, dict[int, float]] = {}  # host -> core -> until when a reservation holds it
+    for r in reserved:
+        for m in r.members:
+            if m.host_id in by_host:
+                until = held_back.setdefault(m.host_id, {})
+                for core in range(m.core_start, m.core_start + m.cores):
+                    until[core] = max(until.get(core, now), r.until)
+
+    def busy(host_id: int, used: set[int] | frozenset[int], t: float) -> frozenset[int]:
+        back = held_back.get(host_id)
+        return frozenset(used) if not back else frozenset(used) | {c for c, u in back.items() if u > t}
+
+    spot = place([h if h.host_id not in held_back else
+                  HostSlots(h.host_id, h.name, family, h.core_ids, busy(h.host_id, h.used, now), h.draining, h.network)
+                  for h in by_host.values()], family, cores)
     if spot is not None:
         return Reservation(job_id, family, now, spot.host_id, spot.core_start, cores)
     used = {h: set(s.used) for h, s in by_host.items()}
-    for run in sorted(running, key=attrgetter("end", "job_id")):
+    holdings = [r.holding() for r in reserved]
+    pseudo = {id(h) for h in holdings}
+    for run in sorted([*running, *holdings] if holdings else running, key=attrgetter("end", "job_id")):
         members = [(host_id, held) for host_id, held in run.members if host_id in by_host]
         if not members:
             continue  # holds nothing this request could use
         if math.isinf(run.end):
             return None  # only jobs without a time limit are left: no start can be promised
         for host_id, held in members:
-            used[host_id].difference_update(held)
+            if id(run) not in pseudo:
+                used[host_id].difference_update(held)
             host = by_host[host_id]
-            spot = place([HostSlots(host.host_id, host.name, family, host.core_ids, frozenset(used[host_id]))],
-                         family, cores)
+            spot = place([HostSlots(host.host_id, host.name, family, host.core_ids,
+                                    busy(host_id, used[host_id], run.end))], family, cores)
             if spot is not None:
                 return Reservation(job_id, family, max(run.end, now), spot.host_id, spot.core_start, cores)
     return None
@@ -204,10 +238,13 @@ def conflicts(spot: Placement | tuple[Placement, ...], end: float, reservation: 
                for p in _spots(spot))
 
 
-def masked(hosts: list[HostSlots], reservation: Reservation) -> list[HostSlots]:
+def masked(hosts: list[HostSlots], *reservations: Reservation) -> list[HostSlots]:
     """The hosts with the reserved cores shown as taken."""
-    reserved = {m.host_id for m in reservation.members}
-    return [HostSlots(h.host_id, h.name, h.family, h.core_ids, h.used | reservation.on(h.host_id), h.draining,
+    reserved: dict[int, frozenset[int]] = {}
+    for r in reservations:
+        for m in r.members:
+            reserved[m.host_id] = reserved.get(m.host_id, frozenset()) | r.on(m.host_id)
+    return [HostSlots(h.host_id, h.name, h.family, h.core_ids, h.used | reserved[h.host_id], h.draining,
                       h.network) if h.host_id in reserved else h for h in hosts]
 
 
@@ -435,15 +472,34 @@ class FleetState:
         return self.names.get(team_id, str(team_id))
 
 
+# Besides the head, this many waiting gangs of each family hold a reservation that
+# the jobs behind them respect. A single-host job behind the head starts as soon as
+# one host has its cores, and cores free up all the time; a gang needs N hosts empty
+# at the same moment, which a busy family never has by chance: without hosts kept
+# for it, the hosts that empty one by one are refilled by the jobs behind it, and it
+# only starts collecting them once it is the head - one gang after another. Every
+# reservation costs some idle time, so only the first few gangs hold one.
+GANG_RESERVATIONS = 4
+
+
 @dataclass
 class PassResult:
     started: list[Running] = field(default_factory=list)
-    reservations: dict[str, Reservation] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)  # family -> the head's reservation
+    gang_reservations: dict[str, list[Reservation]] = field(default_factory=dict)  # family -> gangs' after it
     reasons: dict[int, str] = field(default_factory=dict)  # job id -> reason code
     sentences: dict[int, str] = field(default_factory=dict)  # job id -> the reason for its owner
     preempted: list[tuple[Running, int]] = field(default_factory=list)  # (victim, the job it made room for)
     # job id -> the draining victims it waits for (preempted in this pass or earlier)
     awaiting: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    made: dict[str, list[Reservation]] = field(default_factory=dict)  # family -> all of them, in the order made
+
+    def held(self, family: str) -> list[Reservation]:
+        """The family's reservations in the order they were made."""
+        return self.made.get(family, [])
+
+    def reserved_jobs(self) -> set[int]:
+        return {r.job_id for held in self.made.values() for r in held}
 
 
 POLICIES = ("easy", "greedy", "fifo")
@@ -462,15 +518,17 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
     so a borrower is never placed in the pass that would preempt it (one that does
     not fit even now waits in its place in the order, and may be the head). Then, by `policy`:
     - "easy": EASY backfill: the first admitted job that finds no room in its
-      family gets that family's reservation; later jobs of the family start only
-      where backfill_spot allows;
+      family gets that family's reservation (the head's), and so do the first
+      GANG_RESERVATIONS gangs after it that find no room, each planned around the
+      reservations made before it; a job starts only where it delays none of the
+      reservations made before it in the pass (backfill_spot's rule);
     - "greedy": first fit, no reservation;
     - "fifo": strict order per family: the first job of a family that finds no
       room blocks every later one of that family.
     With `preempt`, a single-host job within its guarantee that finds no room
     preempts other teams' borrowers (policy.choose_victims), unless the cores it
-    would take are reserved. A victim that drains (Running.drains) keeps its cores
-    for up to `drain_s` while it finishes its work; the job waits for it (reason
+    would take are reserved past its end. A victim that drains (Running.drains) keeps
+    its cores for up to `drain_s` while it finishes its work; the job waits for it (reason
     "preempting") and gets the cores in the first pass after it stopped. A job held back by its quota blocks nothing.
     Same requests on the same fleet are answered once (a long queue is mostly a
     few distinct requests)."""
@@ -560,17 +618,17 @@ class _Pass:
         self.reasons[job.job_id], self.sentences[job.job_id] = seen[1]
         return True
 
-    def place(self, job: Waiting, reservation: Reservation | None = None) -> tuple[Placement, ...] | None:
-        """Where the job fits now (on cores `reservation` does not need, if given)."""
-        key = (job.request, reservation is not None)
+    def place(self, job: Waiting, masks: tuple[Reservation, ...] = ()) -> tuple[Placement, ...] | None:
+        """Where the job fits now (on cores none of `masks` needs)."""
+        key = (job.request, masks)
         version = self.state.fversion.get(job.family, 0)
         if self.failed.get(key) == version:
             return None
         hosts = self.state.candidates(job.family, job.cores // job.host_count, whole=job.host_count > 1)
         if self.promised:
             hosts = self.unpromised(hosts)
-        if reservation is not None:
-            hosts = masked(hosts, reservation)
+        if masks:
+            hosts = masked(hosts, *masks)
         spot = place_job(hosts, *job.request)
         if spot is None:
             self.failed[key] = version
@@ -590,6 +648,31 @@ class _Pass:
     def fits_now(self, job: Waiting) -> bool:
         return self.place(job) is not None
 
+    def in_way(self, job: Waiting) -> tuple[Reservation, ...]:
+        """The family's reservations (made so far in the pass) that the job would
+        still be running at."""
+        end = self.now + job.limit_s
+        return tuple(r for r in self.result.held(job.family) if r.start < end)
+
+    def reserve(self, job: Waiting) -> None:
+        """The job finds no room: its reservation if it is the family's first (the
+        head), or one of the first GANG_RESERVATIONS gangs after it, planned around
+        the family's reservations made before it."""
+        result, family = self.result, job.family
+        head = family not in result.reservations
+        if not head and (job.host_count == 1 or len(result.gang_reservations.get(family, ())) >= GANG_RESERVATIONS):
+            return
+        held = reserve(job.job_id, family, job.cores, self.state.slots(family), self.state.limit_running(family),
+                       self.now, job.host_count, job.same_network, result.held(family))
+        if held is None:
+            return
+        held = replace(held, until=held.start + job.limit_s)
+        if head:
+            result.reservations[family] = held
+        else:
+            result.gang_reservations.setdefault(family, []).append(held)
+        result.made.setdefault(family, []).append(held)
+
     def handle(self, job: Waiting, decision: Decision) -> None:
         state, now = self.state, self.now
         if job.family in self.blocked:
@@ -598,29 +681,28 @@ class _Pass:
         if not decision.ok:
             self.refuse(job, decision)
             return
-        reservation = self.result.reservations.get(job.family) if self.policy == "easy" else None
         end = now + job.limit_s
+        in_way = self.in_way(job) if self.policy == "easy" else ()
         spot = self.place(job)
-        if spot is not None and reservation is not None and conflicts(spot, end, reservation):
-            spot = self.place(job, reservation)
-            if spot is None:
-                self.refuse(job, backfill_blocked(job.family, job.cores, job.limit_s, reservation.job_id,
-                                                  reservation.start - now))
-                return
+        if spot is not None and in_way:
+            delayed = [r for r in in_way if conflicts(spot, end, r)]
+            if delayed:
+                spot = self.place(job, in_way)
+                if spot is None:
+                    self.refuse(job, backfill_blocked(job.family, job.cores, job.limit_s, delayed[0].job_id,
+                                                      delayed[0].start - now))
+                    return
         waits = None
         if spot is None and self.preempt and not decision.borrowed and job.host_count == 1:
-            spot = self.reclaim(job, end, reservation)
+            spot = self.reclaim(job, end, in_way)
             if isinstance(spot, Decision):
                 waits, spot = spot, None
         if spot is None:
             self.refuse(job, waits or self.no_room(job))
             if self.policy == "fifo":
                 self.blocked.add(job.family)
-            elif self.policy == "easy" and reservation is None:
-                held = reserve(job.job_id, job.family, job.cores, state.slots(job.family),
-                               state.limit_running(job.family), now, job.host_count, job.same_network)
-                if held is not None:
-                    self.result.reservations[job.family] = held
+            elif self.policy == "easy":
+                self.reserve(job)
             return
         self.result.started.append(state.start(job, spot, now, borrowed=decision.borrowed))
 
@@ -642,7 +724,7 @@ class _Pass:
         return decision
 
     def reclaim(self, job: Waiting, end: float,
-                reservation: Reservation | None) -> tuple[Placement, ...] | Decision | None:
+                reservations: tuple[Reservation, ...]) -> tuple[Placement, ...] | Decision | None:
         """The job is within its team's guarantee but finds no room: preempt other
         teams' borrowing jobs (newest first, just enough), then place it. Cores of
         jobs already stopping count as free (they come back soon), unless an earlier
@@ -665,8 +747,8 @@ class _Pass:
                     self.hopeless[job.family] = (state.version, job.cores)  # smaller than any earlier failure
                 return None
             victims, spot = choice
-        if reservation is not None and conflicts(spot, end, reservation):
-            return None  # the freed cores are the head job's: preempting for them would delay it
+        if any(conflicts(spot, end, r) for r in reservations):
+            return None  # the freed cores are reserved: preempting for them would delay that job
         for victim_id in dict.fromkeys(v.job_id for v in victims):
             run = state.running[victim_id]
             if run.drains:
@@ -712,7 +794,7 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
     while left and steps < max_steps and t - now <= horizon_s:
         steps += 1
         result = schedule_pass(left, state, t)
-        reserved.update(r.job_id for r in result.reservations.values())
+        reserved.update(result.reserved_jobs())
         if result.started:
             ids = {r.job_id for r in result.started}
             for r in result.started:

@@ -58,6 +58,7 @@ def test_only_finetunes_can_be_suspended(bob, tiny_model, cpu_host):
     response = bob.post(f"/api/v1/jobs/{doc['id']}/suspend")
     assert response.status_code == 409 and response.json()["code"] == "not_suspendable"
     assert "only fine-tune jobs can be suspended" in response.json()["detail"]
+    assert response.json()["detail"].endswith("is of kind inference")  # read "is a inference job"
     assert Job.objects.get(pk=doc["id"]).status == S.PENDING
 
 

@@ -286,7 +286,7 @@ def job_suspend(*, job: Job, user) -> None:
         raise access.Forbidden("only the job's owner or a team manager can suspend it")
     if job.kind != Kind.FINETUNE:
         raise NotSuspendable("not_suspendable", f"only fine-tune jobs can be suspended (they resume from their "
-                                                f"checkpoint); job {job.pk} is a {job.kind} job")
+                                                f"checkpoint); job {job.pk} is of kind {job.kind}")
     if not states.suspend(job.pk, actor=user, message=f"suspended by {user.username}"):
         job.refresh_from_db(fields=["status", "cancel_requested"])
         state = "being cancelled" if job.cancel_requested and not job.is_finished else job.status

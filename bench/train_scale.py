@@ -10,7 +10,14 @@
   on this machine, each with its own worker, the ranks under torchrun) over a
   1-host x 1-core job, both placed by the scheduler; two_host_vs_torchrun is its
   ratio to torchrun_speedup (target >= 0.95). Null with the reason where the workers
-  do not run multi-host gangs.
+  do not run multi-host gangs. Each repeat runs the four (torchrun 1 and 2 processes,
+  NeuronDeck 1 and 2 hosts) back to back, so the figures compared share the machine's
+  load; the workers and scheduler run with the deployment's default heartbeat and
+  reaping periods (the resume phase shortens them later, to reap within seconds).
+  service_cores_1host / _2host: the CPU the NeuronDeck services (workers, scheduler,
+  PostgreSQL backends of the bench database, Redis) used during those runs, in cores
+  (CPU seconds over wall seconds): on this 2-core machine a 2-host gang's ranks share
+  the CPU with them, where a real host's bookkeeping runs beside its training.
 - checkpoint_overhead_ratio: training seconds with a checkpoint every 50 steps over
   none (median of interleaved runs, one process, one thread).
 - resume_steps_lost, resume_checkpoint_every, resume_weight_max_abs_diff: a fine-tune
@@ -75,12 +82,7 @@ def torchrun_samples_per_s(workdir: Path, inputs: dict, nproc: int, per_rank_bat
     return spec["batch_size"] * result["steps"] / result["train_seconds"]
 
 
-def torchrun_phase(workdir: Path, inputs: dict, per_rank_batch: int, steps: int, repeats: int) -> dict:
-    one, two = [], []
-    for _ in range(repeats):  # interleaved: the machine's load drifts
-        one.append(torchrun_samples_per_s(workdir, inputs, 1, per_rank_batch, steps))
-        two.append(torchrun_samples_per_s(workdir, inputs, 2, per_rank_batch, steps))
-        log(f"  torchrun 1 proc {one[-1]:.1f} samples/s, 2 procs {two[-1]:.1f} samples/s")
+def torchrun_figures(one: list[float], two: list[float], per_rank_batch: int) -> dict:
     base, scaled = max(one), max(two)
     return {"torchrun_speedup": scaled / base, "torchrun_1proc_samples_per_s": base,
             "torchrun_2proc_samples_per_s": scaled, "torchrun_per_rank_batch": per_rank_batch}
@@ -253,8 +255,35 @@ def start_gang_hosts(procs: Processes) -> list:
     return beats
 
 
-def gang_samples_per_s(team, user, model, dataset, hosts: int, per_rank_batch: int, steps: int) -> float:
-    """Samples/s of a fine-tune on `hosts` 1-core hosts placed and run by NeuronDeck."""
+def service_cpu_seconds(procs: Processes) -> float:
+    """User + system CPU seconds so far of the NeuronDeck services: every live process in
+    the started services' process groups (a job's processes run in sessions of their
+    own and are not counted; nor are reaped children), the PostgreSQL backends of the
+    bench database and the redis-server."""
+    groups = {proc.pid for proc in procs.procs.values()}
+    title = f" {BENCH.db_name} ".encode()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                head, tail = fh.read().rsplit(b")", 1)
+            comm, fields = head.split(b"(", 1)[1], tail.split()
+            used = (int(fields[11]) + int(fields[12])) / tick
+            if int(fields[2]) in groups or comm.startswith(b"redis-server") or (
+                    comm.startswith(b"postgres") and title in Path(f"/proc/{entry}/cmdline").read_bytes()):
+                total += used
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def gang_samples_per_s(team, user, model, dataset, hosts: int, per_rank_batch: int, steps: int,
+                       procs: Processes | None = None, service_cores: list[float] | None = None) -> float:
+    """Samples/s of a fine-tune on `hosts` 1-core hosts placed and run by NeuronDeck;
+    the services' CPU use during it (cores) goes to `service_cores`."""
     from jobs.lifecycle import states
     from jobs.models import Job, Kind
     from jobs.wake import kick_dispatch
@@ -264,31 +293,62 @@ def gang_samples_per_s(team, user, model, dataset, hosts: int, per_rank_batch: i
                              host_count=hosts, model=model, dataset=dataset, max_attempts=1, reason_code="submitted",
                              reason="waiting for the scheduler")
     states.event(job.pk, "pending", "submitted by the bench")
+    cpu_before, wall_before = (service_cpu_seconds(procs), time.monotonic()) if procs else (0.0, 0.0)
     kick_dispatch()
     deadline = time.monotonic() + 900
     while Job.objects.get(pk=job.pk).status not in Job.FINISHED:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the {hosts}-host job {job.pk} did not finish")
         time.sleep(0.2)
+    if procs is not None and service_cores is not None:
+        service_cores.append((service_cpu_seconds(procs) - cpu_before) / (time.monotonic() - wall_before))
     job = Job.objects.get(pk=job.pk)
     if job.status != Job.Status.SUCCEEDED:
         raise RuntimeError(f"the {hosts}-host job {job.pk} {job.status}: {job.reason}")
     return spec["batch_size"] * job.result["steps"] / job.result["train_seconds"]
 
 
-def two_host_phase(team, user, model, dataset, per_rank_batch: int, steps: int, repeats: int) -> dict:
-    """A 2-host x 1-core gang over a 1-host x 1-core job, both through NeuronDeck."""
-    one, two = [], []
+def speed_phase(procs: Processes, workdir: Path, inputs: dict, team, user, model, dataset, per_rank_batch: int,
+                steps: int, repeats: int, gang: bool) -> dict:
+    """Plain torchrun 1 vs 2 processes and, with `gang`, NeuronDeck 1 host vs a 2-host
+    gang: the four back to back in each repeat (the machine's load drifts)."""
+    t1, t2, n1, n2, cores1, cores2, ratios = [], [], [], [], [], [], []
     for _ in range(repeats):
-        one.append(gang_samples_per_s(team, user, model, dataset, 1, per_rank_batch, steps))
-        two.append(gang_samples_per_s(team, user, model, dataset, 2, per_rank_batch, steps))
-        log(f"  NeuronDeck 1 host {one[-1]:.1f} samples/s, 2-host gang {two[-1]:.1f} samples/s")
-    base, scaled = max(one), max(two)
-    return {"two_host_speedup": scaled / base, "two_host_1host_samples_per_s": base,
-            "two_host_2host_samples_per_s": scaled}
+        t1.append(torchrun_samples_per_s(workdir, inputs, 1, per_rank_batch, steps))
+        t2.append(torchrun_samples_per_s(workdir, inputs, 2, per_rank_batch, steps))
+        line = f"  torchrun 1 proc {t1[-1]:.1f}, 2 procs {t2[-1]:.1f} samples/s"
+        if gang:
+            n1.append(gang_samples_per_s(team, user, model, dataset, 1, per_rank_batch, steps, procs, cores1))
+            n2.append(gang_samples_per_s(team, user, model, dataset, 2, per_rank_batch, steps, procs, cores2))
+            ratios.append((n2[-1] / n1[-1]) / (t2[-1] / t1[-1]))
+            line += (f"; NeuronDeck 1 host {n1[-1]:.1f}, 2-host gang {n2[-1]:.1f} samples/s (services "
+                     f"{cores1[-1]:.2f} / {cores2[-1]:.2f} cores); this repeat's ratio {ratios[-1]:.2f}")
+        log(f"{line}; load {os.getloadavg()[0]:.1f}")
+    report = torchrun_figures(t1, t2, per_rank_batch)
+    if gang:
+        report.update({"two_host_speedup": max(n2) / max(n1), "two_host_1host_samples_per_s": max(n1),
+                       "two_host_2host_samples_per_s": max(n2),
+                       "two_host_vs_torchrun_per_repeat_median": statistics.median(ratios),
+                       "service_cores_1host": statistics.median(cores1),
+                       "service_cores_2host": statistics.median(cores2)})
+    return report
 
 
 # ---------------------------------------------------------------- main
+
+REAPING = {"JOB_LEASE_S": "5", "HEARTBEAT_S": "1", "REAP_EVERY_S": "1"}
+
+
+def start_scheduler(procs: Processes) -> None:
+    procs.start("scheduler", [*CELERY, "-Q", "scheduler", "-B", "--pool", "solo", "-n", "bench-scheduler@%h",
+                              "--schedule", str(BENCH.workdir / "beat-schedule")])
+
+
+def finish(report: dict) -> dict:
+    report["loadavg_1m_at_end"], report["cpus"] = os.getloadavg()[0], os.cpu_count()
+    report = {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
+    print(json.dumps(report))
+    return report
 
 
 def main(argv=None) -> dict:
@@ -299,11 +359,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint-steps", type=int, default=200)
     parser.add_argument("--checkpoint-repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the scaling figures")
     args = parser.parse_args(argv)
     lock = exclusive_run("bench-train-scale")  # noqa: F841 - held until the process exits
     BENCH.workdir = Path(tempfile.mkdtemp(prefix="nd-bench-train-"))
-    env = BENCH.environment(JOB_LEASE_S="5", HEARTBEAT_S="1", JOB_KILL_GRACE_S="5", REAP_EVERY_S="1",
-                            NEURONDECK_ZYGOTE_PRELOAD="")
+    # The speed phase runs the services with the deployment's defaults; the resume phase
+    # restarts them with a short lease, heartbeat and reaping period (REAPING).
+    env = BENCH.environment(JOB_KILL_GRACE_S="5", NEURONDECK_ZYGOTE_PRELOAD="")
     BENCH.setup(env)
     procs = Processes(BENCH.workdir, env)
     beating: list = []
@@ -322,18 +384,19 @@ def main(argv=None) -> dict:
                   "dataset_path": str(storage.abs_path(dataset.path)), "dataset_format": "jsonl"}
         report: dict = {}
         beating = [start_heartbeat(BENCH.host)]
-        procs.start("scheduler", [*CELERY, "-Q", "scheduler", "-B", "--pool", "solo", "-n", "bench-scheduler@%h",
-                                  "--schedule", str(BENCH.workdir / "beat-schedule")])
+        start_scheduler(procs)
         start_job_worker(procs, "worker")  # the one-host jobs' host
-        log("plain torchrun: 1 process vs 2 (DDP over gloo, one thread each) …")
-        report.update(torchrun_phase(BENCH.workdir, inputs, args.per_rank_batch, args.speed_steps,
-                                     args.speed_repeats))
-        if gang_available():
-            log("through NeuronDeck: a 1-host job vs a 2-host gang (one core each) …")
-            gang_beats = start_gang_hosts(procs)
-            beating += gang_beats
-            report.update(two_host_phase(team, user, model, dataset, args.per_rank_batch, args.speed_steps,
-                                         args.speed_repeats))
+        gang = gang_available()
+        gang_beats = start_gang_hosts(procs) if gang else []
+        beating += gang_beats
+        log("plain torchrun 1 process vs 2 (DDP over gloo, one thread each)"
+            + (", and through NeuronDeck a 1-host job vs a 2-host gang (one core each), back to back …" if gang
+               else " …"))
+        report["loadavg_1m_at_start"] = os.getloadavg()[0]
+        report.update(speed_phase(procs, BENCH.workdir, inputs, team, user, model, dataset, args.per_rank_batch,
+                                  args.speed_steps, args.speed_repeats, gang))
+        report["loadavg_1m_after_speed"] = os.getloadavg()[0]
+        if gang:
             report["two_host_vs_torchrun"] = report["two_host_speedup"] / report["torchrun_speedup"]
             for name in GANG_HOSTS:  # their workers would take CPU from the phases below
                 kill_group(procs.procs.pop(name))
@@ -347,14 +410,19 @@ def main(argv=None) -> dict:
             report.update({"two_host_speedup": None, "two_host_speedup_reason":
                            "multi-host gangs are not run by the workers on this tree (no jobs.lifecycle.gangs); "
                            "torchrun_speedup is the same training code under plain torchrun"})
+        if args.speed_only:
+            return finish(report)
+        # Reaping within seconds for the resume phase: the scheduler and the worker again.
+        procs.env = {**procs.env, **REAPING}
+        for name in ("scheduler", "worker"):
+            kill_group(procs.procs.pop(name))
+        start_scheduler(procs)
+        start_job_worker(procs, "worker")
         log("checkpoint every 50 steps vs none …")
         report.update(checkpoint_phase(BENCH.workdir, inputs, args.checkpoint_steps, args.checkpoint_repeats))
         log("kill -9 of the worker and the job mid-run, then resume …")
         report.update(resume_phase(procs, user, team, model, dataset, inputs))
-        report["loadavg_1m_at_end"], report["cpus"] = os.getloadavg()[0], os.cpu_count()
-        report = {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
-        print(json.dumps(report))
-        return report
+        return finish(report)
     finally:
         for beat in beating:
             beat.set()

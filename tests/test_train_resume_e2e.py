@@ -139,3 +139,33 @@ def test_preemption_saves_a_checkpoint_in_its_grace_period_and_the_job_resumes_t
     job = wait_status(job, S.SUCCEEDED, timeout=180)
     assert resumed_events(job) == [{"step": saved, "attempt": 2}]
     assert job.result["resumed_from_step"] == saved
+
+
+def test_a_torn_newest_checkpoint_is_ignored_and_the_next_attempt_resumes_from_the_one_before(
+        cast, tiny_model, dataset, make_host, start_worker, tmp_path):
+    from neuron_workers.backends.checkpoints import step_dir_name
+    from tests.test_faults import log_text
+
+    make_host(backend="cpu")
+    job = finetune_job(cast, tiny_model, dataset)
+    start_worker(JOB_KILL_GRACE_S="20")
+    dispatch_until_placed(job)
+    wait_until(lambda: len(checkpoint_steps(job)) >= 2, 120, message="the job's second checkpoint")
+    assert states.suspend(job.pk, message="suspended by the test")  # it saves the step it reached, then stops
+    wait_until(lambda: not job_processes(job), 60, message="the suspended attempt's process to end")
+    steps = checkpoint_steps(job)
+    newest, before = steps[-1], steps[-2]
+    # The newest copy torn on the shared storage: same size, other bytes.
+    state = storage.job_dir(job.pk) / "checkpoints" / step_dir_name(newest) / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+
+    assert states.resume(job.pk, message="resumed by the test")
+    dispatch_until_placed(job)
+    job = wait_status(job, S.SUCCEEDED, timeout=180)
+    assert resumed_events(job) == [{"step": before, "attempt": 2}]
+    assert f"checkpoint {step_dir_name(newest)} ignored: state.pt does not match its digest" in log_text(job)
+    assert job.result["resumed_from_step"] == before and job.result["steps"] == SPEC["steps"]
+    final = weights(storage.abs_path(job.output_model.path))
+    assert max_abs_diff(final, uninterrupted_weights(tiny_model, dataset, tmp_path, job.spec)) <= 1e-5

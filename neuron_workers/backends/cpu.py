@@ -19,6 +19,7 @@ stays on the host CPU, which is why they live in shared modules and not here.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -122,6 +123,11 @@ class CpuBackend(Backend):
                 distributed.barrier()  # the job is done when rank 0 has saved the model
         finally:
             if ranks.distributed:
+                # DDP's reducer works on the process group: it must go first. Freed only when
+                # this function returns, after the group was destroyed, it waited forever now
+                # and then (one rank hung at its exit while the others had finished).
+                trained = hooks = None
+                gc.collect()
                 distributed.shutdown()
         return {**stats.result(), "checkpoint": "checkpoint", "backend": "cpu", "world_size": ranks.world_size,
                 "rank": ranks.rank}

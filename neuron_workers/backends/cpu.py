@@ -123,9 +123,8 @@ class CpuBackend(Backend):
                 distributed.barrier()  # the job is done when rank 0 has saved the model
         finally:
             if ranks.distributed:
-                # DDP's reducer works on the process group: it must go first. Freed only when
-                # this function returns, after the group was destroyed, it waited forever now
-                # and then (one rank hung at its exit while the others had finished).
+                # DDP's reducer holds the process group: it is freed before the group is
+                # destroyed, not when this function returns, after it.
                 trained = hooks = None
                 gc.collect()
                 distributed.shutdown()

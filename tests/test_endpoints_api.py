@@ -13,7 +13,8 @@ from django.utils import timezone
 from jobs.api.endpoints import router
 from jobs.endpoints.reconcile import reconcile_endpoint
 from jobs.lifecycle import scheduler, states
-from jobs.models import CoreAllocation, Endpoint, FamilyQuota, Host, Job, Kind, Replica, TeamQuota
+from jobs.models import (CoreAllocation, Endpoint, FamilyQuota, Host, Job, Kind, Notification, Replica, Subscription,
+                         TeamQuota)
 from tests.conftest import api_client
 from tests.endpoint_support import make_model
 
@@ -278,6 +279,8 @@ def test_a_borrowed_replica_is_drained_before_its_cores_go_to_another_teams_guar
     FamilyQuota.objects.filter(team=cast.audio, family="cpu").update(guaranteed_cores=4, borrow_limit=0)
     replica = _running_ready_replica(cast, cpu_host, model, min_replicas=1, max_replicas=1, cores_per_replica=2)
     cores = set(CoreAllocation.objects.filter(job_id=replica.job_id).values_list("core", flat=True))
+    Subscription.objects.create(team=cast.vision, user=cast.bob, scope="team", channel="webhook",
+                                target="https://hooks.example.com/x", events=["job.preempted"])
     audio = _audio_job(cast, 4)
     report = scheduler.dispatch()
     assert replica.job_id in report.preempted and audio.pk not in report.placed
@@ -295,6 +298,8 @@ def test_a_borrowed_replica_is_drained_before_its_cores_go_to_another_teams_guar
     assert start is not None and start <= timezone.now() + timedelta(seconds=replica_stop_s() + 5)
     events = {e.kind: e for e in replica.endpoint.events.all()}
     assert f"job #{audio.pk}" in events["replica_preempted"].message
+    told = Notification.objects.get(kind="job.preempted", team=cast.vision)  # the team's subscribers hear of it
+    assert told.job_id == replica.job_id and f"job #{audio.pk}" in json.dumps(told.payload)
     # The reconciler stops the drained replica (its worker sends SIGTERM: the server
     # finishes its requests) and asks for a replacement; until the process has ended,
     # passes preempt nothing more and place nothing on the cores the job waits for.

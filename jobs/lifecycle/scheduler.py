@@ -30,7 +30,8 @@ from django.db.models import Count, Exists, Min
 from django.utils import timezone
 
 from jobs.lifecycle import gangs, signals, states
-from jobs.models import CoreAllocation, FamilyQuota, GangMember, Host, Job, Kind, Team, TeamQuota
+from jobs.models import CoreAllocation, EventKind, FamilyQuota, GangMember, Host, Job, Kind, Team, TeamQuota
+from jobs.notify import events as notify_events
 from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
 from jobs.quotas.fairshare import QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, core_range
@@ -313,8 +314,9 @@ class DispatchRun:
         (reason "preempting") and gets the cores in the first run after it stopped."""
         answers = signals.drain_requested.send(sender=Job, job_id=victim.job_id, message=message, by_job=by.pk,
                                                by_team=by.team_slug)
-        states.event(victim.job_id, "preempting", f"{message}: it finishes what it is doing, then stops, and its "
-                     f"cores go to job #{by.pk}", by_team=by.team_slug, by_job=by.pk, cores=victim.total)
+        said = f"{message}: it finishes what it is doing, then stops, and its cores go to job #{by.pk}"
+        states.event(victim.job_id, "preempting", said, by_team=by.team_slug, by_job=by.pk, cores=victim.total)
+        notify_events.job_transition(victim.job_id, EventKind.JOB_PREEMPTED, message=said)
         if not any(handled for _, handled in answers):
             # Nobody owns its drain: stop it now (SIGTERM and the kill grace); its cores
             # are freed when its worker records the end.

@@ -30,13 +30,15 @@ DRAIN_S = 60  # the replica's drain bound: far longer than the test holds its st
 
 
 @pytest.fixture
-def worker(transactional_db, _storage, tmp_path, settings):
+def worker(request, transactional_db, _storage, tmp_path, settings):
+    """A worker whose replicas drain for DRAIN_S (or the test's parameter) before SIGKILL."""
     redis().flushdb()
     settings.ENDPOINT_DRAIN_ROUTE_GRACE_S = 0.5
     Host.objects.create(name="test-host", family="cpu", core_ids=list(range(4)), backend=SERVE,
                         memory_bytes=8 << 30, last_heartbeat=timezone.now())
+    drain_s = getattr(request, "param", DRAIN_S)
     worker = Worker(tmp_path / "worker.log", process_env(
-        storage_root=_storage, NEURONDECK_ZYGOTE_PRELOAD="", ENDPOINT_DRAIN_S=str(DRAIN_S),
+        storage_root=_storage, NEURONDECK_ZYGOTE_PRELOAD="", ENDPOINT_DRAIN_S=str(drain_s),
         ENDPOINT_DRAIN_ROUTE_GRACE_S="0.5"), queues="scheduler,host.test-host", name="preempt")
     worker.start()
     yield worker
@@ -152,6 +154,38 @@ def test_a_long_stream_on_a_preempted_borrowed_replica_completes_before_its_core
     assert Job.objects.get(pk=replacement.job_id).status == "pending"
     assert Replica.objects.filter(endpoint=vision).count() == 2
     assert Endpoint.objects.get(pk=vision.pk).desired_replicas == 1
+
+
+@pytest.mark.parametrize("worker", [1], indirect=True)
+def test_a_request_longer_than_the_drain_does_not_keep_the_cores_from_the_guarantee(cast, worker, tmp_path):
+    """The drain is bounded: a stream that never ends is cut when the drain time (1 s
+    here) and the worker's exit margin have passed, and the cores go to the waiting job."""
+    from jobs.gateway.app import Gateway
+
+    FamilyQuota.objects.filter(team=cast.vision, family="cpu").update(guaranteed_cores=0, borrow_limit=4)
+    FamilyQuota.objects.filter(team=cast.audio, family="cpu").update(guaranteed_cores=4, borrow_limit=0)
+    vision = create(cast.vision, cast.bob, model=make_model(cast.vision, cast.alice, "tiny-v1"),
+                    cores_per_replica=2, min_replicas=1, max_replicas=1)
+    beat = Beat()
+    beat.start()
+    try:
+        with ThreadServer(Gateway(), lifespan="on") as gateway:
+            borrowed = wait_until(lambda: [r for r in replicas(vision, R.READY)], 120, "vision's replica ready")[0]
+            token = token_create(user=cast.bob, name="stream", scope="submit")[0]
+            stream = HeldStream(f"{gateway.url}/endpoints/vision/chat/v1", token, str(tmp_path / "never"))
+            stream.start()
+            wait_until(lambda: stream.events or stream.done.is_set(), 60, "the stream's first token")
+            audio = create(cast.audio, cast.charlie, model=make_model(cast.audio, cast.charlie, "tiny-a"),
+                           cores_per_replica=4, min_replicas=1, max_replicas=1)
+            audio_replica = wait_until(lambda: replicas(audio, R.READY), 120, "audio's replica ready")[0]
+            assert stream.done.wait(60)
+    finally:
+        beat.stop.set()
+        beat.join(timeout=30)
+    assert stream.events[-1:] != ["[DONE]"]  # cut off at the drain's end
+    victim = Job.objects.get(pk=borrowed.job_id)
+    assert victim.status == "cancelled" and Replica.objects.get(pk=borrowed.pk).state == R.STOPPED
+    assert Job.objects.get(pk=audio_replica.job_id).queued_at >= victim.finished_at
 
 
 def _metrics(job: Job) -> str:

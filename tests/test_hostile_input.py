@@ -505,6 +505,7 @@ class _Forms(HTMLParser):
 
 SIGNED_IN_PAGES = ["/", "/teams/vision/", "/teams/vision/jobs/", "/teams/vision/models/", "/teams/vision/datasets/",
                    "/tokens/", "/quotas/", "/usage/", "/teams/vision/usage/", "/teams/new/", "/teams/vision/endpoints/",
+                   "/teams/vision/notifications/", "/teams/vision/compile-cache/",
                    *(f"/teams/vision/jobs/new/{kind}/" for kind in ("inference", "compile", "finetune"))]
 
 
@@ -574,7 +575,8 @@ def test_the_forms_are_found(world):
     for expected in ("/teams/vision/models/", "/teams/vision/datasets/", "/tokens/", "/login/", "/quotas/vision/",
                      "/teams/vision/jobs/new/inference/", f"/jobs/{world.pending.pk}/cancel/",
                      f"/hosts/{world.host.name}/drain/", "/teams/vision/endpoints/",
-                     f"/endpoints/{world.endpoint.pk}/", f"/endpoints/{world.endpoint.pk}/delete/"):
+                     f"/endpoints/{world.endpoint.pk}/", f"/endpoints/{world.endpoint.pk}/delete/",
+                     "/teams/vision/notifications/subscribe/", "/teams/vision/notifications/policy/"):
         assert any(a.startswith(expected) for a in actions), (expected, actions)
 
 

@@ -269,9 +269,10 @@ class DispatchRun:
                                     drain_s=replica_stop_s())
         return self.result
 
-    @property
-    def reasons(self) -> dict[int, tuple[str, str]]:
-        return {pk: (code, self.result.sentences.get(pk, "")) for pk, code in self.result.reasons.items()}
+    def reason(self, pk: int) -> tuple[str, str] | None:
+        """(code, sentence) of a job the run left waiting; None if it was placed or not looked at."""
+        code = self.result.reasons.get(pk)
+        return None if code is None else (code, self.result.sentences[pk])
 
     def write(self) -> None:
         """Preempt the victims (their cores are released by the transition), move the
@@ -348,12 +349,14 @@ class DispatchRun:
         meanwhile keeps its own reason). A reason of policy.LIVE_REASONS is written
         when its code changes only: its figures move with every placement, and the
         pages and the API show them as they are when read (selectors.live_reasons)."""
-        reasons = self.reasons
+        codes, sentences = self.result.reasons, self.result.sentences
         changed = []
         for row in self.inputs.pending:
-            code, sentence = reasons.get(row.pk, (row.reason_code, row.reason))
-            if code != row.reason_code or (code not in LIVE_REASONS and sentence != row.reason):
-                changed.append(Job(pk=row.pk, reason_code=code, reason=sentence))
+            code = codes.get(row.pk)
+            if code is None or (code == row.reason_code and code in LIVE_REASONS):
+                continue
+            if code != row.reason_code or sentences[row.pk] != row.reason:
+                changed.append(Job(pk=row.pk, reason_code=code, reason=sentences[row.pk]))
         # A few statements however many jobs and distinct sentences (a backlog of
         # thousands after a burst): bulk_update's UPDATE … CASE, on pending jobs only.
         Job.objects.filter(status=S.PENDING).bulk_update(changed, ["reason_code", "reason"], batch_size=100)

@@ -43,7 +43,7 @@ def placement_answer(*, team: Team, kind: str, family: str, cores: int, runtime_
         answer["wait"] = None
         instance = host.instance_type
     else:
-        code, sentence = run.reasons.get(DRY_RUN_ID, ("submitted", "waiting for the scheduler"))
+        code, sentence = run.reason(DRY_RUN_ID) or ("submitted", "waiting for the scheduler")
         answer["would_run_now"] = None
         answer["wait"] = {"reason_code": code, "reason": sentence, "hint": REASON_HINTS.get(code, "")}
         instance = next((h.instance_type for h in hosts if h.family == family and h.instance_type), "")

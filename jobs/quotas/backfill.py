@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
+from collections.abc import Mapping
 from typing import Iterable, NamedTuple
 
 from jobs.quotas.placement import HostSlots, Placement, place, place_job
 from jobs.quotas.policy import (
+    NO_ROOM,
     Borrower,
     Decision,
     FamilyState,
@@ -482,13 +484,49 @@ class FleetState:
 GANG_RESERVATIONS = 4
 
 
+class Sentences(Mapping[int, str]):
+    """Job id -> the sentence of its reason, worded when first read: a pass over a
+    long backlog refuses thousands of jobs, and its callers read few sentences (the
+    dispatcher those whose code changed, the simulator none). `by_job` holds, per
+    job, the refusal (a Decision or a _NoRoom) whose `sentence` it reads."""
+
+    def __init__(self) -> None:
+        self.by_job: dict[int, Decision | _NoRoom] = {}
+
+    def __getitem__(self, job_id: int) -> str:
+        return self.by_job[job_id].sentence
+
+    def __iter__(self):
+        return iter(self.by_job)
+
+    def __len__(self) -> int:
+        return len(self.by_job)
+
+
+class _NoRoom:
+    """policy.no_room's (or no_room_gang's) refusal: its code now, its sentence worded
+    on first read (the code is the same for every request; the sentence names the
+    team and the figures)."""
+
+    code = NO_ROOM
+
+    def __init__(self, word, *args) -> None:
+        self._word, self._args, self._sentence = word, args, None
+
+    @property
+    def sentence(self) -> str:
+        if self._sentence is None:
+            self._sentence = self._word(*self._args).sentence
+        return self._sentence
+
+
 @dataclass
 class PassResult:
     started: list[Running] = field(default_factory=list)
     reservations: dict[str, Reservation] = field(default_factory=dict)  # family -> the head's reservation
     gang_reservations: dict[str, list[Reservation]] = field(default_factory=dict)  # family -> gangs' after it
     reasons: dict[int, str] = field(default_factory=dict)  # job id -> reason code
-    sentences: dict[int, str] = field(default_factory=dict)  # job id -> the reason for its owner
+    sentences: Sentences = field(default_factory=Sentences)  # job id -> the reason for its owner
     preempted: list[tuple[Running, int]] = field(default_factory=list)  # (victim, the job it made room for)
     # job id -> the draining victims it waits for (preempted in this pass or earlier)
     awaiting: dict[int, tuple[int, ...]] = field(default_factory=dict)
@@ -557,7 +595,7 @@ class _Pass:
         self.state, self.now, self.policy, self.preempt = state, now, policy, preempt
         self.drain_s = drain_s
         self.result = PassResult()
-        self.reasons, self.sentences, self.fversion = self.result.reasons, self.result.sentences, state.fversion
+        self.reasons, self.why, self.fversion = self.result.reasons, self.result.sentences.by_job, state.fversion
         self.promised: dict[int, frozenset[int]] = {}  # host -> stopping jobs' cores a job of this pass waits for
         self.blocked: set[str] = set()  # fifo: families whose head found no room
         # Answers reused while what they depend on is unchanged (a long queue is
@@ -566,10 +604,9 @@ class _Pass:
         self.hosts_ok: dict[tuple, Decision] = {}  # request -> could any host hold it (fixed within a pass)
         self.answers: dict[tuple, Decision] = {}  # (team, request, its use, family's free) -> admission
         self.failed: dict[tuple, int] = {}  # (request, masked) -> family version of a failed placement
-        self.refusals: dict[tuple, tuple[int, Decision]] = {}  # (team, request) -> (family version, no-room reason)
+        self.refusals: dict[tuple, tuple[int, _NoRoom]] = {}  # (team, request) -> (family version, no-room reason)
         self.hopeless: dict[str, tuple[int, int]] = {}  # family -> (version, smallest request no preemption helps)
-        # (team, request) -> (family version, its refusal's code and sentence)
-        self.refused: dict[tuple, tuple[int, tuple[str, str]]] = {}
+        self.refused: dict[tuple, tuple[int, Decision | _NoRoom]] = {}  # (team, request) -> (family version, its refusal)
 
     def admission(self, job: Waiting) -> Decision:
         state = self.state
@@ -598,13 +635,13 @@ class _Pass:
                 if job.host_count > 1 else check_hosts(job.family, job.cores, slots))
         return self.hosts_ok[job.request]
 
-    def refuse(self, job: Waiting, decision: Decision) -> None:
-        self.result.reasons[job.job_id] = decision.code
-        self.result.sentences[job.job_id] = decision.sentence
+    def refuse(self, job: Waiting, decision: Decision | _NoRoom) -> None:
+        self.reasons[job.job_id] = decision.code
+        self.why[job.job_id] = decision
         # backfill_blocked depends on the job's own time limit, preempting on the cores
         # promised to it: the same team's same request may get another answer.
         if decision.code not in ("backfill_blocked", "preempting"):
-            self.refused[job.asked] = (self.fversion.get(job.family, 0), (decision.code, decision.sentence))
+            self.refused[job.asked] = (self.fversion.get(job.family, 0), decision)
 
     def repeated(self, job: Waiting) -> bool:
         """Refuse the job as the same team's same request was refused earlier in this
@@ -615,7 +652,8 @@ class _Pass:
         seen = self.refused.get(job.asked)
         if seen is None or seen[0] != self.fversion.get(job.family, 0):
             return False
-        self.reasons[job.job_id], self.sentences[job.job_id] = seen[1]
+        self.reasons[job.job_id] = seen[1].code
+        self.why[job.job_id] = seen[1]
         return True
 
     def place(self, job: Waiting, masks: tuple[Reservation, ...] = ()) -> tuple[Placement, ...] | None:
@@ -706,7 +744,7 @@ class _Pass:
             return
         self.result.started.append(state.start(job, spot, now, borrowed=decision.borrowed))
 
-    def no_room(self, job: Waiting) -> Decision:
+    def no_room(self, job: Waiting) -> _NoRoom:
         state = self.state
         version = state.fversion.get(job.family, 0)
         key = (0 if job.host_count > 1 else job.team_id, job.request)
@@ -715,10 +753,10 @@ class _Pass:
             return known[1]
         if job.host_count > 1:
             per_host = job.cores // job.host_count
-            decision = no_room_gang(job.family, job.host_count, per_host, job.same_network,
-                                    state.idle_count(job.family, per_host))
+            decision = _NoRoom(no_room_gang, job.family, job.host_count, per_host, job.same_network,
+                               state.idle_count(job.family, per_host))
         else:
-            decision = no_room(state.name(job.team_id), job.family, job.cores,
+            decision = _NoRoom(no_room, state.name(job.team_id), job.family, job.cores,
                                state.family_state(job.team_id, job.family))
         self.refusals[key] = (version, decision)
         return decision

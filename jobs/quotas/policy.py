@@ -272,10 +272,13 @@ def check_gang_request(family: str, cores: int, host_count: int, same_network: b
     return Decision.admit()
 
 
+NO_ROOM = "no_free_cores_of_family"  # the code of no_room and no_room_gang
+
+
 def no_room_gang(family: str, host_count: int, per_host: int, same_network: bool, idle: int) -> Decision:
     """The quota allows the gang but not enough whole hosts are idle now."""
     return Decision(
-        False, "no_free_cores_of_family",
+        False, NO_ROOM,
         f"needs {n_hosts(host_count, family, per_host)}" + (" in one network" if same_network else "")
         + f", all free at once; {idle} such host{' is' if idle == 1 else 's are'} idle now",
     )
@@ -285,13 +288,13 @@ def no_room(team: str, family: str, cores: int, fam: FamilyState) -> Decision:
     """The quota allows the job but no host has a free contiguous run for it now."""
     if fam.fleet_free < cores:
         return Decision(
-            False, "no_free_cores_of_family",
+            False, NO_ROOM,
             f"needs {n_cores(cores, family)}; team {team} uses {fam.in_use} of its {fam.guaranteed} guaranteed"
             + (f" (+{fam.borrow_limit} borrowable)" if fam.borrow_limit else "")
             + f"; only {fam.fleet_free} of {fam.fleet_total} are free in the fleet",
         )
     return Decision(
-        False, "no_free_cores_of_family",
+        False, NO_ROOM,
         f"needs {n_cores(cores, family, 'contiguous ')}; {fam.fleet_free} of {fam.fleet_total} are free in the fleet "
         "but no host has a free run that long",
     )

@@ -24,6 +24,9 @@ Phases:
 Also reported: submit_statements, the SQL statements one POST /api/v1/jobs issues
 through Django, counted in this process with Django's test client (its transaction's
 BEGIN and COMMIT are not among them: Django does not log them).
+During the burst: burst_dispatch_runs (the dispatch runs that placed its jobs) and,
+sampled from pg_stat_activity, the mean number of backends waiting for a row lock and
+of submits among them queued behind their team's quota row (LockSampler).
 `--profile DIR` records each service during the burst with py-spy (flame graphs
 DIR/<service>.svg, or collapsed stacks with --profile-format raw; the worker's
 includes its job processes). Sampling perturbs the CPU figures a little.
@@ -48,7 +51,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PY, Bench, Processes, bench_run, cpu_seconds, free_port, log, percentile, seed_team, start_workers, wait_finished,
+    PG, PY, Bench, Processes, bench_run, cpu_seconds, free_port, log, percentile, seed_team, start_workers,
+    wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_dispatch", redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
@@ -213,15 +217,48 @@ def latency_phase(api: Api, args) -> dict:
             "submit_request_p50_ms": percentile(submit_ms, 50)}
 
 
+class LockSampler(threading.Thread):
+    """Every 20 ms until stop(): how many of the bench database's backends wait for a
+    row lock, and how many of those are submits queued behind their team's quota row
+    (job_submit holds it from its check of the limits to its commit, so submits of
+    one team run that part one at a time)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.done = threading.Event()
+        self.samples = self.waiting = self.on_quota = 0
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+            while not self.done.wait(0.02):
+                waiting, on_quota = conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE query LIKE '%%jobs_teamquota%%') FROM pg_stat_activity "
+                    "WHERE datname = %s AND wait_event_type = 'Lock'", [BENCH.db_name]).fetchone()
+                self.samples += 1
+                self.waiting += waiting
+                self.on_quota += on_quota
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        n = max(self.samples, 1)
+        return {"burst_lock_waiters": self.waiting / n, "burst_submits_waiting_for_quota_row": self.on_quota / n}
+
+
 def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
     """Many jobs submitted at once by several client threads: end-to-end jobs/s, and
     the CPU each service spent per job (where the time goes)."""
     profilers = start_profilers(Path(args.profile), groups, args.profile_format) if args.profile else []
     try:
         cpu_before = cpu_seconds(groups, BENCH.db_name)
+        locks = LockSampler()
+        locks.start()
         with ThreadPoolExecutor(args.clients) as pool:
             submitted = list(pool.map(lambda _: api.submit(), range(args.burst_jobs)))
         submit_done = time.time()
+        waits = locks.stop()
         first = min(t for _, t in submitted)
         # Timestamps come from the job rows, so polling slowly costs no accuracy and
         # leaves the CPU to the system under test.
@@ -236,11 +273,13 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
     at = dict(submitted)
     per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": (cpu_after[name] - cpu_before[name]) * 1000 / len(submitted)
                for name in cpu_before}
-    from jobs.models import Job
+    from jobs.models import Job, JobEvent
 
     # Warm runners (neuron_workers.process.zygote_server): how many processes the burst's jobs ran in.
     processes = Job.objects.filter(pk__in=list(at)).values("worker_pid").distinct().count()
-    return {**per_job, "jobs_per_s": len(submitted) / (last - first),
+    # A dispatch run that places jobs writes all their "queued" events at one time.
+    runs = JobEvent.objects.filter(job_id__in=list(at), kind=Job.Status.QUEUED).values("at").distinct().count()
+    return {**per_job, **waits, "burst_dispatch_runs": runs, "jobs_per_s": len(submitted) / (last - first),
             "burst_submits_per_s": len(submitted) / (submit_done - first),
             "burst_submit_to_finished_p50_ms": percentile([(r[2].timestamp() - at[pk]) * 1000 for pk, r in rows.items()], 50),
             "burst_jobs": len(submitted), "burst_job_processes": processes}
@@ -287,7 +326,7 @@ def main(argv=None) -> dict:
         report.update(latency_phase(api, args))
         log(f"burst ({args.burst_jobs} jobs, {args.clients} clients) …")
         report.update(burst_phase(api, args, {name: proc.pid for name, proc in procs.procs.items()}))
-        report["slots"], report["cpus"] = args.slots, os.cpu_count()
+        report["slots"], report["cpus"], report["clients"] = args.slots, os.cpu_count(), args.clients
         # Other work on the machine skews every figure; say how busy it was.
         report["loadavg_1m_at_start"], report["loadavg_1m_at_end"] = load_at_start, os.getloadavg()[0]
         report["running_vs_celery_roundtrip"] = report["submit_to_running_p50_ms"] / report["celery_roundtrip_p50_ms"]
@@ -308,6 +347,9 @@ def print_table(report: dict) -> None:
         ("statements per submit", f"{report['submit_statements']}", "SQL of one POST /api/v1/jobs (+ BEGIN/COMMIT)"),
         ("jobs/s (burst)", f"{report['jobs_per_s']:.1f}", "target ≥ 60; Ray job API ≈ 1.5"),
         ("job processes (burst)", f"{report['burst_job_processes']}", f"for {report['burst_jobs']} jobs (warm runners)"),
+        ("dispatch runs (burst)", f"{report['burst_dispatch_runs']}", "runs that placed jobs"),
+        ("submits waiting for quota row", f"{report['burst_submits_waiting_for_quota_row']:.1f}",
+         f"mean during the burst, of {report['clients']} clients"),
         ("celery round trip p50", f"{report['celery_roundtrip_p50_ms']:.2f} ms", "bare task, same worker"),
         ("celery tasks/s", f"{report['celery_tasks_per_s']:.0f}", ""),
         ("running / celery round trip", f"{report['running_vs_celery_roundtrip']:.1f}×", ""),

@@ -24,7 +24,19 @@ install: $(VENV)/.installed
 migrate: install
 	$(VENV)/bin/python manage.py migrate --noinput
 
-run: migrate
+# `make run` serves plain HTTP with DEBUG off, so nobody who can reach it sees Django's
+# debug pages (every URL pattern on a 404, settings on an error): the secret key is made
+# once per install in var/secret_key, and the HTTPS-only defaults of DEBUG off are off.
+# Any of these set in the environment wins (DEBUG=1 make run for development).
+RUN_ENV = DEBUG=$${DEBUG:-0} SECRET_KEY="$${SECRET_KEY:-$$(cat var/secret_key)}" \
+	SECURE_SSL_REDIRECT=$${SECURE_SSL_REDIRECT:-0} SECURE_COOKIES=$${SECURE_COOKIES:-0} \
+	SECURE_HSTS_SECONDS=$${SECURE_HSTS_SECONDS:-0} TRUST_X_FORWARDED_PROTO=$${TRUST_X_FORWARDED_PROTO:-0}
+
+var/secret_key:
+	mkdir -p var
+	umask 077 && $(PY) -c "import secrets; print(secrets.token_urlsafe(50))" > $@
+
+run: migrate var/secret_key
 	$(VENV)/bin/python manage.py seed_demo
 	$(VENV)/bin/python manage.py ensure_redis
 	@echo ""
@@ -32,7 +44,7 @@ run: migrate
 	@echo "Log in as admin, alice or bob with password 'neurondeck'. Ctrl-C stops everything."
 	@echo "Inference endpoints' stable URLs: $(ENDPOINT_GATEWAY_URL)/endpoints/<team>/<endpoint>/v1/..."
 	@echo ""
-	$(VENV)/bin/honcho -f webapp/Procfile -d . start
+	$(RUN_ENV) $(VENV)/bin/honcho -f webapp/Procfile -d . start
 
 # `make test` runs everything on PostgreSQL, then what a user does (API, pages, tokens
 # and roles, submit, a worker's run, usage and live metrics, end to end, hostile input

@@ -147,6 +147,16 @@ def test_every_page_renders_for_a_member(cast, tiny_model, dataset, inference_jo
         assert b"<h2>Result</h2>" in response.content if url.endswith("/result/") else b"NeuronDeck" in response.content
 
 
+def test_a_browser_opening_the_result_section_itself_is_sent_to_the_job_page(cast, inference_job):
+    """The section is fetched by the job page; opened as a page it would have no page around it."""
+    bob = login(cast.bob)
+    response = bob.get(f"/jobs/{inference_job.pk}/result/", headers={"Sec-Fetch-Mode": "navigate"})
+    assert response.status_code == 302
+    assert response["Location"] == f"/jobs/{inference_job.pk}/#result"
+    fetched = bob.get(f"/jobs/{inference_job.pk}/result/", headers={"Sec-Fetch-Mode": "cors"})
+    assert fetched.status_code == 200 and b"<h2>Result</h2>" in fetched.content
+
+
 def test_the_login_page_logs_a_user_in_and_home_goes_to_their_teams_jobs(client, cast):
     assert client.get("/login/").status_code == 200
     response = client.post("/login/", {"username": "bob", "password": PASSWORD}, follow=True)

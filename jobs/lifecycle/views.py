@@ -517,8 +517,12 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
 
 @login_required
 def job_result(request: HttpRequest, job_id: int) -> HttpResponse:
-    """The result + artifacts section alone, fetched by the job page when the job finishes."""
+    """The result + artifacts section alone, fetched by the job page when the job finishes.
+    A browser opening the address itself (a navigation, by the Fetch metadata header) is
+    sent to the job page: the section alone has no page around it."""
     job = access.get_job(request.user, job_id)
+    if request.headers.get("Sec-Fetch-Mode") == "navigate":
+        return redirect(f"{reverse('job_detail', args=[job.pk])}#result")
     return render(request, "jobs/_result.html", {"job": job, **_result_context(job)})
 
 

@@ -137,7 +137,8 @@ def test_a_fine_tune_at_its_time_limit_saves_in_its_grace_is_requeued_and_resume
     assert 0 < first < second
     requeue = JobEvent.objects.get(job=job, kind="time_limit")
     assert requeue.data == {"step": first, "attempt": 1}
-    assert f"reached its time limit of {LIMIT_S} s; stopped with its checkpoint at step {first} saved" in requeue.message
+    said = f"reached its time limit of {LIMIT_S} s; stopped with its checkpoint at step {first} saved"
+    assert said in requeue.message
     assert resumed_events(job) == [{"step": first, "attempt": 2}]
     assert list(JobAttempt.objects.filter(job=job).order_by("number").values_list("outcome", flat=True)) == [
         "requeued", S.FAILED]
@@ -165,7 +166,8 @@ def test_a_two_host_gang_at_its_time_limit_is_requeued_whole_and_resumes_from_ra
     requeue = JobEvent.objects.get(job=job, kind="time_limit")
     assert requeue.data["step"] == first and requeue.data["rank"] in (0, 1)
     assert requeue.data["host"] == two_hosts[requeue.data["rank"]].name
-    assert f"reached its time limit of {GANG_LIMIT_S} s (rank {requeue.data['rank']} on {requeue.data['host']})" in requeue.message
+    where = f"rank {requeue.data['rank']} on {requeue.data['host']}"
+    assert f"reached its time limit of {GANG_LIMIT_S} s ({where})" in requeue.message
     assert resumed_events(job) == [{"step": first, "attempt": 2}]
     assert (job.status, job.failure) == (S.FAILED, "timed_out")
     assert "on its last attempt (2 of 2)" in job.reason

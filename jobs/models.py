@@ -475,6 +475,7 @@ class EndpointRevision(models.Model):
         LIVE = "live", "Live"
         SUPERSEDED = "superseded", "Superseded"
         ROLLED_BACK = "rolled_back", "Rolled back"
+        STOPPED = "stopped", "Stopped (endpoint deleted)"
 
     endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="revisions")
     number = models.PositiveIntegerField()

@@ -13,7 +13,7 @@ from django.utils import timezone
 from jobs.api.endpoints import router
 from jobs.endpoints.reconcile import reconcile_endpoint
 from jobs.lifecycle import scheduler, states
-from jobs.models import (CoreAllocation, Endpoint, FamilyQuota, Host, Job, Kind, Notification, Replica, Subscription,
+from jobs.models import (CoreAllocation, Endpoint, EndpointRevision, FamilyQuota, Host, Job, Kind, Notification, Replica, Subscription,
                          TeamQuota)
 from tests.conftest import api_client
 from tests.endpoint_support import make_model
@@ -131,6 +131,16 @@ def test_a_name_is_taken_until_its_endpoint_is_deleted(cast, cpu_host, model):
     assert again.status_code == 400 and "already has an endpoint named chat" in again.json()["errors"]["name"][0]
     assert client.delete(f"/api/v1/endpoints/{first['id']}").status_code == 202
     assert create(client, model).status_code == 201  # a deleting endpoint frees its name
+
+
+def test_a_deleted_endpoints_revisions_read_as_stopped(cast, cpu_host, model):
+    client = api_client(cast.bob)
+    endpoint = create(client, model).json()
+    assert client.delete(f"/api/v1/endpoints/{endpoint['id']}").status_code == 202
+    reconcile_endpoint(endpoint["id"])  # its replica never started: nothing to drain
+    assert Endpoint.objects.get(pk=endpoint["id"]).state == Endpoint.State.DELETED
+    states = set(EndpointRevision.objects.filter(endpoint_id=endpoint["id"]).values_list("state", flat=True))
+    assert states == {EndpointRevision.State.STOPPED}
 
 
 def test_a_viewer_may_look_but_not_create_change_or_delete(cast, cpu_host, model):

@@ -202,6 +202,9 @@ def _delete(endpoint: Endpoint, counts: Counter) -> None:
     for replica in _active(endpoint).exclude(state=R.DRAINING):
         replica_drain(replica, "the endpoint is being deleted")
     if not _active(endpoint).exists():
-        Endpoint.objects.filter(pk=endpoint.pk).update(state=Endpoint.State.DELETED, updated_at=timezone.now())
+        now = timezone.now()
+        Endpoint.objects.filter(pk=endpoint.pk).update(state=Endpoint.State.DELETED, updated_at=now)
+        EndpointRevision.objects.filter(endpoint=endpoint, state__in=[REV.ROLLING_OUT, REV.LIVE]).update(
+            state=REV.STOPPED, finished_at=now)
         endpoint_event(endpoint.pk, "deleted", "every replica stopped: the endpoint is deleted")
         counts["deleted"] += 1

@@ -327,6 +327,7 @@ class FleetState:
         # job -> (its Running, the same with its time-limit end) where the two ends
         # differ (the simulator's, the forecast's): made once per job, not per pass.
         self._limit_views: dict[int, tuple[Running, Running]] = {}
+        self._limit_running: dict[str, tuple[int, list[Running]]] = {}  # family -> (its version, limit_running)
         self._stopping: dict[str, int] = {}  # family -> how many of its running jobs are stopping
         # (family, cores) -> ids of the idle non-draining hosts of that size: where gangs go.
         self._idle: dict[tuple[str, int], set[int]] = {}
@@ -450,7 +451,13 @@ class FleetState:
                            self.capacity.get(family, 0))
 
     def limit_running(self, family: str) -> list[Running]:
-        """The family's running jobs with their time-limit ends (what reservations use)."""
+        """The family's running jobs with their time-limit ends (what reservations use),
+        by (end, job id): made once per change of the family, since a pass reserves
+        for several jobs of a family that has not changed in between (read only)."""
+        version = self.fversion.get(family, 0)
+        known = self._limit_running.get(family)
+        if known is not None and known[0] == version:
+            return known[1]
         out = []
         for r in self._family_runs.get(family, {}).values():
             end = self.limit_end.get(r.job_id, r.end)
@@ -461,6 +468,8 @@ class FleetState:
                                                                      r.cores, end, r.ranks))
                 r = view[1]
             out.append(r)
+        out.sort(key=attrgetter("end", "job_id"))
+        self._limit_running[family] = (version, out)
         return out
 
     def borrowers(self, family: str, but_team: int | None = None) -> list[Borrower]:

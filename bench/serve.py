@@ -14,7 +14,8 @@ detection delay.
 
 Figures (last line, one JSON object):
 - batching_gain: tokens/s with 16 concurrent streaming clients over tokens/s one
-  request at a time, same replica, same run (baseline: tokens_per_s_sequential).
+  request at a time, same replica, same run (baseline: tokens_per_s_sequential); the
+  two alternate in halves (--sequential and --rounds are split in two).
   Beside it engine_batching_gain: the batching engine alone, in-process, no HTTP (the
   limit the end-to-end gain approaches as the HTTP path's CPU per token shrinks), and
   cpu_ms_per_token by process (replica, gateway, client): per-token HTTP work does not
@@ -334,13 +335,23 @@ async def run(args, stack: Stack, model: Path, env: dict) -> dict:
     await closed_loop(url, stack.token, args.tokens, CLIENTS, rounds=1)
     await closed_loop(url, stack.token, args.tokens, 1, rounds=2)
 
-    log(f"one request at a time: {args.sequential} requests of {args.tokens} tokens")
-    cpu0 = cpu_of(stack)
-    seq, seq_wall = await closed_loop(url, stack.token, args.tokens, 1, rounds=args.sequential)
-    cpu1 = cpu_of(stack)
-    log(f"{CLIENTS} concurrent clients: {args.rounds} requests each")
-    conc, conc_wall = await closed_loop(url, stack.token, args.tokens, CLIENTS, rounds=args.rounds)
-    cpu2 = cpu_of(stack)
+    # One at a time and 16 at once alternate, in halves, so that a change in the
+    # shared machine's load between the two phases does not make the ratio.
+    seq, conc, seq_wall, conc_wall = [], [], 0.0, 0.0
+    seq_cpu, conc_cpu = dict.fromkeys(cpu_of(stack), 0.0), dict.fromkeys(cpu_of(stack), 0.0)
+    for half in (1, 2):
+        log(f"one request at a time ({half}/2): {args.sequential // 2} requests of {args.tokens} tokens")
+        cpu0 = cpu_of(stack)
+        results, wall = await closed_loop(url, stack.token, args.tokens, 1, rounds=args.sequential // 2)
+        cpu1 = cpu_of(stack)
+        seq, seq_wall = seq + results, seq_wall + wall
+        log(f"{CLIENTS} concurrent clients ({half}/2): {args.rounds // 2} requests each")
+        results, wall = await closed_loop(url, stack.token, args.tokens, CLIENTS, rounds=args.rounds // 2)
+        cpu2 = cpu_of(stack)
+        conc, conc_wall = conc + results, conc_wall + wall
+        for name in seq_cpu:
+            seq_cpu[name] += cpu1[name] - cpu0[name]
+            conc_cpu[name] += cpu2[name] - cpu1[name]
     seq_rate, conc_rate = tokens_per_s(seq, seq_wall), tokens_per_s(conc, conc_wall)
     ttfts = [r.ttft_ms for r in conc if r.ttft_ms is not None]
 
@@ -387,8 +398,8 @@ async def run(args, stack: Stack, model: Path, env: dict) -> dict:
         "tokens_per_s_concurrent": round(conc_rate, 1),
         "tokens_per_s_sequential": round(seq_rate, 1),
         **engine,
-        "cpu_ms_per_token_sequential": cpu_ms_per_token(cpu0, cpu1, seq),
-        "cpu_ms_per_token_concurrent": cpu_ms_per_token(cpu1, cpu2, conc),
+        "cpu_ms_per_token_sequential": cpu_ms_per_token(dict.fromkeys(seq_cpu, 0.0), seq_cpu, seq),
+        "cpu_ms_per_token_concurrent": cpu_ms_per_token(dict.fromkeys(conc_cpu, 0.0), conc_cpu, conc),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Least, TruncDay, TruncHour
 from django.utils import timezone
@@ -89,9 +91,20 @@ def decayed_usage_by_team(*, fresh: bool = False) -> dict[int, float]:
 
 
 def clear_usage_cache() -> None:
+    """Forget the process's decayed usage and every cached day of closed attempts
+    (a test that rewrites history, a repair)."""
     global _usage_cache
     with _usage_lock:
         _usage_cache = None
+    cache.set(_DAYS_GENERATION_KEY, uuid.uuid4().hex, None)
+
+
+# Closed attempts count at their end time, and an attempt ends at the moment it is
+# closed (jobs.lifecycle.states), so a day's sums never change once the day is over:
+# they are kept in Django's cache, keyed by the day. The expiry only bounds how long
+# a repair of old attempts (an admin's deletion) goes unseen.
+CLOSED_DAY_CACHE_S = 6 * 3600
+_DAYS_GENERATION_KEY = "fairshare:closed-days:generation"
 
 
 def _compute_decayed_usage(now: datetime) -> dict[int, float]:
@@ -101,20 +114,76 @@ def _compute_decayed_usage(now: datetime) -> dict[int, float]:
     # hour since the start of yesterday, by the day before that, so that a long
     # horizon is not read as one row per team and hour. A day's bucket moves the
     # weight of usage at least a day old by at most 2^(12 h / half life): ±5 % at
-    # the default half-life of a week.
+    # the default half-life of a week. The whole days in between come from the cache
+    # (_closed_days); the partial ones at either end are read each time.
     hourly_from = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
     closed = JobAttempt.objects.filter(ended_at__gte=horizon)
     hours = (closed.filter(ended_at__gte=hourly_from).annotate(start=TruncHour("ended_at"))
              .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
-    days = (closed.filter(ended_at__lt=hourly_from).annotate(start=TruncDay("ended_at"))
-            .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
+    days = _whole_days(horizon, hourly_from)
+    edges = Q(ended_at__lt=hourly_from)
+    if days:
+        edges = Q(ended_at__lt=_day_start(days[0])) | Q(ended_at__gte=_day_start(days[-1] + timedelta(days=1)),
+                                                        ended_at__lt=hourly_from)
+    partial = (closed.filter(edges).annotate(start=TruncDay("ended_at"))
+               .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
     buckets = [(team_id, min(start + middle, now), s)
-               for rows, middle in ((hours, timedelta(minutes=30)), (days, timedelta(hours=12)))
+               for rows, middle in ((hours, timedelta(minutes=30)), (partial, timedelta(hours=12)))
                for team_id, start, s in rows]
+    for day, sums in _closed_days(days).items():
+        middle = _day_start(day) + timedelta(hours=12)
+        buckets.extend((team_id, middle, s) for team_id, s in sums)
     for team_id, cores, started in JobAttempt.objects.filter(ended_at__isnull=True).values_list(
             "team_id", "cores", "started_at"):
         buckets.append((team_id, now, cores * max((now - started).total_seconds(), 0.0)))
     return decayed_usage(buckets, now, half)
+
+
+def _day_start(day: date) -> datetime:
+    """Midnight starting `day` in the current time zone (TruncDay's bucket start)."""
+    return timezone.make_aware(datetime.combine(day, datetime.min.time()))
+
+
+def _whole_days(since: datetime, until: datetime) -> list[date]:
+    """The local days that lie entirely within [since, until), oldest first."""
+    day = timezone.localtime(since).date()
+    if _day_start(day) < since:
+        day += timedelta(days=1)
+    days = []
+    while _day_start(day + timedelta(days=1)) <= until:
+        days.append(day)
+        day += timedelta(days=1)
+    return days
+
+
+def _closed_days(days: list[date]) -> dict[date, tuple[tuple[int, float], ...]]:
+    """(team id, Σ core_seconds) of the attempts that closed on each of `days` (days
+    that are over): from the cache, the missing ones read in one query and cached."""
+    if not days:
+        return {}
+    generation = cache.get(_DAYS_GENERATION_KEY)
+    if generation is None:
+        generation = uuid.uuid4().hex
+        cache.add(_DAYS_GENERATION_KEY, generation, None)
+        generation = cache.get(_DAYS_GENERATION_KEY, generation)
+    zone = timezone.get_current_timezone_name()
+    keys = {day: f"fairshare:closed-day:{generation}:{zone}:{day.isoformat()}" for day in days}
+    cached = cache.get_many(keys.values())
+    found = {day: cached[key] for day, key in keys.items() if key in cached}
+    missing = [day for day in days if day not in found]
+    if missing:
+        sums: dict[date, list[tuple[int, float]]] = {day: [] for day in missing}
+        rows = (JobAttempt.objects.filter(ended_at__gte=_day_start(missing[0]),
+                                          ended_at__lt=_day_start(missing[-1] + timedelta(days=1)))
+                .annotate(start=TruncDay("ended_at")).values_list("team_id", "start").annotate(s=Sum("core_seconds")))
+        for team_id, start, s in rows:
+            day = timezone.localtime(start).date()
+            if day in sums:
+                sums[day].append((team_id, s))
+        fresh = {day: tuple(sorted(sums[day])) for day in missing}
+        cache.set_many({keys[day]: value for day, value in fresh.items()}, CLOSED_DAY_CACHE_S)
+        found.update(fresh)
+    return found
 
 
 # --- usage against limits ----------------------------------------------------------

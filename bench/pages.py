@@ -630,8 +630,9 @@ def _measure(requests: int, extra: dict[str, tuple[str, object]] | None, folder:
         times, cpu, counts, slowest = [], [], [], []
         for _ in range(requests):
             # The fair-share usage is cached per process for FAIRSHARE_CACHE_S (5 s):
-            # views of a team page are further apart than that, so each recomputes it.
-            clear_usage_cache()
+            # views of a team page are further apart than that, so each recomputes it
+            # (the closed days it keeps in Django's cache stay, as they do between views).
+            clear_usage_cache(closed_days=False)
             if COLD:
                 cache.clear()
             if folder:

@@ -44,6 +44,11 @@ def _storage(settings, tmp_path_factory):
     settings.STORAGE_ROOT = root
     # A fast hasher for the cast: PBKDF2's deliberate cost buys nothing in tests.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Each test has a history of its own: no fair-share usage (per process, and the
+    # closed days kept in Django's cache) from an earlier test.
+    from jobs.quotas.selectors import clear_usage_cache
+
+    clear_usage_cache()
     return root
 
 

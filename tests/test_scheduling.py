@@ -18,6 +18,7 @@ from jobs.lifecycle import selectors
 from jobs.lifecycle import states
 from jobs.quotas.fairshare import QueueItem, decayed_usage, fair_order
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, KindPriority
+from jobs.quotas import selectors as quota_selectors
 from jobs.quotas.selectors import clear_usage_cache
 from jobs.quotas.services import quota_update
 from tests.conftest import api_client
@@ -314,6 +315,50 @@ def test_decayed_usage_halves_every_half_life():
     now = timezone.now()
     usage = decayed_usage([(1, now, 100.0), (2, now - timedelta(hours=2), 100.0)], now, 3600)
     assert usage[1] == pytest.approx(100.0) and usage[2] == pytest.approx(25.0)
+
+
+def test_usage_from_cached_days_matches_a_fresh_read_and_counts_an_attempt_closing_today(cast, cpu_host):
+    # Closed attempts count at the middle of the day they ended (before yesterday);
+    # whole past days are kept in the cache, so the second read must not query them
+    # and must agree with the rule and with a read after the cache is dropped.
+    used_core_hours(cast.audio, cast.charlie, 10, timedelta(days=3))
+    used_core_hours(cast.audio, cast.charlie, 6, timedelta(days=10))
+    used_core_hours(cast.vision, cast.bob, 4, timedelta(days=5))
+    half = quota_selectors.half_life_s()
+
+    def expected(hours_ago: list[tuple[float, timedelta]]) -> float:
+        now = timezone.now()
+        total = 0.0
+        for hours, ago in hours_ago:
+            midnight = timezone.localtime(now - ago).replace(hour=0, minute=0, second=0, microsecond=0)
+            total += hours * 3600 * 0.5 ** ((now - midnight - timedelta(hours=12)).total_seconds() / half)
+        return total
+
+    with CaptureQueriesContext(connection) as first_read:
+        first = quota_selectors.decayed_usage_by_team(fresh=True)
+    with CaptureQueriesContext(connection) as cached_read:
+        cached = quota_selectors.decayed_usage_by_team(fresh=True)
+    assert len(cached_read) < len(first_read)
+    clear_usage_cache()
+    recomputed = quota_selectors.decayed_usage_by_team(fresh=True)
+    audio = expected([(10, timedelta(days=3)), (6, timedelta(days=10))])
+    vision = expected([(4, timedelta(days=5))])
+    for usage in (first, cached, recomputed):
+        assert usage[cast.audio.pk] == pytest.approx(audio, rel=1e-6)
+        assert usage[cast.vision.pk] == pytest.approx(vision, rel=1e-6)
+
+    # An attempt that started four days ago and closes now counts in full, at today's
+    # weight, although the days it ran through are cached already.
+    job = pending(cast.vision, cast.bob, cores=2)
+    scheduler.dispatch()
+    run(job)
+    JobAttempt.objects.filter(job=job).update(started_at=timezone.now() - timedelta(days=4))
+    assert states.mark_finished(job.pk, S.SUCCEEDED)
+    closed = JobAttempt.objects.get(job=job)
+    assert closed.core_seconds == pytest.approx(2 * 4 * 86400, rel=1e-3)
+    after = quota_selectors.decayed_usage_by_team(fresh=True)
+    assert after[cast.vision.pk] == pytest.approx(vision + closed.core_seconds, rel=1e-3)
+    assert after[cast.audio.pk] == pytest.approx(audio, rel=1e-6)
 
 
 # --- preemption of borrowed cores -----------------------------------------------------

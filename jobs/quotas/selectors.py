@@ -90,13 +90,15 @@ def decayed_usage_by_team(*, fresh: bool = False) -> dict[int, float]:
     return usage
 
 
-def clear_usage_cache() -> None:
-    """Forget the process's decayed usage and every cached day of closed attempts
-    (a test that rewrites history, a repair)."""
+def clear_usage_cache(*, closed_days: bool = True) -> None:
+    """Forget the process's decayed usage, and with `closed_days` every cached day of
+    closed attempts too (a test that rewrites history, a repair). Without it, the
+    next read recomputes as it would once FAIRSHARE_CACHE_S is over."""
     global _usage_cache
     with _usage_lock:
         _usage_cache = None
-    cache.set(_DAYS_GENERATION_KEY, uuid.uuid4().hex, None)
+    if closed_days:
+        cache.set(_DAYS_GENERATION_KEY, uuid.uuid4().hex, None)
 
 
 # Closed attempts count at their end time, and an attempt ends at the moment it is

@@ -57,6 +57,20 @@ def test_completion_has_the_openai_shape_and_the_models_greedy_text(server, tiny
     assert body["usage"]["total_tokens"] == 5 + body["usage"]["completion_tokens"]
 
 
+def test_top_p_samples_only_from_the_likeliest_tokens(server, tiny_model_dir):
+    """A tiny top_p leaves only the likeliest token, so a hot sample is the greedy text;
+    without it, the same seeds sample other tokens."""
+    def text(**options):
+        r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                       json={"prompt": "hello", "max_tokens": 12, "temperature": 1.5, "ignore_eos": True, **options})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    greedy = reference_text(tiny_model_dir, "hello", 12)
+    assert all(text(seed=seed, top_p=1e-6) == greedy for seed in (1, 2, 3))
+    assert any(text(seed=seed) != greedy for seed in (1, 2, 3))
+
+
 def test_chat_stream_arrives_token_by_token_and_matches_the_whole_answer(server):
     request = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 24, "temperature": 0,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -100,6 +114,8 @@ def test_stream_chunks_leave_before_generation_ends(server):
     ("/v1/completions", {"prompt": "hi", "max_tokens": 300}, "max_tokens", "max_seq_len (256)"),
     ("/v1/completions", {"prompt": "x" * 300}, "prompt", "max_seq_len is 256"),
     ("/v1/completions", {"prompt": "hi", "temperature": 9}, "temperature", "from 0 to 2"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 7}, "top_p", "greater than 0 and at most 1"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p", "greater than 0 and at most 1"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "one choice"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
     ("/v1/chat/completions", {"messages": []}, "messages", "non-empty list"),

@@ -1,7 +1,7 @@
 """The replica's OpenAI-compatible HTTP API (Starlette) over a BatchingEngine.
 
 Routes:
-  POST /v1/completions        {"prompt", "max_tokens"=16, "temperature"=1, "seed", "stream",
+  POST /v1/completions        {"prompt", "max_tokens"=16, "temperature"=1, "top_p"=1, "seed", "stream",
                                "stream_options": {"include_usage"}, "stop", "ignore_eos"}
   POST /v1/chat/completions   {"messages": [{"role", "content"}], same options; max_tokens
                                defaults to the room left in max_seq_len}
@@ -82,6 +82,7 @@ class Parsed:
     include_usage: bool
     stop: list[str]
     ignore_eos: bool
+    top_p: float
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -164,7 +165,7 @@ class ServingModel:
         """Yield (text delta, finish reason or None, generation) as tokens arrive.
         Saturated / Draining propagate before anything is yielded."""
         gen = Generation(parsed.prompt_ids, parsed.max_tokens, parsed.temperature, parsed.seed,
-                         ignore_eos=parsed.ignore_eos)
+                         ignore_eos=parsed.ignore_eos, top_p=parsed.top_p)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[gen.id] = queue
         detok = _Detokenizer(self.tokenizer, self.token_bytes)
@@ -229,6 +230,12 @@ class ServingModel:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or not 0 <= temperature <= 2:
             raise BadRequest("temperature", "temperature must be a number from 0 to 2")
+        top_p = body.get("top_p", 1.0)
+        if top_p is None:
+            top_p = 1.0
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) \
+                or not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise BadRequest("top_p", "top_p must be a number greater than 0 and at most 1")
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise BadRequest("seed", "seed must be a non-negative integer")
@@ -244,7 +251,7 @@ class ServingModel:
         if not isinstance(ignore_eos, bool):
             raise BadRequest("ignore_eos", "ignore_eos must be true or false")
         return Parsed(ids, max_tokens, float(temperature), seed, stream, bool(options.get("include_usage")),
-                      _stop_strings(body.get("stop")), ignore_eos)
+                      _stop_strings(body.get("stop")), ignore_eos, float(top_p))
 
     def _chat_prompt(self, messages: Any) -> str:
         """The conversation as the model's chat template renders it, or as

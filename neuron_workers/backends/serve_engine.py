@@ -70,6 +70,7 @@ class Generation:
     temperature: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
+    top_p: float = 1.0  # nucleus sampling: only the most likely tokens whose probabilities sum to top_p
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
@@ -248,11 +249,16 @@ class BatchingEngine:
         return additive[:, None, None, :]
 
     def _pick(self, logits: torch.Tensor, gens: list[Generation]) -> torch.Tensor:
-        """Greedy for temperature 0, else a sample from each row's own seeded generator."""
+        """Greedy for temperature 0, else a sample from each row's own seeded generator
+        (from the smallest set of likeliest tokens whose probabilities reach top_p)."""
         tokens = logits.argmax(dim=-1)
         for row, gen in enumerate(gens):
             if gen.temperature > 0:
                 probs = torch.softmax(logits[row] / gen.temperature, dim=-1)
+                if gen.top_p < 1:
+                    sorted_probs, order = probs.sort(descending=True)
+                    outside = sorted_probs.cumsum(-1) - sorted_probs >= gen.top_p  # the likeliest token always stays
+                    probs = probs.scatter(0, order[outside], 0.0)
                 tokens[row] = torch.multinomial(probs, 1, generator=gen.generator)[0]
         return tokens
 

@@ -309,7 +309,8 @@ def test_a_bad_quota_body_names_the_field(cast):
     assert response.status_code == 400
     errors = response.json()["errors"]
     assert errors["max_pending"] == ["must not be negative"]
-    assert errors["trn1_guaranteed_cores"] == ["Enter a whole number."]
+    assert errors["trn1_guaranteed_cores"] == ["Enter a whole number. trn1_guaranteed_cores must be an integer, "
+                                               "not a string."]
     assert errors["color"] == ["unknown quota field"]
     assert not AuditEntry.objects.filter(actor=cast.admin, team__isnull=False).exists()  # its login is audited site-wide
 

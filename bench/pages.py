@@ -8,7 +8,7 @@ with as many queries as on the empty database.
     .venv/bin/python bench/pages.py --jobs 100000 --requests 20
 
 It uses its own PostgreSQL databases (never the dev or test database):
-`neurondeck_bench_pages` (filled, kept for --reuse) and
+`neurondeck_bench_pages` (filled, kept for --reuse; another name in BENCH_PAGES_DB) and
 `neurondeck_bench_pages_empty` (the baseline: the same teams, users, hosts,
 endpoints and subscriptions, one job and its notification, no history; recreated
 each run) and Redis db 9 (read, never flushed). PostgreSQL is reached at BENCH_PG
@@ -27,8 +27,9 @@ totals rebuilt from them); then the real roll-up (jobs.usage.rollup.fold) folds
 the rest, as the Celery task would.
 
 Pages are requested in-process with Django's test client (DEBUG off) under
-CaptureQueriesContext, all of the busiest team (as its manager) or the site (as
-staff): the job list, a job page, the team usage page, the site usage page, the
+CaptureQueriesContext, each page's requests alternating in blocks between the
+filled and the empty database (the machine is shared: a change of its load falls
+on both), all of the busiest team (as its manager) or the site (as staff): the job list, a job page, the team usage page, the site usage page, the
 admin quota page (/quotas/), the team page (its fair-share standing), the team's
 endpoints, its endpoint with the longest history, the notifications page and the
 team webhook's delivery log; the fair-share usage (cached per process for a few
@@ -36,9 +37,11 @@ seconds) is recomputed for each request. A page that answers 404 or is not route
 is reported as missing. For a page over the 100 ms target its slowest queries are
 printed.
 The last line is one JSON object:
-{"jobs": N, "pages": {"<page>": {"p50_ms", "p95_ms", "queries", "p95_ms_empty", "queries_empty",
-"cpu_p50_ms"}, ...}, "loadavg": {"start": [1, 5, 15 min], "end": [...]}} (cpu: the bench
-process's CPU time per request, steadier than wall time on a shared machine)
+{"jobs": N, "pages": {"<page>": {"p50_ms", "p95_ms", "queries", "cpu_p50_ms", "sql_p50_ms", "p95_ms_empty",
+"queries_empty", "cpu_p50_ms_empty", "sql_p50_ms_empty"}, ...}, "loadavg": {"start": [1, 5, 15 min],
+"end": [...]}} (cpu: the bench process's CPU time per request, Django's side, steadier than
+wall time on a shared machine; sql: the time the request waited on its queries, PostgreSQL
+and the wire)
 """
 from __future__ import annotations
 
@@ -57,8 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-DB_FILLED = "neurondeck_bench_pages"
-DB_EMPTY = "neurondeck_bench_pages_empty"
+DB_FILLED = os.environ.get("BENCH_PAGES_DB", "neurondeck_bench_pages")
+DB_EMPTY = f"{DB_FILLED}_empty"
 os.environ["DATABASE_URL"] = f"{PG}/{DB_EMPTY}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 os.environ["DEBUG"] = "0"
@@ -87,6 +90,7 @@ from jobs.models import (Delivery, Endpoint, EndpointEvent, EndpointRevision, Ev
                          JobAttempt, JobEvent, JobUsage, Membership, MetricMinute, Notification, Replica, Role,
                          Subscription, Team, UsageDaily, UsageRollupState, UsageSiteDaily, UsageSiteWaitTotal,
                          UsageTeamDay)
+from jobs.lifecycle import forecasts  # noqa: E402
 from jobs.quotas.selectors import clear_usage_cache  # noqa: E402
 from jobs.teams.services import team_create  # noqa: E402
 from jobs.usage.rollup import fold, rebuild_site_wait_totals  # noqa: E402
@@ -593,65 +597,111 @@ class Folder:
         self.process.join(30)
 
 
-def measure(requests: int, extra: dict[str, tuple[str, object]] | None = None) -> dict[str, dict]:
-    """p50 / p95 latency and the query count of each page (after 3 warm-up requests)."""
-    folder = Folder(connection.settings_dict["NAME"]) if AFTER_FOLD else None
-    try:
-        return _measure(requests, extra, folder)
-    finally:
-        if folder:
-            folder.close()
+class Side:
+    """One database's pages: its targets, logged-in clients and its fold process
+    (--after-fold). Django's cache is given a key prefix per database, and the
+    per-process caches are emptied on each switch, so neither database reads what
+    the other computed."""
 
+    def __init__(self, database: str):
+        self.database = database
+        self.switch()
+        targets = pages_to_measure()
+        self.targets = {**targets, **extra_pages(targets)}
+        self.clients: dict[int, Client] = {}
+        self.folder = Folder(database) if AFTER_FOLD else None
 
-def _measure(requests: int, extra: dict[str, tuple[str, object]] | None, folder: Folder | None) -> dict[str, dict]:
-    results: dict[str, dict] = {}
-    clients: dict[int, Client] = {}
-    targets = pages_to_measure()
-    for name, (url, user) in {**targets, **(extra or {})}.items():
-        if ONLY and name not in ONLY:
-            continue
-        try:
-            resolve(url.split("?")[0])
-        except Resolver404:
-            results[name] = {"missing": f"{url} is not routed"}
-            continue
-        client = clients.get(user.pk)
+    def switch(self) -> None:
+        use_database(self.database)
+        cache.key_prefix = self.database
+        forecasts.clear_cache()
+        clear_usage_cache(closed_days=False)
+        connection.ensure_connection()
+
+    def client(self, user) -> Client:
+        client = self.clients.get(user.pk)
         if client is None:
             # X-Forwarded-Proto: https, as the site's TLS-terminating proxy sets it
             # (a DEBUG-off site redirects plain HTTP).
-            client = clients[user.pk] = Client(HTTP_X_FORWARDED_PROTO="https")
+            client = self.clients[user.pk] = Client(HTTP_X_FORWARDED_PROTO="https")
             client.force_login(user)
-        first = client.get(url)
-        if first.status_code != 200:
-            results[name] = {"missing": f"{url} answered {first.status_code}"}
+        return client
+
+    def close(self) -> None:
+        if self.folder:
+            self.folder.close()
+
+
+ROUNDS = 3  # each page's timed requests alternate between the databases in this many blocks each
+
+
+def measure(requests: int, sides: dict[str, Side]) -> dict[str, dict[str, dict]]:
+    """Per page and database: p50 / p95 latency, this process's CPU time, the time
+    its SQL took, and the query count. A page's requests alternate between the
+    databases in blocks (ROUNDS per database, 2 warm-up requests after each switch),
+    so a change of the shared machine's load falls on both alike."""
+    results: dict[str, dict[str, dict]] = {side: {} for side in sides}
+    names = [n for n in next(iter(sides.values())).targets if not ONLY or n in ONLY]
+    for name in names:
+        live = {}
+        for key, side in sides.items():
+            url, user = side.targets[name]
+            try:
+                resolve(url.split("?")[0])
+            except Resolver404:
+                results[key][name] = {"missing": f"{url} is not routed"}
+                continue
+            side.switch()
+            status = side.client(user).get(url).status_code
+            if status != 200:
+                results[key][name] = {"missing": f"{url} answered {status}"}
+                continue
+            live[key] = {"times": [], "cpu": [], "sql": [], "counts": [], "slowest": []}
+        if len(live) < len(sides):
             continue
-        for _ in range(2):
-            client.get(url)
-        times, cpu, counts, slowest = [], [], [], []
-        for _ in range(requests):
-            # The fair-share usage is cached per process for FAIRSHARE_CACHE_S (5 s):
-            # views of a team page are further apart than that, so each recomputes it
-            # (the closed days it keeps in Django's cache stay, as they do between views).
-            clear_usage_cache(closed_days=False)
-            if COLD:
-                cache.clear()
-            if folder:
-                folder.fold()
-            with CaptureQueriesContext(connection) as ctx:
-                t0, c0 = time.perf_counter(), time.process_time()
-                response = client.get(url)
-                times.append((time.perf_counter() - t0) * 1000)
-                cpu.append((time.process_time() - c0) * 1000)
-            assert response.status_code == 200, (url, response.status_code)
-            counts.append(len(ctx.captured_queries))
-            slowest = sorted(ctx.captured_queries, key=lambda q: -float(q["time"]))[:3]
-        # cpu: this process's CPU time (Django's side; PostgreSQL's is not in it) —
-        # steadier than wall time on a shared machine
-        results[name] = {"url": url, "p50_ms": round(statistics.median(times), 1),
-                         "p95_ms": round(percentile(times, 0.95), 1), "cpu_p50_ms": round(statistics.median(cpu), 1),
-                         "queries": max(counts),
-                         "slowest": [(round(float(q["time"]) * 1000, 1), q["sql"][:400]) for q in slowest]}
+        block = max(1, requests // ROUNDS)
+        for round_ in range(ROUNDS):
+            order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
+            for key in order:
+                side, into = sides[key], live[key]
+                url, user = side.targets[name]
+                side.switch()
+                client = side.client(user)
+                for _ in range(2):
+                    client.get(url)
+                for _ in range(block if round_ < ROUNDS - 1 else requests - block * (ROUNDS - 1)):
+                    _timed_request(side, client, url, into)
+        for key, into in live.items():
+            times, cpu, sql = into["times"], into["cpu"], into["sql"]
+            # cpu: this process's CPU time (Django's side; PostgreSQL's is not in it);
+            # sql: the time Django waited on its queries (PostgreSQL and the wire)
+            results[key][name] = {
+                "url": sides[key].targets[name][0], "p50_ms": round(statistics.median(times), 1),
+                "p95_ms": round(percentile(times, 0.95), 1), "cpu_p50_ms": round(statistics.median(cpu), 1),
+                "sql_p50_ms": round(statistics.median(sql), 1), "sql_p95_ms": round(percentile(sql, 0.95), 1),
+                "queries": max(into["counts"]),
+                "slowest": [(round(float(q["time"]) * 1000, 1), q["sql"][:400]) for q in into["slowest"]]}
     return results
+
+
+def _timed_request(side: Side, client: Client, url: str, into: dict) -> None:
+    # The fair-share usage is cached per process for FAIRSHARE_CACHE_S (5 s): views
+    # of a team page are further apart than that, so each recomputes it (the closed
+    # days it keeps in Django's cache stay, as they do between views).
+    clear_usage_cache(closed_days=False)
+    if COLD:
+        cache.clear()
+    if side.folder:
+        side.folder.fold()
+    with CaptureQueriesContext(connection) as ctx:
+        t0, c0 = time.perf_counter(), time.process_time()
+        response = client.get(url)
+        into["times"].append((time.perf_counter() - t0) * 1000)
+        into["cpu"].append((time.process_time() - c0) * 1000)
+    assert response.status_code == 200, (url, response.status_code)
+    into["sql"].append(sum(float(q["time"]) for q in ctx.captured_queries) * 1000)
+    into["counts"].append(len(ctx.captured_queries))
+    into["slowest"] = sorted(ctx.captured_queries, key=lambda q: -float(q["time"]))[:3]
 
 
 def seed_one_job() -> None:
@@ -697,9 +747,6 @@ def main() -> None:
     recreate(DB_EMPTY)
     create_cast()
     seed_one_job()
-    empty = measure(args.requests, extra_pages(pages_to_measure()))
-    use_database("postgres")
-    admin_sql(f'DROP DATABASE IF EXISTS "{DB_EMPTY}" WITH (FORCE)')
 
     timings: dict = {}
     reused = False
@@ -730,13 +777,21 @@ def main() -> None:
               "replicas": Replica.objects.count(), "endpoint_events": EndpointEvent.objects.count(),
               "notifications": Notification.objects.count(), "deliveries": Delivery.objects.count()}
     log("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    filled = measure(args.requests, extra_pages(pages_to_measure()))
+    sides = {"filled": Side(DB_FILLED), "empty": Side(DB_EMPTY)}
+    try:
+        results = measure(args.requests, sides)
+    finally:
+        for side in sides.values():
+            side.close()
+    use_database("postgres")
+    admin_sql(f'DROP DATABASE IF EXISTS "{DB_EMPTY}" WITH (FORCE)')
+    filled, empty = results["filled"], results["empty"]
 
     report = {}
     print()
-    print(f"{'page':<24} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8} {'queries':>8} {'p95 empty':>10} {'q empty':>8}"
-          f"  url")
-    for name in [*PAGES, *extra_pages(pages_to_measure())]:
+    print(f"{'page':<24} {'p50 ms':>7} {'p95 ms':>7} {'cpu p50':>7} {'sql p50':>7} {'queries':>7} "
+          f"{'p95 empty':>9} {'cpu empty':>9} {'sql empty':>9} {'q empty':>7}  url")
+    for name in [*PAGES, *(n for n in filled if n not in PAGES)]:
         f, e = filled.get(name, {}), empty.get(name, {})
         if ONLY and name not in ONLY:
             continue
@@ -747,10 +802,13 @@ def main() -> None:
             continue
         if name in PAGES:
             report[name] = {"p50_ms": f["p50_ms"], "p95_ms": f["p95_ms"], "queries": f["queries"],
-                            "p95_ms_empty": e["p95_ms"], "queries_empty": e["queries"], "cpu_p50_ms": f["cpu_p50_ms"]}
+                            "p95_ms_empty": e["p95_ms"], "queries_empty": e["queries"], "cpu_p50_ms": f["cpu_p50_ms"],
+                            "cpu_p50_ms_empty": e["cpu_p50_ms"], "sql_p50_ms": f["sql_p50_ms"],
+                            "sql_p50_ms_empty": e["sql_p50_ms"]}
         flag = "" if f["p95_ms"] < TARGET_MS else "  << over the 100 ms target"
-        print(f"{name:<24} {f['p50_ms']:>8} {f['p95_ms']:>8} {f['cpu_p50_ms']:>8} {f['queries']:>8} {e['p95_ms']:>10}"
-              f" {e['queries']:>8}  {f['url']}{flag}")
+        print(f"{name:<24} {f['p50_ms']:>7} {f['p95_ms']:>7} {f['cpu_p50_ms']:>7} {f['sql_p50_ms']:>7} "
+              f"{f['queries']:>7} {e['p95_ms']:>9} {e['cpu_p50_ms']:>9} {e['sql_p50_ms']:>9} {e['queries']:>7}  "
+              f"{f['url']}{flag}")
     for name, f in filled.items():
         if "p95_ms" in f and f["p95_ms"] >= TARGET_MS:
             print(f"\nslowest queries of {name} ({f['url']}) on the filled database, one request:")

@@ -1,19 +1,19 @@
 """The neuron backend's training options at their seams (no Neuron hardware here):
 the precompile stage's command line and environment, NeuronTrainer's arguments for
-tensor parallelism and ZeRO-1 and its resume, the trial run's limits, and the
+tensor parallelism and ZeRO-1, its stop-and-save and its resume, the trial run's limits, and the
 option checks the form and the backend share."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import types
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from neuron_workers.backends import JobFailed, get_backend, neuron, neuron_launch, neuron_train
+from neuron_workers.backends import JobFailed, get_backend, neuron, neuron_launch, neuron_train, neuron_trainer
 from neuron_workers.config import TRIAL_STEPS_ENV
 from neuron_workers.backends.neuron_parallel import (
     ParallelOptionError,
@@ -21,6 +21,7 @@ from neuron_workers.backends.neuron_parallel import (
     precompile_command,
     trainer_arguments,
 )
+from tests.optimum_standin import StandInOptimum
 from tests.test_backend_neuron import (  # noqa: F401 - fixtures
     FINETUNE_SPEC,
     StandInXla,
@@ -115,72 +116,144 @@ def test_single_core_xla_training_checkpoints_and_resumes_like_the_cpu_backend(m
 # ---------------------------------------------------------------- NeuronTrainer
 
 
-class StandInOptimum:
-    """optimum.neuron's training surface on the CPU: records what the backend passes."""
-
-    def __init__(self) -> None:
-        self.calls: dict = {}
-
-    def modules(self) -> dict[str, types.ModuleType]:
-        test = self
-
-        class NeuronTrainingArguments:
-            def __init__(self, **kwargs):
-                test.calls["args"] = kwargs
-                self.trn_config = {"tensor_parallel_size": kwargs["tensor_parallel_size"], "zero_1": kwargs["zero_1"]}
-
-        class NeuronTrainer:
-            def __init__(self, model, args, train_dataset):
-                test.calls["trainer"] = {"model": model, "dataset": train_dataset}
-
-            def train(self, resume_from_checkpoint=None):
-                test.calls["resume"] = resume_from_checkpoint
-                return types.SimpleNamespace(training_loss=2.25, global_step=test.calls["args"]["max_steps"])
-
-            def save_model(self, path):
-                Path(path).mkdir(parents=True, exist_ok=True)
-                (Path(path) / "config.json").write_text("{}")
-
-        class NeuronModelForCausalLM:
-            @classmethod
-            def from_pretrained(cls, path, trn_config, dtype=None):
-                test.calls["model"] = {"path": path, "trn_config": trn_config, "dtype": dtype}
-                return types.SimpleNamespace(config=types.SimpleNamespace(n_positions=256, max_position_embeddings=256))
-
-        root = types.ModuleType("optimum.neuron")
-        root.NeuronTrainingArguments, root.NeuronTrainer = NeuronTrainingArguments, NeuronTrainer
-        training = types.ModuleType("optimum.neuron.models.training")
-        training.NeuronModelForCausalLM = NeuronModelForCausalLM
-        return {"optimum.neuron": root, "optimum.neuron.models.training": training}
-
-
-def test_tensor_parallel_and_zero_1_train_through_neuron_trainer_and_resume_its_newest_checkpoint(
-        monkeypatch, finetune_inputs, tmp_path):
-    optimum = StandInOptimum()
-    for name, module in optimum.modules().items():
+@pytest.fixture
+def optimum(monkeypatch) -> StandInOptimum:
+    """Optimum Neuron 0.4 (its own NeuronTrainer loop) and neuronx_distributed, stood in."""
+    standin = StandInOptimum()
+    for name, module in standin.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(neuron_train.hf, "check_sequence_length", lambda model, length: None)
-    checkpoints = tmp_path / "ck"
-    for step, complete in ((4, True), (8, True), (12, False)):  # 12: torn, no trainer_state.json
-        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:
-            (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    spec = {**SPEC, "cores": 8, "tensor_parallel_size": 2, "zero_1": True, "batch_size": 8, "steps": 20}
-    ctx = make_ctx(tmp_path / "job", "finetune", spec, {**finetune_inputs, "checkpoint_dir": str(checkpoints)})
-    result = neuron_train.train_rank(ctx, neuron_train.finetune_plan(ctx), rank=0, world_size=8)
+    return standin
 
+
+TP_SPEC = {**SPEC, "cores": 8, "tensor_parallel_size": 2, "zero_1": True, "batch_size": 8, "steps": 10,
+           "checkpoint_every": 4}
+
+
+def train_attempt(optimum: StandInOptimum, workdir: Path, inputs: dict, spec: dict = TP_SPEC, *,
+                  world_size: int = 8, stop_during: int | None = None, agree=bool) -> tuple:
+    """One attempt of a NeuronTrainer rank, asked to stop during step `stop_during` (once
+    the step before it was reported)."""
+    optimum.world_size = world_size
+    ctx = make_ctx(workdir, "finetune", spec, inputs)
+    if stop_during is not None:
+        ctx.should_stop = lambda: sum("loss" in m for m in ctx.metrics) >= stop_during - 1
+    plan = neuron_train.finetune_plan(ctx)
+    try:
+        return ctx, neuron_trainer.optimum_train_rank(ctx, plan, world_size=world_size, agree=agree)
+    except JobFailed as exc:
+        return ctx, exc
+
+
+def test_tensor_parallel_and_zero_1_train_through_neuron_trainer_with_its_options(optimum, finetune_inputs,
+                                                                                   tmp_path):
+    checkpoints = tmp_path / "ck"
+    ctx, result = train_attempt(optimum, tmp_path / "job", {**finetune_inputs, "checkpoint_dir": str(checkpoints)})
     args = optimum.calls["args"]
     assert (args["tensor_parallel_size"], args["zero_1"]) == (2, True)
     assert args["per_device_train_batch_size"] == 2  # global 8 over 8 / 2 = 4 data-parallel ranks
-    assert (args["output_dir"], args["save_steps"], args["save_total_limit"]) == (str(checkpoints), 4, 2)
-    assert (args["max_steps"], args["learning_rate"], args["seed"]) == (20, SPEC["learning_rate"], 0)
-    assert optimum.calls["model"]["trn_config"] == {"tensor_parallel_size": 2, "zero_1": True}
+    assert (args["save_steps"], args["learning_rate"], args["seed"]) == (4, SPEC["learning_rate"], 0)
+    assert args["output_dir"] == str(checkpoints / ".trainer-staging")  # adopted from there, step by step
+    assert optimum.calls["model"]["trn_config"].tensor_parallel_size == 2
     assert optimum.calls["model"]["dtype"] == torch.bfloat16
-    assert optimum.calls["resume"] == str(checkpoints / "checkpoint-8")
     row = optimum.calls["trainer"]["dataset"][0]
     assert torch.equal(row["input_ids"], row["labels"]) and row["input_ids"].shape == (32,)
-    assert result["resumed_from_step"] == 8 and result["training_mode"] == "neuron-trainer"
+    assert result["training_mode"] == "neuron-trainer" and result["steps"] == 10 and len(result["losses"]) == 10
+    assert [m["step"] for m in ctx.metrics if m.get("event") == "checkpoint"] == [4, 8, 10]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".trainer-staging", "step-00000008", "step-00000010"]
     assert (tmp_path / "job" / "artifacts" / "checkpoint" / "config.json").exists()
+
+
+def test_a_stopped_neuron_trainer_saves_the_step_it_reached_and_the_next_attempt_ends_with_the_same_weights(
+        optimum, finetune_inputs, tmp_path):
+    """SIGTERM (preemption, time limit, Suspend) in the grace period: the step reached is
+    saved complete, the attempt ends cancelled naming it, and the next attempt resumes
+    there through neuronx_distributed.trainer.load_checkpoint - never through
+    train(resume_from_checkpoint=...), which optimum-neuron 0.4 refuses."""
+    _, whole = train_attempt(optimum, tmp_path / "whole", {**finetune_inputs, "checkpoint_dir": str(tmp_path / "w")})
+    reference, reference_batches = optimum.weights(), optimum.trainer.batches
+    inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}
+    first, stopped = train_attempt(optimum, tmp_path / "a1", inputs, stop_during=6)
+    assert isinstance(stopped, JobFailed) and stopped.code == "cancelled"
+    assert "stopped after step 6 of 10; checkpoint saved at step 6" in stopped.message
+    assert [m["step"] for m in first.metrics if m.get("event") == "checkpoint"] == [4, 6]
+    marker = json.loads((tmp_path / "ck" / "step-00000006" / "COMPLETE").read_text())
+    assert marker["step"] == 6 and "trainer_state.json" in marker["files"] and "scheduler.pt" in marker["files"]
+    assert not list((tmp_path / "ck" / ".trainer-staging").iterdir())
+
+    second, result = train_attempt(optimum, tmp_path / "a2", inputs)
+    assert optimum.calls["loads"] == [{"path": str(tmp_path / "ck" / "step-00000006"), "tag": "shards",
+                                       "optimizer": True}]  # tensor parallel: the optimizer is in the shards
+    assert result["resumed_from_step"] == 6 and result["steps"] == 10
+    assert [m["step"] for m in second.metrics if m.get("event") == "resumed"] == [6]
+    # Steps 7..10 read the rows an uninterrupted run reads there, and end with its weights.
+    assert all(torch.equal(a, b) for a, b in zip(optimum.trainer.batches, reference_batches[6:]))
+    after = optimum.weights()
+    assert max(float((after[k] - reference[k]).abs().max()) for k in reference) <= 1e-6
+    assert whole["final_loss"] == pytest.approx(result["final_loss"])
+
+
+def test_without_tensor_parallelism_the_optimizer_resumes_from_optimizer_pt(optimum, finetune_inputs, tmp_path):
+    spec = {**TP_SPEC, "tensor_parallel_size": 1, "cores": 2, "batch_size": 4}
+    inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}
+    train_attempt(optimum, tmp_path / "a1", inputs, spec, world_size=2, stop_during=5)
+    _, result = train_attempt(optimum, tmp_path / "a2", inputs, spec, world_size=2)
+    assert optimum.calls["loads"][-1]["optimizer"] is False and result["resumed_from_step"] == 5
+
+
+def test_a_rank_not_asked_to_stop_stops_with_the_others_after_the_same_step(optimum, finetune_inputs, tmp_path):
+    """A save is collective: the ranks agree (an all-reduce of the flag) after every step."""
+    asked: list[bool] = []
+
+    def another_rank_was_asked(flag: bool) -> bool:
+        asked.append(flag)
+        return len(asked) >= 3
+
+    inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}
+    _, stopped = train_attempt(optimum, tmp_path / "a1", inputs, agree=another_rank_was_asked)
+    assert isinstance(stopped, JobFailed) and "checkpoint saved at step 3" in stopped.message
+    assert not any(asked)  # this rank itself was never asked
+    assert (tmp_path / "ck" / "step-00000003" / "COMPLETE").exists()
+
+
+def test_a_torn_newest_trainer_checkpoint_is_ignored_and_the_one_before_resumed(optimum, finetune_inputs,
+                                                                               tmp_path):
+    inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}
+    train_attempt(optimum, tmp_path / "a1", inputs, stop_during=6)
+    torn = tmp_path / "ck" / "step-00000006" / "scheduler.pt"
+    torn.write_bytes(torn.read_bytes()[:10])
+    staged = tmp_path / "ck" / ".trainer-staging" / "checkpoint-7"  # a save killed half-way
+    staged.mkdir(parents=True)
+    ctx, result = train_attempt(optimum, tmp_path / "a2", inputs)
+    assert result["resumed_from_step"] == 4
+    assert any("step-00000006 ignored: scheduler.pt has 10 bytes" in line for line in ctx.lines)
+    assert not staged.exists()
+
+
+def test_the_single_host_launcher_relays_a_stopped_ranks_checkpoint_and_its_account(tmp_path):
+    """On a stop the launcher SIGTERMs torchrun and keeps relaying: the checkpoint a rank
+    saves in the grace period reaches the job's metrics, its message the failure."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, signal, sys, time
+        def stop(signum, frame):
+            print({neuron_launch.METRIC_PREFIX!r} + json.dumps({{"event": "checkpoint", "step": 3}}), flush=True)
+            with open({str(tmp_path / neuron_launch.ERROR_FILE)!r}, "w") as fh:
+                json.dump({{"code": "cancelled", "message": "stopped after step 3 of 9; checkpoint saved"}}, fh)
+            sys.exit(1)
+        signal.signal(signal.SIGTERM, stop)
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.05)
+    """))
+    ctx = make_ctx(tmp_path, "finetune", SPEC, {})
+    ctx.should_stop = lambda: "ready" in ctx.lines
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    with pytest.raises(JobFailed) as info:
+        neuron_launch.relay_output(ctx, proc)
+    assert info.value.code == "cancelled" and info.value.message == "stopped after step 3 of 9; checkpoint saved"
+    assert {"event": "checkpoint", "step": 3} in ctx.metrics
 
 
 @pytest.mark.parametrize(("family", "cores", "tp", "zero_1", "field", "words"), [

@@ -195,7 +195,7 @@ class NeuronBackend(Backend):
         inside a gang's torchrun (WORLD_SIZE set by it), this process is one rank.
         With the precompile option, neuron_parallel_compile runs a few trial steps
         first (its own stage); tensor parallelism and ZeRO-1 train through Optimum
-        Neuron's NeuronTrainer (neuron_train.optimum_train_rank)."""
+        Neuron's NeuronTrainer (neuron_trainer.optimum_train_rank)."""
         plan = finetune_plan(ctx)
         cores = spec_int(ctx.spec, "cores", default=1)
         try:

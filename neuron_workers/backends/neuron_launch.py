@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ METRIC_PREFIX = "@@neurondeck-metric "
 RESULT_FILE = "train_result.json"
 ERROR_FILE = "train_error.json"
 JOB_FILE = "train_job.json"
+# A stopped torchrun's ranks get this long to save the step they reached before the
+# launcher kills them (the worker's own JOB_KILL_GRACE_S bounds the whole job).
+STOP_GRACE_S = 10.0
 RANK_MODULE = "neuron_workers.backends.neuron_train"
 
 # The Neuron XLA plugin sets NEURON_RT_ROOT_COMM_ID to MASTER_ADDR:62182 when it is
@@ -166,8 +170,6 @@ def run_precompile(ctx: JobContext, cores: int, cache_dir: str, framework: str |
     """The precompile stage: the job's own torchrun command under neuron_parallel_compile
     for a few trial steps (neuron_parallel.precompile_command), filling the compile cache
     the training run then reads. Returns its seconds; JobFailed("compile_error") if it fails."""
-    import time
-
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.workdir / JOB_FILE, {"job_id": ctx.job_id, "spec": ctx.spec, "inputs": ctx.inputs})
     argv, trial = precompile_command(torchrun_argv(cores, ctx.workdir), cache_dir)
@@ -184,25 +186,35 @@ def run_precompile(ctx: JobContext, cores: int, cache_dir: str, framework: str |
     return time.perf_counter() - started
 
 
-def relay_output(ctx: JobContext, proc: subprocess.Popen) -> list[str]:
+def relay_output(ctx: JobContext, proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> list[str]:
     """Forward the child's lines (metrics to ctx.metric, the rest to ctx.log) until it exits.
 
     A reader thread feeds a queue so the loop can poll should_stop even while the
-    child is silent (a first XLA compile can print nothing for minutes).
+    child is silent (a first XLA compile can print nothing for minutes). Asked to stop,
+    it sends SIGTERM to the child's process group (torchrun forwards it to the ranks)
+    and keeps relaying: ranks that save their step in the grace period report the
+    checkpoint on these lines. What still runs `grace_s` later is killed; a stopped
+    child ends in JobFailed("cancelled").
     """
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: list[str] = []
+    deadline = None
     while True:
-        if ctx.should_stop():
-            _terminate(proc)
-            raise JobFailed("cancelled", f"job {ctx.job_id} was cancelled during training")
+        if deadline is None and ctx.should_stop():
+            deadline = time.monotonic() + grace_s
+            _signal_group(proc, signal.SIGTERM)
+        if deadline is not None and time.monotonic() > deadline:
+            _signal_group(proc, signal.SIGKILL)
+            deadline = float("inf")
         try:
             line = lines.get(timeout=0.5)
         except queue.Empty:
             continue
         if line is None:
             proc.wait()
+            if deadline is not None:
+                raise JobFailed("cancelled", _stopped_message(ctx))
             return tail
         if line.startswith(METRIC_PREFIX):
             ctx.metric(json.loads(line[len(METRIC_PREFIX):]))
@@ -211,20 +223,24 @@ def relay_output(ctx: JobContext, proc: subprocess.Popen) -> list[str]:
             tail = (tail + [line])[-200:]
 
 
+def _stopped_message(ctx: JobContext) -> str:
+    """The rank's own account of its stop (train_error.json: "stopped after step S ...;
+    checkpoint saved"), else a plain one."""
+    try:
+        return json.loads((ctx.workdir / ERROR_FILE).read_text(encoding="utf-8"))["message"]
+    except (OSError, ValueError, KeyError):
+        return f"job {ctx.job_id} was cancelled during training"
+
+
 def _pump(stream: Any, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line.rstrip("\n"))
     lines.put(None)
 
 
-def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the launcher's process group, SIGKILL it if it lingers."""
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
 

@@ -5,7 +5,7 @@
   ...)`, the model built with `NeuronModelForCausalLM.from_pretrained(path,
   args.trn_config)` (optimum-neuron optimum/neuron/training_args.py,
   training_api/trainer.mdx; neuron.md §4.7). `trainer_arguments` builds the keyword
-  arguments; neuron_train.optimum_train_rank makes the calls.
+  arguments; neuron_trainer.optimum_train_rank makes the calls.
 - Precompile runs the job's own torchrun command under `neuron_parallel_compile` for
   a few trial steps (graph extraction, NEURON_EXTRACT_GRAPHS_ONLY: their numbers are
   meaningless), which compiles every graph into the fleet-shared cache
@@ -64,9 +64,9 @@ def trainer_arguments(plan: Mapping, *, output_dir: str, world_size: int, tensor
                       zero_1: bool) -> dict:
     """Keyword arguments of NeuronTrainingArguments for a plan (finetuning.finetune_plan).
 
-    Its checkpoints are the trainer's own (output_dir/checkpoint-<step>, every
-    checkpoint_every steps, the newest keep_checkpoints kept) in the job's checkpoint
-    folder, so a next attempt resumes with `train(resume_from_checkpoint=...)`. The
+    The trainer saves every checkpoint_every steps into output_dir, a staging folder
+    from which neuron_trainer moves each finished checkpoint into the job's checkpoint
+    folder (and keeps the newest keep_checkpoints there), so no save_total_limit. The
     plan's batch is the global one: per device it is divided by the data-parallel
     degree (world_size / tensor_parallel_size)."""
     data_parallel = max(1, world_size // tensor_parallel_size)
@@ -86,7 +86,6 @@ def trainer_arguments(plan: Mapping, *, output_dir: str, world_size: int, tensor
         "seed": plan["seed"],
         "save_strategy": "steps",
         "save_steps": plan["checkpoint_every"],
-        "save_total_limit": plan["keep_checkpoints"],
         "logging_steps": 1,
         "bf16": True,
         "report_to": [],

@@ -22,7 +22,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from .neuron_env import installed_framework, rank_core
 from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
 from .neuron_launch import ERROR_FILE, JOB_FILE, METRIC_PREFIX, RESULT_FILE
 from .neuron_matrix import NATIVE, XLA
-from .neuron_parallel import ParallelOptionError, trainer_arguments, uses_neuron_trainer
+from .neuron_parallel import uses_neuron_trainer
 
 
 def training_mode(framework: str | None = None) -> str:
@@ -136,7 +138,10 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
     the run is a graph extraction: a few steps, no checkpoint, no model.
     """
     if uses_neuron_trainer(ctx.spec):
-        return optimum_train_rank(ctx, plan, world_size=world_size)
+        from .neuron_trainer import optimum_train_rank, xla_any_rank  # transformers' Trainer API
+
+        return optimum_train_rank(ctx, plan, world_size=world_size, trial=trial_steps(),
+                                  agree=xla_any_rank if world_size > 1 else bool)
     mode = training_mode(framework)
     if world_size > 1:
         init_distributed(mode)
@@ -163,64 +168,6 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
         save_checkpoint(ctx, model, tokenizer)
     return {**stats.result(), "checkpoint": "checkpoint", "backend": "neuron", "training_mode": mode,
             "world_size": world_size}
-
-
-def optimum_train_rank(ctx: JobContext, plan: dict, *, world_size: int) -> dict:
-    """Tensor parallelism / ZeRO-1: one rank of Optimum Neuron's NeuronTrainer.
-
-    NeuronTrainingArguments(**neuron_parallel.trainer_arguments(...)), the model built
-    with optimum.neuron.models.training.NeuronModelForCausalLM.from_pretrained(path,
-    args.trn_config) (neuron.md §4.7), the packed blocks as the train dataset, and
-    train(resume_from_checkpoint=<the newest checkpoint-N of the job's checkpoint
-    folder>) so a next attempt resumes where the last one saved. Rank 0 saves the
-    final model with save_model into artifacts/checkpoint. NOT RUN ON HARDWARE."""
-    try:
-        optimum = importlib.import_module("optimum.neuron")
-        training_models = importlib.import_module("optimum.neuron.models.training")
-    except Exception as exc:
-        raise JobFailed("unavailable", f"optimum-neuron is not usable on this host: {exc}") from exc
-    output_dir = str(ctx.inputs.get("checkpoint_dir") or ctx.workdir / "checkpoints")
-    try:
-        kwargs = trainer_arguments(plan, output_dir=output_dir, world_size=world_size,
-                                   tensor_parallel_size=int(ctx.spec.get("tensor_parallel_size") or 1),
-                                   zero_1=bool(ctx.spec.get("zero_1")))
-    except ParallelOptionError as exc:
-        raise JobFailed("bad_input", str(exc)) from exc
-    trial = trial_steps()
-    if trial is not None:
-        kwargs.update(max_steps=trial, save_strategy="no")
-    args = optimum.NeuronTrainingArguments(**kwargs)
-    tokenizer = hf.load_tokenizer(plan["model_path"])
-    model = training_models.NeuronModelForCausalLM.from_pretrained(str(plan["model_path"]), args.trn_config,
-                                                                  dtype=torch.bfloat16)
-    blocks, _ = prepare_training(ctx, model, tokenizer, plan)
-    dataset = [{"input_ids": row, "labels": row} for row in blocks]
-    trainer = optimum.NeuronTrainer(model=model, args=args, train_dataset=dataset)
-    resume = None if trial is not None else latest_trainer_checkpoint(output_dir)
-    if resume:
-        ctx.log(f"resuming NeuronTrainer from {resume}")
-    try:
-        outcome = trainer.train(resume_from_checkpoint=resume)
-    except (RuntimeError, MemoryError) as exc:
-        raise map_neuron_error(exc, "training", console_tail(ctx.workdir / CONSOLE_LOG)) from exc
-    if trial is None:
-        trainer.save_model(str(ctx.artifacts_dir / "checkpoint"))
-        tokenizer.save_pretrained(str(ctx.artifacts_dir / "checkpoint"))
-    loss = float(getattr(outcome, "training_loss", float("nan")))
-    steps = int(getattr(outcome, "global_step", 0))
-    return {"steps": steps, "final_loss": loss, "first_loss": loss, "losses": [loss], "checkpoint": "checkpoint",
-            "backend": "neuron", "training_mode": "neuron-trainer", "world_size": world_size,
-            "tensor_parallel_size": kwargs["tensor_parallel_size"], "zero_1": kwargs["zero_1"],
-            "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0}
-
-
-def latest_trainer_checkpoint(output_dir: str) -> str | None:
-    """The newest output_dir/checkpoint-<step> a NeuronTrainer wrote (transformers'
-    naming; its trainer_state.json is written last, so a folder without it is torn)."""
-    root = Path(output_dir)
-    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in root.glob("checkpoint-*")
-             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()] if root.is_dir() else []
-    return str(max(found)[1]) if found else None
 
 
 def _print_metric(metric: dict) -> None:
@@ -256,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = JobContext(job_id=job["job_id"], kind="finetune", spec=job["spec"], workdir=args.job_dir,
                      inputs=job["inputs"], log=_print_log if main_rank else _quiet,
                      metric=_print_metric if reports else _quiet)
+    if uses_neuron_trainer(ctx.spec):
+        # torchrun forwards the launcher's SIGTERM (a stop of the job): NeuronTrainer's
+        # ranks agree on it after a step and save that step (neuron_trainer). The own
+        # loop keeps the default (its ranks under torch-xla do not agree on a stop).
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        ctx.should_stop = stop.is_set
     try:
         result = train_rank(ctx, finetune_plan(ctx), rank=rank, world_size=world_size, framework=framework)
     except JobFailed as exc:

@@ -41,11 +41,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    Bench, bench_run, log, percentile, seed_team, start_workers, wait_finished,
+    Bench, bench_run, log, percentile, redis_url, seed_team, start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_compile_cache",
-              redis_url=os.environ.get("BENCH_COMPILE_CACHE_REDIS_URL", "redis://127.0.0.1:6379/10"),
+              redis_url=redis_url("compile_cache"),
               host="bench-cache-host", workdir=Path())
 SLOTS = 4
 

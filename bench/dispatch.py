@@ -51,11 +51,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PG, PY, Bench, Processes, bench_run, cpu_seconds, free_port, log, percentile, seed_team, start_workers,
-    wait_finished,
+    PG, PY, Bench, Processes, bench_run, cpu_seconds, free_port, log, percentile, redis_url, seed_team,
+    start_workers, wait_finished,
 )
 
-BENCH = Bench(db_name="neurondeck_bench_dispatch", redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+BENCH = Bench(db_name="neurondeck_bench_dispatch", redis_url=redis_url("dispatch"),
               host="bench-host", workdir=Path())
 REPORT_KEYS = ("submit_to_running_p50_ms", "submit_to_running_p95_ms", "submit_to_finished_p50_ms",
                "jobs_per_s", "celery_roundtrip_p50_ms", "celery_tasks_per_s")

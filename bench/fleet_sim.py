@@ -392,11 +392,11 @@ def dispatch_pass_db(n_hosts: int, n_pending: int, seed: int) -> dict:
     pure pass, places what fits (core allocations, GangMember rows, events) and
     writes the reasons that changed, then sends the run messages after commit (to a
     scratch Redis db)."""
-    from bench.support.harness import Bench, exclusive_run
+    from bench.support.harness import Bench, exclusive_run, redis_url
 
     lock = exclusive_run("bench-fleet-sim")  # noqa: F841 - held until the process exits
     bench = Bench(db_name="neurondeck_bench_fleet_sim",
-                  redis_url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+                  redis_url=redis_url("fleet_sim"),
                   host="bench-fleet-sim", workdir=Path(tempfile.mkdtemp(prefix="nd-bench-fleet-sim-")))
     bench.setup(bench.environment())
     try:

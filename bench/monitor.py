@@ -26,9 +26,9 @@ Targets: parse_publish_reports_per_s >= 2,000, rollup_reports_per_s >= 2,000,
 sample_to_endpoint_p95_ms < 1,000.
 
 It starts what it needs: its own PostgreSQL database (neurondeck_bench_monitor,
-dropped at the end — never the dev or test database), Redis db 12 (flushed), the
-agent subprocess; settings are the project's defaults. The last line printed is one
-JSON object.
+dropped at the end — never the dev or test database) on the BENCH_PG server, its
+Redis db (flushed) on the BENCH_REDIS server, the agent subprocess; settings are the
+project's defaults. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -47,15 +47,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "neuron-monitor" / "trn1.32xlarge-two-jobs.jsonl"
 NEURON_LS = ROOT / "tests" / "data" / "neuron-ls" / "trn1.32xlarge.json"
 BENCH_DB = "neurondeck_bench_monitor"
-PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("BENCH_MONITOR_REDIS_URL", "redis://127.0.0.1:6379/12")
+sys.path.insert(0, str(ROOT))
+from bench.support.harness import PG, redis_url  # noqa: E402
+
+REDIS_URL = redis_url("monitor")
 TAG = "job-{}"
 
 # DEBUG off, as deployed (and as the other benches run): no per-query bookkeeping.
 os.environ.update(DATABASE_URL=f"{PG}/{BENCH_DB}", REDIS_URL=REDIS_URL, DJANGO_SETTINGS_MODULE="webapp.settings",
                   LOG_LEVEL="WARNING", DEBUG="0")
 os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-sys.path.insert(0, str(ROOT))
 
 
 # --- reports -----------------------------------------------------------------------

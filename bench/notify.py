@@ -45,7 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.support.harness import CELERY, Bench, Processes, exclusive_run, log, percentile  # noqa: E402
+from bench.support.harness import (  # noqa: E402
+    CELERY, Bench, Processes, exclusive_run, log, percentile, redis_url,
+)
 
 
 def main() -> None:
@@ -57,7 +59,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     args = parser.parse_args()
     _lock = exclusive_run("bench-notify")  # noqa: F841 - held until exit
-    bench = Bench("neurondeck_bench_notify", os.environ.get("BENCH_NOTIFY_REDIS_URL", "redis://127.0.0.1:6379/11"),
+    bench = Bench("neurondeck_bench_notify", redis_url("notify"),
                   "bench-notify", Path(tempfile.mkdtemp(prefix="nd-bench-notify-")))
     # The receiver listens on loopback, which the SSRF guard refuses unless allowed.
     env = bench.environment(NOTIFY_ALLOWED_NETWORKS="127.0.0.1/32")

@@ -1,7 +1,7 @@
 """Overhead benchmark: the same fine-tune as a NeuronDeck job and as a plain script.
 
 Run as `.venv/bin/python bench/overhead.py`. It starts what it needs (its own
-PostgreSQL database neurondeck_bench_overhead, Redis db 13, a scheduler worker and
+PostgreSQL database neurondeck_bench_overhead, Redis db 7, a scheduler worker and
 a cpu host worker) and runs, alternately, ROUNDS times each:
 
   job     a fine-tune of STEPS steps of the tiny model on the demo dataset,
@@ -45,11 +45,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PY, ROOT, Bench, bench_run, cpu_seconds, log, seed_team, start_workers, wait_finished,
+    PY, ROOT, Bench, bench_run, cpu_seconds, log, redis_url, seed_team, start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_overhead",
-              redis_url=os.environ.get("BENCH_OVERHEAD_REDIS_URL", "redis://127.0.0.1:6379/13"),
+              redis_url=redis_url("overhead"),
               host="bench-overhead-host", workdir=Path())
 
 # The plain run: the backend call and nothing else. Metrics go to metrics.jsonl

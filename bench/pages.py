@@ -11,8 +11,8 @@ It uses its own PostgreSQL databases (never the dev or test database):
 `neurondeck_bench_pages` (filled, kept for --reuse; another name in BENCH_PAGES_DB) and
 `neurondeck_bench_pages_empty` (the baseline: the same teams, users, hosts,
 endpoints and subscriptions, one job and its notification, no history; recreated
-each run) and Redis db 9 (read, never flushed). PostgreSQL is reached at BENCH_PG
-(default postgres://postgres@127.0.0.1:5432), Redis at BENCH_PAGES_REDIS_URL.
+each run) on the BENCH_PG server, and its Redis db (read, never flushed) on the
+BENCH_REDIS server (bench/support/harness.py).
 
 The fill is set-based SQL (generate_series INSERT … SELECT), not the ORM: jobs
 with ids in submit order over the last 365 days, their attempts (3 % preempted
@@ -59,14 +59,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+from bench.support.harness import PG, redis_url  # noqa: E402
+
 DB_FILLED = os.environ.get("BENCH_PAGES_DB", "neurondeck_bench_pages")
 DB_EMPTY = f"{DB_FILLED}_empty"
 os.environ["DATABASE_URL"] = f"{PG}/{DB_EMPTY}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 os.environ["DEBUG"] = "0"
 os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-os.environ["REDIS_URL"] = os.environ.get("BENCH_PAGES_REDIS_URL", "redis://127.0.0.1:6379/9")
+os.environ["REDIS_URL"] = redis_url("pages")
 os.environ.setdefault("LOG_LEVEL", "ERROR")
 
 import django  # noqa: E402

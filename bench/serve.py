@@ -48,10 +48,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.support.harness import PY, ROOT, Bench, exclusive_run, free_port, log, percentile  # noqa: E402
+from bench.support.harness import (  # noqa: E402
+    PY, ROOT, Bench, exclusive_run, free_port, log, percentile, redis_url,
+)
 
 BENCH = Bench(db_name="neurondeck_bench_serve",
-              redis_url=os.environ.get("BENCH_SERVE_REDIS_URL", "redis://127.0.0.1:6379/8"),
+              redis_url=redis_url("serve"),
               host="bench-serve", workdir=Path(tempfile.mkdtemp(prefix="nd-bench-serve-")))
 CLIENTS = 16
 DRAIN_ROUTE_GRACE_S = 3.0  # what jobs.endpoints waits between taking a replica out of the routes and stopping it

@@ -49,11 +49,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    CELERY, PY, ROOT, Bench, Processes, exclusive_run, log, seed_team, start_heartbeat,
+    CELERY, PY, ROOT, Bench, Processes, exclusive_run, free_port_range, log, redis_url, seed_team, start_heartbeat,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_train_scale",
-              redis_url=os.environ.get("BENCH_TRAIN_REDIS_URL", "redis://127.0.0.1:6379/3"),
+              redis_url=redis_url("train_scale"),
               host="bench-train-host", workdir=Path())
 NEVER = 1_000_000  # checkpoint_every that never checkpoints within a run
 SPEED_SPEC = {"learning_rate": 3e-3, "sequence_length": 64, "seed": 0, "checkpoint_every": NEVER}
@@ -238,13 +238,11 @@ def gang_available() -> bool:
 
 def start_gang_hosts(procs: Processes) -> list:
     """Two 1-core cpu hosts on this machine, each with its own worker, reachable at 127.0.0.1."""
-    import random
-
     from django.utils import timezone
 
     from jobs.models import Host
 
-    base = str(random.randrange(20000, 31000, 2))  # the gang's rendezvous ports, below the ephemeral range
+    base = str(free_port_range(1000))  # the gang's rendezvous ports: GANG_PORT_BASE .. +999
     beats = []
     for name in GANG_HOSTS:
         Host.objects.create(name=name, family="cpu", core_ids=[0], backend="cpu", memory_bytes=8 << 30,

@@ -4,11 +4,17 @@ start, the host heartbeat and small statistics helpers.
 Each benchmark owns one PostgreSQL database (created and dropped around the run)
 and one Redis db (flushed before and after), and holds a machine-wide lock so two
 runs of the same benchmark never flush or drop each other's state.
+
+The servers are named once, here, for every bench: BENCH_PG (a PostgreSQL server,
+postgres://user@host:port) and BENCH_REDIS (a Redis server, redis://host:port; each
+bench appends its own db number from REDIS_DBS).
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,10 +28,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432").rstrip("/")
+REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+# Each bench's own Redis db on the BENCH_REDIS server, distinct so that different benches
+# can run at once (usage.py reads pages.py's db, which neither flushes). Tests use db 15
+# and `make run` db 0.
+REDIS_DBS = {"train_scale": 3, "overhead": 7, "serve": 8, "pages": 9, "compile_cache": 10, "notify": 11,
+             "monitor": 12, "fleet_sim": 13, "dispatch": 14}
 # Variables this process needs for Django to point at the bench's own state.
 DJANGO_ENV = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STORAGE_ROOT", "DJANGO_SETTINGS_MODULE",
               "SECRET_KEY", "DEBUG", "LOG_LEVEL")
@@ -44,15 +57,40 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def redis_url(bench: str) -> str:
+    """The URL of `bench`'s own Redis db (REDIS_DBS) on the BENCH_REDIS server."""
+    if urlsplit(REDIS).path:
+        raise SystemExit(f"BENCH_REDIS={REDIS!r} names a db; give the server only (redis://host:port): "
+                         "each bench uses its own db number")
+    return f"{REDIS}/{REDIS_DBS[bench]}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive ports below the ephemeral range on which nothing
+    listens now, for a service that derives its ports from a base (GANG_PORT_BASE)."""
+    for _ in range(100):
+        base = random.randrange(20000, 32000 - count, 2)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports found between 20000 and 32000")
+
+
 def exclusive_run(name: str):
-    """Hold a machine-wide lock named `name` until the process exits (returns the handle)."""
-    handle = open(Path(tempfile.gettempdir()) / f"neurondeck-{name}.lock", "w")
+    """Hold a machine-wide lock named `name` for these servers (BENCH_PG, BENCH_REDIS: a run
+    on other servers shares no state) until the process exits (returns the handle)."""
+    servers = hashlib.sha256(f"{PG} {REDIS}".encode()).hexdigest()[:12]
+    handle = open(Path(tempfile.gettempdir()) / f"neurondeck-{name}-{servers}.lock", "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -187,6 +187,19 @@ def test_the_forecast_run_out_day_is_linear_in_the_months_burn():
     assert notify_scan.forecast_run_out(1, 30, date(2025, 4, 6), 0.0) is None  # not this month
     assert notify_scan.forecast_run_out(30, 30, date(2025, 4, 6), 0.0) is None  # already out
     assert notify_scan.forecast_run_out(0, 30, date(2025, 4, 6), 0.0) is None
+    assert notify_scan.forecast_run_out(20, 29, date(2025, 4, 21), 0.0) == date(2025, 4, 30)  # the last day
+    assert notify_scan.forecast_run_out(20, 30, date(2025, 4, 21), 0.0) is None  # May 1
+    # a sliver of use against a large budget: its day is past the last date Python holds
+    assert notify_scan.forecast_run_out(0.0005, 1000, date(2025, 4, 6), 0.01) is None
+
+
+def test_a_sliver_of_use_against_a_large_budget_forecasts_nothing(cast):
+    # the first minute of `make run` after a one-second demo job: the scan raised on it
+    TeamQuota.objects.filter(team=cast.vision).update(monthly_core_hours=1000)
+    now = timezone.now()
+    _use(cast.vision, 0.0005, now)
+    notify_scan.scan_budgets(now)
+    assert not Notification.objects.filter(kind=EventKind.BUDGET_FORECAST, team=cast.vision).exists()
 
 
 def test_the_forecast_warns_once_a_month_before_the_budget_runs_out(cast):

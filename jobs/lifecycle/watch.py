@@ -242,6 +242,9 @@ def forecast_run_out(hours: float, budget: float, today, fraction_of_today: floa
         return None
     rate = hours / elapsed_days
     days_to_go = (budget - hours) / rate
-    run_out = today + timedelta(days=int(days_to_go + fraction_of_today))
     next_month = date(today.year + (today.month == 12), today.month % 12 + 1, 1)
-    return run_out if run_out < next_month else None
+    # Compared before a date is made: a sliver of use against a large budget runs out
+    # millions of years on, past the last date Python can hold.
+    if days_to_go + fraction_of_today >= (next_month - today).days:
+        return None
+    return today + timedelta(days=int(days_to_go + fraction_of_today))

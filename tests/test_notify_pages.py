@@ -119,6 +119,33 @@ def test_the_history_pages_by_fifty_in_a_fixed_number_of_queries(cast):
     assert shown == set(Notification.objects.values_list("pk", flat=True))
 
 
+def test_the_delivery_log_pages_by_fifty_in_a_fixed_number_of_queries(cast):
+    sub = Subscription.objects.create(team=cast.vision, user=cast.bob, channel="email", target="b@example.com",
+                                      events=["quota.changed"])
+
+    def sent(n: int) -> None:
+        notes = Notification.objects.bulk_create([Notification(team=cast.vision, kind=EventKind.QUOTA_CHANGED,
+                                                               title=f"change {i}") for i in range(n)])
+        Delivery.objects.bulk_create([Delivery(notification=note, subscription=sub, status="delivered")
+                                      for note in notes])
+
+    sent(3)
+    bob, log = client(cast.bob), f"{URL}subscriptions/{sub.pk}/"
+    with CaptureQueriesContext(connection) as few:
+        assert bob.get(log).status_code == 200
+    sent(60)
+    with CaptureQueriesContext(connection) as many:
+        first = bob.get(log)
+    assert len(many) == len(few)
+    assert len(first.context["deliveries"]) == 50 and first.context["older"]
+    assert f'href="?before={first.context["older"]}"' in first.content.decode()
+    rest = bob.get(log, {"before": first.context["older"]})
+    assert len(rest.context["deliveries"]) == 13 and rest.context["older"] is None
+    shown = [d.pk for d in first.context["deliveries"]] + [d.pk for d in rest.context["deliveries"]]
+    assert shown == list(Delivery.objects.filter(subscription=sub).order_by("-id").values_list("pk", flat=True))
+    assert bob.get(log, {"before": "not a number"}).context["deliveries"] == first.context["deliveries"]
+
+
 def test_the_delivery_log_resends_and_unsubscribe_removes_and_others_get_404(cast, receiver):
     sub = Subscription.objects.create(team=cast.vision, user=cast.bob, scope="self", channel="slack",
                                       target=receiver.url("/slack"), events=["job.succeeded"])

@@ -15,7 +15,7 @@ from jobs.models import EventKind, Role, Subscription, Team
 from jobs.notify import selectors, services
 from jobs.notify.forms import AlertPolicyForm, SubscriptionForm
 
-LOG_SHOWN = 200
+LOG_PAGE = 50  # deliveries per page of a subscription's log, as the history pages by HISTORY_PAGE
 
 
 def _subscriptions(user, team: Team) -> list[Subscription]:
@@ -29,6 +29,14 @@ def _team_subscription(user, team: Team, sub_id: int) -> Subscription:
     return sub
 
 
+def _before(request: HttpRequest) -> int | None:
+    """The ?before=<id> cursor of a paged list (a bad one shows the newest)."""
+    try:
+        return int(request.GET["before"]) if request.GET.get("before") else None
+    except ValueError:
+        return None
+
+
 @login_required
 def notifications(request: HttpRequest, slug: str, *, form: SubscriptionForm | None = None,
                   policy_form: AlertPolicyForm | None = None, created: Subscription | None = None,
@@ -36,10 +44,7 @@ def notifications(request: HttpRequest, slug: str, *, form: SubscriptionForm | N
     team = access.get_team(request.user, slug)
     is_manager = access.role_in(request.user, team) == Role.MANAGER
     subs = _subscriptions(request.user, team)
-    try:
-        before = int(request.GET["before"]) if request.GET.get("before") else None
-    except ValueError:
-        before = None
+    before = _before(request)
     entries, older = selectors.history(request.user, team, subs, before=before)
     policy = services.alert_policy_of(team)
     return pages.render_page(request, "notify/notifications.html", {
@@ -92,9 +97,14 @@ def policy_update(request: HttpRequest, slug: str) -> HttpResponse:
 def subscription_detail(request: HttpRequest, slug: str, sub_id: int) -> HttpResponse:
     team = access.get_team(request.user, slug)
     sub = _team_subscription(request.user, team, sub_id)
-    deliveries = list(sub.deliveries.select_related("notification")[:LOG_SHOWN])
+    before = _before(request)
+    deliveries = sub.deliveries.select_related("notification").order_by("-id")
+    if before is not None:
+        deliveries = deliveries.filter(id__lt=before)
+    rows = list(deliveries[:LOG_PAGE + 1])
     return pages.render_page(request, "notify/subscription.html", {
-        "sub": sub, "deliveries": deliveries, "shown": LOG_SHOWN, "event_labels": dict(EventKind.choices),
+        "sub": sub, "deliveries": rows[:LOG_PAGE], "before": before,
+        "older": rows[LOG_PAGE - 1].pk if len(rows) > LOG_PAGE else None, "event_labels": dict(EventKind.choices),
     }, team=team, nav="notifications")
 
 

@@ -70,6 +70,8 @@ def test_charlie_gets_404_for_visions_objects_and_learns_nothing(cast, visions, 
     assert response.status_code == 404
     missing = call(charlie, method, template.format(job=2**31 - 1, model=2**31 - 1, dataset=2**31 - 1))
     assert missing.status_code == 404 and response.json() == missing.json()
+    # it says what was not found (ninja's own answer was "Not Found" alone)
+    assert response.json()["code"] == "not_found" and response.json()["detail"].startswith("No such "), response.json()
     assert b"secret" not in response.content and b"vision" not in response.content
 
 

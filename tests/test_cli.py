@@ -138,7 +138,7 @@ def test_another_team_s_job_is_not_found(cast, tiny_model, cpu_host, run):
                          "--json"))["id"]
     for command in ("status", "logs", "pending", "cancel", "wait", "clone"):
         result = run(cast.charlie, command, str(job_id))
-        assert result.exit_code == 1 and "404" in result.output, (command, result.output)
+        assert result.exit_code == 1 and "No such job [HTTP 404]" in result.output, (command, result.output)
     assert Job.objects.count() == 1
 
 

@@ -153,7 +153,10 @@ def test_managers_pin_members_cannot_and_charlie_gets_404(cast, tiny_model):
     entry = fake_artifact(cast.vision, cast.alice, tiny_model, "c" * 64)
     url = f"/api/v1/compile-cache/{entry.pk}/pin"
     assert api_client(cast.charlie).put(url, data='{"pinned": true}', content_type="application/json").status_code == 404
-    assert api_client(cast.charlie).get(f"/api/v1/compile-cache/{entry.pk}").status_code == 404
+    theirs = api_client(cast.charlie).get(f"/api/v1/compile-cache/{entry.pk}")
+    missing = api_client(cast.charlie).get(f"/api/v1/compile-cache/{2**31 - 1}")
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json() == missing.json() == {"detail": "No such cache entry", "code": "not_found"}
     assert api_client(cast.bob).put(url, data='{"pinned": true}', content_type="application/json").status_code == 403
     response = api_client(cast.alice).put(url, data='{"pinned": true}', content_type="application/json")
     assert response.status_code == 200 and response.json()["pinned"] is True

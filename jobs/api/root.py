@@ -6,7 +6,7 @@ import logging
 
 import redis
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
 from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -61,6 +61,13 @@ def http_error(request: HttpRequest, exc: HttpError):
     too deep or holding a NUL (ninja's own message names neither)."""
     refused = parse_failure(request, exc.__cause__) if exc.__cause__ is not None else None
     return refused or api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
+
+
+@api.exception_handler(Http404)
+def not_found(request: HttpRequest, exc: Http404):
+    """What was not found ("No such job"), where ninja answered "Not Found" alone. The
+    sentence is the same for another team's object as for one that does not exist."""
+    return api.create_response(request, {"detail": str(exc) or "Not Found", "code": "not_found"}, status=404)
 
 
 @api.exception_handler(AuthenticationError)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -20,6 +21,7 @@ from jobs.lifecycle import gangs, states
 from jobs.models import Artifact, GangMember, Job
 from neuron_workers.execution import JobRecorder, _cores_freed, build_payload, register_outputs
 from neuron_workers.process.gang import gang_env
+from neuron_workers.process.workdir import RESULT_FILE
 
 log = logging.getLogger(__name__)
 S = Job.Status
@@ -36,9 +38,10 @@ class RankRecorder(JobRecorder):
     job's); the stop check reads the whole gang's state. Only rank 0's log and
     metrics are the job's; another rank's log stays in its own folder."""
 
-    def __init__(self, job: Job, member: GangMember):
+    def __init__(self, job: Job, member: GangMember, rank_0_result: Path):
         super().__init__(job, job.host_id)
         self.rank, self.member_id = member.rank, member.pk
+        self.rank_0_result = rank_0_result
         self.stop: str | None = None  # why the gang asked this rank to stop
 
     def heartbeat(self) -> None:
@@ -49,8 +52,19 @@ class RankRecorder(JobRecorder):
         self.flush_metrics()
 
     def should_cancel(self) -> bool:
-        self.stop = gangs.stop_reason(self.job_id, self.attempt, self.member_id)
+        self.stop = (gangs.stop_reason(self.job_id, self.attempt, self.member_id)
+                     or gangs.training_over(self.rank_0_done_at(), time.time()))
         return self.stop is not None
+
+    def rank_0_done_at(self) -> float | None:
+        """When rank 0's process wrote an ok result (its workdir is on shared storage)."""
+        from neuron_workers.process.workdir import read_result
+
+        try:
+            written = self.rank_0_result.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return written if (read_result(self.rank_0_result.parent) or {}).get("ok") else None
 
     def on_start(self, pid: int) -> None:
         GangMember.objects.filter(pk=self.member_id).update(worker_pid=pid)
@@ -112,7 +126,7 @@ def run_rank(job_id: int, host_id: int) -> str:
     members = gangs.members_of(job.pk)
     workdir = rank_workdir(job.pk, attempt, member.rank)
     workdir.mkdir(parents=True, exist_ok=True)
-    recorder = RankRecorder(job, member)
+    recorder = RankRecorder(job, member, rank_workdir(job.pk, attempt, 0) / RESULT_FILE)
     payload = rank_payload(job, member, members, workdir)
     try:
         outcome = supervise(
@@ -160,6 +174,9 @@ def ending_of(outcome, stop: str | None, workdir: Path | None = None) -> gangs.E
         verdict = read_result(workdir) or {}
         if verdict.get("ok") is False and verdict.get("code") not in (None, "cancelled"):
             return gangs.Ending(str(verdict["code"]), str(verdict.get("error") or ""), exit_code)
+        if (stop or "").startswith(gangs.TRAINING_OVER) and verdict.get("ok") is not False:
+            # The training was over (rank 0's result); this host hung on its way out.
+            return gangs.Ending("ok", f"stopped: {stop}", exit_code)
     if outcome.status == "succeeded":
         if exit_code == 0:
             return gangs.Ending("ok", exit_code=0)
@@ -183,8 +200,12 @@ def record_success(job: Job, attempt: int, hosts: int) -> bool:
     workdir = rank_workdir(job.pk, attempt, 0)
     result = dict(((read_result(workdir) or {}).get("result")) or {})
     result["hosts"] = hosts
+    stopped = [f"rank {m.rank} on {m.host.name if m.host else '?'} {m.detail}"
+               for m in gangs.members_of(job.pk) if m.state == GangMember.State.EXITED and m.detail]
+    message = (f"succeeded: every rank of the {hosts} hosts exited 0" if not stopped else
+               f"succeeded: the training finished (rank 0's result); {'; '.join(stopped)}")
     done = states.mark_finished(job.pk, S.SUCCEEDED, extra_filter={"attempts": attempt}, result=result,
-                                message=f"succeeded: every rank of the {hosts} hosts exited 0")
+                                message=message)
     if done:
         output = register_outputs(job, result, workdir)
         if output is not None:

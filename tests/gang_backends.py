@@ -9,10 +9,12 @@ spec keys:
   step_s      pause between those all-reduces (default 0.2)
   fail_rank   this rank raises JobFailed("bad_input") after the first all-reduce
   crash_rank  this rank's process dies (os._exit(3)) after the first all-reduce
+  hang_rank   this rank never leaves its teardown (before destroy_process_group), deaf to SIGTERM
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from neuron_workers.backends.base import JobContext, JobFailed
@@ -53,4 +55,9 @@ class AllReduce:
             return {"sum": value.item(), "world_size": world, "rank": rank, "steps": steps,
                     "env": {name: os.environ.get(name) for name in SEEN}, "pid": os.getpid()}
         finally:
+            if ctx.spec.get("hang_rank") == rank:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                ctx.log(f"rank {rank}: hanging in teardown")
+                while True:
+                    time.sleep(1)
             dist.destroy_process_group()

@@ -198,6 +198,25 @@ def test_a_rank_stopped_by_the_gang_after_failing_by_itself_keeps_its_own_failur
     assert ending_of(stopped, "cancelled on request", tmp_path / "elsewhere").code == "cancelled"
 
 
+def test_once_rank_0_wrote_its_result_a_host_still_running_after_the_exit_window_is_stopped_as_exited(
+        tmp_path, settings):
+    from neuron_workers.process.outcome import Outcome
+    from neuron_workers.process.runner import write_json_atomic
+
+    settings.GANG_EXIT_WINDOW_S = 30
+    assert gangs.training_over(None, 1000.0) is None  # rank 0 has not finished
+    assert gangs.training_over(990.0, 1000.0) is None  # within the window
+    reason = gangs.training_over(960.0, 1000.0)
+    assert reason.startswith(gangs.TRAINING_OVER) and "30 s" in reason
+    stopped = Outcome("cancelled", None, 137, None, "cancelled", "stopped", 0, 1.0, 1)
+    hung = ending_of(stopped, reason, tmp_path)  # no verdict: it hung before writing one
+    assert (hung.code, hung.message) == ("ok", f"stopped: {reason}")
+    write_json_atomic(tmp_path / "result.json", {"ok": True, "result": {}})
+    assert ending_of(stopped, reason, tmp_path).code == "ok"  # hung after its verdict
+    write_json_atomic(tmp_path / "result.json", {"ok": False, "code": "oom", "error": "out of memory"})
+    assert ending_of(stopped, reason, tmp_path).code == "oom"  # a failure of its own stays one
+
+
 # --- precompile on a neuron gang ------------------------------------------------------------
 
 @pytest.fixture

@@ -132,6 +132,30 @@ def test_one_rank_failing_with_an_error_fails_the_whole_gang_naming_it(cast, two
     wait_until(lambda: not job_processes(job), 30, message="every process of the gang to be gone")
 
 
+def test_a_rank_that_hangs_after_rank_0_succeeded_is_stopped_after_the_exit_window_and_the_job_succeeds(
+        cast, two_hosts, start_worker):
+    """Rank 1 never leaves its teardown (deaf to SIGTERM), so rank 0's torchrun waits for
+    it in its exit barrier too: GANG_EXIT_WINDOW_S after rank 0 wrote its result both
+    hosts are stopped, and the job succeeds once, with rank 0's result and artifacts,
+    long before its time limit (and torchrun's 300 s exit barrier)."""
+    base = str(random.randrange(20000, 31000, 2))
+    workers = [start_worker(h.name, name=f"w-{h.name}", GANG_PORT_BASE=base, GANG_EXIT_WINDOW_S="2")
+               for h in two_hosts]
+    job = gang_job(cast, two_hosts, spec={"hang_rank": 1}, max_runtime_s=3600)
+    place_gang(job, two_hosts)
+    job = wait_status(job, S.SUCCEEDED, S.FAILED, timeout=180)
+    assert job.status == S.SUCCEEDED, (job.reason, log_text(job), workers[1].tail())
+    assert [m.state for m in ranks(job)] == [M.EXITED, M.EXITED]
+    assert ranks(job)[1].detail == ("stopped: the training finished (rank 0's result) 2 s before and this "
+                                    "host's processes had not exited")
+    assert job.result["rank"] == 0 and job.result["sum"] == 3.0
+    assert list(job.artifacts.filter(name="sum.txt").values_list("name", flat=True)) == ["sum.txt"]
+    kind, message, _ = events(job)[-1]
+    assert kind == S.SUCCEEDED and "rank 1 on gang-b stopped: the training finished" in message
+    assert JobAttempt.objects.get(job=job).outcome == S.SUCCEEDED
+    wait_until(lambda: not job_processes(job), 60, message="the hung rank's processes to be gone")
+
+
 def test_a_rank_that_crashes_requeues_the_whole_gang_until_its_attempts_run_out(cast, two_hosts, gang_workers):
     job = gang_job(cast, two_hosts, spec={"seconds": 60, "crash_rank": 1}, max_attempts=2)
     place_gang(job, two_hosts)

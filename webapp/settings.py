@@ -326,6 +326,9 @@ JOB_KILL_GRACE_S = envint("JOB_KILL_GRACE_S", 10)
 # a rank waits at most GANG_JOIN_TIMEOUT_S for the others to join.
 GANG_PORT_BASE = envint("GANG_PORT_BASE", 29400)
 GANG_JOIN_TIMEOUT_S = envint("GANG_JOIN_TIMEOUT_S", 600)
+# Once rank 0 of a gang has succeeded, the other ranks have this long to exit before
+# they are stopped (the training is over: a rank that does not exit hangs in teardown).
+GANG_EXIT_WINDOW_S = envint("GANG_EXIT_WINDOW_S", 30)
 RUNNER_MODE = os.environ.get("RUNNER_MODE", "")  # "", "fork" or "exec"; "" = by backend
 METRICS_STREAM_MAXLEN = envint("METRICS_STREAM_MAXLEN", 3600)
 # The endpoints gateway (jobs.gateway, its own process): the base of every endpoint's

@@ -11,6 +11,12 @@ sends the run message to every one of its hosts. Here:
   going? It stops when the job was cancelled, requeued or finished, when its own rank
   was given up, or when another rank failed. So no rank waits in a collective for a
   peer that is gone; torchrun's rendezvous timeout and gloo's or the Neuron runtime's collective timeouts are only the backstop.
+- **training_over**: once rank 0's process wrote its ok result, the training is over
+  (rank 0 gets there only past the last collective); a host whose processes have not
+  exited GANG_EXIT_WINDOW_S later hangs on its way out (a rank in its teardown, or
+  torchrun waiting in its exit barrier for that rank's host) and is stopped by its
+  worker, counted as exited unless it reported a failure of its own: the gang ends
+  then instead of at its time limit.
 - **rank_ended**: a rank's process ended; the gang is decided once every rank ended
   (or one was lost): it succeeds only if every rank exited 0; otherwise the job is
   requeued (attempts left, and the culprit died rather than reported an error) or
@@ -48,6 +54,7 @@ M = GangMember.State
 # or that were stopped. Ties go to the rank that ended first.
 LOST = "worker_lost"  # its worker or host stopped heartbeating
 STOPPED = "stopped"  # stopped because the gang was stopping
+TRAINING_OVER = "the training finished"  # how training_over's reasons start
 SEVERITY = {LOST: 0, "crashed": 1, "oom": 2, "timed_out": 3, "error": 5, STOPPED: 9}  # any other code: 4
 RETRYABLE = {LOST, "crashed"}  # a death is worth another attempt; a reported error is not
 
@@ -119,6 +126,16 @@ def stop_reason(job_id: int, attempt: int, member_id: int) -> str | None:
     return None
 
 
+def training_over(rank_0_done_at: float | None, now: float) -> str | None:
+    """Why a rank still running must stop although nothing failed: rank 0 wrote its ok
+    result at `rank_0_done_at` (unix seconds; None: not yet) and GANG_EXIT_WINDOW_S
+    have passed since."""
+    window = settings.GANG_EXIT_WINDOW_S
+    if rank_0_done_at is None or now - rank_0_done_at < window:
+        return None
+    return f"{TRAINING_OVER} (rank 0's result) {window} s before and this host's processes had not exited"
+
+
 @dataclass
 class Ending:
     """How one rank's process ended, as its worker reports it."""
@@ -142,7 +159,7 @@ def rank_ended(job_id: int, attempt: int, member_id: int, ending: Ending,
         ok = ending.code == "ok"
         GangMember.objects.filter(pk=member_id, state=M.RUNNING).update(
             state=M.EXITED if ok else M.FAILED, finished_at=now, exit_code=ending.exit_code,
-            detail="" if ok else f"{ending.code}: {ending.message}"[:2000])
+            detail=(ending.message if ok else f"{ending.code}: {ending.message}")[:2000])
         if job is None:
             return "superseded"
         member = GangMember.objects.select_related("host").filter(pk=member_id).first()

@@ -435,8 +435,8 @@ def job_columns(stamp: datetime) -> dict[str, str]:
     return {
         "id": "g", "team_id": "team_id", "user_id": "user_id", "kind": "kind", "status": "status",
         "family": "family", "cores": "cores", "created_at": "created_at",
-        "queued_at": "CASE WHEN status = 'running' THEN started_at END",
-        "started_at": "CASE WHEN status = 'running' THEN started_at END",
+        "queued_at": "started_at",  # every job that started keeps its first start, finished or not
+        "started_at": "started_at",
         "finished_at": "CASE WHEN status IN ('succeeded','failed','cancelled') THEN ended_at END",
         "heartbeat_at": f"CASE WHEN status = 'running' THEN '{stamp.isoformat()}'::timestamptz END",
         "host_id": "CASE WHEN status = 'running' THEN host_id END",

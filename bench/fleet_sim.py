@@ -8,7 +8,9 @@ order of jobs.quotas.fairshare.fair_order, under three policies: "easy" (the
 project's: EASY reservations and backfill; gangs are reserved whole hosts, the
 first few waiting gangs of a family besides its head too), "greedy"
 (first fit without reservations: the dispatcher before reservations) and "fifo"
-(per family the head blocks everything). Start-time estimates at submit are
+(per family the head blocks everything). The scheduler is told each team's
+observed actual/requested runtime ratio as its jobs finish (FleetState.ratios:
+where a gang's reservation goes). Start-time estimates at submit are
 jobs.quotas.backfill.forecast over what the scheduler would know (time limits ×
 the team's observed actual/requested ratio), never the true runtimes.
 
@@ -252,6 +254,7 @@ class Sim:
                 done += 1
                 j = jobs[job_id]
                 self.history[j.team_id].append((j.duration, j.limit))
+                state.ratios[j.team_id] = runtime_ratio(self.history[j.team_id][-200:])[1]
                 self.unbusy(run, t_next - end)
             first = k
             while k < len(jobs) and jobs[k].arrival <= t_next:
@@ -333,7 +336,8 @@ class Sim:
             started = self.state.limit_end[r.job_id] - limit
             running[r.job_id] = Running(r.job_id, r.team_id, r.family, r.host_id, r.cores,
                                         estimated_end(started, limit, ratio[r.team_id], now), r.ranks)
-        copy = FleetState(dict(self.hosts), running, self.state.quotas, limit_end=dict(self.state.limit_end))
+        copy = FleetState(dict(self.hosts), running, self.state.quotas, limit_end=dict(self.state.limit_end),
+                          ratios=ratio, expected_end={job_id: r.end for job_id, r in running.items()})
         order = [Waiting(w.job_id, w.team_id, w.family, w.cores, w.limit_s, w.limit_s * ratio[w.team_id],
                          w.host_count, w.same_network) for w in self.ordered()]
         got = forecast(order, copy, now, until=job_id, max_steps=ETA_MAX_STEPS).get(job_id)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jobs.quotas.backfill import FleetState, Running, Waiting, conflicts, reserve, schedule_pass
+from jobs.quotas.backfill import FleetState, Running, Waiting, conflicts, reserve, runtime_ratio, schedule_pass
 from jobs.quotas.placement import Placement
 from jobs.quotas.placement import HostSlots, place_gang, place_job
 from jobs.quotas.policy import check_gang_hosts
@@ -57,6 +57,38 @@ def test_a_gang_is_reserved_the_hosts_that_are_all_free_earliest():
     held = reserve(9, "trn1", 16, fleet, running, now=0, host_count=2)
     assert held.start == 300 and {m.host_id for m in held.members} == {2, 3}
     assert held.on(2) == frozenset(range(8)) and held.on(4) == frozenset()
+
+
+def test_a_gang_is_reserved_the_hosts_expected_free_first_and_promised_them_by_time_limits():
+    fleet = [host(1, used=range(8)), host(2, used=range(8)), host(3, used=range(8))]
+    running = [Running(10, 1, "trn1", 1, tuple(range(8)), end=100), Running(11, 2, "trn1", 2, tuple(range(8)), end=150),
+               Running(12, 2, "trn1", 3, tuple(range(8)), end=200)]
+    by_limits = reserve(9, "trn1", 16, fleet, running, now=0, host_count=2)
+    assert {m.host_id for m in by_limits.members} == {1, 2} and by_limits.held_from == by_limits.start == 150
+    # Team 2's jobs are expected to end long before their limits, job 10 near its own.
+    held = reserve(9, "trn1", 16, fleet, running, now=0, host_count=2, expected={10: 90, 11: 30, 12: 40})
+    assert {m.host_id for m in held.members} == {2, 3}
+    assert (held.start, held.held_from) == (200, 40)  # promised by the limits, kept from backfill from 40
+    # An expected end already past is "any moment now"; never later than the time limit.
+    late = reserve(9, "trn1", 16, fleet, running, now=50, host_count=2, expected={10: 500, 11: 30, 12: 40})
+    assert {m.host_id for m in late.members} == {2, 3} and late.held_from == 50
+
+
+def test_backfill_keeps_off_a_gangs_hosts_from_its_expected_start():
+    hosts = {i: host(i) for i in range(3)}
+    # Team 7 runs its jobs for a tenth of their limits, team 8 for nine tenths.
+    state = FleetState(hosts, unlimited=True, ratios={7: 0.1, 8: 0.9})
+    state.start(Waiting(1, 7, "trn1", 8, 1000, 1000), (Placement(1, 0, 8),), 0)
+    state.start(Waiting(2, 8, "trn1", 8, 500, 500), (Placement(2, 0, 8),), 0)
+    # Expected ends come from the limits and the ratios, never from the runtimes the caller knows.
+    assert state.expected_end == {1: 100, 2: 450}
+    gang = Waiting(3, 1, "trn1", 16, 1000, 1000, host_count=2)
+    short, medium = Waiting(4, 2, "trn1", 4, 50, 50), Waiting(5, 2, "trn1", 4, 300, 300)
+    result = schedule_pass([gang, medium, short], state, 0.0)
+    held = result.reservations["trn1"]
+    assert {m.host_id for m in held.members} == {0, 1} and (held.start, held.held_from) == (1000, 100)
+    assert result.reasons[5] == "backfill_blocked"  # would hold h0 past 100, the gang's expected start
+    assert [r.job_id for r in result.started] == [4]  # gone by 50
 
 
 def test_a_gang_member_held_by_a_gang_frees_when_that_gang_ends():
@@ -129,11 +161,14 @@ def check_invariants(state: FleetState, jobs: dict[int, Waiting]) -> None:
                 seen.add((host_id, core))
 
 
-def simulate(seed: int, n_jobs: int = 150):
-    """Virtual time with gangs: each job's start, and the reservation it was first given."""
+def simulate(seed: int, n_jobs: int = 150, learn: bool = False):
+    """Virtual time with gangs: each job's start, and the reservation it was first given.
+    `learn`: the state is told each team's runtime ratio as its jobs finish (gangs'
+    hosts then go by expected ends)."""
     rng = random.Random(seed)
     hosts = {i: host(i, network="ab"[i % 2]) for i in range(6)}
     state = FleetState(hosts, unlimited=True)
+    history: dict[int, list[tuple[float, float]]] = {}
     arrivals, jobs = [], {}
     for i in range(n_jobs):
         limit = rng.choice([50, 100, 400, 1000])
@@ -161,13 +196,16 @@ def simulate(seed: int, n_jobs: int = 150):
         nexts = [r.end for r in state.running.values()] + ([arrivals[k][0]] if k < len(arrivals) else [])
         t = max(t, min(nexts))
         for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
-            state.finish(job_id)
+            run = state.finish(job_id)
+            if learn:
+                history.setdefault(run.team_id, []).append((run.end - run.since, jobs[job_id].limit_s))
+                state.ratios[run.team_id] = runtime_ratio(history[run.team_id])[1]
     return jobs, started, reserved
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_no_backfilled_job_ever_delays_a_head_gang_past_its_reservation(seed):
-    jobs, started, reserved = simulate(seed)
+@pytest.mark.parametrize("seed,learn", [(s, False) for s in range(6)] + [(s, True) for s in range(6)])
+def test_no_backfilled_job_ever_delays_a_head_gang_past_its_reservation(seed, learn):
+    jobs, started, reserved = simulate(seed, learn=learn)
     gangs = [j for j in reserved if jobs[j].host_count > 1]
     assert gangs, "the trace should make some gang wait at the head"
     assert not {j: (started[j], r) for j, r in reserved.items() if started[j] > r + 1e-9}

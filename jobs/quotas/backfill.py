@@ -13,9 +13,13 @@ at its time limit, the head job then starts by its reservation at the latest (a
 preemption or a new job of higher priority can still move it; a reservation is a
 promise about backfill, not about the future queue).
 
-A gang (host_count > 1) is reserved the N whole hosts that are all free earliest
-(each free when the last job on it ends by its limit); backfill on those hosts is
-held to the same rule, so a large gang's wait is bounded like any head job's. The
+A gang (host_count > 1) is reserved N whole hosts, each free when the last job on
+it ends by its limit; backfill on those hosts is held to the same rule, so a large
+gang's wait is bounded like any head job's. When the caller knows its teams'
+history of actual / requested runtime (FleetState.ratios, expected_end), the gang
+gets the hosts whose jobs are expected to end first, and they are kept from
+backfill from that expected time on (reserve_gang): otherwise hosts that empty
+early are refilled until the limits run out. The
 first few gangs after the head hold reservations too (GANG_RESERVATIONS), each
 planned around the ones before it: a gang needs all its hosts empty at once, which
 the jobs behind it would otherwise never leave.
@@ -108,6 +112,13 @@ class Reservation:
     cores: int
     ranks: tuple[Placement, ...] = ()
     until: float = math.inf
+    # From when its cores are kept from later jobs, if before `start`: a gang's
+    # expected start (reserve_gang). A later job gone by then may still use them.
+    hold_from: float | None = None
+
+    @property
+    def held_from(self) -> float:
+        return self.start if self.hold_from is None else min(self.start, self.hold_from)
 
     def holding(self) -> Running:
         """The reservation as a job holding its cores from now until `until`: what
@@ -134,20 +145,21 @@ class Reservation:
 
 def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], running: Iterable[Running],
             now: float, host_count: int = 1, same_network: bool = False,
-            reserved: Iterable[Reservation] = ()) -> Reservation | None:
+            reserved: Iterable[Reservation] = (), expected: Mapping[int, float] | None = None) -> Reservation | None:
     """The earliest time (≥ now) at which the request fits if the running jobs give
     their cores back at their `end`, and where: `cores` contiguous cores of `family`
     on one non-draining host, or for a gang `host_count` whole hosts (see
     reserve_gang). None if even an empty fleet could not hold the request.
     `reserved`: reservations made before this one, each holding its cores from now
-    until its `until` (whoever holds them first).
+    until its `until` (whoever holds them first). `expected`: running job -> when it
+    is expected to end (a gang's choice of hosts and its hold_from; see reserve_gang).
 
     Ends are taken in order; only the hosts whose cores were just released can newly
     fit the request, so each step is one placement per such host."""
     reserved = list(reserved)
     if host_count > 1:
         return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts,
-                            [*running, *(r.holding() for r in reserved)], now)
+                            [*running, *(r.holding() for r in reserved)], now, expected)
     by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
     held_back: dict[int, dict[int, float]] = {}  # host -> core -> until when a reservation holds it
     for r in reserved:
@@ -187,18 +199,31 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
 
 
 def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_network: bool,
-                 hosts: list[HostSlots], running: Iterable[Running], now: float) -> Reservation | None:
-    """A gang's reservation: the `host_count` hosts of `family` with exactly
-    `per_host` cores (inside one network label when `same_network`) that are all
-    wholly free earliest, each free when the last job on it ends. A host holding
-    cores that no running job accounts for is never counted free."""
+                 hosts: list[HostSlots], running: Iterable[Running], now: float,
+                 expected: Mapping[int, float] | None = None) -> Reservation | None:
+    """A gang's reservation: `host_count` hosts of `family` with exactly `per_host`
+    cores (inside one network label when `same_network`), each free when the last
+    job on it ends. A host holding cores that no running job accounts for is never
+    counted free.
+
+    Which hosts: those whose jobs are expected to be gone first (`expected`: job ->
+    its expected end, e.g. its limit × its team's observed runtime ratio; a job not
+    listed is expected at its `end`), the time limits breaking ties. The
+    reservation's start is when the chosen hosts are free by the time limits (the
+    promise); its hold_from is when they are expected free: from then on no later
+    job may hold them, so hosts that empty one by one are not refilled past the time
+    the gang can expect to start."""
+    expected = expected or {}
     fitting = {h.host_id: h for h in hosts if h.family == family and not h.draining and len(h.core_ids) == per_host}
     free_at = {h: now for h in fitting}
+    likely = {h: now for h in fitting}
     covered: dict[int, set[int]] = {h: set() for h in fitting}
     for run in running:
+        guess = min(expected.get(run.job_id, run.end), run.end)
         for host_id, held in run.members:
             if host_id in fitting:
                 free_at[host_id] = max(free_at[host_id], run.end)
+                likely[host_id] = max(likely[host_id], guess)
                 covered[host_id].update(held)
     groups: dict[str, list[int]] = {}
     for host_id, host in fitting.items():
@@ -212,18 +237,18 @@ def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_
     for label, members in groups.items():
         if len(members) < host_count:
             continue
-        chosen = sorted(members, key=lambda h: (free_at[h], h))[:host_count]
-        key = (free_at[chosen[-1]], len(members), label)
+        chosen = sorted(members, key=lambda h: (likely[h], free_at[h], h))[:host_count]
+        key = (max(likely[h] for h in chosen), max(free_at[h] for h in chosen), len(members), label)
         if best is None or key < best[0]:
             best = (key, chosen)
     if best is None:
         return None
-    (start, _, _), chosen = best
+    (hold_from, start, _, _), chosen = best
     if math.isinf(start):
         return None  # a host it needs is held by a job without a time limit
     spots = [Placement(h, min(fitting[h].core_ids), per_host) for h in chosen]
     return Reservation(job_id, family, max(start, now), spots[0].host_id, spots[0].core_start, per_host,
-                       tuple(spots[1:]))
+                       tuple(spots[1:]), hold_from=max(hold_from, now))
 
 
 def _spots(spot: Placement | tuple[Placement, ...]) -> tuple[Placement, ...]:
@@ -232,9 +257,9 @@ def _spots(spot: Placement | tuple[Placement, ...]) -> tuple[Placement, ...]:
 
 def conflicts(spot: Placement | tuple[Placement, ...], end: float, reservation: Reservation) -> bool:
     """Would a job placed at `spot` (one Placement per rank) and gone by `end` delay
-    the reservation? Only if it still holds cores at the reserved start and some of
-    them are reserved."""
-    if end <= reservation.start:
+    the reservation? Only if it still holds cores when the reservation keeps them
+    (its start, or a gang's expected start) and some of them are reserved."""
+    if end <= reservation.held_from:
         return False
     return any(not reservation.on(p.host_id).isdisjoint(range(p.core_start, p.core_start + p.cores))
                for p in _spots(spot))
@@ -303,6 +328,12 @@ class FleetState:
     # team -> (NeuronCore-hours used this month, monthly budget); a team not listed is not checked.
     budgets: dict[int, tuple[float, float]] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # team -> its name in reasons
+    # team -> its finished jobs' actual / requested runtime (runtime_ratio's median), and
+    # running job -> when it is expected to end: where a gang's reservation goes
+    # (reserve_gang). A job started by a pass is expected at its limit × its team's
+    # ratio; without these, at its time limit.
+    ratios: dict[int, float] = field(default_factory=dict)
+    expected_end: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.used: dict[int, set[int]] = {h: set() for h in self.hosts}
@@ -412,6 +443,8 @@ class FleetState:
                       tuple(held[1:]), borrowed, now)
         self.running[job.job_id] = run
         self.limit_end[job.job_id] = now + job.limit_s
+        if job.team_id in self.ratios:
+            self.expected_end[job.job_id] = now + job.limit_s * self.ratios[job.team_id]
         self._hold(run)
         return run
 
@@ -442,6 +475,7 @@ class FleetState:
     def finish(self, job_id: int) -> Running:
         run = self.running.pop(job_id)
         self.limit_end.pop(job_id, None)
+        self.expected_end.pop(job_id, None)
         self._change(run, -1)
         return run
 
@@ -699,7 +733,7 @@ class _Pass:
         """The family's reservations (made so far in the pass) that the job would
         still be running at."""
         end = self.now + job.limit_s
-        return tuple(r for r in self.result.held(job.family) if r.start < end)
+        return tuple(r for r in self.result.held(job.family) if r.held_from < end)
 
     def reserve(self, job: Waiting) -> None:
         """The job finds no room: its reservation if it is the family's first (the
@@ -710,7 +744,7 @@ class _Pass:
         if not head and (job.host_count == 1 or len(result.gang_reservations.get(family, ())) >= GANG_RESERVATIONS):
             return
         held = reserve(job.job_id, family, job.cores, self.state.slots(family), self.state.limit_running(family),
-                       self.now, job.host_count, job.same_network, result.held(family))
+                       self.now, job.host_count, job.same_network, result.held(family), self.state.expected_end)
         if held is None:
             return
         held = replace(held, until=held.start + job.limit_s)

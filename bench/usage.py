@@ -9,7 +9,8 @@ least 2x faster than the plain ORM version, on a figure a user sees. This bench
 measures each place jobs.usage used hand-written SQL, both ways, in the same run and
 on the same data: bench/pages.py's fill (1,000,000 jobs across 200 teams, a year of
 roll-ups, the running jobs' utilization minutes, then the real fold) in its own
-database, `neurondeck_bench_usage` (kept for --reuse).
+database, `neurondeck_bench_usage` (kept for --reuse; another name in BENCH_USAGE_DB,
+e.g. bench/pages.py's filled database, which holds the same fill).
 
 Cases (each variant run --repeat times, the two interleaved; medians in ms):
   live_site / live_team   the live part of the site's / the busiest team's usage page
@@ -56,7 +57,7 @@ from jobs.usage import accounting  # noqa: E402
 from jobs.usage import rollup  # noqa: E402
 from jobs.usage import selectors  # noqa: E402
 
-DB = "neurondeck_bench_usage"
+DB = os.environ.get("BENCH_USAGE_DB", "neurondeck_bench_usage")
 
 
 def timed(fn) -> tuple[float, object]:
@@ -166,10 +167,11 @@ def main() -> None:
     cases = {}
     cases["live_site"] = compare(
         "live_site", lambda: rollup.live_usage(now=now, price_table=table, mark=mark),
-        lambda: rollup.live_usage_python(now=now, price_table=table), args.repeat, same_live)
+        lambda: rollup.live_usage_python(now=now, price_table=table, mark=mark), args.repeat, same_live)
     cases["live_team"] = compare(
         "live_team", lambda: rollup.live_usage(team_id=busiest, now=now, price_table=table, mark=mark),
-        lambda: rollup.live_usage_python(team_id=busiest, now=now, price_table=table), args.repeat, same_live)
+        lambda: rollup.live_usage_python(team_id=busiest, now=now, price_table=table, mark=mark), args.repeat,
+        same_live)
     pieces = running_pieces(now)
     pages.log(f"fold_measure: {len(pieces)} pieces")
     cases["fold_measure"] = compare("fold_measure", lambda: rollup.measure(pieces), lambda: measure_orm(pieces),

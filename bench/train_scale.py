@@ -5,19 +5,29 @@
 - torchrun_speedup: the cpu backend's training code under plain `torchrun --standalone`
   (neuron_workers.backends.cpu_rank, DDP over gloo), 2 processes x 1 thread over
   1 process x 1 thread at the same per-rank batch, in samples/s (global batch x
-  steps / rank 0's training seconds) on the tiny GPT-2.
+  steps / rank 0's training seconds: the training loop only, no start-up) on the
+  tiny GPT-2.
 - two_host_speedup: the same through NeuronDeck, a 2-host x 1-core gang (two hosts
   on this machine, each with its own worker, the ranks under torchrun) over a
-  1-host x 1-core job, both placed by the scheduler; two_host_vs_torchrun is its
-  ratio to torchrun_speedup (target >= 0.95). Null with the reason where the workers
-  do not run multi-host gangs. Each repeat runs the four (torchrun 1 and 2 processes,
-  NeuronDeck 1 and 2 hosts) back to back, so the figures compared share the machine's
-  load; the workers and scheduler run with the deployment's default heartbeat and
-  reaping periods (the resume phase shortens them later, to reap within seconds).
-  service_cores_1host / _2host: the CPU the NeuronDeck services (workers, scheduler,
+  1-host x 1-core job, both placed by the scheduler. Null with the reason where the
+  workers do not run multi-host gangs.
+- two_host_vs_torchrun (target >= 0.95): the median over repeats of each repeat's
+  two_host_speedup / torchrun_speedup. Each repeat runs the four trainings with the
+  runs of one size side by side (torchrun 1 process and NeuronDeck 1 host, then
+  NeuronDeck 2 hosts and torchrun 2 processes, the order mirrored every other repeat),
+  so the figures divided share the machine's load and a drift of it falls on both
+  sides alike. The speedups above are the medians of the repeats' own; the
+  best-of-repeats figures (*_best) divide runs made under different loads and are
+  kept for reference only. nd_over_torchrun_1 / _2: the median of NeuronDeck's samples/s
+  over torchrun's at one and two ranks: NeuronDeck's own cost at each size.
+- service_cores_1host / _2host: the CPU the NeuronDeck services (workers, scheduler,
   PostgreSQL backends of the bench database, Redis) used during those runs, in cores
-  (CPU seconds over wall seconds): on this 2-core machine a 2-host gang's ranks share
-  the CPU with them, where a real host's bookkeeping runs beside its training.
+  (CPU seconds over wall seconds). On this 2-core machine a 2-host gang's two ranks
+  take both cores, so the services' CPU is taken from them (a 1-host job leaves a core
+  free for it): that share, service_cores_2host / 2, is what the gang's speedup loses
+  to NeuronDeck here; a real host's bookkeeping runs beside its training. The workers
+  and scheduler run with the deployment's default heartbeat and reaping periods (the
+  resume phase shortens them later, to reap within seconds).
 - checkpoint_overhead_ratio: training seconds with a checkpoint every 50 steps over
   none (median of interleaved runs, one process, one thread).
 - resume_steps_lost, resume_checkpoint_every, resume_weight_max_abs_diff: a fine-tune
@@ -28,9 +38,9 @@
   attempt 2 resumed from; the weights are compared with an uninterrupted run of the
   same spec.
 
-Speeds and times are the best of interleaved repeats: this machine is shared, and the
-best run is the one least disturbed by others. Prints progress on stderr and one JSON
-object on its last line.
+The checkpoint times are the best of interleaved repeats (the run least disturbed by
+the machine's other users). Prints progress on stderr and one JSON object on its last
+line.
 """
 from __future__ import annotations
 
@@ -80,12 +90,6 @@ def torchrun_samples_per_s(workdir: Path, inputs: dict, nproc: int, per_rank_bat
         raise RuntimeError(f"torchrun with {nproc} ranks failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     result = json.loads((job / "train_result.json").read_text())
     return spec["batch_size"] * result["steps"] / result["train_seconds"]
-
-
-def torchrun_figures(one: list[float], two: list[float], per_rank_batch: int) -> dict:
-    base, scaled = max(one), max(two)
-    return {"torchrun_speedup": scaled / base, "torchrun_1proc_samples_per_s": base,
-            "torchrun_2proc_samples_per_s": scaled, "torchrun_per_rank_batch": per_rank_batch}
 
 
 # ---------------------------------------------------------------- checkpoint overhead
@@ -309,26 +313,48 @@ def gang_samples_per_s(team, user, model, dataset, hosts: int, per_rank_batch: i
 def speed_phase(procs: Processes, workdir: Path, inputs: dict, team, user, model, dataset, per_rank_batch: int,
                 steps: int, repeats: int, gang: bool) -> dict:
     """Plain torchrun 1 vs 2 processes and, with `gang`, NeuronDeck 1 host vs a 2-host
-    gang: the four back to back in each repeat (the machine's load drifts)."""
-    t1, t2, n1, n2, cores1, cores2, ratios = [], [], [], [], [], [], []
-    for _ in range(repeats):
-        t1.append(torchrun_samples_per_s(workdir, inputs, 1, per_rank_batch, steps))
-        t2.append(torchrun_samples_per_s(workdir, inputs, 2, per_rank_batch, steps))
-        line = f"  torchrun 1 proc {t1[-1]:.1f}, 2 procs {t2[-1]:.1f} samples/s"
+    gang; in each repeat the runs of one size side by side, mirrored every other repeat."""
+    runs = {"t1": [], "t2": [], "n1": [], "n2": []}
+    cores1, cores2 = [], []
+
+    def torchrun(ranks: int) -> None:
+        runs[f"t{ranks}"].append(torchrun_samples_per_s(workdir, inputs, ranks, per_rank_batch, steps))
+
+    def neurondeck(hosts: int) -> None:
+        runs[f"n{hosts}"].append(gang_samples_per_s(team, user, model, dataset, hosts, per_rank_batch, steps, procs,
+                                                    cores1 if hosts == 1 else cores2))
+
+    order = [lambda: torchrun(1), lambda: neurondeck(1), lambda: neurondeck(2), lambda: torchrun(2)]
+    if not gang:
+        order = [order[0], order[3]]
+    for repeat in range(repeats):
+        for run in (order if repeat % 2 == 0 else order[::-1]):
+            run()
+        t1, t2 = runs["t1"][-1], runs["t2"][-1]
+        line = f"  torchrun 1 proc {t1:.1f}, 2 procs {t2:.1f} samples/s"
         if gang:
-            n1.append(gang_samples_per_s(team, user, model, dataset, 1, per_rank_batch, steps, procs, cores1))
-            n2.append(gang_samples_per_s(team, user, model, dataset, 2, per_rank_batch, steps, procs, cores2))
-            ratios.append((n2[-1] / n1[-1]) / (t2[-1] / t1[-1]))
-            line += (f"; NeuronDeck 1 host {n1[-1]:.1f}, 2-host gang {n2[-1]:.1f} samples/s (services "
-                     f"{cores1[-1]:.2f} / {cores2[-1]:.2f} cores); this repeat's ratio {ratios[-1]:.2f}")
+            n1, n2 = runs["n1"][-1], runs["n2"][-1]
+            line += (f"; NeuronDeck 1 host {n1:.1f}, 2-host gang {n2:.1f} samples/s (services "
+                     f"{cores1[-1]:.2f} / {cores2[-1]:.2f} cores); this repeat's ratio {(n2 / n1) / (t2 / t1):.2f}")
         log(f"{line}; load {os.getloadavg()[0]:.1f}")
-    report = torchrun_figures(t1, t2, per_rank_batch)
+    t1, t2 = runs["t1"], runs["t2"]
+    report = {"torchrun_speedup": statistics.median(b / a for a, b in zip(t1, t2)),
+              "torchrun_speedup_best": max(t2) / max(t1), "torchrun_1proc_samples_per_s": statistics.median(t1),
+              "torchrun_2proc_samples_per_s": statistics.median(t2), "torchrun_per_rank_batch": per_rank_batch,
+              "speed_repeats": repeats, "speed_steps": steps}
     if gang:
-        report.update({"two_host_speedup": max(n2) / max(n1), "two_host_1host_samples_per_s": max(n1),
-                       "two_host_2host_samples_per_s": max(n2),
-                       "two_host_vs_torchrun_per_repeat_median": statistics.median(ratios),
-                       "service_cores_1host": statistics.median(cores1),
-                       "service_cores_2host": statistics.median(cores2)})
+        n1, n2 = runs["n1"], runs["n2"]
+        report.update({
+            "two_host_speedup": statistics.median(b / a for a, b in zip(n1, n2)),
+            "two_host_speedup_best": max(n2) / max(n1),
+            "two_host_vs_torchrun": statistics.median((d / c) / (b / a) for a, b, c, d in zip(t1, t2, n1, n2)),
+            "two_host_vs_torchrun_per_repeat": [round((d / c) / (b / a), 3) for a, b, c, d in zip(t1, t2, n1, n2)],
+            "two_host_vs_torchrun_best": (max(n2) / max(n1)) / (max(t2) / max(t1)),
+            "nd_over_torchrun_1": statistics.median(c / a for a, c in zip(t1, n1)),
+            "nd_over_torchrun_2": statistics.median(d / b for b, d in zip(t2, n2)),
+            "two_host_1host_samples_per_s": statistics.median(n1),
+            "two_host_2host_samples_per_s": statistics.median(n2),
+            "service_cores_1host": statistics.median(cores1), "service_cores_2host": statistics.median(cores2)})
     return report
 
 
@@ -353,7 +379,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-rank-batch", type=int, default=32)
     parser.add_argument("--speed-steps", type=int, default=40)
-    parser.add_argument("--speed-repeats", type=int, default=3)
+    parser.add_argument("--speed-repeats", type=int, default=5)
     parser.add_argument("--checkpoint-steps", type=int, default=200)
     parser.add_argument("--checkpoint-repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
@@ -395,7 +421,6 @@ def main(argv=None) -> dict:
                                   args.speed_steps, args.speed_repeats, gang))
         report["loadavg_1m_after_speed"] = os.getloadavg()[0]
         if gang:
-            report["two_host_vs_torchrun"] = report["two_host_speedup"] / report["torchrun_speedup"]
             for name in GANG_HOSTS:  # their workers would take CPU from the phases below
                 kill_group(procs.procs.pop(name))
             for beat in gang_beats:

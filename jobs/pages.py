@@ -2,9 +2,12 @@
 viewer / staff checks pages make before showing a form, and how times are shown."""
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import dateformat, timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from jobs import access
 from jobs.models import Role, Team
@@ -44,7 +47,8 @@ def viewer_sentence(team: Team) -> str:
             "but submitting and uploading need the member role. Ask a team manager.")
 
 
-# --- error pages (webapp.urls handler404 / handler403; 500 is Django's own view with templates/500.html) ---
+# --- error pages (webapp.urls handler404 / handler403, CSRF_FAILURE_VIEW; 500 is Django's own view with
+#     templates/500.html) ---
 
 def _error_page(request: HttpRequest, template: str, status: int, exception) -> HttpResponse:
     """A styled error page with the user's navigation. The sentence is the
@@ -67,6 +71,40 @@ def page_not_found(request: HttpRequest, exception=None) -> HttpResponse:
 
 def permission_denied(request: HttpRequest, exception=None) -> HttpResponse:
     return _error_page(request, "403.html", 403, exception)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """settings.CSRF_FAILURE_VIEW: a form sent with a stale token (signed in or out in
+    another tab since it was loaded) or without the site's cookie. The styled 403 with
+    what to do, instead of Django's bare page, whose inline <style> the CSP refuses."""
+    heading = "The form could not be checked"
+    if "origin" in reason.lower() or "referer" in reason.lower():
+        sentence = (f"The form came from an address this site does not trust ({reason}). The site's operator "
+                    "adds the address people use to CSRF_TRUSTED_ORIGINS.")
+    elif "cookie" in reason.lower():
+        sentence = ("Your browser did not send this site's cookie with the form. "
+                    "Allow cookies for this site, reload the page and send the form again.")
+    else:
+        heading = "This form has expired"
+        sentence = ("You signed in or out in another tab since this form was loaded. "
+                    "Reload the page and send the form again.")
+    context = {"sentence": sentence, "heading": heading, "form_page": _form_page(request)}
+    try:
+        return render_page(request, "403.html", context, status=403)
+    except Exception:  # as _error_page: the navigation needs the database
+        return render(request, "403.html", {**context, "nav_teams": [], "team": None, "nav": ""}, status=403)
+
+
+def _form_page(request: HttpRequest) -> str:
+    """The page the form was sent from (its Referer) when it is one of this site's, as a
+    path; else ""."""
+    referer = request.headers.get("Referer", "")
+    if not url_has_allowed_host_and_scheme(referer, {request.get_host()}, request.is_secure()):
+        return ""
+    parts = urlsplit(referer)
+    if not parts.path.startswith("/") or parts.path.startswith("//"):
+        return ""
+    return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def format_when(value) -> str:

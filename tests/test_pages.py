@@ -169,6 +169,36 @@ def test_a_wrong_password_is_a_form_error(client, cast):
     assert response.status_code == 200 and b"correct username and password" in response.content
 
 
+def _csrf_token(response) -> str:
+    return re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', response.content.decode()).group(1)
+
+
+def test_a_form_sent_with_a_stale_token_is_the_styled_403_that_says_what_to_do(cast):
+    """Two tabs on the login page: signing in in one changes the token the other's form
+    holds. Django's own page said "CSRF verification failed. Request aborted." with an
+    inline <style> that the Content-Security-Policy refuses."""
+    browser = Client(enforce_csrf_checks=True)
+    stale = _csrf_token(browser.get("/login/"))
+    fresh = _csrf_token(browser.get("/login/"))
+    signed_in = browser.post("/login/", {"username": "bob", "password": PASSWORD, "csrfmiddlewaretoken": fresh})
+    assert signed_in.status_code == 302
+    response = browser.post("/login/?next=/fleet/", {"username": "bob", "password": PASSWORD,
+                                                       "csrfmiddlewaretoken": stale},
+                            HTTP_REFERER="http://testserver/login/?next=/fleet/")
+    html = response.content.decode()
+    assert response.status_code == 403 and "This form has expired" in html and "another tab" in html
+    assert 'href="/login/?next=/fleet/">Reload the form</a>' in html
+    assert "<style" not in html and "style=" not in html and "Content-Security-Policy" in response
+    assert 'href="/teams/vision/jobs/"' in html  # the signed-in user's navigation
+
+    # no cookie at all; a Referer of another site is not offered as the form to reload
+    cookieless = Client(enforce_csrf_checks=True).post("/login/", {"username": "bob", "password": PASSWORD},
+                                                       HTTP_REFERER="https://evil.example/login/")
+    html = cookieless.content.decode()
+    assert cookieless.status_code == 403 and "did not send this site&#x27;s cookie" in html
+    assert "evil.example" not in html and "Reload the form" not in html
+
+
 def test_anonymous_users_are_sent_to_the_login_page(client, cast, inference_job):
     for url in ["/", "/teams/vision/jobs/", f"/jobs/{inference_job.pk}/", f"/jobs/{inference_job.pk}/status.json"]:
         response = client.get(url)

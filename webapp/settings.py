@@ -97,6 +97,7 @@ if not SECRET_KEY:
     SECRET_KEY = "dev-only-insecure-key"
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "http://localhost:8000,http://127.0.0.1:8000")
+CSRF_FAILURE_VIEW = "jobs.pages.csrf_failure"  # the styled 403 saying what to do (Django's own breaks the CSP)
 
 STORAGE_ROOT = Path(os.environ.get("STORAGE_ROOT", BASE_DIR / "var" / "storage")).resolve()
 # Django's defaults, except persistent connections: with a connection opened per

@@ -71,6 +71,14 @@ def test_top_p_samples_only_from_the_likeliest_tokens(server, tiny_model_dir):
     assert any(text(seed=seed) != greedy for seed in (1, 2, 3))
 
 
+def test_unsupported_options_at_their_defaults_are_accepted(server):
+    # what OpenAI's own clients send when nothing was asked for
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                   json={"prompt": "hi", "max_tokens": 2, "logprobs": None, "echo": False, "best_of": 1,
+                         "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None})
+    assert r.status_code == 200, r.text
+
+
 def test_chat_stream_arrives_token_by_token_and_matches_the_whole_answer(server):
     request = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 24, "temperature": 0,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -117,6 +125,15 @@ def test_stream_chunks_leave_before_generation_ends(server):
     ("/v1/completions", {"prompt": "hi", "top_p": 7}, "top_p", "greater than 0 and at most 1"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p", "greater than 0 and at most 1"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "one choice"),
+    # options it does not implement were accepted and ignored ("logprobs": null in the answer)
+    ("/v1/completions", {"prompt": "hi", "logprobs": 5}, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 0}, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 1.5}, "presence_penalty", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 2}, "logprobs", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format", "not supported"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
     ("/v1/chat/completions", {"messages": []}, "messages", "non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "role"),

@@ -16,7 +16,10 @@ max_concurrent requests are in progress, 503 + Retry-After + `X-Replica-State:
 draining` once the replica is stopping (a gateway may send it elsewhere: nothing
 was started).
 
-`ignore_eos` is vLLM's extension: generate exactly max_tokens (benchmarks).
+`ignore_eos` is vLLM's extension: generate exactly max_tokens (benchmarks). OpenAI's
+options it does not implement (logprobs, echo, best_of, suffix, penalties, logit_bias,
+tools, response_format) are a 400 naming the option when set to anything but their
+default, rather than ignored.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ from .serve_engine import (
 RETRY_AFTER_S = 1
 DRAINING_HEADER = "X-Replica-State"
 MAX_STOP_STRINGS = 4
+# OpenAI options this server does not implement, with the values that mean "not asked
+# for". Any other value is a 400 naming the option, so no client reads an answer made
+# without what it asked for (no log probabilities, no penalties, ...).
+UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "tools": (None, []), "response_format": (None, {"type": "text"}),
+}
 
 
 class BadRequest(Exception):
@@ -245,6 +256,10 @@ class ServingModel:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise BadRequest("stream_options", "stream_options must be an object")
+        for name, unset in UNSUPPORTED_OPTIONS.items():
+            value = body.get(name)
+            if not any(value is u or (type(value) is type(u) and value == u) for u in unset):
+                raise BadRequest(name, f"{name} is not supported by this server; leave it out")
         if body.get("n", 1) not in (1, None):
             raise BadRequest("n", "this server generates one choice per request (n = 1)")
         ignore_eos = body.get("ignore_eos", False)

@@ -7,7 +7,10 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import zipfile
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,44 @@ def test_login_checks_the_token_and_keeps_it_readable_by_its_owner_only(cast, ru
     path = next(home.rglob("config.json"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text()) == {"url": live_server.url, "token": raw}
+
+
+def test_login_to_a_wrong_address_says_what_to_give(cast, run, live_server):
+    raw, _ = token_create(user=cast.bob, name="laptop")
+    # a URL copied from the browser with its page: the page's 404 is not the API's
+    copied = run(cast.bob, "login", f"{live_server.url}/teams/vision/jobs/", "--token", raw, login=False)
+    assert copied.exit_code == 1 and "no NeuronDeck API at" in copied.output and "without a path" in copied.output
+    # another scheme was read as a host named "ftp"
+    other = run(cast.bob, "login", "ftp://example.org", "--token", raw, login=False)
+    assert other.exit_code == 2 and "not an http:// or https:// address" in other.output
+    # another web server, answering 200 with a page: an error naming the address, not a traceback
+    with _page_server() as url:
+        page = run(cast.bob, "login", url, "--token", raw, login=False)
+    assert page.exit_code == 1 and f"{url} answered GET /api/v1/teams with text/html" in page.output, page.output
+    assert run(cast.bob, "list", login=False).exit_code == 1  # nothing was stored
+
+
+@contextmanager
+def _page_server():
+    """A web server that is not NeuronDeck: every GET is a 200 HTML page."""
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>It works!</html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_command_before_login_says_how_to_log_in(cast, run):

@@ -65,8 +65,13 @@ def load_login() -> tuple[str, str]:
 
 
 def normalize_url(url: str) -> str:
+    """The console's address as typed, with http:// when no scheme is given; another
+    scheme (ftp://, file://) is a usage error rather than a host named "ftp"."""
     url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme.lower() not in ("http", "https"):
+        raise click.BadParameter(f"{url!r} is not an http:// or https:// address", param_hint="URL")
+    if not sep:
         url = "http://" + url
     return url
 
@@ -110,18 +115,28 @@ class Api:
             raise ApiError(message, status=response.status_code, body=body)
         return response
 
+    def _json(self, response: requests.Response) -> Any:
+        """The answer's document; an answer that is not JSON (another server at this
+        address, a proxy's page) is an error naming the address, not a traceback."""
+        try:
+            return response.json()
+        except ValueError as exc:
+            kind = response.headers.get("Content-Type") or "no content type"
+            raise ApiError(f"{self.url} answered {response.request.method} {response.request.path_url} with "
+                           f"{kind}, not the NeuronDeck API's JSON: check the URL") from exc
+
     def get(self, path: str, **params) -> Any:
-        return self._send("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+        return self._json(self._send("GET", path, params={k: v for k, v in params.items() if v is not None}))
 
     def post(self, path: str, body: dict | None = None) -> Any:
-        return self._send("POST", path, json=body).json()
+        return self._json(self._send("POST", path, json=body))
 
     def patch(self, path: str, body: dict) -> Any:
-        return self._send("PATCH", path, json=body).json()
+        return self._json(self._send("PATCH", path, json=body))
 
     def delete(self, path: str) -> Any:
         response = self._send("DELETE", path)
-        return response.json() if response.content else None
+        return self._json(response) if response.content else None
 
     def post_multipart(self, path: str, fields: dict[str, Any], file_field: str, file_path: Path,
                        on_progress: Callable[[int, int], None] | None = None) -> Any:
@@ -131,8 +146,8 @@ class Api:
                                         file_field: (file_path.name, f, "application/octet-stream")})
             monitor = MultipartEncoderMonitor(
                 encoder, (lambda m: on_progress(m.bytes_read, m.len)) if on_progress else None)
-            return self._send("POST", path, data=monitor, headers={"Content-Type": monitor.content_type},
-                              timeout=None).json()
+            return self._json(self._send("POST", path, data=monitor, headers={"Content-Type": monitor.content_type},
+                                         timeout=None))
 
     def download(self, path: str, dest: Path) -> int:
         response = self._send("GET", path, stream=True)

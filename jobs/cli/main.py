@@ -50,7 +50,13 @@ def login(url: str, token: str | None, as_json: bool) -> None:
     if not token:
         click.echo(f"Create a token at {url}/tokens/ and paste it here.", err=True)
         token = click.prompt("API token", hide_input=True).strip()
-    teams = Api(url, token).get("/teams")
+    try:
+        teams = Api(url, token).get("/teams")
+    except ApiError as exc:
+        if exc.status == 404 and "code" not in exc.body:  # a page, not the API: e.g. a URL copied with its path
+            raise ApiError(f"no NeuronDeck API at {url}/api/v1/: give the console's address, without a path "
+                           "(as in http://127.0.0.1:8000)") from exc
+        raise
     path = save_login(url, token)
     if as_json:
         output.emit_json({"url": url, "config": str(path), "teams": teams})

@@ -140,10 +140,18 @@ class JobRecorder:
         self.serves = job.kind == Kind.SERVE  # an endpoint replica: it reports its URL and readiness
 
     def heartbeat(self) -> None:
+        """Renew the lease of our attempt, storing what is held (log chunks, log size,
+        pid) with it: one UPDATE of the job's row. A job that is no longer ours gets
+        no heartbeat, but its log is kept all the same, as flush_log keeps it."""
         self.holding = False
-        self.flush_log()
-        Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
-                           attempts=self.attempt).update(heartbeat_at=timezone.now())
+        chunks, fields = self.pending()
+        with transaction.atomic():
+            store_log_chunks(self.job_id, chunks)
+            renewed = Job.objects.filter(pk=self.job_id, status=S.RUNNING, host_id=self.host_id,
+                                         attempts=self.attempt).update(heartbeat_at=timezone.now(), **fields)
+            if not renewed and (chunks or "worker_pid" in fields):
+                Job.objects.filter(pk=self.job_id).update(**fields)
+        self.stored()
         self.flush_metrics()
 
     def should_cancel(self) -> bool:

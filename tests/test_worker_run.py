@@ -177,6 +177,35 @@ def test_the_recorder_holds_the_log_until_the_first_heartbeat_and_after_the_chil
     assert stored()[0] == ["one\n", "two \ufffd\n", "three\n"] and recorder.pending()[0] == []
 
 
+def test_a_heartbeat_stores_the_held_log_with_the_lease_in_one_update(cast, tiny_model, cpu_host):
+    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
+    claimed = states.claim(job.pk, cpu_host.pk, host_name="h")
+    recorder = execution.JobRecorder(claimed, cpu_host.pk)
+    recorder.on_start(4242)
+    recorder.on_log(0, "one\n")
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=None)
+    with CaptureQueriesContext(connection) as queries:
+        recorder.heartbeat()
+    writes = [q["sql"].split()[0] for q in queries.captured_queries if q["sql"].split()[0] in ("INSERT", "UPDATE")]
+    assert writes == ["INSERT", "UPDATE"]
+    row = Job.objects.get(pk=job.pk)
+    assert (row.worker_pid, row.log_bytes - claimed.log_bytes) == (4242, 4) and row.heartbeat_at is not None
+    assert JobLogChunk.objects.filter(job=job, offset=claimed.log_bytes, text="one\n").exists()
+
+
+def test_a_heartbeat_of_an_attempt_no_longer_ours_keeps_its_log_but_renews_nothing(cast, tiny_model, cpu_host):
+    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
+    claimed = states.claim(job.pk, cpu_host.pk, host_name="h")
+    recorder = execution.JobRecorder(claimed, cpu_host.pk)
+    recorder.on_start(4242)
+    recorder.on_log(0, "late\n")
+    assert states.requeue(job.pk, message="preempted")
+    recorder.heartbeat()
+    row = Job.objects.get(pk=job.pk)
+    assert row.status == "pending" and row.heartbeat_at is None and row.log_bytes - claimed.log_bytes == 5
+    assert JobLogChunk.objects.filter(job=job, offset=claimed.log_bytes, text="late\n").exists()
+
+
 def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_model, cpu_host):
     from jobs.assets import storage
     from neuron_workers.process import Outcome

@@ -12,7 +12,11 @@ first few waiting gangs of a family besides its head too), "greedy"
 observed actual/requested runtime ratio as its jobs finish (FleetState.ratios:
 where a gang's reservation goes). Start-time estimates at submit are
 jobs.quotas.backfill.forecast over what the scheduler would know (time limits ×
-the team's observed actual/requested ratio), never the true runtimes.
+the team's observed actual/requested ratio), never the true runtimes. A pass looks
+at what a dispatch run reads: the oldest jobs.quotas.fairshare.PENDING_SCAN
+pending jobs (`--scan`; 0: the whole queue), newer ones waiting until older ones
+have left; the estimate replays those same jobs, as jobs.lifecycle.forecasts does,
+so a job submitted behind PENDING_SCAN others gets no estimate (eta_unscanned).
 
 The trace (seeded; every size is a flag):
 - Fleet: `--hosts` hosts of the instance types in the Neuron reference
@@ -44,7 +48,8 @@ The trace (seeded; every size is a flag):
   (a family's jobs can only use that family's cores), plus `--bursts` submission
   rushes of `--burst-jobs` jobs within half an hour each (a deadline, a sweep: the
   bursty submission the studies describe), which is what builds the backlog of
-  over 10,000 pending jobs that dispatch_pass_p95_ms is measured at.
+  over 10,000 pending jobs that dispatch_pass_p95_ms is measured at (a pass then
+  decides for the oldest PENDING_SCAN of them, as a dispatch run does).
 
 What it leaves out: preemption of borrowers (every team may borrow the whole
 fleet, so the passes run without preempt), budgets, host failures and drains, job
@@ -52,9 +57,8 @@ failures and retries, kind priorities (every job is of one kind), the Celery and
 database latency between passes (a pass runs every TICK_S of virtual time, where
 the dispatcher runs one soon after each submit and each end: a job's cores sit
 idle until the next tick, and that idle time counts against utilization;
-`dispatch_pass_db_ms` measures one real pass separately), the PENDING_SCAN cap (a
-pass here sees the whole queue), fair-share decay (usage is the trace's total so
-far), and new arrivals in the estimate (a forecast replays the queue as it is:
+`dispatch_pass_db_ms` measures one real pass separately), fair-share decay (usage
+is the trace's total so far), and new arrivals in the estimate (a forecast replays the queue as it is:
 estimates are early for jobs that later arrivals of less-served teams overtake).
 
 Prints one JSON object (the last line): per policy (suffixes _fifo, _greedy for
@@ -69,7 +73,8 @@ multihost_wait_max_s (gangs), jct_mean_s, jain_fairness (usage / share over the 
 ticks); for "easy" dispatch_pass_p95_ms (fair_order + schedule_pass wall time at
 ticks with >= --peak-pending pending, or the busiest tenth if the trace never gets
 there), eta_error_median and eta_within_2x (estimates made at submit for a sample
-of jobs); dispatch_pass_db_ms (one scheduler.dispatch() against PostgreSQL loaded
+of jobs; eta_unscanned of them were submitted behind PENDING_SCAN others and got
+none); dispatch_pass_db_ms (one scheduler.dispatch() against PostgreSQL loaded
 with --db-hosts hosts and --db-pending pending jobs, in a scratch database created
 and dropped here; wall time, and dispatch_pass_db_cpu_ms: the CPU time of this
 process and of its PostgreSQL backend during the pass); hosts, jobs.
@@ -89,6 +94,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
+from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,7 +108,7 @@ from jobs.quotas.backfill import (  # noqa: E402
     runtime_ratio,
     schedule_pass,
 )
-from jobs.quotas.fairshare import QueueItem, fair_order  # noqa: E402
+from jobs.quotas.fairshare import PENDING_SCAN, QueueItem, fair_order  # noqa: E402
 from jobs.quotas.placement import HostSlots  # noqa: E402
 
 HOST_MIX = {  # family -> [(instance type, NeuronCores, weight)] (neuron.md's instance table)
@@ -224,12 +230,12 @@ class Sim:
     """One policy over the trace."""
 
     def __init__(self, policy: str, jobs: list[TraceJob], hosts, shares, quotas, *, eta_ids: set[int] = frozenset(),
-                 peak_pending: int = 10_000):
-        self.policy, self.jobs, self.hosts, self.shares = policy, jobs, hosts, shares
+                 peak_pending: int = 10_000, scan: int = PENDING_SCAN):
+        self.policy, self.jobs, self.hosts, self.shares, self.scan = policy, jobs, hosts, shares, scan
         self.state = FleetState(dict(hosts), quotas=quotas)
         self.eta_ids, self.peak_pending = eta_ids, peak_pending
         self.capacity = family_capacity(hosts)
-        self.queue: dict[int, Waiting] = {}
+        self.queue: dict[int, Waiting] = {}  # by job id: the trace's ids are in arrival order, like the database's
         self.items: dict[int, QueueItem] = {}  # job id -> what fair_order sees (made once, at arrival)
         self.now = 0.0
         self.demand = {f: 0 for f in self.capacity}  # pending cores per family
@@ -241,6 +247,7 @@ class Sim:
         self.busy_tick: dict = {"family": {}, "fleet": False}  # whether the last tick counted, per family / fleet
         self.pass_ms: list[tuple[int, float]] = []
         self.eta: dict[int, float] = {}
+        self.eta_unscanned = 0  # estimates asked for a job beyond the scan
 
     def run(self) -> dict:
         jobs, state = self.jobs, self.state
@@ -284,9 +291,12 @@ class Sim:
         return self.figures()
 
     def ordered(self) -> list[Waiting]:
+        """The jobs a dispatch run looks at - the oldest `scan` pending (PENDING_SCAN:
+        the dispatcher reads them by id; 0: the whole queue) - in the order it works in."""
+        scanned = list(islice(self.queue, self.scan)) if self.scan else list(self.queue)
         if self.policy == "fifo":
-            return list(self.queue.values())
-        items = [self.items[job_id] for job_id in self.queue]
+            return [self.queue[job_id] for job_id in scanned]
+        items = [self.items[job_id] for job_id in scanned]
         line = EPOCH + timedelta(seconds=self.now - OVERDUE_H * 3600) if OVERDUE_H > 0 else None
         return [self.queue[i.job_id] for i in fair_order(items, self.usage, self.shares, FAIR_CHARGE_S,
                                                          overdue_before=line)]
@@ -328,7 +338,13 @@ class Sim:
         runtimes corrected by each team's finished history. True runtimes are not
         passed: a running job's expected end comes from its start and limit only.
         The replay stops once the job has started (the jobs behind it in the order
-        are in it: they may backfill around it)."""
+        are in it: they may backfill around it). Like jobs.lifecycle.forecasts, it
+        replays the jobs a dispatch run looks at: a job submitted behind `scan`
+        older ones gets no estimate (an error of inf)."""
+        scanned = self.ordered()
+        if all(w.job_id != job_id for w in scanned):
+            self.eta_unscanned += 1
+            return math.inf
         ratio = {t: runtime_ratio(h[-200:])[1] for t, h in self.history.items()}
         running = {}
         for r in self.state.running.values():
@@ -339,7 +355,7 @@ class Sim:
         copy = FleetState(dict(self.hosts), running, self.state.quotas, limit_end=dict(self.state.limit_end),
                           ratios=ratio, expected_end={job_id: r.end for job_id, r in running.items()})
         order = [Waiting(w.job_id, w.team_id, w.family, w.cores, w.limit_s, w.limit_s * ratio[w.team_id],
-                         w.host_count, w.same_network) for w in self.ordered()]
+                         w.host_count, w.same_network) for w in scanned]
         got = forecast(order, copy, now, until=job_id, max_steps=ETA_MAX_STEPS).get(job_id)
         return got.start if got and got.start is not None else math.inf
 
@@ -381,6 +397,7 @@ class Sim:
             out["eta_error_median"] = round(statistics.median(errors), 3) if errors else None
             out["eta_within_2x"] = round(sum(within) / len(within), 3) if within else None
             out["eta_samples"] = len(errors)
+            out["eta_unscanned"] = self.eta_unscanned
         return out
 
 
@@ -493,6 +510,9 @@ def main() -> None:
     parser.add_argument("--db-pending", type=int, default=10_000)
     parser.add_argument("--no-db", action="store_true", help="skip dispatch_pass_db_ms (no PostgreSQL)")
     parser.add_argument("--policies", default="easy,greedy,fifo")
+    parser.add_argument("--scan", type=int, default=PENDING_SCAN,
+                        help="pending jobs a pass looks at, the oldest first (the dispatcher's PENDING_SCAN); "
+                             "0: the whole queue")
     parser.add_argument("--tick", type=float, default=TICK_S, help="virtual seconds between dispatch passes")
     parser.add_argument("--gang-share", type=float, default=GANG_SHARE, help="share of trn1/trn2 jobs that are gangs")
     parser.add_argument("--overdue-h", type=float, default=OVERDUE_H,
@@ -510,7 +530,7 @@ def main() -> None:
     for policy in [p for p in args.policies.split(",") if p]:
         began = time.perf_counter()
         sim = Sim(policy, jobs, hosts, shares, quotas, eta_ids=eta_ids if policy == "easy" else set(),
-                  peak_pending=args.peak_pending)
+                  peak_pending=args.peak_pending, scan=args.scan)
         suffix = "" if policy == "easy" else f"_{policy}"
         out.update({f"{key}{suffix}": value for key, value in sim.run().items()})
         out[f"sim_wall_s{suffix}"] = round(time.perf_counter() - began, 1)
@@ -520,7 +540,7 @@ def main() -> None:
         out.update(dispatch_pass_db(args.db_hosts, args.db_pending, args.seed))
     gang_jobs = sum(j.host_count > 1 for j in jobs)
     out.update(hosts=args.hosts, teams=args.teams, jobs=args.jobs, gang_jobs=gang_jobs, load=args.load,
-               seed=args.seed, wall_s=round(time.perf_counter() - wall, 1))
+               scan=args.scan, seed=args.seed, wall_s=round(time.perf_counter() - wall, 1))
     print(json.dumps(out))
 
 

@@ -33,7 +33,7 @@ from jobs.lifecycle import gangs, signals, states
 from jobs.models import CoreAllocation, EventKind, FamilyQuota, GangMember, Host, Job, Kind, Team, TeamQuota
 from jobs.notify import events as notify_events
 from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
-from jobs.quotas.fairshare import QueueItem, fair_order
+from jobs.quotas.fairshare import PENDING_SCAN, QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, core_range
 from jobs.quotas.policy import LIVE_REASONS, n_cores
 from jobs.quotas.selectors import core_hours_for_budget, decayed_usage_by_team, kind_priorities, team_shares
@@ -41,7 +41,6 @@ from jobs.wake import KICK_FLAG
 
 log = logging.getLogger(__name__)
 S = Job.Status
-PENDING_SCAN = 5000  # pending jobs ordered per run; beyond that the oldest wait for the next run
 T = TypeVar("T")
 
 

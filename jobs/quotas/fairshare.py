@@ -30,6 +30,11 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Iterable, NamedTuple, Sequence
 
+# A dispatch run orders (and decides for) the oldest this many pending jobs, by id;
+# newer ones are looked at once older ones have left the queue. The fleet simulator
+# applies the same cap to its passes.
+PENDING_SCAN = 5000
+
 
 class QueueItem(NamedTuple):
     """One pending job as the ordering sees it (a named tuple: the dispatcher makes

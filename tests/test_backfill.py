@@ -121,6 +121,53 @@ def test_the_forecast_of_the_head_job_is_its_reservation_when_estimates_are_limi
     assert out[2].start == 100 and out[3].start == 0
 
 
+def mixed_fleet(seed: int) -> tuple[FleetState, list[Waiting]]:
+    """Two families (one with gangs over network labels), quotas with borrowing, a
+    fleet part-held by jobs that end before their limits, and a queue to replay."""
+    rng = random.Random(seed)
+    fleet = {i: HostSlots(i, f"a{i}", "a", tuple(range(8)), network=f"pg{i // 4}") for i in range(8)}
+    fleet.update({i: HostSlots(i, f"b{i}", "b", tuple(range(rng.choice([2, 4, 16])))) for i in range(8, 14)})
+    quotas = {(t, f): (rng.choice([0, 4, 8]), rng.choice([8, 32, 64])) for t in range(4) for f in "ab"}
+    state = FleetState(fleet, quotas=quotas)
+    jobs = []
+    for i in range(90):
+        family, host_count = rng.choice("ab"), 1
+        cores = rng.choice([1, 2, 2, 4, 8])
+        if family == "a" and rng.random() < 0.15:
+            host_count = rng.choice([2, 3])
+            cores = 8 * host_count
+        limit = rng.choice([60, 300, 900, 3600])
+        jobs.append(Waiting(i, rng.randrange(4), family, cores, limit, limit * rng.uniform(0.1, 1.0), host_count,
+                            rng.random() < 0.5))
+    schedule_pass(jobs[:30], state, 0.0)  # what holds cores when the replay starts
+    left = [j for j in jobs if j.job_id not in state.running]
+    return state, left
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_forecast_passes_only_the_families_that_changed_and_starts_the_same_jobs_at_the_same_times(seed):
+    def replay_every_family(order, state, now):  # each step passes the whole queue
+        left, out, reserved, t = list(order), {}, set(), now
+        while left:
+            result = schedule_pass(left, state, t)
+            reserved |= result.reserved_jobs()
+            out.update({r.job_id: (t, r.job_id in reserved) for r in result.started})
+            left = [j for j in left if j.job_id not in out]
+            if not left or not state.running:
+                break
+            t = max(min(r.end for r in state.running.values()), t)
+            for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
+                state.finish(job_id)
+        return out
+
+    state, order = mixed_fleet(seed)
+    expected = replay_every_family(order, state, 10.0)
+    state, order = mixed_fleet(seed)
+    got = forecast(order, state, 10.0)
+    assert len(expected) > 40, "most of the queue should start within the replay"
+    assert {j: (f.start, f.reserved) for j, f in got.items() if f.start is not None} == expected
+
+
 # --- the real dispatcher ---------------------------------------------------------------
 
 @pytest.fixture(autouse=True)

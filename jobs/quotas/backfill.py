@@ -867,15 +867,22 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
     caller built (time limits corrected by history): this function never sees how
     long a job really runs. The order is kept as it is now (no new arrivals, no
     change of fair share as usage accrues). `until`: stop once that job has started
-    (the jobs not started by then get no forecast)."""
+    (the jobs not started by then get no forecast).
+
+    A pass decides for each family on its own (its hosts, holders and jobs), and a
+    family where nothing started or ended since its last pass would start nothing
+    now either (a later time only makes backfill harder): each step passes only
+    the jobs of the families that changed."""
     left = list(order)
     out: dict[int, Forecast] = {}
     reserved: set[int] = set()
     t, steps = now, 0
+    changed: set[str] | None = None  # families with a start or an end since their last pass (None: all)
     while left and steps < max_steps and t - now <= horizon_s:
         steps += 1
-        result = schedule_pass(left, state, t)
+        result = schedule_pass(left if changed is None else [j for j in left if j.family in changed], state, t)
         reserved.update(result.reserved_jobs())
+        changed = {r.family for r in result.started}
         if result.started:
             ids = {r.job_id for r in result.started}
             for r in result.started:
@@ -888,7 +895,7 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
         t_next = min(r.end for r in state.running.values())
         t = max(t_next, t)
         for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
-            state.finish(job_id)
+            changed.add(state.finish(job_id).family)
     for job in left:
         out[job.job_id] = Forecast(None, job.job_id in reserved)
     return out

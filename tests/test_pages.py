@@ -239,8 +239,10 @@ def test_the_several_hosts_fields_are_on_the_fine_tune_form_only(cast, tiny_mode
     for kind in ("compile", "inference"):
         page = client.get(f"/teams/vision/jobs/new/{kind}/").content.decode()
         assert 'name="host_count"' not in page and 'name="same_network"' not in page, kind
+        assert "several hosts" not in page, kind  # the cores' help spoke of a host count the form has not
     page = client.get("/teams/vision/jobs/new/finetune/").content.decode()
     assert 'name="host_count"' in page and 'name="same_network"' in page
+    assert "the host count times one host's cores" in page.replace("&#x27;", "'")
     assert page.index('name="cores"') < page.index('name="host_count"')  # with the resources, after the cores
 
 

@@ -84,6 +84,11 @@ class JobBaseForm(TeamScopedForm):
     kind: str = ""
     model_error = "Select a model of your team."
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.kind != Kind.FINETUNE:  # the other kinds run on one host: no host count to multiply by
+            self.fields["cores"].help_text = ""
+
     def clean_host_count(self) -> int:
         count = self.cleaned_data.get("host_count") or 1
         if count > 1 and self.kind != Kind.FINETUNE:

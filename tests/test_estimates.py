@@ -71,6 +71,25 @@ def finished(team, user, limit_s: int, ran_s: int) -> None:
                        started_at=end - timedelta(seconds=ran_s), finished_at=end)
 
 
+def test_each_teams_ratio_comes_from_its_last_finished_jobs_only(cast):
+    end = timezone.now() - timedelta(hours=1)
+
+    def jobs(team, n: int, ran_s: int, ended) -> list[Job]:
+        return [Job(team=team, user=cast.bob, kind="inference", status=S.SUCCEEDED, max_runtime_s=1000,
+                    started_at=ended - timedelta(seconds=ran_s), finished_at=ended) for _ in range(n)]
+
+    # vision: 30 old jobs ran their whole limit, the newest HISTORY_JOBS a tenth of it;
+    # audio has 3 jobs (all of its history), and a team with none gets the limits themselves
+    newest = forecasts.HISTORY_JOBS
+    Job.objects.bulk_create(jobs(cast.vision, 30, 1000, end - timedelta(days=2))
+                            + [j for i in range(newest) for j in jobs(cast.vision, 1, 100, end - timedelta(minutes=i))]
+                            + jobs(cast.audio, 3, 500, end))
+    ratios = forecasts.team_ratios({cast.vision.pk, cast.audio.pk, 10 ** 9})
+    assert ratios[cast.vision.pk] == ((0.1, 0.1, 0.1), newest)
+    assert ratios[cast.audio.pk] == ((0.5, 0.5, 0.5), 3)
+    assert ratios[10 ** 9] == ((1.0, 1.0, 1.0), 0)
+
+
 def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_history(cast):
     host("cpu-a", "cpu", 4)
     set_family(cast.vision, "cpu", 8)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone as dt_timezone
 
+from django.db.models import DurationField, ExpressionWrapper, F, OuterRef, Q, Subquery
 from django.utils import timezone
 
-from jobs.models import CoreAllocation, FamilyQuota, Host, Job
+from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team
 from jobs.quotas.backfill import (FleetState, Member, Running, Waiting, estimated_end, forecast, runtime_ratio,
                                   time_limit_s)
 from jobs.quotas.placement import HostSlots
@@ -57,15 +58,26 @@ class Estimate:
 
 def team_ratios(team_ids: set[int]) -> dict[int, tuple[tuple[float, float, float], int]]:
     """Per team: (low, median, high) actual / requested runtime and how many jobs
-    it comes from (jobs.quotas.backfill.runtime_ratio)."""
-    out = {}
-    for team_id in team_ids:
-        rows = (Job.objects.filter(team_id=team_id, status=Job.Status.SUCCEEDED, started_at__isnull=False,
-                                   finished_at__isnull=False, cache_hit=False)
-                .order_by("-finished_at").values_list("started_at", "finished_at", "max_runtime_s")[:HISTORY_JOBS])
-        history = [((end - start).total_seconds(), limit) for start, end, limit in rows]
-        out[team_id] = (runtime_ratio(history), len(history))
-    return out
+    it comes from (jobs.quotas.backfill.runtime_ratio) over its last HISTORY_JOBS
+    finished jobs. Two queries however many teams: when each team's history starts
+    (its HISTORY_JOBS-th newest finish), then the runtimes of the jobs since."""
+    finished = Job.objects.filter(status=Job.Status.SUCCEEDED, started_at__isnull=False, finished_at__isnull=False,
+                                  cache_hit=False)
+    nth_newest = (finished.filter(team_id=OuterRef("pk")).order_by("-finished_at")
+                  .values("finished_at")[HISTORY_JOBS - 1:HISTORY_JOBS])
+    since = dict(Team.objects.filter(pk__in=team_ids).annotate(since=Subquery(nth_newest)).values_list("pk", "since"))
+    histories: dict[int, list[tuple[float, int | None]]] = {team_id: [] for team_id in team_ids}
+    if since:
+        recent = Q()
+        for team_id, first in since.items():
+            recent |= Q(team_id=team_id, finished_at__gte=first) if first else Q(team_id=team_id)
+        runtime = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+        rows = (finished.filter(recent).order_by("team_id", "-finished_at")
+                .values_list("team_id", runtime, "max_runtime_s"))
+        for team_id, ran, limit in rows:
+            if len(histories[team_id]) < HISTORY_JOBS:  # jobs that finished at the same moment as the first
+                histories[team_id].append((ran.total_seconds(), limit))
+    return {team_id: (runtime_ratio(history), len(history)) for team_id, history in histories.items()}
 
 
 @dataclass

@@ -162,7 +162,7 @@ BAD_JOBS = [
     ("an unknown family", lambda m, d: inference_body(m, family="gpu"), "family", "not one of the available"),
     ("an unknown kind", lambda m, d: {**inference_body(m), "kind": "train"}, "kind", "kind must be one of"),
     ("no team", lambda m, d: {k: v for k, v in inference_body(m).items() if k != "team"}, "team", "required"),
-    ("a misspelt field", lambda m, d: finetune_body(m, d, stepz=3), "stepz", "unknown field for a finetune job"),
+    ("a misspelt field", lambda m, d: finetune_body(m, d, stepz=3), "stepz", "unknown field for finetune jobs"),
     ("a prompts_file inside a JSON body", lambda m, d: inference_body(m, prompts_file="x.jsonl"), "prompts_file",
      "multipart/form-data"),
 ]

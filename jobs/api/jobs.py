@@ -497,7 +497,7 @@ def submit_job(request: HttpRequest):
     form_class = JOB_FORMS[kind]
     unknown = sorted(set(data) - set(form_class.base_fields) - {"team", "kind"} - FORM_KEYS)
     if unknown:
-        errors = {key: [f"unknown field for a {kind} job"] for key in unknown}
+        errors = {key: [f"unknown field for {kind} jobs"] for key in unknown}
         return _field_errors(errors, f"The {kind} job was not submitted")
     if files is None:
         typed = body.json_type_errors(data, form_class.base_fields)

@@ -211,6 +211,7 @@ def test_usage_reads_the_team_s_numbers(cast, run):
     assert doc["team"] == "vision" and "totals" in doc
     text = run(cast.alice, "usage", "--team", "vision")
     assert text.exit_code == 0 and "team vision" in text.output
+    assert "None" not in text.output and "utilization_pct: -" in text.output  # no use measured: no figure
     assert run(cast.charlie, "usage", "--team", "vision").exit_code == 1
 
 

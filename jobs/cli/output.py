@@ -68,7 +68,7 @@ def usage(doc: dict) -> None:
     totals, burn = doc["totals"], doc["burn_down"]
     click.echo(f"team {doc['team']}, {doc['from']} to {doc['to']} ({doc['time_zone']})")
     for key in sorted(totals):
-        click.echo(f"{key:>28}: {totals[key]}")
+        click.echo(f"{key:>28}: {_cell(totals[key]) or '-'}")  # "-": no figure (no use measured yet)
     budget = burn.get("budget_core_hours")
     click.echo(f"{'budget':>28}: {burn['used_core_hours']} of {budget if budget is not None else 'unlimited'} "
                f"core-hours ({burn['status']})")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.core.cache import cache
+from django.db import connection, transaction
+from django.utils import timezone
 
 from jobs.lifecycle import scheduler, states
-from jobs.models import CoreAllocation, GangMember, Job
+from jobs.models import CoreAllocation, GangMember, Host, Job
 from jobs.quotas.selectors import clear_usage_cache
 from tests.test_quota_race import in_threads
 from tests.test_scheduling import host, pending, set_family
@@ -179,3 +182,51 @@ def test_concurrent_dispatch_never_leaves_a_partial_gang_or_a_core_held_twice(ca
             assert not ranks
         elif job.status != S.CANCELLED:
             assert len(set(ranks)) == job.host_count
+
+
+
+def holding(team, user, limit_s: int) -> Job:
+    """A running 8-core trn1 job of `team` that started just now with this time limit."""
+    job = pending(team, user, cores=8, family="trn1")
+    Job.objects.filter(pk=job.pk).update(max_runtime_s=limit_s)
+    assert scheduler.dispatch().placed == [job.pk]
+    assert states.mark_running(job.pk, Job.objects.get(pk=job.pk).host_id)
+    return job
+
+
+def history(team, user, ratio: float, n: int = 5, limit_s: int = 1000) -> None:
+    """`n` finished jobs of `team` that each ran `ratio` of its time limit."""
+    end = timezone.now()
+    Job.objects.bulk_create([Job(team=team, user=user, kind="inference", family="trn1", cores=1, status=S.SUCCEEDED,
+                                 max_runtime_s=limit_s, started_at=end - timedelta(seconds=limit_s * ratio),
+                                 finished_at=end) for _ in range(n)])
+    cache.delete(f"runtime-ratio:{team.pk}")  # a ratio an earlier test run cached for the same id
+
+
+def test_a_waiting_gang_is_kept_the_hosts_its_holders_history_expects_free_first(cast, sent):
+    set_family(cast.vision, "trn1", 32)
+    set_family(cast.audio, "trn1", 8)
+    host("trn-fast", "trn1", 8)
+    holding(cast.vision, cast.bob, 1000)  # vision's jobs run a tenth of their limits
+    host("trn-slow", "trn1", 8)
+    holding(cast.audio, cast.charlie, 500)  # audio's nine tenths
+    assert set(CoreAllocation.objects.values_list("host__name", flat=True)) == {"trn-fast", "trn-slow"}
+    host("trn-idle", "trn1", 8)
+    job = gang(cast.vision, cast.bob, 2)
+    small = pending(cast.vision, cast.bob, cores=4, family="trn1")
+    Job.objects.filter(pk=small.pk).update(max_runtime_s=300)
+    # Without history the gang is promised trn-idle and trn-slow (free by 500 s by the
+    # limits), and the 300 s job may use trn-idle meanwhile.
+    cache.delete_many([f"runtime-ratio:{cast.vision.pk}", f"runtime-ratio:{cast.audio.pk}"])
+    with transaction.atomic():
+        dry = scheduler.DispatchRun(scheduler.lock_hosts(), scheduler.RunInputs.read(ratios=scheduler.gang_ratios()),
+                                    dry=True)
+        assert [r.job_id for r in dry.decide().started] == [small.pk]
+    # With it, trn-fast is expected free by 100 s: the gang gets it and trn-idle, kept from then on.
+    history(cast.vision, cast.bob, 0.1)
+    history(cast.audio, cast.charlie, 0.9)
+    assert scheduler.dispatch().placed == []
+    small.refresh_from_db()
+    job.refresh_from_db()
+    assert small.reason_code == "backfill_blocked" and f"job #{job.pk}" in small.reason
+    assert job.reason_code == "no_free_cores_of_family"

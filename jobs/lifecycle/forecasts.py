@@ -80,6 +80,25 @@ def team_ratios(team_ids: set[int]) -> dict[int, tuple[tuple[float, float, float
     return {team_id: (runtime_ratio(history), len(history)) for team_id, history in histories.items()}
 
 
+RATIO_CACHE_S = 600  # the dispatcher's per-team runtime ratios are read again after this (they move slowly)
+
+
+def median_ratios(team_ids: set[int]) -> dict[int, float]:
+    """Per team: its median actual / requested runtime (team_ratios; 1 without
+    history: its time limits), kept in Django's cache for RATIO_CACHE_S: what the
+    dispatcher expects a running job to end by when it chooses a gang's hosts."""
+    from django.core.cache import cache
+
+    keys = {f"runtime-ratio:{team_id}": team_id for team_id in team_ids}
+    out = {keys[key]: value for key, value in cache.get_many(list(keys)).items()}
+    missing = set(team_ids) - set(out)
+    if missing:
+        fresh = {team_id: mid for team_id, ((_, mid, _), _) in team_ratios(missing).items()}
+        cache.set_many({f"runtime-ratio:{team_id}": mid for team_id, mid in fresh.items()}, RATIO_CACHE_S)
+        out.update(fresh)
+    return out
+
+
 @dataclass
 class Snapshot:
     """What a replay starts from (read once): hosts, holders, the ordered queue."""

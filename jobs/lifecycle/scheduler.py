@@ -14,11 +14,14 @@ database's state (DispatchRun): EASY backfill (the first job allowed by its quot
 that finds no room gets its family's reservation, from the running jobs' time
 limits; later jobs of the family start only if they end by their own limit before
 it, or on cores it does not need, so a large job's wait is bounded), gangs (N whole
-hosts or nothing) and preemption. The fleet simulator and the start-time forecast
+hosts or nothing; while one waits, its reservation goes to the hosts whose jobs
+are expected to end first by their teams' history of actual / requested runtime,
+gang_ratios) and preemption. The fleet simulator and the start-time forecast
 run the same function; this module only reads, writes and sends."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -150,10 +153,23 @@ class RunInputs:
     limit_ends: dict[int, float] = field(default_factory=dict)  # job holding cores -> when its time limit ends
     drains: set[int] = field(default_factory=set)  # running replicas: a preemption drains them first
     stopping: dict[int, float] = field(default_factory=dict)  # draining replicas -> their cores are back by then
+    # team -> its median actual / requested runtime, and job holding cores -> when it is
+    # expected to end (its start + its limit × that ratio): where a gang's reservation
+    # goes (backfill.reserve_gang). Empty: by the time limits alone.
+    ratios: dict[int, float] = field(default_factory=dict)
+    expected_ends: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, limit: int = PENDING_SCAN) -> "RunInputs":
+    def read(cls, limit: int = PENDING_SCAN, ratios: dict[int, float] | None = None) -> "RunInputs":
+        """`ratios`: gang_ratios(), read before the hosts were locked."""
         ends, drains, stopping = holders()
+        expected = {}
+        if ratios:
+            for pk, team_id, max_runtime_s in Job.objects.filter(pk__in=list(ends)).values_list(
+                    "pk", "team_id", "max_runtime_s"):
+                limit_s = time_limit_s(max_runtime_s)
+                if team_id in ratios and not math.isinf(limit_s):
+                    expected[pk] = ends[pk] - limit_s * (1 - ratios[team_id])
         return cls(
             [(*row[:7], row[7].timestamp()) for row in CoreAllocation.objects
              .values("host_id", "job_id", "team_id", "family", "borrowed", "since")
@@ -161,7 +177,7 @@ class RunInputs:
              .values_list("host_id", "first", "count", "job_id", "team_id", "family", "borrowed", "since")],
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
-            kind_priorities(), pending_rows(limit), ends, drains, stopping)
+            kind_priorities(), pending_rows(limit), ends, drains, stopping, ratios or {}, expected)
 
     @property
     def shares(self) -> dict[int, float]:
@@ -173,6 +189,19 @@ class RunInputs:
         waiting = {row.team_id for row in self.pending if row.team_id in budget}
         used = core_hours_for_budget({team_id: budget[team_id] for team_id in waiting})
         return {team_id: (used.get(team_id, 0.0), budget[team_id]) for team_id in waiting}
+
+
+def gang_ratios() -> dict[int, float]:
+    """While a gang waits: the runtime ratio (forecasts.median_ratios, cached) of every
+    team with jobs waiting or holding cores; else nothing. Read before the hosts are
+    locked: a team whose ratio is not cached costs a query over its history."""
+    if not Job.objects.filter(status=S.PENDING, host_count__gt=1, cancel_requested=False).exists():
+        return {}
+    from jobs.lifecycle.forecasts import median_ratios
+
+    teams = set(Job.objects.filter(status__in=[S.PENDING, *Job.ACTIVE]).values_list("team_id", flat=True)
+                .distinct().order_by())
+    return median_ratios(teams)
 
 
 def holders(jobs=None) -> tuple[dict[int, float], set[int], dict[int, float]]:
@@ -243,7 +272,8 @@ def fleet_state(hosts: list[Host], inputs: RunInputs, now: float) -> FleetState:
     return FleetState(host_slots(hosts), running,
                       {(t, f): (g, b) for t, f, g, b in inputs.family_quotas},
                       limit_end={job_id: run.end for job_id, run in running.items()},
-                      budgets=inputs.budgets(), names={row.team_id: row.team_slug for row in inputs.pending})
+                      budgets=inputs.budgets(), names={row.team_id: row.team_slug for row in inputs.pending},
+                      ratios=inputs.ratios, expected_end=inputs.expected_ends)
 
 
 class DispatchRun:
@@ -369,8 +399,9 @@ def dispatch(*, clear: bool = True) -> DispatchReport:
     (see clear_kick)."""
     if clear:
         clear_kick()
+    ratios = gang_ratios()
     with transaction.atomic():
-        run = DispatchRun(lock_hosts(), RunInputs.read())
+        run = DispatchRun(lock_hosts(), RunInputs.read(ratios=ratios))
         run.decide()
         run.write()
         placed = list(run.placed)

@@ -120,14 +120,17 @@ def _compute_decayed_usage(now: datetime) -> dict[int, float]:
     # (_closed_days); the partial ones at either end are read each time.
     hourly_from = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
     closed = JobAttempt.objects.filter(ended_at__gte=horizon)
-    hours = (closed.filter(ended_at__gte=hourly_from).annotate(start=TruncHour("ended_at"))
+    # The buckets come back in this zone, named once: left to Django, each of a few
+    # thousand rows looks the current zone up again.
+    zone = timezone.get_current_timezone()
+    hours = (closed.filter(ended_at__gte=hourly_from).annotate(start=TruncHour("ended_at", tzinfo=zone))
              .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
     days = _whole_days(horizon, hourly_from)
     edges = Q(ended_at__lt=hourly_from)
     if days:
         edges = Q(ended_at__lt=_day_start(days[0])) | Q(ended_at__gte=_day_start(days[-1] + timedelta(days=1)),
                                                         ended_at__lt=hourly_from)
-    partial = (closed.filter(edges).annotate(start=TruncDay("ended_at"))
+    partial = (closed.filter(edges).annotate(start=TruncDay("ended_at", tzinfo=zone))
                .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
     buckets = [(team_id, min(start + middle, now), s)
                for rows, middle in ((hours, timedelta(minutes=30)), (partial, timedelta(hours=12)))

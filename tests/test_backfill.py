@@ -123,12 +123,14 @@ def test_the_forecast_of_the_head_job_is_its_reservation_when_estimates_are_limi
 
 def mixed_fleet(seed: int) -> tuple[FleetState, list[Waiting]]:
     """Two families (one with gangs over network labels), quotas with borrowing, a
-    fleet part-held by jobs that end before their limits, and a queue to replay."""
+    fleet part-held by jobs that end before their limits, and a queue to replay;
+    odd seeds with the teams' runtime ratios (what a forecast's runtimes come from)."""
     rng = random.Random(seed)
+    ratios = {t: rng.uniform(0.2, 1.0) for t in range(4)} if seed % 2 else {}
     fleet = {i: HostSlots(i, f"a{i}", "a", tuple(range(8)), network=f"pg{i // 4}") for i in range(8)}
     fleet.update({i: HostSlots(i, f"b{i}", "b", tuple(range(rng.choice([2, 4, 16])))) for i in range(8, 14)})
     quotas = {(t, f): (rng.choice([0, 4, 8]), rng.choice([8, 32, 64])) for t in range(4) for f in "ab"}
-    state = FleetState(fleet, quotas=quotas)
+    state = FleetState(fleet, quotas=quotas, ratios=ratios)
     jobs = []
     for i in range(90):
         family, host_count = rng.choice("ab"), 1
@@ -136,9 +138,9 @@ def mixed_fleet(seed: int) -> tuple[FleetState, list[Waiting]]:
         if family == "a" and rng.random() < 0.15:
             host_count = rng.choice([2, 3])
             cores = 8 * host_count
-        limit = rng.choice([60, 300, 900, 3600])
-        jobs.append(Waiting(i, rng.randrange(4), family, cores, limit, limit * rng.uniform(0.1, 1.0), host_count,
-                            rng.random() < 0.5))
+        limit, team = rng.choice([60, 300, 900, 3600]), rng.randrange(4)
+        jobs.append(Waiting(i, team, family, cores, limit, limit * ratios.get(team, rng.uniform(0.1, 1.0)),
+                            host_count, rng.random() < 0.5))
     schedule_pass(jobs[:30], state, 0.0)  # what holds cores when the replay starts
     left = [j for j in jobs if j.job_id not in state.running]
     return state, left

@@ -77,7 +77,9 @@ of jobs; eta_unscanned of them were submitted behind PENDING_SCAN others and got
 none); dispatch_pass_db_ms (one scheduler.dispatch() against PostgreSQL loaded
 with --db-hosts hosts and --db-pending pending jobs, in a scratch database created
 and dropped here; wall time, and dispatch_pass_db_cpu_ms: the CPU time of this
-process and of its PostgreSQL backend during the pass); hosts, jobs.
+process and of its PostgreSQL backend during the pass); hosts, jobs; per policy
+sim_wall_s and sim_cpu_s (this process's CPU time: what the wall time is on a
+quiet machine).
 """
 from __future__ import annotations
 
@@ -528,12 +530,13 @@ def main() -> None:
     out: dict = {}
     wall = time.perf_counter()
     for policy in [p for p in args.policies.split(",") if p]:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         sim = Sim(policy, jobs, hosts, shares, quotas, eta_ids=eta_ids if policy == "easy" else set(),
                   peak_pending=args.peak_pending, scan=args.scan)
         suffix = "" if policy == "easy" else f"_{policy}"
         out.update({f"{key}{suffix}": value for key, value in sim.run().items()})
         out[f"sim_wall_s{suffix}"] = round(time.perf_counter() - began, 1)
+        out[f"sim_cpu_s{suffix}"] = round(time.process_time() - began_cpu, 1)  # its wall time on a quiet machine
         print(f"{policy}: {json.dumps({k: v for k, v in out.items() if k.endswith(suffix) or not suffix})}",
               file=sys.stderr, flush=True)
     if not args.no_db:

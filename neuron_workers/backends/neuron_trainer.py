@@ -96,7 +96,12 @@ class NeuronDeckCallback(TrainerCallback):
             state.global_step = restore(self.restore_from, args, model, optimizer, lr_scheduler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.agree(self.ctx.should_stop()) and state.global_step < state.max_steps:
+        if state.global_step >= state.max_steps:
+            # No checkpoint of the last step (transformers' DefaultFlowCallback asks for
+            # one): the model is saved next, and an attempt that dies before recording
+            # it resumes from the checkpoint before, rather than from one with no step left.
+            control.should_save = False
+        elif self.agree(self.ctx.should_stop()):
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step

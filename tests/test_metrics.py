@@ -392,6 +392,23 @@ def test_the_job_page_carries_its_charts_and_the_cursor_to_follow(cast, clean_st
     assert config["figures"]["util"]["data"][1]["y"] == [2.0]
 
 
+def test_a_one_second_jobs_charts_span_seconds_and_bytes_not_a_millisecond_and_4_bytes(cast, clean_streams):
+    host = neuron_host()
+    job = running_job(cast.vision, cast.bob, host, start=0, cores=2)
+    publish(host, tagged_report(job, {0: 1.0, 1: 2.0}))
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.SUCCEEDED, finished_at=timezone.now())
+
+    html = session(cast.bob).get(f"/jobs/{job.pk}/").content.decode()
+    config = json.loads(html.split('id="job-live-charts-config" type="application/json">')[1].split("</script>")[0])
+    assert not config["live"] and config["points"] == 1
+    [t] = config["figures"]["util"]["data"][0]["x"]
+    for name, figure in config["figures"].items():
+        low, high = figure["layout"]["xaxis"]["autorangeoptions"]["include"]
+        assert low < t < high and high - low >= 10_000, name  # seconds around the sample, not Plotly's 1.5 ms
+    memory = config["figures"]["mem"]["layout"]["yaxis"]
+    assert max(memory.get("range") or memory["autorangeoptions"]["include"]) >= 1 << 20  # never 0B-4B
+
+
 def test_the_host_pages_show_every_core_and_mark_a_replay(cast, clean_streams):
     host = neuron_host(replay=True)
     client = session(cast.bob)

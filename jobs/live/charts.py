@@ -44,7 +44,25 @@ def _title(text: str, note: str = "") -> dict:
     return title
 
 
-def _layout(title: str, yaxis: dict, note: str = "", **extra: Any) -> dict:
+MIN_SPAN_MS = 10_000  # a time axis spans at least this, centred on the points
+MIN_BYTES = 1 << 20  # a memory axis reaches at least this: never an axis of fractional bytes
+
+
+def _time_axis(t: list | None) -> dict:
+    """A date axis. With one point, or points a few seconds apart (a short job), its
+    range still spans MIN_SPAN_MS around them: Plotly alone would stretch a lone point
+    over a millisecond. More points widen the range as usual (live.js appends)."""
+    axis: dict[str, Any] = {"type": "date", "automargin": True}
+    if t:
+        span = t[-1] - t[0]
+        if span < MIN_SPAN_MS:
+            mid = t[0] + span / 2
+            axis["autorangeoptions"] = {"include": [mid - MIN_SPAN_MS / 2, mid + MIN_SPAN_MS / 2]}
+    return axis
+
+
+def _layout(title: str, yaxis: dict, note: str = "", t: list | None = None, **extra: Any) -> dict:
+    """A chart's layout; `t` is the chart's time points, for the x axis's range."""
     return {
         "title": _title(title, note),
         "font": _FONT,
@@ -53,7 +71,7 @@ def _layout(title: str, yaxis: dict, note: str = "", **extra: Any) -> dict:
         # A constant uirevision keeps the user's zoom and hidden traces while points
         # are appended.
         "uirevision": "live",
-        "xaxis": {"type": "date", "automargin": True},
+        "xaxis": _time_axis(t),
         "yaxis": {"automargin": True, **yaxis},
         # The legend sits at the bottom of the whole figure (container coordinates),
         # below the x axis's tick labels however many lines they take: on a phone the
@@ -127,10 +145,21 @@ def job_util_figure(series: dict, family: str | None = None) -> dict:
     data = [_line(f"{label} {core}", series["t"], series["util"][i], colors[i],
                   hovertemplate="%{y:.1f} %<extra>" + f"{label} {core}</extra>")
             for i, core in enumerate(series["cores"])]
-    return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}}, note=_note(series))}
+    return {"data": data, "layout": _layout(title, {"range": [0, 100], "title": {"text": "%"}}, note=_note(series),
+                                                     t=series["t"])}
 
 
-_BYTES_AXIS = {"tickformat": ".3~s", "ticksuffix": "B", "rangemode": "tozero"}
+_BYTES_AXIS = {"tickformat": ".3~s", "ticksuffix": "B", "rangemode": "tozero",
+               "autorangeoptions": {"include": [0, MIN_BYTES]}}
+
+
+def _bytes_axis(series: dict, *columns: list) -> dict:
+    """A memory axis from 0 to at least MIN_BYTES. Plotly ignores that minimum on a
+    chart with no values at all, so a finished job's empty chart gets it as a fixed
+    range (a live chart keeps autoranging for the values still to come)."""
+    if not series.get("live") and all(v is None for column in columns for v in column):
+        return {**_BYTES_AXIS, "range": [0, MIN_BYTES]}
+    return dict(_BYTES_AXIS)
 
 
 def job_memory_figure(series: dict, family: str | None = None) -> dict:
@@ -138,16 +167,18 @@ def job_memory_figure(series: dict, family: str | None = None) -> dict:
                  line={"color": OKABE_ITO[1], "width": 1.5, "dash": "dot"})
     if is_cpu(series, family):  # no device memory on a CPU host: the job's processes' memory alone
         host["name"] = "memory (RSS)"
-        return {"data": [host], "layout": _layout("Memory of the job's processes", dict(_BYTES_AXIS))}
+        layout = _layout("Memory of the job's processes", _bytes_axis(series, series["host_mem"]), t=series["t"])
+        return {"data": [host], "layout": layout}
     data = [_line("device memory", series["t"], series["device_mem"], OKABE_ITO[0]), host]
-    return {"data": data, "layout": _layout("Memory", dict(_BYTES_AXIS))}
+    return {"data": data, "layout": _layout("Memory", _bytes_axis(series, series["device_mem"], series["host_mem"]),
+                                            t=series["t"])}
 
 
 def job_latency_figure(series: dict) -> dict:
     data = [_line("p50", series["t"], series["lat_p50_ms"], OKABE_ITO[0]),
             _line("p99", series["t"], series["lat_p99_ms"], OKABE_ITO[5])]
     return {"data": data, "layout": _layout("Execution latency (ms)",
-                                            {"title": {"text": "ms"}, "rangemode": "tozero"})}
+                                            {"title": {"text": "ms"}, "rangemode": "tozero"}, t=series["t"])}
 
 
 def job_executions_figure(series: dict) -> dict:
@@ -158,7 +189,7 @@ def job_executions_figure(series: dict) -> dict:
     ]
     layout = _layout("Executions and errors per sample", {"title": {"text": "errors"}, "rangemode": "tozero"},
                      yaxis2={"title": {"text": "completed"}, "overlaying": "y", "side": "right",
-                             "rangemode": "tozero", "showgrid": False}, bargap=0)
+                             "rangemode": "tozero", "showgrid": False}, t=series["t"], bargap=0)
     layout["margin"]["r"] = 56
     return {"data": data, "layout": layout}
 
@@ -198,6 +229,7 @@ def host_heatmap_figure(series: dict, rows: int | None = None) -> dict:
     label = "CPU job slots" if series.get("kind") == "host" else "NeuronCore"
     layout = _layout(f"{label} utilization over time",
                      {"title": {"text": "core"}, "type": "category", "autorange": True}, note=_note(series),
+                     t=series["t"],
                      height=max(260, 18 * max(len(cores), rows or 0) + 90), hovermode="closest")
     return {"data": [trace], "layout": layout}
 
@@ -207,7 +239,7 @@ def host_memory_figure(series: dict) -> dict:
     latest = [col[-1] if col else None for col in series["mem"]]
     trace = {"type": "bar", "x": cores, "y": latest, "marker": {"color": OKABE_ITO[0]}, "name": "device memory",
              "hovertemplate": "core %{x}: %{y:.3s}B<extra></extra>"}
-    layout = _layout("Device memory per core (now)", {"tickformat": ".3s", "ticksuffix": "B", "rangemode": "tozero"},
+    layout = _layout("Device memory per core (now)", dict(_BYTES_AXIS),
                      hovermode="closest")
     layout["xaxis"] = {"type": "category", "title": {"text": "core"}}
     return {"data": [trace], "layout": layout}
@@ -216,9 +248,8 @@ def host_memory_figure(series: dict) -> dict:
 def host_system_figure(series: dict) -> dict:
     data = [_line("vCPU busy %", series["t"], series["vcpu_busy"], OKABE_ITO[0]),
             _line("host memory used", series["t"], series["host_mem_used"], OKABE_ITO[1], yaxis="y2")]
-    layout = _layout("vCPU and host memory", {"range": [0, 100], "title": {"text": "vCPU %"}},
-                     yaxis2={"overlaying": "y", "side": "right", "tickformat": ".3s", "ticksuffix": "B",
-                             "rangemode": "tozero", "showgrid": False,
+    layout = _layout("vCPU and host memory", {"range": [0, 100], "title": {"text": "vCPU %"}}, t=series["t"],
+                     yaxis2={**_BYTES_AXIS, "overlaying": "y", "side": "right", "showgrid": False,
                              **({"range": [0, series["host_mem_total"]]} if series.get("host_mem_total") else {})})
     layout["margin"]["r"] = 64
     return {"data": data, "layout": layout}

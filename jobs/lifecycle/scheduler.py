@@ -162,7 +162,16 @@ class RunInputs:
     @classmethod
     def read(cls, limit: int = PENDING_SCAN, ratios: dict[int, float] | None = None) -> "RunInputs":
         """`ratios`: gang_ratios(), read before the hosts were locked."""
-        ends, drains, stopping = holders()
+        # The jobs that hold cores are the queued and running ones (a transition out
+        # of those releases the cores in its transaction): what holders() needs of
+        # them comes with their allocations.
+        job_fields = tuple(f"job__{name}" for name in HOLDER_FIELDS[1:])
+        rows = list(CoreAllocation.objects
+                    .values("host_id", "job_id", "team_id", "family", "borrowed", "since", *job_fields)
+                    .annotate(first=Min("core"), count=Count("core")).order_by()
+                    .values_list("host_id", "first", "count", "job_id", "team_id", "family", "borrowed", "since",
+                                 *job_fields))
+        ends, drains, stopping = holding([(row[3], *row[8:]) for row in rows])
         expected = {}
         if ratios:
             for pk, team_id, max_runtime_s in Job.objects.filter(pk__in=list(ends)).values_list(
@@ -171,10 +180,7 @@ class RunInputs:
                 if team_id in ratios and not math.isinf(limit_s):
                     expected[pk] = ends[pk] - limit_s * (1 - ratios[team_id])
         return cls(
-            [(*row[:7], row[7].timestamp()) for row in CoreAllocation.objects
-             .values("host_id", "job_id", "team_id", "family", "borrowed", "since")
-             .annotate(first=Min("core"), count=Count("core")).order_by()
-             .values_list("host_id", "first", "count", "job_id", "team_id", "family", "borrowed", "since")],
+            [(*row[:7], row[7].timestamp()) for row in rows],
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
             kind_priorities(), pending_rows(limit), ends, drains, stopping, ratios or {}, expected)
@@ -204,19 +210,28 @@ def gang_ratios() -> dict[int, float]:
     return median_ratios(teams)
 
 
+# What holders() reads of each job that holds cores.
+HOLDER_FIELDS = ("pk", "started_at", "queued_at", "max_runtime_s", "kind", "status", "cancel_requested",
+                 "replica__state", "replica__draining_at")
+
+
 def holders(jobs=None) -> tuple[dict[int, float], set[int], dict[int, float]]:
-    """Of the jobs holding cores: when each must give them back (its start, or,
-    queued, the time it was placed, plus its time limit, as a Unix timestamp;
-    infinite for a job without one: a replica); the running endpoint replicas (a
-    preemption drains them before their cores go); and those of them already
-    draining, with the time their cores are back by at the latest. `jobs`: a
-    narrower queryset to read."""
+    """Of the jobs holding cores (queued or running; `jobs`: a narrower queryset to
+    read): see holding()."""
+    return holding((Job.objects if jobs is None else jobs).filter(status__in=Job.ACTIVE)
+                   .values_list(*HOLDER_FIELDS))
+
+
+def holding(rows: Iterable[tuple]) -> tuple[dict[int, float], set[int], dict[int, float]]:
+    """Of the jobs holding cores, rows of HOLDER_FIELDS (a job may come more than
+    once): when each must give them back (its start, or, queued, the time it was
+    placed, plus its time limit, as a Unix timestamp; infinite for a job without
+    one: a replica); the running endpoint replicas (a preemption drains them before
+    their cores go); and those of them already draining, with the time their cores
+    are back by at the latest."""
     now = timezone.now()
     ends, drains, stopping = {}, set(), {}
     bound = replica_stop_s()
-    rows = (Job.objects if jobs is None else jobs).filter(status__in=Job.ACTIVE).values_list(
-        "pk", "started_at", "queued_at", "max_runtime_s", "kind", "status", "cancel_requested", "replica__state",
-        "replica__draining_at")
     for pk, started, queued, limit, kind, status, stop_asked, replica, draining_at in rows:
         ends[pk] = (started or queued or now).timestamp() + time_limit_s(limit)
         if kind != Kind.SERVE or status != S.RUNNING:

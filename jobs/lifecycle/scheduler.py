@@ -33,6 +33,7 @@ from django.db.models import Count, Exists, Min
 from django.utils import timezone
 
 from jobs.lifecycle import gangs, signals, states
+from jobs.lifecycle.runtimes import median_ratios
 from jobs.models import CoreAllocation, EventKind, FamilyQuota, GangMember, Host, Job, Kind, Team, TeamQuota
 from jobs.notify import events as notify_events
 from jobs.quotas.backfill import FleetState, PassResult, Running, Waiting, schedule_pass, time_limit_s
@@ -198,13 +199,11 @@ class RunInputs:
 
 
 def gang_ratios() -> dict[int, float]:
-    """While a gang waits: the runtime ratio (forecasts.median_ratios, cached) of every
+    """While a gang waits: the runtime ratio (runtimes.median_ratios, cached) of every
     team with jobs waiting or holding cores; else nothing. Read before the hosts are
     locked: a team whose ratio is not cached costs a query over its history."""
     if not Job.objects.filter(status=S.PENDING, host_count__gt=1, cancel_requested=False).exists():
         return {}
-    from jobs.lifecycle.forecasts import median_ratios
-
     teams = set(Job.objects.filter(status__in=[S.PENDING, *Job.ACTIVE]).values_list("team_id", flat=True)
                 .distinct().order_by())
     return median_ratios(teams)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from django.utils import timezone
 
-from jobs.lifecycle.forecasts import estimates, team_ratios
+from jobs.lifecycle.forecasts import estimates
+from jobs.lifecycle.runtimes import team_ratios
 from jobs.lifecycle.scheduler import DispatchRun, PendingRow, RunInputs, pending_order
 from jobs.models import Host, Team, TeamQuota
 from jobs.quotas.placement import core_range

@@ -171,12 +171,24 @@ def browser(monkeypatch):
         connections.close_all()
 
 
+def browser_page(browser, width: int = 1280, height: int = 900):
+    """A new browser page whose waits (navigation, selectors, wait_for_function and
+    expect()) all end at the shared deadline, polling.DEADLINE_S."""
+    from playwright.sync_api import expect
+
+    from polling import DEADLINE_S
+
+    expect.set_options(timeout=DEADLINE_S * 1000)
+    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+    page.set_default_timeout(DEADLINE_S * 1000)
+    return page
+
+
 def log_in(browser, base_url: str, username: str, width: int = 1280, height: int = 900):
     """A new browser page logged in as `username`, on its landing page."""
     import re
 
-    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
-    page.set_default_timeout(15_000)
+    page = browser_page(browser, width, height)
     page.goto(f"{base_url}/login/")
     page.fill("#id_username", username)
     page.fill("#id_password", PASSWORD)

@@ -13,8 +13,13 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+# The deadline every wait shares unless it has a reason for its own: generous, so
+# that a machine under a load of 20+ still makes it. Browser pages use it too
+# (conftest.browser_page sets it as each page's and each expect()'s timeout).
+DEADLINE_S = 60.0
 
-def wait_until(probe: Callable[[], T], timeout: float = 60.0, message: str = "condition", *,
+
+def wait_until(probe: Callable[[], T], timeout: float = DEADLINE_S, message: str = "condition", *,
                until: Callable[[T], object] = bool, interval: float = 0.05) -> T:
     """Call `probe()` until `until(value)` is true (by default: the value is truthy)
     and return that value. After `timeout` seconds, raise AssertionError naming

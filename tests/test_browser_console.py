@@ -126,18 +126,18 @@ def test_the_job_list_updates_status_duration_finished_and_reason_in_place(conso
     CoreAllocation.objects.bulk_create([CoreAllocation(host=host, core=c, job=job, team=job.team, family="trn2")
                                         for c in range(4)])
     assert states.mark_queued(job, host.pk, 0) and states.mark_running(job.pk, host.pk)
-    expect(row.locator(".badge")).to_have_text("running", timeout=15_000)
+    expect(row.locator(".badge")).to_have_text("running")
     expect(row.locator("[data-cell='where']")).to_have_text("trn2-a · 0-3")
     expect(row.locator("[data-cell='reason']")).to_have_text("")
     states.mark_finished(job.pk, S.FAILED, failure="timed_out", reason="exceeded max runtime of 60 s",
                          message="timed out")
-    expect(row.locator(".badge")).to_have_text("failed", timeout=15_000)
+    expect(row.locator(".badge")).to_have_text("failed")
     expect(row.locator("[data-cell='reason']")).to_have_text("exceeded max runtime of 60 s")
     expect(row.locator("[data-cell='finished'] time")).to_have_count(1)
     expect(row.locator("[data-cell='duration']")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
 
     Job.objects.create(team=job.team, user=console.cast.bob, kind="inference", model=console.model)
-    expect(page.locator("#new-jobs")).to_contain_text("1 new job", timeout=15_000)
+    expect(page.locator("#new-jobs")).to_contain_text("1 new job")
     assert page.evaluate("window.__sameDocument") is True
     shot(page, "job-list-live")
 
@@ -160,7 +160,7 @@ def test_the_pending_explanation_disappears_with_the_same_update_as_the_badge(co
     CoreAllocation.objects.bulk_create([CoreAllocation(host=host, core=c, job=job, team=job.team, family="trn2")
                                         for c in range(4)])
     assert states.mark_queued(job, host.pk, 0) and states.mark_running(job.pk, host.pk)
-    expect(page.locator("#job-status")).not_to_have_text("pending", timeout=15_000)
+    expect(page.locator("#job-status")).not_to_have_text("pending")
     seen = page.evaluate("window.__seen")
     assert seen and all(hidden for status, hidden in seen if status != "pending"), seen
     expect(page.locator("#pending-why")).to_be_hidden()
@@ -204,7 +204,7 @@ def test_a_job_that_ends_without_samples_says_so_live_and_after_a_reload(cast, t
     sentence = page.locator("#job-live-charts [data-no-samples]")
     expect(sentence).to_contain_text("No samples yet")
     states.mark_finished(job.pk, S.SUCCEEDED, message="done")
-    expect(sentence).to_contain_text("No samples were recorded for this job", timeout=15_000)
+    expect(sentence).to_contain_text("No samples were recorded for this job")
     live_text = sentence.inner_text()
     page.reload()
     expect(page.locator("#job-live-charts [data-no-samples]")).to_have_text(live_text)

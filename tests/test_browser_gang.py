@@ -27,7 +27,7 @@ def test_the_rank_table_fits_a_phone_and_follows_the_gang(cast, live_server, bro
     box = page.locator("#gang").bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 390
     gangs.claim_rank(job.pk, hosts[1].pk)  # the second host starts: the page follows without a reload
-    expect(table.locator("tr[data-rank='1'] .badge")).to_have_text("running", timeout=15_000)
+    expect(table.locator("tr[data-rank='1'] .badge")).to_have_text("running")
     (SHOTS / "gang").mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "gang" / "ranks-phone.png"), full_page=True)
     assert Job.objects.get(pk=job.pk).status == Job.Status.RUNNING
@@ -65,7 +65,7 @@ def test_the_per_host_utilization_chart_draws_every_host_and_follows_new_samples
     expect(chart.locator(".legendtext")).to_have_text(["rank 0 · trn1-a", "rank 1 · trn1-b"])
     expect(page.locator("#gang-ranks tr[data-rank='1'] .util-now")).to_have_text("30 %")
     sample(hosts[1], 90.0)  # a new sample: the chart and the table follow without a reload
-    expect(page.locator("#gang-ranks tr[data-rank='1'] .util-now")).to_have_text("90 %", timeout=15_000)
+    expect(page.locator("#gang-ranks tr[data-rank='1'] .util-now")).to_have_text("90 %")
     page.wait_for_function("() => document.getElementById('gang-util-chart').data[1].y.length === 2")
     box = chart.bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 390

@@ -40,7 +40,7 @@ def test_bob_suspends_a_running_finetune_from_its_page_and_resumes_it_from_its_c
     expect(suspend).to_be_visible()
     assert suspend.bounding_box()["x"] + suspend.bounding_box()["width"] <= 390
     suspend.click()
-    expect(page.locator("#job-status")).to_have_text("suspended", timeout=15_000)
+    expect(page.locator("#job-status")).to_have_text("suspended")
     assert not CoreAllocation.objects.filter(job=job).exists()
     # The stopped attempt saves its step in the kill grace (after the status changed:
     # the worker stops the process then); the timeline shows it.

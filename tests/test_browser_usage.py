@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from conftest import PASSWORD, SHOTS
+from conftest import PASSWORD, SHOTS, browser_page
 from jobs.models import Host, InstancePrice, Job, JobAttempt, MetricMinute, TeamQuota
 from jobs.usage.rollup import fold
 
@@ -69,8 +69,7 @@ def month_of_usage(cast):
 
 
 def test_the_team_usage_page_draws_every_chart(month_of_usage, live_server, browser):
-    page = browser.new_context(viewport={"width": 1360, "height": 1000}).new_page()
-    page.set_default_timeout(20_000)
+    page = browser_page(browser, 1360, 1000)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(f"{live_server.url}/login/")
@@ -104,8 +103,7 @@ def test_the_team_usage_page_draws_every_chart(month_of_usage, live_server, brow
 
 
 def test_the_site_usage_page_draws_the_fleet_and_team_charts_for_staff(month_of_usage, live_server, browser):
-    page = browser.new_context(viewport={"width": 1360, "height": 1000}).new_page()
-    page.set_default_timeout(20_000)
+    page = browser_page(browser, 1360, 1000)
     page.goto(f"{live_server.url}/login/")
     page.fill("#id_username", "admin")
     page.fill("#id_password", PASSWORD)

@@ -119,8 +119,10 @@ def test_a_chart_page_draws_under_the_policy_and_injected_inline_code_is_refused
     page.add_init_script(REPORT_CSP)
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-    page.goto(f"{live_server.url}/jobs/{job.pk}/")
-    page.wait_for_function("() => document.querySelector('.js-plotly-plot .main-svg')")
+    # Wait for the event itself, the chart drawn, not for the page's load event (the
+    # page's deadline is the shared polling.DEADLINE_S).
+    page.goto(f"{live_server.url}/jobs/{job.pk}/", wait_until="commit")
+    page.locator(".js-plotly-plot .main-svg").first.wait_for()
     page.hover(".js-plotly-plot")  # the mode bar shows on hover
     # Plotly.js's own rules came from the static sheet: the mode bar is placed by them.
     assert page.evaluate("getComputedStyle(document.querySelector('.modebar-container')).position") == "absolute"
@@ -146,7 +148,7 @@ def test_a_chart_page_draws_under_the_policy_and_injected_inline_code_is_refused
     for directive in ("script-src-elem", "style-src-elem", "style-src-attr", "script-src-attr"):
         assert any(v.startswith(directive) for v in violations), (directive, violations)
     # ... and the browser reported it to the site, which logged it.
-    wait_until(lambda: [r.getMessage() for r in caplog.records if r.name == "jobs.csp"], 30, "a logged CSP report")
+    wait_until(lambda: [r.getMessage() for r in caplog.records if r.name == "jobs.csp"], message="a logged CSP report")
     page.context.close()
 
 

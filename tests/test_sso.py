@@ -14,7 +14,7 @@ import requests
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from conftest import PASSWORD
+from conftest import PASSWORD, browser_page
 from jobs.models import AuditEntry, Membership, Role, SsoIdentity
 from jobs.teams import sso
 from oidc_provider import Provider
@@ -66,8 +66,7 @@ def roles(user) -> dict[str, str]:
 def test_a_first_sign_in_in_the_browser_creates_the_user_with_teams_and_roles_from_groups(cast, idp, live_server,
                                                                                         browser):
     idp.users["dana"] = dana(["nd-vision-managers", "nd-vision", "nd-audio", "unmapped"])
-    page = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
-    page.set_default_timeout(15_000)
+    page = browser_page(browser, 390, 844)
     page.goto(f"{live_server.url}/login/")
     page.click("#sso-login")
     page.wait_for_url(re.compile(re.escape(idp.issuer) + "/authorize"))

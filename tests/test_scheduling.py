@@ -347,8 +347,9 @@ def test_usage_from_cached_days_matches_a_fresh_read_and_counts_an_attempt_closi
         assert usage[cast.audio.pk] == pytest.approx(audio, rel=1e-4)
         assert usage[cast.vision.pk] == pytest.approx(vision, rel=1e-4)
 
-    # An attempt that started four days ago and closes now counts in full, at today's
-    # weight, although the days it ran through are cached already.
+    # An attempt that started four days ago and closes now counts in full, at the weight
+    # of the middle of the hour it closed in (never later than now), although the days
+    # it ran through are cached already.
     job = pending(cast.vision, cast.bob, cores=2)
     scheduler.dispatch()
     run(job)
@@ -357,7 +358,10 @@ def test_usage_from_cached_days_matches_a_fresh_read_and_counts_an_attempt_closi
     closed = JobAttempt.objects.get(job=job)
     assert closed.core_seconds == pytest.approx(2 * 4 * 86400, rel=1e-3)
     after = quota_selectors.decayed_usage_by_team(fresh=True)
-    assert after[cast.vision.pk] == pytest.approx(vision + closed.core_seconds, rel=1e-3)
+    now = timezone.now()
+    hour_middle = min(timezone.localtime(closed.ended_at).replace(minute=30, second=0, microsecond=0), now)
+    weight = 0.5 ** ((now - hour_middle).total_seconds() / half)
+    assert after[cast.vision.pk] == pytest.approx(vision + closed.core_seconds * weight, rel=1e-4)
     assert after[cast.audio.pk] == pytest.approx(audio, rel=1e-4)
 
 

@@ -52,7 +52,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -96,19 +97,19 @@ class CheckpointStore:
         tmp.mkdir()
         try:
             _write_file(tmp / STATE_FILE, data)
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             if final.exists():  # torn leftovers of a writer that died after its rename
                 shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         marker = {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         marker_tmp = final / f".{MARKER_FILE}.tmp"
         _write_file(marker_tmp, json.dumps(marker).encode())
         os.replace(marker_tmp, final / MARKER_FILE)
-        _fsync_dir(final)
+        fsync_path(final)
         return final
 
     def prune(self) -> list[int]:

@@ -18,7 +18,6 @@ A reader takes the newest step-N whose marker parses and whose files are all the
 with their sizes; anything else is skipped and reported. Sizes, not digests: the
 shards of a tensor-parallel model are gigabytes, and the last save happens in the
 stop's grace period; the rename after the fsyncs is what makes a folder whole.
-Torch-free.
 """
 
 from __future__ import annotations
@@ -30,19 +29,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoints import MARKER_FILE, step_dir_name
+from .checkpoints import MARKER_FILE, fsync_path, step_dir_name
 
 STAGING_DIR = ".trainer-staging"
 KIND = "neuron-trainer"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TrainerCheckpoints:
@@ -76,21 +67,21 @@ class TrainerCheckpoints:
             return final
         files: dict[str, int] = {}
         for path in sorted(p for p in staged.rglob("*") if p.is_file()):
-            _fsync(path)
+            fsync_path(path)
             files[path.relative_to(staged).as_posix()] = path.stat().st_size
         for folder in sorted({p.parent for p in staged.rglob("*")} | {staged}, reverse=True):
-            _fsync(folder)
+            fsync_path(folder)
         if final.exists():  # torn leftovers of an adopter that died after its rename
             shutil.rmtree(final, ignore_errors=True)
         os.rename(staged, final)
-        _fsync(self.root)
+        fsync_path(self.root)
         marker_tmp = final / f".{MARKER_FILE}.tmp"
         with open(marker_tmp, "w", encoding="utf-8") as fh:
             json.dump({"step": step, "kind": KIND, "files": files}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(marker_tmp, final / MARKER_FILE)
-        _fsync(final)
+        fsync_path(final)
         return final
 
     def latest(self) -> tuple[int, Path] | None:

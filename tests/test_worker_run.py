@@ -177,12 +177,18 @@ def test_the_recorder_holds_the_log_until_the_first_heartbeat_and_after_the_chil
     assert stored()[0] == ["one\n", "two \ufffd\n", "three\n"] and recorder.pending()[0] == []
 
 
-def test_a_heartbeat_stores_the_held_log_with_the_lease_in_one_update(cast, tiny_model, cpu_host):
+def _recording(cast, tiny_model, cpu_host, log: str):
+    """A claimed job whose recorder has started pid 4242 and read `log` from it."""
     job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
     claimed = states.claim(job.pk, cpu_host.pk, host_name="h")
     recorder = execution.JobRecorder(claimed, cpu_host.pk)
     recorder.on_start(4242)
-    recorder.on_log(0, "one\n")
+    recorder.on_log(0, log)
+    return job, claimed, recorder
+
+
+def test_a_heartbeat_stores_the_held_log_with_the_lease_in_one_update(cast, tiny_model, cpu_host):
+    job, claimed, recorder = _recording(cast, tiny_model, cpu_host, "one\n")
     Job.objects.filter(pk=job.pk).update(heartbeat_at=None)
     with CaptureQueriesContext(connection) as queries:
         recorder.heartbeat()
@@ -194,11 +200,7 @@ def test_a_heartbeat_stores_the_held_log_with_the_lease_in_one_update(cast, tiny
 
 
 def test_a_heartbeat_of_an_attempt_no_longer_ours_keeps_its_log_but_renews_nothing(cast, tiny_model, cpu_host):
-    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
-    claimed = states.claim(job.pk, cpu_host.pk, host_name="h")
-    recorder = execution.JobRecorder(claimed, cpu_host.pk)
-    recorder.on_start(4242)
-    recorder.on_log(0, "late\n")
+    job, claimed, recorder = _recording(cast, tiny_model, cpu_host, "late\n")
     assert states.requeue(job.pk, message="preempted")
     recorder.heartbeat()
     row = Job.objects.get(pk=job.pk)
@@ -210,11 +212,7 @@ def test_a_superseded_success_keeps_its_log_but_records_nothing_else(cast, tiny_
     from jobs.assets import storage
     from neuron_workers.process import Outcome
 
-    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
-    claimed = states.claim(job.pk, cpu_host.pk, host_name="h")
-    recorder = execution.JobRecorder(claimed, cpu_host.pk)
-    recorder.on_start(4242)
-    recorder.on_log(0, "done\n")
+    job, claimed, recorder = _recording(cast, tiny_model, cpu_host, "done\n")
     recorder.on_exit()
     assert states.requeue(job.pk, message="preempted")
     workdir = storage.job_dir(job.pk) / "attempt-1"

@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PG, PY, Bench, Processes, bench_run, cpu_seconds, free_port, log, percentile, redis_url, seed_team,
+    PG, PY, Bench, CpuMeter, Processes, bench_run, free_port, log, percentile, redis_url, seed_team,
     start_workers, wait_finished,
 )
 
@@ -252,7 +252,8 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
     the CPU each service spent per job (where the time goes)."""
     profilers = start_profilers(Path(args.profile), groups, args.profile_format) if args.profile else []
     try:
-        cpu_before = cpu_seconds(groups, BENCH.db_name)
+        cpu = CpuMeter(groups, BENCH.db_name)
+        cpu.start()
         locks = LockSampler()
         locks.start()
         with ThreadPoolExecutor(args.clients) as pool:
@@ -263,7 +264,7 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
         # Timestamps come from the job rows, so polling slowly costs no accuracy and
         # leaves the CPU to the system under test.
         rows = wait_finished([pk for pk, _ in submitted], 600, interval=0.5)
-        cpu_after = cpu_seconds(groups, BENCH.db_name)
+        spent = cpu.stop()
     finally:
         stop_profilers(profilers)
     failed = [pk for pk, r in rows.items() if r[0] != "succeeded"]
@@ -271,8 +272,8 @@ def burst_phase(api: Api, args, groups: dict[str, int]) -> dict:
         raise RuntimeError(f"{len(failed)} burst jobs did not succeed, e.g. {failed[:5]}")
     last = max(r[2].timestamp() for r in rows.values())
     at = dict(submitted)
-    per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": (cpu_after[name] - cpu_before[name]) * 1000 / len(submitted)
-               for name in cpu_before}
+    per_job = {f"cpu_ms_per_job_{name.replace(' ', '_')}": seconds * 1000 / len(submitted)
+               for name, seconds in spent.items()}
     from jobs.models import Job, JobEvent
 
     # Warm runners (neuron_workers.process.zygote_server): how many processes the burst's jobs ran in.

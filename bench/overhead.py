@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.support.harness import (  # noqa: E402
-    PY, ROOT, Bench, bench_run, cpu_seconds, log, redis_url, seed_team, start_workers, wait_finished,
+    PY, ROOT, Bench, CpuMeter, bench_run, log, redis_url, seed_team, start_workers, wait_finished,
 )
 
 BENCH = Bench(db_name="neurondeck_bench_overhead",
@@ -104,7 +104,8 @@ def run_job(team, user, model, dataset, args, cores: int, groups: dict[str, int]
     from jobs.assets import storage
     from jobs.models import Job
 
-    cpu_before = cpu_seconds(groups, BENCH.db_name)
+    meter = CpuMeter(groups, BENCH.db_name)
+    meter.start()
     started = time.time()
     job = submit_finetune(team, user, model, dataset, args, cores)
     # The figures come from the job's own timestamps, not from when this loop sees
@@ -115,7 +116,7 @@ def run_job(team, user, model, dataset, args, cores: int, groups: dict[str, int]
         raise RuntimeError(f"fine-tune job {job.pk} ended {status}: {job.reason}")
     train_s = job.result["train_seconds"]
     begun = training_start(storage.job_dir(job.pk) / f"attempt-{job.attempts}" / "metrics.jsonl", train_s)
-    cpu = {k: v - cpu_before[k] for k, v in cpu_seconds(groups, BENCH.db_name).items()}
+    cpu = meter.stop()
     # What runs beside the training on the same cores: the supervising worker
     # (log/metric tailing, heartbeats, DB writes), PostgreSQL and the scheduler.
     return {"train_s": train_s, "startup_s": begun - started,

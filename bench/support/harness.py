@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432").rstrip("/")
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+# Appended to each Bench's database name: runs that share the PostgreSQL server but not
+# Redis (so not the machine-wide lock, exclusive_run) must not drop each other's database.
+DB_SUFFIX = os.environ.get("BENCH_DB_SUFFIX", "")
 # Each bench's own Redis db on the BENCH_REDIS server, distinct so that different benches
 # can run at once (usage.py reads pages.py's db, which neither flushes). Tests use db 15
 # and `make run` db 0.
@@ -107,6 +110,9 @@ class Bench:
     redis_url: str
     host: str
     workdir: Path
+
+    def __post_init__(self):
+        self.db_name += DB_SUFFIX
 
     @property
     def storage(self) -> Path:
@@ -198,7 +204,7 @@ def start_heartbeat(host: str) -> threading.Event:
     return stop
 
 
-def _cmdline(pid: str) -> bytes:
+def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             return fh.read()
@@ -206,18 +212,10 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
-def cpu_seconds(groups: dict[str, int], db_name: str) -> dict[str, float]:
-    """CPU time (user+sys, own + reaped children) per service: the live processes of each
-    process group in `groups`, the PostgreSQL backends serving `db_name` (other
-    databases on the server are someone else's work; the server's own background
-    processes are not counted) and the redis-server (shared: all its clients). Job
-    children are reaped by the worker's zygote: "job processes" is the zygote's
-    group-mates and everything they reaped, "worker" the Celery process alone."""
-    postgres_title = f" {db_name} ".encode()
+def _processes() -> Iterator[tuple[int, bytes, int, float]]:
+    """(pid, command name, process group, CPU seconds: user+sys, own + reaped children)
+    of every process now."""
     tick = os.sysconf("SC_CLK_TCK")
-    totals = {name: 0.0 for name in [*groups, "job processes", "postgres", "redis", "bench client"]}
-    by_pgid = {pgid: name for name, pgid in groups.items()}
-    worker = groups.get("worker")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -226,20 +224,70 @@ def cpu_seconds(groups: dict[str, int], db_name: str) -> dict[str, float]:
                 head, tail = fh.read().rsplit(b")", 1)
         except OSError:
             continue
-        comm, fields = head.split(b"(", 1)[1], tail.split()
-        pgid, used = int(fields[2]), sum(int(x) for x in fields[11:15]) / tick
-        if pgid == worker and int(entry) != worker:
+        fields = tail.split()
+        yield int(entry), head.split(b"(", 1)[1], int(fields[2]), sum(int(x) for x in fields[11:15]) / tick
+
+
+def _services_cpu(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds now of each service in `groups` (name -> process group), "job
+    processes", "redis" and "bench client" (see CpuMeter)."""
+    totals = {name: 0.0 for name in [*groups, "job processes", "redis", "bench client"]}
+    by_pgid = {pgid: name for name, pgid in groups.items()}
+    worker = groups.get("worker")
+    for pid, comm, pgid, used in _processes():
+        if pgid == worker and pid != worker:
             totals["job processes"] += used  # the zygote, its spares and the jobs it reaped
         elif pgid in by_pgid:
             totals[by_pgid[pgid]] += used
-        elif comm.startswith(b"postgres"):
-            if postgres_title in _cmdline(entry):  # "postgres: 15/main: user db host(port) state"
-                totals["postgres"] += used
         elif comm.startswith(b"redis-server"):
             totals["redis"] += used
-        elif int(entry) == os.getpid():
+        elif pid == os.getpid():
             totals["bench client"] += used
     return totals
+
+
+def _backends_cpu(db_name: str) -> dict[int, float]:
+    """CPU seconds now of each PostgreSQL backend serving `db_name`, by pid."""
+    title = f" {db_name} ".encode()  # "postgres: 15/main: user db host(port) state"
+    return {pid: used for pid, comm, _, used in _processes()
+            if comm.startswith(b"postgres") and title in _cmdline(pid)}
+
+
+class CpuMeter(threading.Thread):
+    """CPU seconds (user+sys) each service spends between start() and stop(), which
+    returns them: the live processes of each process group in `groups` (at both
+    ends: a service's exited children are in its reaped time), the PostgreSQL
+    backends serving `db_name` (other databases on the server are someone else's
+    work; the server's own background processes are not counted) and the
+    redis-server (shared: all its clients). Job children are reaped by the worker's
+    zygote: "job processes" is the zygote's group-mates and everything they reaped,
+    "worker" the Celery process alone.
+
+    Nothing reaps a backend where it could be counted, and Django closes and opens
+    connections all the time, so the backends are sampled every `every_s`: each
+    counts up to the last sample that saw it (from its value at start() if it was
+    already open, else from zero)."""
+
+    def __init__(self, groups: dict[str, int], db_name: str, every_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.groups, self.db_name, self.every_s = groups, db_name, every_s
+        self.done = threading.Event()
+        self.backends_before = _backends_cpu(db_name)
+        self.backends = dict(self.backends_before)
+        self.before = _services_cpu(groups)
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.backends.update(_backends_cpu(self.db_name))
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        self.backends.update(_backends_cpu(self.db_name))
+        after = _services_cpu(self.groups)
+        spent = {name: after[name] - self.before[name] for name in after}
+        spent["postgres"] = sum(used - self.backends_before.get(pid, 0.0) for pid, used in self.backends.items())
+        return spent
 
 
 class Processes:

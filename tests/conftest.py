@@ -116,6 +116,21 @@ def dataset(cast, demo_dataset_file):
     return dataset_upload(team=cast.vision, user=cast.alice, name="demo", upload=upload)
 
 
+@pytest.fixture
+def fresh_scheduler(settings):
+    """Scheduling state with no memory between tests: fair-share usage read fresh on
+    every call, no cached start estimates, no recent dispatch run to wait behind."""
+    from jobs.lifecycle import forecasts, scheduler
+    from jobs.quotas.selectors import clear_usage_cache
+
+    settings.FAIRSHARE_CACHE_S = 0
+    clear_usage_cache()
+    forecasts.clear_cache()
+    scheduler._last_run.update(ended=0.0, waiting=0)
+    yield
+    forecasts.clear_cache()
+
+
 def api_client(user):
     """A Django test client authenticated with a fresh API token of `user`."""
     from django.test import Client

@@ -8,21 +8,15 @@ import os
 
 import pytest
 
-from jobs.lifecycle import forecasts, scheduler
+from jobs.lifecycle import scheduler
 from jobs.models import Job, JobEvent
-from jobs.quotas.selectors import clear_usage_cache
 from jobs.quotas.services import quota_update
 from tests.conftest import api_client
 from tests.test_backfill import running_job
 from tests.test_scheduling import set_family
 
 
-@pytest.fixture(autouse=True)
-def _fresh(settings):
-    settings.FAIRSHARE_CACHE_S = 0
-    clear_usage_cache()
-    forecasts.clear_cache()
-    scheduler._last_run.update(ended=0.0, waiting=0)
+pytestmark = pytest.mark.usefixtures("fresh_scheduler")
 
 
 def body(model, **extra) -> dict:

@@ -15,10 +15,11 @@ from jobs.models import Job
 from jobs.quotas import backfill
 from jobs.quotas.backfill import FleetState, Running, Waiting, forecast, runtime_ratio
 from jobs.quotas.placement import HostSlots
-from jobs.quotas.selectors import clear_usage_cache
 from tests.conftest import api_client
 from tests.test_backfill import running_job
 from tests.test_scheduling import host, pending, set_family
+
+pytestmark = pytest.mark.usefixtures("fresh_scheduler")
 
 S = Job.Status
 
@@ -52,16 +53,6 @@ def test_runtime_ratio_is_the_time_limit_without_history_and_the_median_with_it(
     assert runtime_ratio([]) == (1.0, 1.0, 1.0)
     low, mid, high = runtime_ratio([(10, 100)] * 5 + [(50, 100)] * 5 + [(500, 100)])
     assert (low, mid, high) == (0.1, 0.5, 0.5)  # the 90th percentile of 11; an overrun counts as 1
-
-
-@pytest.fixture(autouse=True)
-def _fresh(settings):
-    settings.FAIRSHARE_CACHE_S = 0
-    clear_usage_cache()
-    forecasts.clear_cache()
-    scheduler._last_run.update(ended=0.0, waiting=0)
-    yield
-    forecasts.clear_cache()
 
 
 def finished(team, user, limit_s: int, ran_s: int) -> None:

@@ -8,20 +8,14 @@ import json
 import pytest
 
 from jobs.cli.jobfile import job_body
-from jobs.lifecycle import forecasts, scheduler
+from jobs.lifecycle import scheduler
 from jobs.models import GangMember, Job, JobEvent
-from jobs.quotas.selectors import clear_usage_cache
 from tests.conftest import api_client
 from tests.test_api_jobs import finetune_body
 from tests.test_scheduling import host, set_family
 
 
-@pytest.fixture(autouse=True)
-def _fresh(settings):
-    settings.FAIRSHARE_CACHE_S = 0
-    clear_usage_cache()
-    forecasts.clear_cache()
-    scheduler._last_run.update(ended=0.0, waiting=0)
+pytestmark = pytest.mark.usefixtures("fresh_scheduler")
 
 
 @pytest.fixture

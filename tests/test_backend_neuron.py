@@ -160,12 +160,15 @@ class StandInXla:
         self.optimizer_steps = 0
         self.mark_steps = 0
         self.device_env: dict | None = None
+        self.rng_seed = 101
 
     def modules(self) -> dict[str, types.ModuleType]:
         xm = types.ModuleType("torch_xla.core.xla_model")
         xm.xla_device = self._xla_device
         xm.optimizer_step = self._optimizer_step
         xm.mark_step = self._mark_step
+        xm.get_rng_state = lambda device=None: self.rng_seed
+        xm.set_rng_state = lambda seed, device=None: setattr(self, "rng_seed", seed)
         core = types.ModuleType("torch_xla.core")
         core.xla_model = xm
         backend = types.ModuleType("torch_xla.distributed.xla_backend")

@@ -194,6 +194,45 @@ def test_a_stopped_neuron_trainer_saves_the_step_it_reached_and_the_next_attempt
     assert whole["final_loss"] == pytest.approx(result["final_loss"])
 
 
+def test_a_resumed_neuron_trainer_draws_the_random_numbers_an_uninterrupted_run_draws(optimum, finetune_inputs,
+                                                                                     tmp_path):
+    """Dropout masks after a resume: every rank's Python, numpy, torch CPU and XLA device
+    RNG state is in the checkpoint (named as transformers' Trainer names it) and is
+    loaded before the first resumed step. The stop comes at a checkpoint step (8): 0.4
+    marks one step more when it saves, which moves the device seed on, so only a run
+    that saved at the same step draws the same device numbers after it."""
+    train_attempt(optimum, tmp_path / "whole", {**finetune_inputs, "checkpoint_dir": str(tmp_path / "w")})
+    reference = optimum.trainer.draws
+    inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}
+    train_attempt(optimum, tmp_path / "a1", inputs, stop_during=8)
+    marker = json.loads((tmp_path / "ck" / "step-00000008" / "COMPLETE").read_text())
+    assert "rng_state_0.pth" in marker["files"]  # this rank's, of 8
+    state = torch.load(tmp_path / "ck" / "step-00000008" / "rng_state_0.pth", weights_only=False)
+    assert set(state) == {"python", "numpy", "cpu", "xla"}
+
+    optimum.xm.set_rng_state(12345)  # another process: other states everywhere until restored
+    ctx, result = train_attempt(optimum, tmp_path / "a2", inputs)
+    assert result["resumed_from_step"] == 8
+    assert optimum.trainer.draws == reference[8:]
+    assert not any("RNG" in line for line in ctx.lines)
+
+
+def test_a_checkpoint_without_rng_state_resumes_and_says_the_draws_differ(optimum, finetune_inputs, tmp_path):
+    inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}
+    train_attempt(optimum, tmp_path / "a1", inputs, spec={**TP_SPEC, "cores": 1, "tensor_parallel_size": 1},
+                  world_size=1, stop_during=6)
+    folder = tmp_path / "ck" / "step-00000006"
+    (folder / "rng_state.pth").unlink()  # one process: the Trainer's single-file name
+    marker = json.loads((folder / "COMPLETE").read_text())
+    del marker["files"]["rng_state.pth"]
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+    ctx, result = train_attempt(optimum, tmp_path / "a2", inputs,
+                                spec={**TP_SPEC, "cores": 1, "tensor_parallel_size": 1}, world_size=1)
+    assert result["resumed_from_step"] == 6
+    assert "step-00000006 has no RNG state for rank 0: random draws (dropout) differ from an uninterrupted run" \
+        in ctx.lines
+
+
 def test_without_tensor_parallelism_the_optimizer_resumes_from_optimizer_pt(optimum, finetune_inputs, tmp_path):
     spec = {**TP_SPEC, "tensor_parallel_size": 1, "cores": 2, "batch_size": 4}
     inputs = {**finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}

@@ -194,24 +194,59 @@ class CheckpointStore:
         return None
 
 
+def _loaded_xla_model() -> Any:
+    """torch_xla.core.xla_model if this process trains through torch-xla (imported it), else None."""
+    import sys
+
+    return sys.modules.get("torch_xla.core.xla_model")
+
+
 def rng_state() -> dict:
-    """The RNG states a resumed run must continue from: torch's, Python's, numpy's if loaded."""
+    """The RNG states a resumed run must continue from, laid out as transformers' Trainer
+    saves them (Trainer._save_rng_state): Python's, numpy's if loaded, torch's CPU
+    generator's, and under torch-xla the device's running seed (xm.get_rng_state), which
+    dropout on an XLA device draws from."""
     import random
     import sys
 
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         state["numpy"] = numpy.random.get_state()
+    xm = _loaded_xla_model()
+    if xm is not None:
+        state["xla"] = xm.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what rng_state saved (Trainer._load_rng_state); a state without an entry
+    for a generator this process uses (numpy, the XLA device) leaves that one as it is."""
     import random
     import sys
 
-    torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    # "torch": the CPU generator's key in checkpoints of earlier releases, which a job
+    # may still resume from.
+    torch.set_rng_state(state["cpu"] if "cpu" in state else state["torch"])
     numpy = sys.modules.get("numpy")
     if numpy is not None and "numpy" in state:
         numpy.random.set_state(state["numpy"])
+    xm = _loaded_xla_model()
+    if xm is not None and "xla" in state:
+        xm.set_rng_state(state["xla"])
+
+
+def seed_rng(seed: int) -> None:
+    """Seed every generator rng_state covers (transformers' set_seed, plus the XLA device)."""
+    import random
+    import sys
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed)
+    xm = _loaded_xla_model()
+    if xm is not None:
+        xm.set_rng_state(seed)

@@ -138,10 +138,12 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
     the run is a graph extraction: a few steps, no checkpoint, no model.
     """
     if uses_neuron_trainer(ctx.spec):
-        from .neuron_trainer import optimum_train_rank, xla_any_rank  # transformers' Trainer API
+        from .neuron_trainer import optimum_train_rank, xla_any_rank, xla_rendezvous  # transformers' Trainer API
 
+        several = world_size > 1
         return optimum_train_rank(ctx, plan, world_size=world_size, trial=trial_steps(),
-                                  agree=xla_any_rank if world_size > 1 else bool)
+                                  agree=xla_any_rank if several else bool,
+                                  barrier=xla_rendezvous if several else lambda: None)
     mode = training_mode(framework)
     if world_size > 1:
         init_distributed(mode)

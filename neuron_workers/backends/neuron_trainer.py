@@ -36,9 +36,20 @@ args.trn_config)`, and NeuronDeck's part is one transformers `TrainerCallback`
   `state.global_step`. The data position: the trainer reads the rows in NeuronDeck's
   order (`in_order`: a sequential sampler over data.BatchSampler's global batches,
   which Accelerate splits over the data-parallel ranks) and is handed the rows from
-  the resumed step on, so step S trains on the same rows in every attempt. No RNG
-  state is restored (0.4 saves none), so a model with dropout draws other masks
-  after a resume.
+  the resumed step on, so step S trains on the same rows in every attempt.
+- **RNG.** 0.4 saves no RNG state (0.3 did, as transformers' Trainer), so the callback
+  saves and restores it as `Trainer._save_rng_state` / `_load_rng_state` do: every
+  rank writes rng_state_<rank>.pth (rng_state.pth for one process) into the
+  checkpoint before it is adopted (Python, numpy, torch CPU, and the XLA device's
+  running seed through `xm.get_rng_state`), and restores its own file right before
+  the first step it trains (where transformers' `rng_to_sync` loads it: after the
+  epoch's iterator drew its seed). It saves in `on_save`, which 0.4 runs as a step
+  closure after the step's last `xm.mark_step`: the device seed moves on at each
+  mark_step, and the next step draws from the one after it. (0.4 marks one step more
+  when it saves, so a run's device draws after step S depend on whether it saved at
+  S; a resumed run draws what the attempt it resumes would have drawn next.) The run
+  starts from the job's seed (transformers' Trainer calls set_seed; 0.4 does not), so
+  a resumed run draws the same dropout masks as an uninterrupted one.
 
 NOT RUN ON HARDWARE: tested against stand-ins that drive the callback as the real
 trainers do (tests/test_train_neuron_seams.py).
@@ -59,6 +70,7 @@ from transformers import TrainerCallback
 
 from . import hf
 from .base import JobContext, JobFailed
+from .checkpoints import rng_state, seed_rng, set_rng_state
 from .data import BatchSampler
 from .finetuning import prepare_training
 from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
@@ -66,6 +78,16 @@ from .neuron_parallel import ParallelOptionError, trainer_arguments
 from .trainer_checkpoints import TrainerCheckpoints
 
 SHARDS_TAG = "shards"  # optimum's MODEL_PARALLEL_SHARDS_DIR_NAME: the tag it saves under
+
+
+def xla_rendezvous() -> None:
+    """Wait for every rank (xm.rendezvous, as NeuronTrainer's own saves do)."""
+    importlib.import_module("torch_xla.core.xla_model").rendezvous("neurondeck-rng-state-saved")
+
+
+def rng_file(folder: Path, rank: int, world_size: int) -> Path:
+    """A rank's RNG state in a checkpoint, named as transformers' Trainer names it."""
+    return folder / ("rng_state.pth" if world_size <= 1 else f"rng_state_{rank}.pth")
 
 
 def xla_any_rank(flag: bool) -> bool:
@@ -81,19 +103,37 @@ class NeuronDeckCallback(TrainerCallback):
     """Stop-and-save on request, complete-or-ignored checkpoints, and the resume.
 
     `agree(flag)` says whether any rank's flag is up (xla_any_rank; the identity for
-    one process). `restore_from` is the checkpoint folder this callback loads in
-    on_train_begin (None: training starts from the model as loaded)."""
+    one process); `barrier()` waits for every rank (xla_rendezvous). `restore_from` is
+    the checkpoint folder this callback loads in on_train_begin, and whose RNG state
+    it loads before the first step (None: training starts from the model as loaded).
+    `rank` / `world_size`: this process's place in the world, which names its RNG file."""
 
     def __init__(self, ctx: JobContext, store: TrainerCheckpoints, total_steps: int, *,
-                 agree: Callable[[bool], bool], restore_from: Path | None = None) -> None:
+                 agree: Callable[[bool], bool], barrier: Callable[[], None] = lambda: None,
+                 rank: int = 0, world_size: int = 1, restore_from: Path | None = None) -> None:
         self.ctx, self.store, self.total_steps, self.agree = ctx, store, total_steps, agree
+        self.barrier, self.rank, self.world_size = barrier, rank, world_size
         self.restore_from = restore_from
+        self.rng_from = restore_from  # cleared once the RNG state is loaded
         self.stopped_at: int | None = None
         self.losses: list[float] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if self.restore_from is not None:
             state.global_step = restore(self.restore_from, args, model, optimizer, lr_scheduler)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.rng_from is not None:
+            path = rng_file(self.rng_from, self.rank, self.world_size)
+            if path.is_file():
+                # Our own file, in a checkpoint whose marker was checked (python and numpy
+                # states are not tensors, which weights_only refuses).
+                set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
+            else:
+                self.ctx.log(f"{self.rng_from.name} has no RNG state for rank {self.rank}: "
+                             f"random draws (dropout) differ from an uninterrupted run")
+            self.rng_from = None
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -108,6 +148,11 @@ class NeuronDeckCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank's RNG state goes into the staged checkpoint before rank 0 adopts it.
+        staged = self.store.staging / f"checkpoint-{state.global_step}"
+        staged.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), rng_file(staged, self.rank, self.world_size))
+        self.barrier()
         if state.is_world_process_zero:
             started = time.perf_counter()
             folder = self.store.adopt(state.global_step)
@@ -158,10 +203,12 @@ def ordered_rows(blocks: torch.Tensor, total_steps: int, batch_size: int, seed: 
 
 
 def optimum_train_rank(ctx: JobContext, plan: dict, *, world_size: int,
-                       agree: Callable[[bool], bool] = xla_any_rank, trial: int | None = None) -> dict:
+                       agree: Callable[[bool], bool] = xla_any_rank,
+                       barrier: Callable[[], None] = xla_rendezvous, trial: int | None = None) -> dict:
     """Train this rank under NeuronTrainer; rank 0 saves the final model into
     artifacts/checkpoint. A stop request ends it with JobFailed("cancelled") once the
-    step it reached is saved. `trial`: the precompile stage's few steps (no checkpoints)."""
+    step it reached is saved. `agree` and `barrier` are the ranks' collectives (see
+    NeuronDeckCallback). `trial`: the precompile stage's few steps (no checkpoints)."""
     try:
         optimum = importlib.import_module("optimum.neuron")
         training_models = importlib.import_module("optimum.neuron.models.training")
@@ -179,7 +226,8 @@ def optimum_train_rank(ctx: JobContext, plan: dict, *, world_size: int,
         kwargs.update(max_steps=trial, save_strategy="no")
     tokenizer = hf.load_tokenizer(plan["model_path"])
     resumed = None if trial is not None else store.latest()
-    main = int(os.environ.get("RANK") or 0) == 0
+    rank = int(os.environ.get("RANK") or 0)
+    main = rank == 0
     if main and trial is None:
         store.clear_staging()  # what a stopped attempt left half-written
     args = optimum.NeuronTrainingArguments(**kwargs)
@@ -188,8 +236,10 @@ def optimum_train_rank(ctx: JobContext, plan: dict, *, world_size: int,
     blocks, total_steps = prepare_training(ctx, model, tokenizer, plan)
     total_steps = trial or total_steps
     args.max_steps = total_steps  # known once the dataset is packed (a plan may give epochs)
-    callback = NeuronDeckCallback(ctx, store, total_steps, agree=agree, restore_from=resumed and resumed[1])
+    callback = NeuronDeckCallback(ctx, store, total_steps, agree=agree, barrier=barrier, rank=rank,
+                                  world_size=world_size, restore_from=resumed and resumed[1])
     rows = ordered_rows(blocks, total_steps, plan["batch_size"], plan["seed"], start=resumed[0] if resumed else 0)
+    seed_rng(plan["seed"])  # a resumed attempt then loads the checkpoint's state before its first step
     trainer = in_order(optimum.NeuronTrainer)(model=model, args=args, train_dataset=rows, callbacks=[callback])
     if resumed and main:
         ctx.log(f"resuming NeuronTrainer from step {resumed[0]} ({resumed[1].name})")

@@ -63,13 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-try:
-    # orjson parses a trn1.32xlarge report several times faster than json, and
-    # report parsing is most of the agent's per-second cost (bench/monitor.py).
-    # Its JSONDecodeError is a ValueError, like json's.
-    from orjson import loads as _loads
-except ImportError:  # the reader stays usable with the standard library alone
-    _loads = json.loads
+import msgspec
 
 __all__ = [
     "CoreSample",
@@ -139,6 +133,107 @@ def empty_hw() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
+# The input: what the reader reads of a report
+# --------------------------------------------------------------------------
+# A report is decoded into these structs (msgspec), which declare only the fields
+# read below: everything else — the per-CPU breakdown of a 128-vCPU host, each
+# runtime's loaded models, the latency percentiles other than p50 and p99 — is
+# skipped without building Python objects. Every field is optional (a report only
+# holds the groups that were due, neuron.md §1.1) and null reads as absent.
+# Scalars are typed Any and converted where they are used, so odd values (a number
+# as text, out of range, null) are handled there. Where an object belongs (a group,
+# a runtime's report), anything but an object or null makes the line a
+# MalformedReport, with the path of the offending value.
+
+
+class _PhysicalCore(msgspec.Struct):
+    neuroncore_utilization: Any = None
+
+
+class _CoreCounter(msgspec.Struct):
+    neuroncore_utilization: Any = None
+    flops: Any = None  # missing on old tools
+    v3d: dict[str, _PhysicalCore] | None = None  # Trn2 only: its physical cores
+
+
+class _Latency(msgspec.Struct):
+    p50: Any = None
+    p99: Any = None
+
+
+class _LatencyStats(msgspec.Struct):
+    total_latency: _Latency | None = None  # null when no model ran
+
+
+class _UsageBreakdown(msgspec.Struct):
+    neuroncore_memory_usage: dict[str, dict[str, Any]] | None = None  # core -> bytes by kind
+
+
+class _RuntimeUsedBytes(msgspec.Struct):
+    host: Any = None
+    neuron_device: Any = None
+    usage_breakdown: _UsageBreakdown | None = None
+
+
+class _RuntimeGroup(msgspec.Struct):
+    """One group of a runtime's report (neuroncore_counters, execution_stats,
+    memory_used, neuron_runtime_vcpu_usage): the fields read of any of them."""
+
+    error: Any = None
+    neuroncores_in_use: dict[str, _CoreCounter] | None = None  # neuroncore_counters
+    execution_summary: Any = None  # execution_stats: {"completed": n, ...}
+    latency_stats: _LatencyStats | None = None  # execution_stats
+    neuron_runtime_used_bytes: _RuntimeUsedBytes | None = None  # memory_used
+    vcpu_usage: Any = None  # neuron_runtime_vcpu_usage: {"user": %, "system": %}
+
+
+class _Runtime(msgspec.Struct):
+    pid: Any = None
+    neuron_runtime_tag: Any = None
+    error: Any = None
+    report: dict[str, _RuntimeGroup | None] | None = None
+
+
+class _SystemGroup(msgspec.Struct):
+    """One group of system_data (vcpu_usage, memory_info, neuron_hw_counters)."""
+
+    error: Any = None
+    average_usage: Any = None  # vcpu_usage: {"user": %, "system": %, "idle": %, ...}
+    # vcpu_usage per CPU, kept undecoded: only `per_cpu` decodes it.
+    usage_data: msgspec.Raw = msgspec.Raw(b"null")
+    memory_total_bytes: Any = None  # memory_info
+    memory_used_bytes: Any = None
+    neuron_devices: Any = None  # neuron_hw_counters: [{"mem_ecc_corrected": n, ...}] | null
+
+
+class _InstanceInfo(msgspec.Struct):
+    instance_type: Any = None
+    error: Any = None
+
+
+class _HardwareInfo(msgspec.Struct):
+    neuron_device_count: Any = None
+    neuroncore_per_device_count: Any = None
+    neuron_device_type: Any = None
+    neuroncore_version: Any = None
+    error: Any = None
+
+
+class _Report(msgspec.Struct):
+    # UNSET (absent) tells a line without any report key from a report whose groups are null.
+    neuron_runtime_data: list[_Runtime] | None | msgspec.UnsetType = msgspec.UNSET
+    system_data: dict[str, _SystemGroup | None] | None | msgspec.UnsetType = msgspec.UNSET
+    instance_info: _InstanceInfo | None | msgspec.UnsetType = msgspec.UNSET
+    neuron_hardware_info: _HardwareInfo | None | msgspec.UnsetType = msgspec.UNSET
+
+
+_decode_report = msgspec.json.Decoder(_Report).decode
+_NO_RUNTIME_GROUP = _RuntimeGroup()
+_NO_SYSTEM_GROUP = _SystemGroup()
+_NO_USED_BYTES = _RuntimeUsedBytes()
+
+
+# --------------------------------------------------------------------------
 # Parsing one report
 # --------------------------------------------------------------------------
 
@@ -177,28 +272,24 @@ def parse_report(line: str | bytes, ts: float | None = None, *, per_cpu: bool = 
     with at least one known report key.
 
     `per_cpu=False` leaves "per_cpu" None: on a 128-vCPU host that breakdown is
-    a fifth of the parsing cost, and the host agent does not publish it.
+    most of a report, and the host agent does not publish it.
     """
     if not line.strip():
         return None
     try:
-        data = _loads(line)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        data = _decode_report(line)
+    except msgspec.ValidationError as exc:  # valid JSON, not of a report's shape
+        raise MalformedReport(f"unexpected structure: {exc}") from None
+    except msgspec.DecodeError as exc:  # not JSON, or not UTF-8
         raise MalformedReport(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise MalformedReport(f"not a JSON object but {type(data).__name__}")
-    if not _REPORT_KEYS.intersection(data):
+    if all(group is msgspec.UNSET for group in (data.neuron_runtime_data, data.system_data, data.instance_info,
+                                                  data.neuron_hardware_info)):
         raise MalformedReport("no neuron-monitor report keys")
     try:
         return _build_sample(data, time.time() if ts is None else float(ts), per_cpu)
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
-        # A group of the wrong type (e.g. a list where an object belongs).
+        # A value of the wrong type where the reader converts it (e.g. a text size).
         raise MalformedReport(f"unexpected structure: {type(exc).__name__}: {exc}") from None
-
-
-_REPORT_KEYS = frozenset(
-    {"neuron_runtime_data", "system_data", "instance_info", "neuron_hardware_info"}
-)
 
 
 _ANOMALIES: Counter[str] = Counter()
@@ -218,29 +309,30 @@ def _percent(value: Any, anomalies: Counter[str]) -> float:
     return 100.0 if number > 100.0 else 0.0  # NaN compares false: 0
 
 
-def _build_sample(data: dict[str, Any], ts: float, per_cpu: bool = True) -> Report:
+def _build_sample(data: _Report, ts: float, per_cpu: bool = True) -> Report:
     cores: dict[str, CoreSample] = {}
     anomalies: Counter[str] = Counter()
-    entries = [(rt, rt.get("report") or {}) for rt in data.get("neuron_runtime_data") or ()]
-    in_use = [(report.get("neuroncore_counters") or {}).get("neuroncores_in_use") or {} for _, report in entries]
+    entries = [(rt, rt.report or {}) for rt in data.neuron_runtime_data or ()]
+    in_use = [_group(report, "neuroncore_counters").neuroncores_in_use or {} for _, report in entries]
     memory = [_core_memory(report) for _, report in entries]
     owners = _memory_owners(in_use, memory, anomalies)
     runtimes = [_runtime(rt, report, used, mem, owners, index, cores, anomalies)
                 for index, ((rt, report), used, mem) in enumerate(zip(entries, in_use, memory))]
-    system = data.get("system_data") or {}
-    hw_info = data.get("neuron_hardware_info") or {}
-    instance = data.get("instance_info") or {}
+    system = data.system_data or {}
+    vcpu = system.get("vcpu_usage") or _NO_SYSTEM_GROUP
+    hw_info = data.neuron_hardware_info or _HardwareInfo()
+    instance = data.instance_info or _InstanceInfo()
     sample: Report = {
         "ts": ts,
         "kind": "neuron",
         "cores": cores,
         "runtimes": runtimes,
-        "vcpu": _vcpu(system.get("vcpu_usage"), anomalies),
-        "per_cpu": _per_cpu(system.get("vcpu_usage")) if per_cpu else None,
+        "vcpu": _vcpu(vcpu.average_usage, anomalies),
+        "per_cpu": _per_cpu(msgspec.json.decode(vcpu.usage_data)) if per_cpu else None,
         "mem": _host_mem(system.get("memory_info")),
         "ecc": _ecc(system.get("neuron_hw_counters")),
         "hw": _hw(hw_info),
-        "instance_type": instance.get("instance_type") or None,
+        "instance_type": instance.instance_type or None,
         "errors": _host_errors(system, hw_info, instance),
     }
     if anomalies:
@@ -249,11 +341,17 @@ def _build_sample(data: dict[str, Any], ts: float, per_cpu: bool = True) -> Repo
     return sample
 
 
-def _core_memory(report: dict[str, Any]) -> dict[str, int]:
+def _group(report: dict[str, _RuntimeGroup | None], name: str) -> _RuntimeGroup:
+    """The runtime's group `name`, empty when absent or null."""
+    return report.get(name) or _NO_RUNTIME_GROUP
+
+
+def _core_memory(report: dict[str, _RuntimeGroup | None]) -> dict[str, int]:
     """A runtime's device bytes per core (its neuroncore_memory_usage breakdown, summed)."""
-    used = (report.get("memory_used") or {}).get("neuron_runtime_used_bytes") or {}
-    breakdown = (used.get("usage_breakdown") or {}).get("neuroncore_memory_usage") or {}
-    return {key: sum(parts.values()) for key, parts in breakdown.items()}
+    used = _group(report, "memory_used").neuron_runtime_used_bytes
+    breakdown = used.usage_breakdown if used else None
+    per_core = breakdown.neuroncore_memory_usage if breakdown else None
+    return {key: sum(parts.values()) for key, parts in (per_core or {}).items()}
 
 
 def _memory_owners(in_use: list[dict[str, Any]], memory: list[dict[str, int]],
@@ -276,7 +374,8 @@ def _memory_owners(in_use: list[dict[str, Any]], memory: list[dict[str, int]],
     return owners
 
 
-def _runtime(rt: dict[str, Any], report: dict[str, Any], in_use: dict[str, Any], memory: dict[str, int],
+def _runtime(rt: _Runtime, report: dict[str, _RuntimeGroup | None], in_use: dict[str, _CoreCounter],
+             memory: dict[str, int],
              owners: dict[str, int | None], index: int, cores: dict[str, CoreSample],
              anomalies: Counter[str]) -> RuntimeSample:
     """One neuron_runtime_data[] entry; also merges its cores into `cores`.
@@ -284,12 +383,12 @@ def _runtime(rt: dict[str, Any], report: dict[str, Any], in_use: dict[str, Any],
     Its cores are the ones it uses (neuroncores_in_use) and the idle ones only it
     holds memory on (`owners`). A memory entry for a core another runtime uses is
     not its: the core is not charged to it and its memory is not added again."""
-    stats = report.get("execution_stats") or {}
-    vcpu = (report.get("neuron_runtime_vcpu_usage") or {}).get("vcpu_usage") or {}
-    used = (report.get("memory_used") or {}).get("neuron_runtime_used_bytes") or {}
-    pid = int(rt.get("pid") or 0)
+    stats = _group(report, "execution_stats")
+    vcpu = _group(report, "neuron_runtime_vcpu_usage").vcpu_usage or {}
+    used = _group(report, "memory_used").neuron_runtime_used_bytes or _NO_USED_BYTES
+    pid = int(rt.pid or 0)
     # An untagged app's tag is its pid (neuron.md §1.3); keep it a string.
-    tag = str(rt.get("neuron_runtime_tag") or pid)
+    tag = str(rt.neuron_runtime_tag or pid)
 
     util = _merge_core_counters(in_use, cores, anomalies)
     own_memory: dict[str, int] = {}
@@ -300,16 +399,16 @@ def _runtime(rt: dict[str, Any], report: dict[str, Any], in_use: dict[str, Any],
             anomalies["mem_of_foreign_core"] += 1
     _merge_core_memory(own_memory, cores, summed=True)
     _merge_core_memory({k: t for k, t in memory.items() if k in owners and owners[k] is None}, cores, summed=False)
-    lat_p50, lat_p99 = _latency(stats.get("latency_stats"))
-    completed, failed = _executions(stats.get("execution_summary"))
+    lat_p50, lat_p99 = _latency(stats.latency_stats)
+    completed, failed = _executions(stats.execution_summary)
     return {
         "tag": tag,
         "pid": pid,
         "job_id": job_id_from_tag(tag),
         "cores": sorted({int(c) for c in util} | {int(c) for c in own_memory}),
         "util": util,
-        "host_mem": used.get("host"),
-        "device_mem": used.get("neuron_device"),
+        "host_mem": used.host,
+        "device_mem": used.neuron_device,
         "lat_p50": lat_p50,
         "lat_p99": lat_p99,
         "completed": completed,
@@ -324,7 +423,7 @@ def _opt_percent(value: Any, anomalies: Counter[str]) -> float | None:
     return None if value is None else _percent(value, anomalies)
 
 
-def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample],
+def _merge_core_counters(in_use: dict[str, _CoreCounter], cores: dict[str, CoreSample],
                          anomalies: Counter[str]) -> dict[str, float]:
     """Per-core util of one runtime, merged into the host-wide `cores` by max.
 
@@ -336,11 +435,11 @@ def _merge_core_counters(in_use: dict[str, Any], cores: dict[str, CoreSample],
     """
     util: dict[str, float] = {}
     for key, counter in in_use.items():
-        value = _percent(counter.get("neuroncore_utilization"), anomalies)
-        flops = counter.get("flops")
-        v3d = counter.get("v3d")
+        value = _percent(counter.neuroncore_utilization, anomalies)
+        flops = counter.flops
+        v3d = counter.v3d
         v3d_util = (
-            {name: _percent(phys.get("neuroncore_utilization"), anomalies) for name, phys in v3d.items()}
+            {name: _percent(phys.neuroncore_utilization, anomalies) for name, phys in v3d.items()}
             if v3d
             else None
         )
@@ -384,12 +483,12 @@ def _max_merge(old: dict[str, float] | None, new: dict[str, float]) -> dict[str,
     return merged
 
 
-def _latency(latency_stats: Any) -> tuple[float | None, float | None]:
+def _latency(latency_stats: _LatencyStats | None) -> tuple[float | None, float | None]:
     """p50/p99 of total_latency in seconds; None when no model ran (it is null)."""
-    total = (latency_stats or {}).get("total_latency")
+    total = latency_stats.total_latency if latency_stats else None
     if not total:
         return None, None
-    return total.get("p50"), total.get("p99")
+    return total.p50, total.p99
 
 
 def _executions(summary: Any) -> tuple[int, int]:
@@ -399,19 +498,14 @@ def _executions(summary: Any) -> tuple[int, int]:
     return int(summary.get("completed") or 0), failed
 
 
-def _runtime_error(rt: dict[str, Any], report: dict[str, Any]) -> str:
+def _runtime_error(rt: _Runtime, report: dict[str, _RuntimeGroup | None]) -> str:
     """The runtime's error, else its groups' errors as "<group>: <message>"."""
-    if rt.get("error"):
-        return str(rt["error"])
-    return "; ".join(
-        f"{name}: {group['error']}"
-        for name, group in report.items()
-        if isinstance(group, dict) and group.get("error")
-    )
+    if rt.error:
+        return str(rt.error)
+    return "; ".join(f"{name}: {group.error}" for name, group in report.items() if group and group.error)
 
 
-def _vcpu(group: Any, anomalies: Counter[str]) -> dict[str, float] | None:
-    average = (group or {}).get("average_usage")
+def _vcpu(average: Any, anomalies: Counter[str]) -> dict[str, float] | None:
     if not average:
         return None
     return {
@@ -421,8 +515,7 @@ def _vcpu(group: Any, anomalies: Counter[str]) -> dict[str, float] | None:
     }
 
 
-def _per_cpu(group: Any) -> dict[str, float] | None:
-    usage = (group or {}).get("usage_data")
+def _per_cpu(usage: Any) -> dict[str, float] | None:
     if not usage:
         return None
     # io_wait is idle time waiting on I/O, so it is not "busy" (same rule as
@@ -433,16 +526,16 @@ def _per_cpu(group: Any) -> dict[str, float] | None:
     }
 
 
-def _host_mem(group: Any) -> dict[str, int] | None:
-    if not group or group.get("memory_total_bytes") is None:
+def _host_mem(group: _SystemGroup | None) -> dict[str, int] | None:
+    if not group or group.memory_total_bytes is None:
         return None
-    return {"total": int(group["memory_total_bytes"]), "used": int(group.get("memory_used_bytes") or 0)}
+    return {"total": int(group.memory_total_bytes), "used": int(group.memory_used_bytes or 0)}
 
 
-def _ecc(group: Any) -> dict[str, int] | None:
+def _ecc(group: _SystemGroup | None) -> dict[str, int] | None:
     """ECC counts summed over devices; None when the group is absent or the
     driver is unreachable (neuron_devices is null in containers, neuron.md §1.4)."""
-    devices = (group or {}).get("neuron_devices")
+    devices = group.neuron_devices if group else None
     if devices is None:
         return None
     ecc = {"mem_corrected": 0, "mem_uncorrected": 0, "sram_corrected": 0, "sram_uncorrected": 0}
@@ -454,27 +547,24 @@ def _ecc(group: Any) -> dict[str, int] | None:
     return ecc
 
 
-def _hw(info: dict[str, Any]) -> dict[str, Any]:
+def _hw(info: _HardwareInfo) -> dict[str, Any]:
     # Old tools print only the two counts (neuron.md §1.6); the rest is optional.
     return {
-        "device_count": int(info.get("neuron_device_count") or 0),
-        "cores_per_device": int(info.get("neuroncore_per_device_count") or 0),
-        "device_type": info.get("neuron_device_type") or None,
-        "core_version": info.get("neuroncore_version") or None,
+        "device_count": int(info.neuron_device_count or 0),
+        "cores_per_device": int(info.neuroncore_per_device_count or 0),
+        "device_type": info.neuron_device_type or None,
+        "core_version": info.neuroncore_version or None,
     }
 
 
-def _host_errors(system: dict[str, Any], hw_info: dict[str, Any], instance: dict[str, Any]) -> list[str]:
-    errors = [
-        f"{name}: {group['error']}"
-        for name, group in system.items()
-        if isinstance(group, dict) and group.get("error")
-    ]
+def _host_errors(system: dict[str, _SystemGroup | None], hw_info: _HardwareInfo,
+                 instance: _InstanceInfo) -> list[str]:
+    errors = [f"{name}: {group.error}" for name, group in system.items() if group and group.error]
     # A hardware-info error usually means the driver is missing (neuron.md §1.4).
-    if hw_info.get("error"):
-        errors.append(f"neuron_hardware_info: {hw_info['error']}")
-    if instance.get("error"):
-        errors.append(f"instance_info: {instance['error']}")
+    if hw_info.error:
+        errors.append(f"neuron_hardware_info: {hw_info.error}")
+    if instance.error:
+        errors.append(f"instance_info: {instance.error}")
     return errors
 
 

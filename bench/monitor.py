@@ -139,6 +139,7 @@ def make_fleet(hosts: int):
     """`hosts` trn1.32xlarge hosts, each with 4 running jobs of 8 cores. Rows are
     inserted directly: this is a fixture for the bench, not a state change."""
     from django.contrib.auth.models import User
+    from django.db import connection
     from django.utils import timezone
 
     from jobs.models import CoreAllocation, Host, Job, Membership, Team
@@ -156,6 +157,11 @@ def make_fleet(hosts: int):
     CoreAllocation.objects.bulk_create([
         CoreAllocation(host_id=job.host_id, core=job.core_start + c, job=job, team=team, family="trn1")
         for job in jobs for c in range(8)])
+    # Statistics for the new rows, as a deployed database has them from autovacuum (off
+    # on some bench servers, and a minute or more late on others): without them PostgreSQL
+    # plans each agent's placements re-read as a scan of every running job of the fleet.
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
     by_host: dict[int, list[int]] = {}
     for job in jobs:
         by_host.setdefault(job.host_id, []).append(job.pk)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,48 @@ def test_two_ranks_under_torchrun_train_like_one_process_with_the_same_global_ba
     assert (tmp_path / "two" / "artifacts" / "checkpoint").is_dir()
     assert not (tmp_path / "two" / "rank-1" / "artifacts" / "checkpoint").exists()
     assert max_abs_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two")) <= 1e-5
+
+
+ASKED_RANK = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    from neuron_workers.backends.base import JobContext, JobFailed
+    from neuron_workers.backends.cpu import CpuBackend
+
+    job_dir, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+    job = json.loads((job_dir / "train_job.json").read_text())
+    polls = []
+
+    def should_stop():  # polled once per step; only rank 1 is asked, from its third step on
+        polls.append(1)
+        return rank == 1 and len(polls) >= 3
+
+    # torchrun's agent SIGTERMs the other ranks once one has exited non-zero: each rank
+    # gives its own account here, as a job's runner does (a cooperative stop).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    ctx = JobContext(job_id=1, kind="finetune", spec=job["spec"], workdir=job_dir / f"rank-{rank}",
+                     inputs=job["inputs"], should_stop=should_stop)
+    try:
+        CpuBackend().finetune(ctx)
+    except JobFailed as exc:
+        print(f"rank {rank}: {exc.code}: {exc.message}", flush=True)
+        sys.exit(1)
+""")
+
+
+def test_a_stop_asked_of_one_rank_stops_both_after_the_same_step_with_its_checkpoint(inputs, tmp_path):
+    """gloo ranks agree on a stop after every step (distributed.reduce_step): rank 0 saves
+    the step rank 1 was asked to stop at, and neither trains on or waits for the other."""
+    spec = {**SPEC, "steps": 12, "checkpoint_every": 100}
+    (tmp_path / JOB_FILE).write_text(json.dumps({"job_id": 1, "spec": spec, "inputs": {
+        **inputs, "checkpoint_dir": str(tmp_path / "checkpoints")}}))
+    script = tmp_path / "asked_rank.py"
+    script.write_text(ASKED_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (f"rank {rank}: cancelled: job 1 was stopped after step 3 of 12; checkpoint saved at step 3"
+                in proc.stdout), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert CheckpointStore(tmp_path / "checkpoints").complete_steps() == [3]

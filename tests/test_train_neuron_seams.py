@@ -5,6 +5,7 @@ option checks the form and the backend share."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from neuron_workers.backends import JobFailed, get_backend, neuron, neuron_launch, neuron_train, neuron_trainer
+from neuron_workers.backends.checkpoints import CheckpointStore
 from neuron_workers.config import TRIAL_STEPS_ENV
 from neuron_workers.backends.neuron_parallel import (
     ParallelOptionError,
@@ -33,6 +35,7 @@ from tests.test_backend_neuron import (  # noqa: F401 - fixtures
 )
 
 SPEC = {**FINETUNE_SPEC, "family": "trn1", "checkpoint_every": 4, "keep_checkpoints": 2}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -111,6 +114,65 @@ def test_single_core_xla_training_checkpoints_and_resumes_like_the_cpu_backend(m
     second = make_ctx(tmp_path / "a2", "finetune", {**SPEC, "steps": 10}, inputs)
     result = get_backend("neuron").run(second)
     assert result["resumed_from_step"] == 6 and result["steps"] == 10
+
+
+XLA_RANK = textwrap.dedent("""
+    # One rank of the own loop under torch-xla, on the CPU: torch_xla stood in for
+    # (StandInXla), and its "xla" process group by gloo with ProcessGroupXla's behaviour
+    # (pytorch/xla torch_xla/distributed/xla_backend.py): all_reduce reduces, barrier
+    # returns at once; xm.rendezvous is what waits. Rank 1 alone gets SIGTERM during step 3.
+    import os, signal, sys
+    import torch.distributed as dist
+    from tests.test_backend_neuron import StandInXla
+
+    sys.modules.update(StandInXla().modules())
+    from neuron_workers.backends import loops, neuron_train
+
+    gloo_init, gloo_barrier = dist.init_process_group, dist.barrier
+
+    def init_process_group(backend=None, **kwargs):
+        assert backend == "xla", backend
+        gloo_init("gloo")
+
+    dist.init_process_group, dist.barrier = init_process_group, lambda *args, **kwargs: None
+    sys.modules["torch_xla.core.xla_model"].rendezvous = lambda tag: gloo_barrier()
+    neuron_train.installed_framework = lambda: "xla"
+    train_step = loops._Run.one_step
+
+    def one_step(run):
+        loss = train_step(run)
+        if os.environ["RANK"] == "1" and run.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun forwards the launcher's to every rank
+        return loss
+
+    loops._Run.one_step = one_step
+    sys.exit(neuron_train.main())
+""")
+
+
+def test_own_loop_xla_ranks_agree_on_a_stop_and_save_the_step_they_reached_together(finetune_inputs, tmp_path):
+    """SIGTERM reaching one torch-xla rank: every rank stops after the same step (the
+    stop flag all-reduced on the device, distributed.reduce_step), rank 0 saves it,
+    and the run ends cancelled naming it, instead of a rank dying or hanging in
+    xm.optimizer_step's all-reduce."""
+    spec = {**SPEC, "steps": 10, "checkpoint_every": 100, "cores": 2}
+    (tmp_path / neuron_launch.JOB_FILE).write_text(json.dumps({"job_id": 11, "spec": spec, "inputs": {
+        **finetune_inputs, "checkpoint_dir": str(tmp_path / "ck")}}))
+    script = tmp_path / "xla_rank.py"
+    script.write_text(XLA_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NEURON_RT_VISIBLE_CORES": "0-1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), "--job-dir", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    error = json.loads((tmp_path / neuron_launch.ERROR_FILE).read_text())
+    assert error == {"code": "cancelled",
+                     "message": "job 11 was stopped after step 3 of 10; checkpoint saved at step 3"}, proc.stderr[-3000:]
+    assert "rank 1: cancelled: job 11 was stopped after step 3 of 10" in proc.stderr
+    assert CheckpointStore(tmp_path / "ck").complete_steps() == [3]
+    metrics = [json.loads(line[len(neuron_launch.METRIC_PREFIX):]) for line in proc.stdout.splitlines()
+               if line.startswith(neuron_launch.METRIC_PREFIX)]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------- NeuronTrainer

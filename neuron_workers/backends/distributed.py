@@ -1,18 +1,24 @@
-"""Data-parallel ranks on the host CPU: torchrun's environment, the gloo process group.
+"""Data-parallel ranks: torchrun's environment, the gloo process group, and how ranks agree on a step.
 
 When a fine-tune runs as one rank of `torch.distributed.run` (torchrun sets RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT), the cpu backend joins a gloo
 process group from that environment, wraps the model in DistributedDataParallel
 and trains on its shard of each global batch (data.shard). Without WORLD_SIZE > 1
 it is a single process and nothing here is used.
+
+reduce_step is the rule every multi-rank training loop follows after each step
+(the cpu backend over gloo, the neuron backend's own loop and NeuronTrainer over
+torch-xla's process group): the ranks stop together or not at all.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -67,18 +73,31 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def reduce_step(loss: float, stop: bool) -> tuple[float, bool]:
+def reduce_step(loss: float, stop: bool, device: Any = "cpu") -> tuple[float, bool]:
     """(the step's loss averaged over ranks, whether any rank was asked to stop), in one
-    all-reduce. Agreeing on the stop makes every rank stop after the same step, so
-    none is left waiting in a collective for a peer that has gone."""
+    all-reduce over the job's process group. Agreeing on the stop makes every rank stop
+    after the same step, so none is left waiting in a collective for a peer that has
+    gone or is saving a checkpoint.
+
+    `device` is where the group's collectives run: the host CPU for gloo; under
+    torch-xla the rank's XLA device, where the "xla" group runs the all-reduce as
+    xm.all_reduce (pytorch/xla torch_xla/distributed/xla_backend.py). float32, which
+    Neuron devices compute in (not float64)."""
     import torch.distributed as dist
 
-    tensor = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64)
+    tensor = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float32, device=device)
     dist.all_reduce(tensor)
-    return float(tensor[0]) / dist.get_world_size(), bool(tensor[1] > 0)
+    total = tensor.to("cpu")
+    return float(total[0]) / dist.get_world_size(), bool(total[1] > 0)
 
 
 def barrier() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+
+
+def xla_barrier() -> None:
+    """barrier() under torch-xla: xm.rendezvous, as NeuronTrainer's own saves use. The
+    "xla" process group's barrier returns at once (xla_backend.py), waiting for nobody."""
+    importlib.import_module("torch_xla.core.xla_model").rendezvous("neurondeck-barrier")

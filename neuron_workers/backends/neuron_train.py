@@ -19,6 +19,7 @@ The loop itself is the same one the cpu backend runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import config
-from . import hf
+from . import distributed, hf
 from .base import JobContext, JobFailed, write_json
 from .detect import native_neuron_device_available
 from .finetuning import checkpointing, finetune_plan, prepare_training, save_checkpoint
@@ -86,14 +87,25 @@ def native_device() -> Any:
     return torch.device("neuron")
 
 
-def make_hooks(mode: str, rank: int) -> TrainHooks:
-    """Device and step hooks for a training mode (see loops.TrainHooks)."""
+def make_hooks(mode: str, rank: int, world_size: int = 1) -> TrainHooks:
+    """Device and step hooks for a training mode (see loops.TrainHooks).
+
+    Several torch-xla ranks agree after every step whether any was asked to stop
+    (distributed.reduce_step on the device, the rule the cpu backend's gloo ranks
+    follow) and wait for rank 0's checkpoint before leaving (xm.rendezvous): a stop
+    saves the step every rank reached, and no rank waits in xm.optimizer_step's
+    all-reduce for a peer that left."""
     if mode == XLA:
         xm = importlib.import_module("torch_xla.core.xla_model")
+        device = xm.xla_device()
         # xm.optimizer_step all-reduces gradients across ranks, then steps;
         # xm.mark_step ends the lazy graph for this step (neuron.md §4.6).
-        return TrainHooks(device=xm.xla_device(), optimizer_step=xm.optimizer_step, end_step=xm.mark_step,
-                          is_main=rank == 0)
+        hooks = TrainHooks(device=device, optimizer_step=xm.optimizer_step, end_step=xm.mark_step,
+                           is_main=rank == 0, rank=rank, world_size=world_size)
+        if world_size > 1:
+            hooks.reduce_step = functools.partial(distributed.reduce_step, device=device)
+            hooks.barrier = distributed.xla_barrier
+        return hooks
     return TrainHooks(device=native_device(), is_main=rank == 0)
 
 
@@ -132,22 +144,23 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
     """Train this rank's share; rank 0 saves the checkpoints and the model. Returns the finetune result.
 
     Each rank draws its own batches (seed + rank), so N ranks see N different
-    batches per step. Reported losses are rank 0's; tokens_per_s counts all ranks.
-    Checkpoints and resume as on the cpu backend (loops.train_steps), the state moved
-    to the host CPU before it is written. Under neuron_parallel_compile (trial_steps)
+    batches per step. Reported losses are the ranks' mean under torch-xla (make_hooks),
+    rank 0's under native TorchNeuron; tokens_per_s counts all ranks. Checkpoints,
+    stop and resume as on the cpu backend (loops.train_steps), the state moved to the
+    host CPU before it is written. Under neuron_parallel_compile (trial_steps)
     the run is a graph extraction: a few steps, no checkpoint, no model.
     """
     if uses_neuron_trainer(ctx.spec):
-        from .neuron_trainer import optimum_train_rank, xla_any_rank, xla_rendezvous  # transformers' Trainer API
+        from .neuron_trainer import optimum_train_rank, xla_any_rank  # transformers' Trainer API
 
         several = world_size > 1
         return optimum_train_rank(ctx, plan, world_size=world_size, trial=trial_steps(),
                                   agree=xla_any_rank if several else bool,
-                                  barrier=xla_rendezvous if several else lambda: None)
+                                  barrier=distributed.xla_barrier if several else lambda: None)
     mode = training_mode(framework)
     if world_size > 1:
         init_distributed(mode)
-    hooks = make_hooks(mode, rank)
+    hooks = make_hooks(mode, rank, world_size)
     ctx.log(f"training on {mode} device {hooks.device} (rank {rank}/{world_size})")
     model = hf.load_causal_lm(plan["model_path"])
     tokenizer = hf.load_tokenizer(plan["model_path"])
@@ -170,6 +183,13 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
         save_checkpoint(ctx, model, tokenizer)
     return {**stats.result(), "checkpoint": "checkpoint", "backend": "neuron", "training_mode": mode,
             "world_size": world_size}
+
+
+def stops_together(spec: dict, framework: str | None, world_size: int) -> bool:
+    """Whether this run's ranks agree on a stop (and so may catch SIGTERM to save first):
+    one rank, NeuronTrainer, or the own loop under torch-xla. Native multi-rank runs
+    keep SIGTERM's default: their hooks (make_hooks) do not agree on a stop."""
+    return world_size == 1 or uses_neuron_trainer(spec) or framework != NATIVE
 
 
 def _print_metric(metric: dict) -> None:
@@ -205,10 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = JobContext(job_id=job["job_id"], kind="finetune", spec=job["spec"], workdir=args.job_dir,
                      inputs=job["inputs"], log=_print_log if main_rank else _quiet,
                      metric=_print_metric if reports else _quiet)
-    if uses_neuron_trainer(ctx.spec):
-        # torchrun forwards the launcher's SIGTERM (a stop of the job): NeuronTrainer's
-        # ranks agree on it after a step and save that step (neuron_trainer). The own
-        # loop keeps the default (its ranks under torch-xla do not agree on a stop).
+    if stops_together(ctx.spec, framework, world_size):
+        # torchrun forwards the launcher's SIGTERM (a stop of the job): the ranks agree on
+        # it after a step and save that step (make_hooks; NeuronTrainer: neuron_trainer).
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
         ctx.should_stop = stop.is_set

@@ -72,6 +72,7 @@ from . import hf
 from .base import JobContext, JobFailed
 from .checkpoints import rng_state, seed_rng, set_rng_state
 from .data import BatchSampler
+from .distributed import reduce_step, xla_barrier
 from .finetuning import prepare_training
 from .neuron_errors import CONSOLE_LOG, console_tail, map_neuron_error
 from .neuron_parallel import ParallelOptionError, trainer_arguments
@@ -80,30 +81,25 @@ from .trainer_checkpoints import TrainerCheckpoints
 SHARDS_TAG = "shards"  # optimum's MODEL_PARALLEL_SHARDS_DIR_NAME: the tag it saves under
 
 
-def xla_rendezvous() -> None:
-    """Wait for every rank (xm.rendezvous, as NeuronTrainer's own saves do)."""
-    importlib.import_module("torch_xla.core.xla_model").rendezvous("neurondeck-rng-state-saved")
-
-
 def rng_file(folder: Path, rank: int, world_size: int) -> Path:
     """A rank's RNG state in a checkpoint, named as transformers' Trainer names it."""
     return folder / ("rng_state.pth" if world_size <= 1 else f"rng_state_{rank}.pth")
 
 
 def xla_any_rank(flag: bool) -> bool:
-    """Whether `flag` is up on any rank: an all-reduce (max) of one value on the XLA device.
-    Not xm.mesh_reduce: its CPU rendezvous fails under torch-neuronx (Neuron's
+    """Whether `flag` is up on any rank: distributed.reduce_step's rule, on the XLA device
+    through the "xla" process group optimum-neuron joins under torchrun. Not
+    xm.mesh_reduce: its CPU rendezvous fails under torch-neuronx (Neuron's
     troubleshooting guide replaces it with an all_gather for that reason)."""
     xm = importlib.import_module("torch_xla.core.xla_model")
-    value = torch.tensor([1.0 if flag else 0.0], device=xm.xla_device())
-    return bool(xm.all_reduce(xm.REDUCE_MAX, value).item() > 0)
+    return reduce_step(0.0, flag, device=xm.xla_device())[1]
 
 
 class NeuronDeckCallback(TrainerCallback):
     """Stop-and-save on request, complete-or-ignored checkpoints, and the resume.
 
     `agree(flag)` says whether any rank's flag is up (xla_any_rank; the identity for
-    one process); `barrier()` waits for every rank (xla_rendezvous). `restore_from` is
+    one process); `barrier()` waits for every rank (distributed.xla_barrier). `restore_from` is
     the checkpoint folder this callback loads in on_train_begin, and whose RNG state
     it loads before the first step (None: training starts from the model as loaded).
     `rank` / `world_size`: this process's place in the world, which names its RNG file."""
@@ -204,7 +200,7 @@ def ordered_rows(blocks: torch.Tensor, total_steps: int, batch_size: int, seed: 
 
 def optimum_train_rank(ctx: JobContext, plan: dict, *, world_size: int,
                        agree: Callable[[bool], bool] = xla_any_rank,
-                       barrier: Callable[[], None] = xla_rendezvous, trial: int | None = None) -> dict:
+                       barrier: Callable[[], None] = xla_barrier, trial: int | None = None) -> dict:
     """Train this rank under NeuronTrainer; rank 0 saves the final model into
     artifacts/checkpoint. A stop request ends it with JobFailed("cancelled") once the
     step it reached is saved. `agree` and `barrier` are the ranks' collectives (see

@@ -163,40 +163,42 @@ def job_submit(*, team: Team, user, form: JobBaseForm) -> Job:
     The team's quota row is locked (SELECT … FOR UPDATE) from the check of its
     limits to the insert, so concurrent submissions of the same team are serialized
     and cannot together exceed max_pending. SQLite has no row locks: its IMMEDIATE
-    transactions serialize writers. What no submit changes (the family's hosts, an
-    upper bound of the month's use) is read before the lock, so the team's
-    submits wait for each other only while one counts its pending jobs and inserts."""
+    transactions serialize writers. Everything no submit changes is done before the
+    lock (the caller's role, the family's hosts, an upper bound of the month's use,
+    the row to insert), so the team's submits wait for each other only while one
+    reads its quota, counts its pending jobs and inserts."""
     data, kind, family, cores, spec = _admissible(team, user, form)
     cache_hit = None
     if kind == Kind.COMPILE:
         spec["compile_key"] = compile_cache_key(data["model"], spec, family)
         cache_hit = ModelAsset.objects.filter(team=team, compile_key=spec["compile_key"]).first()
-
     bounds = core_hours_bound([team.pk])
+    job = Job(team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
+              host_count=data.get("host_count") or 1, same_network=bool(data.get("same_network")),
+              model=data.get("model"), dataset=data.get("dataset"), max_attempts=_max_attempts(),
+              reason_code="submitted", reason="waiting for the scheduler")
 
     with transaction.atomic():
         quota = (TeamQuota.objects.select_for_update().annotate(user_cap_hours=user_budget_hours(user))
                  .get(team=team))
-        # Exact (queries under the lock) only for a team the bound puts near its budget.
+        # Exact (queries, under the lock: the budget is the locked row's) only for a team
+        # the bound puts near its budget.
         used = core_hours_for_budget({team.pk: quota.monthly_core_hours}, bounds=bounds)[team.pk]
         runtime = data.get("max_runtime_s") or quota.max_runtime_s
         _check_limits(team, user, kind, cores, runtime, quota, used)
-        job = Job.objects.create(
-            team=team, user=user, kind=kind, spec=spec, family=family, cores=cores,
-            host_count=data.get("host_count") or 1, same_network=bool(data.get("same_network")),
-            model=data.get("model"), dataset=data.get("dataset"),
-            max_runtime_s=runtime, max_attempts=_max_attempts(), reason_code="submitted",
-            reason="waiting for the scheduler",
-        )
+        job.max_runtime_s = runtime
+        job.save(force_insert=True)
         states.event(job.pk, Job.Status.PENDING, f"submitted by {user.username}", actor=user)
-        if kind == Kind.INFERENCE and data["model"].compile_key:
-            ModelAsset.objects.filter(pk=data["model"].pk).update(last_used_at=timezone.now())  # the cache's LRU
         if cache_hit is None:
             transaction.on_commit(kick_dispatch)  # once the job is committed, with the caller's transaction if any
         else:
             _finish_as_cache_hit(job, cache_hit)
+    if kind == Kind.INFERENCE and data["model"].compile_key:
+        # The compile cache's LRU, after the lock: eviction is kept off a model a job
+        # uses by the job's foreign key, not by this stamp.
+        ModelAsset.objects.filter(pk=data["model"].pk).update(last_used_at=timezone.now())
     if cache_hit is not None:
-        # Only a cache hit changed the row after create(); otherwise the instance
+        # Only a cache hit changed the row after the insert; otherwise the instance
         # already holds what was inserted.
         job.refresh_from_db()
     return job

@@ -325,6 +325,14 @@ def test_it_raises_malformed_report_for_lines_that_are_not_reports(line: str | b
     assert str(excinfo.value)
 
 
+def test_it_names_where_a_report_holds_something_else_than_an_object() -> None:
+    raw = first_raw("trn1.32xlarge-two-jobs.jsonl")
+    runtime_of(raw, 1)["report"]["neuroncore_counters"]["neuroncores_in_use"] = [8, 9]
+
+    with pytest.raises(MalformedReport, match=r"neuron_runtime_data\[1\]\.report.*\.neuroncores_in_use"):
+        parse_report(line_of(raw))
+
+
 def test_it_skips_and_counts_malformed_lines_while_iterating() -> None:
     good = lines("trn1.32xlarge-two-jobs.jsonl")
     stream = io.StringIO("\n".join([good[0], "garbage", "", good[1], "{}", good[2]]) + "\n")

@@ -4,6 +4,7 @@ borrowed cores, and what a pending job's owner sees (page and API)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -363,6 +364,36 @@ def test_usage_from_cached_days_matches_a_fresh_read_and_counts_an_attempt_closi
     weight = 0.5 ** ((now - hour_middle).total_seconds() / half)
     assert after[cast.vision.pk] == pytest.approx(vision + closed.core_seconds * weight, rel=1e-4)
     assert after[cast.audio.pk] == pytest.approx(audio, rel=1e-4)
+
+
+def test_hours_that_are_over_are_read_once_and_the_current_hour_at_every_read(cast):
+    # Since the start of yesterday closed attempts count at the middle of the UTC hour
+    # they ended in. An hour over for LAG is kept in the cache (its attempts never
+    # change), so a row written into it later, as only a repair would, goes unseen until
+    # the cache is dropped; an attempt closing now counts at the next read.
+    half = quota_selectors.half_life_s()
+    middle = (timezone.now() - timedelta(hours=20)).astimezone(dt_timezone.utc).replace(minute=30, second=0,
+                                                                                        microsecond=0)
+
+    def weighted(hours: float, at) -> float:
+        return hours * 3600 * 0.5 ** ((timezone.now() - at).total_seconds() / half)
+
+    used_core_hours(cast.audio, cast.charlie, 5, timezone.now() - middle)
+    first = quota_selectors.decayed_usage_by_team(fresh=True)
+    assert first[cast.audio.pk] == pytest.approx(weighted(5, middle), rel=1e-4)
+
+    used_core_hours(cast.audio, cast.charlie, 3, timezone.now() - middle)
+    used_core_hours(cast.vision, cast.bob, 2, timedelta(0))
+    now_hour = JobAttempt.objects.get(team=cast.vision).ended_at.astimezone(dt_timezone.utc)
+    now_middle = min(now_hour.replace(minute=30, second=0, microsecond=0), timezone.now())
+    second = quota_selectors.decayed_usage_by_team(fresh=True)
+    assert second[cast.audio.pk] == pytest.approx(weighted(5, middle), rel=1e-4)
+    assert second[cast.vision.pk] == pytest.approx(weighted(2, now_middle), rel=1e-4)
+
+    clear_usage_cache()
+    repaired = quota_selectors.decayed_usage_by_team(fresh=True)
+    assert repaired[cast.audio.pk] == pytest.approx(weighted(8, middle), rel=1e-4)
+    assert repaired[cast.vision.pk] == pytest.approx(weighted(2, now_middle), rel=1e-4)
 
 
 # --- preemption of borrowed cores -----------------------------------------------------

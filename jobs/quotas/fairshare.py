@@ -62,8 +62,12 @@ def decayed_usage(buckets: Iterable[tuple[int, datetime, float]], now: datetime,
     `buckets` are (team_id, when, core_seconds): usage accrued around `when` (an
     hour bucket's middle, or "now" for attempts still holding cores)."""
     usage: dict[int, float] = defaultdict(float)
+    weights: dict[datetime, float] = {}  # every team's bucket of an hour or a day has the same weight
     for team_id, when, core_seconds in buckets:
-        usage[team_id] += (core_seconds or 0.0) * decay_weight((now - when).total_seconds(), half_life_s)
+        weight = weights.get(when)
+        if weight is None:
+            weight = weights[when] = decay_weight((now - when).total_seconds(), half_life_s)
+        usage[team_id] += (core_seconds or 0.0) * weight
     return dict(usage)
 
 

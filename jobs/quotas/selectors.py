@@ -5,6 +5,7 @@ Every function that lists teams runs a fixed number of queries whatever the numb
 of teams (the quota page is loaded with hundreds of them)."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -91,102 +92,96 @@ def decayed_usage_by_team(*, fresh: bool = False) -> dict[int, float]:
 
 
 def clear_usage_cache(*, closed_days: bool = True) -> None:
-    """Forget the process's decayed usage, and with `closed_days` every cached day of
-    closed attempts too (a test that rewrites history, a repair). Without it, the
-    next read recomputes as it would once FAIRSHARE_CACHE_S is over."""
+    """Forget the process's decayed usage, and with `closed_days` every cached day and
+    hour of closed attempts too (a test that rewrites history, a repair). Without it,
+    the next read recomputes as it would once FAIRSHARE_CACHE_S is over."""
     global _usage_cache
     with _usage_lock:
         _usage_cache = None
     if closed_days:
-        cache.set(_DAYS_GENERATION_KEY, uuid.uuid4().hex, None)
+        cache.set(_GENERATION_KEY, uuid.uuid4().hex, None)
 
 
 # Closed attempts count at their end time, and an attempt ends at the moment it is
-# closed (jobs.lifecycle.states), so a day's sums never change once the day is over:
-# they are kept in Django's cache, keyed by the day. The expiry only bounds how long
-# a repair of old attempts (an admin's deletion) goes unseen.
-CLOSED_DAY_CACHE_S = 6 * 3600
-_DAYS_GENERATION_KEY = "fairshare:closed-days:generation"
+# closed (jobs.lifecycle.states), so the sums of a day or an hour never change once
+# it is over: they are kept in Django's cache, keyed by its start. An hour is kept
+# once it has been over for LAG, by when every attempt stamped within it has
+# committed (as for the usage roll-up). The expiry only bounds how long a repair of
+# old attempts (an admin's deletion) goes unseen.
+CLOSED_CACHE_S = 6 * 3600
+_GENERATION_KEY = "fairshare:closed-days:generation"
+DAY, HOUR = timedelta(days=1), timedelta(hours=1)
+
+Sums = tuple[tuple[int, float], ...]  # (team id, Σ core_seconds) of the attempts that closed in a bucket
 
 
 def _compute_decayed_usage(now: datetime) -> dict[int, float]:
     half = half_life_s()
-    horizon = now - timedelta(seconds=half * USAGE_HORIZON_HALF_LIVES)
     # Closed attempts summed per team in buckets, each counted at its middle: by the
-    # hour since the start of yesterday, by the day before that, so that a long
-    # horizon is not read as one row per team and hour. A day's bucket moves the
-    # weight of usage at least a day old by at most 2^(12 h / half life): ±5 % at
-    # the default half-life of a week. The whole days in between come from the cache
-    # (_closed_days); the partial ones at either end are read each time.
-    hourly_from = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
-    closed = JobAttempt.objects.filter(ended_at__gte=horizon)
-    # The buckets come back in this zone, named once: left to Django, each of a few
-    # thousand rows looks the current zone up again.
-    zone = timezone.get_current_timezone()
-    hours = (closed.filter(ended_at__gte=hourly_from).annotate(start=TruncHour("ended_at", tzinfo=zone))
-             .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
-    days = _whole_days(horizon, hourly_from)
-    edges = Q(ended_at__lt=hourly_from)
-    if days:
-        edges = Q(ended_at__lt=_day_start(days[0])) | Q(ended_at__gte=_day_start(days[-1] + timedelta(days=1)),
-                                                        ended_at__lt=hourly_from)
-    partial = (closed.filter(edges).annotate(start=TruncDay("ended_at", tzinfo=zone))
-               .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
-    buckets = [(team_id, min(start + middle, now), s)
-               for rows, middle in ((hours, timedelta(minutes=30)), (partial, timedelta(hours=12)))
-               for team_id, start, s in rows]
-    for day, sums in _closed_days(days).items():
-        middle = _day_start(day) + timedelta(hours=12)
-        buckets.extend((team_id, middle, s) for team_id, s in sums)
+    # hour since the start of yesterday, by the day from the horizon's day on, so
+    # that a long horizon is not read as one row per team and hour. A day's bucket
+    # moves the weight of usage at least a day old by at most 2^(12 h / half life):
+    # ±5 % at the default half-life of a week. Buckets are UTC days and hours (the
+    # decay has no use for a local calendar, and UTC has no repeated hour). Buckets
+    # that are over come from the cache (_closed_sums); each recompute reads the
+    # hours since the last one kept, and the attempts still open.
+    today = datetime.combine(now.astimezone(dt_timezone.utc).date(), datetime.min.time(), tzinfo=dt_timezone.utc)
+    hourly_from = today - DAY
+    horizon = today - DAY * math.ceil(half * USAGE_HORIZON_HALF_LIVES / DAY.total_seconds())
+    settled_hours = _steps(hourly_from, now - LAG, HOUR)
+    days = _closed_sums(_steps(horizon, hourly_from, DAY), DAY)
+    hours = _closed_sums(settled_hours, HOUR)
+    buckets = []
+    for sums, middle in ((days, DAY / 2), (hours, HOUR / 2)):
+        for start, rows in sums.items():
+            when = start + middle
+            buckets.extend((team_id, when, s) for team_id, s in rows)
+    recent = hourly_from + HOUR * len(settled_hours)
+    for team_id, start, s in (JobAttempt.objects.filter(ended_at__gte=recent)
+                              .annotate(start=TruncHour("ended_at", tzinfo=dt_timezone.utc))
+                              .values_list("team_id", "start").annotate(s=Sum("core_seconds"))):
+        buckets.append((team_id, min(start + HOUR / 2, now), s))
     for team_id, cores, started in JobAttempt.objects.filter(ended_at__isnull=True).values_list(
             "team_id", "cores", "started_at"):
         buckets.append((team_id, now, cores * max((now - started).total_seconds(), 0.0)))
     return decayed_usage(buckets, now, half)
 
 
-def _day_start(day: date) -> datetime:
-    """Midnight starting `day` in the current time zone (TruncDay's bucket start)."""
-    return timezone.make_aware(datetime.combine(day, datetime.min.time()))
+def _steps(since: datetime, until: datetime, step: timedelta) -> list[datetime]:
+    """The starts of the buckets of length `step` from `since` that end by `until`."""
+    starts = []
+    while since + step <= until:
+        starts.append(since)
+        since += step
+    return starts
 
 
-def _whole_days(since: datetime, until: datetime) -> list[date]:
-    """The local days that lie entirely within [since, until), oldest first."""
-    day = timezone.localtime(since).date()
-    if _day_start(day) < since:
-        day += timedelta(days=1)
-    days = []
-    while _day_start(day + timedelta(days=1)) <= until:
-        days.append(day)
-        day += timedelta(days=1)
-    return days
-
-
-def _closed_days(days: list[date]) -> dict[date, tuple[tuple[int, float], ...]]:
-    """(team id, Σ core_seconds) of the attempts that closed on each of `days` (days
-    that are over): from the cache, the missing ones read in one query and cached."""
-    if not days:
+def _closed_sums(starts: list[datetime], step: timedelta) -> dict[datetime, Sums]:
+    """Sums of the attempts that closed in each bucket [start, start + step) of
+    `starts` (whole UTC days or hours that are over, oldest first): from the cache,
+    the missing ones read in one query and cached."""
+    if not starts:
         return {}
-    generation = cache.get(_DAYS_GENERATION_KEY)
+    generation = cache.get(_GENERATION_KEY)
     if generation is None:
         generation = uuid.uuid4().hex
-        cache.add(_DAYS_GENERATION_KEY, generation, None)
-        generation = cache.get(_DAYS_GENERATION_KEY, generation)
-    zone = timezone.get_current_timezone_name()
-    keys = {day: f"fairshare:closed-day:{generation}:{zone}:{day.isoformat()}" for day in days}
+        cache.add(_GENERATION_KEY, generation, None)
+        generation = cache.get(_GENERATION_KEY, generation)
+    unit, trunc = ("day", TruncDay) if step == DAY else ("hour", TruncHour)
+    keys = {start: f"fairshare:closed-{unit}:{generation}:{start.isoformat()}" for start in starts}
     cached = cache.get_many(keys.values())
-    found = {day: cached[key] for day, key in keys.items() if key in cached}
-    missing = [day for day in days if day not in found]
+    found = {start: cached[key] for start, key in keys.items() if key in cached}
+    missing = [start for start in starts if start not in found]
     if missing:
-        sums: dict[date, list[tuple[int, float]]] = {day: [] for day in missing}
-        rows = (JobAttempt.objects.filter(ended_at__gte=_day_start(missing[0]),
-                                          ended_at__lt=_day_start(missing[-1] + timedelta(days=1)))
-                .annotate(start=TruncDay("ended_at")).values_list("team_id", "start").annotate(s=Sum("core_seconds")))
+        sums: dict[datetime, list[tuple[int, float]]] = {start: [] for start in missing}
+        rows = (JobAttempt.objects.filter(ended_at__gte=missing[0], ended_at__lt=missing[-1] + step)
+                .annotate(start=trunc("ended_at", tzinfo=dt_timezone.utc))
+                .values_list("team_id", "start").annotate(s=Sum("core_seconds")))
         for team_id, start, s in rows:
-            day = timezone.localtime(start).date()
-            if day in sums:
-                sums[day].append((team_id, s))
-        fresh = {day: tuple(sorted(sums[day])) for day in missing}
-        cache.set_many({keys[day]: value for day, value in fresh.items()}, CLOSED_DAY_CACHE_S)
+            if start in sums:
+                sums[start].append((team_id, s))
+        fresh = {start: tuple(sorted(sums[start])) for start in missing}
+        cache.set_many({keys[start]: value for start, value in fresh.items()}, CLOSED_CACHE_S)
         found.update(fresh)
     return found
 

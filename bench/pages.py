@@ -420,13 +420,12 @@ def fill_notifications(cur) -> None:
         "ticket": "1", "next_attempt_at": "bn.at", "created_at": "bn.at",
         "delivered_at": "CASE WHEN abs(hashint8(bn.id)) %% 50 <> 0 THEN bn.at + interval '2 seconds' END",
         "last_error": "CASE WHEN abs(hashint8(bn.id)) %% 50 = 0 THEN 'HTTP 500' ELSE '' END"}
-    stamp = [now()]
+    # In the order the service writes them, a notification's deliveries together: each
+    # subscription's deliveries spread over the table's ids as they would be.
     insert_select(cur, Delivery, delivery,
-                  "FROM bn JOIN jobs_subscription s ON s.team_id = bn.team_id AND s.scope = 'team' ORDER BY bn.id",
-                  stamp)
-    insert_select(cur, Delivery, delivery,
-                  "FROM bn JOIN jobs_subscription s ON s.team_id = bn.team_id AND s.scope = 'self' "
-                  "AND s.user_id = bn.user_id WHERE bn.status = 'failed' ORDER BY bn.id", stamp)
+                  "FROM bn JOIN jobs_subscription s ON s.team_id = bn.team_id AND (s.scope = 'team' "
+                  "OR (s.scope = 'self' AND s.user_id = bn.user_id AND bn.status = 'failed')) ORDER BY bn.id, s.id",
+                  [now()])
 
 
 def job_columns(stamp: datetime) -> dict[str, str]:

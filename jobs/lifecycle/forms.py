@@ -304,7 +304,11 @@ class InferenceForm(JobBaseForm):
         elif len(data.get("prompts") or []) > MAX_PROMPTS:
             self.add_error("prompts", f"at most {MAX_PROMPTS} prompts per job")
         model = data.get("model")
-        if model and not model.is_compiled and getattr(self.team, "cached_configurations_only", False):
+        if model and not model.is_compiled and (model.meta or {}).get("diffusers"):
+            # Images are made only at a compiled shape (a compile with task text-to-image).
+            self.add_error("model", f"{model} is a diffusers pipeline: compile it with task text-to-image first, "
+                                    "then run inference on the compiled artifact")
+        elif model and not model.is_compiled and getattr(self.team, "cached_configurations_only", False):
             self.add_error("model", f"team {self.team.slug} runs cached configurations only: choose a compiled "
                                     f"configuration of {model} (or compile one first)")
         if model and model.is_compiled and data.get("prompts"):

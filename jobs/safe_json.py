@@ -99,8 +99,8 @@ def loads(raw: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEP
         raise JSONInputError(f"is nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise JSONInputError(f"is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from None
-    except JSONInputError:
-        raise
+    except JSONInputError as exc:  # NaN, Infinity or a number out of range
+        raise JSONInputError(exc.reason, _refused_member(raw)) from None
     except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
         raise JSONInputError(f"is not valid JSON ({exc})") from None
     if maybe_surrogates or _SUSPICIOUS.search(raw):
@@ -136,8 +136,35 @@ def _deeper_than(text: str, max_depth: int) -> bool:
 
 
 def _deep_member(text: str, max_depth: int) -> list[str | int]:
-    """[key] or [index] of the top-level member that nests too deep, to name it ([]
-    when the document is not an object or an array, or cannot be read that far)."""
+    """[key] or [index] of the top-level member that nests too deep, to name it."""
+    def too_deep(start: int) -> tuple[bool, int]:
+        try:
+            _, end = _DECODER.scan_once(text, start)
+        except RecursionError:
+            return True, start
+        return _deeper_than(text[start:end], max_depth - 1), end
+
+    return _member_where(text, too_deep)
+
+
+def _refused_member(text: str) -> list[str | int]:
+    """[key] or [index] of the top-level member holding what the decoder refuses
+    (NaN, Infinity, a number out of range), to name it."""
+    def refused(start: int) -> tuple[bool, int]:
+        try:
+            _, end = _DECODER.scan_once(text, start)
+        except JSONInputError:
+            return True, start
+        return False, end
+
+    return _member_where(text, refused)
+
+
+def _member_where(text: str, at_fault) -> list[str | int]:
+    """[key] or [index] of the first top-level member of the object or array `text`
+    whose value `at_fault(start)` finds at fault (it answers (at fault, the index
+    after the value)); [] when the document is not an object or an array, or cannot
+    be read that far."""
     index = _SPACE.match(text).end()
     if index >= len(text) or text[index] not in "[{":
         return []
@@ -153,12 +180,8 @@ def _deep_member(text: str, max_depth: int) -> list[str | int]:
                 if text[index] != ":":
                     return []
                 index = _SPACE.match(text, index + 1).end()
-            start = index
-            try:
-                _, index = _DECODER.scan_once(text, index)
-            except RecursionError:
-                return [key]
-            if _deeper_than(text[start:index], max_depth - 1):
+            fault, index = at_fault(index)
+            if fault:
                 return [key]
             index = _SPACE.match(text, index).end()
             if text[index] != ",":

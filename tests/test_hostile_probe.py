@@ -1,0 +1,65 @@
+"""What a black-box probe of `make run` found (a new user following the README, a
+careless client, an attacker): each case was accepted or answered badly before its fix.
+Against real PostgreSQL, and SQLite (DATABASE_URL=sqlite:///...)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+
+from jobs.models import Job
+from tests.conftest import api_client
+from tests.endpoint_support import make_model
+
+
+@pytest.fixture
+def bob(cast):
+    return api_client(cast.bob)
+
+
+@pytest.fixture
+def bob_page(cast):
+    client = Client()
+    client.force_login(cast.bob)
+    return client
+
+
+@pytest.fixture
+def pipeline(cast):
+    """An uncompiled diffusers pipeline, as the demo's tiny-sd."""
+    model = make_model(cast.vision, cast.alice, "tiny-sd")
+    model.meta = {"diffusers": True}
+    model.save(update_fields=["meta"])
+    return model
+
+
+def test_an_inference_of_an_uncompiled_pipeline_is_refused_naming_the_model(cast, bob, bob_page, pipeline, cpu_host):
+    # It was accepted and failed on the worker: "could not load a causal LM ... rag".
+    body = {"team": "vision", "kind": "inference", "family": "cpu", "cores": 1, "model": pipeline.pk,
+            "prompts": ["a cat"]}
+    response = bob.post("/api/v1/jobs", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert "compile" in response.json()["errors"]["model"][0]
+    page = bob_page.post("/teams/vision/jobs/new/inference/",
+                         {"model": pipeline.pk, "prompts": "a cat", "max_new_tokens": 4, "temperature": 0,
+                          "family": "cpu", "cores": 1})
+    assert page.status_code == 400
+    assert 'id="id_model_errors"' in page.content.decode()
+    assert not Job.objects.exists()
+
+
+@pytest.mark.parametrize("field,literal", [("temperature", "NaN"), ("temperature", "Infinity"),
+                                           ("max_new_tokens", "-Infinity"), ("temperature", "1e999")])
+def test_nan_infinity_or_an_overflowing_number_in_a_body_names_the_field(cast, bob, tiny_model, cpu_host, field,
+                                                                         literal):
+    # Refused as "the body holds NaN, which is not JSON", naming no field.
+    body = {"team": "vision", "kind": "inference", "family": "cpu", "cores": 1, "model": tiny_model.pk,
+            "prompts": ["hi"], "max_new_tokens": 4, "temperature": 0}
+    raw = json.dumps({**body, field: "@"}).replace('"@"', literal)
+    response = bob.post("/api/v1/jobs", data=raw, content_type="application/json")
+    assert response.status_code == 400, response.content
+    answer = response.json()
+    assert answer["field"] == field
+    assert literal in answer["errors"][field][0]
+    assert not Job.objects.exists()

@@ -31,6 +31,7 @@ def test_the_endpoint_commands_create_scale_roll_out_and_delete(cast, cpu_host, 
     assert rolled["revision"] == 2
     shown = run(cast.bob, "endpoints", "show", str(created["id"]))
     assert shown.exit_code == 0 and "REPLICA" in shown.output
+    assert "None" not in shown.output and "TTFT p50 - p95 -" in shown.output  # no request yet: no figure
     bad = run(cast.bob, "endpoints", "scale", str(created["id"]), "--min", "5")
     assert bad.exit_code == 1 and "min_replicas" in bad.output
     assert run(cast.charlie, "endpoints", "show", str(created["id"])).exit_code == 1

@@ -497,8 +497,11 @@ def endpoints_show(endpoint_id: int, as_json: bool) -> None:
     click.echo(_endpoint_line(doc))
     stats = doc.get("stats") or {}
     if stats:
-        click.echo(f"last minute: {stats['requests_per_s']} req/s, {stats['tokens_per_s']} tokens/s, "
-                   f"TTFT p50 {stats['ttft_p50_ms']} ms p95 {stats['ttft_p95_ms']} ms, {stats['errors']} errors")
+        figure = output.figure
+        click.echo(f"last minute: {figure(stats['requests_per_s'], 'req/s')}, "
+                   f"{figure(stats['tokens_per_s'], 'tokens/s')}, "
+                   f"TTFT p50 {figure(stats['ttft_p50_ms'], 'ms')} p95 {figure(stats['ttft_p95_ms'], 'ms')}, "
+                   f"{figure(stats['errors'])} errors")
     output.table(doc["replicas"], [("REPLICA", "id"), ("REV", "revision"), ("STATE", "state"), ("HOST", "host"),
                                    ("CORES", "cores"), ("UTIL%", "util_pct"), ("JOB", "job_id")])
 

@@ -23,6 +23,14 @@ def _cell(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def figure(value: Any, unit: str = "") -> str:
+    """A measured figure for people: "-" when there is none (nothing measured yet)."""
+    text = _cell(value)
+    if not text:
+        return "-"
+    return f"{text} {unit}" if unit else text
+
+
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
     if not rows:
         click.echo("(none)")
@@ -68,7 +76,7 @@ def usage(doc: dict) -> None:
     totals, burn = doc["totals"], doc["burn_down"]
     click.echo(f"team {doc['team']}, {doc['from']} to {doc['to']} ({doc['time_zone']})")
     for key in sorted(totals):
-        click.echo(f"{key:>28}: {_cell(totals[key]) or '-'}")  # "-": no figure (no use measured yet)
+        click.echo(f"{key:>28}: {figure(totals[key])}")
     budget = burn.get("budget_core_hours")
     click.echo(f"{'budget':>28}: {burn['used_core_hours']} of {budget if budget is not None else 'unlimited'} "
                f"core-hours ({burn['status']})")

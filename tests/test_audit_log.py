@@ -102,7 +102,7 @@ def test_a_username_that_looks_like_a_formula_is_text_in_the_csv(staff, cast):
                                           ("area=everything", "area"), ("since=2026-02-02&until=2026-02-01", "until")])
 def test_a_bad_filter_is_a_400_naming_it(staff, query, field):
     response = staff.get(f"/audit/?{query}")
-    assert response.status_code == 400 and f'id="id_{field}_errors"' in response.content.decode()
+    assert response.status_code == 400 and f'id="id_{field}_error"' in response.content.decode()
 
 
 def test_the_page_is_paged(staff, cast):

@@ -130,7 +130,7 @@ def test_staff_create_a_team_in_the_console_and_add_a_member_with_a_role(cast):
 def test_a_bad_new_team_is_a_form_error_and_creates_nothing(cast, data, field):
     response = login(cast.admin).post("/teams/new/", {"time_zone": "UTC", **data})
     assert response.status_code == 400
-    assert f'id="id_{field}_errors"' in response.content.decode()
+    assert f'id="id_{field}_error"' in response.content.decode()
     assert not Team.objects.filter(slug="ok-slug").exists()
     assert Team.objects.filter(slug="vision").count() == 1
 

@@ -52,7 +52,7 @@ def test_a_bad_form_shows_each_error_on_its_field(cast, cpu_host):
                                                                   "min_replicas": 3})
     assert response.status_code == 400
     page = response.content.decode()
-    assert 'id="id_name_errors"' in page and 'id="id_max_replicas_errors"' in page
+    assert 'id="id_name_error"' in page and 'id="id_max_replicas_error"' in page
     assert not Endpoint.objects.exists()
 
 

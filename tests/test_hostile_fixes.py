@@ -69,7 +69,7 @@ def refused(response, status: int, field: str | None) -> dict:
 
 def page_field_errors(response, field: str) -> list[str]:
     html = response.content.decode()
-    match = re.search(rf'<ul class="errorlist field-errors" id="id_{field}_errors">(.*?)</ul>', html, re.S)
+    match = re.search(rf'<ul class="errorlist field-errors" id="id_{field}_error">(.*?)</ul>', html, re.S)
     return [unescape(m) for m in re.findall(r"<li>(.*?)</li>", match.group(1), re.S)] if match else []
 
 

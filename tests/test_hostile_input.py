@@ -630,5 +630,5 @@ def form_case(world, form: dict, changes: dict, drop_others: bool) -> None:
         before.assert_unchanged(what)
     if response.status_code == 400 and not drop_others and len(changes) == 1:
         (field,) = changes
-        assert f"id_{field}_errors" in html or "errorlist nonfield" in html or field in html, \
+        assert f"id_{field}_error" in html or "errorlist nonfield" in html or field in html, \
             f"{what}: the 400 does not name {field}"

@@ -4,6 +4,7 @@ Against real PostgreSQL, and SQLite (DATABASE_URL=sqlite:///...)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.test import Client
@@ -45,7 +46,7 @@ def test_an_inference_of_an_uncompiled_pipeline_is_refused_naming_the_model(cast
                          {"model": pipeline.pk, "prompts": "a cat", "max_new_tokens": 4, "temperature": 0,
                           "family": "cpu", "cores": 1})
     assert page.status_code == 400
-    assert 'id="id_model_errors"' in page.content.decode()
+    assert 'id="id_model_error"' in page.content.decode()
     assert not Job.objects.exists()
 
 
@@ -63,3 +64,27 @@ def test_nan_infinity_or_an_overflowing_number_in_a_body_names_the_field(cast, b
     assert answer["field"] == field
     assert literal in answer["errors"][field][0]
     assert not Job.objects.exists()
+
+
+def test_a_fields_error_is_what_its_input_is_described_by(cast, bob_page, tiny_model, dataset, cpu_host):
+    # Django points aria-describedby at "<id>_error"; the list was "<id>_error", so a
+    # screen reader on the field read no error.
+    page = bob_page.post("/teams/vision/jobs/new/finetune/",
+                         {"model": tiny_model.pk, "dataset": dataset.pk, "learning_rate": "0.001", "batch_size": 2,
+                          "sequence_length": 32, "lr_schedule": "constant", "checkpoint_every": 100,
+                          "keep_checkpoints": 3, "tensor_parallel_size": 1, "family": "cpu", "cores": 1})
+    assert page.status_code == 400
+    html = page.content.decode()
+    described = re.search(r'<input[^>]*name="steps"[^>]*>', html).group(0)
+    ids = re.search(r'aria-describedby="([^"]+)"', described).group(1).split()
+    assert "id_steps_error" in ids
+    for element_id in ids:
+        assert f'id="{element_id}"' in html, element_id
+    assert "Give steps or epochs" in re.search(r'id="id_steps_error">(.*?)</ul>', html, re.S).group(1)
+
+
+def test_a_job_list_filters_error_is_what_its_select_is_described_by(cast, bob_page):
+    html = bob_page.get("/teams/vision/jobs/?status=bogus").content.decode()
+    select = re.search(r'<select[^>]*name="status"[^>]*>', html).group(0)
+    assert 'aria-describedby="id_status_error"' in select
+    assert re.search(r'id="id_status_error">status: .*bogus', html)

@@ -62,7 +62,7 @@ def test_a_bad_subscription_is_a_400_naming_the_field(cast, settings, data, fiel
     assert r.status_code == 400
     errors = r.context["form"].errors
     assert field in errors and words in " ".join(errors[field])
-    assert f'id="id_{field}_errors"' in r.content.decode() or field == "events"
+    assert f'id="id_{field}_error"' in r.content.decode() or field == "events"
     assert not Subscription.objects.exists()
 
 
@@ -232,7 +232,7 @@ def test_the_notifications_page_works_on_a_phone(cast, live_server, browser, set
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
     page.fill("#id_idle_minutes", "0")
     page.click("#policy button[type=submit]")
-    expect(page.locator("#id_idle_minutes_errors")).to_contain_text("greater than or equal to 1")
+    expect(page.locator("#id_idle_minutes_error")).to_contain_text("greater than or equal to 1")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "notifications-phone.png"), full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")

@@ -42,7 +42,7 @@ def login(user) -> Client:
 def field_errors(response, field: str) -> list[str]:
     """The error messages rendered next to `field` (the <ul> the field template puts under it)."""
     html = response.content.decode()
-    match = re.search(rf'<ul class="errorlist field-errors" id="id_{field}_errors">(.*?)</ul>', html, re.S)
+    match = re.search(rf'<ul class="errorlist field-errors" id="id_{field}_error">(.*?)</ul>', html, re.S)
     return re.findall(r"<li>(.*?)</li>", match.group(1), re.S) if match else []
 
 

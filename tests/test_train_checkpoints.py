@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -212,3 +213,115 @@ def test_a_stop_asked_of_one_rank_stops_both_after_the_same_step_with_its_checkp
         assert (f"rank {rank}: cancelled: job 1 was stopped after step 3 of 12; checkpoint saved at step 3"
                 in proc.stdout), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert CheckpointStore(tmp_path / "checkpoints").complete_steps() == [3]
+
+
+# ---------------------------------------------------------------- RNG states of every rank
+
+DRAWING_RANK = textwrap.dedent("""
+    # One gloo rank of the cpu fine-tune whose steps draw from every generator a
+    # checkpoint saves (as dropout draws from torch's), each rank a different number of
+    # times (so the ranks' states part ways), and keep the last draws of each step.
+    # argv: the job folder, the step after which rank 1 is asked to stop (0: never).
+    import json, os, random, signal, sys
+    from pathlib import Path
+    import numpy, torch
+    from neuron_workers.backends import loops
+    from neuron_workers.backends.base import JobContext, JobFailed
+    from neuron_workers.backends.cpu import CpuBackend
+
+    job_dir, stop_at, rank = Path(sys.argv[1]), int(sys.argv[2]), int(os.environ["RANK"])
+    job = json.loads((job_dir / "train_job.json").read_text())
+    train_step, steps = loops._Run.one_step, []
+
+    def one_step(run):
+        loss = train_step(run)
+        for _ in range(rank + 1):
+            draws = [random.random(), float(numpy.random.random()), float(torch.rand(1))]
+        with open(job_dir / f"draws-{rank}.jsonl", "a") as f:
+            print(json.dumps([run.step, draws]), file=f)
+        steps.append(run.step)
+        return loss
+
+    loops._Run.one_step = one_step
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # each rank gives its own account
+    ctx = JobContext(job_id=1, kind="finetune", spec=job["spec"], workdir=job_dir / f"rank-{rank}",
+                     inputs=job["inputs"], should_stop=lambda: rank == 1 and steps[-1] == stop_at)
+    try:
+        CpuBackend().finetune(ctx)
+    except JobFailed as exc:
+        print(f"rank {rank}: {exc.code}: {exc.message}", flush=True)
+        sys.exit(1)
+""")
+
+
+def drawing_ranks(job_dir: Path, stop_at: int = 0) -> dict[tuple[int, int], list[float]]:
+    """Run DRAWING_RANK on two gloo ranks; {(rank, step): that step's last draws}."""
+    script = job_dir / "drawing_rank.py"
+    script.write_text(DRAWING_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(job_dir), str(stop_at)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode != 0) == bool(stop_at), proc.stdout[-3000:] + proc.stderr[-3000:]
+    draws = {}
+    for rank in (0, 1):
+        for line in (job_dir / f"draws-{rank}.jsonl").read_text().splitlines():
+            step, values = json.loads(line)
+            draws[rank, step] = values
+    (job_dir / "draws-0.jsonl").unlink()
+    (job_dir / "draws-1.jsonl").unlink()
+    return draws
+
+
+def test_each_gloo_rank_resumes_its_own_random_draws(inputs, tmp_path):
+    """Every rank's RNG states (Python, numpy, torch) go into the checkpoint rank 0
+    writes, and each rank restores its own: after a stop and a resume, rank 1 draws
+    what it would have drawn in an uninterrupted run, not what rank 0 would."""
+    spec = {**SPEC, "steps": 6, "checkpoint_every": 100}
+    job = {"job_id": 1, "spec": spec, "inputs": inputs}
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / JOB_FILE).write_text(json.dumps(
+            {**job, "inputs": {**inputs, "checkpoint_dir": str(tmp_path / name / "checkpoints")}}))
+    whole = drawing_ranks(tmp_path / "whole")
+    assert sorted(whole) == [(rank, step) for rank in (0, 1) for step in range(1, 7)]
+    assert all(whole[0, step] != whole[1, step] for step in range(1, 7))
+
+    stopped = drawing_ranks(tmp_path / "resumed", stop_at=3)
+    assert sorted(stopped) == [(rank, step) for rank in (0, 1) for step in (1, 2, 3)]
+    saved = CheckpointStore(tmp_path / "resumed" / "checkpoints").latest()
+    assert saved.step == 3 and len(saved.state["rng"]) == 2
+    resumed = drawing_ranks(tmp_path / "resumed")
+    assert sorted(resumed) == [(rank, step) for rank in (0, 1) for step in (4, 5, 6)]
+    for key, values in resumed.items():
+        assert values == whole[key], key
+
+
+def test_a_checkpoint_with_one_rng_state_still_resumes_it(inputs, tmp_path, monkeypatch):
+    """A checkpoint written before every rank saved its own RNG states holds one state
+    dict (rank 0's); a resumed run restores it and draws on as the uninterrupted run."""
+    from neuron_workers.backends import loops
+
+    draws: dict[str, list[float]] = {}
+    train_step = loops._Run.one_step
+
+    def one_step(run):
+        loss = train_step(run)
+        draws[f"{run.ctx.workdir.name} {run.step}"] = [float(torch.rand(1))]
+        return loss
+
+    monkeypatch.setattr(loops._Run, "one_step", one_step)
+    spec = {**SPEC, "steps": 6, "checkpoint_every": 100}
+    run(tmp_path / "whole", inputs, spec, tmp_path / "whole-checkpoints")
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(JobFailed):
+        run(tmp_path / "stopped", inputs, spec, checkpoints, stop_after=2)
+    store = CheckpointStore(checkpoints)
+    state = store.latest().state
+    assert state["step"] == 3 and len(state["rng"]) == 1
+    state["rng"] = state["rng"][0]
+    shutil.rmtree(checkpoints / step_dir_name(3))
+    store.save(3, state)
+
+    run(tmp_path / "resumed", inputs, spec, checkpoints)
+    assert [draws[f"resumed {step}"] for step in (4, 5, 6)] == [draws[f"whole {step}"] for step in (4, 5, 6)]

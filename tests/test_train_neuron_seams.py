@@ -170,6 +170,9 @@ def test_own_loop_xla_ranks_agree_on_a_stop_and_save_the_step_they_reached_toget
                      "message": "job 11 was stopped after step 3 of 10; checkpoint saved at step 3"}, proc.stderr[-3000:]
     assert "rank 1: cancelled: job 11 was stopped after step 3 of 10" in proc.stderr
     assert CheckpointStore(tmp_path / "ck").complete_steps() == [3]
+    # Each rank's RNG states, the XLA device's seed among them, gathered into it.
+    assert [sorted(rng) for rng in CheckpointStore(tmp_path / "ck").latest().state["rng"]] == \
+        [["cpu", "numpy", "python", "xla"]] * 2
     metrics = [json.loads(line[len(neuron_launch.METRIC_PREFIX):]) for line in proc.stdout.splitlines()
                if line.startswith(neuron_launch.METRIC_PREFIX)]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]

@@ -6,7 +6,7 @@ inputs["checkpoint_dir"]):
 
     step-00000050/
       state.pt       torch.save of the training state (model, optimizer, scheduler,
-                     RNG states, data position, loss history)
+                     every rank's RNG states, data position, loss history)
       COMPLETE       {"step": 50, "sha256": <state.pt's digest>, "bytes": <size>}
 
 Writing: state.pt goes into a hidden temporary folder, is fsynced, the folder is

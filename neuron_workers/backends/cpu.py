@@ -22,10 +22,9 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import torch
-
 from . import distributed, hf
 from .base import Backend, JobContext, JobFailed, spec_int
+from .checkpoints import seed_rng
 from .compiling import compile_on_cpu
 from .diffusion import compile_image_on_cpu, image_compile_meta, infer_images_on_cpu
 from .finetuning import checkpointing, finetune_plan, prepare_training, save_checkpoint, stage
@@ -91,7 +90,7 @@ class CpuBackend(Backend):
             ctx.log(f"data-parallel rank {ranks.rank} of {ranks.world_size} (gloo)")
         model, tokenizer = hf.owned_hf_model(plan["model_path"])
         blocks, total_steps = prepare_training(ctx, model, tokenizer, plan)
-        torch.manual_seed(plan["seed"])
+        seed_rng(plan["seed"])  # every generator a checkpoint saves
         note("prepare", "done")
         # Nothing is compiled ahead of training on the CPU; the stage is shown so
         # both backends read alike (the neuron backend runs neuron_parallel_compile).
@@ -107,7 +106,8 @@ class CpuBackend(Backend):
 
             trained = DistributedDataParallel(model)
             hooks = TrainHooks(is_main=main, rank=ranks.rank, world_size=ranks.world_size, shard_batches=True,
-                               reduce_step=distributed.reduce_step, barrier=distributed.barrier)
+                               reduce_step=distributed.reduce_step, gather=distributed.gather_objects,
+                               barrier=distributed.barrier)
         note("train", "started")
         try:
             with hf.torch_threads(threads):

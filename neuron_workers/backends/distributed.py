@@ -91,6 +91,17 @@ def reduce_step(loss: float, stop: bool, device: Any = "cpu") -> tuple[float, bo
     return float(total[0]) / dist.get_world_size(), bool(total[1] > 0)
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable, small), in rank order: all_gather_object over the
+    job's process group (gloo on the host; under torch-xla the "xla" group, whose
+    allgather runs as xm.all_gather on the device)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

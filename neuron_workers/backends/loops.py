@@ -36,7 +36,8 @@ class TrainHooks:
     data-parallel ranks, neuron.md §4.6). `end_step` is `xm.mark_step` under
     torch-xla: it cuts the lazy graph so each step compiles once and is reused.
     `reduce_step(loss, stop)` turns a rank's loss and stop request into the job's
-    (distributed.reduce_step under DDP); `barrier` waits for every rank. With
+    (distributed.reduce_step under DDP); `gather(obj)` returns every rank's `obj` in
+    rank order (distributed.gather_objects); `barrier` waits for every rank. With
     `shard_batches` each rank trains on its share of one global batch (data.shard).
     """
 
@@ -48,6 +49,7 @@ class TrainHooks:
     world_size: int = 1
     shard_batches: bool = False
     reduce_step: Callable[[float, bool], tuple[float, bool]] = _single_process_step
+    gather: Callable[[Any], list[Any]] = lambda obj: [obj]
     barrier: Callable[[], None] = lambda: None
 
 
@@ -129,7 +131,7 @@ class _Run:
         self.plain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        self.restore_rng(state["rng"], loaded.path.name)
         self.stats.losses = list(state["losses"])
         self.step = self.saved_step = self.stats.resumed_from = loaded.step
         if self.hooks.is_main:
@@ -137,20 +139,35 @@ class _Run:
             self.ctx.metric({"event": "resumed", "step": loaded.step,
                              "message": f"resumed from step {loaded.step} of {self.total_steps}"})
 
+    def restore_rng(self, saved: list[dict] | dict, name: str) -> None:
+        """Continue this rank's random draws (dropout) from where it saved them: `saved`
+        holds every rank's RNG states in rank order. A checkpoint written before ranks
+        saved their own holds rank 0's alone, which every rank takes."""
+        if isinstance(saved, dict):
+            set_rng_state(saved)
+        elif self.hooks.rank < len(saved):
+            set_rng_state(saved[self.hooks.rank])
+        else:  # the checkpoint was written by fewer ranks than this attempt has
+            self.ctx.log(f"{name} has no RNG state for rank {self.hooks.rank}: "
+                         f"random draws (dropout) differ from an uninterrupted run")
+
     def save(self) -> None:
-        """Rank 0 writes the checkpoint of the current step and prunes old ones."""
-        if self.checkpointing is None or self.step == self.saved_step or not self.hooks.is_main:
-            self.saved_step = self.step
+        """Every rank hands rank 0 its RNG states; rank 0 writes the checkpoint of the
+        current step and prunes old ones."""
+        if self.checkpointing is None or self.step == self.saved_step:
+            return
+        rng = self.hooks.gather(rng_state())  # a collective: every rank saves at the same steps
+        self.saved_step = self.step
+        if not self.hooks.is_main:
             return
         started = time.perf_counter()
         state = {"step": self.step, "model": _cpu(self.plain.state_dict()),
                  "optimizer": _cpu(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state(), "data": self.sampler.state_dict(), "losses": list(self.stats.losses)}
+                 "rng": rng, "data": self.sampler.state_dict(), "losses": list(self.stats.losses)}
         store = self.checkpointing.store
         folder = store.save(self.step, state)
         store.prune()
         seconds = time.perf_counter() - started
-        self.saved_step = self.step
         self.stats.checkpoints += 1
         self.ctx.metric({"event": "checkpoint", "step": self.step, "seconds": round(seconds, 4),
                          "message": f"checkpoint at step {self.step} ({folder.name}, {seconds:.2f} s)"})
@@ -188,7 +205,7 @@ def train_steps(
     """Run AdamW steps of causal-LM loss on `blocks` up to `total_steps`; poll should_stop between steps.
 
     With `checkpointing`, the run first resumes from the newest complete checkpoint
-    (model, optimizer, LR scheduler, RNG states, data position, loss history), saves
+    (model, optimizer, LR scheduler, each rank's RNG states, data position, loss history), saves
     one every `every` steps, and, asked to stop, saves the step it reached before
     raising JobFailed("cancelled"), so the next attempt loses nothing. `batch_size`
     is the global batch: with hooks.shard_batches each of world_size ranks trains on

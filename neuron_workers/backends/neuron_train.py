@@ -34,6 +34,7 @@ import torch
 from .. import config
 from . import distributed, hf
 from .base import JobContext, JobFailed, write_json
+from .checkpoints import seed_rng
 from .detect import native_neuron_device_available
 from .finetuning import checkpointing, finetune_plan, prepare_training, save_checkpoint
 from .loops import TrainHooks, train_steps
@@ -92,9 +93,11 @@ def make_hooks(mode: str, rank: int, world_size: int = 1) -> TrainHooks:
 
     Several torch-xla ranks agree after every step whether any was asked to stop
     (distributed.reduce_step on the device, the rule the cpu backend's gloo ranks
-    follow) and wait for rank 0's checkpoint before leaving (xm.rendezvous): a stop
-    saves the step every rank reached, and no rank waits in xm.optimizer_step's
-    all-reduce for a peer that left."""
+    follow), hand rank 0 their RNG states for each checkpoint (distributed.gather_objects,
+    so each resumes its own), and wait for rank 0's checkpoint before leaving
+    (xm.rendezvous): a stop saves the step every rank reached, and no rank waits in
+    xm.optimizer_step's all-reduce for a peer that left. Native TorchNeuron ranks do
+    none of this: rank 0 checkpoints its own RNG states, which every rank resumes from."""
     if mode == XLA:
         xm = importlib.import_module("torch_xla.core.xla_model")
         device = xm.xla_device()
@@ -104,6 +107,7 @@ def make_hooks(mode: str, rank: int, world_size: int = 1) -> TrainHooks:
                            is_main=rank == 0, rank=rank, world_size=world_size)
         if world_size > 1:
             hooks.reduce_step = functools.partial(distributed.reduce_step, device=device)
+            hooks.gather = distributed.gather_objects
             hooks.barrier = distributed.xla_barrier
         return hooks
     return TrainHooks(device=native_device(), is_main=rank == 0)
@@ -168,7 +172,7 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
     trial = trial_steps()
     if trial is not None:
         total_steps = min(total_steps, trial)
-    torch.manual_seed(plan["seed"])
+    seed_rng(plan["seed"])  # every generator a checkpoint saves
     trained = wrap_for_data_parallel(mode, model, hooks, world_size)
     try:
         stats = train_steps(ctx, trained, blocks, total_steps=total_steps, batch_size=plan["batch_size"],

@@ -170,6 +170,15 @@ def test_the_forecast_passes_only_the_families_that_changed_and_starts_the_same_
     assert {j: (f.start, f.reserved) for j, f in got.items() if f.start is not None} == expected
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_forecast_stopped_once_a_job_has_started_gives_that_job_the_whole_replays_forecast(seed):
+    state, order = mixed_fleet(seed)
+    whole = forecast(order, state, 10.0)
+    for job in order[::7]:
+        state, _ = mixed_fleet(seed)
+        assert forecast(order, state, 10.0, until=job.job_id)[job.job_id] == whole[job.job_id]
+
+
 # --- the real dispatcher ---------------------------------------------------------------
 
 @pytest.fixture(autouse=True)

@@ -209,3 +209,31 @@ def test_no_backfilled_job_ever_delays_a_head_gang_past_its_reservation(seed, le
     gangs = [j for j in reserved if jobs[j].host_count > 1]
     assert gangs, "the trace should make some gang wait at the head"
     assert not {j: (started[j], r) for j, r in reserved.items() if started[j] > r + 1e-9}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_gang_reservation_from_the_states_kept_host_ends_is_the_one_from_its_running_jobs(seed):
+    """FleetState.host_ends (made once per change of the family) gives every gang the
+    reservation reserve() finds going over the running jobs, as jobs start and end."""
+    rng = random.Random(seed)
+    hosts = {i: host(i, cores=rng.choice([8, 8, 8, 16]), network="ab"[i % 2]) for i in range(10)}
+    state = FleetState(hosts, unlimited=True, ratios={t: rng.uniform(0.2, 1.0) for t in range(4)})
+    queue = [Waiting(i, i % 4, "trn1", rng.choice([1, 2, 4, 8]), rng.choice([50, 400, 1000]), 10.0)
+             for i in range(60)]
+    t, found = 0.0, 0
+    for _ in range(12):
+        result = schedule_pass(queue, state, t)
+        queue = [j for j in queue if j.job_id not in {r.job_id for r in result.started}]
+        earlier = reserve(98, "trn1", 16, state.slots("trn1"), state.limit_running("trn1"), t, host_count=2,
+                          expected=state.expected_end)
+        for host_count, same_network in [(2, False), (2, True), (3, False), (4, True)]:
+            for reserved in ([], [earlier] if earlier else []):
+                args = (99, "trn1", 8 * host_count, state.slots("trn1"), state.limit_running("trn1"), t,
+                        host_count, same_network, reserved, state.expected_end)
+                held = reserve(*args, ends=state.host_ends("trn1"))
+                assert held == reserve(*args)
+                found += held is not None and held.start > t
+        t += rng.choice([20.0, 60.0, 300.0])
+        for job_id in [j for j, end in state.limit_end.items() if end <= t]:
+            state.finish(job_id)
+    assert found > 20, "most gangs should have to wait for hosts"

@@ -145,7 +145,8 @@ class Reservation:
 
 def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], running: Iterable[Running],
             now: float, host_count: int = 1, same_network: bool = False,
-            reserved: Iterable[Reservation] = (), expected: Mapping[int, float] | None = None) -> Reservation | None:
+            reserved: Iterable[Reservation] = (), expected: Mapping[int, float] | None = None,
+            ends: HostEnds | None = None) -> Reservation | None:
     """The earliest time (≥ now) at which the request fits if the running jobs give
     their cores back at their `end`, and where: `cores` contiguous cores of `family`
     on one non-draining host, or for a gang `host_count` whole hosts (see
@@ -153,13 +154,19 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
     `reserved`: reservations made before this one, each holding its cores from now
     until its `until` (whoever holds them first). `expected`: running job -> when it
     is expected to end (a gang's choice of hosts and its hold_from; see reserve_gang).
+    `ends`: HostEnds.of(running, expected), if the caller keeps it (a gang's
+    reservation then reads it instead of going over `running`).
 
     Ends are taken in order; only the hosts whose cores were just released can newly
     fit the request, so each step is one placement per such host."""
     reserved = list(reserved)
     if host_count > 1:
+        holdings = [r.holding() for r in reserved]
+        if ends is None:
+            return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts,
+                                [*running, *holdings], now, expected)
         return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts,
-                            [*running, *(r.holding() for r in reserved)], now, expected)
+                            holdings, now, expected, ends)
     by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
     held_back: dict[int, dict[int, float]] = {}  # host -> core -> until when a reservation holds it
     for r in reserved:
@@ -198,13 +205,47 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
     return None
 
 
+class HostEnds:
+    """Per host, what a set of running jobs says about when it empties: the latest
+    of their time-limit ends (`free_at`), the latest of their expected ends
+    (`likely`: the job's entry in `expected`, never after its limit) and the cores
+    they hold (`covered`). What a gang's reservation reads of the running jobs;
+    FleetState keeps one per family while the family is unchanged."""
+
+    def __init__(self) -> None:
+        self.free_at: dict[int, float] = {}
+        self.likely: dict[int, float] = {}
+        self.covered: dict[int, set[int]] = {}
+
+    @classmethod
+    def of(cls, running: Iterable[Running], expected: Mapping[int, float] | None = None,
+           base: HostEnds | None = None) -> HostEnds:
+        """`base`'s figures (left unchanged) with `running` added."""
+        out = cls()
+        if base is not None:
+            out.free_at, out.likely, out.covered = dict(base.free_at), dict(base.likely), dict(base.covered)
+        expected = expected or {}
+        copied: set[int] = set()  # hosts whose covered set is out's own (the others may be base's)
+        for run in running:
+            guess = min(expected.get(run.job_id, run.end), run.end)
+            for host_id, held in run.members:
+                out.free_at[host_id] = max(out.free_at.get(host_id, -math.inf), run.end)
+                out.likely[host_id] = max(out.likely.get(host_id, -math.inf), guess)
+                if host_id not in copied:
+                    out.covered[host_id] = set(out.covered.get(host_id, ()))
+                    copied.add(host_id)
+                out.covered[host_id].update(held)
+        return out
+
+
 def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_network: bool,
                  hosts: list[HostSlots], running: Iterable[Running], now: float,
-                 expected: Mapping[int, float] | None = None) -> Reservation | None:
+                 expected: Mapping[int, float] | None = None, ends: HostEnds | None = None) -> Reservation | None:
     """A gang's reservation: `host_count` hosts of `family` with exactly `per_host`
     cores (inside one network label when `same_network`), each free when the last
     job on it ends. A host holding cores that no running job accounts for is never
-    counted free.
+    counted free. `ends`: HostEnds of running jobs already summed up (then
+    `running` lists only the jobs beyond those).
 
     Which hosts: those whose jobs are expected to be gone first (`expected`: job ->
     its expected end, e.g. its limit × its team's observed runtime ratio; a job not
@@ -213,18 +254,11 @@ def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_
     promise); its hold_from is when they are expected free: from then on no later
     job may hold them, so hosts that empty one by one are not refilled past the time
     the gang can expect to start."""
-    expected = expected or {}
     fitting = {h.host_id: h for h in hosts if h.family == family and not h.draining and len(h.core_ids) == per_host}
-    free_at = {h: now for h in fitting}
-    likely = {h: now for h in fitting}
-    covered: dict[int, set[int]] = {h: set() for h in fitting}
-    for run in running:
-        guess = min(expected.get(run.job_id, run.end), run.end)
-        for host_id, held in run.members:
-            if host_id in fitting:
-                free_at[host_id] = max(free_at[host_id], run.end)
-                likely[host_id] = max(likely[host_id], guess)
-                covered[host_id].update(held)
+    ends = HostEnds.of(running, expected, ends)
+    free_at = {h: max(now, ends.free_at.get(h, now)) for h in fitting}
+    likely = {h: max(now, ends.likely.get(h, now)) for h in fitting}
+    covered = {h: ends.covered.get(h, set()) for h in fitting}
     groups: dict[str, list[int]] = {}
     for host_id, host in fitting.items():
         if not host.used <= covered[host_id]:
@@ -359,6 +393,7 @@ class FleetState:
         # differ (the simulator's, the forecast's): made once per job, not per pass.
         self._limit_views: dict[int, tuple[Running, Running]] = {}
         self._limit_running: dict[str, tuple[int, list[Running]]] = {}  # family -> (its version, limit_running)
+        self._host_ends: dict[str, tuple[int, HostEnds]] = {}  # family -> (its version, host_ends)
         self._stopping: dict[str, int] = {}  # family -> how many of its running jobs are stopping
         # (family, cores) -> ids of the idle non-draining hosts of that size: where gangs go.
         self._idle: dict[tuple[str, int], set[int]] = {}
@@ -505,6 +540,15 @@ class FleetState:
         out.sort(key=attrgetter("end", "job_id"))
         self._limit_running[family] = (version, out)
         return out
+
+    def host_ends(self, family: str) -> HostEnds:
+        """HostEnds of the family's limit_running with its jobs' expected ends: made
+        once per change of the family, like limit_running (read only)."""
+        version = self.fversion.get(family, 0)
+        known = self._host_ends.get(family)
+        if known is None or known[0] != version:
+            known = self._host_ends[family] = (version, HostEnds.of(self.limit_running(family), self.expected_end))
+        return known[1]
 
     def borrowers(self, family: str, but_team: int | None = None) -> list[Borrower]:
         """Other teams' borrowing jobs of `family`, one Borrower per host they hold
@@ -743,8 +787,10 @@ class _Pass:
         head = family not in result.reservations
         if not head and (job.host_count == 1 or len(result.gang_reservations.get(family, ())) >= GANG_RESERVATIONS):
             return
-        held = reserve(job.job_id, family, job.cores, self.state.slots(family), self.state.limit_running(family),
-                       self.now, job.host_count, job.same_network, result.held(family), self.state.expected_end)
+        state = self.state
+        held = reserve(job.job_id, family, job.cores, state.slots(family), state.limit_running(family),
+                       self.now, job.host_count, job.same_network, result.held(family), state.expected_end,
+                       state.host_ends(family) if job.host_count > 1 else None)
         if held is None:
             return
         held = replace(held, until=held.start + job.limit_s)

@@ -68,6 +68,24 @@ class HttpBasics:
         return answer
 
 
+class PageMethodNotAllowed:
+    """A page address sent a method it does not take (GET of a button's POST address)
+    answers the styled 405 page saying which methods it takes, instead of Django's
+    empty body. Inside the session, CSRF and authentication middleware, so the page
+    has the user's navigation as every page does; the API's 405 is HttpBasics'."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if response.status_code == 405 and not response.content and not request.path.startswith(api_prefix()):
+            from jobs.pages import method_not_allowed  # pages import the models: not at app loading
+
+            return method_not_allowed(request, response.get("Allow", ""))
+        return response
+
+
 class RefuseNulInUrl:
     """No URL of this site carries a NUL character (U+0000, %00), and PostgreSQL cannot
     even compare text holding one: a lookup by such a slug, host name, artifact name

@@ -73,6 +73,22 @@ def permission_denied(request: HttpRequest, exception=None) -> HttpResponse:
     return _error_page(request, "403.html", 403, exception)
 
 
+def method_not_allowed(request: HttpRequest, allowed: str) -> HttpResponse:
+    """The styled 405 for a page address sent a method it does not take (Django's is an
+    empty body): which methods it takes, and for a button's address (POST only), where
+    to go instead."""
+    sentence = f"{request.path} takes {allowed}, not {request.method}."
+    if "GET" not in allowed:
+        sentence += " It is what a button on another page sends: go back to that page and use the button."
+    try:
+        response = render_page(request, "405.html", {"sentence": sentence, "method": request.method}, status=405)
+    except Exception:  # the navigation needs the database: never turn a 405 into a 500
+        response = render(request, "405.html", {"sentence": sentence, "method": request.method, "nav_teams": [],
+                                                "team": None, "nav": ""}, status=405)
+    response["Allow"] = allowed
+    return response
+
+
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """settings.CSRF_FAILURE_VIEW: a form sent with a stale token (signed in or out in
     another tab since it was loaded) or without the site's cookie. The styled 403 with

@@ -7,9 +7,10 @@ import json
 import re
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from jobs.models import Job
+from jobs.models import Dataset, Job
 from tests.conftest import api_client
 from tests.endpoint_support import make_model
 
@@ -88,3 +89,28 @@ def test_a_job_list_filters_error_is_what_its_select_is_described_by(cast, bob_p
     select = re.search(r'<select[^>]*name="status"[^>]*>', html).group(0)
     assert 'aria-describedby="id_status_error"' in select
     assert re.search(r'id="id_status_error">status: .*bogus', html)
+
+
+def test_a_button_address_opened_as_a_page_says_what_it_takes(cast, bob_page, tiny_model):
+    # Django's 405 is an empty body: a blank page for whoever follows the address.
+    job = Job.objects.create(team=cast.vision, user=cast.bob, kind="inference", model=tiny_model,
+                             spec={"prompts": ["hi"]})
+    response = bob_page.get(f"/jobs/{job.pk}/cancel/")
+    assert response.status_code == 405 and response["Allow"] == "POST"
+    html = response.content.decode()
+    assert 'data-status="405"' in html and f"/jobs/{job.pk}/cancel/ takes POST, not GET" in html
+    assert "Jobs of Vision" in html  # the user's navigation, as on every page
+    assert "Content-Security-Policy" in response.headers
+    assert bob_page.head(f"/jobs/{job.pk}/cancel/").content == b""
+    api = bob_page.get(f"/api/v1/jobs/{job.pk}/cancel")
+    assert api.status_code == 405 and api.json()["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("name", ["\u202egnp.exe", "two\nlines", "zero\u200bwidth"])
+def test_a_dataset_name_with_a_control_or_invisible_character_is_refused(cast, bob, name):
+    # A right-to-left override was stored and shown: "\u202egnp.exe" reads "exe.png".
+    upload = SimpleUploadedFile("d.jsonl", b'{"text": "a"}\n')
+    response = bob.post("/api/v1/datasets", data={"team": "vision", "name": name, "file": upload})
+    assert response.status_code == 400, response.content
+    assert "U+" in response.json()["errors"]["name"][0]
+    assert not Dataset.objects.exists()

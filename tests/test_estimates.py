@@ -114,3 +114,20 @@ def test_any_member_sees_the_fair_share_order_and_what_holds_the_teams_jobs_back
     page = browser.get("/teams/vision/").content.decode()
     assert 'id="fairshare-rank"' in page and "audio" in page
     assert "<code>waiting_for_quota</code>: 1 job asking for 1 core" in page
+
+
+def test_a_dry_runs_estimate_stops_the_replays_at_its_start_and_is_the_whole_replays(cast):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    set_family(cast.audio, "cpu", 8)
+    for _ in range(5):
+        finished(cast.vision, cast.bob, 1000, 500)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)  # expected back in 1200 s, by its limit in 3000 s
+    for _ in range(3):  # ahead of the dry run, and one behind it that would backfill
+        pending(cast.vision, cast.bob, cores=2)
+    scheduler.dispatch()
+    row = scheduler.PendingRow(-1, cast.audio.pk, cast.audio.slug, "inference", "cpu", 4, timezone.now(),
+                               "submitted", "", 1800)
+    whole = forecasts._estimates(forecasts.Snapshot.read(row))
+    assert len(whole) == 4 and whole[-1].start is not None and whole[-1].latest > whole[-1].start
+    assert forecasts.estimate_of(row) == whole[-1]

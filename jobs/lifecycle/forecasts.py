@@ -92,8 +92,9 @@ class Snapshot:
 
 
 def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], int]], which: int,
-           now: float) -> dict:
-    """One forecast with the ratio of index `which` (0 low, 1 median, None: time limits)."""
+           now: float, until: int | None = None) -> dict:
+    """One forecast with the ratio of index `which` (0 low, 1 median, None: time
+    limits); `until`: only that job's start is wanted (see backfill.forecast)."""
     def ratio(team_id: int) -> float:
         return 1.0 if which is None else ratios.get(team_id, ((1.0, 1.0, 1.0), 0))[0][which]
 
@@ -110,29 +111,43 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
                      time_limit_s(r.max_runtime_s) * ratio(r.team_id),
                      r.host_count, r.same_network)
              for r in snap.order if r.reason_code not in NOT_FOR_CORES]
-    return forecast(order, state, now)
+    return forecast(order, state, now, until=until)
 
 
 _cache: dict = {"at": 0.0, "value": None}
 
 
-def estimates(extra=None) -> dict[int, Estimate]:
-    """Every pending job's estimated start (a few seconds' cache; not with `extra`)."""
-    if extra is None and _cache["value"] is not None and time.monotonic() - _cache["at"] < CACHE_S:
+def estimates() -> dict[int, Estimate]:
+    """Every pending job's estimated start (a few seconds' cache)."""
+    if _cache["value"] is not None and time.monotonic() - _cache["at"] < CACHE_S:
         return _cache["value"]
-    snap = Snapshot.read(extra)
+    out = _estimates(Snapshot.read())
+    _cache.update(at=time.monotonic(), value=out)
+    return out
+
+
+def estimate_of(extra) -> Estimate | None:
+    """The estimated start of `extra`, a PendingRow-like job not in the database (a
+    dry run), ordered with the rest. Only its start is wanted: the replays stop once
+    it has started (the jobs behind it in the order are in them: they may backfill
+    around it)."""
+    return _estimates(Snapshot.read(extra), until=extra.pk).get(extra.pk)
+
+
+def _estimates(snap: Snapshot, until: int | None = None) -> dict[int, Estimate]:
+    """Each job's estimate from three replays of `snap`; `until`: of that job only."""
     ratios = team_ratios({r.team_id for r in snap.order} | {h[0] for h in snap.holders.values()})
     now = timezone.now().timestamp()
-    mid, low, high = replay(snap, ratios, 1, now), replay(snap, ratios, 0, now), replay(snap, ratios, None, now)
+    mid, low, high = (replay(snap, ratios, which, now, until) for which in (1, 0, None))
     out = {}
     for row in snap.order:
+        if until is not None and row.pk != until:
+            continue
         starts = [f.start for f in (mid.get(row.pk), low.get(row.pk), high.get(row.pk)) if f and f.start is not None]
         point = mid.get(row.pk)
         out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=None)),
                                _when(max(starts, default=None)), bool(point and point.reserved),
                                _basis(row, ratios, len(snap.holders)))
-    if extra is None:
-        _cache.update(at=time.monotonic(), value=out)
     return out
 
 

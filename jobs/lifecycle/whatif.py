@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 
-from jobs.lifecycle.forecasts import estimates
+from jobs.lifecycle.forecasts import estimate_of
 from jobs.lifecycle.runtimes import team_ratios
 from jobs.lifecycle.scheduler import DispatchRun, PendingRow, RunInputs, pending_order
 from jobs.models import Host, Team, TeamQuota
@@ -48,7 +48,7 @@ def placement_answer(*, team: Team, kind: str, family: str, cores: int, runtime_
         answer["would_run_now"] = None
         answer["wait"] = {"reason_code": code, "reason": sentence, "hint": REASON_HINTS.get(code, "")}
         instance = next((h.instance_type for h in hosts if h.family == family and h.instance_type), "")
-    estimate = estimates(extra=row).get(DRY_RUN_ID)
+    estimate = estimate_of(row)
     answer["estimate"] = estimate.as_dict() if estimate else None
     answer["cost"] = _cost(team, cores, runtime_s, instance)
     return answer

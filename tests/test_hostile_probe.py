@@ -114,3 +114,12 @@ def test_a_dataset_name_with_a_control_or_invisible_character_is_refused(cast, b
     assert response.status_code == 400, response.content
     assert "U+" in response.json()["errors"]["name"][0]
     assert not Dataset.objects.exists()
+
+
+@pytest.mark.parametrize("ids,reason", [("1,abc", "'abc' is not a job id"), ("1,99999999999999999999", "is not a job id"),
+                                        (",".join(["1"] * 101), "101 ids")])
+def test_the_job_lists_row_refresh_names_the_id_it_cannot_read(cast, bob_page, ids, reason):
+    # It answered "at most 100 comma-separated job ids" for a list of two.
+    response = bob_page.get(f"/teams/vision/jobs/rows.json?ids={ids}")
+    assert response.status_code == 400
+    assert reason in response.json()["errors"]["ids"][0]

@@ -154,9 +154,11 @@ def job_rows(request: HttpRequest, slug: str) -> JsonResponse:
     if not filters.is_valid():
         return JsonResponse({"detail": "bad filters", "errors": filters.errors}, status=400)
     raw_ids = [part for part in request.GET.get("ids", "").split(",") if part]
-    if len(raw_ids) > MAX_ROWS_ASKED or not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in raw_ids):
-        return JsonResponse({"detail": "bad query parameters",
-                             "errors": {"ids": [f"at most {MAX_ROWS_ASKED} comma-separated job ids"]}}, status=400)
+    not_an_id = next((p for p in raw_ids if not (p.isascii() and p.isdigit() and len(p) <= 18)), None)
+    if not_an_id is not None or len(raw_ids) > MAX_ROWS_ASKED:
+        why = f"{not_an_id[:40]!r} is not a job id" if not_an_id is not None else f"{len(raw_ids)} ids"
+        return JsonResponse({"detail": "bad query parameters", "errors": {
+            "ids": [f"{why}: give at most {MAX_ROWS_ASKED} comma-separated job ids"]}}, status=400)
     cursors, errors = _query_ints(request.GET, "newest")
     if errors:
         return JsonResponse({"detail": "bad query parameters", "errors": errors}, status=400)

@@ -10,7 +10,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from jobs.models import Dataset, Job
+from jobs.models import ApiToken, Dataset, Job, Team
 from tests.conftest import api_client
 from tests.endpoint_support import make_model
 
@@ -123,3 +123,52 @@ def test_the_job_lists_row_refresh_names_the_id_it_cannot_read(cast, bob_page, i
     response = bob_page.get(f"/teams/vision/jobs/rows.json?ids={ids}")
     assert response.status_code == 400
     assert reason in response.json()["errors"]["ids"][0]
+
+
+@pytest.mark.parametrize("name, char", [("\u202egnp.exe", "U+202E"), ("two\nlines", "U+000A")])
+def test_a_token_name_with_a_control_or_invisible_character_is_refused(cast, bob_page, name, char):
+    # It was stored and listed on the Tokens page and in the audit log as given.
+    response = bob_page.post("/tokens/", {"name": name, "scope": "read", "expires": "7"})
+    assert response.status_code == 400
+    assert f"the name holds {char}" in response.content.decode()
+    assert not cast.bob.api_tokens.exists()
+
+
+def test_a_service_token_name_with_an_invisible_character_is_refused(cast):
+    alice = Client()
+    alice.force_login(cast.alice)  # alice manages vision
+    response = alice.post("/tokens/", {"svc-team": "vision", "svc-name": "ci\u200b", "svc-role": "member",
+                                       "svc-scope": "submit", "svc-expires": "7"})
+    assert response.status_code == 400 and "U+200B (ZERO WIDTH SPACE)" in response.content.decode()
+    assert not ApiToken.objects.filter(team=cast.vision).exists()
+
+
+def test_a_team_name_with_a_control_or_invisible_character_is_refused(cast):
+    staff = Client()
+    staff.force_login(cast.admin)
+    response = staff.post("/teams/new/", {"slug": "rtl", "name": "\u202emaet", "time_zone": "UTC"})
+    assert response.status_code == 400
+    assert "the name holds U+202E (RIGHT-TO-LEFT OVERRIDE)" in response.content.decode()
+    assert not Team.objects.filter(slug="rtl").exists()
+    assert staff.post("/teams/new/", {"slug": "rtl", "name": "Right to left", "time_zone": "UTC"}).status_code == 302
+
+
+@pytest.mark.parametrize("header, wrong", [
+    ("Bearer  {token}", "more than one space"),
+    ("Bearer\t{token}", "more than one space (or a tab)"),
+    ("Bearer", "no token after Bearer"),
+    ("{token}", "does not start with 'Bearer '"),
+    ("Basic dXNlcjpwYXNz", "scheme is 'Basic'"),
+    ("Bearer {token} x", "a space in or after the token"),
+])
+def test_a_malformed_authorization_header_says_the_form_expected(cast, header, wrong):
+    # They were a generic 401 "Unauthorized", even for a working token sent with two spaces.
+    from jobs.teams.tokens import token_create
+
+    raw, _ = token_create(user=cast.bob, name="t")
+    response = Client(HTTP_AUTHORIZATION=header.format(token=raw)).get("/api/v1/jobs")
+    assert response.status_code == 401 and response.json()["code"] == "authorization_malformed"
+    detail = response.json()["detail"]
+    assert detail.startswith("Authorization must be 'Bearer <token>'") and wrong in detail
+    assert raw[3:] not in detail  # the secret is not echoed
+    assert Client(HTTP_AUTHORIZATION=f"bearer {raw}").get("/api/v1/jobs").status_code == 200

@@ -3,6 +3,7 @@ and browsable at /api/v1/docs. One NinjaAPI; each area adds its own Router."""
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
@@ -16,9 +17,10 @@ import jobs.converters  # noqa: F401 - registers {dbid:...}, the ids in the API'
 from jobs.api.body import SafeJsonParser, parse_failure
 from jobs.teams import tokens
 from jobs.teams.logins import client_ip
-from jobs.teams.tokens import TokenRefused
+from jobs.teams.tokens import AuthorizationMalformed, TokenRefused
 
 log = logging.getLogger("jobs.api")
+BEARER = re.compile(r"Bearer (\S+)", re.IGNORECASE)
 
 
 class TokenAuth(HttpBearer):
@@ -26,7 +28,18 @@ class TokenAuth(HttpBearer):
     account's). An expired token is a 401 saying so; a token whose scope does not
     cover the request (reads: read; writes: submit; team settings: manage) a 403
     naming the scope it lacks; a revoked token, and one never issued, a 401 that
-    tells which (jobs.teams.tokens)."""
+    tells which (jobs.teams.tokens). A header not of that form (another scheme, no
+    token, two spaces) is a 401 saying the form expected."""
+
+    def __call__(self, request: HttpRequest):
+        header = request.headers.get("Authorization")
+        if not header:
+            return None
+        match = BEARER.fullmatch(header)
+        if match is None:
+            raise AuthorizationMalformed(f"Authorization must be 'Bearer <token>' (one space, then an API token from "
+                                         f"the Tokens page, nd_…); {_what_is_wrong(header)}.")
+        return self.authenticate(request, match.group(1))
 
     def authenticate(self, request: HttpRequest, token: str):
         found = tokens.token_authenticate(token, ip=client_ip(request))
@@ -36,6 +49,19 @@ class TokenAuth(HttpBearer):
         request.user = found.user
         request.api_token = found
         return found.user
+
+
+def _what_is_wrong(header: str) -> str:
+    """Why `header` is not "Bearer <token>", without repeating the token (a secret)."""
+    scheme, rest = re.match(r"(\S*)(.*)", header, re.DOTALL).groups()
+    if scheme.lower() != "bearer":
+        named = re.fullmatch(r"[A-Za-z][A-Za-z-]{0,19}", scheme)  # a scheme such as Basic, not a token
+        return f"this one's scheme is {scheme!r}" if named else "this one does not start with 'Bearer '"
+    if not rest.strip():
+        return "this one has no token after Bearer"
+    if not rest.startswith(" ") or rest[1].isspace():
+        return "this one has more than one space (or a tab) after Bearer"
+    return "this one has a space in or after the token"
 
 
 class BrowserSessionAuth(SessionAuth):

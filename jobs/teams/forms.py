@@ -6,6 +6,7 @@ from django import forms
 from django.contrib.auth import get_user_model
 
 from jobs.models import Role
+from jobs.validators import shown_as_is
 
 
 class MemberAddForm(forms.Form):
@@ -34,7 +35,7 @@ class TeamCreateForm(forms.Form):
     """A new team (staff only): slug, name, time zone and, optionally, its first manager."""
 
     slug = forms.SlugField(max_length=64, help_text="Lower-case letters, digits and dashes; used in URLs.")
-    name = forms.CharField(max_length=120)
+    name = forms.CharField(max_length=120, validators=[shown_as_is])
     time_zone = forms.CharField(max_length=64, initial="UTC",
                                 help_text="Usage pages count days in this zone, e.g. Europe/Berlin.")
     manager = forms.CharField(max_length=150, required=False,

@@ -51,6 +51,10 @@ class TokenUnknown(TokenRefused):
     code = "token_unknown"
 
 
+class AuthorizationMalformed(TokenRefused):
+    code = "authorization_malformed"
+
+
 class ScopeMissing(TokenRefused):
     status = 403
     code = "token_scope"

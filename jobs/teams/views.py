@@ -23,6 +23,7 @@ from jobs.teams import tokens as token_service
 from jobs.teams.forms import MemberAddForm, MemberRoleForm, TeamCreateForm
 from jobs.teams.logins import client_ip
 from jobs.teams.sso import login_context
+from jobs.validators import shown_as_is
 
 AUDIT_SHOWN = 100
 
@@ -128,7 +129,8 @@ EXPIRY_CHOICES = [("7", "in 7 days"), ("30", "in 30 days"), ("90", "in 90 days")
 
 
 class TokenForm(forms.Form):
-    name = forms.CharField(max_length=80, help_text="What the token is for, e.g. \"laptop\" or \"CI\".")
+    name = forms.CharField(max_length=80, validators=[shown_as_is],
+                           help_text="What the token is for, e.g. \"laptop\" or \"CI\".")
     scope = forms.ChoiceField(choices=ApiToken.Scope.choices, initial=ApiToken.Scope.SUBMIT, required=False,
                               help_text="What it may do, within your role in each team.")
     expires = forms.ChoiceField(choices=EXPIRY_CHOICES, initial="90", required=False, label="Expires")

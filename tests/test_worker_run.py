@@ -4,10 +4,12 @@ the worker's hot path (issue #3: every statement costs the worker and PostgreSQL
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from neuron_workers import execution
 from jobs.lifecycle import states
@@ -18,12 +20,12 @@ from tests.test_api_jobs import finetune_body, inference_body, post_json
 pytestmark = pytest.mark.django_db(transaction=True)
 
 # A job over before its first heartbeat (JobRecorder), BEGIN and COMMIT counted:
-# the claim's transaction (conditional UPDATE, event, the job with host, model and
-# dataset, log header and log size, attempt row), the finish's transaction
-# (conditional UPDATE with the child's pid and log size, the attempt closed, the
-# cores freed, event, the notification outbox's read of the team's subscriptions,
-# log, artifacts), then "anything pending to dispatch?".
-WORKER_STATEMENTS = 19
+# the claim's transaction (the job with host, model and dataset, read and locked;
+# conditional UPDATE with the log size; event; log header; attempt row), the
+# finish's transaction (conditional UPDATE with the child's pid and log size, the
+# attempt closed, the cores freed, event, the notification outbox's read of the
+# team's subscriptions, log, artifacts), then "anything pending to dispatch?".
+WORKER_STATEMENTS = 17
 
 
 def queued_job(client, model, host, body: dict | None = None) -> Job:
@@ -244,3 +246,16 @@ def test_a_transition_takes_model_instances_none_filters_and_expressions(cast, t
     before = Job.objects.get(pk=second).max_attempts
     assert states.transition(second, ["pending"], "cancelled", max_attempts=F("max_attempts") + 5)
     assert Job.objects.get(pk=second).max_attempts == before + 5
+
+
+def test_a_finished_attempt_is_charged_its_cores_times_its_duration(cast, tiny_model, cpu_host):
+    """The attempt is closed by one UPDATE that computes its core seconds in the
+    database (PostgreSQL's interval, SQLite's julianday): both must agree with Python."""
+    job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
+    assert states.claim(job.pk, cpu_host.pk) is not None
+    JobAttempt.objects.filter(job=job).update(started_at=timezone.now() - timedelta(seconds=100.25), cores=3)
+    assert states.mark_finished(job.pk, "succeeded")
+    attempt = JobAttempt.objects.get(job=job)
+    assert attempt.outcome == "succeeded"
+    assert attempt.core_seconds == pytest.approx(3 * (attempt.ended_at - attempt.started_at).total_seconds(), abs=0.01)
+    assert attempt.core_seconds == pytest.approx(3 * 100.25, abs=3)

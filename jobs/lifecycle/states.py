@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from django.db import transaction
-from django.db.models import Case, F, IntegerField, Value, When
+from django.db.models import Case, DateTimeField, F, FloatField, Func, IntegerField, Value, When
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from jobs.models import CoreAllocation, GangMember, Job, JobAttempt, JobEvent, JobLogChunk
@@ -86,16 +87,33 @@ def transition(
     return True
 
 
+class _SecondsSince(Func):
+    """The seconds from a timestamp column to `now` (a float), computed in the
+    database: PostgreSQL's interval in seconds, SQLite's julianday() difference (in
+    days) times 86400."""
+
+    output_field = FloatField()
+
+    def __init__(self, column: str, now):
+        super().__init__(Value(now, output_field=DateTimeField()), F(column))
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return self.as_sql(compiler, connection, template="EXTRACT(EPOCH FROM (%(expressions)s))",
+                           arg_joiner=" - ", **extra)
+
+    def as_sqlite(self, compiler, connection, **extra):
+        return self.as_sql(compiler, connection, template="((julianday(%(expressions)s)) * 86400.0)",
+                           arg_joiner=") - julianday(", **extra)
+
+
 def _release(job_id: int, outcome: str) -> None:
     """Free the job's cores and close its open attempt. Runs inside the transition's
     transaction, after the job's row was updated (and so locked), so it happens
     exactly once per attempt whichever of finish, cancel, timeout, preemption or
     reaping gets there first."""
     now = timezone.now()
-    open_attempts = JobAttempt.objects.filter(job_id=job_id, ended_at__isnull=True)
-    for pk, cores, started_at in open_attempts.values_list("pk", "cores", "started_at"):
-        JobAttempt.objects.filter(pk=pk).update(
-            ended_at=now, outcome=outcome, core_seconds=cores * max((now - started_at).total_seconds(), 0.0))
+    JobAttempt.objects.filter(job_id=job_id, ended_at__isnull=True).update(
+        ended_at=now, outcome=outcome, core_seconds=F("cores") * Greatest(_SecondsSince("started_at", now), 0.0))
     CoreAllocation.objects.filter(job_id=job_id).delete()
     if outcome in ("requeued", S.CANCELLED, S.SUSPENDED):
         # A gang's next placement writes new ranks, and a rank still running from this
@@ -187,20 +205,25 @@ def claim(job_id: int, host_id: int, pid: int | None = None, host_name: str | No
     claim, so the log says where every attempt ran even if the worker dies right
     after. Claim, event, header and the JobAttempt row commit together."""
     now = timezone.now()
+    claimable = {"host_id": host_id, "cancel_requested": False, "host_count": 1}  # a gang starts through start_gang
     with transaction.atomic():
-        claimed = transition(
-            job_id, [S.QUEUED], S.RUNNING,
-            # A gang (host_count > 1) starts through start_gang, from any of its hosts.
-            extra_filter={"host_id": host_id, "cancel_requested": False, "host_count": 1},
-            attempts=F("attempts") + 1, started_at=now, heartbeat_at=now, worker_pid=pid,
-        )
-        if not claimed:
+        # The job's row is read and locked first (only its own row, not its host's or
+        # model's), so the header and the attempt are built from what cannot change
+        # until commit, and the claim's one UPDATE also carries the header's size.
+        try:
+            job = Job.objects.select_related("host", "model", "dataset").select_for_update(of=("self",)).get(
+                pk=job_id, status=S.QUEUED, **claimable)
+        except Job.DoesNotExist:
             return None
-        # Read after the claiming UPDATE, which holds the row until commit: what the
-        # header and the attempt are built from cannot change underneath them.
-        job = Job.objects.select_related("host", "model", "dataset").get(pk=job_id)
-        if host_name is not None:
-            _append_log(job, attempt_header(job.attempts, host_name, job.core_range))
+        header = attempt_header(job.attempts + 1, host_name, job.core_range) if host_name is not None else ""
+        claimed = {"attempts": job.attempts + 1, "started_at": now, "heartbeat_at": now, "worker_pid": pid,
+                   "log_bytes": job.log_bytes + len(header.encode("utf-8"))}
+        if not transition(job_id, [S.QUEUED], S.RUNNING, extra_filter=claimable, **claimed):
+            return None
+        if header:
+            _store_log_chunk(job_id, job.log_bytes, header)
+        for name, value in {**claimed, "status": S.RUNNING}.items():
+            setattr(job, name, value)
         JobAttempt.objects.create(
             job=job, team_id=job.team_id, user_id=job.user_id, kind=job.kind, family=job.family,
             instance_type=job.host.instance_type if job.host else "", host_id=host_id,
@@ -235,14 +258,17 @@ def start_gang(job_id: int, host_names: list[str]) -> bool:
 
 
 def _append_log(job: Job, text: str) -> None:
-    """Add `text` at the end of `job`'s log (the row and the instance). A chunk
-    already stored at that offset (a superseded attempt's recorder still flushing)
-    is kept."""
-    JobLogChunk.objects.bulk_create([JobLogChunk(job_id=job.pk, offset=job.log_bytes, text=text)],
-                                    ignore_conflicts=True)
+    """Add `text` at the end of `job`'s log (the row and the instance)."""
+    _store_log_chunk(job.pk, job.log_bytes, text)
     size = len(text.encode("utf-8"))
     Job.objects.filter(pk=job.pk).update(log_bytes=F("log_bytes") + size)
     job.log_bytes += size
+
+
+def _store_log_chunk(job_id: int, offset: int, text: str) -> None:
+    """A chunk of the job's log at `offset`. A chunk already stored at that offset (a
+    superseded attempt's recorder still flushing) is kept."""
+    JobLogChunk.objects.bulk_create([JobLogChunk(job_id=job_id, offset=offset, text=text)], ignore_conflicts=True)
 
 
 def mark_finished(job_id: int, target: str, *, sources=(S.RUNNING,), message: str = "", actor=None,

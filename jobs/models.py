@@ -14,6 +14,8 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
+from jobs.validators import shown_as_is
+
 
 class Family(models.TextChoices):
     INF2 = "inf2", "Inferentia2"
@@ -37,7 +39,7 @@ class Role(models.TextChoices):
 
 class Team(models.Model):
     slug = models.SlugField(unique=True, max_length=64)
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[shown_as_is])
     time_zone = models.CharField(max_length=64, default="UTC")
     # Inference only from compiled configurations already in the cache (as optimum-cli
     # neuron serve loads a precompiled model): an HF folder is refused at submit.
@@ -157,7 +159,7 @@ class ApiToken(models.Model):
     team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="service_tokens")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+")
-    name = models.CharField(max_length=80)
+    name = models.CharField(max_length=80, validators=[shown_as_is])
     prefix = models.CharField(max_length=12)
     digest = models.CharField(max_length=64, unique=True)
     # Tokens made before scopes existed could do everything: they keep the full scope.
@@ -316,7 +318,7 @@ class Dataset(models.Model):
         CSV = "csv", "CSV"
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="datasets")
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[shown_as_is])
     format = models.CharField(max_length=8, choices=Format.choices)
     path = models.CharField(max_length=500)
     rows = models.PositiveIntegerField(default=0)

@@ -1,5 +1,6 @@
 """Field rules shared by the forms of every area (web pages and the API use the same
-forms, so both refuse the same input with the same message)."""
+forms, so both refuse the same input with the same message) and by the models' fields
+(so the Django admin's forms refuse it too)."""
 from __future__ import annotations
 
 import unicodedata

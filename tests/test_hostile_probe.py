@@ -172,3 +172,14 @@ def test_a_malformed_authorization_header_says_the_form_expected(cast, header, w
     assert detail.startswith("Authorization must be 'Bearer <token>'") and wrong in detail
     assert raw[3:] not in detail  # the secret is not echoed
     assert Client(HTTP_AUTHORIZATION=f"bearer {raw}").get("/api/v1/jobs").status_code == 200
+
+
+def test_a_team_name_with_an_invisible_character_is_refused_in_the_django_admin_too(cast):
+    staff = Client()
+    staff.force_login(cast.admin)
+    response = staff.post(f"/admin/jobs/team/{cast.vision.pk}/change/", {
+        "slug": "vision", "name": "Vision\u2066", "time_zone": "UTC",
+        "created_at_0": "2026-01-01", "created_at_1": "00:00:00"})
+    assert response.status_code == 200 and "U+2066 (LEFT-TO-RIGHT ISOLATE)" in response.content.decode()
+    cast.vision.refresh_from_db()
+    assert cast.vision.name == "Vision"

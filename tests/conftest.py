@@ -141,6 +141,22 @@ def api_client(user):
     return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
 
 
+@pytest.fixture
+def bob(cast):
+    """Bob (a member of vision) through the API, with a token of his own."""
+    return api_client(cast.bob)
+
+
+@pytest.fixture
+def bob_page(cast):
+    """Bob logged in to the web pages."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(cast.bob)
+    return client
+
+
 # --- a real Celery worker --------------------------------------------------------
 
 @pytest.fixture

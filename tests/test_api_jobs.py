@@ -75,11 +75,6 @@ def _fast_passwords(settings):
 
 
 @pytest.fixture
-def bob(cast):
-    return api_client(cast.bob)
-
-
-@pytest.fixture
 def alice(cast):
     return api_client(cast.alice)
 

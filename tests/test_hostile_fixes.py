@@ -31,18 +31,6 @@ def changes_audited() -> int:
 
 # --- helpers ---------------------------------------------------------------------------
 
-@pytest.fixture
-def bob(cast):
-    return api_client(cast.bob)
-
-
-@pytest.fixture
-def bob_page(cast):
-    client = Client()
-    client.force_login(cast.bob)
-    return client
-
-
 def post_json(client: Client, url: str, body, *, raw: str | bytes | None = None):
     return client.post(url, data=raw if raw is not None else json.dumps(body), content_type="application/json")
 

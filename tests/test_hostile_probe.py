@@ -11,20 +11,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from jobs.models import ApiToken, Dataset, Job, Team
-from tests.conftest import api_client
 from tests.endpoint_support import make_model
-
-
-@pytest.fixture
-def bob(cast):
-    return api_client(cast.bob)
-
-
-@pytest.fixture
-def bob_page(cast):
-    client = Client()
-    client.force_login(cast.bob)
-    return client
 
 
 @pytest.fixture

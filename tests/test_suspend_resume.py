@@ -17,11 +17,6 @@ S = Job.Status
 
 
 @pytest.fixture
-def bob(cast):
-    return api_client(cast.bob)
-
-
-@pytest.fixture
 def finetune(bob, tiny_model, dataset, cpu_host) -> dict:
     return submit(bob, finetune_body(tiny_model, dataset))
 

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # the claim's transaction (the job with host, model and dataset, read and locked;
 # conditional UPDATE with the log size; event; log header; attempt row), the
 # finish's transaction (conditional UPDATE with the child's pid and log size, the
-# attempt closed, the cores freed, event, the notification outbox's read of the
+# attempt read and closed, the cores freed, event, the notification outbox's read of the
 # team's subscriptions, log, artifacts), then "anything pending to dispatch?".
-WORKER_STATEMENTS = 17
+WORKER_STATEMENTS = 18
 
 
 def queued_job(client, model, host, body: dict | None = None) -> Job:
@@ -249,8 +249,7 @@ def test_a_transition_takes_model_instances_none_filters_and_expressions(cast, t
 
 
 def test_a_finished_attempt_is_charged_its_cores_times_its_duration(cast, tiny_model, cpu_host):
-    """The attempt is closed by one UPDATE that computes its core seconds in the
-    database (PostgreSQL's interval, SQLite's julianday): both must agree with Python."""
+    """Closing the attempt charges its cores times the time from its start to its end."""
     job = queued_job(api_client(cast.bob), tiny_model, cpu_host)
     assert states.claim(job.pk, cpu_host.pk) is not None
     JobAttempt.objects.filter(job=job).update(started_at=timezone.now() - timedelta(seconds=100.25), cores=3)

@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from django.db import transaction
-from django.db.models import Case, DateTimeField, F, FloatField, Func, IntegerField, Value, When
-from django.db.models.functions import Greatest
+from django.db.models import Case, F, IntegerField, Value, When
 from django.utils import timezone
 
 from jobs.models import CoreAllocation, GangMember, Job, JobAttempt, JobEvent, JobLogChunk
@@ -87,33 +86,16 @@ def transition(
     return True
 
 
-class _SecondsSince(Func):
-    """The seconds from a timestamp column to `now` (a float), computed in the
-    database: PostgreSQL's interval in seconds, SQLite's julianday() difference (in
-    days) times 86400."""
-
-    output_field = FloatField()
-
-    def __init__(self, column: str, now):
-        super().__init__(Value(now, output_field=DateTimeField()), F(column))
-
-    def as_postgresql(self, compiler, connection, **extra):
-        return self.as_sql(compiler, connection, template="EXTRACT(EPOCH FROM (%(expressions)s))",
-                           arg_joiner=" - ", **extra)
-
-    def as_sqlite(self, compiler, connection, **extra):
-        return self.as_sql(compiler, connection, template="((julianday(%(expressions)s)) * 86400.0)",
-                           arg_joiner=") - julianday(", **extra)
-
-
 def _release(job_id: int, outcome: str) -> None:
     """Free the job's cores and close its open attempt. Runs inside the transition's
     transaction, after the job's row was updated (and so locked), so it happens
     exactly once per attempt whichever of finish, cancel, timeout, preemption or
     reaping gets there first."""
     now = timezone.now()
-    JobAttempt.objects.filter(job_id=job_id, ended_at__isnull=True).update(
-        ended_at=now, outcome=outcome, core_seconds=F("cores") * Greatest(_SecondsSince("started_at", now), 0.0))
+    open_attempts = JobAttempt.objects.filter(job_id=job_id, ended_at__isnull=True)
+    for pk, cores, started_at in open_attempts.values_list("pk", "cores", "started_at"):
+        JobAttempt.objects.filter(pk=pk).update(
+            ended_at=now, outcome=outcome, core_seconds=cores * max((now - started_at).total_seconds(), 0.0))
     CoreAllocation.objects.filter(job_id=job_id).delete()
     if outcome in ("requeued", S.CANCELLED, S.SUSPENDED):
         # A gang's next placement writes new ranks, and a rank still running from this

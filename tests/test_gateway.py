@@ -103,6 +103,38 @@ def test_credentials_scopes_and_team_isolation(gateway, endpoint, cast, redis_db
         assert replica.requests == 2
 
 
+@pytest.mark.parametrize("header, wrong", [
+    ("Bearer  {token}", "more than one space"),
+    ("Bearer\t{token}", "more than one space (or a tab)"),
+    ("Bearer", "no token after Bearer"),
+    ("{token}", "does not start with 'Bearer '"),
+    ("Basic dXNlcjpwYXNz", "scheme is 'Basic'"),
+    ("Bearer {token} x", "a space in or after the token"),
+])
+def test_the_authorization_header_is_read_as_the_api_reads_it(gateway, endpoint, cast, redis_db, header, wrong):
+    """A working token sent with two spaces (or a tab) was accepted by the gateway
+    while the API refused it; both now say the form expected, in the same words."""
+    from django.test import Client
+
+    raw = token(cast.bob)
+    with fake_replicas(FakeReplica(1)) as (replica,):
+        replica.release.set()
+        publish_routes(redis_db, endpoint, replica)
+        sent = header.format(token=raw)
+        refused = httpx.post(f"{gateway.url}/endpoints/vision/chat/v1/completions", json={"prompt": "hi"},
+                             headers={"Authorization": sent}, timeout=30)
+        assert refused.status_code == 401, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "authorization_malformed" and wrong in error["message"]
+        assert raw[3:] not in error["message"]  # the secret is not echoed
+        assert error["message"] == Client(HTTP_AUTHORIZATION=sent).get("/api/v1/jobs").json()["detail"]
+        assert post(gateway, raw).status_code == 200
+        lower = httpx.post(f"{gateway.url}/endpoints/vision/chat/v1/completions", json={"prompt": "hi"},
+                           headers={"Authorization": f"bearer {raw}"}, timeout=30)
+        assert lower.status_code == 200
+        assert replica.requests == 2
+
+
 def test_a_body_that_is_not_a_safe_json_object_is_400_before_any_replica_or_cold_start(gateway, endpoint, cast,
                                                                                         redis_db):
     """Refused by the gateway with the field at fault (jobs.safe_json's rules): a body

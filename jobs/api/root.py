@@ -3,7 +3,6 @@ and browsable at /api/v1/docs. One NinjaAPI; each area adds its own Router."""
 from __future__ import annotations
 
 import logging
-import re
 
 import redis
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
@@ -17,10 +16,9 @@ import jobs.converters  # noqa: F401 - registers {dbid:...}, the ids in the API'
 from jobs.api.body import SafeJsonParser, parse_failure
 from jobs.teams import tokens
 from jobs.teams.logins import client_ip
-from jobs.teams.tokens import AuthorizationMalformed, TokenRefused
+from jobs.teams.tokens import TokenRefused
 
 log = logging.getLogger("jobs.api")
-BEARER = re.compile(r"Bearer (\S+)", re.IGNORECASE)
 
 
 class TokenAuth(HttpBearer):
@@ -35,11 +33,7 @@ class TokenAuth(HttpBearer):
         header = request.headers.get("Authorization")
         if not header:
             return None
-        match = BEARER.fullmatch(header)
-        if match is None:
-            raise AuthorizationMalformed(f"Authorization must be 'Bearer <token>' (one space, then an API token from "
-                                         f"the Tokens page, nd_…); {_what_is_wrong(header)}.")
-        return self.authenticate(request, match.group(1))
+        return self.authenticate(request, tokens.bearer_token(header))
 
     def authenticate(self, request: HttpRequest, token: str):
         found = tokens.token_authenticate(token, ip=client_ip(request))
@@ -49,19 +43,6 @@ class TokenAuth(HttpBearer):
         request.user = found.user
         request.api_token = found
         return found.user
-
-
-def _what_is_wrong(header: str) -> str:
-    """Why `header` is not "Bearer <token>", without repeating the token (a secret)."""
-    scheme, rest = re.match(r"(\S*)(.*)", header, re.DOTALL).groups()
-    if scheme.lower() != "bearer":
-        named = re.fullmatch(r"[A-Za-z][A-Za-z-]{0,19}", scheme)  # a scheme such as Basic, not a token
-        return f"this one's scheme is {scheme!r}" if named else "this one does not start with 'Bearer '"
-    if not rest.strip():
-        return "this one has no token after Bearer"
-    if not rest.startswith(" ") or rest[1].isspace():
-        return "this one has more than one space (or a tab) after Bearer"
-    return "this one has a space in or after the token"
 
 
 class BrowserSessionAuth(SessionAuth):

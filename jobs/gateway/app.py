@@ -6,7 +6,8 @@ Per request:
 1. Credentials: `Authorization: Bearer nd_…` (an API token; POST needs the submit
    scope, GET read), or the signed-in session of the endpoint page's playground
    (session cookie + `X-CSRFToken` equal to the csrftoken cookie + a trusted Origin).
-   None or unknown: 401. A scope too small: 403. An endpoint the caller's teams do
+   None or unknown: 401; a header not of the form `Bearer <token>` a 401 saying the
+   form expected (tokens.bearer_token, the API's rule). A scope too small: 403. An endpoint the caller's teams do
    not own (or no such endpoint): 404, the same answer, so names do not leak.
 2. A replica: the least outstanding among the ready replicas of the serving revision
    (balancer), below the endpoint's max_concurrent. All at max_concurrent: wait up
@@ -185,14 +186,11 @@ class Gateway:
 
     async def _authenticate(self, scope: dict, headers: dict[bytes, bytes]) -> Grant:
         auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, raw = auth.partition(" ")
         try:
-            if scheme.lower() == "bearer" and raw.strip():
-                grant = await self.directory.grant(raw.strip(), _client_ip(scope))
-            elif not auth:
-                grant = await self._session_grant(headers)
+            if auth:
+                grant = await self.directory.grant(tokens.bearer_token(auth), _client_ip(scope))
             else:
-                grant = None
+                grant = await self._session_grant(headers)
         except tokens.TokenRefused as exc:
             raise Refusal(401, str(exc), "authentication_error", code=exc.code,
                           headers={"www-authenticate": 'Bearer realm="endpoints", error="invalid_token"'}) from exc

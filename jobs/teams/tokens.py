@@ -32,6 +32,7 @@ USE_AUDITED_EVERY = timedelta(hours=1)
 MANAGE_PATHS = [re.compile(p) for p in (r"/teams/[^/]+/quota/?$", r"/teams/[^/]+/compile-cache-policy/?$",
                                         r"/compile-cache/[^/]+/pin/?$")]
 READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+BEARER = re.compile(r"Bearer (\S+)", re.IGNORECASE)
 
 
 class TokenRefused(Exception):
@@ -58,6 +59,30 @@ class AuthorizationMalformed(TokenRefused):
 class ScopeMissing(TokenRefused):
     status = 403
     code = "token_scope"
+
+
+def bearer_token(header: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case,
+    one space, a token without spaces), the one rule for the API and the endpoints
+    gateway. Anything else raises AuthorizationMalformed saying the form expected."""
+    match = BEARER.fullmatch(header)
+    if match is None:
+        raise AuthorizationMalformed(f"Authorization must be 'Bearer <token>' (one space, then an API token from "
+                                     f"the Tokens page, nd_…); {_what_is_wrong(header)}.")
+    return match.group(1)
+
+
+def _what_is_wrong(header: str) -> str:
+    """Why `header` is not "Bearer <token>", without repeating the token (a secret)."""
+    scheme, rest = re.match(r"(\S*)(.*)", header, re.DOTALL).groups()
+    if scheme.lower() != "bearer":
+        named = re.fullmatch(r"[A-Za-z][A-Za-z-]{0,19}", scheme)  # a scheme such as Basic, not a token
+        return f"this one's scheme is {scheme!r}" if named else "this one does not start with 'Bearer '"
+    if not rest.strip():
+        return "this one has no token after Bearer"
+    if not rest.startswith(" ") or rest[1].isspace():
+        return "this one has more than one space (or a tab) after Bearer"
+    return "this one has a space in or after the token"
 
 
 def scope_needed(method: str, path: str) -> str:

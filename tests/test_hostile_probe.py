@@ -11,6 +11,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from jobs.models import ApiToken, Dataset, Job, Team
+from tests.auth_support import MALFORMED_AUTHORIZATION
 from tests.endpoint_support import make_model
 
 
@@ -140,14 +141,7 @@ def test_a_team_name_with_a_control_or_invisible_character_is_refused(cast):
     assert staff.post("/teams/new/", {"slug": "rtl", "name": "Right to left", "time_zone": "UTC"}).status_code == 302
 
 
-@pytest.mark.parametrize("header, wrong", [
-    ("Bearer  {token}", "more than one space"),
-    ("Bearer\t{token}", "more than one space (or a tab)"),
-    ("Bearer", "no token after Bearer"),
-    ("{token}", "does not start with 'Bearer '"),
-    ("Basic dXNlcjpwYXNz", "scheme is 'Basic'"),
-    ("Bearer {token} x", "a space in or after the token"),
-])
+@pytest.mark.parametrize("header, wrong", MALFORMED_AUTHORIZATION)
 def test_a_malformed_authorization_header_says_the_form_expected(cast, header, wrong):
     # They were a generic 401 "Unauthorized", even for a working token sent with two spaces.
     from jobs.teams.tokens import token_create

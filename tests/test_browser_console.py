@@ -110,6 +110,31 @@ def test_on_a_phone_tables_scroll_in_their_box_timeline_text_wraps_and_legends_c
     shot(page, "phone-job-running")
 
 
+def test_the_api_docs_fit_a_phone(live_server, browser):
+    """Swagger UI had no viewport: a phone laid it out 980 px wide and shrank it to fit.
+    A mobile context (is_mobile honours the viewport meta, as a phone does)."""
+    from playwright.sync_api import expect
+
+    from polling import DEADLINE_S
+
+    context = browser.new_context(viewport={"width": PHONE[0], "height": PHONE[1]}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.set_default_timeout(DEADLINE_S * 1000)
+    page.goto(f"{live_server.url}/api/v1/docs")
+    submit = page.locator(".opblock-post:has(.opblock-summary-path[data-path='/api/v1/jobs'])")
+    expect(submit).to_be_visible()
+    assert page.evaluate("window.innerWidth") == PHONE[0]
+    assert no_sideways_scroll(page)
+    submit.locator(".opblock-summary").click()
+    submit.locator("button.try-out__btn").click()
+    expect(submit.locator("textarea.body-param__text")).to_be_visible()
+    assert no_sideways_scroll(page)
+    box = submit.locator("button.execute").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE[0]
+    shot(page, "api-docs-phone")
+    context.close()
+
+
 # --- bug 8: the job list updates in place ---------------------------------------------------
 
 def test_the_job_list_updates_status_duration_finished_and_reason_in_place(console, live_server, browser):

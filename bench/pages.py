@@ -78,7 +78,7 @@ import webapp.wsgi  # noqa: E402,F401  (the app as a gunicorn worker loads it: U
 import psycopg  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
-from django.core.cache import cache  # noqa: E402
+from django.core.cache import cache, caches  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 from django.db.models import Count  # noqa: E402
@@ -599,13 +599,15 @@ class Folder:
 
 class Side:
     """One database's pages: its targets, logged-in clients and its fold process
-    (--after-fold). Django's cache is given a key prefix per database, and the
+    (--after-fold). Django's caches are given a key prefix per database, and the
     per-process caches are emptied on each switch, so neither database reads what
-    the other computed."""
+    the other computed. The start-time estimates are stored once per database, as
+    the periodic task (jobs.estimate_starts) does."""
 
     def __init__(self, database: str):
         self.database = database
         self.switch()
+        forecasts.store()
         targets = pages_to_measure()
         self.targets = {**targets, **extra_pages(targets)}
         self.clients: dict[int, Client] = {}
@@ -613,8 +615,7 @@ class Side:
 
     def switch(self) -> None:
         use_database(self.database)
-        cache.key_prefix = self.database
-        forecasts.clear_cache()
+        cache.key_prefix = caches["shared"].key_prefix = self.database
         clear_usage_cache(closed_days=False)
         connection.ensure_connection()
 

@@ -16,6 +16,14 @@ def reap_task() -> dict:
     return reap()
 
 
+@shared_task(name="jobs.estimate_starts", ignore_result=True)
+def estimate_starts_task() -> dict:
+    """Every pending job's start-time estimate, stored for pages and the API."""
+    from jobs.lifecycle.forecasts import store
+
+    return store()
+
+
 @shared_task(name="jobs.rollup_usage", ignore_result=True)
 def rollup_usage_task() -> dict:
     """Fold usage up to a few minutes ago into the usage roll-ups (jobs.usage_rollup)."""

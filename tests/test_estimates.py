@@ -4,6 +4,7 @@ and the list."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -11,11 +12,14 @@ from django.test import Client
 from django.utils import timezone
 
 from jobs.lifecycle import forecasts, runtimes, scheduler
+from jobs.live.store import redis
 from jobs.models import Job
+from jobs.tasks import estimate_starts_task
 from jobs.quotas import backfill
 from jobs.quotas.backfill import FleetState, Running, Waiting, forecast, runtime_ratio
 from jobs.quotas.placement import HostSlots
 from tests.conftest import api_client
+from tests.polling import wait_until
 from tests.test_backfill import running_job
 from tests.test_scheduling import host, pending, set_family
 
@@ -80,7 +84,15 @@ def test_each_teams_ratio_comes_from_its_last_finished_jobs_only(cast):
     assert ratios[10 ** 9] == ((1.0, 1.0, 1.0), 0)
 
 
-def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_history(cast):
+def no_replay_in_requests(monkeypatch) -> None:
+    """From here on, a replay fails the test: pages and the API only read stored estimates."""
+    def replay(*args, **kwargs):
+        raise AssertionError("a request ran the start-time replay")
+
+    monkeypatch.setattr(forecasts, "replay", replay)
+
+
+def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_history(cast, monkeypatch):
     host("cpu-a", "cpu", 4)
     set_family(cast.vision, "cpu", 8)
     for _ in range(5):
@@ -88,18 +100,119 @@ def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_hi
     running_job(cast.vision, cast.bob, 4, 3600, 600)  # limit ends in 3000 s; expected in 1200 s
     waiting = pending(cast.vision, cast.bob, cores=4)
     scheduler.dispatch()
+    before = timezone.now()
+    assert estimate_starts_task() == {"estimated": 1, "scanned_through": None}  # what the periodic task does
+    no_replay_in_requests(monkeypatch)
     body = api_client(cast.bob).get(f"/api/v1/jobs/{waiting.pk}/pending").json()
     est = body["estimate"]
     assert 1100 <= est["in_s"] <= 1200
     latest = (timezone.datetime.fromisoformat(est["latest"]) - timezone.now()).total_seconds()
     assert 2900 <= latest <= 3000  # the running job's time limit
     assert "50%" in est["basis"] and "last 5 finished" in est["basis"]
+    computed_at = timezone.datetime.fromisoformat(est["computed_at"])
+    assert before <= computed_at <= timezone.now() and est["age_s"] >= 0 and est["age"].startswith("estimated ")
     browser = Client()
     browser.force_login(cast.bob)
     page = browser.get(f"/jobs/{waiting.pk}/").content.decode()
     assert "Estimated start" in page and est["summary"].split(" (")[0] in page
+    assert 'id="pending-estimate-age">estimated ' in page
     listing = browser.get(f"/teams/{cast.vision.slug}/jobs/").content.decode()
-    assert "starts in about" in listing
+    assert "starts in about" in listing and " ago</span>" in listing
+
+
+def test_an_estimate_says_how_old_it_is():
+    now = timezone.now()
+    estimate = forecasts.Estimate(now + timedelta(minutes=12), None, None, False, "basis",
+                                  computed_at=now - timedelta(seconds=20))
+    assert estimate.age == "estimated 20 s ago" and estimate.as_dict()["age_s"] == 20
+    assert estimate.as_dict()["computed_at"] == estimate.computed_at.isoformat()
+    assert forecasts.Estimate(None, None, None, False, "basis").age == ""
+
+
+def test_before_the_first_run_pages_say_the_estimate_is_being_computed_and_ask_for_one_run(cast, monkeypatch):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)
+    waiting = pending(cast.vision, cast.bob, cores=4)
+    scheduler.dispatch()
+    redis().delete("estimates")  # the estimator's Celery queue
+    no_replay_in_requests(monkeypatch)
+    api = api_client(cast.bob)
+    est = api.get(f"/api/v1/jobs/{waiting.pk}/pending").json()["estimate"]
+    assert est["summary"] == "estimate being computed" and est["computed_at"] is None
+    assert est["estimated_start"] is None and "every 15 s" in est["basis"]
+    browser = Client()
+    browser.force_login(cast.bob)
+    assert "estimate being computed" in browser.get(f"/jobs/{waiting.pk}/").content.decode()
+    assert "estimate being computed" in browser.get(f"/teams/{cast.vision.slug}/jobs/").content.decode()
+    # the task was asked for once (one kick per interval, however many pages ask), on its own queue
+    assert redis().llen("estimates") == 1
+    monkeypatch.undo()
+    estimate_starts_task()
+    est = api.get(f"/api/v1/jobs/{waiting.pk}/pending").json()["estimate"]
+    assert est["computed_at"] is not None and est["summary"].startswith("in about")
+
+
+def test_a_job_submitted_after_the_last_run_waits_for_the_next_and_an_old_runs_entry_is_not_shown(cast, monkeypatch):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)
+    first = pending(cast.vision, cast.bob, cores=4)
+    estimate_starts_task()
+    Job.objects.filter(pk=first.pk).update(cancel_requested=True)  # being cancelled: no longer estimated
+    estimate_starts_task()
+    Job.objects.filter(pk=first.pk).update(cancel_requested=False)
+    later = pending(cast.vision, cast.bob, cores=4)
+    no_replay_in_requests(monkeypatch)
+    api = api_client(cast.bob)
+    for job in (first, later):  # the first run's entry of `first` is older than the last run
+        est = api.get(f"/api/v1/jobs/{job.pk}/pending").json()["estimate"]
+        assert est["summary"] == "estimate being computed", job
+
+
+def test_jobs_behind_the_pending_scan_say_why_they_have_no_estimate(cast, monkeypatch):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    jobs = [pending(cast.vision, cast.bob, cores=1) for _ in range(4)]
+    monkeypatch.setattr(forecasts, "PENDING_SCAN", 3)
+    assert estimate_starts_task() == {"estimated": 3, "scanned_through": jobs[2].pk}
+    api = api_client(cast.bob)
+    scanned = api.get(f"/api/v1/jobs/{jobs[2].pk}/pending").json()["estimate"]
+    assert scanned["summary"] == "now"
+    behind = api.get(f"/api/v1/jobs/{jobs[3].pk}/pending").json()["estimate"]
+    assert behind["summary"] == "no estimate (more than 3 jobs ahead)" and behind["estimated_start"] is None
+    assert "looks at the oldest 3 only" in behind["basis"] and behind["computed_at"] is not None
+
+
+def test_the_estimates_are_computed_every_interval_on_their_own_queue(settings):
+    from webapp.celery import _beat_schedule, app
+
+    entry = _beat_schedule()["estimate-starts"]
+    assert entry["task"] == "jobs.estimate_starts" and entry["schedule"] == settings.ESTIMATES_EVERY_S
+    assert app.amqp.router.route({}, "jobs.estimate_starts")["queue"].name == "estimates"
+
+
+@pytest.mark.e2e
+def test_a_page_that_finds_no_estimate_gets_one_from_the_estimator_process(transactional_db, cast, _storage,
+                                                                            tmp_path):
+    from tests.workers import Worker, process_env
+
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)
+    waiting = pending(cast.vision, cast.bob, cores=4)
+    redis().delete("estimates")
+    estimator = Worker(tmp_path / "estimator.log", process_env(storage_root=_storage), queues="estimates",
+                       name="estimator", pool="solo", concurrency=1)
+    estimator.start()
+    try:
+        api = api_client(cast.bob)
+        assert api.get(f"/api/v1/jobs/{waiting.pk}/pending").json()["estimate"]["computed_at"] is None
+        est = wait_until(lambda: api.get(f"/api/v1/jobs/{waiting.pk}/pending").json()["estimate"],
+                         message="the estimator's estimate", until=lambda e: e["computed_at"] is not None)
+        assert 2900 <= est["in_s"] <= 3000  # the running job's time limit (no history)
+    finally:
+        estimator.close()
 
 
 def test_any_member_sees_the_fair_share_order_and_what_holds_the_teams_jobs_back(cast):
@@ -130,4 +243,4 @@ def test_a_dry_runs_estimate_stops_the_replays_at_its_start_and_is_the_whole_rep
                                "submitted", "", 1800)
     whole = forecasts._estimates(forecasts.Snapshot.read(row))
     assert len(whole) == 4 and whole[-1].start is not None and whole[-1].latest > whole[-1].start
-    assert forecasts.estimate_of(row) == whole[-1]
+    assert replace(forecasts.estimate_of(row), computed_at=None) == replace(whole[-1], computed_at=None)

@@ -22,6 +22,9 @@ def _beat_schedule() -> dict:
         "dispatch": {"task": "jobs.dispatch", "schedule": float(settings.DISPATCH_EVERY_S),
                      "kwargs": {"periodic": True}},
         "reap": {"task": "jobs.reap", "schedule": float(settings.REAP_EVERY_S)},
+        # expires: a run the estimator could not start within the interval is dropped (the next one comes)
+        "estimate-starts": {"task": "jobs.estimate_starts", "schedule": float(settings.ESTIMATES_EVERY_S),
+                            "options": {"expires": float(settings.ESTIMATES_EVERY_S)}},
         "rollup-metrics": {"task": "jobs.rollup_metrics", "schedule": 60.0},
         "prune-metrics": {"task": "jobs.prune_metrics", "schedule": 3600.0},
         "rollup-usage": {"task": "jobs.rollup_usage", "schedule": 60.0},

@@ -124,6 +124,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     _name = Path(DATABASES["default"]["NAME"])
     DATABASES["default"]["TEST"] = {"NAME": str(_name.with_name(f"test_{_name.name}"))}
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},  # per process
+    # What one process computes for all (start-time estimates): Redis, seen by the web
+    # app's processes and the Celery workers alike.
+    "shared": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+               "KEY_PREFIX": "nd", "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2}},
+}
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -350,6 +357,9 @@ FAIRSHARE_CACHE_S = float(os.environ.get("FAIRSHARE_CACHE_S", "5"))
 # Starvation guard: a job pending longer than this goes ahead of fair share, oldest
 # first (jobs.quotas.fairshare), so the EASY reservation reaches it; 0 turns it off.
 SCHED_OVERDUE_AFTER_H = float(os.environ.get("SCHED_OVERDUE_AFTER_H", "0.5"))
+# Every pending job's start-time estimate is computed this often (jobs.estimate_starts,
+# on the Celery queue "estimates", so a long replay never holds up the dispatcher).
+ESTIMATES_EVERY_S = envint("ESTIMATES_EVERY_S", 15)
 
 # --- Inference endpoints (jobs.endpoints) ----------------------------------------
 ENDPOINT_RECONCILE_S = float(os.environ.get("ENDPOINT_RECONCILE_S", "2"))  # the reconciler + autoscaler beat
@@ -425,6 +435,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("CELERY_VISIBILI
                                    "socket_timeout": 5, "socket_connect_timeout": 5}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "scheduler"
+CELERY_TASK_ROUTES = {"jobs.estimate_starts": {"queue": "estimates"}}  # its own worker (Procfile: estimator)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", False)
 

@@ -43,7 +43,9 @@ class PendingOut(Schema):
     position: int | None
     queue_length: int
     ahead: list[AheadOut]
-    estimate: dict[str, Any] | None = None  # estimated_start, earliest, latest, in_s, reserved, basis
+    # estimated_start, earliest, latest, in_s, summary, reserved, basis; computed_at and age_s: when the periodic
+    # run computed it (computed_at null: not computed yet, the summary says "estimate being computed")
+    estimate: dict[str, Any] | None = None
 
 
 class AuditOut(Schema):

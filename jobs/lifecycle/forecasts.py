@@ -9,23 +9,41 @@ runs the replay again with the 10th percentile (early) and with the time limits
 themselves (late: no job runs longer than its limit, so with no new arrivals of
 higher priority this is the latest start). A running job's true end is never read:
 it is not known, and a forecast that could see it would only be tested against
-itself."""
+itself.
+
+Replaying the whole queue takes seconds at fleet scale, so no page or API request
+does it: the periodic task jobs.estimate_starts (its own Celery queue, every
+settings.ESTIMATES_EVERY_S) computes every pending job's estimate (`store`) and keeps
+them in the cache every process shares (Redis); pages and the API read them with
+their age (`stored`, `estimates_for`). A dry run's estimate is its own replay,
+stopped once its job starts (`estimate_of`)."""
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone as dt_timezone
 
+from django.conf import settings
+from django.core.cache import caches
 from django.utils import timezone
 
 from jobs.lifecycle.runtimes import team_ratios
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job
 from jobs.quotas.backfill import (FleetState, Member, Running, Waiting, estimated_end, forecast,
                                   time_limit_s)
+from jobs.quotas.fairshare import PENDING_SCAN
 from jobs.quotas.placement import HostSlots
 
-CACHE_S = 5.0  # pages and the API share one replay for this long
+log = logging.getLogger(__name__)
+
+# Stored estimates (in the "shared" cache): one entry per job and one saying when the
+# last run computed them. An entry older than that run is not shown (its job was not
+# in the run); nothing is shown once the task has not run for KEEP_S.
+STORED_RUN = "forecasts:run"
+KICK_FLAG = "forecasts:kick"  # set by a page that found nothing stored: one kick per interval
+KEEP_S = 900
+NO_ESTIMATE = "no estimate"
 # Reasons no replay can end: they wait for an admin or a host, not for cores.
 NOT_FOR_CORES = ("budget_exhausted", "no_hosts_of_family", "host_draining")
 
@@ -37,17 +55,29 @@ class Estimate:
     latest: datetime | None
     reserved: bool  # the dispatcher's reservation rule holds its start (EASY)
     basis: str
+    computed_at: datetime | None = None  # when the replay ran (None: not computed yet)
+    missing: str = NO_ESTIMATE  # the summary when there is no start
 
     def as_dict(self) -> dict:
         iso = lambda t: t.isoformat() if t else None  # noqa: E731
         return {"estimated_start": iso(self.start), "earliest": iso(self.earliest), "latest": iso(self.latest),
-                "in_s": _in_s(self.start), "summary": self.summary, "reserved": self.reserved, "basis": self.basis}
+                "in_s": _in_s(self.start), "summary": self.summary, "reserved": self.reserved, "basis": self.basis,
+                "computed_at": iso(self.computed_at), "age_s": self.age_s, "age": self.age}
+
+    @property
+    def age_s(self) -> int | None:
+        return max(0, int((timezone.now() - self.computed_at).total_seconds())) if self.computed_at else None
+
+    @property
+    def age(self) -> str:
+        """"estimated 20 s ago", or "" before it is computed."""
+        return f"estimated {_span(self.age_s)} ago" if self.computed_at else ""
 
     @property
     def summary(self) -> str:
         """"in about 12 min (5 min to 40 min)", "now", or why there is none."""
         if self.start is None:
-            return "no estimate"
+            return self.missing
         point, low, high = _in_s(self.start), _in_s(self.earliest), _in_s(self.latest)
         text = "now" if point < 30 else f"in about {_span(point)}"
         if high is not None and low is not None and high - low >= 60:
@@ -64,6 +94,7 @@ class Snapshot:
     active: dict[int, tuple[float, int]]  # job holding cores -> (start timestamp, time limit)
     order: list  # PendingRow-like, in dispatch order
     quotas: dict[tuple[int, str], tuple[int, int]]
+    scanned_through: int | None = None  # the scan (PENDING_SCAN, oldest first) was full: the last job it read
 
     @classmethod
     def read(cls, extra=None) -> "Snapshot":
@@ -85,10 +116,12 @@ class Snapshot:
         for pk, back_by in stopping_replicas().items():
             if pk in active:  # a draining replica: its cores are back by then, not never
                 active[pk] = (now.timestamp(), max(int(back_by - now.timestamp()), 1))
-        rows = pending_rows() + ([extra] if extra is not None else [])
+        rows = pending_rows(PENDING_SCAN)
+        scanned_through = rows[-1].pk if len(rows) >= PENDING_SCAN else None
+        rows += [extra] if extra is not None else []
         quotas = {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
             "team_id", "family", "guaranteed_cores", "borrow_limit")}
-        return cls(hosts, holders, active, pending_order(rows), quotas)
+        return cls(hosts, holders, active, pending_order(rows), quotas, scanned_through)
 
 
 def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], int]], which: int,
@@ -114,16 +147,94 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
     return forecast(order, state, now, until=until)
 
 
-_cache: dict = {"at": 0.0, "value": None}
-
-
 def estimates() -> dict[int, Estimate]:
-    """Every pending job's estimated start (a few seconds' cache)."""
-    if _cache["value"] is not None and time.monotonic() - _cache["at"] < CACHE_S:
-        return _cache["value"]
-    out = _estimates(Snapshot.read())
-    _cache.update(at=time.monotonic(), value=out)
-    return out
+    """Every pending job's estimated start, computed now (three whole replays:
+    seconds at fleet scale; the periodic task's work, never a request's)."""
+    return _estimates(Snapshot.read())
+
+
+def store() -> dict:
+    """Compute every pending job's estimate and store them for pages and the API
+    (the periodic task jobs.estimate_starts)."""
+    started = timezone.now()  # each estimate's own computed_at is a little later
+    snap = Snapshot.read()
+    out = _estimates(snap)
+    cache = caches["shared"]
+    cache.set_many({_key(pk): estimate for pk, estimate in out.items()}, timeout=KEEP_S)
+    cache.set(STORED_RUN, (started, snap.scanned_through), timeout=KEEP_S)  # last: the run is complete
+    return {"estimated": len(out), "scanned_through": snap.scanned_through}
+
+
+@dataclass(frozen=True)
+class Stored:
+    estimates: dict[int, Estimate]  # of the jobs asked for that the last run estimated
+    computed_at: datetime | None  # when the last run started (None: nothing stored)
+    scanned_through: int | None  # that run's Snapshot.scanned_through
+
+
+def stored(job_ids: list[int]) -> Stored:
+    """The last run's estimates of `job_ids` (one cache read). Nothing when the
+    cache cannot be read: a page says the estimate is being computed rather than fail."""
+    try:
+        got = caches["shared"].get_many([STORED_RUN, *(_key(pk) for pk in job_ids)])
+    except Exception as exc:
+        log.warning("could not read the stored start-time estimates (%s)", exc)
+        return Stored({}, None, None)
+    if STORED_RUN not in got:
+        return Stored({}, None, None)
+    computed_at, scanned_through = got[STORED_RUN]
+    estimates = {pk: got[_key(pk)] for pk in job_ids
+                 if _key(pk) in got and got[_key(pk)].computed_at >= computed_at}
+    return Stored(estimates, computed_at, scanned_through)
+
+
+def estimates_for(jobs) -> dict[int, Estimate]:
+    """The stored estimate of each pending job of `jobs` (job id -> Estimate); a job
+    the last run did not estimate gets one saying why (being computed, or behind the
+    PENDING_SCAN oldest pending jobs). Nothing stored at all (a fresh start, or the
+    task has not run for KEEP_S): the task is kicked."""
+    pending = [job for job in jobs if job.status == Job.Status.PENDING and not job.cancel_requested]
+    if not pending:
+        return {}
+    got = stored([job.pk for job in pending])
+    if got.computed_at is None:
+        kick()
+    return {job.pk: got.estimates.get(job.pk) or _not_estimated(job, got) for job in pending}
+
+
+def estimate_for(job: Job) -> Estimate | None:
+    return estimates_for([job]).get(job.pk)
+
+
+def kick() -> None:
+    """Ask for a run now (the task is sent by name; at most once per interval)."""
+    from webapp.celery import app
+
+    try:
+        if caches["shared"].add(KICK_FLAG, 1, timeout=settings.ESTIMATES_EVERY_S):
+            app.send_task("jobs.estimate_starts")
+    except Exception as exc:  # the periodic run computes them anyway
+        log.warning("could not ask for start-time estimates now (%s)", exc)
+
+
+def clear_cache() -> None:
+    """Forget the stored estimates (tests, benches): pages show none until the next run."""
+    caches["shared"].delete_many([STORED_RUN, KICK_FLAG])
+
+
+def _key(job_id: int) -> str:
+    return f"forecasts:job:{job_id}"
+
+
+def _not_estimated(job: Job, got: Stored) -> Estimate:
+    if got.scanned_through is not None and job.pk > got.scanned_through:
+        return Estimate(None, None, None, False, (
+            f"no estimate: more than {PENDING_SCAN} older jobs are pending, and the scheduler (and so its "
+            f"estimates) looks at the oldest {PENDING_SCAN} only; this job is considered once enough of them "
+            "have started"), got.computed_at, missing=f"no estimate (more than {PENDING_SCAN} jobs ahead)")
+    return Estimate(None, None, None, False, (
+        f"the scheduler estimates every pending job every {settings.ESTIMATES_EVERY_S} s; "
+        "this job's is not computed yet"), None, missing="estimate being computed")
 
 
 def estimate_of(extra) -> Estimate | None:
@@ -137,7 +248,8 @@ def estimate_of(extra) -> Estimate | None:
 def _estimates(snap: Snapshot, until: int | None = None) -> dict[int, Estimate]:
     """Each job's estimate from three replays of `snap`; `until`: of that job only."""
     ratios = team_ratios({r.team_id for r in snap.order} | {h[0] for h in snap.holders.values()})
-    now = timezone.now().timestamp()
+    computed_at = timezone.now()
+    now = computed_at.timestamp()
     mid, low, high = (replay(snap, ratios, which, now, until) for which in (1, 0, None))
     out = {}
     for row in snap.order:
@@ -147,16 +259,8 @@ def _estimates(snap: Snapshot, until: int | None = None) -> dict[int, Estimate]:
         point = mid.get(row.pk)
         out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=None)),
                                _when(max(starts, default=None)), bool(point and point.reserved),
-                               _basis(row, ratios, len(snap.holders)))
+                               _basis(row, ratios, len(snap.holders)), computed_at)
     return out
-
-
-def clear_cache() -> None:
-    _cache.update(at=0.0, value=None)
-
-
-def estimate_for(job: Job) -> Estimate | None:
-    return estimates().get(job.pk) if job.status == Job.Status.PENDING else None
 
 
 def _in_s(t: datetime | None) -> int | None:

@@ -22,7 +22,7 @@ from jobs import access, pages
 from jobs.assets.artifacts import artifact_response
 from jobs.cli import jobfile
 from jobs.cli.jobfile import job_body
-from jobs.lifecycle import charts, selectors, services
+from jobs.lifecycle import charts, forecasts, selectors, services
 from jobs.lifecycle.forms import JOB_FORMS
 from jobs.models import Family, Job, JobAttempt, JobEvent, Kind, Team
 
@@ -134,6 +134,7 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
             "status": request.GET.get("status", ""), "kind": request.GET.get("kind", "")}
     return pages.render_page(request, "jobs/job_list.html", {
         "filters": filters, "page": page, "rows": rows, "filtered": filtered,
+        "estimates": forecasts.estimates_for(page.jobs),
         # the kinds a user submits (endpoint replicas are started by their endpoint)
         "kinds": [(value, label) for value, label in Kind.choices if value in JOB_FORMS],
         "writable": pages.can_write(request.user, team), "live": live,

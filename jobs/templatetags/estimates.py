@@ -1,5 +1,6 @@
-"""{{ job|estimated_start }}: a pending job's start-time estimate for lists (the
-one replay jobs.lifecycle.forecasts caches for a few seconds serves the whole page)."""
+"""{{ job|estimated_start:estimates }}: a pending job's start-time estimate for lists,
+from `estimates` (jobs.lifecycle.forecasts.estimates_for of the page's jobs: one
+read of the stored estimates for the whole page)."""
 from __future__ import annotations
 
 from django import template
@@ -10,13 +11,15 @@ register = template.Library()
 
 
 @register.filter
-def estimated_start(job: Job) -> str:
-    if job.status != Job.Status.PENDING:
-        return ""
-    from jobs.lifecycle.forecasts import estimate_for
+def estimated_start(job: Job, estimates: dict) -> str:
+    """"starts in about 12 min · estimated 20 s ago", "estimate being computed", or
+    "" (no estimate because of what the reason beside it says)."""
+    from jobs.lifecycle.forecasts import NO_ESTIMATE
 
-    estimate = estimate_for(job)
-    return f"starts {estimate.summary}" if estimate and estimate.start else ""
+    estimate = (estimates or {}).get(job.pk)
+    if estimate is None or estimate.summary == NO_ESTIMATE:
+        return ""
+    return f"starts {estimate.summary} · {estimate.age}" if estimate.start else estimate.summary
 
 
 @register.simple_tag

@@ -153,6 +153,7 @@
     if ($("pending-estimate-summary")) {
       $("pending-estimate-summary").textContent = d.estimate ? d.estimate.summary : "no estimate yet";
       $("pending-estimate-basis").textContent = d.estimate ? d.estimate.basis : "";
+      $("pending-estimate-age").textContent = d.estimate ? d.estimate.age : "";
     }
     const list = $("pending-ahead");
     list.textContent = "";

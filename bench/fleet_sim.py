@@ -418,14 +418,14 @@ def dispatch_pass_db(n_hosts: int, n_pending: int, seed: int) -> dict:
     from bench.support.harness import Bench, exclusive_run, redis_url
 
     lock = exclusive_run("bench-fleet-sim")  # noqa: F841 - held until the process exits
-    bench = Bench(db_name="neurondeck_bench_fleet_sim",
-                  redis_url=redis_url("fleet_sim"),
-                  host="bench-fleet-sim", workdir=Path(tempfile.mkdtemp(prefix="nd-bench-fleet-sim-")))
-    bench.setup(bench.environment())
-    try:
-        return _timed_dispatch(n_hosts, n_pending, seed)
-    finally:
-        bench.teardown()
+    with tempfile.TemporaryDirectory(prefix="nd-bench-fleet-sim-") as workdir:
+        bench = Bench(db_name="neurondeck_bench_fleet_sim", redis_url=redis_url("fleet_sim"),
+                      host="bench-fleet-sim", workdir=Path(workdir))
+        bench.setup(bench.environment())
+        try:
+            return _timed_dispatch(n_hosts, n_pending, seed)
+        finally:
+            bench.teardown()
 
 
 def _timed_dispatch(n_hosts: int, n_pending: int, seed: int) -> dict:

@@ -37,7 +37,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.support.harness import (  # noqa: E402
-    CELERY, Bench, Processes, exclusive_run, log, percentile, redis_url,
+    CELERY, Bench, Processes, bench_run, log, percentile, redis_url,
 )
 
 
@@ -58,19 +57,11 @@ def main() -> None:
     parser.add_argument("--fail-rate", type=float, default=0.30)
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     args = parser.parse_args()
-    _lock = exclusive_run("bench-notify")  # noqa: F841 - held until exit
-    bench = Bench("neurondeck_bench_notify", redis_url("notify"),
-                  "bench-notify", Path(tempfile.mkdtemp(prefix="nd-bench-notify-")))
+    bench = Bench("neurondeck_bench_notify", redis_url("notify"), "bench-notify", workdir=Path())
     # The receiver listens on loopback, which the SSRF guard refuses unless allowed.
-    env = bench.environment(NOTIFY_ALLOWED_NETWORKS="127.0.0.1/32")
-    bench.setup(env)
-    procs = Processes(bench.workdir, env)
-    load_start = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: say how busy it was
-    try:
+    with bench_run(bench, "bench-notify", NOTIFY_ALLOWED_NETWORKS="127.0.0.1/32") as procs:
+        load_start = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: say how busy it was
         result = run(args, bench, procs)
-    finally:
-        procs.stop()
-        bench.teardown()
     result["loadavg"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(result))
 

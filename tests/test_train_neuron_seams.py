@@ -178,6 +178,104 @@ def test_own_loop_xla_ranks_agree_on_a_stop_and_save_the_step_they_reached_toget
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
 
 
+NATIVE_RANK = textwrap.dedent("""
+    # One rank of the own loop under native TorchNeuron, on the CPU: torch_neuronx stood
+    # in (its import registers the device and the "neuron" process group backend), the
+    # neuron device by the CPU, and the "neuron" group by gloo, which all-reduces as
+    # ProcessGroupNeuron does. Each step draws from every generator a checkpoint saves,
+    # each rank a different number of times (as dropout would), and keeps its last draws.
+    # argv: the step during which rank 1 alone gets SIGTERM (0: never).
+    import json, os, random, signal, sys, types
+    from pathlib import Path
+    import numpy, torch
+    import torch.distributed as dist
+
+    sys.modules["torch_neuronx"] = types.ModuleType("torch_neuronx")
+    from neuron_workers.backends import loops, neuron_train
+
+    gloo_init = dist.init_process_group
+
+    def init_process_group(backend=None, **kwargs):
+        assert backend == "neuron", backend
+        assert len(os.environ["NEURON_RT_VISIBLE_CORES"].split(",")) == 1  # one device per process
+        gloo_init("gloo")
+
+    dist.init_process_group = init_process_group
+    neuron_train.installed_framework = lambda: "native"
+    neuron_train.native_neuron_device_available = lambda: True
+    neuron_train.native_device = lambda: torch.device("cpu")
+    stop_at, rank = int(sys.argv[1]), int(os.environ["RANK"])
+    job_dir = Path(sys.argv[sys.argv.index("--job-dir") + 1])
+    train_step = loops._Run.one_step
+
+    def one_step(run):
+        loss = train_step(run)
+        for _ in range(rank + 1):
+            draws = [random.random(), float(numpy.random.random()), float(torch.rand(1))]
+        with open(job_dir / f"draws-{rank}.jsonl", "a") as f:
+            print(json.dumps([run.step, draws]), file=f)
+        if rank == 1 and run.step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun forwards the launcher's to every rank
+        return loss
+
+    loops._Run.one_step = one_step
+    sys.exit(neuron_train.main(sys.argv[2:]))
+""")
+
+
+def native_ranks(job_dir: Path, stop_at: int = 0) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run NATIVE_RANK on two ranks under torchrun; (the run, {(rank, step): that step's last draws})."""
+    script = job_dir / "native_rank.py"
+    script.write_text(NATIVE_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NEURON_RT_VISIBLE_CORES": "0-1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(stop_at), "--job-dir", str(job_dir)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    draws = {}
+    for rank in (0, 1):
+        for line in (job_dir / f"draws-{rank}.jsonl").read_text().splitlines():
+            step, values = json.loads(line)
+            draws[rank, step] = values
+        (job_dir / f"draws-{rank}.jsonl").unlink()
+    return proc, draws
+
+
+def test_native_ranks_agree_on_a_stop_save_each_ranks_rng_and_each_resumes_its_own(finetune_inputs, tmp_path):
+    """SIGTERM reaching one native TorchNeuron rank: both stop after the same step (the
+    stop flag all-reduced on the device, as under torch-xla), rank 0 saves that step
+    with both ranks' RNG states, and the resumed ranks draw what an uninterrupted run
+    draws, each from its own state. Before, the native ranks kept SIGTERM's default
+    (the stopped run saved nothing) and every rank resumed rank 0's RNG state."""
+    spec = {**SPEC, "steps": 6, "checkpoint_every": 100, "cores": 2}
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / neuron_launch.JOB_FILE).write_text(json.dumps({"job_id": 11, "spec": spec, "inputs": {
+            **finetune_inputs, "checkpoint_dir": str(tmp_path / name / "ck")}}))
+    proc, whole = native_ranks(tmp_path / "whole")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(whole) == [(rank, step) for rank in (0, 1) for step in range(1, 7)]
+
+    proc, stopped = native_ranks(tmp_path / "resumed", stop_at=3)
+    error = json.loads((tmp_path / "resumed" / neuron_launch.ERROR_FILE).read_text())
+    assert error == {"code": "cancelled",
+                     "message": "job 11 was stopped after step 3 of 6; checkpoint saved at step 3"}, proc.stderr[-3000:]
+    assert "rank 1: cancelled: job 11 was stopped after step 3 of 6" in proc.stderr
+    assert sorted(stopped) == [(rank, step) for rank in (0, 1) for step in (1, 2, 3)]
+    metrics = [json.loads(line[len(neuron_launch.METRIC_PREFIX):]) for line in proc.stdout.splitlines()
+               if line.startswith(neuron_launch.METRIC_PREFIX)]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    saved = CheckpointStore(tmp_path / "resumed" / "ck").latest()
+    assert saved.step == 3 and len(saved.state["rng"]) == 2
+    assert not torch.equal(saved.state["rng"][0]["cpu"], saved.state["rng"][1]["cpu"])
+
+    proc, resumed = native_ranks(tmp_path / "resumed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "resumed" / neuron_launch.RESULT_FILE).read_text())["resumed_from_step"] == 3
+    assert sorted(resumed) == [(rank, step) for rank in (0, 1) for step in (4, 5, 6)]
+    for key, values in resumed.items():
+        assert values == whole[key], key
+
+
 # ---------------------------------------------------------------- NeuronTrainer
 
 

@@ -106,8 +106,7 @@ class CpuBackend(Backend):
 
             trained = DistributedDataParallel(model)
             hooks = TrainHooks(is_main=main, rank=ranks.rank, world_size=ranks.world_size, shard_batches=True,
-                               reduce_step=distributed.reduce_step, gather=distributed.gather_objects,
-                               barrier=distributed.barrier)
+                               **distributed.agreement())
         note("train", "started")
         try:
             with hf.torch_threads(threads):

@@ -7,15 +7,18 @@ and trains on its shard of each global batch (data.shard). Without WORLD_SIZE > 
 it is a single process and nothing here is used.
 
 reduce_step is the rule every multi-rank training loop follows after each step
-(the cpu backend over gloo, the neuron backend's own loop and NeuronTrainer over
-torch-xla's process group): the ranks stop together or not at all.
+(the cpu backend over gloo, the neuron backend's own loop over torch-xla's or
+TorchNeuron's process group, and NeuronTrainer): the ranks stop together or not at
+all. agreement gives the own loop's ranks that rule, the hand-over of each rank's RNG
+states for a checkpoint and the wait for its writer, on every backend alike.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -91,21 +94,42 @@ def reduce_step(loss: float, stop: bool, device: Any = "cpu") -> tuple[float, bo
     return float(total[0]) / dist.get_world_size(), bool(total[1] > 0)
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj` (picklable, small), in rank order: all_gather_object over the
-    job's process group (gloo on the host; under torch-xla the "xla" group, whose
-    allgather runs as xm.all_gather on the device)."""
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj` (picklable, small), in rank order: all_gather_object over
+    `group` (None: the job's process group; gloo on the host; under torch-xla the "xla"
+    group, whose allgather runs as xm.all_gather on the device)."""
     import torch.distributed as dist
 
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
-def barrier() -> None:
+def barrier(group: Any = None) -> None:
     import torch.distributed as dist
 
-    dist.barrier()
+    dist.barrier(group=group)
+
+
+def host_group() -> Any:
+    """A gloo group of every rank beside a device backend's, for what lives on the host:
+    Python objects and waiting. Every rank must create it, in the same order."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def agreement(device: Any = "cpu", objects: Any = None,
+              wait: Callable[[], None] | None = None) -> dict[str, Callable]:
+    """loops.TrainHooks' reduce_step, gather and barrier for several ranks of the own
+    training loop, the one rule on every backend: after each step the ranks all-reduce
+    their stop flags with the loss on `device` (reduce_step) and so stop after the same
+    step; at a checkpoint each rank hands rank 0 its RNG states over the group `objects`
+    (None: the job's), so each resumes its own; on a stop no rank leaves before rank 0
+    has written the checkpoint (`wait`, by default a barrier of `objects`)."""
+    return {"reduce_step": functools.partial(reduce_step, device=device),
+            "gather": functools.partial(gather_objects, group=objects),
+            "barrier": wait or functools.partial(barrier, group=objects)}
 
 
 def xla_barrier() -> None:

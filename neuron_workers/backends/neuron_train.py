@@ -19,7 +19,6 @@ The loop itself is the same one the cpu backend runs.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -91,26 +90,35 @@ def native_device() -> Any:
 def make_hooks(mode: str, rank: int, world_size: int = 1) -> TrainHooks:
     """Device and step hooks for a training mode (see loops.TrainHooks).
 
-    Several torch-xla ranks agree after every step whether any was asked to stop
-    (distributed.reduce_step on the device, the rule the cpu backend's gloo ranks
-    follow), hand rank 0 their RNG states for each checkpoint (distributed.gather_objects,
-    so each resumes its own), and wait for rank 0's checkpoint before leaving
-    (xm.rendezvous): a stop saves the step every rank reached, and no rank waits in
-    xm.optimizer_step's all-reduce for a peer that left. Native TorchNeuron ranks do
-    none of this: rank 0 checkpoints its own RNG states, which every rank resumes from."""
+    Several ranks, under torch-xla or native TorchNeuron, follow the cpu backend's gloo
+    ranks' rule (distributed.agreement): they agree after every step whether any was
+    asked to stop, hand rank 0 their RNG states for each checkpoint so each resumes its
+    own, and wait for rank 0's checkpoint before leaving. A stop saves the step every
+    rank reached, and no rank waits in a gradient all-reduce for a peer that left."""
     if mode == XLA:
         xm = importlib.import_module("torch_xla.core.xla_model")
         device = xm.xla_device()
         # xm.optimizer_step all-reduces gradients across ranks, then steps;
         # xm.mark_step ends the lazy graph for this step (neuron.md §4.6).
-        hooks = TrainHooks(device=device, optimizer_step=xm.optimizer_step, end_step=xm.mark_step,
-                           is_main=rank == 0, rank=rank, world_size=world_size)
-        if world_size > 1:
-            hooks.reduce_step = functools.partial(distributed.reduce_step, device=device)
-            hooks.gather = distributed.gather_objects
-            hooks.barrier = distributed.xla_barrier
-        return hooks
-    return TrainHooks(device=native_device(), is_main=rank == 0)
+        steps = {"optimizer_step": xm.optimizer_step, "end_step": xm.mark_step}
+    else:
+        device, steps = native_device(), {}
+    agreement = ranks_agreement(mode, device) if world_size > 1 else {}
+    return TrainHooks(device=device, is_main=rank == 0, rank=rank, world_size=world_size, **steps, **agreement)
+
+
+def ranks_agreement(mode: str, device: Any) -> dict:
+    """distributed.agreement on this mode's process group. The stop flag is all-reduced
+    on the device by both groups. torch-xla's "xla" group gathers objects too (as
+    xm.all_gather), but its barrier returns at once, so xm.rendezvous waits instead
+    (distributed.xla_barrier). TorchNeuron's "neuron" group runs its collectives on
+    neuron tensors and its barrier only on the default group (a public copy of
+    torch-neuronx's distributed/backend.py; unconfirmed on hardware), so the RNG states,
+    Python objects, and the wait go over a gloo group on the host beside it, as on the
+    cpu backend."""
+    if mode == XLA:
+        return distributed.agreement(device, wait=distributed.xla_barrier)
+    return distributed.agreement(device, objects=distributed.host_group())
 
 
 def init_distributed(mode: str) -> None:
@@ -148,8 +156,8 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
     """Train this rank's share; rank 0 saves the checkpoints and the model. Returns the finetune result.
 
     Each rank draws its own batches (seed + rank), so N ranks see N different
-    batches per step. Reported losses are the ranks' mean under torch-xla (make_hooks),
-    rank 0's under native TorchNeuron; tokens_per_s counts all ranks. Checkpoints,
+    batches per step. Reported losses are the ranks' mean (make_hooks); tokens_per_s
+    counts all ranks. Checkpoints,
     stop and resume as on the cpu backend (loops.train_steps), the state moved to the
     host CPU before it is written. Under neuron_parallel_compile (trial_steps)
     the run is a graph extraction: a few steps, no checkpoint, no model.
@@ -189,13 +197,6 @@ def train_rank(ctx: JobContext, plan: dict, *, rank: int, world_size: int, frame
             "world_size": world_size}
 
 
-def stops_together(spec: dict, framework: str | None, world_size: int) -> bool:
-    """Whether this run's ranks agree on a stop (and so may catch SIGTERM to save first):
-    one rank, NeuronTrainer, or the own loop under torch-xla. Native multi-rank runs
-    keep SIGTERM's default: their hooks (make_hooks) do not agree on a stop."""
-    return world_size == 1 or uses_neuron_trainer(spec) or framework != NATIVE
-
-
 def _print_metric(metric: dict) -> None:
     print(METRIC_PREFIX + json.dumps(metric, separators=(",", ":")), flush=True)
 
@@ -229,12 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = JobContext(job_id=job["job_id"], kind="finetune", spec=job["spec"], workdir=args.job_dir,
                      inputs=job["inputs"], log=_print_log if main_rank else _quiet,
                      metric=_print_metric if reports else _quiet)
-    if stops_together(ctx.spec, framework, world_size):
-        # torchrun forwards the launcher's SIGTERM (a stop of the job): the ranks agree on
-        # it after a step and save that step (make_hooks; NeuronTrainer: neuron_trainer).
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-        ctx.should_stop = stop.is_set
+    # torchrun forwards the launcher's SIGTERM (a stop of the job) to every rank: the ranks
+    # agree on it after a step and save that step (make_hooks; NeuronTrainer: neuron_trainer).
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    ctx.should_stop = stop.is_set
     try:
         result = train_rank(ctx, finetune_plan(ctx), rank=rank, world_size=world_size, framework=framework)
     except JobFailed as exc:

@@ -181,7 +181,8 @@ def test_own_loop_xla_ranks_agree_on_a_stop_and_save_the_step_they_reached_toget
 NATIVE_RANK = textwrap.dedent("""
     # One rank of the own loop under native TorchNeuron, on the CPU: torch_neuronx stood
     # in (its import registers the device and the "neuron" process group backend), the
-    # neuron device by the CPU, and the "neuron" group by gloo, which all-reduces as
+    # neuron device by the CPU, its generator (torch.neuron's get_rng_state, set_rng_state,
+    # manual_seed) by a CPU generator, and the "neuron" group by gloo, which all-reduces as
     # ProcessGroupNeuron does. Each step draws from every generator a checkpoint saves,
     # each rank a different number of times (as dropout would), and keeps its last draws.
     # argv: the step during which rank 1 alone gets SIGTERM (0: never).
@@ -191,6 +192,9 @@ NATIVE_RANK = textwrap.dedent("""
     import torch.distributed as dist
 
     sys.modules["torch_neuronx"] = types.ModuleType("torch_neuronx")
+    device_rng = torch.Generator()
+    torch.neuron = types.SimpleNamespace(get_rng_state=device_rng.get_state, set_rng_state=device_rng.set_state,
+                                         manual_seed=device_rng.manual_seed)
     from neuron_workers.backends import loops, neuron_train
 
     gloo_init = dist.init_process_group
@@ -211,7 +215,8 @@ NATIVE_RANK = textwrap.dedent("""
     def one_step(run):
         loss = train_step(run)
         for _ in range(rank + 1):
-            draws = [random.random(), float(numpy.random.random()), float(torch.rand(1))]
+            draws = [random.random(), float(numpy.random.random()), float(torch.rand(1)),
+                     float(torch.rand(1, generator=device_rng))]
         with open(job_dir / f"draws-{rank}.jsonl", "a") as f:
             print(json.dumps([run.step, draws]), file=f)
         if rank == 1 and run.step == stop_at:
@@ -243,8 +248,8 @@ def native_ranks(job_dir: Path, stop_at: int = 0) -> tuple[subprocess.CompletedP
 def test_native_ranks_agree_on_a_stop_save_each_ranks_rng_and_each_resumes_its_own(finetune_inputs, tmp_path):
     """SIGTERM reaching one native TorchNeuron rank: both stop after the same step (the
     stop flag all-reduced on the device, as under torch-xla), rank 0 saves that step
-    with both ranks' RNG states, and the resumed ranks draw what an uninterrupted run
-    draws, each from its own state. Before, the native ranks kept SIGTERM's default
+    with both ranks' RNG states, the neuron device's among them, and the resumed ranks
+    draw what an uninterrupted run draws, each from its own states. Before, the native ranks kept SIGTERM's default
     (the stopped run saved nothing) and every rank resumed rank 0's RNG state."""
     spec = {**SPEC, "steps": 6, "checkpoint_every": 100, "cores": 2}
     for name in ("whole", "resumed"):
@@ -265,8 +270,9 @@ def test_native_ranks_agree_on_a_stop_save_each_ranks_rng_and_each_resumes_its_o
                if line.startswith(neuron_launch.METRIC_PREFIX)]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     saved = CheckpointStore(tmp_path / "resumed" / "ck").latest()
-    assert saved.step == 3 and len(saved.state["rng"]) == 2
-    assert not torch.equal(saved.state["rng"][0]["cpu"], saved.state["rng"][1]["cpu"])
+    assert saved.step == 3
+    assert [sorted(rng) for rng in saved.state["rng"]] == [["cpu", "neuron", "numpy", "python"]] * 2
+    assert not torch.equal(saved.state["rng"][0]["neuron"], saved.state["rng"][1]["neuron"])
 
     proc, resumed = native_ranks(tmp_path / "resumed")
     assert proc.returncode == 0, proc.stderr[-3000:]

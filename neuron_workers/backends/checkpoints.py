@@ -201,11 +201,18 @@ def _loaded_xla_model() -> Any:
     return sys.modules.get("torch_xla.core.xla_model")
 
 
+def _native_neuron() -> Any:
+    """torch.neuron, the device module native TorchNeuron registers when torch_neuronx is
+    imported (get_rng_state / set_rng_state / manual_seed, as torch.cuda has), else None."""
+    return getattr(torch, "neuron", None)
+
+
 def rng_state() -> dict:
     """The RNG states a resumed run must continue from, laid out as transformers' Trainer
     saves them (Trainer._save_rng_state): Python's, numpy's if loaded, torch's CPU
-    generator's, and under torch-xla the device's running seed (xm.get_rng_state), which
-    dropout on an XLA device draws from."""
+    generator's, under torch-xla the device's running seed (xm.get_rng_state) and under
+    native TorchNeuron the neuron device's generator (torch.neuron.get_rng_state), which
+    dropout on the device draws from."""
     import random
     import sys
 
@@ -216,12 +223,15 @@ def rng_state() -> dict:
     xm = _loaded_xla_model()
     if xm is not None:
         state["xla"] = xm.get_rng_state()
+    neuron = _native_neuron()
+    if neuron is not None:
+        state["neuron"] = neuron.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what rng_state saved (Trainer._load_rng_state); a state without an entry
-    for a generator this process uses (numpy, the XLA device) leaves that one as it is."""
+    for a generator this process uses (numpy, the XLA or neuron device) leaves that one as it is."""
     import random
     import sys
 
@@ -235,10 +245,14 @@ def set_rng_state(state: dict) -> None:
     xm = _loaded_xla_model()
     if xm is not None and "xla" in state:
         xm.set_rng_state(state["xla"])
+    neuron = _native_neuron()
+    if neuron is not None and "neuron" in state:
+        neuron.set_rng_state(state["neuron"])
 
 
 def seed_rng(seed: int) -> None:
-    """Seed every generator rng_state covers (transformers' set_seed, plus the XLA device)."""
+    """Seed every generator rng_state covers (transformers' set_seed, plus the XLA or
+    neuron device)."""
     import random
     import sys
 
@@ -250,3 +264,6 @@ def seed_rng(seed: int) -> None:
     xm = _loaded_xla_model()
     if xm is not None:
         xm.set_rng_state(seed)
+    neuron = _native_neuron()
+    if neuron is not None:
+        neuron.manual_seed(seed)

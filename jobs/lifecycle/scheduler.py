@@ -445,7 +445,7 @@ def stale_cutoff(seconds: int):
 # run could change nothing: one small statement says so. A kick that comes later
 # than RUN_GAP_S after the last run (one submit at a time) runs at once: submit →
 # running stays a Celery round trip.
-RUN_GAP_S = 0.02
+RUN_GAP_S = 0.05
 BUSY_LOOP_S = 1.0  # then the task ends, so reaping and roll-ups are never held up long
 _last_run = {"ended": 0.0, "waiting": 0}
 

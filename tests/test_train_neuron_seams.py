@@ -249,8 +249,7 @@ def test_native_ranks_agree_on_a_stop_save_each_ranks_rng_and_each_resumes_its_o
     """SIGTERM reaching one native TorchNeuron rank: both stop after the same step (the
     stop flag all-reduced on the device, as under torch-xla), rank 0 saves that step
     with both ranks' RNG states, the neuron device's among them, and the resumed ranks
-    draw what an uninterrupted run draws, each from its own states. Before, the native ranks kept SIGTERM's default
-    (the stopped run saved nothing) and every rank resumed rank 0's RNG state."""
+    draw what an uninterrupted run draws, each from its own states."""
     spec = {**SPEC, "steps": 6, "checkpoint_every": 100, "cores": 2}
     for name in ("whole", "resumed"):
         (tmp_path / name).mkdir()

@@ -628,6 +628,7 @@ class PassResult:
 
 
 POLICIES = ("easy", "greedy", "fifo")
+FIFO_BLOCKED = Decision(False, "fifo_blocked", "an earlier job of the family waits for room")
 
 
 def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: str = "easy", *,
@@ -660,7 +661,7 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
     run = _Pass(state, now, policy, preempt, drain_s)
     deferred = []
     for job in order:
-        if run.repeated(job):
+        if run.fifo_blocked(job) or run.repeated(job):
             continue
         decision = run.admission(job)
         # A borrower that finds no room even now is handled in its place in the
@@ -670,7 +671,7 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
         else:
             run.handle(job, decision)
     for job in deferred:
-        if not run.repeated(job):
+        if not run.fifo_blocked(job) and not run.repeated(job):
             run.handle(job, run.admission(job))
     return run.result
 
@@ -800,11 +801,17 @@ class _Pass:
             result.gang_reservations.setdefault(family, []).append(held)
         result.made.setdefault(family, []).append(held)
 
+    def fifo_blocked(self, job: Waiting) -> bool:
+        """"fifo": refuse the job if an earlier job of its family found no room
+        (before admission or placement: nothing else about the job matters then)."""
+        if job.family not in self.blocked:
+            return False
+        self.reasons[job.job_id] = FIFO_BLOCKED.code
+        self.why[job.job_id] = FIFO_BLOCKED
+        return True
+
     def handle(self, job: Waiting, decision: Decision) -> None:
         state, now = self.state, self.now
-        if job.family in self.blocked:
-            self.refuse(job, Decision(False, "fifo_blocked", "an earlier job of the family waits for room"))
-            return
         if not decision.ok:
             self.refuse(job, decision)
             return

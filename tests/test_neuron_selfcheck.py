@@ -148,16 +148,73 @@ STAND_IN_MONITOR = '''
         time.sleep(0.3)
 '''
 
+STAND_IN_NATIVE_TORCH_NEURONX = '''
+    """Stand-in native torch_neuronx on the CPU. Importing it registers the "neuron"
+    process group backend (gloo, which all-reduces host tensors as ProcessGroupNeuron
+    does device ones; one core per process, as TorchNeuron asserts) and torch.neuron,
+    the device's generator (a CPU generator); the neuron device is the CPU
+    (neuron_train.native_device). STANDIN_BROKEN=1: no "neuron" backend, and
+    torch.neuron.set_rng_state does nothing."""
+    import os
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from neuron_workers.backends import neuron_train
+
+    __version__ = "2.10.0.2.33-standin"
+    _broken = os.environ.get("STANDIN_BROKEN") == "1"
+    _generator = torch.Generator()
+    torch.neuron = types.SimpleNamespace(
+        get_rng_state=_generator.get_state, manual_seed=_generator.manual_seed,
+        set_rng_state=(lambda state: None) if _broken else _generator.set_state)
+    neuron_train.native_device = lambda: torch.device("cpu")
+
+
+    def _create(store, rank, size, timeout):
+        cores = os.environ["NEURON_RT_VISIBLE_CORES"]
+        if not cores.isdigit():
+            raise RuntimeError(f"one NeuronCore per process, got NEURON_RT_VISIBLE_CORES={cores}")
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+    if not _broken and "neuron" not in dist.Backend.backend_list:
+        dist.Backend.register_backend("neuron", _create, devices=["cpu"])
+'''
+
 XLA_METADATA = {"torch": "2.9.0", "torch-neuronx": "2.9.0.2.15.32035", "torch-xla": "2.9.0",
                 "neuronx-cc": "2.27.5334.0"}
+NATIVE_METADATA = {"torch": "2.10.0", "torch-neuronx": "2.10.0.2.33.0"}
+
+
+def job_python(tmp_path: Path, site: Path, metadata: dict[str, str]) -> Path:
+    """A job Python (this interpreter with `site` first on its path, holding `metadata`'s
+    distributions) and its torchrun; returns the python."""
+    for name, version in metadata.items():
+        write(site / f"{name.replace('-', '_')}-{version}.dist-info" / "METADATA",
+              f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    venv = tmp_path / "neuron-venv" / "bin"
+    write(venv / "python", f'#!/bin/sh\nPYTHONPATH="{site}:$PYTHONPATH" exec {sys.executable} "$@"\n', 0o755)
+    write(venv / "torchrun",
+          f'#!/bin/sh\nPYTHONPATH="{site}:$PYTHONPATH" exec {sys.executable} -m torch.distributed.run "$@"\n', 0o755)
+    return venv / "python"
+
+
+def stand_in_tools(tmp_path: Path, monkeypatch) -> Path:
+    """neuron-ls of a trn1.32xlarge in a stand-in Neuron bin directory; returns the directory."""
+    bin_dir = tmp_path / "opt-aws-neuron-bin"
+    write(bin_dir / "neuron-ls", f"#!/bin/sh\n/bin/cat {NEURON_LS / 'trn1.32xlarge.json'}\n", 0o755)
+    monkeypatch.setenv("NEURONDECK_INSTANCE_TYPE", "trn1.32xlarge")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    return bin_dir
 
 
 @pytest.fixture
 def stand_in_host(tmp_path, monkeypatch):
     """A stand-in Neuron host (trn1.32xlarge) with an XLA job Python; returns a
     function making its neuron-monitor report global or relative keys."""
-    bin_dir = tmp_path / "opt-aws-neuron-bin"
-    write(bin_dir / "neuron-ls", f"#!/bin/sh\n/bin/cat {NEURON_LS / 'trn1.32xlarge.json'}\n", 0o755)
+    bin_dir = stand_in_tools(tmp_path, monkeypatch)
     site = tmp_path / "site"
     write(site / "torch_neuronx" / "__init__.py", STAND_IN_TORCH_NEURONX)
     write(site / "torch_xla" / "__init__.py", "")
@@ -165,20 +222,12 @@ def stand_in_host(tmp_path, monkeypatch):
     write(site / "torch_xla" / "core" / "xla_model.py", STAND_IN_XLA_MODEL)
     write(site / "torch_xla" / "distributed" / "__init__.py", "")
     write(site / "torch_xla" / "distributed" / "xla_backend.py", STAND_IN_XLA_BACKEND)
-    for name, version in XLA_METADATA.items():
-        write(site / f"{name.replace('-', '_')}-{version}.dist-info" / "METADATA",
-              f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    venv = tmp_path / "neuron-venv" / "bin"
-    write(venv / "python", f'#!/bin/sh\nPYTHONPATH="{site}:$PYTHONPATH" exec {sys.executable} "$@"\n', 0o755)
-    write(venv / "neuronx-cc", "#!/bin/sh\nexit 0\n", 0o755)  # a console script of the venv, found on PATH
-    write(venv / "torchrun",
-          f'#!/bin/sh\nPYTHONPATH="{site}:$PYTHONPATH" exec {sys.executable} -m torch.distributed.run "$@"\n', 0o755)
-    monkeypatch.setenv("NEURONDECK_INSTANCE_TYPE", "trn1.32xlarge")
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    python = job_python(tmp_path, site, XLA_METADATA)
+    write(python.with_name("neuronx-cc"), "#!/bin/sh\nexit 0\n", 0o755)  # a console script of the venv, on PATH
 
     def host(mode: str) -> dict:
         write(bin_dir / "neuron-monitor", STAND_IN_MONITOR.format(python=sys.executable, mode=mode), 0o755)
-        return {"job_python": str(venv / "python"), "bin_dir": bin_dir, "hold_s": 2.0, "timeout_s": 240.0}
+        return {"job_python": str(python), "bin_dir": bin_dir, "hold_s": 2.0, "timeout_s": 240.0}
 
     return host
 
@@ -225,6 +274,40 @@ def test_relative_monitor_keys_are_reported_as_such(stand_in_host, tmp_path, cap
     result = run_selfcheck(**options, workdir=tmp_path / "work", device_checks=["one-core"])
     assert result.answers["neuroncores_in_use_keys"] == "relative"
     assert [c.name for c in result.checks][-2:] == ["one core", "monitor keys"]
+
+
+def test_native_ranks_check_the_neuron_group_the_gloo_group_beside_it_and_the_device_rng(tmp_path, monkeypatch):
+    """A native TorchNeuron job Python: two ranks all-reduce the stop on the device over
+    the "neuron" group, gather RNG states and wait over distributed.host_group, and
+    round-trip torch.neuron's RNG state. (The stand-in device listing is a trn1's; this
+    check does not look at the family.)"""
+    site = tmp_path / "site"
+    write(site / "torch_neuronx" / "__init__.py", STAND_IN_NATIVE_TORCH_NEURONX)
+    options = {"job_python": str(job_python(tmp_path, site, NATIVE_METADATA)),
+               "bin_dir": stand_in_tools(tmp_path, monkeypatch), "timeout_s": 240.0}
+    result = run_selfcheck(**options, workdir=tmp_path / "work", device_checks=["native-ranks"])
+    checks = {check.name: check for check in result.checks}
+    assert [c.name for c in result.checks][-3:] == ["native all-reduce", "native host group", "native rng"]
+    assert all(checks[name].status == "ok" for name in ("native all-reduce", "native host group", "native rng")), \
+        result.table()
+    assert "gave mean 1.5" in checks["native all-reduce"].detail and "cores 0-1" in checks["native all-reduce"].detail
+    assert "gathered 2 ranks' RNG states" in checks["native host group"].detail
+
+    monkeypatch.setenv("STANDIN_BROKEN", "1")  # no "neuron" backend; torch.neuron.set_rng_state does nothing
+    broken = run_selfcheck(**options, workdir=tmp_path / "broken", device_checks=["native-ranks"])
+    checks = {check.name: check for check in broken.checks}
+    assert broken.failed and all(checks[name].status == "fail" for name in
+                                 ("native all-reduce", "native host group", "native rng"))
+    assert "cannot save on SIGTERM" in checks["native all-reduce"].detail
+    assert '"neuron" process group' in checks["native all-reduce"].detail
+    assert "cannot start, checkpoint, or save on SIGTERM" in checks["native host group"].detail
+    assert "device draws (dropout) differ" in checks["native rng"].detail
+    assert "the saved state restored False" in checks["native rng"].detail
+
+
+def test_an_xla_job_python_skips_the_native_ranks_check(stand_in_host, tmp_path):
+    result = run_selfcheck(**stand_in_host("global"), workdir=tmp_path / "work", device_checks=["native-ranks"])
+    assert result.checks[-1].name == "native ranks" and result.checks[-1].status == "skip"
 
 
 # ---------------------------------------------------------------- the pure parts

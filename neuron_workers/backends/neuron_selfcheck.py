@@ -13,7 +13,10 @@ open questions of neuron.md §0 / §6 get an answer:
 5. two concurrent two-core collective jobs, each with its own root-comm port (as
    NeuronDeck runs them), then the same with the plugin's default port, recording
    what that produces;
-6. a compile cache hit: the same tiny graph compiled twice into one cache.
+6. a compile cache hit: the same tiny graph compiled twice into one cache;
+7. native TorchNeuron only: what a multi-rank fine-tune relies on, on two ranks through
+   the backend's own calls: the stop all-reduce on the device over the "neuron" group,
+   the gloo group beside it (objects to rank 0, the wait), torch.neuron's RNG state.
 
 Django-free and torch-free at import: the checks on the device run as child
 processes of the job Python (`python -m neuron_workers.backends.neuron_selfcheck
@@ -50,7 +53,7 @@ OS_PACKAGES = ("aws-neuronx-dkms", "aws-neuronx-runtime-lib", "aws-neuronx-colle
 CACHED_NEFF = "Using a cached neff"
 
 OK, FAIL, SKIP, INFO = "ok", "fail", "skip", "info"
-DEVICE_CHECKS = ("one-core", "two-jobs", "cache")
+DEVICE_CHECKS = ("one-core", "two-jobs", "cache", "native-ranks")
 
 
 @dataclass
@@ -175,11 +178,18 @@ class JobPython:
 
 
 def last_json(output: str) -> dict[str, Any]:
-    """The last JSON object a child printed. Ranks print at once, so two objects can
-    share a line ('{...}{...}'): every object on a line is read."""
+    """The last JSON object a child printed."""
+    found = json_objects(output)
+    return found[-1] if found else {}
+
+
+def json_objects(output: str) -> list[dict[str, Any]]:
+    """Every JSON object a child printed, in order. Ranks print at once, so two objects
+    can share a line ('{...}{...}'): every object on a line is read."""
     decoder = json.JSONDecoder()
-    for line in reversed(output.strip().splitlines()):
-        found, at = [], line.find("{")
+    found: list[dict[str, Any]] = []
+    for line in output.strip().splitlines():
+        at = line.find("{")
         while at != -1:
             try:
                 value, end = decoder.raw_decode(line, at)
@@ -189,9 +199,7 @@ def last_json(output: str) -> dict[str, Any]:
             if isinstance(value, dict):
                 found.append(value)
             at = line.find("{", end)
-        if found:
-            return found[-1]
-    return {}
+    return found
 
 
 def tail(text: str, lines: int = 6) -> str:
@@ -319,6 +327,8 @@ def _run(python: str, neuron_ls: str, neuron_monitor: str, bin_dir: Path, hold_s
                                                                    checks)
     if "cache" in device_checks:
         _cache_check(runner, inventory, framework, workdir, extra, checks)
+    if "native-ranks" in device_checks:
+        _native_ranks_check(runner, inventory, framework, workdir, extra, checks)
     return result
 
 
@@ -435,6 +445,48 @@ def _cache_check(runner: JobPython, inventory: HostInventory, framework: str, wo
                         {"first_neffs": first_neffs, "second_neffs": second_neffs}))
 
 
+# Each part of the native-ranks child: (its key in a rank's result, the check's name,
+# what native multi-rank fine-tunes lose when it fails).
+NATIVE_RANK_PARTS = (
+    ("allreduce", "native all-reduce",
+     'native multi-rank fine-tunes cannot agree on a stop after a step (distributed.reduce_step on the "neuron" '
+     "group's device all-reduce): they fail at their first step and cannot save on SIGTERM"),
+    ("host_group", "native host group",
+     "native multi-rank fine-tunes cannot hand rank 0 each rank's RNG states nor wait for its checkpoint write "
+     "(the gloo group of distributed.host_group): they cannot start, checkpoint, or save on SIGTERM"),
+    ("rng", "native rng",
+     "native checkpoints cannot save and restore the neuron device's RNG state (checkpoints.rng_state / "
+     "set_rng_state / seed_rng): a resumed run's device draws (dropout) differ from an uninterrupted run's"),
+)
+
+
+def _native_ranks_check(runner: JobPython, inventory: HostInventory, framework: str, workdir: Path,
+                        extra: dict[str, str], checks: list[Check]) -> None:
+    if framework != NATIVE:
+        checks.append(Check("native ranks", SKIP, "the job Python is torch-xla's: its runs use neither the "
+                                                  '"neuron" process group nor torch.neuron'))
+        return
+    cores = inventory.core_ids
+    if len(cores) < 2:
+        checks.append(Check("native ranks", SKIP, f"needs 2 NeuronCores, this host has {len(cores)}"))
+        return
+    pair = f"{cores[0]}-{cores[1]}"
+    run_dir = workdir / "native-ranks"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = runner.env({**extra, "NEURON_RT_VISIBLE_CORES": pair})
+    env.update(training_env(framework, pair, str(workdir / "cache"), env))
+    child = runner.run(runner.torchrun_argv(2, "native-ranks"), env, run_dir)
+    ranks = sorted((r for r in json_objects(child.output) if "rank" in r), key=lambda r: r["rank"])
+    for key, name, loss in NATIVE_RANK_PARTS:
+        parts = [rank.get(key) or {} for rank in ranks]
+        if len(parts) == 2 and all(part.get("ok") for part in parts):
+            checks.append(Check(name, OK, f"2 ranks on cores {pair}: {parts[0].get('detail')}"))
+            continue
+        found = "; ".join(f"rank {rank['rank']}: {part.get('detail')}" for rank, part in zip(ranks, parts)
+                          if not part.get("ok"))
+        checks.append(Check(name, FAIL, f"{loss}. 2 ranks on cores {pair}: {found or describe(child)}"))
+
+
 # ---------------------------------------------------------------- children (run in the job Python)
 
 
@@ -503,6 +555,92 @@ def _child_allreduce() -> dict:
     return {"ok": True, "rank": rank, "sum": total}
 
 
+def _child_native_ranks() -> dict:
+    """One of two native TorchNeuron ranks, through the calls a multi-rank fine-tune
+    makes: its one core and the "neuron" group (neuron_train), the stop all-reduced with
+    the loss on the device and the gloo group beside it gathering RNG states and waiting
+    (distributed), torch.neuron's RNG state saved, restored and seeded (checkpoints).
+    Each part is reported on its own: {"ok", "detail"}."""
+    from . import distributed, neuron_train
+
+    rank = int(os.environ.get("RANK", "0"))
+    neuron_train.prepare_rank_environment(NATIVE)
+    result: dict[str, Any] = {"ok": True, "rank": rank}
+    try:
+        import torch_neuronx  # noqa: F401 - registers the device, torch.neuron and the "neuron" backend
+
+        device = neuron_train.native_device()
+    except Exception as exc:
+        failed = {"ok": False, "detail": f"torch_neuronx or the neuron device: {type(exc).__name__}: {exc}"}
+        return {**result, "allreduce": failed, "host_group": failed, "rng": failed}
+    result["rng"] = _part(_native_rng, device, rank)
+    try:
+        neuron_train.init_distributed(NATIVE)
+    except Exception as exc:
+        result["allreduce"] = {"ok": False, "detail": f'the "neuron" process group: {type(exc).__name__}: {exc}'}
+        result["host_group"] = {"ok": False, "detail": 'not tried: the "neuron" process group did not start'}
+        return result
+    result["allreduce"] = _part(_native_allreduce, device, rank)
+    result["host_group"] = _part(_native_host_group)
+    distributed.shutdown()
+    return result
+
+
+def _part(run: Callable[..., dict], *args: Any) -> dict:
+    try:
+        return run(*args)
+    except Exception as exc:
+        return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def _native_allreduce(device: Any, rank: int) -> dict:
+    from . import distributed
+
+    loss, stop = distributed.reduce_step(float(rank + 1), rank == 1, device=device)
+    return {"ok": loss == 1.5 and stop, "detail": f'reduce_step on {device} over the "neuron" group: losses 1 and 2 '
+                                                 f"gave mean {loss:g} (1.5 expected), rank 1's stop gave {stop}"}
+
+
+def _native_host_group() -> dict:
+    from . import distributed
+    from .checkpoints import rng_state
+
+    group = distributed.host_group()
+    gathered = distributed.gather_objects(rng_state(), group)
+    distributed.barrier(group)
+    good = len(gathered) == 2 and all(isinstance(state, dict) and "cpu" in state for state in gathered)
+    return {"ok": good, "detail": f"distributed.host_group (gloo) gathered {len(gathered)} ranks' RNG states "
+                                  f"(2 expected) and passed its barrier"}
+
+
+def _native_rng(device: Any, rank: int) -> dict:
+    import torch
+
+    from .checkpoints import rng_state, seed_rng, set_rng_state
+
+    neuron = getattr(torch, "neuron", None)
+    missing = [name for name in ("get_rng_state", "set_rng_state", "manual_seed") if not hasattr(neuron, name)]
+    if neuron is None or missing:
+        return {"ok": False, "detail": "no torch.neuron" if neuron is None else
+                f"torch.neuron has no {', '.join(missing)}"}
+    seed = 1234 + rank
+    seed_rng(seed)
+    seeded = neuron.get_rng_state()
+    saved = rng_state()
+    first = torch.rand(4, device=device).cpu()
+    seed_rng(seed + 2)  # moves the state away from the saved one
+    moved = not torch.equal(neuron.get_rng_state(), saved["neuron"])
+    set_rng_state(saved)
+    restored = torch.equal(neuron.get_rng_state(), saved["neuron"])
+    repeats = torch.equal(first, torch.rand(4, device=device).cpu())
+    seed_rng(seed)
+    reseeded = torch.equal(neuron.get_rng_state(), seeded)
+    return {"ok": moved and restored and reseeded and repeats,
+            "detail": f"torch.neuron get_rng_state / set_rng_state / manual_seed: another seed moved the state "
+                      f"{moved}, the saved state restored {restored}, the first seed its state again {reseeded}, "
+                      f"device draws repeat after a restore {repeats}"}
+
+
 def _child_graph() -> dict:
     import torch
 
@@ -525,7 +663,7 @@ def _child_graph() -> dict:
 
 def child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="neuron_selfcheck child")
-    parser.add_argument("name", choices=["tiny", "allreduce", "graph"])
+    parser.add_argument("name", choices=["tiny", "allreduce", "graph", "native-ranks"])
     parser.add_argument("--workdir", type=Path, default=Path.cwd())
     parser.add_argument("--hold", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -534,6 +672,8 @@ def child_main(argv: list[str]) -> int:
             result = _child_tiny(args.workdir, args.hold)
         elif args.name == "allreduce":
             result = _child_allreduce()
+        elif args.name == "native-ranks":
+            result = _child_native_ranks()
         else:
             result = _child_graph()
     except Exception as exc:  # reported to the parent as the check's failure
@@ -546,5 +686,6 @@ def child_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["child"]:
         sys.exit(child_main(sys.argv[2:]))
-    print("usage: python -m neuron_workers.backends.neuron_selfcheck child {tiny,allreduce,graph}", file=sys.stderr)
+    print("usage: python -m neuron_workers.backends.neuron_selfcheck child {tiny,allreduce,graph,native-ranks}",
+          file=sys.stderr)
     sys.exit(2)

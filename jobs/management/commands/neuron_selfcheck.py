@@ -13,8 +13,9 @@ class Command(BaseCommand):
     help = ("Check this host as NeuronDeck will use it: Neuron tools and packages, devices and cores, the job "
             "Python (NEURONDECK_JOB_PYTHON) and what it can run, then on the device a tiny trace + load + run on "
             "one core (answering whether neuron-monitor's core keys are global), two concurrent two-core jobs, "
-            "and a compile cache hit. On a host without Neuron it says so and exits 0; it exits 1 when a check "
-            "fails.")
+            "a compile cache hit, and with a native TorchNeuron job Python what its multi-rank fine-tunes rely on "
+            "(the \"neuron\" group's device all-reduce, the gloo group beside it, torch.neuron's RNG state). On a "
+            "host without Neuron it says so and exits 0; it exits 1 when a check fails.")
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -10,8 +10,8 @@ def api_prefix() -> str:
 
 
 class HttpBasics:
-    """Two rules of HTTP that neither Django nor gunicorn keeps for us, outermost so
-    they hold for every answer:
+    """Two rules of HTTP that neither Django nor gunicorn keeps for us, outside all
+    but the security headers' middleware so they hold for every answer:
 
     - A response to HEAD has no body (RFC 9110 9.3.2). Django answers HEAD with the
       GET response and leaves removing the body to the server; gunicorn sends it, and
@@ -62,9 +62,8 @@ class HttpBasics:
             answer = JsonResponse({"detail": f"Method Not Allowed: {request.method} {request.path} takes {allowed}",
                                    "code": "method_not_allowed"}, status=405)
             answer["Allow"] = allowed
-        for header in ("Content-Security-Policy", "X-Frame-Options", "Vary"):
-            if header in response:
-                answer[header] = response[header]
+        if "Vary" in response:
+            answer["Vary"] = response["Vary"]
         return answer
 
 

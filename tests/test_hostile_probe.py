@@ -164,3 +164,28 @@ def test_a_team_name_with_an_invisible_character_is_refused_in_the_django_admin_
     assert response.status_code == 200 and "U+2066 (LEFT-TO-RIGHT ISOLATE)" in response.content.decode()
     cast.vision.refresh_from_db()
     assert cast.vision.name == "Vision"
+
+
+SECURITY_HEADERS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options", "Referrer-Policy",
+                    "Cross-Origin-Opener-Policy")
+
+
+def test_every_answer_has_the_security_headers_an_ordinary_page_has(cast, bob, bob_page):
+    # Answers made by middleware in place of a view's lacked some: the API's JSON 404 / 405
+    # had no nosniff or Referrer-Policy, a NUL refused and a page's 405 no X-Frame-Options.
+    page = bob_page.get("/teams/vision/jobs/")
+    assert page.status_code == 200 and all(header in page for header in SECURITY_HEADERS)
+    answers = {
+        "API operation": bob.get("/api/v1/jobs"),
+        "API 404, no such path": bob.get("/api/v1/jobs/"),
+        "API 404, a word for an id": bob.get("/api/v1/jobs/abc"),
+        "API 405": bob.delete("/api/v1/jobs"),
+        "API HEAD": bob.head("/api/v1/jobs"),
+        "NUL in a path": bob_page.get("/teams/vision%00/jobs/"),
+        "NUL in a query": bob_page.get("/teams/vision/jobs/?status=%00"),
+        "page 405": bob_page.get("/teams/vision/notifications/subscribe/"),
+        "page 404": bob_page.get("/teams/audio/jobs/"),
+    }
+    missing = {what: [header for header in SECURITY_HEADERS if header not in response]
+               for what, response in answers.items()}
+    assert missing == {what: [] for what in answers}, {what: response.status_code for what, response in answers.items()}

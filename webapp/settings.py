@@ -144,9 +144,12 @@ INSTALLED_APPS = [
     "jobs",
 ]
 MIDDLEWARE = [
-    "jobs.middleware.HttpBasics",  # outermost: no body on HEAD; the API's 404 / 405 in JSON
+    # The security headers first, so they reach every answer, the ones middleware below
+    # makes in place of a view's too (a JSON 404 / 405, a NUL refused, a page's 405).
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",  # the Content-Security-Policy header (see "Security" below)
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "jobs.middleware.HttpBasics",  # no body on HEAD; the API's 404 / 405 in JSON
     "jobs.middleware.RefuseNulInUrl",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -155,7 +158,6 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "jobs.middleware.PageMethodNotAllowed",  # a page's 405 as a page, with the user's navigation
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",  # last: turns a locked-out login into its answer
 ]
 ROOT_URLCONF = "webapp.urls"

@@ -244,3 +244,19 @@ def test_a_dry_runs_estimate_stops_the_replays_at_its_start_and_is_the_whole_rep
     whole = forecasts._estimates(forecasts.Snapshot.read(row))
     assert len(whole) == 4 and whole[-1].start is not None and whole[-1].latest > whole[-1].start
     assert replace(forecasts.estimate_of(row), computed_at=None) == replace(whole[-1], computed_at=None)
+
+
+def test_a_dry_runs_replay_is_bounded_and_says_so_when_its_job_starts_later(cast, monkeypatch):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)
+    for _ in range(3):  # each needs the whole host: the dry run starts after four job ends
+        pending(cast.vision, cast.bob, cores=4)
+    row = scheduler.PendingRow(-1, cast.vision.pk, cast.vision.slug, "inference", "cpu", 4, timezone.now(),
+                               "submitted", "", 1800)
+    within = forecasts.estimate_of(row)
+    assert within.start is not None and within.latest is not None
+    monkeypatch.setattr(forecasts, "DRY_RUN_STEPS", 3)
+    bounded = forecasts.estimate_of(row)
+    assert bounded.start is None and bounded.summary == "no estimate (starts after more than 3 job ends)"
+    assert "within the next 3 expected job ends" in bounded.basis and "periodic estimates" in bounded.basis

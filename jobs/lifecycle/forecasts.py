@@ -11,12 +11,12 @@ higher priority this is the latest start). A running job's true end is never rea
 it is not known, and a forecast that could see it would only be tested against
 itself.
 
-Replaying the whole queue takes seconds at fleet scale, so no page or API request
-does it: the periodic task jobs.estimate_starts (its own Celery queue, every
+Replaying the whole queue is far too long for a request at fleet scale, so no page
+or API request does it: the periodic task jobs.estimate_starts (its own Celery queue, every
 settings.ESTIMATES_EVERY_S) computes every pending job's estimate (`store`) and keeps
 them in the cache every process shares (Redis); pages and the API read them with
 their age (`stored`, `estimates_for`). A dry run's estimate is its own replay,
-stopped once its job starts (`estimate_of`)."""
+stopped once its job starts or after DRY_RUN_STEPS (`estimate_of`)."""
 from __future__ import annotations
 
 import logging
@@ -44,6 +44,9 @@ STORED_RUN = "forecasts:run"
 KICK_FLAG = "forecasts:kick"  # set by a page that found nothing stored: one kick per interval
 KEEP_S = 900
 NO_ESTIMATE = "no estimate"
+# A dry run's replays run in its request: they step through at most this many
+# expected job ends, so the request's work is bounded however long the queue is.
+DRY_RUN_STEPS = 30
 # Reasons no replay can end: they wait for an admin or a host, not for cores.
 NOT_FOR_CORES = ("budget_exhausted", "no_hosts_of_family", "host_draining")
 
@@ -125,9 +128,10 @@ class Snapshot:
 
 
 def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], int]], which: int,
-           now: float, until: int | None = None) -> dict:
+           now: float, until: int | None = None, max_steps: int = 100_000) -> dict:
     """One forecast with the ratio of index `which` (0 low, 1 median, None: time
-    limits); `until`: only that job's start is wanted (see backfill.forecast)."""
+    limits); `until`: only that job's start is wanted; `max_steps`: how many expected
+    job ends it may step through (see backfill.forecast)."""
     def ratio(team_id: int) -> float:
         return 1.0 if which is None else ratios.get(team_id, ((1.0, 1.0, 1.0), 0))[0][which]
 
@@ -144,12 +148,12 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
                      time_limit_s(r.max_runtime_s) * ratio(r.team_id),
                      r.host_count, r.same_network)
              for r in snap.order if r.reason_code not in NOT_FOR_CORES]
-    return forecast(order, state, now, until=until)
+    return forecast(order, state, now, until=until, max_steps=max_steps)
 
 
 def estimates() -> dict[int, Estimate]:
-    """Every pending job's estimated start, computed now (three whole replays:
-    seconds at fleet scale; the periodic task's work, never a request's)."""
+    """Every pending job's estimated start, computed now (three whole replays: the
+    periodic task's work, never a request's)."""
     return _estimates(Snapshot.read())
 
 
@@ -241,16 +245,25 @@ def estimate_of(extra) -> Estimate | None:
     """The estimated start of `extra`, a PendingRow-like job not in the database (a
     dry run), ordered with the rest. Only its start is wanted: the replays stop once
     it has started (the jobs behind it in the order are in them: they may backfill
-    around it)."""
-    return _estimates(Snapshot.read(extra), until=extra.pk).get(extra.pk)
+    around it), or after DRY_RUN_STEPS expected job ends, which bounds a request's
+    work; a job that starts later gets no estimate here, and says so."""
+    estimate = _estimates(Snapshot.read(extra), until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
+    if estimate is None or estimate.start is not None or extra.reason_code in NOT_FOR_CORES:
+        return estimate
+    return Estimate(None, None, None, False, (
+        f"no estimate in a dry run: the job would not start within the next {DRY_RUN_STEPS} expected job ends, "
+        "as far as a dry run replays; once submitted, the periodic estimates (every "
+        f"{settings.ESTIMATES_EVERY_S} s) replay the whole queue"), estimate.computed_at,
+        missing=f"no estimate (starts after more than {DRY_RUN_STEPS} job ends)")
 
 
-def _estimates(snap: Snapshot, until: int | None = None) -> dict[int, Estimate]:
-    """Each job's estimate from three replays of `snap`; `until`: of that job only."""
+def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_000) -> dict[int, Estimate]:
+    """Each job's estimate from three replays of `snap`; `until`: of that job only.
+    The range is every replay's start; without one of them it has no end (`latest`)."""
     ratios = team_ratios({r.team_id for r in snap.order} | {h[0] for h in snap.holders.values()})
     computed_at = timezone.now()
     now = computed_at.timestamp()
-    mid, low, high = (replay(snap, ratios, which, now, until) for which in (1, 0, None))
+    mid, low, high = (replay(snap, ratios, which, now, until, max_steps) for which in (1, 0, None))
     out = {}
     for row in snap.order:
         if until is not None and row.pk != until:
@@ -258,7 +271,7 @@ def _estimates(snap: Snapshot, until: int | None = None) -> dict[int, Estimate]:
         starts = [f.start for f in (mid.get(row.pk), low.get(row.pk), high.get(row.pk)) if f and f.start is not None]
         point = mid.get(row.pk)
         out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=None)),
-                               _when(max(starts, default=None)), bool(point and point.reserved),
+                               _when(max(starts)) if len(starts) == 3 else None, bool(point and point.reserved),
                                _basis(row, ratios, len(snap.holders)), computed_at)
     return out
 

@@ -429,14 +429,39 @@ def dispatch_pass_db(n_hosts: int, n_pending: int, seed: int) -> dict:
 
 
 def _timed_dispatch(n_hosts: int, n_pending: int, seed: int) -> dict:
-    from django.contrib.auth import get_user_model
     from django.db import transaction
-    from django.utils import timezone
 
     from jobs.lifecycle import scheduler, states
-    from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
+    from jobs.models import Job
 
     rng = random.Random(seed)
+    running = fill_db(rng, n_hosts, n_pending)
+    wall = time.perf_counter()
+    first = scheduler.dispatch(clear=False)
+    first_ms = (time.perf_counter() - wall) * 1000
+    with transaction.atomic():
+        for job in rng.sample(running, len(running) // 50):
+            states.mark_finished(job.pk, Job.Status.SUCCEEDED)
+    backend = _backend_cpu_s()
+    cpu, wall = time.process_time(), time.perf_counter()
+    report = scheduler.dispatch(clear=False)
+    ms = (time.perf_counter() - wall) * 1000
+    cpu_ms = (time.process_time() - cpu + _backend_cpu_s() - backend) * 1000
+    return {"dispatch_pass_db_ms": round(ms, 1), "dispatch_pass_db_cpu_ms": round(cpu_ms, 1),
+            "dispatch_pass_db_first_ms": round(first_ms, 1),
+            "db_placed": len(report.placed), "db_waiting": report.waiting, "db_first_waiting": first.waiting,
+            "db_pending_read": min(n_pending, scheduler.PENDING_SCAN)}
+
+
+def fill_db(rng: random.Random, n_hosts: int, n_pending: int) -> list:
+    """The scratch database at peak backlog: `n_hosts` hosts of the simulator's fleet,
+    each held whole by a running job (returned), and `n_pending` pending jobs of 200
+    teams (the simulator's shares and quotas) from the trace, all of user "sim"."""
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from jobs.models import CoreAllocation, FamilyQuota, Host, Job, Team, TeamQuota
+
     hosts = make_fleet(rng, n_hosts)
     shares, quotas = make_teams(200, hosts)
     user = get_user_model().objects.create_user("sim", "sim@example.com", "sim-password")
@@ -461,21 +486,7 @@ def _timed_dispatch(n_hosts: int, n_pending: int, seed: int) -> dict:
     Job.objects.bulk_create([Job(team=teams[j.team_id], user=user, kind="inference", family=j.family, cores=j.cores,
                                  host_count=j.host_count, same_network=j.same_network, max_runtime_s=int(j.limit),
                                  reason_code="submitted") for j in trace], batch_size=2000)
-    wall = time.perf_counter()
-    first = scheduler.dispatch(clear=False)
-    first_ms = (time.perf_counter() - wall) * 1000
-    with transaction.atomic():
-        for job in rng.sample(running, len(running) // 50):
-            states.mark_finished(job.pk, Job.Status.SUCCEEDED)
-    backend = _backend_cpu_s()
-    cpu, wall = time.process_time(), time.perf_counter()
-    report = scheduler.dispatch(clear=False)
-    ms = (time.perf_counter() - wall) * 1000
-    cpu_ms = (time.process_time() - cpu + _backend_cpu_s() - backend) * 1000
-    return {"dispatch_pass_db_ms": round(ms, 1), "dispatch_pass_db_cpu_ms": round(cpu_ms, 1),
-            "dispatch_pass_db_first_ms": round(first_ms, 1),
-            "db_placed": len(report.placed), "db_waiting": report.waiting, "db_first_waiting": first.waiting,
-            "db_pending_read": min(n_pending, scheduler.PENDING_SCAN)}
+    return running
 
 
 def _backend_cpu_s() -> float:

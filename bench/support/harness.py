@@ -40,7 +40,7 @@ DB_SUFFIX = os.environ.get("BENCH_DB_SUFFIX", "")
 # Each bench's own Redis db on the BENCH_REDIS server, distinct so that different benches
 # can run at once (usage.py reads pages.py's db, which neither flushes). Tests use db 15
 # and `make run` db 0.
-REDIS_DBS = {"train_scale": 3, "overhead": 7, "serve": 8, "pages": 9, "compile_cache": 10, "notify": 11,
+REDIS_DBS = {"train_scale": 3, "estimates": 6, "overhead": 7, "serve": 8, "pages": 9, "compile_cache": 10, "notify": 11,
              "monitor": 12, "fleet_sim": 13, "dispatch": 14}
 # Variables this process needs for Django to point at the bench's own state.
 DJANGO_ENV = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STORAGE_ROOT", "DJANGO_SETTINGS_MODULE",

@@ -290,6 +290,10 @@ class Sim:
                 del self.items[r.job_id]
                 self.demand[w.family] -= w.cores
             self.account()
+            if k == len(jobs) and not state.running and self.queue:
+                stuck = list(self.queue.values())[:3]
+                raise SystemExit(f"{self.policy}: {len(self.queue)} pending jobs can never start on this fleet, "
+                                 f"e.g. {stuck} (a gang needs that many hosts of its size): use more --hosts")
         return self.figures()
 
     def ordered(self) -> list[Waiting]:

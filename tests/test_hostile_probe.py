@@ -12,6 +12,7 @@ from django.test import Client
 
 from jobs.models import ApiToken, Dataset, Job, Team
 from tests.auth_support import MALFORMED_AUTHORIZATION
+from tests.conftest import api_client
 from tests.endpoint_support import make_model
 
 
@@ -189,3 +190,16 @@ def test_every_answer_has_the_security_headers_an_ordinary_page_has(cast, bob, b
     missing = {what: [header for header in SECURITY_HEADERS if header not in response]
                for what, response in answers.items()}
     assert missing == {what: [] for what in answers}, {what: response.status_code for what, response in answers.items()}
+
+
+def test_a_schema_read_body_refuses_a_field_it_does_not_have_naming_it(cast):
+    # {"cached_configurations_only": true, "cached_only": false} was a 200 that ignored the
+    # typo; the bodies the forms read already refused unknown fields.
+    url = "/api/v1/teams/vision/compile-cache-policy"
+    refused = api_client(cast.alice).put(url, data='{"cached_configurations_only": true, "cached_only": false}',
+                                         content_type="application/json")
+    assert refused.status_code == 422, refused.content
+    assert refused.json()["errors"] == {"cached_only": ["unknown field"]}
+    assert "cached_only: unknown field" in refused.json()["detail"]
+    cast.vision.refresh_from_db()
+    assert cast.vision.cached_configurations_only is False

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import Http404, HttpRequest
-from ninja import Query, Router, Schema, Status
+from ninja import Query, Router, Status
 from pydantic import StrictBool
 
 from jobs import access
-from jobs.api.schemas import MAX_OFFSET, ErrorOut
+from jobs.api.schemas import MAX_OFFSET, BodyIn, ErrorOut
 from jobs.compile_cache import index
 from jobs.compile_cache.lookup import compile_answer
 from jobs.lifecycle.forms import CompileForm
@@ -22,11 +22,11 @@ ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut}
 PAGE = 50
 
 
-class PinIn(Schema):
+class PinIn(BodyIn):
     pinned: StrictBool  # JSON true or false: pydantic would read "yes", "0" and 1
 
 
-class PolicyIn(Schema):
+class PolicyIn(BodyIn):
     cached_configurations_only: StrictBool
 
 

@@ -141,7 +141,8 @@ def validation_error(request: HttpRequest, exc: ValidationError):
     errors: dict[str, list[str]] = {}
     for err in exc.errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "form", "payload")]
-        errors.setdefault(".".join(loc) or "body", []).append(err.get("msg", "invalid"))
+        message = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        errors.setdefault(".".join(loc) or "body", []).append(message)
     detail = "; ".join(f"{field}: {', '.join(msgs)}" for field, msgs in errors.items())
     return api.create_response(request, {"detail": detail, "code": "invalid", "errors": errors}, status=422)
 

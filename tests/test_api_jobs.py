@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -515,6 +516,15 @@ def test_an_artifact_name_that_is_not_a_registered_artifact_is_a_404(bob, job_wi
     response = bob.get(f"/api/v1/jobs/{job_with_artifacts.pk}/artifacts/{name}")
     assert response.status_code == 404
     assert b"not yours" not in response.content
+
+
+def test_a_missing_file_inside_a_folder_artifact_is_named_as_such(bob, job_with_artifacts):
+    # It said "The artifact's file is gone", as if the checkpoint itself had been deleted.
+    response = bob.get(f"/api/v1/jobs/{job_with_artifacts.pk}/artifacts/checkpoint/nope.json")
+    assert response.status_code == 404 and response.json()["detail"] == "No such file in this artifact"
+    shutil.rmtree(storage.abs_path(job_with_artifacts.artifacts.get(name="checkpoint").path))
+    response = bob.get(f"/api/v1/jobs/{job_with_artifacts.pk}/artifacts/checkpoint")
+    assert response.status_code == 404 and response.json()["detail"] == "The artifact's file is gone"
 
 
 def test_an_artifact_row_pointing_outside_storage_is_a_404(bob, job_with_artifacts):

@@ -37,7 +37,7 @@ def artifact_path(job: Job, name: str) -> Path:
     if path != root and root not in path.parents:
         raise Http404("No such file in this artifact")
     if not path.exists():
-        raise Http404("The artifact's file is gone")
+        raise Http404("The artifact's file is gone" if path == root else "No such file in this artifact")
     return path
 
 

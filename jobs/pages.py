@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import dateformat, timezone
@@ -62,6 +64,23 @@ def _error_page(request: HttpRequest, template: str, status: int, exception) -> 
     except Exception:  # the navigation needs the database: never turn a 404 into a 500
         return render(request, template, {"sentence": sentence, "nav_teams": [], "team": None, "nav": ""},
                       status=status)
+
+
+def bad_request(request: HttpRequest, exception=None) -> HttpResponse:
+    """A body Django refused before any view read it: a form larger than it reads
+    at once (a long prompt list pasted in), or too many fields. The styled 400 saying
+    which, instead of Django's bare "Bad Request (400)"."""
+    if isinstance(exception, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 2**20
+        sentence = (f"The form is larger than the {limit} MiB this site reads at once, so nothing was saved. "
+                    "Go back: a long list of prompts goes in as a prompts file.")
+    else:
+        sentence = "The request could not be read (malformed, or more fields than a form of this site has)."
+    try:
+        return render_page(request, "400.html", {"sentence": sentence}, status=400)
+    except Exception:  # the navigation needs the database: never turn a 400 into a 500
+        return render(request, "400.html", {"sentence": sentence, "nav_teams": [], "team": None, "nav": ""},
+                      status=400)
 
 
 def page_not_found(request: HttpRequest, exception=None) -> HttpResponse:

@@ -203,3 +203,21 @@ def test_a_schema_read_body_refuses_a_field_it_does_not_have_naming_it(cast):
     assert "cached_only: unknown field" in refused.json()["detail"]
     cast.vision.refresh_from_db()
     assert cast.vision.cached_configurations_only is False
+
+
+def test_a_body_larger_than_django_reads_is_a_styled_page_or_an_api_error_saying_the_limit(cast, bob, bob_page,
+                                                                                           settings):
+    # The page was Django's bare "Bad Request (400)"; the API named a setting, not the limit.
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2**20
+    page = bob_page.post("/teams/vision/jobs/new/inference/", {"prompts": "x" * (2**20 + 1), "max_new_tokens": 4})
+    assert page.status_code == 400
+    html = page.content.decode()
+    assert 'id="error-page"' in html and "larger than the 1 MiB this site reads at once" in html
+    assert "/teams/" in html  # the user's navigation
+    answer = bob.post("/api/v1/jobs", data=json.dumps({"team": "vision", "kind": "inference",
+                                                       "prompts": ["x" * (2**20 + 1)]}),
+                      content_type="application/json")
+    assert answer.status_code == 413 and answer.json()["code"] == "too_large"
+    detail = answer.json()["detail"]
+    assert "larger than the 1 MiB" in detail and "prompts_file" in detail and "settings." not in detail
+    assert not Job.objects.exists()

@@ -19,5 +19,6 @@ urlpatterns = [
 ]
 
 # Styled error pages with the user's navigation (500 is Django's own view: templates/500.html).
+handler400 = "jobs.pages.bad_request"
 handler404 = "jobs.pages.page_not_found"
 handler403 = "jobs.pages.permission_denied"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest
 from django.http.multipartparser import MultiPartParserError
@@ -112,7 +113,10 @@ def unreadable_body(request: HttpRequest, exc: MultiPartParserError):
 
 @api.exception_handler(RequestDataTooBig)
 def body_too_large(request: HttpRequest, exc: RequestDataTooBig):
-    return api.create_response(request, {"detail": f"The body is too large: {exc}", "code": "too_large"}, status=413)
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 2**20
+    detail = (f"The body is larger than the {limit} MiB the API reads at once; send long prompt lists as a "
+              "prompts_file (multipart/form-data), and models and datasets as file uploads")
+    return api.create_response(request, {"detail": detail, "code": "too_large"}, status=413)
 
 
 @api.exception_handler(SuspiciousOperation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import dateformat, timezone
@@ -68,12 +68,15 @@ def _error_page(request: HttpRequest, template: str, status: int, exception) -> 
 
 def bad_request(request: HttpRequest, exception=None) -> HttpResponse:
     """A body Django refused before any view read it: a form larger than it reads
-    at once (a long prompt list pasted in), or too many fields. The styled 400 saying
-    which, instead of Django's bare "Bad Request (400)"."""
+    at once (a long prompt list pasted in), or too many fields; or a host name not in
+    ALLOWED_HOSTS. The styled 400 saying which, instead of Django's bare "Bad Request (400)"."""
     if isinstance(exception, RequestDataTooBig):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 2**20
         sentence = (f"The form is larger than the {limit} MiB this site reads at once, so nothing was saved. "
                     "Go back: a long list of prompts goes in as a prompts file.")
+    elif isinstance(exception, DisallowedHost):
+        sentence = ("It was sent to a host name this site does not answer to; its operator lists the names "
+                    "people use in ALLOWED_HOSTS.")
     else:
         sentence = "The request could not be read (malformed, or more fields than a form of this site has)."
     try:

@@ -221,3 +221,12 @@ def test_a_body_larger_than_django_reads_is_a_styled_page_or_an_api_error_saying
     detail = answer.json()["detail"]
     assert "larger than the 1 MiB" in detail and "prompts_file" in detail and "settings." not in detail
     assert not Job.objects.exists()
+
+
+def test_a_request_to_a_host_name_the_site_does_not_answer_to_says_so(cast):
+    # Django's bare "Bad Request (400)", then the generic sentence of the styled 400.
+    page = Client(HTTP_HOST="evil.example").get("/login/")
+    assert page.status_code == 400
+    html = page.content.decode()
+    assert 'id="error-page"' in html and "host name this site does not answer to" in html
+    assert "evil.example" not in html

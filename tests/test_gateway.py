@@ -104,6 +104,27 @@ def test_credentials_scopes_and_team_isolation(gateway, endpoint, cast, redis_db
         assert replica.requests == 2
 
 
+def test_every_answer_carries_the_sites_nosniff_and_referrer_policy(gateway, endpoint, cast, redis_db, client):
+    """The gateway sent neither; its answers now carry the values the console's own
+    answers carry (the same settings): a refusal, a 404 and a streamed replica answer."""
+    console = client.get("/login/")
+    expected = {name: console.headers[name] for name in ("X-Content-Type-Options", "Referrer-Policy")}
+    assert expected["X-Content-Type-Options"] == "nosniff" and expected["Referrer-Policy"]
+    with fake_replicas(FakeReplica(1)) as (replica,):
+        publish_routes(redis_db, endpoint, replica)
+        refused = post(gateway, None)
+        not_found = httpx.get(f"{gateway.url}/nowhere", timeout=30)
+        with stream(gateway, token(cast.bob)) as streamed:
+            events = sse_events(streamed.iter_lines())
+            first = next(events)  # the headers came before the replica finished: still streamed
+            assert first["choices"][0]["text"] == "r1-first" and not replica.release.is_set()
+            replica.release.set()
+            assert list(events)[-1] == "[DONE]"
+    assert (refused.status_code, not_found.status_code, streamed.status_code) == (401, 404, 200)
+    for answer in (refused, not_found, streamed):
+        assert {name: answer.headers.get(name) for name in expected} == expected, answer.request.url
+
+
 @pytest.mark.parametrize("header, wrong", MALFORMED_AUTHORIZATION)
 def test_the_authorization_header_is_read_as_the_api_reads_it(gateway, endpoint, cast, redis_db, header, wrong):
     """A working token sent with two spaces (or a tab) was accepted by the gateway

@@ -22,6 +22,10 @@ Per request:
    body, which HTTP clients report as an error).
 4. Stream the body through chunk by chunk as it arrives (no buffering); a client
    that goes away closes the upstream request, which cancels the generation.
+
+Every answer (the gateway's own, a replica's, a stream) carries the site's
+X-Content-Type-Options and Referrer-Policy headers, from the same Django settings
+the console's SecurityMiddleware reads.
 """
 from __future__ import annotations
 
@@ -66,6 +70,22 @@ READ_TIMEOUT_S = 300.0  # for the answer's headers, then between two pieces of i
 KEEPALIVE_S = 20.0  # an idle connection to a replica is reused this long (replicas keep it 30 s)
 
 
+def _security_headers() -> list[tuple[bytes, bytes]]:
+    """The headers Django's SecurityMiddleware gives the console's answers that also
+    apply to an API answer, with the values of the same settings."""
+    headers = []
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+        headers.append((b"x-content-type-options", b"nosniff"))
+    policy = settings.SECURE_REFERRER_POLICY
+    if policy:
+        value = policy if isinstance(policy, str) else ",".join(policy)
+        headers.append((b"referrer-policy", value.encode()))
+    return headers
+
+
+SECURITY_HEADERS = _security_headers()
+
+
 class Refusal(Exception):
     """An answer the gateway gives itself (OpenAI's error shape)."""
 
@@ -78,6 +98,17 @@ class Refusal(Exception):
 
 class _FirstByteFailure(Exception):
     """The replica failed before sending anything: another one may take the request."""
+
+
+def _with_security_headers(send: Any) -> Any:
+    """`send` adding SECURITY_HEADERS to the start of every answer."""
+
+    async def secured(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+        await send(message)
+
+    return secured
 
 
 def _headers(scope: dict) -> dict[bytes, bytes]:
@@ -109,7 +140,7 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            await self._http(scope, receive, send)
+            await self._http(scope, receive, _with_security_headers(send))
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

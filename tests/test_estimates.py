@@ -120,6 +120,38 @@ def test_a_waiting_job_is_estimated_from_the_running_jobs_limits_corrected_by_hi
     assert "starts in about" in listing and " ago</span>" in listing
 
 
+def test_a_job_waiting_only_behind_endpoint_replicas_says_so_instead_of_when_other_jobs_end(cast, monkeypatch):
+    """Replicas have no time limit: a job that needs their cores has no estimate, and
+    its estimate and hint used to say it starts "when other jobs end". A job that
+    waits behind a job with a time limit still gets a start."""
+    host("cpu-a", "cpu", 8)
+    set_family(cast.vision, "cpu", 16)
+    replica = running_job(cast.vision, cast.bob, 4, backfill.NO_TIME_LIMIT, 600)
+    Job.objects.filter(pk=replica.pk).update(kind="serve")
+    running_job(cast.vision, cast.bob, 4, 3600, 600)  # its cores are back within 3000 s
+    fits_after_it = pending(cast.vision, cast.bob, cores=4)
+    needs_the_replicas_cores = pending(cast.vision, cast.bob, cores=8)
+    scheduler.dispatch()
+    dry_run = scheduler.PendingRow(-1, cast.vision.pk, cast.vision.slug, "inference", "cpu", 8, timezone.now(),
+                                   "submitted", "", 1800)
+    assert forecasts.estimate_of(dry_run).summary == "no estimate (waiting for endpoint replicas to stop)"
+    estimate_starts_task()
+    no_replay_in_requests(monkeypatch)
+    api = api_client(cast.bob)
+    soon = api.get(f"/api/v1/jobs/{fits_after_it.pk}/pending").json()
+    assert soon["estimate"]["estimated_start"] is not None and "replayed over the 2 jobs" in soon["estimate"]["basis"]
+    never = api.get(f"/api/v1/jobs/{needs_the_replicas_cores.pk}/pending").json()
+    assert never["reason_code"] == "no_free_cores_of_family"
+    est = never["estimate"]
+    assert est["estimated_start"] is None and est["summary"] == "no estimate (waiting for endpoint replicas to stop)"
+    assert "cores held by endpoint replicas" in est["basis"] and "scaled down or stopped" in est["basis"]
+    assert "replayed" not in est["basis"] and "scaled down or stopped" in never["hint"]
+    browser = Client()
+    browser.force_login(cast.bob)
+    page = browser.get(f"/jobs/{needs_the_replicas_cores.pk}/").content.decode()
+    assert "no estimate (waiting for endpoint replicas to stop)" in page
+
+
 def test_an_estimate_says_how_old_it_is():
     now = timezone.now()
     estimate = forecasts.Estimate(now + timedelta(minutes=12), None, None, False, "basis",

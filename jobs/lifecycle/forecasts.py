@@ -248,7 +248,8 @@ def estimate_of(extra) -> Estimate | None:
     around it), or after DRY_RUN_STEPS expected job ends, which bounds a request's
     work; a job that starts later gets no estimate here, and says so."""
     estimate = _estimates(Snapshot.read(extra), until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
-    if estimate is None or estimate.start is not None or extra.reason_code in NOT_FOR_CORES:
+    if (estimate is None or estimate.start is not None or extra.reason_code in NOT_FOR_CORES
+            or estimate.missing != NO_ESTIMATE):  # no start, and it already says why (endpoint replicas)
         return estimate
     return Estimate(None, None, None, False, (
         f"no estimate in a dry run: the job would not start within the next {DRY_RUN_STEPS} expected job ends, "
@@ -270,6 +271,12 @@ def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_00
             continue
         starts = [f.start for f in (mid.get(row.pk), low.get(row.pk), high.get(row.pk)) if f and f.start is not None]
         point = mid.get(row.pk)
+        if point and point.behind_unlimited and row.reason_code not in NOT_FOR_CORES:
+            out[row.pk] = Estimate(None, None, None, point.reserved, (
+                "no estimate: the job waits for cores held by endpoint replicas, which have no time limit: "
+                "they run until their endpoint is scaled down or stopped"), computed_at,
+                missing="no estimate (waiting for endpoint replicas to stop)")
+            continue
         out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=None)),
                                _when(max(starts)) if len(starts) == 3 else None, bool(point and point.reserved),
                                _basis(row, ratios, len(snap.holders)), computed_at)

@@ -910,6 +910,9 @@ class _Pass:
 class Forecast:
     start: float | None  # None: not within the horizon (or never, under the current quotas)
     reserved: bool  # the start is the job's own reservation at some point of the replay
+    # No start because every job still holding cores has no time limit (endpoint
+    # replicas, which run until stopped): no end in the replay frees what it waits for.
+    behind_unlimited: bool = False
 
 
 def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: float = 30 * 86400,
@@ -950,7 +953,7 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
         for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
             changed.add(state.finish(job_id).family)
     for job in left:
-        out[job.job_id] = Forecast(None, job.job_id in reserved)
+        out[job.job_id] = Forecast(None, job.job_id in reserved, behind_unlimited=math.isinf(t))
     return out
 
 

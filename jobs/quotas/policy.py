@@ -366,7 +366,8 @@ REASON_HINTS: dict[str, str] = {
     "borrowing_limit_reached": "The team already borrows as many idle cores beyond its guarantee as it may. "
                                "It starts when one of the team's jobs ends, or when an admin raises the limit.",
     "no_free_cores_of_family": "The team's quota allows it, but no host has that many free cores in a row "
-                               "right now. It starts when other jobs end.",
+                               "right now. It starts when other jobs end, or, for cores held by inference-endpoint "
+                               "replicas (which have no time limit), when those are scaled down or stopped.",
     "backfill_blocked": "Smaller jobs may use cores reserved for the job at the head of the queue only if they end "
                         "before it starts. It starts when other cores free up, or at once with a shorter time limit.",
     "budget_exhausted": "The team has spent this month's NeuronCore-hours. It starts when an admin raises the "

@@ -20,6 +20,7 @@ from jobs.lifecycle import states
 from jobs.quotas.fairshare import QueueItem, decayed_usage, fair_order
 from jobs.models import CoreAllocation, Host, Job, JobAttempt, JobEvent, KindPriority
 from jobs.quotas import selectors as quota_selectors
+from jobs.quotas.backfill import NO_TIME_LIMIT
 from jobs.quotas.selectors import clear_usage_cache
 from jobs.quotas.services import quota_update
 from tests.conftest import api_client
@@ -100,6 +101,26 @@ def test_borrowing_limit_reached_names_guarantee_and_borrowable(cast, cpu_host):
                                "needs 1 cpu core; team vision uses 2 (1 guaranteed + 1 borrowable); "
                                "2 are free in the fleet")
     assert list(CoreAllocation.objects.order_by("job_id").values_list("borrowed", flat=True)) == [False, True]
+
+
+def test_when_the_teams_own_endpoint_replicas_hold_its_cores_the_hint_says_they_end_only_when_stopped(cast, cpu_host):
+    """Replicas have no time limit: a job waiting behind the team's own replicas for
+    its guarantee or its borrowing does not start "when one of the team's jobs ends"."""
+    set_family(cast.vision, "cpu", 1, borrow=1)
+    replicas = [pending(cast.vision, cast.bob) for _ in range(2)]
+    scheduler.dispatch()
+    Job.objects.filter(pk__in=[r.pk for r in replicas]).update(kind="serve", max_runtime_s=NO_TIME_LIMIT)
+    waiting = pending(cast.vision, cast.bob)
+    scheduler.dispatch()
+    api = api_client(cast.bob)
+    body = api.get(f"/api/v1/jobs/{waiting.pk}/pending").json()
+    assert body["reason_code"] == "borrowing_limit_reached"
+    assert "team's inference-endpoint replicas" in body["hint"] and "scaled down or stopped" in body["hint"]
+    set_family(cast.vision, "cpu", 2)
+    scheduler.dispatch()
+    body = api.get(f"/api/v1/jobs/{waiting.pk}/pending").json()
+    assert body["reason_code"] == "waiting_for_quota"
+    assert "team's inference-endpoint replicas" in body["hint"] and "scaled down or stopped" in body["hint"]
 
 
 def test_no_free_cores_of_family_when_the_fleet_is_full(cast, cpu_host):

@@ -362,9 +362,13 @@ def _duration(seconds: float) -> str:
 REASON_HINTS: dict[str, str] = {
     "submitted": "The scheduler has not looked at it yet; it does within seconds.",
     "waiting_for_quota": "The team is using its guaranteed cores of this family and may not borrow more. "
-                         "It starts when one of the team's jobs ends, or when an admin raises the guarantee.",
+                         "It starts when an admin raises the guarantee, when one of the team's jobs ends, or, for "
+                         "cores held by the team's inference-endpoint replicas (which have no time limit), when "
+                         "those are scaled down or stopped.",
     "borrowing_limit_reached": "The team already borrows as many idle cores beyond its guarantee as it may. "
-                               "It starts when one of the team's jobs ends, or when an admin raises the limit.",
+                               "It starts when an admin raises the limit, when one of the team's jobs ends, or, for "
+                               "cores held by the team's inference-endpoint replicas (which have no time limit), "
+                               "when those are scaled down or stopped.",
     "no_free_cores_of_family": "The team's quota allows it, but no host has that many free cores in a row "
                                "right now. It starts when other jobs end, or, for cores held by inference-endpoint "
                                "replicas (which have no time limit), when those are scaled down or stopped.",

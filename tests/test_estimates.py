@@ -290,5 +290,11 @@ def test_a_dry_runs_replay_is_bounded_and_says_so_when_its_job_starts_later(cast
     assert within.start is not None and within.latest is not None
     monkeypatch.setattr(forecasts, "DRY_RUN_STEPS", 3)
     bounded = forecasts.estimate_of(row)
-    assert bounded.start is None and bounded.summary == "no estimate (starts after more than 3 job ends)"
+    # Three passes: now, when the running job's limit ends (in 3000 s), when the first
+    # queued one's does; the next chance is when the second queued one's does.
+    limit = Job.objects.filter(status=Job.Status.PENDING).values_list("max_runtime_s", flat=True).first()
+    assert bounded.start is None and bounded.summary.startswith("in more than ")
+    assert bounded.summary.endswith(" (after more than 3 job ends)")
+    assert abs((bounded.earliest - timezone.now()).total_seconds() - (3000 + 2 * limit)) < 60
+    assert bounded.earliest < within.start
     assert "within the next 3 expected job ends" in bounded.basis and "periodic estimates" in bounded.basis

@@ -246,16 +246,19 @@ def estimate_of(extra) -> Estimate | None:
     dry run), ordered with the rest. Only its start is wanted: the replays stop once
     it has started (the jobs behind it in the order are in them: they may backfill
     around it), or after DRY_RUN_STEPS expected job ends, which bounds a request's
-    work; a job that starts later gets no estimate here, and says so."""
+    work; a job that starts later gets how long it waits at least (the time the
+    replays had reached) and says why there is no more."""
     estimate = _estimates(Snapshot.read(extra), until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
     if (estimate is None or estimate.start is not None or extra.reason_code in NOT_FOR_CORES
             or estimate.missing != NO_ESTIMATE):  # no start, and it already says why (endpoint replicas)
         return estimate
-    return Estimate(None, None, None, False, (
+    at_least = _in_s(estimate.earliest)
+    missing = (f"in more than {_span(at_least)} (after more than {DRY_RUN_STEPS} job ends)" if at_least is not None
+               else f"no estimate (starts after more than {DRY_RUN_STEPS} job ends)")
+    return Estimate(None, estimate.earliest, None, False, (
         f"no estimate in a dry run: the job would not start within the next {DRY_RUN_STEPS} expected job ends, "
         "as far as a dry run replays; once submitted, the periodic estimates (every "
-        f"{settings.ESTIMATES_EVERY_S} s) replay the whole queue"), estimate.computed_at,
-        missing=f"no estimate (starts after more than {DRY_RUN_STEPS} job ends)")
+        f"{settings.ESTIMATES_EVERY_S} s) replay the whole queue"), estimate.computed_at, missing=missing)
 
 
 def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_000) -> dict[int, Estimate]:
@@ -277,7 +280,8 @@ def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_00
                 "they run until their endpoint is scaled down or stopped"), computed_at,
                 missing="no estimate (waiting for endpoint replicas to stop)")
             continue
-        out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=None)),
+        not_before = point.not_before if point else None  # no start: the replay stopped before one
+        out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=not_before)),
                                _when(max(starts)) if len(starts) == 3 else None, bool(point and point.reserved),
                                _basis(row, ratios, len(snap.holders)), computed_at)
     return out

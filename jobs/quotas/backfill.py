@@ -913,6 +913,9 @@ class Forecast:
     # No start because every job still holding cores has no time limit (endpoint
     # replicas, which run until stopped): no end in the replay frees what it waits for.
     behind_unlimited: bool = False
+    # No start because the replay stopped first (max_steps, horizon_s): it had not
+    # started by this time, so it starts no earlier.
+    not_before: float | None = None
 
 
 def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: float = 30 * 86400,
@@ -932,7 +935,7 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
     left = list(order)
     out: dict[int, Forecast] = {}
     reserved: set[int] = set()
-    t, steps = now, 0
+    t, steps, never = now, 0, False
     changed: set[str] | None = None  # families with a start or an end since their last pass (None: all)
     while left and steps < max_steps and t - now <= horizon_s:
         steps += 1
@@ -947,13 +950,15 @@ def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: 
             if until in ids:
                 break
         if not left or not state.running:
+            never = bool(left)  # no job holds cores: no end can start those left
             break
         t_next = min(r.end for r in state.running.values())
         t = max(t_next, t)
         for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
             changed.add(state.finish(job_id).family)
     for job in left:
-        out[job.job_id] = Forecast(None, job.job_id in reserved, behind_unlimited=math.isinf(t))
+        out[job.job_id] = Forecast(None, job.job_id in reserved, behind_unlimited=math.isinf(t),
+                                   not_before=None if never or math.isinf(t) else t)
     return out
 
 

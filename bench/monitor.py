@@ -25,10 +25,10 @@ built from tests/data/neuron-monitor/trn1.32xlarge-two-jobs.jsonl):
 Targets: parse_publish_reports_per_s >= 2,000, rollup_reports_per_s >= 2,000,
 sample_to_endpoint_p95_ms < 1,000.
 
-It starts what it needs: its own PostgreSQL database (neurondeck_bench_monitor,
-dropped at the end — never the dev or test database) on the BENCH_PG server, its
-Redis db (flushed) on the BENCH_REDIS server, the agent subprocess; settings are the
-project's defaults. The last line printed is one JSON object.
+It starts what it needs: its own PostgreSQL database (neurondeck_bench_monitor, plus
+BENCH_DB_SUFFIX; dropped at the end — never the dev or test database) on the BENCH_PG
+server, its Redis db (flushed) on the BENCH_REDIS server, the agent subprocess;
+settings are the project's defaults. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
@@ -46,11 +46,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "neuron-monitor" / "trn1.32xlarge-two-jobs.jsonl"
 NEURON_LS = ROOT / "tests" / "data" / "neuron-ls" / "trn1.32xlarge.json"
-BENCH_DB = "neurondeck_bench_monitor"
 sys.path.insert(0, str(ROOT))
-from bench.support.harness import PG, redis_url  # noqa: E402
+from bench.support.harness import DB_SUFFIX, PG, redis_url  # noqa: E402
 
 REDIS_URL = redis_url("monitor")
+# With BENCH_DB_SUFFIX, runs that share the PostgreSQL server do not drop each other's database.
+BENCH_DB = "neurondeck_bench_monitor" + DB_SUFFIX
 TAG = "job-{}"
 
 # DEBUG off, as deployed (and as the other benches run): no per-query bookkeeping.

@@ -125,7 +125,8 @@ class ReusableBackend(OkBackend):
 
     spec keys (on top of OkBackend's):
       leave  "thread": leave a Python thread running; "child": leave a `sleep`
-             child running and write its pid to workdir/child.pid
+             child running and write its pid to workdir/child.pid; "orphan": the
+             same, but a `sleep` whose parent exited (still in the job's session)
       fail   fail the job (JobFailed) after leaving whatever ``leave`` says
     """
 
@@ -142,6 +143,9 @@ class ReusableBackend(OkBackend):
         elif leave == "child":
             child = subprocess.Popen(["sleep", "300"])
             Path(ctx.workdir, "child.pid").write_text(str(child.pid))
+        elif leave == "orphan":
+            subprocess.run(["sh", "-c", 'sleep 300 & echo $! > "$1"', "sh", str(Path(ctx.workdir, "child.pid"))],
+                           check=True)
         if ctx.spec.get("fail"):
             raise JobFailed("bad_input", "asked to fail")
         return {**super().run(ctx), "jobs_run": ReusableBackend.jobs_run}

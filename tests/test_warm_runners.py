@@ -131,13 +131,14 @@ def test_a_runner_is_replaced_after_its_last_job(zygote, tmp_path):
     ("OkBackend", {}),
     ("ReusableBackend", {"leave": "thread"}),
     ("ReusableBackend", {"leave": "child"}),
-], ids=["failed", "backend-not-reusable", "left-a-thread", "left-a-child"])
+    ("ReusableBackend", {"leave": "orphan"}),
+], ids=["failed", "backend-not-reusable", "left-a-thread", "left-a-child", "left-an-orphan"])
 def test_a_process_that_may_not_run_another_job_exits(zygote, tmp_path, backend, spec):
     _, first, _ = run_job(zygote, tmp_path / "a", backend, spec)
     assert first.status == ("failed" if spec.get("fail") else "succeeded"), first
     # Not released: the zygote reaped it before reporting, and supervise() cleaned its group.
     assert not alive(first.pid) and not group_alive(first.pid)
-    if spec.get("leave") == "child":
+    if spec.get("leave") in ("child", "orphan"):
         assert not alive(int((tmp_path / "a" / "child.pid").read_text()))
     _, second, _ = run_job(zygote, tmp_path / "b")
     assert second.status == "succeeded" and second.pid != first.pid and second.result["jobs_run"] == 1

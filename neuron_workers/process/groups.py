@@ -53,12 +53,24 @@ def pid_alive(pid: int) -> bool:
     return stat is not None and stat.state != "Z"
 
 
-def _scan() -> list[tuple[int, ProcStat]]:
+def _scan(session: int | None = None) -> list[tuple[int, ProcStat]]:
+    """Every process now with its stat, or only those in ``session``: those are found
+    with getsid (one system call per process, no file to open and parse), so looking
+    for one session's members costs little however many processes the machine runs."""
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := proc_stat(entry)) is not None:
+        if not entry.isdigit() or (session is not None and not _in_session(int(entry), session)):
+            continue
+        if (stat := proc_stat(entry)) is not None:
             found.append((int(entry), stat))
     return found
+
+
+def _in_session(pid: int, sid: int) -> bool:
+    try:
+        return os.getsid(pid) == sid
+    except OSError:  # gone, or (where a system refuses to say) in another session
+        return False
 
 
 def group_members(pgid: int) -> list[int]:
@@ -68,14 +80,14 @@ def group_members(pgid: int) -> list[int]:
 
 def session_members(sid: int) -> list[int]:
     """Live pids whose session is ``sid``: a job and everything it started."""
-    return [pid for pid, stat in _scan() if stat.session == sid and stat.state != "Z"]
+    return [pid for pid, stat in _scan(sid) if stat.session == sid and stat.state != "Z"]
 
 
 def alone_in_session() -> bool:
     """True if this process is the only live one in its session and has no
     unreaped child: nothing a job run here started is left over."""
     me, sid = os.getpid(), os.getsid(0)
-    for pid, stat in _scan():
+    for pid, stat in _scan(sid):
         if pid != me and stat.session == sid and (stat.state != "Z" or stat.ppid == me):
             return False
     return True

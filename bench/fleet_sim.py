@@ -80,6 +80,19 @@ and dropped here; wall time, and dispatch_pass_db_cpu_ms: the CPU time of this
 process and of its PostgreSQL backend during the pass); hosts, jobs; per policy
 sim_wall_s and sim_cpu_s (this process's CPU time: what the wall time is on a
 quiet machine).
+
+With --idle-breakdown, per policy, why cores were idle over the ticks that count
+for utilization, as fractions of the same capacity core-seconds (utilization plus
+these sums to 1): idle_no_backlog (free cores of a family whose own pending cores
+do not exceed them: its jobs cannot use another family's cores; what separates
+utilization from utilization_family), idle_reserved_head / idle_reserved_gang
+(free cores a reservation of that pass keeps: the family head's, a gang's behind
+it), idle_nofit (free cores on which no scanned pending job of the family would
+fit, by size, contiguity and alignment, or as a gang's rank on one of enough
+idle hosts of its size),
+idle_quota (one would fit but its team's quota refuses it), idle_fit_other (one
+would fit but waits for another reason) and idle_tick (cores between a job's true
+end and the next tick's pass, which the dispatcher would run right after the end).
 """
 from __future__ import annotations
 
@@ -111,7 +124,7 @@ from jobs.quotas.backfill import (  # noqa: E402
     schedule_pass,
 )
 from jobs.quotas.fairshare import PENDING_SCAN, QueueItem, fair_order  # noqa: E402
-from jobs.quotas.placement import HostSlots  # noqa: E402
+from jobs.quotas.placement import HostSlots, place  # noqa: E402
 
 HOST_MIX = {  # family -> [(instance type, NeuronCores, weight)] (neuron.md's instance table)
     "inf2": [("inf2.xlarge", 2, 3), ("inf2.8xlarge", 2, 2), ("inf2.24xlarge", 12, 2), ("inf2.48xlarge", 24, 3)],
@@ -232,8 +245,9 @@ class Sim:
     """One policy over the trace."""
 
     def __init__(self, policy: str, jobs: list[TraceJob], hosts, shares, quotas, *, eta_ids: set[int] = frozenset(),
-                 peak_pending: int = 10_000, scan: int = PENDING_SCAN):
+                 peak_pending: int = 10_000, scan: int = PENDING_SCAN, idle_breakdown: bool = False):
         self.policy, self.jobs, self.hosts, self.shares, self.scan = policy, jobs, hosts, shares, scan
+        self.idle_breakdown = idle_breakdown
         self.state = FleetState(dict(hosts), quotas=quotas)
         self.eta_ids, self.peak_pending = eta_ids, peak_pending
         self.capacity = family_capacity(hosts)
@@ -248,6 +262,7 @@ class Sim:
         self.util = {"family": [0.0, 0.0], "fleet": [0.0, 0.0]}  # [busy, capacity] core-seconds
         self.busy_tick: dict = {"family": {}, "fleet": False}  # whether the last tick counted, per family / fleet
         self.pass_ms: list[tuple[int, float]] = []
+        self.idle: dict[str, float] = {}  # cause -> idle core-seconds over fleet-busy ticks (breakdown())
         self.eta: dict[int, float] = {}
         self.eta_unscanned = 0  # estimates asked for a job beyond the scan
 
@@ -290,6 +305,8 @@ class Sim:
                 del self.items[r.job_id]
                 self.demand[w.family] -= w.cores
             self.account()
+            if self.idle_breakdown and self.busy_tick["fleet"]:
+                self.breakdown(order, result)
             if k == len(jobs) and not state.running and self.queue:
                 stuck = list(self.queue.values())[:3]
                 raise SystemExit(f"{self.policy}: {len(self.queue)} pending jobs can never start on this fleet, "
@@ -335,8 +352,58 @@ class Sim:
         tick counted its cores busy for that time, which they were not."""
         if self.busy_tick["fleet"]:
             self.util["fleet"][0] -= run.total * idle_s
+            self.idle["tick"] = self.idle.get("tick", 0.0) + run.total * idle_s  # (reported with --idle-breakdown)
         if self.busy_tick["family"].get(run.family):
             self.util["family"][0] -= run.total * idle_s
+
+    def breakdown(self, order: list[Waiting], result) -> None:
+        """Why the free cores of a fleet-busy tick are free, in core-seconds per cause
+        (--idle-breakdown; the docstring at the top lists the causes)."""
+        state = self.state
+        add = lambda cause, n: self.idle.__setitem__(cause, self.idle.get(cause, 0.0) + n * TICK_S)  # noqa: E731
+        waiting: dict[str, list[Waiting]] = {}
+        for w in order:
+            if w.job_id in result.reasons:
+                waiting.setdefault(w.family, []).append(w)
+        for f in self.capacity:
+            if self.demand[f] <= state.free[f]:
+                add("no_backlog", state.free[f])
+                continue
+            reserved: dict[int, tuple[str, frozenset[int]]] = {}  # host -> (cause, the cores reservations keep)
+            for r in result.held(f):
+                cause = "reserved_head" if result.reservations.get(f) is r else "reserved_gang"
+                for m in r.members:
+                    reserved[m.host_id] = (cause, reserved.get(m.host_id, ("", frozenset()))[1] | r.on(m.host_id))
+            sizes: dict[tuple[int, int], set[str]] = {}  # (cores, host_count) -> reasons
+            for w in waiting.get(f, ()):
+                sizes.setdefault((w.cores // w.host_count, w.host_count), set()).add(result.reasons[w.job_id])
+            rests = []  # the free hosts with the reserved cores shown as taken
+            for h in state.slots(f):
+                if h.free == 0 or h.draining:
+                    continue
+                cause, held = reserved.get(h.host_id, ("", frozenset()))
+                held = held - h.used
+                if held:
+                    add(cause, len(held))
+                rest = HostSlots(h.host_id, h.name, f, h.core_ids, h.used | held)
+                if rest.free:
+                    rests.append(rest)
+            idle = {}  # host size -> unreserved idle hosts of that size (a gang needs host_count of them)
+            for rest in rests:
+                if rest.idle:
+                    idle[len(rest.core_ids)] = idle.get(len(rest.core_ids), 0) + 1
+            for rest in rests:
+                reasons = set()
+                for (cores, count), why in sizes.items():
+                    if (count > 1 and rest.idle and cores == len(rest.core_ids) and idle[cores] >= count) or (
+                            count == 1 and place([rest], f, cores) is not None):
+                        reasons |= why
+                if not reasons:
+                    add("nofit", rest.free)
+                elif reasons & {"waiting_for_quota", "borrowing_limit_reached"}:
+                    add("quota", rest.free)
+                else:
+                    add("fit_other", rest.free)
 
     def estimate(self, job_id: int, now: float) -> float:
         """The estimate a user would see at submit: forecast over a copy of what the
@@ -383,6 +450,9 @@ class Sim:
             "jain_fairness": round(sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)), 4) if xs else None,
             "span_h": round(max(end.values()) / 3600, 1),
         }
+        if self.idle_breakdown:
+            for cause in ("no_backlog", "reserved_head", "reserved_gang", "nofit", "quota", "fit_other", "tick"):
+                out[f"idle_{cause}"] = ratio([self.idle.get(cause, 0.0), self.util["fleet"][1]])
         if self.policy == "easy":
             peak = max(q for q, *_ in self.pass_ms)
             heavy = [p for p in self.pass_ms if p[0] >= self.peak_pending]
@@ -534,6 +604,8 @@ def main() -> None:
     parser.add_argument("--gang-share", type=float, default=GANG_SHARE, help="share of trn1/trn2 jobs that are gangs")
     parser.add_argument("--overdue-h", type=float, default=OVERDUE_H,
                         help="starvation guard (settings.SCHED_OVERDUE_AFTER_H); 0: off")
+    parser.add_argument("--idle-breakdown", action="store_true",
+                        help="idle_* keys: why the cores of fleet-busy ticks were idle (slows the run)")
     parser.add_argument("--seed", type=int, default=16)
     args = parser.parse_args()
     set_globals(args.tick, args.gang_share, args.overdue_h)
@@ -547,7 +619,7 @@ def main() -> None:
     for policy in [p for p in args.policies.split(",") if p]:
         began, began_cpu = time.perf_counter(), time.process_time()
         sim = Sim(policy, jobs, hosts, shares, quotas, eta_ids=eta_ids if policy == "easy" else set(),
-                  peak_pending=args.peak_pending, scan=args.scan)
+                  peak_pending=args.peak_pending, scan=args.scan, idle_breakdown=args.idle_breakdown)
         suffix = "" if policy == "easy" else f"_{policy}"
         out.update({f"{key}{suffix}": value for key, value in sim.run().items()})
         out[f"sim_wall_s{suffix}"] = round(time.perf_counter() - began, 1)

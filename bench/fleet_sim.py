@@ -15,8 +15,11 @@ jobs.quotas.backfill.forecast over what the scheduler would know (time limits ×
 the team's observed actual/requested ratio), never the true runtimes. A pass looks
 at what a dispatch run reads: the oldest jobs.quotas.fairshare.PENDING_SCAN
 pending jobs (`--scan`; 0: the whole queue), newer ones waiting until older ones
-have left; the estimate replays those same jobs, as jobs.lifecycle.forecasts does,
-so a job submitted behind PENDING_SCAN others gets no estimate (eta_unscanned).
+have left. The estimate replays the whole queue as jobs.lifecycle.forecasts does:
+each of its passes looks at the oldest `--scan` jobs still waiting in the replay,
+so a job submitted behind PENDING_SCAN others (eta_unscanned counts them) comes
+into view as they start; it steps to each next expected end near now and further
+ahead by forecast's step (`--eta-step`, a fraction of the time looked ahead).
 
 The trace (seeded; every size is a flag):
 - Fleet: `--hosts` hosts of the instance types in the Neuron reference
@@ -73,8 +76,9 @@ multihost_wait_max_s (gangs), jct_mean_s, jain_fairness (usage / share over the 
 ticks); for "easy" dispatch_pass_p95_ms (fair_order + schedule_pass wall time at
 ticks with >= --peak-pending pending, or the busiest tenth if the trace never gets
 there), eta_error_median and eta_within_2x (estimates made at submit for a sample
-of jobs; eta_unscanned of them were submitted behind PENDING_SCAN others and got
-none); dispatch_pass_db_ms (one scheduler.dispatch() against PostgreSQL loaded
+of jobs; eta_unscanned of them were submitted behind PENDING_SCAN others; a replay
+that has not started its job after ETA_MAX_STEPS passes counts as an error of inf;
+eta_cpu_s: the CPU time of all the estimates); dispatch_pass_db_ms (one scheduler.dispatch() against PostgreSQL loaded
 with --db-hosts hosts and --db-pending pending jobs, in a scratch database created
 and dropped here; wall time, and dispatch_pass_db_cpu_ms: the CPU time of this
 process and of its PostgreSQL backend during the pass); hosts, jobs; per policy
@@ -115,6 +119,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.quotas.backfill import (  # noqa: E402
+    FORECAST_STEP,
     FleetState,
     Running,
     Waiting,
@@ -245,9 +250,10 @@ class Sim:
     """One policy over the trace."""
 
     def __init__(self, policy: str, jobs: list[TraceJob], hosts, shares, quotas, *, eta_ids: set[int] = frozenset(),
-                 peak_pending: int = 10_000, scan: int = PENDING_SCAN, idle_breakdown: bool = False):
+                 peak_pending: int = 10_000, scan: int = PENDING_SCAN, idle_breakdown: bool = False,
+                 eta_step: float = FORECAST_STEP):
         self.policy, self.jobs, self.hosts, self.shares, self.scan = policy, jobs, hosts, shares, scan
-        self.idle_breakdown = idle_breakdown
+        self.idle_breakdown, self.eta_step = idle_breakdown, eta_step
         self.state = FleetState(dict(hosts), quotas=quotas)
         self.eta_ids, self.peak_pending = eta_ids, peak_pending
         self.capacity = family_capacity(hosts)
@@ -265,6 +271,7 @@ class Sim:
         self.idle: dict[str, float] = {}  # cause -> idle core-seconds over fleet-busy ticks (breakdown())
         self.eta: dict[int, float] = {}
         self.eta_unscanned = 0  # estimates asked for a job beyond the scan
+        self.eta_cpu_s = 0.0  # CPU time of the estimates
 
     def run(self) -> dict:
         jobs, state = self.jobs, self.state
@@ -291,7 +298,9 @@ class Sim:
             self.now = t_next
             for j in jobs[first:k]:
                 if j.job_id in self.eta_ids:
+                    cpu = time.process_time()
                     self.eta[j.job_id] = self.estimate(j.job_id, t_next)
+                    self.eta_cpu_s += time.process_time() - cpu
             t = self.now = t_next
             cpu, wall = time.process_time(), time.perf_counter()
             order = self.ordered()
@@ -313,10 +322,11 @@ class Sim:
                                  f"e.g. {stuck} (a gang needs that many hosts of its size): use more --hosts")
         return self.figures()
 
-    def ordered(self) -> list[Waiting]:
+    def ordered(self, whole: bool = False) -> list[Waiting]:
         """The jobs a dispatch run looks at - the oldest `scan` pending (PENDING_SCAN:
-        the dispatcher reads them by id; 0: the whole queue) - in the order it works in."""
-        scanned = list(islice(self.queue, self.scan)) if self.scan else list(self.queue)
+        the dispatcher reads them by id; 0: the whole queue), or with `whole` every
+        pending job - in the order it works in."""
+        scanned = list(islice(self.queue, self.scan)) if self.scan and not whole else list(self.queue)
         if self.policy == "fifo":
             return [self.queue[job_id] for job_id in scanned]
         items = [self.items[job_id] for job_id in scanned]
@@ -412,12 +422,13 @@ class Sim:
         passed: a running job's expected end comes from its start and limit only.
         The replay stops once the job has started (the jobs behind it in the order
         are in it: they may backfill around it). Like jobs.lifecycle.forecasts, it
-        replays the jobs a dispatch run looks at: a job submitted behind `scan`
-        older ones gets no estimate (an error of inf)."""
-        scanned = self.ordered()
-        if all(w.job_id != job_id for w in scanned):
+        replays the whole queue in fair-share order with each pass looking at the
+        oldest `scan` jobs still waiting in the replay, as a dispatch run does: a job
+        submitted behind `scan` older ones comes into view as they start
+        (eta_unscanned counts those)."""
+        if self.scan and job_id not in set(islice(self.queue, self.scan)):
             self.eta_unscanned += 1
-            return math.inf
+        scanned = self.ordered(whole=True)
         ratio = {t: runtime_ratio(h[-200:])[1] for t, h in self.history.items()}
         running = {}
         for r in self.state.running.values():
@@ -429,7 +440,8 @@ class Sim:
                           ratios=ratio, expected_end={job_id: r.end for job_id, r in running.items()})
         order = [Waiting(w.job_id, w.team_id, w.family, w.cores, w.limit_s, w.limit_s * ratio[w.team_id],
                          w.host_count, w.same_network) for w in scanned]
-        got = forecast(order, copy, now, until=job_id, max_steps=ETA_MAX_STEPS).get(job_id)
+        got = forecast(order, copy, now, until=job_id, max_steps=ETA_MAX_STEPS,
+                       scan=self.scan or None, step=self.eta_step).get(job_id)
         return got.start if got and got.start is not None else math.inf
 
     def figures(self) -> dict:
@@ -474,6 +486,7 @@ class Sim:
             out["eta_within_2x"] = round(sum(within) / len(within), 3) if within else None
             out["eta_samples"] = len(errors)
             out["eta_unscanned"] = self.eta_unscanned
+            out["eta_cpu_s"] = round(self.eta_cpu_s, 1)
         return out
 
 
@@ -600,6 +613,8 @@ def main() -> None:
     parser.add_argument("--scan", type=int, default=PENDING_SCAN,
                         help="pending jobs a pass looks at, the oldest first (the dispatcher's PENDING_SCAN); "
                              "0: the whole queue")
+    parser.add_argument("--eta-step", type=float, default=FORECAST_STEP,
+                        help="the estimates' time step, a fraction of how far ahead (backfill.forecast's step)")
     parser.add_argument("--tick", type=float, default=TICK_S, help="virtual seconds between dispatch passes")
     parser.add_argument("--gang-share", type=float, default=GANG_SHARE, help="share of trn1/trn2 jobs that are gangs")
     parser.add_argument("--overdue-h", type=float, default=OVERDUE_H,
@@ -619,7 +634,8 @@ def main() -> None:
     for policy in [p for p in args.policies.split(",") if p]:
         began, began_cpu = time.perf_counter(), time.process_time()
         sim = Sim(policy, jobs, hosts, shares, quotas, eta_ids=eta_ids if policy == "easy" else set(),
-                  peak_pending=args.peak_pending, scan=args.scan, idle_breakdown=args.idle_breakdown)
+                  peak_pending=args.peak_pending, scan=args.scan, idle_breakdown=args.idle_breakdown,
+                  eta_step=args.eta_step)
         suffix = "" if policy == "easy" else f"_{policy}"
         out.update({f"{key}{suffix}": value for key, value in sim.run().items()})
         out[f"sim_wall_s{suffix}"] = round(time.perf_counter() - began, 1)
@@ -630,7 +646,7 @@ def main() -> None:
         out.update(dispatch_pass_db(args.db_hosts, args.db_pending, args.seed))
     gang_jobs = sum(j.host_count > 1 for j in jobs)
     out.update(hosts=args.hosts, teams=args.teams, jobs=args.jobs, gang_jobs=gang_jobs, load=args.load,
-               scan=args.scan, seed=args.seed, wall_s=round(time.perf_counter() - wall, 1))
+               scan=args.scan, eta_step=args.eta_step, seed=args.seed, wall_s=round(time.perf_counter() - wall, 1))
     print(json.dumps(out))
 
 

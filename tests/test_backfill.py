@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from jobs.lifecycle import scheduler, states
 from jobs.models import Job
+from jobs.quotas import backfill
 from jobs.quotas.backfill import (
     FleetState,
     Running,
@@ -165,9 +166,85 @@ def test_the_forecast_passes_only_the_families_that_changed_and_starts_the_same_
     state, order = mixed_fleet(seed)
     expected = replay_every_family(order, state, 10.0)
     state, order = mixed_fleet(seed)
-    got = forecast(order, state, 10.0)
+    got = forecast(order, state, 10.0, step=0)
     assert len(expected) > 40, "most of the queue should start within the replay"
     assert {j: (f.start, f.reserved) for j, f in got.items() if f.start is not None} == expected
+
+
+def test_a_job_behind_the_scan_comes_into_the_replays_view_as_the_jobs_ahead_start():
+    def replay(scan):
+        state = FleetState(hosts(1), unlimited=True,
+                           running={1: Running(1, 1, "cpu", 0, tuple(range(6)), end=100)}, limit_end={1: 100})
+        order = [Waiting(2, 2, "cpu", 8, 100, 100), Waiting(3, 2, "cpu", 8, 100, 100), Waiting(4, 3, "cpu", 2, 50, 50)]
+        return {j: f.start for j, f in forecast(order, state, 0.0, scan=scan).items()}
+
+    assert replay(None) == {2: 100, 3: 200, 4: 0}  # it backfills in front of both
+    assert replay(3) == replay(None)
+    # The scan holds the two big jobs: job 4 is looked at once job 2 has started (at 100, when it no
+    # longer fits), and starts after job 3, the head, as a dispatch run reading 2 jobs would start it.
+    assert replay(2) == {2: 100, 3: 200, 4: 300}
+
+
+def test_a_job_coming_into_view_is_looked_at_in_a_pass_at_the_same_time():
+    state = FleetState(hosts(1), unlimited=True)
+    order = [Waiting(i, 1, "cpu", 2, 100, 100) for i in range(4)]
+    assert {j: f.start for j, f in forecast(order, state, 0.0, scan=1).items()} == {0: 0, 1: 0, 2: 0, 3: 0}
+
+
+def test_a_dry_runs_job_not_yet_submitted_counts_as_the_newest_in_the_scan():
+    def state():
+        return FleetState(hosts(1), unlimited=True,
+                          running={1: Running(1, 1, "cpu", 0, tuple(range(6)), end=100)}, limit_end={1: 100})
+
+    order = [Waiting(-1, 3, "cpu", 2, 50, 50), Waiting(2, 2, "cpu", 8, 100, 100), Waiting(3, 2, "cpu", 8, 100, 100)]
+    assert forecast(order, state(), 0.0)[-1].start == 0
+    # Not at 0 with a scan of 2: it is behind both. It comes into view when job 2 starts (at
+    # 100) and is then first in the order: the next start.
+    assert forecast(order, state(), 0.0, scan=2)[-1].start == 200
+
+
+def busy_queue(n: int) -> tuple[list[Waiting], FleetState]:
+    """A full fleet of 16 8-core hosts and `n` jobs of mixed sizes and runtimes behind it."""
+    rng = random.Random(7)
+    state = FleetState(hosts(16), unlimited=True)
+    jobs = [Waiting(i, i % 5, "cpu", rng.choice([1, 2, 4, 8]), 7200, rng.uniform(300, 7200)) for i in range(n)]
+    schedule_pass(jobs, state, 0.0)
+    return [j for j in jobs if j.job_id not in state.running], state
+
+
+def test_coarse_steps_take_far_fewer_passes_and_keep_the_fleets_throughput(monkeypatch):
+    passes = []
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return schedule_pass(*args, **kwargs)
+
+    monkeypatch.setattr(backfill, "schedule_pass", counted)
+    exact = forecast(*busy_queue(1000), 0.0, step=0)
+    exact_passes = len(passes)
+    passes.clear()
+    coarse = forecast(*busy_queue(1000), 0.0, step=0.05)
+    assert exact_passes > 900 and len(passes) < exact_passes / 4
+    assert all(f.start is not None for f in [*exact.values(), *coarse.values()])
+    # The queue drains about as fast: jobs that start within a step count from when their
+    # cores came back, so the cores are not idle for the rest of the step.
+    last = max(f.start for f in exact.values())
+    assert abs(max(f.start for f in coarse.values()) - last) <= 0.05 * last
+    late = sorted((coarse[j].start - f.start) / max(f.start, 60.0) for j, f in exact.items())
+    assert abs(late[len(late) // 2]) <= 0.05
+
+
+def test_a_coarse_step_counts_a_job_as_started_when_its_cores_came_back():
+    fleet = {**hosts(1), 1: HostSlots(1, "g1", "gpu", (0, 1))}
+    state = FleetState(fleet, unlimited=True, limit_end={1: 1200, 2: 1000},
+                       running={1: Running(1, 1, "cpu", 0, tuple(range(8)), end=1200),
+                                2: Running(2, 1, "gpu", 1, (0, 1), end=1000)})
+    order = [Waiting(i, 1, "cpu", 8, 100, 100) for i in range(3, 7)]
+    # Passes at 0 and 1000 (the next end); the next step goes to max(1200, 1000 + 0.5 × 1000) = 1500.
+    # The pass there starts job 3 on the cores that came back at 1200: it counts from then, so it
+    # ends within the step, and so on - the starts of a pass at every end.
+    got = forecast(order, state, 0.0, step=0.5)
+    assert [got[i].start for i in range(3, 7)] == [1200, 1300, 1400, 1500]
 
 
 @pytest.mark.parametrize("seed", range(6))

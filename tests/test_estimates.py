@@ -31,7 +31,8 @@ S = Job.Status
 def test_the_estimator_is_pure_and_takes_only_limits_and_history():
     # The replay's inputs: Waiting (time limit + an estimated runtime the caller derived from
     # limit × ratio) and Running (an expected end). Nothing that could carry a true runtime.
-    assert set(inspect.signature(forecast).parameters) == {"order", "state", "now", "horizon_s", "max_steps", "until"}
+    assert set(inspect.signature(forecast).parameters) == {"order", "state", "now", "horizon_s", "max_steps", "until",
+                                                            "scan", "step"}
     assert list(Waiting._fields) == ["job_id", "team_id", "family", "cores", "limit_s", "runtime_s", "host_count",
                                      "same_network"]
     assert "finished_at" not in inspect.getsource(forecasts)
@@ -202,18 +203,22 @@ def test_a_job_submitted_after_the_last_run_waits_for_the_next_and_an_old_runs_e
         assert est["summary"] == "estimate being computed", job
 
 
-def test_jobs_behind_the_pending_scan_say_why_they_have_no_estimate(cast, monkeypatch):
+def test_jobs_behind_the_pending_scan_get_an_estimate_once_the_jobs_ahead_start_in_the_replay(cast, monkeypatch):
     host("cpu-a", "cpu", 4)
     set_family(cast.vision, "cpu", 8)
+    running_job(cast.vision, cast.bob, 1, 3600, 600)  # its core is back by its limit in 3000 s (no history)
     jobs = [pending(cast.vision, cast.bob, cores=1) for _ in range(4)]
-    monkeypatch.setattr(forecasts, "PENDING_SCAN", 3)
-    assert estimate_starts_task() == {"estimated": 3, "scanned_through": jobs[2].pk}
+    monkeypatch.setattr(forecasts, "PENDING_SCAN", 2)
+    assert estimate_starts_task() == {"estimated": 4, "scanned_through": jobs[1].pk}
     api = api_client(cast.bob)
-    scanned = api.get(f"/api/v1/jobs/{jobs[2].pk}/pending").json()["estimate"]
-    assert scanned["summary"] == "now"
-    behind = api.get(f"/api/v1/jobs/{jobs[3].pk}/pending").json()["estimate"]
-    assert behind["summary"] == "no estimate (more than 3 jobs ahead)" and behind["estimated_start"] is None
-    assert "looks at the oldest 3 only" in behind["basis"] and behind["computed_at"] is not None
+    scanned = api.get(f"/api/v1/jobs/{jobs[1].pk}/pending").json()["estimate"]
+    assert scanned["summary"] == "now" and "comes into view" not in scanned["basis"]
+    # The third comes into view once the first two have started: now, in the pass after theirs.
+    third = api.get(f"/api/v1/jobs/{jobs[2].pk}/pending").json()["estimate"]
+    assert third["summary"] == "now" and "the oldest 2: in the replay this job comes into view" in third["basis"]
+    # The fourth finds the host full: it starts when the running job's core comes back.
+    fourth = api.get(f"/api/v1/jobs/{jobs[3].pk}/pending").json()["estimate"]
+    assert 2900 <= fourth["in_s"] <= 3000 and fourth["computed_at"] is not None
 
 
 def test_the_estimates_are_computed_every_interval_on_their_own_queue(settings):
@@ -294,7 +299,7 @@ def test_a_dry_runs_replay_is_bounded_and_says_so_when_its_job_starts_later(cast
     # queued one's does; the next chance is when the second queued one's does.
     limit = Job.objects.filter(status=Job.Status.PENDING).values_list("max_runtime_s", flat=True).first()
     assert bounded.start is None and bounded.summary.startswith("in more than ")
-    assert bounded.summary.endswith(" (after more than 3 job ends)")
+    assert bounded.summary.endswith(" (as far as a dry run looks)")
     assert abs((bounded.earliest - timezone.now()).total_seconds() - (3000 + 2 * limit)) < 60
     assert bounded.earliest < within.start
-    assert "within the next 3 expected job ends" in bounded.basis and "periodic estimates" in bounded.basis
+    assert "within the 3 steps a dry run replays" in bounded.basis and "periodic estimates" in bounded.basis

@@ -11,12 +11,16 @@ higher priority this is the latest start). A running job's true end is never rea
 it is not known, and a forecast that could see it would only be tested against
 itself.
 
-Replaying the whole queue is far too long for a request at fleet scale, so no page
-or API request does it: the periodic task jobs.estimate_starts (its own Celery queue, every
-settings.ESTIMATES_EVERY_S) computes every pending job's estimate (`store`) and keeps
+The replay covers every pending job: like a dispatch run, each of its passes looks
+at the oldest PENDING_SCAN jobs still waiting in it, and newer ones come into view
+as those start (backfill.forecast's `scan`); further ahead it steps in stretches of
+a fraction of the time looked ahead (backfill.FORECAST_STEP), so its cost grows
+about linearly with the queue. That is still too long for a request at fleet
+scale, so no page or API request does it: the periodic task jobs.estimate_starts
+(its own Celery queue, every settings.ESTIMATES_EVERY_S) computes every pending job's estimate (`store`) and keeps
 them in the cache every process shares (Redis); pages and the API read them with
 their age (`stored`, `estimates_for`). A dry run's estimate is its own replay,
-stopped once its job starts or after DRY_RUN_STEPS (`estimate_of`)."""
+stopped once its job starts or after DRY_RUN_STEPS passes (`estimate_of`)."""
 from __future__ import annotations
 
 import logging
@@ -30,7 +34,7 @@ from django.utils import timezone
 
 from jobs.lifecycle.runtimes import team_ratios
 from jobs.models import CoreAllocation, FamilyQuota, Host, Job
-from jobs.quotas.backfill import (FleetState, Member, Running, Waiting, estimated_end, forecast,
+from jobs.quotas.backfill import (FORECAST_STEP, FleetState, Member, Running, Waiting, estimated_end, forecast,
                                   time_limit_s)
 from jobs.quotas.fairshare import PENDING_SCAN
 from jobs.quotas.placement import HostSlots
@@ -44,8 +48,9 @@ STORED_RUN = "forecasts:run"
 KICK_FLAG = "forecasts:kick"  # set by a page that found nothing stored: one kick per interval
 KEEP_S = 900
 NO_ESTIMATE = "no estimate"
-# A dry run's replays run in its request: they step through at most this many
-# expected job ends, so the request's work is bounded however long the queue is.
+# A dry run's replays run in its request: they run at most this many passes (each at
+# the next expected job end, or further ahead a stretch of backfill.FORECAST_STEP of the
+# time looked ahead), so the request's work is bounded however long the queue is.
 DRY_RUN_STEPS = 30
 # Reasons no replay can end: they wait for an admin or a host, not for cores.
 NOT_FOR_CORES = ("budget_exhausted", "no_hosts_of_family", "host_draining")
@@ -97,7 +102,9 @@ class Snapshot:
     active: dict[int, tuple[float, int]]  # job holding cores -> (start timestamp, time limit)
     order: list  # PendingRow-like, in dispatch order
     quotas: dict[tuple[int, str], tuple[int, int]]
-    scanned_through: int | None = None  # the scan (PENDING_SCAN, oldest first) was full: the last job it read
+    # More than PENDING_SCAN jobs are pending: the last of the oldest PENDING_SCAN (a
+    # dispatch run's scan); the jobs after it come into the replay's view as older ones start.
+    scanned_through: int | None = None
 
     @classmethod
     def read(cls, extra=None) -> "Snapshot":
@@ -119,8 +126,8 @@ class Snapshot:
         for pk, back_by in stopping_replicas().items():
             if pk in active:  # a draining replica: its cores are back by then, not never
                 active[pk] = (now.timestamp(), max(int(back_by - now.timestamp()), 1))
-        rows = pending_rows(PENDING_SCAN)
-        scanned_through = rows[-1].pk if len(rows) >= PENDING_SCAN else None
+        rows = pending_rows(None)
+        scanned_through = rows[PENDING_SCAN - 1].pk if len(rows) > PENDING_SCAN else None
         rows += [extra] if extra is not None else []
         quotas = {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
             "team_id", "family", "guaranteed_cores", "borrow_limit")}
@@ -130,8 +137,9 @@ class Snapshot:
 def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], int]], which: int,
            now: float, until: int | None = None, max_steps: int = 100_000) -> dict:
     """One forecast with the ratio of index `which` (0 low, 1 median, None: time
-    limits); `until`: only that job's start is wanted; `max_steps`: how many expected
-    job ends it may step through (see backfill.forecast)."""
+    limits); `until`: only that job's start is wanted; `max_steps`: how many passes it
+    may run (see backfill.forecast). Each pass looks at the oldest PENDING_SCAN jobs
+    still waiting in the replay, as a dispatch run does."""
     def ratio(team_id: int) -> float:
         return 1.0 if which is None else ratios.get(team_id, ((1.0, 1.0, 1.0), 0))[0][which]
 
@@ -148,7 +156,7 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
                      time_limit_s(r.max_runtime_s) * ratio(r.team_id),
                      r.host_count, r.same_network)
              for r in snap.order if r.reason_code not in NOT_FOR_CORES]
-    return forecast(order, state, now, until=until, max_steps=max_steps)
+    return forecast(order, state, now, until=until, max_steps=max_steps, scan=PENDING_SCAN)
 
 
 def estimates() -> dict[int, Estimate]:
@@ -194,16 +202,16 @@ def stored(job_ids: list[int]) -> Stored:
 
 def estimates_for(jobs) -> dict[int, Estimate]:
     """The stored estimate of each pending job of `jobs` (job id -> Estimate); a job
-    the last run did not estimate gets one saying why (being computed, or behind the
-    PENDING_SCAN oldest pending jobs). Nothing stored at all (a fresh start, or the
-    task has not run for KEEP_S): the task is kicked."""
+    the last run did not estimate (submitted since) gets one saying it is being
+    computed. Nothing stored at all (a fresh start, or the task has not run for
+    KEEP_S): the task is kicked."""
     pending = [job for job in jobs if job.status == Job.Status.PENDING and not job.cancel_requested]
     if not pending:
         return {}
     got = stored([job.pk for job in pending])
     if got.computed_at is None:
         kick()
-    return {job.pk: got.estimates.get(job.pk) or _not_estimated(job, got) for job in pending}
+    return {job.pk: got.estimates.get(job.pk) or _not_estimated() for job in pending}
 
 
 def estimate_for(job: Job) -> Estimate | None:
@@ -230,12 +238,7 @@ def _key(job_id: int) -> str:
     return f"forecasts:job:{job_id}"
 
 
-def _not_estimated(job: Job, got: Stored) -> Estimate:
-    if got.scanned_through is not None and job.pk > got.scanned_through:
-        return Estimate(None, None, None, False, (
-            f"no estimate: more than {PENDING_SCAN} older jobs are pending, and the scheduler (and so its "
-            f"estimates) looks at the oldest {PENDING_SCAN} only; this job is considered once enough of them "
-            "have started"), got.computed_at, missing=f"no estimate (more than {PENDING_SCAN} jobs ahead)")
+def _not_estimated() -> Estimate:
     return Estimate(None, None, None, False, (
         f"the scheduler estimates every pending job every {settings.ESTIMATES_EVERY_S} s; "
         "this job's is not computed yet"), None, missing="estimate being computed")
@@ -245,20 +248,21 @@ def estimate_of(extra) -> Estimate | None:
     """The estimated start of `extra`, a PendingRow-like job not in the database (a
     dry run), ordered with the rest. Only its start is wanted: the replays stop once
     it has started (the jobs behind it in the order are in them: they may backfill
-    around it), or after DRY_RUN_STEPS expected job ends, which bounds a request's
-    work; a job that starts later gets how long it waits at least (the time the
-    replays had reached) and says why there is no more."""
+    around it), or after DRY_RUN_STEPS passes, which bounds a request's work; a job
+    that starts later gets how long it waits at least (the time the replays had
+    reached) and says why there is no more."""
     estimate = _estimates(Snapshot.read(extra), until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
     if (estimate is None or estimate.start is not None or extra.reason_code in NOT_FOR_CORES
             or estimate.missing != NO_ESTIMATE):  # no start, and it already says why (endpoint replicas)
         return estimate
     at_least = _in_s(estimate.earliest)
-    missing = (f"in more than {_span(at_least)} (after more than {DRY_RUN_STEPS} job ends)" if at_least is not None
-               else f"no estimate (starts after more than {DRY_RUN_STEPS} job ends)")
+    missing = (f"in more than {_span(at_least)} (as far as a dry run looks)" if at_least is not None
+               else "no estimate (later than a dry run looks)")
     return Estimate(None, estimate.earliest, None, False, (
-        f"no estimate in a dry run: the job would not start within the next {DRY_RUN_STEPS} expected job ends, "
-        "as far as a dry run replays; once submitted, the periodic estimates (every "
-        f"{settings.ESTIMATES_EVERY_S} s) replay the whole queue"), estimate.computed_at, missing=missing)
+        f"no estimate in a dry run: the job would not start within the {DRY_RUN_STEPS} steps a dry run replays "
+        f"(each to the next expected job end, or further ahead {FORECAST_STEP:.0%} of the time looked ahead); "
+        f"once submitted, the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) replay the whole queue"),
+        estimate.computed_at, missing=missing)
 
 
 def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_000) -> dict[int, Estimate]:
@@ -283,7 +287,7 @@ def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_00
         not_before = point.not_before if point else None  # no start: the replay stopped before one
         out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=not_before)),
                                _when(max(starts)) if len(starts) == 3 else None, bool(point and point.reserved),
-                               _basis(row, ratios, len(snap.holders)), computed_at)
+                               _basis(row, ratios, len(snap.holders), snap.scanned_through), computed_at)
     return out
 
 
@@ -305,12 +309,15 @@ def _when(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, tz=dt_timezone.utc) if ts is not None else None
 
 
-def _basis(row, ratios, running: int) -> str:
+def _basis(row, ratios, running: int, scanned_through: int | None = None) -> str:
     if row.reason_code in NOT_FOR_CORES:
         return "no estimate: the job waits for an admin or a host, not for cores"
     (low, mid, _), n = ratios.get(row.team_id, ((1.0, 1.0, 1.0), 0))
     replayed = (f"the scheduler's own placement and backfill rules replayed over the {running} "
                 f"job{'s' if running != 1 else ''} holding cores and the queue ahead")
+    if scanned_through is not None and (row.pk < 0 or row.pk > scanned_through):
+        replayed += (f" (more than {PENDING_SCAN} older jobs are pending and the scheduler looks at the oldest "
+                     f"{PENDING_SCAN}: in the replay this job comes into view as they start)")
     if not n:
         return (f"{replayed}; runtimes = the time limits (the team has no finished jobs yet to scale them by); "
                 "new jobs of higher priority can still move it")

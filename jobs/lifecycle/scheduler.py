@@ -134,7 +134,8 @@ PENDING_FIELDS = ("pk", "team_id", "team__slug", "kind", "family", "cores", "cre
                   "max_runtime_s", "host_count", "same_network")
 
 
-def pending_rows(limit: int = PENDING_SCAN) -> list[PendingRow]:
+def pending_rows(limit: int | None = PENDING_SCAN) -> list[PendingRow]:
+    """The oldest `limit` pending jobs (None: all of them), by id."""
     rows = (Job.objects.filter(status=S.PENDING, cancel_requested=False).order_by("id")
             .values_list(*PENDING_FIELDS)[:limit])
     return [PendingRow(*row) for row in rows]

@@ -483,6 +483,21 @@ class FleetState:
         self._hold(run)
         return run
 
+    def started_at(self, job_id: int, at: float) -> Running:
+        """A job started by the last pass counts as started at `at` instead (earlier):
+        its ends move with it (a forecast's coarse step, see forecast)."""
+        run = self.running[job_id]
+        shift = run.since - at
+        moved = replace(run, end=run.end - shift, since=at)
+        self.running[job_id] = moved
+        self._family_runs[run.family][job_id] = moved
+        self.limit_end[job_id] -= shift
+        if job_id in self.expected_end:
+            self.expected_end[job_id] -= shift
+        self.version += 1
+        self.fversion[run.family] = self.fversion.get(run.family, 0) + 1
+        return moved
+
     def stop(self, job_id: int, until: float) -> Running:
         """The job was asked to drain and stop by `until`: it keeps its cores till then."""
         run = replace(self.running[job_id], stopping=True, end=until)
@@ -918,44 +933,99 @@ class Forecast:
     not_before: float | None = None
 
 
+# A forecast's time step, as a fraction of how far ahead of now it has got (see forecast).
+FORECAST_STEP = 0.05
+
+
 def forecast(order: list[Waiting], state: FleetState, now: float, *, horizon_s: float = 30 * 86400,
-             max_steps: int = 100_000, until: int | None = None) -> dict[int, Forecast]:
+             max_steps: int = 100_000, until: int | None = None, scan: int | None = None,
+             step: float = FORECAST_STEP) -> dict[int, Forecast]:
     """Replay the queue forward with schedule_pass ("easy") until every job has
-    started: after each pass, time moves to the next expected end (Running.end).
-    `state` is consumed. Runtimes come only from the Waiting and Running records the
-    caller built (time limits corrected by history): this function never sees how
-    long a job really runs. The order is kept as it is now (no new arrivals, no
-    change of fair share as usage accrues). `until`: stop once that job has started
-    (the jobs not started by then get no forecast).
+    started. `state` is consumed. Runtimes come only from the Waiting and Running
+    records the caller built (time limits corrected by history): this function never
+    sees how long a job really runs. The order is kept as it is now (no new
+    arrivals, no change of fair share as usage accrues). `until`: stop once that job
+    has started (the jobs not started by then get no forecast). `max_steps`: at most
+    that many passes.
+
+    `scan`: each pass looks at the oldest `scan` jobs still waiting in the replay (by
+    job id, the order jobs were submitted in; a negative id, a job not submitted yet
+    such as a dry run's, counts as the newest), in `order`'s order among them - what a
+    dispatch run reads (PENDING_SCAN). As jobs start, newer ones come into view, so a
+    job behind the scan gets a start too (a pass at the same time looks at them, as
+    the next dispatch run would). None: every pass looks at the whole order.
+
+    Time: after a pass at t, time moves to max(the next expected end (Running.end),
+    t + step × (t - now)), and every job expected to end by then gives its cores
+    back before the next pass. Near now that is each next end; further ahead a step
+    spans `step` of the time looked ahead, and a replay over a horizon takes a few
+    hundred passes (about log(horizon / first step) / step) instead of one per job
+    end. A job that a pass starts at the end of a step counts as started when the
+    cores it got came back (the latest expected end among their holders in the
+    step; not before the step's first end, which is what could let it start), and
+    if it is then expected to end within the step too, it gives them back and the
+    pass runs again: the fleet's cores are not left idle for the rest of a step, and
+    a start is off by about `step` of its wait at most. step=0: a pass at every
+    expected end.
 
     A pass decides for each family on its own (its hosts, holders and jobs), and a
     family where nothing started or ended since its last pass would start nothing
     now either (a later time only makes backfill harder): each step passes only
-    the jobs of the families that changed."""
+    the jobs of the families that changed (or that got jobs into view)."""
     left = list(order)
     out: dict[int, Forecast] = {}
     reserved: set[int] = set()
     t, steps, never = now, 0, False
     changed: set[str] | None = None  # families with a start or an end since their last pass (None: all)
+    # The window: job ids by age; those before `edge` are in view (all but started ones still waiting).
+    by_age = sorted((j.job_id for j in order), key=lambda job_id: (job_id < 0, job_id))
+    edge = len(by_age) if scan is None else min(scan, len(by_age))
+    in_view = set(by_age[:edge])
+    family = {j.job_id: j.family for j in order}
+    back: dict[int, dict[int, float]] = {}  # host -> core -> its expected end in the step that ended at t
+    first_end = t  # the step's first expected end (not before the pass before it)
     while left and steps < max_steps and t - now <= horizon_s:
         steps += 1
-        result = schedule_pass(left if changed is None else [j for j in left if j.family in changed], state, t)
+        result = schedule_pass([j for j in left if j.job_id in in_view and (changed is None or j.family in changed)],
+                               state, t)
         reserved.update(result.reserved_jobs())
         changed = {r.family for r in result.started}
         if result.started:
             ids = {r.job_id for r in result.started}
+            again = False  # a pass at the same time: something came into view or gave its cores back
             for r in result.started:
-                out[r.job_id] = Forecast(t, r.job_id in reserved)
+                at = max([first_end, *(back[h][c] for h, cores in r.members if h in back
+                                       for c in cores if c in back[h])])
+                if at < t:
+                    r = state.started_at(r.job_id, at)
+                out[r.job_id] = Forecast(at, r.job_id in reserved)
+                if r.end <= t:  # started that early, it is expected to end within the step too
+                    state.finish(r.job_id)
+                    for host_id, cores in r.members:
+                        back.setdefault(host_id, {}).update(dict.fromkeys(cores, r.end))
+                    again = True
             left = [j for j in left if j.job_id not in ids]
             if until in ids:
                 break
+            seen = by_age[edge:edge + len(ids)]  # as many come into view as started
+            if seen:  # a dispatch run soon after looks at them
+                edge += len(seen)
+                in_view.update(seen)
+                changed.update(family[job_id] for job_id in seen)
+                again = True
+            if again and left:
+                continue
         if not left or not state.running:
             never = bool(left)  # no job holds cores: no end can start those left
             break
-        t_next = min(r.end for r in state.running.values())
-        t = max(t_next, t)
+        first_end = max(min(r.end for r in state.running.values()), t)
+        t = max(first_end, t + step * (t - now))
+        back = {}
         for job_id in [r.job_id for r in state.running.values() if r.end <= t]:
-            changed.add(state.finish(job_id).family)
+            run = state.finish(job_id)
+            changed.add(run.family)
+            for host_id, cores in run.members:
+                back.setdefault(host_id, {}).update(dict.fromkeys(cores, run.end))
     for job in left:
         out[job.job_id] = Forecast(None, job.job_id in reserved, behind_unlimited=math.isinf(t),
                                    not_before=None if never or math.isinf(t) else t)

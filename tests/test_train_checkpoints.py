@@ -167,7 +167,10 @@ def test_two_ranks_under_torchrun_train_like_one_process_with_the_same_global_ba
     assert CheckpointStore(tmp_path / "two" / "checkpoints").complete_steps() == [5, 10]
     assert (tmp_path / "two" / "artifacts" / "checkpoint").is_dir()
     assert not (tmp_path / "two" / "rank-1" / "artifacts" / "checkpoint").exists()
-    assert max_abs_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two")) <= 1e-5
+    # Two ranks sum their half-batches' gradients in another order than one process sums the
+    # whole batch: float32 results differ in the last bits, and AdamW's normalisation lets that
+    # reach about 1e-5 after a dozen steps (one step at this learning rate moves weights ~3e-3).
+    assert max_abs_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two")) <= 1e-4
 
 
 ASKED_RANK = textwrap.dedent("""

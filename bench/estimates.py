@@ -18,9 +18,9 @@ its pending job's page, the team's job list and GET /api/v1/jobs/{id}/pending:
   --requests-before, alternating with the after requests in rounds (the machine is
   shared).
 Also dry_run_estimate_ms: a dry run's estimate (forecasts.estimate_of: its own
-replays, stopped once its job starts or after forecasts.DRY_RUN_STEPS passes) for
-a job of that team in its largest family, which fair share puts behind the team's
-own pending jobs; with --dry-run-before also without that bound
+replays of its family, stopped once its job starts or after forecasts.DRY_RUN_STEPS
+passes; none once PENDING_SCAN jobs are pending) for a job of that team in its
+largest family, which fair share puts behind the team's own pending jobs; with --dry-run-before also without that bound
 (dry_run_estimate_ms_before, as before the bound), another whole replay or so.
 
 The last line is one JSON object: hosts, pending; job_page, job_list and api_pending

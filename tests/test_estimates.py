@@ -303,3 +303,166 @@ def test_a_dry_runs_replay_is_bounded_and_says_so_when_its_job_starts_later(cast
     assert abs((bounded.earliest - timezone.now()).total_seconds() - (3000 + 2 * limit)) < 60
     assert bounded.earliest < within.start
     assert "within the 3 steps a dry run replays" in bounded.basis and "periodic estimates" in bounded.basis
+
+
+def generated_fleet(rng, families=("cpu", "inf2", "trn1")):
+    """Hosts of several families, each full of running jobs of three teams, and a
+    queue of single-host jobs and gangs with quotas per team and family: (hosts,
+    running, limit ends, quotas, order)."""
+    hosts, running, limit_end, quotas, order = {}, {}, {}, {}, []
+    for family in families:
+        for _ in range(rng.randint(2, 5)):
+            h = len(hosts)
+            hosts[h] = HostSlots(h, f"h{h}", family, tuple(range(8)), network="pg0")
+            first = 0
+            while first < 8:
+                n = min(rng.choice([1, 2, 4, 8]), 8 - first)
+                job_id = 1000 + len(running)
+                running[job_id] = Running(job_id, rng.randint(1, 3), family, h, tuple(range(first, first + n)),
+                                          end=rng.uniform(60, 3600))
+                limit_end[job_id] = running[job_id].end + rng.uniform(0, 3600)
+                first += n
+        for team in (1, 2, 3):
+            quotas[(team, family)] = (rng.choice([0, 4, 8, 16]), rng.choice([0, 8, 32]))
+    for job_id in range(1, 61):
+        family, limit = rng.choice(families), rng.choice([600, 1800, 3600, 7200])
+        gang = rng.random() < 0.15
+        order.append(Waiting(job_id, rng.randint(1, 3), family, 16 if gang else rng.choice([1, 2, 4, 8]), limit,
+                             limit * rng.uniform(0.2, 1), 2 if gang else 1))
+    return hosts, running, limit_end, quotas, order
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_pass_decides_for_each_family_what_a_pass_over_that_family_alone_decides(seed):
+    """What lets a replay (a dry run's, the periodic estimates') take one family at a
+    time: hosts, holders, quotas (per team and family), reservations and backfill are
+    each family's own, and a budget (per team, across families) does not change
+    within a pass."""
+    import random
+
+    hosts, running, limit_end, quotas, order = generated_fleet(random.Random(seed))
+    running = {k: r for k, r in running.items() if r.end > 1800}  # the others have ended: room for some
+    budgets = {1: (10.0, 100.0), 2: (100.0, 100.0)}  # team 2's is used up: refused in every family
+    whole = backfill.schedule_pass(order, FleetState(dict(hosts), dict(running), dict(quotas),
+                                                     limit_end=dict(limit_end), budgets=budgets), 600.0)
+    started, reasons, made = [], {}, {}
+    for family in ("cpu", "inf2", "trn1"):
+        state = FleetState({k: h for k, h in hosts.items() if h.family == family},
+                           {k: r for k, r in running.items() if r.family == family},
+                           {k: q for k, q in quotas.items() if k[1] == family}, limit_end=dict(limit_end),
+                           budgets=budgets)
+        alone = backfill.schedule_pass([w for w in order if w.family == family], state, 600.0)
+        started += alone.started
+        reasons.update(alone.reasons)
+        made.update(alone.made)
+    assert sorted(started, key=lambda r: r.job_id) == sorted(whole.started, key=lambda r: r.job_id)
+    assert reasons == whole.reasons and made == whole.made
+    assert whole.started and "budget_exhausted" in reasons.values()
+
+
+class FrozenClock:
+    """django.utils.timezone as forecasts reads it, stopped: replays read at different
+    moments then start from the same `now`."""
+
+    at = timezone.now()
+
+    @classmethod
+    def now(cls):
+        return cls.at
+
+
+def generated_queue(cast, rng) -> None:
+    """Two families of hosts full of running jobs of two teams, one team with
+    history, and 40 pending jobs of both teams and families."""
+    from jobs.models import CoreAllocation
+
+    now = timezone.now()
+    teams = (cast.vision, cast.audio)
+    for team in teams:
+        finished(team, cast.bob, 1000, rng.choice([300, 700]))
+    for family in ("cpu", "inf2"):
+        for team in teams:
+            set_family(team, family, rng.choice([4, 8, 16]), rng.choice([0, 8]))
+        for i in range(3):
+            h = host(f"{family}-{i}", family, 8)
+            first = 0
+            while first < 8:
+                n, team = min(rng.choice([1, 2, 4]), 8 - first), rng.choice(teams)
+                job = Job.objects.create(team=team, user=cast.bob, kind="finetune", family=family, cores=n,
+                                         status=S.RUNNING, host=h, core_start=first, heartbeat_at=now,
+                                         started_at=now - timedelta(seconds=rng.randint(0, 1800)),
+                                         max_runtime_s=rng.choice([1800, 3600, 7200]))
+                CoreAllocation.objects.bulk_create([CoreAllocation(host=h, core=c, job=job, team_id=team.pk,
+                                                                   family=family, since=now)
+                                                    for c in range(first, first + n)])
+                first += n
+    for _ in range(40):
+        job = pending(rng.choice(teams), cast.bob, cores=rng.choice([1, 2, 4, 8]), family=rng.choice(["cpu", "inf2"]))
+        Job.objects.filter(pk=job.pk).update(max_runtime_s=rng.choice([600, 1800, 3600]))
+
+
+def test_a_dry_runs_bounded_estimate_is_the_unbounded_replays_whenever_it_gives_a_start(cast, monkeypatch):
+    """Bounded: only its family read and replayed, the replays stopped at its start
+    or after DRY_RUN_STEPS passes. Unbounded: the whole snapshot (every family) and
+    the whole queue replayed, as the periodic estimates do."""
+    import random
+
+    generated_queue(cast, random.Random(7))
+    scheduler.dispatch()
+    monkeypatch.setattr(forecasts, "timezone", FrozenClock)
+    rows = [scheduler.PendingRow(-1, team.pk, team.slug, "inference", family, cores, FrozenClock.at, "submitted",
+                                 "", limit)
+            for team in (cast.vision, cast.audio) for family in ("cpu", "inf2") for cores in (1, 4, 8)
+            for limit in (600, 3600)]
+    compared = longer = 0
+    for steps in (forecasts.DRY_RUN_STEPS, 6, 2):
+        monkeypatch.setattr(forecasts, "DRY_RUN_STEPS", steps)
+        for row in rows:
+            bounded = forecasts.estimate_of(row)
+            whole = forecasts._estimates(forecasts.Snapshot.read(row))[-1]
+            if bounded.start is not None:
+                assert bounded == whole, (steps, row)
+                compared += 1
+            elif whole.start is not None:  # it waits longer than the bound: at least that long
+                assert bounded.summary.startswith("in more than ") and bounded.earliest <= whole.start
+                longer += 1
+            else:  # the whole replay never starts it either (more cores than its team may hold)
+                assert bounded.latest is None
+    assert compared >= 30 and longer >= 10
+
+
+def test_a_dry_run_reads_and_replays_only_its_family_and_at_most_the_pending_scan(cast, monkeypatch):
+    host("cpu-a", "cpu", 4)
+    host("inf2-a", "inf2", 8)
+    set_family(cast.vision, "cpu", 8)
+    set_family(cast.vision, "inf2", 8)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)
+    for family in ("cpu", "inf2", "cpu"):
+        pending(cast.vision, cast.bob, cores=4, family=family)
+    read, replayed = [], []
+    pending_rows, replay = scheduler.pending_rows, forecasts.replay
+
+    def reading(limit=None):
+        rows = pending_rows(limit)
+        read.append(len(rows))
+        return rows
+
+    def replaying(snap, *args, **kwargs):
+        replayed.append({h.family for h in snap.hosts.values()} | {h[1] for h in snap.holders.values()}
+                        | {r.family for r in snap.order})
+        return replay(snap, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "pending_rows", reading)
+    monkeypatch.setattr(forecasts, "replay", replaying)
+    monkeypatch.setattr(forecasts, "PENDING_SCAN", 4)
+    row = scheduler.PendingRow(-1, cast.vision.pk, cast.vision.slug, "inference", "cpu", 4, timezone.now(),
+                               "submitted", "", 1800)
+    assert forecasts.estimate_of(row).start is not None
+    assert read == [3] and replayed == [{"cpu"}] * 3  # three replays (low, median, time limits) of one family
+    pending(cast.vision, cast.bob, cores=1, family="inf2")
+    pending(cast.vision, cast.bob, cores=1, family="inf2")
+    read.clear(), replayed.clear()
+    behind = forecasts.estimate_of(row)  # it would be the sixth pending job: behind the oldest four
+    assert read == [] and replayed == []
+    assert behind.start is None and behind.summary == "no estimate in a dry run (behind the oldest 4 pending jobs)"
+    assert "the scheduler looks at the oldest 4" in behind.basis and "periodic estimates" in behind.basis

@@ -20,10 +20,21 @@ scale, so no page or API request does it: the periodic task jobs.estimate_starts
 (its own Celery queue, every settings.ESTIMATES_EVERY_S) computes every pending job's estimate (`store`) and keeps
 them in the cache every process shares (Redis); pages and the API read them with
 their age (`stored`, `estimates_for`). A dry run's estimate is its own replay,
-stopped once its job starts or after DRY_RUN_STEPS passes (`estimate_of`)."""
+stopped once its job starts or after DRY_RUN_STEPS passes (`estimate_of`).
+
+Families are scheduled independently: a host belongs to one family, a quota to a
+team and a family, and a pass decides for each family from its own hosts, holders,
+jobs and reservations (a team's budget spans families but does not change within a
+pass). So each family is replayed on its own, its passes at its own jobs' ends and
+steps whatever the other families do, and a dry run reads and replays only its
+job's family. The one link between families is the pending scan: with more than
+PENDING_SCAN jobs waiting, starts in one family bring another's jobs into view, and
+the queue is replayed as one. The queue's order is always that of every pending job
+(fair share charges a team for its jobs of every family)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone as dt_timezone
@@ -107,18 +118,23 @@ class Snapshot:
     scanned_through: int | None = None
 
     @classmethod
-    def read(cls, extra=None) -> "Snapshot":
-        """`extra`: a PendingRow-like job not in the database (a dry run), ordered with the rest."""
+    def read(cls, extra=None, family: str | None = None, rows: list | None = None) -> "Snapshot":
+        """`extra`: a PendingRow-like job not in the database (a dry run), ordered with the rest.
+        `family`: the snapshot of that family only (`only`), and only its hosts and holders read.
+        `rows`: the pending rows, if the caller has read them (default: every pending job)."""
         from jobs.lifecycle.scheduler import host_slots, pending_order, pending_rows, stopping_replicas
 
-        hosts = host_slots(Host.objects.exclude(state=Host.State.OFFLINE).exclude(replay=True)
-                           .only("id", "name", "family", "core_ids", "state", "network"))
+        hosts = Host.objects.exclude(state=Host.State.OFFLINE).exclude(replay=True)
+        allocations = CoreAllocation.objects.all()
+        if family is not None:
+            hosts, allocations = hosts.filter(family=family), allocations.filter(family=family)
+        hosts = host_slots(hosts.only("id", "name", "family", "core_ids", "state", "network"))
         cores: dict[int, tuple[int, str, dict[int, list[int]]]] = {}
-        for host_id, core, job_id, team_id, family in CoreAllocation.objects.values_list(
+        for host_id, core, job_id, team_id, job_family in allocations.values_list(
                 "host_id", "core", "job_id", "team_id", "family"):
-            cores.setdefault(job_id, (team_id, family, {}))[2].setdefault(host_id, []).append(core)
-        holders = {job_id: (team_id, family, [(h, tuple(sorted(c))) for h, c in sorted(by_host.items())])
-                   for job_id, (team_id, family, by_host) in cores.items()}
+            cores.setdefault(job_id, (team_id, job_family, {}))[2].setdefault(host_id, []).append(core)
+        holders = {job_id: (team_id, job_family, [(h, tuple(sorted(c))) for h, c in sorted(by_host.items())])
+                   for job_id, (team_id, job_family, by_host) in cores.items()}
         now = timezone.now()
         active = {pk: ((started or queued or now).timestamp(), limit) for pk, started, queued, limit in
                   Job.objects.filter(pk__in=list(holders)).values_list("pk", "started_at", "queued_at",
@@ -126,12 +142,29 @@ class Snapshot:
         for pk, back_by in stopping_replicas().items():
             if pk in active:  # a draining replica: its cores are back by then, not never
                 active[pk] = (now.timestamp(), max(int(back_by - now.timestamp()), 1))
-        rows = pending_rows(None)
+        rows = pending_rows(None) if rows is None else list(rows)
         scanned_through = rows[PENDING_SCAN - 1].pk if len(rows) > PENDING_SCAN else None
         rows += [extra] if extra is not None else []
         quotas = {(t, f): (g, b) for t, f, g, b in FamilyQuota.objects.values_list(
             "team_id", "family", "guaranteed_cores", "borrow_limit")}
-        return cls(hosts, holders, active, pending_order(rows), quotas, scanned_through)
+        snap = cls(hosts, holders, active, pending_order(rows), quotas, scanned_through)
+        return snap if family is None else snap.only(family)
+
+    def only(self, family: str) -> "Snapshot":
+        """What a replay of `family` reads: its hosts, the jobs holding its cores, its
+        pending jobs in the whole queue's order, its teams' quotas."""
+        holders = {pk: held for pk, held in self.holders.items() if held[1] == family}
+        return Snapshot({pk: h for pk, h in self.hosts.items() if h.family == family}, holders,
+                        {pk: a for pk, a in self.active.items() if pk in holders},
+                        [r for r in self.order if r.family == family],
+                        {key: q for key, q in self.quotas.items() if key[1] == family}, self.scanned_through)
+
+    @property
+    def in_view(self) -> bool:
+        """Every job a replay starts is in a pass's view from the first pass (no more
+        than PENDING_SCAN of them): then no family's starts bring another's jobs into
+        view, and each family can be replayed on its own."""
+        return sum(r.reason_code not in NOT_FOR_CORES for r in self.order) <= PENDING_SCAN
 
 
 def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], int]], which: int,
@@ -246,32 +279,58 @@ def _not_estimated() -> Estimate:
 
 def estimate_of(extra) -> Estimate | None:
     """The estimated start of `extra`, a PendingRow-like job not in the database (a
-    dry run), ordered with the rest. Only its start is wanted: the replays stop once
-    it has started (the jobs behind it in the order are in them: they may backfill
-    around it), or after DRY_RUN_STEPS passes, which bounds a request's work; a job
-    that starts later gets how long it waits at least (the time the replays had
-    reached) and says why there is no more."""
-    estimate = _estimates(Snapshot.read(extra), until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
-    if (estimate is None or estimate.start is not None or extra.reason_code in NOT_FOR_CORES
-            or estimate.missing != NO_ESTIMATE):  # no start, and it already says why (endpoint replicas)
+    dry run), ordered with the rest. Only its family is read and replayed (families
+    are scheduled independently: see the module docstring), and only its start is
+    wanted: the replays stop once it has started (the jobs behind it in the order are
+    in them: they may backfill around it), or after DRY_RUN_STEPS passes, which bounds
+    a request's work. It gets a start only if all three replays started it, so its
+    start and range are those of the whole replays; else it gets how long it waits
+    at least (the time the replays had reached) and says why there is no more. With
+    PENDING_SCAN jobs pending already, the job would be behind the scan: it comes into
+    view only as jobs of any family start, which a request does not replay, so it
+    gets no estimate (at most PENDING_SCAN - 1 pending rows are read)."""
+    from jobs.lifecycle.scheduler import pending_rows
+
+    if Job.objects.filter(status=Job.Status.PENDING, cancel_requested=False).count() >= PENDING_SCAN:
+        return Estimate(None, None, None, False, (
+            f"no estimate in a dry run: {PENDING_SCAN} or more jobs are pending and the scheduler looks at the "
+            f"oldest {PENDING_SCAN}; this job would come into view as they start, which a dry run does not replay; "
+            f"once submitted, the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) replay the whole queue"),
+            timezone.now(), missing=f"no estimate in a dry run (behind the oldest {PENDING_SCAN} pending jobs)")
+    snap = Snapshot.read(extra, family=extra.family, rows=pending_rows(PENDING_SCAN - 1))
+    estimate = _estimates(snap, until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
+    if (estimate is None or estimate.latest is not None or extra.reason_code in NOT_FOR_CORES
+            or estimate.missing != NO_ESTIMATE):  # every replay started it, or it already says why there is no start
         return estimate
     at_least = _in_s(estimate.earliest)
     missing = (f"in more than {_span(at_least)} (as far as a dry run looks)" if at_least is not None
                else "no estimate (later than a dry run looks)")
     return Estimate(None, estimate.earliest, None, False, (
-        f"no estimate in a dry run: the job would not start within the {DRY_RUN_STEPS} steps a dry run replays "
+        f"no estimate in a dry run: the replays (by the median, the 10th percentile and the time limits) would "
+        f"not all start the job within the {DRY_RUN_STEPS} steps a dry run replays "
         f"(each to the next expected job end, or further ahead {FORECAST_STEP:.0%} of the time looked ahead); "
         f"once submitted, the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) replay the whole queue"),
         estimate.computed_at, missing=missing)
 
 
 def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_000) -> dict[int, Estimate]:
-    """Each job's estimate from three replays of `snap`; `until`: of that job only.
-    The range is every replay's start; without one of them it has no end (`latest`)."""
+    """Each job's estimate from three replays of `snap`, of each family on its own
+    while the whole queue is in view (Snapshot.in_view); `until`: of that job only,
+    and the range's replays only if the median one started it. The range is every
+    replay's start; without one of them it has no end (`latest`)."""
     ratios = team_ratios({r.team_id for r in snap.order} | {h[0] for h in snap.holders.values()})
     computed_at = timezone.now()
     now = computed_at.timestamp()
-    mid, low, high = (replay(snap, ratios, which, now, until, max_steps) for which in (1, 0, None))
+    families = sorted({r.family for r in snap.order if until is None or r.pk == until})
+    mid, low, high = {}, {}, {}
+    for part in [snap.only(family) for family in families] if snap.in_view else [snap]:
+        mid.update(replay(part, ratios, 1, now, until, max_steps))
+        started = until in mid and mid[until].start is not None
+        if until is not None and not started:
+            continue  # a dry run's job the median does not start gets no start (estimate_of), whatever the range
+        low.update(replay(part, ratios, 0, now, until, max_steps))
+        high.update(replay(part, ratios, None, now, until, max_steps))
+    holding = Counter(family for _, family, _ in snap.holders.values())
     out = {}
     for row in snap.order:
         if until is not None and row.pk != until:
@@ -287,7 +346,7 @@ def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_00
         not_before = point.not_before if point else None  # no start: the replay stopped before one
         out[row.pk] = Estimate(_when(point.start if point else None), _when(min(starts, default=not_before)),
                                _when(max(starts)) if len(starts) == 3 else None, bool(point and point.reserved),
-                               _basis(row, ratios, len(snap.holders), snap.scanned_through), computed_at)
+                               _basis(row, ratios, holding[row.family], snap.scanned_through), computed_at)
     return out
 
 
@@ -314,7 +373,7 @@ def _basis(row, ratios, running: int, scanned_through: int | None = None) -> str
         return "no estimate: the job waits for an admin or a host, not for cores"
     (low, mid, _), n = ratios.get(row.team_id, ((1.0, 1.0, 1.0), 0))
     replayed = (f"the scheduler's own placement and backfill rules replayed over the {running} "
-                f"job{'s' if running != 1 else ''} holding cores and the queue ahead")
+                f"job{'s' if running != 1 else ''} holding {row.family} cores and the queue ahead")
     if scanned_through is not None and (row.pk < 0 or row.pk > scanned_through):
         replayed += (f" (more than {PENDING_SCAN} older jobs are pending and the scheduler looks at the oldest "
                      f"{PENDING_SCAN}: in the replay this job comes into view as they start)")

@@ -14,6 +14,15 @@ log = logging.getLogger(__name__)
 KICK_FLAG = "nd:dispatch:kick"
 
 
+def kick_pending() -> bool:
+    """Is the kick flag set: a kick that no dispatch run has served yet, so a run
+    starts after this moment? True if Redis cannot say."""
+    try:
+        return bool(store.redis().exists(KICK_FLAG))
+    except Exception:
+        return True
+
+
 def kick_dispatch() -> None:
     """Wake the scheduler. Bursts of submissions coalesce into one dispatch run via a
     short-lived Redis flag; if Redis is down the periodic dispatch picks the job up."""

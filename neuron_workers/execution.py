@@ -371,9 +371,12 @@ def _cores_freed(job: Job) -> None:
     """This job's cores are free again: wake the scheduler if jobs of the family wait.
     Otherwise they would wait for the periodic dispatch (DISPATCH_EVERY_S), which
     caps a busy host at slots / DISPATCH_EVERY_S short jobs a second. Kicks coalesce
-    (kick_dispatch)."""
-    from jobs.wake import kick_dispatch
+    (kick_dispatch): while one is pending (a burst), a run that starts after this
+    commit is due anyway, and the query for waiting jobs is skipped."""
+    from jobs.wake import kick_dispatch, kick_pending
 
+    if kick_pending():
+        return
     if Job.objects.filter(status=S.PENDING, family=job.family, cancel_requested=False).exists():
         kick_dispatch()
 

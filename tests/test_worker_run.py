@@ -87,6 +87,7 @@ def test_a_cancelled_queued_job_is_not_claimed(cast, tiny_model, cpu_host, setti
 def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast, tiny_model, cpu_host, settings,
                                                                             monkeypatch, waiting):
     from jobs import wake
+    from jobs.live import store
 
     settings.HOST_NAME = cpu_host.name
     client = api_client(cast.bob)
@@ -94,10 +95,37 @@ def test_a_finished_run_wakes_the_scheduler_only_if_jobs_of_its_family_wait(cast
     if waiting:  # another job of the family, still pending
         assert post_json(client, "/api/v1/jobs", inference_body(tiny_model)).status_code == 201
     assert Job.objects.filter(status="pending", family="cpu").exists() == waiting
+    store.redis().delete(wake.KICK_FLAG)  # no kick pending (the submits' kicks set it)
     kicks = []
     monkeypatch.setattr(wake, "kick_dispatch", lambda: kicks.append(1))
     assert execution.run(job.pk) == "succeeded"
     assert len(kicks) == (1 if waiting else 0)
+
+
+def test_a_finished_run_leaves_a_pending_kick_to_serve_its_freed_cores(cast, tiny_model, cpu_host, settings,
+                                                                    monkeypatch):
+    """A kick no dispatch run has served yet (the burst case) brings a run that starts
+    after the outcome's commit: the run neither asks for waiting jobs nor kicks again."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs import wake
+    from jobs.live import store
+
+    settings.HOST_NAME = cpu_host.name
+    client = api_client(cast.bob)
+    job = queued_job(client, tiny_model, cpu_host)
+    assert post_json(client, "/api/v1/jobs", inference_body(tiny_model)).status_code == 201
+    store.redis().set(wake.KICK_FLAG, 1, ex=5)
+    kicks = []
+    monkeypatch.setattr(wake, "kick_dispatch", lambda: kicks.append(1))
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            assert execution.run(job.pk) == "succeeded"
+    finally:
+        store.redis().delete(wake.KICK_FLAG)
+    assert kicks == []
+    assert not [q for q in queries.captured_queries if "LIMIT 1" in q["sql"] and "'pending'" in q["sql"]]
 
 
 def _fields(obj) -> dict:

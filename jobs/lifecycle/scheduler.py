@@ -41,7 +41,7 @@ from jobs.quotas.fairshare import PENDING_SCAN, QueueItem, fair_order
 from jobs.quotas.placement import HostSlots, core_range
 from jobs.quotas.policy import LIVE_REASONS, n_cores
 from jobs.quotas.selectors import core_hours_for_budget, decayed_usage_by_team, kind_priorities, team_shares
-from jobs.wake import KICK_FLAG
+from jobs.wake import KICK_FLAG, kick_pending
 
 log = logging.getLogger(__name__)
 S = Job.Status
@@ -513,16 +513,6 @@ def fleet_is_full() -> bool:
     if not hosts:
         return not CoreAllocation.objects.filter(borrowed=True).exists()
     return not hosts[0][2] and all(held >= len(core_ids or ()) for core_ids, held, _ in hosts)
-
-
-def kick_pending() -> bool:
-    """Is the kick flag set (a kick since the last run started)? True if Redis cannot say."""
-    from jobs.live import store
-
-    try:
-        return bool(store.redis().exists(KICK_FLAG))
-    except Exception:
-        return True
 
 
 def take_kick() -> bool:

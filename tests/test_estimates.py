@@ -466,3 +466,22 @@ def test_a_dry_run_reads_and_replays_only_its_family_and_at_most_the_pending_sca
     assert read == [] and replayed == []
     assert behind.start is None and behind.summary == "no estimate in a dry run (behind the oldest 4 pending jobs)"
     assert "the scheduler looks at the oldest 4" in behind.basis and "periodic estimates" in behind.basis
+
+
+def test_a_dry_run_behind_the_scan_starts_no_earlier_than_the_stored_estimates_bring_it_into_view(cast, monkeypatch):
+    host("cpu-a", "cpu", 4)
+    set_family(cast.vision, "cpu", 8)
+    running_job(cast.vision, cast.bob, 4, 3600, 600)
+    jobs = [pending(cast.vision, cast.bob, cores=4) for _ in range(5)]  # one at a time on the host
+    monkeypatch.setattr(forecasts, "PENDING_SCAN", 4)
+    row = scheduler.PendingRow(-1, cast.vision.pk, cast.vision.slug, "inference", "cpu", 4, timezone.now(),
+                               "submitted", "", 1800)
+    forecasts.clear_cache()
+    assert forecasts.estimate_of(row).summary == "no estimate in a dry run (behind the oldest 4 pending jobs)"
+    forecasts.store()
+    # Six would be pending with it: it comes into view once two of the five have started.
+    second = forecasts.stored([j.pk for j in jobs]).estimates[jobs[1].pk].start
+    behind = forecasts.estimate_of(row)
+    assert behind.start is None and behind.earliest == second
+    assert behind.summary.startswith("in more than about ") and "(behind the oldest 4 pending jobs)" in behind.summary
+    assert "once 2 of them have started" in behind.basis

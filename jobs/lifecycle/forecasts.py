@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # in the run); nothing is shown once the task has not run for KEEP_S.
 STORED_RUN = "forecasts:run"
 KICK_FLAG = "forecasts:kick"  # set by a page that found nothing stored: one kick per interval
+# The last run's estimated starts (timestamps, sorted): when the queue's window will
+# have moved by k jobs, which a dry run behind the pending scan is told (estimate_of).
+STORED_STARTS = "forecasts:starts"
 KEEP_S = 900
 NO_ESTIMATE = "no estimate"
 # A dry run's replays run in its request: they run at most this many passes (each at
@@ -206,6 +209,7 @@ def store() -> dict:
     out = _estimates(snap)
     cache = caches["shared"]
     cache.set_many({_key(pk): estimate for pk, estimate in out.items()}, timeout=KEEP_S)
+    cache.set(STORED_STARTS, sorted(e.start.timestamp() for e in out.values() if e.start), timeout=KEEP_S)
     cache.set(STORED_RUN, (started, snap.scanned_through), timeout=KEEP_S)  # last: the run is complete
     return {"estimated": len(out), "scanned_through": snap.scanned_through}
 
@@ -264,7 +268,7 @@ def kick() -> None:
 
 def clear_cache() -> None:
     """Forget the stored estimates (tests, benches): pages show none until the next run."""
-    caches["shared"].delete_many([STORED_RUN, KICK_FLAG])
+    caches["shared"].delete_many([STORED_RUN, STORED_STARTS, KICK_FLAG])
 
 
 def _key(job_id: int) -> str:
@@ -286,17 +290,13 @@ def estimate_of(extra) -> Estimate | None:
     a request's work. It gets a start only if all three replays started it, so its
     start and range are those of the whole replays; else it gets how long it waits
     at least (the time the replays had reached) and says why there is no more. With
-    PENDING_SCAN jobs pending already, the job would be behind the scan: it comes into
-    view only as jobs of any family start, which a request does not replay, so it
-    gets no estimate (at most PENDING_SCAN - 1 pending rows are read)."""
+    PENDING_SCAN jobs pending already, the job would be behind the scan (`_behind_scan`;
+    at most PENDING_SCAN - 1 pending rows are read)."""
     from jobs.lifecycle.scheduler import pending_rows
 
-    if Job.objects.filter(status=Job.Status.PENDING, cancel_requested=False).count() >= PENDING_SCAN:
-        return Estimate(None, None, None, False, (
-            f"no estimate in a dry run: {PENDING_SCAN} or more jobs are pending and the scheduler looks at the "
-            f"oldest {PENDING_SCAN}; this job would come into view as they start, which a dry run does not replay; "
-            f"once submitted, the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) replay the whole queue"),
-            timezone.now(), missing=f"no estimate in a dry run (behind the oldest {PENDING_SCAN} pending jobs)")
+    waiting = Job.objects.filter(status=Job.Status.PENDING, cancel_requested=False).count()
+    if waiting >= PENDING_SCAN:
+        return _behind_scan(waiting)
     snap = Snapshot.read(extra, family=extra.family, rows=pending_rows(PENDING_SCAN - 1))
     estimate = _estimates(snap, until=extra.pk, max_steps=DRY_RUN_STEPS).get(extra.pk)
     if (estimate is None or estimate.latest is not None or extra.reason_code in NOT_FOR_CORES
@@ -311,6 +311,35 @@ def estimate_of(extra) -> Estimate | None:
         f"(each to the next expected job end, or further ahead {FORECAST_STEP:.0%} of the time looked ahead); "
         f"once submitted, the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) replay the whole queue"),
         estimate.computed_at, missing=missing)
+
+
+def _behind_scan(waiting: int) -> Estimate:
+    """A dry run's answer when `waiting` >= PENDING_SCAN jobs are pending: its job
+    would come into view only once waiting - PENDING_SCAN + 1 of them have started, as
+    jobs of any family start, which a request does not replay. The last periodic run's
+    estimated starts say when that many will have (STORED_STARTS): the job starts no
+    earlier, by those estimates. Without them (none stored, or fewer starts) there is
+    no figure."""
+    ahead = waiting - PENDING_SCAN + 1
+    try:
+        starts = caches["shared"].get(STORED_STARTS) or []
+    except Exception as exc:
+        log.warning("could not read the stored start-time estimates (%s)", exc)
+        starts = []
+    in_view = _when(starts[ahead - 1]) if len(starts) >= ahead else None
+    basis = (f"no estimate in a dry run: {waiting} jobs are pending and the scheduler looks at the oldest "
+             f"{PENDING_SCAN}; this job would come into view once {ahead} of them have started, which a dry run "
+             f"does not replay")
+    if in_view is not None and _in_s(in_view) > 0:
+        return Estimate(None, in_view, None, False, (
+            f"{basis}; by the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) that many will have "
+            f"started {_span(_in_s(in_view))} from now, and once submitted they estimate this job too"),
+            timezone.now(), missing=f"in more than about {_span(_in_s(in_view))} "
+                                    f"(behind the oldest {PENDING_SCAN} pending jobs)")
+    return Estimate(None, None, None, False, (
+        f"{basis}; once submitted, the periodic estimates (every {settings.ESTIMATES_EVERY_S} s) replay the "
+        f"whole queue"), timezone.now(),
+        missing=f"no estimate in a dry run (behind the oldest {PENDING_SCAN} pending jobs)")
 
 
 def _estimates(snap: Snapshot, until: int | None = None, max_steps: int = 100_000) -> dict[int, Estimate]:

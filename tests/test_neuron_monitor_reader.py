@@ -314,6 +314,8 @@ def test_it_returns_none_for_a_blank_line() -> None:
         '{"neuroncores_in_use": [1, 2]}}}]}',
         '{"neuron_runtime_data": [], "system_data": {"memory_info": '
         '{"memory_total_bytes": "lots"}}}',
+        '{"neuron_runtime_data": [], "system_data": {"neuron_hw_counters": '
+        '{"neuron_devices": [{"mem_ecc_corrected": 0}, "device 1"]}}}',
         b"\xff\xfe{}",
     ],
 )

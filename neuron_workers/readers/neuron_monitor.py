@@ -194,6 +194,15 @@ class _Runtime(msgspec.Struct):
     report: dict[str, _RuntimeGroup | None] | None = None
 
 
+class _Device(msgspec.Struct):
+    """One neuron_hw_counters device: its ECC counts."""
+
+    mem_ecc_corrected: Any = None
+    mem_ecc_uncorrected: Any = None
+    sram_ecc_corrected: Any = None
+    sram_ecc_uncorrected: Any = None
+
+
 class _SystemGroup(msgspec.Struct):
     """One group of system_data (vcpu_usage, memory_info, neuron_hw_counters)."""
 
@@ -203,7 +212,7 @@ class _SystemGroup(msgspec.Struct):
     usage_data: msgspec.Raw = msgspec.Raw(b"null")
     memory_total_bytes: Any = None  # memory_info
     memory_used_bytes: Any = None
-    neuron_devices: Any = None  # neuron_hw_counters: [{"mem_ecc_corrected": n, ...}] | null
+    neuron_devices: list[_Device] | None = None  # neuron_hw_counters; null without a driver
 
 
 class _InstanceInfo(msgspec.Struct):
@@ -405,7 +414,7 @@ def _runtime(rt: _Runtime, report: dict[str, _RuntimeGroup | None], in_use: dict
         "tag": tag,
         "pid": pid,
         "job_id": job_id_from_tag(tag),
-        "cores": sorted({int(c) for c in util} | {int(c) for c in own_memory}),
+        "cores": sorted({int(c) for c in util.keys() | own_memory.keys()}),
         "util": util,
         "host_mem": used.host,
         "device_mem": used.neuron_device,
@@ -540,10 +549,10 @@ def _ecc(group: _SystemGroup | None) -> dict[str, int] | None:
         return None
     ecc = {"mem_corrected": 0, "mem_uncorrected": 0, "sram_corrected": 0, "sram_uncorrected": 0}
     for dev in devices:
-        ecc["mem_corrected"] += int(dev.get("mem_ecc_corrected") or 0)
-        ecc["mem_uncorrected"] += int(dev.get("mem_ecc_uncorrected") or 0)
-        ecc["sram_corrected"] += int(dev.get("sram_ecc_corrected") or 0)
-        ecc["sram_uncorrected"] += int(dev.get("sram_ecc_uncorrected") or 0)
+        ecc["mem_corrected"] += int(dev.mem_ecc_corrected or 0)
+        ecc["mem_uncorrected"] += int(dev.mem_ecc_uncorrected or 0)
+        ecc["sram_corrected"] += int(dev.sram_ecc_corrected or 0)
+        ecc["sram_uncorrected"] += int(dev.sram_ecc_uncorrected or 0)
     return ecc
 
 

@@ -25,7 +25,14 @@ from typing import Any
 
 MAX_DEPTH = 64
 
-__all__ = ["MAX_DEPTH", "JSONInputError", "check", "loads", "path_text"]
+__all__ = ["MAX_DEPTH", "JSONInputError", "check", "is_json_type", "loads", "path_text"]
+
+
+def is_json_type(content_type: str) -> bool:
+    """application/json, or a structured +json type (application/merge-patch+json):
+    the media type alone, without parameters, lower case."""
+    return content_type == "application/json" or (content_type.startswith("application/")
+                                                    and content_type.endswith("+json"))
 
 
 class JSONInputError(ValueError):

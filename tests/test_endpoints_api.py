@@ -157,6 +157,7 @@ def test_a_team_not_allowed_to_serve_gets_a_clear_refusal(cast, cpu_host, model)
     response = create(api_client(cast.bob), model)
     assert response.status_code == 400
     assert "may not run serve jobs" in response.json()["detail"]
+    assert list(response.json()["errors"]) == ["team"]  # the body has no kind field to name
 
 
 def test_every_id_url_of_the_endpoints_api_is_in_this_files_scoping_table():

@@ -102,6 +102,24 @@ def test_a_body_that_is_not_a_json_object_is_a_400(setup):
     assert_refused(huge, "a 5 MB body", 413)
 
 
+def test_a_json_body_sent_as_another_content_type_is_a_415_naming_the_header(setup):
+    """As in the API, a body is read as JSON only when its Content-Type says so: a valid
+    JSON body sent as text/plain or a form was a 200. Without the header it is read as
+    JSON, as OpenAI-compatible servers read it."""
+    url, token, _ = setup
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         "application/xml"):
+        response = call(url, "POST", "/endpoints/vision/chat/v1/completions", token, body=GOOD,
+                        headers={"Content-Type": content_type})
+        error = assert_refused(response, content_type, 415)
+        assert error["param"] == "Content-Type" and content_type.split(";")[0] in error["message"], error
+    for content_type in ("application/json; charset=utf-8", "Application/JSON", None):
+        sent = {"Authorization": f"Bearer {token}", **({"Content-Type": content_type} if content_type else {})}
+        response = httpx.post(f"{url}/endpoints/vision/chat/v1/completions", content=json.dumps(GOOD).encode(),
+                              headers=sent, timeout=60)
+        assert response.status_code == 200, (content_type, response.text[:200])
+
+
 def test_bad_paths_methods_and_credentials_are_4xx(setup):
     url, token, cast = setup
     from jobs.teams.tokens import token_create

@@ -83,6 +83,18 @@ def test_submit_with_the_budget_spent_is_a_4xx_with_a_code(cast, tiny_model, cpu
     assert response.json()["detail"] == "team vision has used 0.0 of its 0 NeuronCore-hours this month"
 
 
+def test_a_kind_the_team_may_not_run_is_a_4xx_naming_the_kind(cast, tiny_model, cpu_host):
+    TeamQuota.objects.filter(team=cast.vision).update(allowed_kinds=["compile"])
+    for dry_run in ("", "?dry_run=true"):
+        response = api_client(cast.bob).post(f"/api/v1/jobs{dry_run}", {"team": "vision", "kind": "inference",
+                                             "model": tiny_model.pk, "prompts": ["hi"], "family": "cpu", "cores": 1},
+                                             content_type="application/json")
+        assert response.status_code == 400, response.content
+        body = response.json()
+        assert (body["code"], body["field"]) == ("kind_not_allowed", "kind"), body
+        assert body["errors"] == {"kind": ["team vision may not run inference jobs (allowed: compile)"]}
+
+
 def test_a_kind_the_team_may_not_run_is_refused_on_the_form(cast, tiny_model, cpu_host):
     TeamQuota.objects.filter(team=cast.vision).update(allowed_kinds=["compile"])
     response = page_client(cast.bob).post("/teams/vision/jobs/new/inference/",

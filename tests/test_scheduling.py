@@ -3,6 +3,7 @@ priority, fair share with decay, bursts that cannot jump the queue, preemption o
 borrowed cores, and what a pending job's owner sees (page and API)."""
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
@@ -602,6 +603,20 @@ def test_the_job_page_explains_why_it_waits(cast, cpu_host, client):
     assert "Why is this job waiting?" in page
     assert NO_QUOTA in page
     assert "Number <strong>1</strong> of 1 in the cpu queue: it is next." in page
+
+
+def test_the_job_pages_list_of_jobs_ahead_follows_its_ahead_of_it(cast, cpu_host, client):
+    """'Number 2 of 2 in the cpu queue; ahead of it:' was followed by the estimated
+    start, and the list of jobs ahead came after that."""
+    set_family(cast.vision, "cpu", 0)
+    first = pending(cast.vision, cast.bob)
+    job = pending(cast.vision, cast.bob)
+    scheduler.dispatch()
+    client.force_login(cast.bob)
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert re.search(r'in the cpu queue; ahead of it:</p>\s*<ol class="ahead" id="pending-ahead">\s*'
+                     rf'<li><a href="/jobs/{first.pk}/">#{first.pk}</a>', page), page
+    assert page.index('id="pending-estimate"') < page.index('id="pending-position"')
 
 
 def test_team_pages_show_who_borrows_and_who_lends(cast, borrowed_fleet, client):

@@ -11,14 +11,9 @@ from django.http import HttpRequest, JsonResponse
 from ninja.parser import Parser
 
 from jobs import safe_json
+from jobs.safe_json import is_json_type
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-
-
-def is_json_type(content_type: str) -> bool:
-    """application/json, or a structured +json type (application/merge-patch+json)."""
-    return content_type == "application/json" or (content_type.startswith("application/")
-                                                    and content_type.endswith("+json"))
 
 
 def unsupported(request: HttpRequest, accepted: str) -> JsonResponse:

@@ -25,7 +25,8 @@ class EndpointInvalid(Exception):
 
 
 def _refused_as_errors(exc: SubmitRefused, default_field: str) -> EndpointInvalid:
-    field = {"cores": "cores_per_replica", "max_runtime_s": default_field}.get(exc.field or "", exc.field or default_field)
+    field = {"cores": "cores_per_replica", "kind": default_field, "max_runtime_s": default_field}.get(
+        exc.field or "", exc.field or default_field)
     return EndpointInvalid({field: [exc.message]})
 
 

@@ -201,6 +201,7 @@ class Gateway:
                 raise Refusal(404, "No such endpoint", "not_found")
             body = await _read_body(receive)
             if scope["method"] == "POST":
+                _check_content_type(headers)
                 _check_json_object(body)
             await self._forward(scope, receive, send, endpoint, match["rest"], body, headers, cors)
         except Refusal as refusal:
@@ -437,6 +438,17 @@ async def _read_body(receive: Any) -> bytes:
             raise Refusal(413, f"the body is larger than {MAX_BODY >> 20} MB", "invalid_request_error")
         if not message.get("more_body"):
             return bytes(body)
+
+
+def _check_content_type(headers: dict[bytes, bytes]) -> None:
+    """A body is read as JSON only when its Content-Type says so, as in the API: a
+    form's or text/plain body is a 415 naming the header. A request without the
+    header is read as JSON, as OpenAI-compatible servers read it."""
+    raw = headers.get(b"content-type", b"").decode("latin-1")
+    media_type = raw.split(";", 1)[0].strip().lower()
+    if media_type and not safe_json.is_json_type(media_type):
+        raise Refusal(415, f"the body's Content-Type is {media_type}; send application/json",
+                      "invalid_request_error", param="Content-Type")
 
 
 def _check_json_object(body: bytes) -> None:

@@ -143,7 +143,7 @@ def _check_limits(team: Team, user, kind: str, cores: int, runtime: int, quota: 
 
 
 # The form field a refusal is about, where there is one.
-LIMIT_FIELDS = {"runtime_too_long": "max_runtime_s", "user_budget_exceeded": "max_runtime_s"}
+LIMIT_FIELDS = {"kind_not_allowed": "kind", "runtime_too_long": "max_runtime_s", "user_budget_exceeded": "max_runtime_s"}
 
 
 def check_job_limits(*, team: Team, user, kind: str, family: str, cores: int, runtime_s: int) -> None:

@@ -95,6 +95,44 @@ def test_a_button_address_opened_as_a_page_says_what_it_takes(cast, bob_page, ti
     assert api.status_code == 405 and api.json()["code"] == "method_not_allowed"
 
 
+def _url_patterns(patterns=None, prefix=""):
+    from django.urls import URLResolver, get_resolver
+
+    for pattern in get_resolver().url_patterns if patterns is None else patterns:
+        if isinstance(pattern, URLResolver):
+            yield from _url_patterns(pattern.url_patterns, prefix + str(pattern.pattern))
+        else:
+            yield prefix + str(pattern.pattern)
+
+
+def test_no_address_answers_a_method_it_does_not_take_as_if_it_were_get(cast, bob_page):
+    # The pages that only show something (a job, the job list, a host, usage, the audit
+    # log, /metrics ...) and the API's schema and docs answered PUT, DELETE, TRACE or a
+    # made-up FOO with the page, 200, as a GET. (A redirect is fine: the logged-in login
+    # page, the favicon; so is a 4xx of an API operation that takes PUT or DELETE.)
+    admin_page = Client()
+    admin_page.force_login(cast.admin)
+    wrong = []
+    for pattern in _url_patterns():
+        if pattern.startswith("admin/"):
+            continue
+        path = "/" + re.sub(r"<(?:\w+:)?(\w+)>", lambda m: "vision" if m.group(1) == "slug" else "1", pattern)
+        for client in (bob_page, admin_page):  # staff pages too (quotas, site usage, audit)
+            for method in ("PUT", "DELETE", "TRACE", "FOO"):
+                response = client.generic(method, path)
+                if response.status_code < 300 or response.status_code >= 500:
+                    wrong.append((method, path, response.status_code))
+                elif response.status_code == 405 and not response.get("Allow"):
+                    wrong.append((method, path, "405 without Allow"))
+    assert wrong == []
+    page = bob_page.generic("FOO", "/teams/vision/jobs/")
+    assert page["Allow"] == "GET, HEAD" and 'data-status="405"' in page.content.decode()
+    assert bob_page.head("/teams/vision/jobs/").status_code == 200
+    schema = bob_page.generic("PUT", "/api/v1/openapi.json")
+    assert schema["Allow"] == "GET, HEAD" and schema.json()["code"] == "method_not_allowed"
+    assert bob_page.get("/api/v1/openapi.json").status_code == 200
+
+
 @pytest.mark.parametrize("name", ["\u202egnp.exe", "two\nlines", "zero\u200bwidth"])
 def test_a_dataset_name_with_a_control_or_invisible_character_is_refused(cast, bob, name):
     # A right-to-left override was stored and shown: "\u202egnp.exe" reads "exe.png".

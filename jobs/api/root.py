@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest
 from django.http.multipartparser import MultiPartParserError
+from django.views.decorators.http import require_safe
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, SessionAuth
@@ -59,7 +60,8 @@ class BrowserSessionAuth(SessionAuth):
 
 
 api = NinjaAPI(title="NeuronDeck API", version="1", urls_namespace="api",
-               auth=[TokenAuth(), BrowserSessionAuth()], docs_url="/docs", parser=SafeJsonParser())
+               auth=[TokenAuth(), BrowserSessionAuth()], docs_url="/docs", parser=SafeJsonParser(),
+               docs_decorator=require_safe)  # the schema and docs pages answer GET and HEAD only
 
 
 @api.exception_handler(HttpError)

@@ -11,7 +11,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.http import require_http_methods, require_safe
 
 from jobs import access, pages
 from jobs.assets import selectors
@@ -66,6 +66,7 @@ def model_list(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
+@require_safe
 def model_detail(request: HttpRequest, model_id: int) -> HttpResponse:
     model = access.get_model(request.user, model_id)
     same_team = ModelAsset.objects.filter(team=model.team)  # lineage never crosses teams, even if rows say so

@@ -8,6 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils import timezone
+from django.views.decorators.http import require_safe
 
 from jobs import pages
 from jobs.audit import selectors
@@ -47,6 +48,7 @@ class Echo:
 
 
 @login_required
+@require_safe
 def audit_log(request: HttpRequest) -> HttpResponse:
     """Staff only (anyone else: 404). Filters by area, team, user, text and days."""
     pages.require_staff(request)

@@ -6,7 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from jobs import access, pages
 from jobs.compile_cache import index
@@ -14,6 +14,7 @@ from jobs.models import Role
 
 
 @login_required
+@require_safe
 def cache_page(request: HttpRequest, slug: str) -> HttpResponse:
     team = access.get_team(request.user, slug)
     q = request.GET.get("q", "")[:200]

@@ -16,7 +16,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_POST, require_http_methods, require_safe
 
 from jobs import access, pages
 from jobs.assets.artifacts import artifact_response
@@ -35,6 +35,7 @@ JOBS_PER_PAGE = 50
 # --- home -------------------------------------------------------------------------
 
 @login_required
+@require_safe
 def home(request: HttpRequest) -> HttpResponse:
     """The first team's job list; a page that says so when the user is in no team."""
     team = access.teams_of(request.user).first()
@@ -115,6 +116,7 @@ def _job_filters(request: HttpRequest, team: Team):
 
 
 @login_required
+@require_safe
 def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     team = access.get_team(request.user, slug)
     filters, jobs = _job_filters(request, team)
@@ -146,6 +148,7 @@ MAX_ROWS_ASKED = 100
 
 
 @login_required
+@require_safe
 def job_rows(request: HttpRequest, slug: str) -> JsonResponse:
     """What the job list polls: the current state of the jobs it shows (?ids=1,2,3,
     the team's jobs only) and, with ?newest=<id>, how many jobs matching its filters
@@ -323,6 +326,7 @@ def _job_form_page(request: HttpRequest, team: Team, form, writable: bool, statu
 # --- job page ---------------------------------------------------------------------
 
 @login_required
+@require_safe
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = access.get_job(request.user, job_id)
     selectors.show_live_reasons([job])
@@ -488,6 +492,7 @@ def _event_json(event: JobEvent) -> dict:
 
 
 @login_required
+@require_safe
 def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
     """What the job page polls: status, reason, events after `events_after`, log from
     `log_offset` (follow with log.offset), and the result once the job has finished."""
@@ -519,6 +524,7 @@ def job_status(request: HttpRequest, job_id: int) -> JsonResponse:
 
 
 @login_required
+@require_safe
 def job_result(request: HttpRequest, job_id: int) -> HttpResponse:
     """The result + artifacts section alone, fetched by the job page when the job finishes.
     A browser opening the address itself (a navigation, by the Fetch metadata header) is
@@ -579,6 +585,7 @@ def _suspend_or_resume(request: HttpRequest, job_id: int, action, done: str) -> 
 # --- artifacts --------------------------------------------------------------------
 
 @login_required
+@require_safe
 def job_artifact(request: HttpRequest, job_id: int, name: str) -> HttpResponse:
     """Download an artifact: a file is streamed, a directory is streamed as a zip; a
     path inside a directory artifact is served too, never anything outside it."""

@@ -15,7 +15,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from jobs import pages
 from jobs.live import charts, metrics
@@ -33,6 +33,7 @@ def _host(name: str) -> Host:
 
 
 @login_required
+@require_safe
 def host_list(request: HttpRequest) -> HttpResponse:
     try:
         hosts, unavailable = metrics.host_list(), False
@@ -42,6 +43,7 @@ def host_list(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@require_safe
 def host_detail(request: HttpRequest, name: str) -> HttpResponse:
     host = _host(name)
     context = {"host": host, "can_drain": request.user.is_staff}
@@ -88,6 +90,7 @@ def _family(request: HttpRequest) -> tuple[str, str]:
 
 
 @login_required
+@require_safe
 def fleet_page(request: HttpRequest) -> HttpResponse:
     family, error = _family(request)
     try:
@@ -102,6 +105,7 @@ def fleet_page(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@require_safe
 def fleet_figure(request: HttpRequest) -> JsonResponse:
     """The fleet heatmap, rebuilt: the fleet page swaps it in every few seconds."""
     family, error = _family(request)

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db.models import Count, Max
 from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
+from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
@@ -186,6 +187,7 @@ def _teams_for(request: HttpRequest) -> set[int] | None:
     raise Http404("No such page")
 
 
+@require_safe
 def metrics_view(request: HttpRequest) -> HttpResponse:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(_teams_for(request)))

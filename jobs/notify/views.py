@@ -8,7 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from jobs import access, pages
 from jobs.models import EventKind, Role, Subscription, Team
@@ -38,6 +38,7 @@ def _before(request: HttpRequest) -> int | None:
 
 
 @login_required
+@require_safe
 def notifications(request: HttpRequest, slug: str, *, form: SubscriptionForm | None = None,
                   policy_form: AlertPolicyForm | None = None, created: Subscription | None = None,
                   status: int = 200) -> HttpResponse:
@@ -94,6 +95,7 @@ def policy_update(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
+@require_safe
 def subscription_detail(request: HttpRequest, slug: str, sub_id: int) -> HttpResponse:
     team = access.get_team(request.user, slug)
     sub = _team_subscription(request.user, team, sub_id)

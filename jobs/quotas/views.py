@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import redirect
 from django.utils.html import format_html
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from jobs import access, pages
 from jobs.models import Family, Kind, Team
@@ -83,6 +83,7 @@ def _page_of(slug: str) -> int:
 
 
 @login_required
+@require_safe
 def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = None,
                status: int = 200) -> HttpResponse:
     """Teams by slug, TEAMS_PER_QUOTA_PAGE a page (?page=), optionally searched by slug

@@ -13,7 +13,7 @@ from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.utils import timezone
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_POST, require_http_methods, require_safe
 
 from jobs import access, pages
 from jobs.models import ApiToken, Kind, Role, Team
@@ -31,6 +31,7 @@ AUDIT_SHOWN = 100
 # --- the team page ----------------------------------------------------------------
 
 @login_required
+@require_safe
 def team_detail(request: HttpRequest, slug: str, *, add_form: MemberAddForm | None = None,
                 error: str = "", status: int = 200) -> HttpResponse:
     team = access.get_team(request.user, slug)

@@ -19,7 +19,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from jobs import access, pages
 from jobs.models import InstancePrice, Team
@@ -196,6 +196,7 @@ def _duration(seconds: float | None) -> str:
 
 
 @login_required
+@require_safe
 def team_usage(request: HttpRequest, slug: str) -> HttpResponse:
     team = access.get_team(request.user, slug)
     today = accounting.local_day(timezone.now(), accounting.zone(team.time_zone))
@@ -229,6 +230,7 @@ class PriceForm(forms.Form):
 
 
 @login_required
+@require_safe
 def site_usage(request: HttpRequest) -> HttpResponse:
     pages.require_staff(request)
     return _site_page(request, PriceForm())

@@ -152,7 +152,7 @@ def test_the_job_list_updates_status_duration_finished_and_reason_in_place(conso
                                         for c in range(4)])
     assert states.mark_queued(job, host.pk, 0) and states.mark_running(job.pk, host.pk)
     expect(row.locator(".badge")).to_have_text("running")
-    expect(row.locator("[data-cell='where']")).to_have_text("trn2-a · 0-3")
+    expect(row.locator("[data-cell='where']")).to_have_text("trn2-a · cores 0-3")
     expect(row.locator("[data-cell='reason']")).to_have_text("")
     states.mark_finished(job.pk, S.FAILED, failure="timed_out", reason="exceeded max runtime of 60 s",
                          message="timed out")

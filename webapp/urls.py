@@ -10,9 +10,9 @@ from jobs.monitoring.prometheus import metrics_view
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
-    path("metrics", metrics_view, name="metrics"),
+    path("metrics", metrics_view, name="metrics"),  # Prometheus; guarded in the view
     path("csp-report", csp_report, name="csp_report"),  # the browsers' CSP violation reports, logged
-    path("sso/", include("mozilla_django_oidc.urls")),  # OpenID Connect sign-in (jobs.teams.sso)  # Prometheus; guarded in the view
+    path("sso/", include("mozilla_django_oidc.urls")),  # OpenID Connect sign-in (jobs.teams.sso)
     # Browsers ask for /favicon.ico on pages that name no icon (the admin, the API docs).
     path("favicon.ico", RedirectView.as_view(url=static("jobs/favicon.svg"), permanent=True)),
     path("", include("jobs.urls")),

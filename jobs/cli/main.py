@@ -219,7 +219,7 @@ def list_jobs(team, status, kind, user, limit, as_json) -> None:
         output.emit_json(page)
         return
     output.table(page["items"], [("ID", "id"), ("TEAM", "team"), ("KIND", "kind"), ("STATUS", "status"),
-                                 ("USER", "user"), ("HOST", "host"), ("CORES", "core_range"),
+                                 ("USER", "user"), ("HOST", "host"), ("CORE IDS", "core_range"),
                                  ("CREATED", "created_at"), ("REASON", "reason")])
     if page["count"] > len(page["items"]):
         click.echo(f"({len(page['items'])} of {page['count']}; --limit for more)", err=True)

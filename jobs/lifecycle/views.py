@@ -104,7 +104,7 @@ def list_row(job: Job, now) -> dict:
         "finished": pages.format_when(job.finished_at)[:16] if job.finished_at else "",  # as "Created": to the minute
         "finished_iso": job.finished_at.isoformat() if job.finished_at else "",
         "reason": list_reason(job), "reason_code": job.reason_code,
-        "where": f"{job.host.name} · {job.core_range}" if job.host_id and job.host else f"{job.family} × {job.cores}",
+        "where": f"{job.host.name} · cores {job.core_range}" if job.host_id and job.host else f"{job.family} × {job.cores}",
         "placed": bool(job.host_id),
     }
 

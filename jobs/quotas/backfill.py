@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from operator import attrgetter
 from collections.abc import Mapping
 from typing import Iterable, NamedTuple
@@ -127,13 +128,20 @@ class Reservation:
         members = [(m.host_id, tuple(range(m.core_start, m.core_start + m.cores))) for m in self.members]
         return Running(self.job_id, -1, self.family, members[0][0], members[0][1], self.until, tuple(members[1:]))
 
-    @property
+    @cached_property
     def members(self) -> tuple[Placement, ...]:
         return (Placement(self.host_id, self.core_start, self.cores), *self.ranks)
 
     @property
     def core_set(self) -> frozenset[int]:
         return frozenset(range(self.core_start, self.core_start + self.cores))
+
+    def overlaps(self, spot: Placement) -> bool:
+        """Does `spot` take any of the cores reserved on its host?"""
+        for m in self.members:
+            if m.host_id == spot.host_id:
+                return max(m.core_start, spot.core_start) < min(m.core_start + m.cores, spot.core_start + spot.cores)
+        return False
 
     def on(self, host_id: int) -> frozenset[int]:
         """The cores reserved on `host_id` (none if it is not one of the reserved hosts)."""
@@ -295,8 +303,7 @@ def conflicts(spot: Placement | tuple[Placement, ...], end: float, reservation: 
     (its start, or a gang's expected start) and some of them are reserved."""
     if end <= reservation.held_from:
         return False
-    return any(not reservation.on(p.host_id).isdisjoint(range(p.core_start, p.core_start + p.cores))
-               for p in _spots(spot))
+    return any(reservation.overlaps(p) for p in _spots(spot))
 
 
 def masked(hosts: list[HostSlots], *reservations: Reservation) -> list[HostSlots]:
@@ -590,10 +597,10 @@ class Sentences(Mapping[int, str]):
     """Job id -> the sentence of its reason, worded when first read: a pass over a
     long backlog refuses thousands of jobs, and its callers read few sentences (the
     dispatcher those whose code changed, the simulator none). `by_job` holds, per
-    job, the refusal (a Decision or a _NoRoom) whose `sentence` it reads."""
+    job, the refusal (a Decision or a _Refusal) whose `sentence` it reads."""
 
     def __init__(self) -> None:
-        self.by_job: dict[int, Decision | _NoRoom] = {}
+        self.by_job: dict[int, Decision | _Refusal] = {}
 
     def __getitem__(self, job_id: int) -> str:
         return self.by_job[job_id].sentence
@@ -605,15 +612,13 @@ class Sentences(Mapping[int, str]):
         return len(self.by_job)
 
 
-class _NoRoom:
-    """policy.no_room's (or no_room_gang's) refusal: its code now, its sentence worded
-    on first read (the code is the same for every request; the sentence names the
-    team and the figures)."""
+class _Refusal:
+    """A refusal of the policy function `word` (no_room, no_room_gang,
+    backfill_blocked): its code now, its sentence worded on first read (the code is
+    known without the figures the sentence names)."""
 
-    code = NO_ROOM
-
-    def __init__(self, word, *args) -> None:
-        self._word, self._args, self._sentence = word, args, None
+    def __init__(self, code: str, word, *args) -> None:
+        self.code, self._word, self._args, self._sentence = code, word, args, None
 
     @property
     def sentence(self) -> str:
@@ -702,20 +707,26 @@ class _Pass:
         self.promised: dict[int, frozenset[int]] = {}  # host -> stopping jobs' cores a job of this pass waits for
         self.blocked: set[str] = set()  # fifo: families whose head found no room
         # Answers reused while what they depend on is unchanged (a long queue is
-        # mostly the same few requests): admission depends on the team's use and
-        # the family's free cores, placement on the family's version.
+        # mostly the same few requests): admission depends on the team's use (and a
+        # refusal's sentence on the family's free cores), placement on the family's version.
         self.hosts_ok: dict[tuple, Decision] = {}  # request -> could any host hold it (fixed within a pass)
-        self.answers: dict[tuple, Decision] = {}  # (team, request, its use, family's free) -> admission
-        self.failed: dict[tuple, int] = {}  # (request, masked) -> family version of a failed placement
-        self.refusals: dict[tuple, tuple[int, _NoRoom]] = {}  # (team, request) -> (family version, no-room reason)
+        # (team, request, its use) -> admission; (team, request, its use, family's free) -> refusal
+        self.answers: dict[tuple, Decision] = {}
+        # (request, masks) -> (family version, where it fits or None): a pass places the
+        # same request again and again while its family is unchanged.
+        self.spots: dict[tuple, tuple[int, tuple[Placement, ...] | None]] = {}
+        self.refusals: dict[tuple, tuple[int, _Refusal]] = {}  # (team, request) -> (family version, no-room reason)
         self.hopeless: dict[str, tuple[int, int]] = {}  # family -> (version, smallest request no preemption helps)
-        self.refused: dict[tuple, tuple[int, Decision | _NoRoom]] = {}  # (team, request) -> (family version, its refusal)
+        self.refused: dict[tuple, tuple[int, Decision | _Refusal]] = {}  # (team, request) -> (family version, its refusal)
 
     def admission(self, job: Waiting) -> Decision:
         state = self.state
-        key = (job.team_id, job.request, state.team_use.get((job.team_id, job.family), 0),
-               state.free.get(job.family, 0))
+        # An admission depends on the team's use only; a refusal's sentence also names
+        # the family's free cores.
+        key = (job.team_id, job.request, state.team_use.get((job.team_id, job.family), 0))
         known = self.answers.get(key)
+        if known is None:
+            known = self.answers.get((*key, state.free.get(job.family, 0)))
         if known is not None:
             return known
         decision = Decision.admit()
@@ -727,7 +738,7 @@ class _Pass:
         if decision.ok and not state.unlimited:
             decision = check_dispatch(state.name(job.team_id), job.family, job.cores,
                                       state.family_state(job.team_id, job.family))
-        self.answers[key] = decision
+        self.answers[key if decision.ok else (*key, state.free.get(job.family, 0))] = decision
         return decision
 
     def hosts_check(self, job: Waiting) -> Decision:
@@ -738,7 +749,7 @@ class _Pass:
                 if job.host_count > 1 else check_hosts(job.family, job.cores, slots))
         return self.hosts_ok[job.request]
 
-    def refuse(self, job: Waiting, decision: Decision | _NoRoom) -> None:
+    def refuse(self, job: Waiting, decision: Decision | _Refusal) -> None:
         self.reasons[job.job_id] = decision.code
         self.why[job.job_id] = decision
         # backfill_blocked depends on the job's own time limit, preempting on the cores
@@ -761,18 +772,18 @@ class _Pass:
 
     def place(self, job: Waiting, masks: tuple[Reservation, ...] = ()) -> tuple[Placement, ...] | None:
         """Where the job fits now (on cores none of `masks` needs)."""
-        key = (job.request, masks)
+        key = (job.request, tuple(r.job_id for r in masks) if masks else ())  # one reservation per job in a pass
         version = self.state.fversion.get(job.family, 0)
-        if self.failed.get(key) == version:
-            return None
+        known = self.spots.get(key)
+        if known is not None and known[0] == version:
+            return known[1]
         hosts = self.state.candidates(job.family, job.cores // job.host_count, whole=job.host_count > 1)
         if self.promised:
             hosts = self.unpromised(hosts)
         if masks:
             hosts = masked(hosts, *masks)
         spot = place_job(hosts, *job.request)
-        if spot is None:
-            self.failed[key] = version
+        self.spots[key] = (version, spot)
         return spot
 
     def unpromised(self, hosts: list[HostSlots], soon: dict[int, frozenset[int]] | None = None) -> list[HostSlots]:
@@ -834,12 +845,12 @@ class _Pass:
         in_way = self.in_way(job) if self.policy == "easy" else ()
         spot = self.place(job)
         if spot is not None and in_way:
-            delayed = [r for r in in_way if conflicts(spot, end, r)]
-            if delayed:
+            delayed = next((r for r in in_way if conflicts(spot, end, r)), None)
+            if delayed is not None:
                 spot = self.place(job, in_way)
                 if spot is None:
-                    self.refuse(job, backfill_blocked(job.family, job.cores, job.limit_s, delayed[0].job_id,
-                                                      delayed[0].start - now))
+                    self.refuse(job, _Refusal("backfill_blocked", backfill_blocked, job.family, job.cores,
+                                              job.limit_s, delayed.job_id, delayed.start - now))
                     return
         waits = None
         if spot is None and self.preempt and not decision.borrowed and job.host_count == 1:
@@ -855,7 +866,7 @@ class _Pass:
             return
         self.result.started.append(state.start(job, spot, now, borrowed=decision.borrowed))
 
-    def no_room(self, job: Waiting) -> _NoRoom:
+    def no_room(self, job: Waiting) -> _Refusal:
         state = self.state
         version = state.fversion.get(job.family, 0)
         key = (0 if job.host_count > 1 else job.team_id, job.request)
@@ -864,11 +875,11 @@ class _Pass:
             return known[1]
         if job.host_count > 1:
             per_host = job.cores // job.host_count
-            decision = _NoRoom(no_room_gang, job.family, job.host_count, per_host, job.same_network,
-                               state.idle_count(job.family, per_host))
+            decision = _Refusal(NO_ROOM, no_room_gang, job.family, job.host_count, per_host, job.same_network,
+                                state.idle_count(job.family, per_host))
         else:
-            decision = _NoRoom(no_room, state.name(job.team_id), job.family, job.cores,
-                               state.family_state(job.team_id, job.family))
+            decision = _Refusal(NO_ROOM, no_room, state.name(job.team_id), job.family, job.cores,
+                                state.family_state(job.team_id, job.family))
         self.refusals[key] = (version, decision)
         return decision
 

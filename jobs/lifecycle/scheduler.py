@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Iterable, TypeVar
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, Exists, Min
 from django.utils import timezone
 
@@ -400,10 +400,13 @@ class DispatchRun:
             if code is None or (code == row.reason_code and code in LIVE_REASONS):
                 continue
             if code != row.reason_code or sentences[row.pk] != row.reason:
-                changed.append(Job(pk=row.pk, reason_code=code, reason=sentences[row.pk]))
-        # A few statements however many jobs and distinct sentences (a backlog of
-        # thousands after a burst): bulk_update's UPDATE … CASE, on pending jobs only.
-        Job.objects.filter(status=S.PENDING).bulk_update(changed, ["reason_code", "reason"], batch_size=100)
+                changed.append((code, sentences[row.pk], row.pk, S.PENDING))
+        # Raw SQL: one UPDATE run for every changed row, which psycopg pipelines
+        # (executemany); composing bulk_update's UPDATE … CASE for thousands of rows
+        # cost several times more CPU than running it.
+        with connection.cursor() as cursor:
+            cursor.executemany(f"UPDATE {Job._meta.db_table} SET reason_code = %s, reason = %s "
+                               f"WHERE id = %s AND status = %s", changed)
 
 
 def dispatch(*, clear: bool = True) -> DispatchReport:

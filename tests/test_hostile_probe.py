@@ -129,7 +129,7 @@ def test_no_address_answers_a_method_it_does_not_take_as_if_it_were_get(cast, bo
     assert page["Allow"] == "GET, HEAD" and 'data-status="405"' in page.content.decode()
     assert bob_page.head("/teams/vision/jobs/").status_code == 200
     for client in (bob_page, Client(enforce_csrf_checks=True)):  # without a session: not the CSRF 403 page
-        for path in ("/api/v1/openapi.json", "/api/v1/docs"):
+        for path in ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/"):
             schema = client.generic("PUT", path)
             assert schema.status_code == 405 and schema["Allow"] == "GET, HEAD", (path, schema.status_code)
             assert schema.json()["code"] == "method_not_allowed"

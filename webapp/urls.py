@@ -3,12 +3,13 @@ from django.templatetags.static import static
 from django.urls import include, path
 from django.views.generic.base import RedirectView
 
-from jobs.api.root import api
+from jobs.api.root import api, home as api_home
 from jobs.monitoring.csp_reports import csp_report
 from jobs.monitoring.prometheus import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/v1/", api_home),  # before ninja's own root view: see jobs.api.root.home
     path("api/v1/", api.urls),
     path("metrics", metrics_view, name="metrics"),  # Prometheus; guarded in the view
     path("csp-report", csp_report, name="csp_report"),  # the browsers' CSP violation reports, logged

@@ -72,6 +72,15 @@ api = NinjaAPI(title="NeuronDeck API", version="1", urls_namespace="api",
                docs_decorator=_read_only)
 
 
+@_read_only
+def home(request: HttpRequest):
+    """/api/v1/ itself (in front of ninja's root view, which the CSRF check reached
+    first for an unsafe method without a session): a JSON 404 naming where the API's
+    documentation and schema are."""
+    return not_found(request, Http404(f"No API call at {request.path}: the API's documentation is at "
+                                      f"{request.path}docs, its schema at {request.path}openapi.json"))
+
+
 @api.exception_handler(HttpError)
 def http_error(request: HttpRequest, exc: HttpError):
     """Ninja's HttpError as ninja answers it ({"detail"}), except a body our parser

@@ -39,9 +39,14 @@ def _before(request: HttpRequest) -> int | None:
 
 @login_required
 @require_safe
-def notifications(request: HttpRequest, slug: str, *, form: SubscriptionForm | None = None,
-                  policy_form: AlertPolicyForm | None = None, created: Subscription | None = None,
-                  status: int = 200) -> HttpResponse:
+def notifications(request: HttpRequest, slug: str) -> HttpResponse:
+    """The notifications page (GET; the forms' POST views show it again with their answer)."""
+    return _notifications_page(request, slug)
+
+
+def _notifications_page(request: HttpRequest, slug: str, *, form: SubscriptionForm | None = None,
+                        policy_form: AlertPolicyForm | None = None, created: Subscription | None = None,
+                        status: int = 200) -> HttpResponse:
     team = access.get_team(request.user, slug)
     is_manager = access.role_in(request.user, team) == Role.MANAGER
     subs = _subscriptions(request.user, team)
@@ -63,7 +68,7 @@ def subscribe(request: HttpRequest, slug: str) -> HttpResponse:
     is_manager = access.role_in(request.user, team) == Role.MANAGER
     form = SubscriptionForm(request.POST, may_subscribe_team=is_manager)
     if not form.is_valid():
-        return notifications(request, slug, form=form, status=400)
+        return _notifications_page(request, slug, form=form, status=400)
     data = form.cleaned_data
     try:
         sub = services.subscription_create(team=team, user=request.user, scope=data["scope"], channel=data["channel"],
@@ -72,9 +77,9 @@ def subscribe(request: HttpRequest, slug: str) -> HttpResponse:
         for name, errors in exc.errors.items():
             for error in errors:
                 form.add_error(name if name in form.fields else None, error)
-        return notifications(request, slug, form=form, status=400)
+        return _notifications_page(request, slug, form=form, status=400)
     # Rendered, not redirected: a signed webhook's secret is shown this once.
-    return notifications(request, slug, created=sub, status=201)
+    return _notifications_page(request, slug, created=sub, status=201)
 
 
 @login_required
@@ -87,7 +92,7 @@ def policy_update(request: HttpRequest, slug: str) -> HttpResponse:
         raise PermissionDenied(f"Only managers can change the alert policy: {exc}.") from None
     form = AlertPolicyForm(request.POST)
     if not form.is_valid():
-        return notifications(request, slug, policy_form=form, status=400)
+        return _notifications_page(request, slug, policy_form=form, status=400)
     changed = services.alert_policy_update(team=team, values=form.policy_values(), actor=request.user)
     messages.success(request, f"Alert policy saved ({len(changed)} change{'s' if len(changed) != 1 else ''})."
                      if changed else "Nothing changed.")

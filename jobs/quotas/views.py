@@ -84,8 +84,13 @@ def _page_of(slug: str) -> int:
 
 @login_required
 @require_safe
-def quota_list(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = None,
-               status: int = 200) -> HttpResponse:
+def quota_list(request: HttpRequest) -> HttpResponse:
+    """The quotas page (GET; the quota form's POST view shows it again with its errors)."""
+    return _quota_list_page(request)
+
+
+def _quota_list_page(request: HttpRequest, *, bound: tuple[str, QuotaForm] | None = None,
+                     status: int = 200) -> HttpResponse:
     """Teams by slug, TEAMS_PER_QUOTA_PAGE a page (?page=), optionally searched by slug
     or name (?q=): share, budget used this month (bar), pending, and per family the
     guaranteed / borrowed / in-use cores, each editable in place (one small form per
@@ -120,7 +125,7 @@ def quota_save(request: HttpRequest, slug: str) -> HttpResponse:
     form = QuotaForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"Team {team.slug}'s quota was not saved: fix the fields marked in its row.")
-        return quota_list(request, bound=(team.slug, form), status=400)
+        return _quota_list_page(request, bound=(team.slug, form), status=400)
     entries = quota_services.quota_update(team=team, values=form.quota_values(), actor=request.user)
     if entries:
         changes = "; ".join(f"{e.subject} {e.old} → {e.new}" for e in entries)

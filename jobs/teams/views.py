@@ -32,8 +32,13 @@ AUDIT_SHOWN = 100
 
 @login_required
 @require_safe
-def team_detail(request: HttpRequest, slug: str, *, add_form: MemberAddForm | None = None,
-                error: str = "", status: int = 200) -> HttpResponse:
+def team_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    """The team page (GET; the member forms' POST views show it again with their answer)."""
+    return _team_detail_page(request, slug)
+
+
+def _team_detail_page(request: HttpRequest, slug: str, *, add_form: MemberAddForm | None = None,
+                      error: str = "", status: int = 200) -> HttpResponse:
     team = access.get_team(request.user, slug)
     role = access.role_in(request.user, team)
     usage = selectors.team_usage(team)
@@ -61,15 +66,15 @@ def _manager_team(request: HttpRequest, slug: str) -> tuple[Team, str]:
 def team_member_add(request: HttpRequest, slug: str) -> HttpResponse:
     team, forbidden = _manager_team(request, slug)
     if forbidden:
-        return team_detail(request, slug, error=forbidden, status=403)
+        return _team_detail_page(request, slug, error=forbidden, status=403)
     form = MemberAddForm(request.POST)
     if not form.is_valid():
-        return team_detail(request, slug, add_form=form, status=400)
+        return _team_detail_page(request, slug, add_form=form, status=400)
     user, role = form.cleaned_data["username"], form.cleaned_data["role"]
     try:
         team_services.membership_change(team=team, user=user, role=role, actor=request.user)
     except team_services.MembershipError as exc:
-        return team_detail(request, slug, error=str(exc), status=409)
+        return _team_detail_page(request, slug, error=str(exc), status=409)
     messages.success(request, f"{user.username} is now {role} of team {team.slug}.")
     return redirect("team_detail", slug=team.slug)
 
@@ -79,19 +84,19 @@ def team_member_add(request: HttpRequest, slug: str) -> HttpResponse:
 def team_member_role(request: HttpRequest, slug: str) -> HttpResponse:
     team, forbidden = _manager_team(request, slug)
     if forbidden:
-        return team_detail(request, slug, error=forbidden, status=403)
+        return _team_detail_page(request, slug, error=forbidden, status=403)
     form = MemberRoleForm(request.POST)
     membership = None
     if form.is_valid():
         membership = team.memberships.select_related("user").filter(user_id=form.cleaned_data["user_id"]).first()
     if membership is None:
-        return team_detail(request, slug, error="Choose a member of this team and a role.", status=400)
+        return _team_detail_page(request, slug, error="Choose a member of this team and a role.", status=400)
     role = form.cleaned_data["role"]
     try:
         team_services.membership_change(team=team, user=membership.user, role=None if role == "remove" else role,
                                    actor=request.user)
     except team_services.MembershipError as exc:
-        return team_detail(request, slug, error=str(exc), status=409)
+        return _team_detail_page(request, slug, error=str(exc), status=409)
     done = "removed from" if role == "remove" else f"now {role} of"
     messages.success(request, f"{membership.user.username} is {done} team {team.slug}.")
     return redirect("team_detail", slug=team.slug)

@@ -52,6 +52,17 @@ def _storage(settings, tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _no_gang_memory():
+    # The hosts the last dispatch reserved each waiting gang (kept in Redis across
+    # runs) belong to another test's jobs, whose ids a test may reuse.
+    from django.core.cache import caches
+
+    from jobs.lifecycle.scheduler import GANG_HOSTS
+
+    caches["shared"].delete(GANG_HOSTS)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from neuron_workers.backends.tinymodel import create_tiny_model

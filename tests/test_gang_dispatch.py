@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
+from django.core.cache import cache, caches
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -230,3 +230,37 @@ def test_a_waiting_gang_is_kept_the_hosts_its_holders_history_expects_free_first
     job.refresh_from_db()
     assert small.reason_code == "backfill_blocked" and f"job #{job.pk}" in small.reason
     assert job.reason_code == "no_free_cores_of_family"
+
+
+def reserved_hosts() -> set[str]:
+    """The hosts a dry run reserves the waiting trn1 gang."""
+    with transaction.atomic():
+        dry = scheduler.DispatchRun(scheduler.lock_hosts(), scheduler.RunInputs.read(ratios=scheduler.gang_ratios()),
+                                    dry=True)
+        held = dry.decide().reservations["trn1"]
+    return {Host.objects.get(pk=m.host_id).name for m in held.members}
+
+
+def test_a_waiting_gang_keeps_its_hosts_from_run_to_run_when_new_history_would_promise_it_later(cast, sent):
+    set_family(cast.vision, "trn1", 32)
+    set_family(cast.audio, "trn1", 8)
+    host("trn-long", "trn1", 8)
+    holding(cast.vision, cast.bob, 1000)
+    host("trn-short", "trn1", 8)
+    holding(cast.audio, cast.charlie, 500)
+    host("trn-idle", "trn1", 8)
+    history(cast.vision, cast.bob, 0.9)
+    history(cast.audio, cast.charlie, 0.1)
+    gang(cast.vision, cast.bob, 2)
+    # Audio's job is expected gone first and is also the first by the limits (500 s).
+    assert scheduler.dispatch().placed == []
+    assert reserved_hosts() == {"trn-short", "trn-idle"}
+    # The histories turn around: vision's job is now expected gone first. Moving the gang
+    # to trn-long would promise it 1000 s instead of 500: it keeps the hosts it was given.
+    history(cast.vision, cast.bob, 0.05, n=11)
+    history(cast.audio, cast.charlie, 0.95, n=11)
+    assert scheduler.dispatch().placed == []
+    assert reserved_hosts() == {"trn-short", "trn-idle"}
+    # Without the last run's memory the new histories alone would choose trn-long.
+    caches["shared"].delete(scheduler.GANG_HOSTS)
+    assert reserved_hosts() == {"trn-long", "trn-idle"}

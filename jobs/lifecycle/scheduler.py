@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import Iterable, TypeVar
 
 from django.conf import settings
+from django.core.cache import caches
 from django.db import connection, transaction
 from django.db.models import Count, Exists, Min
 from django.utils import timezone
@@ -160,6 +161,9 @@ class RunInputs:
     # goes (backfill.reserve_gang). Empty: by the time limits alone.
     ratios: dict[int, float] = field(default_factory=dict)
     expected_ends: dict[int, float] = field(default_factory=dict)
+    # waiting gang -> the hosts the last run reserved it (FleetState.gang_hosts); only
+    # while expected ends choose them (`ratios`): by time limits alone the choice is stable.
+    gang_hosts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, limit: int = PENDING_SCAN, ratios: dict[int, float] | None = None) -> "RunInputs":
@@ -185,7 +189,8 @@ class RunInputs:
             [(*row[:7], row[7].timestamp()) for row in rows],
             list(TeamQuota.objects.values_list("team_id", "monthly_core_hours", "share")),
             list(FamilyQuota.objects.values_list("team_id", "family", "guaranteed_cores", "borrow_limit")),
-            kind_priorities(), pending_rows(limit), ends, drains, stopping, ratios or {}, expected)
+            kind_priorities(), pending_rows(limit), ends, drains, stopping, ratios or {}, expected,
+            (caches["shared"].get(GANG_HOSTS) or {}) if ratios else {})
 
     @property
     def shares(self) -> dict[int, float]:
@@ -197,6 +202,12 @@ class RunInputs:
         waiting = {row.team_id for row in self.pending if row.team_id in budget}
         used = core_hours_for_budget({team_id: budget[team_id] for team_id in waiting})
         return {team_id: (used.get(team_id, 0.0), budget[team_id]) for team_id in waiting}
+
+
+# Where the runs pass FleetState.gang_hosts on (written under the host rows' lock, so
+# the next run reads what the last one left).
+GANG_HOSTS = "dispatch:gang_hosts"
+GANG_HOSTS_KEEP_S = 3600
 
 
 def gang_ratios() -> dict[int, float]:
@@ -288,7 +299,7 @@ def fleet_state(hosts: list[Host], inputs: RunInputs, now: float) -> FleetState:
                       {(t, f): (g, b) for t, f, g, b in inputs.family_quotas},
                       limit_end={job_id: run.end for job_id, run in running.items()},
                       budgets=inputs.budgets(), names={row.team_id: row.team_slug for row in inputs.pending},
-                      ratios=inputs.ratios, expected_end=inputs.expected_ends)
+                      ratios=inputs.ratios, expected_end=inputs.expected_ends, gang_hosts=dict(inputs.gang_hosts))
 
 
 class DispatchRun:
@@ -327,6 +338,8 @@ class DispatchRun:
         self.preempt()
         self.commit()
         self.save_reasons()
+        if self.inputs.ratios and self.state.gang_hosts != self.inputs.gang_hosts:
+            caches["shared"].set(GANG_HOSTS, self.state.gang_hosts, timeout=GANG_HOSTS_KEEP_S)
 
     def preempt(self) -> None:
         rows = {row.pk: row for row in self.inputs.pending}

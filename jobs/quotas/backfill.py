@@ -154,7 +154,7 @@ class Reservation:
 def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], running: Iterable[Running],
             now: float, host_count: int = 1, same_network: bool = False,
             reserved: Iterable[Reservation] = (), expected: Mapping[int, float] | None = None,
-            ends: HostEnds | None = None) -> Reservation | None:
+            ends: HostEnds | None = None, kept: tuple[int, ...] = ()) -> Reservation | None:
     """The earliest time (≥ now) at which the request fits if the running jobs give
     their cores back at their `end`, and where: `cores` contiguous cores of `family`
     on one non-draining host, or for a gang `host_count` whole hosts (see
@@ -163,7 +163,8 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
     until its `until` (whoever holds them first). `expected`: running job -> when it
     is expected to end (a gang's choice of hosts and its hold_from; see reserve_gang).
     `ends`: HostEnds.of(running, expected), if the caller keeps it (a gang's
-    reservation then reads it instead of going over `running`).
+    reservation then reads it instead of going over `running`). `kept`: the hosts a
+    gang's earlier reservation named (see reserve_gang).
 
     Ends are taken in order; only the hosts whose cores were just released can newly
     fit the request, so each step is one placement per such host."""
@@ -172,9 +173,9 @@ def reserve(job_id: int, family: str, cores: int, hosts: list[HostSlots], runnin
         holdings = [r.holding() for r in reserved]
         if ends is None:
             return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts,
-                                [*running, *holdings], now, expected)
+                                [*running, *holdings], now, expected, kept=kept)
         return reserve_gang(job_id, family, host_count, cores // host_count, same_network, hosts,
-                            holdings, now, expected, ends)
+                            holdings, now, expected, ends, kept)
     by_host = {h.host_id: h for h in hosts if h.family == family and not h.draining}
     held_back: dict[int, dict[int, float]] = {}  # host -> core -> until when a reservation holds it
     for r in reserved:
@@ -248,7 +249,8 @@ class HostEnds:
 
 def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_network: bool,
                  hosts: list[HostSlots], running: Iterable[Running], now: float,
-                 expected: Mapping[int, float] | None = None, ends: HostEnds | None = None) -> Reservation | None:
+                 expected: Mapping[int, float] | None = None, ends: HostEnds | None = None,
+                 kept: tuple[int, ...] = ()) -> Reservation | None:
     """A gang's reservation: `host_count` hosts of `family` with exactly `per_host`
     cores (inside one network label when `same_network`), each free when the last
     job on it ends. A host holding cores that no running job accounts for is never
@@ -261,7 +263,13 @@ def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_
     reservation's start is when the chosen hosts are free by the time limits (the
     promise); its hold_from is when they are expected free: from then on no later
     job may hold them, so hosts that empty one by one are not refilled past the time
-    the gang can expect to start."""
+    the gang can expect to start.
+
+    `kept`: the hosts the gang's reservation named in an earlier pass. Expected ends
+    move as teams' histories grow, and hosts chosen by them may be promised later
+    than the ones named before - which backfill, keeping off only the new ones, may
+    then fill past the earlier promise. So the gang keeps those hosts unless the new
+    choice promises it a start no later: its promise never moves back."""
     fitting = {h.host_id: h for h in hosts if h.family == family and not h.draining and len(h.core_ids) == per_host}
     ends = HostEnds.of(running, expected, ends)
     free_at = {h: max(now, ends.free_at.get(h, now)) for h in fitting}
@@ -283,9 +291,13 @@ def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_
         key = (max(likely[h] for h in chosen), max(free_at[h] for h in chosen), len(members), label)
         if best is None or key < best[0]:
             best = (key, chosen)
+    if len(kept) == host_count and any(set(kept) <= set(members) for members in groups.values()):
+        kept_start = max(free_at[h] for h in kept)
+        if best is None or kept_start < best[0][1]:
+            best = ((max(likely[h] for h in kept), kept_start), list(kept))
     if best is None:
         return None
-    (hold_from, start, _, _), chosen = best
+    (hold_from, start, *_), chosen = best
     if math.isinf(start):
         return None  # a host it needs is held by a job without a time limit
     spots = [Placement(h, min(fitting[h].core_ids), per_host) for h in chosen]
@@ -375,6 +387,9 @@ class FleetState:
     # ratio; without these, at its time limit.
     ratios: dict[int, float] = field(default_factory=dict)
     expected_end: dict[int, float] = field(default_factory=dict)
+    # waiting gang -> the hosts its reservation named in the last pass, which it keeps
+    # while no others promise an earlier start (reserve_gang); each pass replaces it.
+    gang_hosts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.used: dict[int, set[int]] = {h: set() for h in self.hosts}
@@ -693,6 +708,8 @@ def schedule_pass(order: list[Waiting], state: FleetState, now: float, policy: s
     for job in deferred:
         if not run.fifo_blocked(job) and not run.repeated(job):
             run.handle(job, run.admission(job))
+    state.gang_hosts = {r.job_id: tuple(m.host_id for m in r.members)
+                        for held in run.result.made.values() for r in held if r.ranks}
     return run.result
 
 
@@ -817,7 +834,7 @@ class _Pass:
         state = self.state
         held = reserve(job.job_id, family, job.cores, state.slots(family), state.limit_running(family),
                        self.now, job.host_count, job.same_network, result.held(family), state.expected_end,
-                       state.host_ends(family) if job.host_count > 1 else None)
+                       state.host_ends(family) if job.host_count > 1 else None, state.gang_hosts.get(job.job_id, ()))
         if held is None:
             return
         held = replace(held, until=held.start + job.limit_s)

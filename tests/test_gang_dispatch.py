@@ -215,21 +215,27 @@ def test_a_waiting_gang_is_kept_the_hosts_its_holders_history_expects_free_first
     job = gang(cast.vision, cast.bob, 2)
     small = pending(cast.vision, cast.bob, cores=4, family="trn1")
     Job.objects.filter(pk=small.pk).update(max_runtime_s=300)
+    longer = pending(cast.vision, cast.bob, cores=4, family="trn1")
+    Job.objects.filter(pk=longer.pk).update(max_runtime_s=1500)
     # Without history the gang is promised trn-idle and trn-slow (free by 500 s by the
-    # limits), and the 300 s job may use trn-idle meanwhile.
+    # limits), and the 300 s job may use trn-idle meanwhile; the 1500 s one may not.
     cache.delete_many([f"runtime-ratio:{cast.vision.pk}", f"runtime-ratio:{cast.audio.pk}"])
     with transaction.atomic():
         dry = scheduler.DispatchRun(scheduler.lock_hosts(), scheduler.RunInputs.read(ratios=scheduler.gang_ratios()),
                                     dry=True)
         assert [r.job_id for r in dry.decide().started] == [small.pk]
-    # With it, trn-fast is expected free by 100 s: the gang gets it and trn-idle, kept from then on.
+    # With it, trn-fast is expected free by 100 s: the gang gets it and trn-idle,
+    # promised by 1000 s and kept from backfill from 100 s. Vision's 300 s job is
+    # expected gone by 30 s and gone by its limit before 1000 s: it may use trn-idle.
+    # Its 1500 s job, expected to run 150 s, would delay the gang's expected start.
     history(cast.vision, cast.bob, 0.1)
     history(cast.audio, cast.charlie, 0.9)
-    assert scheduler.dispatch().placed == []
-    small.refresh_from_db()
+    assert scheduler.dispatch().placed == [small.pk]
+    longer.refresh_from_db()
     job.refresh_from_db()
-    assert small.reason_code == "backfill_blocked" and f"job #{job.pk}" in small.reason
+    assert longer.reason_code == "backfill_blocked" and f"job #{job.pk}" in longer.reason
     assert job.reason_code == "no_free_cores_of_family"
+    assert reserved_hosts() == {"trn-fast", "trn-idle"}
 
 
 def reserved_hosts() -> set[str]:

@@ -107,6 +107,23 @@ def test_backfill_keeps_off_a_gangs_hosts_from_its_expected_start():
     assert [r.job_id for r in result.started] == [4]  # gone by 50
 
 
+def test_a_job_expected_gone_before_a_gangs_expected_start_may_use_its_hosts_if_its_limit_keeps_the_promise():
+    hosts = {i: host(i) for i in range(3)}
+    state = FleetState(hosts, unlimited=True, ratios={7: 0.1, 8: 0.9, 9: 0.05})
+    state.start(Waiting(1, 7, "trn1", 8, 1000, 1000), (Placement(1, 0, 8),), 0)
+    state.start(Waiting(2, 8, "trn1", 8, 500, 500), (Placement(2, 0, 8),), 0)
+    gang = Waiting(3, 1, "trn1", 16, 1000, 1000, host_count=2)  # promised h0, h1 by 1000, expected by 100
+    past_promise = Waiting(4, 7, "trn1", 4, 1200, 1200)  # expected gone by 120: past the expected start
+    beyond_limit = Waiting(5, 9, "trn1", 4, 1100, 10)  # expected by 55, but its limit passes the promise
+    kept = Waiting(6, 7, "trn1", 4, 900, 900)  # expected by 90, gone by its limit at 900 < 1000
+    exact = Waiting(7, 7, "trn1", 4, 1000, 1000)  # expected by 100, gone by 1000 at the latest
+    result = schedule_pass([gang, past_promise, beyond_limit, kept, exact], state, 0.0)
+    held = result.reservations["trn1"]
+    assert {m.host_id for m in held.members} == {0, 1} and (held.start, held.held_from) == (1000, 100)
+    assert result.reasons[4] == result.reasons[5] == "backfill_blocked"
+    assert [r.job_id for r in result.started] == [6, 7]
+
+
 def test_a_gang_member_held_by_a_gang_frees_when_that_gang_ends():
     fleet = [host(1, used=range(8)), host(2, used=range(8))]
     gang = Running(10, 1, "trn1", 1, tuple(range(8)), end=50, ranks=((2, tuple(range(8))),))
@@ -154,7 +171,7 @@ def check_reservations(order: list[Waiting], result, state: FleetState) -> None:
             spot = tuple(Placement(h, cores[0], len(cores)) for h, cores in run.members)
             for r in held:
                 if rank[r.job_id] < rank[run.job_id]:
-                    assert not conflicts(spot, state.limit_end[run.job_id], r)
+                    assert not conflicts(spot, state.limit_end[run.job_id], r, state.expected_end.get(run.job_id))
         for i, later in enumerate(held):
             for earlier in held[:i]:
                 shared = any(earlier.on(m.host_id) & later.on(m.host_id) for m in later.members)

@@ -18,8 +18,9 @@ it ends by its limit; backfill on those hosts is held to the same rule, so a lar
 gang's wait is bounded like any head job's. When the caller knows its teams'
 history of actual / requested runtime (FleetState.ratios, expected_end), the gang
 gets the hosts whose jobs are expected to end first, and they are kept from
-backfill from that expected time on (reserve_gang): otherwise hosts that empty
-early are refilled until the limits run out. The
+backfill from that expected time on (reserve_gang; a job expected gone by then may
+still use them if its limit keeps the promise, see conflicts): otherwise hosts that
+empty early are refilled until the limits run out. The
 first few gangs after the head hold reservations too (GANG_RESERVATIONS), each
 planned around the ones before it: a gang needs all its hosts empty at once, which
 the jobs behind it would otherwise never leave.
@@ -114,7 +115,8 @@ class Reservation:
     ranks: tuple[Placement, ...] = ()
     until: float = math.inf
     # From when its cores are kept from later jobs, if before `start`: a gang's
-    # expected start (reserve_gang). A later job gone by then may still use them.
+    # expected start (reserve_gang). A later job gone by then may still use them
+    # (by its limit, or expected gone by then and by its limit before `start`).
     hold_from: float | None = None
 
     @property
@@ -262,8 +264,8 @@ def reserve_gang(job_id: int, family: str, host_count: int, per_host: int, same_
     listed is expected at its `end`), the time limits breaking ties. The
     reservation's start is when the chosen hosts are free by the time limits (the
     promise); its hold_from is when they are expected free: from then on no later
-    job may hold them, so hosts that empty one by one are not refilled past the time
-    the gang can expect to start.
+    job may hold them (but one expected gone by then, see conflicts), so hosts that
+    empty one by one are not refilled past the time the gang can expect to start.
 
     `kept`: the hosts the gang's reservation named in an earlier pass. Expected ends
     move as teams' histories grow, and hosts chosen by them may be promised later
@@ -309,11 +311,17 @@ def _spots(spot: Placement | tuple[Placement, ...]) -> tuple[Placement, ...]:
     return (spot,) if isinstance(spot, Placement) else tuple(spot)
 
 
-def conflicts(spot: Placement | tuple[Placement, ...], end: float, reservation: Reservation) -> bool:
-    """Would a job placed at `spot` (one Placement per rank) and gone by `end` delay
-    the reservation? Only if it still holds cores when the reservation keeps them
-    (its start, or a gang's expected start) and some of them are reserved."""
+def conflicts(spot: Placement | tuple[Placement, ...], end: float, reservation: Reservation,
+              expected: float | None = None) -> bool:
+    """Would a job placed at `spot` (one Placement per rank) and gone by `end` (its
+    time limit) delay the reservation? Only if it still holds cores when the
+    reservation keeps them (its start, or a gang's expected start) and some of them
+    are reserved. A job `expected` to end before a gang's expected start, and gone
+    by its limit before the gang's promised start, delays neither the promise nor,
+    as far as anyone can tell, the expected start: it may use the gang's hosts."""
     if end <= reservation.held_from:
+        return False
+    if expected is not None and expected <= reservation.held_from and end <= reservation.start:
         return False
     return any(reservation.overlaps(p) for p in _spots(spot))
 
@@ -501,9 +509,14 @@ class FleetState:
         self.running[job.job_id] = run
         self.limit_end[job.job_id] = now + job.limit_s
         if job.team_id in self.ratios:
-            self.expected_end[job.job_id] = now + job.limit_s * self.ratios[job.team_id]
+            self.expected_end[job.job_id] = self.expected_by(job, now)
         self._hold(run)
         return run
+
+    def expected_by(self, job: Waiting, now: float) -> float:
+        """When the job, started at `now`, is expected to end: its time limit × its
+        team's runtime ratio (by its limit if the team has none)."""
+        return now + job.limit_s * min(self.ratios.get(job.team_id, 1.0), 1.0)
 
     def started_at(self, job_id: int, at: float) -> Running:
         """A job started by the last pass counts as started at `at` instead (earlier):
@@ -862,7 +875,8 @@ class _Pass:
         in_way = self.in_way(job) if self.policy == "easy" else ()
         spot = self.place(job)
         if spot is not None and in_way:
-            delayed = next((r for r in in_way if conflicts(spot, end, r)), None)
+            expected = state.expected_by(job, now)
+            delayed = next((r for r in in_way if conflicts(spot, end, r, expected)), None)
             if delayed is not None:
                 spot = self.place(job, in_way)
                 if spot is None:

@@ -187,7 +187,12 @@ def replay(snap: Snapshot, ratios: dict[int, tuple[tuple[float, float, float], i
         running[job_id] = Running(job_id, team_id, family, members[0][0], members[0][1],
                                   estimated_end(started, limit, ratio(team_id), now), tuple(members[1:]))
         limit_end[job_id] = max(started + limit, now)
-    state = FleetState(dict(snap.hosts), running, dict(snap.quotas), limit_end=limit_end)
+    # The replay's ratios also steer its gangs' reservations and the backfill around
+    # them, as the dispatcher's do (scheduler.gang_ratios).
+    teams = {r.team_id for r in snap.order} | {team_id for team_id, *_ in snap.holders.values()}
+    state = FleetState(dict(snap.hosts), running, dict(snap.quotas), limit_end=limit_end,
+                       ratios={team_id: ratio(team_id) for team_id in teams},
+                       expected_end={job_id: run.end for job_id, run in running.items()})
     order = [Waiting(r.pk, r.team_id, r.family, r.cores, time_limit_s(r.max_runtime_s),
                      time_limit_s(r.max_runtime_s) * ratio(r.team_id),
                      r.host_count, r.same_network)
